@@ -1,0 +1,7 @@
+"""Fused Triton kernels for transformers: causal attention, softmax and layer/RMS norm, with autograd.
+
+On a machine without a GPU, importing this package turns on Triton's interpreter (see ``kernels/_runtime.py``),
+so the same kernels run, slowly but exactly, on CPU tensors.
+"""
+from kernels._runtime import INTERPRETED  # noqa: F401  (first: chooses the interpreter before triton loads)
+from kernels import reference  # noqa: F401

@@ -1,0 +1,62 @@
+"""Where the Triton kernels run: compiled on a CUDA/ROCm GPU, or through Triton's interpreter on CPU.
+
+Triton decides at decoration time whether ``@triton.jit`` builds a GPU kernel or an interpreted one, and it
+reads ``TRITON_INTERPRET`` when ``triton`` is first imported. So this module must be imported before
+``triton`` (``kernels/__init__.py`` does that): on a machine without a GPU it turns the interpreter on,
+unless the user already set ``TRITON_INTERPRET`` themselves.
+
+If ``triton`` was imported before ``kernels`` on a machine without a GPU, the kernels are compiled for a GPU
+that does not exist. Rather than crash deep inside Triton, the launchers then fall back to the plain-PyTorch
+reference in ``kernels/reference.py`` and say so once with a warning (see :func:`kernel_runs_on`).
+"""
+import os
+import sys
+import warnings
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402  (must come after the interpreter choice above)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _probe(x):
+    tl.store(x, 0)
+
+
+INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
+"""True when every ``@triton.jit`` kernel of this process runs on CPU tensors through Triton's interpreter."""
+
+_warned = set()
+
+
+def kernel_runs_on(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on these tensors in this process.
+
+    Interpreted kernels take CPU tensors; compiled kernels take GPU tensors. Anything else (CPU tensors with
+    compiled kernels, because ``triton`` was imported before ``kernels`` without a GPU; GPU tensors with the
+    interpreter forced on) makes the caller use the reference implementation, with a one-time warning.
+    """
+    on_gpu = all(t.is_cuda for t in tensors)
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    if (INTERPRETED and on_cpu) or (not INTERPRETED and on_gpu):
+        return True
+    reason = (
+        f"kernels: Triton kernels are {'interpreted' if INTERPRETED else 'compiled for a GPU'} in this process "
+        f"but the inputs are on {tensors[0].device}; using the plain-PyTorch reference instead. "
+        "(On a machine without a GPU, import `kernels` before `triton`, or set TRITON_INTERPRET=1.)"
+    )
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+    return False
+
+
+def device_capability(device: torch.device):
+    """(major, minor) compute capability of a CUDA device, or None on CPU/interpreter. Queried lazily."""
+    if INTERPRETED or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)

@@ -1,0 +1,113 @@
+"""Plain-PyTorch baselines: the truth the Triton kernels are checked against and the quadratic baseline they are
+benchmarked against.
+
+Each function is written out op by op, in the dtype of its inputs (pass float64 tensors for a float64
+reference). Attention materialises the full (Nq, Nk) score matrix: O(N^2) memory, on purpose.
+Nothing here imports Triton or the kernels.
+"""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+
+def causal_mask(n_q: int, n_k: int, device=None) -> torch.Tensor:
+    """Bool (n_q, n_k) mask, True where query i may see key j, aligned bottom-right as in FlashAttention.
+
+    Query i sees key j iff ``j <= i + n_k - n_q``: with n_q == n_k this is the usual lower triangle
+    (diagonal included: a token attends to itself); with n_q < n_k the queries are the last n_q positions
+    of a sequence whose first keys are cached; with n_q > n_k the first n_q - n_k queries see no key.
+    """
+    i = torch.arange(n_q, device=device).unsqueeze(1)
+    j = torch.arange(n_k, device=device).unsqueeze(0)
+    return j <= i + (n_k - n_q)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+    return_probs: bool = False,
+):
+    """Quadratic attention: ``softmax(q @ k^T * scale + mask) @ v``, materialising the scores.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (grouped-query attention: each k/v head
+    serves H // Hkv consecutive query heads, repeated here in memory). ``scale`` defaults to 1/sqrt(D).
+    ``causal`` masks bottom-right (see :func:`causal_mask`). ``mask``, broadcastable to (B, H, Nq, Nk), is a
+    bool "may attend" mask or a float mask added to the scores. Rows that see no key give zeros, not NaN.
+    Returns (B, H, Nq, D), and with ``return_probs`` also the (B, H, Nq, Nk) probabilities.
+    """
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = causal_mask(n_q, n_k, q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        visible = visible & mask
+    elif mask is not None:
+        scores = scores + mask
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp = torch.exp(scores - row_max)
+    denom = exp.sum(dim=-1, keepdim=True)
+    probs = exp / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = probs @ v
+    return (out, probs) if return_probs else out
+
+
+def softmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
+    """Naive softmax of ``x * scale`` along ``dim``: max, subtract, exp, sum and divide as separate ops.
+
+    With ``causal`` the last two dims are (Nq, Nk) and entries above the bottom-right diagonal are masked
+    (``dim`` must then be the last); rows the mask hides entirely give zeros. A row that is all -inf in the
+    input gives NaN, exactly as ``torch.softmax`` does.
+    """
+    x = x * scale
+    if causal:
+        if dim not in (-1, x.dim() - 1):
+            raise ValueError(f"softmax: causal=True needs dim=-1 (the key axis), got dim={dim}")
+        visible = causal_mask(x.shape[-2], x.shape[-1], x.device)
+        x = x.masked_fill(~visible, float("-inf"))
+    row_max = x.amax(dim=dim, keepdim=True)
+    exp = torch.exp(x - row_max)
+    out = exp / exp.sum(dim=dim, keepdim=True)
+    if causal:
+        out = out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    return out
+
+
+def _normalized_dims(x: torch.Tensor, normalized_shape: Union[int, Sequence[int]]):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input {tuple(x.shape)}")
+    return tuple(range(-len(shape), 0))
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the trailing ``normalized_shape`` dims (biased var)."""
+    dims = _normalized_dims(x, normalized_shape)
+    mean = x.mean(dim=dims, keepdim=True)
+    centered = x - mean
+    var = (centered * centered).mean(dim=dims, keepdim=True)
+    y = centered / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def rms_norm(x, normalized_shape, weight=None, eps: Optional[float] = None):
+    """``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to ``torch.finfo(x.dtype).eps`` as in torch."""
+    dims = _normalized_dims(x, normalized_shape)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x / torch.sqrt((x * x).mean(dim=dims, keepdim=True) + eps)
+    return y * weight if weight is not None else y

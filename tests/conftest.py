@@ -1,0 +1,32 @@
+"""Shared test set-up: the interpreter on CPU, a seeded RNG per test, and the --runslow option."""
+import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the cases marked slow (large interpreted shapes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: large interpreted cases; skipped unless --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device():
+    """Where the kernels run in this process: cuda on a GPU machine, cpu under the interpreter."""
+    return torch.device("cpu" if kernels.INTERPRETED else "cuda")
