@@ -1,0 +1,275 @@
+"""Fused softmax / log-softmax in Triton: scale, optional bottom-right causal mask and normalisation in one pass,
+with a fused backward.
+
+Layout: the softmax axis is moved last and the input seen as (rows, n) with unit column stride (a copy only when
+``dim`` is not last or the rows are not unit-strided); one program per row, math in fp32.
+
+- A row of at most ``MAX_BLOCK`` elements is one register block: the forward reads x once and writes y once.
+- A longer row loops over ``LONG_BLOCK``-wide chunks: pass 1 keeps an online running max ``m`` and sum
+  ``s = sum(exp(z - m))`` (rescaled by ``exp(m_old - m_new)`` when the max grows), pass 2 re-reads x and writes
+  y: two reads and one write, the least a row that does not fit on chip allows.
+
+Both limits are module constants the launcher reads at each call, so tests can lower them to reach the
+multi-block path at small widths.
+"""
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels._runtime import INTERPRETED, kernel_runs_on
+from kernels._validate import check_tensor
+from kernels.registry import Build, register_builds
+
+MAX_BLOCK = 16384
+"""Widest row held in registers as one block (fp32: 32 values a thread at 16 warps, no spills on sm_80/sm_90)."""
+LONG_BLOCK = 4096
+"""Chunk width of the online (multi-block) path for rows wider than MAX_BLOCK."""
+
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounded to nearest even, as a GPU converts fp32 -> bf16.
+
+    Interpreter trap (triton 3.8): the interpreter truncates fp32 -> bf16 (up to 1 ulp off). When interpreted,
+    round the fp32 bits to the nearest even bf16 first, so the conversion that follows is exact.
+    """
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _visible_cols(row, n_cols, n_q, CAUSAL: tl.constexpr):
+    """How many leading columns of ``row`` are unmasked: with CAUSAL, query q = row % n_q sees keys j <= q + n_cols -
+    n_q (bottom-right alignment); the count is <= 0 for a query that sees no key."""
+    visible = n_cols
+    if CAUSAL:
+        visible = tl.minimum(row % n_q + n_cols - n_q + 1, n_cols)
+    return visible
+
+
+@triton.jit
+def _load_scaled(x_row, cols, visible, scale):
+    """fp32 ``x * scale`` at ``cols``; masked and out-of-row lanes read -inf so they vanish in max and exp."""
+    x = tl.load(x_row + cols, mask=cols < visible, other=-float("inf"))
+    return x.to(tl.float32) * scale
+
+
+@triton.jit
+def _normalise(z, m, s, visible, LOG: tl.constexpr, CAUSAL: tl.constexpr):
+    """softmax ``exp(z - m) / s`` or log-softmax ``z - m - log(s)``; a row the causal mask hides entirely gives 0.
+
+    A row that is all -inf in the input has m = -inf, so z - m is NaN: exactly torch's answer for such a row.
+    """
+    if LOG:
+        y = z - m - tl.log(s)
+    else:
+        y = tl.exp(z - m) / s
+    if CAUSAL:
+        y = tl.where(visible > 0, y, 0.0)
+    return y
+
+
+@triton.jit
+def _softmax_fwd(X, Y, stride_x, stride_y, n_cols, n_q, scale,
+                 BLOCK: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr):
+    """One program per row: Y[row] = softmax(X[row] * scale) (or log-softmax), masked per CAUSAL."""
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * stride_x
+    y_row = Y + row.to(tl.int64) * stride_y
+    visible = _visible_cols(row, n_cols, n_q, CAUSAL)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        z = _load_scaled(x_row, cols, visible, scale)
+        m = tl.max(z, 0)
+        s = tl.sum(tl.exp(z - m), 0)
+        y = _normalise(z, m, s, visible, LOG, CAUSAL)
+        tl.store(y_row + cols, cast_rne(y, Y.dtype.element_ty), mask=cols < n_cols)
+    else:
+        m = tl.full([], -float("inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        for start in range(0, visible, BLOCK):
+            z = _load_scaled(x_row, start + cols, visible, scale)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            # While every value seen is -inf, -inf - -inf would be NaN: subtract 0 instead so s stays 0.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
+            m = m_new
+        for start in range(0, n_cols, BLOCK):
+            z = _load_scaled(x_row, start + cols, visible, scale)
+            y = _normalise(z, m, s, visible, LOG, CAUSAL)
+            tl.store(y_row + start + cols, cast_rne(y, Y.dtype.element_ty), mask=start + cols < n_cols)
+
+
+@triton.jit
+def _load_grad(y_row, dy_row, cols, visible, LOG: tl.constexpr):
+    """fp32 (y, dy, the term summed over the row): dy * y for softmax, dy for log-softmax. Masked lanes read 0."""
+    y = tl.load(y_row + cols, mask=cols < visible, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + cols, mask=cols < visible, other=0.0).to(tl.float32)
+    if LOG:
+        term = dy
+    else:
+        term = dy * y
+    return y, dy, term
+
+
+@triton.jit
+def _input_grad(y, dy, dot, scale, LOG: tl.constexpr):
+    """softmax: scale * y * (dy - dot); log-softmax: scale * (dy - exp(y) * dot)."""
+    if LOG:
+        dx = dy - tl.exp(y) * dot
+    else:
+        dx = y * (dy - dot)
+    return dx * scale
+
+
+@triton.jit
+def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
+                 BLOCK: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr):
+    """One program per row: DX[row] from the forward output Y[row] and its gradient DY[row].
+
+    Masked columns have y = 0, so their gradient is 0: they are not read, only written.
+    """
+    row = tl.program_id(0)
+    y_row = Y + row.to(tl.int64) * stride_y
+    dy_row = DY + row.to(tl.int64) * stride_dy
+    dx_row = DX + row.to(tl.int64) * stride_dx
+    visible = _visible_cols(row, n_cols, n_q, CAUSAL)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        y, dy, term = _load_grad(y_row, dy_row, cols, visible, LOG)
+        dx = _input_grad(y, dy, tl.sum(term, 0), scale, LOG)
+        tl.store(dx_row + cols, cast_rne(dx, DX.dtype.element_ty), mask=cols < n_cols)
+    else:
+        dot = tl.zeros([], tl.float32)
+        for start in range(0, visible, BLOCK):
+            y, dy, term = _load_grad(y_row, dy_row, start + cols, visible, LOG)
+            dot += tl.sum(term, 0)
+        for start in range(0, n_cols, BLOCK):
+            y, dy, term = _load_grad(y_row, dy_row, start + cols, visible, LOG)
+            dx = _input_grad(y, dy, dot, scale, LOG)
+            tl.store(dx_row + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=start + cols < n_cols)
+
+
+def _config(n_cols: int):
+    """(BLOCK, SINGLE, num_warps) for rows of ``n_cols`` elements."""
+    single = n_cols <= MAX_BLOCK
+    block = triton.next_power_of_2(n_cols) if single else LONG_BLOCK
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return block, single, num_warps
+
+
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride (copied only if needed)."""
+    rows = t.movedim(dim, -1).reshape(-1, t.shape[dim])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
+    block, single, num_warps = _config(out2d.shape[1])
+    strides = [t.stride(0) for t in (*ins2d, out2d)]
+    kernel[(out2d.shape[0],)](*ins2d, out2d, *strides, out2d.shape[1], n_q, scale,
+                              BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, scale, causal, log):
+        moved_shape = x.movedim(dim, -1).shape
+        y2d = torch.empty(moved_shape, dtype=x.dtype, device=x.device).view(-1, moved_shape[-1])
+        n_q = x.shape[-2] if causal else 1
+        if y2d.numel():
+            _launch(_softmax_fwd, y2d, (_rows(x, dim),), n_q, scale, causal, log)
+        ctx.save_for_backward(y2d)
+        ctx.config = (dim, moved_shape, n_q, scale, causal, log)
+        return y2d.view(moved_shape).movedim(-1, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y2d,) = ctx.saved_tensors
+        dim, moved_shape, n_q, scale, causal, log = ctx.config
+        dx2d = torch.empty_like(y2d)
+        if y2d.numel():
+            _launch(_softmax_bwd, dx2d, (y2d, _rows(dy, dim)), n_q, scale, causal, log)
+        return dx2d.view(moved_shape).movedim(-1, dim), None, None, None, None
+
+
+def _check(x, dim, scale, causal) -> int:
+    """Validate the arguments before any launch; return ``dim`` as a non-negative axis."""
+    check_tensor("x", x)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim must be in [{-max(x.dim(), 1)}, {max(x.dim(), 1)}) for x of shape {tuple(x.shape)}, "
+                         f"got {dim}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    dim = dim % max(x.dim(), 1)
+    if causal and x.dim() < 2:
+        raise ValueError(f"causal=True needs x of at least 2 dims (..., Nq, Nk), got shape {tuple(x.shape)}")
+    if causal and dim != x.dim() - 1:
+        raise ValueError(f"causal=True needs dim=-1 (the key axis Nk), got dim={dim} for shape {tuple(x.shape)}")
+    return dim
+
+
+def _apply(x, dim, scale, causal, log):
+    if x.dim() == 0:  # torch treats a scalar as a one-element row
+        return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
+    return _SoftmaxFunction.apply(x, dim, float(scale), causal, log)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
+    """``torch.softmax(x * scale, dim)`` fused in one kernel, differentiable; same shape and dtype as ``x``.
+
+    x: any shape, fp16/bf16/fp32 (fp32 math inside). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
+    be the last, and entry (i, j) is masked when j > i + Nk - Nq (bottom-right, as in attention); a row the mask
+    hides entirely gives zeros, while a row that is all -inf in ``x`` gives NaN, as in torch. Backward:
+    dx = scale * y * (dy - sum(dy * y)). Falls back to ``kernels.reference.softmax`` (with a one-time warning)
+    when the Triton kernels cannot run on ``x``'s device in this process.
+    """
+    dim = _check(x, dim, scale, causal)
+    if not kernel_runs_on(x):
+        return reference.softmax(x, dim, scale=scale, causal=causal)
+    return _apply(x, dim, scale, bool(causal), False)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.Tensor:
+    """``torch.log_softmax(x * scale, dim)``: the softmax kernel with its log flag; backward
+    dx = scale * (dy - exp(y) * sum(dy)). Falls back to torch's log_softmax where the kernels cannot run."""
+    dim = _check(x, dim, scale, False)
+    if not kernel_runs_on(x):
+        return torch.log_softmax(x * scale, dim)
+    return _apply(x, dim, scale, False, True)
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@register_builds
+def _builds():
+    """Per dtype: a small and the largest single-block row and the online path, plus the causal and log
+    variants at the small block, for the forward and the backward kernel."""
+    scalars = {"n_cols": "i32", "n_q": "i32", "scale": "fp32"}
+    flags = ("BLOCK", "SINGLE", "CAUSAL", "LOG")
+    kernels = {_softmax_fwd: ("X", "Y"), _softmax_bwd: ("Y", "DY", "DX")}
+    variants = [(1024, False, False), (MAX_BLOCK, False, False), (MAX_BLOCK + 1, False, False),
+                (1024, True, False), (1024, False, True)]
+    builds = []
+    for dtype, ty in _TRITON_DTYPES.items():
+        for fn, pointers in kernels.items():
+            for n_cols, causal, log in variants:
+                block, single, num_warps = _config(n_cols)
+                signature = {p: f"*{ty}" for p in pointers}
+                signature.update({f"stride_{p.lower()}": "i32" for p in pointers}, **scalars)
+                signature.update(dict.fromkeys(flags, "constexpr"))
+                constexprs = {"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log}
+                label = f"{ty} BLOCK={block}{'' if single else ' online'}{' causal' * causal}{' log' * log}"
+                builds.append(Build(fn.__name__, fn, signature, constexprs, num_warps, 1, label))
+    return builds
