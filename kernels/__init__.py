@@ -6,3 +6,4 @@ so the same kernels run, slowly but exactly, on CPU tensors.
 from kernels._runtime import INTERPRETED  # noqa: F401  (first: chooses the interpreter before triton loads)
 from kernels import reference  # noqa: F401
 from kernels.softmax import softmax, log_softmax  # noqa: F401
+from kernels.attention import attention, scaled_dot_product_attention  # noqa: F401
