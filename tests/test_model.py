@@ -1,0 +1,157 @@
+"""The GPT model: the triton backend computes what the reference backend computes (logits, loss, every gradient),
+the KV cache changes nothing, and weights move between backends."""
+import copy
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from tolerance import BACKWARD, assert_close
+from transformer import GPT, GPTConfig
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    fields = dict(vocab_size=50, block_size=32, n_layer=2, n_head=3, n_embd=48, backend="reference")
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def tokens(batch=2, length=19, vocab=50):
+    return torch.randint(0, vocab, (batch, length))
+
+
+def forward_backward(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def with_backend(model, backend, dtype):
+    return copy.deepcopy(model).to(dtype).set_backend(backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_head", [3, 1])
+def test_triton_backend_matches_reference_logits_loss_and_every_gradient(device, dtype, n_kv_head):
+    """Same weights: triton (in dtype) vs the float64 reference, within 2x / 3x of the reference path in dtype."""
+    model = GPT(tiny_config(n_kv_head=n_kv_head, bias=n_kv_head == 3)).to(device)
+    idx, targets = tokens().to(device), tokens().to(device)
+    targets[0, :3] = -1  # ignored positions
+    exact = forward_backward(with_backend(model, "reference", torch.float64), idx, targets)
+    torch_same = forward_backward(with_backend(model, "reference", dtype), idx, targets)
+    fused = forward_backward(with_backend(model, "triton", dtype), idx, targets)
+    assert_close(fused[0], exact[0], torch_same[0], name="logits")
+    assert_close(fused[1], exact[1], torch_same[1], name="loss")
+    assert exact[2].keys() == fused[2].keys() and len(fused[2]) == len(list(model.parameters()))
+    for name, grad in fused[2].items():
+        assert_close(grad, exact[2][name], torch_same[2][name], factor=BACKWARD, name=f"grad of {name}")
+
+
+def test_sdpa_backend_matches_reference():
+    model = GPT(tiny_config(n_kv_head=1))
+    idx = tokens()
+    expected, _ = model(idx)
+    torch.testing.assert_close(model.set_backend("sdpa")(idx)[0], expected)
+
+
+def test_training_mode_dropout_is_the_same_function_on_every_backend(device):
+    """No dropout on the attention probabilities (the kernel has none): with one RNG seed the backends agree."""
+    model = GPT(tiny_config(dropout=0.2)).to(device).train()
+    idx = tokens().to(device)
+    outputs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(7)
+        outputs[backend], _ = model.set_backend(backend)(idx)
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_keys_do_not_depend_on_backend_and_weights_move_between_backends():
+    source = GPT(tiny_config(n_kv_head=1))
+    keys = {backend: list(GPT(tiny_config(n_kv_head=1, backend=backend)).state_dict()) for backend in
+            ("reference", "triton", "sdpa")}
+    assert keys["reference"] == keys["triton"] == keys["sdpa"]
+    torch.manual_seed(1)
+    target = GPT(tiny_config(n_kv_head=1, backend="sdpa"))
+    idx = tokens()
+    assert not torch.allclose(target(idx)[0], source(idx)[0])
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target(idx)[0], source(idx)[0])
+
+
+def test_output_head_is_tied_to_the_token_embedding():
+    model = GPT(tiny_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "sdpa"])
+def test_generate_with_cache_matches_generate_without(device, backend, monkeypatch):
+    """Greedy, past block_size (so the cache is rebuilt once the learned positions would shift)."""
+    model = GPT(tiny_config(block_size=12, n_kv_head=1, backend=backend)).to(device).eval()
+    prompt = tokens(batch=2, length=5).to(device)
+    query_lengths = []
+    attention = kernels.attention if backend == "triton" else reference.attention
+
+    def spy(q, k, v, **kwargs):
+        query_lengths.append((q.shape[2], k.shape[2]))
+        return attention(q, k, v, **kwargs)
+
+    if backend != "sdpa":
+        monkeypatch.setattr(kernels if backend == "triton" else reference, "attention", spy)
+    cached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=True)
+    if backend != "sdpa":  # the prompt through both layers, then one query per step against the cache
+        assert query_lengths[:4] == [(5, 5), (5, 5), (1, 6), (1, 6)]
+    uncached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=False)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_triton_gives_the_reference_tokens(device):
+    model = GPT(tiny_config(n_kv_head=1)).to(device).eval()
+    prompt = tokens(batch=2, length=4).to(device)
+    expected = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(model.set_backend("triton").generate(prompt, max_new_tokens=6, temperature=0), expected)
+
+
+def test_generate_sampling_respects_top_k():
+    model = GPT(tiny_config()).eval()
+    prompt = tokens(batch=3, length=4)
+    logits, _ = model(prompt)
+    allowed = logits[:, -1].topk(2).indices
+    sampled = model.generate(prompt, max_new_tokens=1, temperature=1.5, top_k=2)[:, -1]
+    assert (sampled[:, None] == allowed).any(dim=1).all()
+
+
+def test_attention_maps_are_causal_distributions_from_the_reference_path():
+    model = GPT(tiny_config(n_kv_head=1, backend="sdpa"))
+    idx = tokens(batch=1, length=9)
+    maps = model.attention_maps(idx)
+    assert len(maps) == 2 and maps[0].shape == (1, 3, 9, 9)
+    for probs in maps:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(1, 3, 9))
+        assert torch.equal(probs.masked_fill(reference.causal_mask(9, 9), 0.0), torch.zeros_like(probs))
+    # Recompute layer 0 by hand: its input is the embedding, normalised.
+    block = model.transformer.h[0]
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(9))
+    q, k, _ = block.attn.c_attn(block.ln_1(x)).split([48, 16, 16], dim=2)
+    q, k = q.view(1, 9, 3, 16).transpose(1, 2), k.view(1, 9, 1, 16).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)) / 4.0
+    expected = torch.softmax(scores.masked_fill(~reference.causal_mask(9, 9), float("-inf")), dim=-1)
+    torch.testing.assert_close(maps[0], expected.detach())
+
+
+def test_bad_config_and_input_raise_naming_the_problem():
+    with pytest.raises(ValueError, match="backend"):
+        tiny_config(backend="cuda")
+    with pytest.raises(ValueError, match="n_kv_head"):
+        tiny_config(n_kv_head=2)
+    with pytest.raises(ValueError, match="n_head"):
+        tiny_config(n_embd=50)
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="backend"):
+        model.set_backend("flash")
+    with pytest.raises(TypeError, match="idx"):
+        model(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(length=33))

@@ -1,0 +1,256 @@
+"""A small GPT (decoder-only causal language model) in the style of nanoGPT, with a switchable attention/norm backend.
+
+Shapes: B batch, T tokens, C = n_embd, H query heads, Hkv key/value heads (grouped-query attention: each k/v head
+serves H // Hkv query heads), D = C // H.
+
+Backends (``GPTConfig.backend``, switchable after construction with :meth:`GPT.set_backend`):
+
+- ``"reference"``: plain PyTorch, the truth the others are tested against: quadratic attention
+  (``kernels.reference.attention``) and ``kernels.reference.layer_norm``.
+- ``"triton"``: the fused kernels: ``kernels.attention`` (GQA and bottom-right causal masking in the kernel) and
+  ``kernels.layer_norm`` / ``kernels.add_layer_norm`` (the residual add before the second norm fused into it).
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``torch.nn.functional.layer_norm``.
+
+The parameters and state_dict keys do not depend on the backend, so weights move between them with
+``load_state_dict``. The attention probabilities get no dropout in any backend (the fused kernel has none), so the
+backends compute the same function in training too; dropout applies to the embeddings and residual branches.
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+
+BACKENDS = ("reference", "triton", "sdpa")
+
+# One (keys, values) pair per layer, each (B, Hkv, T_cached, D).
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: n_head (plain multi-head attention)
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear layers and the LayerNorms
+    backend: str = "reference"
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim with an optional bias; state_dict keys ``weight`` (and ``bias``) as nn.LayerNorm.
+
+    ``backend`` is set by the owning :class:`GPT`; the math is ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    """
+
+    def __init__(self, n_embd: int, bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+        self.eps = eps
+        self.backend = "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            return kernels.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=self.eps)
+        if self.backend == "sdpa":
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return reference.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); one fused kernel on the triton backend."""
+        if self.backend == "triton":
+            return kernels.add_layer_norm(x, residual, self.weight.shape, self.weight, self.bias, eps=self.eps)
+        total = x + residual
+        return self.forward(total), total
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = "reference"
+
+    def forward(self, x, cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, probs: Optional[list] = None):
+        """x (B, T, C) -> (y (B, T, C), (k, v) now cached). ``cache``: this layer's earlier (k, v), (B, Hkv, Tc, D).
+
+        The T queries are the last T positions of the Tc + T keys, so bottom-right causal masking is right both
+        for a whole prompt (Tc = 0) and for decoding one token against the cache. With ``probs`` (a list) the
+        reference path runs and appends its (B, H, T, Tc + T) attention probabilities.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        if probs is not None:
+            y, p = reference.attention(q, k, v, causal=True, return_probs=True)
+            probs.append(p)
+        else:
+            y = self._attend(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+    def _attend(self, q, k, v):
+        if self.backend == "triton":
+            return kernels.attention(q, k, v, causal=True)
+        if self.backend == "sdpa":
+            n_q, n_k = q.shape[2], k.shape[2]
+            # torch's is_causal is top-left aligned; it equals bottom-right only when Nq == Nk.
+            mask = None if n_q in (1, n_k) else reference.causal_mask(n_q, n_k, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_q == n_k > 1, enable_gqa=True)
+        return reference.attention(q, k, v, causal=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(.)); the middle residual add is fused into ln_2."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, probs=None):
+        a, cache = self.attn(self.ln_1(x), cache, probs)
+        normed, x = self.ln_2.add_forward(a, x)
+        return x + self.mlp(normed), cache
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual stream
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_backend(config.backend)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def set_backend(self, backend: str) -> "GPT":
+        """Switch every attention and norm to ``backend`` ("reference", "triton" or "sdpa"); weights untouched."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config.backend = backend
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, CausalSelfAttention)):
+                module.backend = backend
+        return self
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                probs: Optional[list] = None):
+        """idx (B, T) int64 token ids -> (logits (B, T, vocab) , loss or None).
+
+        ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a list (one
+        (k, v) per layer) of the positions before ``idx``; it is extended in place. ``probs``: see
+        :meth:`attention_maps`.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
+                            f"of shape {tuple(getattr(idx, 'shape', ()))}")
+        past = cache[0][0].shape[2] if cache else 0
+        T = idx.shape[1]
+        if past + T > self.config.block_size:
+            raise ValueError(f"idx: {past} cached + {T} new tokens exceed block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        new_cache = []
+        for i, block in enumerate(self.transformer.h):
+            x, layer_cache = block(x, cache[i] if cache else None, probs)
+            new_cache.append(layer_cache)
+        if cache is not None:
+            cache[:] = new_cache
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> List[torch.Tensor]:
+        """Per-layer attention probabilities, each (B, H, T, T), computed by the reference path (any backend)."""
+        probs = []
+        self.forward(idx, probs=probs)
+        return probs
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to idx (B, T); ``temperature=0`` means greedy (argmax).
+
+        With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
+        query against the cache). Once the context would outgrow ``block_size``, the learned positions shift, so
+        the cache is rebuilt from the last ``block_size`` tokens: exactly what the uncached path computes.
+        """
+        cache = None
+        for _ in range(max_new_tokens):
+            cached = cache[0][0].shape[2] if cache else 0
+            if use_cache and cache and cached < self.config.block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                cache = [] if use_cache else None
+                logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

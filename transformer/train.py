@@ -1,0 +1,106 @@
+"""Train a character-level GPT on the text shipped with the package: ``python -m transformer.train --backend triton``.
+
+Every character of the text is a token; the model learns to predict the next character. The same seed gives the
+same initial weights and the same batches whatever the backend, so backends can be compared step by step.
+"""
+import argparse
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from transformer.model import BACKENDS, GPT, GPTConfig
+
+TEXT_PATH = Path(__file__).parent / "data" / "tiny_tales.txt"
+
+
+class CharTokenizer:
+    """Maps each distinct character of a text to an id (sorted, so the mapping depends only on the text)."""
+
+    def __init__(self, text: str):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        unknown = sorted(set(text) - set(self.index))
+        if unknown:
+            raise ValueError(f"text: characters {unknown} are not in the training text's vocabulary")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def load_text(path: Optional[str] = None) -> str:
+    return Path(path or TEXT_PATH).read_text(encoding="utf-8")
+
+
+def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator):
+    """Random windows of the 1-D token tensor ``data``: x (B, T) and the next-token targets y (B, T)."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[s:s + block_size] for s in starts])
+    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts])
+    return x, y
+
+
+def train(backend: str = "reference", steps: int = 200, batch_size: int = 8, seed: int = 0, device: str = "cpu",
+          block_size: int = 64, n_layer: int = 2, n_head: int = 4, n_kv_head: Optional[int] = None,
+          n_embd: int = 64, lr: float = 3e-3, text_path: Optional[str] = None,
+          progress: bool = True) -> Tuple[GPT, CharTokenizer, List[float]]:
+    """Train with AdamW for ``steps`` steps; returns the model, the tokenizer and the loss of every step."""
+    text = load_text(text_path)
+    tokenizer = CharTokenizer(text)
+    data = tokenizer.encode(text)
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_kv_head, n_embd=n_embd, backend=backend)
+    model = GPT(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=f"train ({backend})", disable=not progress)
+    for _ in bar:
+        x, y = get_batch(data, block_size, batch_size, generator)
+        _, loss = model(x.to(device), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return model, tokenizer, losses
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="reference")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-kv-head", type=int, default=None)
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--text", default=None, help="a UTF-8 text file to train on (default: the shipped text)")
+    parser.add_argument("--sample", type=int, default=200, help="characters to generate after training")
+    args = parser.parse_args(argv)
+    model, tokenizer, losses = train(args.backend, args.steps, args.batch_size, args.seed, args.device,
+                                     args.block_size, args.n_layer, args.n_head, args.n_kv_head, args.n_embd,
+                                     args.lr, args.text)
+    print(f"loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
+    if args.sample:
+        model.eval()
+        start = tokenizer.encode("The ").view(1, -1).to(args.device)
+        out = model.generate(start, args.sample, temperature=0.8, top_k=10)
+        print(tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Attention maps as a picture: ``python -m transformer.visualize "my cat shat on a hat" --out attention.png``.
+
+Trains a small character-level GPT briefly on the shipped text (``--steps 0`` keeps the random initialisation), runs
+the sentence through the reference attention path, and draws one heatmap per layer and head: row i shows how much
+character i attends to each earlier character (the probabilities of each row sum to 1; the causal mask leaves the
+upper triangle empty).
+"""
+import argparse
+from typing import List, Sequence
+
+import torch
+
+from transformer.model import BACKENDS
+from transformer.train import train
+
+
+def plot_attention(probs: Sequence[torch.Tensor], labels: List[str], out: str, title: str = "") -> None:
+    """Write a PNG grid of heatmaps, one row per layer and one column per head. probs: per layer (H, T, T)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    n_layer, n_head = len(probs), probs[0].shape[0]
+    size = 0.25 * len(labels) + 1.5
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1, size * n_layer + 0.5), squeeze=False,
+                             layout="constrained")
+    shown = [repr(c)[1:-1] if c != " " else "␣" for c in labels]
+    for layer, layer_probs in enumerate(probs):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(layer_probs[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer} head {head}", fontsize=9)
+            ax.set_xticks(range(len(labels)), shown, fontsize=7)
+            ax.set_yticks(range(len(labels)), shown, fontsize=7)
+            ax.set_xlabel("key", fontsize=8)
+            ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sentence")
+    parser.add_argument("--out", default="attention.png")
+    parser.add_argument("--steps", type=int, default=150, help="training steps first (0: random weights)")
+    parser.add_argument("--backend", choices=BACKENDS, default="reference", help="backend used for training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=4)
+    args = parser.parse_args(argv)
+    model, tokenizer, losses = train(args.backend, steps=args.steps, seed=args.seed, n_layer=args.n_layer,
+                                     n_head=args.n_head, block_size=max(64, len(args.sentence)),
+                                     progress=args.steps > 0)
+    model.eval()
+    probs = model.attention_maps(tokenizer.encode(args.sentence).view(1, -1))
+    trained = f"after {args.steps} training steps (loss {losses[-1]:.2f})" if losses else "random weights"
+    plot_attention([p[0] for p in probs], list(args.sentence), args.out, f'"{args.sentence}", {trained}')
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
