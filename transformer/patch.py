@@ -1,0 +1,127 @@
+"""``patch(model)``: put the fused kernels into a model in place, weights untouched.
+
+- :class:`transformer.GPT`: switch its backend to ``"triton"``.
+- any ``torch.nn.Module``: replace ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's plain
+  Llama-style RMSNorm classes) with ``kernels.LayerNorm`` / ``kernels.RMSNorm`` carrying the same state.
+- Hugging Face ``transformers`` models: also register the attention kernel under :data:`ATTENTION_NAME` in
+  ``transformers.AttentionInterface`` (with transformers' SDPA mask function, so padded batches get their mask)
+  and switch the model to it.
+
+``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
+"""
+import inspect
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import kernels
+from transformer.model import GPT
+
+ATTENTION_NAME = "fused_triton"
+"""The name the kernel is registered under in transformers' attention and mask interfaces."""
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap the fused kernels into ``model`` in place and return it (see the module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, GPT):
+        return model.set_backend("triton")
+    _replace_norms(model)
+    if _is_hf_model(model):
+        register_hf_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- norms
+
+
+def _replace_norms(model: nn.Module) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = _kernel_norm(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+
+
+def _kernel_norm(module: nn.Module) -> Optional[nn.Module]:
+    """The kernel module equivalent to ``module``, holding its parameters, or None if it is not a plain norm."""
+    if type(module) is nn.LayerNorm:
+        new = kernels.LayerNorm(module.normalized_shape, eps=module.eps,
+                                elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
+    elif type(module) is nn.RMSNorm:
+        new = kernels.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
+    elif _is_llama_style_rms_norm(module):
+        new = kernels.RMSNorm(module.weight.shape, eps=module.variance_epsilon)
+    else:
+        return None
+    reference_param = next(module.parameters(), None)
+    if reference_param is not None:
+        new = new.to(device=reference_param.device, dtype=reference_param.dtype)
+    new.load_state_dict(module.state_dict())
+    new.train(module.training)
+    return new
+
+
+def _is_llama_style_rms_norm(module: nn.Module) -> bool:
+    """True for Hugging Face RMSNorm classes computing exactly ``weight * x / sqrt(mean(x^2) + variance_epsilon)``.
+
+    Many models copy LlamaRMSNorm verbatim (Mistral, Qwen2, ...); others only share the name and differ (Gemma
+    scales by ``1 + weight``). So a class qualifies only if its ``forward`` is LlamaRMSNorm's, line for line.
+    """
+    if not type(module).__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon"):
+        return False
+    llama = sys.modules.get("transformers.models.llama.modeling_llama")
+    if llama is None:
+        return False
+    return _source(type(module).forward) == _source(llama.LlamaRMSNorm.forward)
+
+
+def _source(fn) -> Optional[str]:
+    try:
+        return inspect.getsource(fn).strip()
+    except (OSError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------- Hugging Face attention
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+
+
+def register_hf_attention(name: str = ATTENTION_NAME) -> None:
+    """Register :func:`hf_attention` and transformers' SDPA mask function (bool masks, None when purely causal)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, hf_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                 **kwargs):
+    """transformers' attention-interface function, running the fused kernel through
+    ``kernels.scaled_dot_product_attention``.
+
+    query (B, H, Q, D), key/value (B, Hkv, K, D) (non-contiguous views; GQA stays unrepeated: the kernel groups
+    heads itself). ``attention_mask`` comes from ``sdpa_mask``: None for a purely causal batch, else bool
+    (B, 1, Q, K), True = may attend. The kernel takes the padding masks transformers builds (a contiguous run of
+    real keys per row, AND causal), with or without a cache; any other mask, or dropout, runs torch's SDPA.
+    Returns (out (B, Q, H, D), None).
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{ATTENTION_NAME} attention does not support softcap; use attn_implementation='eager'")
+    # As transformers' own SDPA path: no mask means purely causal, except one query (decoding) sees the whole cache.
+    # torch's is_causal is top-left aligned, which is what transformers means when a prefill into an empty static
+    # cache brings more (future, empty) key slots than queries.
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                               scale=scaling, is_causal=is_causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
