@@ -25,6 +25,7 @@ process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kerne
 ``torch.nn.functional.scaled_dot_product_attention``.
 """
 import functools
+import inspect
 import math
 from typing import List, Optional, Tuple
 
@@ -41,8 +42,8 @@ import triton.language as tl  # noqa: E402
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # kernels work in base 2: exp(x) = exp2(x * log2(e))
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -478,7 +479,7 @@ def _forward(q, k, v, kv_bounds, causal: bool, causal_shift: int, scale: float):
     if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros with lse -inf
         return out.zero_(), lse.fill_(float("-inf"))
     args = (q, k, v, out, lse, kv_bounds, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, heads // k.shape[1], n_q, n_k, causal_shift, scale * LOG2E)
+            heads, heads // k.shape[1], n_q, n_k, causal_shift, scale * LOG2E.value)
     _launch("fwd", n_q, batch * heads, args, _meta(q, causal), (n_q, n_k))
     return out, lse
 
@@ -501,7 +502,7 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal: bool, ca
         delta -= grad_lse
     common = (q, k, v, grad_out, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    sizes = (heads, heads // kv_heads, n_q, n_k, causal_shift, scale * LOG2E, scale)
+    sizes = (heads, heads // kv_heads, n_q, n_k, causal_shift, scale * LOG2E.value, scale)
     _launch("dkdv", n_k, batch * kv_heads, (*common, dk, dv, kv_bounds, *strides, *dk.stride(), *sizes), meta,
             (n_q, n_k))
     _launch("dq", n_q, batch * heads, (*common, dq, kv_bounds, *strides, *dq.stride(), *sizes), meta, (n_q, n_k))
@@ -707,3 +708,48 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     bounds, causal, shift = plan
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return _forward_op(query, key, value, bounds, causal, shift, scale)[0]
+
+
+# ------------------------------------------------------------------------------------------------ GPU builds
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FP32_POINTERS = ("LSE", "DELTA")
+_INT_ARGS = ("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT")
+
+
+def _build(kernel: str, fn, dtype: torch.dtype, d: int, consts: dict, num_warps: int, num_stages: int,
+           label: str) -> Build:
+    """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time."""
+    values = dict(consts, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee")
+    signature, constexprs = {}, {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in values:
+            signature[name], constexprs[name] = "constexpr", values[name]
+        elif name.startswith("stride_") and name.endswith("d"):  # contiguous head dim: Triton specialises 1
+            signature[name], constexprs[name] = "constexpr", 1
+        elif name == "KV_BOUNDS":
+            signature[name] = "*i32"
+        elif name in _INT_ARGS or name.startswith("stride_"):
+            signature[name] = "i32"
+        elif name.endswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TRITON_DTYPES[dtype]}"
+    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or (t == "i32" and n.startswith("stride_")))
+    return Build(kernel=kernel, fn=fn, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                 num_stages=num_stages, label=label, divisible_by_16=aligned)
+
+
+@register_builds
+def _builds() -> List[Build]:
+    """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256."""
+    builds = []
+    for dtype, name in _TRITON_DTYPES.items():
+        for d in (64, 128, 256):
+            builds.append(_build("attention_bwd_delta", _attn_bwd_delta, dtype, d, {"BLOCK_M": _DELTA_BLOCK_M}, 4, 1,
+                                 f"{name} d{d} BLOCK_M={_DELTA_BLOCK_M}"))
+            for kernel, fn in _KERNELS.items():
+                tiles = sorted({tile for family in _CONFIGS[kernel].values() for tile in family[d]})
+                for bm, bn, warps, stages in tiles:
+                    builds.append(_build(f"attention_{kernel}", fn, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps,
+                                         stages, f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}"))
+    return builds
