@@ -1,0 +1,86 @@
+"""``python -m benchmarks [suite|scaling|static] [options]``: measure, print a table, write JSON/CSV and PNGs.
+
+``suite`` (the default) runs every op and provider; ``scaling`` profiles causal attention over doubling lengths;
+``static`` is the GPU-target build report (``benchmarks/static.py``), imported only when asked for.
+"""
+import argparse
+import re
+import sys
+from typing import List, Optional
+
+from benchmarks import analysis, plots, records, runner, scaling, suite
+from benchmarks.device import detect
+from benchmarks.providers import OPS
+from benchmarks.table import format_fits, format_table
+
+COMMANDS = ("suite", "scaling", "static")
+DIMS = {"cpu": {"batch": 1, "heads": 2, "head_dim": 64, "dtype": "float32"},
+        "cuda": {"batch": 4, "heads": 16, "head_dim": 64, "dtype": "float16"}}
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}", description=__doc__)
+    parser.add_argument("--out", default="results", help="folder for the JSON/CSV records and PNG plots")
+    parser.add_argument("--quick", action="store_true", help="CI-sized run")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="largest N (scaling default: 1024 on CPU, 16384 on a GPU; suite: no cap)")
+    parser.add_argument("--batch", type=int, help="attention batch (default 1 on CPU, 4 on a GPU)")
+    parser.add_argument("--heads", type=int, help="attention heads (default 2 on CPU, 16 on a GPU)")
+    parser.add_argument("--head-dim", type=int, help="attention head dim (default 64)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="default float32 on CPU, float16 on a GPU")
+    parser.add_argument("--mem-limit", type=parse_size, default=None,
+                        help="memory a point may use (e.g. 2GB); beyond it the point is recorded as 'oom'")
+    parser.add_argument("--providers", nargs="+", help="only these provider names (e.g. baseline triton)")
+    if command == "suite":
+        parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="only these ops")
+    return parser
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    device = detect()
+    print(f"device: {device.name}  (timing: {device.timing})", flush=True)
+    dims = {key: getattr(args, key) or default for key, default in DIMS[device.kind].items()}
+    if command == "suite":
+        groups = suite.cases(device.kind, args.quick, args.max_len or sys.maxsize, dims, args.ops)
+    else:
+        max_len = args.max_len or scaling.DEFAULT_MAX_LEN[(device.kind, args.quick)]
+        groups = scaling.cases(max_len, dims)
+    total = sum(len(cases) * len(runner.providers_for(op, args.providers)) for op, cases in groups.items())
+    with tqdm(total=total, desc=command, unit="point", file=sys.stderr) as bar:
+        recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
+                          providers=args.providers, progress=bar)
+    analysis.add_ratios(recs)
+    fits = analysis.fit_slopes(recs)
+    print(format_table(recs))
+    print(format_fits(fits))
+    config = {**vars(args), **dims, "command": command}
+    written = records.write(args.out, command, records.document(command, device, config, recs, fits))
+    written += plots.plot_all(recs, device, args.out, command)
+    print("wrote: " + ", ".join(written))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "suite"
+    if command == "static":
+        from benchmarks.static import main as static_main  # another module's report; loaded only when asked for
+
+        return static_main(argv)
+    return _run(command, _parser(command).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

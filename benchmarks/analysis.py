@@ -1,0 +1,60 @@
+"""Derived numbers: ratios to the baseline provider at the same point, and fitted log-log growth exponents."""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+def loglog_slope(lengths: Sequence[float], values: Sequence[Optional[float]], last: int = 4) -> Optional[float]:
+    """Exponent p of ``value ~ length^p``: least squares on log-log over the ``last`` largest lengths with a
+    positive value (the asymptotic regime; small lengths are dominated by fixed overheads). None if < 2 points."""
+    points = sorted((x, y) for x, y in zip(lengths, values) if y is not None and y > 0)[-last:]
+    if len(points) < 2:
+        return None
+    xs, ys = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(xs, ys, 1)[0])
+
+
+def time_ms(record: dict) -> Optional[float]:
+    return record["time"]["median_ms"] if record.get("time") else None
+
+
+def peak_bytes(record: dict) -> Optional[float]:
+    mem = record.get("memory")
+    return mem["peak_bytes"] if mem and mem.get("status") == "ok" and record["status"] == "ok" else None
+
+
+def counted_bytes(record: dict) -> Optional[float]:
+    return record["counted"]["bytes"] if record.get("counted") else None
+
+
+def model_ms(record: dict, gpu: str) -> Optional[float]:
+    return record["model"][gpu]["time_ms"] if record.get("model") else None
+
+
+METRICS = {"time": time_ms, "peak_memory": peak_bytes, "counted_bytes": counted_bytes}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def add_ratios(records: List[dict]) -> None:
+    """Give each record ``vs_baseline``: its time, peak memory and counted bytes over the baseline provider's at
+    the same (op, mode, length). A speedup is ``1 / vs_baseline["time"]``."""
+    baselines = {(r["op"], r["mode"], r["length"]): r for r in records if r["baseline"]}
+    for record in records:
+        base = baselines.get((record["op"], record["mode"], record["length"]))
+        record["vs_baseline"] = None if base is None else {
+            name: _ratio(metric(record), metric(base)) for name, metric in METRICS.items()}
+
+
+def fit_slopes(records: List[dict]) -> List[Dict]:
+    """Growth exponents per (op, mode, provider) of time, peak memory and counted bytes against length."""
+    fits = []
+    keys = sorted({(r["op"], r["mode"], r["provider"]) for r in records}, key=str)
+    for op, mode, prov in keys:
+        rows = [r for r in records if (r["op"], r["mode"], r["provider"]) == (op, mode, prov)]
+        lengths = [r["length"] for r in rows]
+        slopes = {name: loglog_slope(lengths, [metric(r) for r in rows]) for name, metric in METRICS.items()}
+        fits.append({"op": op, "mode": mode, "provider": prov, "slopes": slopes})
+    return fits

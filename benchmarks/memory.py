@@ -1,0 +1,108 @@
+"""Peak memory of a provider at each point, beyond what its inputs already hold.
+
+GPU: ``torch.cuda.max_memory_allocated`` around one step, in process.
+CPU: a worker process per provider (``python -m benchmarks.memory``) that, for each point, allocates the inputs,
+resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one step and reads the peak (``VmHWM``) back:
+a real measurement of everything the step touched (torch tensors, the interpreter's numpy tiles, the allocator's
+slack), in a process where nothing else runs. glibc is told to serve every block >= 64 KiB with its own mmap so
+freed memory leaves the process and a later point cannot hide in it. ``extra`` subtracts the outputs (result and
+gradients) from the peak. With a memory limit the worker caps its address space (``RLIMIT_AS``) to what it held
+after warm-up plus the limit, so a point beyond it fails the way a real out-of-memory does and is recorded "oom".
+"""
+import gc
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+from typing import List, Optional
+
+import torch
+
+from benchmarks.counting import touched_bytes
+from benchmarks.measure import is_oom, make_step
+from benchmarks.providers import Case, Unavailable, make_inputs, provider
+
+CPU_METHOD = "peak RSS growth (VmHWM after reset) in a worker process"
+GPU_METHOD = "torch.cuda.max_memory_allocated"
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def _measure_one(step) -> dict:
+    gc.collect()
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    outputs = step()
+    peak = _status_bytes("VmHWM") - base
+    output_bytes = sum(touched_bytes(t) for t in outputs)
+    return {"status": "ok", "peak_bytes": peak, "extra_bytes": peak - output_bytes, "method": CPU_METHOD}
+
+
+def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int]):
+    """Yield one result per case (run in the worker process)."""
+    fn = provider(op, name).resolve()
+    cpu = torch.device("cpu")
+    for case in {Case(**{**c, "length": 16}) for c in cases}:  # warm-up: lazy initialisation, code caches
+        make_step(fn, make_inputs(case, cpu))()
+    if mem_limit is not None:
+        limit = _status_bytes("VmSize") + mem_limit
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    for case in cases:
+        try:
+            yield _measure_one(make_step(fn, make_inputs(Case(**case), cpu)))
+        except Exception as error:  # noqa: BLE001  (recorded, and the next point still runs)
+            status = "oom" if is_oom(error) else "error"
+            yield {"status": status, "reason": f"{type(error).__name__}: {str(error)[:200]}"}
+        gc.collect()
+
+
+def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] = None) -> List[dict]:
+    """Peak memory of provider ``(op, name)`` at each case, measured in a fresh worker process."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return [{"status": "unavailable", "reason": "CPU memory needs Linux /proc"} for _ in cases]
+    request = {"op": op, "name": name, "cases": [c.as_record() for c in cases], "mem_limit": mem_limit}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the worker imports this package
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory"], input=json.dumps(request),
+                          capture_output=True, text=True, env=env)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(results) < len(cases):
+        killed = proc.returncode == -9  # the kernel's OOM killer sends SIGKILL
+        reason = ("worker killed (SIGKILL: out of memory)" if killed else
+                  f"worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        results += [{"status": "oom" if killed else "error", "reason": reason}] * (len(cases) - len(results))
+    return results
+
+
+def measure_gpu(step) -> dict:
+    """Peak CUDA memory allocated during one step, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    outputs = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return {"status": "ok", "peak_bytes": peak, "extra_bytes": peak - sum(touched_bytes(t) for t in outputs),
+            "method": GPU_METHOD}
+
+
+def _main() -> int:
+    request = json.loads(sys.stdin.read())
+    try:
+        for result in _worker(request["op"], request["name"], request["cases"], request["mem_limit"]):
+            print(json.dumps(result), flush=True)
+    except Unavailable as error:
+        print(f"unavailable: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

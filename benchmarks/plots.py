@@ -1,0 +1,101 @@
+"""PNG plots (matplotlib, Agg): for one (op, mode), six panels vs length N, one line per provider.
+
+time (log-log, fitted slope in the legend), peak memory (log-log, slope), counted bytes moved (log-log, with the
+minimum), speedup over the baseline, memory ratio to the baseline, and throughput on a GPU (TFLOPS / GB/s) or,
+without one, the roofline model time on an H100 (labelled "model").
+"""
+import os
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.analysis import counted_bytes, loglog_slope, model_ms, peak_bytes, time_ms  # noqa: E402
+from benchmarks.device import DeviceInfo  # noqa: E402
+
+
+def _series(rows: List[dict], metric):
+    points = [(r["length"], metric(r)) for r in rows]
+    return [p for p in points if p[1] is not None]
+
+
+def _line(ax, rows, metric, label, slope=False, **style):
+    points = _series(rows, metric)
+    if not points:
+        return
+    if slope:
+        p = loglog_slope([x for x, _ in points], [y for _, y in points])
+        label = label if p is None else f"{label} (N^{p:.2f})"
+    ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label, **style)
+
+
+def _ratio(metric, base_by_length):
+    def ratio(r):
+        base = base_by_length.get(r["length"])
+        value, ref = metric(r), base and metric(base)
+        return ref / value if value and ref else None
+    return ratio
+
+
+def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: str) -> str:
+    """Write the six-panel figure for ``op``/``mode`` to ``path``; return the path."""
+    rows = sorted((r for r in records if r["op"] == op and r["mode"] == mode and r["status"] == "ok"),
+                  key=lambda r: r["length"])
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    by_provider = {p: [r for r in rows if r["provider"] == p] for p in providers}
+    base = {r["length"]: r for r in rows if r["baseline"]}
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    (t_ax, m_ax, b_ax), (s_ax, r_ax, x_ax) = axes
+    method = "interpreter / CPU wall-clock: not GPU speed" if device.interpreted else "do_bench median"
+    titles = [(t_ax, f"time (ms, {method})"), (m_ax, "peak memory beyond inputs (bytes)"),
+              (b_ax, "bytes moved, counted"), (s_ax, "speedup vs baseline (x, higher is better)"),
+              (r_ax, "baseline memory / provider memory (x)")]
+    for index, (name, prov_rows) in enumerate(by_provider.items()):
+        color = f"C{index}"  # one colour per provider in every panel
+        _line(t_ax, prov_rows, time_ms, name, slope=True, color=color)
+        _line(m_ax, prov_rows, peak_bytes, name, slope=True, color=color)
+        _line(b_ax, prov_rows, counted_bytes, name, slope=True, color=color)
+        _line(s_ax, prov_rows, _ratio(time_ms, base), f"{name} (measured)", color=color)
+        if device.interpreted:
+            _line(s_ax, prov_rows, _ratio(lambda r: model_ms(r, "H100-SXM5"), base), f"{name} (H100 model)",
+                  linestyle=":", color=color)
+        _line(r_ax, prov_rows, _ratio(peak_bytes, base), name, color=color)
+        if device.kind == "cuda":
+            _line(x_ax, prov_rows, lambda r: r["tflops"] if op == "attention" else r["gbps"], name, color=color)
+        else:
+            _line(x_ax, prov_rows, lambda r: model_ms(r, "H100-SXM5"), name, slope=True, color=color)
+    minimum = sorted({r["length"]: r["min_bytes"] for r in rows if r["min_bytes"]}.items())
+    if minimum:  # the same inputs and outputs for every provider at one length
+        b_ax.plot(*zip(*minimum), "k--", label="minimum (inputs + outputs once)")
+    if device.kind == "cuda":
+        titles.append((x_ax, "TFLOPS" if op == "attention" else "effective GB/s"))
+    else:
+        titles.append((x_ax, "roofline MODEL time on H100-SXM5 (ms), from counted FLOPs/bytes"))
+    for ax, title in titles:
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (sequence length)" if op == "attention" else "N (row length)")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax not in (s_ax, r_ax):
+            ax.set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    for ax in (s_ax, r_ax):
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+    shape = rows[0]["shape"] if rows else []
+    fig.suptitle(f"{op} {mode}  shape {shape} (N varies)  {rows[0]['dtype'] if rows else ''}  on {device.name}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_all(records: List[dict], device: DeviceInfo, out_dir: str, prefix: str) -> List[str]:
+    """One figure per (op, mode) present in ``records``: ``<prefix>_<op>_<mode>.png``."""
+    keys = list(dict.fromkeys((r["op"], r["mode"]) for r in records))
+    return [plot_op(records, op, mode, device, os.path.join(out_dir, f"{prefix}_{op}_{mode.replace('+', '_')}.png"))
+            for op, mode in keys]

@@ -1,0 +1,190 @@
+"""What is measured: benchmark cases (op, mode, sizes) and the provider table (who computes each op).
+
+A provider is looked up lazily: one whose function is not importable (a kernel not written yet, flash-attn not
+installed, no GPU) is reported as unavailable with the reason, never replaced by a stand-in.
+"""
+import importlib
+import math
+import types
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+OPS = ("attention", "softmax", "layer_norm", "rms_norm")
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point. ``length`` is the size that varies: the sequence length N for attention (inputs
+    (batch, heads, N, head_dim)), the row length for softmax and the hidden size for the norms (inputs (rows, N)).
+    """
+
+    op: str
+    mode: str
+    length: int
+    dtype: str = "float32"
+    causal: bool = True
+    batch: int = 1
+    heads: int = 2
+    head_dim: int = 64
+    rows: int = 256
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        if self.op == "attention":
+            return (self.batch, self.heads, self.length, self.head_dim)
+        return (self.rows, self.length)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def conventional_flops(self) -> Optional[float]:
+        """Attention FLOPs by the FlashAttention convention: 4*B*H*N^2*D forward (two matmuls), halved when
+        causal; forward+backward is 3.5x forward (backward = 2.5x: five matmuls, one recomputes the scores).
+        None for the memory-bound ops, which are reported in GB/s instead."""
+        if self.op != "attention":
+            return None
+        fwd = 4.0 * self.batch * self.heads * self.length ** 2 * self.head_dim * (0.5 if self.causal else 1.0)
+        return fwd * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Inputs:
+    """Arguments for a provider's function (tensors and flags), and the upstream gradient for the backward."""
+
+    args: tuple
+    grad_out: Optional[torch.Tensor]
+
+    @property
+    def tensors(self) -> List[torch.Tensor]:
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+
+def make_inputs(case: Case, device: torch.device) -> Inputs:
+    """Random inputs for ``case`` (leaves requiring grad when the mode has a backward)."""
+    dtype, grad = case.torch_dtype, case.mode == "fwd+bwd"
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    n = case.length
+    if case.op == "attention":
+        args = (randn(*case.shape), randn(*case.shape), randn(*case.shape), case.causal)
+    elif case.op == "softmax":
+        args = (randn(*case.shape),)
+    elif case.op == "layer_norm":
+        args = (randn(*case.shape), randn(n), randn(n))
+    else:
+        args = (randn(*case.shape), randn(n))
+    grad_out = torch.randn(case.shape, device=device, dtype=dtype) if grad else None
+    return Inputs(args, grad_out)
+
+
+# ---- the provider table --------------------------------------------------------------------------------------
+
+class Unavailable(Exception):
+    """A provider cannot run in this process; the message says why."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """``load()`` returns ``fn(*Inputs.args) -> output`` or raises :class:`Unavailable`."""
+
+    name: str
+    op: str
+    load: Callable[[], Callable]
+    triton: bool = False  # runs Triton kernels (interpreted, hence slow, on CPU)
+    baseline: bool = False  # the reference every ratio is taken against
+
+    def resolve(self) -> Callable:
+        try:
+            return self.load()
+        except (ImportError, AttributeError) as error:
+            raise Unavailable(f"{type(error).__name__}: {error}") from error
+
+
+def _kernel(name: str) -> Callable:
+    """``kernels.<name>``, whether the package exports the function or only its same-named module."""
+    kernels = importlib.import_module("kernels")
+    found = getattr(kernels, name, None)
+    if found is None:
+        found = importlib.import_module(f"kernels.{name}")
+    if isinstance(found, types.ModuleType):
+        found = getattr(found, name)
+    return found
+
+
+def _semi_fused():
+    softmax = _kernel("softmax")
+
+    def semi_fused(q, k, v, causal):
+        return softmax(q @ k.transpose(-2, -1), scale=1.0 / math.sqrt(q.shape[-1]), causal=causal) @ v
+
+    return semi_fused
+
+
+def _fused():
+    attention = _kernel("attention")
+    return lambda q, k, v, causal: attention(q, k, v, causal=causal)
+
+
+def _flash_attn():
+    if not torch.cuda.is_available():
+        raise Unavailable("flash-attn needs a CUDA GPU")
+    from flash_attn import flash_attn_func  # optional dependency
+
+    # flash-attn takes (B, N, H, D); the transposed views keep the last dim contiguous, so nothing is copied.
+    return lambda q, k, v, causal: flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+
+def _norm(fn):
+    return lambda x, *params: fn(x, (x.shape[-1],), *params)
+
+
+PROVIDERS = (
+    Provider("baseline", "attention",
+             lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
+    Provider("semi-fused", "attention", _semi_fused, triton=True),
+    Provider("triton", "attention", _fused, triton=True),
+    Provider("torch-sdpa", "attention",
+             lambda: lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
+    Provider("flash-attn", "attention", _flash_attn),
+    Provider("naive", "softmax", lambda: reference.softmax, baseline=True),
+    Provider("torch", "softmax", lambda: lambda x: torch.softmax(x, dim=-1)),
+    Provider("triton", "softmax", lambda: _kernel("softmax"), triton=True),
+    Provider("naive", "layer_norm", lambda: _norm(reference.layer_norm), baseline=True),
+    Provider("torch", "layer_norm", lambda: _norm(F.layer_norm)),
+    Provider("triton", "layer_norm", lambda: _norm(_kernel("layer_norm")), triton=True),
+    Provider("naive", "rms_norm", lambda: _norm(reference.rms_norm), baseline=True),
+    Provider("torch", "rms_norm", lambda: _norm(F.rms_norm)),
+    Provider("triton", "rms_norm", lambda: _norm(_kernel("rms_norm")), triton=True),
+)
+
+
+def providers_for(op: str, names: Optional[List[str]] = None) -> List[Provider]:
+    """The providers of ``op`` (optionally only those named), baseline first."""
+    chosen = [p for p in PROVIDERS if p.op == op and (names is None or p.name in names)]
+    return sorted(chosen, key=lambda p: not p.baseline)
+
+
+def provider(op: str, name: str) -> Provider:
+    for p in PROVIDERS:
+        if p.op == op and p.name == name:
+            return p
+    raise ValueError(f"no provider {name!r} for op {op!r}")

@@ -1,0 +1,108 @@
+"""Measure every (case, provider) point: counted IO/FLOPs, peak memory, time; failures become records.
+
+A provider that cannot load is "unavailable"; a point that runs out of memory (for real, or beyond --mem-limit)
+is "oom"; any other exception is "error" with its message. None of them stops the run.
+"""
+import contextlib
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from benchmarks import memory
+from benchmarks.counting import counting, touched_bytes
+from benchmarks.device import DeviceInfo
+from benchmarks.measure import is_oom, make_step, time_cpu, time_gpu
+from benchmarks.providers import Case, Provider, Unavailable, make_inputs, providers_for
+from benchmarks.roofline import MODELLED, model_time, spec_by_name
+
+
+def _base_record(case: Case, prov: Provider, device: DeviceInfo) -> dict:
+    return {"op": case.op, "mode": case.mode, "provider": prov.name, "baseline": prov.baseline,
+            "length": case.length, "shape": list(case.shape), "dtype": case.dtype,
+            "causal": case.causal if case.op == "attention" else None, "device": device.name,
+            "status": "ok", "reason": None, "time": None, "tflops": None, "gbps": None, "pct_of_peak": None,
+            "memory": None, "counted": None, "min_bytes": None, "model": None}
+
+
+def _throughput(record: dict, case: Case, device: DeviceInfo) -> None:
+    """TFLOPS (attention, by the conventional FLOP count) or effective GB/s (minimum bytes / time), GPU only."""
+    seconds = record["time"]["median_ms"] * 1e-3
+    flops = case.conventional_flops()
+    if flops is not None:
+        record["tflops"] = flops / seconds / 1e12
+        peak = device.peak and device.peak["flops"].get(case.dtype)
+        record["pct_of_peak"] = peak and 100 * flops / seconds / peak
+    else:
+        record["gbps"] = record["min_bytes"] / seconds / 1e9
+        record["pct_of_peak"] = device.peak and 100 * record["min_bytes"] / seconds / device.peak["bandwidth"]
+
+
+def measure_point(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, mem: Optional[dict],
+                  time_budget_s: float) -> dict:
+    """One record. ``mem`` is the CPU worker's memory result (None on GPU, where memory is measured here)."""
+    record = _base_record(case, prov, device)
+    record["memory"] = mem
+    if mem is not None and mem["status"] == "oom":
+        record.update(status="oom", reason=mem.get("reason"))
+        return record
+    inputs = make_inputs(case, device.torch_device)
+    step = make_step(fn, inputs)
+    countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
+    try:
+        with (counting() if countable else contextlib.nullcontext()) as counts:
+            outputs = step()  # also the warm-up run
+        extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
+        record["min_bytes"] = sum(touched_bytes(t) for t in inputs.tensors + extra_inputs + outputs)
+        del outputs
+        if device.kind == "cuda":
+            record["memory"] = memory.measure_gpu(step)
+            record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
+            _throughput(record, case, device)
+        else:
+            record["time"] = time_cpu(step, prov.triton, time_budget_s).as_record()
+    except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
+        record.update(status="oom" if is_oom(error) else "error", reason=f"{type(error).__name__}: {error}"[:300])
+        if device.kind == "cuda":
+            torch.cuda.empty_cache()
+        return record
+    if counts is not None:
+        record["counted"] = counts.as_record()
+        record["counted"]["vs_min"] = counts.bytes / record["min_bytes"]
+        record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
+                           for name in MODELLED}
+    return record
+
+
+def _advance(progress) -> None:
+    if progress is not None:
+        progress.update(1)
+
+
+def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optional[int] = None,
+        time_budget_s: float = 1.0, providers: Optional[List[str]] = None, progress=None) -> List[dict]:
+    """Measure each op's cases with each of its providers. ``groups`` maps op -> cases (any modes/lengths);
+    ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per point."""
+    if mem_limit is not None and device.kind == "cuda":  # a real CUDA OOM beyond the limit
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_limit / total))
+    records = []
+    for op, cases in groups.items():
+        for prov in providers_for(op, providers):
+            try:
+                fn = prov.resolve()
+            except Unavailable as error:
+                for case in cases:
+                    records.append({**_base_record(case, prov, device), "status": "unavailable",
+                                    "reason": str(error)})
+                    _advance(progress)
+                continue
+            if device.kind == "cpu":
+                mems = memory.measure_cpu(op, prov.name, cases, mem_limit)
+            else:
+                mems = [None] * len(cases)
+            for case, mem in zip(cases, mems):
+                if progress is not None:
+                    progress.set_postfix_str(f"{op} {case.mode} {prov.name} N={case.length}")
+                records.append(measure_point(case, prov, fn, device, mem, time_budget_s))
+                _advance(progress)
+    return records
