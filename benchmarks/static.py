@@ -1,0 +1,235 @@
+"""``python -m benchmarks static``: compile every registered kernel build for real GPUs, on a machine without one.
+
+Each (build, target) of ``kernels.registry.all_builds()`` is compiled ahead of time with ``triton.compile`` for
+sm_80 (A100), sm_90 (H100), sm_100 (B200) and, with ``--arch``, gfx90a (MI200) / gfx942 (MI300), and reported:
+registers per thread, spill stores/loads, stack, shared memory against the per-block limit, an occupancy
+estimate, tensor-core MMA and other notable SASS instruction counts (``v_mfma`` and the amdgcn register metadata
+on AMD), and the compile time. It says nothing about speed: no kernel runs.
+
+The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@triton.jit`` must build real
+``JITFunction``s, which a process running the interpreter cannot), each with a fresh Triton cache so every
+figure comes from a real compile. So the report also works from inside an interpreted test run.
+
+Default configuration of a kernel: the first build its module registers for each (kernel, dtype, head dim).
+``--quick`` keeps the default fp16 builds at head dim 64 and 128 (and at no head dim, for the norms/softmax).
+"""
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from benchmarks.gpu_build import ARCHS
+
+DEFAULT_ARCHS = ("sm_80", "sm_90", "sm_100")
+PROVIDER = "kernels.registry:all_builds"
+REPO = Path(__file__).resolve().parent.parent
+QUICK_HEAD_DIMS = (None, 64, 128)
+# Names a head-dimension constexpr goes by; the label ("D=64", "d128", "hd64") is the fallback.
+HEAD_DIM_NAMES = re.compile(r"^(HEAD_?DIM|D|D_?HEAD|BLOCK_D|BLOCK_DMODEL|BLOCK_HEADDIM)$", re.IGNORECASE)
+HEAD_DIM_LABEL = re.compile(r"\b(?:D|hd|head_?dim)\s*=?\s*(\d+)\b", re.IGNORECASE)
+
+
+def load_builds(provider: str) -> list:
+    """The builds of ``"module:function"`` (default: every build registered in ``kernels.registry``)."""
+    module, _, name = provider.partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def describe(build) -> Dict[str, object]:
+    """Kernel, label, dtype (of its first pointer argument), head dim (None if it has none) and launch options."""
+    dtype = next((kind[1:] for kind in build.signature.values() if kind.startswith("*")), None)
+    head_dim = next((int(v) for k, v in build.constexprs.items() if HEAD_DIM_NAMES.match(k)), None)
+    if head_dim is None:
+        match = HEAD_DIM_LABEL.search(build.label)
+        head_dim = int(match.group(1)) if match else None
+    return {"kernel": build.kernel, "label": build.label, "dtype": dtype, "head_dim": head_dim,
+            "num_warps": build.num_warps, "num_stages": build.num_stages}
+
+
+def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) -> List[Tuple[int, bool]]:
+    """(index into ``builds``, is-default) for the builds to compile, in registration order."""
+    infos = [describe(b) for b in builds]
+    first = {}
+    for i, info in enumerate(infos):
+        first.setdefault((info["kernel"], info["dtype"], info["head_dim"]), i)
+    defaults = set(first.values())
+    chosen = [i for i, info in enumerate(infos) if kernel is None or kernel in info["kernel"]]
+    if quick:
+        quick_ones = [i for i in chosen if i in defaults
+                      and infos[i]["dtype"] == "fp16" and infos[i]["head_dim"] in QUICK_HEAD_DIMS]
+        covered = {infos[i]["kernel"] for i in quick_ones}
+        # A kernel with no fp16 build at those head dims still gets its first default build compiled.
+        extra = {}
+        for i in chosen:
+            if i in defaults and infos[i]["kernel"] not in covered:
+                extra.setdefault(infos[i]["kernel"], i)
+        chosen = sorted(quick_ones + list(extra.values()))
+    return [(i, i in defaults) for i in chosen]
+
+
+def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, kernel: Optional[str] = None,
+               quick: bool = False, jobs: int = 2) -> List[Dict[str, object]]:
+    """Compile the selected builds for ``archs`` in up to ``jobs`` interpreter-free child processes.
+
+    Returns one record per (build, arch): :func:`describe`'s fields, ``arch``, ``default``, and either the
+    figures of :func:`benchmarks.gpu_build.compile_build` or ``error`` (the build did not compile).
+    """
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise ValueError(f"archs: unknown {unknown}; expected some of {list(ARCHS)}")
+    builds = load_builds(provider)
+    selected = select(builds, kernel, quick)
+    work = [(i, arch) for i, _ in selected for arch in archs]
+    if not work:
+        return []
+    chunks = [work[k::jobs] for k in range(min(jobs, len(work)))]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="static-build-") as tmp:
+        procs = []
+        for k, chunk in enumerate(chunks):
+            task, out = os.path.join(tmp, f"task{k}.json"), os.path.join(tmp, f"out{k}.jsonl")
+            expected = [[i, arch, builds[i].kernel, builds[i].label] for i, arch in chunk]
+            with open(task, "w") as f:
+                json.dump({"provider": provider, "work": expected}, f)
+            env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, f"cache{k}"),
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+            cmd = [sys.executable, "-m", "benchmarks.static", "--worker", task, out]
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True), out))
+        for proc, out in procs:
+            log = proc.communicate()[0]
+            if os.path.exists(out):
+                with open(out) as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        results[rec.pop("index"), rec.pop("arch")] = rec
+            if proc.returncode != 0:
+                raise RuntimeError(f"build worker failed (exit {proc.returncode}):\n{log[-4000:]}")
+    records = []
+    for i, is_default in selected:
+        for arch in archs:
+            records.append({**describe(builds[i]), "arch": arch, "default": is_default, **results[i, arch]})
+    return records
+
+
+def _worker(task_path: str, out_path: str) -> int:
+    """Child process: compile the (build index, arch) pairs of the task file, one JSON line per result."""
+    from benchmarks.gpu_build import compile_build, describe_failure
+
+    with open(task_path) as f:
+        task = json.load(f)
+    builds = load_builds(task["provider"])
+    with open(out_path, "w") as out:
+        for index, arch, kernel, label in task["work"]:
+            build = builds[index]
+            if (build.kernel, build.label) != (kernel, label):
+                raise RuntimeError(f"the registry changed order between processes: build {index} is "
+                                   f"{build.kernel} {build.label!r}, expected {kernel} {label!r}")
+            try:
+                figures = compile_build(build, ARCHS[arch])
+            except Exception as error:  # a build that does not compile is a result to report, not a crash
+                figures = {"error": describe_failure(error)}
+            out.write(json.dumps({"index": index, "arch": arch, **figures}) + "\n")
+            out.flush()
+    return 0
+
+
+COLUMNS = ("kernel", "config", "warps/stages", "arch", "regs", "spill st/ld B", "stack B", "smem KB", "CTAs/SM", "MMA",
+           "LDG/STG", "LDGSTS/TMA", "LDSM", "compile s")
+
+
+def row(rec: Dict[str, object]) -> List[str]:
+    """One table row; AMD rows show VGPR/SGPR/AGPR counts, register spill counts and ``v_mfma`` in those columns."""
+    head = [rec["kernel"], rec["label"], f"{rec['num_warps']}/{rec['num_stages']}", rec["arch"]]
+    if "error" in rec:
+        return head + ["FAILED"] + [""] * (len(COLUMNS) - len(head) - 1)
+    smem = f"{rec['shared'] / 1024:.1f}" + ("" if rec["shared_fits"] else " (too big)")
+    if ARCHS[rec["arch"]].backend == "hip":
+        return head + [
+            f"v{rec['vgpr_count']} s{rec['sgpr_count']} a{rec['agpr_count']}",
+            f"v{rec['vgpr_spill_count']}/s{rec['sgpr_spill_count']} regs", str(rec["private_segment_fixed_size"]),
+            smem, "-", f"{rec['mfma']} v_mfma", "-", "-", "-", f"{rec['compile_s']:.2f}"]
+    mma = ", ".join(f"{n} {op}" for op, n in sorted(rec["mma_ops"].items())) or "0"
+    return head + [
+        str(rec["registers"]), f"{rec['spill_stores']}/{rec['spill_loads']}", str(rec["stack"]), smem,
+        f"{rec['ctas_per_sm']} ({rec['limited_by']})", mma, f"{rec['LDG']}/{rec['STG']}",
+        f"{rec['LDGSTS']}/{rec['TMA']}", str(rec["LDSM"]), f"{rec['compile_s']:.2f}"]
+
+
+def text_table(records: Sequence[Dict[str, object]]) -> str:
+    """A fixed-width table for the terminal."""
+    rows = [list(COLUMNS)] + [row(r) for r in records]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(records: Sequence[Dict[str, object]]) -> str:
+    """The same table in markdown (for the README)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row(r)) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an error (Triton puts the cause after the source excerpt)."""
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def summary(records: Sequence[Dict[str, object]]) -> str:
+    """One line: how many compiled, failed, spilled, and went over the shared-memory limit."""
+    ok = [r for r in records if "error" not in r]
+    spilling = [r for r in ok if r["spills"]]
+    too_big = [r for r in ok if not r["shared_fits"]]
+    return (f"{len(ok)}/{len(records)} (build, arch) pairs compiled; {len(records) - len(ok)} failed; "
+            f"{len(spilling)} spill ({sum(r['default'] for r in spilling)} of them default configs); "
+            f"{len(too_big)} exceed the per-block shared memory")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry point (``python -m benchmarks static ...``). Exit status 1 if any build failed to compile."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks static", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS),
+                        help="targets (default: %(default)s; AMD gfx90a/gfx942 on request)")
+    parser.add_argument("--out", default="results/static", help="folder for builds.json, builds.md, defaults.md")
+    parser.add_argument("--kernel", help="only kernels whose name contains this")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the default config of each kernel at fp16, head dim 64/128")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--provider", default=PROVIDER, help="module:function returning the builds")
+    parser.add_argument("--worker", nargs=2, metavar=("TASK", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(*args.worker)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs)
+    if not records:
+        print("no builds registered" + (f" matching --kernel {args.kernel!r}" if args.kernel else ""))
+        return 0
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "builds.json", "w") as f:
+        json.dump({"triton": triton.__version__, "archs": args.arch, "records": records}, f, indent=1)
+    (out / "builds.md").write_text(markdown_table(records))
+    (out / "defaults.md").write_text(markdown_table([r for r in records if r["default"]]))
+    print(text_table(records))
+    for r in records:
+        if "error" in r:
+            print(f"FAILED {r['kernel']} {r['label']!r} on {r['arch']}: {last_line(r['error'])}")
+    print(summary(records))
+    print(f"wrote {out / 'builds.json'}, {out / 'builds.md'}, {out / 'defaults.md'}")
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

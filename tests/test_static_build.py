@@ -1,0 +1,294 @@
+"""The GPU-target build report (``python -m benchmarks static``): its parsers, its compiles, and the bar.
+
+Three layers: the text parsers and the occupancy arithmetic on canned tool output (no compile); the report on
+tiny kernels of this file (a copy, a 64x64x64 fp16 ``tl.dot``, a register hog that must spill, a broken build),
+registered into their own list rather than the package's; and the package's own registered kernels, a
+representative subset (``--quick``: the default fp16 config at head dim 64/128), on sm_80 and sm_90.
+
+The compiles run in child processes with the interpreter off; each report runs once per test session, shared
+by the pytest-xdist workers through a file lock.
+"""
+import inspect
+import json
+import re
+
+import pytest
+import triton
+import triton.language as tl
+from filelock import FileLock
+
+from benchmarks import static
+from benchmarks.gpu_build import ARCHS, count_sass, occupancy, parse_amdgcn, parse_ptxas_log, parse_resource_usage
+from kernels.registry import Build
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny kernels of our own, in their own build list (the package registry stays untouched).
+
+@triton.jit
+def _copy(X, Y, N, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offsets, tl.load(X + offsets, mask=offsets < N), mask=offsets < N)
+
+
+@triton.jit
+def _matmul(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + m[:, None] * K + k[None, :])
+    b = tl.load(B + k[:, None] * N + n[None, :])
+    tl.store(C + m[:, None] * N + n[None, :], tl.dot(a, b).to(C.dtype.element_ty))
+
+
+@triton.jit
+def _register_hog(X, Y, M: tl.constexpr, N: tl.constexpr):
+    # One warp holding an M x N fp32 tile live across two row reductions: far more than 255 registers per thread.
+    offsets = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    x = tl.load(X + offsets)
+    total = tl.sum(x, axis=1)
+    peak = tl.max(x * x, axis=1)
+    tl.store(Y + offsets, x * total[:, None] + tl.exp(x - peak[:, None]))
+
+
+_MATMUL_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "constexpr", "N": "constexpr", "K": "constexpr"}
+_HOG_SIG = {"X": "*fp32", "Y": "*fp32", "M": "constexpr", "N": "constexpr"}
+
+
+def tiny_builds():
+    """The build list the tiny report compiles (imported by the report's child process by name)."""
+    return [
+        Build("copy", _copy, {"X": "*fp16", "Y": "*fp16", "N": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
+              num_warps=4, num_stages=1, label="fp16 BLOCK=1024", divisible_by_16=("X", "Y")),
+        Build("matmul", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 64}, num_warps=4, num_stages=3,
+              label="fp16 64x64x64", divisible_by_16=("A", "B", "C")),
+        Build("register_hog", _register_hog, _HOG_SIG, {"M": 64, "N": 128}, num_warps=1, num_stages=1,
+              label="fp32 64x128"),
+        # K=3 is not a power of two: tl.arange refuses it, so this build must come back as an error record.
+        Build("broken", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 3}, num_warps=4, num_stages=1,
+              label="fp16 K=3"),
+    ]
+
+
+TINY = "tests.test_static_build:tiny_builds"  # the child process imports it from the repository root
+TINY_ARCHS = ("sm_80", "sm_90", "sm_100", "gfx942")
+BAR_ARCHS = ("sm_80", "sm_90")
+
+
+def _once_per_session(tmp_path_factory, worker_id, name, **report_args):
+    """``static.run_report(**report_args)``, computed by the first xdist worker that asks and read by the rest."""
+    if worker_id == "master":
+        return static.run_report(**report_args)
+    path = tmp_path_factory.getbasetemp().parent / f"static-build-{name}.json"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            path.write_text(json.dumps(static.run_report(**report_args)))
+        return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, worker_id):
+    records = _once_per_session(tmp_path_factory, worker_id, "tiny", archs=TINY_ARCHS,
+                                provider=TINY)
+    return {(r["kernel"], r["arch"]): r for r in records}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsers and arithmetic, on canned tool output.
+
+PTXAS_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_attn_bwd' for 'sm_80'
+ptxas info    : Function properties for _attn_bwd
+    240 bytes stack frame, 240 bytes spill stores, 228 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 440 bytes cmem[0]
+"""
+
+AMDGCN_META = """
+amdhsa.kernels:
+  - .agpr_count:     4
+    .group_segment_fixed_size: 512
+    .private_segment_fixed_size: 16
+    .sgpr_count:     30
+    .sgpr_spill_count: 0
+    .vgpr_count:     128
+    .vgpr_spill_count: 3
+"""
+
+SASS = """
+        /*0100*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0110*/              @!P0 LDG.E R8, desc[UR6][R2.64+0x10] ;
+        /*0120*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0130*/              @UP1 HGMMA.64x64x16.F32 gdesc[UR4], RZ, !UPT ;
+        /*0140*/                   UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR11], UPT ;
+        /*0150*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0160*/                   STL [R1+0x4], R3 ;
+        /*0170*/                   STG.E.64 desc[UR6][R2.64], R6 ;
+        /*0180*/                   EXIT ;
+"""
+
+
+def test_ptxas_log_gives_registers_spills_and_stack():
+    assert parse_ptxas_log(PTXAS_LOG) == {"registers": 255, "stack": 240, "spill_stores": 240, "spill_loads": 228}
+    with pytest.raises(ValueError, match="log"):
+        parse_ptxas_log("ptxas info    : 0 bytes gmem\n")
+
+
+def test_resource_usage_and_amdgcn_metadata():
+    usage = parse_resource_usage(" Function k:\n  REG:71 STACK:8 SHARED:1024 LOCAL:8 CONSTANT[0]:392 TEXTURE:0")
+    assert usage == {"reg": 71, "stack": 8, "shared": 1024, "local": 8}
+    meta = parse_amdgcn(AMDGCN_META + "\tv_mfma_f32_32x32x8_f16 a[0:15], v[0:1], v[2:3], 0\n\tv_add_f32 v1, v2, v3\n")
+    assert meta == {"vgpr_count": 128, "sgpr_count": 30, "agpr_count": 4, "vgpr_spill_count": 3,
+                    "sgpr_spill_count": 0, "group_segment_fixed_size": 512, "private_segment_fixed_size": 16,
+                    "mfma": 1}
+    with pytest.raises(ValueError, match=r"\.agpr_count"):
+        parse_amdgcn(AMDGCN_META.replace(".agpr_count", ".other"))
+
+
+def test_sass_counts_group_tensor_core_and_memory_opcodes():
+    from benchmarks.gpu_build import sass_summary
+
+    counts = count_sass(SASS)
+    assert counts["LDG"] == 2 and counts["EXIT"] == 1  # the predicated load counts too
+    summary = sass_summary(counts)
+    assert summary["mma"] == 3 and summary["mma_ops"] == {"HMMA": 1, "HGMMA": 1, "UTCHMMA": 1}
+    assert (summary["LDG"], summary["STG"], summary["TMA"], summary["STL"], summary["LDGSTS"]) == (2, 1, 1, 1, 0)
+
+
+@pytest.mark.parametrize("registers, shared, warps, arch, ctas, limiter", [
+    (255, 0, 4, "sm_80", 2, "registers"),  # 8192 registers a warp: 2 warps per SM quarter
+    (74, 16384, 4, "sm_80", 6, "registers"),  # 2560 a warp: 6 per quarter, 24 warps
+    (16, 0, 4, "sm_90", 16, "warps"),  # 64 warps per SM
+    (16, 0, 1, "sm_90", 32, "warps"),  # 32 CTAs per SM at most
+    (64, 100 * 1024, 4, "sm_80", 1, "shared"),  # 164 KB per SM
+    (64, 100 * 1024, 4, "sm_90", 2, "shared"),  # 228 KB per SM
+    (64, 200 * 1024, 4, "sm_80", 0, "shared"),  # over A100's 163 KB per block: cannot launch
+])
+def test_occupancy_estimate(registers, shared, warps, arch, ctas, limiter):
+    est = occupancy(registers, shared, warps, ARCHS[arch])
+    assert (est["ctas_per_sm"], est["limited_by"], est["warps_per_sm"]) == (ctas, limiter, ctas * warps)
+
+
+def _fake(kernel, dtype, label, constexprs=None):
+    return Build(kernel, None, {"X": f"*{dtype}", "N": "i32"}, constexprs or {}, 4, 2, label)
+
+
+def test_defaults_and_quick_subset():
+    builds = [
+        _fake("attn_fwd", "fp16", "fp16 64x64", {"HEAD_DIM": 64}),
+        _fake("attn_fwd", "fp16", "fp16 128x64", {"HEAD_DIM": 64}),  # second config: not the default
+        _fake("attn_fwd", "bf16", "bf16 D=128"),  # head dim from the label
+        _fake("attn_fwd", "fp16", "fp16 hd256", {"HEAD_DIM": 256}),  # default, but not a quick head dim
+        _fake("softmax_fwd", "fp16", "fp16 BLOCK=1024"),
+        _fake("norm_fp32_only", "fp32", "fp32 BLOCK=1024"),
+    ]
+    assert static.describe(builds[2])["head_dim"] == 128 and static.describe(builds[4])["head_dim"] is None
+    assert static.select(builds) == [(0, True), (1, False), (2, True), (3, True), (4, True), (5, True)]
+    assert static.select(builds, quick=True) == [(0, True), (4, True), (5, True)]
+    assert static.select(builds, kernel="soft") == [(4, True)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report on the tiny kernels.
+
+def test_copy_compiles_without_spills_or_tensor_cores(tiny):
+    for arch in BAR_ARCHS:
+        rec = tiny["copy", arch]
+        assert "error" not in rec, rec.get("error")
+        assert 0 < rec["registers"] <= 255 and rec["spills"] == 0 and rec["stack"] == 0
+        assert rec["mma"] == 0 and rec["LDG"] > 0 and rec["STG"] > 0 and rec["shared_fits"]
+        assert rec["ctas_per_sm"] > 0 and rec["compile_s"] > 0
+
+
+def test_fp16_dot_uses_each_architectures_tensor_cores(tiny):
+    # 64x64x64 fp16 with 4 warps (one warpgroup) is the smallest tile Triton lowers to wgmma on sm_90.
+    assert set(tiny["matmul", "sm_80"]["mma_ops"]) == {"HMMA"}
+    assert set(tiny["matmul", "sm_90"]["mma_ops"]) == {"HGMMA"}
+    assert {op for op in tiny["matmul", "sm_100"]["mma_ops"] if not re.fullmatch(r"UTC\w*MMA", op)} == set()
+    assert tiny["matmul", "sm_100"]["mma"] > 0
+    amd = tiny["matmul", "gfx942"]
+    assert amd["mfma"] > 0 and amd["vgpr_count"] > 0 and amd["spills"] == 0
+    assert amd["shared"] > 0 and amd["shared_fits"]
+
+
+def test_spills_are_detected(tiny):
+    # The zero-spill checks below would pass vacuously if spills went unseen.
+    for arch in BAR_ARCHS:
+        rec = tiny["register_hog", arch]
+        assert rec["registers"] == 255 and rec["spill_stores"] > 0 and rec["spill_loads"] > 0
+        assert rec["STL"] > 0 and rec["LDL"] > 0 and rec["stack"] > 0
+
+
+def test_a_build_that_does_not_compile_is_reported_not_fatal(tiny):
+    for arch in TINY_ARCHS:
+        assert "arange" in tiny["broken", arch]["error"]
+
+
+def test_command_writes_table_and_records(tmp_path, capsys):
+    status = static.main(["--provider", TINY, "--kernel", "copy", "--arch", "sm_80",
+                          "--out", str(tmp_path)])
+    assert status == 0
+    records = json.loads((tmp_path / "builds.json").read_text())["records"]
+    assert [(r["kernel"], r["arch"], r["default"]) for r in records] == [("copy", "sm_80", True)]
+    assert "| copy | fp16 BLOCK=1024 | 4/1 | sm_80 |" in (tmp_path / "defaults.md").read_text()
+    assert "1/1 (build, arch) pairs compiled" in capsys.readouterr().out
+    assert static.main(["--provider", TINY, "--kernel", "broken", "--arch", "sm_80",
+                        "--out", str(tmp_path)]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The package's registered kernels: the bar of issue 7, on the representative subset.
+
+FAMILIES = {  # family -> kernel-name pattern; each registered kernel counts in the first family it matches
+    "attention forward": r"(attn|attention).*(fwd|forward)",
+    "attention backward": r"(attn|attention).*(bwd|backward|dq|dk|dv|preprocess|delta)",
+    "softmax": r"softmax",
+    "layer norm": r"layer_?norm|\bln_",
+    "rms norm": r"rms",
+}
+OTHER = "any other kernel"
+
+
+def _family(kernel: str) -> str:
+    return next((f for f, pattern in FAMILIES.items() if re.search(pattern, kernel, re.IGNORECASE)), OTHER)
+
+
+def _calls_dot(fn) -> bool:
+    """Whether a kernel's Python source calls tl.dot (under any autotune/heuristics/jit wrappers)."""
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return "tl.dot(" in inspect.getsource(fn)
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory, worker_id):
+    records = _once_per_session(tmp_path_factory, worker_id, "registered", archs=BAR_ARCHS, quick=True)
+    dot_kernels = {b.kernel for b in static.load_builds(static.PROVIDER) if _calls_dot(b.fn)}
+    return [dict(r, calls_dot=r["kernel"] in dot_kernels) for r in records]
+
+
+def _violations(records):
+    problems = []
+    for r in records:
+        where = f"{r['kernel']} [{r['label']} w{r['num_warps']} s{r['num_stages']}] on {r['arch']}"
+        if "error" in r:
+            problems.append(f"{where}: does not compile: {static.last_line(r['error'])}")
+            continue
+        if r["default"] and r["spills"]:
+            problems.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B (default config)")
+        if not r["shared_fits"]:
+            problems.append(f"{where}: {r['shared']} B of shared memory > the {r['shared_limit']} B per block")
+        if r["calls_dot"] and r["dtype"] in ("fp16", "bf16") and r["mma"] == 0:
+            problems.append(f"{where}: calls tl.dot but uses no tensor-core MMA")
+    return problems
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, OTHER])
+def test_registered_kernels_meet_the_bar(registered, family):
+    """Every registered kernel compiles for sm_80 and sm_90, without spills in its default configs, within the
+    per-block shared memory, and with tensor-core MMA wherever it calls tl.dot in fp16/bf16."""
+    records = [r for r in registered if _family(r["kernel"]) == family]
+    if not records:
+        pytest.skip(f"no {family} kernel registered in kernels.registry yet")
+    assert {r["arch"] for r in records} == set(BAR_ARCHS)
+    assert _violations(records) == []
+    if family.startswith("attention"):
+        for arch in BAR_ARCHS:
+            assert any(r["mma"] for r in records if r["arch"] == arch), f"{family}: no tensor-core MMA on {arch}"
