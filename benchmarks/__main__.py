@@ -59,7 +59,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         groups = scaling.cases(max_len, dims)
     total = sum(len(cases) * len(runner.providers_for(op, args.providers)) for op, cases in groups.items())
     with tqdm(total=total, desc=command, unit="point", file=sys.stderr) as bar:
-        recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
+        recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0, quick=args.quick,
                           providers=args.providers, progress=bar)
     analysis.add_ratios(recs)
     fits = analysis.fit_slopes(recs)

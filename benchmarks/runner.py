@@ -38,8 +38,9 @@ def _throughput(record: dict, case: Case, device: DeviceInfo) -> None:
 
 
 def measure_point(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, mem: Optional[dict],
-                  time_budget_s: float) -> dict:
-    """One record. ``mem`` is the CPU worker's memory result (None on GPU, where memory is measured here)."""
+                  time_budget_s: float, quick: bool = False) -> dict:
+    """One record. ``mem`` is the CPU worker's memory result (None on GPU, where memory is measured here).
+    On CPU, ``quick`` times a slow call once instead of at least twice."""
     record = _base_record(case, prov, device)
     record["memory"] = mem
     if mem is not None and mem["status"] == "oom":
@@ -59,7 +60,7 @@ def measure_point(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, 
             record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
             _throughput(record, case, device)
         else:
-            record["time"] = time_cpu(step, prov.triton, time_budget_s).as_record()
+            record["time"] = time_cpu(step, prov.triton, time_budget_s, min_repeats=1 if quick else 2).as_record()
     except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
         record.update(status="oom" if is_oom(error) else "error", reason=f"{type(error).__name__}: {error}"[:300])
         if device.kind == "cuda":
@@ -79,7 +80,7 @@ def _advance(progress) -> None:
 
 
 def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optional[int] = None,
-        time_budget_s: float = 1.0, providers: Optional[List[str]] = None, progress=None) -> List[dict]:
+        time_budget_s: float = 1.0, quick: bool = False, providers: Optional[List[str]] = None, progress=None) -> List[dict]:
     """Measure each op's cases with each of its providers. ``groups`` maps op -> cases (any modes/lengths);
     ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per point."""
     if mem_limit is not None and device.kind == "cuda":  # a real CUDA OOM beyond the limit
@@ -103,6 +104,6 @@ def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optiona
             for case, mem in zip(cases, mems):
                 if progress is not None:
                     progress.set_postfix_str(f"{op} {case.mode} {prov.name} N={case.length}")
-                records.append(measure_point(case, prov, fn, device, mem, time_budget_s))
+                records.append(measure_point(case, prov, fn, device, mem, time_budget_s, quick))
                 _advance(progress)
     return records

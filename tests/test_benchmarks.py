@@ -1,0 +1,223 @@
+"""The benchmark suite's own machinery: counters on hand-countable cases, records, OOM handling, slope fits, CLI."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+from benchmarks import analysis, records, runner
+from benchmarks.__main__ import main, parse_size
+from benchmarks.counting import counting, touched_bytes
+from benchmarks.device import detect
+from benchmarks.memory import measure_cpu
+from benchmarks.providers import Case, Provider
+from benchmarks.roofline import match_device, model_time, spec_by_name
+
+needs_interpreter = pytest.mark.skipif(not kernels.INTERPRETED, reason="counts Triton through its interpreter")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@triton.jit
+def _copy(src, dst, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n), mask=offsets < n)
+
+
+@triton.jit
+def _matmul(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rows, cols, inner = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    x = tl.load(a + rows[:, None] * K + inner[None, :])
+    w = tl.load(b + inner[:, None] * N + cols[None, :])
+    tl.store(c + rows[:, None] * N + cols[None, :], tl.dot(x, w, input_precision="ieee"))
+
+
+# ---- counted bytes and FLOPs --------------------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("n,dtype", [(1000, torch.float16), (37, torch.float32), (128, torch.float32)])
+def test_copy_kernel_moves_exactly_its_elements_even_with_a_masked_tail(n, dtype):
+    src = torch.randn(n, dtype=dtype)
+    dst = torch.empty_like(src)
+    with counting() as counts:
+        _copy[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)
+    assert torch.equal(dst, src)
+    itemsize = src.element_size()
+    assert (counts.bytes_read, counts.bytes_written, counts.bytes) == (n * itemsize, n * itemsize, 2 * n * itemsize)
+    assert (counts.flops, counts.triton_launches) == (0, 1)
+    assert counts.aten_ops == 0  # the interpreter's own host copies of the arguments are not counted
+
+
+@needs_interpreter
+def test_dot_counts_two_m_n_k_flops():
+    m, n, k = 16, 32, 64
+    a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    with counting() as counts:
+        _matmul[(1,)](a, b, c, m, n, k)
+    torch.testing.assert_close(c, a @ b)
+    assert counts.flops == 2 * m * n * k
+    assert (counts.bytes_read, counts.bytes_written) == ((m * k + k * n) * 4, m * n * 4)
+
+
+@needs_interpreter
+def test_counters_are_removed_after_the_block():
+    src = torch.randn(300)
+    with counting() as counts:
+        pass
+    _copy[(3,)](src, torch.empty_like(src), 300, BLOCK=128)
+    torch.ones(3) + 1
+    assert counts.bytes == counts.flops == counts.triton_launches == counts.aten_ops == 0
+
+
+def test_dispatch_mode_counts_a_matmul_and_an_add():
+    m, n, k = 7, 5, 3
+    a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    with counting() as counts:
+        c = a @ b
+    assert counts.flops == 2 * m * n * k
+    assert (counts.bytes_read, counts.bytes_written) == ((m * k + k * n) * 8, m * n * 8)
+    with counting() as counts:
+        c + c
+    assert (counts.bytes_read, counts.bytes_written, counts.flops) == (2 * m * n * 8, m * n * 8, 0)
+
+
+def test_dispatch_mode_counts_views_as_free_and_broadcasts_once():
+    x, bias = torch.randn(6, 10), torch.randn(10)
+    with counting() as counts:
+        x.t().reshape(60)[:3]  # .t() and slicing are views; flattening the transpose copies once
+        x + bias  # bias is read once, not once per row
+    assert counts.bytes_read == 60 * 4 + (60 + 10) * 4
+    assert counts.bytes_written == 60 * 4 + 60 * 4
+    assert touched_bytes(bias.expand(6, 10)) == 40
+
+
+def test_dispatch_mode_sees_the_backward():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 3)
+    with counting() as forward_only:
+        x @ w
+    with counting() as both:
+        (x @ w).sum().backward()
+    assert both.flops == 2 * forward_only.flops  # dL/dx = dy @ w^T: another 2*4*8*3
+
+
+# ---- records, ratios, fits ----------------------------------------------------------------------------------
+
+def test_slope_fit_recovers_known_exponents():
+    lengths = [128, 256, 512, 1024, 2048]
+    assert analysis.loglog_slope(lengths, [3.0 * n ** 2 for n in lengths]) == pytest.approx(2.0)
+    # a fixed overhead dominates the small lengths: the fit uses the largest four
+    assert analysis.loglog_slope(lengths, [1e9 if n == 128 else 5.0 * n for n in lengths]) == pytest.approx(1.0)
+    assert analysis.loglog_slope(lengths, [None, 0, 4.0, None, 64.0]) == pytest.approx(2.0)
+    assert analysis.loglog_slope([128], [1.0]) is None
+
+
+def _fake(provider, length, ms, peak, nbytes, baseline=False):
+    return {"op": "attention", "mode": "fwd", "provider": provider, "baseline": baseline, "length": length,
+            "status": "ok", "time": {"median_ms": ms}, "memory": {"status": "ok", "peak_bytes": peak},
+            "counted": {"bytes": nbytes}}
+
+
+def test_ratios_and_fits_against_the_baseline():
+    recs = [_fake("baseline", n, ms=n * n, peak=n * n, nbytes=4 * n * n, baseline=True) for n in (128, 256)]
+    recs += [_fake("triton", n, ms=n, peak=n, nbytes=n * n) for n in (128, 256)]
+    analysis.add_ratios(recs)
+    assert recs[3]["vs_baseline"] == {"time": 1 / 256, "peak_memory": 1 / 256, "counted_bytes": 0.25}
+    fits = {f["provider"]: f["slopes"] for f in analysis.fit_slopes(recs)}
+    assert fits["baseline"] == pytest.approx({"time": 2.0, "peak_memory": 2.0, "counted_bytes": 2.0})
+    assert fits["triton"] == pytest.approx({"time": 1.0, "peak_memory": 1.0, "counted_bytes": 2.0})
+
+
+def test_roofline_model():
+    h100 = spec_by_name("H100-SXM5")
+    compute = model_time(h100, flops=989e12, nbytes=1.0, dtype="float16")
+    assert compute == {"time_ms": pytest.approx(1e3), "bound": "compute", "label": "model"}
+    assert model_time(h100, flops=1.0, nbytes=3.35e12, dtype="float32")["bound"] == "memory"
+    assert match_device("NVIDIA H100 80GB HBM3").name == "H100-SXM5"
+    assert match_device("NVIDIA A100-SXM4-80GB").name == "A100-SXM4-80GB"
+    assert match_device("NVIDIA A100-SXM4-40GB") is None  # different bandwidth: no guessing
+    assert parse_size("500MB") == 500_000_000 and parse_size("2GiB") == 2 ** 31
+
+
+def test_records_carry_device_method_and_counts(tmp_path):
+    device = detect()
+    cases = [Case("softmax", mode, 48, rows=5) for mode in ("fwd", "fwd+bwd")]
+    recs = runner.run({"softmax": cases}, device, time_budget_s=0.01, providers=["naive", "torch"])
+    analysis.add_ratios(recs)
+    assert [(r["provider"], r["mode"], r["status"]) for r in recs] == [
+        ("naive", "fwd", "ok"), ("naive", "fwd+bwd", "ok"), ("torch", "fwd", "ok"), ("torch", "fwd+bwd", "ok")]
+    fwd = recs[2]
+    assert fwd["device"] == device.name
+    assert fwd["min_bytes"] == 2 * 5 * 48 * 4  # read x once, write y once
+    assert fwd["counted"]["bytes"] >= fwd["min_bytes"] and fwd["counted"]["vs_min"] >= 1
+    assert set(fwd["model"]) == {"A100-SXM4-80GB", "H100-SXM5"} and fwd["model"]["H100-SXM5"]["label"] == "model"
+    assert fwd["memory"]["status"] == "ok" and fwd["memory"]["peak_bytes"] >= 0
+    if device.kind == "cpu":
+        assert device.name == "CPU (Triton interpreter)"
+        assert fwd["time"]["method"] == "CPU wall-clock" and fwd["tflops"] is None
+    paths = records.write(str(tmp_path), "suite", records.document("suite", device, {}, recs, []))
+    doc = json.load(open(paths[0]))
+    assert {"schema", "command", "created", "device", "config", "conventions", "records", "fits"} <= set(doc)
+    assert {"op", "mode", "provider", "length", "shape", "dtype", "status", "time", "memory", "counted",
+            "min_bytes", "model", "vs_baseline", "device"} <= set(doc["records"][0])
+    header = open(paths[1]).readline()
+    assert "time.median_ms" in header and "counted.bytes" in header
+
+
+def test_unavailable_provider_is_recorded_not_crashed():
+    recs = runner.run({"attention": [Case("attention", "fwd", 16)]}, detect(), providers=["flash-attn"])
+    assert len(recs) == 1 and recs[0]["status"] == "unavailable" and recs[0]["reason"]
+
+
+# ---- out of memory ------------------------------------------------------------------------------------------
+
+def test_simulated_oom_is_recorded():
+    def runs_out(q, k, v, causal):
+        raise torch.OutOfMemoryError("simulated")
+
+    prov = Provider("greedy", "attention", lambda: runs_out)
+    record = runner.measure_point(Case("attention", "fwd", 16), prov, runs_out, detect(), None, 0.01)
+    assert record["status"] == "oom" and "simulated" in record["reason"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU memory needs Linux /proc")
+def test_memory_limit_gives_oom_and_the_worker_goes_on():
+    big, small = Case("attention", "fwd", 1024), Case("attention", "fwd", 64)
+    results = measure_cpu("attention", "baseline", [big, small], mem_limit=4_000_000)  # scores alone are 8 MB
+    assert results[0]["status"] == "oom"
+    assert results[1]["status"] == "ok" and 0 < results[1]["peak_bytes"] < 4_000_000
+    record = runner.measure_point(big, Provider("baseline", "attention", None, baseline=True), None, detect(),
+                                  results[0], 0.01)
+    assert record["status"] == "oom"
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+def test_static_is_delegated_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("benchmarks.static")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "benchmarks.static", fake)
+    assert main(["static", "--arch", "sm_90"]) == 7 and seen == [["--arch", "sm_90"]]
+
+
+def test_quick_run_writes_json_and_png(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--ops", "attention", "--max-len", "64",
+           "--providers", "baseline", "triton", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"device: {detect().name}")
+    doc = json.load(open(out / "suite.json"))
+    assert {(r["provider"], r["mode"]) for r in doc["records"]} == {
+        (p, m) for p in ("baseline", "triton") for m in ("fwd", "fwd+bwd")}
+    assert all(r["status"] in ("ok", "unavailable") for r in doc["records"])
+    assert (out / "suite.csv").exists()
+    for mode in ("fwd", "fwd_bwd"):
+        png = out / f"suite_attention_{mode}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
