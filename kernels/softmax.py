@@ -158,18 +158,30 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
             tl.store(dx_row + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=start + cols < n_cols)
 
 
-def _config(n_cols: int):
-    """(BLOCK, SINGLE, num_warps) for rows of ``n_cols`` elements."""
-    single = n_cols <= MAX_BLOCK
-    block = triton.next_power_of_2(n_cols) if single else LONG_BLOCK
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int):
+    """(BLOCK, SINGLE, num_warps) for one program per row of ``n_cols`` elements: a power-of-two block covering
+    the row when it has at most ``max_block`` elements, else ``long_block``-wide chunks looped over; 4 to 16 warps,
+    about ``per_thread`` elements of a block per thread (fewer where the kernel keeps more values per element)."""
+    single = n_cols <= max_block
+    block = triton.next_power_of_2(n_cols) if single else long_block
+    num_warps = min(16, max(4, block // (32 * per_thread)))
     return block, single, num_warps
 
 
-def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride (copied only if needed)."""
-    rows = t.movedim(dim, -1).reshape(-1, t.shape[dim])
+def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``t`` as a (rows, n_cols) matrix with unit column stride: a view when possible, else a copy."""
+    rows = t.reshape(-1, n_cols)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _config(n_cols: int):
+    """The softmax launch config; reads the module's limits at each call, so tests can lower them."""
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=32)
+
+
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride."""
+    return as_rows(t.movedim(dim, -1), t.shape[dim])
 
 
 def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
@@ -249,20 +261,20 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
     return _apply(x, dim, scale, False, True)
 
 
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @register_builds
 def _builds():
-    """Per dtype: a small and the largest single-block row and the online path, plus the causal and log
-    variants at the small block, for the forward and the backward kernel."""
+    """Per dtype and kernel (forward, backward): a small and the largest single-block row and the online path,
+    each plain, causal and log."""
     scalars = {"n_cols": "i32", "n_q": "i32", "scale": "fp32"}
     flags = ("BLOCK", "SINGLE", "CAUSAL", "LOG")
     kernels = {_softmax_fwd: ("X", "Y"), _softmax_bwd: ("Y", "DY", "DX")}
-    variants = [(1024, False, False), (MAX_BLOCK, False, False), (MAX_BLOCK + 1, False, False),
-                (1024, True, False), (1024, False, True)]
+    variants = [(n, causal, log) for n in (1024, MAX_BLOCK, MAX_BLOCK + 1)
+                for causal, log in ((False, False), (True, False), (False, True))]
     builds = []
-    for dtype, ty in _TRITON_DTYPES.items():
+    for dtype, ty in TRITON_DTYPES.items():
         for fn, pointers in kernels.items():
             for n_cols, causal, log in variants:
                 block, single, num_warps = _config(n_cols)

@@ -1,0 +1,412 @@
+"""Fused layer norm and RMS norm in Triton, forward and backward, optionally fused with the residual add.
+
+Over the trailing ``normalized_shape`` dims (flattened to a row of n elements), with all math in fp32:
+    layer norm  y = (h - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)   (biased variance)
+    RMS norm    y = h * rstd * weight,                  rstd = 1 / sqrt(mean(h^2) + eps)
+where h = x, or h = x + residual rounded to x's dtype (returned as the new residual stream). mean and rstd are
+kept in fp32 for the backward.
+
+Forward, one program per row:
+- a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written once;
+- a longer row takes two passes over ``LONG_BLOCK``-wide chunks: pass 1 merges per-chunk mean and sum of squared
+  deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
+  h (x without a residual) and writes y.
+
+Backward, a fixed number of programs each owning a run of consecutive rows:
+    dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term), xhat = (h-mean)*rstd
+plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat and dbias = sum of dy are
+accumulated per program in fp32 (in registers for one-block rows, in the program's own row of a global buffer
+otherwise) and reduced over programs by one ``sum``: deterministic, no atomics, no locks.
+"""
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels._runtime import INTERPRETED, kernel_runs_on
+from kernels._validate import check_same, check_tensor
+from kernels.registry import Build, register_builds
+from kernels.softmax import TRITON_DTYPES, as_rows, cast_rne, row_config
+
+MAX_BLOCK = 8192
+"""Widest row held in registers as one block (the backward keeps ~6 fp32 values per element: no spills)."""
+LONG_BLOCK = 2048
+"""Chunk width of the two-pass path for rows wider than MAX_BLOCK."""
+
+
+@triton.jit
+def _load_h(X, RES, H, x_off, res_off, h_off, cols, n_cols, HAS_RES: tl.constexpr):
+    """fp32 h = x, or x + residual rounded to H's dtype and stored to H as the new residual stream."""
+    mask = cols < n_cols
+    h = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(RES + res_off + cols, mask=mask, other=0.0).to(tl.float32)
+        h_low = cast_rne(h, H.dtype.element_ty)
+        tl.store(H + h_off + cols, h_low, mask=mask)
+        h = h_low.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _affine(xhat, W, B, cols, n_cols, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """xhat * weight + bias, each optional."""
+    y = xhat
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_cols, eps,
+              BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """One program per row: Y[row] (and H[row] with a residual), MEAN[row] (layer norm only), RSTD[row].
+
+    Y and H are contiguous (rows, n_cols); unused pointers (RES, H, W, B, MEAN) are ignored per the flags.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_off = row * stride_x
+    res_off = row * stride_res
+    out_off = row * n_cols
+    cols = tl.arange(0, BLOCK)
+    mean = 0.0
+    if SINGLE:
+        h = _load_h(X, RES, H, x_off, res_off, out_off, cols, n_cols, HAS_RES)
+        if not RMS:
+            mean = tl.sum(h, 0) / n_cols
+            h = tl.where(cols < n_cols, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
+        y = _affine(h * rstd, W, B, cols, n_cols, HAS_W, HAS_B)
+        tl.store(Y + out_off + cols, cast_rne(y, Y.dtype.element_ty), mask=cols < n_cols)
+    else:
+        count = tl.zeros([], tl.float32)
+        mean = tl.zeros([], tl.float32)
+        m2 = tl.zeros([], tl.float32)  # sum of squared deviations from mean (of squares for RMS)
+        for start in range(0, n_cols, BLOCK):
+            h = _load_h(X, RES, H, x_off + start, res_off + start, out_off + start, cols, n_cols - start, HAS_RES)
+            if RMS:
+                m2 += tl.sum(h * h, 0)
+            else:
+                n_chunk = tl.minimum(n_cols - start, BLOCK).to(tl.float32)
+                mean_chunk = tl.sum(h, 0) / n_chunk
+                dev = tl.where(start + cols < n_cols, h - mean_chunk, 0.0)
+                delta = mean_chunk - mean
+                total = count + n_chunk
+                mean += delta * (n_chunk / total)
+                m2 += tl.sum(dev * dev, 0) + delta * delta * (count * n_chunk / total)
+                count = total
+        rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)
+        # pass 2 reads h back: from H when it was written above (one stream instead of x and residual)
+        if HAS_RES:
+            src = H + out_off
+        else:
+            src = X + x_off
+        for start in range(0, n_cols, BLOCK):
+            h = tl.load(src + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+            y = _affine((h - mean) * rstd, W + start, B + start, cols, n_cols - start, HAS_W, HAS_B)
+            tl.store(Y + out_off + start + cols, cast_rne(y, Y.dtype.element_ty), mask=start + cols < n_cols)
+    tl.store(RSTD + row, rstd)
+    if not RMS:
+        tl.store(MEAN + row, mean)
+
+
+@triton.jit
+def _load_grad(H, DY, w, h_off, dy_off, cols, n_cols, mean, rstd, HAS_W: tl.constexpr):
+    """(xhat, dy, w * dy) in fp32 for one block of a row; lanes past the row read dy = 0, so they add nothing."""
+    mask = cols < n_cols
+    xhat = (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    dy = tl.load(DY + dy_off + cols, mask=mask, other=0.0).to(tl.float32)
+    wdy = dy * w if HAS_W else dy
+    return xhat, dy, wdy
+
+
+@triton.jit
+def _input_grad(xhat, wdy, c1, c2, rstd, DH, dh_off, cols, n_cols, RMS: tl.constexpr, HAS_DH: tl.constexpr):
+    """rstd * (w*dy - xhat * c1 - c2), c1 = mean(xhat * w*dy), c2 = mean(w*dy) (layer norm only), plus the
+    gradient reaching h directly through the returned residual stream."""
+    dx = wdy - xhat * c1
+    if not RMS:
+        dx -= c2
+    dx *= rstd
+    if HAS_DH:
+        dx += tl.load(DH + dh_off + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return dx
+
+
+@triton.jit
+def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_dh, n_rows, n_cols,
+              rows_per_program, BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr):
+    """Program p: DX for rows [p * rows_per_program, (p + 1) * rows_per_program), and its fp32 partial sums of
+    dweight and dbias in row p of DW and DB (programs, n_cols). DX is contiguous (rows, n_cols)."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset below 64-bit
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    part = DW + pid * n_cols
+    part_b = DB + pid * n_cols
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        w = 1.0
+        if HAS_W:
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], tl.float32)
+        db = tl.zeros([BLOCK], tl.float32)
+        for row in range(row_start, row_end):
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h, row * stride_dy, cols, n_cols, mean, rstd,
+                                       HAS_W)
+            c1 = tl.sum(xhat * wdy, 0) / n_cols
+            c2 = tl.sum(wdy, 0) / n_cols
+            dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh, cols, n_cols, RMS, HAS_DH)
+            tl.store(DX + row * n_cols + cols, cast_rne(dx, DX.dtype.element_ty), mask=cols < n_cols)
+            dw += dy * xhat
+            db += dy
+        if WANT_DW:
+            tl.store(part + cols, dw, mask=cols < n_cols)
+        if WANT_DB:
+            tl.store(part_b + cols, db, mask=cols < n_cols)
+    else:
+        for row in range(row_start, row_end):
+            mean = 0.0
+            if not RMS:
+                mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            c1 = tl.zeros([], tl.float32)
+            c2 = tl.zeros([], tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                w = 1.0
+                if HAS_W:
+                    w = tl.load(W + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
+                                           n_cols - start, mean, rstd, HAS_W)
+                c1 += tl.sum(xhat * wdy, 0)
+                c2 += tl.sum(wdy, 0)
+            c1 /= n_cols
+            c2 /= n_cols
+            for start in range(0, n_cols, BLOCK):
+                w = 1.0
+                if HAS_W:
+                    w = tl.load(W + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
+                                           n_cols - start, mean, rstd, HAS_W)
+                dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh + start, cols, n_cols - start,
+                                 RMS, HAS_DH)
+                mask = start + cols < n_cols
+                tl.store(DX + row * n_cols + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=mask)
+                # this program's own row of the partial buffers: plain read-modify-write, no other writer
+                if WANT_DW:
+                    tl.store(part + start + cols, tl.load(part + start + cols, mask=mask) + dy * xhat, mask=mask)
+                if WANT_DB:
+                    tl.store(part_b + start + cols, tl.load(part_b + start + cols, mask=mask) + dy, mask=mask)
+
+
+def _config(n_cols: int):
+    """The norm launch config; reads the module's limits at each call, so tests can lower them."""
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    """How many backward programs (each with its own partial dweight/dbias row): two per SM on a GPU, enough to
+    fill it while keeping the partial buffers small; four under the interpreter, so tests split rows unevenly."""
+    target = 4 if INTERPRETED else 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_rows, target))
+
+
+class _NormFunction(torch.autograd.Function):
+    """(x, residual or None, weight or None, bias or None, normalized shape, eps, rms) -> y, or (y, x + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, norm_shape, eps, rms):
+        n_cols = math.prod(norm_shape)
+        x2d = as_rows(x, n_cols)
+        n_rows = x2d.shape[0]
+        res2d = as_rows(residual, n_cols) if residual is not None else x2d
+        y2d = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        h2d = torch.empty_like(y2d) if residual is not None else x2d
+        stats = [torch.empty(n_rows, dtype=torch.float32, device=x.device) for _ in range(1 if rms else 2)]
+        rstd, mean = stats[0], stats[-1]  # RMS norm has no mean: the kernel ignores MEAN
+        w = weight.reshape(-1).contiguous() if weight is not None else x2d
+        b = bias.reshape(-1).contiguous() if bias is not None else x2d
+        block, single, num_warps = _config(n_cols)
+        if n_rows:
+            _norm_fwd[(n_rows,)](x2d, res2d, w, b, y2d, h2d, mean, rstd, x2d.stride(0), res2d.stride(0), n_cols,
+                                 eps, BLOCK=block, SINGLE=single, RMS=rms, HAS_RES=residual is not None,
+                                 HAS_W=weight is not None, HAS_B=bias is not None, num_warps=num_warps)
+        ctx.save_for_backward(h2d, weight, mean, rstd)
+        ctx.config = (x.shape, norm_shape, rms, residual is not None, bias.dtype if bias is not None else None)
+        y = y2d.view(x.shape)
+        return y if residual is None else (y, h2d.view(x.shape))
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h2d, weight, mean, rstd = ctx.saved_tensors
+        shape, norm_shape, rms, has_res, bias_dtype = ctx.config
+        n_rows, n_cols = h2d.shape
+        dy2d = as_rows(dy, n_cols)
+        dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
+        dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
+        want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        programs = _backward_programs(n_rows, h2d.device)
+        rows_per_program = triton.cdiv(n_rows, programs)
+        programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
+        partial = torch.zeros((2, programs, n_cols), dtype=torch.float32, device=h2d.device)
+        w = weight.reshape(-1).contiguous() if weight is not None else h2d
+        block, single, num_warps = _config(n_cols)
+        if n_rows:
+            _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean, rstd, partial[0], partial[1], h2d.stride(0),
+                                   dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program, BLOCK=block,
+                                   SINGLE=single, RMS=rms, HAS_W=weight is not None, HAS_DH=dh is not None,
+                                   WANT_DW=want_dw, WANT_DB=want_db, num_warps=num_warps)
+        dw = partial[0].sum(0).to(weight.dtype).view(norm_shape) if want_dw else None
+        db = partial[1].sum(0).to(bias_dtype).view(norm_shape) if want_db else None
+        dx = dx.view(shape)
+        # x and residual enter h = x + residual alike, so both receive dh (as torch's add gives both its grad)
+        return dx, (dx if has_res else None), dw, db, None, None, None
+
+
+def _check(x, normalized_shape, residual=None, weight=None, bias=None, eps=None) -> tuple:
+    """Validate before any launch; return the normalized shape as a tuple."""
+    check_tensor("x", x)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    shape = tuple(normalized_shape)
+    if not shape or math.prod(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} must be non-empty and equal the trailing dims of x "
+                         f"(shape {tuple(x.shape)})")
+    if residual is not None:
+        check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check_same("dtype", x=x, residual=residual)
+        check_same("device", x=x, residual=residual)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(t.shape)}")
+            check_same("device", x=x, **{name: t})
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return shape
+
+
+def _fallback(x, residual, normalized_shape, weight, bias, eps, rms):
+    """The plain-PyTorch reference, for tensors the Triton kernels cannot run on in this process."""
+    h = x if residual is None else x + residual
+    if rms:
+        y = reference.rms_norm(h, normalized_shape, weight, eps)
+    else:
+        y = reference.layer_norm(h, normalized_shape, weight, bias, eps)
+    y = y.to(x.dtype)  # the reference promotes with the weight's dtype; torch and the kernels keep x's
+    return y if residual is None else (y, h)
+
+
+def _norm(x, residual, normalized_shape, weight, bias, eps, rms):
+    norm_shape = _check(x, normalized_shape, residual, weight, bias, eps)
+    if rms and eps is None:
+        eps = torch.finfo(x.dtype).eps
+    present = [t for t in (x, residual, weight, bias) if t is not None]
+    if not kernel_runs_on(*present):
+        return _fallback(x, residual, normalized_shape, weight, bias, eps, rms)
+    return _NormFunction.apply(x, residual, weight, bias, norm_shape, float(eps), rms)
+
+
+ShapeArg = Union[int, Sequence[int]]
+
+
+def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm``, fused: same signature, result (x's shape and dtype) and gradients.
+
+    x: (..., *normalized_shape), fp16/bf16/fp32; weight, bias: normalized_shape, any of those dtypes (their
+    gradients come back in it). Falls back to ``kernels.reference`` (one-time warning) when the kernels cannot
+    run on these tensors in this process.
+    """
+    return _norm(x, None, normalized_shape, weight, bias, eps, rms=False)
+
+
+def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None) -> torch.Tensor:
+    """``torch.nn.functional.rms_norm``, fused: ``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to
+    ``torch.finfo(x.dtype).eps``. Shapes, dtypes and fallback as :func:`layer_norm`."""
+    return _norm(x, None, normalized_shape, weight, None, eps, rms=True)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
+                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5):
+    """Pre-norm block step in one kernel: ``h = x + residual`` (in x's dtype), returns
+    ``(layer_norm(h, ...), h)``; x and residual (same shape and dtype) are each read once."""
+    return _norm(x, residual, normalized_shape, weight, bias, eps, rms=False)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
+                 weight: Optional[torch.Tensor] = None, eps: Optional[float] = None):
+    """``h = x + residual``; returns ``(rms_norm(h, ...), h)`` from one kernel, as :func:`add_layer_norm`."""
+    return _norm(x, residual, normalized_shape, weight, None, eps, rms=True)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in ``torch.nn.LayerNorm`` (same constructor, parameters and state_dict keys) on the fused kernel.
+
+    ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_layer_norm`.
+    """
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:
+            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in ``torch.nn.RMSNorm`` (same constructor, parameters and state_dict keys) on the fused kernel.
+
+    ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_rms_norm`.
+    """
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps)
+
+
+@register_builds
+def _builds():
+    """Per dtype: layer and RMS norm at a small and the largest one-block row and on the two-pass path, forward
+    (plain and with residual, with all affine parameters) and backward (with every gradient)."""
+    builds = []
+    for ty in TRITON_DTYPES.values():
+        for n_cols in (1024, MAX_BLOCK, MAX_BLOCK + 1):
+            block, single, num_warps = _config(n_cols)
+            for rms in (False, True):
+                name = f"{ty} {'rms' if rms else 'layer'} BLOCK={block}{'' if single else ' two-pass'}"
+                common = {"BLOCK": block, "SINGLE": single, "RMS": rms}
+                for has_res in (False, True):
+                    signature = {p: f"*{ty}" for p in ("X", "RES", "W", "B", "Y", "H")}
+                    signature.update(MEAN="*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32", n_cols="i32",
+                                     eps="fp32")
+                    flags = dict(common, HAS_RES=has_res, HAS_W=True, HAS_B=not rms)
+                    signature.update(dict.fromkeys(flags, "constexpr"))
+                    builds.append(Build("_norm_fwd", _norm_fwd, signature, flags, num_warps, 1,
+                                        name + " residual" * has_res))
+                signature = {p: f"*{ty}" for p in ("H", "W", "DY", "DH", "DX")}
+                signature.update(MEAN="*fp32", RSTD="*fp32", DW="*fp32", DB="*fp32", stride_h="i32",
+                                 stride_dy="i32", stride_dh="i32", n_rows="i32", n_cols="i32",
+                                 rows_per_program="i32")
+                flags = dict(common, HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
+                signature.update(dict.fromkeys(flags, "constexpr"))
+                builds.append(Build("_norm_bwd", _norm_bwd, signature, flags, num_warps, 1, name + " residual"))
+    return builds
