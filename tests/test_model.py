@@ -32,11 +32,10 @@ def with_backend(model, backend, dtype):
     return copy.deepcopy(model).to(dtype).set_backend(backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_kv_head", [3, 1])
-def test_triton_backend_matches_reference_logits_loss_and_every_gradient(device, dtype, n_kv_head):
+@pytest.mark.parametrize("dtype,n_kv_head,bias", [(torch.float32, 1, False), (torch.bfloat16, 3, True)])
+def test_triton_backend_matches_reference_logits_loss_and_every_gradient(device, dtype, n_kv_head, bias):
     """Same weights: triton (in dtype) vs the float64 reference, within 2x / 3x of the reference path in dtype."""
-    model = GPT(tiny_config(n_kv_head=n_kv_head, bias=n_kv_head == 3)).to(device)
+    model = GPT(tiny_config(n_kv_head=n_kv_head, bias=bias)).to(device)
     idx, targets = tokens().to(device), tokens().to(device)
     targets[0, :3] = -1  # ignored positions
     exact = forward_backward(with_backend(model, "reference", torch.float64), idx, targets)
@@ -85,33 +84,41 @@ def test_output_head_is_tied_to_the_token_embedding():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "sdpa"])
-def test_generate_with_cache_matches_generate_without(device, backend, monkeypatch):
-    """Greedy, past block_size (so the cache is rebuilt once the learned positions would shift)."""
-    model = GPT(tiny_config(block_size=12, n_kv_head=1, backend=backend)).to(device).eval()
-    prompt = tokens(batch=2, length=5).to(device)
-    query_lengths = []
-    attention = kernels.attention if backend == "triton" else reference.attention
+def spy_on(monkeypatch, module, calls):
+    """Record (Nq, Nk) of every ``module.attention`` call."""
+    attention = module.attention
 
     def spy(q, k, v, **kwargs):
-        query_lengths.append((q.shape[2], k.shape[2]))
+        calls.append((q.shape[2], k.shape[2]))
         return attention(q, k, v, **kwargs)
 
-    if backend != "sdpa":
-        monkeypatch.setattr(kernels if backend == "triton" else reference, "attention", spy)
+    monkeypatch.setattr(module, "attention", spy)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_generate_with_cache_matches_generate_without(backend, monkeypatch):
+    """Greedy, past block_size (so the cache is rebuilt once the learned positions would shift)."""
+    model = GPT(tiny_config(block_size=12, n_kv_head=1, backend=backend)).eval()
+    prompt = tokens(batch=2, length=5)
+    calls = []
+    spy_on(monkeypatch, reference, calls)
     cached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=True)
-    if backend != "sdpa":  # the prompt through both layers, then one query per step against the cache
-        assert query_lengths[:4] == [(5, 5), (5, 5), (1, 6), (1, 6)]
+    if backend == "reference":  # the prompt through both layers, then one query per step against the cache
+        assert calls[:4] == [(5, 5), (5, 5), (1, 6), (1, 6)]
     uncached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=False)
     assert cached.shape == (2, 15)
     assert torch.equal(cached, uncached)
 
 
-def test_generate_triton_gives_the_reference_tokens(device):
+def test_triton_generate_with_cache_gives_the_reference_tokens_without_cache(device, monkeypatch):
     model = GPT(tiny_config(n_kv_head=1)).to(device).eval()
     prompt = tokens(batch=2, length=4).to(device)
-    expected = model.generate(prompt, max_new_tokens=6, temperature=0)
-    assert torch.equal(model.set_backend("triton").generate(prompt, max_new_tokens=6, temperature=0), expected)
+    expected = model.generate(prompt, max_new_tokens=3, temperature=0, use_cache=False)
+    calls = []
+    spy_on(monkeypatch, kernels, calls)
+    got = model.set_backend("triton").generate(prompt, max_new_tokens=3, temperature=0, use_cache=True)
+    assert calls == [(4, 4)] * 2 + [(1, 5)] * 2 + [(1, 6)] * 2  # decoding: one query against the cache
+    assert torch.equal(got, expected)
 
 
 def test_generate_sampling_respects_top_k():
