@@ -189,7 +189,9 @@ def compile_build(build, arch: Arch) -> Dict[str, object]:
     if arch.backend == "hip":
         record.update(parse_amdgcn(kernel.asm["amdgcn"]))
         record["shared"] = record["shared_dynamic"] + record["group_segment_fixed_size"]
-        record["spills"] = record["vgpr_spill_count"] + record["sgpr_spill_count"]  # registers, not bytes
+        # VGPR spills go to scratch memory; SGPR spills normally go to spare VGPR lanes, so they are shown, not
+        # counted. A count of registers, not bytes.
+        record["spills"] = record["vgpr_spill_count"]
     else:
         record.update(parse_ptxas_log(log.getvalue()))
         with tempfile.TemporaryDirectory() as tmp:

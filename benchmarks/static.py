@@ -10,7 +10,8 @@ The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@t
 ``JITFunction``s, which a process running the interpreter cannot), each with a fresh Triton cache so every
 figure comes from a real compile. So the report also works from inside an interpreted test run.
 
-Default configuration of a kernel: the first build its module registers for each (kernel, dtype, head dim).
+Default configuration of a kernel: the first build its module registers for each (kernel, family, dtype, head
+dim), the family being one of :data:`FAMILIES` (so a norm kernel with an RMS switch has a default for each).
 ``--quick`` keeps the default fp16 builds at head dim 64 and 128 (and at no head dim, for the norms/softmax).
 """
 import argparse
@@ -33,6 +34,16 @@ QUICK_HEAD_DIMS = (None, 64, 128)
 # Names a head-dimension constexpr goes by; the label ("D=64", "d128", "hd64") is the fallback.
 HEAD_DIM_NAMES = re.compile(r"^(HEAD_?DIM|D|D_?HEAD|BLOCK_D|BLOCK_DMODEL|BLOCK_HEADDIM)$", re.IGNORECASE)
 HEAD_DIM_LABEL = re.compile(r"\b(?:D|hd|head_?dim)\s*=?\s*(\d+)\b", re.IGNORECASE)
+# What issue 7 names, matched against "kernel label": one jit function may serve several (e.g. a norm kernel
+# with an RMS switch), so the label decides too. A build matching none belongs to the family "other".
+FAMILIES = {
+    "attention forward": r"(attn|attention).*(fwd|forward)",
+    "attention backward": r"(attn|attention).*(bwd|backward|dq|dk|dv|delta|preprocess)",
+    "softmax": r"softmax",
+    "layer norm": r"layer_?norm|\blayer\b",
+    "rms norm": r"\brms|rms_?norm",
+}
+OTHER = "other"
 
 
 def load_builds(provider: str) -> list:
@@ -48,7 +59,9 @@ def describe(build) -> Dict[str, object]:
     if head_dim is None:
         match = HEAD_DIM_LABEL.search(build.label)
         head_dim = int(match.group(1)) if match else None
-    return {"kernel": build.kernel, "label": build.label, "dtype": dtype, "head_dim": head_dim,
+    text = f"{build.kernel} {build.label}"
+    family = next((f for f, pattern in FAMILIES.items() if re.search(pattern, text, re.IGNORECASE)), OTHER)
+    return {"kernel": build.kernel, "family": family, "label": build.label, "dtype": dtype, "head_dim": head_dim,
             "num_warps": build.num_warps, "num_stages": build.num_stages}
 
 
@@ -57,18 +70,19 @@ def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) 
     infos = [describe(b) for b in builds]
     first = {}
     for i, info in enumerate(infos):
-        first.setdefault((info["kernel"], info["dtype"], info["head_dim"]), i)
+        first.setdefault((info["kernel"], info["family"], info["dtype"], info["head_dim"]), i)
     defaults = set(first.values())
     chosen = [i for i, info in enumerate(infos) if kernel is None or kernel in info["kernel"]]
     if quick:
         quick_ones = [i for i in chosen if i in defaults
                       and infos[i]["dtype"] == "fp16" and infos[i]["head_dim"] in QUICK_HEAD_DIMS]
-        covered = {infos[i]["kernel"] for i in quick_ones}
+        covered = {(infos[i]["kernel"], infos[i]["family"]) for i in quick_ones}
         # A kernel with no fp16 build at those head dims still gets its first default build compiled.
         extra = {}
         for i in chosen:
-            if i in defaults and infos[i]["kernel"] not in covered:
-                extra.setdefault(infos[i]["kernel"], i)
+            key = (infos[i]["kernel"], infos[i]["family"])
+            if i in defaults and key not in covered:
+                extra.setdefault(key, i)
         chosen = sorted(quick_ones + list(extra.values()))
     return [(i, i in defaults) for i in chosen]
 
@@ -195,7 +209,9 @@ def summary(records: Sequence[Dict[str, object]]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point (``python -m benchmarks static ...``). Exit status 1 if any build failed to compile."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks static", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks static",
+                                     description="Compile every registered kernel build for real GPU targets and "
+                                                 "report registers, spills, shared memory, occupancy and SASS.")
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS),
                         help="targets (default: %(default)s; AMD gfx90a/gfx942 on request)")
     parser.add_argument("--out", default="results/static", help="folder for builds.json, builds.md, defaults.md")
