@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -88,11 +89,12 @@ def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) 
 
 
 def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, kernel: Optional[str] = None,
-               quick: bool = False, jobs: int = 2) -> List[Dict[str, object]]:
+               quick: bool = False, jobs: int = 2, progress: bool = False) -> List[Dict[str, object]]:
     """Compile the selected builds for ``archs`` in up to ``jobs`` interpreter-free child processes.
 
     Returns one record per (build, arch): :func:`describe`'s fields, ``arch``, ``default``, and either the
-    figures of :func:`benchmarks.gpu_build.compile_build` or ``error`` (the build did not compile).
+    figures of :func:`benchmarks.gpu_build.compile_build` or ``error`` (the build did not compile, or its worker
+    process died first).
     """
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -100,36 +102,62 @@ def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, k
     builds = load_builds(provider)
     selected = select(builds, kernel, quick)
     work = [(i, arch) for i, _ in selected for arch in archs]
-    if not work:
-        return []
-    chunks = [work[k::jobs] for k in range(min(jobs, len(work)))]
     results = {}
     with tempfile.TemporaryDirectory(prefix="static-build-") as tmp:
-        procs = []
-        for k, chunk in enumerate(chunks):
-            task, out = os.path.join(tmp, f"task{k}.json"), os.path.join(tmp, f"out{k}.jsonl")
-            expected = [[i, arch, builds[i].kernel, builds[i].label] for i, arch in chunk]
-            with open(task, "w") as f:
-                json.dump({"provider": provider, "work": expected}, f)
-            env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, f"cache{k}"),
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-            cmd = [sys.executable, "-m", "benchmarks.static", "--worker", task, out]
-            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                           text=True), out))
-        for proc, out in procs:
-            log = proc.communicate()[0]
-            if os.path.exists(out):
-                with open(out) as f:
-                    for line in f:
-                        rec = json.loads(line)
-                        results[rec.pop("index"), rec.pop("arch")] = rec
+        chunks = [work[k::jobs] for k in range(min(jobs, len(work)))]
+        workers = [_start_worker(builds, provider, chunk, tmp, k) for k, chunk in enumerate(chunks)]
+        try:
+            _wait(workers, len(work), progress)
+        finally:
+            for proc, _, _ in workers:
+                if proc.poll() is None:  # only when interrupted: do not leave compilers running
+                    proc.kill()
+                    proc.wait()
+        for (proc, out, log), chunk in zip(workers, chunks):
+            with open(out) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    results[rec.pop("index"), rec.pop("arch")] = rec
             if proc.returncode != 0:
-                raise RuntimeError(f"build worker failed (exit {proc.returncode}):\n{log[-4000:]}")
-    records = []
-    for i, is_default in selected:
-        for arch in archs:
-            records.append({**describe(builds[i]), "arch": arch, "default": is_default, **results[i, arch]})
-    return records
+                with open(log) as f:
+                    died = {"error": f"build worker exited with status {proc.returncode} before this build:\n"
+                                     + f.read()[-2000:]}
+                for key in chunk:
+                    results.setdefault(key, died)
+    return [{**describe(builds[i]), "arch": arch, "default": is_default, **results[i, arch]}
+            for i, is_default in selected for arch in archs]
+
+
+def _start_worker(builds: Sequence, provider: str, chunk: List[Tuple[int, str]], tmp: str, k: int):
+    """Start one child process (interpreter off, fresh Triton cache) on ``chunk``: (Popen, results path, log)."""
+    task, out, log = (os.path.join(tmp, f"worker{k}{ext}") for ext in (".task.json", ".jsonl", ".log"))
+    with open(task, "w") as f:  # kernel and label let the child check it sees the same registry order
+        work = [[i, arch, builds[i].kernel, builds[i].label] for i, arch in chunk]
+        json.dump({"provider": provider, "work": work}, f)
+    open(out, "w").close()
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, f"cache{k}"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.static", "--worker", task, out], cwd=REPO,
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return proc, out, log
+
+
+def _wait(workers, total: int, progress: bool) -> None:
+    """Wait for the workers, showing a progress bar (on stderr) counted from their result lines."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="compiling", unit="build", file=sys.stderr, disable=not progress) as bar:
+        while True:
+            finished = all(proc.poll() is not None for proc, _, _ in workers)
+            done = 0
+            for _, out, _ in workers:
+                with open(out) as f:
+                    done += sum(1 for _ in f)
+            bar.update(done - bar.n)
+            if finished:
+                return
+            time.sleep(0.5)
 
 
 def _worker(task_path: str, out_path: str) -> int:
@@ -226,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _worker(*args.worker)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs)
+    records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs, progress=True)
     if not records:
         print("no builds registered" + (f" matching --kernel {args.kernel!r}" if args.kernel else ""))
         return 0
