@@ -52,25 +52,31 @@ def _load_h(X, RES, H, x_off, res_off, h_off, cols, n_cols, HAS_RES: tl.constexp
 
 
 @triton.jit
-def _affine(xhat, W, B, cols, n_cols, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _load_vec(P, cols, n_cols, PRESENT: tl.constexpr):
+    """fp32 values of an optional per-column parameter (weight or bias) at ``cols``; a dummy 0 when absent."""
+    v = 0.0
+    if PRESENT:
+        v = tl.load(P + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _affine(xhat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """xhat * weight + bias, each optional."""
     y = xhat
     if HAS_W:
-        y = y * tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        y = y * w
     if HAS_B:
-        y = y + tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        y = y + b
     return y
 
 
 @triton.jit
-def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_cols, eps,
-              BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """One program per row: Y[row] (and H[row] with a residual), MEAN[row] (layer norm only), RSTD[row].
-
-    Y and H are contiguous (rows, n_cols); unused pointers (RES, H, W, B, MEAN) are ignored per the flags.
-    """
-    row = tl.program_id(0).to(tl.int64)
+def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, w, b,
+                  BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
+    """Normalise one row: Y[row] (and H[row]), MEAN[row] (layer norm only), RSTD[row]. One-block rows use the
+    weight and bias values ``w``, ``b`` when PARAMS_GIVEN, else load them; two-pass rows load them per chunk."""
     x_off = row * stride_x
     res_off = row * stride_res
     out_off = row * n_cols
@@ -82,7 +88,10 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_cols, eps,
             mean = tl.sum(h, 0) / n_cols
             h = tl.where(cols < n_cols, h - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
-        y = _affine(h * rstd, W, B, cols, n_cols, HAS_W, HAS_B)
+        if not PARAMS_GIVEN:
+            w = _load_vec(W, cols, n_cols, HAS_W)
+            b = _load_vec(B, cols, n_cols, HAS_B)
+        y = _affine(h * rstd, w, b, HAS_W, HAS_B)
         tl.store(Y + out_off + cols, cast_rne(y, Y.dtype.element_ty), mask=cols < n_cols)
     else:
         count = tl.zeros([], tl.float32)
@@ -108,12 +117,40 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_cols, eps,
         else:
             src = X + x_off
         for start in range(0, n_cols, BLOCK):
-            h = tl.load(src + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
-            y = _affine((h - mean) * rstd, W + start, B + start, cols, n_cols - start, HAS_W, HAS_B)
-            tl.store(Y + out_off + start + cols, cast_rne(y, Y.dtype.element_ty), mask=start + cols < n_cols)
+            mask = start + cols < n_cols
+            h = tl.load(src + start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = _affine((h - mean) * rstd, _load_vec(W + start, cols, n_cols - start, HAS_W),
+                        _load_vec(B + start, cols, n_cols - start, HAS_B), HAS_W, HAS_B)
+            tl.store(Y + out_off + start + cols, cast_rne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
     if not RMS:
         tl.store(MEAN + row, mean)
+
+
+@triton.jit
+def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_cols, rows_per_program, eps,
+              BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, MULTI_ROW: tl.constexpr):
+    """Layer/RMS norm forward. Y and H are contiguous (rows, n_cols); unused pointers (RES, H, W, B, MEAN) are
+    ignored per the flags.
+
+    MULTI_ROW (the launcher's choice for one-block rows up to MULTI_ROW_MAX_BLOCK): program p normalises rows
+    [p * rows_per_program, (p + 1) * rows_per_program), loading weight and bias once for all of them. Otherwise
+    program p normalises row p, with no row loop: out of a loop the compiler would hoist the weight and bias loads
+    and keep them live beside h, which spills at BLOCK=8192.
+    """
+    pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset 64-bit
+    if MULTI_ROW:
+        cols = tl.arange(0, BLOCK)
+        w = _load_vec(W, cols, n_cols, HAS_W)
+        b = _load_vec(B, cols, n_cols, HAS_B)
+        row_start = pid * rows_per_program
+        for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+            _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, w, b,
+                          BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, True)
+    else:
+        _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, pid, stride_x, stride_res, n_cols, eps, 0.0, 0.0,
+                      BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, False)
 
 
 @triton.jit
@@ -152,9 +189,7 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
     part_b = DB + pid * n_cols
     cols = tl.arange(0, BLOCK)
     if SINGLE:
-        w = 1.0
-        if HAS_W:
-            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        w = _load_vec(W, cols, n_cols, HAS_W)
         dw = tl.zeros([BLOCK], tl.float32)
         db = tl.zeros([BLOCK], tl.float32)
         for row in range(row_start, row_end):
@@ -183,9 +218,7 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
             c1 = tl.zeros([], tl.float32)
             c2 = tl.zeros([], tl.float32)
             for start in range(0, n_cols, BLOCK):
-                w = 1.0
-                if HAS_W:
-                    w = tl.load(W + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                w = _load_vec(W + start, cols, n_cols - start, HAS_W)
                 xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                            n_cols - start, mean, rstd, HAS_W)
                 c1 += tl.sum(xhat * wdy, 0)
@@ -193,9 +226,7 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
             c1 /= n_cols
             c2 /= n_cols
             for start in range(0, n_cols, BLOCK):
-                w = 1.0
-                if HAS_W:
-                    w = tl.load(W + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                w = _load_vec(W + start, cols, n_cols - start, HAS_W)
                 xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                            n_cols - start, mean, rstd, HAS_W)
                 dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh + start, cols, n_cols - start,
@@ -214,11 +245,27 @@ def _config(n_cols: int):
     return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
 
 
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    """How many backward programs (each with its own partial dweight/dbias row): two per SM on a GPU, enough to
-    fill it while keeping the partial buffers small; four under the interpreter, so tests split rows unevenly."""
-    target = 4 if INTERPRETED else 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_rows, target))
+def _multi_row(n_cols: int) -> bool:
+    """Whether forward programs take runs of rows sharing one load of weight and bias (one-block rows up to
+    MULTI_ROW_MAX_BLOCK) rather than one row each."""
+    block, single, _ = _config(n_cols)
+    return single and block <= MULTI_ROW_MAX_BLOCK
+
+
+def _row_split(n_rows: int, device: torch.device, per_sm: int):
+    """(programs, rows_per_program): each program takes a run of consecutive rows. On a GPU about ``per_sm``
+    programs per SM; under the interpreter four, so tests see several programs and an uneven last run."""
+    target = 4 if INTERPRETED else per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    rows_per_program = max(1, triton.cdiv(n_rows, max(1, min(n_rows, target))))
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program
+
+
+MULTI_ROW_MAX_BLOCK = 4096
+"""Widest one-block forward that keeps weight and bias in registers across several rows without spilling."""
+FORWARD_PROGRAMS_PER_SM = 8
+"""Enough resident programs to hide load latency, while weight and bias are read once per program."""
+BACKWARD_PROGRAMS_PER_SM = 2
+"""Fewer: each backward program owns an fp32 row of the dweight/dbias partial buffers."""
 
 
 class _NormFunction(torch.autograd.Function):
@@ -237,10 +284,14 @@ class _NormFunction(torch.autograd.Function):
         w = weight.reshape(-1).contiguous() if weight is not None else x2d
         b = bias.reshape(-1).contiguous() if bias is not None else x2d
         block, single, num_warps = _config(n_cols)
+        multi_row = _multi_row(n_cols)
+        programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row
+                                      else (n_rows, 1))
         if n_rows:
-            _norm_fwd[(n_rows,)](x2d, res2d, w, b, y2d, h2d, mean, rstd, x2d.stride(0), res2d.stride(0), n_cols,
-                                 eps, BLOCK=block, SINGLE=single, RMS=rms, HAS_RES=residual is not None,
-                                 HAS_W=weight is not None, HAS_B=bias is not None, num_warps=num_warps)
+            _norm_fwd[(programs,)](x2d, res2d, w, b, y2d, h2d, mean, rstd, x2d.stride(0), res2d.stride(0), n_rows,
+                                   n_cols, rows_per_program, eps, BLOCK=block, SINGLE=single, RMS=rms,
+                                   HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                                   MULTI_ROW=multi_row, num_warps=num_warps)
         ctx.save_for_backward(h2d, weight, mean, rstd)
         ctx.config = (x.shape, norm_shape, rms, residual is not None, bias.dtype if bias is not None else None)
         y = y2d.view(x.shape)
@@ -255,12 +306,12 @@ class _NormFunction(torch.autograd.Function):
         dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
         dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
         want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        programs = _backward_programs(n_rows, h2d.device)
-        rows_per_program = triton.cdiv(n_rows, programs)
-        programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
-        partial = torch.zeros((2, programs, n_cols), dtype=torch.float32, device=h2d.device)
-        w = weight.reshape(-1).contiguous() if weight is not None else h2d
+        programs, rows_per_program = _row_split(n_rows, h2d.device, BACKWARD_PROGRAMS_PER_SM)
         block, single, num_warps = _config(n_cols)
+        # one-block programs store their partial sums whole; two-pass ones add into theirs chunk by chunk
+        partial = (torch.empty if single else torch.zeros)((2, programs, n_cols), dtype=torch.float32,
+                                                           device=h2d.device)
+        w = weight.reshape(-1).contiguous() if weight is not None else h2d
         if n_rows:
             _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean, rstd, partial[0], partial[1], h2d.stride(0),
                                    dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program, BLOCK=block,
@@ -385,20 +436,22 @@ class RMSNorm(torch.nn.RMSNorm):
 
 @register_builds
 def _builds():
-    """Per dtype: layer and RMS norm at a small and the largest one-block row and on the two-pass path, forward
-    (plain and with residual, with all affine parameters) and backward (with every gradient)."""
+    """Per dtype: layer and RMS norm at a small one-block row, the widest sharing weight and bias across rows, the
+    widest one-block row and on the two-pass path; forward plain and with residual, with all affine parameters,
+    and backward with every gradient."""
     builds = []
     for ty in TRITON_DTYPES.values():
-        for n_cols in (1024, MAX_BLOCK, MAX_BLOCK + 1):
+        for n_cols in (1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1):
             block, single, num_warps = _config(n_cols)
             for rms in (False, True):
                 name = f"{ty} {'rms' if rms else 'layer'} BLOCK={block}{'' if single else ' two-pass'}"
                 common = {"BLOCK": block, "SINGLE": single, "RMS": rms}
                 for has_res in (False, True):
                     signature = {p: f"*{ty}" for p in ("X", "RES", "W", "B", "Y", "H")}
-                    signature.update(MEAN="*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32", n_cols="i32",
-                                     eps="fp32")
-                    flags = dict(common, HAS_RES=has_res, HAS_W=True, HAS_B=not rms)
+                    signature.update(MEAN="*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32", n_rows="i32",
+                                     n_cols="i32", rows_per_program="i32", eps="fp32")
+                    flags = dict(common, HAS_RES=has_res, HAS_W=True, HAS_B=not rms,
+                                 MULTI_ROW=_multi_row(n_cols))
                     signature.update(dict.fromkeys(flags, "constexpr"))
                     builds.append(Build("_norm_fwd", _norm_fwd, signature, flags, num_warps, 1,
                                         name + " residual" * has_res))
