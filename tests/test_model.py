@@ -1,13 +1,14 @@
 """The GPT model: the triton backend computes what the reference backend computes (logits, loss, every gradient),
 the KV cache changes nothing, and weights move between backends."""
 import copy
+import math
 
 import pytest
 import torch
 
 import kernels
 from kernels import reference
-from tolerance import BACKWARD, assert_close
+from tolerance import BACKWARD, FORWARD, SLACK, assert_close, max_error
 from transformer import GPT, GPTConfig
 
 
@@ -42,7 +43,12 @@ def test_triton_backend_matches_reference_logits_loss_and_every_gradient(device,
     torch_same = forward_backward(with_backend(model, "reference", dtype), idx, targets)
     fused = forward_backward(with_backend(model, "triton", dtype), idx, targets)
     assert_close(fused[0], exact[0], torch_same[0], name="logits")
-    assert_close(fused[1], exact[1], torch_same[1], name="loss")
+    # The loss is a single number rounded to dtype, so the reference path's error on it is one draw that may
+    # happen to be ~0: the bound is at least one unit in the last place of dtype at the loss's magnitude.
+    ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(exact[1].item()))
+    loss_error, loss_noise = max_error(fused[1], exact[1]), max_error(torch_same[1], exact[1])
+    bound = FORWARD * max(loss_noise, ulp) + SLACK * max(1.0, exact[1].item())
+    assert loss_error <= bound, f"loss: error {loss_error:.3g}, torch's {loss_noise:.3g}"
     assert exact[2].keys() == fused[2].keys() and len(fused[2]) == len(list(model.parameters()))
     for name, grad in fused[2].items():
         assert_close(grad, exact[2][name], torch_same[2][name], factor=BACKWARD, name=f"grad of {name}")
