@@ -155,15 +155,12 @@ def test_only_the_requested_gradients_and_empty_batches():
     assert out.shape == (0, 12) and empty.grad.shape == (0, 12)
 
 
-@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
-def test_layernorm_module_is_a_drop_in(affine, bias):
-    ours = kernels.LayerNorm((4, 6), eps=1e-4, elementwise_affine=affine, bias=bias, dtype=torch.float32)
-    theirs = torch.nn.LayerNorm((4, 6), eps=1e-4, elementwise_affine=affine, bias=bias)
+def check_drop_in(ours, theirs, x):
+    """Same state_dict keys; weights load both ways and give torch's output; forward(x, residual) fuses the add."""
     for p in theirs.parameters():
         torch.nn.init.normal_(p)
     ours.load_state_dict(theirs.state_dict())
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    x = torch.randn(3, 4, 6)
     torch.testing.assert_close(ours(x), theirs(x))
     for p in ours.parameters():
         torch.nn.init.normal_(p)
@@ -174,22 +171,18 @@ def test_layernorm_module_is_a_drop_in(affine, bias):
     torch.testing.assert_close(h, x + 1)
 
 
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layernorm_module_is_a_drop_in(affine, bias):
+    ours = kernels.LayerNorm((4, 6), eps=1e-4, elementwise_affine=affine, bias=bias, dtype=torch.float32)
+    theirs = torch.nn.LayerNorm((4, 6), eps=1e-4, elementwise_affine=affine, bias=bias)
+    check_drop_in(ours, theirs, torch.randn(3, 4, 6))
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_rmsnorm_module_is_a_drop_in(affine):
     ours = kernels.RMSNorm(10, eps=None, elementwise_affine=affine)
     theirs = torch.nn.RMSNorm(10, elementwise_affine=affine)
-    for p in theirs.parameters():
-        torch.nn.init.normal_(p)
-    ours.load_state_dict(theirs.state_dict())
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    x = torch.randn(2, 5, 10)
-    torch.testing.assert_close(ours(x), theirs(x))
-    for p in ours.parameters():
-        torch.nn.init.normal_(p)
-    theirs.load_state_dict(ours.state_dict())
-    torch.testing.assert_close(ours(x), theirs(x))
-    y, h = ours(x, x)
-    torch.testing.assert_close(y, theirs(2 * x))
+    check_drop_in(ours, theirs, torch.randn(2, 5, 10))
 
 
 def test_bad_input_raises_before_launch(monkeypatch):
