@@ -7,8 +7,8 @@ estimate, tensor-core MMA and other notable SASS instruction counts (``v_mfma`` 
 on AMD), and the compile time. It says nothing about speed: no kernel runs.
 
 The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@triton.jit`` must build real
-``JITFunction``s, which a process running the interpreter cannot), each with a fresh Triton cache so every
-figure comes from a real compile. So the report also works from inside an interpreted test run.
+``JITFunction``s, which a process running the interpreter cannot), each with its own throw-away Triton cache. So
+the report also works from inside an interpreted test run, and leaves the user's cache alone.
 
 Default configuration of a kernel: the first build its module registers for each (kernel, family, dtype, head
 dim), the family being one of :data:`FAMILIES` (so a norm kernel with an RMS switch has a default for each).
@@ -54,7 +54,7 @@ def load_builds(provider: str) -> list:
 
 
 def describe(build) -> Dict[str, object]:
-    """Kernel, label, dtype (of its first pointer argument), head dim (None if it has none) and launch options."""
+    """Kernel, family, label, dtype (of its first pointer argument), head dim (None if none) and launch options."""
     dtype = next((kind[1:] for kind in build.signature.values() if kind.startswith("*")), None)
     head_dim = next((int(v) for k, v in build.constexprs.items() if HEAD_DIM_NAMES.match(k)), None)
     if head_dim is None:

@@ -10,6 +10,7 @@ by the pytest-xdist workers through a file lock.
 """
 import inspect
 import json
+import os
 import re
 
 import pytest
@@ -60,12 +61,20 @@ def tiny_builds():
               num_warps=4, num_stages=1, label="fp16 BLOCK=1024", divisible_by_16=("X", "Y")),
         Build("matmul", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 64}, num_warps=4, num_stages=3,
               label="fp16 64x64x64", divisible_by_16=("A", "B", "C")),
+        Build("matmul_m32", _matmul, _MATMUL_SIG, {"M": 32, "N": 64, "K": 64}, num_warps=4, num_stages=3,
+              label="fp16 32x64x64", divisible_by_16=("A", "B", "C")),
         Build("register_hog", _register_hog, _HOG_SIG, {"M": 64, "N": 128}, num_warps=1, num_stages=1,
               label="fp32 64x128"),
         # K=3 is not a power of two: tl.arange refuses it, so this build must come back as an error record.
         Build("broken", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 3}, num_warps=4, num_stages=1,
               label="fp16 K=3"),
     ]
+
+
+def shifting_builds():
+    """A provider whose list differs in the child process (interpreter off): its worker must refuse to go on."""
+    builds = tiny_builds()
+    return builds[1:] if os.environ.get("TRITON_INTERPRET") == "0" else builds
 
 
 TINY = "tests.test_static_build:tiny_builds"  # the child process imports it from the repository root
@@ -204,9 +213,11 @@ def test_copy_compiles_without_spills_or_tensor_cores(tiny):
 
 
 def test_fp16_dot_uses_each_architectures_tensor_cores(tiny):
-    # 64x64x64 fp16 with 4 warps (one warpgroup) is the smallest tile Triton lowers to wgmma on sm_90.
     assert set(tiny["matmul", "sm_80"]["mma_ops"]) == {"HMMA"}
+    # sm_90 gets wgmma (HGMMA) when num_warps is a multiple of 4 (whole warpgroups) and the M tile is at least 64
+    # (N 16 and K 16 suffice, triton 3.8); a 32-row tile falls back to Ampere's mma.sync (HMMA), as do 2 warps.
     assert set(tiny["matmul", "sm_90"]["mma_ops"]) == {"HGMMA"}
+    assert set(tiny["matmul_m32", "sm_90"]["mma_ops"]) == {"HMMA"}
     assert {op for op in tiny["matmul", "sm_100"]["mma_ops"] if not re.fullmatch(r"UTC\w*MMA", op)} == set()
     assert tiny["matmul", "sm_100"]["mma"] > 0
     amd = tiny["matmul", "gfx942"]
@@ -225,6 +236,12 @@ def test_spills_are_detected(tiny):
 def test_a_build_that_does_not_compile_is_reported_not_fatal(tiny):
     for arch in TINY_ARCHS:
         assert "arange" in tiny["broken", arch]["error"]
+
+
+def test_a_worker_that_stops_leaves_error_records():
+    records = static.run_report(archs=("sm_80",), provider="tests.test_static_build:shifting_builds", kernel="copy")
+    assert len(records) == 1
+    assert "exited with status 1" in records[0]["error"] and "registry changed order" in records[0]["error"]
 
 
 def test_command_writes_table_and_records(tmp_path, capsys):
