@@ -14,8 +14,6 @@ from benchmarks.providers import OPS
 from benchmarks.table import format_fits, format_table
 
 COMMANDS = ("suite", "scaling", "static")
-DIMS = {"cpu": {"batch": 1, "heads": 2, "head_dim": 64, "dtype": "float32"},
-        "cuda": {"batch": 4, "heads": 16, "head_dim": 64, "dtype": "float16"}}
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -40,6 +38,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
                         help="default float32 on CPU, float16 on a GPU")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
                         help="memory a point may use (e.g. 2GB); beyond it the point is recorded as 'oom'")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
+                             "machine makes multi-threaded timings of small ops erratic)")
     parser.add_argument("--providers", nargs="+", help="only these provider names (e.g. baseline triton)")
     if command == "suite":
         parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="only these ops")
@@ -51,7 +52,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
 
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
-    dims = {key: getattr(args, key) or default for key, default in DIMS[device.kind].items()}
+    dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items()}
     if command == "suite":
         groups = suite.cases(device.kind, args.quick, args.max_len or sys.maxsize, dims, args.ops)
     else:
@@ -59,8 +60,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         groups = scaling.cases(max_len, dims)
     total = sum(len(cases) * len(runner.providers_for(op, args.providers)) for op, cases in groups.items())
     with tqdm(total=total, desc=command, unit="point", file=sys.stderr) as bar:
-        recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0, quick=args.quick,
-                          providers=args.providers, progress=bar)
+        recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
+                          threads=args.threads, providers=args.providers, progress=bar)
     analysis.add_ratios(recs)
     fits = analysis.fit_slopes(recs)
     print(format_table(recs))

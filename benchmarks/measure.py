@@ -57,12 +57,11 @@ def time_gpu(step: Callable, leaves: List[torch.Tensor]) -> Timing:
     return Timing(median, p20, p80, 0, "do_bench")  # do_bench picks its repeat count from a time budget
 
 
-def time_cpu(step: Callable, interpreted: bool, budget_s: float, min_repeats: int = 2,
-             max_repeats: int = 20) -> Timing:
-    """Wall-clock of ``step`` repeated until ``budget_s`` is spent (``min_repeats`` to ``max_repeats`` times).
-    The caller runs it once before (to warm caches and lazy initialisation)."""
+def time_cpu(step: Callable, interpreted: bool, budget_s: float, max_repeats: int = 20) -> Timing:
+    """Wall-clock of ``step`` repeated until ``budget_s`` is spent (once for a call slower than that, at most
+    ``max_repeats`` times). The caller runs it once before (to warm caches and lazy initialisation)."""
     times = []
-    while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget_s):
+    while not times or (len(times) < max_repeats and sum(times) < budget_s):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

@@ -44,8 +44,9 @@ def _measure_one(step) -> dict:
     return {"status": "ok", "peak_bytes": peak, "extra_bytes": peak - output_bytes, "method": CPU_METHOD}
 
 
-def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int]):
+def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int], threads: int):
     """Yield one result per case (run in the worker process)."""
+    torch.set_num_threads(threads)
     fn = provider(op, name).resolve()
     cpu = torch.device("cpu")
     for case in {Case(**{**c, "length": 16}) for c in cases}:  # warm-up: lazy initialisation, code caches
@@ -62,11 +63,13 @@ def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int]):
         gc.collect()
 
 
-def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] = None) -> List[dict]:
+def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] = None,
+                threads: int = 1) -> List[dict]:
     """Peak memory of provider ``(op, name)`` at each case, measured in a fresh worker process."""
     if not os.path.exists("/proc/self/clear_refs"):
         return [{"status": "unavailable", "reason": "CPU memory needs Linux /proc"} for _ in cases]
-    request = {"op": op, "name": name, "cases": [c.as_record() for c in cases], "mem_limit": mem_limit}
+    request = {"op": op, "name": name, "cases": [c.as_record() for c in cases], "mem_limit": mem_limit,
+               "threads": threads}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the worker imports this package
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -96,7 +99,8 @@ def measure_gpu(step) -> dict:
 def _main() -> int:
     request = json.loads(sys.stdin.read())
     try:
-        for result in _worker(request["op"], request["name"], request["cases"], request["mem_limit"]):
+        for result in _worker(request["op"], request["name"], request["cases"], request["mem_limit"],
+                              request["threads"]):
             print(json.dumps(result), flush=True)
     except Unavailable as error:
         print(f"unavailable: {error}", file=sys.stderr)

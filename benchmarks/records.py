@@ -15,7 +15,9 @@ CONVENTIONS = {
     "gbps": "softmax/norms, GPU only: minimum bytes (inputs read once, outputs written once) / median time.",
     "memory": "peak_bytes: growth above the inputs during one step; extra_bytes: peak minus the outputs.",
     "counted": "bytes read/written by every executed Triton load/store (masked lanes excluded) and aten op; "
-               "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes.",
+               "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes. Triton "
+               "counts are for the tiles the interpreter runs, which can be smaller than a GPU's autotuned ones "
+               "(re-reads of K/V grow as N^2 / BLOCK_M, so smaller tiles count more traffic).",
     "model": "roofline model, not a measurement: max(counted flops / peak FLOP/s, counted bytes / HBM bandwidth).",
 }
 

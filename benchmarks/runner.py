@@ -37,73 +37,84 @@ def _throughput(record: dict, case: Case, device: DeviceInfo) -> None:
         record["pct_of_peak"] = device.peak and 100 * record["min_bytes"] / seconds / device.peak["bandwidth"]
 
 
+def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, record: dict,
+             time_budget_s: float) -> None:
+    """Fill ``record`` with min bytes, counts (when countable), GPU memory and time; exceptions propagate."""
+    inputs = make_inputs(case, device.torch_device)
+    step = make_step(fn, inputs)
+    countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
+    with (counting() if countable else contextlib.nullcontext()) as counts:
+        outputs = step()  # also the warm-up run
+    extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
+    record["min_bytes"] = sum(touched_bytes(t) for t in inputs.tensors + extra_inputs + outputs)
+    del outputs
+    if counts is not None:
+        record["counted"] = {**counts.as_record(), "vs_min": counts.bytes / record["min_bytes"]}
+        record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
+                           for name in MODELLED}
+    if device.kind == "cuda":
+        record["memory"] = memory.measure_gpu(step)
+        record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
+        _throughput(record, case, device)
+    else:
+        record["time"] = time_cpu(step, prov.triton, time_budget_s).as_record()
+
+
 def measure_point(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, mem: Optional[dict],
-                  time_budget_s: float, quick: bool = False) -> dict:
-    """One record. ``mem`` is the CPU worker's memory result (None on GPU, where memory is measured here).
-    On CPU, ``quick`` times a slow call once instead of at least twice."""
+                  time_budget_s: float) -> dict:
+    """One record. ``mem`` is the CPU worker's memory result (None on GPU, where memory is measured here)."""
     record = _base_record(case, prov, device)
     record["memory"] = mem
     if mem is not None and mem["status"] == "oom":
         record.update(status="oom", reason=mem.get("reason"))
         return record
-    inputs = make_inputs(case, device.torch_device)
-    step = make_step(fn, inputs)
-    countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
     try:
-        with (counting() if countable else contextlib.nullcontext()) as counts:
-            outputs = step()  # also the warm-up run
-        extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
-        record["min_bytes"] = sum(touched_bytes(t) for t in inputs.tensors + extra_inputs + outputs)
-        del outputs
-        if device.kind == "cuda":
-            record["memory"] = memory.measure_gpu(step)
-            record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
-            _throughput(record, case, device)
-        else:
-            record["time"] = time_cpu(step, prov.triton, time_budget_s, min_repeats=1 if quick else 2).as_record()
+        _measure(case, prov, fn, device, record, time_budget_s)
     except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
         record.update(status="oom" if is_oom(error) else "error", reason=f"{type(error).__name__}: {error}"[:300])
-        if device.kind == "cuda":
-            torch.cuda.empty_cache()
-        return record
-    if counts is not None:
-        record["counted"] = counts.as_record()
-        record["counted"]["vs_min"] = counts.bytes / record["min_bytes"]
-        record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
-                           for name in MODELLED}
+    if record["status"] != "ok" and device.kind == "cuda":
+        torch.cuda.empty_cache()  # after the handler: the traceback no longer holds the failed step's tensors
     return record
 
 
-def _advance(progress) -> None:
-    if progress is not None:
-        progress.update(1)
+def _measure_provider(prov: Provider, cases: List[Case], device: DeviceInfo, mem_limit: Optional[int],
+                      time_budget_s: float, threads: int, progress) -> List[dict]:
+    try:
+        fn = prov.resolve()
+    except Unavailable as error:
+        if progress is not None:
+            progress.update(len(cases))
+        return [{**_base_record(case, prov, device), "status": "unavailable", "reason": str(error)}
+                for case in cases]
+    if device.kind == "cpu":
+        mems = memory.measure_cpu(prov.op, prov.name, cases, mem_limit, threads)
+    else:
+        mems = [None] * len(cases)
+    out = []
+    for case, mem in zip(cases, mems):
+        if progress is not None:
+            progress.set_postfix_str(f"{case.op} {case.mode} {prov.name} N={case.length}")
+        out.append(measure_point(case, prov, fn, device, mem, time_budget_s))
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optional[int] = None,
-        time_budget_s: float = 1.0, quick: bool = False, providers: Optional[List[str]] = None, progress=None) -> List[dict]:
-    """Measure each op's cases with each of its providers. ``groups`` maps op -> cases (any modes/lengths);
-    ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per point."""
+        time_budget_s: float = 1.0, threads: int = 1, providers: Optional[List[str]] = None,
+        progress=None) -> List[dict]:
+    """Measure each op's cases with each of its providers. ``groups`` maps op -> cases (any modes/lengths).
+    ``threads``: torch's CPU threads while measuring, here and in the memory workers (restored afterwards).
+    ``progress`` (e.g. a tqdm bar) gets ``update`` per point."""
     if mem_limit is not None and device.kind == "cuda":  # a real CUDA OOM beyond the limit
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, mem_limit / total))
-    records = []
-    for op, cases in groups.items():
-        for prov in providers_for(op, providers):
-            try:
-                fn = prov.resolve()
-            except Unavailable as error:
-                for case in cases:
-                    records.append({**_base_record(case, prov, device), "status": "unavailable",
-                                    "reason": str(error)})
-                    _advance(progress)
-                continue
-            if device.kind == "cpu":
-                mems = memory.measure_cpu(op, prov.name, cases, mem_limit)
-            else:
-                mems = [None] * len(cases)
-            for case, mem in zip(cases, mems):
-                if progress is not None:
-                    progress.set_postfix_str(f"{op} {case.mode} {prov.name} N={case.length}")
-                records.append(measure_point(case, prov, fn, device, mem, time_budget_s, quick))
-                _advance(progress)
-    return records
+    previous_threads = torch.get_num_threads()
+    if device.kind == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return [record for op, cases in groups.items() for prov in providers_for(op, providers)
+                for record in _measure_provider(prov, cases, device, mem_limit, time_budget_s, threads,
+                                                progress)]
+    finally:
+        torch.set_num_threads(previous_threads)

@@ -9,12 +9,16 @@ from benchmarks.providers import MODES, OPS, Case
 
 # (attention lengths, softmax/norm row lengths), per device kind and --quick
 LENGTHS = {
-    ("cpu", True): ([64, 128], [256, 512]),
-    ("cpu", False): ([128, 256, 512], [256, 512, 1024, 2048]),
+    ("cpu", True): ([64, 128], [256, 1024]),
+    ("cpu", False): ([64, 128, 256], [256, 1024, 4096]),
     ("cuda", True): ([1024, 2048], [1024, 4096]),
     ("cuda", False): ([1024, 2048, 4096, 8192], [1024, 2048, 4096, 8192]),
 }
-ROWS = {"cpu": 256, "cuda": 4096}
+# Interpreted softmax/norm kernels cost a few ms per program (one per row): few rows on CPU.
+ROWS = {("cpu", True): 32, ("cpu", False): 64, ("cuda", True): 4096, ("cuda", False): 4096}
+DIMS = {"cpu": {"batch": 1, "heads": 2, "head_dim": 64, "dtype": "float32"},
+        "cuda": {"batch": 4, "heads": 16, "head_dim": 64, "dtype": "float16"}}
+"""Default attention sizes and dtype per device kind (the command-line options override them)."""
 
 
 def cases(kind: str, quick: bool, max_len: int, dims: dict, ops=OPS) -> Dict[str, List[Case]]:
@@ -23,6 +27,6 @@ def cases(kind: str, quick: bool, max_len: int, dims: dict, ops=OPS) -> Dict[str
     groups = {}
     for op in ops:
         lengths = attention_lengths if op == "attention" else row_lengths
-        groups[op] = [Case(op, mode, n, rows=ROWS[kind], causal=True, **dims)
+        groups[op] = [Case(op, mode, n, rows=ROWS[(kind, quick)], causal=True, **dims)
                       for mode in MODES for n in lengths if n <= max_len]
     return groups

@@ -36,7 +36,7 @@ def _row(r: dict) -> List[str]:
              _num(counted and counted / MB), _num(r["counted"] and r["counted"]["vs_min"], "{:.1f}"),
              _num(ratios.get("counted_bytes"), "{:.2f}")]
     cells += [_num(model_ms(r, gpu), "{:.3g}") for gpu in MODELLED]
-    status = r["status"] if r["status"] != "unavailable" else f"unavailable: {r['reason']}"[:60]
+    status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:70]
     return cells + [status]
 
 

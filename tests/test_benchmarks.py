@@ -190,7 +190,7 @@ def test_memory_limit_gives_oom_and_the_worker_goes_on():
     big, small = Case("attention", "fwd", 1024), Case("attention", "fwd", 64)
     results = measure_cpu("attention", "baseline", [big, small], mem_limit=4_000_000)  # scores alone are 8 MB
     assert results[0]["status"] == "oom"
-    assert results[1]["status"] == "ok" and 0 < results[1]["peak_bytes"] < 4_000_000
+    assert results[1]["status"] == "ok" and 0 <= results[1]["peak_bytes"] < 4_000_000  # small: may reuse freed pages
     record = runner.measure_point(big, Provider("baseline", "attention", None, baseline=True), None, detect(),
                                   results[0], 0.01)
     assert record["status"] == "oom"
