@@ -132,6 +132,25 @@ def test_weight_in_another_dtype_than_x():
     torch.testing.assert_close(b.grad, torch.full((40,), 6.0))
 
 
+def test_strided_inputs_and_gradients():
+    """Row-strided views are read in place, column-strided ones copied; a non-contiguous dy works too."""
+    base = torch.randn(7, 40, requires_grad=True)
+    x = base[:, 3:33]  # rows 40 apart: read in place
+    xt = torch.randn(30, 7, requires_grad=True)  # .t(): columns 7 apart, copied
+    w = torch.randn(60, requires_grad=True)[::2]
+    y, h = kernels.add_layer_norm(x, xt.t(), 30, w)
+    dy = torch.randn(30, 7).t()
+    y.backward(dy)
+    expected_h = x + xt.t()
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(y, F.layer_norm(expected_h, (30,), w))
+    grads = [t.grad.clone() for t in (base, xt)]
+    base.grad = xt.grad = None
+    F.layer_norm(x + xt.t(), (30,), w).backward(dy)
+    for got, t in zip(grads, (base, xt)):
+        torch.testing.assert_close(got, t.grad)
+
+
 def test_residual_gradients_reach_both_inputs():
     x = torch.randn(3, 24, requires_grad=True)
     r = torch.randn(3, 24, requires_grad=True)
