@@ -185,6 +185,7 @@ def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
+    """One program per row of ``out2d`` (rows, n), reading the (rows, n) unit-column-stride ``ins2d``."""
     block, single, num_warps = _config(out2d.shape[1])
     strides = [t.stride(0) for t in (*ins2d, out2d)]
     kernel[(out2d.shape[0],)](*ins2d, out2d, *strides, out2d.shape[1], n_q, scale,
@@ -192,6 +193,8 @@ def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
 
 
 class _SoftmaxFunction(torch.autograd.Function):
+    """(x, dim >= 0, scale, causal, log) -> y; saves y (rows, n) for the backward, which needs nothing else."""
+
     @staticmethod
     def forward(ctx, x, dim, scale, causal, log):
         moved_shape = x.movedim(dim, -1).shape
