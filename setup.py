@@ -13,8 +13,8 @@ setup(
     package_data={"transformer": ["data/*.txt"]},
     install_requires=["torch>=2.4", "triton>=3.2,<4", "numpy>=1.24"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "transformers>=4.51"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "transformers>=4.56"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"],
-        "hf": ["transformers>=4.51"],
+        "hf": ["transformers>=4.56"],
     },
 )
