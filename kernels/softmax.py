@@ -192,28 +192,53 @@ def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
                               BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
 
 
-class _SoftmaxFunction(torch.autograd.Function):
-    """(x, dim >= 0, scale, causal, log) -> y; saves y (rows, n) for the backward, which needs nothing else."""
+def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """An uninitialised tensor of x's shape and dtype laid out with ``dim`` last in memory (rows unit-strided)."""
+    return torch.empty(x.movedim(dim, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
 
-    @staticmethod
-    def forward(ctx, x, dim, scale, causal, log):
-        moved_shape = x.movedim(dim, -1).shape
-        y2d = torch.empty(moved_shape, dtype=x.dtype, device=x.device).view(-1, moved_shape[-1])
-        n_q = x.shape[-2] if causal else 1
-        if y2d.numel():
-            _launch(_softmax_fwd, y2d, (_rows(x, dim),), n_q, scale, causal, log)
-        ctx.save_for_backward(y2d)
-        ctx.config = (dim, moved_shape, n_q, scale, causal, log)
-        return y2d.view(moved_shape).movedim(-1, dim)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (y2d,) = ctx.saved_tensors
-        dim, moved_shape, n_q, scale, causal, log = ctx.config
-        dx2d = torch.empty_like(y2d)
-        if y2d.numel():
-            _launch(_softmax_bwd, dx2d, (y2d, _rows(dy, dim)), n_q, scale, causal, log)
-        return dx2d.view(moved_shape).movedim(-1, dim), None, None, None, None
+# torch.library custom ops (not a bare autograd.Function) so that torch.compile treats each launch as one opaque op,
+# also on CPU, where it cannot trace into an interpreted kernel.
+@torch.library.custom_op("kernels::softmax_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
+    """y = (log-)softmax(x * scale) along ``dim`` (>= 0), laid out with ``dim`` last in memory."""
+    y = _empty_like_moved(x, dim)
+    if y.numel():
+        _launch(_softmax_fwd, _rows(y, dim), (_rows(x, dim),), x.shape[-2] if causal else 1, scale, causal, log)
+    return y
+
+
+@_forward_op.register_fake
+def _(x, dim, scale, causal, log):
+    return _empty_like_moved(x, dim)
+
+
+@torch.library.custom_op("kernels::softmax_backward", mutates_args=())
+def _backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
+    """dx from the forward's output y and its gradient dy."""
+    dx = _empty_like_moved(y, dim)
+    if dx.numel():
+        _launch(_softmax_bwd, _rows(dx, dim), (_rows(y, dim), _rows(dy, dim)), y.shape[-2] if causal else 1, scale,
+                causal, log)
+    return dx
+
+
+@_backward_op.register_fake
+def _(y, dy, dim, scale, causal, log):
+    return _empty_like_moved(y, dim)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.config = inputs[1:]
+    ctx.save_for_backward(output)  # the backward needs y only
+
+
+def _autograd_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _backward_op(y, dy, *ctx.config), None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check(x, dim, scale, causal) -> int:
@@ -237,7 +262,7 @@ def _check(x, dim, scale, causal) -> int:
 def _apply(x, dim, scale, causal, log):
     if x.dim() == 0:  # torch treats a scalar as a one-element row
         return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
-    return _SoftmaxFunction.apply(x, dim, float(scale), causal, log)
+    return _forward_op(x, dim, float(scale), causal, log)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False) -> torch.Tensor:

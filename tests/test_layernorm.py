@@ -205,7 +205,7 @@ def test_rmsnorm_module_is_a_drop_in(affine):
 
 
 def test_bad_input_raises_before_launch(monkeypatch):
-    monkeypatch.setattr(norm_module, "_NormFunction", None)  # any launch attempt fails differently
+    monkeypatch.setattr(norm_module, "_forward_op", None)  # any launch attempt fails differently
     x = torch.randn(3, 8)
     cases = [
         (TypeError, "x must be a torch.Tensor", lambda: kernels.layer_norm(x.tolist(), 8)),
@@ -237,9 +237,31 @@ def test_kernel_path_is_taken(monkeypatch):
 
 def test_fallback_when_the_kernels_cannot_run(monkeypatch):
     monkeypatch.setattr(norm_module, "kernel_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(norm_module, "_NormFunction", None)
+    monkeypatch.setattr(norm_module, "_forward_op", None)
     x, r, w, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)
     torch.testing.assert_close(kernels.layer_norm(x, 8, w, b), F.layer_norm(x, (8,), w, b))
     y, h = kernels.add_rms_norm(x, r, 8, w)
     torch.testing.assert_close(y, F.rms_norm(x + r, (8,), w))
     assert kernels.layer_norm(x.bfloat16(), 8, w).dtype == torch.bfloat16
+
+
+def test_custom_ops_pass_opcheck_and_compile_in_one_graph():
+    x, r = torch.randn(3, 4, 10, requires_grad=True), torch.randn(3, 4, 10, requires_grad=True)
+    w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+    for args in [(x, r, w, b, 10, 1e-5, False), (x, None, w, None, 10, 1e-6, True), (x, None, None, b, 10, 0.0, False)]:
+        torch.library.opcheck(norm_module._forward_op, args)
+
+    def step(a, c):
+        y, h = kernels.add_layer_norm(a, c, 10, w, b)
+        return (kernels.rms_norm(h, 10, w) * y).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        out = fn(x, r)
+        out.backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (x, r, w, b)])
+        for t in (x, r, w, b):
+            t.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)

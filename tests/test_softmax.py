@@ -182,3 +182,24 @@ def test_fallback_when_the_kernels_cannot_run(monkeypatch):
     x = torch.randn(5, 7)
     torch.testing.assert_close(kernels.softmax(x, scale=2.0, causal=True), reference.softmax(x, -1, 2.0, True))
     torch.testing.assert_close(kernels.log_softmax(x, 0), torch.log_softmax(x, 0))
+
+
+def test_custom_ops_pass_opcheck_and_compile_in_one_graph():
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    for args in [(x, 1, 0.5, False, False), (x, 2, 2.0, True, False), (x, 0, 1.0, False, True)]:
+        torch.library.opcheck(softmax_module._forward_op, args)
+    y = kernels.softmax(x.detach(), causal=True)
+    torch.library.opcheck(softmax_module._backward_op, (y, torch.randn_like(y), 2, 0.5, True, False))
+
+    def step(t):
+        return (kernels.softmax(t, 1, scale=0.5) * 2).sum() + (kernels.log_softmax(t) ** 2).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        out = fn(x)
+        out.backward()
+        results.append((out.detach(), x.grad))
+        x.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
