@@ -49,8 +49,9 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     (t_ax, m_ax, b_ax), (s_ax, r_ax, x_ax) = axes
     method = "interpreter / CPU wall-clock: not GPU speed" if device.interpreted else "do_bench median"
+    speedup = "speedup vs baseline (x; solid: measured here" + ("; dotted: H100 model)" if device.interpreted else ")")
     titles = [(t_ax, f"time (ms, {method})"), (m_ax, "peak memory beyond inputs (bytes)"),
-              (b_ax, "bytes moved, counted"), (s_ax, "speedup vs baseline (x, higher is better)"),
+              (b_ax, "bytes moved, counted"), (s_ax, speedup),
               (r_ax, "baseline memory / provider memory (x)")]
     for index, (name, prov_rows) in enumerate(by_provider.items()):
         color = f"C{index}"  # one colour per provider in every panel

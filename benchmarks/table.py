@@ -1,4 +1,9 @@
-"""The terminal table: one line per point, the numbers a person compares, and the fitted exponents."""
+"""The terminal table: one line per point, the numbers a person compares, and the fitted exponents.
+
+Columns: median time (``(interp)``: Triton's interpreter on CPU), TFLOPS or GB/s (GPU only), peak memory beyond
+the inputs and its part beyond the outputs ("extra"), peak memory over the baseline's, counted bytes moved, their
+ratio to the minimum and to the baseline's, and the roofline model time on each modelled GPU.
+"""
 from typing import List, Optional
 
 from benchmarks.analysis import counted_bytes, model_ms, peak_bytes, time_ms
@@ -31,8 +36,9 @@ def _row(r: dict) -> List[str]:
     ratios = r.get("vs_baseline") or {}
     peak = peak_bytes(r)
     counted = counted_bytes(r)
+    extra = r["memory"]["extra_bytes"] if peak is not None else None
     cells = [r["op"], r["mode"], str(r["length"]), r["provider"], _time(r), _throughput(r),
-             _num(peak and peak / MB), _num(ratios.get("peak_memory"), "{:.2f}"),
+             _num(peak and peak / MB), _num(extra and extra / MB), _num(ratios.get("peak_memory"), "{:.2f}"),
              _num(counted and counted / MB), _num(r["counted"] and r["counted"]["vs_min"], "{:.1f}"),
              _num(ratios.get("counted_bytes"), "{:.2f}")]
     cells += [_num(model_ms(r, gpu), "{:.3g}") for gpu in MODELLED]
@@ -41,8 +47,8 @@ def _row(r: dict) -> List[str]:
 
 
 def format_table(records: List[dict]) -> str:
-    header = ["op", "mode", "N", "provider", "time ms", "throughput", "peak MB", "mem/base", "moved MB",
-              "/min", "moved/base"] + [f"{gpu} ms (model)" for gpu in MODELLED] + ["status"]
+    header = ["op", "mode", "N", "provider", "time ms", "throughput", "peak MB", "extra MB", "mem/base", "moved MB",
+              "/min", "moved/base"] + [f"{gpu.split('-')[0]} model ms" for gpu in MODELLED] + ["status"]
     rows = [header] + [_row(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]

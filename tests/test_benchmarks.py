@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from benchmarks import analysis, records, runner
+from benchmarks import analysis, records, runner, scaling
 from benchmarks.__main__ import main, parse_size
 from benchmarks.counting import counting, touched_bytes
 from benchmarks.device import detect
@@ -115,6 +115,11 @@ def test_slope_fit_recovers_known_exponents():
     assert analysis.loglog_slope(lengths, [1e9 if n == 128 else 5.0 * n for n in lengths]) == pytest.approx(1.0)
     assert analysis.loglog_slope(lengths, [None, 0, 4.0, None, 64.0]) == pytest.approx(2.0)
     assert analysis.loglog_slope([128], [1.0]) is None
+
+
+def test_scaling_lengths_double_from_128_up_to_the_cap():
+    assert scaling.lengths(1000) == [128, 256, 512]
+    assert scaling.lengths(128) == [128] and scaling.lengths(100) == []
 
 
 def _fake(provider, length, ms, peak, nbytes, baseline=False):
