@@ -6,8 +6,10 @@ Over the trailing ``normalized_shape`` dims (flattened to a row of n elements), 
 where h = x, or h = x + residual rounded to x's dtype (returned as the new residual stream). mean and rstd are
 kept in fp32 for the backward.
 
-Forward, one program per row:
-- a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written once;
+Forward:
+- a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written
+  once. Up to ``MULTI_ROW_MAX_BLOCK`` a program takes a run of rows and reads weight and bias once for all of them;
+  wider rows get one program each.
 - a longer row takes two passes over ``LONG_BLOCK``-wide chunks: pass 1 merges per-chunk mean and sum of squared
   deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
   h (x without a residual) and writes y.
@@ -15,8 +17,11 @@ Forward, one program per row:
 Backward, a fixed number of programs each owning a run of consecutive rows:
     dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term), xhat = (h-mean)*rstd
 plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat and dbias = sum of dy are
-accumulated per program in fp32 (in registers for one-block rows, in the program's own row of a global buffer
-otherwise) and reduced over programs by one ``sum``: deterministic, no atomics, no locks.
+accumulated per program in fp32 (in registers for one-block rows; for two-pass rows by a read-modify-write of the
+program's own row of the buffer, chunk by chunk) and reduced over programs by one ``sum``: deterministic, no
+atomics, no locks.
+
+The autograd goes through ``torch.library`` custom ops, so ``torch.compile`` keeps each launch in one graph.
 """
 import math
 import numbers

@@ -10,7 +10,9 @@ Layout: the softmax axis is moved last and the input seen as (rows, n) with unit
   y: two reads and one write, the least a row that does not fit on chip allows.
 
 Both limits are module constants the launcher reads at each call, so tests can lower them to reach the
-multi-block path at small widths.
+multi-block path at small widths. The autograd goes through ``torch.library`` custom ops, so ``torch.compile``
+keeps each launch in one graph. The row helpers at the bottom (``row_config``, ``as_rows``, ``cast_rne``) serve the
+norm kernels too.
 """
 import numbers
 
