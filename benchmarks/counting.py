@@ -9,8 +9,9 @@ Two counters run together inside :func:`counting`:
   (or L2) on a GPU.
 - PyTorch ops: a ``TorchDispatchMode`` sees every aten op (forward and backward), adding the bytes of its tensor
   inputs (read) and outputs (written) and the matmul/SDPA FLOPs of ``torch.utils.flop_counter``'s formulas. Views
-  and allocations without initialisation move nothing. A fused aten op (e.g. CPU SDPA) is opaque: only its own
-  inputs and outputs count.
+  and allocations without initialisation move nothing. A fused op (e.g. CPU SDPA) is opaque: only its own
+  inputs and outputs count. A custom op (``torch.library``) that launches Triton kernels counts through those
+  kernels instead; the aten ops inside it run below the mode and are not seen (in practice: output allocations).
 """
 import contextlib
 from dataclasses import asdict, dataclass
@@ -149,10 +150,13 @@ class _AtenCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        launches = self.counts.triton_launches
         out = func(*args, **kwargs)
         packet = func.overloadpacket
         if func.is_view or packet in _NO_TRAFFIC:
             return out
+        if func.namespace != "aten" and self.counts.triton_launches > launches:
+            return out  # a custom op around Triton kernels: their own loads and stores were counted instead
         read_args = args[1:] if packet in _OVERWRITES_FIRST else args
         read_kwargs = {name: value for name, value in kwargs.items() if name != "out"}
         self.counts.aten_ops += 1

@@ -53,6 +53,21 @@ def test_copy_kernel_moves_exactly_its_elements_even_with_a_masked_tail(n, dtype
     assert counts.aten_ops == 0  # the interpreter's own host copies of the arguments are not counted
 
 
+@torch.library.custom_op("benchmarks_test::copy", mutates_args=())
+def _copy_op(src: torch.Tensor) -> torch.Tensor:
+    dst = torch.empty_like(src)
+    _copy[(triton.cdiv(src.numel(), 128),)](src, dst, src.numel(), BLOCK=128)
+    return dst
+
+
+@needs_interpreter
+def test_custom_op_around_a_kernel_is_counted_once():
+    src = torch.randn(300)
+    with counting() as counts:
+        _copy_op(src)
+    assert (counts.bytes, counts.triton_launches, counts.aten_ops) == (2 * 300 * 4, 1, 0)
+
+
 @needs_interpreter
 def test_dot_counts_two_m_n_k_flops():
     m, n, k = 16, 32, 64
