@@ -386,40 +386,47 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS,
 
 
 # ----------------------------------------------------------------------------------------- launch configurations
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, autotuned per (head dim, dtype,
-# causal, length bucket). Every entry compiles for sm_80 and sm_90 without register spills for head dims <= 128
-# (checked with ptxas; see the module's build registration below). BLOCK_N is the streamed (inner) block for the
-# forward and dQ, BLOCK_M the streamed one for dK/dV.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, autotuned on a GPU per (head dim,
+# dtype, causal, precision, length bucket). BLOCK_N is the streamed (inner) block of the forward and dQ, BLOCK_M
+# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows) and
+# compile for both sm_80 and sm_90 with no register spill at head dims <= 128 (ptxas -v, triton 3.8): larger tiles
+# that spilled on either were pruned, e.g. the forward's 128x64 with 8 warps at d128 (sm_80) or dK/dV's 64x64 at
+# d128 (sm_90). At d256 only a few small tiles stay spill-free. The dK/dV and dQ tables serve both families.
+_DKDV_TILES = {64: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
+               128: [(16, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 1)],
+               256: [(16, 32, 4, 1)]}
+_DQ_TILES = {64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+             128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+             256: [(32, 32, 4, 1)]}
 _CONFIGS = {
     "fwd": {
-        80: {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-             128: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-             256: [(64, 32, 4, 2), (64, 64, 8, 2)]},
-        90: {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-             128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-             256: [(64, 64, 4, 2), (128, 64, 8, 2)]},
+        80: {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
+             128: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+             256: [(64, 64, 8, 2), (32, 64, 4, 2)]},
+        90: {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
+             128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
+             256: [(64, 64, 8, 2)]},
     },
-    "dkdv": {
-        80: {64: [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
-             128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
-             256: [(16, 64, 4, 1), (32, 64, 8, 1)]},
-        90: {64: [(32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
-             128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
-             256: [(16, 64, 4, 1), (32, 64, 8, 1)]},
-    },
-    "dq": {
-        80: {64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-             128: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-             256: [(32, 64, 4, 1), (64, 32, 8, 1)]},
-        90: {64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-             128: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-             256: [(32, 64, 4, 1), (64, 32, 8, 1)]},
-    },
+    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES},
+    "dq": {80: _DQ_TILES, 90: _DQ_TILES},
+}
+# IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit (32x32
+# with 4 warps already spills hundreds of bytes). These are the ones that compiled without spills, except dK/dV at
+# d128, where every small tile tried spills a few bytes on one of the two families. TF32 (opt-in) uses them too.
+_FP32_CONFIGS = {
+    "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
+            256: [(16, 16, 4, 2)]},
+    "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(16, 32, 8, 2)], 256: [(16, 16, 8, 1)]},
+    "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (32, 16, 8, 2)], 256: [(16, 32, 8, 1)]},
 }
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid's first axis tiles
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # autotune cannot run interpreted; small tiles keep it quick
 _DELTA_BLOCK_M = 64
+
+
+def _tiles(kernel: str, family: int, d_bucket: int, fp32: bool):
+    return _FP32_CONFIGS[kernel][d_bucket] if fp32 else _CONFIGS[kernel][family][d_bucket]
 
 
 def _d_bucket(block_d: int) -> int:
@@ -436,11 +443,11 @@ def _length_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, family: int, d_bucket: int, n_bucket: Tuple[int, int]):
+def _tuned(kernel: str, family: int, d_bucket: int, fp32: bool, n_bucket: Tuple[int, int]):
     """An autotuner over this family's configs; one per length bucket so that tuning is keyed on bucketed
     lengths (the autotuner itself keys on head dim, causal, precision and the tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _CONFIGS[kernel][family][d_bucket]]
+               for bm, bn, w, s in _tiles(kernel, family, d_bucket, fp32)]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(_KERNELS[kernel])
 
 
@@ -452,7 +459,7 @@ def _launch(kernel: str, grid_rows: int, grid_programs: int, args, meta, lengths
         _KERNELS[kernel][(triton.cdiv(grid_rows, _INTERPRETER_TILE[block]), grid_programs)](
             *args, **meta, **_INTERPRETER_TILE)
         return
-    tuned = _tuned(kernel, _family(args[0].device), _d_bucket(meta["BLOCK_D"]),
+    tuned = _tuned(kernel, _family(args[0].device), _d_bucket(meta["BLOCK_D"]), args[0].dtype == torch.float32,
                    tuple(_length_bucket(n) for n in lengths))
     tuned[lambda m: (triton.cdiv(grid_rows, m[block]), grid_programs)](*args, **meta)
 
@@ -641,10 +648,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return (out, lse) if return_lse else out
 
 
-def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int):
+def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int, device: torch.device):
     """(kv_bounds, causal, causal_shift) if a bool SDPA mask is exactly "a contiguous key range per batch, AND
     optionally a top-left or bottom-right causal mask" (what Hugging Face builds for padded batches), else None."""
-    if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
+    if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2] not in (1, n_q) or mask.shape[3] != n_k:
@@ -687,7 +694,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None, bool(is_causal), 0  # torch's is_causal is top-left aligned: shift 0
     if is_causal:
         return None  # torch rejects a mask together with is_causal; let it say so
-    return _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2])
+    if not isinstance(attn_mask, torch.Tensor):
+        return None
+    return _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -748,7 +757,7 @@ def _builds() -> List[Build]:
             builds.append(_build("attention_bwd_delta", _attn_bwd_delta, dtype, d, {"BLOCK_M": _DELTA_BLOCK_M}, 4, 1,
                                  f"{name} d{d} BLOCK_M={_DELTA_BLOCK_M}"))
             for kernel, fn in _KERNELS.items():
-                tiles = sorted({tile for family in _CONFIGS[kernel].values() for tile in family[d]})
+                tiles = sorted({tile for family in (80, 90) for tile in _tiles(kernel, family, d, name == "fp32")})
                 for bm, bn, warps, stages in tiles:
                     builds.append(_build(f"attention_{kernel}", fn, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps,
                                          stages, f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}"))

@@ -342,12 +342,67 @@ def test_every_config_is_registered_for_fp16_bf16_fp32_and_head_dims():
     builds = [b for b in attn_mod._builds()]
     for kernel, fn in attn_mod._KERNELS.items():
         labels = {b.label for b in builds if b.fn is fn}
-        for family in attn_mod._CONFIGS[kernel].values():
-            for d, tiles in family.items():
-                for bm, bn, warps, stages in tiles:
-                    for dtype in ("fp16", "bf16", "fp32"):
+        for family in (80, 90):
+            for d in (64, 128, 256):
+                for dtype in ("fp16", "bf16", "fp32"):
+                    for bm, bn, warps, stages in attn_mod._tiles(kernel, family, d, dtype == "fp32"):
                         assert f"{dtype} d{d} causal {bm}x{bn} w{warps} s{stages}" in labels
     for b in builds:  # the signature names every parameter, in order, and each constexpr has a value
         params = list(attn_mod.inspect.signature(b.fn.fn).parameters)
         assert list(b.signature) == params
         assert {n for n, t in b.signature.items() if t == "constexpr"} == set(b.constexprs)
+
+
+_COMPILE_CHECK = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+import kernels
+from kernels.registry import all_builds
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+seen = set()
+for b in all_builds():
+    # the first fp16 d128 tile of each attention kernel: the tensor-core path the no-spill rule is about
+    if b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq") or not b.label.startswith("fp16 d128") \
+            or b.kernel in seen:
+        continue
+    seen.add(b.kernel)
+    names = list(b.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in b.divisible_by_16}
+    for arch in (80, 90):
+        src = triton.compiler.ASTSource(fn=b.fn, signature=b.signature, constexprs=b.constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": b.num_warps, "num_stages": b.num_stages})
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+            open(ptx, "w").write(k.asm["ptx"])
+            open(cubin, "wb").write(k.asm["cubin"])
+            arch_flag = f"-arch=sm_{arch}" + ("a" if arch == 90 else "")
+            log = subprocess.run([os.path.join(BIN, "ptxas"), arch_flag, "-v", ptx, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+            sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+        mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
+        print(b.kernel, b.label, f"sm_{arch}", "spill", *spills, mma)
+"""
+
+
+@pytest.mark.slow
+def test_gpu_builds_compile_without_spills_and_use_tensor_cores():
+    """Ahead-of-time compile (no GPU needed) of one fp16 d128 build per kernel for sm_80 and sm_90."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"  # real JITFunctions: kernels/_runtime.py must not turn the interpreter on
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6, run.stdout  # fwd, dkdv, dq x sm_80, sm_90
+    for line in lines:
+        arch, stores, loads, mma = line.split()[-5], *line.split()[-3:]
+        assert (stores, loads) == ("0", "0"), line
+        assert mma == ("HGMMA" if arch == "sm_90" else "HMMA"), line
