@@ -66,6 +66,8 @@ def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int], thr
 def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] = None,
                 threads: int = 1) -> List[dict]:
     """Peak memory of provider ``(op, name)`` at each case, measured in a fresh worker process."""
+    if not cases:
+        return []
     if not os.path.exists("/proc/self/clear_refs"):
         return [{"status": "unavailable", "reason": "CPU memory needs Linux /proc"} for _ in cases]
     request = {"op": op, "name": name, "cases": [c.as_record() for c in cases], "mem_limit": mem_limit,
@@ -76,12 +78,13 @@ def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.memory"], input=json.dumps(request),
                           capture_output=True, text=True, env=env)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or len(results) < len(cases):
-        killed = proc.returncode == -9  # the kernel's OOM killer sends SIGKILL
-        reason = ("worker killed (SIGKILL: out of memory)" if killed else
-                  f"worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
-        results += [{"status": "oom" if killed else "error", "reason": reason}] * (len(cases) - len(results))
-    return results
+    if len(results) == len(cases):
+        return results
+    if proc.returncode == -9:  # the kernel's OOM killer: that point is "oom"; a new worker does the rest
+        results.append({"status": "oom", "reason": "worker killed (SIGKILL: out of memory)"})
+        return results + measure_cpu(op, name, cases[len(results):], mem_limit, threads)
+    reason = f"worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"
+    return results + [{"status": "error", "reason": reason}] * (len(cases) - len(results))
 
 
 def measure_gpu(step) -> dict:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from benchmarks import analysis, records, runner, scaling
+from benchmarks import analysis, memory, records, runner, scaling
 from benchmarks.__main__ import main, parse_size
 from benchmarks.counting import counting, touched_bytes
 from benchmarks.device import detect
@@ -214,6 +214,22 @@ def test_memory_limit_gives_oom_and_the_worker_goes_on():
     record = runner.measure_point(big, Provider("baseline", "attention", None, baseline=True), None, detect(),
                                   results[0], 0.01)
     assert record["status"] == "oom"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU memory needs Linux /proc")
+def test_a_killed_worker_marks_its_point_oom_and_a_new_worker_does_the_rest(monkeypatch):
+    calls = []
+    ok = json.dumps({"status": "ok", "peak_bytes": 1}) + "\n"
+
+    def fake_run(cmd, input, **kwargs):  # the first worker dies (SIGKILL) after one point
+        calls.append(len(json.loads(input)["cases"]))
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(cmd, -9, stdout=ok, stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout=ok * calls[-1], stderr="")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    results = measure_cpu("attention", "baseline", [Case("attention", "fwd", n) for n in (64, 128, 256, 512)])
+    assert [r["status"] for r in results] == ["ok", "oom", "ok", "ok"] and calls == [4, 2]
 
 
 # ---- the command line ---------------------------------------------------------------------------------------
