@@ -37,7 +37,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="default float32 on CPU, float16 on a GPU")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
-                        help="memory a point may use (e.g. 2GB); beyond it the point is recorded as 'oom'")
+                        help="memory a point may add, inputs included (e.g. 2GB): CPU caps the memory worker's "
+                             "address space, GPU the allocator's fraction; beyond it the point is recorded 'oom'")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
                              "machine makes multi-threaded timings of small ops erratic)")
