@@ -412,8 +412,8 @@ _CONFIGS = {
     "dq": {80: _DQ_TILES, 90: _DQ_TILES},
 }
 # IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit (32x32
-# with 4 warps already spills hundreds of bytes). These are the ones that compiled without spills, except dK/dV at
-# d128, where every small tile tried spills a few bytes on one of the two families. TF32 (opt-in) uses them too.
+# with 4 warps already spills hundreds of bytes). These compiled without spills, except dK/dV at d128 (8 B on sm_80;
+# every small tile tried spills a few bytes on one family) and dQ at d256 (24 B on sm_90). TF32 (opt-in) uses them.
 _FP32_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 4, 2)]},
@@ -708,7 +708,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Runs the kernel for 4-D (B, H, L, D) fp16/bf16/fp32 inputs with equal q/k/v head dims <= 256, no dropout, and
     either no mask or a bool mask that is exactly a contiguous key range per batch row, optionally AND a causal
     (top-left or bottom-right) mask, such as Hugging Face's padding masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking
-    this reads the mask (a device sync). Everything else (float masks, other bool masks, dropout_p > 0, other
+    this reads the mask (a device sync, and a graph break under torch.compile; without a mask there is neither).
+    Everything else (float masks, other bool masks, dropout_p > 0, other
     ranks or shapes, inputs the kernels cannot run on in this process) calls the original torch function.
     """
     plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
