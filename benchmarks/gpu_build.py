@@ -76,17 +76,19 @@ def tool(name: str) -> str:
 
 
 def parse_ptxas_log(log: str) -> Dict[str, int]:
-    """Registers, spill stores/loads and stack frame (bytes) from ``ptxas -v`` output for a single kernel."""
-    stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    regs = re.search(r"Used (\d+) registers", log)
-    if not (stack and regs):
-        raise ValueError(f"log: no register/spill line in the ptxas output:\n{log}")
-    return {
-        "registers": int(regs.group(1)),
-        "stack": int(stack.group(1)),
-        "spill_stores": int(stack.group(2)),
-        "spill_loads": int(stack.group(3)),
-    }
+    """Registers, spill stores/loads and stack frame (bytes) of the entry function, from ``ptxas -v`` output.
+
+    The log may also list non-inlined device functions (stack and spill lines, no register line); only the
+    entry kernel's block counts.
+    """
+    entry = re.search(r"Compiling entry function '([^']+)'", log)
+    block = entry and re.search(
+        rf"Function properties for {re.escape(entry.group(1))}\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
+        rf"stores, (\d+) bytes spill loads\s*\n.*?Used (\d+) registers", log)
+    if not block:
+        raise ValueError(f"log: no entry function with register/spill lines in the ptxas output:\n{log}")
+    stack, stores, loads, registers = (int(g) for g in block.groups())
+    return {"registers": registers, "stack": stack, "spill_stores": stores, "spill_loads": loads}
 
 
 def parse_resource_usage(text: str) -> Dict[str, int]:

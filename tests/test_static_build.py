@@ -104,6 +104,8 @@ def tiny(tmp_path_factory, worker_id):
 # Parsers and arithmetic, on canned tool output.
 
 PTXAS_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Function properties for _helper
+    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
 ptxas info    : Compiling entry function '_attn_bwd' for 'sm_80'
 ptxas info    : Function properties for _attn_bwd
     240 bytes stack frame, 240 bytes spill stores, 228 bytes spill loads
