@@ -24,7 +24,6 @@ from typing import Dict
 class Arch:
     """One GPU target and the per-SM (per-CU) resources the occupancy estimate and the shared-memory check use."""
 
-    name: str
     backend: str  # "cuda" or "hip"
     target: object  # the GPUTarget arch: an int compute capability or a "gfx..." string
     warp_size: int
@@ -36,11 +35,11 @@ class Arch:
 # NVIDIA CUDA C Programming Guide, "Technical Specifications per Compute Capability" (8.0, 9.0, 10.0); AMD CDNA2/3
 # ISA guides: 64 KiB of LDS per workgroup on MI200 (gfx90a) and MI300 (gfx942).
 ARCHS = {
-    "sm_80": Arch("sm_80", "cuda", 80, 32, "A100", shared_per_block=163 * 1024, shared_per_sm=164 * 1024),
-    "sm_90": Arch("sm_90", "cuda", 90, 32, "H100", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
-    "sm_100": Arch("sm_100", "cuda", 100, 32, "B200", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
-    "gfx90a": Arch("gfx90a", "hip", "gfx90a", 64, "MI200", shared_per_block=64 * 1024),
-    "gfx942": Arch("gfx942", "hip", "gfx942", 64, "MI300", shared_per_block=64 * 1024),
+    "sm_80": Arch("cuda", 80, 32, "A100", shared_per_block=163 * 1024, shared_per_sm=164 * 1024),
+    "sm_90": Arch("cuda", 90, 32, "H100", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
+    "sm_100": Arch("cuda", 100, 32, "B200", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
+    "gfx90a": Arch("hip", "gfx90a", 64, "MI200", shared_per_block=64 * 1024),
+    "gfx942": Arch("hip", "gfx942", 64, "MI300", shared_per_block=64 * 1024),
 }
 
 # Per-SM limits shared by sm_80, sm_90 and sm_100 (the data-centre parts; sm_86/89 differ).
@@ -187,7 +186,8 @@ def compile_build(build, arch: Arch) -> Dict[str, object]:
     with contextlib.redirect_stdout(log):
         kernel = triton.compile(source, target=GPUTarget(arch.backend, arch.target, arch.warp_size),
                                 options={"num_warps": build.num_warps, "num_stages": build.num_stages})
-    record = {"compile_s": round(time.perf_counter() - start, 3), "shared_dynamic": kernel.metadata.shared}
+    record = {"gpu": arch.gpu, "compile_s": round(time.perf_counter() - start, 3),
+              "shared_dynamic": kernel.metadata.shared}
     if arch.backend == "hip":
         record.update(parse_amdgcn(kernel.asm["amdgcn"]))
         record["shared"] = record["shared_dynamic"] + record["group_segment_fixed_size"]

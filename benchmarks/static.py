@@ -217,7 +217,13 @@ def markdown_table(records: Sequence[Dict[str, object]]) -> str:
     """The same table in markdown (for the README)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row(r)) + " |" for r in records]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + legend(records) + "\n"
+
+
+def legend(records: Sequence[Dict[str, object]]) -> str:
+    """Which GPU each target in the records stands for."""
+    archs = dict.fromkeys(r["arch"] for r in records)
+    return ", ".join(f"{arch} = {ARCHS[arch].gpu}" for arch in archs)
 
 
 def last_line(text: str) -> str:
@@ -267,6 +273,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "builds.md").write_text(markdown_table(records))
     (out / "defaults.md").write_text(markdown_table([r for r in records if r["default"]]))
     print(text_table(records))
+    print(legend(records))
     for r in records:
         if "error" in r:
             print(f"FAILED {r['kernel']} {r['label']!r} on {r['arch']}: {last_line(r['error'])}")
