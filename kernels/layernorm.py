@@ -247,7 +247,7 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
 
 def _config(n_cols: int):
     """The norm launch config; reads the module's limits at each call, so tests can lower them."""
-    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=8)
 
 
 def _multi_row(n_cols: int) -> bool:

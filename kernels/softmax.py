@@ -178,7 +178,7 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _config(n_cols: int):
     """The softmax launch config; reads the module's limits at each call, so tests can lower them."""
-    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=32)
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
 
 
 def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
