@@ -58,8 +58,9 @@ def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int], thr
         try:
             yield _measure_one(make_step(fn, make_inputs(Case(**case), cpu)))
         except Exception as error:  # noqa: BLE001  (recorded, and the next point still runs)
-            status = "oom" if is_oom(error) else "error"
-            yield {"status": status, "reason": f"{type(error).__name__}: {str(error)[:200]}"}
+            oom = is_oom(error)
+            beyond = f"beyond --mem-limit {mem_limit} B: " if oom and mem_limit is not None else ""
+            yield {"status": "oom" if oom else "error", "reason": f"{beyond}{type(error).__name__}: {str(error)[:200]}"}
         gc.collect()
 
 
