@@ -5,7 +5,6 @@ installed, no GPU) is reported as unavailable with the reason, never replaced by
 """
 import importlib
 import math
-import types
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -119,14 +118,8 @@ class Provider:
 
 
 def _kernel(name: str) -> Callable:
-    """``kernels.<name>``, whether the package exports the function or only its same-named module."""
-    kernels = importlib.import_module("kernels")
-    found = getattr(kernels, name, None)
-    if found is None:
-        found = importlib.import_module(f"kernels.{name}")
-    if isinstance(found, types.ModuleType):
-        found = getattr(found, name)
-    return found
+    """``kernels.<name>``: AttributeError (hence unavailable) until the package exports it."""
+    return getattr(importlib.import_module("kernels"), name)
 
 
 def _semi_fused():
