@@ -3,7 +3,11 @@ import csv
 import datetime
 import json
 import os
+import platform
 from typing import List
+
+import torch
+import triton
 
 from benchmarks.device import DeviceInfo
 
@@ -26,6 +30,8 @@ def document(command: str, device: DeviceInfo, config: dict, records: List[dict]
     return {"schema": SCHEMA, "command": command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device.as_record(), "config": config, "conventions": CONVENTIONS,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "triton": triton.__version__, "machine": platform.machine(), "cpus": os.cpu_count()},
             "records": records, "fits": fits}
 
 

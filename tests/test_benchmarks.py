@@ -183,7 +183,8 @@ def test_records_carry_device_method_and_counts(tmp_path):
         assert fwd["time"]["method"] == "CPU wall-clock" and fwd["tflops"] is None
     paths = records.write(str(tmp_path), "suite", records.document("suite", device, {}, recs, []))
     doc = json.load(open(paths[0]))
-    assert {"schema", "command", "created", "device", "config", "conventions", "records", "fits"} <= set(doc)
+    assert {"schema", "command", "created", "device", "config", "conventions", "versions", "records",
+            "fits"} <= set(doc)
     assert {"op", "mode", "provider", "length", "shape", "dtype", "status", "time", "memory", "counted",
             "min_bytes", "model", "vs_baseline", "device"} <= set(doc["records"][0])
     header = open(paths[1]).readline()
