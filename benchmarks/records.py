@@ -21,7 +21,8 @@ CONVENTIONS = {
     "counted": "bytes read/written by every executed Triton load/store (masked lanes excluded) and aten op; "
                "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes. Triton "
                "counts are for the tiles the interpreter runs, which can be smaller than a GPU's autotuned ones "
-               "(re-reads of K/V grow as N^2 / BLOCK_M, so smaller tiles count more traffic).",
+               "(re-reads of K/V grow as N^2 / BLOCK_M, so smaller tiles count more traffic). A fused aten op (CPU "
+               "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal.",
     "model": "roofline model, not a measurement: max(counted flops / peak FLOP/s, counted bytes / HBM bandwidth).",
 }
 
