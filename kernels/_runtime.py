@@ -30,6 +30,22 @@ def _probe(x):
 INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
 """True when every ``@triton.jit`` kernel of this process runs on CPU tensors through Triton's interpreter."""
 
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounded to nearest even, as a GPU converts fp32 -> bf16.
+
+    Interpreter trap (triton 3.8): the interpreter truncates fp32 -> bf16 (up to 1 ulp off). When interpreted,
+    round the fp32 bits to the nearest even bf16 first, so the conversion that follows is exact.
+    """
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
 _warned = set()
 
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _runtime, reference  # _runtime first: it chooses the interpreter before triton loads
+from kernels._runtime import cast_rne
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
-from kernels.registry import Build, register_builds
+from kernels.registry import TRITON_DTYPES, Build, register_builds
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -184,7 +185,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS,
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od)
-    _store_tile(o_ptrs, out.to(O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+    _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
@@ -311,8 +312,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS,
     dv = tl.where(col_ok[:, None], dv, 0.0)
     dk_ptrs = (b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh
                + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    _store_tile(DK + dk_ptrs, dk.to(DK.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
-    _store_tile(DV + dk_ptrs, dv.to(DV.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+    _store_tile(DK + dk_ptrs, cast_rne(dk, DK.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+    _store_tile(DV + dk_ptrs, cast_rne(dv, DV.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -382,7 +383,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS,
                        mid, hi, hi, CAUSAL_SHIFT, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                 + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-                (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+                cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------- launch configurations
@@ -722,7 +723,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 # ------------------------------------------------------------------------------------------------ GPU builds
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_POINTERS = ("LSE", "DELTA")
 _INT_ARGS = ("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT")
 
@@ -744,7 +744,7 @@ def _build(kernel: str, fn, dtype: torch.dtype, d: int, consts: dict, num_warps:
         elif name.endswith("scale"):
             signature[name] = "fp32"
         else:
-            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TRITON_DTYPES[dtype]}"
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{TRITON_DTYPES[dtype]}"
     aligned = tuple(n for n, t in signature.items() if t.startswith("*") or (t == "i32" and n.startswith("stride_")))
     return Build(kernel=kernel, fn=fn, signature=signature, constexprs=constexprs, num_warps=num_warps,
                  num_stages=num_stages, label=label, divisible_by_16=aligned)
@@ -754,7 +754,7 @@ def _build(kernel: str, fn, dtype: torch.dtype, d: int, consts: dict, num_warps:
 def _builds() -> List[Build]:
     """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256."""
     builds = []
-    for dtype, name in _TRITON_DTYPES.items():
+    for dtype, name in TRITON_DTYPES.items():
         for d in (64, 128, 256):
             builds.append(_build("attention_bwd_delta", _attn_bwd_delta, dtype, d, {"BLOCK_M": _DELTA_BLOCK_M}, 4, 1,
                                  f"{name} d{d} BLOCK_M={_DELTA_BLOCK_M}"))

@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._runtime import INTERPRETED, kernel_runs_on
+from kernels._rows import as_rows, row_config
+from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on
 from kernels._validate import check_same, check_tensor
-from kernels.registry import Build, register_builds
-from kernels.softmax import TRITON_DTYPES, as_rows, cast_rne, row_config
+from kernels.registry import TRITON_DTYPES, Build, register_builds
 
 MAX_BLOCK = 8192
 """Widest row held in registers as one block (the backward keeps ~6 fp32 values per element: no spills)."""

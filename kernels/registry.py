@@ -7,6 +7,11 @@ kernel or autotune config is built and checked everywhere without being listed t
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
+import torch
+
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+"""Triton's pointer-type names of the dtypes the kernels take, for build signatures."""
+
 
 @dataclass(frozen=True)
 class Build:

@@ -21,31 +21,15 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._runtime import INTERPRETED, kernel_runs_on
+from kernels._rows import as_rows, row_config
+from kernels._runtime import cast_rne, kernel_runs_on
 from kernels._validate import check_tensor
-from kernels.registry import Build, register_builds
+from kernels.registry import TRITON_DTYPES, Build, register_builds
 
 MAX_BLOCK = 16384
 """Widest row held in registers as one block (fp32: 32 values a thread at 16 warps, no spills on sm_80/sm_90)."""
 LONG_BLOCK = 4096
 """Chunk width of the online (multi-block) path for rows wider than MAX_BLOCK."""
-
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` rounded to nearest even, as a GPU converts fp32 -> bf16.
-
-    Interpreter trap (triton 3.8): the interpreter truncates fp32 -> bf16 (up to 1 ulp off). When interpreted,
-    round the fp32 bits to the nearest even bf16 first, so the conversion that follows is exact.
-    """
-    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
 
 @triton.jit
 def _visible_cols(row, n_cols, n_q, CAUSAL: tl.constexpr):
@@ -158,22 +142,6 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
             y, dy, term = _load_grad(y_row, dy_row, start + cols, visible, LOG)
             dx = _input_grad(y, dy, dot, scale, LOG)
             tl.store(dx_row + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=start + cols < n_cols)
-
-
-def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int):
-    """(BLOCK, SINGLE, num_warps) for one program per row of ``n_cols`` elements: a power-of-two block covering
-    the row when it has at most ``max_block`` elements, else ``long_block``-wide chunks looped over; 4 to 16 warps,
-    about ``per_thread`` elements of a block per thread (fewer where the kernel keeps more values per element)."""
-    single = n_cols <= max_block
-    block = triton.next_power_of_2(n_cols) if single else long_block
-    num_warps = min(16, max(4, block // (32 * per_thread)))
-    return block, single, num_warps
-
-
-def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``t`` as a (rows, n_cols) matrix with unit column stride: a view when possible, else a copy."""
-    rows = t.reshape(-1, n_cols)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _config(n_cols: int):
@@ -289,9 +257,6 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
     if not kernel_runs_on(x):
         return torch.log_softmax(x * scale, dim)
     return _apply(x, dim, scale, False, True)
-
-
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @register_builds
