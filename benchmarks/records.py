@@ -20,8 +20,10 @@ CONVENTIONS = {
     "memory": "peak_bytes: growth above the inputs during one step; extra_bytes: peak minus the outputs.",
     "counted": "bytes read/written by every executed Triton load/store (masked lanes excluded) and aten op; "
                "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes. Triton "
-               "counts are for the tiles the interpreter runs, which can be smaller than a GPU's autotuned ones "
-               "(re-reads of K/V grow as N^2 / BLOCK_M, so smaller tiles count more traffic). A fused aten op (CPU "
+               "counts are for the tiles the kernels run with (re-reads of K/V grow as N^2 / BLOCK_M, so smaller "
+               "tiles count more traffic): attention kernels are counted with an sm_90 GPU's default tiles, each "
+               "kernel's first autotune config (counted.tiles says which; interpreted time and memory use the "
+               "interpreter's 32x32), other kernels with their own launch configs. A fused aten op (CPU "
                "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal.",
     "model": "roofline model, not a measurement: max(counted flops / peak FLOP/s, counted bytes / HBM bandwidth).",
 }

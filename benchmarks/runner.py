@@ -2,8 +2,13 @@
 
 A provider that cannot load is "unavailable"; a point that runs out of memory (for real, or beyond --mem-limit)
 is "oom"; any other exception is "error" with its message. None of them stops the run.
+
+Counted bytes of interpreted attention kernels are taken with the tiles a GPU would start from (see
+:data:`COUNT_TILE_FAMILY`), not the interpreter's small default, which would over-count K/V re-reads; the timed
+runs and the memory worker keep the interpreter's default 32x32 tile (their numbers say nothing about a GPU).
 """
 import contextlib
+import importlib
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -14,6 +19,27 @@ from benchmarks.device import DeviceInfo
 from benchmarks.measure import is_oom, make_step, time_cpu, time_gpu
 from benchmarks.providers import Case, Provider, Unavailable, make_inputs, providers_for
 from benchmarks.roofline import MODELLED, model_time, spec_by_name
+
+
+COUNT_TILE_FAMILY = 90
+"""GPU family whose default tiles (each attention kernel's first autotune config for the input's head dim and
+dtype: ``kernels.attention.interpreter_tiles``) the interpreted attention kernels run with while being counted."""
+
+
+def _count_tiles():
+    """``interpreter_tiles(COUNT_TILE_FAMILY)``, or a no-op where the attention kernels are not importable."""
+    try:
+        interpreter_tiles = importlib.import_module("kernels.attention").interpreter_tiles
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext({})
+    return interpreter_tiles(COUNT_TILE_FAMILY)
+
+
+def tiles_note(tiles: dict) -> str:
+    """What the counts were taken with, e.g. "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel):
+    fwd 128x64, dkdv 32x128, dq 64x64"."""
+    per_kernel = ", ".join(f"{kernel} {bm}x{bn}" for kernel, (bm, bn) in tiles.items())
+    return f"counted with sm_{COUNT_TILE_FAMILY} default tiles (BLOCK_M x BLOCK_N per kernel): {per_kernel}"
 
 
 def _base_record(case: Case, prov: Provider, device: DeviceInfo) -> dict:
@@ -43,13 +69,15 @@ def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, recor
     inputs = make_inputs(case, device.torch_device)
     step = make_step(fn, inputs)
     countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
-    with (counting() if countable else contextlib.nullcontext()) as counts:
+    with (counting() if countable else contextlib.nullcontext()) as counts, _count_tiles() as tiles:
         outputs = step()  # also the warm-up run
     extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
     record["min_bytes"] = sum(touched_bytes(t) for t in inputs.tensors + extra_inputs + outputs)
     del outputs
     if counts is not None:
         record["counted"] = {**counts.as_record(), "vs_min": counts.bytes / record["min_bytes"]}
+        if tiles:  # interpreted attention kernels ran
+            record["counted"]["tiles"] = tiles_note(tiles)
         record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
                            for name in MODELLED}
     if device.kind == "cuda":

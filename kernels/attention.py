@@ -24,10 +24,12 @@ process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kerne
 :func:`scaled_dot_product_attention` hands everything the kernel does not cover to the original
 ``torch.nn.functional.scaled_dot_product_attention``.
 """
+import contextlib
+import contextvars
 import functools
 import inspect
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -424,6 +426,8 @@ _FP32_CONFIGS = {
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid's first axis tiles
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # autotune cannot run interpreted; small tiles keep it quick
+# (family, {kernel: tile used}) of the innermost active interpreter_tiles() block; (None, None) outside any
+_INTERPRETER_FAMILY = contextvars.ContextVar("interpreter_tiles", default=(None, None))
 _DELTA_BLOCK_M = 64
 
 
@@ -453,15 +457,54 @@ def _tuned(kernel: str, family: int, d_bucket: int, fp32: bool, n_bucket: Tuple[
     return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(_KERNELS[kernel])
 
 
+@contextlib.contextmanager
+def interpreter_tiles(family: Optional[int]) -> Iterator[Dict[str, Tuple[int, int]]]:
+    """Choose the tile of interpreted launches inside the block (no effect on compiled kernels, which autotune).
+
+    ``None``: the interpreter's small default, BLOCK_M = BLOCK_N = 32 for every kernel (what the tests rely on:
+    multi-block paths at small N, and quick). ``80`` or ``90``: the tile a GPU of that family starts from, the
+    first entry of each kernel's config table for the input's padded head dim and dtype, i.e.
+    ``_tiles(kernel, family, d_bucket, fp32)[0]`` (fwd, dkdv and dq each have their own; fp32 inputs use the IEEE
+    fp32 tables, whose first tiles are small: 32x32 for all three at head dim <= 64, the interpreter's default
+    itself). Meant for counting bytes and FLOPs: Triton's interpreter executes
+    every load and store, so the tile decides how often K/V are re-read. The results are the same up to rounding.
+
+    Yields a dict that the launches inside the block fill with ``{kernel: (BLOCK_M, BLOCK_N)}``, the tile each of
+    "fwd", "dkdv", "dq" last ran with. Blocks nest; the innermost wins.
+    """
+    if family is not None and family not in _CONFIGS["fwd"]:
+        raise ValueError(f"family must be None or one of {sorted(_CONFIGS['fwd'])}, got {family!r}")
+    used: Dict[str, Tuple[int, int]] = {}
+    token = _INTERPRETER_FAMILY.set((family, used))
+    try:
+        yield used
+    finally:
+        _INTERPRETER_FAMILY.reset(token)
+
+
+def _interpreter_tile(kernel: str, meta: dict, fp32: bool) -> Dict[str, int]:
+    """BLOCK_M/BLOCK_N of an interpreted launch of ``kernel``, per the active :func:`interpreter_tiles`."""
+    family, used = _INTERPRETER_FAMILY.get()
+    if family is None:
+        tile = dict(_INTERPRETER_TILE)
+    else:
+        block_m, block_n, _, _ = _tiles(kernel, family, _d_bucket(meta["BLOCK_D"]), fp32)[0]
+        tile = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if used is not None:
+        used[kernel] = (tile["BLOCK_M"], tile["BLOCK_N"])
+    return tile
+
+
 def _launch(kernel: str, grid_rows: int, grid_programs: int, args, meta, lengths: Tuple[int, int]):
-    """Launch ``kernel`` over (cdiv(grid_rows, block), grid_programs) programs: a fixed tile when interpreted,
-    autotuned over the device family's configs on a GPU."""
+    """Launch ``kernel`` over (cdiv(grid_rows, block), grid_programs) programs: a fixed tile when interpreted
+    (see :func:`interpreter_tiles`), autotuned over the device family's configs on a GPU."""
     block = _GRID_BLOCK[kernel]
+    fp32 = args[0].dtype == torch.float32
     if _runtime.INTERPRETED:
-        _KERNELS[kernel][(triton.cdiv(grid_rows, _INTERPRETER_TILE[block]), grid_programs)](
-            *args, **meta, **_INTERPRETER_TILE)
+        tile = _interpreter_tile(kernel, meta, fp32)
+        _KERNELS[kernel][(triton.cdiv(grid_rows, tile[block]), grid_programs)](*args, **meta, **tile)
         return
-    tuned = _tuned(kernel, _family(args[0].device), _d_bucket(meta["BLOCK_D"]), args[0].dtype == torch.float32,
+    tuned = _tuned(kernel, _family(args[0].device), _d_bucket(meta["BLOCK_D"]), fp32,
                    tuple(_length_bucket(n) for n in lengths))
     tuned[lambda m: (triton.cdiv(grid_rows, m[block]), grid_programs)](*args, **meta)
 

@@ -120,6 +120,32 @@ def test_gradients_match_float64(device, dtype, causal, h, h_kv, n_q, n_k, d):
     _check_gradients(q, k, v, causal)
 
 
+@pytest.mark.parametrize("dtype", [FP32, FP16])
+def test_gpu_default_tiles_give_the_same_results(device, dtype):
+    """Under ``interpreter_tiles(90)`` (what the benchmarks count with) the interpreted kernels run each kernel's
+    first sm_90 config at an awkward shape: N = 200 (partial query and key blocks), D = 80 (padded to 128),
+    causal, GQA; forward and gradients still obey the float64 rule. Compiled kernels autotune: nothing changes."""
+    q, k, v = _inputs(1, 4, 2, 200, 200, 80, dtype, device, requires_grad=True)
+    with attn_mod.interpreter_tiles(90) as tiles:
+        _check_gradients(q, k, v, causal=True)
+    if kernels.INTERPRETED:
+        assert tiles == {kernel: tuple(attn_mod._tiles(kernel, 90, 128, dtype == FP32)[0][:2])
+                         for kernel in ("fwd", "dkdv", "dq")}
+        assert tiles["fwd"] == ((16, 32) if dtype == FP32 else (128, 32))
+
+
+def test_interpreter_tiles_default_and_bad_family():
+    q, k, v = _inputs(1, 1, 1, 8, 8, 16, FP32, torch.device("cpu"))
+    with attn_mod.interpreter_tiles(90):
+        with attn_mod.interpreter_tiles(None) as tiles:  # the innermost block wins
+            if kernels.INTERPRETED:
+                kernels.attention(q, k, v, causal=True)
+    assert tiles == ({"fwd": (32, 32)} if kernels.INTERPRETED else {})
+    with pytest.raises(ValueError, match="family"):
+        with attn_mod.interpreter_tiles(75):
+            pass
+
+
 def test_worked_example_i_love_coding(kernel_only, device):
     """Seed 001: three tokens, 3-d head, unscaled non-causal attention; the output row for "love"."""
     x = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=FP32)

@@ -21,6 +21,7 @@ from benchmarks.providers import Case, Provider
 from benchmarks.roofline import match_device, model_time, spec_by_name
 
 needs_interpreter = pytest.mark.skipif(not kernels.INTERPRETED, reason="counts Triton through its interpreter")
+attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function, not the module
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -120,6 +121,48 @@ def test_dispatch_mode_sees_the_backward():
     with counting() as both:
         (x @ w).sum().backward()
     assert both.flops == 2 * forward_only.flops  # dL/dx = dy @ w^T: another 2*4*8*3
+
+
+def _causal_forward_counts(n: int, family, h=2, h_kv=1, d=64, dtype=torch.float16):
+    q = torch.randn(1, h, n, d, dtype=dtype)
+    k, v = (torch.randn(1, h_kv, n, d, dtype=dtype) for _ in range(2))
+    with counting() as counts, attn_mod.interpreter_tiles(family) as tiles:
+        kernels.attention(q, k, v, causal=True)
+    return counts, tiles["fwd"]
+
+
+@needs_interpreter
+def test_attention_forward_counted_with_gpu_tiles_is_the_hand_count_and_below_the_small_tiles():
+    """Causal forward, fp16, d64, H=2 query heads sharing one KV head, at two lengths that end in a partial block.
+
+    Per query head: Q read once, O written once (plus the fp32 LSE); the query block [s, s + BLOCK_M) reads K and V
+    rows [0, min(s + BLOCK_M, N)): whole BLOCK_N blocks below the diagonal, then masked ones whose masked-off lanes
+    (keys past the block's last row) move nothing; each visited key block costs two BLOCK_M x BLOCK_N x BLOCK_D
+    dots whatever the mask. Bigger query blocks re-read K/V fewer times.
+    """
+    h, d, itemsize = 2, 64, 2
+    gpu_tile = tuple(attn_mod._tiles("fwd", 90, 64, False)[0][:2])
+    assert gpu_tile == (128, 64)
+
+    def hand(n, block_m, block_n):
+        ends = [min(start + block_m, n) for start in range(0, n, block_m)]
+        read = h * (n * d + 2 * sum(ends) * d) * itemsize
+        written = h * (n * d * itemsize + n * 4)
+        flops = h * sum(-(-end // block_n) for end in ends) * 2 * (2 * block_m * block_n * d)
+        return read, written, flops
+
+    for n in (200, 320):
+        small, small_tile = _causal_forward_counts(n, None)
+        gpu, tile = _causal_forward_counts(n, 90)
+        assert (small_tile, tile) == ((32, 32), gpu_tile)
+        assert (small.bytes_read, small.bytes_written, small.flops) == hand(n, 32, 32)
+        assert (gpu.bytes_read, gpu.bytes_written, gpu.flops) == hand(n, *gpu_tile)
+        assert (gpu.triton_launches, gpu.aten_ops) == (1, 0)
+        assert gpu.bytes < small.bytes
+        # Q/O traffic is the same; K/V re-reads shrink with the query block (not 4x: the diagonal blocks remain)
+        kv_small = small.bytes_read - h * n * d * itemsize
+        kv_gpu = gpu.bytes_read - h * n * d * itemsize
+        assert kv_gpu < 0.6 * kv_small
 
 
 # ---- records, ratios, fits ----------------------------------------------------------------------------------
@@ -259,6 +302,11 @@ def test_quick_run_writes_json_and_png(tmp_path):
     assert {(r["provider"], r["mode"]) for r in doc["records"]} == {
         (p, m) for p in ("baseline", "triton") for m in ("fwd", "fwd+bwd")}
     assert all(r["status"] in ("ok", "unavailable") for r in doc["records"])
+    if detect().kind == "cpu":  # interpreted kernels are counted with sm_90's default tiles (fp32, d64: all 32x32)
+        tiles = {r["mode"]: r["counted"]["tiles"] for r in doc["records"] if r["provider"] == "triton"}
+        assert tiles == {"fwd": "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel): fwd 32x32",
+                         "fwd+bwd": "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel): "
+                                    "fwd 32x32, dkdv 32x32, dq 32x32"}
     assert (out / "suite.csv").exists()
     for mode in ("fwd", "fwd_bwd"):
         png = out / f"suite_attention_{mode}.png"
