@@ -9,7 +9,6 @@ import types
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import kernels
 from benchmarks import analysis, memory, records, runner, scaling
@@ -19,24 +18,11 @@ from benchmarks.device import detect
 from benchmarks.memory import measure_cpu
 from benchmarks.providers import Case, Provider
 from benchmarks.roofline import match_device, model_time, spec_by_name
+from tests.toy_kernels import copy_kernel, matmul_kernel
 
 needs_interpreter = pytest.mark.skipif(not kernels.INTERPRETED, reason="counts Triton through its interpreter")
 attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function, not the module
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@triton.jit
-def _copy(src, dst, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n), mask=offsets < n)
-
-
-@triton.jit
-def _matmul(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
-    rows, cols, inner = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
-    x = tl.load(a + rows[:, None] * K + inner[None, :])
-    w = tl.load(b + inner[:, None] * N + cols[None, :])
-    tl.store(c + rows[:, None] * N + cols[None, :], tl.dot(x, w, input_precision="ieee"))
 
 
 # ---- counted bytes and FLOPs --------------------------------------------------------------------------------
@@ -47,7 +33,7 @@ def test_copy_kernel_moves_exactly_its_elements_even_with_a_masked_tail(n, dtype
     src = torch.randn(n, dtype=dtype)
     dst = torch.empty_like(src)
     with counting() as counts:
-        _copy[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)
+        copy_kernel[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)
     assert torch.equal(dst, src)
     itemsize = src.element_size()
     assert (counts.bytes_read, counts.bytes_written, counts.bytes) == (n * itemsize, n * itemsize, 2 * n * itemsize)
@@ -58,7 +44,7 @@ def test_copy_kernel_moves_exactly_its_elements_even_with_a_masked_tail(n, dtype
 @torch.library.custom_op("benchmarks_test::copy", mutates_args=())
 def _copy_op(src: torch.Tensor) -> torch.Tensor:
     dst = torch.empty_like(src)
-    _copy[(triton.cdiv(src.numel(), 128),)](src, dst, src.numel(), BLOCK=128)
+    copy_kernel[(triton.cdiv(src.numel(), 128),)](src, dst, src.numel(), BLOCK=128)
     return dst
 
 
@@ -75,7 +61,7 @@ def test_dot_counts_two_m_n_k_flops():
     m, n, k = 16, 32, 64
     a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
     with counting() as counts:
-        _matmul[(1,)](a, b, c, m, n, k)
+        matmul_kernel[(1,)](a, b, c, m, n, k)
     torch.testing.assert_close(c, a @ b)
     assert counts.flops == 2 * m * n * k
     assert (counts.bytes_read, counts.bytes_written) == ((m * k + k * n) * 4, m * n * 4)
@@ -86,7 +72,7 @@ def test_counters_are_removed_after_the_block():
     src = torch.randn(300)
     with counting() as counts:
         pass
-    _copy[(3,)](src, torch.empty_like(src), 300, BLOCK=128)
+    copy_kernel[(3,)](src, torch.empty_like(src), 300, BLOCK=128)
     torch.ones(3) + 1
     assert counts.bytes == counts.flops == counts.triton_launches == counts.aten_ops == 0
 
@@ -302,11 +288,11 @@ def test_quick_run_writes_json_and_png(tmp_path):
     assert {(r["provider"], r["mode"]) for r in doc["records"]} == {
         (p, m) for p in ("baseline", "triton") for m in ("fwd", "fwd+bwd")}
     assert all(r["status"] in ("ok", "unavailable") for r in doc["records"])
-    if detect().kind == "cpu":  # interpreted kernels are counted with sm_90's default tiles (fp32, d64: all 32x32)
+    if detect().kind == "cpu":  # interpreted kernels are counted with sm_90's default tiles (fp16, d64)
         tiles = {r["mode"]: r["counted"]["tiles"] for r in doc["records"] if r["provider"] == "triton"}
-        assert tiles == {"fwd": "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel): fwd 32x32",
+        assert tiles == {"fwd": "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel): fwd 128x64",
                          "fwd+bwd": "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel): "
-                                    "fwd 32x32, dkdv 32x32, dq 32x32"}
+                                    "fwd 128x64, dkdv 32x128, dq 64x64"}
     assert (out / "suite.csv").exists()
     for mode in ("fwd", "fwd_bwd"):
         png = out / f"suite_attention_{mode}.png"

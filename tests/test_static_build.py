@@ -21,24 +21,11 @@ from filelock import FileLock
 from benchmarks import static
 from benchmarks.gpu_build import ARCHS, count_sass, occupancy, parse_amdgcn, parse_ptxas_log, parse_resource_usage
 from kernels.registry import Build
+from tests.toy_kernels import copy_kernel, matmul_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiny kernels of our own, in their own build list (the package registry stays untouched).
-
-@triton.jit
-def _copy(X, Y, N, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Y + offsets, tl.load(X + offsets, mask=offsets < N), mask=offsets < N)
-
-
-@triton.jit
-def _matmul(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
-    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
-    a = tl.load(A + m[:, None] * K + k[None, :])
-    b = tl.load(B + k[:, None] * N + n[None, :])
-    tl.store(C + m[:, None] * N + n[None, :], tl.dot(a, b).to(C.dtype.element_ty))
-
 
 @triton.jit
 def _register_hog(X, Y, M: tl.constexpr, N: tl.constexpr):
@@ -57,16 +44,16 @@ _HOG_SIG = {"X": "*fp32", "Y": "*fp32", "M": "constexpr", "N": "constexpr"}
 def tiny_builds():
     """The build list the tiny report compiles (imported by the report's child process by name)."""
     return [
-        Build("copy", _copy, {"X": "*fp16", "Y": "*fp16", "N": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
+        Build("copy", copy_kernel, {"X": "*fp16", "Y": "*fp16", "N": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
               num_warps=4, num_stages=1, label="fp16 BLOCK=1024", divisible_by_16=("X", "Y")),
-        Build("matmul", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 64}, num_warps=4, num_stages=3,
+        Build("matmul", matmul_kernel, _MATMUL_SIG, {"M": 64, "N": 64, "K": 64}, num_warps=4, num_stages=3,
               label="fp16 64x64x64", divisible_by_16=("A", "B", "C")),
-        Build("matmul_m32", _matmul, _MATMUL_SIG, {"M": 32, "N": 64, "K": 64}, num_warps=4, num_stages=3,
+        Build("matmul_m32", matmul_kernel, _MATMUL_SIG, {"M": 32, "N": 64, "K": 64}, num_warps=4, num_stages=3,
               label="fp16 32x64x64", divisible_by_16=("A", "B", "C")),
         Build("register_hog", _register_hog, _HOG_SIG, {"M": 64, "N": 128}, num_warps=1, num_stages=1,
               label="fp32 64x128"),
         # K=3 is not a power of two: tl.arange refuses it, so this build must come back as an error record.
-        Build("broken", _matmul, _MATMUL_SIG, {"M": 64, "N": 64, "K": 3}, num_warps=4, num_stages=1,
+        Build("broken", matmul_kernel, _MATMUL_SIG, {"M": 64, "N": 64, "K": 3}, num_warps=4, num_stages=1,
               label="fp16 K=3"),
     ]
 
