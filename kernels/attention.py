@@ -53,6 +53,13 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_h, stride_n, stride_d):
+    """Pointers to the (rows, BLOCK_D) tile at rows ``rows`` of head ``h`` of batch ``b`` (64-bit head offsets)."""
+    return (X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+            + rows[:, None] * stride_n + offs_d[None, :] * stride_d)
+
+
+@triton.jit
 def _load_tile(ptrs, row_ok, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load a (rows, BLOCK_D) tile: zeros for the head-dim padding and, with CHECK_ROWS, where ``row_ok`` is False.
 
@@ -160,15 +167,12 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
     q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -185,8 +189,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS,
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od)
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
@@ -204,11 +207,10 @@ def _attn_bwd_delta(O, DO, DELTA,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, row_ok, offs_d, True, HEAD_DIM,
-                    BLOCK_D)
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+    o = _load_tile(o_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(do_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
 
@@ -273,10 +275,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS,
     lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
     col_ok = (cols >= lo) & (cols < hi)
     # Keys outside [lo, hi) load as zeros: their (meaningless) gradients stay finite and are zeroed at the store.
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-                   + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-                   + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    k_ptrs = _tile_ptrs(K, b, kv_h, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    k = _load_tile(k_ptrs, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = _load_tile(v_ptrs, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -297,10 +299,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                  + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
-        do_ptrs = (DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                   + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod)
+        q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+        do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
         row_base = (b * H + h).to(tl.int64) * N_Q
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
@@ -312,10 +312,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS,
 
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(col_ok[:, None], dv, 0.0)
-    dk_ptrs = (b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh
-               + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    _store_tile(DK + dk_ptrs, cast_rne(dk, DK.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
-    _store_tile(DV + dk_ptrs, cast_rne(dv, DV.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+    dk_ptrs = _tile_ptrs(DK, b, kv_h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_ptrs = _tile_ptrs(DV, b, kv_h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)  # same layout
+    _store_tile(dk_ptrs, cast_rne(dk, DK.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+    _store_tile(dv_ptrs, cast_rne(dv, DV.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -363,19 +363,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                   + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, row_ok, offs_d, True, HEAD_DIM,
-                    BLOCK_D)
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+    q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(do_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse, delta = _row_stats(LSE, DELTA, off_bh.to(tl.int64) * N_Q, offs_m, row_ok)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -383,8 +380,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS,
                        lo, mid, hi, CAUSAL_SHIFT, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        mid, hi, hi, CAUSAL_SHIFT, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+    _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
                 cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
 
 
