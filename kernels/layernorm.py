@@ -370,7 +370,7 @@ def _autograd_backward(ctx, dy, dh, _dmean, _drstd):
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check(x, normalized_shape, residual=None, weight=None, bias=None, eps=None) -> tuple:
+def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool) -> tuple:
     """Validate before any launch; return the normalized shape as a tuple."""
     check_tensor("x", x)
     if isinstance(normalized_shape, int):
@@ -394,8 +394,8 @@ def _check(x, normalized_shape, residual=None, weight=None, bias=None, eps=None)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(t.shape)}")
             check_same("device", x=x, **{name: t})
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if (eps is None and not rms) or (eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real))):
+        raise TypeError(f"eps must be a real number{'' if not rms else ' or None'}, got {type(eps).__name__}")
     if eps is not None and not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return shape
@@ -413,7 +413,7 @@ def _fallback(x, residual, normalized_shape, weight, bias, eps, rms):
 
 
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms):
-    n_cols = math.prod(_check(x, normalized_shape, residual, weight, bias, eps))
+    n_cols = math.prod(_check(x, normalized_shape, residual, weight, bias, eps, rms))
     if rms and eps is None:
         eps = torch.finfo(x.dtype).eps
     present = [t for t in (x, residual, weight, bias) if t is not None]

@@ -11,8 +11,7 @@ Layout: the softmax axis is moved last and the input seen as (rows, n) with unit
 
 Both limits are module constants the launcher reads at each call, so tests can lower them to reach the
 multi-block path at small widths. The autograd goes through ``torch.library`` custom ops, so ``torch.compile``
-keeps each launch in one graph. The row helpers (``row_config``, ``as_rows``, ``cast_rne``, ``TRITON_DTYPES``)
-serve the norm kernels too.
+keeps each launch in one graph. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
 """
 import numbers
 

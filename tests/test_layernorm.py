@@ -218,6 +218,7 @@ def test_bad_input_raises_before_launch(monkeypatch):
         (ValueError, "residual must have x's shape", lambda: kernels.add_layer_norm(x, x[:2], 8)),
         (TypeError, "x, residual must share one dtype", lambda: kernels.add_rms_norm(x, x.half(), 8)),
         (TypeError, "eps must be a real number", lambda: kernels.rms_norm(x, 8, eps="small")),
+        (TypeError, "eps must be a real number", lambda: kernels.layer_norm(x, 8, eps=None)),
         (ValueError, "eps must be >= 0", lambda: kernels.layer_norm(x, 8, eps=-1.0)),
     ]
     for error, message, call in cases:

@@ -95,7 +95,8 @@ def main(argv=None):
     model, tokenizer, losses = train(args.backend, args.steps, args.batch_size, args.seed, args.device,
                                      args.block_size, args.n_layer, args.n_head, args.n_kv_head, args.n_embd,
                                      args.lr, args.text)
-    print(f"loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
+    if losses:
+        print(f"loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
     if args.sample:
         model.eval()
         start = tokenizer.encode("The ").view(1, -1).to(args.device)
