@@ -188,3 +188,25 @@ def test_only_plain_llama_style_rms_norms_are_swapped():
     assert type(holder["qwen"]) is kernels.RMSNorm and type(holder["gemma"]) is GemmaRMSNorm
     for name, module in holder.items():
         torch.testing.assert_close(module(x), expected[name])
+
+
+def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(kernel_only):
+    """As transformers' own SDPA path: an ``is_causal`` argument wins over ``module.is_causal``; a relative
+    ``position_bias`` (T5-style) is added to the scores by transformers' function, not dropped."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformer.patch import hf_attention
+
+    module = nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    out, _ = hf_attention(module, q, k, v, None, scaling=0.5, is_causal=False)
+    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5).transpose(1, 2))
+
+    bias = torch.randn(1, 2, 5, 5)
+    with pytest.MonkeyPatch.context() as m:  # transformers' path calls torch's SDPA itself: allow it here
+        m.setattr(ATTENTION_MODULE, "_TORCH_SDPA", torch.nn.functional.scaled_dot_product_attention)
+        out, _ = hf_attention(module, q, k, v, None, scaling=0.5, position_bias=bias)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.5, position_bias=bias)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5, mask=bias,
+                                                                causal=True).transpose(1, 2))

@@ -106,7 +106,7 @@ def register_hf_attention(name: str = ATTENTION_NAME) -> None:
 
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                 **kwargs):
+                 is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention-interface function, running the fused kernel through
     ``kernels.scaled_dot_product_attention``.
 
@@ -114,14 +114,22 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     heads itself). ``attention_mask`` comes from ``sdpa_mask``: None for a purely causal batch, else bool
     (B, 1, Q, K), True = may attend. The kernel takes the padding masks transformers builds (a contiguous run of
     real keys per row, AND causal), with or without a cache; any other mask, or dropout, runs torch's SDPA.
-    Returns (out (B, Q, H, D), None).
+    ``is_causal`` overrides ``module.is_causal`` as in transformers' own SDPA path. A relative ``position_bias`` (T5
+    and kin) or a paged ``cache`` is not something the kernel takes: those calls go to transformers' own
+    ``sdpa_attention_forward``. Returns (out (B, Q, H, D), None).
     """
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{ATTENTION_NAME} attention does not support softcap; use attn_implementation='eager'")
     # As transformers' own SDPA path: no mask means purely causal, except one query (decoding) sees the whole cache.
     # torch's is_causal is top-left aligned, which is what transformers means when a prefill into an empty static
     # cache brings more (future, empty) key slots than queries.
-    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
     out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                scale=scaling, is_causal=is_causal, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
