@@ -9,6 +9,7 @@ If ``triton`` was imported before ``kernels`` on a machine without a GPU, the ke
 that does not exist. Rather than crash deep inside Triton, the launchers then fall back to the plain-PyTorch
 reference in ``kernels/reference.py`` and say so once with a warning (see :func:`kernel_runs_on`).
 """
+import contextlib
 import os
 import sys
 import warnings
@@ -76,3 +77,9 @@ def device_capability(device: torch.device):
     if INTERPRETED or device.type != "cuda":
         return None
     return torch.cuda.get_device_capability(device)
+
+
+def launch_device(t: torch.Tensor):
+    """Context in which kernels for ``t`` launch: Triton launches on the *current* CUDA device, so make it ``t``'s
+    (inputs on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU). A no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

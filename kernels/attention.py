@@ -564,7 +564,8 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal: bool, ca
 @torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
                 causal: bool, causal_shift: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, kv_bounds, causal, causal_shift, scale)
+    with _runtime.launch_device(q):
+        return _forward(q, k, v, kv_bounds, causal, causal_shift, scale)
 
 
 @_forward_op.register_fake
@@ -576,7 +577,8 @@ def _(q, k, v, kv_bounds, causal, causal_shift, scale):
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
                  causal: bool, causal_shift: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal, causal_shift, scale)
+    with _runtime.launch_device(q):
+        return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal, causal_shift, scale)
 
 
 @_backward_op.register_fake

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._rows import as_rows, row_config
-from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on
+from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on, launch_device
 from kernels._validate import check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, Build, register_builds
 
@@ -302,10 +302,11 @@ def _forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optio
     programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row
                                   else (n_rows, 1))
     if n_rows:
-        _norm_fwd[(programs,)](x2d, res2d, w, b, y, h2d, mean if not rms else rstd, rstd, x2d.stride(0),
-                               res2d.stride(0), n_rows, n_cols, rows_per_program, eps, BLOCK=block, SINGLE=single,
-                               RMS=rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-                               HAS_B=bias is not None, MULTI_ROW=multi_row, num_warps=num_warps)
+        with launch_device(x):
+            _norm_fwd[(programs,)](x2d, res2d, w, b, y, h2d, mean if not rms else rstd, rstd, x2d.stride(0),
+                                   res2d.stride(0), n_rows, n_cols, rows_per_program, eps, BLOCK=block,
+                                   SINGLE=single, RMS=rms, HAS_RES=residual is not None, HAS_W=weight is not None,
+                                   HAS_B=bias is not None, MULTI_ROW=multi_row, num_warps=num_warps)
     return y, h, mean, rstd
 
 
@@ -330,10 +331,11 @@ def _backward_op(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tens
     partial = (torch.empty if single else torch.zeros)((2, programs, n_cols), dtype=torch.float32, device=h.device)
     w = weight.reshape(-1).contiguous() if weight is not None else h2d
     if n_rows:
-        _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
-                               h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program,
-                               BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None, HAS_DH=dh is not None,
-                               WANT_DW=want_dw, WANT_DB=want_db, num_warps=num_warps)
+        with launch_device(h):
+            _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
+                                   h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program,
+                                   BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
+                                   HAS_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, num_warps=num_warps)
     return dx, _reduce(partial[0], want_dw), _reduce(partial[1], want_db)
 
 

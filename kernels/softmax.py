@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._rows import as_rows, row_config
-from kernels._runtime import cast_rne, kernel_runs_on
+from kernels._runtime import cast_rne, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, Build, register_builds
 
@@ -173,7 +173,8 @@ def _forward_op(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool
     """y = (log-)softmax(x * scale) along ``dim`` (>= 0), laid out with ``dim`` last in memory."""
     y = _empty_like_moved(x, dim)
     if y.numel():
-        _launch(_softmax_fwd, _rows(y, dim), (_rows(x, dim),), x.shape[-2] if causal else 1, scale, causal, log)
+        with launch_device(x):
+            _launch(_softmax_fwd, _rows(y, dim), (_rows(x, dim),), x.shape[-2] if causal else 1, scale, causal, log)
     return y
 
 
@@ -187,8 +188,9 @@ def _backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, caus
     """dx from the forward's output y and its gradient dy."""
     dx = _empty_like_moved(y, dim)
     if dx.numel():
-        _launch(_softmax_bwd, _rows(dx, dim), (_rows(y, dim), _rows(dy, dim)), y.shape[-2] if causal else 1, scale,
-                causal, log)
+        with launch_device(y):
+            _launch(_softmax_bwd, _rows(dx, dim), (_rows(y, dim), _rows(dy, dim)), y.shape[-2] if causal else 1,
+                    scale, causal, log)
     return dx
 
 
