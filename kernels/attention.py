@@ -29,6 +29,7 @@ import contextvars
 import functools
 import inspect
 import math
+import numbers
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -537,10 +538,12 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal: bool, ca
     """Run the backward kernels: (dq, dk, dv), contiguous, in the inputs' dtype."""
     batch, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0:
+    # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
+    alloc = torch.empty if q.numel() and k.numel() else torch.zeros
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if alloc is torch.zeros:
         return dq, dk, dv
     meta = _meta(q, causal)
     delta = torch.empty_like(lse)
@@ -626,8 +629,8 @@ def _check_qkv(q, k, v) -> None:
 def _check_scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
 

@@ -5,6 +5,7 @@ Forward errors may be 2x, gradient errors 3x what PyTorch itself makes in the sa
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,9 @@ def test_worked_example_i_love_coding(kernel_only, device):
     q, k, v = [(x @ w)[None, None].to(device) for w in (w_q, w_k, w_v)]
     out = kernels.attention(q, k, v, scale=1.0)
     torch.testing.assert_close(out[0, 0, 1].cpu(), torch.tensor([1.68927519, 3.11159399, 0.8446376]), atol=1e-5, rtol=0)
+    # any real scale, as torch takes it: a numpy scalar or an int gives the same answer
+    torch.testing.assert_close(kernels.attention(q, k, v, scale=np.float32(1.0)), out)
+    torch.testing.assert_close(kernels.attention(q, k, v, scale=1), out)
 
 
 def test_non_contiguous_inputs_give_the_same_results(kernel_only, device):
@@ -260,6 +264,7 @@ def _bad(**changes):
     (_bad(q=torch.randn(1, 1, 2, 257), k=torch.randn(1, 1, 2, 257), v=torch.randn(1, 1, 2, 257)), ValueError,
      "head dim must be in 1..256"),
     (_bad(scale="big"), TypeError, "scale"),
+    (_bad(scale=float("nan")), TypeError, "scale must be a finite real number"),
     (_bad(key_padding_mask=torch.ones(2, 6)), TypeError, "key_padding_mask must have dtype"),
     (_bad(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, Nk\)"),
 ])
