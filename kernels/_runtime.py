@@ -50,6 +50,13 @@ def cast_rne(x, dtype: tl.constexpr):
 _warned = set()
 
 
+def kernels_can_run(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled."""
+    if INTERPRETED:
+        return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cuda for t in tensors)
+
+
 def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on these tensors in this process.
 
@@ -57,9 +64,7 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     compiled kernels, because ``triton`` was imported before ``kernels`` without a GPU; GPU tensors with the
     interpreter forced on) makes the caller use the reference implementation, with a one-time warning.
     """
-    on_gpu = all(t.is_cuda for t in tensors)
-    on_cpu = all(t.device.type == "cpu" for t in tensors)
-    if (INTERPRETED and on_cpu) or (not INTERPRETED and on_gpu):
+    if kernels_can_run(*tensors):
         return True
     reason = (
         f"kernels: Triton kernels are {'interpreted' if INTERPRETED else 'compiled for a GPU'} in this process "

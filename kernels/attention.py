@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from kernels import _runtime, reference  # _runtime first: it chooses the interpreter before triton loads
 from kernels._runtime import cast_rne
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, Build, register_builds
 
 import triton  # noqa: E402
@@ -720,30 +720,25 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int, device: 
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """How the kernel runs this SDPA call, as (kv_bounds, causal, causal_shift), or None for torch's fallback."""
-    tensors = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.dtype in FLOAT_DTYPES for t in tensors):
+    """How the kernel runs this SDPA call, as (kv_bounds, causal, causal_shift, scale), or None for torch's fallback
+    (which then accepts, or rejects with its own error, what the kernel does not take)."""
+    try:
+        _check_qkv(query, key, value)
+        scale = _check_scale(scale, query.shape[-1])
+    except (TypeError, ValueError):
         return None
-    on_gpu = all(t.is_cuda for t in tensors)
-    on_cpu = all(t.device.type == "cpu" for t in tensors)
-    if dropout_p != 0.0 or not (on_cpu if _runtime.INTERPRETED else on_gpu):
+    if dropout_p != 0.0 or not _runtime.kernels_can_run(query, key, value):
         return None
-    if len({t.dtype for t in tensors}) > 1 or key.shape != value.shape or key.shape[0] != query.shape[0]:
-        return None
-    heads, kv_heads, d = query.shape[1], key.shape[1], query.shape[3]
-    if key.shape[3] != d or not 1 <= d <= MAX_HEAD_DIM or kv_heads == 0:
-        return None
-    if heads != kv_heads and not (enable_gqa and heads % kv_heads == 0):
-        return None
-    if scale is not None and not isinstance(scale, (int, float)):
+    if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
     if attn_mask is None:
-        return None, bool(is_causal), 0  # torch's is_causal is top-left aligned: shift 0
+        return None, bool(is_causal), 0, scale  # torch's is_causal is top-left aligned: shift 0
     if is_causal:
         return None  # torch rejects a mask together with is_causal; let it say so
     if not isinstance(attn_mask, torch.Tensor):
         return None
-    return _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    mask_plan = _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    return None if mask_plan is None else (*mask_plan, scale)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -762,9 +757,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if plan is None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    bounds, causal, shift = plan
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return _forward_op(query, key, value, bounds, causal, shift, scale)[0]
+    return _forward_op(query, key, value, *plan)[0]
 
 
 # ------------------------------------------------------------------------------------------------ GPU builds
