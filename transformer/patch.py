@@ -9,6 +9,7 @@
 
 ``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
 """
+import functools
 import inspect
 import sys
 from typing import Optional
@@ -80,7 +81,9 @@ def _is_llama_style_rms_norm(module: nn.Module) -> bool:
     return _source(type(module).forward) == _source(llama.LlamaRMSNorm.forward)
 
 
+@functools.lru_cache(maxsize=None)
 def _source(fn) -> Optional[str]:
+    """A function's source, read once per function (a model has an RMSNorm per layer, all of one class)."""
     try:
         return inspect.getsource(fn).strip()
     except (OSError, TypeError):
