@@ -417,7 +417,7 @@ _CONFIGS = {
 _FP32_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 4, 2)]},
-    "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(32, 32, 8, 1), (16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(16, 32, 8, 1), (32, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
     "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (32, 16, 8, 2)],
            256: [(32, 16, 8, 1), (16, 16, 8, 1)]},
 }
@@ -426,7 +426,7 @@ _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the bloc
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # autotune cannot run interpreted; small tiles keep it quick
 # (family, {kernel: tile used}) of the innermost active interpreter_tiles() block; (None, None) outside any
 _INTERPRETER_FAMILY = contextvars.ContextVar("interpreter_tiles", default=(None, None))
-_DELTA_BLOCK_M = 64
+_DELTA_BLOCK_M, _DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blackwell); 8 spill nowhere
 
 
 def _tiles(kernel: str, family: int, d_bucket: int, fp32: bool):
@@ -549,7 +549,7 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, causal: bool, ca
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(n_q, _DELTA_BLOCK_M), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q,
-        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
+        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M, num_warps=_DELTA_WARPS)
     if grad_lse is not None:  # d lse_i / d s_ij = p_ij, which folds into delta: ds = p * (dp - (delta - dlse))
         delta -= grad_lse
     common = (q, k, v, grad_out, lse, delta)
@@ -794,8 +794,8 @@ def _builds() -> List[Build]:
     builds = []
     for dtype, name in TRITON_DTYPES.items():
         for d in (64, 128, 256):
-            builds.append(_build("attention_bwd_delta", _attn_bwd_delta, dtype, d, {"BLOCK_M": _DELTA_BLOCK_M}, 4, 1,
-                                 f"{name} d{d} BLOCK_M={_DELTA_BLOCK_M}"))
+            builds.append(_build("attention_bwd_delta", _attn_bwd_delta, dtype, d, {"BLOCK_M": _DELTA_BLOCK_M},
+                                 _DELTA_WARPS, 1, f"{name} d{d} BLOCK_M={_DELTA_BLOCK_M}"))
             for kernel, fn in _KERNELS.items():
                 # in table order, duplicates dropped: the first build of each kind is the sm_80 family's first
                 # config, which the build report treats as the default
