@@ -1,11 +1,19 @@
-"""One list of the package's GPU builds: every (Triton kernel, launch configuration) the launchers can choose.
+"""One list of the package's GPU builds, one way to declare them, and one seam to pick a launch configuration.
 
-A kernel module registers its builds once with :func:`register_builds`; the GPU-target build report
-(``python -m benchmarks static``) and its tests compile each of them ahead of time for real GPU targets, so a new
-kernel or autotune config is built and checked everywhere without being listed twice.
+A kernel module declares its builds once, with :func:`declare` inside a function decorated by
+:func:`register_builds`; the GPU-target build report (``python -m benchmarks static``), its tests and the GPU check
+(``python -m benchmarks gpu-check``) compile or run each of them, so a new kernel or autotune config is built and
+checked everywhere without being listed twice.
+
+:func:`use_config` is the one seam through which a caller outside the launchers (tests, benchmarks, the GPU check)
+chooses the configuration of a launch: every launcher asks :func:`forced_config` before it autotunes (on a GPU) or
+takes its interpreter default (on CPU).
 """
+import contextlib
+import contextvars
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -20,7 +28,8 @@ class Build:
     ``signature`` maps every parameter name, in order, to a Triton type ("*fp16", "i32", "fp32", ...) or
     "constexpr"; ``constexprs`` gives the constexpr values; ``divisible_by_16`` names the pointer/int params the
     launcher may assume 16-aligned (as Triton's own specialisation would); ``label`` says what the config is
-    for (dtype, head dim, tile sizes) in the report.
+    for (dtype, head dim, tile sizes) in the report; ``default`` marks the config a GPU runs first (the first of
+    its autotune list), which the build report holds to the no-spill bar.
     """
 
     kernel: str
@@ -31,6 +40,40 @@ class Build:
     num_stages: int
     label: str
     divisible_by_16: tuple = field(default_factory=tuple)
+    default: bool = False
+
+
+def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_warps: int, num_stages: int,
+            label: str, types: Optional[Dict[str, str]] = None, default: bool = False) -> Build:
+    """A :class:`Build` of ``fn`` whose signature follows the package's naming convention.
+
+    Parameters in ``constexprs`` are constexpr; ``types`` overrides any parameter's type; otherwise an UPPERCASE
+    parameter is a pointer to ``dtype`` ("fp16", "bf16", "fp32"), a ``stride_*`` one an i32 (a unit head-dim or
+    column stride, named ``stride_*d``, is specialised to the constant 1 as Triton does), a name containing
+    ``scale`` or ``eps`` an fp32, and every other lowercase scalar an i32. Pointers and non-unit strides are taken
+    as 16-aligned, as Triton's own specialisation would for contiguous tensors.
+    """
+    python_fn = fn
+    while hasattr(python_fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+        python_fn = python_fn.fn
+    types = types or {}
+    signature, values = {}, dict(constexprs)
+    for name in inspect.signature(python_fn).parameters:
+        if name in values:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.startswith("stride_") and name.endswith("d") and len(name) > len("stride_d"):
+            signature[name], values[name] = "constexpr", 1
+        elif name.isupper() or name[0].isupper():
+            signature[name] = f"*{dtype}"
+        elif "scale" in name or name == "eps":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or (t == "i32" and n.startswith("stride_")))
+    return Build(kernel=kernel, fn=fn, signature=signature, constexprs=values, num_warps=num_warps,
+                 num_stages=num_stages, label=label, divisible_by_16=aligned, default=default)
 
 
 _providers: List[Callable[[], List[Build]]] = []
@@ -47,3 +90,30 @@ def all_builds() -> List[Build]:
     import kernels  # noqa: F401  (importing the package imports every kernel module, which registers them)
 
     return [build for provider in _providers for build in provider()]
+
+
+# ----------------------------------------------------------------------------------- the launch-config seam
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("forced_configs", default={})
+
+
+@contextlib.contextmanager
+def use_config(kernel: str, **config) -> Iterator[None]:
+    """Launch ``kernel`` (a :attr:`Build.kernel` name, e.g. ``"attention_fwd"``) with ``config`` inside the block,
+    bypassing the autotuner on a GPU and the interpreter's default tile on CPU.
+
+    ``config`` holds the kernel's tile meta-parameters (e.g. ``BLOCK_M=64, BLOCK_N=32``) and optionally
+    ``num_warps``/``num_stages`` (ignored by the interpreter). Blocks nest; the innermost wins per kernel.
+    Meant for tests, benchmarks and the GPU check; the launchers never need it.
+    """
+    forced = dict(_FORCED.get())
+    forced[kernel] = dict(config)
+    token = _FORCED.set(forced)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_config(kernel: str) -> Optional[Dict[str, object]]:
+    """The config :func:`use_config` forces on ``kernel`` here, or None (the launcher decides)."""
+    return _FORCED.get().get(kernel)
