@@ -12,9 +12,11 @@ reference in ``kernels/reference.py`` and say so once with a warning (see :func:
 import contextlib
 import os
 import sys
+import threading
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -84,7 +86,23 @@ def device_capability(device: torch.device):
     return torch.cuda.get_device_capability(device)
 
 
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def launch_device(t: torch.Tensor):
     """Context in which kernels for ``t`` launch: Triton launches on the *current* CUDA device, so make it ``t``'s
-    (inputs on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU). A no-op on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    (inputs on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU). On CPU it holds a process-wide
+    lock instead: Triton's interpreter patches ``triton.language`` while a kernel runs, so two threads launching
+    at once break each other."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext()
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """NotImplementedError if any tensor carries a forward-mode tangent (``torch.func.jvp`` or
+    ``torch.autograd.forward_ad``): the custom ops define reverse mode only, and would otherwise return an all-zero
+    tangent without a word."""
+    if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not "
+                                  "implemented by the fused kernels; use reverse mode, or kernels.reference's op")
