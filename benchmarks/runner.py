@@ -8,8 +8,7 @@ Counted bytes of interpreted attention kernels are taken with the tiles a GPU wo
 runs and the memory worker keep the interpreter's default 32x32 tile (their numbers say nothing about a GPU).
 """
 import contextlib
-import importlib
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,17 +21,25 @@ from benchmarks.roofline import MODELLED, model_time, spec_by_name
 
 
 COUNT_TILE_FAMILY = 90
-"""GPU family whose default tiles (each attention kernel's first autotune config for the input's head dim and
-dtype: ``kernels.attention.interpreter_tiles``) the interpreted attention kernels run with while being counted."""
+"""GPU family whose default configs (each attention kernel's first autotune config for the input's head dim and
+dtype: ``kernels.attention.configs.default_configs``) the interpreted attention kernels run with while counted."""
 
 
-def _count_tiles():
-    """``interpreter_tiles(COUNT_TILE_FAMILY)``, or a no-op where the attention kernels are not importable."""
-    try:
-        interpreter_tiles = importlib.import_module("kernels.attention").interpreter_tiles
-    except (ImportError, AttributeError):
-        return contextlib.nullcontext({})
-    return interpreter_tiles(COUNT_TILE_FAMILY)
+def _count_tiles(case: Case) -> Tuple[contextlib.ExitStack, Dict[str, Tuple[int, int]]]:
+    """(a context forcing the sm_90 default configs on the attention kernels through
+    ``kernels.registry.use_config``, {kernel: (BLOCK_M, BLOCK_N)} it forces); nothing for other ops."""
+    stack = contextlib.ExitStack()
+    if case.op != "attention":
+        return stack, {}
+    from kernels.attention.configs import default_configs
+    from kernels.registry import use_config
+
+    forced = default_configs(COUNT_TILE_FAMILY, getattr(torch, case.dtype), case.head_dim)
+    if case.mode == "fwd":
+        forced = {"attention_fwd": forced["attention_fwd"]}
+    for kernel, config in forced.items():
+        stack.enter_context(use_config(kernel, **config))
+    return stack, {kernel.removeprefix("attention_"): (c["BLOCK_M"], c["BLOCK_N"]) for kernel, c in forced.items()}
 
 
 def tiles_note(tiles: dict) -> str:
@@ -69,14 +76,16 @@ def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, recor
     inputs = make_inputs(case, device.torch_device)
     step = make_step(fn, inputs)
     countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
-    with (counting() if countable else contextlib.nullcontext()) as counts, _count_tiles() as tiles:
+    # only interpreted kernels are counted; compiled ones autotune as usual
+    count_tiles, tiles = _count_tiles(case) if device.interpreted and prov.triton else (contextlib.nullcontext(), {})
+    with (counting() if countable else contextlib.nullcontext()) as counts, count_tiles:
         outputs = step()  # also the warm-up run
     extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
     record["min_bytes"] = sum(touched_bytes(t) for t in inputs.tensors + extra_inputs + outputs)
     del outputs
     if counts is not None:
         record["counted"] = {**counts.as_record(), "vs_min": counts.bytes / record["min_bytes"]}
-        if tiles:  # interpreted attention kernels ran
+        if tiles:  # interpreted attention kernels ran with a GPU's tiles
             record["counted"]["tiles"] = tiles_note(tiles)
         record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
                            for name in MODELLED}

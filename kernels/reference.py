@@ -31,6 +31,7 @@ def attention(
     scale: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
     return_probs: bool = False,
+    return_lse: bool = False,
 ):
     """Quadratic attention: ``softmax(q @ k^T * scale + mask) @ v``, materialising the scores.
 
@@ -38,7 +39,8 @@ def attention(
     serves H // Hkv consecutive query heads, repeated here in memory). ``scale`` defaults to 1/sqrt(D).
     ``causal`` masks bottom-right (see :func:`causal_mask`). ``mask``, broadcastable to (B, H, Nq, Nk), is a
     bool "may attend" mask or a float mask added to the scores. Rows that see no key give zeros, not NaN.
-    Returns (B, H, Nq, D), and with ``return_probs`` also the (B, H, Nq, Nk) probabilities.
+    Returns (B, H, Nq, D), and with ``return_probs`` also the (B, H, Nq, Nk) probabilities, with ``return_lse``
+    also the (B, H, Nq) natural-log logsumexp of the masked scores (-inf for rows that see no key), in that order.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
     group = q.shape[1] // k.shape[1]
@@ -60,7 +62,10 @@ def attention(
     denom = exp.sum(dim=-1, keepdim=True)
     probs = exp / torch.where(denom > 0, denom, torch.ones_like(denom))
     out = probs @ v
-    return (out, probs) if return_probs else out
+    extra = (probs,) * return_probs
+    if return_lse:
+        extra += ((row_max + torch.log(denom)).squeeze(-1),)
+    return (out, *extra) if extra else out
 
 
 def softmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = False) -> torch.Tensor:

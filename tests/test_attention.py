@@ -1,9 +1,10 @@
-"""The fused attention kernels (kernels/attention.py) against float64 math, and the SDPA drop-in against torch.
+"""The fused attention kernels (kernels/attention/) against float64 math, and the SDPA drop-in against torch.
 
 Forward errors may be 2x, gradient errors 3x what PyTorch itself makes in the same precision (tests/tolerance.py).
 """
-import importlib
+import inspect
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.attention import api, configs, sdpa
+from kernels.registry import use_config
 from tolerance import BACKWARD, FORWARD, assert_close
-
-attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function, not the module
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 _REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
@@ -27,7 +28,7 @@ def kernel_only(monkeypatch):
         raise AssertionError("fallback used where the kernel should run")
 
     monkeypatch.setattr(reference, "attention", forbidden)
-    monkeypatch.setattr(attn_mod, "_TORCH_SDPA", forbidden)
+    monkeypatch.setattr(sdpa, "_TORCH_SDPA", forbidden)
 
 
 def _inputs(b, h, h_kv, n_q, n_k, d, dtype, device, requires_grad=False):
@@ -121,30 +122,59 @@ def test_gradients_match_float64(device, dtype, causal, h, h_kv, n_q, n_k, d):
     _check_gradients(q, k, v, causal)
 
 
-@pytest.mark.parametrize("dtype", [FP32, FP16])
-def test_gpu_default_tiles_give_the_same_results(device, dtype):
-    """Under ``interpreter_tiles(90)`` (what the benchmarks count with) the interpreted kernels run each kernel's
-    first sm_90 config at an awkward shape: N = 200 (partial query and key blocks), D = 80 (padded to 128),
-    causal, GQA; forward and gradients still obey the float64 rule. Compiled kernels autotune: nothing changes."""
-    q, k, v = _inputs(1, 4, 2, 200, 200, 80, dtype, device, requires_grad=True)
-    with attn_mod.interpreter_tiles(90) as tiles:
-        _check_gradients(q, k, v, causal=True)
+def _every_config(dtype, d):
+    """(kernel, config) for every config of every family's autotune list of the attention kernels."""
+    seen = []
+    for kernel in configs.KERNELS:
+        for family in configs.FAMILIES:
+            for bm, bn, warps, stages in configs.tiles(kernel, family, configs.d_bucket(d), dtype == FP32):
+                entry = (f"attention_{kernel}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+                if entry not in seen:
+                    seen.append(entry)
+    return seen
+
+
+@pytest.mark.parametrize("dtype,d", [(FP16, 64), (FP16, 80), (BF16, 256), (FP32, 48), (FP32, 128), (FP32, 256)])
+def test_every_autotune_config_gives_float64_results(device, dtype, d):
+    """Each config a GPU may pick (forced through ``use_config``, which bypasses the autotuner and the
+    interpreter's default tile), at an awkward shape: partial query and key blocks, causal, GQA, a padded head
+    dim; forward and gradients obey the float64 rule."""
+    q, k, v = _inputs(1, 2, 1, 70, 75, d, dtype, device, requires_grad=True)
+    for kernel, config in _every_config(dtype, d):
+        with use_config(kernel, **config):
+            _check_gradients(q, k, v, causal=True)
+
+
+def test_use_config_is_what_runs(monkeypatch, device):
+    """The forced tile reaches the launch, innermost block winning; outside, the interpreter's default runs."""
+    launched = []
+    real = configs.KERNELS["fwd"]
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((grid, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setitem(configs.KERNELS, "fwd", Spy())
+    q, k, v = _inputs(2, 3, 1, 40, 40, 16, FP32, device)
+    with use_config("attention_fwd", BLOCK_M=64, BLOCK_N=16):
+        with use_config("attention_fwd", BLOCK_M=16, BLOCK_N=64):
+            kernels.attention(q, k, v)
+        kernels.attention(q, k, v)
+    kernels.attention(q, k, v)
     if kernels.INTERPRETED:
-        assert tiles == {kernel: tuple(attn_mod._tiles(kernel, 90, 128, dtype == FP32)[0][:2])
-                         for kernel in ("fwd", "dkdv", "dq")}
-        assert tiles["fwd"] == ((16, 32) if dtype == FP32 else (128, 32))
+        assert launched == [((3 * 6,), 16, 64), ((1 * 6,), 64, 16), ((2 * 6,), 32, 32)]
 
 
-def test_interpreter_tiles_default_and_bad_family():
-    q, k, v = _inputs(1, 1, 1, 8, 8, 16, FP32, torch.device("cpu"))
-    with attn_mod.interpreter_tiles(90):
-        with attn_mod.interpreter_tiles(None) as tiles:  # the innermost block wins
-            if kernels.INTERPRETED:
-                kernels.attention(q, k, v, causal=True)
-    assert tiles == ({"fwd": (32, 32)} if kernels.INTERPRETED else {})
+def test_default_configs_are_each_tables_first_entry():
+    got = configs.default_configs(90, FP16, 80)
+    assert got["attention_fwd"] == dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+                                            configs.tiles("fwd", 90, 128, False)[0]))
+    assert set(got) == {"attention_fwd", "attention_dkdv", "attention_dq"}
     with pytest.raises(ValueError, match="family"):
-        with attn_mod.interpreter_tiles(75):
-            pass
+        configs.default_configs(75, FP16, 64)
 
 
 def test_worked_example_i_love_coding(kernel_only, device):
@@ -195,7 +225,8 @@ def test_empty_inputs_launch_nothing(monkeypatch, device, shape_q, shape_kv):
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel was launched for an empty input")
 
-    monkeypatch.setattr(attn_mod, "_launch", no_launch)
+    monkeypatch.setattr(configs, "launch", no_launch)
+    monkeypatch.setattr(configs, "launch_delta", no_launch)
     q = torch.randn(shape_q, device=device, requires_grad=True)
     k, v = (torch.randn(shape_kv, device=device, requires_grad=True) for _ in range(2))
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)
@@ -230,15 +261,18 @@ def test_key_padding_mask_left_and_right(device, causal):
     _check_gradients(q, k, v, causal, key_padding_mask=padding)
 
 
-def test_key_padding_mask_must_be_one_run(device):
-    q, k, v = _inputs(1, 1, 1, 4, 6, 8, FP32, device)
-    with pytest.raises(ValueError, match="key_padding_mask.*contiguous"):
-        kernels.attention(q, k, v, key_padding_mask=torch.tensor([[True, False, True, True, True, True]]))
+@pytest.mark.parametrize("dtype,causal", [(FP32, False), (FP16, True)])
+def test_key_padding_mask_with_holes(device, dtype, causal):
+    """Any pattern of visible keys, e.g. several packed sequences' keys or random holes, non-contiguous mask."""
+    q, k, v = _inputs(2, 2, 1, 37, 70, 24, dtype, device, requires_grad=True)
+    padding = torch.rand(70, 2) > 0.4
+    padding[:5, 1] = False
+    _check_gradients(q, k, v, causal, key_padding_mask=padding.t())
 
 
 def test_falls_back_to_the_reference_when_the_kernels_cannot_run(monkeypatch, device):
-    monkeypatch.setattr(attn_mod._runtime, "kernel_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(attn_mod, "_forward_op", None)  # calling the kernel op would now fail
+    monkeypatch.setattr(api._runtime, "kernel_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(api, "_forward_op", None)  # calling the kernel op would now fail
     q, k, v = _inputs(1, 2, 1, 5, 8, 8, FP32, device)
     padding = torch.tensor([[False, True, True, True, True, True, True, False]])
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True, key_padding_mask=padding)
@@ -269,7 +303,7 @@ def _bad(**changes):
     (_bad(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, Nk\)"),
 ])
 def test_bad_inputs_raise_before_any_launch(monkeypatch, args, error, match):
-    monkeypatch.setattr(attn_mod, "_launch", None)
+    monkeypatch.setattr(configs, "launch", None)
     with pytest.raises(error, match=match):
         kernels.attention(**args)
 
@@ -280,7 +314,7 @@ def _sdpa_pair(monkeypatch, *args, **kwargs):
     """(shim result, torch result): the shim with torch's fallback disabled, so the kernel must have run."""
     expected = F.scaled_dot_product_attention(*args, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(attn_mod, "_TORCH_SDPA", None)
+        patch.setattr(sdpa, "_TORCH_SDPA", None)
         return kernels.scaled_dot_product_attention(*args, **kwargs), expected
 
 
@@ -318,7 +352,7 @@ def _no_kernel(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the kernel ran where torch's fallback was expected")
 
-    monkeypatch.setattr(attn_mod, "_forward_op", forbidden)
+    monkeypatch.setattr(sdpa, "_forward_op", forbidden)
 
 
 @pytest.mark.parametrize("mask_kind", ["float", "scattered_bool"])
@@ -329,7 +363,7 @@ def test_sdpa_other_masks_fall_back_to_torch(monkeypatch, device, mask_kind):
     # Assigned over torch's own function: the fallback must call the original, not recurse into the shim.
     monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
     got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(got, attn_mod._TORCH_SDPA(q, k, v, attn_mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(got, sdpa._TORCH_SDPA(q, k, v, attn_mask=mask), atol=0, rtol=0)
 
 
 def test_sdpa_dropout_falls_back_to_torch(monkeypatch, device):
@@ -370,16 +404,18 @@ def test_torch_compile_fullgraph_forward_and_backward(kernel_only, device):
 # -------------------------------------------------------------------------------------------------- GPU builds
 
 def test_every_config_is_registered_for_fp16_bf16_fp32_and_head_dims():
-    builds = [b for b in attn_mod._builds()]
-    for kernel, fn in attn_mod._KERNELS.items():
+    builds = [b for b in configs._builds()]
+    for kernel, fn in configs.KERNELS.items():
         labels = {b.label for b in builds if b.fn is fn}
-        for family in (80, 90):
+        defaults = [b for b in builds if b.fn is fn and b.default]
+        assert len(defaults) == 9  # one per dtype and head dim
+        for family in configs.FAMILIES:
             for d in (64, 128, 256):
                 for dtype in ("fp16", "bf16", "fp32"):
-                    for bm, bn, warps, stages in attn_mod._tiles(kernel, family, d, dtype == "fp32"):
+                    for bm, bn, warps, stages in configs.tiles(kernel, family, d, dtype == "fp32"):
                         assert f"{dtype} d{d} causal {bm}x{bn} w{warps} s{stages}" in labels
     for b in builds:  # the signature names every parameter, in order, and each constexpr has a value
-        params = list(attn_mod.inspect.signature(b.fn.fn).parameters)
+        params = list(inspect.signature(b.fn.fn).parameters)
         assert list(b.signature) == params
         assert {n for n, t in b.signature.items() if t == "constexpr"} == set(b.constexprs)
 

@@ -18,10 +18,11 @@ from benchmarks.device import detect
 from benchmarks.memory import measure_cpu
 from benchmarks.providers import Case, Provider
 from benchmarks.roofline import match_device, model_time, spec_by_name
+from kernels.attention import configs
+from kernels.registry import use_config
 from tests.toy_kernels import copy_kernel, matmul_kernel
 
 needs_interpreter = pytest.mark.skipif(not kernels.INTERPRETED, reason="counts Triton through its interpreter")
-attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function, not the module
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -109,12 +110,12 @@ def test_dispatch_mode_sees_the_backward():
     assert both.flops == 2 * forward_only.flops  # dL/dx = dy @ w^T: another 2*4*8*3
 
 
-def _causal_forward_counts(n: int, family, h=2, h_kv=1, d=64, dtype=torch.float16):
+def _causal_forward_counts(n: int, tile, h=2, h_kv=1, d=64, dtype=torch.float16):
     q = torch.randn(1, h, n, d, dtype=dtype)
     k, v = (torch.randn(1, h_kv, n, d, dtype=dtype) for _ in range(2))
-    with counting() as counts, attn_mod.interpreter_tiles(family) as tiles:
+    with counting() as counts, use_config("attention_fwd", BLOCK_M=tile[0], BLOCK_N=tile[1]):
         kernels.attention(q, k, v, causal=True)
-    return counts, tiles["fwd"]
+    return counts
 
 
 @needs_interpreter
@@ -127,8 +128,9 @@ def test_attention_forward_counted_with_gpu_tiles_is_the_hand_count_and_below_th
     dots whatever the mask. Bigger query blocks re-read K/V fewer times.
     """
     h, d, itemsize = 2, 64, 2
-    gpu_tile = tuple(attn_mod._tiles("fwd", 90, 64, False)[0][:2])
-    assert gpu_tile == (128, 64)
+    forced = runner._count_tiles(Case("attention", "fwd", 200, dtype="float16"))[1]
+    gpu_tile = forced["fwd"]
+    assert gpu_tile == tuple(configs.tiles("fwd", 90, 64, False)[0][:2]) == (128, 64)
 
     def hand(n, block_m, block_n):
         ends = [min(start + block_m, n) for start in range(0, n, block_m)]
@@ -138,9 +140,8 @@ def test_attention_forward_counted_with_gpu_tiles_is_the_hand_count_and_below_th
         return read, written, flops
 
     for n in (200, 320):
-        small, small_tile = _causal_forward_counts(n, None)
-        gpu, tile = _causal_forward_counts(n, 90)
-        assert (small_tile, tile) == ((32, 32), gpu_tile)
+        small = _causal_forward_counts(n, (32, 32))
+        gpu = _causal_forward_counts(n, gpu_tile)
         assert (small.bytes_read, small.bytes_written, small.flops) == hand(n, 32, 32)
         assert (gpu.bytes_read, gpu.bytes_written, gpu.flops) == hand(n, *gpu_tile)
         assert (gpu.triton_launches, gpu.aten_ops) == (1, 0)

@@ -3,9 +3,8 @@
 - :class:`transformer.GPT`: switch its backend to ``"triton"``.
 - any ``torch.nn.Module``: replace ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's plain
   Llama-style RMSNorm classes) with ``kernels.LayerNorm`` / ``kernels.RMSNorm`` carrying the same state.
-- Hugging Face ``transformers`` models: also register the attention kernel under :data:`ATTENTION_NAME` in
-  ``transformers.AttentionInterface`` (with transformers' SDPA mask function, so padded batches get their mask)
-  and switch the model to it.
+- Hugging Face ``transformers`` models: also register the attention kernel (``transformer/hf.py``) under
+  :data:`ATTENTION_NAME` in ``transformers.AttentionInterface`` and switch the model to it.
 
 ``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
 """
@@ -18,10 +17,8 @@ import torch
 import torch.nn as nn
 
 import kernels
+from transformer.hf import ATTENTION_NAME, register_hf_attention
 from transformer.model import GPT
-
-ATTENTION_NAME = "fused_triton"
-"""The name the kernel is registered under in transformers' attention and mask interfaces."""
 
 
 def patch(model: nn.Module) -> nn.Module:
@@ -90,49 +87,6 @@ def _source(fn) -> Optional[str]:
         return None
 
 
-# --------------------------------------------------------------------------- Hugging Face attention
-
-
 def _is_hf_model(model: nn.Module) -> bool:
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
-
-
-def register_hf_attention(name: str = ATTENTION_NAME) -> None:
-    """Register :func:`hf_attention` and transformers' SDPA mask function (bool masks, None when purely causal)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(name, hf_attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
-
-
-def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                 is_causal: Optional[bool] = None, **kwargs):
-    """transformers' attention-interface function, running the fused kernel through
-    ``kernels.scaled_dot_product_attention``.
-
-    query (B, H, Q, D), key/value (B, Hkv, K, D) (non-contiguous views; GQA stays unrepeated: the kernel groups
-    heads itself). ``attention_mask`` comes from ``sdpa_mask``: None for a purely causal batch, else bool
-    (B, 1, Q, K), True = may attend. The kernel takes the padding masks transformers builds (a contiguous run of
-    real keys per row, AND causal), with or without a cache; any other mask, or dropout, runs torch's SDPA.
-    ``is_causal`` overrides ``module.is_causal`` as in transformers' own SDPA path. A relative ``position_bias`` (T5
-    and kin) or a paged ``cache`` is not something the kernel takes: those calls go to transformers' own
-    ``sdpa_attention_forward``. Returns (out (B, Q, H, D), None).
-    """
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{ATTENTION_NAME} attention does not support softcap; use attn_implementation='eager'")
-    # As transformers' own SDPA path: no mask means purely causal, except one query (decoding) sees the whole cache.
-    # torch's is_causal is top-left aligned, which is what transformers means when a prefill into an empty static
-    # cache brings more (future, empty) key slots than queries.
-    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
-    out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                               scale=scaling, is_causal=is_causal, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,182 @@
+"""Launch configurations of the attention kernels: tile tables per GPU family, autotuning, the launch itself, and
+the GPU builds they declare.
+
+A launch takes, in order: the config forced by ``kernels.registry.use_config`` (tests, benchmarks, the GPU
+check), else on a GPU the autotuner over its family's table, else (interpreted) :data:`INTERPRETER_TILE`.
+"""
+import functools
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+
+from kernels import _runtime
+from kernels.attention.kernels import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
+from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
+
+MAX_HEAD_DIM = 256
+MAX_PROGRAMS = 2**31 - 1
+"""CUDA's limit on a grid's first axis; every attention grid is one-dimensional."""
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, autotuned on a GPU per (head dim,
+# dtype, causal, precision, length bucket). BLOCK_N is the streamed (inner) block of the forward and dQ, BLOCK_M
+# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows) and
+# compile for both sm_80 and sm_90 with no register spill at head dims <= 128 (ptxas -v, triton 3.8): larger tiles
+# that spilled on either were pruned, e.g. the forward's 128x64 with 8 warps at d128 (sm_80) or dK/dV's 64x64 at
+# d128 (sm_90). At d256 only a few small tiles stay spill-free. The dK/dV and dQ tables serve both families; their
+# first entries (the defaults) also compile spill-free for sm_100, which uses the sm_90 tables.
+_DKDV_TILES = {64: [(32, 128, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
+               128: [(16, 64, 4, 1), (16, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2)],
+               256: [(16, 32, 4, 1)]}
+_DQ_TILES = {64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+             128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+             256: [(32, 32, 4, 1)]}
+_CONFIGS = {
+    "fwd": {
+        80: {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
+             128: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+             256: [(64, 64, 8, 2), (32, 64, 4, 2)]},
+        90: {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
+             128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
+             256: [(64, 64, 8, 2)]},
+    },
+    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES},
+    "dq": {80: _DQ_TILES, 90: _DQ_TILES},
+}
+FAMILIES = tuple(_CONFIGS["fwd"])
+# IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit (32x32
+# with 4 warps already spills hundreds of bytes). Every entry compiles without spills on sm_80 and sm_90 (ptxas -v,
+# triton 3.8), head dim 256 included. TF32 (opt-in) uses them too.
+_FP32_CONFIGS = {
+    "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
+            256: [(16, 16, 4, 2)]},
+    "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(16, 32, 8, 1), (32, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (32, 16, 8, 2)],
+           256: [(32, 16, 8, 1), (16, 16, 8, 1)]},
+}
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
+INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}
+"""Interpreted launches' tile: autotuning needs a GPU; small tiles keep the interpreter quick and still exercise
+multi-block paths at small lengths."""
+DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blackwell); 8 spill nowhere
+
+
+def tiles(kernel: str, family: int, d_bucket: int, fp32: bool) -> List[Tuple[int, int, int, int]]:
+    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim and dtype."""
+    return _FP32_CONFIGS[kernel][d_bucket] if fp32 else _CONFIGS[kernel][family][d_bucket]
+
+
+def d_bucket(head_dim: int) -> int:
+    """The table key of a head dim: its padded width, with every width up to 64 sharing the 64 table."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return 64 if block_d <= 64 else block_d
+
+
+def default_configs(family: int, dtype: torch.dtype, head_dim: int) -> Dict[str, Dict[str, int]]:
+    """{registry kernel name: config} of the config a GPU of ``family`` tries first for these inputs, in the form
+    ``kernels.registry.use_config`` takes (e.g. to count interpreted IO with a GPU's tiles)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    configs = {}
+    for kernel in KERNELS:
+        block_m, block_n, warps, stages = tiles(kernel, family, d_bucket(head_dim), dtype == torch.float32)[0]
+        configs[f"attention_{kernel}"] = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return configs
+
+
+def _family(device: torch.device) -> int:
+    major, _ = _runtime.device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _length_bucket(n: int) -> int:
+    return triton.next_power_of_2(max(min(n, 16384), 64))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: str, family: int, bucket: int, fp32: bool, n_bucket: Tuple[int, int]):
+    """An autotuner over this family's configs; one per length bucket so that tuning is keyed on bucketed
+    lengths (the autotuner itself keys on head dim, causal, precision and the tensors' dtypes)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in tiles(kernel, family, bucket, fp32)]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(KERNELS[kernel])
+
+
+def grid(rows: int, heads: int, block: int) -> Tuple[int]:
+    """The 1-D grid of cdiv(rows, block) blocks for each of ``heads`` (batch * heads); ValueError past CUDA's
+    limit, before anything launches."""
+    programs = triton.cdiv(rows, block) * heads
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"attention: {heads} heads x {rows} rows in blocks of {block} need {programs} programs, "
+                         f"more than a GPU grid holds ({MAX_PROGRAMS})")
+    return (programs,)
+
+
+def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int]) -> None:
+    """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``."""
+    block = _GRID_BLOCK[kernel]
+    forced = forced_config(f"attention_{kernel}")
+    if forced is not None or _runtime.INTERPRETED:
+        config = dict(forced or INTERPRETER_TILE)
+        if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
+            config.pop("num_warps", None)
+            config.pop("num_stages", None)
+        KERNELS[kernel][grid(rows, heads, config[block])](*args, **meta, **config)
+        return
+    fp32 = args[0].dtype == torch.float32
+    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32,
+                   tuple(_length_bucket(n) for n in lengths))
+    grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
+    tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
+
+
+def launch_delta(args, rows: int, heads: int, meta: dict) -> None:
+    """Launch the backward's delta pre-pass (one fixed config, nothing to tune)."""
+    forced = forced_config("attention_bwd_delta") or {}
+    block_m = forced.get("BLOCK_M", DELTA_BLOCK_M)
+    options = {} if _runtime.INTERPRETED else {"num_warps": forced.get("num_warps", DELTA_WARPS)}
+    _attn_bwd_delta[grid(rows, heads, block_m)](*args, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+                                                 BLOCK_M=block_m, **options)
+
+
+def kernel_meta(q: torch.Tensor, causal: bool) -> dict:
+    """Compile-time parameters shared by the kernels: head dim and its padded width, causal, dot precision, and
+    whether bf16 dots must be computed in fp32 (the interpreter only; see kernels.py)."""
+    d = q.shape[-1]
+    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
+                UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
+                PRECISION="tf32" if tf32 else "ieee")
+
+
+# ------------------------------------------------------------------------------------------------ GPU builds
+_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8"}
+
+
+def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
+           default: bool) -> Build:
+    """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time."""
+    fn = _attn_bwd_delta if kernel == "bwd_delta" else KERNELS[kernel]
+    constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee")
+    if kernel == "bwd_delta":
+        constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d)
+    return declare(f"attention_{kernel}", fn, dtype=TRITON_DTYPES[dtype], constexprs=constexprs,
+                   num_warps=num_warps, num_stages=num_stages, label=label, types=_TYPES, default=default)
+
+
+@register_builds
+def _builds() -> List[Build]:
+    """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256; the default of
+    each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels)."""
+    builds = []
+    for dtype, name in TRITON_DTYPES.items():
+        for d in (64, 128, 256):
+            builds.append(_build("bwd_delta", dtype, d, {"BLOCK_M": DELTA_BLOCK_M}, DELTA_WARPS, 1,
+                                 f"{name} d{d} BLOCK_M={DELTA_BLOCK_M}", default=True))
+            for kernel in KERNELS:
+                table = dict.fromkeys(t for family in FAMILIES for t in tiles(kernel, family, d, name == "fp32"))
+                for i, (bm, bn, warps, stages) in enumerate(table):
+                    builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
+                                         f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}", default=i == 0))
+    return builds

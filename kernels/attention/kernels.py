@@ -1,0 +1,392 @@
+"""The Triton kernels of fused attention, FlashAttention-2 style: forward, and a backward in three kernels.
+
+Shapes: q (B, H, Nq, D); k, v (B, Hkv, Nk, D) with H a multiple of Hkv (grouped-query attention by indexing:
+query head h reads kv head h // (H // Hkv), nothing repeated in memory); D <= BLOCK_D, the head dim padded to a
+power of two >= 16 with masked loads; fp16, bf16 or fp32, any strides. Every address offset that can pass 2^31
+(batch, head and row times their strides) is computed in 64 bits.
+
+Math: out = softmax(scale * q @ k^T + mask) @ v, block by block with an online softmax in base 2 (scale * log2(e)
+folded into one multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` (B, H, Nq) float32 is
+kept for the backward. Query i sees key j iff kv_start[b] <= j < kv_end[b], the optional (B, Nk) padding mask PAD
+is nonzero at (b, j), and (not CAUSAL or j <= i + CAUSAL_SHIFT). Rows that see no key give zeros and lse = -inf.
+
+Grids are one-dimensional (CUDA allows 2^31 - 1 programs on axis 0 but only 65535 on axis 1): program p owns
+block p % cdiv(n, BLOCK) of head p // cdiv(n, BLOCK), so neighbouring programs share a head as a 2-D grid would.
+
+Backward (FA2): delta = rowsum(dO * O); dK/dV by a program per key block per kv head that loops over the query
+heads of its group and their query blocks (GQA sums without atomics: deterministic); dQ by a program per query
+block that loops over key blocks.
+
+UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
+as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
+"""
+import triton
+import triton.language as tl
+
+from kernels._runtime import cast_rne
+
+LOG2E = tl.constexpr(1.4426950408889634)  # kernels work in base 2: exp(x) = exp2(x * log2(e))
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_h, stride_n, stride_d):
+    """Pointers to the (rows, BLOCK_D) tile at rows ``rows`` of head ``h`` of batch ``b`` (64-bit offsets)."""
+    return (X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+            + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d)
+
+
+@triton.jit
+def _row_offset(start, stride):
+    """``start * stride`` in 64 bits: a block's row offset within a head (``start`` may be a plain loop int)."""
+    return tl.cast(start, tl.int64) * stride
+
+
+@triton.jit
+def _program_block(n, BLOCK: tl.constexpr):
+    """(first row of this program's block, flat batch * head index) of a 1-D grid over cdiv(n, BLOCK) blocks per
+    head."""
+    blocks = tl.cdiv(n, BLOCK)
+    pid = tl.program_id(0)
+    return (pid % blocks) * BLOCK, pid // blocks
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile: zeros for the head-dim padding and, with CHECK_ROWS, where ``row_ok`` is False.
+
+    Masks are only emitted when needed so that full, power-of-two tiles load unmasked (vectorised).
+    """
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, tile, row_ok, offs_d, HEAD_DIM: tl.constexpr):
+    tl.store(ptrs, tile, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_bounds(KV_BOUNDS, b, N_K):
+    """The batch's visible key range [lo, hi): all keys, or the (B, 2) int32 ``KV_BOUNDS`` row of a padding mask
+    (its first and one past its last visible key)."""
+    if KV_BOUNDS is None:
+        lo = 0
+        hi = N_K
+    else:
+        lo = tl.load(KV_BOUNDS + 2 * b)
+        hi = tl.load(KV_BOUNDS + 2 * b + 1)
+    return lo, hi
+
+
+@triton.jit
+def _keys_visible(PAD, b, stride_pb, cols, kv_hi):
+    """(BLOCK_N,) bool: keys ``cols`` below ``kv_hi`` that the batch's padding-mask row (uint8, unit stride) keeps."""
+    visible = cols < kv_hi
+    if PAD is not None:
+        visible = visible & (tl.load(PAD + b.to(tl.int64) * stride_pb + cols, mask=visible, other=0) != 0)
+    return visible
+
+
+@triton.jit
+def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Keys [lo, hi) that some row of the query block at ``start_m`` sees, and ``mid``: [lo, mid) is whole key
+    blocks that every row of the block sees, so only [mid, hi) needs the score mask (all of [lo, hi) with a
+    padding mask, which may hide any key). Causal key blocks past the diagonal lie beyond ``hi`` and are never
+    visited."""
+    lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
+    full = hi
+    if HAS_PAD:
+        full = lo
+    if CAUSAL:
+        last_row = tl.minimum(start_m + BLOCK_M, N_Q) - 1
+        hi = tl.minimum(hi, last_row + CAUSAL_SHIFT + 1)
+        full = tl.minimum(full, start_m + CAUSAL_SHIFT + 1)
+    hi = tl.maximum(hi, lo)
+    full = tl.maximum(full, lo)
+    mid = lo + ((full - lo) // BLOCK_N) * BLOCK_N
+    return lo, mid, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+               start, end, kv_hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, stride_pb,
+              stride_qb, stride_qh, stride_qn, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_on, stride_od,
+              H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (B, H, Nq) natural log, fp32."""
+    start_m, off_bh = _program_block(N_Q, BLOCK_M)
+    b = off_bh // H
+    h = off_bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+
+    lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL,
+                                    PAD is not None)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               lo, mid, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               mid, hi, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
+    _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_on, stride_od,
+                    stride_dob, stride_doh, stride_don, stride_dod,
+                    H, N_Q,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O), (B, H, Nq) fp32: the softmax-Jacobian term shared by every key block."""
+    start_m, off_bh = _program_block(N_Q, BLOCK_M)
+    b = off_bh // H
+    h = off_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+    o = _load_tile(o_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(do_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row_base, rows, row_ok):
+    """The backward's per-row log2-unit logsumexp and delta. Rows past the end and rows that saw no key
+    (lse = -inf) get +inf, so exp2(s - lse) = 0 removes them from every gradient."""
+    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
+                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, qk_scale,
+                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [start, end) of one query head (transposed scores)."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < N_Q
+        q = _load_tile(q_ptrs + _row_offset(start_m, stride_qn), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        do = _load_tile(do_ptrs + _row_offset(start_m, stride_don), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse, delta = _row_stats(LSE, DELTA, row_base, rows, row_ok)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + CAUSAL_SHIFT, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_don, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (key block, batch * kv head): dK, dV (B, Hkv, Nk, D), contiguous, in the input dtype.
+
+    The program owns its key block for every query head of its GQA group, so the group's gradients are summed
+    in registers: no atomics, deterministic.
+    """
+    start_n, off_bh = _program_block(N_K, BLOCK_N)
+    h_kv = H // GROUP
+    b = off_bh // h_kv
+    kv_h = off_bh % h_kv
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
+    col_ok = (cols >= lo) & _keys_visible(PAD, b, stride_pb, cols, hi)
+    # A key's dK/dV row depends on that key alone, so hidden keys need no masking inside the loops: they load as
+    # zeros (outside [lo, hi)) or as themselves (padding-mask holes), and whatever they accumulate (it may
+    # overflow in fp16) is replaced by zeros at the store.
+    k_ptrs = _tile_ptrs(K, b, kv_h, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    k = _load_tile(k_ptrs, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = _load_tile(v_ptrs, col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    # Query rows that see some key of the block start at m_lo; causal rows from m_full on see all of them.
+    first_col = tl.maximum(start_n, lo)
+    last_col = tl.minimum(start_n + BLOCK_N, hi) - 1
+    if CAUSAL:
+        m_lo = tl.minimum(tl.maximum(first_col - CAUSAL_SHIFT, 0), N_Q)
+        m_full = tl.minimum(tl.maximum(last_col - CAUSAL_SHIFT, m_lo), N_Q)
+        mid = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        mid = 0
+    m_end = tl.where(first_col <= last_col, N_Q, m_lo)  # a block with no visible key skips the loops
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+        do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+        row_base = (b * H + h).to(tl.int64) * N_Q
+        if CAUSAL:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
+                                     cols, offs_m, offs_d, m_lo, tl.minimum(mid, m_end), N_Q, CAUSAL_SHIFT, qk_scale,
+                                     True, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
+                                 cols, offs_m, offs_d, mid, m_end, N_Q, CAUSAL_SHIFT, qk_scale,
+                                 False, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+
+    dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
+    dk_ptrs = _tile_ptrs(DK, b, kv_h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_ptrs = _tile_ptrs(DV, b, kv_h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)  # same layout
+    _store_tile(dk_ptrs, cast_rne(dk, DK.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+    _store_tile(dv_ptrs, cast_rne(dv, DV.dtype.element_ty), cols < N_K, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                  start, end, kv_hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end)."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, stride_pb,
+                 stride_qb, stride_qh, stride_qn, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_dob, stride_doh, stride_don, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                 H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype."""
+    start_m, off_bh = _program_block(N_Q, BLOCK_M)
+    b = off_bh // H
+    h = off_bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+    q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(do_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse, delta = _row_stats(LSE, DELTA, off_bh.to(tl.int64) * N_Q, offs_m, row_ok)
+    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+
+    lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL,
+                                    PAD is not None)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                       lo, mid, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                       mid, hi, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
+                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
+                cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)

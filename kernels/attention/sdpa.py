@@ -1,0 +1,76 @@
+"""``scaled_dot_product_attention``: a drop-in for torch's function that runs the fused kernel where it can.
+
+It recognises the bool masks Hugging Face and most code build for padded batches (a per-batch key mask, AND
+optionally a top-left or bottom-right causal mask) and hands everything else to torch's own function.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels import _runtime
+from kernels.attention.api import _forward_op, check_qkv, check_scale, key_bounds
+
+_TORCH_SDPA = F.scaled_dot_product_attention
+"""torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
+
+
+def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
+               device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor, bool, int]]:
+    """(kv_bounds, pad, causal, causal_shift) if a bool SDPA mask is exactly "a key mask per batch row, AND
+    optionally a top-left or bottom-right causal mask", else None. Reads the mask on the host (one sync)."""
+    if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
+        return None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2] not in (1, n_q) or mask.shape[3] != n_k:
+        return None
+    mask = mask[:, 0].expand(batch, n_q, n_k)
+    keys = mask.any(1)  # a key some query sees: under a causal mask the last query row sees every visible key
+    j = torch.arange(n_k, device=mask.device)
+    for causal, shift in ((False, 0), (True, 0), (True, n_k - n_q)):
+        expected = keys[:, None, :]
+        if causal:
+            expected = expected & (j <= torch.arange(n_q, device=mask.device)[:, None] + shift)
+        if torch.equal(mask, expected.expand(batch, n_q, n_k)):
+            pad = None if bool(keys.all()) else keys.view(torch.uint8).contiguous()
+            return (None if pad is None else key_bounds(keys)), pad, causal, shift
+    return None
+
+
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """How the kernel runs this SDPA call, as ``_forward_op``'s arguments after q, k, v, or None for torch's
+    fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
+    try:
+        check_qkv(query, key, value)
+        scale = check_scale(scale, query.shape[-1])
+    except (TypeError, ValueError):
+        return None
+    if dropout_p != 0.0 or not _runtime.kernels_can_run(query, key, value):
+        return None
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        return None
+    if attn_mask is None:
+        return None, None, bool(is_causal), 0, scale  # torch's is_causal is top-left aligned: shift 0
+    if is_causal or not isinstance(attn_mask, torch.Tensor):
+        return None  # torch rejects a mask together with is_causal; let it say so
+    mask_plan = _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    return None if mask_plan is None else (*mask_plan, scale)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics, top-left
+    ``is_causal``), safe to assign over it.
+
+    Runs the kernel for 4-D (B, H, L, D) fp16/bf16/fp32 inputs with equal q/k/v head dims <= 256, no dropout, and
+    either no mask or a bool mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
+    bottom-right) mask, such as Hugging Face's padding masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking this reads
+    the mask (a device sync, and a graph break under torch.compile; without a mask there is neither).
+    Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
+    cannot run on in this process) calls the original torch function.
+    """
+    plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if plan is None:
+        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    return _forward_op(query, key, value, *plan)[0]
