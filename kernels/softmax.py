@@ -11,19 +11,23 @@ Layout: the softmax axis is moved last and the input seen as (rows, n) with unit
 
 Both limits are module constants the launcher reads at each call, so tests can lower them to reach the
 multi-block path at small widths. The autograd goes through ``torch.library`` custom ops, so ``torch.compile``
-keeps each launch in one graph. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
+keeps each launch in one graph; an input that carries a forward-mode tangent goes through an autograd.Function
+with a ``jvp`` instead. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
 """
 import numbers
 
 import torch
 import triton
 import triton.language as tl
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._rows import as_rows, row_config
 from kernels._runtime import cast_rne, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
-from kernels.registry import TRITON_DTYPES, Build, register_builds
+from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 16384
 """Widest row held in registers as one block (fp32: 32 values a thread at 16 warps, no spills on sm_80/sm_90)."""
@@ -42,9 +46,10 @@ def _visible_cols(row, n_cols, n_q, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _load_scaled(x_row, cols, visible, scale):
-    """fp32 ``x * scale`` at ``cols``; masked and out-of-row lanes read -inf so they vanish in max and exp."""
-    x = tl.load(x_row + cols, mask=cols < visible, other=-float("inf"))
-    return x.to(tl.float32) * scale
+    """fp32 ``x * scale`` at ``cols``; masked and out-of-row lanes are -inf so they vanish in max and exp."""
+    x = tl.load(x_row + cols, mask=cols < visible, other=0.0)
+    # Masked after scaling: a -inf read then scaled would be NaN for scale 0 and +inf for a negative scale.
+    return tl.where(cols < visible, x.to(tl.float32) * scale, -float("inf"))
 
 
 @triton.jit
@@ -212,6 +217,43 @@ def _autograd_backward(ctx, dy):
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _WithJvp(torch.autograd.Function):
+    """The forward op with forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) as well as reverse.
+
+    A custom op has no forward-mode formula (its output would carry a silent zero tangent), and torch.compile
+    cannot trace an autograd.Function that defines ``jvp``: so only inputs that carry a tangent come here.
+    """
+
+    generate_vmap_rule = True  # torch.func.jacfwd vmaps the jvp over the basis tangents
+
+    @staticmethod
+    def forward(x, dim, scale, causal, log):
+        return _forward_op(x, dim, scale, causal, log)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _autograd_backward(ctx, dy)
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        """J dx with J = scale * (diag(y) - y y^T) for softmax, scale * (I - 1 exp(y)^T) for log-softmax.
+
+        Plain torch math in fp32 rather than a kernel launch: torch.func batches it natively under jacfwd's vmap
+        (a custom op would run once per tangent). Masked causal columns have y = 0, so their tangent is 0.
+        """
+        (y,) = ctx.saved_tensors
+        dim, scale, causal, log = ctx.config
+        y32, dx32 = y.float(), dx.float()
+        weights = y32.exp() if log else y32
+        centred = dx32 - (weights * dx32).sum(dim, keepdim=True)
+        return (scale * (centred if log else y32 * centred)).to(y.dtype)
+
+
 def _check(x, dim, scale, causal) -> int:
     """Validate the arguments before any launch; return ``dim`` as a non-negative axis."""
     check_tensor("x", x)
@@ -233,11 +275,19 @@ def _check(x, dim, scale, causal) -> int:
 def _apply(x, dim, scale, causal, log):
     if x.dim() == 0:  # torch treats a scalar as a one-element row
         return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
+    if forward_ad.unpack_dual(x).tangent is not None:
+        # torch gives an autograd.Function's jvp no tangent of its saved tensors at an outer forward level, so a
+        # second forward-mode derivative would silently come out zero.
+        if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+            raise NotImplementedError(f"kernels.{'log_softmax' if log else 'softmax'}: nested forward-mode AD "
+                                      "(e.g. jacfwd of jacfwd) is not implemented")
+        return _WithJvp.apply(x, dim, float(scale), causal, log)
     return _forward_op(x, dim, float(scale), causal, log)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
-    """``torch.softmax(x * scale, dim)`` fused in one kernel, differentiable; same shape and dtype as ``x``.
+    """``torch.softmax(x * scale, dim)`` fused in one kernel; same shape and dtype as ``x``. Differentiable in
+    reverse mode and (one level deep) in forward mode; any real ``scale``, zero and negative included.
 
     x: any shape, fp16/bf16/fp32 (fp32 math inside). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
     be the last, and entry (i, j) is masked when j > i + Nk - Nq (bottom-right, as in attention); a row the mask
@@ -263,21 +313,17 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
 @register_builds
 def _builds():
     """Per dtype and kernel (forward, backward): a small and the largest single-block row and the online path,
-    each plain, causal and log."""
-    scalars = {"n_cols": "i32", "n_q": "i32", "scale": "fp32"}
-    flags = ("BLOCK", "SINGLE", "CAUSAL", "LOG")
-    kernels = {_softmax_fwd: ("X", "Y"), _softmax_bwd: ("Y", "DY", "DX")}
+    each plain, causal and log. No autotuning: each width has one config, so the plain build of each is a
+    default (held to the no-spill bar); the causal and log ones differ only in constexpr flags."""
     variants = [(n, causal, log) for n in (1024, MAX_BLOCK, MAX_BLOCK + 1)
                 for causal, log in ((False, False), (True, False), (False, True))]
     builds = []
-    for dtype, ty in TRITON_DTYPES.items():
-        for fn, pointers in kernels.items():
+    for ty in TRITON_DTYPES.values():
+        for fn in (_softmax_fwd, _softmax_bwd):
             for n_cols, causal, log in variants:
                 block, single, num_warps = _config(n_cols)
-                signature = {p: f"*{ty}" for p in pointers}
-                signature.update({f"stride_{p.lower()}": "i32" for p in pointers}, **scalars)
-                signature.update(dict.fromkeys(flags, "constexpr"))
-                constexprs = {"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log}
                 label = f"{ty} BLOCK={block}{'' if single else ' online'}{' causal' * causal}{' log' * log}"
-                builds.append(Build(fn.__name__, fn, signature, constexprs, num_warps, 1, label))
+                builds.append(declare(fn.__name__, fn, dtype=ty, num_warps=num_warps, num_stages=1, label=label,
+                                      constexprs={"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log},
+                                      default=not (causal or log)))
     return builds

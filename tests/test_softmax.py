@@ -1,9 +1,11 @@
 """kernels.softmax / log_softmax against float64 math and torch: every dtype, odd widths, any dim, the online
 multi-block path, the causal mask, -inf rows, huge values, bad input, and that the Triton kernels really run."""
+import functools
 import importlib
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import kernels
 from kernels import reference
@@ -16,10 +18,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _torch_softmax(x, dim, scale, causal, log):
-    """The same computation done by PyTorch in x's dtype (log_softmax) or op by op (the reference)."""
+    """``torch.softmax(x * scale, dim)`` (or log_softmax) in x's dtype; with ``causal``, masked entries are -inf
+    before it and rows that see no key are zeros after it, as kernels.softmax defines them."""
+    z = x * scale
     if log:
-        return torch.log_softmax(x * scale, dim)
-    return reference.softmax(x, dim, scale=scale, causal=causal)
+        return torch.log_softmax(z, dim)
+    if not causal:
+        return torch.softmax(z, dim)
+    visible = reference.causal_mask(x.shape[-2], x.shape[-1], x.device)
+    return torch.softmax(z.masked_fill(~visible, float("-inf")), dim).masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
 def check_against_reference(x, dim=-1, scale=1.0, causal=False, log=False):
@@ -131,6 +138,48 @@ def test_causal_row_all_minus_inf_in_input_is_nan_but_hidden_rows_are_zero():
     out = kernels.softmax(x, causal=True)
     torch.testing.assert_close(out, reference.softmax(x, causal=True), equal_nan=True)
     assert out[3].isnan().all() and (out[:2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -0.8])
+@pytest.mark.parametrize("shape,causal,log", [((3, 7), False, False), ((2, 16), False, False), ((3, 7), False, True),
+                                              ((2, 5, 7), True, False), ((7, 4), True, False), ((4, 4), True, False)])
+def test_zero_and_negative_scales_match_torch(dtype, scale, shape, causal, log):
+    """Padding and masked lanes must stay -inf after scaling (-inf * 0 is NaN, -inf * -0.8 is +inf)."""
+    out = check_against_reference(torch.randn(shape, dtype=dtype), scale=scale, causal=causal, log=log)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.8])
+@pytest.mark.parametrize("shape,causal,log", [((3, 21), False, False), ((3, 21), False, True), ((20, 23), True, False)])
+def test_zero_and_negative_scales_on_the_online_path(online_path, scale, shape, causal, log):
+    out = check_against_reference(torch.randn(shape), scale=scale, causal=causal, log=log)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,log", [(False, False), (True, False), (False, True)])
+def test_forward_mode_derivative_matches_torch(dtype, causal, log):
+    """torch.func.jvp and the forward_ad dual-number API give J @ tangent, within the rule (not a silent zero)."""
+    x, tangent = torch.randn(2, 6, 9, dtype=dtype), torch.randn(2, 6, 9, dtype=dtype)
+    kernel = kernels.log_softmax if log else functools.partial(kernels.softmax, causal=causal)
+    out, jvp = torch.func.jvp(lambda t: kernel(t, scale=0.7), (x,), (tangent,))
+    out64, jvp64 = torch.func.jvp(lambda t: _torch_softmax(t, -1, 0.7, causal, log), (x.double(),), (tangent.double(),))
+    out_pt, jvp_pt = torch.func.jvp(lambda t: _torch_softmax(t, -1, 0.7, causal, log), (x,), (tangent,))
+    assert jvp.dtype == dtype
+    assert_close(out, out64, out_pt, name="y")
+    assert_close(jvp, jvp64, jvp_pt, BACKWARD, name="jvp")
+    with forward_ad.dual_level():
+        dual = kernel(forward_ad.make_dual(x, tangent), scale=0.7)
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, jvp, rtol=0, atol=0)
+
+
+def test_jacfwd_works_and_nested_forward_mode_raises():
+    x = torch.randn(2, 5)
+    for kernel, torch_fn in [(kernels.softmax, torch.softmax), (kernels.log_softmax, torch.log_softmax)]:
+        torch.testing.assert_close(torch.func.jacfwd(kernel)(x), torch.func.jacfwd(lambda t: torch_fn(t, -1))(x))
+        with pytest.raises(NotImplementedError, match=f"kernels.{kernel.__name__}: nested forward-mode AD"):
+            torch.func.jacfwd(torch.func.jacfwd(kernel))(x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
