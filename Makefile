@@ -25,5 +25,8 @@ test: install
 bench: install
 	$(PY) -m benchmarks $(ARGS)
 
+gpu-check: install
+	$(PY) -m benchmarks gpu-check $(ARGS)
+
 clean:
 	rm -rf $(VENV) results .pytest_cache

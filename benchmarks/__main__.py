@@ -1,7 +1,8 @@
 """``python -m benchmarks [suite|scaling|static] [options]``: measure, print a table, write JSON/CSV and PNGs.
 
 ``suite`` (the default) runs every op and provider; ``scaling`` profiles causal attention over doubling lengths;
-``static`` is the GPU-target build report (``benchmarks/static.py``), imported only when asked for.
+``static`` is the GPU-target build report (``benchmarks/static.py``) and ``gpu-check`` the one-command check of a
+GPU machine (``benchmarks/gpu_check.py``), each imported only when asked for.
 """
 import argparse
 import re
@@ -13,7 +14,7 @@ from benchmarks.device import detect
 from benchmarks.providers import OPS
 from benchmarks.table import format_fits, format_table
 
-COMMANDS = ("suite", "scaling", "static")
+COMMANDS = ("suite", "scaling", "static", "gpu-check")
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -81,6 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from benchmarks.static import main as static_main  # another module's report; loaded only when asked for
 
         return static_main(argv)
+    if command == "gpu-check":
+        from benchmarks.gpu_check import main as gpu_check_main  # imported only when asked for, as static
+
+        return gpu_check_main(argv)
     return _run(command, _parser(command).parse_args(argv))
 
 
