@@ -1,0 +1,593 @@
+"""Attention against a KV cache for inference decoding (flash-attn 2.x's ``flash_attn_with_kvcache``), split-KV.
+
+Layouts are flash-attn's (B, S, H, D): q (B, Sq, H, D); the cache (B_cache, S_cache, Hkv, D), or paged
+(num_blocks, page_size, Hkv, D) with a (B, max_blocks) int32 block table mapping logical page p of batch row b
+to physical page ``block_table[b, p]``. Batch row b's keys are the logical positions [leftpad_b, seqlen_b) of its
+cache, seqlen_b = cache_seqlens[b] + Sk_new, where the Sk_new new keys/values were first written, in place, at
+positions [cache_seqlens[b], seqlen_b). With L_b = seqlen_b - leftpad_b keys, query i sees key position p iff
+leftpad_b <= p < seqlen_b and, with diag = i + seqlen_b - Sq (bottom-right alignment per row):
+causal: p <= diag; window (left, right): diag - left <= p <= diag + right (-1 = unbounded).
+Scores are ``scale * q.k`` (``softcap * tanh(scale * q.k / softcap)`` with softcap > 0); rows that see no key give
+zeros and lse = -inf.
+
+Three kernels, one family with ``kernels.py`` (its tile helpers, online softmax in base 2, UPCAST for the
+interpreter's bf16 ``tl.dot``, ``cast_rne`` stores):
+
+- ``_decode_append``: copies new keys/values into their cache slots, and rotates q and the new keys (rotary
+  embedding in fp32, rounded to the cache's dtype) at positions cache_seqlens[b] + i.
+- ``_decode_fwd``: one program per (batch, kv head, block of packed query rows, key split). The GQA group's query
+  heads and the Sq new tokens are packed into one tile (row r = token r // group, head kv_h * group + r % group),
+  so each K/V block is read once per kv head, not once per query head. With splits > 1 (flash-decoding) each
+  program covers an equal share of its rows' key blocks and writes a normalised partial (out, lse) in fp32.
+- ``_decode_combine``: merges the splits' partials by their lse (an online softmax over splits).
+
+Forward only: like flash-attn's, there is no backward.
+"""
+import math
+import numbers
+from typing import List, Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _runtime
+from kernels._runtime import cast_rne
+from kernels._validate import check_same, check_tensor
+from kernels.attention.api import check_scale
+from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid
+from kernels.attention.kernels import LN2, LOG2E, _load_tile, _program_block, _row_offset, _store_tile, _tile_ptrs
+from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
+
+# ------------------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new):
+    """(first visible key, one past the last key, cache batch row) of batch row ``b``."""
+    if SEQLENS is None:
+        seqlen = b * 0 + capacity  # a tensor even when Triton specialises capacity == 1 to a constant
+    else:
+        seqlen = tl.load(SEQLENS + b) + n_new
+    if LEFTPAD is None:
+        lo = 0
+    else:
+        lo = tl.load(LEFTPAD + b)
+    if BATCH_IDX is None:
+        cache_b = b
+    else:
+        cache_b = tl.load(BATCH_IDX + b)
+    return lo, seqlen, cache_b
+
+
+@triton.jit
+def _cache_ptrs(X, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, pos_ok, offs_d, page_size,
+                stride_xb, stride_xn, stride_xh, stride_xd):
+    """Pointers to the (len(pos), BLOCK_D) tile of cache rows at logical positions ``pos`` of batch row ``b``:
+    row ``pos`` of cache batch ``cache_b``, or with a block table row ``pos % page_size`` of page
+    ``BLOCK_TABLE[b, pos // page_size]`` (read only where ``pos_ok``)."""
+    if BLOCK_TABLE is None:
+        ptrs = _tile_ptrs(X, cache_b, head, pos, offs_d, stride_xb, stride_xh, stride_xn, stride_xd)
+    else:
+        page = tl.load(BLOCK_TABLE + _row_offset(b, stride_tb) + pos // page_size, mask=pos_ok, other=0)
+        ptrs = _tile_ptrs(X, page[:, None], head, pos % page_size, offs_d, stride_xb, stride_xh, stride_xn, stride_xd)
+    return ptrs
+
+
+@triton.jit
+def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
+                   stride_xb, stride_xn, stride_xh, stride_xd,
+                   stride_db, stride_dn, stride_dh, stride_dd,
+                   stride_cn, stride_cd,
+                   heads, n_rows, capacity, page_size, rotary_dim,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TO_CACHE: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, SAME_POSITION: tl.constexpr):
+    """One program per (block of rows, batch * head) of X (B, n_rows, heads, D): row i of batch b, rotated (with
+    COS/SIN (S_ro, rotary_dim / 2)) at position cache_seqlens[b] + i (cache_seqlens[b] for every row with
+    SAME_POSITION), is stored to the cache slot at that position (TO_CACHE; slots past ``capacity`` are dropped)
+    or to row i of DST (B, n_rows, heads, D)."""
+    start_m, off_bh = _program_block(n_rows, BLOCK_M)
+    b = off_bh // heads
+    head = off_bh % heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    base = tl.load(SEQLENS + b)
+    pos = base + rows
+    if SAME_POSITION:
+        pos = base + rows * 0
+    x = _load_tile(_tile_ptrs(X, b, head, rows, offs_d, stride_xb, stride_xh, stride_xn, stride_xd), row_ok, offs_d,
+                   True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    if COS is not None:
+        # x'[d] = x[d] cos[f] + sign * x[partner] sin[f] on the first rotary_dim dims: pairs (2j, 2j + 1) with
+        # frequency j when interleaved, else (j, j + rotary_dim / 2) (GPT-NeoX); cos = 1, sin = 0 elsewhere.
+        half = rotary_dim // 2
+        if INTERLEAVED:
+            partner = offs_d ^ 1
+            freq = offs_d // 2
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        else:
+            partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+            freq = tl.where(offs_d < half, offs_d, offs_d - half)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+        rotated = row_ok[:, None] & (offs_d < rotary_dim)[None, :] & (pos < capacity)[:, None]
+        x_partner = tl.load(_tile_ptrs(X, b, head, rows, partner, stride_xb, stride_xh, stride_xn, stride_xd),
+                            mask=rotated, other=0.0).to(tl.float32)
+        cs_offs = _row_offset(pos, stride_cn)[:, None] + freq[None, :] * stride_cd
+        cos = tl.load(COS + cs_offs, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + cs_offs, mask=rotated, other=0.0).to(tl.float32)
+        x = x * cos + sign[None, :] * x_partner * sin
+    if TO_CACHE:
+        ok = row_ok & (pos < capacity)
+        cache_b = b
+        if BATCH_IDX is not None:
+            cache_b = tl.load(BATCH_IDX + b)
+        dst = _cache_ptrs(DST, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, ok, offs_d, page_size,
+                          stride_db, stride_dn, stride_dh, stride_dd)
+    else:
+        ok = row_ok
+        dst = _tile_ptrs(DST, b, head, rows, offs_d, stride_db, stride_dh, stride_dn, stride_dd)
+    _store_tile(dst, cast_rne(x, DST.dtype.element_ty), ok, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _softcapped(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Scores in log2 units: ``q.k * qk_scale``, or ``cap_scale * tanh(q.k * qk_scale)`` (qk_scale = scale /
+    softcap, cap_scale = softcap * log2(e)); tanh(x) = 1 - 2 / (e^2x + 1) saturates cleanly at +-1."""
+    if SOFTCAP:
+        s = cap_scale * (1.0 - 2.0 / (tl.math.exp2(s * (qk_scale * 2.0 * LOG2E)) + 1.0))
+    else:
+        s = s * qk_scale
+    return s
+
+
+@triton.jit
+def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_tb,
+                stride_qb, stride_qn, stride_qh, stride_qd,
+                stride_kb, stride_kn, stride_kh, stride_kd,
+                stride_vb, stride_vn, stride_vh, stride_vd,
+                stride_ob, stride_on, stride_oh, stride_os, stride_od,
+                stride_lb, stride_lh, stride_ln, stride_ls,
+                kv_heads, group, n_q, n_new, capacity, page_size, splits, window_left, window_right,
+                qk_scale, cap_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One program per (split, packed row block, batch * kv head) (split fastest): the normalised out of its rows
+    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE."""
+    pid = tl.program_id(0)
+    split = pid % splits
+    m_blocks = tl.cdiv(group * n_q, BLOCK_M)
+    start_m = (pid // splits) % m_blocks * BLOCK_M
+    off_bh = pid // splits // m_blocks
+    b = off_bh // kv_heads
+    kv_h = off_bh % kv_heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < group * n_q
+    tok = rows // group
+    h = kv_h * group + rows % group
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(_tile_ptrs(Q, b, h[:, None], tok, offs_d, stride_qb, stride_qh, stride_qn, stride_qd), row_ok,
+                   offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    lo, seqlen, cache_b = _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new)
+    diag = tok + seqlen - n_q  # each row's last causal key: bottom-right alignment per batch row
+    # Keys some row of the block may see, [blk_lo, blk_hi), split into equal runs of whole key blocks.
+    blk_lo = lo
+    blk_hi = tl.minimum(seqlen, capacity)
+    first_diag = start_m // group + seqlen - n_q
+    last_diag = (tl.minimum(start_m + BLOCK_M, group * n_q) - 1) // group + seqlen - n_q
+    if LOCAL_LEFT:
+        blk_lo = tl.maximum(blk_lo, first_diag - window_left)
+    if LOCAL_RIGHT:
+        blk_hi = tl.minimum(blk_hi, last_diag + window_right + 1)
+    blk_hi = tl.maximum(blk_hi, blk_lo)
+    per_split = tl.cdiv(tl.cdiv(blk_hi - blk_lo, BLOCK_N), splits) * BLOCK_N
+    start = blk_lo + split * per_split
+    end = tl.minimum(blk_hi, start + per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Every block is masked: a decode step is bound by reading the cache, and per-row windows and page gathers
+    # leave few blocks that an unmasked fast path would serve.
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < end
+        k = _load_tile(_cache_ptrs(K, BLOCK_TABLE, stride_tb, b, cache_b, kv_h, cols, col_ok, offs_d, page_size,
+                                   stride_kb, stride_kn, stride_kh, stride_kd), col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        v = _load_tile(_cache_ptrs(V, BLOCK_TABLE, stride_tb, b, cache_b, kv_h, cols, col_ok, offs_d, page_size,
+                                   stride_vb, stride_vn, stride_vh, stride_vd), col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _softcapped(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+        visible = col_ok[None, :]
+        if LOCAL_LEFT:
+            visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+        if LOCAL_RIGHT:
+            visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_ptrs = _tile_ptrs(O + _row_offset(split, stride_os), b, h[:, None], tok, offs_d,
+                        stride_ob, stride_oh, stride_on, stride_od)
+    _store_tile(o_ptrs, cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+    tl.store(LSE + _row_offset(split, stride_ls) + _row_offset(b, stride_lb) + h * stride_lh + tok * stride_ln, lse,
+             mask=row_ok)
+
+
+@triton.jit
+def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
+                    stride_sb, stride_sn, stride_sh, stride_ss, stride_sd,
+                    stride_ob, stride_on, stride_oh, stride_od,
+                    heads, n_q, n_rows, splits,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One program per block of the B * H * Sq rows (in LSE's (B, H, Sq) order): out = sum_s w_s out_s / sum_s w_s
+    with w_s = exp(lse_s), lse = log sum_s w_s, over the splits' partials O_SPLIT (splits, B, Sq, H, D) and
+    LSE_SPLIT (splits, B, H, Sq) fp32 (contiguous), into O (B, Sq, H, D) and LSE (B, H, Sq)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    b = rows // (heads * n_q)
+    h = rows // n_q % heads
+    tok = rows % n_q
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(splits):
+        lse = tl.load(LSE_SPLIT + _row_offset(split, n_rows) + rows, mask=row_ok, other=float("-inf")) * LOG2E
+        out = _load_tile(_tile_ptrs(O_SPLIT + _row_offset(split, stride_ss), b[:, None], h[:, None], tok, offs_d,
+                                    stride_sb, stride_sh, stride_sn, stride_sd), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        m_new = tl.maximum(m_i, lse)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split has seen a key yet: weights 0, not NaN
+        alpha = tl.math.exp2(m_i - m_sub)
+        weight = tl.math.exp2(lse - m_sub)
+        l_i = l_i * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * out
+        m_i = m_new
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    _store_tile(_tile_ptrs(O, b[:, None], h[:, None], tok, offs_d, stride_ob, stride_oh, stride_on, stride_od),
+                cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+    tl.store(LSE + rows, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------ configs and builds
+# (BLOCK_N, num_warps, num_stages) of the attention kernel per padded head dim, for fp16/bf16 (tensor cores) and
+# fp32 (FMA units, whose operands live in registers: smaller tiles). BLOCK_M follows the packed rows (group * Sq):
+# the smallest power of two >= 16 that holds them, at most _MAX_BLOCK_M. A decode step is bound by reading the
+# cache, so one config per head dim is launched rather than autotuned.
+_TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
+          True: {64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}}
+_MAX_BLOCK_M = {False: 64, True: 32}
+INTERPRETER_BLOCK_N = 32
+"""Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
+APPEND_BLOCK_M = COMBINE_BLOCK_M = 16
+ASSUMED_SMS = 132
+"""SM count the split heuristic assumes where there is no GPU to ask (an H100 SXM's), so that interpreted runs take
+the split path a GPU would."""
+MAX_SPLITS = 128
+WAVES = 2
+"""Target waves of programs over the SMs when splitting: several resident programs per SM keep more loads in flight."""
+PARTIAL_TRAFFIC = 12
+"""Splits stop where the fp32 partials (written once, read once by the combine) would pass 1/12 of the cache bytes."""
+
+
+def tile(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
+    """The attention kernel's config for ``rows`` packed query rows per kv head: forced by
+    ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages)."""
+    fp32 = dtype == torch.float32
+    block_n, warps, stages = _TILES[fp32][d_bucket(head_dim)]
+    config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32], max(16, triton.next_power_of_2(rows))),
+                  BLOCK_N=INTERPRETER_BLOCK_N if _runtime.INTERPRETED else block_n, num_warps=warps, num_stages=stages)
+    config.update(forced_config("attention_decode") or {})
+    if _runtime.INTERPRETED:
+        config.pop("num_warps", None)
+        config.pop("num_stages", None)
+    return config
+
+
+def choose_splits(programs: int, rows: int, capacity: int, head_dim: int, itemsize: int, block_n: int,
+                  sm_count: int) -> int:
+    """Key splits per (batch, kv head, row block) for ``num_splits=0``, from shapes alone (deterministic).
+
+    No split once ``programs`` (batch * kv heads * row blocks) fill the SMs; otherwise enough splits for
+    :data:`WAVES` waves, capped so that each split has a key block, the partials' traffic stays under
+    1/:data:`PARTIAL_TRAFFIC` of the cache's, and at :data:`MAX_SPLITS`.
+    """
+    if programs >= sm_count:
+        return 1
+    cache_bytes = 2 * capacity * head_dim * itemsize  # K and V of one kv head
+    partial_bytes = 2 * rows * (head_dim + 1) * 4  # one split's fp32 (out, lse) rows, written and read back
+    by_traffic = cache_bytes // (PARTIAL_TRAFFIC * partial_bytes)
+    return max(1, min(triton.cdiv(WAVES * sm_count, programs), by_traffic, triton.cdiv(capacity, block_n),
+                      MAX_SPLITS))
+
+
+def _sm_count(device: torch.device) -> int:
+    if _runtime.device_capability(device) is None:
+        return ASSUMED_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i32",
+          "BATCH_IDX": "*i32", "BLOCK_TABLE": "*i32"}
+
+
+@register_builds
+def _builds() -> List[Build]:
+    """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at the smallest and largest BLOCK_M
+    (paged, left-padded, causal, softcapped: every feature on), its combine, and the rotary append into a paged
+    cache. Each is the config a GPU launches (default)."""
+    builds = []
+    for dtype, name in TRITON_DTYPES.items():
+        fp32 = dtype == torch.float32
+        for d in (64, 128, 256):
+            block_n, warps, stages = _TILES[fp32][d]
+            for block_m in (16, _MAX_BLOCK_M[fp32]):
+                constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n, LOCAL_LEFT=False,
+                                  LOCAL_RIGHT=True, SOFTCAP=True, UPCAST=False, PRECISION="ieee")
+                builds.append(declare("attention_decode", _decode_fwd, dtype=name, constexprs=constexprs,
+                                      num_warps=warps, num_stages=stages, types=dict(_TYPES, BATCH_IDX="constexpr"),
+                                      label=f"{name} d{d} paged causal {block_m}x{block_n} w{warps} s{stages}",
+                                      default=True))
+            builds.append(declare("attention_decode_combine", _decode_combine, dtype=name,
+                                  constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=COMBINE_BLOCK_M), num_warps=4,
+                                  num_stages=1, types=_TYPES, label=f"{name} d{d} BLOCK_M={COMBINE_BLOCK_M}",
+                                  default=True))
+            builds.append(declare("attention_decode_append", _decode_append, dtype=name,
+                                  constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=APPEND_BLOCK_M, TO_CACHE=True,
+                                                  INTERLEAVED=False, SAME_POSITION=False),
+                                  num_warps=4, num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
+                                  label=f"{name} d{d} rotary paged BLOCK_M={APPEND_BLOCK_M}", default=True))
+    return builds
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+
+
+def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, page_size: int, to_cache: bool,
+            interleaved: bool, same_position: bool) -> None:
+    """Launch ``_decode_append`` over x (B, n, heads, D)."""
+    batch, n, heads, d = x.shape
+    if x.numel() == 0:
+        return
+    cos_strides = (0, 0) if cos is None else cos.stride()
+    _decode_append[grid(n, batch * heads, APPEND_BLOCK_M)](
+        x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
+        *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size,
+        0 if cos is None else 2 * cos.shape[1],
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
+        INTERLEAVED=interleaved, SAME_POSITION=same_position)
+
+
+def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
+            n_new: int, window: Tuple[int, int], softcap: float, scale: float, num_splits: int):
+    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32)."""
+    batch, n_q, heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    group = heads // kv_heads
+    config = tile(q.dtype, d, group * n_q)
+    m_blocks = triton.cdiv(group * n_q, config["BLOCK_M"])
+    splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, q.element_size(),
+                                         config["BLOCK_N"], _sm_count(q.device))
+    if splits == 1:
+        o_buf, lse_buf, split_strides = out, lse, (0, 0)
+    else:
+        o_buf = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_buf = torch.empty((splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
+        split_strides = (o_buf.stride(0), lse_buf.stride(0))
+    o_strides = o_buf.stride()[-4:]
+    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    qk_scale, cap_scale = (scale / softcap, softcap * LOG2E.value) if softcap else (scale * LOG2E.value, 1.0)
+    _decode_fwd[grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"])](
+        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table,
+        0 if block_table is None else block_table.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
+        kv_heads, group, n_q, n_new, capacity, page_size, splits, window[0], window[1], qk_scale, cap_scale,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), LOCAL_LEFT=window[0] >= 0,
+        LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
+        PRECISION="tf32" if tf32 else "ieee", **config)
+    if splits > 1:
+        options = {} if _runtime.INTERPRETED else {"num_warps": 4}
+        _decode_combine[grid(batch * heads * n_q, 1, COMBINE_BLOCK_M)](
+            o_buf, lse_buf, out, lse, *o_buf.stride()[1:4], o_buf.stride(0), o_buf.stride(4), *out.stride(),
+            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            BLOCK_M=COMBINE_BLOCK_M, **options)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def _check_index(name: str, t, shape: Tuple[int, ...], device) -> None:
+    """TypeError/ValueError unless ``t`` is an int32 tensor of ``shape`` on ``device``."""
+    check_tensor(name, t, ndim=len(shape), dtypes=(torch.int32,))
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tuple[int, int]:
+    """Check q, the cache and the new k/v; return (capacity: key positions per batch row, page size or 0)."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("v_cache", v_cache, ndim=4)
+    check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
+    check_same("device", q=q, k_cache=k_cache, v_cache=v_cache)
+    batch, _, heads, d = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != d or not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"k_cache (.., Hkv, D) must have q's head dim D = {d}, 1 <= D <= {MAX_HEAD_DIM}, got "
+                         f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k_cache's kv heads (dim 2) must divide q's {heads} heads (B, Sq, H, D), got "
+                         f"{tuple(k_cache.shape)}")
+    if block_table is None:
+        capacity, page_size = k_cache.shape[1], 0
+        if cache_batch_idx is None and k_cache.shape[0] < batch:
+            raise ValueError(f"k_cache (B_cache, S_cache, Hkv, D) needs B_cache >= q's batch {batch} without "
+                             f"cache_batch_idx, got {tuple(k_cache.shape)}")
+    else:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx is not supported with a paged cache (block_table): the block table "
+                             "already maps each batch row to its pages")
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
+        page_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+            check_same("dtype", q=q, **{name: t})
+            check_same("device", q=q, **{name: t})
+            if t.shape[0] != batch or t.shape[2:] != (kv_heads, d) or t.shape != k.shape:
+                raise ValueError(f"k and v must both have shape (B, Sk_new, Hkv, D) = ({batch}, Sk_new, {kv_heads}, "
+                                 f"{d}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    return capacity, page_size
+
+
+def _check_rotary(rotary_cos, rotary_sin, k, d: int, capacity: int, device) -> None:
+    if rotary_cos is None and rotary_sin is None:
+        return
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if k is None:
+        raise ValueError("rotary_cos/rotary_sin need the new k and v: rotary embedding is applied to q and the "
+                         "appended keys only")
+    check_tensor("rotary_cos", rotary_cos, ndim=2)
+    check_tensor("rotary_sin", rotary_sin, ndim=2)
+    if rotary_cos.shape != rotary_sin.shape or not 1 <= 2 * rotary_cos.shape[1] <= d or rotary_cos.shape[0] < capacity:
+        raise ValueError(f"rotary_cos and rotary_sin must both have shape (S_ro, rotary_dim / 2) with rotary_dim <= "
+                         f"head dim {d} and S_ro >= the cache's {capacity} positions, got {tuple(rotary_cos.shape)} "
+                         f"and {tuple(rotary_sin.shape)}")
+    check_same("device", rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if rotary_cos.device != device:
+        raise ValueError(f"rotary_cos/rotary_sin must be on q's device {device}, got {rotary_cos.device}")
+
+
+def _check_window(window_size, causal: bool) -> Tuple[int, int]:
+    """(left, right) key bounds around each row's diagonal, -1 = unbounded; causal sets right = 0."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a (left, right) pair of ints >= -1, got {window_size!r}")
+    left, right = (_check_int("window_size", w, -1) for w in window_size)
+    return left, 0 if causal else right
+
+
+def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device) -> Optional[torch.Tensor]:
+    """cache_seqlens as a (B,) int32 tensor (an int is checked against the capacity here; a tensor's values are
+    not, which would cost a host sync: positions past the capacity are neither written nor read)."""
+    if cache_seqlens is None or isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens is not None:
+            _check_index("cache_seqlens", cache_seqlens, (batch,), device)
+            cache_seqlens = cache_seqlens.contiguous()
+        return cache_seqlens
+    seqlen = _check_int("cache_seqlens", cache_seqlens, 0)
+    if seqlen + n_new > capacity:
+        raise ValueError(f"cache_seqlens + Sk_new = {seqlen} + {n_new} exceeds the cache's {capacity} positions")
+    return torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None, *,
+                           rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+                           rotary_interleaved: bool = True, cache_seqlens: Union[int, torch.Tensor, None] = None,
+                           cache_batch_idx: Optional[torch.Tensor] = None,
+                           cache_leftpad: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                           causal: bool = False, scale: Optional[float] = None, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 0,
+                           return_lse: bool = False):
+    """Decode-time attention of q against a KV cache, appending k/v to it in place first (flash-attn 2.x's
+    ``flash_attn_with_kvcache`` semantics; module docstring for the math).
+
+    q (B, Sq, H, D); k_cache, v_cache (B_cache, S_cache, Hkv, D), or (num_blocks, page_size, Hkv, D) with
+    ``block_table`` (B, max_blocks) int32; k, v (B, Sk_new, Hkv, D) or None; fp16/bf16/fp32 (all one dtype), any
+    strides, 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int or (B,) int32, each row's cached length
+    (None: the whole cache; required with k/v). ``cache_batch_idx`` (B,) int32: the cache row of each batch row
+    (contiguous cache only). ``cache_leftpad`` (B,) int32: each row's first valid cache position.
+    ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
+    rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed), interleaved
+    pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size`` (left, right), -1 unbounded; ``softcap`` > 0 caps
+    the scores at +-softcap by tanh; ``num_splits``: 0 chooses (:func:`choose_splits`), 1 never splits, up to 128.
+    Returns out (B, Sq, H, D) in q's dtype and, with ``return_lse``, lse (B, H, Sq) float32 (natural log, -inf for
+    rows that see no key).
+
+    Forward only: inputs that require grad while grad mode is on raise (there is no backward). Values inside
+    cache_seqlens, cache_leftpad, cache_batch_idx and block_table are not checked (that needs a host sync); they
+    must index valid cache rows and pages. ``alibi_slopes`` raises NotImplementedError.
+    """
+    capacity, page_size = _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+    batch, n_q, heads, d = q.shape
+    n_new = 0 if k is None else k.shape[1]
+    if k is not None and cache_seqlens is None:
+        raise ValueError("cache_seqlens is required with k/v: it says where the new keys go")
+    seqlens = _seqlens_tensor(cache_seqlens, batch, n_new, capacity, q.device)
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if t is not None:
+            _check_index(name, t, (batch,), q.device)
+    _check_rotary(rotary_cos, rotary_sin, k, d, capacity, q.device)
+    window = _check_window(window_size, bool(causal))
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
+        raise TypeError(f"softcap must be a finite real >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not implemented by kernels.attention_with_kvcache")
+    num_splits = _check_int("num_splits", num_splits, 0)
+    if num_splits > MAX_SPLITS:
+        raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
+    scale = check_scale(scale, d)
+    tensors = [t for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise NotImplementedError("attention_with_kvcache is forward only (no backward): call it under "
+                                  "torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad")
+    _runtime.refuse_forward_ad("kernels.attention_with_kvcache", *tensors)
+    if not _runtime.kernels_can_run(*tensors):
+        raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
+                                  f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
+    leftpad, batch_idx = (None if t is None else t.contiguous() for t in (cache_leftpad, cache_batch_idx))
+    with _runtime.launch_device(q):
+        if k is not None:
+            rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=bool(rotary_interleaved), same_position=False)
+            _append(k, k_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table, capacity=capacity,
+                    page_size=page_size, to_cache=True, **rotary)
+            _append(v, v_cache, None, None, seqlens, batch_idx, block_table, capacity, page_size, True, False, False)
+            if rotary_cos is not None:
+                q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                rotary["same_position"] = not causal and window == (-1, -1)
+                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None, capacity=capacity,
+                        page_size=page_size, to_cache=False, **rotary)
+                q = q_rotated
+        out, lse = _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
+                           window, float(softcap), scale, num_splits)
+    return (out, lse) if return_lse else out
