@@ -1,0 +1,261 @@
+"""kernels.attention_with_kvcache (kernels/attention/decode.py) against float64 math on the gathered cache.
+
+The reference appends the new keys/values to a copy of each row's logical cache, applies rotary embedding in torch,
+and runs kernels.reference.attention with the row's visibility mask; PyTorch doing the same in the inputs' dtype
+measures the rounding noise the kernel may double (tests/tolerance.py).
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.attention import decode
+from tolerance import FORWARD, assert_close
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _rotate(x, cos, sin, pos, interleaved):
+    """x (S, heads, D) rotated at positions ``pos`` (S,) by cos/sin (S_ro, r / 2) on its first r dims."""
+    half = cos.shape[1]
+    c, s = cos[pos].to(x.dtype)[:, None, :], sin[pos].to(x.dtype)[:, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+    else:
+        x1, x2 = x[..., :half], x[..., half:2 * half]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    return torch.cat([rotated, x[..., 2 * half:]], -1)
+
+
+def _logical(cache, b, batch_idx, block_table):
+    """Batch row b's logical cache (capacity, Hkv, D): its cache row, or its pages in block-table order."""
+    if block_table is not None:
+        return cache[block_table[b].long()].flatten(0, 1)
+    return cache[b if batch_idx is None else int(batch_idx[b])]
+
+
+def _expected(dtype, q, k_cache, v_cache, k=None, v=None, cos=None, sin=None, interleaved=True, seqlens=None,
+              batch_idx=None, leftpad=None, block_table=None, causal=False, window_size=(-1, -1), softcap=0.0):
+    """(out (B, Sq, H, D), lse (B, H, Sq), [each row's logical K and V after the append]) computed by torch in
+    ``dtype`` from the same inputs."""
+    batch, n_q, heads, d = q.shape
+    n_new = 0 if k is None else k.shape[1]
+    outs, lses, caches = [], [], []
+    for b in range(batch):
+        keys = _logical(k_cache, b, batch_idx, block_table).to(dtype).clone()
+        values = _logical(v_cache, b, batch_idx, block_table).to(dtype).clone()
+        start = keys.shape[0] if seqlens is None else int(seqlens[b])
+        qb = q[b].to(dtype)
+        if k is not None:
+            new_pos = torch.arange(start, start + n_new)
+            kb = k[b].to(dtype) if cos is None else _rotate(k[b].to(dtype), cos, sin, new_pos, interleaved)
+            keys[start:start + n_new], values[start:start + n_new] = kb, v[b].to(dtype)
+        if cos is not None:
+            same = not causal and window_size == (-1, -1)
+            qb = _rotate(qb, cos, sin, torch.full((n_q,), start) if same else torch.arange(start, start + n_q),
+                         interleaved)
+        caches.append((keys, values))
+        end = start + n_new
+        lo = 0 if leftpad is None else int(leftpad[b])
+        pos = torch.arange(keys.shape[0])[None, :]
+        diag = torch.arange(n_q)[:, None] + end - n_q
+        visible = (pos >= lo) & (pos < end)
+        right = 0 if causal else window_size[1]
+        if window_size[0] >= 0:
+            visible = visible & (pos >= diag - window_size[0])
+        if right >= 0:
+            visible = visible & (pos <= diag + right)
+        qh, kh, vh = qb.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+        if softcap:
+            group = heads // kh.shape[1]
+            scores = qh @ kh.repeat_interleave(group, 1).transpose(-1, -2) / math.sqrt(d)
+            scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+            lse = torch.logsumexp(scores, -1)
+            probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+            out = probs @ vh.repeat_interleave(group, 1)
+        else:
+            out, lse = reference.attention(qh, kh, vh, mask=visible, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses), caches
+
+
+def _check(dtype, q, k_cache, v_cache, k=None, v=None, **kw):
+    """Run the kernel on copies of the caches and check out, lse and the appended cache against float64."""
+    k_run, v_run = k_cache.clone(), v_cache.clone()
+    out, lse = kernels.attention_with_kvcache(q, k_run, v_run, k, v, return_lse=True, **kw)
+    args = dict(kw)
+    args["cos"], args["sin"] = args.pop("rotary_cos", None), args.pop("rotary_sin", None)
+    args["interleaved"] = args.pop("rotary_interleaved", True)
+    args["seqlens"], args["batch_idx"] = args.pop("cache_seqlens", None), args.pop("cache_batch_idx", None)
+    args["leftpad"] = args.pop("cache_leftpad", None)
+    if isinstance(args["seqlens"], int):
+        args["seqlens"] = torch.full((q.shape[0],), args["seqlens"])
+    args.pop("num_splits", None)
+    exact_out, exact_lse, exact_cache = _expected(torch.float64, q, k_cache, v_cache, k, v, **args)
+    low_out, low_lse, low_cache = _expected(dtype, q, k_cache, v_cache, k, v, **args)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == FP32
+    assert_close(out, exact_out, low_out, FORWARD)
+    empty = torch.isneginf(exact_lse)
+    assert torch.equal(torch.isneginf(lse), empty) and torch.all(out[empty.transpose(1, 2)] == 0)
+    assert_close(lse[~empty], exact_lse[~empty], low_lse.float()[~empty], FORWARD, name="lse")
+    batch_idx, table, seqlens = args["batch_idx"], args.get("block_table"), args["seqlens"]
+    for b, ((keys, values), (low_keys, _)) in enumerate(zip(exact_cache, low_cache)):
+        got_k, got_v = _logical(k_run, b, batch_idx, table), _logical(v_run, b, batch_idx, table)
+        assert torch.equal(got_v, values.to(dtype)), "v_cache: the appended values are copied exactly, the rest kept"
+        assert_close(got_k, keys, low_keys, FORWARD, name="k_cache")
+    untouched = torch.ones(k_cache.shape[:2], dtype=torch.bool)  # cache slots no batch row may write
+    n_new = 0 if k is None else k.shape[1]
+    for b in range(q.shape[0]):
+        start = 0 if seqlens is None else int(seqlens[b])
+        for p in range(start, start + n_new):
+            if table is not None:
+                untouched[int(table[b, p // k_cache.shape[1]]), p % k_cache.shape[1]] = False
+            else:
+                untouched[b if batch_idx is None else int(batch_idx[b]), p] = False
+    assert torch.equal(k_run[untouched], k_cache[untouched]) and torch.equal(v_run[untouched], v_cache[untouched])
+    return out, lse
+
+
+def _inputs(dtype, b, n_q, h, h_kv, d, b_cache, capacity, n_new):
+    q = torch.randn(b, n_q, h, d, dtype=dtype)
+    k_cache, v_cache = (torch.randn(b_cache, capacity, h_kv, d, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(b, n_new, h_kv, d, dtype=dtype) if n_new else None for _ in range(2))
+    return q, k_cache, v_cache, k, v
+
+
+def _rotary(dtype, rows, rotary_dim):
+    angle = torch.rand(rows, rotary_dim // 2, dtype=torch.float64) * 2 * math.pi
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _paged(cache, page_size, generator_seed=1):
+    """A paged copy of a contiguous cache (B, capacity, Hkv, D): (pages (B * max_blocks + 1, page_size, Hkv, D) in
+    shuffled order with one spare page, block_table (B, max_blocks) int32)."""
+    batch, capacity = cache.shape[:2]
+    blocks = capacity // page_size
+    order = torch.randperm(batch * blocks + 1, generator=torch.Generator().manual_seed(generator_seed))
+    table = order[:batch * blocks].view(batch, blocks).to(torch.int32)
+    pages = torch.randn(batch * blocks + 1, page_size, *cache.shape[2:]).to(cache.dtype)
+    pages[table.flatten().long()] = cache.reshape(batch * blocks, page_size, *cache.shape[2:])
+    return pages, table
+
+
+CASES = [  # (dtype, B, Sq, H, Hkv, D, capacity, Sk_new, causal, num_splits): GQA, MQA, MHA; Sq 1, 2, 7
+    (FP16, 3, 1, 8, 2, 64, 96, 1, True, 0),
+    (BF16, 2, 7, 3, 1, 80, 64, 7, True, 3),
+    (FP32, 2, 2, 4, 4, 64, 40, 2, False, 1),
+    (FP16, 2, 2, 6, 2, 80, 64, 0, False, 0),
+]
+
+
+@pytest.mark.parametrize("dtype,b,n_q,h,h_kv,d,capacity,n_new,causal,splits", CASES)
+def test_matches_float64_with_append(dtype, b, n_q, h, h_kv, d, capacity, n_new, causal, splits):
+    """Rows of different lengths, including an empty cache and a cache the append fills to its last slot."""
+    q, k_cache, v_cache, k, v = _inputs(dtype, b, n_q, h, h_kv, d, b, capacity, n_new)
+    seqlens = torch.tensor([0, capacity - n_new, 13][:b], dtype=torch.int32)
+    _check(dtype, q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=causal, num_splits=splits)
+
+
+def test_paged_cache_equals_contiguous():
+    """Shuffled pages (page size 16, not a multiple of the key block) give bit-identical outputs and caches."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 2, 4, 2, 64, 2, 64, 2)
+    cos, sin = _rotary(FP16, 64, 32)
+    kw = dict(cache_seqlens=torch.tensor([5, 41], dtype=torch.int32), causal=True, rotary_cos=cos, rotary_sin=sin,
+              return_lse=True)
+    k_pages, table = _paged(k_cache, 16)
+    v_pages, _ = _paged(v_cache, 16)
+    out, lse = kernels.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+    paged_out, paged_lse = kernels.attention_with_kvcache(q, k_pages, v_pages, k, v, block_table=table, **kw)
+    assert torch.equal(out, paged_out) and torch.equal(lse, paged_lse)
+    assert torch.equal(k_pages[table.long()].flatten(1, 2), k_cache)
+    assert torch.equal(v_pages[table.long()].flatten(1, 2), v_cache)
+    kw.pop("return_lse")
+    _check(FP16, q, k_pages, v_pages, k, v, block_table=table, **kw)
+
+
+@pytest.mark.parametrize("interleaved,causal,window", [(True, True, (-1, -1)), (False, False, (-1, -1)),
+                                                       (False, False, (9, 2))])
+def test_rotary_matches_torch(interleaved, causal, window):
+    """q and the new keys rotated at cache_seqlens + i (q all at cache_seqlens when neither causal nor windowed),
+    a rotary dim smaller than the head dim (80), both pair layouts."""
+    q, k_cache, v_cache, k, v = _inputs(BF16, 2, 3, 4, 2, 80, 2, 48, 3)
+    cos, sin = _rotary(BF16, 50, 48)
+    _check(BF16, q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([20, 44], dtype=torch.int32),
+           rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, causal=causal, window_size=window)
+
+
+def test_split_kv_matches_unsplit():
+    """The heuristic splits this decode shape on 132 SMs; 1, chosen and 5 splits all meet the rule."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, 1, 1, 8, 2, 64, 1, 200, 1)
+    config = decode.tile(FP16, 64, 4)
+    assert decode.choose_splits(2, 4, 200, 64, 2, config["BLOCK_N"], decode.ASSUMED_SMS) > 1
+    for splits in (1, 0, 5):
+        _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=150, num_splits=splits)
+
+
+def test_leftpad_batch_idx_window_softcap():
+    """cache_leftpad hides each row's first keys, cache_batch_idx picks (permuted) cache rows, and a sliding
+    window with a softcap bounds and caps the scores; Sq = 3 new tokens against 1 key leaves rows with no key."""
+    q, k_cache, v_cache, k, v = _inputs(FP32, 3, 3, 2, 1, 64, 4, 40, 3)
+    idx = torch.tensor([3, 0, 2], dtype=torch.int32)
+    seqlens = torch.tensor([30, 0, 17], dtype=torch.int32)
+    leftpad = torch.tensor([7, 0, 16], dtype=torch.int32)
+    _check(FP32, q, k_cache, v_cache, k, v, cache_seqlens=seqlens, cache_batch_idx=idx, cache_leftpad=leftpad,
+           causal=True, window_size=(5, -1), softcap=2.5, num_splits=2)
+    _, lse = _check(FP32, q, k_cache, v_cache, k[:, :1], v[:, :1], cache_seqlens=torch.zeros(3, dtype=torch.int32),
+                    causal=True)
+    assert torch.isneginf(lse[:, :, :2]).all() and not lse[:, :, 2].isinf().any()
+
+
+def test_choose_splits():
+    """Deterministic: no split once the programs fill the SMs; at B=1, Hkv=8, a 4k fp16 cache gets >= 2 waves on
+    an H100's 132 SMs; the partials stay under 1/12 of the cache bytes."""
+    assert decode.choose_splits(132, 4, 4096, 128, 2, 64, 132) == 1
+    splits = decode.choose_splits(8, 4, 4096, 128, 2, 64, 132)
+    assert 8 * splits >= 2 * 132
+    assert splits * 2 * 4 * 129 * 4 * decode.PARTIAL_TRAFFIC <= 2 * 4096 * 128 * 2
+    assert decode.choose_splits(8, 4, 64, 128, 2, 64, 132) == 1
+
+
+def _bad_calls():
+    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 1, 4, 2, 64, 2, 32, 1)
+    seq = torch.tensor([3, 4], dtype=torch.int32)
+    cos, sin = _rotary(FP16, 32, 16)
+    return [
+        (dict(q=q.float()), TypeError, "dtype"),
+        (dict(k_cache=k_cache[:, :, :1].expand(2, 32, 3, 64), v_cache=v_cache[:, :, :1].expand(2, 32, 3, 64)),
+         ValueError, "kv heads"),
+        (dict(v_cache=v_cache[:, :16]), ValueError, "same shape"),
+        (dict(k=k), ValueError, "k and v"),
+        (dict(k=k, v=v, cache_seqlens=None), ValueError, "cache_seqlens is required"),
+        (dict(k=k, v=v, cache_seqlens=32), ValueError, "exceeds"),
+        (dict(cache_seqlens=seq.long()), TypeError, "cache_seqlens"),
+        (dict(cache_seqlens=seq[:1]), ValueError, r"cache_seqlens must have shape \(2,\)"),
+        (dict(cache_leftpad=seq.float()), TypeError, "cache_leftpad"),
+        (dict(block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=seq), ValueError, "cache_batch_idx"),
+        (dict(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError, "block_table"),
+        (dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=seq), ValueError, "need the new k"),
+        (dict(k=k, v=v, cache_seqlens=seq, rotary_cos=cos[:8], rotary_sin=sin[:8]), ValueError, "S_ro"),
+        (dict(k=k, v=v, cache_seqlens=seq, rotary_cos=cos), ValueError, "together"),
+        (dict(window_size=(-2, 0)), ValueError, "window_size"),
+        (dict(window_size=3), TypeError, "window_size"),
+        (dict(softcap=-1.0), TypeError, "softcap"),
+        (dict(alibi_slopes=torch.ones(4)), NotImplementedError, "alibi_slopes"),
+        (dict(num_splits=129), ValueError, "num_splits"),
+        (dict(num_splits=1.5), TypeError, "num_splits"),
+        (dict(scale=float("nan")), TypeError, "scale"),
+        (dict(q=q.clone().requires_grad_()), NotImplementedError, "forward only"),
+    ], dict(q=q, k_cache=k_cache, v_cache=v_cache)
+
+
+def test_bad_inputs_raise_before_launch(monkeypatch):
+    monkeypatch.setattr(decode, "_attend", lambda *a, **k: pytest.fail("launched"))
+    monkeypatch.setattr(decode, "_append", lambda *a, **k: pytest.fail("launched"))
+    calls, base = _bad_calls()
+    for change, error, match in calls:
+        with pytest.raises(error, match=match):
+            kernels.attention_with_kvcache(**{**base, **change})
