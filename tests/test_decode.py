@@ -259,3 +259,32 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
     for change, error, match in calls:
         with pytest.raises(error, match=match):
             kernels.attention_with_kvcache(**{**base, **change})
+
+
+def test_flash_attn_with_kvcache_signature_and_conventions():
+    """flash-attn 2.x's parameter names, order and defaults; its outputs are attention_with_kvcache's, with +inf
+    (flash-attn's convention) where a row sees no key, and out alone without return_softmax_lse."""
+    import inspect
+
+    from kernels.flash_attn import flash_attn_with_kvcache
+
+    expected = dict(q=None, k_cache=None, v_cache=None, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                    cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                    alibi_slopes=None, num_splits=0, return_softmax_lse=False)
+    params = inspect.signature(flash_attn_with_kvcache).parameters
+    assert list(params) == list(expected)
+    assert {n: p.default for n, p in params.items() if p.default is not p.empty} == \
+        {n: d for n, d in expected.items() if n not in ("q", "k_cache", "v_cache")}
+    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 2, 4, 2, 64, 2, 32, 1)
+    seqlens = torch.tensor([0, 9], dtype=torch.int32)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
+    out, lse = flash_attn_with_kvcache(q, *caches[0], k, v, cache_seqlens=seqlens, causal=True, softmax_scale=0.3,
+                                       return_softmax_lse=True)
+    ref_out, ref_lse = kernels.attention_with_kvcache(q, *caches[1], k, v, cache_seqlens=seqlens, causal=True,
+                                                      scale=0.3, return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(caches[0][0], caches[1][0])
+    assert torch.isposinf(lse[0, :, 0]).all() and torch.isneginf(ref_lse[0, :, 0]).all()
+    assert torch.equal(lse[ref_lse.isfinite()], ref_lse[ref_lse.isfinite()])
+    assert torch.equal(flash_attn_with_kvcache(q, *caches[2], k, v, cache_seqlens=seqlens, causal=True,
+                                               softmax_scale=0.3), out)
