@@ -36,7 +36,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, help="attention heads (default 2 on CPU, 16 on a GPU)")
     parser.add_argument("--head-dim", type=int, help="attention head dim (default 64)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="default float32 on CPU, float16 on a GPU")
+                        help="default float16, on CPU too")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
                         help="memory a point may add, inputs included (e.g. 2GB): CPU caps the memory worker's "
                              "address space, GPU the allocator's fraction; beyond it the point is recorded 'oom'")

@@ -1,8 +1,10 @@
 """Roofline model of known GPUs: the time counted FLOPs and bytes would take at peak compute or peak bandwidth.
 
 A model, not a measurement: ``time = max(flops / peak_flops, bytes / peak_bandwidth)``. Peak FLOPS are dense
-(no 2:4 sparsity). fp16/bf16 use the tensor cores; fp32 uses the plain FP32 units, because the kernels run fp32
-``tl.dot`` with ``input_precision="ieee"`` (no TF32).
+(no 2:4 sparsity). fp16/bf16 use the tensor cores; fp32 uses the plain FP32 units, as the kernels' fp32 ``tl.dot``
+does by default (IEEE, like PyTorch's fp32 matmul). With ``torch.backends.cuda.matmul.allow_tf32`` set, the
+attention kernels use TF32 tensor cores instead, which this model does not cover: it then overstates fp32
+compute time.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional
