@@ -1,0 +1,298 @@
+"""Context parallelism: ring attention over ``torch.distributed``.
+
+A sequence of length N is split along its positions over the P ranks of a process group, N_local = N / P each, in
+one of two layouts:
+
+- ``"contiguous"``: rank r holds positions [r * N_local, (r + 1) * N_local).
+- ``"zigzag"``: the sequence is cut into 2P chunks of N_local / 2 and rank r holds chunks r and 2P - 1 - r,
+  concatenated. Under a causal mask every rank then sees the same number of (query, key) pairs, where the
+  contiguous layout gives the last rank about twice the mean.
+
+:func:`ring_attention` passes each rank's K/V shard around the ring (P - 1 hops, each posted before the block that
+uses the current shard is computed, so transfer overlaps compute on GPUs) and merges the per-block outputs with
+their logsumexps in fp32. Its backward passes K/V around again with an fp32 dK/dV accumulator travelling with them,
+which arrives back at its owner after P hops; every sum is taken in a fixed order, so results are deterministic.
+Only ``kernels.attention``'s custom ops compute: ``_forward_op`` for (out, lse) of a block and ``_backward_op`` for
+a block's exact gradients given the global (out, lse).
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from kernels import _runtime
+from kernels.attention.api import _backward_op, _forward_op, check_qkv, check_scale
+
+LAYOUTS = ("contiguous", "zigzag")
+_KV_TAG, _GRAD_TAG = 0, 2  # distinct tags for the K/V and dK/dV messages that are in flight to one peer at once
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+
+
+def _check_group(group, what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what} needs an initialised torch.distributed process group "
+                           "(call torch.distributed.init_process_group first)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+
+
+def _check_layout(layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunks_of(layout: str, rank: int, world: int) -> Tuple[int, ...]:
+    """Indices, in order, of the equal chunks of the sequence that ``rank`` holds: the sequence has ``world``
+    chunks in the contiguous layout and ``2 * world`` in the zigzag one. Always ascending."""
+    _check_layout(layout)
+    return (rank,) if layout == "contiguous" else (rank, 2 * world - 1 - rank)
+
+
+def _pieces(length: int, layout: str, world: int, name: str) -> int:
+    """The chunk length of a sequence of ``length`` positions; ValueError naming ``name`` if it does not split."""
+    count = world * (1 if layout == "contiguous" else 2)
+    if length % count:
+        raise ValueError(f"{name}: a sequence of length {length} does not split into {count} equal chunks for the "
+                         f"{layout} layout over {world} ranks")
+    return length // count
+
+
+def _rank_and_world(group) -> Tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(x: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> torch.Tensor:
+    """This rank's shard (a copy) of the full tensor ``x`` along ``dim`` (the sequence: 2 for (B, H, N, D)).
+
+    ``x.shape[dim]`` must split into P (contiguous) or 2P (zigzag) equal chunks, P the group's size.
+    """
+    _check_group(group, "shard")
+    _check_layout(layout)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    rank, world = _rank_and_world(group)
+    size = _pieces(x.shape[dim], layout, world, "x")
+    return torch.cat([x.narrow(dim, c * size, size) for c in chunks_of(layout, rank, world)], dim)
+
+
+def unshard(x_local: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> torch.Tensor:
+    """The full tensor from every rank's shard along ``dim``: an all_gather, then the chunks put back in sequence
+    order. The inverse of :func:`shard`; not differentiable (the gathered tensor has no grad_fn)."""
+    _check_group(group, "unshard")
+    _check_layout(layout)
+    if not isinstance(x_local, torch.Tensor):
+        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
+    world = dist.get_world_size(group)
+    size = _pieces(x_local.shape[dim] * world, layout, world, "x_local")
+    x_local = x_local.contiguous()
+    gathered = [torch.empty_like(x_local) for _ in range(world)]
+    dist.all_gather(gathered, x_local, group=group)
+    pieces = {}
+    for r, part in enumerate(gathered):
+        for i, c in enumerate(chunks_of(layout, r, world)):
+            pieces[c] = part.narrow(dim, i * size, size)
+    return torch.cat([pieces[c] for c in sorted(pieces)], dim)
+
+
+# ---------------------------------------------------------------------------------------------- block plans
+
+
+class Block(NamedTuple):
+    """One attention call of a ring step: local query rows [q_lo, q_hi) against local keys [0, k_hi); with
+    ``causal``, query row i (counted from q_lo) sees key j iff j <= i + shift (the ops' ``causal_shift``)."""
+    q_lo: int
+    q_hi: int
+    k_hi: int
+    causal: bool
+    shift: int
+
+    def pairs(self) -> int:
+        """The number of visible (query, key) pairs: what the block's FLOPs are proportional to."""
+        rows, keys = self.q_hi - self.q_lo, self.k_hi
+        if not self.causal:
+            return rows * keys
+        return sum(min(keys, max(0, i + self.shift + 1)) for i in range(rows))
+
+
+def plan(q_chunks: Sequence[int], kv_chunks: Sequence[int], size: int, causal: bool) -> List[Block]:
+    """The attention calls between a query shard holding ``q_chunks`` and a K/V shard holding ``kv_chunks``
+    (ascending chunk indices, ``size`` positions each), as few as the visibility allows.
+
+    Without ``causal`` every pair is visible: one call. With it, a query chunk sees the key chunks before it in
+    full (a prefix of the ascending ``kv_chunks``) and its own chunk causally (the diagonal, shift 0), and no
+    later one; so each query chunk is one call on a key prefix, and consecutive query chunks whose calls line up
+    (the same prefix without a diagonal, or diagonals one chunk apart) merge into one. No call touches a pair
+    that no query can see.
+    """
+    if not causal:
+        return [Block(0, len(q_chunks) * size, len(kv_chunks) * size, False, 0)]
+    blocks: List[Block] = []
+    for i, qc in enumerate(q_chunks):
+        full = sum(kc < qc for kc in kv_chunks)
+        diagonal = qc in kv_chunks
+        if not (full or diagonal):
+            continue
+        row = Block(i * size, (i + 1) * size, (full + diagonal) * size, diagonal, full * size if diagonal else 0)
+        last = blocks[-1] if blocks else None
+        if last and last.q_hi == row.q_lo and last.causal == row.causal and (
+                row.shift == last.shift + (last.q_hi - last.q_lo) if row.causal else row.k_hi == last.k_hi):
+            blocks[-1] = last._replace(q_hi=row.q_hi, k_hi=max(last.k_hi, row.k_hi))
+        else:
+            blocks.append(row)
+    return blocks
+
+
+def ring_plans(layout: str, rank: int, world: int, n_local: int, causal: bool) -> List[List[Block]]:
+    """The blocks ``rank`` computes at each ring step t = 0 .. P-1, where it holds the K/V shard of rank
+    (rank - t) mod P."""
+    size = _pieces(n_local * world, layout, world, "q")
+    mine = chunks_of(layout, rank, world)
+    return [plan(mine, chunks_of(layout, (rank - t) % world, world), size, causal) for t in range(world)]
+
+
+# ------------------------------------------------------------------------------------------------ the ring
+
+
+class _Ring:
+    """Point-to-point exchange with the ring's neighbours: send to rank + 1, receive from rank - 1."""
+
+    def __init__(self, group):
+        self.group = group
+        rank, self.world = _rank_and_world(group)
+        global_rank = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next, self.prev = global_rank((rank + 1) % self.world), global_rank((rank - 1) % self.world)
+
+    def exchange(self, tensors: Sequence[torch.Tensor], tag: int):
+        """Post the sends of ``tensors`` and the receives of same-shaped ones at once (before the caller's
+        compute, so they overlap it); returns a function that waits and gives the received tensors."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(received)]
+        requests = dist.batch_isend_irecv(ops)
+
+        def wait() -> List[torch.Tensor]:
+            for request in requests:  # the sends too: their buffers must outlive the transfer
+                request.wait()
+            return received
+        return wait
+
+
+def _merge(acc_out: torch.Tensor, acc_lse: torch.Tensor, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """acc <- the softmax-weighted union of acc and one block's (out, lse) on ``rows``, in fp32:
+    lse' = logaddexp(lse_acc, lse), out' = exp(lse_acc - lse') out_acc + exp(lse - lse') out.
+    Rows that have seen no key yet (lse' = -inf) keep out 0 and lse -inf instead of NaN."""
+    old_lse = acc_lse[..., rows]
+    new_lse = torch.logaddexp(old_lse, lse)
+    finite = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
+    acc_out[..., rows, :] = (acc_out[..., rows, :] * torch.exp(old_lse - finite).unsqueeze(-1)
+                             + out.float() * torch.exp(lse - finite).unsqueeze(-1))
+    acc_lse[..., rows] = new_lse
+
+
+def _ring_forward(q, k, v, plans, scale: float, ring: _Ring):
+    """(out in q's dtype, lse fp32) of this rank's queries against the whole ring's keys."""
+    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    kv = (k, v)
+    for t, blocks in enumerate(plans):
+        arriving = ring.exchange(kv, _KV_TAG) if t < len(plans) - 1 else None
+        for b in blocks:
+            rows = slice(b.q_lo, b.q_hi)
+            out, lse = _forward_op(q[:, :, rows], kv[0][:, :, :b.k_hi], kv[1][:, :, :b.k_hi], None, None,
+                                   b.causal, b.shift, scale)
+            _merge(acc_out, acc_lse, rows, out, lse)
+        if arriving is not None:
+            kv = arriving()
+    return acc_out.to(q.dtype), acc_lse
+
+
+def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, plans, scale: float, ring: _Ring):
+    """(dq, dk, dv) of this rank's shards: each step adds its blocks' gradients to dq and to the dK/dV accumulator
+    of the K/V shard it holds, which then moves on with that shard and reaches its owner after P hops."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv, accumulator = (k, v), None
+    for t, blocks in enumerate(plans):
+        arriving = ring.exchange(kv, _KV_TAG) if t < len(plans) - 1 else None
+        grads = None
+        for b in blocks:
+            rows = slice(b.q_lo, b.q_hi)
+            dq_b, dk_b, dv_b = _backward_op(grad_out[:, :, rows], q[:, :, rows], kv[0][:, :, :b.k_hi],
+                                            kv[1][:, :, :b.k_hi], out[:, :, rows], lse[..., rows].contiguous(),
+                                            None if grad_lse is None else grad_lse[..., rows].contiguous(),
+                                            None, None, b.causal, b.shift, scale)
+            dq[:, :, rows] += dq_b
+            grads = grads or [torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2)]
+            grads[0][:, :, :b.k_hi] += dk_b
+            grads[1][:, :, :b.k_hi] += dv_b
+        if accumulator is not None:  # the ranks before this one, in ring order, then this one: a fixed order
+            earlier = accumulator()
+            grads = earlier if grads is None else [e + g for e, g in zip(earlier, grads)]
+        accumulator = ring.exchange(grads, _GRAD_TAG) if ring.world > 1 else (lambda g=grads: g)
+        if arriving is not None:
+            kv = arriving()
+    dk, dv = accumulator()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plans, scale, ring):
+        out, lse = _ring_forward(q, k, v, plans, scale, ring)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plans, ctx.scale, ctx.ring = plans, scale, ring
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = _ring_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.plans, ctx.scale, ctx.ring)
+        return dq, dk, dv, None, None, None
+
+
+def _check_same_across_ranks(q, k, causal: bool, layout: str, group) -> None:
+    """ValueError on every rank if the ranks disagree on shapes, dtype, causal or layout (one small all_gather),
+    instead of a hang or garbage in the ring."""
+    mine = [*q.shape, *k.shape, q.element_size(), int(q.dtype.is_floating_point), int(causal), LAYOUTS.index(layout)]
+    local = torch.tensor(mine, dtype=torch.int64, device=q.device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    if any(not torch.equal(g, local) for g in gathered):
+        described = "; ".join(f"rank {r}: q {tuple(g[:4].tolist())}, k/v {tuple(g[4:8].tolist())}, "
+                              f"dtype bytes {g[8].item()}, causal {bool(g[10])}, layout {LAYOUTS[g[11]]}"
+                              for r, g in enumerate(gathered))
+        raise ValueError(f"ring_attention: the ranks disagree on their inputs ({described})")
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                   scale: Optional[float] = None, *, group=None, layout: str = "zigzag", return_lse: bool = False):
+    """This rank's shard of ``kernels.attention(q_full, k_full, v_full, causal, scale)``, differentiable.
+
+    q: (B, H, N_local, D) and k, v: (B, Hkv, N_local, D) are this rank's shards (see :func:`shard`) of sequences
+    of N = N_local * P positions in ``layout`` ("zigzag": N_local even; "contiguous"), P = the size of ``group``
+    (the default group for None). Dtypes, head dims and GQA as ``kernels.attention``; causal is over global
+    positions. Every rank of the group must call it with the same shapes, dtype, ``causal`` and ``layout``.
+    Returns out (B, H, N_local, D) in q's dtype, and with ``return_lse`` the fp32 natural-log logsumexp
+    (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
+    forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators.
+    """
+    _check_group(group, "ring_attention")
+    _check_layout(layout)
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k, v must hold the same {q.shape[2]} positions as q (this rank's shard of one sequence), "
+                         f"got q of shape {tuple(q.shape)} and k of shape {tuple(k.shape)}")
+    if not _runtime.kernels_can_run(q, k, v):
+        raise ValueError(f"ring_attention: the kernels of this process cannot run on {q.device} tensors "
+                         f"({'CPU tensors under the interpreter' if _runtime.INTERPRETED else 'GPU tensors'} needed)")
+    _runtime.refuse_forward_ad("ring_attention", q, k, v)
+    rank, world = _rank_and_world(group)
+    _pieces(q.shape[2] * world, layout, world, "q")  # before any communication: every rank fails alike
+    _check_same_across_ranks(q, k, bool(causal), layout, group)
+    plans = ring_plans(layout, rank, world, q.shape[2], bool(causal))
+    out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, scale, _Ring(group))
+    return (out, lse) if return_lse else out
