@@ -383,6 +383,71 @@ def test_sdpa_gradients_flow_through_the_kernel(monkeypatch, device):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------------- large sizes, threads, AD
+
+_FAR_ROWS = r"""
+import torch, kernels
+stride = 2**29  # row 4 starts 2^31 elements in: past what 32-bit offset arithmetic can address
+base = torch.empty(4 * stride + 16, dtype=torch.float16)  # ~4 GiB of address space; only 5 rows are touched
+q = base.as_strided((1, 1, 5, 16), (0, 0, stride, 1))
+near = torch.randn(1, 1, 5, 16, dtype=torch.float16)
+q.copy_(near)
+k, v = torch.randn(1, 1, 5, 16, dtype=torch.float16), torch.randn(1, 1, 5, 16, dtype=torch.float16)
+assert torch.equal(kernels.attention(q, k, v), kernels.attention(near, k, v))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="a 4 GiB address-space view: CPU only")
+def test_rows_beyond_2_to_the_31_elements_are_addressed_in_64_bits():
+    """A (B, N, H, D)-style view whose row stride times row index passes 2^31: 32-bit offsets would wrap and read
+    (or crash on) the wrong memory. Run in a child process so that a crash fails this test, not the session."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _FAR_ROWS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_grids_are_one_dimensional_and_bounded():
+    """B * H beyond CUDA's 65535 grid-y limit is fine on the 1-D grid's first axis; past 2^31 - 1 programs a
+    ValueError comes before any launch."""
+    assert configs.grid(100, 70000, 32) == (4 * 70000,)
+    with pytest.raises(ValueError, match="programs"):
+        configs.grid(2**20, 2**17, 16)
+
+
+def test_concurrent_calls_from_threads_give_the_single_thread_results(device):
+    q, k, v = _inputs(1, 2, 1, 40, 40, 16, FP32, device)
+    expected = kernels.attention(q, k, v, causal=True)
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                results.append(kernels.attention(q, k, v, causal=True))
+        except Exception as error:  # noqa: BLE001  (collected and re-raised by the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 9 and all(torch.equal(r, expected) for r in results)
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(device):
+    q, k, v = _inputs(1, 1, 1, 4, 4, 8, FP32, device)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda q: kernels.attention(q, k, v), (q,), (torch.ones_like(q),))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="kernels.attention"):
+        kernels.attention(q, fwAD.make_dual(k, torch.ones_like(k)), v)
+
+
 # --------------------------------------------------------------------------------------------- torch.compile
 
 def test_torch_compile_fullgraph_forward_and_backward(kernel_only, device):
@@ -397,6 +462,25 @@ def test_torch_compile_fullgraph_forward_and_backward(kernel_only, device):
     grads = torch.autograd.grad(loss, (q, k, v))
     expected = torch.autograd.grad(f(q, k, v), (q, k, v))
     torch.testing.assert_close(loss, f(q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_with_a_key_padding_mask(kernel_only, device):
+    """The padding mask's key ranges are derived on the device: no host sync, no graph break."""
+    torch._dynamo.reset()
+
+    def f(q, k, v, mask):
+        return kernels.attention(q, k, v, causal=True, key_padding_mask=mask).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = _inputs(2, 2, 1, 6, 9, 8, FP32, device, requires_grad=True)
+    mask = torch.tensor([[False, False, True, True, True, True, True, True, True],
+                         [True, True, True, False, True, True, True, False, False]])
+    loss = compiled(q, k, v, mask)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v, mask), (q, k, v))
+    torch.testing.assert_close(loss, f(q, k, v, mask))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
 
