@@ -14,7 +14,7 @@ from benchmarks.device import detect
 from benchmarks.providers import OPS
 from benchmarks.table import format_fits, format_table
 
-COMMANDS = ("suite", "scaling", "static", "gpu-check")
+COMMANDS = ("suite", "scaling", "static", "gpu-check", "decode")
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -86,6 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from benchmarks.gpu_check import main as gpu_check_main  # imported only when asked for, as static
 
         return gpu_check_main(argv)
+    if command == "decode":
+        from benchmarks.decode import main as decode_main  # imported only when asked for, as static
+
+        return decode_main(argv)
     return _run(command, _parser(command).parse_args(argv))
 
 

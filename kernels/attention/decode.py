@@ -18,7 +18,7 @@ interpreter's bf16 ``tl.dot``, ``cast_rne`` stores):
 - ``_decode_fwd``: one program per (batch, kv head, block of packed query rows, key split). The GQA group's query
   heads and the Sq new tokens are packed into one tile (row r = token r // group, head kv_h * group + r % group),
   so each K/V block is read once per kv head, not once per query head. With splits > 1 (flash-decoding) each
-  program covers an equal share of its rows' key blocks and writes a normalised partial (out, lse) in fp32.
+  program covers a balanced share of its rows' key blocks and writes a normalised partial (out, lse) in fp32.
 - ``_decode_combine``: merges the splits' partials by their lse (an online softmax over splits).
 
 Forward only: like flash-attn's, there is no backward.
@@ -175,7 +175,8 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, strid
 
     lo, seqlen, cache_b = _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new)
     diag = tok + seqlen - n_q  # each row's last causal key: bottom-right alignment per batch row
-    # Keys some row of the block may see, [blk_lo, blk_hi), split into equal runs of whole key blocks.
+    # Keys some row of the block may see, [blk_lo, blk_hi), split into runs of whole key blocks whose lengths
+    # differ by at most one block, so no split is idle while another has work.
     blk_lo = lo
     blk_hi = tl.minimum(seqlen, capacity)
     first_diag = start_m // group + seqlen - n_q
@@ -185,9 +186,9 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, strid
     if LOCAL_RIGHT:
         blk_hi = tl.minimum(blk_hi, last_diag + window_right + 1)
     blk_hi = tl.maximum(blk_hi, blk_lo)
-    per_split = tl.cdiv(tl.cdiv(blk_hi - blk_lo, BLOCK_N), splits) * BLOCK_N
-    start = blk_lo + split * per_split
-    end = tl.minimum(blk_hi, start + per_split)
+    n_blocks = tl.cdiv(blk_hi - blk_lo, BLOCK_N)
+    start = blk_lo + (split * n_blocks // splits) * BLOCK_N
+    end = tl.minimum(blk_hi, blk_lo + ((split + 1) * n_blocks // splits) * BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
