@@ -7,5 +7,6 @@ from kernels._runtime import INTERPRETED  # noqa: F401  (first: chooses the inte
 from kernels import reference  # noqa: F401
 from kernels.softmax import softmax, log_softmax  # noqa: F401
 from kernels.attention import attention, scaled_dot_product_attention  # noqa: F401
+from kernels.attention.api import attention_dropout_mask  # noqa: F401
 from kernels.attention.decode import attention_with_kvcache  # noqa: F401
 from kernels.layernorm import layer_norm, rms_norm, add_layer_norm, add_rms_norm, LayerNorm, RMSNorm  # noqa: F401

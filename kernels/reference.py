@@ -18,9 +18,20 @@ def causal_mask(n_q: int, n_k: int, device=None) -> torch.Tensor:
     (diagonal included: a token attends to itself); with n_q < n_k the queries are the last n_q positions
     of a sequence whose first keys are cached; with n_q > n_k the first n_q - n_k queries see no key.
     """
-    i = torch.arange(n_q, device=device).unsqueeze(1)
-    j = torch.arange(n_k, device=device).unsqueeze(0)
-    return j <= i + (n_k - n_q)
+    return window_mask(n_q, n_k, (-1, 0), device)
+
+
+def window_mask(n_q: int, n_k: int, window_size, device=None) -> torch.Tensor:
+    """Bool (n_q, n_k) mask of a local window (left, right), as in flash-attn: query i sees key j iff
+    ``i + n_k - n_q - left <= j <= i + n_k - n_q + right``; -1 leaves a side unbounded."""
+    left, right = window_size
+    offset = torch.arange(n_k, device=device)[None, :] - torch.arange(n_q, device=device)[:, None] - (n_k - n_q)
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible = visible & (offset >= -left)
+    if right >= 0:
+        visible = visible & (offset <= right)
+    return visible
 
 
 def attention(
@@ -32,6 +43,13 @@ def attention(
     mask: Optional[torch.Tensor] = None,
     return_probs: bool = False,
     return_lse: bool = False,
+    *,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ):
     """Quadratic attention: ``softmax(q @ k^T * scale + mask) @ v``, materialising the scores.
 
@@ -39,8 +57,17 @@ def attention(
     serves H // Hkv consecutive query heads, repeated here in memory). ``scale`` defaults to 1/sqrt(D).
     ``causal`` masks bottom-right (see :func:`causal_mask`). ``mask``, broadcastable to (B, H, Nq, Nk), is a
     bool "may attend" mask or a float mask added to the scores. Rows that see no key give zeros, not NaN.
-    Returns (B, H, Nq, D), and with ``return_probs`` also the (B, H, Nq, Nk) probabilities, with ``return_lse``
-    also the (B, H, Nq) natural-log logsumexp of the masked scores (-inf for rows that see no key), in that order.
+
+    Variants (flash-attn 2.x semantics, shift = Nk - Nq): ``window_size`` (left, right) keeps keys
+    i + shift - left <= j <= i + shift + right (-1: unbounded; ``causal`` sets right to 0, see
+    :func:`window_mask`); ``softcap > 0`` replaces the scaled score s by softcap * tanh(s / softcap);
+    ``alibi_slopes`` (H,) or (B, H) then adds -slope * |i + shift - j|; ``sinks`` (H,) adds exp(sink_h) to every
+    row's softmax denominator with no value; ``dropout_mask`` (bool, broadcastable to (B, H, Nq, Nk), True =
+    kept) multiplies the probabilities by mask / (1 - dropout_p) after the softmax.
+
+    Returns (B, H, Nq, D), and with ``return_probs`` also the (B, H, Nq, Nk) probabilities (undropped, without
+    the sink), with ``return_lse`` also the (B, H, Nq) natural-log logsumexp of the masked scores, the sink
+    included (-inf for rows that see no key and no sink), in that order.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
     group = q.shape[1] // k.shape[1]
@@ -48,20 +75,30 @@ def attention(
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = causal_mask(n_q, n_k, q.device)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        distance = (torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
+                    - torch.arange(n_k, device=q.device)[None, :]).abs().to(scores.dtype)
+        slopes = alibi_slopes.to(scores.dtype).reshape(-1, q.shape[1], 1, 1)
+        scores = scores - slopes * distance
+    visible = window_mask(n_q, n_k, (window_size[0], 0 if causal else window_size[1]), q.device)
     if mask is not None and mask.dtype == torch.bool:
         visible = visible & mask
     elif mask is not None:
         scores = scores + mask
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype)[:, None, None]
+        row_max = torch.maximum(row_max, sink)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(scores - row_max)
     denom = exp.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - row_max)
     probs = exp / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = probs @ v
+    out = (probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)) @ v
     extra = (probs,) * return_probs
     if return_lse:
         extra += ((row_max + torch.log(denom)).squeeze(-1),)

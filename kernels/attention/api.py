@@ -28,21 +28,60 @@ def _pad_args(pad: Optional[torch.Tensor]):
     return (None, 0) if pad is None else (pad, pad.stride(0))
 
 
-def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: float):
+def _alibi_args(alibi_slopes: Optional[torch.Tensor]):
+    """The kernels' (ALIBI, stride_ab) arguments of float32 (H,) or (B, H) slopes with unit head stride, or none."""
+    if alibi_slopes is None:
+        return None, 0
+    return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+
+
+def _bounds(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: int, window_right: int):
+    """(CAUSAL, WINDOW, CAUSAL_SHIFT, WINDOW_SHIFT): query i sees key j iff j <= i + CAUSAL_SHIFT (if CAUSAL) and
+    j >= i + WINDOW_SHIFT (if WINDOW). ``causal`` sets the window's right edge to 0 as flash-attn does; an edge
+    that hides no key of the (n_q, n_k) grid is dropped, so it costs nothing."""
+    upper = causal_shift + (0 if causal else window_right)
+    lower = causal_shift - window_left
+    has_upper = (causal or window_right >= 0) and upper < n_k - 1
+    has_lower = window_left >= 0 and lower > 1 - n_q
+    return has_upper, has_lower, upper if has_upper else 0, lower if has_lower else 0
+
+
+def _variant_args(q, k, causal, causal_shift, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+    """(pointer args, shift and scalar args, compile-time meta) of the variants, as every attention kernel takes
+    them: (ALIBI, SEED, stride_ab), (CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT), and kernel_meta."""
+    has_upper, has_lower, upper, lower = _bounds(q.shape[2], k.shape[2], causal, causal_shift, window_left,
+                                                 window_right)
+    alibi, stride_ab = _alibi_args(alibi_slopes)
+    seed = rng_state if dropout_p > 0 else None
+    meta = configs.kernel_meta(q, has_upper, has_lower, softcap > 0)
+    return (alibi, seed, stride_ab), (upper, lower, causal_shift), meta
+
+
+def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: float, window_left: int = -1,
+             window_right: int = -1, softcap: float = 0.0, alibi_slopes=None, sinks=None, dropout_p: float = 0.0,
+             rng_state=None):
     """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32)."""
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros with lse -inf
-        return out.zero_(), lse.fill_(float("-inf"))
-    args = (q, k, v, out, lse, kv_bounds, *_pad_args(pad), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, heads // k.shape[1], n_q, n_k, causal_shift, scale * LOG2E.value)
-    configs.launch("fwd", n_q, batch * heads, args, configs.kernel_meta(q, causal), (n_q, n_k))
+    if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
+        if sinks is None:
+            return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), lse.copy_(sinks[:, None].expand(lse.shape))
+    (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
+                                                           softcap, alibi_slopes, dropout_p, rng_state)
+    pad_ptr, stride_pb = _pad_args(pad)
+    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, stride_pb, stride_ab, *q.stride(),
+            *k.stride(), *v.stride(), *out.stride(), heads, heads // k.shape[1], n_q, n_k, *shifts,
+            scale * LOG2E.value, softcap, dropout_p)
+    configs.launch("fwd", n_q, batch * heads, args, meta, (n_q, n_k))
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: bool, causal_shift: int, scale: float):
+def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: bool, causal_shift: int, scale: float,
+              window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi_slopes=None,
+              dropout_p: float = 0.0, rng_state=None):
     """Run the backward kernels: (dq, dk, dv), contiguous, in the inputs' dtype."""
     batch, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -53,20 +92,30 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: boo
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if alloc is torch.zeros:
         return dq, dk, dv
-    meta = configs.kernel_meta(q, causal)
-    delta = torch.empty_like(lse)
-    configs.launch_delta((out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q), n_q, batch * heads,
-                         meta)
-    if grad_lse is not None:  # d lse_i / d s_ij = p_ij, which folds into delta: ds = p * (dp - (delta - dlse))
-        delta -= grad_lse
+    (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
+                                                           softcap, alibi_slopes, dropout_p, rng_state)
+    delta = _delta(grad_out, out, lse, grad_lse, meta)
     common = (q, k, v, grad_out, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    sizes = (heads, heads // kv_heads, n_q, n_k, causal_shift, scale * LOG2E.value, scale)
-    masks = (kv_bounds, *_pad_args(pad))
+    sizes = (heads, heads // kv_heads, n_q, n_k, *shifts, scale * LOG2E.value, scale, softcap, dropout_p)
+    pad_ptr, stride_pb = _pad_args(pad)
+    masks = (kv_bounds, pad_ptr, alibi, seed, stride_pb, stride_ab)
     configs.launch("dkdv", n_k, batch * kv_heads, (*common, dk, dv, *masks, *strides, *dk.stride(), *sizes), meta,
                    (n_q, n_k))
     configs.launch("dq", n_q, batch * heads, (*common, dq, *masks, *strides, *dq.stride(), *sizes), meta, (n_q, n_k))
     return dq, dk, dv
+
+
+def _delta(grad_out, out, lse, grad_lse, meta) -> torch.Tensor:
+    """rowsum(dO * O) - dlse (B, H, Nq) fp32, by the pre-pass kernel: d lse_i / d s_ij = p_ij folds into delta,
+    ds = p * (dp - (delta - dlse))."""
+    batch, heads, n_q, _ = out.shape
+    delta = torch.empty_like(lse)
+    configs.launch_delta((out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q), n_q, batch * heads,
+                         meta)
+    if grad_lse is not None:
+        delta -= grad_lse
+    return delta
 
 
 # ------------------------------------------------------------------------------------ autograd (torch.library)
@@ -74,44 +123,69 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: boo
 
 @torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
-                pad: Optional[torch.Tensor], causal: bool, causal_shift: int,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
+                window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention; ``kv_bounds`` (B, 2) int32 [first, last + 1) visible key per batch row and ``pad``
-    (B, Nk) uint8 (nonzero = visible) are optional; ``causal_shift`` = Nk - Nq aligns causal bottom-right."""
+    (B, Nk) uint8 (nonzero = visible) are optional; ``causal_shift`` = Nk - Nq aligns causal bottom-right (it is
+    the diagonal the window and ALiBi distances are measured from). The variants' arguments are those of
+    :func:`attention`, already checked: window edges (-1 = unbounded), softcap (0 = off), float32 ALiBi slopes
+    (H,) or (B, H) and sinks (H,), and dropout with its int64 (seed, offset) pair ``rng_state``."""
     with _runtime.launch_device(q):
-        return _forward(q, k, v, kv_bounds, pad, causal, causal_shift, scale)
+        return _forward(q, k, v, kv_bounds, pad, causal, causal_shift, scale, window_left, window_right, softcap,
+                        alibi_slopes, sinks, dropout_p, rng_state)
 
 
 @_forward_op.register_fake
-def _(q, k, v, kv_bounds, pad, causal, causal_shift, scale):
+def _(q, k, v, *args, **kwargs):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
-                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int,
-                 scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) given the forward's inputs, its (out, lse), and the incoming gradients of out (and lse)."""
+                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
+                 window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0,
+                 rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) given the forward's inputs, its (out, lse), and the incoming gradients of out (and lse).
+    Sinks need nothing here: lse includes them, so the kernels' probabilities are already right."""
     with _runtime.launch_device(q):
-        return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale)
+        return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale,
+                         window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale):
+def _(grad_out, q, k, v, *args, **kwargs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
+    """d loss / d sinks (H,): out_i and lse_i depend on sink_h through its probability p_i = exp(sink_h - lse_i)
+    alone, d out_i = -p_i out_i and d lse_i = p_i, so dsink_h = -sum over batch and rows of p_i (rowsum(dO_i * O_i)
+    - dlse_i). Per-row values reduced by torch.sum: deterministic."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    return -(torch.exp(sinks[:, None] - lse) * delta).sum((0, 2))
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_bounds, pad, ctx.causal, ctx.causal_shift, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, *output, kv_bounds, pad)
+    (q, k, v, kv_bounds, pad, ctx.causal, ctx.causal_shift, ctx.scale, ctx.window_left, ctx.window_right,
+     ctx.softcap, alibi_slopes, sinks, ctx.dropout_p, rng_state) = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_bounds, pad, alibi_slopes, sinks, rng_state)
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_bounds, pad = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad,
-                              ctx.causal, ctx.causal_shift, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
+                              ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
+                              rng_state)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[12]:
+        dsinks = _sink_grad(sinks, grad_out, out, lse, grad_lse)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None, None
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -169,16 +243,79 @@ def _check_padding_mask(mask, q, k) -> None:
     check_same("device", q=q, key_padding_mask=mask)
 
 
-def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask):
+def check_window(window_size) -> Tuple[int, int]:
+    """``window_size`` as (left, right) ints; TypeError unless a pair of ints, ValueError for values below -1."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> float:
+    """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] ([low, high))."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def _check_alibi(alibi_slopes, q) -> None:
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+    batch, heads = q.shape[:2]
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or (B, H) = {(batch, heads)}, "
+                         f"got {tuple(alibi_slopes.shape)}")
+    check_same("device", q=q, alibi_slopes=alibi_slopes)
+
+
+def _check_sinks(sinks, q) -> None:
+    check_tensor("sinks", sinks)
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), got {tuple(sinks.shape)}")
+    check_same("device", q=q, sinks=sinks)
+
+
+def _draw_rng(device: torch.device) -> torch.Tensor:
+    """The int64 (seed, offset) pair of one dropout call, drawn from torch's default generator of ``device`` (so
+    ``torch.manual_seed`` makes dropout reproducible); a tensor on the device, so nothing syncs."""
+    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+
+
+def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
+                           device=None) -> torch.Tensor:
+    """The (B, H, Nq, Nk) bool keep-mask that ``attention(..., dropout_p=dropout_p)`` on q of shape (B, H, Nq, D)
+    and k of length Nk would draw from the generator's current state, bit for bit (same Philox stream), advancing
+    the generator as that call would. Probabilities are kept where True and scaled by 1 / (1 - dropout_p)."""
+    sizes = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {size!r}")
+    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    device = torch.device("cpu" if device is None else device)
+    rng_state = _draw_rng(device)
+    mask = torch.zeros((batch, heads, n_q, n_k), dtype=torch.uint8, device=device)
+    if mask.numel():
+        with _runtime.launch_device(rng_state):
+            configs.launch_dropout_mask(rng_state, mask, dropout_p)
+    return mask.view(torch.bool)
+
+
+def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, **variants):
     """The documented fallback: kernels.reference.attention, plus its logsumexp (float32, as the kernel's)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask, return_lse=True)
+    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask, return_lse=True, **variants)
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
-              return_lse: bool = False, key_padding_mask: Optional[torch.Tensor] = None):
-    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` with autograd for q, k, v.
+              return_lse: bool = False, key_padding_mask: Optional[torch.Tensor] = None, *,
+              window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+              sinks: Optional[torch.Tensor] = None):
+    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` with autograd for q, k, v (and sinks).
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H a multiple of Hkv (GQA/MQA without repeating k/v), 1 <= D <= 256,
     fp16/bf16/fp32, any strides. ``scale`` defaults to 1/sqrt(D). ``causal`` is bottom-right aligned: query i
@@ -187,18 +324,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Returns out (B, H, Nq, D) in q's dtype, and with ``return_lse`` also lse (B, H, Nq) float32, the natural-log
     logsumexp of the scaled, masked scores (-inf for rows that see no key).
 
+    Variants, with flash-attn 2.x's semantics (shift = Nk - Nq; positions are indices into the padded tensors,
+    also under ``key_padding_mask``):
+
+    - ``window_size=(left, right)``: query i sees keys i + shift - left <= j <= i + shift + right; -1 leaves a side
+      unbounded; ``causal`` sets right to 0. Key blocks outside the window are never read: O(N * window).
+    - ``softcap > 0``: the scaled score s becomes softcap * tanh(s / softcap) (before ALiBi and masks).
+    - ``alibi_slopes``: float32 (H,) or (B, H); adds -slope * |i + shift - j| to the (capped) score.
+    - ``sinks``: float (H,) per-head logits in every row's softmax denominator with no value (GPT-OSS):
+      out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)); differentiable. lse includes the sink (so a
+      row that sees no key has lse = sink_h and zeros).
+    - ``dropout_p`` in [0, 1): dropout on the probabilities, Philox in the kernels, seeded from torch's default
+      generator of q's device (``torch.manual_seed`` reproduces it; :func:`attention_dropout_mask` returns the
+      mask a call would use); the backward regenerates the mask. lse is of the undropped probabilities.
+
     Reverse-mode autograd only: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raises.
     """
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
     if key_padding_mask is not None:
         _check_padding_mask(key_padding_mask, q, k)
+    window_left, window_right = check_window(window_size)
+    softcap = _check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    if alibi_slopes is not None:
+        _check_alibi(alibi_slopes, q)
+    if sinks is not None:
+        _check_sinks(sinks, q)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
     if not _runtime.kernel_runs_on(q, k, v):
-        out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask)
+        if dropout_p > 0:
+            raise RuntimeError("kernels.attention: dropout needs the Triton kernels (its mask is their Philox "
+                               "stream), which cannot run on these inputs in this process")
+        out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, window_size=(window_left, window_right),
+                                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         bounds = pad = None
         if key_padding_mask is not None:
             bounds, pad = key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8)
-        out, lse = _forward_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale)
+        out, lse = _forward_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale, window_left,
+                               window_right, softcap, None if alibi_slopes is None else alibi_slopes.contiguous(),
+                               None if sinks is None else sinks.float(), dropout_p,
+                               _draw_rng(q.device) if dropout_p > 0 else None)
     return (out, lse) if return_lse else out

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from kernels import _runtime
-from kernels.attention.kernels import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
+from kernels.attention.kernels import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_mask
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
 MAX_HEAD_DIM = 256
@@ -60,6 +60,7 @@ INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}
 """Interpreted launches' tile: autotuning needs a GPU; small tiles keep the interpreter quick and still exercise
 multi-block paths at small lengths."""
 DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blackwell); 8 spill nowhere
+DROPOUT_MASK_TILE = (32, 64)  # the dropout-mask helper: elementwise, one config
 
 
 def tiles(kernel: str, family: int, d_bucket: int, fp32: bool) -> List[Tuple[int, int, int, int]]:
@@ -97,10 +98,11 @@ def _length_bucket(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, family: int, bucket: int, fp32: bool, n_bucket: Tuple[int, int]):
     """An autotuner over this family's configs; one per length bucket so that tuning is keyed on bucketed
-    lengths (the autotuner itself keys on head dim, causal, precision and the tensors' dtypes)."""
+    lengths (the autotuner itself keys on head dim, causal, window, softcap, precision and the tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in tiles(kernel, family, bucket, fp32)]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "PRECISION"])(KERNELS[kernel])
+    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION"]
+    return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
 
 def grid(rows: int, heads: int, block: int) -> Tuple[int]:
@@ -140,27 +142,48 @@ def launch_delta(args, rows: int, heads: int, meta: dict) -> None:
                                                  BLOCK_M=block_m, **options)
 
 
-def kernel_meta(q: torch.Tensor, causal: bool) -> dict:
-    """Compile-time parameters shared by the kernels: head dim and its padded width, causal, dot precision, and
-    whether bf16 dots must be computed in fp32 (the interpreter only; see kernels.py)."""
+def launch_dropout_mask(rng_state: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> None:
+    """Fill the contiguous (B, H, Nq, Nk) uint8 ``mask`` with the keep-mask of the dropout seeded by ``rng_state``."""
+    batch, heads, n_q, n_k = mask.shape
+    block_m, block_n = DROPOUT_MASK_TILE
+    _dropout_mask[grid(n_q, batch * heads, block_m)](rng_state, mask, n_q, n_k, dropout_p, BLOCK_M=block_m,
+                                                     BLOCK_N=block_n)
+
+
+def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bool = False) -> dict:
+    """Compile-time parameters shared by the kernels: head dim and its padded width, the mask's upper (causal)
+    and lower (window) bounds, softcap, dot precision, and whether bf16 dots must be computed in fp32 (the
+    interpreter only; see kernels.py)."""
     d = q.shape[-1]
     tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
-                UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal, WINDOW=window,
+                SOFTCAP=softcap, UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
                 PRECISION="tf32" if tf32 else "ieee")
 
 
 # ------------------------------------------------------------------------------------------------ GPU builds
-_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8"}
+_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "ALIBI": "*fp32", "SINKS": "*fp32",
+          "SEED": "*i64", "MASK": "*u8", "softcap": "fp32", "dropout_p": "fp32",
+          # upper-case scalars, which the naming convention would take for pointers
+          **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT"), "i32")}
+_VARIANTS = {"window": {"WINDOW": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
+             "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"}}
+"""Each variant's specialisation: a constexpr switch turned on, or a pointer passed instead of None."""
+_OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None}
 
 
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
-           default: bool) -> Build:
-    """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time."""
+           default: bool, variant: str = "") -> Build:
+    """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time, with one
+    variant's specialisation on (``_VARIANTS``) or none."""
     fn = _attn_bwd_delta if kernel == "bwd_delta" else KERNELS[kernel]
-    constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee")
     if kernel == "bwd_delta":
         constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d)
+    else:
+        switches = {name: value for name, value in _OFF.items() if name in fn.arg_names}
+        switches.update(_VARIANTS[variant] if variant else {})
+        constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee",
+                          **{name: value for name, value in switches.items() if not isinstance(value, str)})
     return declare(f"attention_{kernel}", fn, dtype=TRITON_DTYPES[dtype], constexprs=constexprs,
                    num_warps=num_warps, num_stages=num_stages, label=label, types=_TYPES, default=default)
 
@@ -168,8 +191,12 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
 @register_builds
 def _builds() -> List[Build]:
     """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256; the default of
-    each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels)."""
-    builds = []
+    each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels). Each
+    variant (window, softcap, ALiBi, sinks, dropout) is built at the default config of every kernel it reaches
+    (not marked default: the plain build stays each group's one default), and so is the dropout-mask helper."""
+    builds = [declare("attention_dropout_mask", _dropout_mask, dtype="u8", num_warps=4, num_stages=1,
+                      constexprs=dict(zip(("BLOCK_M", "BLOCK_N"), DROPOUT_MASK_TILE)), types=_TYPES, default=True,
+                      label="forward's dropout keep-mask %dx%d" % DROPOUT_MASK_TILE)]
     for dtype, name in TRITON_DTYPES.items():
         for d in (64, 128, 256):
             builds.append(_build("bwd_delta", dtype, d, {"BLOCK_M": DELTA_BLOCK_M}, DELTA_WARPS, 1,
@@ -179,4 +206,10 @@ def _builds() -> List[Build]:
                 for i, (bm, bn, warps, stages) in enumerate(table):
                     builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
                                          f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}", default=i == 0))
+                bm, bn, warps, stages = next(iter(table))
+                for variant, switches in _VARIANTS.items():
+                    if all(switch in KERNELS[kernel].arg_names for switch in switches):
+                        builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
+                                             f"{name} d{d} causal {variant} {bm}x{bn} w{warps} s{stages}",
+                                             default=False, variant=variant))
     return builds

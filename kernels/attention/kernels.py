@@ -5,17 +5,35 @@ query head h reads kv head h // (H // Hkv), nothing repeated in memory); D <= BL
 power of two >= 16 with masked loads; fp16, bf16 or fp32, any strides. Every address offset that can pass 2^31
 (batch, head and row times their strides) is computed in 64 bits.
 
-Math: out = softmax(scale * q @ k^T + mask) @ v, block by block with an online softmax in base 2 (scale * log2(e)
-folded into one multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` (B, H, Nq) float32 is
-kept for the backward. Query i sees key j iff kv_start[b] <= j < kv_end[b], the optional (B, Nk) padding mask PAD
-is nonzero at (b, j), and (not CAUSAL or j <= i + CAUSAL_SHIFT). Rows that see no key give zeros and lse = -inf.
+Math: out = softmax(s) @ v, block by block with an online softmax in base 2 (scale * log2(e) folded into one
+multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` (B, H, Nq) float32 is kept for the
+backward. The score of query i and key j is, in FlashAttention's order,
+
+    s_ij = scale * q_i . k_j,  then softcap * tanh(s_ij / softcap) (SOFTCAP),  then - slope_h * |i + ALIBI_SHIFT - j|
+    (ALIBI, a float32 slope per head, or per batch and head when stride_ab is nonzero),
+
+and query i sees key j iff kv_start[b] <= j < kv_end[b], the optional (B, Nk) padding mask PAD is nonzero at
+(b, j), j <= i + CAUSAL_SHIFT (CAUSAL: a causal mask or a window's right edge) and j >= i + WINDOW_SHIFT (WINDOW:
+a window's left edge). Key blocks outside a query block's bounds are never visited, and only the blocks that
+straddle a bound are masked. SINKS (float32, one logit per head) joins every row's softmax denominator with no
+value: out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)), and lse includes it. Rows that see no key
+give zeros and lse = -inf (lse = sink_h with sinks).
+
+Dropout (SEED, a pointer to the int64 pair (seed, offset)): after the softmax, probability p_ij is kept with
+probability 1 - dropout_p and scaled by 1 / (1 - dropout_p); the keep decision is Philox(seed; j, i, b * H + h,
+offset) >= dropout_p, a pure function of the element's coordinates, so the backward regenerates it and
+``_dropout_mask`` reproduces it bit for bit. lse is of the undropped probabilities.
 
 Grids are one-dimensional (CUDA allows 2^31 - 1 programs on axis 0 but only 65535 on axis 1): program p owns
 block p % cdiv(n, BLOCK) of head p // cdiv(n, BLOCK), so neighbouring programs share a head as a 2-D grid would.
 
 Backward (FA2): delta = rowsum(dO * O); dK/dV by a program per key block per kv head that loops over the query
 heads of its group and their query blocks (GQA sums without atomics: deterministic); dQ by a program per query
-block that loops over key blocks.
+block that loops over key blocks. With dropout z_ij = keep_ij / (1 - dropout_p): dV += (p * z)^T dO and
+ds = p * (z * dO v^T - delta); with softcap ds is further multiplied by 1 - tanh^2.
+
+Disabled features cost nothing: CAUSAL, WINDOW and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED, PAD
+and KV_BOUNDS are pointers that the launcher passes as None, which Triton specialises away.
 
 UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
 as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
@@ -98,30 +116,91 @@ def _keys_visible(PAD, b, stride_pb, cols, kv_hi):
 
 
 @triton.jit
-def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
-    """Keys [lo, hi) that some row of the query block at ``start_m`` sees, and ``mid``: [lo, mid) is whole key
-    blocks that every row of the block sees, so only [mid, hi) needs the score mask (all of [lo, hi) with a
-    padding mask, which may hide any key). Causal key blocks past the diagonal lie beyond ``hi`` and are never
-    visited."""
+def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Keys [lo, hi) that some row of the query block at ``start_m`` sees, split by lo <= full_lo <= full_hi <= hi:
+    [full_lo, full_hi) is whole key blocks that every row of the block sees, so only [lo, full_lo) and
+    [full_hi, hi) need the score mask (all of [lo, hi) with a padding mask, which may hide any key). Key blocks
+    past the causal diagonal or before the window's left edge lie outside [lo, hi) and are never visited."""
     lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
-    full = hi
+    last_row = tl.minimum(start_m + BLOCK_M, N_Q) - 1
+    full_lo = lo
+    full_hi = hi
     if HAS_PAD:
-        full = lo
+        full_hi = lo
     if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, N_Q) - 1
         hi = tl.minimum(hi, last_row + CAUSAL_SHIFT + 1)
-        full = tl.minimum(full, start_m + CAUSAL_SHIFT + 1)
+        full_hi = tl.minimum(full_hi, start_m + CAUSAL_SHIFT + 1)
+    if WINDOW:
+        lo = tl.maximum(lo, start_m + WINDOW_SHIFT)
+        full_lo = tl.maximum(lo, last_row + WINDOW_SHIFT)
     hi = tl.maximum(hi, lo)
-    full = tl.maximum(full, lo)
-    mid = lo + ((full - lo) // BLOCK_N) * BLOCK_N
-    return lo, mid, hi
+    full_lo = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
+    full_hi = full_lo + (tl.maximum(full_hi - full_lo, 0) // BLOCK_N) * BLOCK_N
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from one exp2, without overflow for large |x|."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            ALIBI: tl.constexpr):
+    """(log2-unit scores, tanh of the capped score) of the dot products ``qk``; ``rows``/``cols`` broadcast to
+    qk's shape (either orientation). With MASKED, scores outside ``visible`` and the causal/window bounds are
+    -inf. The second result is only meaningful with SOFTCAP (the backward's 1 - tanh^2)."""
+    s = qk * qk_scale
+    t = s
+    if SOFTCAP:  # softcap * tanh(s / softcap), in log2 units: cap_log2 = softcap * log2(e)
+        t = _tanh(s * (1.0 / cap_log2))
+        s = t * cap_log2
+    if ALIBI:
+        s -= slope_log2 * tl.abs(rows + ALIBI_SHIFT - cols).to(tl.float32)
+    if MASKED:
+        if CAUSAL:
+            visible = visible & (cols <= rows + CAUSAL_SHIFT)
+        if WINDOW:
+            visible = visible & (cols >= rows + WINDOW_SHIFT)
+        s = tl.where(visible, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, offset, bh, rows, cols, dropout_p):
+    """Bool keep-mask of dropout over ``rows`` x ``cols`` (broadcast shapes, either orientation) of flat head
+    ``bh``: Philox of the element's coordinates, so every kernel and orientation draws the same bits."""
+    zero = rows * 0 + cols * 0
+    bits, _, _, _ = tl.philox(seed, cols + zero, rows + zero, zero + bh, zero + offset)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _rng(SEED):
+    """(seed, offset) of a dropout launch from its int64 pair; the offset is one of Philox's 32-bit counters."""
+    return tl.load(SEED), tl.load(SEED + 1).to(tl.int32)
+
+
+@triton.jit
+def _alibi_slope(ALIBI, stride_ab, b, h):
+    """The head's ALiBi slope in log2 units (0 without ALiBi)."""
+    slope = 0.0
+    if ALIBI is not None:
+        slope = tl.load(ALIBI + b.to(tl.int64) * stride_ab + h) * LOG2E
+    return slope
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-               start, end, kv_hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
+               PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units."""
     for start_n in range(start, end, BLOCK_N):
@@ -131,35 +210,37 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
+        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
+                       qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                       MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
-            visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = m_new
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the undropped sum: lse and the normalisation ignore dropout
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, stride_pb,
+def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, stride_pb, stride_ab,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_on, stride_od,
-              H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale,
+              H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (B, H, Nq) natural log, fp32."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
@@ -176,18 +257,26 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, stride_pb,
         q = q.to(tl.float32)
     k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
     v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
+    seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL,
-                                    PAD is not None)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                                 BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
+    if SINKS is None:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    else:  # the sink is a key of score sink_h and value 0: it starts the running max and sum
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(SINKS + h) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               lo, mid, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               mid, hi, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    for part in tl.static_range(3):  # the masked blocks below the full ones (a window's left edge), full, masked
+        if part != 0 or WINDOW:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                       offs_d, (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi,
+                                       CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E,
+                                       slope_log2, PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
+                                       part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -230,10 +319,27 @@ def _row_stats(LSE, DELTA, row_base, rows, row_ok):
 
 
 @triton.jit
+def _score_grad(p, dp, delta, t, keep, dropout_p, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+    """(dS, the probabilities dV takes) from p = softmax, dp = dO v^T and delta, either orientation (``delta``
+    broadcast): dS = p * (z * dp - delta) * (1 - t^2 with SOFTCAP) with z the dropout's keep / (1 - p)."""
+    p_drop = p
+    if DROPOUT:
+        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        p_drop = p * z
+        dp = dp * z
+    ds = p * (dp - delta)
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return ds, p_drop
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
-                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, qk_scale,
-                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                    qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head (transposed scores)."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
@@ -244,26 +350,30 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, D
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         lse, delta = _row_stats(LSE, DELTA, row_base, rows, row_ok)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(cols[:, None] <= rows[None, :] + CAUSAL_SHIFT, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), rows[None, :], cols[:, None],
+                           row_ok[None, :], qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                           MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        keep_t = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p) if DROPOUT else None
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t, p_t = _score_grad(p_t, dp_t, delta[None, :], t_t, keep_t, dropout_p, SOFTCAP, DROPOUT)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED, stride_pb, stride_ab,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                   H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale, sm_scale,
+                   H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, sm_scale, softcap,
+                   dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """One program per (key block, batch * kv head): dK, dV (B, Hkv, Nk, D), contiguous, in the input dtype.
 
     The program owns its key block for every query head of its GQA group, so the group's gradients are summed
@@ -288,8 +398,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    # Query rows that see some key of the block start at m_lo; causal rows from m_full on see all of them.
+    # Query rows [m_lo, m_end) see some key of the block; [mid, m_full_end) see all of them (whole query blocks,
+    # unmasked), the rest is masked: rows before mid straddle the causal diagonal, rows from m_full_end on the
+    # window's left edge.
     first_col = tl.maximum(start_n, lo)
     last_col = tl.minimum(start_n + BLOCK_N, hi) - 1
     if CAUSAL:
@@ -300,6 +413,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
         m_lo = 0
         mid = 0
     m_end = tl.where(first_col <= last_col, N_Q, m_lo)  # a block with no visible key skips the loops
+    if WINDOW:
+        m_end = tl.minimum(m_end, tl.maximum(last_col - WINDOW_SHIFT + 1, m_lo))
+    mid = tl.minimum(mid, m_end)
+    m_full_end = m_end
+    if WINDOW:
+        m_full_end = mid + (tl.maximum(tl.minimum(first_col - WINDOW_SHIFT + 1, m_end) - mid, 0) // BLOCK_M) * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -307,14 +426,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
         h = kv_h * GROUP + g
         q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
         do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
-        row_base = (b * H + h).to(tl.int64) * N_Q
-        if CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
-                                     cols, offs_m, offs_d, m_lo, tl.minimum(mid, m_end), N_Q, CAUSAL_SHIFT, qk_scale,
-                                     True, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
-                                 cols, offs_m, offs_d, mid, m_end, N_Q, CAUSAL_SHIFT, qk_scale,
-                                 False, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+        bh = b * H + h
+        row_base = bh.to(tl.int64) * N_Q
+        slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
+        for part in tl.static_range(3):  # masked (causal diagonal), full, masked (window's left edge)
+            if (part != 0 or CAUSAL) and (part != 2 or WINDOW):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA,
+                                         row_base, cols, offs_m, offs_d, (m_lo, mid, m_full_end)[part],
+                                         (mid, m_full_end, m_end)[part], N_Q, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                         ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, seed, rng_offset, bh,
+                                         dropout_p, part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None,
+                                         SEED is not None, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
 
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(col_ok[:, None], dv, 0.0)
@@ -326,8 +448,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, stride_pb,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                  start, end, kv_hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
+                  PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     for start_n in range(start, end, BLOCK_N):
@@ -337,28 +461,30 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        if MASKED:
-            visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            p = tl.where(visible, p, 0.0)
+        visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
+        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
+                       qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                       MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
+        p = tl.math.exp2(s - lse[:, None])
+        keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p) if DROPOUT else None
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds, _ = _score_grad(p, dp, delta[:, None], t, keep, dropout_p, SOFTCAP, DROPOUT)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, stride_pb,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, stride_pb, stride_ab,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                 H, GROUP, N_Q, N_K, CAUSAL_SHIFT, qk_scale, sm_scale,
+                 H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, sm_scale, softcap,
+                 dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
@@ -378,15 +504,31 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, stride_pb,
     lse, delta = _row_stats(LSE, DELTA, off_bh.to(tl.int64) * N_Q, offs_m, row_ok)
     k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
     v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
+    seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    lo, mid, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, BLOCK_M, BLOCK_N, CAUSAL,
-                                    PAD is not None)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                                 BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       lo, mid, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       mid, hi, hi, CAUSAL_SHIFT, qk_scale, PAD, b, stride_pb,
-                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    for part in tl.static_range(3):  # as in the forward: masked below the full blocks, full, masked
+        if part != 0 or WINDOW:
+            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi, CAUSAL_SHIFT,
+                               WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, PAD, b, stride_pb,
+                               seed, rng_offset, off_bh, dropout_p, part != 1, CAUSAL, WINDOW, SOFTCAP,
+                               ALIBI is not None, SEED is not None, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
                 cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _dropout_mask(SEED, MASK, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (B, H, Nq, Nk) uint8 keep-mask (1 = kept) that the attention kernels draw from the same SEED."""
+    start_m, off_bh = _program_block(N_Q, BLOCK_M)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    seed, rng_offset = _rng(SEED)
+    row_ptrs = MASK + (off_bh.to(tl.int64) * N_Q + rows)[:, None] * N_K
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_offset, off_bh, rows[:, None], cols[None, :], dropout_p)
+        tl.store(row_ptrs + cols[None, :], keep.to(tl.uint8), mask=(rows < N_Q)[:, None] & (cols < N_K)[None, :])

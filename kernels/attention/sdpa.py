@@ -1,7 +1,8 @@
 """``scaled_dot_product_attention``: a drop-in for torch's function that runs the fused kernel where it can.
 
 It recognises the bool masks Hugging Face and most code build for padded batches (a per-batch key mask, AND
-optionally a top-left or bottom-right causal mask) and hands everything else to torch's own function.
+optionally a top-left or bottom-right causal mask or a sliding window) and hands everything else to torch's own
+function.
 """
 from typing import Optional, Tuple
 
@@ -16,9 +17,10 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 
 
 def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
-               device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor, bool, int]]:
-    """(kv_bounds, pad, causal, causal_shift) if a bool SDPA mask is exactly "a key mask per batch row, AND
-    optionally a top-left or bottom-right causal mask", else None. Reads the mask on the host (one sync)."""
+               device: torch.device) -> Optional[Tuple]:
+    """``_forward_op``'s (kv_bounds, pad, causal, causal_shift, and window edges) if a bool SDPA mask is exactly
+    "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
+    of diagonals" (a sliding window, as Hugging Face builds), else None. Reads the mask on the host (a sync)."""
     if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -26,14 +28,21 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
         return None
     mask = mask[:, 0].expand(batch, n_q, n_k)
     keys = mask.any(1)  # a key some query sees: under a causal mask the last query row sees every visible key
-    j = torch.arange(n_k, device=mask.device)
+    pad = None if bool(keys.all()) else keys.view(torch.uint8).contiguous()
+    bounds = None if pad is None else key_bounds(keys)
+    offset = torch.arange(n_k, device=device) - torch.arange(n_q, device=device)[:, None]  # j - i
     for causal, shift in ((False, 0), (True, 0), (True, n_k - n_q)):
         expected = keys[:, None, :]
         if causal:
-            expected = expected & (j <= torch.arange(n_q, device=mask.device)[:, None] + shift)
+            expected = expected & (offset <= shift)
         if torch.equal(mask, expected.expand(batch, n_q, n_k)):
-            pad = None if bool(keys.all()) else keys.view(torch.uint8).contiguous()
-            return (None if pad is None else key_bounds(keys)), pad, causal, shift
+            return bounds, pad, causal, shift
+    # A band lo <= j - i <= hi: the kernel's window (hi - lo, 0) about the diagonal shift = hi.
+    seen = offset.expand(batch, n_q, n_k)[mask]
+    if seen.numel():
+        lo, hi = int(seen.min()), int(seen.max())
+        if torch.equal(mask, (keys[:, None, :] & (offset >= lo) & (offset <= hi)).expand(batch, n_q, n_k)):
+            return bounds, pad, True, hi, hi - lo, 0
     return None
 
 
@@ -54,7 +63,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     mask_plan = _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
-    return None if mask_plan is None else (*mask_plan, scale)
+    if mask_plan is None:
+        return None
+    return (*mask_plan[:4], scale, *mask_plan[4:])
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -64,7 +75,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Runs the kernel for 4-D (B, H, L, D) fp16/bf16/fp32 inputs with equal q/k/v head dims <= 256, no dropout, and
     either no mask or a bool mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
-    bottom-right) mask, such as Hugging Face's padding masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking this reads
+    bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), such as Hugging Face's
+    padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking this reads
     the mask (a device sync, and a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
     cannot run on in this process) calls the original torch function.
