@@ -16,6 +16,7 @@ The parameters and state_dict keys do not depend on the backend, so weights move
 backends compute the same function in training too; dropout applies to the embeddings and residual branches.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -32,8 +33,21 @@ BACKENDS = ("reference", "triton", "sdpa")
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
+def _check_number(name: str, value, kind, low, high=math.inf) -> None:
+    """TypeError unless ``value`` is a ``kind`` (numbers.Integral or numbers.Real, never a bool); ValueError unless
+    it is finite and in [low, high]."""
+    integral = kind is numbers.Integral
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an int' if integral else 'a real number'}, got {type(value).__name__}")
+    if not (low <= value <= high and math.isfinite(value)):
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds if integral else 'finite and ' + bounds}, got {value}")
+
+
 @dataclass
 class GPTConfig:
+    """A :class:`GPT`'s sizes (positive ints; ``n_layer`` may be 0), dropout probability and backend."""
+
     vocab_size: int = 65
     block_size: int = 128
     n_layer: int = 4
@@ -47,6 +61,10 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_head", "n_kv_head", "n_embd"):
+            _check_number(name, getattr(self, name), numbers.Integral, 1)
+        _check_number("n_layer", self.n_layer, numbers.Integral, 0)
+        _check_number("dropout", self.dropout, numbers.Real, 0.0, 1.0)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.n_embd % self.n_head:
@@ -234,7 +252,17 @@ class GPT(nn.Module):
         With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
         query against the cache). Once the context would outgrow ``block_size``, the learned positions shift, so
         the cache is rebuilt from the last ``block_size`` tokens: exactly what the uncached path computes.
+        ``top_k`` (None: no limit) keeps the k most likely tokens before sampling.
         """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
+                            f"of shape {tuple(getattr(idx, 'shape', ()))}")
+        if idx.shape[1] == 0:
+            raise ValueError(f"idx: the prompt needs at least one token, got shape {tuple(idx.shape)}")
+        _check_number("max_new_tokens", max_new_tokens, numbers.Integral, 0)
+        _check_number("temperature", temperature, numbers.Real, 0.0)  # 0: greedy
+        if top_k is not None:
+            _check_number("top_k", top_k, numbers.Integral, 1)
         cache = None
         for _ in range(max_new_tokens):
             cached = cache[0][0].shape[2] if cache else 0
