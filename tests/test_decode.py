@@ -197,6 +197,15 @@ def test_split_kv_matches_unsplit():
         _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=150, num_splits=splits)
 
 
+def test_several_row_blocks_per_kv_head():
+    """Forced 16-row tiles: 3 query heads x 7 tokens of one kv head span two row blocks (causal bounds per block)."""
+    from kernels.registry import use_config
+
+    q, k_cache, v_cache, k, v = _inputs(FP16, 1, 7, 6, 2, 64, 1, 40, 7)
+    with use_config("attention_decode", BLOCK_M=16, BLOCK_N=16):
+        _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=20, causal=True, window_size=(11, -1), num_splits=2)
+
+
 def test_leftpad_batch_idx_window_softcap():
     """cache_leftpad hides each row's first keys, cache_batch_idx picks (permuted) cache rows, and a sliding
     window with a softcap bounds and caps the scores; Sq = 3 new tokens against 1 key leaves rows with no key."""

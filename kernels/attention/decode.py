@@ -271,13 +271,16 @@ def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
 # (BLOCK_N, num_warps, num_stages) of the attention kernel per padded head dim, for fp16/bf16 (tensor cores) and
 # fp32 (FMA units, whose operands live in registers: smaller tiles). BLOCK_M follows the packed rows (group * Sq):
 # the smallest power of two >= 16 that holds them, at most _MAX_BLOCK_M. A decode step is bound by reading the
-# cache, so one config per head dim is launched rather than autotuned.
+# cache, so one config per head dim is launched rather than autotuned. Every build below compiles for sm_80 and
+# sm_90 without register spills (ptxas -v, triton 3.8); pruned for spilling: 64x64 at d128 and 64x32 at d256
+# (16-bit, sm_80), fp32 16x32 at d128 (sm_90).
 _TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
-          True: {64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}}
-_MAX_BLOCK_M = {False: 64, True: 32}
+          True: {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}}
+_MAX_BLOCK_M = {False: {64: 64, 128: 32, 256: 16}, True: {64: 32, 128: 16, 256: 16}}
 INTERPRETER_BLOCK_N = 32
 """Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
 APPEND_BLOCK_M = COMBINE_BLOCK_M = 16
+APPEND_WARPS = 8  # 4 warps spill 16 B at d128 on sm_80 (the partner-lane gather)
 ASSUMED_SMS = 132
 """SM count the split heuristic assumes where there is no GPU to ask (an H100 SXM's), so that interpreted runs take
 the split path a GPU would."""
@@ -293,7 +296,7 @@ def tile(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
     ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages)."""
     fp32 = dtype == torch.float32
     block_n, warps, stages = _TILES[fp32][d_bucket(head_dim)]
-    config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32], max(16, triton.next_power_of_2(rows))),
+    config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, triton.next_power_of_2(rows))),
                   BLOCK_N=INTERPRETER_BLOCK_N if _runtime.INTERPRETED else block_n, num_warps=warps, num_stages=stages)
     config.update(forced_config("attention_decode") or {})
     if _runtime.INTERPRETED:
@@ -331,7 +334,7 @@ _TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "
 
 @register_builds
 def _builds() -> List[Build]:
-    """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at the smallest and largest BLOCK_M
+    """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at its smallest and largest BLOCK_M
     (paged, left-padded, causal, softcapped: every feature on), its combine, and the rotary append into a paged
     cache. Each is the config a GPU launches (default)."""
     builds = []
@@ -339,7 +342,7 @@ def _builds() -> List[Build]:
         fp32 = dtype == torch.float32
         for d in (64, 128, 256):
             block_n, warps, stages = _TILES[fp32][d]
-            for block_m in (16, _MAX_BLOCK_M[fp32]):
+            for block_m in sorted({16, _MAX_BLOCK_M[fp32][d]}):
                 constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n, LOCAL_LEFT=False,
                                   LOCAL_RIGHT=True, SOFTCAP=True, UPCAST=False, PRECISION="ieee")
                 builds.append(declare("attention_decode", _decode_fwd, dtype=name, constexprs=constexprs,
@@ -353,7 +356,7 @@ def _builds() -> List[Build]:
             builds.append(declare("attention_decode_append", _decode_append, dtype=name,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=APPEND_BLOCK_M, TO_CACHE=True,
                                                   INTERLEAVED=False, SAME_POSITION=False),
-                                  num_warps=4, num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
+                                  num_warps=APPEND_WARPS, num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
                                   label=f"{name} d{d} rotary paged BLOCK_M={APPEND_BLOCK_M}", default=True))
     return builds
 
@@ -368,12 +371,13 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     if x.numel() == 0:
         return
     cos_strides = (0, 0) if cos is None else cos.stride()
+    options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS}
     _decode_append[grid(n, batch * heads, APPEND_BLOCK_M)](
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size,
         0 if cos is None else 2 * cos.shape[1],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
-        INTERLEAVED=interleaved, SAME_POSITION=same_position)
+        INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
 
 
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
@@ -463,7 +467,7 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx is not supported with a paged cache (block_table): the block table "
                              "already maps each batch row to its pages")
-        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))  # before reading its shape
         _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
         page_size = k_cache.shape[1]
         capacity = block_table.shape[1] * page_size
