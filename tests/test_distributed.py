@@ -6,11 +6,15 @@ float64 shard (forward, lse, dq/dk/dv). The processes are spawned once per world
 """
 import math
 import multiprocessing
+import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +24,10 @@ import kernels
 from kernels import distributed, reference
 from kernels.distributed import Block, plan, ring_attention, ring_plans, shard, unshard
 from tolerance import BACKWARD, FORWARD, assert_close
+from transformer.train import train
 
 FP16, FP32 = torch.float16, torch.float32
-CASE_TIMEOUT_S = 60
+CASE_TIMEOUT_S = 60  # also the gloo timeout of every collective
 START_TIMEOUT_S = 120  # P fresh processes on a shared 2-core machine import torch and triton and warm the kernels
 
 
@@ -107,6 +112,18 @@ def case_bad_inputs_raise():
     assert ring_attention(q, q, q).shape == q.shape
 
 
+def case_training_matches_single_process(settings, exact, low):
+    """Context-parallel training (zigzag shards, ring attention, all-reduced loss and gradients): the loss of each
+    step obeys the forward rule, and every parameter's gradient of the last step the backward rule, against a
+    float64 single-process run, PyTorch's fp32 run being the noise. (Losses alone would miss a wrong gradient
+    scale: AdamW's step does not depend on it.)"""
+    model, _, losses = train("triton", context_parallel="zigzag", **settings)
+    assert_close(torch.tensor(losses), torch.tensor(exact[0], dtype=torch.float64), torch.tensor(low[0]), FORWARD,
+                 name="losses")
+    for name, p in model.named_parameters():
+        assert_close(p.grad, exact[1][name], low[1][name], BACKWARD, name=f"{name}.grad")
+
+
 def _serve(rank, world, port, tasks, results):
     """A rank of the test group: join it, then run each case sent by the test, reporting its traceback."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -160,10 +177,10 @@ class _Group:
             outcomes[rank] = outcome
         return outcomes
 
-    def run(self, case, **kwargs) -> None:
+    def run(self, case, timeout: float = CASE_TIMEOUT_S, **kwargs) -> None:
         for tasks in self.tasks:
             tasks.put((case.__name__, kwargs))
-        failures = {r: e for r, e in self._collect(CASE_TIMEOUT_S, case.__name__).items() if e is not None}
+        failures = {r: e for r, e in self._collect(timeout, case.__name__).items() if e is not None}
         if failures:
             pytest.fail("\n".join(f"rank {r}:\n{e}" for r, e in sorted(failures.items())), pytrace=False)
 
@@ -231,6 +248,36 @@ def test_shard_unshard_round_trip(groups, world):
 
 def test_bad_inputs_raise_on_every_rank(groups):
     groups(2).run(case_bad_inputs_raise)
+
+
+TRAIN_SETTINGS = dict(steps=2, batch_size=2, seed=3, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                      progress=False)
+
+
+def test_context_parallel_training_matches_single_process(groups):
+    """2 ranks train on zigzag shards; their losses and gradients match a single-process float64 run (reference
+    backend)."""
+    def run(dtype):
+        model, _, losses = train("reference", dtype=dtype, **TRAIN_SETTINGS)
+        return losses, {name: p.grad for name, p in model.named_parameters()}
+
+    exact, low = run(torch.float64), run(torch.float32)
+    assert exact[0][-1] < exact[0][0]  # it learns: the second step's loss checks the first step's update
+    groups(2).run(case_training_matches_single_process, timeout=2 * CASE_TIMEOUT_S, settings=TRAIN_SETTINGS,
+                  exact=exact, low=low)
+
+
+@pytest.mark.slow
+def test_train_command_under_torchrun():
+    """``torchrun --nproc-per-node 2 -m transformer.train --context-parallel`` on CPU: gloo, one loss line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "transformer.train", "--context-parallel", "--steps", "2",
+               "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--sample", "0", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loss: first step") == 1, done.stdout  # rank 0 alone prints
 
 
 def test_no_process_group_is_a_clear_error():

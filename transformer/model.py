@@ -15,6 +15,7 @@ The parameters and state_dict keys do not depend on the backend, so weights move
 ``load_state_dict``. The attention probabilities get no dropout in any backend (the fused kernel has none), so the
 backends compute the same function in training too; dropout applies to the embeddings and residual branches.
 """
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels import reference
+from kernels import distributed, reference
 
 BACKENDS = ("reference", "triton", "sdpa")
 
@@ -111,6 +112,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = "reference"
+        self.context_parallel = None  # ring attention over this rank's shard, see GPT.set_context_parallel
 
     def forward(self, x, cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, probs: Optional[list] = None):
         """x (B, T, C) -> (y (B, T, C), (k, v) now cached). ``cache``: this layer's earlier (k, v), (B, Hkv, Tc, D).
@@ -119,6 +121,8 @@ class CausalSelfAttention(nn.Module):
         for a whole prompt (Tc = 0) and for decoding one token against the cache. With ``probs`` (a list) the
         reference path runs and appends its (B, H, T, Tc + T) attention probabilities.
         """
+        if self.context_parallel is not None and (cache is not None or probs is not None):
+            raise ValueError("context parallelism (GPT.set_context_parallel) takes neither a cache nor probs")
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -135,6 +139,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
     def _attend(self, q, k, v):
+        if self.context_parallel is not None:
+            if self.backend != "triton":  # the ring is built of the fused kernels only
+                raise RuntimeError(f"context parallelism needs the triton backend, not {self.backend!r}")
+            return self.context_parallel(q, k, v)
         if self.backend == "triton":
             return kernels.attention(q, k, v, causal=True)
         if self.backend == "sdpa":
@@ -208,13 +216,27 @@ class GPT(nn.Module):
                 module.backend = backend
         return self
 
+    def set_context_parallel(self, layout: Optional[str] = "zigzag", group=None) -> "GPT":
+        """Make every attention ``kernels.distributed.ring_attention`` over ``group`` (the default process group
+        for None; triton backend): each rank then runs :meth:`forward` on its ``layout`` shard of every sequence,
+        passing the shard's ``positions``. ``layout=None`` turns it off."""
+        if layout is not None and layout not in distributed.LAYOUTS:
+            raise ValueError(f"layout must be one of {distributed.LAYOUTS} or None, got {layout!r}")
+        attend = None if layout is None else functools.partial(distributed.ring_attention, causal=True, group=group,
+                                                               layout=layout)
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.context_parallel = attend
+        return self
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                probs: Optional[list] = None):
+                probs: Optional[list] = None, positions: Optional[torch.Tensor] = None):
         """idx (B, T) int64 token ids -> (logits (B, T, vocab) , loss or None).
 
         ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a list (one
         (k, v) per layer) of the positions before ``idx``; it is extended in place. ``probs``: see
-        :meth:`attention_maps`.
+        :meth:`attention_maps`. ``positions`` (T,) int64: each token's position (default: past .. past + T - 1);
+        under :meth:`set_context_parallel`, those of this rank's shard.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
@@ -223,7 +245,9 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if past + T > self.config.block_size:
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
+        if positions is not None and tuple(positions.shape) != (T,):
+            raise ValueError(f"positions must have shape (T,) = ({T},), got {tuple(positions.shape)}")
+        pos = torch.arange(past, past + T, device=idx.device) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         new_cache = []
         for i, block in enumerate(self.transformer.h):

@@ -4,12 +4,16 @@ Every character of the text is a token; the model learns to predict the next cha
 same initial weights and the same batches whatever the backend, so backends can be compared step by step.
 """
 import argparse
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from kernels.distributed import LAYOUTS, shard
 from transformer.model import BACKENDS, GPT, GPTConfig
 
 TEXT_PATH = Path(__file__).parent / "data" / "tiny_tales.txt"
@@ -51,28 +55,67 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator: t
 def train(backend: str = "reference", steps: int = 200, batch_size: int = 8, seed: int = 0, device: str = "cpu",
           block_size: int = 64, n_layer: int = 2, n_head: int = 4, n_kv_head: Optional[int] = None,
           n_embd: int = 64, lr: float = 3e-3, text_path: Optional[str] = None,
-          progress: bool = True) -> Tuple[GPT, CharTokenizer, List[float]]:
-    """Train with AdamW for ``steps`` steps; returns the model, the tokenizer and the loss of every step."""
+          progress: bool = True, context_parallel: Optional[str] = None,
+          dtype: Optional[torch.dtype] = None) -> Tuple[GPT, CharTokenizer, List[float]]:
+    """Train with AdamW for ``steps`` steps; returns the model, the tokenizer and the loss of every step.
+
+    ``dtype``: the parameters' dtype after the (float32) initialisation, e.g. float64 for an exact reference run.
+
+    ``context_parallel`` (a layout of ``kernels.distributed``, triton backend): this process is one of the P ranks
+    of the initialised default process group. Every rank draws the same batches and runs the model on its shard
+    of each sequence (ring attention, the shard's positions); the loss is the mean over all P shards and the
+    gradients are summed over the ranks, so every rank takes the single-process step.
+    """
     text = load_text(text_path)
     tokenizer = CharTokenizer(text)
     data = tokenizer.encode(text)
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head, n_embd=n_embd, backend=backend)
-    model = GPT(config).to(device)
+    model = GPT(config).to(device=device, dtype=dtype)
+    world, positions = 1, None
+    if context_parallel is not None:
+        model.set_context_parallel(context_parallel)
+        world = dist.get_world_size()
+        chunks = world * (2 if context_parallel == "zigzag" else 1)
+        if block_size % chunks:
+            raise ValueError(f"block_size ({block_size}) must split into {chunks} equal chunks for {context_parallel} "
+                             f"context parallelism over {world} ranks")
+        positions = shard(torch.arange(block_size), 0, context_parallel).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc=f"train ({backend})", disable=not progress)
     for _ in bar:
         x, y = get_batch(data, block_size, batch_size, generator)
-        _, loss = model(x.to(device), y.to(device))
+        if context_parallel is not None:
+            x, y = shard(x, 1, context_parallel), shard(y, 1, context_parallel)
+        _, loss = model(x.to(device), y.to(device), positions=positions)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / world).backward()  # every shard holds B * T / P tokens: the global mean is the mean of the P means
+        if context_parallel is not None:
+            loss = _sum_over_ranks(model, loss.detach()) / world
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return model, tokenizer, losses
+
+
+def _sum_over_ranks(model: GPT, loss: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) every gradient of ``model`` and ``loss`` over the default process group, in place."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+    dist.all_reduce(loss)
+    return loss
+
+
+def _join_ranks(device: str) -> int:
+    """Join torchrun's process group (NCCL on a CUDA device, one GPU per rank; gloo otherwise); returns the rank."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=10))
+    return dist.get_rank()
 
 
 def main(argv=None):
@@ -91,15 +134,30 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--text", default=None, help="a UTF-8 text file to train on (default: the shipped text)")
     parser.add_argument("--sample", type=int, default=200, help="characters to generate after training")
+    parser.add_argument("--context-parallel", nargs="?", const="zigzag", choices=LAYOUTS, default=None,
+                        help="run as one of torchrun's ranks, each holding a shard (zigzag by default) of every "
+                             "sequence: torchrun --nproc-per-node P -m transformer.train --context-parallel "
+                             "(implies --backend triton; NCCL on GPUs, one per rank, gloo on CPU)")
     args = parser.parse_args(argv)
-    model, tokenizer, losses = train(args.backend, args.steps, args.batch_size, args.seed, args.device,
-                                     args.block_size, args.n_layer, args.n_head, args.n_kv_head, args.n_embd,
-                                     args.lr, args.text)
+    rank, device, backend = 0, args.device, args.backend
+    if args.context_parallel is not None:
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        rank, backend = _join_ranks(device), "triton"
+    try:
+        model, tokenizer, losses = train(backend, args.steps, args.batch_size, args.seed, device, args.block_size,
+                                         args.n_layer, args.n_head, args.n_kv_head, args.n_embd, args.lr, args.text,
+                                         progress=rank == 0, context_parallel=args.context_parallel)
+    finally:
+        if args.context_parallel is not None:
+            dist.destroy_process_group()
+    if rank != 0:
+        return
     if losses:
         print(f"loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
     if args.sample:
-        model.eval()
-        start = tokenizer.encode("The ").view(1, -1).to(args.device)
+        model.set_context_parallel(None).eval()
+        start = tokenizer.encode("The ").view(1, -1).to(device)
         out = model.generate(start, args.sample, temperature=0.8, top_k=10)
         print(tokenizer.decode(out[0].tolist()))
 
