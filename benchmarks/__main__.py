@@ -44,6 +44,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
                         help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
                              "machine makes multi-threaded timings of small ops erratic)")
     parser.add_argument("--providers", nargs="+", help="only these provider names (e.g. baseline triton)")
+    if command == "scaling":
+        parser.add_argument("--context-parallel", type=int, metavar="P", default=None,
+                            help="ring attention over P spawned ranks instead (benchmarks/context_parallel.py)")
     if command == "suite":
         parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="only these ops")
     return parser
@@ -55,6 +58,12 @@ def _run(command: str, args: argparse.Namespace) -> int:
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
     dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items()}
+    if getattr(args, "context_parallel", None) is not None:
+        from benchmarks import context_parallel  # spawns processes; imported only when asked for
+
+        max_len = args.max_len or scaling.DEFAULT_MAX_LEN[(device.kind, args.quick)]
+        return context_parallel.run(args.context_parallel, device, dims, max_len, args.out,
+                                    {**vars(args), **dims, "command": command})
     if command == "suite":
         groups = suite.cases(device.kind, args.quick, args.max_len or sys.maxsize, dims, args.ops)
     else:
