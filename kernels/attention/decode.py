@@ -280,7 +280,7 @@ _MAX_BLOCK_M = {False: {64: 64, 128: 32, 256: 16}, True: {64: 32, 128: 16, 256: 
 INTERPRETER_BLOCK_N = 32
 """Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
 APPEND_BLOCK_M = COMBINE_BLOCK_M = 16
-APPEND_WARPS = 8  # 4 warps spill 16 B at d128 on sm_80 (the partner-lane gather)
+APPEND_WARPS = {64: 8, 128: 8, 256: 4}  # spill-free: 4 warps spill 16 B at fp16 d128 on sm_80, 8 spill 80 B at d256
 ASSUMED_SMS = 132
 """SM count the split heuristic assumes where there is no GPU to ask (an H100 SXM's), so that interpreted runs take
 the split path a GPU would."""
@@ -356,7 +356,7 @@ def _builds() -> List[Build]:
             builds.append(declare("attention_decode_append", _decode_append, dtype=name,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=APPEND_BLOCK_M, TO_CACHE=True,
                                                   INTERLEAVED=False, SAME_POSITION=False),
-                                  num_warps=APPEND_WARPS, num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
+                                  num_warps=APPEND_WARPS[d], num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
                                   label=f"{name} d{d} rotary paged BLOCK_M={APPEND_BLOCK_M}", default=True))
     return builds
 
@@ -371,7 +371,7 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     if x.numel() == 0:
         return
     cos_strides = (0, 0) if cos is None else cos.stride()
-    options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS}
+    options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS[d_bucket(d)]}
     _decode_append[grid(n, batch * heads, APPEND_BLOCK_M)](
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size,
