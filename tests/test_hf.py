@@ -1,12 +1,16 @@
 """``patch()`` on Hugging Face transformers models (tiny configs with random weights, no download): logits,
-cached generation and gradients equal to eager attention; what the kernel does not take falls back exactly."""
+cached generation (dynamic and static caches), sliding windows, packed sequences and gradients equal to eager
+attention, with no (B, Nq, Nk) mask built on the way; what the kernel does not take falls back exactly."""
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels.attention import sdpa
-from transformer import patch
+from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,6 +22,25 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_mistral():
+    """Sliding window 4, shorter than the test sequences, on every layer."""
+    config = transformers.MistralConfig(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=4, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+                                        attn_implementation="eager")
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def tiny_qwen2():
+    """One sliding-window layer (window 3) and one full-attention layer: two masks per forward."""
+    config = transformers.Qwen2Config(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_sliding_window=True, sliding_window=3,
+                                      layer_types=["sliding_attention", "full_attention"], bos_token_id=0,
+                                      eos_token_id=None, pad_token_id=0, attn_implementation="eager")
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
 def tiny_gpt2():
     config = transformers.GPT2Config(vocab_size=50, n_embd=48, n_layer=2, n_head=3, n_positions=64,
                                      bos_token_id=0, eos_token_id=None, pad_token_id=0,
@@ -27,11 +50,12 @@ def tiny_gpt2():
 
 @pytest.fixture
 def kernel_only(monkeypatch):
-    """Fail the test if any attention call falls back to torch's SDPA instead of running the kernel."""
+    """Fail the test if any attention call falls back to torch's SDPA or the model's eager attention."""
     def no_fallback(*args, **kwargs):
-        raise AssertionError("attention fell back to torch's SDPA")
+        raise AssertionError("attention fell back to torch's SDPA or the eager attention")
 
     monkeypatch.setattr(sdpa, "_TORCH_SDPA", no_fallback)
+    monkeypatch.setattr(hf, "_eager_attention", no_fallback)
 
 
 def padding(batch, length, side):
@@ -43,7 +67,8 @@ def padding(batch, length, side):
     return mask
 
 
-@pytest.mark.parametrize("build,side", [(tiny_llama, "left"), (tiny_gpt2, "right")])
+@pytest.mark.parametrize("build,side", [(tiny_llama, "left"), (tiny_gpt2, "right"), (tiny_mistral, "right"),
+                                        (tiny_qwen2, "left")])
 def test_patched_hugging_face_model_gives_the_eager_logits_padded_or_not(build, side, device, kernel_only):
     model = build().to(device)
     ids = torch.randint(1, 50, (2, 11), device=device)
@@ -62,13 +87,16 @@ def test_patched_hugging_face_model_gives_the_eager_logits_padded_or_not(build, 
         assert not torch.allclose(got_padded[real], got[real], atol=1e-3)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
-def test_patched_hugging_face_model_generates_the_eager_tokens_with_a_cache(build, device, kernel_only):
+@pytest.mark.parametrize("build,cache", [(tiny_llama, "dynamic"), (tiny_gpt2, "dynamic"), (tiny_mistral, "dynamic"),
+                                         (tiny_qwen2, "dynamic"), (tiny_llama, "static"), (tiny_mistral, "static")])
+def test_patched_hugging_face_model_generates_the_eager_tokens_with_a_cache(build, cache, device, kernel_only):
+    """Decoding past the sliding windows; a static cache holds more key slots than tokens (causal alignment)."""
     model = build().to(device)
     ids = torch.randint(1, 50, (2, 7), device=device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # generation pads on the left
-    settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=True)
+    settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=True,
+                    cache_implementation=cache)
     with torch.no_grad():
         expected = model.generate(ids, **settings)
         got = patch(model).generate(ids, **settings)
@@ -131,8 +159,8 @@ def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_trans
                                                                 causal=True).transpose(1, 2))
 
 
-def test_gemma2_softcap_runs_the_models_eager_attention_after_patch(device):
-    """Gemma 2 passes ``softcap`` (logit softcapping): the call must give eager's logits, not raise or drop it."""
+def test_gemma2_softcap_and_sliding_window_run_the_kernel_after_patch(device, kernel_only):
+    """Gemma 2 passes ``softcap`` (logit softcapping) and alternates sliding and full layers: eager's logits."""
     config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                                        attn_logit_softcapping=0.5, final_logit_softcapping=None, pad_token_id=0,
@@ -146,3 +174,102 @@ def test_gemma2_softcap_runs_the_models_eager_attention_after_patch(device):
     assert model.config._attn_implementation == "fused_triton"
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+class LargestAttentionShape(TorchDispatchMode):
+    """Records every tensor an aten op returns that has two dims equal to ``n`` (a (.., Nq, Nk) mask or score
+    matrix when Nq = Nk = n and no other size of the model is n)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.seen = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and list(t.shape).count(self.n) >= 2:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_mistral])
+def test_no_quadratic_mask_is_built_for_a_padded_batch(build, device, kernel_only):
+    """Eager attention (the control) makes (B, 1, S, S)-shaped tensors; the patched model makes none."""
+    model = build().to(device)
+    n = 23  # no other size of the tiny models is 23
+    ids = torch.randint(1, 50, (2, n), device=device)
+    mask = padding(2, n, "left").to(device)
+    with torch.no_grad():
+        with LargestAttentionShape(n) as eager:
+            model(ids, attention_mask=mask)
+        patch(model)
+        with LargestAttentionShape(n) as patched:
+            model(ids, attention_mask=mask)
+    assert eager.seen, "the detector saw no (S, S) tensor under eager attention"
+    assert patched.seen == []
+
+
+def _packed_batch(lengths, device):
+    ids = torch.randint(1, 50, (1, sum(lengths)), device=device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    return ids, position_ids
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_give_the_separate_sequences_logits_and_gradients(how, device, kernel_only, monkeypatch):
+    """Packed as DataCollatorWithFlattening packs them (position_ids restarting at 0, optionally with the
+    cu_seq_lens/max_length keywords); attention_varlen runs, and the loss and every gradient equal those of
+    running each sequence on its own."""
+    lengths = [5, 1, 7]
+    model = tiny_llama().to(device)
+    ids, position_ids = _packed_batch(lengths, device)
+    pieces = ids[0].split(lengths)
+    expected_loss = sum(model(p[None], labels=p[None]).loss * (len(p) - 1) for p in pieces if len(p) > 1)
+    expected_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    patch(model)
+    calls, varlen = [], hf.attention_varlen
+    monkeypatch.setattr(hf, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    extra = {}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32, device=device)
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    logits = model(ids, position_ids=position_ids, use_cache=False, **extra).logits[0]  # packing needs no cache
+    targets = torch.cat([torch.cat([p[1:], p.new_full((1,), -100)]) for p in pieces])
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    loss.backward()
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(kernel_only):
+    """GPT-OSS passes ``s_aux`` (a per-head sink logit): the kernel's sinks give its eager attention's output."""
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    module.sinks = sinks = torch.randn(4)  # GPT-OSS's eager reads the module's sinks, its attention passes s_aux
+    causal = torch.zeros(6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    expected, _ = gpt_oss.eager_attention_forward(module, q, k, v, causal[None, None], scaling=0.3, dropout=0.0,
+                                                  s_aux=sinks)
+    out, _ = hf.hf_attention(module, q, k, v, None, scaling=0.3, s_aux=sinks)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_keywords_run_the_models_eager_attention_never_dropped(monkeypatch):
+    """A keyword the kernel does not know reaches the model's own eager attention with the dense mask."""
+    seen = {}
+
+    def eager(module, q, k, v, mask, **kwargs):
+        seen.update(kwargs, mask=mask)
+        return q.transpose(1, 2), None
+
+    module = tiny_llama().model.layers[0].self_attn
+    monkeypatch.setattr(sys.modules[type(module).__module__], "eager_attention_forward", eager)
+    q = torch.randn(1, 6, 4, 8)
+    hf.hf_attention(module, q, q[:, :2], q[:, :2], None, scaling=0.5, mystery_bias=torch.ones(1))
+    assert torch.equal(seen["mystery_bias"], torch.ones(1))
+    assert torch.equal(seen["mask"][0, 0] == 0, torch.ones(4, 4, dtype=torch.bool).tril())

@@ -1,82 +1,289 @@
-"""Hugging Face ``transformers`` integration: the fused kernel as an attention-interface function.
+"""Hugging Face ``transformers`` integration: the fused kernel as an attention-interface function, fed by a mask
+function that never builds a (B, 1, Nq, Nk) mask for the patterns the kernel computes itself.
 
-:func:`register_hf_attention` registers :func:`hf_attention` under :data:`ATTENTION_NAME` in transformers'
-``AttentionInterface``, with transformers' SDPA mask function in its ``AttentionMaskInterface`` (without a mask
-function the mask would always be None and padded batches silently wrong). ``transformer.patch`` calls it.
+:func:`register_hf_attention` registers :func:`hf_attention` in transformers' ``AttentionInterface`` and
+:func:`kernel_mask` in its ``AttentionMaskInterface`` under :data:`ATTENTION_NAME`; ``transformer.patch`` calls
+it. transformers calls the mask function once per forward and mask type (not per layer), with the pattern as a
+``mask_function`` closure; :func:`kernel_mask` recognises causal, sliding-window causal, bidirectional and packed
+(position_ids restarting at 0) patterns and returns what the kernel needs (:class:`KernelMask`, or None for a
+purely causal batch). Any other pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention`
+hands to ``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA
+otherwise).
 
 ``transformers`` is imported only inside these functions: the rest of the package works without it.
 """
+import contextvars
+import dataclasses
+import functools
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 import kernels
+from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"
 """The name the kernel is registered under in transformers' attention and mask interfaces."""
 
-_EAGER_ONLY = ("softcap", "s_aux")
-"""Keywords that change the math in ways the kernel does not compute yet (Gemma 2's logit softcapping, GPT-OSS's
-attention sinks): calls carrying them run the model's own eager attention, exactly as before ``patch()``."""
+_NO_MATH = ("position_ids", "use_cache", "output_attentions", "cache_position", "layer_idx")
+"""Keywords that do not change the attention math (rotary positions are already applied; packing comes from the
+mask function or the cu_seq_lens keywords; weights are never returned, as in transformers' SDPA path)."""
 _SDPA_ONLY = ("position_bias", "cache")
 """Keywords of calls handed to transformers' own SDPA path (a relative position bias; a paged cache)."""
 
 
+_DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
+"""True while :func:`kernel_mask` must return transformers' own tensor masks (see dense_masks_for_generate)."""
+
+
+def use_kernel_attention(model: nn.Module) -> None:
+    """Register the kernel with transformers and switch the ``PreTrainedModel`` to it, in place."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    register_hf_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.create_masks_for_generate = dense_masks_for_generate(
+        getattr(model, "create_masks_for_generate", create_masks_for_generate))
+
+
+def dense_masks_for_generate(create: Callable) -> Callable:
+    """``create`` (a model's ``create_masks_for_generate``) building transformers' tensor masks: generate() builds
+    masks ahead with it for compilable (static) caches and passes them back into the model's forward, which
+    accepts only tensors (or flex attention's block masks) there."""
+    @functools.wraps(create)
+    def create_dense(*args, **kwargs):
+        token = _DENSE_MASKS.set(True)
+        try:
+            return create(*args, **kwargs)
+        finally:
+            _DENSE_MASKS.reset(token)
+
+    return create_dense
+
+
 def register_hf_attention(name: str = ATTENTION_NAME) -> None:
-    """Register :func:`hf_attention` and transformers' SDPA mask function (bool masks, None when purely causal)."""
+    """Register :func:`hf_attention` and :func:`kernel_mask` with transformers under ``name``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, hf_attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, kernel_mask)
 
 
-def _causal(module: nn.Module, query: torch.Tensor, attention_mask, is_causal: Optional[bool]) -> bool:
-    """As transformers' own SDPA path: no mask means purely causal (top-left: a prefill into an empty static cache
-    brings more, empty, key slots than queries), except that one query (decoding) sees the whole cache."""
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    return query.shape[2] > 1 and attention_mask is None and is_causal
+# ---------------------------------------------------------------------------------------------- mask function
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelMask:
+    """What the kernel needs of a transformers attention mask, in place of the (B, 1, Nq, Nk) bool tensor.
+
+    The key slots are the layer's cache in position order; the queries are the last Nq of the first ``n_keys``
+    slots (later slots are empty, e.g. a static cache's), so causal masking is bottom-right on those slots.
+    ``key_padding`` (B, n_keys) bool is True for real tokens (None: all are). ``window`` W is transformers' sliding
+    window: query i sees keys j with i - W < j <= i. ``cu_seqlens`` (int32, total + 1 offsets over the B * Nq
+    flattened tokens) and ``max_seqlen`` describe packed sequences, each attending only to itself.
+    ``dense()`` builds transformers' own bool mask, for the paths that need one (the model's eager attention).
+    """
+    causal: bool
+    n_keys: int
+    dense: Callable[[], torch.Tensor]
+    key_padding: Optional[torch.Tensor] = None
+    window: Optional[int] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
+
+
+def _closure(fn) -> dict:
+    cells = getattr(fn, "__closure__", None) or ()
+    return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _same_code(fn, factory, *args) -> bool:
+    """Whether ``fn`` is a closure made by transformers' ``factory`` (compared by code object)."""
+    return getattr(fn, "__code__", None) is factory(*args).__code__
+
+
+def _pattern(mask_function):
+    """(causal, window, packed sequence ids or None) of a transformers mask function this module can express
+    without a dense mask, else None. Unknown closures (or a transformers version that builds them differently)
+    give None, hence transformers' own mask: never a wrong one."""
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return True, None, None
+    if mask_function is mu.bidirectional_mask_function:
+        return False, None, None
+    if not _same_code(mask_function, mu.and_masks):
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2:
+        return None
+    first, second = parts
+    if second is mu.causal_mask_function and _same_code(first, mu.sliding_window_overlay, 1):
+        return True, _closure(first)["sliding_window"], None
+    if _same_code(first, mu.remap_positions_for_packed_sequence, None, None) and _same_code(
+            second, mu.packed_sequence_mask_function, None):
+        inner = _pattern(_closure(first)["mask_function"])
+        if inner is not None and inner[0] and inner[2] is None:  # causal (or sliding causal) within each sequence
+            return True, inner[1], _closure(second)["packed_sequence_mask"]
+    return None
+
+
+def _segments(sequence_ids: torch.Tensor):
+    """(cu_seqlens int32, max_seqlen) of the packed sequences of (B, S) per-row sequence ids, over the B * S
+    flattened tokens (every row starts a sequence). One host read."""
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten().tolist() + [sequence_ids.numel()]
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    return torch.tensor(offsets, dtype=torch.int32, device=sequence_ids.device), max(lengths)
+
+
+def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                attention_mask: Optional[torch.Tensor] = None, local_size: Optional[int] = None, **kwargs):
+    """transformers' mask-interface function for the kernel (called as its ``sdpa_mask``, with the same
+    arguments): None for a purely causal batch with no padding, a :class:`KernelMask` (a (B, n_keys) padding
+    mask at most) for the other causal, sliding-window, bidirectional and packed patterns, and transformers'
+    ``sdpa_mask`` (B, 1, Nq, Nk) bool tensor, never None, for everything else.
+
+    ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
+    :func:`dense_masks_for_generate` it always returns transformers' mask. No device sync except one ``all()``
+    of the 2-D mask per call (to return None when nothing is padded; skipped while tracing) and one read of the
+    sequence starts for packed batches.
+    """
+    from transformers.masking_utils import sdpa_mask
+    from transformers.utils.import_utils import is_tracing
+
+    sizes = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                 local_size=local_size)
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # a None would mean top-left
+    dense = functools.partial(sdpa_mask, **sizes, **kwargs)
+    pattern = _pattern(mask_function)
+    if pattern is None or _DENSE_MASKS.get() or not isinstance(kv_offset, int):
+        return dense()
+    causal, window, packed = pattern
+    if packed is not None:
+        cu_seqlens, max_seqlen = _segments(packed)
+        return KernelMask(causal, kv_length, dense, window=window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if attention_mask is not None:
+        end = attention_mask.shape[-1]  # one past the last real key's position
+        if isinstance(q_offset, int) and end != q_offset + q_length:
+            return dense()  # a 2-D mask not of the documented (B, past + Nq) size
+    elif isinstance(q_offset, int):
+        end = q_offset + q_length
+    else:
+        return dense()  # a static cache without a 2-D mask: where its real keys end is only on the device
+    n_keys = min(end, kv_offset + kv_length) - kv_offset
+    padding = None if attention_mask is None else attention_mask[:, kv_offset:kv_offset + n_keys]
+    if padding is not None and not is_tracing(padding) and bool(padding.all()):
+        padding = None
+    if causal and window is None and padding is None and n_keys == kv_length:
+        return None
+    return KernelMask(causal, n_keys, dense, key_padding=padding, window=window)
+
+
+# ----------------------------------------------------------------------------------------- attention function
+
+
+def _dense(attention_mask):
+    return attention_mask.dense() if isinstance(attention_mask, KernelMask) else attention_mask
 
 
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
-    """The model's own ``eager_attention_forward``, fed the additive float mask it expects (the registered mask
-    function gives a bool mask, or None for a purely causal batch)."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    if attention_mask is None and _causal(module, query, attention_mask, is_causal):
-        n_q, n_k = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()[None, None]
+    """The model's own ``eager_attention_forward``, fed the additive float mask it expects."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(f"hf_attention: keywords {sorted(kwargs)} are not understood by the kernel and "
+                        f"{type(module).__module__} has no eager_attention_forward to run them")
+    attention_mask = _dense(attention_mask)
+    if attention_mask is None and query.shape[2] > 1 and (getattr(module, "is_causal", True) if is_causal is None
+                                                          else is_causal):
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
+                                    device=query.device).tril(key.shape[2] - query.shape[2])[None, None]
     if attention_mask is not None and attention_mask.dtype == torch.bool:
-        blocked = torch.finfo(query.dtype).min
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, blocked)
+            ~attention_mask, torch.finfo(query.dtype).min)
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                 is_causal: Optional[bool] = None, **kwargs):
-    """transformers' attention-interface function, running the fused kernel through
-    ``kernels.scaled_dot_product_attention``.
+def _window(sliding_window: Optional[int], causal: bool = True):
+    """transformers' causal sliding window W (query i sees keys i - W < j <= i) as the kernel's window_size.
+    Without causal masking transformers has two conventions (|i - j| <= W in its masks, < W in its flash-attention
+    path), so that raises."""
+    if sliding_window is None:
+        return -1, -1
+    if not causal:
+        raise NotImplementedError("hf_attention: sliding_window without causal masking and without a mask")
+    return sliding_window - 1, 0
 
-    query (B, H, Q, D), key/value (B, Hkv, K, D) (non-contiguous views; GQA stays unrepeated: the kernel groups
-    heads itself). ``attention_mask`` comes from ``sdpa_mask``: None for a purely causal batch, else bool
-    (B, 1, Q, K), True = may attend (a sliding window is part of it). The kernel takes the padding masks
-    transformers builds (a key mask per row, AND causal), with or without a cache; any other mask, or dropout,
-    runs torch's SDPA. ``is_causal`` overrides ``module.is_causal`` as in transformers' own SDPA path. Calls with
-    a keyword of :data:`_EAGER_ONLY` run the model's eager attention, with one of :data:`_SDPA_ONLY` transformers'
-    SDPA attention: never is a keyword dropped. Returns (out (B, Q, H, D), None).
+
+def _packed(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scaling, **variants):
+    """attention_varlen over the B * S flattened tokens of (B, H, S, D) views; returns (B, S, H, D)."""
+    flat = [t.transpose(1, 2).flatten(0, 1) for t in (query, key, value)]
+    out = attention_varlen(*flat, cu_seqlens_q, cu_seqlens_k, int(max_q), int(max_k), causal, scaling, **variants)
+    return out.view(query.shape[0], query.shape[2], *out.shape[1:])
+
+
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                 dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                 sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                 s_aux: Optional[torch.Tensor] = None, cu_seq_lens_q: Optional[torch.Tensor] = None,
+                 cu_seq_lens_k: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
+                 max_length_k: Optional[int] = None, **kwargs):
+    """transformers' attention-interface function, running ``kernels.attention`` (``attention_varlen`` for
+    packed sequences).
+
+    query (B, H, Q, D), key/value (B, Hkv, K, D) (non-contiguous views; GQA stays unrepeated). ``attention_mask``
+    is what :func:`kernel_mask` returned: None (causal as ``is_causal``, else ``module.is_causal``, bottom-right),
+    a :class:`KernelMask`, or a bool (B, 1, Q, K) tensor, run by ``kernels.scaled_dot_product_attention``
+    (torch's SDPA for masks that are not a key range per row, and for dropout). ``sliding_window`` (causal
+    window of W keys, (W - 1, 0)), ``softcap``, ``s_aux`` (attention sinks) and ``dropout`` go to the kernel;
+    ``cu_seq_lens_q/k`` with ``max_length_q/k`` (transformers' padding-free keywords) run attention_varlen.
+    Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other keyword that is
+    not None and not in :data:`_NO_MATH` the model's eager attention: no keyword is ever dropped.
+    Returns (out (B, Q, H, D), None).
     """
-    if any(kwargs.get(name) is not None for name in _EAGER_ONLY):
-        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if any(kwargs.get(name) is not None for name in _SDPA_ONLY):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                               scale=scaling, is_causal=_causal(module, query, attention_mask,
-                                                                                is_causal),
-                                               enable_gqa=True)
+        return sdpa_attention_forward(module, query, key, value, _dense(attention_mask), dropout, scaling, is_causal,
+                                      sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    if any(arg is not None and name not in _NO_MATH for name, arg in kwargs.items()):
+        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    variants = dict(softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout)
+    if cu_seq_lens_q is not None:
+        if attention_mask is not None and not (isinstance(attention_mask, KernelMask)
+                                               and attention_mask.cu_seqlens is not None):
+            raise ValueError("hf_attention: cu_seq_lens_q (packed sequences) together with a padding mask")
+        out = _packed(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, causal, scaling,
+                      window_size=_window(sliding_window, causal), **variants)
+        return out, None
+    if isinstance(attention_mask, torch.Tensor):  # transformers' own mask: a pattern kernel_mask did not take
+        if softcap or s_aux is not None:
+            return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                    softcap=softcap, s_aux=s_aux)
+        out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                   scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask is None:
+        out = kernels.attention(query, key, value, causal, scaling, window_size=_window(sliding_window, causal),
+                                **variants)
+        return out.transpose(1, 2).contiguous(), None
+    if sliding_window is not None and sliding_window != attention_mask.window:
+        raise ValueError(f"hf_attention: sliding_window={sliding_window} but the mask is for window "
+                         f"{attention_mask.window}")
+    window = _window(attention_mask.window)
+    if attention_mask.cu_seqlens is not None:
+        cu, longest = attention_mask.cu_seqlens, attention_mask.max_seqlen
+        return _packed(query, key, value, cu, cu, longest, longest, True, scaling, window_size=window, **variants), None
+    n_keys = attention_mask.n_keys
+    if key.shape[2] < n_keys:
+        raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
+    out = kernels.attention(query, key[:, :, :n_keys], value[:, :, :n_keys], attention_mask.causal, scaling,
+                            key_padding_mask=attention_mask.key_padding, window_size=window, **variants)
     return out.transpose(1, 2).contiguous(), None

@@ -1,23 +1,26 @@
 """``patch(model)``: put the fused kernels into a model in place, weights untouched.
 
 - :class:`transformer.GPT`: switch its backend to ``"triton"``.
-- any ``torch.nn.Module``: replace ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's plain
-  Llama-style RMSNorm classes) with ``kernels.LayerNorm`` / ``kernels.RMSNorm`` carrying the same state.
-- Hugging Face ``transformers`` models: also register the attention kernel (``transformer/hf.py``) under
-  :data:`ATTENTION_NAME` in ``transformers.AttentionInterface`` and switch the model to it.
+- any ``torch.nn.Module``: turn its ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's Llama- and
+  Gemma-style RMSNorms) into ``kernels.LayerNorm`` / ``kernels.RMSNorm`` in place: the same module objects with
+  the same Parameters and hooks, only their class changes.
+- Hugging Face ``transformers`` models: also register the attention kernel and its mask function
+  (``transformer/hf.py``) with transformers and switch the model to them (``hf.use_kernel_attention``).
 
 ``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
 """
-import functools
-import inspect
+import copy
+import math
+import numbers
 import sys
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import kernels
-from transformer.hf import ATTENTION_NAME, register_hf_attention
+from kernels.layernorm import DEFAULT_CASTING_MODE, torch_rms_norm
+from transformer.hf import use_kernel_attention
 from transformer.model import GPT
 
 
@@ -29,8 +32,7 @@ def patch(model: nn.Module) -> nn.Module:
         return model.set_backend("triton")
     _replace_norms(model)
     if _is_hf_model(model):
-        register_hf_attention()
-        model.set_attn_implementation(ATTENTION_NAME)
+        use_kernel_attention(model)
     return model
 
 
@@ -38,53 +40,86 @@ def patch(model: nn.Module) -> nn.Module:
 
 
 def _replace_norms(model: nn.Module) -> None:
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            replacement = _kernel_norm(child)
-            if replacement is not None:
-                setattr(parent, name, replacement)
+    """Give each plain norm of ``model`` its kernel class in place. The module object stays, so its Parameters
+    (requires_grad, an optimizer's references), its sharing between parents and its hooks stay too."""
+    for module in model.modules():  # each module once, however many parents share it
+        kernel_norm = _kernel_norm(module)
+        if kernel_norm is not None:
+            cls, attributes = kernel_norm
+            module.__class__ = cls
+            for name, value in attributes.items():
+                setattr(module, name, value)
 
 
-def _kernel_norm(module: nn.Module) -> Optional[nn.Module]:
-    """The kernel module equivalent to ``module``, holding its parameters, or None if it is not a plain norm."""
+def _kernel_norm(module: nn.Module) -> Optional[Tuple[type, Dict[str, object]]]:
+    """(kernel class, the attributes it reads that ``module`` lacks) for a plain norm, or None for anything else
+    (a subclass of nn.LayerNorm / nn.RMSNorm may change forward: it is left alone)."""
     if type(module) is nn.LayerNorm:
-        new = kernels.LayerNorm(module.normalized_shape, eps=module.eps,
-                                elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
-    elif type(module) is nn.RMSNorm:
-        new = kernels.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
-    elif _is_llama_style_rms_norm(module):
-        new = kernels.RMSNorm(module.weight.shape, eps=module.variance_epsilon)
-    else:
+        return kernels.LayerNorm, {}
+    if type(module) is nn.RMSNorm:  # fp32 math, one rounding at the end: the kernels' default casting mode
+        return kernels.RMSNorm, {"offset": 0.0, "casting_mode": DEFAULT_CASTING_MODE}
+    options = _rms_norm_options(module)
+    if options is None:
         return None
-    reference_param = next(module.parameters(), None)
-    if reference_param is not None:
-        new = new.to(device=reference_param.device, dtype=reference_param.dtype)
-    new.load_state_dict(module.state_dict())
-    new.train(module.training)
-    return new
+    return kernels.RMSNorm, dict(normalized_shape=tuple(module.weight.shape), elementwise_affine=True, **options)
 
 
-def _is_llama_style_rms_norm(module: nn.Module) -> bool:
-    """True for Hugging Face RMSNorm classes computing exactly ``weight * x / sqrt(mean(x^2) + variance_epsilon)``.
+PROBE_ROWS = 16
+"""Rows of the random input a candidate RMSNorm runs on: enough elements that the casting modes' different
+roundings show (they differ in about a quarter of bf16 outputs), even for a head-dim q/k norm."""
 
-    Many models copy LlamaRMSNorm verbatim (Mistral, Qwen2, ...); others only share the name and differ (Gemma
-    scales by ``1 + weight``). So a class qualifies only if its ``forward`` is LlamaRMSNorm's, line for line.
+
+def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
+    """``eps``, ``offset`` and ``casting_mode`` of the ``kernels.RMSNorm`` that computes what ``module`` computes,
+    found by running it; None if none does.
+
+    Candidates are modules of a class named ``*RMSNorm`` holding only a 1-D ``weight``, their epsilon in ``eps`` or
+    ``variance_epsilon`` (Hugging Face's names), whatever transformers modules are imported. The class's forward
+    runs (no hooks) on a shallow copy holding a random weight, on rows of very different scales, one near
+    sqrt(eps): in float32 it must match x / sqrt(mean(x^2) + eps) * (offset + weight) for offset 0 (Llama and its
+    copies) or 1 (Gemma's ``1 + weight``); in bfloat16 it tells where the class rounds, which picks the casting
+    mode ("llama": x_hat to the input dtype before the weight; "gemma": once, at the end).
     """
-    if not type(module).__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon"):
-        return False
-    llama = sys.modules.get("transformers.models.llama.modeling_llama")
-    if llama is None:
-        return False
-    return _source(type(module).forward) == _source(llama.LlamaRMSNorm.forward)
-
-
-@functools.lru_cache(maxsize=None)
-def _source(fn) -> Optional[str]:
-    """A function's source, read once per function (a model has an RMSNorm per layer, all of one class)."""
-    try:
-        return inspect.getsource(fn).strip()
-    except (OSError, TypeError):
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if (not type(module).__name__.endswith("RMSNorm") or isinstance(eps, bool) or not isinstance(eps, numbers.Real)
+            or [name for name, _ in module.named_parameters()] != ["weight"] or weight.dim() != 1
+            or next(module.buffers(), None) is not None):
         return None
+    n = weight.numel()
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 2, PROBE_ROWS, dtype=torch.float64).unsqueeze(1)
+    scales[0] = math.sqrt(eps) if eps else 1.0  # where eps moves the result by a good fraction
+    x = (torch.randn(PROBE_ROWS, n, generator=generator, dtype=torch.float64) * scales).float()
+    probe_weight = torch.rand(n, generator=generator) + 0.5
+    try:
+        got = _run_forward(module, x, probe_weight).double()
+        x64, w64 = x.double(), probe_weight.double()
+        xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+        offsets = [o for o in (0.0, 1.0) if torch.allclose(got, xhat * (o + w64), rtol=1e-5, atol=1e-5)]
+        if len(offsets) != 1:
+            return None
+        x_low, w_low = x.bfloat16(), probe_weight.bfloat16()
+        got = _run_forward(module, x_low, w_low)
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a forward taking something else: no RMS norm
+        return None
+    if got.dtype != x_low.dtype:
+        return None
+    mismatch = {mode: (got != torch_rms_norm(x_low, n, w_low, eps, offset=offsets[0], casting_mode=mode)).float()
+                .mean().item() for mode in ("llama", "gemma")}
+    casting_mode = min(mismatch, key=mismatch.get)
+    if mismatch[casting_mode] > 0.05:
+        return None
+    return {"eps": eps, "offset": offsets[0], "casting_mode": casting_mode}
+
+
+def _run_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The output of ``module``'s class forward on ``x`` with ``weight`` instead of its own: a shallow copy gets
+    its own parameter dict, so the module itself (its device, its Parameter) is not touched and no hook fires."""
+    probe = copy.copy(module)
+    probe._parameters = {"weight": nn.Parameter(weight, requires_grad=False)}
+    with torch.no_grad():
+        return type(module).forward(probe, x)
 
 
 def _is_hf_model(model: nn.Module) -> bool:
