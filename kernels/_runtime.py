@@ -64,10 +64,13 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
 
     Interpreted kernels take CPU tensors; compiled kernels take GPU tensors. Anything else (CPU tensors with
     compiled kernels, because ``triton`` was imported before ``kernels`` without a GPU; GPU tensors with the
-    interpreter forced on) makes the caller use the reference implementation, with a one-time warning.
+    interpreter forced on) makes the caller use the reference implementation, with a one-time warning; meta
+    tensors do too, silently.
     """
     if kernels_can_run(*tensors):
         return True
+    if any(t.device.type == "meta" for t in tensors):
+        return False  # no data to compute on (shape propagation): nothing is wrong, so nothing to warn about
     reason = (
         f"kernels: Triton kernels are {'interpreted' if INTERPRETED else 'compiled for a GPU'} in this process "
         f"but the inputs are on {tensors[0].device}; using the plain-PyTorch reference instead. "
