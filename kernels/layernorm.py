@@ -1,10 +1,13 @@
 """Fused layer norm and RMS norm in Triton, forward and backward, optionally fused with the residual add.
 
-Over the trailing ``normalized_shape`` dims (flattened to a row of n elements), with all math in fp32:
-    layer norm  y = (h - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)   (biased variance)
-    RMS norm    y = h * rstd * weight,                  rstd = 1 / sqrt(mean(h^2) + eps)
-where h = x, or h = x + residual rounded to x's dtype (returned as the new residual stream). mean and rstd are
-kept in fp32 for the backward.
+Over the trailing ``normalized_shape`` dims (flattened to a row of n elements):
+    layer norm  y = (h - mean) * rstd * weight + bias,     rstd = 1 / sqrt(var + eps)   (biased variance)
+    RMS norm    y = h * rstd * (offset + weight),          rstd = 1 / sqrt(mean(h^2) + eps)
+where h = x, or h = x + residual rounded to its dtype (returned as the new residual stream). Layer norm does all
+its math in fp32. RMS norm rounds where its ``casting_mode`` says (Liger-Kernel's modes, after Hugging Face's
+models): "gemma" all in fp32, cast once at the end; "llama" rstd in fp32, xhat = h * rstd rounded to x's dtype
+before the weight; "none" every step rounded to x's dtype (sums accumulate in fp32). mean and rstd are kept in fp32
+for the backward.
 
 Forward:
 - a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written
@@ -14,33 +17,57 @@ Forward:
   deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
   h (x without a residual) and writes y.
 
-Backward, a fixed number of programs each owning a run of consecutive rows:
-    dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term), xhat = (h-mean)*rstd
-plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat and dbias = sum of dy are
-accumulated per program in fp32 (in registers for one-block rows; for two-pass rows by a read-modify-write of the
-program's own row of the buffer, chunk by chunk) and reduced over programs by one ``sum``: deterministic, no
-atomics, no locks.
+Backward, a fixed number of programs each owning a run of consecutive rows, one block a row up to
+``BACKWARD_MAX_BLOCK`` and two passes over chunks beyond, in fp32 whatever the casting mode (as Liger-Kernel; the
+roundings of the forward count as identities):
+    dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term, w = offset + weight)
+plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat ("llama": xhat rounded to x's
+dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 (in registers for
+one-block rows; for two-pass rows by a read-modify-write of the program's own row of the buffer, chunk by chunk)
+and reduced over programs by one ``sum``: deterministic, no atomics, no locks.
 
-The autograd goes through ``torch.library`` custom ops, so ``torch.compile`` keeps each launch in one graph.
+The autograd goes through ``torch.library`` custom ops, so ``torch.compile`` keeps each launch in one graph;
+inputs carrying a forward-mode tangent go through an ``autograd.Function`` with a JVP instead.
 """
 import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd import forward_ad
 
-from kernels import reference
 from kernels._rows import as_rows, row_config
 from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on, launch_device
-from kernels._validate import check_same, check_tensor
-from kernels.registry import TRITON_DTYPES, Build, register_builds
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 8192
 """Widest row held in registers as one block (the backward keeps ~6 fp32 values per element: no spills)."""
 LONG_BLOCK = 2048
 """Chunk width of the two-pass path for rows wider than MAX_BLOCK."""
+BACKWARD_MAX_BLOCK = 4096
+"""Widest row the backward holds as one block. It keeps weight, dweight and dbias in registers across its rows
+beside ~5 values per element of the row at hand: at 8192 (16 warps, 128 registers a thread) that spills once rows
+are 16-byte aligned (vectorised loads, the usual case), so wider rows take the two-pass backward."""
+
+CASTING_MODES = {"none": -1, "llama": 0, "gemma": 1}
+"""RMS norm's casting modes (Liger-Kernel's names and codes) -> the kernels' ``CASTING`` constexpr."""
+CAST_NONE = tl.constexpr(CASTING_MODES["none"])
+CAST_LLAMA = tl.constexpr(CASTING_MODES["llama"])
+CAST_GEMMA = tl.constexpr(CASTING_MODES["gemma"])
+DEFAULT_CASTING_MODE = "gemma"
+"""All fp32, one rounding at the end: ``torch.nn.functional.rms_norm``'s numerics, which the kernels had before
+casting modes existed and which keep ``RMSNorm`` a drop-in for ``torch.nn.RMSNorm`` (Liger-Kernel defaults to
+"llama", Hugging Face Llama's rounding of xhat before the weight: pass it explicitly to get that)."""
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` and back: one step of arithmetic done in that dtype."""
+    return cast_rne(x, dtype).to(tl.float32)
 
 
 @triton.jit
@@ -66,38 +93,68 @@ def _load_vec(P, cols, n_cols, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _affine(xhat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """xhat * weight + bias, each optional."""
+def _square(h, dtype: tl.constexpr, CASTING: tl.constexpr):
+    """h^2 as RMS norm sums it: rounded to x's dtype in casting mode "none"."""
+    sq = h * h
+    if CASTING == CAST_NONE:
+        sq = _round(sq, dtype)
+    return sq
+
+
+@triton.jit
+def _rms_rstd(sum_sq, n_cols, eps, dtype: tl.constexpr, CASTING: tl.constexpr):
+    """1 / sqrt(sum_sq / n_cols + eps): in fp32, or each step rounded to x's dtype in casting mode "none"."""
+    if CASTING == CAST_NONE:
+        rstd = _round(1.0 / tl.sqrt(_round(_round(sum_sq / n_cols, dtype) + eps, dtype)), dtype)
+    else:
+        rstd = 1.0 / tl.sqrt(sum_sq / n_cols + eps)
+    return rstd
+
+
+@triton.jit
+def _output(xhat, w, b, offset, dtype: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+            CASTING: tl.constexpr):
+    """xhat * (offset + w) + b, each optional, before the final cast to x's dtype: all in fp32 ("gemma", and
+    layer norm); xhat rounded to x's dtype first ("llama"); every step rounded ("none")."""
+    if CASTING != CAST_GEMMA:
+        xhat = _round(xhat, dtype)
     y = xhat
     if HAS_W:
-        y = y * w
+        if CASTING == CAST_NONE:
+            scale = _round(offset + _round(w, dtype), dtype)
+        else:
+            scale = offset + w
+        y = y * scale
     if HAS_B:
         y = y + b
     return y
 
 
 @triton.jit
-def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, w, b,
+def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, offset, w, b,
                   BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
-                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, CASTING: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
     """Normalise one row: Y[row] (and H[row]), MEAN[row] (layer norm only), RSTD[row]. One-block rows use the
     weight and bias values ``w``, ``b`` when PARAMS_GIVEN, else load them; two-pass rows load them per chunk."""
     x_off = row * stride_x
     res_off = row * stride_res
     out_off = row * n_cols
     cols = tl.arange(0, BLOCK)
+    dtype = Y.dtype.element_ty
     mean = 0.0
     if SINGLE:
         h = _load_h(X, RES, H, x_off, res_off, out_off, cols, n_cols, HAS_RES)
-        if not RMS:
+        if RMS:
+            rstd = _rms_rstd(tl.sum(_square(h, dtype, CASTING), 0), n_cols, eps, dtype, CASTING)
+        else:
             mean = tl.sum(h, 0) / n_cols
             h = tl.where(cols < n_cols, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
         if not PARAMS_GIVEN:
             w = _load_vec(W, cols, n_cols, HAS_W)
             b = _load_vec(B, cols, n_cols, HAS_B)
-        y = _affine(h * rstd, w, b, HAS_W, HAS_B)
-        tl.store(Y + out_off + cols, cast_rne(y, Y.dtype.element_ty), mask=cols < n_cols)
+        y = _output(h * rstd, w, b, offset, dtype, HAS_W, HAS_B, CASTING)
+        tl.store(Y + out_off + cols, cast_rne(y, dtype), mask=cols < n_cols)
     else:
         count = tl.zeros([], tl.float32)
         mean = tl.zeros([], tl.float32)
@@ -105,7 +162,7 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
         for start in range(0, n_cols, BLOCK):
             h = _load_h(X, RES, H, x_off + start, res_off + start, out_off + start, cols, n_cols - start, HAS_RES)
             if RMS:
-                m2 += tl.sum(h * h, 0)
+                m2 += tl.sum(_square(h, dtype, CASTING), 0)
             else:
                 n_chunk = tl.minimum(n_cols - start, BLOCK).to(tl.float32)
                 mean_chunk = tl.sum(h, 0) / n_chunk
@@ -115,7 +172,10 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
                 mean += delta * (n_chunk / total)
                 m2 += tl.sum(dev * dev, 0) + delta * delta * (count * n_chunk / total)
                 count = total
-        rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)
+        if RMS:
+            rstd = _rms_rstd(m2, n_cols, eps, dtype, CASTING)
+        else:
+            rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)
         # pass 2 reads h back: from H when it was written above (one stream instead of x and residual)
         if HAS_RES:
             src = H + out_off
@@ -124,20 +184,20 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
         for start in range(0, n_cols, BLOCK):
             mask = start + cols < n_cols
             h = tl.load(src + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = _affine((h - mean) * rstd, _load_vec(W + start, cols, n_cols - start, HAS_W),
-                        _load_vec(B + start, cols, n_cols - start, HAS_B), HAS_W, HAS_B)
-            tl.store(Y + out_off + start + cols, cast_rne(y, Y.dtype.element_ty), mask=mask)
+            y = _output((h - mean) * rstd, _load_vec(W + start, cols, n_cols - start, HAS_W),
+                        _load_vec(B + start, cols, n_cols - start, HAS_B), offset, dtype, HAS_W, HAS_B, CASTING)
+            tl.store(Y + out_off + start + cols, cast_rne(y, dtype), mask=mask)
     tl.store(RSTD + row, rstd)
     if not RMS:
         tl.store(MEAN + row, mean)
 
 
 @triton.jit
-def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_cols, rows_per_program, eps,
+def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_cols, rows_per_program, eps, offset,
               BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr, MULTI_ROW: tl.constexpr):
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, CASTING: tl.constexpr, MULTI_ROW: tl.constexpr):
     """Layer/RMS norm forward. Y and H are contiguous (rows, n_cols); unused pointers (RES, H, W, B, MEAN) are
-    ignored per the flags.
+    ignored per the flags. Layer norm runs with offset 0 and CASTING "gemma" (all fp32).
 
     MULTI_ROW (the launcher's choice for one-block rows up to MULTI_ROW_MAX_BLOCK): program p normalises rows
     [p * rows_per_program, (p + 1) * rows_per_program), loading weight and bias once for all of them. Otherwise
@@ -151,21 +211,31 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_co
         b = _load_vec(B, cols, n_cols, HAS_B)
         row_start = pid * rows_per_program
         for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
-            _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, w, b,
-                          BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, True)
+            _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, offset, w, b,
+                          BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, CASTING, True)
     else:
-        _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, pid, stride_x, stride_res, n_cols, eps, 0.0, 0.0,
-                      BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, False)
+        _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, pid, stride_x, stride_res, n_cols, eps, offset, 0.0, 0.0,
+                      BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, CASTING, False)
 
 
 @triton.jit
 def _load_grad(H, DY, w, h_off, dy_off, cols, n_cols, mean, rstd, HAS_W: tl.constexpr):
-    """(xhat, dy, w * dy) in fp32 for one block of a row; lanes past the row read dy = 0, so they add nothing."""
+    """(xhat, dy, w * dy) in fp32 for one block of a row, w = offset + weight; lanes past the row read dy = 0, so
+    they add nothing."""
     mask = cols < n_cols
     xhat = (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     dy = tl.load(DY + dy_off + cols, mask=mask, other=0.0).to(tl.float32)
     wdy = dy * w if HAS_W else dy
     return xhat, dy, wdy
+
+
+@triton.jit
+def _weight_factor(xhat, dtype: tl.constexpr, CASTING: tl.constexpr):
+    """What the forward multiplied the weight by, for dweight: xhat, rounded to x's dtype in casting mode "llama"
+    (Liger-Kernel's backward, which keeps "none" in fp32 here)."""
+    if CASTING == CAST_LLAMA:
+        xhat = _round(xhat, dtype)
+    return xhat
 
 
 @triton.jit
@@ -183,8 +253,9 @@ def _input_grad(xhat, wdy, c1, c2, rstd, DH, dh_off, cols, n_cols, RMS: tl.const
 
 @triton.jit
 def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_dh, n_rows, n_cols,
-              rows_per_program, BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr):
+              rows_per_program, offset, BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+              CASTING: tl.constexpr):
     """Program p: DX for rows [p * rows_per_program, (p + 1) * rows_per_program), and its fp32 partial sums of
     dweight and dbias in row p of DW and DB (programs, n_cols). DX is contiguous (rows, n_cols)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset below 64-bit
@@ -193,8 +264,10 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
     part = DW + pid * n_cols
     part_b = DB + pid * n_cols
     cols = tl.arange(0, BLOCK)
+    dtype = DX.dtype.element_ty
     if SINGLE:
-        w = _load_vec(W, cols, n_cols, HAS_W)
+        # offset added once: a sum formed in the row loop would be hoisted and kept live beside w (spills at 8192)
+        w = offset + _load_vec(W, cols, n_cols, HAS_W)
         dw = tl.zeros([BLOCK], tl.float32)
         db = tl.zeros([BLOCK], tl.float32)
         for row in range(row_start, row_end):
@@ -202,13 +275,12 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
             if not RMS:
                 mean = tl.load(MEAN + row)
             rstd = tl.load(RSTD + row)
-            xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h, row * stride_dy, cols, n_cols, mean, rstd,
-                                       HAS_W)
+            xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h, row * stride_dy, cols, n_cols, mean, rstd, HAS_W)
             c1 = tl.sum(xhat * wdy, 0) / n_cols
             c2 = tl.sum(wdy, 0) / n_cols
             dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh, cols, n_cols, RMS, HAS_DH)
-            tl.store(DX + row * n_cols + cols, cast_rne(dx, DX.dtype.element_ty), mask=cols < n_cols)
-            dw += dy * xhat
+            tl.store(DX + row * n_cols + cols, cast_rne(dx, dtype), mask=cols < n_cols)
+            dw += dy * _weight_factor(xhat, dtype, CASTING)
             db += dy
         if WANT_DW:
             tl.store(part + cols, dw, mask=cols < n_cols)
@@ -223,7 +295,7 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
             c1 = tl.zeros([], tl.float32)
             c2 = tl.zeros([], tl.float32)
             for start in range(0, n_cols, BLOCK):
-                w = _load_vec(W + start, cols, n_cols - start, HAS_W)
+                w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
                 xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                            n_cols - start, mean, rstd, HAS_W)
                 c1 += tl.sum(xhat * wdy, 0)
@@ -231,23 +303,26 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_
             c1 /= n_cols
             c2 /= n_cols
             for start in range(0, n_cols, BLOCK):
-                w = _load_vec(W + start, cols, n_cols - start, HAS_W)
+                w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
                 xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                            n_cols - start, mean, rstd, HAS_W)
                 dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh + start, cols, n_cols - start,
                                  RMS, HAS_DH)
                 mask = start + cols < n_cols
-                tl.store(DX + row * n_cols + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=mask)
+                tl.store(DX + row * n_cols + start + cols, cast_rne(dx, dtype), mask=mask)
                 # this program's own row of the partial buffers: plain read-modify-write, no other writer
                 if WANT_DW:
-                    tl.store(part + start + cols, tl.load(part + start + cols, mask=mask) + dy * xhat, mask=mask)
+                    tl.store(part + start + cols, tl.load(part + start + cols, mask=mask)
+                             + dy * _weight_factor(xhat, dtype, CASTING), mask=mask)
                 if WANT_DB:
                     tl.store(part_b + start + cols, tl.load(part_b + start + cols, mask=mask) + dy, mask=mask)
 
 
-def _config(n_cols: int):
-    """The norm launch config; reads the module's limits at each call, so tests can lower them."""
-    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=8)
+def _config(n_cols: int, backward: bool = False):
+    """The forward's (or backward's) launch config; reads the module's limits at each call, so tests can lower
+    them."""
+    max_block = min(MAX_BLOCK, BACKWARD_MAX_BLOCK) if backward else MAX_BLOCK
+    return row_config(n_cols, max_block, LONG_BLOCK, per_thread=8)
 
 
 def _multi_row(n_cols: int) -> bool:
@@ -287,8 +362,8 @@ def _forward_outputs(x, residual, n_cols, rms):
 # also on CPU, where it cannot trace into an interpreted kernel.
 @torch.library.custom_op("kernels::norm_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], n_cols: int, eps: float,
-                rms: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                bias: Optional[torch.Tensor], n_cols: int, eps: float, rms: bool, offset: float,
+                casting: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h = x + residual or empty, mean (layer norm) or empty, rstd) over rows of n_cols elements."""
     y, h, mean, rstd = _forward_outputs(x, residual, n_cols, rms)
     x2d = as_rows(x, n_cols)
@@ -304,21 +379,22 @@ def _forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optio
     if n_rows:
         with launch_device(x):
             _norm_fwd[(programs,)](x2d, res2d, w, b, y, h2d, mean if not rms else rstd, rstd, x2d.stride(0),
-                                   res2d.stride(0), n_rows, n_cols, rows_per_program, eps, BLOCK=block,
+                                   res2d.stride(0), n_rows, n_cols, rows_per_program, eps, offset, BLOCK=block,
                                    SINGLE=single, RMS=rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-                                   HAS_B=bias is not None, MULTI_ROW=multi_row, num_warps=num_warps)
+                                   HAS_B=bias is not None, CASTING=casting, MULTI_ROW=multi_row,
+                                   num_warps=num_warps)
     return y, h, mean, rstd
 
 
 @_forward_op.register_fake
-def _(x, residual, weight, bias, n_cols, eps, rms):
+def _(x, residual, weight, bias, n_cols, eps, rms, offset, casting):
     return _forward_outputs(x, residual, n_cols, rms)
 
 
 @torch.library.custom_op("kernels::norm_backward", mutates_args=())
 def _backward_op(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, dh: Optional[torch.Tensor],
-                 mean: torch.Tensor, rstd: torch.Tensor, n_cols: int, rms: bool, want_dw: bool,
-                 want_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 mean: torch.Tensor, rstd: torch.Tensor, n_cols: int, rms: bool, offset: float, casting: int,
+                 want_dw: bool, want_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh total, fp32 dweight (n_cols) or empty, fp32 dbias (n_cols) or empty) from the normalised input h."""
     h2d = as_rows(h, n_cols)
     n_rows = h2d.shape[0]
@@ -326,7 +402,7 @@ def _backward_op(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tens
     dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     programs, rows_per_program = _row_split(n_rows, h.device, BACKWARD_PROGRAMS_PER_SM)
-    block, single, num_warps = _config(n_cols)
+    block, single, num_warps = _config(n_cols, backward=True)
     # one-block programs store their partial sums whole; two-pass ones add into theirs chunk by chunk
     partial = (torch.empty if single else torch.zeros)((2, programs, n_cols), dtype=torch.float32, device=h.device)
     w = weight.reshape(-1).contiguous() if weight is not None else h2d
@@ -334,8 +410,9 @@ def _backward_op(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tens
         with launch_device(h):
             _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
                                    h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program,
-                                   BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
-                                   HAS_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, num_warps=num_warps)
+                                   offset, BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
+                                   HAS_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, CASTING=casting,
+                                   num_warps=num_warps)
     return dx, _reduce(partial[0], want_dw), _reduce(partial[1], want_db)
 
 
@@ -345,36 +422,110 @@ def _reduce(partial: torch.Tensor, wanted: bool) -> torch.Tensor:
 
 
 @_backward_op.register_fake
-def _(h, weight, dy, dh, mean, rstd, n_cols, rms, want_dw, want_db):
+def _(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
     return (torch.empty(h.shape, dtype=h.dtype, device=h.device),
             *(torch.empty(n_cols if want else 0, dtype=torch.float32, device=h.device) for want in (want_dw, want_db)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, n_cols, _, rms = inputs
+def _saved(inputs, output):
+    """What the backward and the JVP read: the normalised input (h, or x without a residual), weight, mean, rstd."""
+    x, residual, weight = inputs[:3]
     _, h, mean, rstd = output
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    return h if residual is not None else x, weight, mean, rstd
+
+
+def _setup_context(ctx, inputs, output):
+    _, residual, weight, bias, n_cols, _, rms, offset, casting = inputs
+    ctx.save_for_backward(*_saved(inputs, output))
     params = [(t.dtype, t.shape) if t is not None else None for t in (weight, bias)]
-    ctx.config = (n_cols, rms, residual is not None, *params)
+    ctx.config = (n_cols, rms, offset, casting, residual is not None, *params)
 
 
 def _autograd_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
-    n_cols, rms, has_res, weight_meta, bias_meta = ctx.config
+    n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config
     want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    dx, dw, db = _backward_op(h, weight, dy, dh if has_res else None, mean, rstd, n_cols, rms, want_dw, want_db)
+    dx, dw, db = _backward_op(h, weight, dy, dh if has_res else None, mean, rstd, n_cols, rms, offset, casting,
+                              want_dw, want_db)
     dw = dw.to(weight_meta[0]).view(weight_meta[1]) if want_dw else None
     db = db.to(bias_meta[0]).view(bias_meta[1]) if want_db else None
     # x and residual enter h = x + residual alike, so both receive dh (as torch's add gives both its grad)
-    return dx, (dx if has_res else None), dw, db, None, None, None
+    return dx, (dx if has_res else None), dw, db, None, None, None, None, None
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool) -> tuple:
+class _WithJvp(torch.autograd.Function):
+    """The forward op with forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) as well as reverse.
+
+    A custom op has no forward-mode formula (its outputs would carry a silent zero tangent), and torch.compile
+    cannot trace an autograd.Function that defines ``jvp``: so only inputs that carry a tangent come here.
+    """
+
+    generate_vmap_rule = True  # torch.func.jacfwd vmaps the jvp over the basis tangents
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward_op(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*_saved(inputs, output))
+        ctx.mark_non_differentiable(*output[2:])  # mean, rstd
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _autograd_backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, dx, dresidual, dweight, dbias, *_):
+        """Tangents of (y, h): with xhat = (h - mean) * rstd and dh = dx + dresidual,
+        dy = rstd * (dh' - xhat * mean(xhat * dh')) * (offset + weight) + xhat * dweight + dbias, where
+        dh' = dh - mean(dh) (layer norm) or dh (RMS norm). Plain torch math in fp32 rather than a kernel, so that
+        nested transforms differentiate it in turn; the casting modes' roundings count as identities."""
+        h, weight, mean, rstd = ctx.saved_tensors
+        n_cols, rms, offset, _, has_res = ctx.config[:5]
+        rows = (-1, n_cols)
+        rstd = rstd[:, None]
+        xhat = (h.reshape(rows).float() - (0.0 if rms else mean[:, None])) * rstd
+        dy = torch.zeros_like(xhat)
+        dh = dx if dresidual is None else dresidual if dx is None else dx + dresidual
+        if dh is not None:
+            d = dh.reshape(rows).float()
+            if not rms:
+                d = d - d.mean(-1, keepdim=True)
+            dy = rstd * (d - xhat * (xhat * d).mean(-1, keepdim=True))
+            if weight is not None:
+                dy = dy * (offset + weight.reshape(-1).float())
+        if dweight is not None:
+            dy = dy + xhat * dweight.reshape(-1).float()
+        if dbias is not None:
+            dy = dy + dbias.reshape(-1).float()
+        dh_out = (dh if dh is not None else torch.zeros_like(h)) if has_res else h.new_empty(0)
+        return dy.to(h.dtype).view(h.shape), dh_out, None, None
+
+
+_TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
+"""Dtypes the functions take: the kernels' own, and float64, which runs torch's op."""
+
+
+def _check_rms_options(offset, casting_mode, has_weight: bool) -> None:
+    """Validate RMS norm's ``offset`` (a finite real, 0 without a weight) and ``casting_mode``."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise TypeError(f"offset must be a real number, got {type(offset).__name__}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be finite, got {offset}")
+    if offset and not has_weight:
+        raise ValueError(f"offset {offset} needs a weight (y = x_hat * (offset + weight)); got weight=None")
+    if not isinstance(casting_mode, str) or casting_mode not in CASTING_MODES:
+        raise ValueError(f"casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")
+
+
+def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:
     """Validate before any launch; return the normalized shape as a tuple."""
-    check_tensor("x", x)
+    check_tensor("x", x, dtypes=_TORCH_FLOATS)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
@@ -385,14 +536,13 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool) -> tuple
         raise ValueError(f"normalized_shape {shape} must be non-empty and equal the trailing dims of x "
                          f"(shape {tuple(x.shape)})")
     if residual is not None:
-        check_tensor("residual", residual)
+        check_tensor("residual", residual, dtypes=_TORCH_FLOATS)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        check_same("dtype", x=x, residual=residual)
         check_same("device", x=x, residual=residual)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            check_tensor(name, t)
+            check_tensor(name, t, dtypes=_TORCH_FLOATS)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(t.shape)}")
             check_same("device", x=x, **{name: t})
@@ -400,32 +550,80 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool) -> tuple
         raise TypeError(f"eps must be a real number{'' if not rms else ' or None'}, got {type(eps).__name__}")
     if eps is not None and not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if rms:
+        _check_rms_options(offset, casting_mode, weight is not None)
     return shape
 
 
-def _fallback(x, residual, normalized_shape, weight, bias, eps, rms):
-    """The plain-PyTorch reference, for tensors the Triton kernels cannot run on in this process."""
+ShapeArg = Union[int, Sequence[int]]
+
+AUTOCAST_FP32_DEVICES = ("cuda",)
+"""Device types whose autocast runs torch's layer_norm and rms_norm in fp32 (they are on CUDA's fp32 list; CPU
+autocast leaves them in their input's dtype)."""
+
+
+def _autocasts_to_fp32(x: torch.Tensor) -> bool:
+    """Whether torch's own norm would take ``x`` up to fp32 here, as autocast does for the ops of its fp32 list."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.device.type in AUTOCAST_FP32_DEVICES
+            and torch.is_autocast_enabled(x.device.type))
+
+
+def torch_rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+                   eps: Optional[float] = None, *, offset: float = 0.0,
+                   casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
+    """:func:`rms_norm` in plain torch ops, rounding where the kernels round (float64 stays float64): what runs
+    where the kernels cannot, and what ``transformer.patch`` tells norm classes apart with. Without an offset, the
+    default mode is ``torch.nn.functional.rms_norm`` itself. No argument checks: torch's ops raise their own."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if offset == 0 and casting_mode == DEFAULT_CASTING_MODE:
+        return F.rms_norm(x, shape, weight, eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    dims = tuple(range(-len(shape), 0))
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if casting_mode == "none":
+        # rsqrt rounded once to x's dtype, as in the kernels (torch's bf16 rsqrt on CPU can be an ulp off)
+        y = x * torch.rsqrt(((x * x).mean(dims, keepdim=True) + eps).to(wide)).to(x.dtype)
+        return y if weight is None else y * (offset + weight.to(x.dtype))
+    y = x.to(wide) * torch.rsqrt(x.to(wide).pow(2).mean(dims, keepdim=True) + eps)
+    if casting_mode == "llama":
+        y = y.to(x.dtype)
+    if weight is not None:
+        y = y * (offset + weight.to(wide))
+    return y.to(x.dtype)
+
+
+def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode):
+    """torch's own ops for tensors the kernels do not take (float64, meta, another device than this process's
+    kernels run on): ``F.layer_norm``, and :func:`torch_rms_norm`."""
     h = x if residual is None else x + residual
     if rms:
-        y = reference.rms_norm(h, normalized_shape, weight, eps)
+        y = torch_rms_norm(h, shape, weight, eps, offset=offset, casting_mode=casting_mode)
     else:
-        y = reference.layer_norm(h, normalized_shape, weight, bias, eps)
-    y = y.to(x.dtype)  # the reference promotes with the weight's dtype; torch and the kernels keep x's
+        y = F.layer_norm(h, shape, weight, bias, eps)
     return y if residual is None else (y, h)
 
 
-def _norm(x, residual, normalized_shape, weight, bias, eps, rms):
-    n_cols = math.prod(_check(x, normalized_shape, residual, weight, bias, eps, rms))
+def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
+    shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
+    if residual is not None and residual.dtype != x.dtype:  # h = x + residual in the promoted dtype, as torch's add
+        dtype = torch.result_type(x, residual)
+        x, residual = x.to(dtype), residual.to(dtype)
+    if _autocasts_to_fp32(x):
+        if residual is not None:  # torch adds in the inputs' dtype, then normalises in fp32
+            h = x + residual
+            return _norm(h.float(), None, shape, weight, bias, eps, rms, offset, casting_mode), h
+        x = x.float()
     if rms and eps is None:
         eps = torch.finfo(x.dtype).eps
     present = [t for t in (x, residual, weight, bias) if t is not None]
-    if not kernel_runs_on(*present):
-        return _fallback(x, residual, normalized_shape, weight, bias, eps, rms)
-    y, h, _, _ = _forward_op(x, residual, weight, bias, n_cols, float(eps), rms)
+    if any(t.dtype not in FLOAT_DTYPES for t in present) or not kernel_runs_on(*present):
+        return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
+    args = (x, residual, weight, bias, math.prod(shape), float(eps), rms, float(offset), CASTING_MODES[casting_mode])
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in present):
+        y, h, _, _ = _WithJvp.apply(*args)
+    else:
+        y, h, _, _ = _forward_op(*args)
     return y if residual is None else (y, h)
-
-
-ShapeArg = Union[int, Sequence[int]]
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
@@ -433,30 +631,40 @@ def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[tor
     """``torch.nn.functional.layer_norm``, fused: same signature, result (x's shape and dtype) and gradients.
 
     x: (..., *normalized_shape), fp16/bf16/fp32; weight, bias: normalized_shape, any of those dtypes (their
-    gradients come back in it). Falls back to ``kernels.reference`` (one-time warning) when the kernels cannot
-    run on these tensors in this process.
+    gradients come back in it). float64 tensors, and tensors the kernels cannot run on in this process (meta,
+    or another device: then with a one-time warning), run ``torch.nn.functional.layer_norm`` itself. Under CUDA
+    autocast, fp16/bf16 inputs are normalised in fp32, as autocast does for torch's layer_norm.
     """
     return _norm(x, None, normalized_shape, weight, bias, eps, rms=False)
 
 
 def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
-             eps: Optional[float] = None) -> torch.Tensor:
-    """``torch.nn.functional.rms_norm``, fused: ``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to
-    ``torch.finfo(x.dtype).eps``. Shapes, dtypes and fallback as :func:`layer_norm`."""
-    return _norm(x, None, normalized_shape, weight, None, eps, rms=True)
+             eps: Optional[float] = None, *, offset: float = 0.0,
+             casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
+    """``torch.nn.functional.rms_norm``, fused, with Liger-Kernel's ``offset`` and ``casting_mode``:
+    ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``; ``eps`` defaults to ``torch.finfo(x.dtype).eps``.
+
+    ``offset=1.0`` is Gemma's ``1 + weight`` (needs a weight). ``casting_mode``: "gemma" (the default: everything
+    in fp32, cast once at the end, which is exactly ``torch.nn.functional.rms_norm``), "llama" (rstd in fp32,
+    x * rstd rounded to x's dtype before the weight, as Hugging Face's LlamaRMSNorm) or "none" (every step in x's
+    dtype); they differ only for fp16/bf16. Shapes, dtypes and fallback as :func:`layer_norm` (the fallback of an
+    offset or another mode is that mode's math in torch ops).
+    """
+    return _norm(x, None, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
                    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5):
-    """Pre-norm block step in one kernel: ``h = x + residual`` (in x's dtype), returns
-    ``(layer_norm(h, ...), h)``; x and residual (same shape and dtype) are each read once."""
+    """Pre-norm block step in one kernel: ``h = x + residual``, returns ``(layer_norm(h, ...), h)``; x and
+    residual (same shape) are each read once. Of different dtypes, both go to the one torch's add promotes to."""
     return _norm(x, residual, normalized_shape, weight, bias, eps, rms=False)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
-                 weight: Optional[torch.Tensor] = None, eps: Optional[float] = None):
+                 weight: Optional[torch.Tensor] = None, eps: Optional[float] = None, *, offset: float = 0.0,
+                 casting_mode: str = DEFAULT_CASTING_MODE):
     """``h = x + residual``; returns ``(rms_norm(h, ...), h)`` from one kernel, as :func:`add_layer_norm`."""
-    return _norm(x, residual, normalized_shape, weight, None, eps, rms=True)
+    return _norm(x, residual, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -472,43 +680,61 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """Drop-in ``torch.nn.RMSNorm`` (same constructor, parameters and state_dict keys) on the fused kernel.
+    """Drop-in ``torch.nn.RMSNorm`` (same constructor, parameters and state_dict keys) on the fused kernel, plus
+    :func:`rms_norm`'s keyword-only ``offset`` and ``casting_mode``. The weight starts at ``1 - offset``, so a new
+    module scales by one whatever the offset (as Gemma's zeros with its offset 1).
 
     ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_rms_norm`.
     """
 
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, offset: float = 0.0, casting_mode: str = DEFAULT_CASTING_MODE):
+        _check_rms_options(offset, casting_mode, elementwise_affine)
+        self.offset, self.casting_mode = offset, casting_mode  # before torch's __init__: reset_parameters reads it
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            torch.nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}"
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        options = dict(offset=self.offset, casting_mode=self.casting_mode)
         if residual is None:
-            return rms_norm(x, self.normalized_shape, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps)
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps, **options)
+        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps, **options)
 
 
 @register_builds
 def _builds():
-    """Per dtype: layer and RMS norm at a small one-block row, the widest sharing weight and bias across rows, the
-    widest one-block row and on the two-pass path; forward plain and with residual, with all affine parameters,
-    and backward with every gradient."""
-    builds = []
+    """Per dtype, layer norm and RMS norm (each casting mode): the forward (plain and with residual, all affine
+    parameters) at a small one-block row, the widest sharing weight and bias across rows, the widest one-block row
+    and on the two-pass path; the backward (every gradient) at a small and the widest one-block row and on the
+    two-pass path. The first build of each (kernel, dtype, norm), a 1024-wide row in the default casting mode, is
+    the default."""
+    modes = [DEFAULT_CASTING_MODE] + [mode for mode in CASTING_MODES if mode != DEFAULT_CASTING_MODE]
+    norms = [("layer", False, DEFAULT_CASTING_MODE)] + [("rms", True, mode) for mode in modes]
+    fp32_args = {"MEAN": "*fp32", "RSTD": "*fp32", "offset": "fp32"}
+    builds, seen = [], set()
+
+    def add(fn, ty, norm, rms, mode, n_cols, flags, types, residual_label):
+        block, single, num_warps = _config(n_cols, backward=fn is _norm_bwd)
+        label = f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{f' {mode}' * rms}{residual_label}"
+        constexprs = dict(flags, BLOCK=block, SINGLE=single, RMS=rms, CASTING=CASTING_MODES[mode])
+        builds.append(declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
+                              label=label, types=types, default=(fn, ty, norm) not in seen))
+        seen.add((fn, ty, norm))
+
     for ty in TRITON_DTYPES.values():
-        for n_cols in (1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1):
-            block, single, num_warps = _config(n_cols)
-            for rms in (False, True):
-                name = f"{ty} {'rms' if rms else 'layer'} BLOCK={block}{'' if single else ' two-pass'}"
-                common = {"BLOCK": block, "SINGLE": single, "RMS": rms}
+        for norm, rms, mode in norms:
+            for n_cols in (1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1):
                 for has_res in (False, True):
-                    signature = {p: f"*{ty}" for p in ("X", "RES", "W", "B", "Y", "H")}
-                    signature.update(MEAN="*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32", n_rows="i32",
-                                     n_cols="i32", rows_per_program="i32", eps="fp32")
-                    flags = dict(common, HAS_RES=has_res, HAS_W=True, HAS_B=not rms,
-                                 MULTI_ROW=_multi_row(n_cols))
-                    signature.update(dict.fromkeys(flags, "constexpr"))
-                    builds.append(Build("_norm_fwd", _norm_fwd, signature, flags, num_warps, 1,
-                                        name + " residual" * has_res))
-                signature = {p: f"*{ty}" for p in ("H", "W", "DY", "DH", "DX")}
-                signature.update(MEAN="*fp32", RSTD="*fp32", DW="*fp32", DB="*fp32", stride_h="i32",
-                                 stride_dy="i32", stride_dh="i32", n_rows="i32", n_cols="i32",
-                                 rows_per_program="i32")
-                flags = dict(common, HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
-                signature.update(dict.fromkeys(flags, "constexpr"))
-                builds.append(Build("_norm_bwd", _norm_bwd, signature, flags, num_warps, 1, name + " residual"))
+                    flags = dict(HAS_RES=has_res, HAS_W=True, HAS_B=not rms, MULTI_ROW=_multi_row(n_cols))
+                    add(_norm_fwd, ty, norm, rms, mode, n_cols, flags, fp32_args, " residual" * has_res)
+            for n_cols in (1024, BACKWARD_MAX_BLOCK, BACKWARD_MAX_BLOCK + 1):
+                flags = dict(HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
+                add(_norm_bwd, ty, norm, rms, mode, n_cols, flags, dict(fp32_args, DW="*fp32", DB="*fp32"),
+                    " residual")
     return builds

@@ -1,36 +1,56 @@
 """kernels.layer_norm / rms_norm / add_* and the LayerNorm / RMSNorm modules against float64 math and torch: every
 dtype, odd widths, multi-dim normalized shapes, optional affine parameters, every gradient, the two-pass path for
-wide rows, the fused residual, state_dict round-trips, bad input, and that the Triton kernels really run."""
+wide rows, the fused residual, RMS norm's offset and casting modes, state_dict round-trips, bad input, mixed dtypes
+and autocast, torch's own ops for what the kernels do not take, forward-mode AD, and that the kernels really run."""
 import importlib
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 import kernels
 from kernels import reference
-from tolerance import BACKWARD, assert_close
+from tolerance import BACKWARD, assert_close, max_error
 
 norm_module = importlib.import_module("kernels.layernorm")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _reference(rms, h, shape, weight, bias, eps):
+def _reference(rms, h, shape, weight, bias, eps, offset=0.0, casting_mode=None):
+    """Exact math (the casting modes differ only in rounding): pass float64 tensors."""
     if rms:
-        return reference.rms_norm(h, shape, weight, eps)
+        return reference.rms_norm(h, shape, weight if weight is None else offset + weight, eps)
     return reference.layer_norm(h, shape, weight, bias, eps)
 
 
-def _torch(rms, h, shape, weight, bias, eps):
+def _in_mode(h, shape, weight, eps, offset, casting_mode):
+    """RMS norm rounded as each casting mode's model computes it in h's dtype (Hugging Face's Llama and Gemma
+    RMSNorms, and plain low-precision ops for "none"): the same-precision yardstick for that mode."""
+    dims = tuple(range(-len(shape), 0))
+    if casting_mode == "none":  # rsqrt rounded once (torch's own fp16/bf16 rsqrt on CPU can be an ulp off)
+        return h * torch.rsqrt(((h * h).mean(dims, keepdim=True) + eps).float()).to(h.dtype) * (offset + weight)
+    wide = h.float()
+    normed = wide * torch.rsqrt(wide.pow(2).mean(dims, keepdim=True) + eps)
+    if casting_mode == "llama":
+        return ((offset + weight.float()) * normed.to(h.dtype)).to(h.dtype)
+    return (normed * (offset + weight.float())).to(h.dtype)
+
+
+def _torch(rms, h, shape, weight, bias, eps, offset=0.0, casting_mode=None):
+    if rms and casting_mode is not None:
+        return _in_mode(h, shape, weight, eps, offset, casting_mode)
     if rms:
         return F.rms_norm(h, shape, weight, eps)
     return F.layer_norm(h, shape, weight, bias, eps)
 
 
-def check_norm(rms, x, shape, affine=("weight", "bias"), residual=False, eps=1e-5):
+def check_norm(rms, x, shape, affine=("weight", "bias"), residual=False, eps=1e-5, **options):
     """Kernel vs float64 reference vs torch in x's dtype: y, the new residual, and every input's gradient.
 
-    A default RMS eps (None) is finfo(x.dtype).eps; the float64 reference is given that same value.
+    A default RMS eps (None) is finfo(x.dtype).eps; the float64 reference is given that same value. ``options``:
+    RMS norm's offset and casting_mode, passed to the kernel and to the same-precision yardstick.
     """
     n = shape if isinstance(shape, tuple) else (shape,)
     inputs = {"x": x, "residual": torch.randn_like(x) if residual else None,
@@ -45,13 +65,14 @@ def check_norm(rms, x, shape, affine=("weight", "bias"), residual=False, eps=1e-
         if name == "kernel":
             if residual:
                 fn = kernels.add_rms_norm if rms else kernels.add_layer_norm
-                y, h = fn(x_, r_, shape, w_, eps=eps) if rms else fn(x_, r_, shape, w_, b_, eps)
+                y, h = fn(x_, r_, shape, w_, eps=eps, **options) if rms else fn(x_, r_, shape, w_, b_, eps)
             else:
-                y = kernels.rms_norm(x_, shape, w_, eps) if rms else kernels.layer_norm(x_, shape, w_, b_, eps)
+                y = (kernels.rms_norm(x_, shape, w_, eps, **options) if rms
+                     else kernels.layer_norm(x_, shape, w_, b_, eps))
                 h = x_
         else:
             h = x_ + r_ if residual else x_
-            y = (_reference if name == "float64" else _torch)(rms, h, n, w_, b_, ref_eps)
+            y = (_reference if name == "float64" else _torch)(rms, h, n, w_, b_, ref_eps, **options)
         runs[name] = (y, h, leaves)
     (y, h, leaves), (y64, h64, leaves64), (y_pt, h_pt, leaves_pt) = runs.values()
     assert y.dtype == x.dtype and y.shape == x.shape
@@ -102,6 +123,15 @@ def test_two_pass_path_at_small_widths(two_pass, dtype, rms, residual):
     check_norm(rms, torch.randn(9, 50, dtype=dtype) * 3 - 1, 50, residual=residual)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_one_block_forward_two_pass_backward(monkeypatch, rms):
+    """Rows between the backward's one-block limit and the forward's: the forward holds them in one block."""
+    monkeypatch.setattr(norm_module, "BACKWARD_MAX_BLOCK", 32)
+    monkeypatch.setattr(norm_module, "LONG_BLOCK", 16)
+    assert norm_module._config(50)[1] and not norm_module._config(50, backward=True)[1]
+    check_norm(rms, torch.randn(9, 50, dtype=torch.bfloat16), 50, residual=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hidden_size_wider_than_one_block(dtype):
     width = norm_module.MAX_BLOCK + 1808
@@ -116,6 +146,148 @@ def test_large_mean_is_stable(monkeypatch, path):
         monkeypatch.setattr(norm_module, "MAX_BLOCK", 32)
         monkeypatch.setattr(norm_module, "LONG_BLOCK", 16)
     check_norm(False, torch.randn(4, 77) * 0.01 + 3000.0, 77)
+
+
+MODES = list(norm_module.CASTING_MODES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("casting_mode", MODES)
+@pytest.mark.parametrize("width,offset,residual", [(7, 0.0, False), (301, 1.0, True)])
+def test_rms_casting_modes_and_offset(dtype, casting_mode, width, offset, residual):
+    check_norm(True, torch.randn(6, width, dtype=dtype) * 2, width, residual=residual, eps=1e-6, offset=offset,
+               casting_mode=casting_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("casting_mode", MODES)
+def test_rms_casting_modes_on_the_two_pass_path(two_pass, dtype, casting_mode):
+    check_norm(True, torch.randn(5, 50, dtype=dtype), 50, residual=True, offset=1.0, casting_mode=casting_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_each_casting_mode_rounds_where_its_model_does(monkeypatch, dtype):
+    """Each mode's output is its own model's rounding, bit for bit but for rare ties (rstd summed in another order),
+    and visibly not another mode's; the torch fallback of each mode computes exactly what the kernel does."""
+    x, w = torch.randn(12, 157, dtype=dtype) * 2, torch.randn(157, dtype=dtype)
+    for offset in (0.0, 1.0):
+        got = {m: kernels.rms_norm(x, 157, w, 1e-6, offset=offset, casting_mode=m) for m in MODES}
+        with monkeypatch.context() as m:
+            m.setattr(norm_module, "kernel_runs_on", lambda *tensors: False)
+            fallback = {m: kernels.rms_norm(x, 157, w, 1e-6, offset=offset, casting_mode=m) for m in MODES}
+        for mode in MODES:
+            mismatch = {m: (got[mode] != _in_mode(x, (157,), w, 1e-6, offset, m)).float().mean().item() for m in MODES}
+            assert mismatch.pop(mode) < 0.01 and min(mismatch.values()) > 0.1, (mode, offset, mismatch)
+            assert (got[mode] != fallback[mode]).float().mean().item() < 0.01
+
+
+def test_llama_mode_weight_gradient_uses_the_rounded_xhat():
+    """Llama multiplies the weight by xhat rounded to x's dtype, so dweight sums dy times that rounded xhat (as
+    Liger-Kernel); the other modes sum dy * xhat in fp32. An fp32 weight keeps dweight's difference visible."""
+    x, dy = torch.randn(24, 157, dtype=torch.bfloat16), torch.randn(24, 157, dtype=torch.bfloat16)
+    x64 = x.double()
+    xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    sums = {"rounded": (dy.double() * xhat.to(torch.bfloat16).double()).sum(0), "exact": (dy.double() * xhat).sum(0)}
+    for mode, expected, other in (("llama", "rounded", "exact"), ("gemma", "exact", "rounded")):
+        w = torch.randn(157, requires_grad=True)
+        kernels.rms_norm(x, 157, w, 1e-6, casting_mode=mode).backward(dy)
+        error = max_error(w.grad, sums[expected])
+        assert error < 1e-4 and error * 10 < max_error(w.grad, sums[other]), mode
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_forward_mode_ad_gives_torch_tangents(rms):
+    """torch.func.jvp through every input (x, residual, weight, bias) and torch.autograd.forward_ad on x alone:
+    the tangents torch's own ops give (the custom op alone would give a silent zero)."""
+    primals = (torch.randn(5, 19), torch.randn(5, 19), torch.randn(19), torch.randn(19))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    if rms:
+        def ours(x, r, w, _):
+            return kernels.add_rms_norm(x, r, 19, w, 1e-6, offset=1.0, casting_mode="llama")
+
+        def theirs(x, r, w, _):
+            return F.rms_norm(x + r, (19,), 1.0 + w, 1e-6), x + r
+    else:
+        def ours(x, r, w, b):
+            return kernels.add_layer_norm(x, r, 19, w, b)
+
+        def theirs(x, r, w, b):
+            return F.layer_norm(x + r, (19,), w, b), x + r
+    (got, got_tangents), (want, want_tangents) = (torch.func.jvp(f, primals, tangents) for f in (ours, theirs))
+    for a, b in zip(got + got_tangents, want + want_tangents):
+        torch.testing.assert_close(a, b)
+    fn = kernels.rms_norm if rms else kernels.layer_norm
+    _, expected = torch.func.jvp(lambda x: fn(x, 19), primals[:1], tangents[:1])
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(fn(forward_ad.make_dual(primals[0], tangents[0]), 19)).tangent
+    torch.testing.assert_close(tangent, expected)
+
+
+def test_float64_and_meta_tensors_run_torch_own_ops_silently(monkeypatch):
+    monkeypatch.setattr(norm_module, "_forward_op", None)  # no kernel may run
+    x, r = torch.randn(3, 9, dtype=torch.float64, requires_grad=True), torch.randn(3, 9, dtype=torch.float64)
+    w, b = torch.randn(9, dtype=torch.float64, requires_grad=True), torch.randn(9, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = kernels.layer_norm(x, 9, w, b)
+        assert torch.equal(y, F.layer_norm(x, (9,), w, b))
+        grads = torch.autograd.grad(y.sum(), (x, w))
+        for got, want in zip(grads, torch.autograd.grad(F.layer_norm(x, (9,), w, b).sum(), (x, w))):
+            assert torch.equal(got, want)
+        y, h = kernels.add_rms_norm(x, r, 9, w)
+        assert torch.equal(h, x + r) and torch.equal(y, F.rms_norm(x + r, (9,), w))
+        torch.testing.assert_close(kernels.rms_norm(x, 9, w, 1e-6, offset=1.0, casting_mode="llama"),
+                                   reference.rms_norm(x, 9, 1.0 + w, 1e-6))
+        meta = torch.empty(2, 4, 9, device="meta", dtype=torch.bfloat16)
+        y, h = kernels.add_layer_norm(meta, meta, 9, torch.empty(9, device="meta"))
+        assert y.device.type == h.device.type == "meta" and y.shape == h.shape == meta.shape
+        assert kernels.RMSNorm(9, device="meta", dtype=torch.bfloat16)(meta).shape == meta.shape
+
+
+def test_mixed_dtypes_add_in_the_dtype_torch_promotes_to():
+    """bf16 x + fp32 residual (a bf16 branch added to an fp32 residual stream): h and y in fp32, as torch's add."""
+    x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    r, w = torch.randn(4, 24, requires_grad=True), torch.randn(24)
+    y, h = kernels.add_layer_norm(x, r, 24, w)
+    assert y.dtype == h.dtype == torch.float32 and torch.equal(h, x.float() + r)
+    torch.testing.assert_close(y, F.layer_norm(x.float() + r, (24,), w))
+    grads = torch.autograd.grad((y * h).sum(), (x, r))
+    want = torch.autograd.grad((F.layer_norm(x + r, (24,), w) * (x + r)).sum(), (x, r))
+    for got, expected in zip(grads, want):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected)
+
+
+def test_autocast_normalises_in_the_dtype_torch_would(monkeypatch):
+    """CPU autocast leaves torch's norms in their input dtype, CUDA autocast runs them in fp32 (its fp32 list: the
+    dispatcher says which); the kernels follow, shown on CPU by declaring it such a device."""
+    for op in ("aten::layer_norm", "aten::rms_norm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU")
+    x, r = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(4, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.layer_norm(x, 24).dtype == F.layer_norm(x, (24,)).dtype == torch.bfloat16
+        monkeypatch.setattr(norm_module, "AUTOCAST_FP32_DEVICES", ("cpu",))
+        y = kernels.rms_norm(x, 24)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, F.rms_norm(x.float(), (24,)))
+        y, h = kernels.add_layer_norm(x, r, 24)
+    assert h.dtype == torch.bfloat16 and torch.equal(h, x + r)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.layer_norm((x + r).float(), (24,)))
+
+
+def test_rmsnorm_module_offset_casting_mode_and_initial_weight():
+    module = kernels.RMSNorm(12, eps=1e-6, offset=1.0, casting_mode="llama", dtype=torch.bfloat16)
+    assert torch.equal(module.weight, torch.zeros(12, dtype=torch.bfloat16))  # 1 - offset: scales by one
+    assert "offset=1.0" in repr(module) and "casting_mode='llama'" in repr(module)
+    assert list(module.state_dict()) == ["weight"]
+    torch.nn.init.normal_(module.weight)
+    x = torch.randn(3, 5, 12, dtype=torch.bfloat16)
+    assert torch.equal(module(x), kernels.rms_norm(x, 12, module.weight, 1e-6, offset=1.0, casting_mode="llama"))
+    y, h = module(x, x)
+    assert torch.equal(y, module(x + x)) and torch.equal(h, x + x)
+    assert torch.equal(kernels.RMSNorm(12).weight, torch.ones(12))
 
 
 def test_weight_in_another_dtype_than_x():
@@ -209,14 +381,21 @@ def test_bad_input_raises_before_launch(monkeypatch):
     x = torch.randn(3, 8)
     cases = [
         (TypeError, "x must be a torch.Tensor", lambda: kernels.layer_norm(x.tolist(), 8)),
-        (TypeError, "x must have dtype", lambda: kernels.rms_norm(x.double(), 8)),
+        (TypeError, "x must have dtype", lambda: kernels.rms_norm(x.long(), 8)),
         (TypeError, "normalized_shape must be an int or a sequence", lambda: kernels.layer_norm(x, "8")),
         (ValueError, r"normalized_shape \(7,\)", lambda: kernels.layer_norm(x, 7)),
         (ValueError, "normalized_shape", lambda: kernels.layer_norm(x, (2, 3, 8))),
         (ValueError, "weight must have shape", lambda: kernels.layer_norm(x, 8, torch.ones(4))),
         (TypeError, "bias must have dtype", lambda: kernels.layer_norm(x, 8, None, torch.ones(8, dtype=torch.int64))),
         (ValueError, "residual must have x's shape", lambda: kernels.add_layer_norm(x, x[:2], 8)),
-        (TypeError, "x, residual must share one dtype", lambda: kernels.add_rms_norm(x, x.half(), 8)),
+        (TypeError, "residual must have dtype", lambda: kernels.add_rms_norm(x, x.int(), 8)),
+        (ValueError, "casting_mode must be one of", lambda: kernels.rms_norm(x, 8, torch.ones(8), casting_mode="fp32")),
+        (ValueError, "casting_mode must be one of", lambda: kernels.add_rms_norm(x, x, 8, casting_mode=None)),
+        (ValueError, "casting_mode must be one of", lambda: kernels.RMSNorm(8, casting_mode="Llama")),
+        (TypeError, "offset must be a real number", lambda: kernels.rms_norm(x, 8, torch.ones(8), offset=True)),
+        (ValueError, "offset must be finite", lambda: kernels.rms_norm(x, 8, torch.ones(8), offset=float("nan"))),
+        (ValueError, "offset 1.0 needs a weight", lambda: kernels.rms_norm(x, 8, offset=1.0)),
+        (ValueError, "offset 1.0 needs a weight", lambda: kernels.RMSNorm(8, elementwise_affine=False, offset=1.0)),
         (TypeError, "eps must be a real number", lambda: kernels.rms_norm(x, 8, eps="small")),
         (TypeError, "eps must be a real number", lambda: kernels.layer_norm(x, 8, eps=None)),
         (ValueError, "eps must be >= 0", lambda: kernels.layer_norm(x, 8, eps=-1.0)),
@@ -227,8 +406,7 @@ def test_bad_input_raises_before_launch(monkeypatch):
 
 
 def test_kernel_path_is_taken(monkeypatch):
-    monkeypatch.setattr(norm_module, "reference", None)
-    monkeypatch.setattr(norm_module, "_fallback", lambda *a: pytest.fail("fell back to the reference"))
+    monkeypatch.setattr(norm_module, "_torch_norm", lambda *a: pytest.fail("fell back to torch's ops"))
     x = torch.randn(4, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
     y, h = kernels.add_layer_norm(x, x, 16, w)
@@ -249,7 +427,9 @@ def test_fallback_when_the_kernels_cannot_run(monkeypatch):
 def test_custom_ops_pass_opcheck_and_compile_in_one_graph():
     x, r = torch.randn(3, 4, 10, requires_grad=True), torch.randn(3, 4, 10, requires_grad=True)
     w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
-    for args in [(x, r, w, b, 10, 1e-5, False), (x, None, w, None, 10, 1e-6, True), (x, None, None, b, 10, 0.0, False)]:
+    llama, gemma = norm_module.CASTING_MODES["llama"], norm_module.CASTING_MODES["gemma"]
+    for args in [(x, r, w, b, 10, 1e-5, False, 0.0, gemma), (x, r, w, None, 10, 1e-6, True, 0.5, llama),
+                 (x, None, None, b, 10, 0.0, False, 0.0, gemma)]:
         torch.library.opcheck(norm_module._forward_op, args)
 
     def step(a, c):
