@@ -1,5 +1,6 @@
 """The GPT model: the triton backend computes what the reference backend computes (logits, loss, every gradient),
-the KV cache changes nothing, and weights move between backends."""
+a sliding window means the same on every backend, the KV cache changes nothing, and weights move between
+backends."""
 import copy
 
 import pytest
@@ -9,6 +10,7 @@ import kernels
 from kernels import reference
 from tolerance import BACKWARD, assert_close
 from transformer import GPT, GPTConfig
+from transformer.model import KVCache
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -57,6 +59,30 @@ def test_sdpa_backend_matches_reference():
     torch.testing.assert_close(model.set_backend("sdpa")(idx)[0], expected)
 
 
+def test_window_is_the_same_function_on_every_backend_and_changes_the_logits(device):
+    """window=4 in float32: triton and sdpa vs the float64 reference within the tolerance rule; positions 0..3 see
+    fewer than 4 tokens, so only the later logits differ from a model without a window."""
+    model = GPT(tiny_config(n_kv_head=1, window=4)).to(device)
+    idx = tokens().to(device)
+    exact, _ = with_backend(model, "reference", torch.float64)(idx)
+    torch_same, _ = model(idx)
+    for backend in ("triton", "sdpa"):
+        assert_close(with_backend(model, backend, torch.float32)(idx)[0], exact, torch_same, name=backend)
+    unwindowed = GPT(tiny_config(n_kv_head=1)).to(device)
+    unwindowed.load_state_dict(model.state_dict())
+    full, _ = unwindowed(idx)
+    torch.testing.assert_close(full[:, :4], torch_same[:, :4])
+    assert (full[:, 4:] - torch_same[:, 4:]).abs().amax(-1).min() > 1e-3  # every later position changes
+
+
+def test_window_lets_a_token_see_itself_and_the_window_minus_one_before_it():
+    maps = GPT(tiny_config(n_kv_head=1, window=3)).attention_maps(tokens(batch=1, length=9))
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    band = (j <= i) & (j > i - 3)
+    for probs in maps:
+        assert torch.equal(probs > 0, band.expand_as(probs))
+
+
 def test_training_mode_dropout_is_the_same_function_on_every_backend(device):
     """No dropout on the attention probabilities (the kernel has none): with one RNG seed the backends agree."""
     model = GPT(tiny_config(dropout=0.2)).to(device).train()
@@ -97,10 +123,11 @@ def spy_on(monkeypatch, module, calls):
     monkeypatch.setattr(module, "attention", spy)
 
 
+@pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_generate_with_cache_matches_generate_without(backend, monkeypatch):
+def test_generate_with_cache_matches_generate_without(backend, window, monkeypatch):
     """Greedy, past block_size (so the cache is rebuilt once the learned positions would shift)."""
-    model = GPT(tiny_config(block_size=12, n_kv_head=1, backend=backend)).eval()
+    model = GPT(tiny_config(block_size=12, n_kv_head=1, window=window, backend=backend)).eval()
     prompt = tokens(batch=2, length=5)
     calls = []
     spy_on(monkeypatch, reference, calls)
@@ -112,15 +139,40 @@ def test_generate_with_cache_matches_generate_without(backend, monkeypatch):
     assert torch.equal(cached, uncached)
 
 
-def test_triton_generate_with_cache_gives_the_reference_tokens_without_cache(device, monkeypatch):
-    model = GPT(tiny_config(n_kv_head=1)).to(device).eval()
+@pytest.mark.parametrize("window", [None, 3])
+def test_triton_generate_with_cache_gives_the_reference_tokens_without_cache(device, monkeypatch, window):
+    """The prompt through kernels.attention, then each step one query through kernels.attention_with_kvcache
+    against the preallocated cache, which grows by one position per step."""
+    model = GPT(tiny_config(n_kv_head=1, window=window)).to(device).eval()
     prompt = tokens(batch=2, length=4).to(device)
     expected = model.generate(prompt, max_new_tokens=3, temperature=0, use_cache=False)
-    calls = []
-    spy_on(monkeypatch, kernels, calls)
+    prefill, decode = [], []
+    spy_on(monkeypatch, kernels, prefill)
+    with_kvcache = kernels.attention_with_kvcache
+
+    def spy(q, k_cache, v_cache, k, v, **kwargs):
+        decode.append((q.shape[1], k_cache.shape[1], kwargs["cache_seqlens"], kwargs["window_size"]))
+        return with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_with_kvcache", spy)
     got = model.set_backend("triton").generate(prompt, max_new_tokens=3, temperature=0, use_cache=True)
-    assert calls == [(4, 4)] * 2 + [(1, 5)] * 2 + [(1, 6)] * 2  # decoding: one query against the cache
+    window_size = (-1 if window is None else window - 1, 0)
+    assert prefill == [(4, 4)] * 2
+    assert decode == [(1, 32, 4, window_size)] * 2 + [(1, 32, 5, window_size)] * 2
     assert torch.equal(got, expected)
+
+
+def test_cache_is_preallocated_and_filled_in_place():
+    model = GPT(tiny_config(n_kv_head=1)).eval()
+    idx = tokens(length=6)
+    cache = KVCache(capacity=8)
+    model(idx[:, :5], cache=cache)
+    keys = cache.keys[0]
+    logits, _ = model(idx[:, 5:], cache=cache)
+    assert cache.length == 6 and cache.keys[0] is keys and keys.shape == (2, 8, 1, 16)
+    torch.testing.assert_close(logits[:, -1], model(idx)[0][:, -1])
+    with pytest.raises(ValueError, match="capacity 8"):
+        model(idx[:, :3], cache=cache)
 
 
 def test_generate_sampling_respects_top_k():
@@ -162,6 +214,9 @@ def test_attention_maps_are_causal_distributions_from_the_reference_path():
     ("dropout", 1.5, ValueError, "dropout must be finite and in"),
     ("dropout", float("nan"), ValueError, "dropout must be finite"),
     ("dropout", "0.1", TypeError, "dropout must be a real number"),
+    ("window", 0, ValueError, "window must be >= 1"),
+    ("window", 2.0, TypeError, "window must be an int"),
+    ("window", True, TypeError, "window must be an int"),
 ])
 def test_bad_sizes_raise_naming_the_field(field, value, error, message):
     with pytest.raises(error, match=message):
@@ -210,6 +265,8 @@ def test_bad_config_and_input_raise_naming_the_problem():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("flash")
+    with pytest.raises(ValueError, match="config.window must be None"):
+        GPT(tiny_config(window=4)).set_context_parallel("zigzag")
     with pytest.raises(TypeError, match="idx"):
         model(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="block_size"):

@@ -7,13 +7,15 @@ Backends (``GPTConfig.backend``, switchable after construction with :meth:`GPT.s
 
 - ``"reference"``: plain PyTorch, the truth the others are tested against: quadratic attention
   (``kernels.reference.attention``) and ``kernels.reference.layer_norm``.
-- ``"triton"``: the fused kernels: ``kernels.attention`` (GQA and bottom-right causal masking in the kernel) and
-  ``kernels.layer_norm`` / ``kernels.add_layer_norm`` (the residual add before the second norm fused into it).
+- ``"triton"``: the fused kernels: ``kernels.attention`` (GQA and bottom-right causal masking in the kernel),
+  ``kernels.attention_with_kvcache`` for decoding against a :class:`KVCache`, and ``kernels.layer_norm`` /
+  ``kernels.add_layer_norm`` (the residual add before the second norm fused into it).
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``torch.nn.functional.layer_norm``.
 
 The parameters and state_dict keys do not depend on the backend, so weights move between them with
-``load_state_dict``. The attention probabilities get no dropout in any backend (the fused kernel has none), so the
-backends compute the same function in training too; dropout applies to the embeddings and residual branches.
+``load_state_dict``. ``GPTConfig.window`` makes every backend's attention a sliding window (Mistral's). The
+attention probabilities get no dropout in any backend (the fused kernel has none), so the backends compute the
+same function in training too; dropout applies to the embeddings and residual branches.
 """
 import functools
 import math
@@ -30,10 +32,6 @@ from kernels import distributed, reference
 
 BACKENDS = ("reference", "triton", "sdpa")
 
-# One (keys, values) pair per layer, each (B, Hkv, T_cached, D).
-KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
-
-
 def _check_number(name: str, value, kind, low, high=math.inf) -> None:
     """TypeError unless ``value`` is a ``kind`` (numbers.Integral or numbers.Real, never a bool); ValueError unless
     it is finite and in [low, high]."""
@@ -47,7 +45,8 @@ def _check_number(name: str, value, kind, low, high=math.inf) -> None:
 
 @dataclass
 class GPTConfig:
-    """A :class:`GPT`'s sizes (positive ints; ``n_layer`` may be 0), dropout probability and backend."""
+    """A :class:`GPT`'s sizes (positive ints; ``n_layer`` may be 0), dropout probability, attention window and
+    backend."""
 
     vocab_size: int = 65
     block_size: int = 128
@@ -57,6 +56,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in the Linear layers and the LayerNorms
+    window: Optional[int] = None  # sliding window: a token sees itself and the window - 1 before it; None: all
     backend: str = "reference"
 
     def __post_init__(self):
@@ -66,6 +66,8 @@ class GPTConfig:
             _check_number(name, getattr(self, name), numbers.Integral, 1)
         _check_number("n_layer", self.n_layer, numbers.Integral, 0)
         _check_number("dropout", self.dropout, numbers.Real, 0.0, 1.0)
+        if self.window is not None:
+            _check_number("window", self.window, numbers.Integral, 1)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.n_embd % self.n_head:
@@ -102,6 +104,29 @@ class LayerNorm(nn.Module):
         return self.forward(total), total
 
 
+class KVCache:
+    """Every layer's keys and values of the positions before the next forward, for generation: preallocated
+    (B, capacity, Hkv, D) buffers (flash-attn's layout, which ``kernels.attention_with_kvcache`` appends to in
+    place), allocated at the first write, and ``length``, the positions filled in every layer."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write ``layer``'s new k, v (B, T, Hkv, D) after the cached positions; return the layer's keys and
+        values of all length + T positions (views of the buffers)."""
+        if layer == len(self.keys):
+            shape = (k.shape[0], self.capacity, *k.shape[2:])
+            self.keys.append(k.new_empty(shape))
+            self.values.append(v.new_empty(shape))
+        end = self.length + k.shape[1]
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -111,32 +136,41 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # flash-attn's (left, right) window, the form every attention function here takes; -1: unbounded
+        self.window_size = (-1 if config.window is None else config.window - 1, 0)
         self.backend = "reference"
         self.context_parallel = None  # ring attention over this rank's shard, see GPT.set_context_parallel
 
-    def forward(self, x, cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, probs: Optional[list] = None):
-        """x (B, T, C) -> (y (B, T, C), (k, v) now cached). ``cache``: this layer's earlier (k, v), (B, Hkv, Tc, D).
+    def forward(self, x, cache: Optional[KVCache] = None, layer: int = 0, probs: Optional[list] = None):
+        """x (B, T, C) -> y (B, T, C). ``cache``: the earlier positions' keys/values, into which this layer
+        (number ``layer``) writes its new ones.
 
-        The T queries are the last T positions of the Tc + T keys, so bottom-right causal masking is right both
-        for a whole prompt (Tc = 0) and for decoding one token against the cache. With ``probs`` (a list) the
-        reference path runs and appends its (B, H, T, Tc + T) attention probabilities.
+        The T queries are the last T positions of the cache.length + T keys, so bottom-right causal masking is
+        right both for a whole prompt (empty cache) and for decoding one token against the cache. With ``probs``
+        (a list) the reference path runs and appends its (B, H, T, cache.length + T) attention probabilities.
         """
         if self.context_parallel is not None and (cache is not None or probs is not None):
             raise ValueError("context parallelism (GPT.set_context_parallel) takes neither a cache nor probs")
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        if probs is not None:
-            y, p = reference.attention(q, k, v, causal=True, return_probs=True)
-            probs.append(p)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, heads, D) here; the cache's layout
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if cache is not None and cache.length and self.backend == "triton" and probs is None:
+            # decoding: the kernel writes k, v into the cache in place, then attends to all of it
+            y = kernels.attention_with_kvcache(q, cache.keys[layer], cache.values[layer], k, v,
+                                               cache_seqlens=cache.length, causal=True, window_size=self.window_size)
         else:
-            y = self._attend(q, k, v)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+            if cache is not None:
+                k, v = cache.append(layer, k, v)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D), as the attention functions
+            if probs is not None:
+                y, p = reference.attention(q, k, v, causal=True, window_size=self.window_size, return_probs=True)
+                probs.append(p)
+            else:
+                y = self._attend(q, k, v)
+            y = y.transpose(1, 2)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
     def _attend(self, q, k, v):
         if self.context_parallel is not None:
@@ -144,13 +178,16 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError(f"context parallelism needs the triton backend, not {self.backend!r}")
             return self.context_parallel(q, k, v)
         if self.backend == "triton":
-            return kernels.attention(q, k, v, causal=True)
+            return kernels.attention(q, k, v, causal=True, window_size=self.window_size)
         if self.backend == "sdpa":
             n_q, n_k = q.shape[2], k.shape[2]
-            # torch's is_causal is top-left aligned; it equals bottom-right only when Nq == Nk.
-            mask = None if n_q in (1, n_k) else reference.causal_mask(n_q, n_k, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_q == n_k > 1, enable_gqa=True)
-        return reference.attention(q, k, v, causal=True)
+            # torch's is_causal is top-left aligned (bottom-right only when Nq == Nk) and has no window: a bool
+            # mask says the rest.
+            plain = self.window_size[0] < 0 and n_q in (1, n_k)
+            mask = None if plain else reference.window_mask(n_q, n_k, self.window_size, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and n_q > 1,
+                                                  enable_gqa=True)
+        return reference.attention(q, k, v, causal=True, window_size=self.window_size)
 
 
 class MLP(nn.Module):
@@ -174,10 +211,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, probs=None):
-        a, cache = self.attn(self.ln_1(x), cache, probs)
-        normed, x = self.ln_2.add_forward(a, x)
-        return x + self.mlp(normed), cache
+    def forward(self, x, cache=None, layer=0, probs=None):
+        normed, x = self.ln_2.add_forward(self.attn(self.ln_1(x), cache, layer, probs), x)
+        return x + self.mlp(normed)
 
 
 class GPT(nn.Module):
@@ -219,9 +255,12 @@ class GPT(nn.Module):
     def set_context_parallel(self, layout: Optional[str] = "zigzag", group=None) -> "GPT":
         """Make every attention ``kernels.distributed.ring_attention`` over ``group`` (the default process group
         for None; triton backend): each rank then runs :meth:`forward` on its ``layout`` shard of every sequence,
-        passing the shard's ``positions``. ``layout=None`` turns it off."""
+        passing the shard's ``positions``. ``layout=None`` turns it off. The ring has no sliding window."""
         if layout is not None and layout not in distributed.LAYOUTS:
             raise ValueError(f"layout must be one of {distributed.LAYOUTS} or None, got {layout!r}")
+        if layout is not None and self.config.window is not None:
+            raise ValueError(f"context parallelism has no sliding window: config.window must be None, "
+                             f"got {self.config.window}")
         attend = None if layout is None else functools.partial(distributed.ring_attention, causal=True, group=group,
                                                                layout=layout)
         for module in self.modules():
@@ -233,28 +272,28 @@ class GPT(nn.Module):
                 probs: Optional[list] = None, positions: Optional[torch.Tensor] = None):
         """idx (B, T) int64 token ids -> (logits (B, T, vocab) , loss or None).
 
-        ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a list (one
-        (k, v) per layer) of the positions before ``idx``; it is extended in place. ``probs``: see
+        ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a
+        :class:`KVCache` of the positions before ``idx``; idx's keys and values are added to it. ``probs``: see
         :meth:`attention_maps`. ``positions`` (T,) int64: each token's position (default: past .. past + T - 1);
         under :meth:`set_context_parallel`, those of this rank's shard.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
                             f"of shape {tuple(getattr(idx, 'shape', ()))}")
-        past = cache[0][0].shape[2] if cache else 0
+        past = 0 if cache is None else cache.length
         T = idx.shape[1]
         if past + T > self.config.block_size:
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed block_size {self.config.block_size}")
+        if cache is not None and past + T > cache.capacity:
+            raise ValueError(f"idx: {past} cached + {T} new tokens exceed the cache's capacity {cache.capacity}")
         if positions is not None and tuple(positions.shape) != (T,):
             raise ValueError(f"positions must have shape (T,) = ({T},), got {tuple(positions.shape)}")
         pos = torch.arange(past, past + T, device=idx.device) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        new_cache = []
-        for i, block in enumerate(self.transformer.h):
-            x, layer_cache = block(x, cache[i] if cache else None, probs)
-            new_cache.append(layer_cache)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer, probs)
         if cache is not None:
-            cache[:] = new_cache
+            cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -274,7 +313,7 @@ class GPT(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); ``temperature=0`` means greedy (argmax).
 
         With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
-        query against the cache). Once the context would outgrow ``block_size``, the learned positions shift, so
+        query against a :class:`KVCache`; on the triton backend through ``kernels.attention_with_kvcache``). Once the context would outgrow ``block_size``, the learned positions shift, so
         the cache is rebuilt from the last ``block_size`` tokens: exactly what the uncached path computes.
         ``top_k`` (None: no limit) keeps the k most likely tokens before sampling.
         """
@@ -289,11 +328,10 @@ class GPT(nn.Module):
             _check_number("top_k", top_k, numbers.Integral, 1)
         cache = None
         for _ in range(max_new_tokens):
-            cached = cache[0][0].shape[2] if cache else 0
-            if use_cache and cache and cached < self.config.block_size:
+            if cache is not None and cache.length < self.config.block_size:
                 logits, _ = self(idx[:, -1:], cache=cache)
             else:
-                cache = [] if use_cache else None
+                cache = KVCache(self.config.block_size) if use_cache else None
                 logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
             logits = logits[:, -1, :]
             if temperature == 0:
