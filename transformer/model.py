@@ -313,8 +313,9 @@ class GPT(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); ``temperature=0`` means greedy (argmax).
 
         With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
-        query against a :class:`KVCache`; on the triton backend through ``kernels.attention_with_kvcache``). Once the context would outgrow ``block_size``, the learned positions shift, so
-        the cache is rebuilt from the last ``block_size`` tokens: exactly what the uncached path computes.
+        query against a :class:`KVCache`; on the triton backend through ``kernels.attention_with_kvcache``).
+        Once the context would outgrow ``block_size``, the learned positions shift, so the cache is rebuilt from
+        the last ``block_size`` tokens: exactly what the uncached path computes.
         ``top_k`` (None: no limit) keeps the k most likely tokens before sampling.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
