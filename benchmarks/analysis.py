@@ -1,4 +1,5 @@
-"""Derived numbers: ratios to the baseline provider at the same point, and fitted log-log growth exponents."""
+"""Derived numbers: ratios to the baseline provider (and, for attention, to the fused causal kernel) at the same
+point, and fitted log-log growth exponents."""
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -27,29 +28,41 @@ def counted_bytes(record: dict) -> Optional[float]:
     return record["counted"]["bytes"] if record.get("counted") else None
 
 
+def counted_flops(record: dict) -> Optional[float]:
+    return record["counted"].get("flops") if record.get("counted") else None
+
+
 def model_ms(record: dict, gpu: str) -> Optional[float]:
     return record["model"][gpu]["time_ms"] if record.get("model") else None
 
 
-METRICS = {"time": time_ms, "peak_memory": peak_bytes, "counted_bytes": counted_bytes}
+METRICS = {"time": time_ms, "peak_memory": peak_bytes, "counted_bytes": counted_bytes, "counted_flops": counted_flops}
+CAUSAL = "triton"
+"""The attention provider the sparser masks (sliding window, documents: see ``providers``) are compared with."""
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
-def add_ratios(records: List[dict]) -> None:
-    """Give each record ``vs_baseline``: its time, peak memory and counted bytes over the baseline provider's at
-    the same (op, mode, length). A speedup is ``1 / vs_baseline["time"]``."""
-    baselines = {(r["op"], r["mode"], r["length"]): r for r in records if r["baseline"]}
+def _add_ratios_to(records: List[dict], key: str, is_reference) -> None:
+    references = {(r["op"], r["mode"], r["length"]): r for r in records if is_reference(r)}
     for record in records:
-        base = baselines.get((record["op"], record["mode"], record["length"]))
-        record["vs_baseline"] = None if base is None else {
-            name: _ratio(metric(record), metric(base)) for name, metric in METRICS.items()}
+        reference = references.get((record["op"], record["mode"], record["length"]))
+        record[key] = None if reference is None else {
+            name: _ratio(metric(record), metric(reference)) for name, metric in METRICS.items()}
+
+
+def add_ratios(records: List[dict]) -> None:
+    """Give each record ``vs_baseline``: its time, peak memory, counted bytes and counted FLOPs over the baseline
+    provider's at the same (op, mode, length) (a speedup is ``1 / vs_baseline["time"]``), and ``vs_causal``: the
+    same over the fused causal kernel's (:data:`CAUSAL`; None for the ops without one)."""
+    _add_ratios_to(records, "vs_baseline", lambda r: r["baseline"])
+    _add_ratios_to(records, "vs_causal", lambda r: r["op"] == "attention" and r["provider"] == CAUSAL)
 
 
 def fit_slopes(records: List[dict]) -> List[Dict]:
-    """Growth exponents per (op, mode, provider) of time, peak memory and counted bytes against length."""
+    """Growth exponents per (op, mode, provider) of time, peak memory, counted bytes and FLOPs against length."""
     fits = []
     keys = sorted({(r["op"], r["mode"], r["provider"]) for r in records}, key=str)
     for op, mode, prov in keys:

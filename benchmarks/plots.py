@@ -1,8 +1,10 @@
-"""PNG plots (matplotlib, Agg): for one (op, mode), six panels vs length N, one line per provider.
+"""PNG plots (matplotlib, Agg): for one (op, mode), up to eight panels vs length N, one line per provider.
 
 time (log-log, fitted slope in the legend), peak memory (log-log, slope), counted bytes moved (log-log, with the
-minimum), speedup over the baseline, memory ratio to the baseline, and throughput on a GPU (TFLOPS / GB/s) or,
-without one, the roofline model time on an H100 (labelled "model").
+minimum), counted FLOPs (log-log, slope), speedup over the baseline, memory ratio to the baseline, throughput on a
+GPU (TFLOPS / GB/s) or, without one, the roofline model time on an H100 (labelled "model"), and for attention the
+counted FLOPs over the fused causal kernel's (where the sliding-window and document providers show their
+savings). A panel with nothing to show is left out.
 """
 import os
 from typing import List
@@ -12,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.analysis import counted_bytes, loglog_slope, model_ms, peak_bytes, time_ms  # noqa: E402
+from benchmarks.analysis import (CAUSAL, counted_bytes, counted_flops, loglog_slope, model_ms,  # noqa: E402
+                                 peak_bytes, time_ms)
 from benchmarks.device import DeviceInfo  # noqa: E402
 
 
@@ -39,25 +42,32 @@ def _ratio(metric, base_by_length):
     return ratio
 
 
+def _flops_vs_causal(record: dict):
+    return (record.get("vs_causal") or {}).get("counted_flops")
+
+
 def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: str) -> str:
-    """Write the six-panel figure for ``op``/``mode`` to ``path``; return the path."""
+    """Write the figure for ``op``/``mode`` to ``path``; return the path."""
     rows = sorted((r for r in records if r["op"] == op and r["mode"] == mode and r["status"] == "ok"),
                   key=lambda r: r["length"])
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     by_provider = {p: [r for r in rows if r["provider"] == p] for p in providers}
     base = {r["length"]: r for r in rows if r["baseline"]}
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    (t_ax, m_ax, b_ax), (s_ax, r_ax, x_ax) = axes
+    fig, axes = plt.subplots(2, 4, figsize=(22, 9.5))
+    (t_ax, m_ax, b_ax, f_ax), (s_ax, r_ax, x_ax, c_ax) = axes
     method = "interpreter / CPU wall-clock: not GPU speed" if device.interpreted else "do_bench median"
     speedup = "speedup vs baseline (x; solid: measured here" + ("; dotted: H100 model)" if device.interpreted else ")")
     titles = [(t_ax, f"time (ms, {method})"), (m_ax, "peak memory beyond inputs (bytes)"),
-              (b_ax, "bytes moved, counted"), (s_ax, speedup),
-              (r_ax, "baseline memory / provider memory (x)")]
+              (b_ax, "bytes moved, counted"), (f_ax, "FLOPs, counted"), (s_ax, speedup),
+              (r_ax, "baseline memory / provider memory (x)"),
+              (c_ax, f"counted FLOPs / {CAUSAL} (causal) counted FLOPs (x)")]
     for index, (name, prov_rows) in enumerate(by_provider.items()):
         color = f"C{index}"  # one colour per provider in every panel
         _line(t_ax, prov_rows, time_ms, name, slope=True, color=color)
         _line(m_ax, prov_rows, peak_bytes, name, slope=True, color=color)
         _line(b_ax, prov_rows, counted_bytes, name, slope=True, color=color)
+        _line(f_ax, prov_rows, counted_flops, name, slope=True, color=color)
+        _line(c_ax, prov_rows, _flops_vs_causal, name, color=color)
         _line(s_ax, prov_rows, _ratio(time_ms, base), f"{name} (measured)", color=color)
         if device.interpreted:
             _line(s_ax, prov_rows, _ratio(lambda r: model_ms(r, "H100-SXM5"), base), f"{name} (H100 model)",
@@ -82,7 +92,9 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
         ax.set_yscale("log")  # the ratio panels too: a 2x speed-up and a 2x slow-down lie as far from 1
         if ax.lines:
             ax.legend(fontsize=7)
-    for ax in (s_ax, r_ax):
+    for ax in axes.flat:  # e.g. no FLOPs counted for a norm, no ratio to a causal kernel
+        ax.set_visible(bool(ax.lines))
+    for ax in (s_ax, r_ax, c_ax):
         ax.axhline(1.0, color="grey", linewidth=0.8)
     shape = rows[0]["shape"] if rows else []
     fig.suptitle(f"{op} {mode}  shape {shape} (N varies)  {rows[0]['dtype'] if rows else ''}  on {device.name}")

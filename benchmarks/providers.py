@@ -2,6 +2,11 @@
 
 A provider is looked up lazily: one whose function is not importable (a kernel not written yet, flash-attn not
 installed, no GPU) is reported as unavailable with the reason, never replaced by a stand-in.
+
+Two attention providers compute a sparser mask on the same causal case, to show how its cost scales: the fused
+kernel with a sliding window of :data:`WINDOW` keys (cost ~ N * WINDOW), and with the N tokens split into
+:data:`DOCUMENTS` equal documents attending causally within themselves (``attention_varlen``: ~1 / DOCUMENTS of
+causal). Their names say so.
 """
 import importlib
 import math
@@ -15,6 +20,8 @@ from kernels import reference
 
 OPS = ("attention", "softmax", "layer_norm", "rms_norm")
 MODES = ("fwd", "fwd+bwd")
+WINDOW = 256  # keys a query sees in the sliding-window provider: itself and the WINDOW - 1 before it
+DOCUMENTS = 8  # equal documents the document-mask provider splits each sequence into
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,27 @@ def _fused():
     return lambda q, k, v, causal: attention(q, k, v, causal=causal)
 
 
+def _fused_window():
+    attention = _kernel("attention")
+    return lambda q, k, v, causal: attention(q, k, v, causal=causal, window_size=(WINDOW - 1, 0))
+
+
+def _fused_documents():
+    attention_varlen = importlib.import_module("kernels.attention.varlen").attention_varlen
+
+    def documents(q, k, v, causal):
+        batch, heads, n, d = q.shape
+        if n % DOCUMENTS:
+            raise ValueError(f"length {n} is not a multiple of {DOCUMENTS} documents")
+        # (B, H, N, D) -> packed (B * N, H, D) tokens: a view for batch 1, a copy otherwise
+        packed = [t.transpose(1, 2).reshape(batch * n, t.shape[1], d) for t in (q, k, v)]
+        cu_seqlens = torch.arange(0, batch * n + 1, n // DOCUMENTS, dtype=torch.int32, device=q.device)
+        out = attention_varlen(*packed, cu_seqlens, cu_seqlens, n // DOCUMENTS, n // DOCUMENTS, causal=causal)
+        return out.view(batch, n, heads, d).transpose(1, 2)
+
+    return documents
+
+
 def _flash_attn():
     if not torch.cuda.is_available():
         raise Unavailable("flash-attn needs a CUDA GPU")
@@ -155,6 +183,8 @@ PROVIDERS = (
              lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
     Provider("semi-fused", "attention", _semi_fused, triton=True),
     Provider("triton", "attention", _fused, triton=True),
+    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True),
+    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True),
     Provider("torch-sdpa", "attention",
              lambda: lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
     Provider("flash-attn", "attention", _flash_attn),

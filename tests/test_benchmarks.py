@@ -11,7 +11,7 @@ import torch
 import triton
 
 import kernels
-from benchmarks import analysis, memory, records, runner, scaling
+from benchmarks import analysis, memory, providers, records, runner, scaling
 from benchmarks.__main__ import main, parse_size
 from benchmarks.counting import counting, touched_bytes
 from benchmarks.device import detect
@@ -171,17 +171,20 @@ def test_scaling_lengths_double_from_128_up_to_the_cap():
 def _fake(provider, length, ms, peak, nbytes, baseline=False):
     return {"op": "attention", "mode": "fwd", "provider": provider, "baseline": baseline, "length": length,
             "status": "ok", "time": {"median_ms": ms}, "memory": {"status": "ok", "peak_bytes": peak},
-            "counted": {"bytes": nbytes}}
+            "counted": {"bytes": nbytes, "flops": 2 * nbytes}}
 
 
 def test_ratios_and_fits_against_the_baseline():
     recs = [_fake("baseline", n, ms=n * n, peak=n * n, nbytes=4 * n * n, baseline=True) for n in (128, 256)]
     recs += [_fake("triton", n, ms=n, peak=n, nbytes=n * n) for n in (128, 256)]
     analysis.add_ratios(recs)
-    assert recs[3]["vs_baseline"] == {"time": 1 / 256, "peak_memory": 1 / 256, "counted_bytes": 0.25}
+    assert recs[3]["vs_baseline"] == {"time": 1 / 256, "peak_memory": 1 / 256, "counted_bytes": 0.25,
+                                      "counted_flops": 0.25}
     fits = {f["provider"]: f["slopes"] for f in analysis.fit_slopes(recs)}
-    assert fits["baseline"] == pytest.approx({"time": 2.0, "peak_memory": 2.0, "counted_bytes": 2.0})
-    assert fits["triton"] == pytest.approx({"time": 1.0, "peak_memory": 1.0, "counted_bytes": 2.0})
+    assert fits["baseline"] == pytest.approx({"time": 2.0, "peak_memory": 2.0, "counted_bytes": 2.0,
+                                              "counted_flops": 2.0})
+    assert fits["triton"] == pytest.approx({"time": 1.0, "peak_memory": 1.0, "counted_bytes": 2.0,
+                                            "counted_flops": 2.0})
 
 
 def test_roofline_model():
@@ -298,3 +301,30 @@ def test_quick_run_writes_json_and_png(tmp_path):
     for mode in ("fwd", "fwd_bwd"):
         png = out / f"suite_attention_{mode}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _counted_forward(provider_name: str, n: int):
+    """Counts of one fp16 forward of ``provider_name`` at length n, as the scaling run takes them (sm_90 tiles)."""
+    case = Case("attention", "fwd", n, dtype="float16", heads=1, head_dim=16)
+    fn = providers.provider("attention", provider_name).resolve()
+    inputs = providers.make_inputs(case, torch.device("cpu"))
+    with counting() as counts, runner._count_tiles(case)[0]:
+        fn(*inputs.args)
+    return counts
+
+
+@needs_interpreter
+def test_sliding_window_flops_grow_linearly_and_documents_cost_an_eighth_of_causal():
+    """Window 256: counted FLOPs ~ N * 256 (fitted slope ~1, where causal's is ~2). 8 equal documents of L tokens:
+    each 128-row query block of a document visits its key blocks up to the diagonal, so with d = L / 128 the
+    ratio to causal is exactly 8 d (d + 1) / (8 d (8 d + 1)) = (d + 1) / (8 d + 1), which tends to 1/8."""
+    assert (providers.WINDOW, providers.DOCUMENTS) == (256, 8)
+    lengths = [512, 1024, 2048]
+    window = [_counted_forward("triton-window256", n).flops for n in lengths]
+    causal = [_counted_forward("triton", n).flops for n in lengths[1:]]
+    assert 0.9 < analysis.loglog_slope(lengths, window) < 1.25
+    assert analysis.loglog_slope(lengths[1:], causal) > 1.85
+    for n, full in zip(lengths[1:], causal):
+        blocks = n // providers.DOCUMENTS // 128
+        documents = _counted_forward("triton-8docs", n).flops
+        assert documents / full == pytest.approx((blocks + 1) / (8 * blocks + 1))
