@@ -2,7 +2,10 @@
 
 Lengths double from 128 to --max-len (default: 1024 on CPU, where the kernels are interpreted; 16k on a GPU, where
 the quadratic baseline runs out of memory first, which is recorded and does not stop the run); fixed
-batch x heads x head_dim; forward and forward+backward; every attention provider.
+batch x heads x head_dim; forward and forward+backward; every attention provider. Among them the fused kernel with
+a sliding window and with a document mask (``benchmarks/providers.py``): their counted FLOPs and bytes grow as
+N * window (fitted slope -> 1 once N >> window; causal's is 2) and as 1 / documents of causal's (``vs_causal``
+in the records).
 """
 from typing import Dict, List
 
