@@ -46,63 +46,101 @@ def _bounds(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: in
     return has_upper, has_lower, upper if has_upper else 0, lower if has_lower else 0
 
 
-def _variant_args(q, k, causal, causal_shift, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+def _variant_args(q, k, causal, causal_shift, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
+                  varlen):
     """(pointer args, shift and scalar args, compile-time meta) of the variants, as every attention kernel takes
-    them: (ALIBI, SEED, stride_ab), (CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT), and kernel_meta."""
-    has_upper, has_lower, upper, lower = _bounds(q.shape[2], k.shape[2], causal, causal_shift, window_left,
-                                                 window_right)
+    them: (ALIBI, SEED, stride_ab), (CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT), and kernel_meta. ``varlen`` is
+    None or the (max_seqlen_q, max_seqlen_k) of packed sequences, whose kernels add each sequence's own Nk - Nq
+    to the shifts: theirs are relative to that diagonal, and an edge is dropped only if no sequence needs it."""
+    n_q, n_k = varlen or (q.shape[2], k.shape[2])
+    diagonal = n_k - n_q if varlen else causal_shift
+    has_upper, has_lower, upper, lower = _bounds(n_q, n_k, causal, diagonal, window_left, window_right)
+    if varlen:
+        upper, lower, diagonal = upper - diagonal, lower - diagonal, 0
     alibi, stride_ab = _alibi_args(alibi_slopes)
     seed = rng_state if dropout_p > 0 else None
     meta = configs.kernel_meta(q, has_upper, has_lower, softcap > 0)
-    return (alibi, seed, stride_ab), (upper, lower, causal_shift), meta
+    return (alibi, seed, stride_ab), (upper, lower, diagonal), meta
+
+
+def _rows_empty(t: torch.Tensor, varlen: bool, dtype=None) -> torch.Tensor:
+    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
+    D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
+    if not varlen:
+        return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    _, heads, total, d = t.shape
+    return torch.empty((total, heads, d), dtype=dtype or t.dtype, device=t.device).transpose(0, 1)[None]
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> Tuple[int, ...]:
+    """``t``'s strides as the kernels take them: a packed (1, H, total, D) view's batch stride is 0, since every
+    sequence is found from cu_seqlens."""
+    return (0, *t.stride()[1:]) if varlen else t.stride()
+
+
+def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
+    """(batch, (max_seqlen_q, max_seqlen_k)) of packed sequences, or (None, None) for a dense call."""
+    if cu_seqlens_q is None:
+        return None, None
+    return cu_seqlens_q.shape[0] - 1, (max_seqlen_q, max_seqlen_k)
 
 
 def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: float, window_left: int = -1,
              window_right: int = -1, softcap: float = 0.0, alibi_slopes=None, sinks=None, dropout_p: float = 0.0,
-             rng_state=None):
-    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32)."""
+             rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32); for packed sequences
+    (cu_seqlens given) q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    varlen_batch, varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = _rows_empty(q, bool(varlen))
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
         if sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(sinks[:, None].expand(lse.shape))
     (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
-                                                           softcap, alibi_slopes, dropout_p, rng_state)
+                                                           softcap, alibi_slopes, dropout_p, rng_state, varlen)
     pad_ptr, stride_pb = _pad_args(pad)
-    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, stride_pb, stride_ab, *q.stride(),
-            *k.stride(), *v.stride(), *out.stride(), heads, heads // k.shape[1], n_q, n_k, *shifts,
-            scale * LOG2E.value, softcap, dropout_p)
-    configs.launch("fwd", n_q, batch * heads, args, meta, (n_q, n_k))
+    lse_strides = _strides(lse, bool(varlen))[:2]
+    if varlen:
+        batch, (n_q, n_k) = varlen_batch, varlen
+    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, cu_seqlens_q, cu_seqlens_k, stride_pb,
+            stride_ab, *lse_strides, *(s for t in (q, k, v, out) for s in _strides(t, bool(varlen))), heads,
+            heads // k.shape[1], n_q, n_k, *shifts, scale * LOG2E.value, softcap, dropout_p)
+    configs.launch("fwd", n_q, batch * heads, args, meta, (n_q, n_k), dropout=seed is not None)
     return out, lse
 
 
 def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: bool, causal_shift: int, scale: float,
               window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi_slopes=None,
-              dropout_p: float = 0.0, rng_state=None):
-    """Run the backward kernels: (dq, dk, dv), contiguous, in the inputs' dtype."""
+              dropout_p: float = 0.0, rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
+              max_seqlen_k: int = 0):
+    """Run the backward kernels: (dq, dk, dv) in the inputs' dtype, contiguous (for packed sequences, views of
+    contiguous (total, H, D) tensors, as :func:`_forward`'s out)."""
     batch, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
+    varlen_batch, varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv = (_rows_empty(t, bool(varlen)) for t in (q, k, v))
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
-    alloc = torch.empty if q.numel() and k.numel() else torch.zeros
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
-    if alloc is torch.zeros:
-        return dq, dk, dv
+    if not (q.numel() and k.numel()):
+        return dq.zero_(), dk.zero_(), dv.zero_()
     (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
-                                                           softcap, alibi_slopes, dropout_p, rng_state)
+                                                           softcap, alibi_slopes, dropout_p, rng_state, varlen)
     delta = _delta(grad_out, out, lse, grad_lse, meta)
+    if varlen:
+        batch, (n_q, n_k) = varlen_batch, varlen
     common = (q, k, v, grad_out, lse, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    strides = tuple(s for t in (q, k, v, grad_out) for s in _strides(t, bool(varlen)))
     sizes = (heads, heads // kv_heads, n_q, n_k, *shifts, scale * LOG2E.value, scale, softcap, dropout_p)
     pad_ptr, stride_pb = _pad_args(pad)
-    masks = (kv_bounds, pad_ptr, alibi, seed, stride_pb, stride_ab)
-    configs.launch("dkdv", n_k, batch * kv_heads, (*common, dk, dv, *masks, *strides, *dk.stride(), *sizes), meta,
-                   (n_q, n_k))
-    configs.launch("dq", n_q, batch * heads, (*common, dq, *masks, *strides, *dq.stride(), *sizes), meta, (n_q, n_k))
+    masks = (kv_bounds, pad_ptr, alibi, seed, cu_seqlens_q, cu_seqlens_k, stride_pb, stride_ab,
+             *_strides(lse, bool(varlen))[:2])
+    dropout = seed is not None
+    configs.launch("dkdv", n_k, batch * kv_heads,
+                   (*common, dk, dv, *masks, *strides, *_strides(dk, bool(varlen)), *sizes), meta, (n_q, n_k), dropout)
+    configs.launch("dq", n_q, batch * heads, (*common, dq, *masks, *strides, *_strides(dq, bool(varlen)), *sizes),
+                   meta, (n_q, n_k), dropout)
     return dq, dk, dv
 
 
@@ -126,20 +164,28 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Op
                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
                 window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                 sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                rng_state: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
+                max_seqlen_k: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention; ``kv_bounds`` (B, 2) int32 [first, last + 1) visible key per batch row and ``pad``
     (B, Nk) uint8 (nonzero = visible) are optional; ``causal_shift`` = Nk - Nq aligns causal bottom-right (it is
     the diagonal the window and ALiBi distances are measured from). The variants' arguments are those of
     :func:`attention`, already checked: window edges (-1 = unbounded), softcap (0 = off), float32 ALiBi slopes
-    (H,) or (B, H) and sinks (H,), and dropout with its int64 (seed, offset) pair ``rng_state``."""
+    (H,) or (B, H) and sinks (H,), and dropout with its int64 (seed, offset) pair ``rng_state``.
+
+    Packed sequences (varlen): q, k, v are (1, H, total, D) views of (total, H, D) tensors, ``cu_seqlens_q/k``
+    int32 (batch + 1,) on their device and ``max_seqlen_q/k`` bound the lengths (they size the grid);
+    ``causal_shift`` is unused (each sequence is bottom-right aligned by itself), ALiBi slopes may be (batch, H),
+    and out is a (1, H, total_q, D) view of a contiguous (total_q, H, D) tensor."""
     with _runtime.launch_device(q):
         return _forward(q, k, v, kv_bounds, pad, causal, causal_shift, scale, window_left, window_right, softcap,
-                        alibi_slopes, sinks, dropout_p, rng_state)
+                        alibi_slopes, sinks, dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k)
 
 
 @_forward_op.register_fake
-def _(q, k, v, *args, **kwargs):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, *args, cu_seqlens_q=None, **kwargs):
+    return _rows_empty(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
@@ -147,18 +193,21 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
                  pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
                  window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0,
-                 rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
+                 cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+                 max_seqlen_q: int = 0,
+                 max_seqlen_k: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) given the forward's inputs, its (out, lse), and the incoming gradients of out (and lse).
     Sinks need nothing here: lse includes them, so the kernels' probabilities are already right."""
     with _runtime.launch_device(q):
         return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale,
-                         window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)
+                         window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, *args, **kwargs):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, *args, cu_seqlens_q=None, **kwargs):
+    return tuple(_rows_empty(t, cu_seqlens_q is not None) for t in (q, k, v))
 
 
 def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
@@ -173,19 +222,21 @@ def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, kv_bounds, pad, ctx.causal, ctx.causal_shift, ctx.scale, ctx.window_left, ctx.window_right,
-     ctx.softcap, alibi_slopes, sinks, ctx.dropout_p, rng_state) = inputs
-    ctx.save_for_backward(q, k, v, *output, kv_bounds, pad, alibi_slopes, sinks, rng_state)
+     ctx.softcap, alibi_slopes, sinks, ctx.dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
+     ctx.max_seqlen_k) = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q,
+                          cu_seqlens_k)
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
                               ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
-                              rng_state)
+                              rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[12]:
         dsinks = _sink_grad(sinks, grad_out, out, lse, grad_lse)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, *(None,) * 6
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)

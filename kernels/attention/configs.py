@@ -20,25 +20,28 @@ MAX_PROGRAMS = 2**31 - 1
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, autotuned on a GPU per (head dim,
 # dtype, causal, precision, length bucket). BLOCK_N is the streamed (inner) block of the forward and dQ, BLOCK_M
-# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows) and
-# compile for both sm_80 and sm_90 with no register spill at head dims <= 128 (ptxas -v, triton 3.8): larger tiles
-# that spilled on either were pruned, e.g. the forward's 128x64 with 8 warps at d128 (sm_80) or dK/dV's 64x64 at
-# d128 (sm_90). At d256 only a few small tiles stay spill-free. The dK/dV and dQ tables serve both families; their
-# first entries (the defaults) also compile spill-free for sm_100, which uses the sm_90 tables.
+# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows).
+# Each table's first entry (the default, what a GPU runs first) compiles with no register spill on sm_80 and sm_90
+# (ptxas -v, triton 3.8) for the plain kernel and for every specialisation that shares the table (window, softcap,
+# ALiBi, sinks, varlen). Hence the sm_80 forward at d64 takes 128x64 on 8 warps (on 4 warps, and at 64x64, ptxas
+# spills a few bytes); dK/dV at d128 takes 8 warps (on 4, its two 64x128 fp32 accumulators and the K/V tiles leave
+# sm_80 ~150 B short); the forward at d256 takes 64x32 (64x64 spills with softcap on sm_90). Later entries are
+# candidates for the autotuner; the full build report lists their spills. The dK/dV and dQ tables serve both
+# families; sm_100 uses the sm_90 tables.
 _DKDV_TILES = {64: [(32, 128, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
-               128: [(16, 64, 4, 1), (16, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2)],
+               128: [(16, 64, 8, 1), (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 1)],
                256: [(16, 32, 4, 1)]}
 _DQ_TILES = {64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
              128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
              256: [(32, 32, 4, 1)]}
 _CONFIGS = {
     "fwd": {
-        80: {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
-             128: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
-             256: [(64, 64, 8, 2), (32, 64, 4, 2)]},
+        80: {64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
+             128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+             256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]},
         90: {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
              128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
-             256: [(64, 64, 8, 2)]},
+             256: [(64, 32, 8, 2), (64, 64, 8, 2)]},
     },
     "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES},
     "dq": {80: _DQ_TILES, 90: _DQ_TILES},
@@ -54,6 +57,11 @@ _FP32_CONFIGS = {
     "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (32, 16, 8, 2)],
            256: [(32, 16, 8, 1), (16, 16, 8, 1)]},
 }
+# The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
+# fp16/bf16 tiles are smaller (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar as above.
+_DROPOUT_FWD_TILES = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+                      128: [(64, 32, 4, 3), (64, 64, 8, 3)],
+                      256: [(32, 32, 4, 2)]}
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
 INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -63,9 +71,14 @@ DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blac
 DROPOUT_MASK_TILE = (32, 64)  # the dropout-mask helper: elementwise, one config
 
 
-def tiles(kernel: str, family: int, d_bucket: int, fp32: bool) -> List[Tuple[int, int, int, int]]:
-    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim and dtype."""
-    return _FP32_CONFIGS[kernel][d_bucket] if fp32 else _CONFIGS[kernel][family][d_bucket]
+def tiles(kernel: str, family: int, d_bucket: int, fp32: bool, dropout: bool = False) -> List[Tuple[int, int, int, int]]:
+    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim, dtype and whether
+    dropout is on; its first entry is the default."""
+    if fp32:
+        return _FP32_CONFIGS[kernel][d_bucket]
+    if dropout and kernel == "fwd":
+        return _DROPOUT_FWD_TILES[d_bucket]
+    return _CONFIGS[kernel][family][d_bucket]
 
 
 def d_bucket(head_dim: int) -> int:
@@ -96,11 +109,11 @@ def _length_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, family: int, bucket: int, fp32: bool, n_bucket: Tuple[int, int]):
+def _tuned(kernel: str, family: int, bucket: int, fp32: bool, dropout: bool, n_bucket: Tuple[int, int]):
     """An autotuner over this family's configs; one per length bucket so that tuning is keyed on bucketed
     lengths (the autotuner itself keys on head dim, causal, window, softcap, precision and the tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in tiles(kernel, family, bucket, fp32)]
+               for bm, bn, w, s in tiles(kernel, family, bucket, fp32, dropout)]
     key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
@@ -115,8 +128,10 @@ def grid(rows: int, heads: int, block: int) -> Tuple[int]:
     return (programs,)
 
 
-def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int]) -> None:
-    """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``."""
+def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int],
+           dropout: bool = False) -> None:
+    """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``, autotuned
+    over :func:`tiles` (``dropout``: whether the launch passes a SEED)."""
     block = _GRID_BLOCK[kernel]
     forced = forced_config(f"attention_{kernel}")
     if forced is not None or _runtime.INTERPRETED:
@@ -127,7 +142,7 @@ def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[
         KERNELS[kernel][grid(rows, heads, config[block])](*args, **meta, **config)
         return
     fp32 = args[0].dtype == torch.float32
-    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32,
+    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32, dropout,
                    tuple(_length_bucket(n) for n in lengths))
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
     tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
@@ -163,13 +178,15 @@ def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bo
 
 # ------------------------------------------------------------------------------------------------ GPU builds
 _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "ALIBI": "*fp32", "SINKS": "*fp32",
-          "SEED": "*i64", "MASK": "*u8", "softcap": "fp32", "dropout_p": "fp32",
+          "SEED": "*i64", "MASK": "*u8", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "softcap": "fp32", "dropout_p": "fp32",
           # upper-case scalars, which the naming convention would take for pointers
           **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT"), "i32")}
 _VARIANTS = {"window": {"WINDOW": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
-             "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"}}
+             "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"},
+             "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}}
 """Each variant's specialisation: a constexpr switch turned on, or a pointer passed instead of None."""
-_OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None}
+_OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
+        "CU_SEQLENS_K": None}
 
 
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
@@ -192,8 +209,9 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
 def _builds() -> List[Build]:
     """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256; the default of
     each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels). Each
-    variant (window, softcap, ALiBi, sinks, dropout) is built at the default config of every kernel it reaches
-    (not marked default: the plain build stays each group's one default), and so is the dropout-mask helper."""
+    specialisation (window, softcap, ALiBi, sinks, dropout, varlen) is built at the first config of its table for
+    each family, the sm_80 one marked default too: every specialisation is held to the no-spill bar, not only the
+    plain kernel. The dropout-mask helper has one config."""
     builds = [declare("attention_dropout_mask", _dropout_mask, dtype="u8", num_warps=4, num_stages=1,
                       constexprs=dict(zip(("BLOCK_M", "BLOCK_N"), DROPOUT_MASK_TILE)), types=_TYPES, default=True,
                       label="forward's dropout keep-mask %dx%d" % DROPOUT_MASK_TILE)]
@@ -206,10 +224,13 @@ def _builds() -> List[Build]:
                 for i, (bm, bn, warps, stages) in enumerate(table):
                     builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
                                          f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}", default=i == 0))
-                bm, bn, warps, stages = next(iter(table))
                 for variant, switches in _VARIANTS.items():
-                    if all(switch in KERNELS[kernel].arg_names for switch in switches):
+                    if not all(switch in KERNELS[kernel].arg_names for switch in switches):
+                        continue
+                    firsts = dict.fromkeys(tiles(kernel, family, d, name == "fp32", variant == "dropout")[0]
+                                           for family in FAMILIES)
+                    for i, (bm, bn, warps, stages) in enumerate(firsts):
                         builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
                                              f"{name} d{d} causal {variant} {bm}x{bn} w{warps} s{stages}",
-                                             default=False, variant=variant))
+                                             default=i == 0, variant=variant))
     return builds

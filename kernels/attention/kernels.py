@@ -6,8 +6,8 @@ power of two >= 16 with masked loads; fp16, bf16 or fp32, any strides. Every add
 (batch, head and row times their strides) is computed in 64 bits.
 
 Math: out = softmax(s) @ v, block by block with an online softmax in base 2 (scale * log2(e) folded into one
-multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` (B, H, Nq) float32 is kept for the
-backward. The score of query i and key j is, in FlashAttention's order,
+multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` float32 (element b * stride_lb +
+h * stride_lh + i: (B, H, Nq), or (H, total_q) for packed sequences) is kept for the backward. The score of query i and key j is, in FlashAttention's order,
 
     s_ij = scale * q_i . k_j,  then softcap * tanh(s_ij / softcap) (SOFTCAP),  then - slope_h * |i + ALIBI_SHIFT - j|
     (ALIBI, a float32 slope per head, or per batch and head when stride_ab is nonzero),
@@ -24,6 +24,13 @@ probability 1 - dropout_p and scaled by 1 / (1 - dropout_p); the keep decision i
 offset) >= dropout_p, a pure function of the element's coordinates, so the backward regenerates it and
 ``_dropout_mask`` reproduces it bit for bit. lse is of the undropped probabilities.
 
+Packed sequences (varlen; CU_SEQLENS_Q/K, int32 (B + 1,) cumulative lengths, passed instead of None): sequence
+b is rows [cu_q[b], cu_q[b + 1]) of q (and out, lse) and [cu_k[b], cu_k[b + 1]) of k, v, with batch strides 0;
+N_Q, N_K are the longest lengths, which size the grid. A program reads its sequence's bounds, exits at once if
+its block starts past the sequence's end, moves its base pointers to the sequence's first rows (64-bit offsets)
+and works on the sequence's own lengths: causal, window and ALiBi are bottom-right per sequence (its own
+Nk - Nq is added to the shifts). Dropout draws by position within the sequence, as a dense (B, H, N_Q, N_K) call.
+
 Grids are one-dimensional (CUDA allows 2^31 - 1 programs on axis 0 but only 65535 on axis 1): program p owns
 block p % cdiv(n, BLOCK) of head p // cdiv(n, BLOCK), so neighbouring programs share a head as a 2-D grid would.
 
@@ -32,8 +39,8 @@ heads of its group and their query blocks (GQA sums without atomics: determinist
 block that loops over key blocks. With dropout z_ij = keep_ij / (1 - dropout_p): dV += (p * z)^T dO and
 ds = p * (z * dO v^T - delta); with softcap ds is further multiplied by 1 - tanh^2.
 
-Disabled features cost nothing: CAUSAL, WINDOW and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED, PAD
-and KV_BOUNDS are pointers that the launcher passes as None, which Triton specialises away.
+Disabled features cost nothing: CAUSAL, WINDOW and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED, PAD,
+KV_BOUNDS and CU_SEQLENS_Q/K are pointers that the launcher passes as None, which Triton specialises away.
 
 UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
 as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
@@ -67,6 +74,19 @@ def _program_block(n, BLOCK: tl.constexpr):
     blocks = tl.cdiv(n, BLOCK)
     pid = tl.program_id(0)
     return (pid % blocks) * BLOCK, pid // blocks
+
+
+@triton.jit
+def _sequence(CU_SEQLENS, b, N):
+    """(first row, length) of batch ``b``'s sequence: packed rows [cu[b], cu[b + 1]) of the int32 cumulative
+    lengths ``CU_SEQLENS`` (varlen), else [0, N)."""
+    if CU_SEQLENS is None:
+        start = 0
+        n = N
+    else:
+        start = tl.load(CU_SEQLENS + b)
+        n = tl.load(CU_SEQLENS + b + 1) - start
+    return start, n
 
 
 @triton.jit
@@ -196,6 +216,12 @@ def _alibi_slope(ALIBI, stride_ab, b, h):
 
 
 @triton.jit
+def _sequence_diagonal(diagonal, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT):
+    """The mask and ALiBi diagonals of a varlen sequence: moved by its own Nk - Nq (bottom-right per sequence)."""
+    return CAUSAL_SHIFT + diagonal, WINDOW_SHIFT + diagonal, ALIBI_SHIFT + diagonal
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
                PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
@@ -232,8 +258,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, stride_pb, stride_ab,
-              stride_qb, stride_qh, stride_qn, stride_qd,
+def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, stride_pb,
+              stride_ab, stride_lb, stride_lh, stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_on, stride_od,
@@ -241,10 +267,23 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, stride_pb, st
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr):
-    """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (B, H, Nq) natural log, fp32."""
+    """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (b * stride_lb + h * stride_lh + row)
+    natural log, fp32."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
     h = off_bh % H
+    q_start, N_Q = _sequence(CU_SEQLENS_Q, b, N_Q)
+    k_start, N_K = _sequence(CU_SEQLENS_K, b, N_K)
+    if CU_SEQLENS_Q is not None:
+        if start_m >= N_Q:  # the grid covers the longest sequence; this one ends before this block
+            return
+        Q += _row_offset(q_start, stride_qn)
+        O += _row_offset(q_start, stride_on)
+        LSE += q_start
+        K += _row_offset(k_start, stride_kn)
+        V += _row_offset(k_start, stride_vn)
+        CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT = _sequence_diagonal(N_K - N_Q, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                                                     ALIBI_SHIFT)
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -284,7 +323,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, stride_pb, st
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
-    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -334,6 +373,17 @@ def _score_grad(p, dp, delta, t, keep, dropout_p, SOFTCAP: tl.constexpr, DROPOUT
 
 
 @triton.jit
+def _backward_sequence(Q, DO, LSE, DELTA, K, V, q_start, k_start, diagonal, stride_qn, stride_don, stride_kn,
+                       stride_vn, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT):
+    """A backward varlen program's inputs moved to its sequence: the query side (Q, dO and the per-row LSE and
+    DELTA) to row ``q_start``, the key side (K, V) to ``k_start``, and the shifts by the sequence's Nk - Nq."""
+    CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT = _sequence_diagonal(diagonal, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT)
+    return (Q + _row_offset(q_start, stride_qn), DO + _row_offset(q_start, stride_don), LSE + q_start,
+            DELTA + q_start, K + _row_offset(k_start, stride_kn), V + _row_offset(k_start, stride_vn),
+            CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT)
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
                     cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
                     qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p,
@@ -363,7 +413,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, D
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED, stride_pb, stride_ab,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+                   stride_pb, stride_ab, stride_lb, stride_lh,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -383,6 +434,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
     h_kv = H // GROUP
     b = off_bh // h_kv
     kv_h = off_bh % h_kv
+    q_start, N_Q = _sequence(CU_SEQLENS_Q, b, N_Q)
+    k_start, N_K = _sequence(CU_SEQLENS_K, b, N_K)
+    if CU_SEQLENS_K is not None:
+        if start_n >= N_K:  # the grid covers the longest sequence; this one ends before this block
+            return
+        Q, DO, LSE, DELTA, K, V, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT = _backward_sequence(
+            Q, DO, LSE, DELTA, K, V, q_start, k_start, N_K - N_Q, stride_qn, stride_don, stride_kn, stride_vn,
+            CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT)
+        DK += _row_offset(k_start, stride_dkn)
+        DV += _row_offset(k_start, stride_dkn)
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -427,7 +488,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
         q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
         do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
         bh = b * H + h
-        row_base = bh.to(tl.int64) * N_Q
+        row_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
         for part in tl.static_range(3):  # masked (causal diagonal), full, masked (window's left edge)
             if (part != 0 or CAUSAL) and (part != 2 or WINDOW):
@@ -474,7 +535,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, stride_pb, stride_ab,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, stride_pb,
+                 stride_ab, stride_lb, stride_lh,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -489,6 +551,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, strid
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
     h = off_bh % H
+    q_start, N_Q = _sequence(CU_SEQLENS_Q, b, N_Q)
+    k_start, N_K = _sequence(CU_SEQLENS_K, b, N_K)
+    if CU_SEQLENS_Q is not None:
+        if start_m >= N_Q:  # the grid covers the longest sequence; this one ends before this block
+            return
+        Q, DO, LSE, DELTA, K, V, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT = _backward_sequence(
+            Q, DO, LSE, DELTA, K, V, q_start, k_start, N_K - N_Q, stride_qn, stride_don, stride_kn, stride_vn,
+            CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT)
+        DQ += _row_offset(q_start, stride_dqn)
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -501,7 +572,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, strid
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse, delta = _row_stats(LSE, DELTA, off_bh.to(tl.int64) * N_Q, offs_m, row_ok)
+    lse, delta = _row_stats(LSE, DELTA, b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh, offs_m, row_ok)
     k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
     v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)

@@ -1,47 +1,71 @@
 """Variable-length ("packed", "unpadded") attention: several sequences concatenated along one token axis.
 
-Current limit: :func:`attention_varlen` launches the dense kernel once per sequence, on views of the packed
-tensors. No padding is computed and nothing is copied in, but a batch of n sequences costs n launches (and one
-host read of the cumulative lengths per call); a kernel that reads the offsets itself would launch once.
+:func:`attention_varlen` is one launch per kernel for the whole batch, as flash-attn's: the kernels read each
+sequence's offsets from ``cu_seqlens`` on the device (a 1-D grid of batch * heads * cdiv(max_seqlen, BLOCK)
+programs, those past their sequence's end exiting at once), so no padding is computed and nothing is copied.
+
+Host syncs: the kernels need none. Validating the offsets' values (start at 0, non-decreasing, end at the number
+of tokens, ``max_seqlen`` at least the longest sequence) reads both ``cu_seqlens`` to the host in one transfer,
+one sync per call, where flash-attn checks nothing: invalid offsets would make the kernels read and write out of
+bounds. dtype, shape and device are checked without it.
 """
+import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from kernels import _runtime
 from kernels._validate import check_same, check_tensor
-from kernels.attention.api import attention, check_qkv
+from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, _forward_op, attention,
+                                   check_qkv, check_scale, check_window)
 
 
-def _check_cu_seqlens(name: str, cu_seqlens, total: int) -> List[int]:
-    """``cu_seqlens`` (batch + 1,) int32 as a host list; ValueError/TypeError naming it unless it is 1-D int32,
-    starts at 0, never decreases, and ends at ``total``. (Reading it to the host is one sync.)"""
+def _check_cu_seqlens(name: str, cu_seqlens) -> None:
+    """TypeError/ValueError naming ``cu_seqlens`` unless it is a 1-D int32 tensor of batch + 1 >= 1 entries."""
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
-    offsets = cu_seqlens.tolist()
+
+
+def _check_offsets(name: str, offsets, total: int, max_seqlen_name: str, max_seqlen: int) -> None:
+    """ValueError unless the host copy ``offsets`` of a cu_seqlens starts at 0, never decreases and ends at
+    ``total``, and ``max_seqlen`` is at least its longest sequence (the grid is sized by it, so a smaller value
+    would silently drop rows)."""
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offsets[0]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got {offsets}")
     if offsets[-1] != total:
         raise ValueError(f"{name} must end at the number of packed tokens {total}, got {offsets[-1]}")
-    return offsets
-
-
-def _check_max_seqlen(name: str, max_seqlen, offsets: List[int]) -> None:
-    """TypeError unless an int; ValueError if shorter than the longest sequence (flash-attn sizes its grid by it,
-    so a smaller value there silently drops rows)."""
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
     longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
     if max_seqlen < longest:
-        raise ValueError(f"{name} must be at least the longest sequence ({longest}), got {max_seqlen}")
+        raise ValueError(f"{max_seqlen_name} must be at least the longest sequence ({longest}), got {max_seqlen}")
 
 
-def _as_batch(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Tokens [start, end) of a packed (total, heads, D) tensor as a (1, heads, end - start, D) view."""
-    return t[start:end].unsqueeze(0).transpose(1, 2)
+def _check_max_seqlen(name: str, max_seqlen) -> None:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """A packed (total, heads, D) tensor as the (1, heads, total, D) view the kernels take."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, **variants):
+    """The fallback where the kernels cannot run: :func:`kernels.attention` (itself the reference there) on each
+    sequence's views, as (out (total_q, H, D), lse (H, total_q))."""
+    alibi_slopes = variants.pop("alibi_slopes")
+    outs, lses = [q.new_empty((0,) + q.shape[1:])], [torch.empty((q.shape[1], 0), device=q.device)]
+    for b in range(len(offsets_q) - 1):
+        rows, keys = slice(*offsets_q[b:b + 2]), slice(*offsets_k[b:b + 2])
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = attention(_as_batch(q[rows]), _as_batch(k[keys]), _as_batch(v[keys]), causal, scale, True,
+                             alibi_slopes=slopes, **variants)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -50,46 +74,55 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                      alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                      sinks: Optional[torch.Tensor] = None):
-    """Attention of each packed sequence to its own keys: :func:`kernels.attention` per sequence b on q tokens
-    [cu_seqlens_q[b], cu_seqlens_q[b+1]) and k/v tokens [cu_seqlens_k[b], cu_seqlens_k[b+1]).
+    """Attention of each packed sequence to its own keys: sequence b's queries are q tokens [cu_seqlens_q[b],
+    cu_seqlens_q[b+1]) and its keys/values k, v tokens [cu_seqlens_k[b], cu_seqlens_k[b+1]).
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D), H a multiple of Hkv; fp16/bf16/fp32, any strides.
-    cu_seqlens_q/k: int32 (batch + 1,) cumulative lengths from 0 to total (sequences of length 0 are allowed);
-    max_seqlen_q/k: ints at least the longest sequence. ``causal`` is bottom-right per sequence (query i of a
-    sequence sees key j iff j <= i + len_k - len_q), as are the window and ALiBi distances. ``alibi_slopes`` is
-    float32 (H,) or (batch, H); the other variants are those of :func:`kernels.attention`.
+    cu_seqlens_q/k: int32 (batch + 1,) cumulative lengths from 0 to total, on q's device (sequences of length 0
+    are allowed); max_seqlen_q/k: ints at least the longest sequence (they size the grid). ``causal`` is
+    bottom-right per sequence (query i of a sequence sees key j iff j <= i + len_k - len_q), as are the window and
+    ALiBi distances. ``alibi_slopes`` is float32 (H,) or (batch, H); the other variants are those of
+    :func:`kernels.attention`. Under dropout, sequence b's keep-mask is ``attention_dropout_mask(batch, H,
+    max_seqlen_q, max_seqlen_k, dropout_p)[b, :, :len_q, :len_k]`` of the same generator state.
 
-    Returns out (total_q, H, D) in q's dtype and, with ``return_lse``, lse (H, total_q) float32 (flash-attn's
-    varlen layout; -inf for rows that see no key). Differentiable in q, k, v (and sinks). Under dropout every
-    sequence draws its own mask. See the module docstring for the current limit (one launch per sequence).
+    Returns out (total_q, H, D) in q's dtype, contiguous, and with ``return_lse`` lse (H, total_q) float32
+    (flash-attn's varlen layout; -inf for rows that see no key). Differentiable in q, k, v (and sinks). One
+    launch per kernel; see the module docstring for the one host sync (validation).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=3)
-    check_qkv(*(_as_batch(t, 0, t.shape[0]) for t in (q, k, v)))  # dtypes, devices, head counts, head dims
-    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-    if len(offsets_q) != len(offsets_k):
+    q4, k4, v4 = (_as_batch(t) for t in (q, k, v))
+    check_qkv(q4, k4, v4)  # dtypes, devices, head counts, head dims
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{len(offsets_q) - 1} and {len(offsets_k) - 1}")
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k)
-    batch = len(offsets_q) - 1
-    per_batch_alibi = alibi_slopes is not None and alibi_slopes.dim() == 2
-    if per_batch_alibi and alibi_slopes.shape[0] != batch:
-        raise ValueError(f"alibi_slopes must have shape (H,) or (batch, H) with batch = {batch} sequences, "
-                         f"got {tuple(alibi_slopes.shape)}")
-    outs, lses = [], []
-    for b in range(batch):
-        out, lse = attention(_as_batch(q, *offsets_q[b:b + 2]), _as_batch(k, *offsets_k[b:b + 2]),
-                             _as_batch(v, *offsets_k[b:b + 2]), causal, scale, True, window_size=window_size,
-                             softcap=softcap, alibi_slopes=alibi_slopes[b] if per_batch_alibi else alibi_slopes,
-                             dropout_p=dropout_p, sinks=sinks)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    if not outs:  # no sequence: nothing to attend, and torch.cat needs at least one piece
-        out = q.new_empty(q.shape)
-        lse = torch.empty((q.shape[1], 0), dtype=torch.float32, device=q.device)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    batch = cu_seqlens_q.numel() - 1
+    offsets = torch.cat((cu_seqlens_q, cu_seqlens_k)).tolist()  # the one sync: validation only
+    offsets_q, offsets_k = offsets[:batch + 1], offsets[batch + 1:]
+    _check_offsets("cu_seqlens_q", offsets_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    _check_offsets("cu_seqlens_k", offsets_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    scale = check_scale(scale, q.shape[-1])
+    window_left, window_right = check_window(window_size)
+    softcap = _check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    if alibi_slopes is not None:
+        _check_alibi(alibi_slopes, q4.expand(batch, -1, -1, -1))  # (H,) or (batch, H)
+    if sinks is not None:
+        _check_sinks(sinks, q4)
+    _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
+    if not _runtime.kernel_runs_on(q, k, v):
+        out, lse = _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, window_size=window_size,
+                                 softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
     else:
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+        out, lse = _forward_op(q4, k4, v4, None, None, bool(causal), 0, scale, window_left, window_right, softcap,
+                               None if alibi_slopes is None else alibi_slopes.contiguous(),
+                               None if sinks is None else sinks.float(), dropout_p,
+                               _draw_rng(q.device) if dropout_p > 0 else None, cu_seqlens_q.contiguous(),
+                               cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+        out, lse = out[0].transpose(0, 1), lse[0]
     return (out, lse) if return_lse else out
