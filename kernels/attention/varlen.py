@@ -44,6 +44,7 @@ def _check_offsets(name: str, offsets, total: int, max_seqlen_name: str, max_seq
 
 
 def _check_max_seqlen(name: str, max_seqlen) -> None:
+    """TypeError unless ``max_seqlen`` is an int (its value is checked against the offsets)."""
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
 
