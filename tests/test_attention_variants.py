@@ -277,3 +277,33 @@ def test_bad_dropout_mask_arguments_raise(device):
         kernels.attention_dropout_mask(1, 1, 2, 2, 1.5, device)
     with pytest.raises(ValueError, match="n_q"):
         kernels.attention_dropout_mask(1, 1, -2, 2, 0.5, device)
+
+
+def test_each_specialisations_default_build_is_the_config_its_launch_tries_first(monkeypatch, device):
+    """One source of truth: every (kernel, dtype, head dim, specialisation) has one build marked default, the
+    first entry of the sm_80 table that its launch autotunes over (dropout's forward: its own smaller tiles), and
+    a dropout call asks the launcher for that table."""
+    seen = set()
+    for b in configs._builds():
+        if not b.default or b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq"):
+            continue
+        dtype, d, _, *rest = b.label.split()
+        variant = rest[0] if len(rest) == 4 else ""
+        kernel = b.kernel.removeprefix("attention_")
+        expected = configs.tiles(kernel, 80, int(d[1:]), dtype == "fp32", variant == "dropout")[0]
+        assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, b.label
+        key = (kernel, dtype, d, variant)
+        assert key not in seen, key
+        seen.add(key)
+    assert len(seen) == 9 * (7 + 6 + 6)  # dtypes x head dims x (plain + variants): fwd, dK/dV and dQ (no sinks)
+    tuned = configs._tuned("fwd", 90, 64, False, True, (64, 64))
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \
+        configs.tiles("fwd", 90, 64, False, dropout=True)
+    asked = []
+    launch = configs.launch
+    monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append((args[0], kwargs["dropout"])) or
+                        launch(*args, **kwargs))
+    q = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
+    kernels.attention(q, q, q, dropout_p=0.5).sum().backward()
+    kernels.attention(q, q, q).sum().backward()
+    assert asked == [("fwd", True), ("dkdv", True), ("dq", True), ("fwd", False), ("dkdv", False), ("dq", False)]

@@ -138,9 +138,10 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: boo
              *_strides(lse, bool(varlen))[:2])
     dropout = seed is not None
     configs.launch("dkdv", n_k, batch * kv_heads,
-                   (*common, dk, dv, *masks, *strides, *_strides(dk, bool(varlen)), *sizes), meta, (n_q, n_k), dropout)
+                   (*common, dk, dv, *masks, *strides, *_strides(dk, bool(varlen)), *sizes), meta, (n_q, n_k),
+                   dropout=dropout)
     configs.launch("dq", n_q, batch * heads, (*common, dq, *masks, *strides, *_strides(dq, bool(varlen)), *sizes),
-                   meta, (n_q, n_k), dropout)
+                   meta, (n_q, n_k), dropout=dropout)
     return dq, dk, dv
 
 
