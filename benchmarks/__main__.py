@@ -69,10 +69,12 @@ def _run(command: str, args: argparse.Namespace) -> int:
     else:
         max_len = args.max_len or scaling.DEFAULT_MAX_LEN[(device.kind, args.quick)]
         groups = scaling.cases(max_len, dims)
-    total = sum(len(cases) * len(runner.providers_for(op, args.providers)) for op, cases in groups.items())
+    variants = command == "scaling"  # the sliding-window and document cases profile scaling, not the suite
+    total = sum(len(cases) * len(runner.providers_for(op, args.providers, variants))
+                for op, cases in groups.items())
     with tqdm(total=total, desc=command, unit="point", file=sys.stderr) as bar:
         recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
-                          threads=args.threads, providers=args.providers, progress=bar)
+                          threads=args.threads, providers=args.providers, variants=variants, progress=bar)
     analysis.add_ratios(recs)
     fits = analysis.fit_slopes(recs)
     print(format_table(recs))

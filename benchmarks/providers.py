@@ -116,6 +116,7 @@ class Provider:
     load: Callable[[], Callable]
     triton: bool = False  # runs Triton kernels (interpreted, hence slow, on CPU)
     baseline: bool = False  # the reference every ratio is taken against
+    variant: bool = False  # a masking variant of another provider's kernel: the scaling profile's, not the suite's
 
     def resolve(self) -> Callable:
         try:
@@ -183,8 +184,8 @@ PROVIDERS = (
              lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
     Provider("semi-fused", "attention", _semi_fused, triton=True),
     Provider("triton", "attention", _fused, triton=True),
-    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True),
-    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True),
+    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True, variant=True),
+    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True, variant=True),
     Provider("torch-sdpa", "attention",
              lambda: lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
     Provider("flash-attn", "attention", _flash_attn),
@@ -200,9 +201,9 @@ PROVIDERS = (
 )
 
 
-def providers_for(op: str, names: Optional[List[str]] = None) -> List[Provider]:
-    """The providers of ``op`` (optionally only those named), baseline first."""
-    chosen = [p for p in PROVIDERS if p.op == op and (names is None or p.name in names)]
+def providers_for(op: str, names: Optional[List[str]] = None, variants: bool = False) -> List[Provider]:
+    """The providers of ``op``, baseline first: those named, else all (the masking variants only if ``variants``)."""
+    chosen = [p for p in PROVIDERS if p.op == op and (p.name in names if names else variants or not p.variant)]
     return sorted(chosen, key=lambda p: not p.baseline)
 
 

@@ -139,8 +139,9 @@ def _measure_provider(prov: Provider, cases: List[Case], device: DeviceInfo, mem
 
 def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optional[int] = None,
         time_budget_s: float = 1.0, threads: int = 1, providers: Optional[List[str]] = None,
-        progress=None) -> List[dict]:
-    """Measure each op's cases with each of its providers. ``groups`` maps op -> cases (any modes/lengths).
+        variants: bool = False, progress=None) -> List[dict]:
+    """Measure each op's cases with each of its providers (see ``providers_for`` for ``providers`` and
+    ``variants``). ``groups`` maps op -> cases (any modes/lengths).
     ``threads``: torch's CPU threads while measuring, here and in the memory workers (restored afterwards).
     ``progress`` (e.g. a tqdm bar) gets ``update`` per point."""
     if mem_limit is not None and device.kind == "cuda":  # a real CUDA OOM beyond the limit
@@ -150,7 +151,7 @@ def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optiona
     if device.kind == "cpu":
         torch.set_num_threads(threads)
     try:
-        return [record for op, cases in groups.items() for prov in providers_for(op, providers)
+        return [record for op, cases in groups.items() for prov in providers_for(op, providers, variants)
                 for record in _measure_provider(prov, cases, device, mem_limit, time_budget_s, threads,
                                                 progress)]
     finally:

@@ -63,7 +63,8 @@ def format_fits(fits: List[dict]) -> str:
         s = fit["slopes"]
         if all(v is None for v in s.values()):
             continue
-        lines.append(f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<11} time p={_num(s['time'], '{:.2f}')}"
+        lines.append(f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} time p={_num(s['time'], '{:.2f}')}"
                      f"  peak memory p={_num(s['peak_memory'], '{:.2f}')}"
-                     f"  bytes moved p={_num(s['counted_bytes'], '{:.2f}')}")
+                     f"  bytes moved p={_num(s['counted_bytes'], '{:.2f}')}"
+                     f"  FLOPs p={_num(s.get('counted_flops'), '{:.2f}')}")
     return "\n".join(lines)
