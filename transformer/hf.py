@@ -20,8 +20,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import kernels
+from kernels._runtime import kernels_can_run
 from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"
@@ -36,6 +38,15 @@ _SDPA_ONLY = ("position_bias", "cache")
 
 _DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
 """True while :func:`kernel_mask` must return transformers' own tensor masks (see dense_masks_for_generate)."""
+_KERNEL_MASKS = WeakIdKeyDictionary()
+"""What :func:`kernel_mask` would have returned (a KernelMask or None) for each tensor mask it built inside
+dense_masks_for_generate, keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
+from the dense mask. A tensor that is not the same object (copied, or traced by torch.compile) is not found and
+takes the dense mask's path."""
+DECODE_MAX_QUERIES = 8
+"""Query tokens per call up to which :func:`hf_attention` runs ``kernels.attention_with_kvcache``: a generation step
+(1) or assisted decoding's few candidate tokens. Longer queries (a prefill) run ``kernels.attention``, whose grid
+tiles the query tokens."""
 
 
 def use_kernel_attention(model: nn.Module) -> None:
@@ -84,7 +95,9 @@ class KernelMask:
     ``key_padding`` (B, n_keys) bool is True for real tokens (None: all are). ``window`` W is transformers' sliding
     window: query i sees keys j with i - W < j <= i. ``cu_seqlens`` (int32, total + 1 offsets over the B * Nq
     flattened tokens) and ``max_seqlen`` describe packed sequences, each attending only to itself.
-    ``dense()`` builds transformers' own bool mask, for the paths that need one (the model's eager attention).
+    ``leftpad`` (B,) int32: each row's count of leading padding slots, when ``key_padding`` is exactly that (padding
+    then real keys up to ``n_keys``), else None. ``dense()`` builds transformers' own bool mask, for the paths that
+    need one (the model's eager attention).
     """
     causal: bool
     n_keys: int
@@ -93,6 +106,7 @@ class KernelMask:
     window: Optional[int] = None
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
+    leftpad: Optional[torch.Tensor] = None
 
 
 def _closure(fn) -> dict:
@@ -141,6 +155,16 @@ def _segments(sequence_ids: torch.Tensor):
     return torch.tensor(offsets, dtype=torch.int32, device=sequence_ids.device), max(lengths)
 
 
+def _left_padding(padding: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B,) int32 leading padding slots of each row of a (B, N) key mask that is padding then real keys, else None.
+    One host read."""
+    real = padding.bool()
+    leftpad = (~real).sum(1)
+    if not torch.equal(real, torch.arange(real.shape[1], device=real.device) >= leftpad[:, None]):
+        return None
+    return leftpad.to(torch.int32)
+
+
 def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask: Optional[torch.Tensor] = None, local_size: Optional[int] = None, **kwargs):
     """transformers' mask-interface function for the kernel (called as its ``sdpa_mask``, with the same
@@ -149,12 +173,12 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     ``sdpa_mask`` (B, 1, Nq, Nk) bool tensor, never None, for everything else.
 
     ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
-    :func:`dense_masks_for_generate` it always returns transformers' mask. No device sync except one ``all()``
-    of the 2-D mask per call (to return None when nothing is padded; skipped while tracing) and one read of the
-    sequence starts for packed batches.
+    :func:`dense_masks_for_generate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
+    what it would have returned otherwise. No device sync except, per call, one ``all()`` of the 2-D mask (to
+    return None when nothing is padded) and one read of it to find left padding (both skipped while tracing), and
+    one read of the sequence starts for packed batches.
     """
     from transformers.masking_utils import sdpa_mask
-    from transformers.utils.import_utils import is_tracing
 
     sizes = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                  kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -162,9 +186,20 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # a None would mean top-left
     dense = functools.partial(sdpa_mask, **sizes, **kwargs)
     pattern = _pattern(mask_function)
-    if pattern is None or _DENSE_MASKS.get() or not isinstance(kv_offset, int):
+    if pattern is None or not isinstance(kv_offset, int):
         return dense()
-    causal, window, packed = pattern
+    mask = _kernel_mask(*pattern, dense, kv_length, q_length, q_offset, kv_offset, attention_mask)
+    if not _DENSE_MASKS.get() or isinstance(mask, torch.Tensor):
+        return mask
+    tensor = dense().contiguous()  # generate() makes its masks contiguous: a copy would not be found
+    _KERNEL_MASKS[tensor] = mask
+    return tensor
+
+
+def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, kv_offset, attention_mask):
+    """:func:`kernel_mask`'s result for a pattern :func:`_pattern` recognised."""
+    from transformers.utils.import_utils import is_tracing
+
     if packed is not None:
         cu_seqlens, max_seqlen = _segments(packed)
         return KernelMask(causal, kv_length, dense, window=window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -182,7 +217,8 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         padding = None
     if causal and window is None and padding is None and n_keys == kv_length:
         return None
-    return KernelMask(causal, n_keys, dense, key_padding=padding, window=window)
+    leftpad = None if padding is None or is_tracing(padding) else _left_padding(padding)
+    return KernelMask(causal, n_keys, dense, key_padding=padding, window=window, leftpad=leftpad)
 
 
 # ----------------------------------------------------------------------------------------- attention function
@@ -227,6 +263,16 @@ def _packed(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal,
     return out.view(query.shape[0], query.shape[2], *out.shape[1:])
 
 
+def _decodes(query, key, value, padding, leftpad, dropout: float, s_aux) -> bool:
+    """Whether a call runs ``kernels.attention_with_kvcache``: at most :data:`DECODE_MAX_QUERIES` queries, keys
+    padded on the left at most, and nothing that kernel lacks (a backward, dropout, sinks, this process's
+    kernels running on these tensors)."""
+    tensors = (query, key, value)
+    return (query.shape[2] <= DECODE_MAX_QUERIES and (padding is None or leftpad is not None) and not dropout
+            and s_aux is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and kernels_can_run(*tensors))
+
+
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                  dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                  sliding_window: Optional[int] = None, softcap: Optional[float] = None,
@@ -234,12 +280,15 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                  cu_seq_lens_k: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
                  max_length_k: Optional[int] = None, **kwargs):
     """transformers' attention-interface function, running ``kernels.attention`` (``attention_varlen`` for
-    packed sequences).
+    packed sequences, ``attention_with_kvcache`` for decoding steps).
 
     query (B, H, Q, D), key/value (B, Hkv, K, D) (non-contiguous views; GQA stays unrepeated). ``attention_mask``
     is what :func:`kernel_mask` returned: None (causal as ``is_causal``, else ``module.is_causal``, bottom-right),
-    a :class:`KernelMask`, or a bool (B, 1, Q, K) tensor, run by ``kernels.scaled_dot_product_attention``
-    (torch's SDPA for masks that are not a key range per row, and for dropout). ``sliding_window`` (causal
+    a :class:`KernelMask`, or a bool (B, 1, Q, K) tensor: one recorded in :data:`_KERNEL_MASKS` runs as its
+    KernelMask, any other through ``kernels.scaled_dot_product_attention`` (torch's SDPA for masks that are not a
+    key range per row, and for dropout). Up to :data:`DECODE_MAX_QUERIES` queries against keys padded on the left
+    at most run ``attention_with_kvcache`` when no grad is needed (:func:`_decodes`): the keys are read in place
+    as its cache, slots [leftpad, n_keys) per row, e.g. a static cache's preallocated tensor. ``sliding_window`` (causal
     window of W keys, (W - 1, 0)), ``softcap``, ``s_aux`` (attention sinks) and ``dropout`` go to the kernel;
     ``cu_seq_lens_q/k`` with ``max_length_q/k`` (transformers' padding-free keywords) run attention_varlen.
     Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other keyword that is
@@ -254,6 +303,10 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if any(arg is not None and name not in _NO_MATH for name, arg in kwargs.items()):
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                 sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    from transformers.utils.import_utils import is_tracing
+
+    if isinstance(attention_mask, torch.Tensor) and not is_tracing(attention_mask):
+        attention_mask = _KERNEL_MASKS.get(attention_mask, attention_mask)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     variants = dict(softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout)
     if cu_seq_lens_q is not None:
@@ -271,19 +324,27 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                                    scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is None:
-        out = kernels.attention(query, key, value, causal, scaling, window_size=_window(sliding_window, causal),
-                                **variants)
-        return out.transpose(1, 2).contiguous(), None
-    if sliding_window is not None and sliding_window != attention_mask.window:
-        raise ValueError(f"hf_attention: sliding_window={sliding_window} but the mask is for window "
-                         f"{attention_mask.window}")
-    window = _window(attention_mask.window)
-    if attention_mask.cu_seqlens is not None:
-        cu, longest = attention_mask.cu_seqlens, attention_mask.max_seqlen
-        return _packed(query, key, value, cu, cu, longest, longest, True, scaling, window_size=window, **variants), None
-    n_keys = attention_mask.n_keys
-    if key.shape[2] < n_keys:
-        raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
-    out = kernels.attention(query, key[:, :, :n_keys], value[:, :, :n_keys], attention_mask.causal, scaling,
-                            key_padding_mask=attention_mask.key_padding, window_size=window, **variants)
+        n_keys, padding, leftpad, window = key.shape[2], None, None, _window(sliding_window, causal)
+    else:
+        if sliding_window is not None and sliding_window != attention_mask.window:
+            raise ValueError(f"hf_attention: sliding_window={sliding_window} but the mask is for window "
+                             f"{attention_mask.window}")
+        window = _window(attention_mask.window)
+        if attention_mask.cu_seqlens is not None:
+            cu, longest = attention_mask.cu_seqlens, attention_mask.max_seqlen
+            out = _packed(query, key, value, cu, cu, longest, longest, True, scaling, window_size=window, **variants)
+            return out, None
+        causal, n_keys = attention_mask.causal, attention_mask.n_keys
+        padding, leftpad = attention_mask.key_padding, attention_mask.leftpad
+        if key.shape[2] < n_keys:
+            raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
+    if _decodes(query, key, value, padding, leftpad, dropout, s_aux):
+        # The keys are a cache (a static one preallocated past n_keys) already holding the new tokens: no k/v to
+        # append, each row's keys are slots [leftpad, n_keys).
+        out = kernels.attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                             cache_seqlens=n_keys, cache_leftpad=leftpad, causal=causal,
+                                             scale=scaling, window_size=window, softcap=softcap or 0.0)
+        return out, None
+    out = kernels.attention(query, key[:, :, :n_keys], value[:, :, :n_keys], causal, scaling, key_padding_mask=padding,
+                            window_size=window, **variants)
     return out.transpose(1, 2).contiguous(), None
