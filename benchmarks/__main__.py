@@ -1,10 +1,13 @@
-"""``python -m benchmarks [suite|scaling|static] [options]``: measure, print a table, write JSON/CSV and PNGs.
+"""``python -m benchmarks [COMMAND] [options]``: measure, print a table, write JSON/CSV and PNGs.
 
 ``suite`` (the default) runs every op and provider; ``scaling`` profiles causal attention over doubling lengths;
-``static`` is the GPU-target build report (``benchmarks/static.py``) and ``gpu-check`` the one-command check of a
-GPU machine (``benchmarks/gpu_check.py``), each imported only when asked for.
+``static`` is the GPU-target build report (``benchmarks/static.py``), ``gpu-check`` the one-command check of a
+GPU machine (``benchmarks/gpu_check.py``), ``decode`` the decode step, ``varlen`` packed vs padded attention over
+a batch of unequal lengths and ``hf-masks`` the bytes of a Hugging Face model's masks, each imported only when
+asked for.
 """
 import argparse
+import importlib
 import re
 import sys
 from typing import List, Optional
@@ -14,7 +17,10 @@ from benchmarks.device import detect
 from benchmarks.providers import OPS
 from benchmarks.table import format_fits, format_table
 
-COMMANDS = ("suite", "scaling", "static", "gpu-check", "decode")
+STANDALONE = {"static": "benchmarks.static", "gpu-check": "benchmarks.gpu_check", "decode": "benchmarks.decode",
+              "varlen": "benchmarks.varlen", "hf-masks": "benchmarks.hf_masks"}
+"""Commands with their own module and ``main(argv)``."""
+COMMANDS = ("suite", "scaling", *STANDALONE)
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -89,18 +95,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "suite"
-    if command == "static":
-        from benchmarks.static import main as static_main  # another module's report; loaded only when asked for
-
-        return static_main(argv)
-    if command == "gpu-check":
-        from benchmarks.gpu_check import main as gpu_check_main  # imported only when asked for, as static
-
-        return gpu_check_main(argv)
-    if command == "decode":
-        from benchmarks.decode import main as decode_main  # imported only when asked for, as static
-
-        return decode_main(argv)
+    if command in STANDALONE:  # another module's command, imported only when asked for
+        return importlib.import_module(STANDALONE[command]).main(argv)
     return _run(command, _parser(command).parse_args(argv))
 
 
