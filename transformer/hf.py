@@ -175,8 +175,8 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
     :func:`dense_masks_for_generate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
     what it would have returned otherwise. No device sync except, per call, one ``all()`` of the 2-D mask (to
-    return None when nothing is padded) and one read of it to find left padding (both skipped while tracing), and
-    one read of the sequence starts for packed batches.
+    return None when nothing is padded), one read of it to find left padding and one read of a static cache's
+    length (all skipped while tracing), and one read of the sequence starts for packed batches.
     """
     from transformers.masking_utils import sdpa_mask
 
@@ -203,6 +203,8 @@ def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, k
     if packed is not None:
         cu_seqlens, max_seqlen = _segments(packed)
         return KernelMask(causal, kv_length, dense, window=window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if isinstance(q_offset, torch.Tensor) and not is_tracing(q_offset):
+        q_offset = int(q_offset)  # a static cache's length, kept on the device
     if attention_mask is not None:
         end = attention_mask.shape[-1]  # one past the last real key's position
         if isinstance(q_offset, int) and end != q_offset + q_length:

@@ -1,0 +1,111 @@
+"""Hugging Face generation on the decode kernel: with a static cache, each decoding step runs
+``kernels.attention_with_kvcache`` on the preallocated cache in place (cache_seqlens growing, left padding as
+cache_leftpad) and gives eager's tokens and logits; what it cannot express, and calls that need grad, keep the
+dense kernel."""
+import pytest
+import torch
+import torch.nn as nn
+
+import kernels
+from test_hf import kernel_only, tiny_llama, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from transformer import hf, patch
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT, NEW = 10, 4  # PROMPT > hf.DECODE_MAX_QUERIES: the prefill runs the dense kernel
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Records (kernel, q or k_cache shapes, cache_seqlens, cache_leftpad) of every attention kernel call."""
+    calls = []
+    attention, with_kvcache = kernels.attention, kernels.attention_with_kvcache
+
+    def dense(q, k, v, *args, **kwargs):
+        calls.append(("attention", tuple(q.shape), tuple(k.shape)))
+        return attention(q, k, v, *args, **kwargs)
+
+    def decode(q, k_cache, v_cache, **kwargs):
+        leftpad = kwargs["cache_leftpad"]
+        calls.append(("with_kvcache", tuple(q.shape), tuple(k_cache.shape), kwargs["cache_seqlens"],
+                      None if leftpad is None else leftpad.tolist()))
+        return with_kvcache(q, k_cache, v_cache, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention", dense)
+    monkeypatch.setattr(kernels, "attention_with_kvcache", decode)
+    return calls
+
+
+def _generate(model, ids, mask):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                         cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, padded, device, kernel_only,
+                                                                        attention_calls):
+    """Qwen2's second layer is full attention (a static cache of PROMPT + NEW - 1 slots), its first a sliding
+    window of 3 (a 3-slot rolling cache): the full layer's steps see cache_seqlens PROMPT + 1, + 2, + 3 and row 0's
+    3 padding slots as cache_leftpad; no step runs the dense kernel."""
+    model = build().to(device)
+    ids = torch.randint(1, 50, (2, PROMPT), device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    with torch.no_grad():
+        expected, expected_logits = _generate(model, ids, mask)
+        got, logits = _generate(patch(model), ids, mask)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+    layers, slots = model.config.num_hidden_layers, PROMPT + NEW - 1
+    dense = [c for c in attention_calls if c[0] == "attention"]
+    assert [c[1][2] for c in dense] == [PROMPT] * layers  # the prefill only
+    steps = [c for c in attention_calls if c[0] == "with_kvcache"]
+    assert len(steps) == layers * (NEW - 1)
+    assert all(c[1][1] == 1 for c in steps)  # (B, Sq = 1, H, D)
+    full_layers = 1 if build is tiny_qwen2 else layers
+    full = [c for c in steps if c[2][1] == slots]  # the whole preallocated cache, (B, S_max, Hkv, D)
+    assert [c[3] for c in full] == [PROMPT + i for i in range(1, NEW) for _ in range(full_layers)]
+    assert all(c[4] == ([3, 0] if padded else None) for c in full)
+    if build is tiny_qwen2:
+        window = [c for c in steps if c[2][1] == 3]
+        assert len(window) == NEW - 1 and all(c[3] == 3 for c in window)
+
+
+def test_padding_the_decode_kernel_cannot_express_keeps_the_dense_kernel(device, kernel_only, attention_calls):
+    """A hole in the 2-D mask (not left padding): every step runs kernels.attention with the key mask, eager's
+    tokens."""
+    model = tiny_llama().to(device)
+    ids = torch.randint(1, 50, (2, PROMPT), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, 4] = 0
+    with torch.no_grad():
+        expected, expected_logits = _generate(model, ids, mask)
+        got, logits = _generate(patch(model), ids, mask)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    assert attention_calls and all(c[0] == "attention" for c in attention_calls)
+    assert [c[1][2] for c in attention_calls].count(1) == model.config.num_hidden_layers * (NEW - 1)
+
+
+def test_a_decoding_step_that_needs_grad_runs_the_differentiable_kernel(attention_calls):
+    """One query against a longer cache: without grad the decode kernel, with a query that requires grad the
+    dense kernel (the decode kernel has no backward), same output, and the gradient flows."""
+    module = nn.Module()
+    module.is_causal = True
+    q = torch.randn(2, 4, 1, 8)
+    k, v = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    expected = kernels.reference.attention(q, k, v, causal=True, scale=0.3).transpose(1, 2)
+    with torch.no_grad():
+        out, _ = hf.hf_attention(module, q, k, v, None, scaling=0.3)
+    assert [c[0] for c in attention_calls] == ["with_kvcache"]
+    torch.testing.assert_close(out, expected)
+    q.requires_grad_()
+    out, _ = hf.hf_attention(module, q, k, v, None, scaling=0.3)
+    assert [c[0] for c in attention_calls] == ["with_kvcache", "attention"]
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
