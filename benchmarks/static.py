@@ -10,9 +10,12 @@ The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@t
 ``JITFunction``s, which a process running the interpreter cannot), each with its own throw-away Triton cache. So
 the report also works from inside an interpreted test run, and leaves the user's cache alone.
 
-Default configuration of a kernel: the first build its module registers for each (kernel, family, dtype, head
-dim), the family being one of :data:`FAMILIES` (so a norm kernel with an RMS switch has a default for each).
-``--quick`` keeps the default fp16 builds at head dim 64 and 128 (and at no head dim, for the norms/softmax).
+Default configurations: in each (kernel, family, dtype, head dim) group, the family being one of :data:`FAMILIES`
+(so a norm kernel with an RMS switch has defaults for each), the builds marked ``Build.default`` (the config a GPU
+runs first; a kernel without autotuning may mark several, one per row-width config). A group that marks none
+(a build list written without the flag, such as the tests' own) falls back to its first registered build, so
+every group has a default held to the no-spill bar. ``--quick`` keeps the default fp16 builds at head dim 64
+and 128 (and at no head dim, for the norms/softmax).
 """
 import argparse
 import importlib
@@ -35,9 +38,11 @@ QUICK_HEAD_DIMS = (None, 64, 128)
 # Names a head-dimension constexpr goes by; the label ("D=64", "d128", "hd64") is the fallback.
 HEAD_DIM_NAMES = re.compile(r"^(HEAD_?DIM|D|D_?HEAD|BLOCK_D|BLOCK_DMODEL|BLOCK_HEADDIM)$", re.IGNORECASE)
 HEAD_DIM_LABEL = re.compile(r"\b(?:D|hd|head_?dim)\s*=?\s*(\d+)\b", re.IGNORECASE)
-# What issue 7 names, matched against "kernel label": one jit function may serve several (e.g. a norm kernel
-# with an RMS switch), so the label decides too. A build matching none belongs to the family "other".
+# The kernel families the report holds to its bar, matched against "kernel label" in this order: one jit function
+# may serve several (e.g. a norm kernel with an RMS switch), so the label decides too. A build matching none
+# belongs to the family "other" (the tests' toy kernels; the package's own builds must all have a family).
 FAMILIES = {
+    "attention decode": r"(attn|attention).*decode",
     "attention forward": r"(attn|attention).*(fwd|forward)",
     "attention backward": r"(attn|attention).*(bwd|backward|dq|dk|dv|delta|preprocess)",
     "softmax": r"softmax",
@@ -69,10 +74,12 @@ def describe(build) -> Dict[str, object]:
 def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) -> List[Tuple[int, bool]]:
     """(index into ``builds``, is-default) for the builds to compile, in registration order."""
     infos = [describe(b) for b in builds]
-    first = {}
+    groups = {}
     for i, info in enumerate(infos):
-        first.setdefault((info["kernel"], info["family"], info["dtype"], info["head_dim"]), i)
-    defaults = set(first.values())
+        groups.setdefault((info["kernel"], info["family"], info["dtype"], info["head_dim"]), []).append(i)
+    defaults = set()
+    for members in groups.values():
+        defaults.update([i for i in members if builds[i].default] or members[:1])
     chosen = [i for i, info in enumerate(infos) if kernel is None or kernel in info["kernel"]]
     if quick:
         quick_ones = [i for i in chosen if i in defaults

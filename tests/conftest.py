@@ -1,4 +1,5 @@
-"""Shared test set-up: the interpreter on CPU, a seeded RNG per test, and the --runslow option."""
+"""Shared test set-up: the interpreter on CPU, a seeded RNG per test, the --runslow option and ``worker_id`` with or
+without pytest-xdist."""
 import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
 import pytest
 import torch
@@ -24,6 +25,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def worker_id(request):
+    """pytest-xdist's worker name ("gw0", ...), or "master" in a run that is not distributed: also when xdist is
+    not loaded at all (``-p no:xdist``), where its own fixture of this name does not exist."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
 @pytest.fixture
