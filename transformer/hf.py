@@ -204,7 +204,7 @@ def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, k
         cu_seqlens, max_seqlen = _segments(packed)
         return KernelMask(causal, kv_length, dense, window=window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if isinstance(q_offset, torch.Tensor) and not is_tracing(q_offset):
-        q_offset = int(q_offset)  # a static cache's length, kept on the device
+        q_offset = int(q_offset)  # a static cache keeps its length on the device; the key count must be an int
     if attention_mask is not None:
         end = attention_mask.shape[-1]  # one past the last real key's position
         if isinstance(q_offset, int) and end != q_offset + q_length:
@@ -212,7 +212,7 @@ def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, k
     elif isinstance(q_offset, int):
         end = q_offset + q_length
     else:
-        return dense()  # a static cache without a 2-D mask: where its real keys end is only on the device
+        return dense()  # a traced static cache without a 2-D mask: where its real keys end is only on the device
     n_keys = min(end, kv_offset + kv_length) - kv_offset
     padding = None if attention_mask is None else attention_mask[:, kv_offset:kv_offset + n_keys]
     if padding is not None and not is_tracing(padding) and bool(padding.all()):
