@@ -1,4 +1,5 @@
-"""Fused Triton kernels for transformers: causal attention, softmax and layer/RMS norm, with autograd.
+"""Fused Triton kernels for transformers: attention (with its variants, packed batches and decoding), softmax and
+layer/RMS norm, with autograd.
 
 On a machine without a GPU, importing this package turns on Triton's interpreter (see ``kernels/_runtime.py``),
 so the same kernels run, slowly but exactly, on CPU tensors.
@@ -8,5 +9,6 @@ from kernels import reference  # noqa: F401
 from kernels.softmax import softmax, log_softmax  # noqa: F401
 from kernels.attention import attention, scaled_dot_product_attention  # noqa: F401
 from kernels.attention.api import attention_dropout_mask  # noqa: F401
+from kernels.attention.varlen import attention_varlen  # noqa: F401
 from kernels.attention.decode import attention_with_kvcache  # noqa: F401
 from kernels.layernorm import layer_norm, rms_norm, add_layer_norm, add_rms_norm, LayerNorm, RMSNorm  # noqa: F401

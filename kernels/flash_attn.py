@@ -22,7 +22,8 @@ Differences from flash-attn 2.x, all functions:
   The varlen functions raise NotImplementedError for it with dropout.
 - The dense functions' ``out`` is the kernel's (B, H, S, D) result copied once into (B, S, H, D) (contiguous, as
   flash-attn's, so ``out.view(...)`` works).
-- The varlen functions launch once per sequence (see ``kernels/attention/varlen.py``); ``block_table`` (a paged
+- The varlen functions validate ``cu_seqlens`` on the host (one sync; flash-attn does not check them) and then
+  launch each kernel once for the whole batch (see ``kernels/attention/varlen.py``); ``block_table`` (a paged
   cache) is for :func:`flash_attn_with_kvcache` only and raises NotImplementedError there.
 
 Differences, ``flash_attn_with_kvcache``:
