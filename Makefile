@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+TORCH ?= $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 TRITON ?= $(if $(HAS_GPU),triton>=3.5,triton==3.8.0)
 ARGS ?=
 

@@ -12,7 +12,7 @@ setup(
                                     "benchmarks", "benchmarks.*"]),
     package_data={"transformer": ["data/*.txt"]},
     # triton 3.5: the first with triton.knobs.nvidia.dump_ptxas_log, which the GPU build report reads.
-    install_requires=["torch>=2.4", "triton>=3.5,<4", "numpy>=1.24"],
+    install_requires=["torch>=2.5", "triton>=3.5,<4", "numpy>=1.24"],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "transformers>=4.56"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"],

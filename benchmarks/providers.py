@@ -1,7 +1,7 @@
 """What is measured: benchmark cases (op, mode, sizes) and the provider table (who computes each op).
 
-A provider is looked up lazily: one whose function is not importable (a kernel not written yet, flash-attn not
-installed, no GPU) is reported as unavailable with the reason, never replaced by a stand-in.
+A provider is looked up lazily: one whose function is not importable (a kernel the package does not export,
+flash-attn not installed, no GPU) is reported as unavailable with the reason, never replaced by a stand-in.
 
 Two attention providers compute a sparser mask on the same causal case, to show how its cost scales: the fused
 kernel with a sliding window of :data:`WINDOW` keys (cost ~ N * WINDOW), and with the N tokens split into

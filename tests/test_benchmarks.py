@@ -225,7 +225,7 @@ def test_records_carry_device_method_and_counts(tmp_path):
 
 
 def test_unavailable_provider_is_recorded_not_crashed(monkeypatch):
-    missing = Provider("not-written-yet", "attention", lambda: importlib.import_module("kernels.no_such_kernel"))
+    missing = Provider("missing-kernel", "attention", lambda: importlib.import_module("kernels.no_such_kernel"))
     monkeypatch.setattr(runner, "providers_for", lambda op, names, variants: [missing])
     recs = runner.run({"attention": [Case("attention", "fwd", 16), Case("attention", "fwd", 32)]}, detect())
     assert [r["status"] for r in recs] == ["unavailable"] * 2
