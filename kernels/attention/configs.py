@@ -49,15 +49,17 @@ _CONFIGS = {
 FAMILIES = tuple(_CONFIGS["fwd"])
 # IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit, and ptxas
 # often settles on 64 or 128 registers and spills a few bytes rather than use more. First entries are held to the
-# same bar as above; dK/dV at d128 takes 16x32 on 4 warps (spill-free for every specialisation on sm_80 and sm_90
-# except dropout on sm_90). TF32 (opt-in) uses these tables too.
+# same bar as above: dK/dV d256 16x16 w4 s1, dQ d128 32x16 w8 s2 and dQ d256 16x16 w8 s1 are spill-free for every
+# specialisation on sm_80 and sm_90. Still spilling: dK/dV d64 32x32 w8 s2 (sm_90 window etc.) and d128 16x32 w4 s1
+# (dropout on sm_90); no tile tried (16x16..32x32, 2-8 warps, 1-2 stages) was clean on both. TF32 (opt-in) uses
+# these tables too.
 _FP32_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 4, 2)]},
     "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(16, 32, 4, 1), (16, 32, 8, 1), (32, 32, 8, 1)],
-             256: [(16, 16, 8, 1)]},
-    "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (32, 16, 8, 2)],
-           256: [(32, 16, 8, 1), (16, 16, 8, 1)]},
+             256: [(16, 16, 4, 1), (16, 16, 8, 1)]},
+    "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(32, 16, 8, 2), (16, 32, 8, 2)],
+           256: [(16, 16, 8, 1), (32, 16, 8, 1)]},
 }
 # The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
 # fp16/bf16 tiles are smaller (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar as above.
