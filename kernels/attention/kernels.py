@@ -222,6 +222,20 @@ def _sequence_diagonal(diagonal, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT):
 
 
 @triton.jit
+def _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """(cols, k, v) of the key block at ``start_n`` in a loop over key blocks: its key indices and its K and V tiles
+    (fp32 when UPCAST)."""
+    cols = start_n + offs_n
+    k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return cols, k, v
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
                PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
@@ -230,12 +244,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units."""
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
+                                MASKED, HEAD_DIM, BLOCK_D, UPCAST)
         visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
         s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
                        qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
@@ -516,12 +526,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
+                                MASKED, HEAD_DIM, BLOCK_D, UPCAST)
         visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
                        qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
