@@ -204,6 +204,8 @@ def groups():
 
     def get(world: int) -> _Group:
         if world not in started or not started[world].alive():
+            if world in started:  # a rank died: stop the survivors before starting a fresh group
+                started[world].close()
             started[world] = _Group(world)
         return started[world]
 
