@@ -34,9 +34,10 @@ import triton.language as tl
 from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor
-from kernels.attention.api import check_scale
+from kernels.attention.api import check_scale, check_window
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid
-from kernels.attention.kernels import LN2, LOG2E, _load_tile, _program_block, _row_offset, _store_tile, _tile_ptrs
+from kernels.attention.kernels import (LN2, LOG2E, _load_tile, _program_block, _row_offset, _store_tile, _tanh,
+                                      _tile_ptrs)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -133,9 +134,9 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
 @triton.jit
 def _softcapped(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
     """Scores in log2 units: ``q.k * qk_scale``, or ``cap_scale * tanh(q.k * qk_scale)`` (qk_scale = scale /
-    softcap, cap_scale = softcap * log2(e)); tanh(x) = 1 - 2 / (e^2x + 1) saturates cleanly at +-1."""
+    softcap, cap_scale = softcap * log2(e)), with the training kernels' overflow-free tanh."""
     if SOFTCAP:
-        s = cap_scale * (1.0 - 2.0 / (tl.math.exp2(s * (qk_scale * 2.0 * LOG2E)) + 1.0))
+        s = cap_scale * _tanh(s * qk_scale)
     else:
         s = s * qk_scale
     return s
@@ -505,9 +506,7 @@ def _check_rotary(rotary_cos, rotary_sin, k, d: int, capacity: int, device) -> N
 
 def _check_window(window_size, causal: bool) -> Tuple[int, int]:
     """(left, right) key bounds around each row's diagonal, -1 = unbounded; causal sets right = 0."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a (left, right) pair of ints >= -1, got {window_size!r}")
-    left, right = (_check_int("window_size", w, -1) for w in window_size)
+    left, right = check_window(window_size)
     return left, 0 if causal else right
 
 
