@@ -31,7 +31,6 @@ Differences, ``flash_attn_with_kvcache``:
 - rotary_dim any even number <= the head dim (flash-attn:
   a multiple of 16); rotary_cos/rotary_sin of any float dtype (flash-attn: q's); any page size (flash-attn: a
   multiple of 256); ``cache_leftpad`` with a paged cache (flash-attn refuses the pair).
-- ``alibi_slopes`` raises NotImplementedError.
 - Stricter checks, before anything runs: an int ``cache_seqlens`` must leave room for the new keys, the cache needs
   at least B rows without ``cache_batch_idx``, inputs that require grad raise while grad mode is on (flash-attn
   returns a result without a graph).

@@ -1,8 +1,9 @@
 """kernels.attention_with_kvcache (kernels/attention/decode.py) against float64 math on the gathered cache.
 
 The reference appends the new keys/values to a copy of each row's logical cache, applies rotary embedding in torch,
-and runs kernels.reference.attention with the row's visibility mask; PyTorch doing the same in the inputs' dtype
-measures the rounding noise the kernel may double (tests/tolerance.py).
+and runs kernels.reference.attention with the row's visibility mask (or the same math written out, with softcap and
+ALiBi); PyTorch doing the same in the inputs' dtype measures the rounding noise the kernel may double
+(tests/tolerance.py). The kernels run on the ``device`` fixture's device; the reference runs on CPU copies.
 """
 import math
 
@@ -38,9 +39,10 @@ def _logical(cache, b, batch_idx, block_table):
 
 
 def _expected(dtype, q, k_cache, v_cache, k=None, v=None, cos=None, sin=None, interleaved=True, seqlens=None,
-              batch_idx=None, leftpad=None, block_table=None, causal=False, window_size=(-1, -1), softcap=0.0):
+              batch_idx=None, leftpad=None, block_table=None, causal=False, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None):
     """(out (B, Sq, H, D), lse (B, H, Sq), [each row's logical K and V after the append]) computed by torch in
-    ``dtype`` from the same inputs."""
+    ``dtype`` from the same (CPU) inputs."""
     batch, n_q, heads, d = q.shape
     n_new = 0 if k is None else k.shape[1]
     outs, lses, caches = [], [], []
@@ -69,10 +71,15 @@ def _expected(dtype, q, k_cache, v_cache, k=None, v=None, cos=None, sin=None, in
         if right >= 0:
             visible = visible & (pos <= diag + right)
         qh, kh, vh = qb.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
-        if softcap:
+        if softcap or alibi_slopes is not None:
             group = heads // kh.shape[1]
             scores = qh @ kh.repeat_interleave(group, 1).transpose(-1, -2) / math.sqrt(d)
-            scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            if alibi_slopes is not None:  # flash-attn's |i + seqlen_k - seqlen_q - j| with the row's own seqlen_k
+                slopes = (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]).to(dtype)
+                scores = scores - slopes[:, None, None] * (diag - pos).abs().to(dtype)
+            scores = scores.masked_fill(~visible, float("-inf"))
             lse = torch.logsumexp(scores, -1)
             probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
             out = probs @ vh.repeat_interleave(group, 1)
@@ -83,11 +90,17 @@ def _expected(dtype, q, k_cache, v_cache, k=None, v=None, cos=None, sin=None, in
     return torch.stack(outs), torch.stack(lses), caches
 
 
+def _cpu(x):
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
 def _check(dtype, q, k_cache, v_cache, k=None, v=None, **kw):
-    """Run the kernel on copies of the caches and check out, lse and the appended cache against float64."""
+    """Run the kernel on copies of the caches (on the inputs' device) and check out, lse and the appended cache
+    against float64 on CPU; returns the kernel's (out, lse) moved to CPU."""
     k_run, v_run = k_cache.clone(), v_cache.clone()
     out, lse = kernels.attention_with_kvcache(q, k_run, v_run, k, v, return_lse=True, **kw)
-    args = dict(kw)
+    q, k_cache, v_cache, k, v, k_run, v_run, out, lse = map(_cpu, (q, k_cache, v_cache, k, v, k_run, v_run, out, lse))
+    args = {name: _cpu(value) for name, value in kw.items()}
     args["cos"], args["sin"] = args.pop("rotary_cos", None), args.pop("rotary_sin", None)
     args["interleaved"] = args.pop("rotary_interleaved", True)
     args["seqlens"], args["batch_idx"] = args.pop("cache_seqlens", None), args.pop("cache_batch_idx", None)
@@ -120,16 +133,20 @@ def _check(dtype, q, k_cache, v_cache, k=None, v=None, **kw):
     return out, lse
 
 
-def _inputs(dtype, b, n_q, h, h_kv, d, b_cache, capacity, n_new):
-    q = torch.randn(b, n_q, h, d, dtype=dtype)
-    k_cache, v_cache = (torch.randn(b_cache, capacity, h_kv, d, dtype=dtype) for _ in range(2))
-    k, v = (torch.randn(b, n_new, h_kv, d, dtype=dtype) if n_new else None for _ in range(2))
+def _inputs(dtype, device, b, n_q, h, h_kv, d, b_cache, capacity, n_new):
+    q = torch.randn(b, n_q, h, d, dtype=dtype, device=device)
+    k_cache, v_cache = (torch.randn(b_cache, capacity, h_kv, d, dtype=dtype, device=device) for _ in range(2))
+    k, v = (torch.randn(b, n_new, h_kv, d, dtype=dtype, device=device) if n_new else None for _ in range(2))
     return q, k_cache, v_cache, k, v
 
 
-def _rotary(dtype, rows, rotary_dim):
-    angle = torch.rand(rows, rotary_dim // 2, dtype=torch.float64) * 2 * math.pi
+def _rotary(dtype, device, rows, rotary_dim):
+    angle = torch.rand(rows, rotary_dim // 2, dtype=torch.float64, device=device) * 2 * math.pi
     return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _int32(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def _paged(cache, page_size, generator_seed=1):
@@ -138,8 +155,8 @@ def _paged(cache, page_size, generator_seed=1):
     batch, capacity = cache.shape[:2]
     blocks = capacity // page_size
     order = torch.randperm(batch * blocks + 1, generator=torch.Generator().manual_seed(generator_seed))
-    table = order[:batch * blocks].view(batch, blocks).to(torch.int32)
-    pages = torch.randn(batch * blocks + 1, page_size, *cache.shape[2:]).to(cache.dtype)
+    table = order[:batch * blocks].view(batch, blocks).to(device=cache.device, dtype=torch.int32)
+    pages = torch.randn(batch * blocks + 1, page_size, *cache.shape[2:], device=cache.device).to(cache.dtype)
     pages[table.flatten().long()] = cache.reshape(batch * blocks, page_size, *cache.shape[2:])
     return pages, table
 
@@ -153,18 +170,18 @@ CASES = [  # (dtype, B, Sq, H, Hkv, D, capacity, Sk_new, causal, num_splits): GQ
 
 
 @pytest.mark.parametrize("dtype,b,n_q,h,h_kv,d,capacity,n_new,causal,splits", CASES)
-def test_matches_float64_with_append(dtype, b, n_q, h, h_kv, d, capacity, n_new, causal, splits):
+def test_matches_float64_with_append(device, dtype, b, n_q, h, h_kv, d, capacity, n_new, causal, splits):
     """Rows of different lengths, including an empty cache and a cache the append fills to its last slot."""
-    q, k_cache, v_cache, k, v = _inputs(dtype, b, n_q, h, h_kv, d, b, capacity, n_new)
-    seqlens = torch.tensor([0, capacity - n_new, 13][:b], dtype=torch.int32)
+    q, k_cache, v_cache, k, v = _inputs(dtype, device, b, n_q, h, h_kv, d, b, capacity, n_new)
+    seqlens = _int32([0, capacity - n_new, 13][:b], device)
     _check(dtype, q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=causal, num_splits=splits)
 
 
-def test_paged_cache_equals_contiguous():
+def test_paged_cache_equals_contiguous(device):
     """Shuffled pages (page size 16, not a multiple of the key block) give bit-identical outputs and caches."""
-    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 2, 4, 2, 64, 2, 64, 2)
-    cos, sin = _rotary(FP16, 64, 32)
-    kw = dict(cache_seqlens=torch.tensor([5, 41], dtype=torch.int32), causal=True, rotary_cos=cos, rotary_sin=sin,
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 2, 2, 4, 2, 64, 2, 64, 2)
+    cos, sin = _rotary(FP16, device, 64, 32)
+    kw = dict(cache_seqlens=_int32([5, 41], device), causal=True, rotary_cos=cos, rotary_sin=sin,
               return_lse=True)
     k_pages, table = _paged(k_cache, 16)
     v_pages, _ = _paged(v_cache, 16)
@@ -179,45 +196,68 @@ def test_paged_cache_equals_contiguous():
 
 @pytest.mark.parametrize("interleaved,causal,window", [(True, True, (-1, -1)), (False, False, (-1, -1)),
                                                        (False, False, (9, 2))])
-def test_rotary_matches_torch(interleaved, causal, window):
+def test_rotary_matches_torch(device, interleaved, causal, window):
     """q and the new keys rotated at cache_seqlens + i (q all at cache_seqlens when neither causal nor windowed),
     a rotary dim smaller than the head dim (80), both pair layouts."""
-    q, k_cache, v_cache, k, v = _inputs(BF16, 2, 3, 4, 2, 80, 2, 48, 3)
-    cos, sin = _rotary(BF16, 50, 48)
-    _check(BF16, q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([20, 44], dtype=torch.int32),
+    q, k_cache, v_cache, k, v = _inputs(BF16, device, 2, 3, 4, 2, 80, 2, 48, 3)
+    cos, sin = _rotary(BF16, device, 50, 48)
+    _check(BF16, q, k_cache, v_cache, k, v, cache_seqlens=_int32([20, 44], device),
            rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, causal=causal, window_size=window)
 
 
-def test_split_kv_matches_unsplit():
+def test_split_kv_matches_unsplit(device):
     """The heuristic splits this decode shape on 132 SMs; 1, chosen and 5 splits all meet the rule."""
-    q, k_cache, v_cache, k, v = _inputs(FP16, 1, 1, 8, 2, 64, 1, 200, 1)
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 1, 1, 8, 2, 64, 1, 200, 1)
     config = decode.tile(FP16, 64, 4)
     assert decode.choose_splits(2, 4, 200, 64, 2, config["BLOCK_N"], decode.ASSUMED_SMS) > 1
     for splits in (1, 0, 5):
         _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=150, num_splits=splits)
 
 
-def test_several_row_blocks_per_kv_head():
+def test_several_row_blocks_per_kv_head(device):
     """Forced 16-row tiles: 3 query heads x 7 tokens of one kv head span two row blocks (causal bounds per block)."""
     from kernels.registry import use_config
 
-    q, k_cache, v_cache, k, v = _inputs(FP16, 1, 7, 6, 2, 64, 1, 40, 7)
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 1, 7, 6, 2, 64, 1, 40, 7)
     with use_config("attention_decode", BLOCK_M=16, BLOCK_N=16):
         _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=20, causal=True, window_size=(11, -1), num_splits=2)
 
 
-def test_leftpad_batch_idx_window_softcap():
+def test_leftpad_batch_idx_window_softcap(device):
     """cache_leftpad hides each row's first keys, cache_batch_idx picks (permuted) cache rows, and a sliding
     window with a softcap bounds and caps the scores; Sq = 3 new tokens against 1 key leaves rows with no key."""
-    q, k_cache, v_cache, k, v = _inputs(FP32, 3, 3, 2, 1, 64, 4, 40, 3)
-    idx = torch.tensor([3, 0, 2], dtype=torch.int32)
-    seqlens = torch.tensor([30, 0, 17], dtype=torch.int32)
-    leftpad = torch.tensor([7, 0, 16], dtype=torch.int32)
+    q, k_cache, v_cache, k, v = _inputs(FP32, device, 3, 3, 2, 1, 64, 4, 40, 3)
+    idx, seqlens, leftpad = _int32([3, 0, 2], device), _int32([30, 0, 17], device), _int32([7, 0, 16], device)
     _check(FP32, q, k_cache, v_cache, k, v, cache_seqlens=seqlens, cache_batch_idx=idx, cache_leftpad=leftpad,
            causal=True, window_size=(5, -1), softcap=2.5, num_splits=2)
-    _, lse = _check(FP32, q, k_cache, v_cache, k[:, :1], v[:, :1], cache_seqlens=torch.zeros(3, dtype=torch.int32),
+    _, lse = _check(FP32, q, k_cache, v_cache, k[:, :1], v[:, :1], cache_seqlens=_int32([0, 0, 0], device),
                     causal=True)
     assert torch.isneginf(lse[:, :, :2]).all() and not lse[:, :, 2].isinf().any()
+
+
+ALIBI_CASES = [  # (Sq, Sk_new, slopes per batch row, num_splits, page size or 0, other variants)
+    (1, 1, False, 1, 0, {}),
+    (1, 1, True, 0, 16, {}),
+    (3, 3, True, 3, 0, dict(window_size=(9, -1), softcap=3.0)),
+    (3, 0, False, 2, 16, dict(causal=False, window_size=(20, 1))),
+    (3, 3, False, 2, 0, dict(cache_leftpad=[4, 0, 30])),
+]
+
+
+@pytest.mark.parametrize("n_q,n_new,per_batch,splits,page_size,variants", ALIBI_CASES)
+def test_alibi_matches_float64(device, n_q, n_new, per_batch, splits, page_size, variants):
+    """ALiBi slopes (H,) or (B, H) under GQA (3 query heads per kv head), split or not, paged or not, with rows of
+    cached length 0 (no key at all without an append), short and full; each row's distance is to its own
+    diagonal i + seqlen_k - Sq."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 3, n_q, 6, 2, 64, 3, 64, n_new)
+    slopes = torch.rand((3, 6) if per_batch else (6,), device=device) * 0.3
+    kw = dict(cache_seqlens=_int32([0, 40, 64 - n_new], device), causal=True, alibi_slopes=slopes, num_splits=splits)
+    kw.update(variants)
+    if "cache_leftpad" in kw:
+        kw["cache_leftpad"] = _int32(kw["cache_leftpad"], device)
+    if page_size:
+        (k_cache, kw["block_table"]), (v_cache, _) = _paged(k_cache, page_size), _paged(v_cache, page_size)
+    _check(FP16, q, k_cache, v_cache, k, v, **kw)
 
 
 def test_choose_splits():
@@ -231,9 +271,9 @@ def test_choose_splits():
 
 
 def _bad_calls():
-    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 1, 4, 2, 64, 2, 32, 1)
-    seq = torch.tensor([3, 4], dtype=torch.int32)
-    cos, sin = _rotary(FP16, 32, 16)
+    q, k_cache, v_cache, k, v = _inputs(FP16, "cpu", 2, 1, 4, 2, 64, 2, 32, 1)
+    seq = _int32([3, 4], "cpu")
+    cos, sin = _rotary(FP16, "cpu", 32, 16)
     return [
         (dict(q=q.float()), TypeError, "dtype"),
         (dict(k_cache=k_cache[:, :, :1].expand(2, 32, 3, 64), v_cache=v_cache[:, :, :1].expand(2, 32, 3, 64)),
@@ -253,7 +293,9 @@ def _bad_calls():
         (dict(window_size=(-2, 0)), ValueError, "window_size"),
         (dict(window_size=3), TypeError, "window_size"),
         (dict(softcap=-1.0), TypeError, "softcap"),
-        (dict(alibi_slopes=torch.ones(4)), NotImplementedError, "alibi_slopes"),
+        (dict(alibi_slopes=torch.ones(4, dtype=FP16)), TypeError, "alibi_slopes"),
+        (dict(alibi_slopes=torch.ones(2, 2)), ValueError, r"alibi_slopes must have shape \(H,\) = \(4,\)"),
+        (dict(alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes"),
         (dict(num_splits=129), ValueError, "num_splits"),
         (dict(num_splits=1.5), TypeError, "num_splits"),
         (dict(scale=float("nan")), TypeError, "scale"),
@@ -270,7 +312,7 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
             kernels.attention_with_kvcache(**{**base, **change})
 
 
-def test_flash_attn_with_kvcache_signature_and_conventions():
+def test_flash_attn_with_kvcache_signature_and_conventions(device):
     """flash-attn 2.x's parameter names, order and defaults; its outputs are attention_with_kvcache's, with +inf
     (flash-attn's convention) where a row sees no key, and out alone without return_softmax_lse."""
     import inspect
@@ -285,8 +327,8 @@ def test_flash_attn_with_kvcache_signature_and_conventions():
     assert list(params) == list(expected)
     assert {n: p.default for n, p in params.items() if p.default is not p.empty} == \
         {n: d for n, d in expected.items() if n not in ("q", "k_cache", "v_cache")}
-    q, k_cache, v_cache, k, v = _inputs(FP16, 2, 2, 4, 2, 64, 2, 32, 1)
-    seqlens = torch.tensor([0, 9], dtype=torch.int32)
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 2, 2, 4, 2, 64, 2, 32, 1)
+    seqlens = _int32([0, 9], device)
     caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
     out, lse = flash_attn_with_kvcache(q, *caches[0], k, v, cache_seqlens=seqlens, causal=True, softmax_scale=0.3,
                                        return_softmax_lse=True)

@@ -7,8 +7,9 @@ cache, seqlen_b = cache_seqlens[b] + Sk_new, where the Sk_new new keys/values we
 positions [cache_seqlens[b], seqlen_b). With L_b = seqlen_b - leftpad_b keys, query i sees key position p iff
 leftpad_b <= p < seqlen_b and, with diag = i + seqlen_b - Sq (bottom-right alignment per row):
 causal: p <= diag; window (left, right): diag - left <= p <= diag + right (-1 = unbounded).
-Scores are ``scale * q.k`` (``softcap * tanh(scale * q.k / softcap)`` with softcap > 0); rows that see no key give
-zeros and lse = -inf.
+Scores are ``scale * q.k`` (``softcap * tanh(scale * q.k / softcap)`` with softcap > 0), then with ALiBi minus
+``slope_h * |diag - p|`` (flash-attn's |i + seqlen_k - seqlen_q - j| with the row's own seqlen_k; left padding
+moves neither); rows that see no key give zeros and lse = -inf.
 
 Three kernels, one family with ``kernels.py`` (its tile helpers, online softmax in base 2, UPCAST for the
 interpreter's bf16 ``tl.dot``, ``cast_rne`` stores):
@@ -34,10 +35,10 @@ import triton.language as tl
 from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor
-from kernels.attention.api import check_scale, check_window
+from kernels.attention.api import _alibi_args, _check_alibi, check_scale, check_window
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid
-from kernels.attention.kernels import (LN2, LOG2E, _load_tile, _program_block, _row_offset, _store_tile, _tanh,
-                                      _tile_ptrs)
+from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
+                                      _store_tile, _tile_ptrs)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -132,30 +133,20 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
 
 
 @triton.jit
-def _softcapped(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
-    """Scores in log2 units: ``q.k * qk_scale``, or ``cap_scale * tanh(q.k * qk_scale)`` (qk_scale = scale /
-    softcap, cap_scale = softcap * log2(e)), with the training kernels' overflow-free tanh."""
-    if SOFTCAP:
-        s = cap_scale * _tanh(s * qk_scale)
-    else:
-        s = s * qk_scale
-    return s
-
-
-@triton.jit
-def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_tb,
+def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI, stride_tb, stride_ab,
                 stride_qb, stride_qn, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_on, stride_oh, stride_os, stride_od,
                 stride_lb, stride_lh, stride_ln, stride_ls,
                 kv_heads, group, n_q, n_new, capacity, page_size, splits, window_left, window_right,
-                qk_scale, cap_scale,
+                qk_scale, cap_log2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
     """One program per (split, packed row block, batch * kv head) (split fastest): the normalised out of its rows
-    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE."""
+    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE.
+    ALIBI: float32 slopes (B, H) or (H,) (stride_ab 0), indexed by each packed row's query head."""
     pid = tl.program_id(0)
     split = pid % splits
     m_blocks = tl.cdiv(group * n_q, BLOCK_M)
@@ -175,6 +166,7 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, strid
         q = q.to(tl.float32)
 
     lo, seqlen, cache_b = _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new)
+    slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h[:, None])  # (BLOCK_M, 1): one slope per packed row's head
     diag = tok + seqlen - n_q  # each row's last causal key: bottom-right alignment per batch row
     # Keys some row of the block may see, [blk_lo, blk_hi), split into runs of whole key blocks whose lengths
     # differ by at most one block, so no split is idle while another has work.
@@ -206,13 +198,11 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, strid
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _softcapped(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
-        visible = col_ok[None, :]
-        if LOCAL_LEFT:
-            visible = visible & (cols[None, :] >= diag[:, None] - window_left)
-        if LOCAL_RIGHT:
-            visible = visible & (cols[None, :] <= diag[:, None] + window_right)
-        s = tl.where(visible, s, float("-inf"))
+        # The training kernels' scores with each row's own diagonal as its row index: the window is
+        # [diag - left, diag + right] and the ALiBi distance |diag - col| (bottom-right per batch row).
+        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), diag[:, None], cols[None, :],
+                       col_ok[None, :], qk_scale, cap_log2, slope_log2, window_right, -window_left, 0,
+                       True, LOCAL_RIGHT, LOCAL_LEFT, SOFTCAP, ALIBI is not None)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -330,14 +320,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 _TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i32",
-          "BATCH_IDX": "*i32", "BLOCK_TABLE": "*i32"}
+          "BATCH_IDX": "*i32", "BLOCK_TABLE": "*i32", "ALIBI": "*fp32"}
 
 
 @register_builds
 def _builds() -> List[Build]:
     """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at its smallest and largest BLOCK_M
-    (paged, left-padded, causal, softcapped: every feature on), its combine, and the rotary append into a paged
-    cache. Each is the config a GPU launches (default)."""
+    (paged, left-padded, causal, softcapped, ALiBi: every feature on), its combine, and the rotary append into a
+    paged cache. Each is the config a GPU launches (default)."""
     builds = []
     for dtype, name in TRITON_DTYPES.items():
         fp32 = dtype == torch.float32
@@ -348,7 +338,7 @@ def _builds() -> List[Build]:
                                   LOCAL_RIGHT=True, SOFTCAP=True, UPCAST=False, PRECISION="ieee")
                 builds.append(declare("attention_decode", _decode_fwd, dtype=name, constexprs=constexprs,
                                       num_warps=warps, num_stages=stages, types=dict(_TYPES, BATCH_IDX="constexpr"),
-                                      label=f"{name} d{d} paged causal {block_m}x{block_n} w{warps} s{stages}",
+                                      label=f"{name} d{d} paged causal alibi {block_m}x{block_n} w{warps} s{stages}",
                                       default=True))
             builds.append(declare("attention_decode_combine", _decode_combine, dtype=name,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=COMBINE_BLOCK_M), num_warps=4,
@@ -382,8 +372,9 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
 
 
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
-            n_new: int, window: Tuple[int, int], softcap: float, scale: float, num_splits: int):
-    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32)."""
+            n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int):
+    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32).
+    ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
     batch, n_q, heads, d = q.shape
     kv_heads = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -403,12 +394,13 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         split_strides = (o_buf.stride(0), lse_buf.stride(0))
     o_strides = o_buf.stride()[-4:]
     tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    qk_scale, cap_scale = (scale / softcap, softcap * LOG2E.value) if softcap else (scale * LOG2E.value, 1.0)
+    alibi, stride_ab = _alibi_args(alibi_slopes)
     _decode_fwd[grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"])](
-        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table,
-        0 if block_table is None else block_table.stride(0), *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
-        kv_heads, group, n_q, n_new, capacity, page_size, splits, window[0], window[1], qk_scale, cap_scale,
+        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi,
+        0 if block_table is None else block_table.stride(0), stride_ab, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
+        kv_heads, group, n_q, n_new, capacity, page_size, splits, window[0], window[1], scale * LOG2E.value,
+        softcap * LOG2E.value,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), LOCAL_LEFT=window[0] >= 0,
         LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
         PRECISION="tf32" if tf32 else "ieee", **config)
@@ -544,13 +536,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
     rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed), interleaved
     pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size`` (left, right), -1 unbounded; ``softcap`` > 0 caps
-    the scores at +-softcap by tanh; ``num_splits``: 0 chooses (:func:`choose_splits`), 1 never splits, up to 128.
+    the scores at +-softcap by tanh; ``alibi_slopes`` float32 (H,) or (B, H) on q's device subtracts
+    slope * |diag - p| from the (capped) score; ``num_splits``: 0 chooses (:func:`choose_splits`), 1 never splits, up to 128.
     Returns out (B, Sq, H, D) in q's dtype and, with ``return_lse``, lse (B, H, Sq) float32 (natural log, -inf for
     rows that see no key).
 
     Forward only: inputs that require grad while grad mode is on raise (there is no backward). Values inside
     cache_seqlens, cache_leftpad, cache_batch_idx and block_table are not checked (that needs a host sync); they
-    must index valid cache rows and pages. ``alibi_slopes`` raises NotImplementedError.
+    must index valid cache rows and pages.
     """
     capacity, page_size = _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
     batch, n_q, heads, d = q.shape
@@ -566,7 +559,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
         raise TypeError(f"softcap must be a finite real >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not implemented by kernels.attention_with_kvcache")
+        _check_alibi(alibi_slopes, q.transpose(1, 2))  # it reads (B, H) from a (B, H, N, D) q
+        alibi_slopes = alibi_slopes.contiguous()
     num_splits = _check_int("num_splits", num_splits, 0)
     if num_splits > MAX_SPLITS:
         raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
@@ -593,5 +587,5 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                         page_size=page_size, to_cache=False, **rotary)
                 q = q_rotated
         out, lse = _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
-                           window, float(softcap), scale, num_splits)
+                           window, float(softcap), alibi_slopes, scale, num_splits)
     return (out, lse) if return_lse else out
