@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.attention import configs
 from kernels.registry import TRITON_DTYPES, Build, all_builds, use_config
 from benchmarks import records, runner
 from benchmarks.device import DeviceInfo, detect
@@ -97,10 +98,15 @@ def pytest_counts(output: str) -> Dict[str, int]:
     return {outcome.rstrip("s") if outcome == "errors" else outcome: int(n) for n, outcome in _COUNT.findall(summary)}
 
 
-def run_tests(device: DeviceInfo, budget: Budget, args: Sequence[str] = ("tests", "-x")) -> List[dict]:
+def _test_args() -> List[str]:
+    """``tests -x``, spread over 8 workers when pytest-xdist is installed (the GPU machine's compiles are CPU work)."""
+    return ["tests", "-x"] + (["-n", "8"] if importlib.util.find_spec("xdist") else [])
+
+
+def run_tests(device: DeviceInfo, budget: Budget, args: Optional[Sequence[str]] = None) -> List[dict]:
     """The test suite in a subprocess (``python -m pytest -q *args`` from the repository root), killed when the
     budget is spent; one record with the pass/fail counts and the end of the output."""
-    command = [sys.executable, "-m", "pytest", "-q", *args]
+    command = [sys.executable, "-m", "pytest", "-q", *(_test_args() if args is None else args)]
     record = {"phase": "tests", "command": " ".join(command[2:])}
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget.seconds)
@@ -139,14 +145,32 @@ def _python_fn(build: Build):
     return fn
 
 
-def build_dtype(build: Build) -> torch.dtype:
-    """The dtype a build was declared for: that of its first pointer parameter."""
-    first = next(t for t in build.signature.values() if t.startswith("*"))
-    return DTYPES[first[1:]]
+def build_dtype(build: Build) -> Optional[torch.dtype]:
+    """The dtype a build was declared for: that of its first floating-point pointer parameter (index tensors such
+    as cu_seqlens or block tables may come first); None for a build with none (the dropout keep-mask helper)."""
+    return next((DTYPES[t[1:]] for t in build.signature.values() if t.startswith("*") and t[1:] in DTYPES), None)
+
+
+ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_delta", "attention_dkdv", "attention_dq")
+"""The builds ``kernels.attention`` launches (forward, then the backward's three passes)."""
+
+
+def variant(build: Build) -> str:
+    """The specialisation an attention build was declared for ("window", "dropout", ...; "" for the plain one),
+    read from its label as ``kernels.attention.configs`` writes it."""
+    return next((name for name in configs._VARIANTS if f" {name} " in f" {build.label} "), "")
 
 
 def attention_builds(builds: Sequence[Build]) -> List[Build]:
-    return [b for b in builds if b.kernel.startswith("attention_")]
+    """The attention builds this phase can launch through ``kernels.attention`` with their config forced."""
+    return [b for b in builds if b.kernel in ATTENTION_KERNELS and variant(b) != "varlen"]
+
+
+def other_builds(builds: Sequence[Build]) -> List[Build]:
+    """The attention builds launched by another entry point (decoding, varlen, the dropout-mask helper): the test
+    suite checks those (tests/test_decode.py, tests/test_varlen.py, tests/test_attention_variants.py)."""
+    checked = {id(b) for b in attention_builds(builds) + row_builds(builds)}
+    return [b for b in builds if id(b) not in checked]
 
 
 def row_builds(builds: Sequence[Build]) -> List[Build]:
@@ -245,15 +269,45 @@ def check(problem: Problem, base: Baselines) -> List[dict]:
     return checks
 
 
+DROPOUT_P, DROPOUT_SEED = 0.2, 1234
+
+
+def variant_arguments(name: str, shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> dict:
+    """``kernels.attention`` keywords that launch the ``name`` specialisation at ``shape``."""
+    if name == "window":
+        return dict(window_size=(shape.length // 3, 7))
+    if name == "softcap":
+        return dict(softcap=2.0)
+    if name == "alibi":
+        return dict(alibi_slopes=torch.linspace(0.05, 0.5, shape.heads, device=device))
+    if name == "sinks":
+        return dict(sinks=torch.linspace(-1.0, 2.0, shape.heads, device=device, dtype=dtype))
+    if name == "dropout":
+        return dict(dropout_p=DROPOUT_P)
+    return {}
+
+
 def attention_problem(dtype: torch.dtype, head_dim: int, causal: bool, shape: AttentionShape,
-                      device: torch.device) -> Problem:
-    """Forward and backward attention at ``shape``; kernels.attention is looked up per call (tests replace it)."""
+                      device: torch.device, variant_name: str = "") -> Problem:
+    """Forward and backward attention at ``shape`` with one specialisation's arguments; kernels.attention is
+    looked up per call (tests replace it). With dropout, the kernel runs from a fixed seed and the reference takes
+    the keep-mask ``kernels.attention_dropout_mask`` draws from that same generator state."""
     torch.manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.length, head_dim, dtype=dtype, device=device)
     k, v = (torch.randn(shape.batch, shape.kv_heads, shape.length, head_dim, dtype=dtype, device=device)
             for _ in range(2))
-    return Problem(lambda *qkv: kernels.attention(*qkv, causal=causal),
-                   lambda *qkv: reference.attention(*qkv, causal=causal),
+    options = variant_arguments(variant_name, shape, dtype, device)
+    same_options = dict(options)
+    if options.get("dropout_p"):
+        torch.manual_seed(DROPOUT_SEED)
+        same_options["dropout_mask"] = kernels.attention_dropout_mask(shape.batch, shape.heads, shape.length,
+                                                                      shape.length, DROPOUT_P, device)
+
+    def kernel(*qkv):
+        torch.manual_seed(DROPOUT_SEED)
+        return kernels.attention(*qkv, causal=causal, **options)
+
+    return Problem(kernel, lambda *qkv: reference.attention(*qkv, causal=causal, **same_options),
                    [q, k, v], ["out"], ["dq", "dk", "dv"], backward=True)
 
 
@@ -318,8 +372,9 @@ def _verdict(checks: List[dict]) -> dict:
 
 
 def _describe(build: Build) -> dict:
+    dtype = build_dtype(build)
     return {"phase": "configs", "kernel": build.kernel, "label": build.label, "default": build.default,
-            "dtype": str(build_dtype(build)).removeprefix("torch.")}
+            "dtype": "-" if dtype is None else str(dtype).removeprefix("torch.")}
 
 
 def _checked(describe: dict, problem: Callable[[], Problem], base: Callable[[Problem], Baselines],
@@ -337,10 +392,11 @@ def _checked(describe: dict, problem: Callable[[], Problem], base: Callable[[Pro
 
 
 def config_items(builds: Sequence[Build]) -> List[tuple]:
-    """(build, causal) for every attention build (causal and not), then (build, None) for every row build;
-    the default configs first, so a spent budget skips the alternatives."""
+    """(build, causal) for every attention build launched through ``kernels.attention`` (causal and not), then
+    (build, None) for every row build and every other attention build; the default configs first, so a spent
+    budget skips the alternatives."""
     items = [(b, causal) for b in attention_builds(builds) for causal in (True, False)]
-    items += [(b, None) for b in row_builds(builds)]
+    items += [(b, None) for b in row_builds(builds) + other_builds(builds)]
     return sorted(items, key=lambda item: not item[0].default)
 
 
@@ -354,16 +410,21 @@ def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = At
     def attention_baselines(key):
         return lambda p: cache[key] if key in cache else cache.setdefault(key, baselines(p))
 
+    row = {id(b) for b in row_builds(builds)}
+
     def run_one(item):
         build, causal = item
-        if causal is None:
+        if causal is None and id(build) in row:
             return _checked(dict(_describe(build), width=row_width(build), rows=rows),
                             lambda: row_problem(build, rows, device.torch_device), baselines, contextlib.nullcontext())
-        key = (build_dtype(build), build.constexprs["HEAD_DIM"], causal)
+        if causal is None:
+            return dict(_describe(build), status="skipped",
+                        reason="not launched by kernels.attention: the tests phase checks it")
+        key = (build_dtype(build), build.constexprs["HEAD_DIM"], causal, variant(build))
         config = forced_config(build)
-        return _checked(dict(_describe(build), causal=causal, config=config,
+        return _checked(dict(_describe(build), causal=causal, config=config, variant=key[3] or "plain",
                              shape=[shape.batch, shape.heads, shape.kv_heads, shape.length, key[1]]),
-                        lambda: attention_problem(*key, shape, device.torch_device),
+                        lambda: attention_problem(*key[:3], shape, device.torch_device, key[3]),
                         attention_baselines(key), use_config(build.kernel, **config))
 
     return within(budget, config_items(builds), run_one, lambda item: _describe(item[0]))

@@ -42,9 +42,9 @@ def _lse(q, k, causal, scale, key_padding_mask=None):
     """Natural-log logsumexp of the scaled, masked scores, in q's dtype (-inf for rows that see no key)."""
     group = q.shape[1] // k.shape[1]
     scores = q @ k.repeat_interleave(group, dim=1).transpose(-2, -1) * scale
-    visible = torch.ones(scores.shape[-2:], dtype=torch.bool)
+    visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
     if causal:
-        visible = reference.causal_mask(q.shape[2], k.shape[2])
+        visible = reference.causal_mask(q.shape[2], k.shape[2], q.device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
     return torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
@@ -163,9 +163,11 @@ def test_use_config_is_what_runs(monkeypatch, device):
         with use_config("attention_fwd", BLOCK_M=16, BLOCK_N=64):
             kernels.attention(q, k, v)
         kernels.attention(q, k, v)
-    kernels.attention(q, k, v)
-    if kernels.INTERPRETED:
-        assert launched == [((3 * 6,), 16, 64), ((1 * 6,), 64, 16), ((2 * 6,), 32, 32)]
+    expected = [((3 * 6,), 16, 64), ((1 * 6,), 64, 16)]
+    if kernels.INTERPRETED:  # unforced, the interpreter's tile runs (a GPU autotunes, around the real kernel)
+        kernels.attention(q, k, v)
+        expected.append(((2 * 6,), 32, 32))
+    assert launched == expected
 
 
 def test_default_configs_are_each_tables_first_entry():
@@ -212,9 +214,10 @@ def test_lse_gradient(device):
     """lse is differentiable too (d lse / d s = softmax): its gradient folds into the backward's delta."""
     q, k, v = _inputs(1, 2, 1, 9, 13, 16, FP32, device, requires_grad=True)
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)
-    grads = torch.autograd.grad(out.sum() + (lse * torch.arange(9.0)).sum(), (q, k, v))
+    weights = torch.arange(9.0, device=device)
+    grads = torch.autograd.grad(out.sum() + (lse * weights).sum(), (q, k, v))
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = _REFERENCE(*leaves, causal=True).sum() + (_lse(leaves[0], leaves[1], True, 0.25) * torch.arange(9.0)).sum()
+    ref = _REFERENCE(*leaves, causal=True).sum() + (_lse(leaves[0], leaves[1], True, 0.25) * weights).sum()
     for grad, grad_ref in zip(grads, torch.autograd.grad(ref, leaves)):
         torch.testing.assert_close(grad.double(), grad_ref, atol=1e-5, rtol=1e-5)
 
@@ -231,7 +234,7 @@ def test_empty_inputs_launch_nothing(monkeypatch, device, shape_q, shape_kv):
     k, v = (torch.randn(shape_kv, device=device, requires_grad=True) for _ in range(2))
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)
     assert out.shape == shape_q and lse.shape == shape_q[:3]
-    assert torch.equal(out, torch.zeros(shape_q)) and torch.isneginf(lse).all()
+    assert torch.equal(out, torch.zeros(shape_q, device=device)) and torch.isneginf(lse).all()
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and all((g == 0).all() for g in grads)
 
@@ -239,21 +242,22 @@ def test_empty_inputs_launch_nothing(monkeypatch, device, shape_q, shape_kv):
 def test_rows_with_no_visible_key_are_zero_with_finite_gradients(kernel_only, device):
     """Causal with Nq > Nk (bottom-right): the first Nq - Nk queries see nothing; so does a fully padded batch row."""
     q, k, v = _inputs(2, 2, 1, 40, 9, 16, FP32, device, requires_grad=True)
-    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding = torch.ones(2, 9, dtype=torch.bool, device=device)
     padding[1] = False
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True, key_padding_mask=padding)
-    assert torch.equal(out[0, :, :31], torch.zeros(2, 31, 16)) and torch.equal(out[1], torch.zeros(2, 40, 16))
+    zeros = torch.zeros(2, 40, 16, device=device)
+    assert torch.equal(out[0, :, :31], zeros[:, :31]) and torch.equal(out[1], zeros)
     assert torch.isneginf(lse[0, :, :31]).all() and torch.isfinite(lse[0, :, 31:]).all()
     assert torch.isfinite(out).all()
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
-    assert torch.equal(dq[0, :, :31], torch.zeros(2, 31, 16)) and torch.equal(dk[1], torch.zeros(1, 9, 16))
+    assert torch.equal(dq[0, :, :31], zeros[:, :31]) and torch.equal(dk[1], torch.zeros_like(dk[1]))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_padding_mask_left_and_right(device, causal):
     q, k, v = _inputs(3, 2, 1, 21, 21, 16, FP32, device, requires_grad=True)
-    padding = torch.ones(3, 21, dtype=torch.bool)
+    padding = torch.ones(3, 21, dtype=torch.bool, device=device)
     padding[0, :6] = False  # left padding (Hugging Face decoders)
     padding[1, 15:] = False  # right padding
     padding[2, 3:19] = False
@@ -265,7 +269,7 @@ def test_key_padding_mask_left_and_right(device, causal):
 def test_key_padding_mask_with_holes(device, dtype, causal):
     """Any pattern of visible keys, e.g. several packed sequences' keys or random holes, non-contiguous mask."""
     q, k, v = _inputs(2, 2, 1, 37, 70, 24, dtype, device, requires_grad=True)
-    padding = torch.rand(70, 2) > 0.4
+    padding = torch.rand(70, 2, device=device) > 0.4
     padding[:5, 1] = False
     _check_gradients(q, k, v, causal, key_padding_mask=padding.t())
 
@@ -274,7 +278,7 @@ def test_falls_back_to_the_reference_when_the_kernels_cannot_run(monkeypatch, de
     monkeypatch.setattr(api._runtime, "kernel_runs_on", lambda *tensors: False)
     monkeypatch.setattr(api, "_forward_op", None)  # calling the kernel op would now fail
     q, k, v = _inputs(1, 2, 1, 5, 8, 8, FP32, device)
-    padding = torch.tensor([[False, True, True, True, True, True, True, False]])
+    padding = torch.tensor([[False, True, True, True, True, True, True, False]], device=device)
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True, key_padding_mask=padding)
     torch.testing.assert_close(out, _REFERENCE(q, k, v, causal=True, mask=padding[:, None, None, :]))
     torch.testing.assert_close(lse, _lse(q, k, True, 1 / math.sqrt(8), padding))
@@ -337,13 +341,13 @@ def test_sdpa_bool_padding_masks_run_the_kernel(monkeypatch, device, layout):
     decode time the cached queries' bottom-right causal mask with left padding."""
     n_q, n_k = (3, 12) if layout == "decode_bottom_right" else (12, 12)
     q, k, v = _inputs(2, 2, 2, n_q, n_k, 16, FP32, device)
-    keys = torch.ones(2, n_k, dtype=torch.bool)
+    keys = torch.ones(2, n_k, dtype=torch.bool, device=device)
     keys[0, :4] = False
     keys[1, 9:] = False
     if layout == "key_padding":
         mask = keys[:, None, None, :]
     else:
-        mask = keys[:, None, None, :] & reference.causal_mask(n_q, n_k)
+        mask = keys[:, None, None, :] & reference.causal_mask(n_q, n_k, device)
     got, expected = _sdpa_pair(monkeypatch, q, k, v, attn_mask=mask)
     torch.testing.assert_close(got, expected.nan_to_num(0.0), atol=1e-5, rtol=1e-5)
 
@@ -359,7 +363,7 @@ def _no_kernel(monkeypatch):
 def test_sdpa_other_masks_fall_back_to_torch(monkeypatch, device, mask_kind):
     _no_kernel(monkeypatch)
     q, k, v = _inputs(2, 2, 2, 6, 9, 8, FP32, device)
-    mask = torch.randn(2, 1, 6, 9) if mask_kind == "float" else torch.rand(2, 1, 6, 9) > 0.5
+    mask = torch.randn(2, 1, 6, 9, device=device) if mask_kind == "float" else torch.rand(2, 1, 6, 9, device=device) > 0.5
     # Assigned over torch's own function: the fallback must call the original, not recurse into the shim.
     monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
     got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -476,7 +480,7 @@ def test_torch_compile_fullgraph_with_a_key_padding_mask(kernel_only, device):
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     q, k, v = _inputs(2, 2, 1, 6, 9, 8, FP32, device, requires_grad=True)
     mask = torch.tensor([[False, False, True, True, True, True, True, True, True],
-                         [True, True, True, False, True, True, True, False, False]])
+                         [True, True, True, False, True, True, True, False, False]], device=device)
     loss = compiled(q, k, v, mask)
     grads = torch.autograd.grad(loss, (q, k, v))
     expected = torch.autograd.grad(f(q, k, v, mask), (q, k, v))

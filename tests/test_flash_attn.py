@@ -87,7 +87,8 @@ def test_flash_attn_func_matches_float64(device, dtype, b, n_q, n_k, h, h_kv, d,
     q, k, v = _bshd(b, n_q, h, d, dtype), _bshd(b, n_k, h_kv, d, dtype), _bshd(b, n_k, h_kv, d, dtype)
     variants = dict(variants)
     scale = variants.pop("softmax_scale", None)
-    out = flash_attn.flash_attn_func(q.to(device), k.to(device), v.to(device), softmax_scale=scale, **variants)
+    on_device = {name: value.to(device) if torch.is_tensor(value) else value for name, value in variants.items()}
+    out = flash_attn.flash_attn_func(q.to(device), k.to(device), v.to(device), softmax_scale=scale, **on_device)
     assert out.shape == (b, n_q, h, d) and out.dtype == dtype and out.is_contiguous()
     out.view(b, n_q, h * d)  # flash-attn callers reshape the output with view
     ref = dict(variants, scale=scale)
@@ -154,10 +155,11 @@ def test_return_attn_probs_with_dropout_encodes_the_dropout_mask_the_call_used(d
     torch.manual_seed(1)
     keep = api.attention_dropout_mask(1, 2, 5, 7, 0.4, device)
     assert s_dmask.shape == (1, 2, 5, 7)
+    s_dmask, keep = s_dmask.cpu(), keep.cpu()
     _, probs = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, return_probs=True)
-    torch.testing.assert_close(s_dmask.abs().cpu(), probs)
+    torch.testing.assert_close(s_dmask.abs(), probs)
     assert torch.equal((s_dmask >= 0) | (probs == 0), keep | (probs == 0))  # negative exactly where dropped
-    expected = _reference(q, k, v, FP32, causal=True, dropout_mask=keep.cpu(), dropout_p=0.4)
+    expected = _reference(q, k, v, FP32, causal=True, dropout_mask=keep, dropout_p=0.4)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -38,7 +38,9 @@ def test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0(tmp_pat
 def test_every_registered_build_is_checked_attention_causal_and_not_defaults_first():
     builds = all_builds()
     items = gpu_check.config_items(builds)
-    attention = [b for b in builds if b.kernel.startswith("attention_")]
+    attention = gpu_check.attention_builds(builds)
+    assert {b.kernel for b in attention} == set(gpu_check.ATTENTION_KERNELS)
+    assert {gpu_check.variant(b) for b in attention} == set(configs._VARIANTS) - {"varlen"} | {""}
     assert len(items) == 2 * len(attention) + len(builds) - len(attention)  # nothing else, nothing left out
     assert {id(b) for b, _ in items} == {id(b) for b in builds}
     assert sorted((id(b), c) for b, c in items if c is not None) == sorted(
@@ -77,6 +79,26 @@ def test_attention_configs_are_forced_and_pass_through_the_interpreter(device, m
     for build in builds:
         tile = {k: build.constexprs[k] for k in ("BLOCK_M", "BLOCK_N")}
         assert (build.kernel, tile) in seen
+
+
+def test_variant_builds_run_with_their_variant_and_the_others_are_left_to_the_tests(monkeypatch):
+    """A window or dropout build is checked by a call that launches that specialisation (dropout against the
+    keep-mask its seed draws); builds kernels.attention never launches are recorded as skipped, with the reason."""
+    calls = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(sorted(kw)) or real(*args, **kw))
+    fp32 = [b for b in all_builds() if b.kernel == "attention_fwd" and b.default and b.signature["Q"] == "*fp32"
+            and b.constexprs["HEAD_DIM"] == 64]
+    builds = [next(b for b in fp32 if gpu_check.variant(b) == name) for name in ("window", "dropout")]
+    others = gpu_check.other_builds(all_builds())
+    assert {b.kernel for b in others} >= {"attention_dropout_mask", "attention_decode"}
+    assert {gpu_check.variant(b) for b in others if b.kernel == "attention_fwd"} == {"varlen"}
+    builds.append(next(b for b in others if b.kernel == "attention_dropout_mask"))
+    recs = gpu_check.check_configs(detect(), gpu_check.Budget(UNLIMITED), shape=TINY, builds=builds)
+    assert [(r.get("variant"), r["status"]) for r in recs] == [
+        ("window", "pass"), ("window", "pass"), ("dropout", "pass"), ("dropout", "pass"), (None, "skipped")]
+    assert recs[-1]["reason"].startswith("not launched by kernels.attention")
+    assert ["causal", "window_size"] in calls and ["causal", "dropout_p"] in calls
 
 
 def test_softmax_and_norm_builds_pass_through_the_interpreter():

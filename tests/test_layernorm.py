@@ -258,16 +258,18 @@ def test_mixed_dtypes_add_in_the_dtype_torch_promotes_to():
         torch.testing.assert_close(got, expected)
 
 
-def test_autocast_normalises_in_the_dtype_torch_would(monkeypatch):
+def test_autocast_normalises_in_the_dtype_torch_would(monkeypatch, device):
     """CPU autocast leaves torch's norms in their input dtype, CUDA autocast runs them in fp32 (its fp32 list: the
     dispatcher says which); the kernels follow, shown on CPU by declaring it such a device."""
     for op in ("aten::layer_norm", "aten::rms_norm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU")
-    x, r = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(4, 24, dtype=torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.layer_norm(x, 24).dtype == F.layer_norm(x, (24,)).dtype == torch.bfloat16
+    x, r = (torch.randn(4, 24, dtype=torch.bfloat16, device=device) for _ in range(2))
+    if device.type == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernels.layer_norm(x, 24).dtype == F.layer_norm(x, (24,)).dtype == torch.bfloat16
         monkeypatch.setattr(norm_module, "AUTOCAST_FP32_DEVICES", ("cpu",))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = kernels.rms_norm(x, 24)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, F.rms_norm(x.float(), (24,)))
@@ -405,10 +407,10 @@ def test_bad_input_raises_before_launch(monkeypatch):
             call()
 
 
-def test_kernel_path_is_taken(monkeypatch):
+def test_kernel_path_is_taken(monkeypatch, device):
     monkeypatch.setattr(norm_module, "_torch_norm", lambda *a: pytest.fail("fell back to torch's ops"))
-    x = torch.randn(4, 16, requires_grad=True)
-    w = torch.randn(16, requires_grad=True)
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
     y, h = kernels.add_layer_norm(x, x, 16, w)
     (y.sum() + kernels.rms_norm(h, 16, w).sum()).backward()
     assert x.grad is not None and w.grad is not None
@@ -424,9 +426,9 @@ def test_fallback_when_the_kernels_cannot_run(monkeypatch):
     assert kernels.layer_norm(x.bfloat16(), 8, w).dtype == torch.bfloat16
 
 
-def test_custom_ops_pass_opcheck_and_compile_in_one_graph():
-    x, r = torch.randn(3, 4, 10, requires_grad=True), torch.randn(3, 4, 10, requires_grad=True)
-    w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+def test_custom_ops_pass_opcheck_and_compile_in_one_graph(device):
+    x, r = (torch.randn(3, 4, 10, device=device, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(10, device=device, requires_grad=True) for _ in range(2))
     llama, gemma = norm_module.CASTING_MODES["llama"], norm_module.CASTING_MODES["gemma"]
     for args in [(x, r, w, b, 10, 1e-5, False, 0.0, gemma), (x, r, w, None, 10, 1e-6, True, 0.5, llama),
                  (x, None, None, b, 10, 0.0, False, 0.0, gemma)]:

@@ -174,8 +174,8 @@ def test_forward_mode_derivative_matches_torch(dtype, causal, log):
         torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, jvp, rtol=0, atol=0)
 
 
-def test_jacfwd_works_and_nested_forward_mode_raises():
-    x = torch.randn(2, 5)
+def test_jacfwd_works_and_nested_forward_mode_raises(device):
+    x = torch.randn(2, 5, device=device)
     for kernel, torch_fn in [(kernels.softmax, torch.softmax), (kernels.log_softmax, torch.log_softmax)]:
         torch.testing.assert_close(torch.func.jacfwd(kernel)(x), torch.func.jacfwd(lambda t: torch_fn(t, -1))(x))
         with pytest.raises(NotImplementedError, match=f"kernels.{kernel.__name__}: nested forward-mode AD"):
@@ -214,12 +214,12 @@ def test_bad_input_raises_before_launch(monkeypatch):
         kernels.softmax(torch.randn(3, 4), dim=0, causal=True)
 
 
-def test_kernel_path_is_taken(monkeypatch):
+def test_kernel_path_is_taken(monkeypatch, device):
     launches = []
     real_launch = softmax_module._launch
     monkeypatch.setattr(softmax_module, "_launch", lambda *a: launches.append(a[0]) or real_launch(*a))
     monkeypatch.setattr(softmax_module, "reference", None)  # any use of the fallback raises
-    x = torch.randn(3, 10, requires_grad=True)
+    x = torch.randn(3, 10, device=device, requires_grad=True)
     kernels.softmax(x, causal=True).sum().backward()
     kernels.log_softmax(x).sum().backward()
     assert launches == [softmax_module._softmax_fwd, softmax_module._softmax_bwd] * 2
@@ -233,8 +233,8 @@ def test_fallback_when_the_kernels_cannot_run(monkeypatch):
     torch.testing.assert_close(kernels.log_softmax(x, 0), torch.log_softmax(x, 0))
 
 
-def test_custom_ops_pass_opcheck_and_compile_in_one_graph():
-    x = torch.randn(3, 5, 7, requires_grad=True)
+def test_custom_ops_pass_opcheck_and_compile_in_one_graph(device):
+    x = torch.randn(3, 5, 7, device=device, requires_grad=True)
     for args in [(x, 1, 0.5, False, False), (x, 2, 2.0, True, False), (x, 0, 1.0, False, True)]:
         torch.library.opcheck(softmax_module._forward_op, args)
     y = kernels.softmax(x.detach(), causal=True)
