@@ -121,15 +121,15 @@ def test_hugging_face_training_backward_matches_eager(device, kernel_only):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct():
+def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct(device):
     """A bool mask with holes (not one run of keys per row) goes to torch's SDPA, giving the eager result."""
     from transformer.hf import hf_attention
 
     module = nn.Module()
     module.is_causal = True
-    q = torch.randn(2, 4, 6, 8).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, like HF's views
-    k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    mask = torch.rand(2, 1, 6, 6) > 0.4
+    q = torch.randn(2, 4, 6, 8, device=device).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous views
+    k, v = torch.randn(2, 2, 6, 8, device=device), torch.randn(2, 2, 6, 8, device=device)
+    mask = torch.rand(2, 1, 6, 6, device=device) > 0.4
     mask[..., 0] = True
     out, weights = hf_attention(module, q, k, v, mask, scaling=0.3)
     expected = kernels.reference.attention(q, k, v, scale=0.3, mask=mask)
@@ -137,7 +137,7 @@ def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
-def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(kernel_only):
+def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(device, kernel_only):
     """As transformers' own SDPA path: an ``is_causal`` argument wins over ``module.is_causal``; a relative
     ``position_bias`` (T5-style) is added to the scores by transformers' function, not dropped."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -145,11 +145,11 @@ def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_trans
 
     module = nn.Module()
     module.is_causal = True
-    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    q, k, v = (torch.randn(1, 2, 5, 8, device=device) for _ in range(3))
     out, _ = hf_attention(module, q, k, v, None, scaling=0.5, is_causal=False)
     torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5).transpose(1, 2))
 
-    bias = torch.randn(1, 2, 5, 5)
+    bias = torch.randn(1, 2, 5, 5, device=device)
     with pytest.MonkeyPatch.context() as m:  # transformers' path calls torch's SDPA itself: allow it here
         m.setattr(sdpa, "_TORCH_SDPA", torch.nn.functional.scaled_dot_product_attention)
         out, _ = hf_attention(module, q, k, v, None, scaling=0.5, position_bias=bias)
@@ -245,14 +245,30 @@ def test_packed_sequences_give_the_separate_sequences_logits_and_gradients(how, 
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(kernel_only):
+@pytest.mark.parametrize("window", [None, 3])
+def test_packing_anded_with_the_flat_causal_pattern_is_recognised_too(window, device):
+    """transformers 5.17 has no remap_positions_for_packed_sequence: it ands the (sliding) causal pattern over the
+    flat indices with the packing mask. kernel_mask reads the same packed sequences from it."""
+    from transformers import masking_utils as mu
+
+    sequence_ids = torch.tensor([[0] * 5 + [1] + [2] * 7], device=device)
+    causal = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    pattern = mu.and_masks(causal, mu.packed_sequence_mask_function(sequence_ids))
+    mask = hf.kernel_mask(1, 13, 13, mask_function=pattern)
+    assert isinstance(mask, hf.KernelMask) and mask.causal and mask.window == window and mask.max_seqlen == 7
+    assert mask.cu_seqlens.tolist() == [0, 5, 6, 13] and mask.cu_seqlens.device == sequence_ids.device
+
+
+def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(device, kernel_only):
     """GPT-OSS passes ``s_aux`` (a per-head sink logit): the kernel's sinks give its eager attention's output."""
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
     module = nn.Module()
     module.is_causal, module.num_key_value_groups, module.training = True, 2, False
-    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    module.sinks = sinks = torch.randn(4)  # GPT-OSS's eager reads the module's sinks, its attention passes s_aux
-    causal = torch.zeros(6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    q = torch.randn(2, 4, 6, 8, device=device)
+    k, v = torch.randn(2, 2, 6, 8, device=device), torch.randn(2, 2, 6, 8, device=device)
+    module.sinks = sinks = torch.randn(4, device=device)  # GPT-OSS's eager reads the module's sinks; s_aux is passed
+    causal = torch.zeros(6, 6, device=device).masked_fill(~torch.ones(6, 6, dtype=torch.bool, device=device).tril(),
+                                                          float("-inf"))
     expected, _ = gpt_oss.eager_attention_forward(module, q, k, v, causal[None, None], scaling=0.3, dropout=0.0,
                                                   s_aux=sinks)
     out, _ = hf.hf_attention(module, q, k, v, None, scaling=0.3, s_aux=sinks)

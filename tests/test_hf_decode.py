@@ -37,7 +37,9 @@ def attention_calls(monkeypatch):
 
 
 def _generate(model, ids, mask):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+    """Greedy static-cache generation, not compiled: on a GPU generate() compiles the decoding steps of a static
+    cache, and traced steps run kernels.scaled_dot_product_attention on transformers' dense mask."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, disable_compile=True,
                          cache_implementation="static", output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits)
 
@@ -91,13 +93,13 @@ def test_padding_the_decode_kernel_cannot_express_keeps_the_dense_kernel(device,
     assert [c[1][2] for c in attention_calls].count(1) == model.config.num_hidden_layers * (NEW - 1)
 
 
-def test_a_decoding_step_that_needs_grad_runs_the_differentiable_kernel(attention_calls):
+def test_a_decoding_step_that_needs_grad_runs_the_differentiable_kernel(device, attention_calls):
     """One query against a longer cache: without grad the decode kernel, with a query that requires grad the
     dense kernel (the decode kernel has no backward), same output, and the gradient flows."""
     module = nn.Module()
     module.is_causal = True
-    q = torch.randn(2, 4, 1, 8)
-    k, v = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    q = torch.randn(2, 4, 1, 8, device=device)
+    k, v = torch.randn(2, 2, 7, 8, device=device), torch.randn(2, 2, 7, 8, device=device)
     expected = kernels.reference.attention(q, k, v, causal=True, scale=0.3).transpose(1, 2)
     with torch.no_grad():
         out, _ = hf.hf_attention(module, q, k, v, None, scaling=0.3)

@@ -137,9 +137,14 @@ def _pattern(mask_function):
     first, second = parts
     if second is mu.causal_mask_function and _same_code(first, mu.sliding_window_overlay, 1):
         return True, _closure(first)["sliding_window"], None
-    if _same_code(first, mu.remap_positions_for_packed_sequence, None, None) and _same_code(
-            second, mu.packed_sequence_mask_function, None):
-        inner = _pattern(_closure(first)["mask_function"])
+    if _same_code(second, mu.packed_sequence_mask_function, None):
+        # transformers 5.24 remaps the indices to each sequence's positions (remap_positions_for_packed_sequence);
+        # 5.17 has no such function and ands the flat-index pattern with the packing mask: the same mask for causal
+        # and sliding-window causal patterns (index and position differences agree within a sequence).
+        remap = getattr(mu, "remap_positions_for_packed_sequence", None)
+        if remap is not None and _same_code(first, remap, None, None):
+            first = _closure(first)["mask_function"]
+        inner = _pattern(first)
         if inner is not None and inner[0] and inner[2] is None:  # causal (or sliding causal) within each sequence
             return True, inner[1], _closure(second)["packed_sequence_mask"]
     return None
