@@ -8,11 +8,13 @@ it. transformers calls the mask function once per forward and mask type (not per
 (position_ids restarting at 0) patterns and returns what the kernel needs (:class:`KernelMask`, or None for a
 purely causal batch). Any other pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention`
 hands to ``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA
-otherwise).
+otherwise). transformers' continuous batching (``generate_batch``) runs the same function under
+:data:`PAGED_ATTENTION_NAME` (:func:`continuous_batching_on_kernels`).
 
 ``transformers`` is imported only inside these functions: the rest of the package works without it.
 """
 import contextvars
+import copy
 import dataclasses
 import functools
 import sys
@@ -28,12 +30,22 @@ from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"
 """The name the kernel is registered under in transformers' attention and mask interfaces."""
+PAGED_ATTENTION_NAME = "fused_triton_flash_paged"
+"""The same functions' name while transformers' continuous batching runs (:func:`continuous_batching_on_kernels`).
+Its continuous batching takes only "sdpa", "paged|eager" (both fed a dense (Nq, Nk) mask per batch) and names holding
+"flash" (no mask: packed tokens with cu_seq_lens keywords, what :func:`hf_attention` runs on attention_varlen). No
+"2" or "3" after "flash": transformers would look for flash-attn's own ``flash_attn_with_kvcache`` (block tables)."""
 
 _NO_MATH = ("position_ids", "use_cache", "output_attentions", "cache_position", "layer_idx")
 """Keywords that do not change the attention math (rotary positions are already applied; packing comes from the
 mask function or the cu_seq_lens keywords; weights are never returned, as in transformers' SDPA path)."""
 _SDPA_ONLY = ("position_bias", "cache")
 """Keywords of calls handed to transformers' own SDPA path (a relative position bias; a paged cache)."""
+_PAGED = ("read_index", "write_index", "logits_indices", "logits_processor_args")
+"""Continuous batching's keywords that do not change the attention math once ``PagedAttentionCache.update`` has
+run: it wrote the new keys/values at write_index and returned each sequence's keys gathered from read_index, in
+position order, packed as cu_seq_lens_k says. (Its other block_table mode, which leaves the cache writes to the
+kernel, is never chosen for :data:`PAGED_ATTENTION_NAME`.)"""
 
 
 _DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
@@ -54,9 +66,12 @@ def use_kernel_attention(model: nn.Module) -> None:
     from transformers.masking_utils import create_masks_for_generate
 
     register_hf_attention()
+    register_hf_attention(PAGED_ATTENTION_NAME)
     model.set_attn_implementation(ATTENTION_NAME)
     model.create_masks_for_generate = dense_masks_for_generate(
         getattr(model, "create_masks_for_generate", create_masks_for_generate))
+    if hasattr(model, "init_continuous_batching"):  # generate_batch() and the other continuous-batching entries
+        model.init_continuous_batching = continuous_batching_on_kernels(model, model.init_continuous_batching)
 
 
 def dense_masks_for_generate(create: Callable) -> Callable:
@@ -72,6 +87,36 @@ def dense_masks_for_generate(create: Callable) -> Callable:
             _DENSE_MASKS.reset(token)
 
     return create_dense
+
+
+def continuous_batching_on_kernels(model: nn.Module, init: Callable) -> Callable:
+    """``init`` (the model's ``init_continuous_batching``, which ``generate_batch`` and
+    ``continuous_batching_context_manager`` call) creating its manager with the model switched to
+    :data:`PAGED_ATTENTION_NAME`, so every batch (packed prefills and decoding steps) runs :func:`hf_attention`;
+    the manager's ``stop()`` switches it back to :data:`ATTENTION_NAME`. Unless the continuous-batching config
+    asks for CUDA graphs (``use_cuda_graph`` or a padding interval), they are off: attention_varlen reads the
+    sequence offsets on the host, which graph capture cannot hold. A model on another implementation is left
+    alone."""
+    @functools.wraps(init)
+    def init_on_kernels(generation_config=None, continuous_batching_config=None, workload_hints=None):
+        if model.config._attn_implementation != ATTENTION_NAME:
+            return init(generation_config, continuous_batching_config, workload_hints)
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        config = copy.deepcopy(continuous_batching_config or ContinuousBatchingConfig())
+        if config.use_cuda_graph is None and not (config.q_padding_interval_size or config.kv_padding_interval_size):
+            config.use_cuda_graph = False
+        # The config's setter, not set_attn_implementation: that would try to load a flash-attn build for the name.
+        model.config._attn_implementation = PAGED_ATTENTION_NAME
+        try:
+            manager = init(generation_config, config, workload_hints)
+        except BaseException:
+            model.config._attn_implementation = ATTENTION_NAME
+            raise
+        manager._original_attn_impl = ATTENTION_NAME  # what its stop() restores with set_attn_implementation
+        return manager
+
+    return init_on_kernels
 
 
 def register_hf_attention(name: str = ATTENTION_NAME) -> None:
@@ -270,13 +315,25 @@ def _packed(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal,
     return out.view(query.shape[0], query.shape[2], *out.shape[1:])
 
 
-def _decodes(query, key, value, padding, leftpad, dropout: float, s_aux) -> bool:
-    """Whether a call runs ``kernels.attention_with_kvcache``: at most :data:`DECODE_MAX_QUERIES` queries, keys
-    padded on the left at most, and nothing that kernel lacks (a backward, dropout, sinks, this process's
-    kernels running on these tensors)."""
+def _packed_decode(query, key, value, cu_seqlens_k, max_k, causal, scaling, window, softcap):
+    """``kernels.attention_with_kvcache`` for B packed sequences of one query each, query (1, H, B, D), against
+    their keys packed in key/value (1, Hkv, total_k, D) as cu_seqlens_k (int32, B + 1) says: the packed keys are
+    read in place as a paged cache of one-token pages, row b's block table the token offsets cu_seqlens_k[b] + p
+    (a (B, max_k) int32 table: linear in the keys). Returns (1, B, H, D)."""
+    positions = torch.arange(int(max_k), dtype=torch.int32, device=cu_seqlens_k.device)
+    block_table = (cu_seqlens_k[:-1, None] + positions).clamp_max(key.shape[2] - 1)  # slots past a row: not read
+    k_cache, v_cache = (t[0].transpose(0, 1)[:, None] for t in (key, value))  # (total_k, 1, Hkv, D)
+    out = kernels.attention_with_kvcache(query[0].transpose(0, 1)[:, None], k_cache, v_cache,
+                                         cache_seqlens=cu_seqlens_k.diff(), block_table=block_table, causal=causal,
+                                         scale=scaling, window_size=window, softcap=softcap or 0.0)
+    return out.transpose(0, 1)
+
+
+def _decode_kernel_takes(query, key, value, dropout: float, s_aux) -> bool:
+    """Whether ``kernels.attention_with_kvcache`` can run this call: nothing it lacks (a backward, dropout, sinks)
+    and this process's kernels run on these tensors."""
     tensors = (query, key, value)
-    return (query.shape[2] <= DECODE_MAX_QUERIES and (padding is None or leftpad is not None) and not dropout
-            and s_aux is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return (not dropout and s_aux is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and kernels_can_run(*tensors))
 
 
@@ -294,12 +351,14 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     a :class:`KernelMask`, or a bool (B, 1, Q, K) tensor: one recorded in :data:`_KERNEL_MASKS` runs as its
     KernelMask, any other through ``kernels.scaled_dot_product_attention`` (torch's SDPA for masks that are not a
     key range per row, and for dropout). Up to :data:`DECODE_MAX_QUERIES` queries against keys padded on the left
-    at most run ``attention_with_kvcache`` when no grad is needed (:func:`_decodes`): the keys are read in place
-    as its cache, slots [leftpad, n_keys) per row, e.g. a static cache's preallocated tensor. ``sliding_window`` (causal
-    window of W keys, (W - 1, 0)), ``softcap``, ``s_aux`` (attention sinks) and ``dropout`` go to the kernel;
-    ``cu_seq_lens_q/k`` with ``max_length_q/k`` (transformers' padding-free keywords) run attention_varlen.
-    Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other keyword that is
-    not None and not in :data:`_NO_MATH` the model's eager attention: no keyword is ever dropped.
+    at most run ``attention_with_kvcache`` when no grad is needed (:func:`_decode_kernel_takes`): the keys are read
+    in place as its cache, slots [leftpad, n_keys) per row, e.g. a static cache's preallocated tensor.
+    ``sliding_window`` (causal window of W keys, (W - 1, 0)), ``softcap``, ``s_aux`` (attention sinks) and
+    ``dropout`` go to the kernel; ``cu_seq_lens_q/k`` with ``max_length_q/k`` (B = 1, the packed tokens: padding-free
+    training, and continuous batching, whose :data:`_PAGED` keywords come along) run attention_varlen, or
+    ``attention_with_kvcache`` on the packed keys (:func:`_packed_decode`) when every sequence has one query and
+    no grad is needed. Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other
+    keyword that is not None and not in :data:`_NO_MATH` the model's eager attention: no keyword is ever dropped.
     Returns (out (B, Q, H, D), None).
     """
     if any(kwargs.get(name) is not None for name in _SDPA_ONLY):
@@ -307,7 +366,11 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
         return sdpa_attention_forward(module, query, key, value, _dense(attention_mask), dropout, scaling, is_causal,
                                       sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
-    if any(arg is not None and name not in _NO_MATH for name, arg in kwargs.items()):
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError("hf_attention: continuous batching's block_table mode (the kernel writing the "
+                                  "paged cache itself); its index mode runs the kernels")
+    ignored = _NO_MATH + (_PAGED if cu_seq_lens_q is not None else ())
+    if any(arg is not None and name not in ignored for name, arg in kwargs.items()):
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                 sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
     from transformers.utils.import_utils import is_tracing
@@ -320,8 +383,13 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         if attention_mask is not None and not (isinstance(attention_mask, KernelMask)
                                                and attention_mask.cu_seqlens is not None):
             raise ValueError("hf_attention: cu_seq_lens_q (packed sequences) together with a padding mask")
+        window = _window(sliding_window, causal)
+        if (max_length_q == 1 and query.shape[2] == cu_seq_lens_q.shape[0] - 1
+                and _decode_kernel_takes(query, key, value, dropout, s_aux)):  # one query per sequence
+            return _packed_decode(query, key, value, cu_seq_lens_k, max_length_k, causal, scaling, window,
+                                  softcap), None
         out = _packed(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, causal, scaling,
-                      window_size=_window(sliding_window, causal), **variants)
+                      window_size=window, **variants)
         return out, None
     if isinstance(attention_mask, torch.Tensor):  # transformers' own mask: a pattern kernel_mask did not take
         if softcap or s_aux is not None:
@@ -345,7 +413,8 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         padding, leftpad = attention_mask.key_padding, attention_mask.leftpad
         if key.shape[2] < n_keys:
             raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
-    if _decodes(query, key, value, padding, leftpad, dropout, s_aux):
+    if (query.shape[2] <= DECODE_MAX_QUERIES and (padding is None or leftpad is not None)
+            and _decode_kernel_takes(query, key, value, dropout, s_aux)):
         # The keys are a cache (a static one preallocated past n_keys) already holding the new tokens: no k/v to
         # append, each row's keys are slots [leftpad, n_keys).
         out = kernels.attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
