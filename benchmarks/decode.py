@@ -5,13 +5,16 @@ and the quadratic baseline (``kernels.reference.attention``).
 Two kinds of numbers, each record labelled with its kind:
 
 - ``model`` (caches 1k..32k, any machine): bytes each path moves by construction (the decode kernel reads the cache
-  once per kv head, plus its split partials; the training kernel reads each kv head once per query head), the
-  minimum (cache once, q, out), programs launched against the SM counts of an A100 (108) and an H100 (132), and
-  the roofline time of those bytes and FLOPs (``benchmarks/roofline.py``). No GPU number is measured here.
+  once per kv head, plus its split partials; the training kernel reads each kv head once per query head; the
+  baseline reads the cache, writes its GQA-repeated copy and reads that back in its two matmuls, its (B, H, N)
+  score passes left out), the minimum (cache once, q, out), the kernels' programs against the SM counts of an
+  A100 (108) and an H100 (132), and the roofline time of those bytes and FLOPs (``benchmarks/roofline.py``). No
+  GPU number is measured here.
 - ``counted`` (small caches, interpreted on CPU): bytes and FLOPs counted by ``benchmarks.counting`` while the
   three paths actually run, the decode kernel with the tile a GPU launches (BLOCK_N 64), to check the model.
+  ``--quick`` counts the 256-key cache only (about a minute of CPU; both caches take about three).
 
-Writes ``decode.json`` and ``decode.png`` under ``--out``.
+Writes ``decode.json``, ``decode.md`` (the README's tables) and ``decode.png`` under ``--out``.
 """
 import argparse
 import json
@@ -32,7 +35,9 @@ HEADS, KV_HEADS, HEAD_DIM, ITEMSIZE = 32, 8, 128, 2
 BATCHES = (1, 8)
 MODEL_CACHES = tuple(1024 * 2**i for i in range(6))  # 1k .. 32k
 COUNTED_CACHES = (256, 1024)
+TABLE_CACHES = (1024, 4096, 32768)
 SMS = {"A100-SXM4-80GB": 108, "H100-SXM5": 132}
+PATHS = ("decode", "training", "baseline")
 GPU_BLOCK_N = 64  # the fp16 d128 key block a GPU launches (decode._TILES)
 
 
@@ -52,9 +57,12 @@ def _modelled(batch: int, cache: int) -> dict:
         # The training kernel: one program per (batch, query head), each reading its kv head's whole cache.
         paths[f"training@{gpu}"] = dict(bytes=group * cache_bytes + io_bytes, programs=batch * HEADS, splits=1,
                                         sms=sms, gpu=gpu)
+        # The baseline: repeat_interleave reads the cache and writes it group times, the two matmuls read that.
+        paths[f"baseline@{gpu}"] = dict(bytes=(1 + 2 * group) * cache_bytes + io_bytes, sms=sms, gpu=gpu)
     for path in paths.values():
         path["bytes_vs_minimum"] = path["bytes"] / rec["minimum_bytes"]
-        path["waves"] = path["programs"] / path["sms"]
+        if "programs" in path:  # the baseline is a series of aten launches, not one grid
+            path["waves"] = path["programs"] / path["sms"]
         path["roofline"] = roofline.model_time(roofline.spec_by_name(path["gpu"]), flops, path["bytes"], "float16")
     rec["paths"] = paths
     return rec
@@ -79,36 +87,62 @@ def _counted(batch: int, cache: int) -> dict:
     return rec
 
 
-def _plot(recs: List[dict], path: str) -> None:
+def _plot(recs: List[dict], png: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_bytes, ax_waves) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_bytes, ax_waves, ax_time) = plt.subplots(1, 3, figsize=(13, 4))
     for batch in BATCHES:
         model = [r for r in recs if r["kind"] == "model" and r["batch"] == batch]
         caches = [r["cache"] for r in model]
-        for name in ("decode@H100-SXM5", "training@H100-SXM5"):
-            ax_bytes.plot(caches, [r["paths"][name]["bytes_vs_minimum"] for r in model], marker="o",
-                          label=f"{name.split('@')[0]} B={batch} (model)")
-            ax_waves.plot(caches, [r["paths"][name]["waves"] for r in model], marker="o",
-                          label=f"{name.split('@')[0]} B={batch} (model, 132 SMs)")
         counted = [r for r in recs if r["kind"] == "counted" and r["batch"] == batch]
-        if counted:
-            ax_bytes.plot([r["cache"] for r in counted], [r["paths"]["decode"]["bytes_vs_minimum"] for r in counted],
-                          "x", markersize=10, label=f"decode B={batch} (counted, interpreted)")
+        for color, path in zip(("C0", "C1", "C2"), PATHS):
+            paths = [r["paths"][f"{path}@H100-SXM5"] for r in model]
+            style = dict(color=color, marker="o", linestyle="-" if batch == 1 else "--", label=f"{path} B={batch}")
+            ax_bytes.plot(caches, [p["bytes_vs_minimum"] for p in paths], **style)
+            ax_time.plot(caches, [1e3 * p["roofline"]["time_ms"] for p in paths], **style)
+            if path != "baseline":
+                ax_waves.plot(caches, [p["waves"] for p in paths], **style)
+            if counted:
+                ax_bytes.plot([r["cache"] for r in counted], [r["paths"][path]["bytes_vs_minimum"] for r in counted],
+                              "x", color=color, markersize=9,  # both batches: one legend entry
+                              label=f"{path} counted (CPU interpreter)" if batch == BATCHES[0] else None)
     ax_waves.axhline(2, color="grey", linestyle=":", label="2 waves")
-    for ax, title in ((ax_bytes, "bytes moved / minimum"), (ax_waves, "programs / SMs")):
+    for ax, title in ((ax_bytes, "bytes moved / minimum (model; x: counted)"),
+                      (ax_waves, "programs / 132 SMs (model)"), (ax_time, "roofline time, us (model)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cached keys")
         ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"decode step, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, fp16")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"decode step, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, fp16: models of an H100 SXM (not measured) "
+                 "and bytes counted on CPU in the Triton interpreter", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+def _markdown(recs: List[dict]) -> str:
+    """The README's tables: the model at B x TABLE_CACHES on an H100 SXM, and the counted bytes."""
+    lines = ["Model of an H100 SXM (132 SMs; roofline of 3.35 TB/s and 989 TFLOP/s): computed, not measured.", "",
+             "| B | cache | bytes/min decode | training | baseline | programs/SMs decode | training "
+             "| roofline us decode | training | baseline |", "|---" * 10 + "|"]
+    for r in recs:
+        if r["kind"] == "model" and r["cache"] in TABLE_CACHES:
+            p = [r["paths"][f"{path}@H100-SXM5"] for path in PATHS]
+            cells = ([r["batch"], r["cache"]] + [f"{x['bytes_vs_minimum']:.2f}x" for x in p]
+                     + [f"{x['waves']:.2f}" for x in p[:2]] + [f"{1e3 * x['roofline']['time_ms']:.1f}" for x in p])
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    counted = [r for r in recs if r["kind"] == "counted"]
+    if counted:
+        lines += ["", "Counted on CPU in the Triton interpreter (decode includes the append):", "",
+                  "| B | cache | bytes/min decode | training | baseline |", "|---" * 5 + "|"]
+        lines += [f"| {r['batch']} | {r['cache']} | "
+                  + " | ".join(f"{r['paths'][path]['bytes_vs_minimum']:.2f}x" for path in PATHS) + " |"
+                  for r in counted]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -116,23 +150,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="folder for decode.json and decode.png")
     parser.add_argument("--no-count", action="store_true", help="model only: skip the interpreted counted runs")
+    parser.add_argument("--quick", action="store_true", help="count the smallest cache only")
     args = parser.parse_args(argv)
     recs = [_modelled(b, n) for b in BATCHES for n in MODEL_CACHES]
     if not args.no_count and kernels.INTERPRETED:
-        recs += [_counted(b, n) for b in BATCHES for n in COUNTED_CACHES]
+        recs += [_counted(b, n) for b in BATCHES for n in (COUNTED_CACHES[:1] if args.quick else COUNTED_CACHES)]
     print(f"{'kind':8}{'B':>3}{'cache':>7}  {'path':24}{'bytes/min':>10}{'programs':>10}{'waves':>7}{'model us':>10}")
     for r in recs:
         for name, p in r["paths"].items():
             model_us = f"{1e3 * p['roofline']['time_ms']:.1f}" if "roofline" in p else "-"
-            waves = f"{p['waves']:.2f}" if "waves" in p else "-"
+            waves = f"{p['waves']:.2f}" if "waves" in p else "-"  # counted runs and the baseline: no grid
             print(f"{r['kind']:8}{r['batch']:>3}{r['cache']:>7}  {name:24}{p['bytes_vs_minimum']:>10.3f}"
                   f"{p.get('programs', '-'):>10}{waves:>7}{model_us:>10}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump({"command": "decode", "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                    "dtype": "float16", "records": recs}, f, indent=1)
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write(_markdown(recs))
     _plot(recs, os.path.join(args.out, "decode.png"))
-    print(f"wrote: {os.path.join(args.out, 'decode.json')}, {os.path.join(args.out, 'decode.png')}")
+    print(f"wrote: {', '.join(os.path.join(args.out, name) for name in ('decode.json', 'decode.md', 'decode.png'))}")
     return 0
 
 
