@@ -9,6 +9,8 @@ from kernels import reference  # noqa: F401
 from kernels.softmax import softmax, log_softmax  # noqa: F401
 from kernels.attention import attention, scaled_dot_product_attention  # noqa: F401
 from kernels.attention.api import attention_dropout_mask  # noqa: F401
+from kernels.attention.block_mask import BlockMask, MaskMod, ScoreMod, create_block_mask  # noqa: F401
+from kernels.attention.mods import alibi_score, document_mask, prefix_lm_mask, softcap_score  # noqa: F401
 from kernels.attention.varlen import attention_varlen  # noqa: F401
 from kernels.attention.decode import attention_with_kvcache  # noqa: F401
 from kernels.layernorm import layer_norm, rms_norm, add_layer_norm, add_rms_norm, LayerNorm, RMSNorm  # noqa: F401

@@ -9,15 +9,16 @@ with.
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
 """
+import inspect
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from kernels import _runtime, reference
 from kernels._validate import check_same, check_tensor
-from kernels.attention import configs
+from kernels.attention import block_mask as mods, configs
 from kernels.attention.kernels import LOG2E
 
 # --------------------------------------------------------------------------------------------------- launchers
@@ -63,6 +64,24 @@ def _variant_args(q, k, causal, causal_shift, window_left, window_right, softcap
     return (alibi, seed, stride_ab), (upper, lower, diagonal), meta
 
 
+def _mod_args(mask_mod: int, summary, mask_args, score_mod: int, score_args, backward: bool):
+    """(BLOCK_MASK, MASK_ARGS, SCORE_ARGS), (stride_mb, stride_mh) and the constexpr meta (MASK_MOD, SCORE_MOD and,
+    for the ``backward``, SCORE_GRAD) of the mods: registry keys (block_mask.py; -1 = none), the (B, H, L) int32
+    block-mask ``summary`` and the mods' extra tensors."""
+    meta = dict(MASK_MOD=None, SCORE_MOD=None, **({"SCORE_GRAD": None} if backward else {}))
+    pointers, strides = [None, None, None], (0, 0)
+    if mask_mod >= 0:
+        (meta["MASK_MOD"],) = mods.functions(mask_mod)
+        pointers[:2] = summary, mods.kernel_extra(mask_mod, mask_args)
+        strides = summary.stride()[:2]
+    if score_mod >= 0:
+        meta["SCORE_MOD"], grad = mods.functions(score_mod)
+        if backward:
+            meta["SCORE_GRAD"] = grad
+        pointers[2] = mods.kernel_extra(score_mod, score_args)
+    return tuple(pointers), strides, meta
+
+
 def _rows_empty(t: torch.Tensor, varlen: bool, dtype=None) -> torch.Tensor:
     """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
     D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
@@ -87,7 +106,8 @@ def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: in
 
 def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: float, window_left: int = -1,
              window_right: int = -1, softcap: float = 0.0, alibi_slopes=None, sinks=None, dropout_p: float = 0.0,
-             rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+             rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+             mask_mod: int = -1, block_mask=None, mask_args=None, score_mod: int = -1, score_args=None):
     """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32); for packed sequences
     (cu_seqlens given) q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
     batch, heads, n_q, _ = q.shape
@@ -102,20 +122,23 @@ def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: fl
     (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
                                                            softcap, alibi_slopes, dropout_p, rng_state, varlen)
     pad_ptr, stride_pb = _pad_args(pad)
+    mod_ptrs, mod_strides, mod_meta = _mod_args(mask_mod, block_mask, mask_args, score_mod, score_args, False)
     lse_strides = _strides(lse, bool(varlen))[:2]
     if varlen:
         batch, (n_q, n_k) = varlen_batch, varlen
-    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, cu_seqlens_q, cu_seqlens_k, stride_pb,
-            stride_ab, *lse_strides, *(s for t in (q, k, v, out) for s in _strides(t, bool(varlen))), heads,
-            heads // k.shape[1], n_q, n_k, *shifts, scale * LOG2E.value, softcap, dropout_p)
-    configs.launch("fwd", n_q, batch * heads, args, meta, (n_q, n_k), dropout=seed is not None)
+    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, cu_seqlens_q, cu_seqlens_k, *mod_ptrs,
+            stride_pb, stride_ab, *mod_strides, *lse_strides,
+            *(s for t in (q, k, v, out) for s in _strides(t, bool(varlen))), heads, heads // k.shape[1], n_q, n_k,
+            *shifts, scale * LOG2E.value, softcap, dropout_p)
+    configs.launch("fwd", n_q, batch * heads, args, dict(meta, **mod_meta), (n_q, n_k), dropout=seed is not None)
     return out, lse
 
 
 def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: bool, causal_shift: int, scale: float,
               window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi_slopes=None,
               dropout_p: float = 0.0, rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-              max_seqlen_k: int = 0):
+              max_seqlen_k: int = 0, mask_mod: int = -1, block_mask=None, mask_args=None, score_mod: int = -1,
+              score_args=None):
     """Run the backward kernels: (dq, dk, dv) in the inputs' dtype, contiguous (for packed sequences, views of
     contiguous (total, H, D) tensors, as :func:`_forward`'s out)."""
     batch, heads, n_q, d = q.shape
@@ -134,8 +157,10 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: boo
     strides = tuple(s for t in (q, k, v, grad_out) for s in _strides(t, bool(varlen)))
     sizes = (heads, heads // kv_heads, n_q, n_k, *shifts, scale * LOG2E.value, scale, softcap, dropout_p)
     pad_ptr, stride_pb = _pad_args(pad)
-    masks = (kv_bounds, pad_ptr, alibi, seed, cu_seqlens_q, cu_seqlens_k, stride_pb, stride_ab,
-             *_strides(lse, bool(varlen))[:2])
+    mod_ptrs, mod_strides, mod_meta = _mod_args(mask_mod, block_mask, mask_args, score_mod, score_args, True)
+    masks = (kv_bounds, pad_ptr, alibi, seed, cu_seqlens_q, cu_seqlens_k, *mod_ptrs, stride_pb, stride_ab,
+             *mod_strides, *_strides(lse, bool(varlen))[:2])
+    meta = dict(meta, **mod_meta)
     dropout = seed is not None
     configs.launch("dkdv", n_k, batch * kv_heads,
                    (*common, dk, dv, *masks, *strides, *_strides(dk, bool(varlen)), *sizes), meta, (n_q, n_k),
@@ -158,16 +183,43 @@ def _delta(grad_out, out, lse, grad_lse, meta) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ autograd (torch.library)
+_TENSOR_LIST = Optional[List[torch.Tensor]]
 
 
-@torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
+def _schema(fn) -> str:
+    """``fn``'s op schema as torch.library infers it, except that its Optional[List[Tensor]] parameters become
+    ``Tensor[]? name=None``: the dispatcher has the type, ``infer_schema`` does not (and a Tensor[] takes no
+    default), and the mods' extra tensors must stay optional for the ops' positional callers."""
+    signature = inspect.signature(fn)
+    lists = [p.name for p in signature.parameters.values() if p.annotation == _TENSOR_LIST]
+
+    def stand_in():
+        pass
+
+    stand_in.__signature__ = signature.replace(parameters=[
+        p.replace(annotation=Optional[torch.Tensor]) if p.name in lists else p for p in signature.parameters.values()])
+    schema = torch.library.infer_schema(stand_in, mutates_args=())
+    for name in lists:
+        schema = schema.replace(f"Tensor? {name}=", f"Tensor[]? {name}=")
+    return schema
+
+
+def _op(name: str):
+    """``torch.library.custom_op`` of ``fn`` under ``name``, with :func:`_schema`."""
+    return lambda fn: torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
+
+
+
+@_op("kernels::flash_attention_forward")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
                 window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                 sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                 rng_state: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
-                max_seqlen_k: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                mask_mod: int = -1, block_mask: Optional[torch.Tensor] = None,
+                mask_args: Optional[List[torch.Tensor]] = None, score_mod: int = -1,
+                score_args: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention; ``kv_bounds`` (B, 2) int32 [first, last + 1) visible key per batch row and ``pad``
     (B, Nk) uint8 (nonzero = visible) are optional; ``causal_shift`` = Nk - Nq aligns causal bottom-right (it is
     the diagonal the window and ALiBi distances are measured from). The variants' arguments are those of
@@ -177,11 +229,14 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Op
     Packed sequences (varlen): q, k, v are (1, H, total, D) views of (total, H, D) tensors, ``cu_seqlens_q/k``
     int32 (batch + 1,) on their device and ``max_seqlen_q/k`` bound the lengths (they size the grid);
     ``causal_shift`` is unused (each sequence is bottom-right aligned by itself), ALiBi slopes may be (batch, H),
-    and out is a (1, H, total_q, D) view of a contiguous (total_q, H, D) tensor."""
+    and out is a (1, H, total_q, D) view of a contiguous (total_q, H, D) tensor.
+
+    Mods (dense calls only): ``mask_mod``/``score_mod`` are keys of ``block_mask.py``'s registry (-1 = none), with
+    the mask's (B, H, L) int32 ``block_mask`` summary and each mod's extra tensors ``mask_args``/``score_args``."""
     with _runtime.launch_device(q):
         return _forward(q, k, v, kv_bounds, pad, causal, causal_shift, scale, window_left, window_right, softcap,
                         alibi_slopes, sinks, dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k)
+                        max_seqlen_k, mask_mod, block_mask, mask_args, score_mod, score_args)
 
 
 @_forward_op.register_fake
@@ -189,21 +244,24 @@ def _(q, k, v, *args, cu_seqlens_q=None, **kwargs):
     return _rows_empty(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
+@_op("kernels::flash_attention_backward")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
                  pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
                  window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                  dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
                  cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-                 max_seqlen_q: int = 0,
-                 max_seqlen_k: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 max_seqlen_q: int = 0, max_seqlen_k: int = 0, mask_mod: int = -1,
+                 block_mask: Optional[torch.Tensor] = None, mask_args: Optional[List[torch.Tensor]] = None,
+                 score_mod: int = -1,
+                 score_args: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) given the forward's inputs, its (out, lse), and the incoming gradients of out (and lse).
     Sinks need nothing here: lse includes them, so the kernels' probabilities are already right."""
     with _runtime.launch_device(q):
         return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale,
                          window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_mod, block_mask, mask_args, score_mod,
+                         score_args)
 
 
 @_backward_op.register_fake
@@ -224,20 +282,30 @@ def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     (q, k, v, kv_bounds, pad, ctx.causal, ctx.causal_shift, ctx.scale, ctx.window_left, ctx.window_right,
      ctx.softcap, alibi_slopes, sinks, ctx.dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-     ctx.max_seqlen_k) = inputs
+     ctx.max_seqlen_k, ctx.mask_mod, block_mask, mask_args, ctx.score_mod, score_args) = inputs
+    mask_args, score_args = list(mask_args or ()), list(score_args or ())
+    ctx.n_mask_args = len(mask_args)
+    # the block mask's summary is saved, not rebuilt: the backward reuses the forward's
     ctx.save_for_backward(q, k, v, *output, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q,
-                          cu_seqlens_k)
+                          cu_seqlens_k, block_mask, *mask_args, *score_args)
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    (q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, cu_seqlens_k, block_mask,
+     *mod_args) = ctx.saved_tensors
     dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
                               ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
-                              rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k)
+                              rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.mask_mod,
+                              block_mask, mod_args[:ctx.n_mask_args], ctx.score_mod, mod_args[ctx.n_mask_args:])
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[12]:
         dsinks = _sink_grad(sinks, grad_out, out, lse, grad_lse)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, *(None,) * 6
+    # one gradient per input as the op was called (a list of Nones for a tensor list), none past q, k, v, sinks
+    grads = list(torch.utils._pytree.tree_map(lambda _: None, ctx.needs_input_grad))
+    grads[:3] = dq, dk, dv
+    if sinks is not None:
+        grads[12] = dsinks
+    return tuple(grads)
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -330,6 +398,35 @@ def _check_sinks(sinks, q) -> None:
     check_same("device", q=q, sinks=sinks)
 
 
+def _check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
+    """The :class:`BlockMask` of ``mask_mod`` for q, k (built here from a mask mod), or None; TypeError/ValueError
+    naming the argument for anything else, a mask built for other shapes or device, or extra tensors elsewhere."""
+    if score_mod is not None:
+        if not isinstance(score_mod, mods.ScoreMod):
+            raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
+        mods.check_extra_devices("score_mod", score_mod, q.device)
+    if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
+        block_mask = mask_mod
+    elif isinstance(mask_mod, mods.MaskMod) or isinstance(mask_mod, mods.JIT_TYPES):
+        mask_mod = mods.as_mask_mod(mask_mod)
+        mods.check_extra_devices("mask_mod", mask_mod, q.device)
+        block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    else:
+        raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function, got "
+                        f"{mask_mod!r}")
+    if block_mask is not None:
+        block_mask.check(q, k)
+        mods.check_extra_devices("mask_mod", block_mask.mask_mod, q.device)
+    return block_mask
+
+
+def _mod_op_args(block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.ScoreMod], q) -> tuple:
+    """The ops' (mask_mod, block_mask, mask_args, score_mod, score_args) of checked mods (keys -1: none)."""
+    mask = (-1, None, None) if block_mask is None else (block_mask.mask_mod.key, block_mask.expanded(*q.shape[:2]),
+                                                         block_mask.mask_mod.tensors)
+    return (*mask, -1, None) if score_mod is None else (*mask, score_mod.key, score_mod.tensors)
+
+
 def _draw_rng(device: torch.device) -> torch.Tensor:
     """The int64 (seed, offset) pair of one dropout call, drawn from torch's default generator of ``device`` (so
     ``torch.manual_seed`` makes dropout reproducible); a tensor on the device, so nothing syncs."""
@@ -366,7 +463,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               return_lse: bool = False, key_padding_mask: Optional[torch.Tensor] = None, *,
               window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
               alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-              sinks: Optional[torch.Tensor] = None):
+              sinks: Optional[torch.Tensor] = None, mask_mod=None, score_mod: Optional[mods.ScoreMod] = None):
     """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` with autograd for q, k, v (and sinks).
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H a multiple of Hkv (GQA/MQA without repeating k/v), 1 <= D <= 256,
@@ -389,6 +486,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     - ``dropout_p`` in [0, 1): dropout on the probabilities, Philox in the kernels, seeded from torch's default
       generator of q's device (``torch.manual_seed`` reproduces it; :func:`attention_dropout_mask` returns the
       mask a call would use); the backward regenerates the mask. lse is of the undropped probabilities.
+    - ``mask_mod``: a user mask (FlexAttention-style, see ``kernels/attention/block_mask.py``): a
+      :class:`kernels.BlockMask` from :func:`kernels.create_block_mask` (computed once, reusable across calls and
+      layers), or a :class:`kernels.MaskMod` / bare ``@triton.jit`` ``mask_mod(b, h, q_idx, kv_idx, *extra)``
+      (its block mask is built per call). Combined with every other mask by AND; 128 x 128 cells it hides
+      entirely are never read.
+    - ``score_mod``: a :class:`kernels.ScoreMod` (``score_mod(score, b, h, q_idx, kv_idx, *extra)`` and its
+      derivative in the score) applied to the scaled score before softcap and ALiBi.
 
     Reverse-mode autograd only: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raises.
     """
@@ -403,11 +507,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         _check_alibi(alibi_slopes, q)
     if sinks is not None:
         _check_sinks(sinks, q)
+    block_mask = _check_mods(mask_mod, score_mod, q, k)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
     if not _runtime.kernel_runs_on(q, k, v):
-        if dropout_p > 0:
-            raise RuntimeError("kernels.attention: dropout needs the Triton kernels (its mask is their Philox "
-                               "stream), which cannot run on these inputs in this process")
+        if dropout_p > 0 or block_mask is not None or score_mod is not None:
+            raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
+                               "streams and @triton.jit mods), which cannot run on these inputs in this process")
         out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, window_size=(window_left, window_right),
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     else:
@@ -417,5 +522,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         out, lse = _forward_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale, window_left,
                                window_right, softcap, None if alibi_slopes is None else alibi_slopes.contiguous(),
                                None if sinks is None else sinks.float(), dropout_p,
-                               _draw_rng(q.device) if dropout_p > 0 else None)
+                               _draw_rng(q.device) if dropout_p > 0 else None, None, None, 0, 0,
+                               *_mod_op_args(block_mask, score_mod, q))
     return (out, lse) if return_lse else out

@@ -182,6 +182,7 @@ def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bo
 
 # ------------------------------------------------------------------------------------------------ GPU builds
 _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "ALIBI": "*fp32", "SINKS": "*fp32",
+          "BLOCK_MASK": "*i32",
           "SEED": "*i64", "MASK": "*u8", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "softcap": "fp32", "dropout_p": "fp32",
           # upper-case scalars, which the naming convention would take for pointers
           **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT"), "i32")}
@@ -190,7 +191,8 @@ _VARIANTS = {"window": {"WINDOW": True}, "softcap": {"SOFTCAP": True}, "alibi": 
              "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}}
 """Each variant's specialisation: a constexpr switch turned on, or a pointer passed instead of None."""
 _OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
-        "CU_SEQLENS_K": None}
+        "CU_SEQLENS_K": None, "BLOCK_MASK": None, "MASK_ARGS": None, "SCORE_ARGS": None, "MASK_MOD": None,
+        "SCORE_MOD": None, "SCORE_GRAD": None}
 
 
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,

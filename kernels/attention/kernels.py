@@ -52,6 +52,9 @@ from kernels._runtime import cast_rne
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels work in base 2: exp(x) = exp2(x * log2(e))
 LN2 = tl.constexpr(0.6931471805599453)
+MASK_BLOCK = tl.constexpr(128)
+"""The cell size of a block mask's summary (block_mask.py): every kernel tile (powers of two <= 128, tiles starting
+at multiples of their size) lies in one cell."""
 
 
 @triton.jit
@@ -136,12 +139,14 @@ def _keys_visible(PAD, b, stride_pb, cols, kv_hi):
 
 
 @triton.jit
-def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M: tl.constexpr,
+def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, CELLS, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_PAD: tl.constexpr):
     """Keys [lo, hi) that some row of the query block at ``start_m`` sees, split by lo <= full_lo <= full_hi <= hi:
     [full_lo, full_hi) is whole key blocks that every row of the block sees, so only [lo, full_lo) and
     [full_hi, hi) need the score mask (all of [lo, hi) with a padding mask, which may hide any key). Key blocks
-    past the causal diagonal or before the window's left edge lie outside [lo, hi) and are never visited."""
+    past the causal diagonal or before the window's left edge lie outside [lo, hi) and are never visited; with a
+    block mask (CELLS, :func:`_cells`), nor are keys outside the query cell's first..last non-empty key cell, and
+    lo is a multiple of BLOCK_N so that every key block lies in one cell ([lo, full_lo) is then masked always)."""
     lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
     last_row = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     full_lo = lo
@@ -154,6 +159,13 @@ def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIF
     if WINDOW:
         lo = tl.maximum(lo, start_m + WINDOW_SHIFT)
         full_lo = tl.maximum(lo, last_row + WINDOW_SHIFT)
+    if CELLS is not None:
+        key_cells = CELLS + tl.cdiv(N_Q, MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK) + 2 * (start_m // MASK_BLOCK)
+        lo = tl.maximum(lo, tl.load(key_cells) * MASK_BLOCK)
+        hi = tl.minimum(hi, tl.load(key_cells + 1) * MASK_BLOCK)
+        full_lo = tl.maximum(full_lo, lo)
+        full_hi = tl.minimum(full_hi, hi)
+        lo = lo // BLOCK_N * BLOCK_N
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
     full_hi = full_lo + (tl.maximum(full_hi - full_lo, 0) // BLOCK_N) * BLOCK_N
@@ -189,6 +201,42 @@ def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIF
             visible = visible & (cols >= rows + WINDOW_SHIFT)
         s = tl.where(visible, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _cells(BLOCK_MASK, stride_mb, stride_mh, b, h):
+    """This (batch, query head)'s block-mask summary (block_mask.py), int32: the cell states (QC, KC) row-major
+    (0 empty, 1 partial, 2 full; QC = cdiv(N_Q, MASK_BLOCK), KC = cdiv(N_K, MASK_BLOCK)), then per query cell the
+    [first, last + 1) of its non-empty key cells (QC, 2), then per key cell that of its query cells (KC, 2)."""
+    return BLOCK_MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+
+@triton.jit
+def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT,
+                WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_MOD: tl.constexpr,
+                SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+    """:func:`_scores` with the user's mods: (log2-unit scores, tanh of the capped score, d score_mod / d score).
+
+    SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS) maps the natural-unit scaled score qk * scale first (before
+    softcap and ALiBi); the third result is SCORE_GRAD of the same arguments (qk itself, unused, without it: a
+    helper returns no None). MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS) hides the scores where it is False, evaluated
+    only in a partial cell (``state`` 1) of the block mask: a full cell (2) runs unmasked by it. The mods see
+    ``q_idx``/``kv_idx``, the indices clamped into range (so they may index per-position tensors unmasked), in the
+    tile's orientation."""
+    grad = qk
+    if SCORE_MOD is not None:
+        score = qk * (qk_scale * LN2)
+        if SCORE_GRAD is not None:
+            grad = SCORE_GRAD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)
+        qk = SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)
+        qk_scale = LOG2E
+    s, t = _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                   MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
+    if MASK_MOD is not None:
+        if state == 1:
+            s = tl.where(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), s, float("-inf"))
+    return s, t, grad
 
 
 @triton.jit
@@ -236,47 +284,70 @@ def _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv
 
 
 @triton.jit
+def _key_block_scores(q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state,
+                      PAD, b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                      MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                      SCORE_GRAD: tl.constexpr):
+    """The forward's and dQ's step over the key block at ``start_n`` for the query tile ``q`` (rows ``offs_m``,
+    clamped ``q_idx``): (cols, k, v) as :func:`_key_block`, then (s, t, grad) as :func:`_mod_scores`."""
+    cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
+                            MASKED, HEAD_DIM, BLOCK_D, UPCAST)
+    visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
+    s, t, grad = _mod_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :],
+                             visible, q_idx[:, None], tl.minimum(cols, kv_hi - 1)[None, :], state, b, h, qk_scale,
+                             cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS,
+                             MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+    return cols, k, v, s, t, grad
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
-               PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
+               PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS, SCORE_ARGS,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units."""
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
+               SCORE_MOD: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units. CELLS: the
+    query cell's row of block-mask cell states, or None."""
     for start_n in range(start, end, BLOCK_N):
-        cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
-                                MASKED, HEAD_DIM, BLOCK_D, UPCAST)
-        visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
-        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
-                       qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                       MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the undropped sum: lse and the normalisation ignore dropout
-        if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        state = 2 if CELLS is None else tl.load(CELLS + start_n // MASK_BLOCK)
+        if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
+            cols, k, v, s, _, _ = _key_block_scores(
+                q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
+                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS,
+                SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST, PRECISION, MASK_MOD,
+                SCORE_MOD, None)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED or MASK_MOD is not None:
+                # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the undropped sum: lse and the normalisation ignore dropout
+            if DROPOUT:
+                keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p)
+                p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, stride_pb,
-              stride_ab, stride_lb, stride_lh, stride_qb, stride_qh, stride_qn, stride_qd,
+def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCK_MASK, MASK_ARGS,
+              SCORE_ARGS, stride_pb, stride_ab, stride_mb, stride_mh, stride_lb, stride_lh,
+              stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_on, stride_od,
               H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr):
     """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (b * stride_lb + h * stride_lh + row)
     natural log, fp32."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
@@ -309,8 +380,10 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+    cells = None if BLOCK_MASK is None else _cells(BLOCK_MASK, stride_mb, stride_mh, b, h)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, cells,
                                                  BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
+    q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     if SINKS is None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -319,13 +392,14 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # the masked blocks below the full ones (a window's left edge), full, masked
-        if part != 0 or WINDOW:
+        if part != 0 or WINDOW or BLOCK_MASK is not None:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
                                        offs_d, (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi,
                                        CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E,
-                                       slope_log2, PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
-                                       part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None,
-                                       HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+                                       slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p,
+                                       tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS, SCORE_ARGS, part != 1,
+                                       CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None, HEAD_DIM,
+                                       BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -394,37 +468,75 @@ def _backward_sequence(Q, DO, LSE, DELTA, K, V, q_start, k_start, diagonal, stri
 
 
 @triton.jit
+def _key_block_queries(first_col, last_col, q_lo, q_hi, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M: tl.constexpr,
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, ALIGN: tl.constexpr):
+    """(m_lo, mid, m_full_end, m_end): query rows [m_lo, m_end) see some key of [first_col, last_col]; [mid,
+    m_full_end) see all of them (whole query blocks, unmasked), the rest is masked: rows before mid straddle the
+    causal diagonal, rows from m_full_end on the window's left edge. Rows outside [q_lo, q_hi) (a block mask's
+    non-empty query cells) are not visited; with ALIGN, m_lo is a multiple of BLOCK_M so that every query block
+    lies in one cell (rows it adds before the causal diagonal are masked)."""
+    m_lo = 0
+    if CAUSAL:
+        m_lo = tl.minimum(tl.maximum(first_col - CAUSAL_SHIFT, 0), N_Q)
+    m_lo = tl.maximum(m_lo, q_lo)
+    if ALIGN:
+        m_lo = m_lo // BLOCK_M * BLOCK_M
+    mid = m_lo
+    if CAUSAL:
+        m_full = tl.minimum(tl.maximum(last_col - CAUSAL_SHIFT, m_lo), N_Q)
+        mid = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
+    # a block with no visible key skips the loops
+    m_end = tl.where(first_col <= last_col, tl.maximum(tl.minimum(q_hi, N_Q), m_lo), m_lo)
+    if WINDOW:
+        m_end = tl.minimum(m_end, tl.maximum(last_col - WINDOW_SHIFT + 1, m_lo))
+    mid = tl.minimum(mid, m_end)
+    m_full_end = m_end
+    if WINDOW:
+        m_full_end = mid + (tl.maximum(tl.minimum(first_col - WINDOW_SHIFT + 1, m_end) - mid, 0) // BLOCK_M) * BLOCK_M
+    return m_lo, mid, m_full_end, m_end
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
                     cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                    qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p,
+                    qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p, b, h, kv_idx, CELLS,
+                    n_k_cells, MASK_ARGS, SCORE_ARGS,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [start, end) of one query head (transposed scores)."""
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
+                    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [start, end) of one query head (transposed scores).
+    CELLS: the key cell's block-mask cell states (n_k_cells apart), or None."""
     for start_m in range(start, end, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < N_Q
-        q = _load_tile(q_ptrs + _row_offset(start_m, stride_qn), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-        do = _load_tile(do_ptrs + _row_offset(start_m, stride_don), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse, delta = _row_stats(LSE, DELTA, row_base, rows, row_ok)
-        s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), rows[None, :], cols[:, None],
-                           row_ok[None, :], qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                           MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        keep_t = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p) if DROPOUT else None
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t, p_t = _score_grad(p_t, dp_t, delta[None, :], t_t, keep_t, dropout_p, SOFTCAP, DROPOUT)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        state = 2 if CELLS is None else tl.load(CELLS + (start_m // MASK_BLOCK) * n_k_cells)
+        if state != 0:  # an empty cell of the block mask is skipped: its Q/dO are never loaded
+            rows = start_m + offs_m
+            row_ok = rows < N_Q
+            q = _load_tile(q_ptrs + _row_offset(start_m, stride_qn), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            do = _load_tile(do_ptrs + _row_offset(start_m, stride_don), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse, delta = _row_stats(LSE, DELTA, row_base, rows, row_ok)
+            s_t, t_t, g_t = _mod_scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), rows[None, :],
+                                        cols[:, None], row_ok[None, :], tl.minimum(rows, N_Q - 1)[None, :], kv_idx,
+                                        state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                        ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                        MASK_MOD, SCORE_MOD, SCORE_GRAD)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            keep_t = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p) if DROPOUT else None
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t, p_t = _score_grad(p_t, dp_t, delta[None, :], t_t, keep_t, dropout_p, SOFTCAP, DROPOUT)
+            if SCORE_MOD is not None:
+                ds_t = ds_t * g_t
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
-                   stride_pb, stride_ab, stride_lb, stride_lh,
+                   BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb, stride_ab, stride_mb, stride_mh, stride_lb, stride_lh,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -434,7 +546,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
                    dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                   SCORE_GRAD: tl.constexpr):
     """One program per (key block, batch * kv head): dK, dV (B, Hkv, Nk, D), contiguous, in the input dtype.
 
     The program owns its key block for every query head of its GQA group, so the group's gradients are summed
@@ -471,25 +584,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
         v = v.to(tl.float32)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    # Query rows [m_lo, m_end) see some key of the block; [mid, m_full_end) see all of them (whole query blocks,
-    # unmasked), the rest is masked: rows before mid straddle the causal diagonal, rows from m_full_end on the
-    # window's left edge.
     first_col = tl.maximum(start_n, lo)
     last_col = tl.minimum(start_n + BLOCK_N, hi) - 1
-    if CAUSAL:
-        m_lo = tl.minimum(tl.maximum(first_col - CAUSAL_SHIFT, 0), N_Q)
-        m_full = tl.minimum(tl.maximum(last_col - CAUSAL_SHIFT, m_lo), N_Q)
-        mid = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
-    else:
-        m_lo = 0
-        mid = 0
-    m_end = tl.where(first_col <= last_col, N_Q, m_lo)  # a block with no visible key skips the loops
-    if WINDOW:
-        m_end = tl.minimum(m_end, tl.maximum(last_col - WINDOW_SHIFT + 1, m_lo))
-    mid = tl.minimum(mid, m_end)
-    m_full_end = m_end
-    if WINDOW:
-        m_full_end = mid + (tl.maximum(tl.minimum(first_col - WINDOW_SHIFT + 1, m_end) - mid, 0) // BLOCK_M) * BLOCK_M
+    if BLOCK_MASK is None:
+        m_lo, mid, m_full_end, m_end = _key_block_queries(first_col, last_col, 0, N_Q, N_Q, CAUSAL_SHIFT,
+                                                          WINDOW_SHIFT, BLOCK_M, CAUSAL, WINDOW, False)
+    n_k_cells = tl.cdiv(N_K, MASK_BLOCK)
+    kv_idx = tl.minimum(cols, N_K - 1)[:, None]
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -500,14 +601,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
         bh = b * H + h
         row_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
+        cells = None
+        if BLOCK_MASK is not None:  # this head's mask: only its key cell's non-empty query cells are visited
+            head_cells = _cells(BLOCK_MASK, stride_mb, stride_mh, b, h)
+            cells = head_cells + start_n // MASK_BLOCK
+            q_cells = head_cells + tl.cdiv(N_Q, MASK_BLOCK) * (n_k_cells + 2) + 2 * (start_n // MASK_BLOCK)
+            m_lo, mid, m_full_end, m_end = _key_block_queries(
+                first_col, last_col, tl.load(q_cells) * MASK_BLOCK, tl.load(q_cells + 1) * MASK_BLOCK, N_Q,
+                CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M, CAUSAL, WINDOW, True)
         for part in tl.static_range(3):  # masked (causal diagonal), full, masked (window's left edge)
             if (part != 0 or CAUSAL) and (part != 2 or WINDOW):
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA,
                                          row_base, cols, offs_m, offs_d, (m_lo, mid, m_full_end)[part],
                                          (mid, m_full_end, m_end)[part], N_Q, CAUSAL_SHIFT, WINDOW_SHIFT,
                                          ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, seed, rng_offset, bh,
-                                         dropout_p, part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None,
-                                         SEED is not None, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                         dropout_p, b, h, kv_idx, cells, n_k_cells, MASK_ARGS, SCORE_ARGS, part != 1,
+                                         CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None, HEAD_DIM,
+                                         BLOCK_D, BLOCK_M, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
 
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(col_ok[:, None], dv, 0.0)
@@ -520,29 +630,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                   start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
-                  PAD, b, stride_pb, seed, rng_offset, off_bh, dropout_p,
+                  PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS, SCORE_ARGS,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [start, end)."""
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
+                  SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end) (CELLS as in :func:`_fwd_inner`)."""
     for start_n in range(start, end, BLOCK_N):
-        cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
-                                MASKED, HEAD_DIM, BLOCK_D, UPCAST)
-        visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
-        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :], visible,
-                       qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                       MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
-        p = tl.math.exp2(s - lse[:, None])
-        keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p) if DROPOUT else None
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds, _ = _score_grad(p, dp, delta[:, None], t, keep, dropout_p, SOFTCAP, DROPOUT)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        state = 2 if CELLS is None else tl.load(CELLS + start_n // MASK_BLOCK)
+        if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
+            cols, k, v, s, t, g = _key_block_scores(
+                q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
+                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS,
+                SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST, PRECISION, MASK_MOD,
+                SCORE_MOD, SCORE_GRAD)
+            p = tl.math.exp2(s - lse[:, None])
+            keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p) if DROPOUT \
+                else None
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds, _ = _score_grad(p, dp, delta[:, None], t, keep, dropout_p, SOFTCAP, DROPOUT)
+            if SCORE_MOD is not None:
+                ds = ds * g
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, stride_pb,
-                 stride_ab, stride_lb, stride_lh,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+                 BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb, stride_ab, stride_mb, stride_mh, stride_lb, stride_lh,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -552,7 +667,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
                  dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
     """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
@@ -584,16 +699,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
-    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+    cells = None if BLOCK_MASK is None else _cells(BLOCK_MASK, stride_mb, stride_mh, b, h)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, cells,
                                                  BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
+    q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # as in the forward: masked below the full blocks, full, masked
-        if part != 0 or WINDOW:
+        if part != 0 or WINDOW or BLOCK_MASK is not None:
             dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi, CAUSAL_SHIFT,
-                               WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, PAD, b, stride_pb,
-                               seed, rng_offset, off_bh, dropout_p, part != 1, CAUSAL, WINDOW, SOFTCAP,
-                               ALIBI is not None, SEED is not None, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+                               WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, PAD, b, h, stride_pb,
+                               seed, rng_offset, off_bh, dropout_p, tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS,
+                               SCORE_ARGS, part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
     _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
                 cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
 
@@ -609,3 +727,26 @@ def _dropout_mask(SEED, MASK, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, rng_offset, off_bh, rows[:, None], cols[None, :], dropout_p)
         tl.store(row_ptrs + cols[None, :], keep.to(tl.uint8), mask=(rows < N_Q)[:, None] & (cols < N_K)[None, :])
+
+
+@triton.jit
+def _block_mask_cells(STATE, MASK_ARGS, H, N_Q, N_K, MASK_MOD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per (query cell, batch * head): STATE (B * H, QC, KC) int32, the state of every
+    MASK_BLOCK x MASK_BLOCK cell of MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS) within [0, N_Q) x [0, N_K): 0 if it
+    hides every pair, 2 if it shows every pair, else 1. Evaluated CHUNK query rows at a time."""
+    q_start, bh = _program_block(N_Q, MASK_BLOCK)
+    b = bh // H
+    h = bh % H
+    n_k_cells = tl.cdiv(N_K, MASK_BLOCK)
+    row_ptr = STATE + (bh.to(tl.int64) * tl.cdiv(N_Q, MASK_BLOCK) + q_start // MASK_BLOCK) * n_k_cells
+    for kc in range(0, n_k_cells):
+        cols = kc * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
+        shown = 0
+        hidden = 0
+        for r in tl.static_range(0, MASK_BLOCK, CHUNK):
+            rows = q_start + r + tl.arange(0, CHUNK)
+            inside = (rows < N_Q)[:, None] & (cols < N_K)[None, :]
+            keep = MASK_MOD(b, h, tl.minimum(rows, N_Q - 1)[:, None], tl.minimum(cols, N_K - 1)[None, :], *MASK_ARGS)
+            shown += tl.sum(tl.sum((inside & keep).to(tl.int32), 1), 0)
+            hidden += tl.sum(tl.sum((inside & ~keep).to(tl.int32), 1), 0)
+        tl.store(row_ptr + kc, tl.where(shown == 0, 0, tl.where(hidden == 0, 2, 1)))

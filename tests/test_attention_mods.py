@@ -1,0 +1,250 @@
+"""User mask/score mods and block masks (kernels/attention/block_mask.py, mods.py) against float64 math.
+
+Forward errors may be 2x, gradient errors 3x what PyTorch itself makes in the same precision (tests/tolerance.py).
+Shapes are small and awkward (lengths past one 128-cell, odd head dims, GQA, Nq != Nk): the interpreter is slow.
+"""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+from kernels import reference
+from kernels.attention import api, block_mask, configs
+from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
+from tolerance import BACKWARD, FORWARD, assert_close
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+
+
+@triton.jit
+def _window(b, h, q_idx, kv_idx, left, right, shift):
+    """flash-attn's window (left, right) around the diagonal i + shift, as a mask mod."""
+    return (kv_idx >= q_idx + shift - left) & (kv_idx <= q_idx + shift + right)
+
+
+@triton.jit
+def _hide_first_rows(b, h, q_idx, kv_idx, rows):
+    """Queries below ``rows`` see nothing; the others every key but those of the second 128-key cell."""
+    return (q_idx >= rows) & ((kv_idx < 128) | (kv_idx >= 256))
+
+
+@triton.jit
+def _first_cell(b, h, q_idx, kv_idx):
+    return kv_idx < 128
+
+
+def _qkv(b, h, h_kv, n_q, n_k, d, dtype, device):
+    return [torch.randn(b, heads, n, d, dtype=dtype, device=device).requires_grad_()
+            for heads, n in ((h, n_q), (h_kv, n_k), (h_kv, n_k))]
+
+
+def _check(q, k, v, dense_mask, kernel_kwargs, ref_kwargs=None):
+    """Kernel out, lse and dq, dk, dv against float64 with ``dense_mask`` (bool, broadcastable to (B, H, Nq, Nk))
+    and the reference's ``ref_kwargs``, torch in q's dtype as the noise; returns the kernel's (out, grads)."""
+    ref_kwargs = ref_kwargs or {}
+    grad_out = torch.randn_like(q)
+    out, lse = kernels.attention(q, k, v, return_lse=True, **kernel_kwargs)
+    runs = []
+    for dtype in (q.dtype, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = _REFERENCE(*leaves, mask=dense_mask, return_lse=True, **ref_kwargs)
+        runs.append((ref_out, ref_lse, torch.autograd.grad((ref_out * grad_out.to(dtype)).sum(), leaves)))
+    (low_out, low_lse, low_grads), (exact_out, exact_lse, exact_grads) = runs
+    assert_close(out, exact_out, low_out, FORWARD)
+    empty = torch.isneginf(exact_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert_close(lse[~empty], exact_lse[~empty], low_lse.float()[~empty], FORWARD, name="lse")
+    grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+    for name, grad, exact, low in zip(("dq", "dk", "dv"), grads, exact_grads, low_grads):
+        assert_close(grad, exact, low, BACKWARD, name=name)
+    return out, grads
+
+
+def _documents(lengths, device):
+    return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                   torch.tensor(lengths)).to(device)
+
+
+def test_document_mask_with_causal_gqa_matches_float64(kernel_only, device):
+    """fp16, GQA, D = 40, three documents over two 128-cells (empty, partial and full cells), causal."""
+    doc = _documents([100, 120, 50], device)
+    q, k, v = _qkv(1, 2, 1, 270, 270, 40, FP16, device)
+    dense = (doc[:, None] == doc[None, :]) & reference.causal_mask(270, 270, device)
+    _check(q, k, v, dense, dict(causal=True, mask_mod=kernels.document_mask(doc)))
+
+
+def test_prefix_lm_per_batch_matches_float64(kernel_only, device):
+    """bf16, B = 2 with prefixes 140 and 7 (the mod reads a per-batch tensor), D = 24."""
+    prefix = torch.tensor([140, 7], dtype=torch.int32, device=device)
+    q, k, v = _qkv(2, 1, 1, 150, 150, 24, BF16, device)
+    j, i = torch.arange(150, device=device), torch.arange(150, device=device)[:, None]
+    dense = ((j <= i) | (j < prefix[:, None, None]))[:, None]
+    _check(q, k, v, dense, dict(mask_mod=kernels.prefix_lm_mask(prefix)))
+
+
+def test_mods_compose_with_every_variant(kernel_only, device):
+    """fp32, Nq != Nk, GQA: a mask mod and a score mod (softcap) with a window, ALiBi, sinks-free padding."""
+    q, k, v = _qkv(2, 2, 1, 140, 300, 9, FP32, device)
+    padding = torch.ones(2, 300, dtype=torch.bool, device=device)
+    padding[1, 250:] = False
+    j, i = torch.arange(300, device=device), torch.arange(140, device=device)[:, None]
+    dense = ((i >= 5) & ((j < 128) | (j >= 256)))[None, None] & padding[:, None, None, :]
+    slopes = torch.tensor([0.1, 0.02], device=device)
+    _check(q, k, v, dense,
+           dict(mask_mod=kernels.MaskMod(_hide_first_rows, 5), score_mod=kernels.softcap_score(2.0),
+                key_padding_mask=padding, window_size=(200, 30), alibi_slopes=slopes),
+           dict(softcap=2.0, window_size=(200, 30), alibi_slopes=slopes))
+
+
+@pytest.mark.parametrize("builtin,as_mod", [
+    (dict(window_size=(40, 7)), lambda n_q, n_k: dict(mask_mod=kernels.MaskMod(_window, 40, 7, n_k - n_q))),
+    (dict(softcap=0.7), lambda n_q, n_k: dict(score_mod=kernels.softcap_score(0.7))),
+    (dict(alibi_slopes=torch.tensor([0.3, 0.05])),
+     lambda n_q, n_k: dict(score_mod=kernels.alibi_score(torch.tensor([0.3, 0.05]), n_k - n_q))),
+])
+def test_builtin_variants_equal_the_same_written_as_mods(kernel_only, device, builtin, as_mod):
+    """Same output and gradients (to fp32 rounding) from the built-in variant and the mod computing it."""
+    q, k, v = _qkv(1, 2, 2, 131, 150, 16, FP32, device)
+    builtin = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in builtin.items()}
+    results = []
+    for kwargs in (builtin, as_mod(131, 150)):
+        out = kernels.attention(q, k, v, causal=True, **kwargs)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_document_mask_equals_varlen(kernel_only, device):
+    """Packed documents under a document mask are attention_varlen of the same tokens (causal per document)."""
+    lengths = [60, 130, 3, 40]
+    doc = _documents(lengths, device)
+    q, k, v = _qkv(1, 2, 2, 233, 233, 16, FP16, device)
+    masked = kernels.attention(q, k, v, mask_mod=kernels.document_mask(doc))
+    cu = torch.tensor([0, 60, 190, 193, 233], dtype=torch.int32, device=device)
+    packed = kernels.attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu, 130, 130)
+    torch.testing.assert_close(masked[0].transpose(0, 1), packed, atol=2e-3, rtol=2e-3)
+
+
+def test_block_mask_is_built_once_and_reused_by_the_backward(kernel_only, monkeypatch, device):
+    """A BlockMask is summarised once (create_block_mask); calls given it never evaluate the summary again, and
+    the backward reads the forward's summary tensor; a bare mod is summarised once per call, not in backward."""
+    builds, summaries = [], []
+    create, backward = block_mask.create_block_mask, api._backward
+    monkeypatch.setattr(block_mask, "create_block_mask", lambda *a, **kw: builds.append(1) or create(*a, **kw))
+    monkeypatch.setattr(api, "_backward", lambda *a: summaries.append(a[23]) or backward(*a))
+    mod = kernels.MaskMod(_hide_first_rows, 3)
+    mask = block_mask.create_block_mask(mod, None, None, 40, 300)
+    q, k, v = _qkv(1, 2, 1, 40, 300, 8, FP32, device)
+    for _ in range(2):  # reused across calls (e.g. layers)
+        kernels.attention(q, k, v, mask_mod=mask).sum().backward()
+    assert len(builds) == 1
+    assert all(s.data_ptr() == mask.summary.data_ptr() for s in summaries) and len(summaries) == 2
+    kernels.attention(q, k, v, mask_mod=mod).sum().backward()
+    assert len(builds) == 2
+
+
+def test_block_mask_states(device):
+    """Cells are empty/partial/full as the dense mask says; per-batch masks differ, B/H None broadcast."""
+    prefix = torch.tensor([130, 0], dtype=torch.int32, device=device)
+    mask = kernels.create_block_mask(kernels.prefix_lm_mask(prefix), 2, None, 300, 260, device=device)
+    assert mask.states().shape == (2, 1, 3, 3)
+    j, i = torch.arange(260, device=device), torch.arange(300, device=device)[:, None]
+    dense = (j <= i) | (j < prefix[:, None, None])
+    cells = torch.nn.functional.pad(dense, (0, 384 - 260, 0, 384 - 300)).unflatten(1, (3, 128)).unflatten(3, (3, 128))
+    inside = torch.nn.functional.pad(torch.ones(300, 260, dtype=torch.bool, device=device),
+                                     (0, 384 - 260, 0, 384 - 300)).unflatten(0, (3, 128)).unflatten(2, (3, 128))
+    shown = (cells & inside).any(4).any(2)
+    full = (cells | ~inside).all(4).all(2)
+    expected = torch.where(full, 2, torch.where(shown, 1, 0)).int()
+    assert torch.equal(mask.states()[:, 0], expected)
+    doc = kernels.create_block_mask(kernels.document_mask(_documents([128, 128], device)), None, None, 256, 256)
+    assert doc.states().tolist() == [[[[2, 0], [0, 2]]]]
+
+
+def test_empty_cells_are_never_read(kernel_only, device):
+    """K/V rows of cells the mask hides entirely are NaN: nothing propagates, as if they were not there (they
+    would poison every output and gradient if loaded), and their dK/dV are zeros."""
+    q, k, v = _qkv(1, 2, 1, 70, 300, 16, FP32, device)
+    with torch.no_grad():
+        k[:, :, 128:] = float("nan")
+        v[:, :, 128:] = float("nan")
+    out = kernels.attention(q, k, v, mask_mod=_first_cell)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    short = [t[:, :, :128].detach().clone().requires_grad_() for t in (k, v)]
+    want = kernels.attention(q, *short)
+    torch.testing.assert_close(out, want)
+    want_grads = torch.autograd.grad(want.sum(), (q, *short))
+    torch.testing.assert_close(dq, want_grads[0])
+    torch.testing.assert_close(dk[:, :, :128], want_grads[1])
+    assert torch.equal(dk[:, :, 128:], torch.zeros_like(dk[:, :, 128:])) and torch.equal(dv[:, :, 128:], dk[:, :, 128:])
+
+
+def test_rows_the_mask_hides_give_zeros(kernel_only, device):
+    """Queries that see no key: zeros, lse -inf, zero gradients, never NaN (also with a sink: lse = sink)."""
+    q, k, v = _qkv(1, 1, 1, 20, 40, 8, FP16, device)
+    out, lse = kernels.attention(q, k, v, return_lse=True, mask_mod=kernels.MaskMod(_hide_first_rows, 6))
+    assert torch.equal(out[:, :, :6], torch.zeros_like(out[:, :, :6])) and torch.isneginf(lse[:, :, :6]).all()
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.equal(dq[:, :, :6], 0 * dq[:, :, :6])
+    sinks = torch.tensor([0.5], device=device)
+    out, lse = kernels.attention(q, k, v, return_lse=True, sinks=sinks, mask_mod=kernels.MaskMod(_hide_first_rows, 6))
+    assert torch.equal(out[:, :, :6], torch.zeros_like(out[:, :, :6]))
+    torch.testing.assert_close(lse[0, 0, :6], sinks.expand(6))
+
+
+def test_compiles_with_fullgraph(kernel_only, device):
+    """torch.compile(fullgraph=True): the mods pass through the custom ops as registry keys and tensor lists."""
+    q, k, v = _qkv(1, 2, 1, 30, 140, 16, FP32, device)
+    doc = _documents([70, 70], device)
+    mask = kernels.create_block_mask(kernels.document_mask(doc), None, None, 30, 140)
+    score = kernels.alibi_score(torch.tensor([0.2, 0.1], device=device))
+
+    def f(q, k, v):
+        return kernels.attention(q, k, v, mask_mod=mask, score_mod=score, dropout_p=0.0)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    eager = f(q, k, v)
+    torch.testing.assert_close(out, eager)
+    for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(eager.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@triton.jit
+def _two_extra(b, h, q_idx, kv_idx, A, n):
+    return q_idx >= 0
+
+
+def _bad_cases(device):
+    other = block_mask.create_block_mask(_first_cell, None, None, 5, 6)
+    mod = kernels.MaskMod(_first_cell)
+    return [
+        (dict(mask_mod=lambda b, h, i, j: i >= j), TypeError, "mask_mod"),
+        (dict(mask_mod="causal"), TypeError, "mask_mod"),
+        (dict(mask_mod=block_mask.create_block_mask(_first_cell, 2, None, 5, 5)), ValueError, "mask_mod"),
+        (dict(mask_mod=other), ValueError, "mask_mod"),
+        (dict(mask_mod=block_mask.BlockMask(mod, (None, None, 5, 5), torch.device("meta"), other.summary)),
+         ValueError, "mask_mod"),
+        (dict(score_mod=_first_cell), TypeError, "score_mod"),
+    ]
+
+
+def test_bad_mod_arguments_raise_before_launch(kernel_only, monkeypatch, device):
+    cases = _bad_cases(device)
+    monkeypatch.setattr(configs, "launch", None)  # a launch would fail otherwise
+    q = torch.randn(1, 2, 5, 8, device=device)
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            kernels.attention(q, q, q, **kwargs)
+    with pytest.raises(TypeError, match="mask_mod"):  # arity: 4 + the extras
+        kernels.MaskMod(_two_extra, torch.zeros(1))
+    with pytest.raises(TypeError, match="mask_mod"):
+        kernels.MaskMod(_two_extra, torch.zeros(1), "3")
+    with pytest.raises(TypeError, match="score_mod"):
+        kernels.ScoreMod(_first_cell, _first_cell)
+    with pytest.raises(TypeError, match="doc_ids"):
+        kernels.document_mask(torch.zeros(4))
+    with pytest.raises(ValueError, match="Nq"):
+        kernels.create_block_mask(_first_cell, None, None, -1, 4)
