@@ -48,19 +48,23 @@ _CONFIGS = {
 }
 FAMILIES = tuple(_CONFIGS["fwd"])
 # IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit, and ptxas
-# often settles on 64 or 128 registers and spills a few bytes rather than use more. First entries are held to the
-# same bar as above: dK/dV d256 16x16 w4 s1, dQ d128 32x16 w8 s2 and dQ d256 16x16 w8 s1 are spill-free for every
-# specialisation on sm_80 and sm_90. Still spilling: dK/dV d64 32x32 w8 s2 (sm_90 window etc.) and d128 16x32 w4 s1
-# (dropout on sm_90); no tile tried (16x16..32x32, 2-8 warps, 1-2 stages) was clean on both. TF32 (opt-in) uses
-# these tables too.
+# often settles on 64-128 registers and spills a few bytes rather than use more. First entries are held to the
+# same bar as above, for every specialisation on sm_80 and sm_90 (dropout's dK/dV: see below). dK/dV d64 16x64 w8
+# s1 takes 110-128 registers on sm_80 and 93-107 on sm_90 (32x32 w8 s2, clean with dropout, spills 12-32 B on sm_90
+# without it); d128 16x32 w4 s1 191-202 / 165-168. dK/dV d256 16x16 w4 s1, dQ d128 32x16 w8 s2 and dQ d256 16x16
+# w8 s1 are spill-free too. TF32 (opt-in) uses the same tables.
 _FP32_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 4, 2)]},
-    "dkdv": {64: [(32, 32, 8, 2), (16, 32, 8, 2)], 128: [(16, 32, 4, 1), (16, 32, 8, 1), (32, 32, 8, 1)],
-             256: [(16, 16, 4, 1), (16, 16, 8, 1)]},
+    "dkdv": {64: [(16, 64, 8, 1), (32, 32, 8, 2), (16, 32, 8, 2)],
+             128: [(16, 32, 4, 1), (16, 32, 8, 1), (32, 32, 8, 1)], 256: [(16, 16, 4, 1), (16, 16, 8, 1)]},
     "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(32, 16, 8, 2), (16, 32, 8, 2)],
            256: [(16, 16, 8, 1), (32, 16, 8, 1)]},
 }
+# Dropout's Philox bits need registers of their own: with dropout, the fp32 dK/dV defaults above spill (d64: 56 B
+# on sm_80 and sm_90; d128: 80 B on sm_90), so dropout launches try these tiles first, then the rest of the table.
+# Spill-free with dropout: d64 32x32 w8 s2 (128 / 104 registers on sm_80 / sm_90), d128 32x16 w4 s1 (218 / 168).
+_FP32_DROPOUT_FIRST = {("dkdv", 64): (32, 32, 8, 2), ("dkdv", 128): (32, 16, 4, 1)}
 # The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
 # fp16/bf16 tiles are smaller (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar as above.
 _DROPOUT_FWD_TILES = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
@@ -79,7 +83,9 @@ def tiles(kernel: str, family: int, d_bucket: int, fp32: bool, dropout: bool = F
     """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim, dtype and whether
     dropout is on; its first entry is the default."""
     if fp32:
-        return _FP32_CONFIGS[kernel][d_bucket]
+        table = _FP32_CONFIGS[kernel][d_bucket]
+        first = _FP32_DROPOUT_FIRST.get((kernel, d_bucket)) if dropout else None
+        return table if first is None else [first] + [t for t in table if t != first]
     if dropout and kernel == "fwd":
         return _DROPOUT_FWD_TILES[d_bucket]
     return _CONFIGS[kernel][family][d_bucket]
