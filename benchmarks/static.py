@@ -15,7 +15,8 @@ Default configurations: in each (kernel, family, dtype, head dim) group, the fam
 runs first; a kernel without autotuning may mark several, one per row-width config). A group that marks none
 (a build list written without the flag, such as the tests' own) falls back to its first registered build, so
 every group has a default held to the no-spill bar. ``--quick`` keeps the default fp16 builds at head dim 64
-and 128 (and at no head dim, for the norms/softmax).
+and 128 (and at no head dim, for the norms/softmax); ``--defaults`` keeps every default (each dtype, head dim and
+specialisation): the set the no-spill bar is about.
 """
 import argparse
 import importlib
@@ -71,7 +72,8 @@ def describe(build) -> Dict[str, object]:
             "num_warps": build.num_warps, "num_stages": build.num_stages}
 
 
-def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) -> List[Tuple[int, bool]]:
+def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False,
+           defaults_only: bool = False) -> List[Tuple[int, bool]]:
     """(index into ``builds``, is-default) for the builds to compile, in registration order."""
     infos = [describe(b) for b in builds]
     groups = {}
@@ -80,7 +82,8 @@ def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) 
     defaults = set()
     for members in groups.values():
         defaults.update([i for i in members if builds[i].default] or members[:1])
-    chosen = [i for i, info in enumerate(infos) if kernel is None or kernel in info["kernel"]]
+    chosen = [i for i, info in enumerate(infos) if (kernel is None or kernel in info["kernel"])
+              and (i in defaults or not defaults_only)]
     if quick:
         quick_ones = [i for i in chosen if i in defaults
                       and infos[i]["dtype"] == "fp16" and infos[i]["head_dim"] in QUICK_HEAD_DIMS]
@@ -96,7 +99,8 @@ def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False) 
 
 
 def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, kernel: Optional[str] = None,
-               quick: bool = False, jobs: int = 2, progress: bool = False) -> List[Dict[str, object]]:
+               quick: bool = False, jobs: int = 2, progress: bool = False,
+               defaults_only: bool = False) -> List[Dict[str, object]]:
     """Compile the selected builds for ``archs`` in up to ``jobs`` interpreter-free child processes.
 
     Returns one record per (build, arch): :func:`describe`'s fields, ``arch``, ``default``, and either the
@@ -107,7 +111,7 @@ def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, k
     if unknown:
         raise ValueError(f"archs: unknown {unknown}; expected some of {list(ARCHS)}")
     builds = load_builds(provider)
-    selected = select(builds, kernel, quick)
+    selected = select(builds, kernel, quick, defaults_only)
     work = [(i, arch) for i, _ in selected for arch in archs]
     results = {}
     with tempfile.TemporaryDirectory(prefix="static-build-") as tmp:
@@ -259,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     parser.add_argument("--quick", action="store_true",
                         help="only the default config of each kernel at fp16, head dim 64/128")
+    parser.add_argument("--defaults", action="store_true",
+                        help="only the default configs (what a GPU tries first), every dtype, head dim and variant")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--provider", default=PROVIDER, help="module:function returning the builds")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "OUT"), help=argparse.SUPPRESS)
@@ -267,7 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _worker(*args.worker)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs, progress=True)
+    records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs, progress=True,
+                         defaults_only=args.defaults)
     if not records:
         print("no builds registered" + (f" matching --kernel {args.kernel!r}" if args.kernel else ""))
         return 0
