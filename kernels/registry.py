@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -25,16 +25,17 @@ TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 class Build:
     """One ahead-of-time compilation of a ``@triton.jit`` function.
 
-    ``signature`` maps every parameter name, in order, to a Triton type ("*fp16", "i32", "fp32", ...) or
-    "constexpr"; ``constexprs`` gives the constexpr values; ``divisible_by_16`` names the pointer/int params the
-    launcher may assume 16-aligned (as Triton's own specialisation would); ``label`` says what the config is
-    for (dtype, head dim, tile sizes) in the report; ``default`` marks the config a GPU runs first (the first of
-    its autotune list), which the build report holds to the no-spill bar.
+    ``signature`` maps every parameter name, in order, to a Triton type ("*fp16", "i32", "fp32", ...), a tuple of
+    them (a tuple argument, e.g. ``("*i32", "i32")``) or "constexpr"; ``constexprs`` gives the constexpr values;
+    ``divisible_by_16`` names the pointer/int params the launcher may assume 16-aligned (as Triton's own
+    specialisation would); ``label`` says what the config is for (dtype, head dim, tile sizes) in the report;
+    ``default`` marks the config a GPU runs first (the first of its autotune list), which the build report holds
+    to the no-spill bar.
     """
 
     kernel: str
     fn: Callable
-    signature: Dict[str, str]
+    signature: Dict[str, Union[str, Tuple[str, ...]]]
     constexprs: Dict[str, object]
     num_warps: int
     num_stages: int
@@ -44,14 +45,16 @@ class Build:
 
 
 def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_warps: int, num_stages: int,
-            label: str, types: Optional[Dict[str, str]] = None, default: bool = False) -> Build:
+            label: str, types: Optional[Dict[str, Union[str, Tuple[str, ...]]]] = None,
+            default: bool = False) -> Build:
     """A :class:`Build` of ``fn`` whose signature follows the package's naming convention.
 
-    Parameters in ``constexprs`` are constexpr; ``types`` overrides any parameter's type; otherwise an UPPERCASE
-    parameter is a pointer to ``dtype`` ("fp16", "bf16", "fp32"), a ``stride_*`` one an i32 (a unit head-dim or
-    column stride, named ``stride_*d``, is specialised to the constant 1 as Triton does), a name containing
-    ``scale`` or ``eps`` an fp32, and every other lowercase scalar an i32. Pointers and non-unit strides are taken
-    as 16-aligned, as Triton's own specialisation would for contiguous tensors.
+    Parameters in ``constexprs`` are constexpr; ``types`` overrides any parameter's type (a tuple of types for a
+    tuple argument); otherwise an UPPERCASE parameter is a pointer to ``dtype`` ("fp16", "bf16", "fp32"), a
+    ``stride_*`` one an i32 (a unit head-dim or column stride, named ``stride_*d``, is specialised to the constant 1
+    as Triton does), a name containing ``scale`` or ``eps`` an fp32, and every other lowercase scalar an i32.
+    Pointers and non-unit strides are taken as 16-aligned, as Triton's own specialisation would for contiguous
+    tensors (not those inside a tuple argument, which ``divisible_by_16`` cannot name).
     """
     python_fn = fn
     while hasattr(python_fn, "fn"):  # Autotuner -> JITFunction -> the Python function
@@ -71,7 +74,8 @@ def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_w
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or (t == "i32" and n.startswith("stride_")))
+    aligned = tuple(n for n, t in signature.items()
+                    if isinstance(t, str) and (t.startswith("*") or (t == "i32" and n.startswith("stride_"))))
     return Build(kernel=kernel, fn=fn, signature=signature, constexprs=values, num_warps=num_warps,
                  num_stages=num_stages, label=label, divisible_by_16=aligned, default=default)
 

@@ -281,8 +281,9 @@ def test_bad_dropout_mask_arguments_raise(device):
 
 def test_each_specialisations_default_build_is_the_config_its_launch_tries_first(monkeypatch, device):
     """One source of truth: every (kernel, dtype, head dim, specialisation) has one build marked default, the
-    first entry of the sm_80 table that its launch autotunes over (dropout's forward: its own smaller tiles), and
-    a dropout call asks the launcher for that table."""
+    first entry of the sm_80 table that its launch autotunes over (dropout's forward: its own smaller tiles; a
+    specialisation's own first entry where the table's spills with it), and a dropout or mod call asks the launcher
+    for that table."""
     seen = set()
     for b in configs._builds():
         if not b.default or b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq"):
@@ -290,20 +291,40 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
         dtype, d, _, *rest = b.label.split()
         variant = rest[0] if len(rest) == 4 else ""
         kernel = b.kernel.removeprefix("attention_")
-        expected = configs.tiles(kernel, 80, int(d[1:]), dtype == "fp32", variant == "dropout")[0]
+        expected = configs.tiles(kernel, 80, int(d[1:]), dtype == "fp32", variant)[0]
         assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, b.label
         key = (kernel, dtype, d, variant)
         assert key not in seen, key
         seen.add(key)
-    assert len(seen) == 9 * (7 + 6 + 6)  # dtypes x head dims x (plain + variants): fwd, dK/dV and dQ (no sinks)
-    tuned = configs._tuned("fwd", 90, 64, False, True, (64, 64))
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \
-        configs.tiles("fwd", 90, 64, False, dropout=True)
+    # dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, softcap, alibi,
+    # dropout, varlen, mask_mod and score_mod
+    assert len(seen) == 9 * (9 + 8 + 8)
+    for variant in ("dropout", "mask_mod"):
+        tuned = configs._tuned("fwd", 90, 64, False, variant, (64, 64))
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \
+            configs.tiles("fwd", 90, 64, False, variant)
     asked = []
     launch = configs.launch
-    monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append((args[0], kwargs["dropout"])) or
-                        launch(*args, **kwargs))
+    monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append(
+        (args[0], configs.specialisation(args[4], kwargs["dropout"]))) or launch(*args, **kwargs))
     q = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2], dtype=torch.int32, device=device)
     kernels.attention(q, q, q, dropout_p=0.5).sum().backward()
     kernels.attention(q, q, q).sum().backward()
-    assert asked == [("fwd", True), ("dkdv", True), ("dq", True), ("fwd", False), ("dkdv", False), ("dq", False)]
+    kernels.attention(q, q, q, mask_mod=kernels.document_mask(doc)).sum().backward()
+    kernels.attention(q, q, q, score_mod=kernels.softcap_score(5.0)).sum().backward()
+    assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod")
+                     for kernel in ("fwd", "dkdv", "dq")]
+
+
+def test_a_forced_tile_larger_than_a_block_mask_cell_is_refused(device):
+    q = torch.randn(1, 1, 8, 16, device=device)
+    doc = torch.zeros(8, dtype=torch.int32, device=device)
+    for kernel, block in (("attention_fwd", "BLOCK_M"), ("attention_fwd", "BLOCK_N"), ("attention_dkdv", "BLOCK_N")):
+        config = {"BLOCK_M": 32, "BLOCK_N": 32, block: 256}
+        with use_config(kernel, **config), pytest.raises(ValueError, match=f"{block}=256 is larger than a block"):
+            if kernel == "attention_fwd":
+                kernels.attention(q, q, q, mask_mod=kernels.document_mask(doc))
+            else:
+                qg = q.clone().requires_grad_()
+                kernels.attention(qg, qg, qg, mask_mod=kernels.document_mask(doc)).sum().backward()

@@ -222,6 +222,18 @@ def test_builds_marked_default_are_the_defaults_of_their_group():
     assert static.select(builds, quick=True) == [(1, True), (2, True), (4, True), (6, True)]
 
 
+def test_the_quick_subset_holds_every_attention_specialisation_to_the_bar():
+    """``--quick`` (and the registered-builds test below) compiles the fp16 defaults of each attention
+    specialisation at head dims 64 and 128, the user mods' (mask_mod with its block mask, score_mod) included."""
+    builds = static.load_builds(static.PROVIDER)
+    labels = {f"{builds[i].kernel} {builds[i].label}" for i, _ in static.select(builds, quick=True)}
+    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq"):
+        for variant in ("window", "softcap", "alibi", "dropout", "varlen", "mask_mod", "score_mod"):
+            for d in (64, 128):
+                assert any(label.startswith(f"{kernel} fp16 d{d} causal {variant} ") for label in labels), \
+                    (kernel, variant, d)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The report on the tiny kernels.
 

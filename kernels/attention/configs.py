@@ -11,7 +11,9 @@ import torch
 import triton
 
 from kernels import _runtime
-from kernels.attention.kernels import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_mask
+from kernels.attention import mods
+from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
+                                      _dropout_mask)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
 MAX_HEAD_DIM = 256
@@ -61,15 +63,30 @@ _FP32_CONFIGS = {
     "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(32, 16, 8, 2), (16, 32, 8, 2)],
            256: [(16, 16, 8, 1), (32, 16, 8, 1)]},
 }
-# Dropout's Philox bits need registers of their own: with dropout, the fp32 dK/dV defaults above spill (d64: 56 B
-# on sm_80 and sm_90; d128: 80 B on sm_90), so dropout launches try these tiles first, then the rest of the table.
-# Spill-free with dropout: d64 32x32 w8 s2 (128 / 104 registers on sm_80 / sm_90), d128 32x16 w4 s1 (218 / 168).
-_FP32_DROPOUT_FIRST = {("dkdv", 64): (32, 32, 8, 2), ("dkdv", 128): (32, 16, 4, 1)}
 # The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
 # fp16/bf16 tiles are smaller (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar as above.
 _DROPOUT_FWD_TILES = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
                       128: [(64, 32, 4, 3), (64, 64, 8, 3)],
                       256: [(32, 32, 4, 2)]}
+FP32 = "fp32"
+"""The :data:`_FIRST` key of the fp32 tables (shared by the families; ``(FP32, family)`` for one family's)."""
+# A specialisation whose registers overflow its table's first entry starts from its own, then tries the rest of
+# the table: {(specialisation, kernel, head dim): {family (fp16/bf16), FP32 or (FP32, family): tile}}. Same bar as
+# above, measured with the specialisation on (fp16 and bf16 alike). Dropout's Philox bits: the fp32 dK/dV defaults
+# spill with dropout (d64: 56 B on sm_80 and sm_90; d128: 80 B on sm_90); d64 32x32 w8 s2 (128 / 104 registers on
+# sm_80 / sm_90), d128 32x16 w4 s1 (218 / 168) do not. A mask mod (the document mask: ids loaded and compared in
+# partial cells) takes 40-70 registers more than the plain kernel: the sm_90 forward at d64 on 4 warps spills
+# 116 B (on 8: 194 registers); dK/dV d64 32x128 w8 s2 spills 64 B on sm_80 (16x128: 202 / 181 registers), fp32
+# 16x64 w8 s1 80 / 8 B (16x32 w4 s1: 163 / 128) and fp32 d256 16x16 w4 s1 352 B on sm_80 (on 8 warps: 210; those
+# spill 56 B on sm_90, where 4 warps take 238); dQ d256 32x32 w4 s1 76 B on sm_80 (on 8 warps: 184 / 152).
+_FIRST = {
+    ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2)},
+    ("dropout", "dkdv", 128): {FP32: (32, 16, 4, 1)},
+    ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3)},
+    ("mask_mod", "dkdv", 64): {80: (16, 128, 8, 2), FP32: (16, 32, 4, 1)},
+    ("mask_mod", "dkdv", 256): {(FP32, 80): (16, 16, 8, 1)},
+    ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1)},
+}
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
 INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -79,16 +96,27 @@ DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blac
 DROPOUT_MASK_TILE = (32, 64)  # the dropout-mask helper: elementwise, one config
 
 
-def tiles(kernel: str, family: int, d_bucket: int, fp32: bool, dropout: bool = False) -> List[Tuple[int, int, int, int]]:
-    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim, dtype and whether
-    dropout is on; its first entry is the default."""
+def tiles(kernel: str, family: int, d_bucket: int, fp32: bool, variant: str = "") -> List[Tuple[int, int, int, int]]:
+    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim, dtype and
+    specialisation (a :data:`_VARIANTS` name or "": see :func:`specialisation`); its first entry is the default."""
     if fp32:
         table = _FP32_CONFIGS[kernel][d_bucket]
-        first = _FP32_DROPOUT_FIRST.get((kernel, d_bucket)) if dropout else None
-        return table if first is None else [first] + [t for t in table if t != first]
-    if dropout and kernel == "fwd":
-        return _DROPOUT_FWD_TILES[d_bucket]
-    return _CONFIGS[kernel][family][d_bucket]
+    elif variant == "dropout" and kernel == "fwd":
+        table = _DROPOUT_FWD_TILES[d_bucket]
+    else:
+        table = _CONFIGS[kernel][family][d_bucket]
+    firsts = _FIRST.get((variant, kernel, d_bucket), {})
+    first = firsts.get((FP32, family), firsts.get(FP32)) if fp32 else firsts.get(family)
+    return table if first is None else [first] + [t for t in table if t != first]
+
+
+def specialisation(meta: dict, dropout: bool) -> str:
+    """The specialisation whose first entry (:func:`tiles`) a launch with compile-time parameters ``meta`` tries
+    first: "dropout", else "mask_mod", else "score_mod" (the one with the largest register footprint when several
+    are on), else "" (the table's own)."""
+    if dropout:
+        return "dropout"
+    return next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
 
 
 def d_bucket(head_dim: int) -> int:
@@ -119,12 +147,13 @@ def _length_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, family: int, bucket: int, fp32: bool, dropout: bool, n_bucket: Tuple[int, int]):
-    """An autotuner over this family's configs; one per length bucket so that tuning is keyed on bucketed
-    lengths (the autotuner itself keys on head dim, causal, window, softcap, precision and the tensors' dtypes)."""
+def _tuned(kernel: str, family: int, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
+    """An autotuner over this family's configs for a specialisation (:func:`tiles`); one per length bucket so that
+    tuning is keyed on bucketed lengths (the autotuner itself keys on head dim, causal, window, softcap, precision,
+    the mods' functions and the tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in tiles(kernel, family, bucket, fp32, dropout)]
-    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION"]
+               for bm, bn, w, s in tiles(kernel, family, bucket, fp32, variant)]
+    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
 
@@ -141,9 +170,12 @@ def grid(rows: int, heads: int, block: int) -> Tuple[int]:
 def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int],
            dropout: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``, autotuned
-    over :func:`tiles` (``dropout``: whether the launch passes a SEED)."""
+    over :func:`tiles` of the launch's :func:`specialisation` (``dropout``: whether the launch passes a SEED).
+    ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     block = _GRID_BLOCK[kernel]
     forced = forced_config(f"attention_{kernel}")
+    if forced is not None and meta.get("MASK_MOD") is not None:
+        _check_mask_tile(kernel, forced)
     if forced is not None or _runtime.INTERPRETED:
         config = dict(forced or INTERPRETER_TILE)
         if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
@@ -152,10 +184,20 @@ def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[
         KERNELS[kernel][grid(rows, heads, config[block])](*args, **meta, **config)
         return
     fp32 = args[0].dtype == torch.float32
-    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32, dropout,
+    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
                    tuple(_length_bucket(n) for n in lengths))
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
     tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
+
+
+def _check_mask_tile(kernel: str, config: dict) -> None:
+    """ValueError unless the (forced) tile of ``config`` lies in one block-mask cell: BLOCK_M and BLOCK_N at most
+    MASK_BLOCK (powers of two, which tile a cell exactly)."""
+    for name in ("BLOCK_M", "BLOCK_N"):
+        if name in config and config[name] > MASK_BLOCK.value:
+            raise ValueError(f"attention_{kernel}: {name}={config[name]} is larger than a block mask's "
+                             f"{MASK_BLOCK.value}x{MASK_BLOCK.value} cells; with a mask_mod, tiles must be at most "
+                             f"{MASK_BLOCK.value}")
 
 
 def launch_delta(args, rows: int, heads: int, meta: dict) -> None:
@@ -188,17 +230,28 @@ def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bo
 
 # ------------------------------------------------------------------------------------------------ GPU builds
 _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "ALIBI": "*fp32", "SINKS": "*fp32",
-          "BLOCK_MASK": "*i32",
-          "SEED": "*i64", "MASK": "*u8", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "softcap": "fp32", "dropout_p": "fp32",
+          "BLOCK_MASK": "*i32", "SEED": "*i64", "MASK": "*u8", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
+          "softcap": "fp32", "dropout_p": "fp32",
           # upper-case scalars, which the naming convention would take for pointers
           **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT"), "i32")}
 _VARIANTS = {"window": {"WINDOW": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
              "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"},
-             "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}}
-"""Each variant's specialisation: a constexpr switch turned on, or a pointer passed instead of None."""
+             "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"},
+             "mask_mod": {"BLOCK_MASK": "*i32", "MASK_MOD": mods._same_document, "MASK_ARGS": ("*i32", "i32")},
+             "score_mod": {"SCORE_MOD": mods._softcap, "SCORE_GRAD": mods._softcap_grad, "SCORE_ARGS": ("fp32",)}}
+"""Each variant's specialisation: a constexpr switch turned on (a flag, or a mod's @triton.jit function), or an
+argument passed instead of None, given by its type (a pointer, or a tuple of types for a mod's extra arguments).
+A kernel takes the variant if it has the variant's first parameter, with those of its parameters it has (the
+forward has no SCORE_GRAD). The mods are the shipped ones (mods.py): the document mask, its doc-id pointer and
+batch stride with its block mask, and the tanh softcap score with its derivative."""
 _OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
         "CU_SEQLENS_K": None, "BLOCK_MASK": None, "MASK_ARGS": None, "SCORE_ARGS": None, "MASK_MOD": None,
         "SCORE_MOD": None, "SCORE_GRAD": None}
+
+
+def _takes(fn, variant: str) -> bool:
+    """Whether kernel ``fn`` has ``variant``'s specialisation (its first parameter)."""
+    return next(iter(_VARIANTS[variant])) in fn.arg_names
 
 
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
@@ -206,24 +259,27 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
     """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time, with one
     variant's specialisation on (``_VARIANTS``) or none."""
     fn = _attn_bwd_delta if kernel == "bwd_delta" else KERNELS[kernel]
+    types = _TYPES
     if kernel == "bwd_delta":
         constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d)
     else:
-        switches = {name: value for name, value in _OFF.items() if name in fn.arg_names}
-        switches.update(_VARIANTS[variant] if variant else {})
+        switches = dict(_OFF, **(_VARIANTS[variant] if variant else {}))
+        switches = {name: value for name, value in switches.items() if name in fn.arg_names}
+        passed = {name: value for name, value in switches.items() if isinstance(value, (str, tuple))}  # types
+        types = dict(_TYPES, **passed)
         constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee",
-                          **{name: value for name, value in switches.items() if not isinstance(value, str)})
+                          **{name: value for name, value in switches.items() if name not in passed})
     return declare(f"attention_{kernel}", fn, dtype=TRITON_DTYPES[dtype], constexprs=constexprs,
-                   num_warps=num_warps, num_stages=num_stages, label=label, types=_TYPES, default=default)
+                   num_warps=num_warps, num_stages=num_stages, label=label, types=types, default=default)
 
 
 @register_builds
 def _builds() -> List[Build]:
     """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256; the default of
     each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels). Each
-    specialisation (window, softcap, ALiBi, sinks, dropout, varlen) is built at the first config of its table for
-    each family, the sm_80 one marked default too: every specialisation is held to the no-spill bar, not only the
-    plain kernel. The dropout-mask helper has one config."""
+    specialisation (window, softcap, ALiBi, sinks, dropout, varlen, mask_mod, score_mod) is built at the first
+    config of its table for each family, the sm_80 one marked default too: every specialisation is held to the
+    no-spill bar, not only the plain kernel. The dropout-mask helper has one config."""
     builds = [declare("attention_dropout_mask", _dropout_mask, dtype="u8", num_warps=4, num_stages=1,
                       constexprs=dict(zip(("BLOCK_M", "BLOCK_N"), DROPOUT_MASK_TILE)), types=_TYPES, default=True,
                       label="forward's dropout keep-mask %dx%d" % DROPOUT_MASK_TILE)]
@@ -236,10 +292,10 @@ def _builds() -> List[Build]:
                 for i, (bm, bn, warps, stages) in enumerate(table):
                     builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
                                          f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}", default=i == 0))
-                for variant, switches in _VARIANTS.items():
-                    if not all(switch in KERNELS[kernel].arg_names for switch in switches):
+                for variant in _VARIANTS:
+                    if not _takes(KERNELS[kernel], variant):
                         continue
-                    firsts = dict.fromkeys(tiles(kernel, family, d, name == "fp32", variant == "dropout")[0]
+                    firsts = dict.fromkeys(tiles(kernel, family, d, name == "fp32", variant)[0]
                                            for family in FAMILIES)
                     for i, (bm, bn, warps, stages) in enumerate(firsts):
                         builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
