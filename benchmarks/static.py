@@ -14,7 +14,8 @@ Default configurations: in each (kernel, family, dtype, head dim) group, the fam
 (so a norm kernel with an RMS switch has defaults for each), the builds marked ``Build.default`` (the config a GPU
 runs first; a kernel without autotuning may mark several, one per row-width config). A group that marks none
 (a build list written without the flag, such as the tests' own) falls back to its first registered build, so
-every group has a default held to the no-spill bar. ``--quick`` keeps the default fp16 builds at head dim 64
+every group has a default held to the no-spill bar. A default that names its ``Build.families`` is held to it only
+on those families' architectures (:func:`on_family`: sm_100 runs the sm_90 tables). ``--quick`` keeps the default fp16 builds at head dim 64
 and 128 (and at no head dim, for the norms/softmax); ``--defaults`` keeps every default (each dtype, head dim and
 specialisation): the set the no-spill bar is about.
 """
@@ -72,6 +73,14 @@ def describe(build) -> Dict[str, object]:
             "num_warps": build.num_warps, "num_stages": build.num_stages}
 
 
+def on_family(build, arch: str) -> bool:
+    """Whether ``arch`` is among the GPUs ``build``'s families (``Build.families``, compute capability x 10) cover:
+    sm_100 runs the sm_90 tables, AMD has no family tables of its own, and a build naming no family covers all."""
+    target = ARCHS[arch]
+    family = None if target.backend != "cuda" else (90 if target.target >= 90 else 80)
+    return not build.families or family is None or family in build.families
+
+
 def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False,
            defaults_only: bool = False) -> List[Tuple[int, bool]]:
     """(index into ``builds``, is-default) for the builds to compile, in registration order."""
@@ -112,7 +121,7 @@ def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, k
         raise ValueError(f"archs: unknown {unknown}; expected some of {list(ARCHS)}")
     builds = load_builds(provider)
     selected = select(builds, kernel, quick, defaults_only)
-    work = [(i, arch) for i, _ in selected for arch in archs]
+    work = [(i, arch) for i, _ in selected for arch in archs if not defaults_only or on_family(builds[i], arch)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="static-build-") as tmp:
         chunks = [work[k::jobs] for k in range(min(jobs, len(work)))]
@@ -135,8 +144,9 @@ def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, k
                                      + f.read()[-2000:]}
                 for key in chunk:
                     results.setdefault(key, died)
-    return [{**describe(builds[i]), "arch": arch, "default": is_default, **results[i, arch]}
-            for i, is_default in selected for arch in archs]
+    is_default = dict(selected)
+    return [{**describe(builds[i]), "arch": arch, "default": is_default[i] and on_family(builds[i], arch),
+             **results[i, arch]} for i, arch in work]
 
 
 def _start_worker(builds: Sequence, provider: str, chunk: List[Tuple[int, str]], tmp: str, k: int):

@@ -30,7 +30,8 @@ class Build:
     ``divisible_by_16`` names the pointer/int params the launcher may assume 16-aligned (as Triton's own
     specialisation would); ``label`` says what the config is for (dtype, head dim, tile sizes) in the report;
     ``default`` marks the config a GPU runs first (the first of its autotune list), which the build report holds
-    to the no-spill bar.
+    to the no-spill bar; ``families`` narrows that to the GPU families (compute capability x 10: 80, 90) whose
+    launches try it first, when families have tables of their own (empty: every family).
     """
 
     kernel: str
@@ -42,11 +43,12 @@ class Build:
     label: str
     divisible_by_16: tuple = field(default_factory=tuple)
     default: bool = False
+    families: Tuple[int, ...] = ()
 
 
 def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_warps: int, num_stages: int,
             label: str, types: Optional[Dict[str, Union[str, Tuple[str, ...]]]] = None,
-            default: bool = False) -> Build:
+            default: bool = False, families: Tuple[int, ...] = ()) -> Build:
     """A :class:`Build` of ``fn`` whose signature follows the package's naming convention.
 
     Parameters in ``constexprs`` are constexpr; ``types`` overrides any parameter's type (a tuple of types for a
@@ -77,7 +79,7 @@ def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_w
     aligned = tuple(n for n, t in signature.items()
                     if isinstance(t, str) and (t.startswith("*") or (t == "i32" and n.startswith("stride_"))))
     return Build(kernel=kernel, fn=fn, signature=signature, constexprs=values, num_warps=num_warps,
-                 num_stages=num_stages, label=label, divisible_by_16=aligned, default=default)
+                 num_stages=num_stages, label=label, divisible_by_16=aligned, default=default, families=families)
 
 
 _providers: List[Callable[[], List[Build]]] = []

@@ -280,10 +280,10 @@ def test_bad_dropout_mask_arguments_raise(device):
 
 
 def test_each_specialisations_default_build_is_the_config_its_launch_tries_first(monkeypatch, device):
-    """One source of truth: every (kernel, dtype, head dim, specialisation) has one build marked default, the
-    first entry of the sm_80 table that its launch autotunes over (dropout's forward: its own smaller tiles; a
-    specialisation's own first entry where the table's spills with it), and a dropout or mod call asks the launcher
-    for that table."""
+    """One source of truth: every (kernel, dtype, head dim, specialisation) has, for each GPU family, one build
+    marked default for that family, the first entry of the family's table that its launch autotunes over
+    (dropout's forward: its own smaller tiles; a specialisation's own first entry where the table's spills with
+    it), and a dropout or mod call asks the launcher for that table."""
     seen = set()
     for b in configs._builds():
         if not b.default or b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq"):
@@ -291,14 +291,17 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
         dtype, d, _, *rest = b.label.split()
         variant = rest[0] if len(rest) == 4 else ""
         kernel = b.kernel.removeprefix("attention_")
-        expected = configs.tiles(kernel, 80, int(d[1:]), dtype == "fp32", variant)[0]
-        assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, b.label
-        key = (kernel, dtype, d, variant)
-        assert key not in seen, key
-        seen.add(key)
-    # dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, softcap, alibi,
-    # dropout, varlen, mask_mod and score_mod
-    assert len(seen) == 9 * (9 + 8 + 8)
+        assert b.families, b.label
+        for family in b.families:
+            expected = configs.tiles(kernel, family, int(d[1:]), dtype == "fp32", variant)[0]
+            assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, \
+                (b.label, family)
+            key = (kernel, dtype, d, variant, family)
+            assert key not in seen, key
+            seen.add(key)
+    # families x dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, softcap,
+    # alibi, dropout, varlen, mask_mod and score_mod
+    assert len(seen) == len(configs.FAMILIES) * 9 * (9 + 8 + 8)
     for variant in ("dropout", "mask_mod"):
         tuned = configs._tuned("fwd", 90, 64, False, variant, (64, 64))
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \

@@ -183,8 +183,9 @@ def test_occupancy_estimate(registers, shared, warps, arch, ctas, limiter):
     assert (est["ctas_per_sm"], est["limited_by"], est["warps_per_sm"]) == (ctas, limiter, ctas * warps)
 
 
-def _fake(kernel, dtype, label, constexprs=None, default=False):
-    return Build(kernel, None, {"X": f"*{dtype}", "N": "i32"}, constexprs or {}, 4, 2, label, default=default)
+def _fake(kernel, dtype, label, constexprs=None, default=False, families=()):
+    return Build(kernel, None, {"X": f"*{dtype}", "N": "i32"}, constexprs or {}, 4, 2, label, default=default,
+                 families=families)
 
 
 def test_defaults_and_quick_subset():
@@ -220,6 +221,19 @@ def test_builds_marked_default_are_the_defaults_of_their_group():
     ]
     assert static.select(builds) == [(0, False), (1, True), (2, True), (3, False), (4, True), (5, False), (6, True)]
     assert static.select(builds, quick=True) == [(1, True), (2, True), (4, True), (6, True)]
+
+
+def test_a_family_default_is_held_to_the_bar_on_its_own_architectures_only():
+    """A config that only sm_80 launches try first is no sm_90 default (sm_100 runs the sm_90 tables; AMD has no
+    family tables): ``--defaults`` compiles each default for the architectures that run it."""
+    sm80, sm90 = _fake("attn_fwd", "fp16", "fp16 a", default=True, families=(80,)), \
+        _fake("attn_fwd", "fp16", "fp16 b", default=True, families=(90,))
+    everywhere, other = _fake("attn_fwd", "fp16", "fp16 c", default=True), _fake("attn_fwd", "fp16", "fp16 d")
+    on = {arch: [static.on_family(b, arch) for b in (sm80, sm90, everywhere, other)]
+          for arch in ("sm_80", "sm_90", "sm_100", "gfx942")}
+    assert on == {"sm_80": [True, False, True, True], "sm_90": [False, True, True, True],
+                  "sm_100": [False, True, True, True], "gfx942": [True, True, True, True]}
+    assert static.select([sm80, sm90, everywhere, other], defaults_only=True) == [(0, True), (1, True), (2, True)]
 
 
 def test_the_quick_subset_holds_every_attention_specialisation_to_the_bar():

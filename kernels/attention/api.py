@@ -209,7 +209,6 @@ def _op(name: str):
     return lambda fn: torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
 
 
-
 @_op("kernels::flash_attention_forward")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,

@@ -255,7 +255,7 @@ def _takes(fn, variant: str) -> bool:
 
 
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
-           default: bool, variant: str = "") -> Build:
+           families: Tuple[int, ...], variant: str = "") -> Build:
     """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time, with one
     variant's specialisation on (``_VARIANTS``) or none."""
     fn = _attn_bwd_delta if kernel == "bwd_delta" else KERNELS[kernel]
@@ -270,35 +270,33 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
         constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee",
                           **{name: value for name, value in switches.items() if name not in passed})
     return declare(f"attention_{kernel}", fn, dtype=TRITON_DTYPES[dtype], constexprs=constexprs,
-                   num_warps=num_warps, num_stages=num_stages, label=label, types=types, default=default)
+                   num_warps=num_warps, num_stages=num_stages, label=label, types=types, default=bool(families),
+                   families=families)
 
 
 @register_builds
 def _builds() -> List[Build]:
-    """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256; the default of
-    each is the first of the sm_80 table (sm_90's first configs are built too, under their own labels). Each
-    specialisation (window, softcap, ALiBi, sinks, dropout, varlen, mask_mod, score_mod) is built at the first
-    config of its table for each family, the sm_80 one marked default too: every specialisation is held to the
-    no-spill bar, not only the plain kernel. The dropout-mask helper has one config."""
+    """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256, each table's
+    first entry marked default for the families whose launches try it first. Each specialisation (window,
+    softcap, ALiBi, sinks, dropout, varlen, mask_mod, score_mod) is built at the first config of its table for
+    each family, marked default for that family too: every specialisation is held to the no-spill bar on the GPUs
+    that run it, not only the plain kernel. The dropout-mask helper has one config."""
     builds = [declare("attention_dropout_mask", _dropout_mask, dtype="u8", num_warps=4, num_stages=1,
                       constexprs=dict(zip(("BLOCK_M", "BLOCK_N"), DROPOUT_MASK_TILE)), types=_TYPES, default=True,
                       label="forward's dropout keep-mask %dx%d" % DROPOUT_MASK_TILE)]
     for dtype, name in TRITON_DTYPES.items():
         for d in (64, 128, 256):
             builds.append(_build("bwd_delta", dtype, d, {"BLOCK_M": DELTA_BLOCK_M}, DELTA_WARPS, 1,
-                                 f"{name} d{d} BLOCK_M={DELTA_BLOCK_M}", default=True))
+                                 f"{name} d{d} BLOCK_M={DELTA_BLOCK_M}", families=FAMILIES))
             for kernel in KERNELS:
-                table = dict.fromkeys(t for family in FAMILIES for t in tiles(kernel, family, d, name == "fp32"))
-                for i, (bm, bn, warps, stages) in enumerate(table):
-                    builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
-                                         f"{name} d{d} causal {bm}x{bn} w{warps} s{stages}", default=i == 0))
-                for variant in _VARIANTS:
-                    if not _takes(KERNELS[kernel], variant):
-                        continue
-                    firsts = dict.fromkeys(tiles(kernel, family, d, name == "fp32", variant)[0]
-                                           for family in FAMILIES)
-                    for i, (bm, bn, warps, stages) in enumerate(firsts):
+                for variant in ("",) + tuple(v for v in _VARIANTS if _takes(KERNELS[kernel], v)):
+                    lists = {family: tiles(kernel, family, d, name == "fp32", variant) for family in FAMILIES}
+                    # the plain kernel: every config of every family; a specialisation: each family's first
+                    table = dict.fromkeys(t for tiles_ in lists.values() for t in (tiles_ if not variant else
+                                                                                   tiles_[:1]))
+                    for bm, bn, warps, stages in table:
+                        first_for = tuple(f for f, tiles_ in lists.items() if tiles_[0] == (bm, bn, warps, stages))
                         builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
-                                             f"{name} d{d} causal {variant} {bm}x{bn} w{warps} s{stages}",
-                                             default=i == 0, variant=variant))
+                                             f"{name} d{d} causal {variant + ' ' if variant else ''}{bm}x{bn} "
+                                             f"w{warps} s{stages}", first_for, variant=variant))
     return builds
