@@ -99,8 +99,11 @@ def pytest_counts(output: str) -> Dict[str, int]:
 
 
 def _test_args() -> List[str]:
-    """``tests -x``, spread over 8 workers when pytest-xdist is installed (the GPU machine's compiles are CPU work)."""
-    return ["tests", "-x"] + (["-n", "8"] if importlib.util.find_spec("xdist") else [])
+    """``tests -x``, spread over up to 16 workers when pytest-xdist is installed: on a GPU machine the suite's time
+    goes to compiling kernels, which is CPU work (on an H200 with 16 cores, 8 workers ran 11% of it in 170 s, a
+    cold Triton cache; 16 ran 490 tests in 135 s, a warm one)."""
+    workers = min(16, os.cpu_count() or 1)
+    return ["tests", "-x"] + (["-n", str(workers)] if importlib.util.find_spec("xdist") and workers > 1 else [])
 
 
 def run_tests(device: DeviceInfo, budget: Budget, args: Optional[Sequence[str]] = None) -> List[dict]:
