@@ -9,7 +9,9 @@ Four phases, each with a time budget; an item that would start after its phase's
    (forward and backward, causal and not), each softmax/norm build at a row width that selects it;
 3. ``attention``: fwd and fwd+bwd timing against torch's SDPA (flash backend) and flash-attn at FlashAttention's
    benchmark shapes (16k tokens per batch, 2048 model width), in ms and TFLOPS;
-4. ``rows``: softmax and layer/RMS norm timing against torch (and Liger-Kernel if installed), in GB/s.
+4. ``rows``: softmax and layer/RMS norm timing against torch (and Liger-Kernel if installed), in GB/s;
+5. ``overhead``: where a call's host time goes, for inputs so small that the GPU's work is negligible: wall time
+   per call of each op and of torch's, and the Python functions that take it (cProfile).
 
 It writes ``gpu_check.json`` (every record, the device, versions, each phase's duration), ``gpu_check.csv`` and
 ``gpu_check.md`` (the summary tables, also printed) into ``--out``. Without a CUDA GPU it prints one line saying
@@ -40,7 +42,7 @@ from benchmarks.providers import Case, Provider, Unavailable, provider
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("results", "gpu_check")
-BUDGETS = {"tests": 200.0, "configs": 200.0, "attention": 120.0, "rows": 60.0}
+BUDGETS = {"tests": 200.0, "configs": 200.0, "attention": 120.0, "rows": 60.0, "overhead": 30.0}
 """Seconds per phase (the whole run stays under ten minutes); ``--budget PHASE=SECONDS`` changes one."""
 DTYPES = {name: dtype for dtype, name in TRITON_DTYPES.items()}
 
@@ -525,8 +527,69 @@ def time_rows(device: DeviceInfo, budget: Budget) -> List[dict]:
     return time_points(device, budget, "rows", row_cases())
 
 
+# ---------------------------------------------------------------------------------------------- phase 5: host overhead
+OVERHEAD_CALLS = 50
+OVERHEAD_TOP = 8
+
+
+def overhead_cases(device: torch.device) -> Dict[str, Callable[[], object]]:
+    """name -> one forward+backward call on tiny inputs (one row of 1024, or 1x1x16x64 attention), ours and torch's."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1024, device=device, dtype=torch.float16, requires_grad=True)
+    w, b = (torch.randn(1024, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 1, 16, 64, device=device, dtype=torch.float16, requires_grad=True)
+
+    def both(f):
+        return lambda: f().float().sum().backward()
+
+    return {"layer_norm": both(lambda: kernels.layer_norm(x, 1024, w, b)),
+            "torch layer_norm": both(lambda: F.layer_norm(x, (1024,), w, b)),
+            "rms_norm": both(lambda: kernels.rms_norm(x, 1024, w)),
+            "softmax": both(lambda: kernels.softmax(x)),
+            "torch softmax": both(lambda: torch.softmax(x, -1)),
+            "attention": both(lambda: kernels.attention(q, q, q, causal=True)),
+            "torch sdpa": both(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))}
+
+
+def profile_call(name: str, call: Callable[[], object], device: torch.device) -> dict:
+    """Wall time per forward+backward call (synchronised at the end of :data:`OVERHEAD_CALLS` calls) and the
+    :data:`OVERHEAD_TOP` functions of largest own time over those calls (cProfile), in µs per call."""
+    import cProfile
+    import pstats
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        call()
+    synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(OVERHEAD_CALLS):
+        call()
+    synchronize()
+    profiler.disable()
+    wall = (time.perf_counter() - start) / OVERHEAD_CALLS * 1e6
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, own s, total s, callers)}
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:OVERHEAD_TOP]
+    return {"phase": "overhead", "op": name, "status": "ok", "us_per_call": round(wall, 1),
+            "top": [{"function": f"{os.path.basename(file)}:{line}({function})", "calls": n // OVERHEAD_CALLS,
+                     "own_us": round(own / OVERHEAD_CALLS * 1e6, 1)}
+                    for (file, line, function), (n, _, own, _, _) in top]}
+
+
+def time_overhead(device: DeviceInfo, budget: Budget) -> List[dict]:
+    """Phase 5: host time per call of each op on tiny inputs, with its profile."""
+    cases = overhead_cases(device.torch_device)
+    return within(budget, list(cases.items()), lambda item: profile_call(*item, device.torch_device),
+                  lambda item: {"phase": "overhead", "op": item[0]})
+
+
 # ---------------------------------------------------------------------------------------------- the run and its files
-PHASES = {"tests": run_tests, "configs": check_configs, "attention": time_attention, "rows": time_rows}
+PHASES = {"tests": run_tests, "configs": check_configs, "attention": time_attention, "rows": time_rows,
+          "overhead": time_overhead}
 FAILED = {"failed", "timeout", "fail", "error"}
 
 
@@ -588,6 +651,15 @@ def _tests_section(recs: List[dict]) -> str:
     rows = [(r["command"], r["status"], ", ".join(f"{n} {k}" for k, n in r["counts"].items()) or "-",
              r["reason"] or "") for r in recs]
     return "## Test suite\n\n" + _table(["command", "status", "counts", "note"], rows)
+
+
+def _overhead_section(recs: List[dict]) -> str:
+    """One row per op: µs per forward+backward call on tiny inputs, then the functions that take most of it."""
+    rows = [(r["op"], r.get("us_per_call", r["status"]),
+             "; ".join(f"{t['function']} {t['own_us']} µs" for t in r.get("top", [])[:4]) or r.get("reason", ""))
+            for r in recs]
+    return "## Host overhead (tiny inputs, forward+backward)\n\n" + _table(["op", "µs per call", "largest own times"],
+                                                                           rows)
 
 
 def _ratio(record: dict) -> str:
@@ -659,6 +731,8 @@ def markdown(doc: dict) -> str:
                                         ["dtype", "causal", "mode", "shape"]))
     if "rows" in by_phase:
         sections.append(_timing_section("Softmax and norm timing", by_phase["rows"], ["op", "dtype", "mode", "shape"]))
+    if "overhead" in by_phase:
+        sections.append(_overhead_section(by_phase["overhead"]))
     return "\n\n".join(sections) + "\n"
 
 

@@ -157,6 +157,19 @@ def test_the_test_phase_counts_outcomes_and_stops_at_its_budget(tmp_path):
         "failed": 3, "passed": 310, "skipped": 2, "error": 1}
 
 
+def test_the_overhead_phase_profiles_each_op_and_torchs_own(monkeypatch):
+    """Wall time per call and the functions that take it, for ours and torch's ops on tiny inputs; in the summary."""
+    monkeypatch.setattr(gpu_check, "OVERHEAD_CALLS", 2)
+    recs = gpu_check.time_overhead(detect(), gpu_check.Budget(UNLIMITED))
+    assert [r["op"] for r in recs] == ["layer_norm", "torch layer_norm", "rms_norm", "softmax", "torch softmax",
+                                       "attention", "torch sdpa"]
+    for r in recs:
+        assert r["status"] == "ok" and r["us_per_call"] > 0 and len(r["top"]) == gpu_check.OVERHEAD_TOP
+        assert all(t["own_us"] >= 0 and t["calls"] >= 0 and "(" in t["function"] for t in r["top"])
+    text = gpu_check._overhead_section(recs)
+    assert text.startswith("## Host overhead") and "| layer_norm | " in text
+
+
 def test_attention_grid_is_flashattentions_and_flops_follow_its_convention():
     cases = gpu_check.attention_cases()
     assert len(cases) == 2 * 2 * 2 * 6 * 2  # dtypes x head dims x causal x lengths x modes
