@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference
 from kernels.attention import configs
-from kernels.registry import TRITON_DTYPES, Build, all_builds, use_config
+from kernels.registry import TRITON_DTYPES, Build, all_builds, pointee_types, use_config
 from benchmarks import records, runner
 from benchmarks.device import DeviceInfo, detect
 from benchmarks.providers import Case, Provider, Unavailable, provider
@@ -153,7 +153,7 @@ def _python_fn(build: Build):
 def build_dtype(build: Build) -> Optional[torch.dtype]:
     """The dtype a build was declared for: that of its first floating-point pointer parameter (index tensors such
     as cu_seqlens or block tables may come first); None for a build with none (the dropout keep-mask helper)."""
-    return next((DTYPES[t[1:]] for t in build.signature.values() if t.startswith("*") and t[1:] in DTYPES), None)
+    return next((DTYPES[t] for t in pointee_types(build) if t in DTYPES), None)
 
 
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_delta", "attention_dkdv", "attention_dq")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.gpu_build import ARCHS
+from kernels.registry import pointee_types
 
 DEFAULT_ARCHS = ("sm_80", "sm_90", "sm_100")
 PROVIDER = "kernels.registry:all_builds"
@@ -62,7 +63,7 @@ def load_builds(provider: str) -> list:
 
 def describe(build) -> Dict[str, object]:
     """Kernel, family, label, dtype (of its first pointer argument), head dim (None if none) and launch options."""
-    dtype = next((kind[1:] for kind in build.signature.values() if kind.startswith("*")), None)
+    dtype = next(iter(pointee_types(build)), None)
     head_dim = next((int(v) for k, v in build.constexprs.items() if HEAD_DIM_NAMES.match(k)), None)
     if head_dim is None:
         match = HEAD_DIM_LABEL.search(build.label)

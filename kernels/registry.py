@@ -82,6 +82,12 @@ def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_w
                  num_stages=num_stages, label=label, divisible_by_16=aligned, default=default, families=families)
 
 
+def pointee_types(build: Build) -> List[str]:
+    """The element types of ``build``'s pointer parameters, in order ("fp16", "i32", ...; tuple arguments are not
+    looked into)."""
+    return [t[1:] for t in build.signature.values() if isinstance(t, str) and t.startswith("*")]
+
+
 _providers: List[Callable[[], List[Build]]] = []
 
 

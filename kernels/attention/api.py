@@ -406,16 +406,14 @@ def _check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
         mods.check_extra_devices("score_mod", score_mod, q.device)
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
-    elif isinstance(mask_mod, mods.MaskMod) or isinstance(mask_mod, mods.JIT_TYPES):
-        mask_mod = mods.as_mask_mod(mask_mod)
-        mods.check_extra_devices("mask_mod", mask_mod, q.device)
+    elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
+        # create_block_mask checks the mod's extra tensors are on q's device before its launch
         block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     else:
         raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function, got "
                         f"{mask_mod!r}")
     if block_mask is not None:
-        block_mask.check(q, k)
-        mods.check_extra_devices("mask_mod", block_mask.mask_mod, q.device)
+        block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
     return block_mask
 
 

@@ -36,7 +36,7 @@ from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor
 from kernels.attention.api import _alibi_args, _check_alibi, check_scale, check_window
-from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid
+from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
@@ -393,7 +393,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         lse_buf = torch.empty((splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
         split_strides = (o_buf.stride(0), lse_buf.stride(0))
     o_strides = o_buf.stride()[-4:]
-    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    meta = kernel_meta(q, causal=False)  # the training kernels' head dim, padded width, bf16 upcast, dot precision
     alibi, stride_ab = _alibi_args(alibi_slopes)
     _decode_fwd[grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"])](
         q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi,
@@ -401,15 +401,14 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         *v_cache.stride(), *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
         kv_heads, group, n_q, n_new, capacity, page_size, splits, window[0], window[1], scale * LOG2E.value,
         softcap * LOG2E.value,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), LOCAL_LEFT=window[0] >= 0,
-        LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
-        PRECISION="tf32" if tf32 else "ieee", **config)
+        **{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
+        LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
     if splits > 1:
         options = {} if _runtime.INTERPRETED else {"num_warps": 4}
         _decode_combine[grid(batch * heads * n_q, 1, COMBINE_BLOCK_M)](
             o_buf, lse_buf, out, lse, *o_buf.stride()[1:4], o_buf.stride(0), o_buf.stride(4), *out.stride(),
-            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-            BLOCK_M=COMBINE_BLOCK_M, **options)
+            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=COMBINE_BLOCK_M,
+            **options)
     return out, lse
 
 
