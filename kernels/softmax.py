@@ -10,9 +10,8 @@ Layout: the softmax axis is moved last and the input seen as (rows, n) with unit
   y: two reads and one write, the least a row that does not fit on chip allows.
 
 Both limits are module constants the launcher reads at each call, so tests can lower them to reach the
-multi-block path at small widths. The autograd goes through ``torch.library`` custom ops, so ``torch.compile``
-keeps each launch in one graph; an input that carries a forward-mode tangent goes through an autograd.Function
-with a ``jvp`` instead. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
+multi-block path at small widths. Eager calls go through a plain autograd.Function (with a ``jvp``); under
+``torch.compile`` the same launches go through ``torch.library`` custom ops, so each stays one opaque op. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
 """
 import numbers
 
@@ -24,6 +23,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from kernels import reference
+from kernels._autograd import autograd_function
 from kernels._rows import as_rows, row_config
 from kernels._runtime import cast_rne, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
@@ -149,13 +149,9 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
 
 
 def _config(n_cols: int):
-    """The softmax launch config; reads the module's limits at each call, so tests can lower them."""
+    """The launch plan (block, single/online, warps) of a row width: cached per width, and reading the module's
+    limits at each call, so tests can lower them."""
     return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
-
-
-def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride."""
-    return as_rows(t.movedim(dim, -1), t.shape[dim])
 
 
 def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
@@ -166,15 +162,19 @@ def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
                               BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
 
 
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride."""
+    return as_rows(t if dim == t.dim() - 1 else t.movedim(dim, -1), t.shape[dim])
+
+
 def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
     """An uninitialised tensor of x's shape and dtype laid out with ``dim`` last in memory (rows unit-strided)."""
+    if dim == x.dim() - 1:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.empty(x.movedim(dim, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
 
 
-# torch.library custom ops (not a bare autograd.Function) so that torch.compile treats each launch as one opaque op,
-# also on CPU, where it cannot trace into an interpreted kernel.
-@torch.library.custom_op("kernels::softmax_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
+def _forward(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
     """y = (log-)softmax(x * scale) along ``dim`` (>= 0), laid out with ``dim`` last in memory."""
     y = _empty_like_moved(x, dim)
     if y.numel():
@@ -183,13 +183,7 @@ def _forward_op(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool
     return y
 
 
-@_forward_op.register_fake
-def _(x, dim, scale, causal, log):
-    return _empty_like_moved(x, dim)
-
-
-@torch.library.custom_op("kernels::softmax_backward", mutates_args=())
-def _backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
+def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
     """dx from the forward's output y and its gradient dy."""
     dx = _empty_like_moved(y, dim)
     if dx.numel():
@@ -199,59 +193,61 @@ def _backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, caus
     return dx
 
 
+def _save(ctx, inputs, y):
+    ctx.config = inputs[1:]
+    ctx.save_for_backward(y)  # the backward needs y only
+    ctx.save_for_forward(y)
+
+
+def _grad(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _backward(y, dy, *ctx.config), None, None, None, None
+
+
+def _jvp(ctx, dx, *_):
+    """J dx with J = scale * (diag(y) - y y^T) for softmax, scale * (I - 1 exp(y)^T) for log-softmax.
+
+    Plain torch math in fp32 rather than a kernel launch: torch.func batches it natively under jacfwd's vmap
+    (a launch would run once per tangent). Masked causal columns have y = 0, so their tangent is 0.
+    """
+    (y,) = ctx.saved_tensors
+    dim, scale, causal, log = ctx.config
+    y32, dx32 = y.float(), dx.float()
+    weights = y32.exp() if log else y32
+    centred = dx32 - (weights * dx32).sum(dim, keepdim=True)
+    return (scale * (centred if log else y32 * centred)).to(y.dtype)
+
+
+_softmax_function = autograd_function("Softmax", _forward, _save, _grad, _jvp)
+"""The eager path: reverse mode and one level of forward mode (``kernels/_autograd.py``)."""
+
+# The traced path: torch.library custom ops over the same launches, so torch.compile keeps each one opaque op (also
+# on CPU, where it cannot trace into an interpreted kernel); torch.compile cannot trace a Function with a jvp.
+_forward_op = torch.library.custom_op("kernels::softmax_forward", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("kernels::softmax_backward", _backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x, dim, scale, causal, log):
+    return _empty_like_moved(x, dim)
+
+
 @_backward_op.register_fake
 def _(y, dy, dim, scale, causal, log):
     return _empty_like_moved(y, dim)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_traced(ctx, inputs, output):
     ctx.config = inputs[1:]
-    ctx.save_for_backward(output)  # the backward needs y only
+    ctx.save_for_backward(output)
 
 
-def _autograd_backward(ctx, dy):
+def _traced_backward(ctx, dy):
     (y,) = ctx.saved_tensors
     return _backward_op(y, dy, *ctx.config), None, None, None, None
 
 
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-class _WithJvp(torch.autograd.Function):
-    """The forward op with forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) as well as reverse.
-
-    A custom op has no forward-mode formula (its output would carry a silent zero tangent), and torch.compile
-    cannot trace an autograd.Function that defines ``jvp``: so only inputs that carry a tangent come here.
-    """
-
-    generate_vmap_rule = True  # torch.func.jacfwd vmaps the jvp over the basis tangents
-
-    @staticmethod
-    def forward(x, dim, scale, causal, log):
-        return _forward_op(x, dim, scale, causal, log)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _autograd_backward(ctx, dy)
-
-    @staticmethod
-    def jvp(ctx, dx, *_):
-        """J dx with J = scale * (diag(y) - y y^T) for softmax, scale * (I - 1 exp(y)^T) for log-softmax.
-
-        Plain torch math in fp32 rather than a kernel launch: torch.func batches it natively under jacfwd's vmap
-        (a custom op would run once per tangent). Masked causal columns have y = 0, so their tangent is 0.
-        """
-        (y,) = ctx.saved_tensors
-        dim, scale, causal, log = ctx.config
-        y32, dx32 = y.float(), dx.float()
-        weights = y32.exp() if log else y32
-        centred = dx32 - (weights * dx32).sum(dim, keepdim=True)
-        return (scale * (centred if log else y32 * centred)).to(y.dtype)
+_forward_op.register_autograd(_traced_backward, setup_context=_setup_traced)
 
 
 def _check(x, dim, scale, causal) -> int:
@@ -275,14 +271,15 @@ def _check(x, dim, scale, causal) -> int:
 def _apply(x, dim, scale, causal, log):
     if x.dim() == 0:  # torch treats a scalar as a one-element row
         return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
+    if torch.compiler.is_compiling():
+        return _forward_op(x, dim, float(scale), causal, log)
     if forward_ad.unpack_dual(x).tangent is not None:
         # torch gives an autograd.Function's jvp no tangent of its saved tensors at an outer forward level, so a
         # second forward-mode derivative would silently come out zero.
         if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
             raise NotImplementedError(f"kernels.{'log_softmax' if log else 'softmax'}: nested forward-mode AD "
                                       "(e.g. jacfwd of jacfwd) is not implemented")
-        return _WithJvp.apply(x, dim, float(scale), causal, log)
-    return _forward_op(x, dim, float(scale), causal, log)
+    return _softmax_function(x, dim, float(scale), causal, log)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False) -> torch.Tensor:

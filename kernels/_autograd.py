@@ -1,0 +1,45 @@
+"""The eager autograd layer every kernel family shares: one set of plain functions, two autograd.Function shapes.
+
+torch offers two ways to write an autograd.Function, and each is the fast or the only one somewhere:
+
+- the classic one (``forward(ctx, *args)``) costs the least per call: ``Function.apply`` binds no signature;
+- the ``setup_context`` one is the only one torch.func transforms (vmap, grad, jacfwd, ...) accept, and on every
+  call ``Function.apply`` runs ``inspect.signature(forward).bind`` for it (about 15 µs of host time, more than the
+  rest of a small op's Python path).
+
+:func:`autograd_function` builds both from the same functions and picks per call, so eager calls pay for neither
+the signature binding nor a ``torch.library`` custom op's dispatch (flash-attn's pattern: the custom op is kept for
+``torch.compile`` only, where each family calls it while ``torch.compiler.is_compiling()``).
+"""
+from typing import Callable, Optional
+
+import torch
+
+
+def autograd_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                      jvp: Optional[Callable] = None) -> Callable:
+    """``apply(*args)`` running ``forward(*args)`` with ``backward(ctx, *grads)`` (and ``jvp(ctx, *tangents)``).
+
+    ``setup_context(ctx, inputs, output)`` saves what the backward (and jvp) need, as torch's hook of that name.
+    Under a torch.func transform the call goes through the ``setup_context``-style class (with torch's generated
+    vmap rule); otherwise through the classic one.
+    """
+    def classic_forward(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    methods = {"backward": staticmethod(backward)}
+    if jvp is not None:
+        methods["jvp"] = staticmethod(jvp)
+    classic = type(name, (torch.autograd.Function,), {"forward": staticmethod(classic_forward), **methods})
+    for_transforms = type(f"{name}ForTransforms", (torch.autograd.Function,),
+                          {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                           "generate_vmap_rule": True, **methods})
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        return (for_transforms if transforms_active() else classic).apply(*args)
+
+    apply.__name__ = apply.__qualname__ = name
+    return apply

@@ -1,0 +1,49 @@
+"""The host-overhead benchmark (``python -m benchmarks overhead``) and the lean eager path it measures."""
+import importlib
+import json
+
+import pytest
+import torch
+
+import kernels
+from benchmarks import overhead
+
+
+def test_overhead_benchmark_writes_every_provider_and_pass(tmp_path):
+    assert overhead.main(["--quick", "--ops", "softmax", "rms_norm", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    seen = {(r["op"], r["provider"], r["pass"]) for r in doc["records"]}
+    assert seen == {(op, provider, passes) for op in ("softmax", "rms_norm") for provider in ("ours", "torch", "minimal")
+                    for passes in ("forward", "forward+backward")}
+    assert all(r["us_per_call"] > 0 and r["launches"] == "stubbed" for r in doc["records"])
+    assert (tmp_path / "overhead.csv").exists() and (tmp_path / "overhead.png").exists()
+
+
+def test_every_public_op_has_a_case():
+    names = set(overhead.cases(torch.device("cpu")))
+    for op in ("softmax", "log_softmax", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention",
+               "attention_varlen", "attention_with_kvcache", "flash_attn_func", "scaled_dot_product_attention"):
+        assert op in names
+
+
+def test_stubbed_launches_restore_the_interpreter():
+    x = torch.randn(3, 5)
+    with overhead.stubbed_launches():
+        kernels.softmax(x)
+    torch.testing.assert_close(kernels.softmax(x), torch.softmax(x, -1))
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_eager_softmax_skips_the_custom_op(monkeypatch, log):
+    """Eager calls take the plain autograd.Function; the torch.library op is for torch.compile only."""
+    module = importlib.import_module("kernels.softmax")  # the module: kernels.softmax is also the function
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op ran in eager mode")
+
+    monkeypatch.setattr(module, "_forward_op", refuse)
+    x = torch.randn(4, 7, requires_grad=True)
+    y = (kernels.log_softmax if log else kernels.softmax)(x)
+    y.sum().backward()
+    reference = (torch.log_softmax if log else torch.softmax)(x.detach(), -1)
+    torch.testing.assert_close(y, reference)
