@@ -240,7 +240,7 @@ ALIBI_CASES = [  # (Sq, Sk_new, slopes per batch row, num_splits, page size or 0
     (1, 1, True, 0, 16, {}),
     (3, 3, True, 3, 0, dict(window_size=(9, -1), softcap=3.0)),
     (3, 0, False, 2, 16, dict(causal=False, window_size=(20, 1))),
-    (3, 3, False, 2, 0, dict(cache_leftpad=[4, 0, 30])),
+    (3, 3, False, 2, 0, dict(cache_leftpad=[0, 40, 30])),  # row 1: every cached key padding, the new ones seen
 ]
 
 
@@ -311,6 +311,90 @@ def test_bad_inputs_raise_before_launch(monkeypatch):
         with pytest.raises(error, match=match):
             kernels.attention_with_kvcache(**{**base, **change})
 
+
+
+def _index_calls():
+    """(base call: B = 2 rows appending 2 keys at cache_seqlens (3, 20) to a (3, 32, 2, 64) cache or 5 pages of 16,
+    [(changes, message) of index values that would take the append or the attention outside the cache]) on CPU."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, "cpu", 2, 1, 4, 2, 64, 3, 32, 2)
+    pages = dict(k_cache=torch.randn(5, 16, 2, 64, dtype=FP16), v_cache=torch.randn(5, 16, 2, 64, dtype=FP16))
+    seq = _int32([3, 20], "cpu")
+    base = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seq)
+    return base, [
+        (dict(cache_seqlens=_int32([-1, 20], "cpu")), "cache_seqlens must be >= 0"),
+        (dict(cache_seqlens=_int32([3, 31], "cpu")), "cache_seqlens .* 32 positions"),  # 31 + 2 new keys > 32
+        (dict(k=None, v=None, cache_seqlens=_int32([3, 33], "cpu")), "cache_seqlens .* 32 positions"),
+        (dict(cache_leftpad=_int32([-1, 0], "cpu")), "cache_leftpad"),
+        (dict(cache_leftpad=_int32([4, 0], "cpu")), "cache_leftpad must be >= 0 and <= cache_seqlens"),
+        (dict(k=None, v=None, cache_seqlens=None, cache_leftpad=_int32([0, 33], "cpu")), "cache_leftpad"),
+        (dict(cache_batch_idx=_int32([-1, 0], "cpu")), "cache_batch_idx must index"),
+        (dict(cache_batch_idx=_int32([0, 3], "cpu")), "cache_batch_idx must index"),
+        (dict(cache_batch_idx=_int32([2, 2], "cpu")), "cache_batch_idx must not repeat"),
+        (dict(pages, block_table=_int32([[0, 1], [2, -1]], "cpu")), "block_table's pages"),  # row 1 reads page 1
+        (dict(pages, block_table=_int32([[0, 1], [2, 5]], "cpu")), "block_table's pages"),
+        (dict(pages, block_table=_int32([[0], [2]], "cpu")), "cache_seqlens .* 16 positions"),  # too few pages
+        (dict(pages, block_table=_int32([[0, 1], [2, 0]], "cpu"), cache_seqlens=_int32([3, 19], "cpu")),
+         "block_table maps the new keys of two batch rows to the same cache slot"),  # both write page 0, slots 3, 4
+    ]
+
+
+def test_bad_index_values_raise_before_the_cache_is_written():
+    """Index values that would send a kernel outside the cache raise ValueError naming the argument (checked on
+    the device, read at once on CPU) before the append: the cache is unchanged. flash_attn_with_kvcache too."""
+    from kernels.flash_attn import flash_attn_with_kvcache
+
+    base, calls = _index_calls()
+    for change, match in calls:
+        call = {**base, **change}
+        caches = call["k_cache"].clone(), call["v_cache"].clone()
+        for function in (kernels.attention_with_kvcache, flash_attn_with_kvcache):
+            with pytest.raises(ValueError, match=match):
+                function(**call)
+            assert torch.equal(call["k_cache"], caches[0]) and torch.equal(call["v_cache"], caches[1])
+
+
+def test_index_values_that_stay_inside_the_cache_run(device):
+    """Not errors: block_table entries past a row's last page (never read) may be anything, a row's left padding
+    may cover its whole cache, cache rows may repeat when nothing is appended; a column-major block_table reads the
+    same pages as a contiguous one."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 2, 1, 4, 2, 64, 3, 32, 2)
+    _check(FP16, q, k_cache, v_cache, cache_seqlens=_int32([5, 9], device), cache_batch_idx=_int32([1, 1], device),
+           cache_leftpad=_int32([5, 0], device))
+    pages, table = _paged(k_cache[:2], 16)
+    v_pages, _ = _paged(v_cache[:2], 16)
+    table[0, 1] = -1  # row 0's keys end at 3 + 2 < 16: page 1 is not read (the reference indexes -1 too)
+    column_major = table.t().contiguous().t()
+    _check(FP16, q, pages, v_pages, k, v, cache_seqlens=_int32([3, 20], device), block_table=column_major)
+
+
+def _guarded(shape, device):
+    """(buffer (rows + 2, ...) whose first and last rows are NaN guards, the random view of its other rows)."""
+    buffer = torch.full((shape[0] + 2, *shape[1:]), float("nan"), dtype=FP16, device=device)
+    buffer[1:-1] = torch.randn(shape, device=device).to(FP16)
+    return buffer, buffer[1:-1]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kernels_stay_inside_the_cache_without_the_checks(device, monkeypatch, paged):
+    """With the value checks off (as if device asserts were disabled), out-of-range batch rows, pages, positions
+    and left padding are clamped or masked in the kernels: the NaN guard rows around the cache are neither read
+    (the output stays finite) nor written."""
+    monkeypatch.setattr(decode, "_check_index_values", lambda *args: None)
+    q, _, _, k, v = _inputs(FP16, device, 3, 2, 4, 2, 64, 1, 32, 2)
+    rows = 4 if paged else 2
+    (k_buffer, k_cache), (v_buffer, v_cache) = (_guarded((rows, 16 if paged else 32, 2, 64), device) for _ in "kv")
+    # Each bad index lands in a guard row (not past the buffer, so that a kernel without the clamps fails the
+    # asserts rather than crashing): row -1 or page -1, the row or page just past the cache, positions below 0 of
+    # its first row or page, a new key at position 31 + 1 past the capacity 32.
+    kw = dict(cache_seqlens=_int32([3, 31, -5], device), cache_leftpad=_int32([0, 40, -9], device))
+    if paged:
+        kw["block_table"] = _int32([[-1, 4], [2, 4], [0, 1]], device)
+    else:
+        kw["cache_batch_idx"] = _int32([-1, 2, 0], device)
+    for splits in (1, 3):
+        out = kernels.attention_with_kvcache(q, k_cache, v_cache, k, v, causal=True, num_splits=splits, **kw)
+        assert out.isfinite().all(), "a kernel read a guard row outside the cache"
+    assert k_buffer[[0, -1]].isnan().all() and v_buffer[[0, -1]].isnan().all(), "a kernel wrote outside the cache"
 
 def test_flash_attn_with_kvcache_signature_and_conventions(device):
     """flash-attn 2.x's parameter names, order and defaults; its outputs are attention_with_kvcache's, with +inf

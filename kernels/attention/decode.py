@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels import _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import check_same, check_tensor
+from kernels._validate import assert_on_device, check_same, check_tensor
 from kernels.attention.api import _alibi_args, _check_alibi, check_scale, check_window
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
@@ -54,7 +54,7 @@ def _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new):
     if LEFTPAD is None:
         lo = 0
     else:
-        lo = tl.load(LEFTPAD + b)
+        lo = tl.maximum(tl.load(LEFTPAD + b), 0)  # no key position below 0, whatever the (checked) value
     if BATCH_IDX is None:
         cache_b = b
     else:
@@ -63,15 +63,19 @@ def _batch_row(SEQLENS, LEFTPAD, BATCH_IDX, b, capacity, n_new):
 
 
 @triton.jit
-def _cache_ptrs(X, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, pos_ok, offs_d, page_size,
+def _cache_ptrs(X, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, pos_ok, offs_d, page_size, cache_rows,
                 stride_xb, stride_xn, stride_xh, stride_xd):
-    """Pointers to the (len(pos), BLOCK_D) tile of cache rows at logical positions ``pos`` of batch row ``b``:
-    row ``pos`` of cache batch ``cache_b``, or with a block table row ``pos % page_size`` of page
-    ``BLOCK_TABLE[b, pos // page_size]`` (read only where ``pos_ok``)."""
+    """Pointers to the (len(pos), BLOCK_D) tile of cache rows at logical positions ``pos`` (in [0, capacity) where
+    ``pos_ok``) of batch row ``b``: row ``pos`` of cache batch ``cache_b``, or with a block table row
+    ``pos % page_size`` of page ``BLOCK_TABLE[b, pos // page_size]`` (read only where ``pos_ok``). The cache batch
+    or page is clamped to X's ``cache_rows`` (>= 1) rows: the launcher checks the values on the device, and the
+    clamp keeps every address inside X even where those checks are off."""
     if BLOCK_TABLE is None:
-        ptrs = _tile_ptrs(X, cache_b, head, pos, offs_d, stride_xb, stride_xh, stride_xn, stride_xd)
+        row = tl.minimum(tl.maximum(cache_b, 0), cache_rows - 1)
+        ptrs = _tile_ptrs(X, row, head, pos, offs_d, stride_xb, stride_xh, stride_xn, stride_xd)
     else:
         page = tl.load(BLOCK_TABLE + _row_offset(b, stride_tb) + pos // page_size, mask=pos_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), cache_rows - 1)
         ptrs = _tile_ptrs(X, page[:, None], head, pos % page_size, offs_d, stride_xb, stride_xh, stride_xn, stride_xd)
     return ptrs
 
@@ -81,13 +85,13 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
                    stride_xb, stride_xn, stride_xh, stride_xd,
                    stride_db, stride_dn, stride_dh, stride_dd,
                    stride_cn, stride_cd,
-                   heads, n_rows, capacity, page_size, rotary_dim,
+                   heads, n_rows, capacity, page_size, cache_rows, rotary_dim,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TO_CACHE: tl.constexpr,
                    INTERLEAVED: tl.constexpr, SAME_POSITION: tl.constexpr):
     """One program per (block of rows, batch * head) of X (B, n_rows, heads, D): row i of batch b, rotated (with
     COS/SIN (S_ro, rotary_dim / 2)) at position cache_seqlens[b] + i (cache_seqlens[b] for every row with
     SAME_POSITION), is stored to the cache slot at that position (TO_CACHE; slots past ``capacity`` are dropped)
-    or to row i of DST (B, n_rows, heads, D)."""
+    or to row i of DST (B, n_rows, heads, D). Positions outside [0, capacity) are neither read nor written."""
     start_m, off_bh = _program_block(n_rows, BLOCK_M)
     b = off_bh // heads
     head = off_bh % heads
@@ -98,6 +102,7 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
     pos = base + rows
     if SAME_POSITION:
         pos = base + rows * 0
+    in_cache = (pos >= 0) & (pos < capacity)  # also where an unchecked cache_seqlens overflows int32
     x = _load_tile(_tile_ptrs(X, b, head, rows, offs_d, stride_xb, stride_xh, stride_xn, stride_xd), row_ok, offs_d,
                    True, HEAD_DIM, BLOCK_D).to(tl.float32)
     if COS is not None:
@@ -112,7 +117,7 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
             partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
             freq = tl.where(offs_d < half, offs_d, offs_d - half)
             sign = tl.where(offs_d < half, -1.0, 1.0)
-        rotated = row_ok[:, None] & (offs_d < rotary_dim)[None, :] & (pos < capacity)[:, None]
+        rotated = row_ok[:, None] & (offs_d < rotary_dim)[None, :] & in_cache[:, None]
         x_partner = tl.load(_tile_ptrs(X, b, head, rows, partner, stride_xb, stride_xh, stride_xn, stride_xd),
                             mask=rotated, other=0.0).to(tl.float32)
         cs_offs = _row_offset(pos, stride_cn)[:, None] + freq[None, :] * stride_cd
@@ -120,11 +125,11 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
         sin = tl.load(SIN + cs_offs, mask=rotated, other=0.0).to(tl.float32)
         x = x * cos + sign[None, :] * x_partner * sin
     if TO_CACHE:
-        ok = row_ok & (pos < capacity)
+        ok = row_ok & in_cache
         cache_b = b
         if BATCH_IDX is not None:
             cache_b = tl.load(BATCH_IDX + b)
-        dst = _cache_ptrs(DST, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, ok, offs_d, page_size,
+        dst = _cache_ptrs(DST, BLOCK_TABLE, stride_tb, b, cache_b, head, pos, ok, offs_d, page_size, cache_rows,
                           stride_db, stride_dn, stride_dh, stride_dd)
     else:
         ok = row_ok
@@ -139,7 +144,7 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_on, stride_oh, stride_os, stride_od,
                 stride_lb, stride_lh, stride_ln, stride_ls,
-                kv_heads, group, n_q, n_new, capacity, page_size, splits, window_left, window_right,
+                kv_heads, group, n_q, n_new, capacity, page_size, cache_rows, splits, window_left, window_right,
                 qk_scale, cap_log2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
@@ -192,9 +197,11 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
         cols = start_n + offs_n
         col_ok = cols < end
         k = _load_tile(_cache_ptrs(K, BLOCK_TABLE, stride_tb, b, cache_b, kv_h, cols, col_ok, offs_d, page_size,
-                                   stride_kb, stride_kn, stride_kh, stride_kd), col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+                                   cache_rows, stride_kb, stride_kn, stride_kh, stride_kd),
+                       col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
         v = _load_tile(_cache_ptrs(V, BLOCK_TABLE, stride_tb, b, cache_b, kv_h, cols, col_ok, offs_d, page_size,
-                                   stride_vb, stride_vn, stride_vh, stride_vd), col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+                                   cache_rows, stride_vb, stride_vn, stride_vh, stride_vd),
+                       col_ok, offs_d, True, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -365,7 +372,7 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS[d_bucket(d)]}
     _decode_append[grid(n, batch * heads, APPEND_BLOCK_M)](
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
-        *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size,
+        *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
         0 if cos is None else 2 * cos.shape[1],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
         INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
@@ -399,8 +406,8 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi,
         0 if block_table is None else block_table.stride(0), stride_ab, *q.stride(), *k_cache.stride(),
         *v_cache.stride(), *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
-        kv_heads, group, n_q, n_new, capacity, page_size, splits, window[0], window[1], scale * LOG2E.value,
-        softcap * LOG2E.value,
+        kv_heads, group, n_q, n_new, capacity, page_size, k_cache.shape[0], splits, window[0], window[1],
+        scale * LOG2E.value, softcap * LOG2E.value,
         **{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
         LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
     if splits > 1:
@@ -462,7 +469,13 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
         check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))  # before reading its shape
         _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
         page_size = k_cache.shape[1]
+        if page_size == 0:
+            raise ValueError(f"k_cache (num_blocks, page_size, Hkv, D) needs page_size >= 1 with a block_table, got "
+                             f"{tuple(k_cache.shape)}")
         capacity = block_table.shape[1] * page_size
+    if batch and capacity and k_cache.shape[0] == 0:  # the kernels clamp row and page indices into [0, rows)
+        raise ValueError(f"k_cache has no cache rows or pages (dim 0) for q's {batch} batch rows to read, got "
+                         f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
     if k is not None:
@@ -502,8 +515,8 @@ def _check_window(window_size, causal: bool) -> Tuple[int, int]:
 
 
 def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device) -> Optional[torch.Tensor]:
-    """cache_seqlens as a (B,) int32 tensor (an int is checked against the capacity here; a tensor's values are
-    not, which would cost a host sync: positions past the capacity are neither written nor read)."""
+    """cache_seqlens as a (B,) int32 tensor (an int is checked against the capacity here, a tensor's values on the
+    device by :func:`_check_index_values`)."""
     if cache_seqlens is None or isinstance(cache_seqlens, torch.Tensor):
         if cache_seqlens is not None:
             _check_index("cache_seqlens", cache_seqlens, (batch,), device)
@@ -513,6 +526,54 @@ def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device
     if seqlen + n_new > capacity:
         raise ValueError(f"cache_seqlens + Sk_new = {seqlen} + {n_new} exceeds the cache's {capacity} positions")
     return torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+
+
+def _distinct(values: torch.Tensor) -> torch.Tensor:
+    """Whether the 1-D tensor ``values`` repeats no entry, as a 0-d bool tensor on its device (sorted neighbours)."""
+    ordered = values.sort().values
+    return (ordered[1:] != ordered[:-1]).all()
+
+
+def _written_slots(seqlens: torch.Tensor, block_table: torch.Tensor, n_new: int, page_size: int) -> torch.Tensor:
+    """The flat paged-cache slots (page * page_size + offset, int64 (B * n_new,)) the append writes; page indices
+    clamped into the table so that this gather stays inside it whatever the values."""
+    pos = seqlens.long()[:, None] + torch.arange(n_new, device=seqlens.device)
+    blocks = (pos // page_size).clamp(0, block_table.shape[1] - 1)
+    return (block_table.gather(1, blocks).long() * page_size + pos % page_size).flatten()
+
+
+def _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new: int, capacity: int, page_size: int,
+                        cache_rows: int) -> None:
+    """Device-side checks (no host sync; ValueError at once on CPU) that every index value keeps the append and the
+    attention inside the cache, before anything is launched: 0 <= cache_seqlens, cache_seqlens + Sk_new <= capacity,
+    0 <= cache_leftpad <= cache_seqlens (capacity without it), cache_batch_idx in [0, cache_rows) and distinct when
+    appending, block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, and
+    no two rows' new keys in one paged slot. The kernels also clamp every such index (a second line of defence)."""
+    if seqlens is not None:
+        assert_on_device((seqlens >= 0) & (seqlens <= capacity - n_new),
+                         f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: "
+                         f"cache_seqlens + Sk_new <= the cache's {capacity} positions per batch row")
+    if leftpad is not None:
+        assert_on_device((leftpad >= 0) & (leftpad <= (capacity if seqlens is None else seqlens)),
+                         f"cache_leftpad must be >= 0 and <= cache_seqlens (the cache's {capacity} positions "
+                         f"without cache_seqlens)")
+    if batch_idx is not None:
+        assert_on_device((batch_idx >= 0) & (batch_idx < cache_rows),
+                         f"cache_batch_idx must index k_cache's B_cache = {cache_rows} rows: 0 <= cache_batch_idx "
+                         f"< {cache_rows}")
+        if n_new:
+            assert_on_device(_distinct(batch_idx), "cache_batch_idx must not repeat a cache row when k/v are "
+                                                   "appended: two batch rows would write the same cache row")
+    if block_table is not None:
+        ends = capacity if seqlens is None else (seqlens[:, None] + n_new)
+        used = torch.arange(block_table.shape[1], device=block_table.device) * page_size < ends
+        assert_on_device((block_table >= 0) & (block_table < cache_rows) | ~used,
+                         f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < "
+                         f"{cache_rows} for every page p holding a position below cache_seqlens[b] + Sk_new")
+        if n_new and block_table.shape[1]:
+            assert_on_device(_distinct(_written_slots(seqlens, block_table, n_new, page_size)),
+                             "block_table maps the new keys of two batch rows to the same cache slot (a page "
+                             "shared where both append): each new key needs a slot of its own")
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -540,9 +601,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns out (B, Sq, H, D) in q's dtype and, with ``return_lse``, lse (B, H, Sq) float32 (natural log, -inf for
     rows that see no key).
 
-    Forward only: inputs that require grad while grad mode is on raise (there is no backward). Values inside
-    cache_seqlens, cache_leftpad, cache_batch_idx and block_table are not checked (that needs a host sync); they
-    must index valid cache rows and pages.
+    Forward only: inputs that require grad while grad mode is on raise (there is no backward). The values inside
+    cache_seqlens, cache_leftpad, cache_batch_idx and block_table are checked on the device before the cache is
+    written (:func:`_check_index_values`; ValueError on CPU, a device assert on a GPU, no host sync), and the
+    kernels clamp every index they read, so no value makes them touch memory outside their tensors.
     """
     capacity, page_size = _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
     batch, n_q, heads, d = q.shape
@@ -569,10 +631,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise NotImplementedError("attention_with_kvcache is forward only (no backward): call it under "
                                   "torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad")
     _runtime.refuse_forward_ad("kernels.attention_with_kvcache", *tensors)
+    # Contiguous: the kernels read these with unit stride (block_table's rows with its stride(0)).
+    leftpad, batch_idx, block_table = (None if t is None else t.contiguous()
+                                       for t in (cache_leftpad, cache_batch_idx, block_table))
+    _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new, capacity, page_size, k_cache.shape[0])
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
-    leftpad, batch_idx = (None if t is None else t.contiguous() for t in (cache_leftpad, cache_batch_idx))
     with _runtime.launch_device(q):
         if k is not None:
             rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=bool(rotary_interleaved), same_position=False)
