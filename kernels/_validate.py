@@ -24,3 +24,18 @@ def check_same(what: str, **tensors) -> None:
         listed = ", ".join(f"{name}: {value}" for name, value in values.items())
         error = TypeError if what == "dtype" else ValueError
         raise error(f"{', '.join(values)} must share one {what}, got {listed}")
+
+
+def assert_on_device(cond: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless every element of the bool tensor ``cond`` is true, without a host sync.
+
+    A CPU tensor is read at once (reading it costs no sync), so the error is raised here; on an accelerator
+    ``torch._assert_async`` fails the stream with ``message`` (a device assert) instead of stopping to read it.
+    Call it before any launch that the check guards, so that a failing check on CPU leaves every tensor as it was.
+    """
+    ok = cond.all()
+    if ok.device.type == "cpu":
+        if not ok:
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
