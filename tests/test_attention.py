@@ -276,7 +276,7 @@ def test_key_padding_mask_with_holes(device, dtype, causal):
 
 def test_falls_back_to_the_reference_when_the_kernels_cannot_run(monkeypatch, device):
     monkeypatch.setattr(api._runtime, "kernel_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(api, "_forward_op", None)  # calling the kernel op would now fail
+    monkeypatch.setattr(api, "attention_op", None)  # calling the kernel would now fail
     q, k, v = _inputs(1, 2, 1, 5, 8, 8, FP32, device)
     padding = torch.tensor([[False, True, True, True, True, True, True, False]], device=device)
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True, key_padding_mask=padding)
@@ -356,7 +356,7 @@ def _no_kernel(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the kernel ran where torch's fallback was expected")
 
-    monkeypatch.setattr(sdpa, "_forward_op", forbidden)
+    monkeypatch.setattr(sdpa, "attention_op", forbidden)
 
 
 @pytest.mark.parametrize("mask_kind", ["float", "scattered_bool"])

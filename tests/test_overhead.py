@@ -47,3 +47,19 @@ def test_eager_softmax_skips_the_custom_op(monkeypatch, log):
     y.sum().backward()
     reference = (torch.log_softmax if log else torch.softmax)(x.detach(), -1)
     torch.testing.assert_close(y, reference)
+
+
+def test_eager_attention_skips_the_custom_op(monkeypatch):
+    api = importlib.import_module("kernels.attention.api")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op ran in eager mode")
+
+    monkeypatch.setattr(api, "_forward_op", refuse)
+    monkeypatch.setattr(api, "_backward_op", refuse)
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    out = kernels.attention(q, k, v, causal=True)
+    out.sum().backward()
+    expected = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    torch.testing.assert_close(out, expected)
+    assert q.grad is not None and k.grad is not None and v.grad is not None

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from kernels import _runtime, reference
+from kernels._autograd import autograd_function
 from kernels._validate import check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.kernels import LOG2E
@@ -289,13 +290,14 @@ def _setup_context(ctx, inputs, output):
                           cu_seqlens_k, block_mask, *mask_args, *score_args)
 
 
-def _autograd_backward(ctx, grad_out, grad_lse):
+def _gradients(backward, ctx, grad_out, grad_lse):
+    """The inputs' gradients by ``backward`` (the launches, or their custom op) from the saved context."""
     (q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, cu_seqlens_k, block_mask,
      *mod_args) = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
-                              ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
-                              rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.mask_mod,
-                              block_mask, mod_args[:ctx.n_mask_args], ctx.score_mod, mod_args[ctx.n_mask_args:])
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
+                          ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
+                          rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.mask_mod,
+                          block_mask, mod_args[:ctx.n_mask_args], ctx.score_mod, mod_args[ctx.n_mask_args:])
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[12]:
         dsinks = _sink_grad(sinks, grad_out, out, lse, grad_lse)
@@ -307,7 +309,32 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     return tuple(grads)
 
 
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(lambda ctx, *grads: _gradients(_backward_op, ctx, *grads),
+                              setup_context=_setup_context)
+
+
+def _on_device(launches):
+    """``launches`` run with the first tensor's device current (see ``_runtime.launch_device``)."""
+    def run(first, *args):
+        with _runtime.launch_device(first):
+            return launches(first, *args)
+    return run
+
+
+_attention_function = autograd_function("FlashAttention", _on_device(_forward), _setup_context,
+                                        lambda ctx, *grads: _gradients(_on_device(_backward), ctx, *grads))
+
+
+_DEFAULTS = tuple(p.default for p in inspect.signature(_forward).parameters.values())
+
+
+def attention_op(*args):
+    """(out, lse) of attention with autograd, taking ``_forward_op``'s positional arguments (the trailing ones
+    optional): the custom op while torch.compile traces, a plain autograd.Function in eager (``kernels/_autograd.py``:
+    the op's dispatch would cost several times the rest of the call's host time)."""
+    if torch.compiler.is_compiling():
+        return _forward_op(*args)
+    return _attention_function(*args, *_DEFAULTS[len(args):])
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -516,7 +543,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         bounds = pad = None
         if key_padding_mask is not None:
             bounds, pad = key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8)
-        out, lse = _forward_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale, window_left,
+        out, lse = attention_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale, window_left,
                                window_right, softcap, None if alibi_slopes is None else alibi_slopes.contiguous(),
                                None if sinks is None else sinks.float(), dropout_p,
                                _draw_rng(q.device) if dropout_p > 0 else None, None, None, 0, 0,

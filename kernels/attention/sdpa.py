@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _runtime
-from kernels.attention.api import _forward_op, check_qkv, check_scale, key_bounds
+from kernels.attention.api import attention_op, check_qkv, check_scale, key_bounds
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
@@ -18,7 +18,7 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 
 def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                device: torch.device) -> Optional[Tuple]:
-    """``_forward_op``'s (kv_bounds, pad, causal, causal_shift, and window edges) if a bool SDPA mask is exactly
+    """``attention_op``'s (kv_bounds, pad, causal, causal_shift, and window edges) if a bool SDPA mask is exactly
     "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
     of diagonals" (a sliding window, as Hugging Face builds), else None. Reads the mask on the host (a sync)."""
     if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
@@ -47,7 +47,7 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """How the kernel runs this SDPA call, as ``_forward_op``'s arguments after q, k, v, or None for torch's
+    """How the kernel runs this SDPA call, as ``attention_op``'s arguments after q, k, v, or None for torch's
     fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
     try:
         check_qkv(query, key, value)
@@ -85,4 +85,4 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if plan is None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    return _forward_op(query, key, value, *plan)[0]
+    return attention_op(query, key, value, *plan)[0]
