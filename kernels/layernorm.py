@@ -2,12 +2,15 @@
 
 Over the trailing ``normalized_shape`` dims (flattened to a row of n elements):
     layer norm  y = (h - mean) * rstd * weight + bias,     rstd = 1 / sqrt(var + eps)   (biased variance)
-    RMS norm    y = h * rstd * (offset + weight),          rstd = 1 / sqrt(mean(h^2) + eps)
+    RMS norm    y = h * rstd * (offset + weight),          rstd = 1 / sqrt(mean(h^2) + eps)   (no weight: h * rstd)
 where h = x, or h = x + residual rounded to its dtype (returned as the new residual stream). Layer norm does all
 its math in fp32. RMS norm rounds where its ``casting_mode`` says (Liger-Kernel's modes, after Hugging Face's
 models): "gemma" all in fp32, cast once at the end; "llama" rstd in fp32, xhat = h * rstd rounded to x's dtype
 before the weight; "none" every step rounded to x's dtype (sums accumulate in fp32). mean and rstd are kept in fp32
-for the backward.
+for the backward. Where the fp32 statistics overflow (a row holding +-3e38, or inf), the output is what torch's gives
+(NaN for layer norm; RMS norm's h * 0, NaN at infinite entries), and so is the gradient: NaN, not a finite value.
+
+DTensor inputs (tensor or sequence parallel) normalise each rank's local rows, as torch's own norms on DTensors do.
 
 Forward:
 - a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written
@@ -112,6 +115,14 @@ def _rms_rstd(sum_sq, n_cols, eps, dtype: tl.constexpr, CASTING: tl.constexpr):
 
 
 @triton.jit
+def _layer_rstd(m2, n_cols, eps):
+    """1 / sqrt(m2 / n_cols + eps), NaN where the fp32 variance overflowed: 1 / sqrt(inf) = 0 would turn the
+    row into the bias where torch's fp32 moments give NaN (a row that cannot be normalised in fp32 says so)."""
+    var = m2 / n_cols
+    return tl.where(var == float("inf"), float("nan"), 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
 def _output(xhat, w, b, offset, dtype: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
             CASTING: tl.constexpr):
     """xhat * (offset + w) + b, each optional, before the final cast to x's dtype: all in fp32 ("gemma", and
@@ -149,7 +160,7 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
         else:
             mean = tl.sum(h, 0) / n_cols
             h = tl.where(cols < n_cols, h - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
+            rstd = _layer_rstd(tl.sum(h * h, 0), n_cols, eps)
         if not PARAMS_GIVEN:
             w = _load_vec(W, cols, n_cols, HAS_W)
             b = _load_vec(B, cols, n_cols, HAS_B)
@@ -175,7 +186,7 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
         if RMS:
             rstd = _rms_rstd(m2, n_cols, eps, dtype, CASTING)
         else:
-            rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)
+            rstd = _layer_rstd(m2, n_cols, eps)
         # pass 2 reads h back: from H when it was written above (one stream instead of x and residual)
         if HAS_RES:
             src = H + out_off
@@ -241,11 +252,15 @@ def _weight_factor(xhat, dtype: tl.constexpr, CASTING: tl.constexpr):
 @triton.jit
 def _input_grad(xhat, wdy, c1, c2, rstd, DH, dh_off, cols, n_cols, RMS: tl.constexpr, HAS_DH: tl.constexpr):
     """rstd * (w*dy - xhat * c1 - c2), c1 = mean(xhat * w*dy), c2 = mean(w*dy) (layer norm only), plus the
-    gradient reaching h directly through the returned residual stream."""
+    gradient reaching h directly through the returned residual stream. An RMS norm row whose fp32 mean square
+    overflowed (rstd = 0: the forward gave torch's zeros) has no finite gradient: NaN, as torch's backward gives
+    there, not a finite 0 (layer norm's rstd is already NaN there)."""
     dx = wdy - xhat * c1
     if not RMS:
         dx -= c2
     dx *= rstd
+    if RMS:
+        dx = tl.where(rstd == 0.0, float("nan"), dx)
     if HAS_DH:
         dx += tl.load(DH + dh_off + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     return dx
@@ -511,14 +526,12 @@ _TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
 """Dtypes the functions take: the kernels' own, and float64, which runs torch's op."""
 
 
-def _check_rms_options(offset, casting_mode, has_weight: bool) -> None:
-    """Validate RMS norm's ``offset`` (a finite real, 0 without a weight) and ``casting_mode``."""
+def _check_rms_options(offset, casting_mode) -> None:
+    """Validate RMS norm's ``offset`` (a finite real) and ``casting_mode``."""
     if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
         raise TypeError(f"offset must be a real number, got {type(offset).__name__}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset}")
-    if offset and not has_weight:
-        raise ValueError(f"offset {offset} needs a weight (y = x_hat * (offset + weight)); got weight=None")
     if not isinstance(casting_mode, str) or casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")
 
@@ -532,8 +545,8 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
             isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     shape = tuple(normalized_shape)
-    if not shape or math.prod(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
-        raise ValueError(f"normalized_shape {shape} must be non-empty and equal the trailing dims of x "
+    if not shape or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} must have at least one dim and equal the trailing dims of x "
                          f"(shape {tuple(x.shape)})")
     if residual is not None:
         check_tensor("residual", residual, dtypes=_TORCH_FLOATS)
@@ -551,7 +564,7 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
     if eps is not None and not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if rms:
-        _check_rms_options(offset, casting_mode, weight is not None)
+        _check_rms_options(offset, casting_mode)
     return shape
 
 
@@ -603,8 +616,51 @@ def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode
     return y if residual is None else (y, h)
 
 
+def _dtensor_class():
+    """torch's DTensor class; None where torch is built without torch.distributed."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode):
+    """The norm of DTensor inputs, as torch's own norms on DTensors: x (and residual) are redistributed so that no
+    normalized dim is sharded or partial (an all-gather of a tensor-parallel hidden dim; a sharding of the rows is
+    kept), a DTensor weight and bias replicated; each rank normalises its local rows, and y (and h) come back as
+    DTensors in those placements. Parameter gradients are Partial over the mesh dims that shard the rows (each
+    rank's rows add their share); plain weight and bias tensors are this rank's own. Collectives only, no host
+    sync."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    if not isinstance(x, DTensor) or (residual is not None and not isinstance(residual, DTensor)):
+        raise TypeError(f"x and residual must both be DTensors when any input is one, got x: {type(x).__name__}, "
+                        f"residual: {type(residual).__name__}")
+    mesh, n_row_dims = x.device_mesh, x.dim() - len(shape)
+    placements = [p if isinstance(p, Shard) and p.dim % x.dim() < n_row_dims else Replicate() for p in x.placements]
+    param_grads = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+
+    def local(name, t, targets, grad_placements=None):
+        if not isinstance(t, DTensor):
+            return t
+        if t.device_mesh != mesh:
+            raise ValueError(f"{name} must be on x's device mesh {mesh}, got {t.device_mesh}")
+        return t.redistribute(mesh, targets).to_local(grad_placements=grad_placements)
+
+    replicated = [Replicate()] * mesh.ndim
+    y = _norm(local("x", x, placements), local("residual", residual, placements), shape,
+              local("weight", weight, replicated, param_grads), local("bias", bias, replicated, param_grads), eps,
+              rms, offset, casting_mode)
+    stride = torch.empty(x.shape, device="meta").stride()
+    outputs = [DTensor.from_local(t, mesh, placements, run_check=False, shape=x.shape, stride=stride)
+               for t in ((y,) if residual is None else y)]
+    return outputs[0] if residual is None else tuple(outputs)
+
+
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
     shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
+    dtensor = _dtensor_class()
+    if dtensor is not None and any(isinstance(t, dtensor) for t in (x, residual, weight, bias)):
+        return _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     if residual is not None and residual.dtype != x.dtype:  # h = x + residual in the promoted dtype, as torch's add
         dtype = torch.result_type(x, residual)
         x, residual = x.to(dtype), residual.to(dtype)
@@ -616,7 +672,8 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     if rms and eps is None:
         eps = torch.finfo(x.dtype).eps
     present = [t for t in (x, residual, weight, bias) if t is not None]
-    if any(t.dtype not in FLOAT_DTYPES for t in present) or not kernel_runs_on(*present):
+    # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
+    if any(t.dtype not in FLOAT_DTYPES for t in present) or not math.prod(shape) or not kernel_runs_on(*present):
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     args = (x, residual, weight, bias, math.prod(shape), float(eps), rms, float(offset), CASTING_MODES[casting_mode])
     if any(forward_ad.unpack_dual(t).tangent is not None for t in present):
@@ -644,7 +701,8 @@ def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch
     """``torch.nn.functional.rms_norm``, fused, with Liger-Kernel's ``offset`` and ``casting_mode``:
     ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``; ``eps`` defaults to ``torch.finfo(x.dtype).eps``.
 
-    ``offset=1.0`` is Gemma's ``1 + weight`` (needs a weight). ``casting_mode``: "gemma" (the default: everything
+    ``offset=1.0`` is Gemma's ``1 + weight``; without a weight no offset applies (``y = x_hat``, as Liger-Kernel's
+    ``elementwise_affine=False``). ``casting_mode``: "gemma" (the default: everything
     in fp32, cast once at the end, which is exactly ``torch.nn.functional.rms_norm``), "llama" (rstd in fp32,
     x * rstd rounded to x's dtype before the weight, as Hugging Face's LlamaRMSNorm) or "none" (every step in x's
     dtype); they differ only for fp16/bf16. Shapes, dtypes and fallback as :func:`layer_norm` (the fallback of an
@@ -689,7 +747,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
                  dtype=None, *, offset: float = 0.0, casting_mode: str = DEFAULT_CASTING_MODE):
-        _check_rms_options(offset, casting_mode, elementwise_affine)
+        _check_rms_options(offset, casting_mode)
         self.offset, self.casting_mode = offset, casting_mode  # before torch's __init__: reset_parameters reads it
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 

@@ -387,6 +387,7 @@ def test_bad_input_raises_before_launch(monkeypatch):
         (TypeError, "normalized_shape must be an int or a sequence", lambda: kernels.layer_norm(x, "8")),
         (ValueError, r"normalized_shape \(7,\)", lambda: kernels.layer_norm(x, 7)),
         (ValueError, "normalized_shape", lambda: kernels.layer_norm(x, (2, 3, 8))),
+        (ValueError, r"normalized_shape \(\) must have at least one dim", lambda: kernels.rms_norm(x, ())),
         (ValueError, "weight must have shape", lambda: kernels.layer_norm(x, 8, torch.ones(4))),
         (TypeError, "bias must have dtype", lambda: kernels.layer_norm(x, 8, None, torch.ones(8, dtype=torch.int64))),
         (ValueError, "residual must have x's shape", lambda: kernels.add_layer_norm(x, x[:2], 8)),
@@ -396,8 +397,6 @@ def test_bad_input_raises_before_launch(monkeypatch):
         (ValueError, "casting_mode must be one of", lambda: kernels.RMSNorm(8, casting_mode="Llama")),
         (TypeError, "offset must be a real number", lambda: kernels.rms_norm(x, 8, torch.ones(8), offset=True)),
         (ValueError, "offset must be finite", lambda: kernels.rms_norm(x, 8, torch.ones(8), offset=float("nan"))),
-        (ValueError, "offset 1.0 needs a weight", lambda: kernels.rms_norm(x, 8, offset=1.0)),
-        (ValueError, "offset 1.0 needs a weight", lambda: kernels.RMSNorm(8, elementwise_affine=False, offset=1.0)),
         (TypeError, "eps must be a real number", lambda: kernels.rms_norm(x, 8, eps="small")),
         (TypeError, "eps must be a real number", lambda: kernels.layer_norm(x, 8, eps=None)),
         (ValueError, "eps must be >= 0", lambda: kernels.layer_norm(x, 8, eps=-1.0)),
@@ -448,3 +447,78 @@ def test_custom_ops_pass_opcheck_and_compile_in_one_graph(device):
             t.grad = None
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_offset_without_a_weight_applies_none_as_liger():
+    """Liger-Kernel's RMSNorm with elementwise_affine=False ignores its offset: y = x_hat, whatever the offset."""
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    for call in (lambda t: kernels.rms_norm(t, 8, None, 1e-6, offset=1.0, casting_mode="llama"),
+                 kernels.RMSNorm(8, 1e-6, elementwise_affine=False, offset=1.0, casting_mode="llama")):
+        y = call(x)
+        (dx,) = torch.autograd.grad(y.float().square().sum(), x)
+        x2 = x.detach().requires_grad_()
+        want = F.rms_norm(x2, (8,), None, 1e-6)
+        (want_dx,) = torch.autograd.grad(want.float().square().sum(), x2)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(dx, want_dx)
+    assert kernels.RMSNorm(8, elementwise_affine=False, offset=1.0).weight is None
+
+
+def _empty_case(name, x):
+    """(kernel result, torch result) of op ``name`` on x (..., 0) with parameters of shape (0,)."""
+    w, b, r = torch.randn(0), torch.randn(0), torch.randn_like(x)
+    ours = {"layer_norm": lambda: kernels.layer_norm(x, (0,), w, b),
+            "rms_norm": lambda: kernels.rms_norm(x, (0,), w, offset=1.0),
+            "add_layer_norm": lambda: kernels.add_layer_norm(x, r, 0, w, b)[0],
+            "add_rms_norm": lambda: kernels.add_rms_norm(x, r, 0, w)[0],
+            "LayerNorm": lambda: kernels.LayerNorm(0)(x),
+            "RMSNorm": lambda: kernels.RMSNorm(0)(x, r)[0]}[name]
+    theirs = {"layer_norm": lambda: F.layer_norm(x, (0,), w, b), "rms_norm": lambda: F.rms_norm(x, (0,), 1 + w),
+              "add_layer_norm": lambda: F.layer_norm(x + r, (0,), w, b), "add_rms_norm": lambda: F.rms_norm(x + r, (0,), w),
+              "LayerNorm": lambda: torch.nn.LayerNorm(0)(x), "RMSNorm": lambda: torch.nn.RMSNorm(0)(x + r)}[name]
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"])
+def test_an_empty_normalized_shape_gives_torch_empty_result(monkeypatch, name):
+    """normalized_shape (0,): an empty output of x's shape and empty gradients, as torch's; no kernel launches."""
+    monkeypatch.setattr(norm_module, "_forward_op", None)
+    x = torch.randn(4, 0, requires_grad=True)
+    results = []
+    for call in _empty_case(name, x):
+        y = call()
+        y.sum().backward()
+        results.append((y, x.grad))
+        x.grad = None
+    (y, dx), (want, want_dx) = results
+    assert y.shape == want.shape == (4, 0) and y.dtype == want.dtype and dx.shape == want_dx.shape == (4, 0)
+    assert kernels.layer_norm(torch.randn(2, 0, 3), (0, 3)).shape == F.layer_norm(torch.randn(2, 0, 3), (0, 3)).shape
+
+
+OVERFLOWS = [3e38, -3e38, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("path", ["one block", "two pass"])
+def test_overflowing_statistics_give_what_torch_gives(monkeypatch, rms, path):
+    """Rows holding +-3e38 (fp32 statistics overflow), +-inf or nan, beside a normal row: y is torch's (layer norm
+    NaN; RMS norm 0, NaN at infinite entries), and so are dweight and dbias; dx is NaN wherever torch's is, and
+    over the whole row (no finite garbage), the normal row's as torch's."""
+    if path == "two pass":  # 7-wide rows in chunks of 4: torch's CPU layer norm gives NaN at this width
+        monkeypatch.setattr(norm_module, "MAX_BLOCK", 4)
+        monkeypatch.setattr(norm_module, "LONG_BLOCK", 4)
+    x = torch.randn(2 * len(OVERFLOWS), 7)
+    x[::2, 3] = torch.tensor(OVERFLOWS)
+    inputs, dy = (x, torch.randn(7), torch.randn(7)), torch.randn_like(x)
+    ours, theirs = ([t.clone().requires_grad_() for t in inputs] for _ in range(2))
+    y = kernels.rms_norm(ours[0], 7, ours[1]) if rms else kernels.layer_norm(ours[0], 7, *ours[1:])
+    want = F.rms_norm(theirs[0], (7,), theirs[1]) if rms else F.layer_norm(theirs[0], (7,), *theirs[1:])
+    torch.testing.assert_close(y, want, equal_nan=True)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(ours[1].grad, theirs[1].grad, equal_nan=True)  # dweight
+    if not rms:
+        torch.testing.assert_close(ours[2].grad, theirs[2].grad, equal_nan=True)  # dbias
+    dx, want_dx = ours[0].grad, theirs[0].grad
+    assert want_dx[::2].isnan().any(-1).all() and dx[::2].isnan().all()
+    torch.testing.assert_close(dx[1::2], want_dx[1::2])
