@@ -287,6 +287,9 @@ def _bad_calls():
         (dict(cache_leftpad=seq.float()), TypeError, "cache_leftpad"),
         (dict(block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=seq), ValueError, "cache_batch_idx"),
         (dict(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError, "block_table"),
+        (dict(k_cache=k_cache[:, :0], v_cache=v_cache[:, :0], block_table=torch.zeros(2, 2, dtype=torch.int32)),
+         ValueError, "page_size >= 1"),
+        (dict(k_cache=k_cache[:0], v_cache=v_cache[:0], cache_batch_idx=seq), ValueError, "no cache rows"),
         (dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=seq), ValueError, "need the new k"),
         (dict(k=k, v=v, cache_seqlens=seq, rotary_cos=cos[:8], rotary_sin=sin[:8]), ValueError, "S_ro"),
         (dict(k=k, v=v, cache_seqlens=seq, rotary_cos=cos), ValueError, "together"),
@@ -319,6 +322,7 @@ def _index_calls():
     q, k_cache, v_cache, k, v = _inputs(FP16, "cpu", 2, 1, 4, 2, 64, 3, 32, 2)
     pages = dict(k_cache=torch.randn(5, 16, 2, 64, dtype=FP16), v_cache=torch.randn(5, 16, 2, 64, dtype=FP16))
     seq = _int32([3, 20], "cpu")
+    cos, sin = _rotary(FP16, "cpu", 32, 16)
     base = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seq)
     return base, [
         (dict(cache_seqlens=_int32([-1, 20], "cpu")), "cache_seqlens must be >= 0"),
@@ -335,6 +339,8 @@ def _index_calls():
         (dict(pages, block_table=_int32([[0], [2]], "cpu")), "cache_seqlens .* 16 positions"),  # too few pages
         (dict(pages, block_table=_int32([[0, 1], [2, 0]], "cpu"), cache_seqlens=_int32([3, 19], "cpu")),
          "block_table maps the new keys of two batch rows to the same cache slot"),  # both write page 0, slots 3, 4
+        (dict(q=torch.randn(2, 3, 4, 64, dtype=FP16), cache_seqlens=_int32([3, 30], "cpu"), rotary_cos=cos,
+              rotary_sin=sin, causal=True), "rotary_cos/rotary_sin need a row"),  # causal q rows at 30, 31, 32
     ]
 
 
@@ -355,8 +361,8 @@ def test_bad_index_values_raise_before_the_cache_is_written():
 
 def test_index_values_that_stay_inside_the_cache_run(device):
     """Not errors: block_table entries past a row's last page (never read) may be anything, a row's left padding
-    may cover its whole cache, cache rows may repeat when nothing is appended; a column-major block_table reads the
-    same pages as a contiguous one."""
+    may cover its whole cache, cache rows may repeat when nothing is appended, causal queries may sit past the cache
+    where rotary_cos has rows for them; a column-major block_table reads the same pages as a contiguous one."""
     q, k_cache, v_cache, k, v = _inputs(FP16, device, 2, 1, 4, 2, 64, 3, 32, 2)
     _check(FP16, q, k_cache, v_cache, cache_seqlens=_int32([5, 9], device), cache_batch_idx=_int32([1, 1], device),
            cache_leftpad=_int32([5, 0], device))
@@ -365,6 +371,9 @@ def test_index_values_that_stay_inside_the_cache_run(device):
     table[0, 1] = -1  # row 0's keys end at 3 + 2 < 16: page 1 is not read (the reference indexes -1 too)
     column_major = table.t().contiguous().t()
     _check(FP16, q, pages, v_pages, k, v, cache_seqlens=_int32([3, 20], device), block_table=column_major)
+    cos, sin = _rotary(FP16, device, 40, 32)  # the 3 queries of row 0 at positions 30, 31, 32 >= capacity 32
+    _check(FP16, torch.randn(2, 3, 4, 64, dtype=FP16, device=device), k_cache, v_cache, k, v, rotary_cos=cos,
+           rotary_sin=sin, cache_seqlens=_int32([30, 4], device), causal=True)
 
 
 def _guarded(shape, device):

@@ -90,8 +90,9 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
                    INTERLEAVED: tl.constexpr, SAME_POSITION: tl.constexpr):
     """One program per (block of rows, batch * head) of X (B, n_rows, heads, D): row i of batch b, rotated (with
     COS/SIN (S_ro, rotary_dim / 2)) at position cache_seqlens[b] + i (cache_seqlens[b] for every row with
-    SAME_POSITION), is stored to the cache slot at that position (TO_CACHE; slots past ``capacity`` are dropped)
-    or to row i of DST (B, n_rows, heads, D). Positions outside [0, capacity) are neither read nor written."""
+    SAME_POSITION), is stored to the cache slot at that position (TO_CACHE) or to row i of DST (B, n_rows, heads,
+    D). ``capacity`` bounds the positions (the cache's, or COS's S_ro rows for q): rows at positions outside
+    [0, capacity) are neither rotated nor written to the cache."""
     start_m, off_bh = _program_block(n_rows, BLOCK_M)
     b = off_bh // heads
     head = off_bh % heads
@@ -635,6 +636,11 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     leftpad, batch_idx, block_table = (None if t is None else t.contiguous()
                                        for t in (cache_leftpad, cache_batch_idx, block_table))
     _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new, capacity, page_size, k_cache.shape[0])
+    q_same_position = not causal and window == (-1, -1)
+    if rotary_cos is not None and not q_same_position:  # q's rows are rotated at cache_seqlens + i, i < Sq
+        assert_on_device(seqlens <= rotary_cos.shape[0] - n_q,
+                         f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: "
+                         f"cache_seqlens + Sq = cache_seqlens + {n_q} <= S_ro = {rotary_cos.shape[0]}")
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
@@ -646,9 +652,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             _append(v, v_cache, None, None, seqlens, batch_idx, block_table, capacity, page_size, True, False, False)
             if rotary_cos is not None:
                 q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                rotary["same_position"] = not causal and window == (-1, -1)
-                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None, capacity=capacity,
-                        page_size=page_size, to_cache=False, **rotary)
+                rotary["same_position"] = q_same_position
+                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None,
+                        capacity=rotary_cos.shape[0], page_size=page_size, to_cache=False, **rotary)
                 q = q_rotated
         out, lse = _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
                            window, float(softcap), alibi_slopes, scale, num_splits)
