@@ -15,12 +15,15 @@ which arrives back at its owner after P hops; every sum is taken in a fixed orde
 Only ``kernels.attention``'s custom ops compute: ``_forward_op`` for (out, lse) of a block and ``_backward_op`` for
 a block's exact gradients given the global (out, lse).
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import numbers
+import struct
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from kernels import _runtime
+from kernels._validate import check_tensor
 from kernels.attention.api import _backward_op, _forward_op, check_qkv, check_scale
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -31,11 +34,18 @@ _KV_TAG, _GRAD_TAG = 0, 2  # distinct tags for the K/V and dK/dV messages that a
 
 
 def _check_group(group, what: str) -> None:
+    """RuntimeError without a process group, TypeError for a ``group`` that is not a ProcessGroup, ValueError if this process is
+    not one of its members (collectives on it would return without touching their tensors)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{what} needs an initialised torch.distributed process group "
                            "(call torch.distributed.init_process_group first)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"{what}: this process is not a member of group (torch.distributed.new_group returned "
+                         "GroupMember.NON_GROUP_MEMBER to it)")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{what}: this process is not a member of group")
 
 
 def _check_layout(layout) -> None:
@@ -47,6 +57,8 @@ def chunks_of(layout: str, rank: int, world: int) -> Tuple[int, ...]:
     """Indices, in order, of the equal chunks of the sequence that ``rank`` holds: the sequence has ``world``
     chunks in the contiguous layout and ``2 * world`` in the zigzag one. Always ascending."""
     _check_layout(layout)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world) = [0, {world}), got {rank}")
     return (rank,) if layout == "contiguous" else (rank, 2 * world - 1 - rank)
 
 
@@ -63,28 +75,155 @@ def _rank_and_world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _check_dim(dim, x: torch.Tensor, name: str) -> int:
+    """``dim`` as an index in [0, x.dim()); TypeError/ValueError naming it and ``name``'s shape otherwise."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {dim!r}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [-{x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, got {dim}")
+    return int(dim) % x.dim()
+
+
+# ------------------------------------------------------------------------------------- cross-rank agreement
+
+
+class _Codec(NamedTuple):
+    """A fact's fixed number of int64 slots in the agreement tensor, and the conversions to and from them."""
+    slots: int
+    encode: Callable[[object], List[int]]
+    decode: Callable[[List[int]], object]
+
+
+def _encode_text(text: str, slots: int) -> List[int]:
+    raw = text.encode().ljust(8 * slots, b"\0")
+    return [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+
+
+def _decode_text(slots: List[int]) -> str:
+    return b"".join(v.to_bytes(8, "little", signed=True) for v in slots).rstrip(b"\0").decode()
+
+
+_MAX_DIMS = 25  # the shape slots of unshard's agreement, which is one fixed-size tensor on every rank
+_INT = _Codec(1, lambda value: [int(value)], lambda slots: slots[0])
+_FLAG = _Codec(1, lambda value: [int(bool(value))], lambda slots: bool(slots[0]))
+_TEXT = _Codec(4, lambda value: _encode_text(str(value), 4), _decode_text)
+_REAL = _Codec(1, lambda value: list(struct.unpack("<q", struct.pack("<d", value))),  # its bits: compared exactly
+               lambda slots: struct.unpack("<d", struct.pack("<q", slots[0]))[0])
+_SHAPE = _Codec(1 + _MAX_DIMS, lambda shape: [len(shape), *shape, *[-1] * (_MAX_DIMS - len(shape))],
+                lambda slots: tuple(slots[1:1 + slots[0]]))
+_Schema = Sequence[Tuple[str, _Codec]]
+
+
+def _encode(schema: _Schema, facts: Dict[str, object]) -> List[int]:
+    """The facts' slots, in schema order; ValueError for a fact that does not fit its slots (every rank's row must
+    have the schema's length, or the all_gather would mix them up)."""
+    row = []
+    for name, codec in schema:
+        slots = codec.encode(facts[name])
+        if len(slots) != codec.slots:
+            raise ValueError(f"{name} {facts[name]!r} does not fit the {codec.slots} int64 slots a rank announces")
+        row += slots
+    return row
+
+
+def _fields(schema: _Schema, row: List[int]) -> Dict[str, Tuple[List[int], object]]:
+    """name -> (the fact's slots in ``row``, its decoded value)."""
+    fields, start = {}, 0
+    for name, codec in schema:
+        slots = row[start:start + codec.slots]
+        fields[name], start = (slots, codec.decode(slots)), start + codec.slots
+    return fields
+
+
+def _collective_device(group) -> torch.device:
+    """Where the group's collectives take a small tensor: NCCL takes only CUDA tensors (the current device, as
+    torch.distributed's object collectives use), every other backend CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(what: str, group, schema: _Schema, local_facts: Callable[[], Dict[str, object]]) -> Dict[str, object]:
+    """``local_facts()`` of this rank once every rank of ``group`` has checked its own inputs and all found the
+    same facts; otherwise every rank raises at once: a rank whose ``local_facts`` raised its own error, the others
+    a ValueError naming the failed ranks, or, all having passed, every rank the same ValueError naming the facts
+    that differ and each rank's values.
+
+    Every rank must call this before its first transfer, so that no rank waits in a collective that a failed or
+    disagreeing rank never joins (until the process group's timeout, 30 minutes by default), nor gathers tensors
+    of another size (gloo aborts the process, others return uninitialised memory). It is ONE all_gather of a
+    small int64 tensor per call, whose result the host reads: one device sync per call, the price of raising
+    on every rank together.
+    """
+    try:
+        facts, error = local_facts(), None
+        row = [1, *_encode(schema, facts)]
+    except Exception as local_error:  # noqa: BLE001  (re-raised below, once the other ranks know)
+        error = local_error
+        row = [0] * (1 + sum(codec.slots for _, codec in schema))
+    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).tolist()
+    failed = [rank for rank, (ok, *_) in enumerate(rows) if not ok]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{what}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed "
+                         "its input check (its own error says why); no rank went on")
+    fields = [_fields(schema, r[1:]) for r in rows]
+    differ = [name for name, _ in schema if any(f[name][0] != fields[0][name][0] for f in fields)]
+    if differ:
+        described = "; ".join(f"rank {rank}: " + ", ".join(f"{name} {f[name][1]}" for name in differ)
+                              for rank, f in enumerate(fields))
+        raise ValueError(f"{what}: the ranks disagree on {', '.join(differ)} ({described}); every rank must pass "
+                         "the same")
+    return facts
+
+
+# -------------------------------------------------------------------------------------------- shard/unshard
+
+
 def shard(x: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> torch.Tensor:
     """This rank's shard (a copy) of the full tensor ``x`` along ``dim`` (the sequence: 2 for (B, H, N, D)).
 
-    ``x.shape[dim]`` must split into P (contiguous) or 2P (zigzag) equal chunks, P the group's size.
+    ``x.shape[dim]`` must split into P (contiguous) or 2P (zigzag) equal chunks, P the group's size. Local: it
+    communicates nothing (so it cannot wait on another rank), and each rank's shard follows from its own
+    arguments; ranks that pass different shapes are caught by :func:`ring_attention` and :func:`unshard`.
     """
     _check_group(group, "shard")
     _check_layout(layout)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("x", x, dtypes=None)
+    dim = _check_dim(dim, x, "x")
     rank, world = _rank_and_world(group)
     size = _pieces(x.shape[dim], layout, world, "x")
     return torch.cat([x.narrow(dim, c * size, size) for c in chunks_of(layout, rank, world)], dim)
 
 
+_UNSHARD_SCHEMA = (("shape", _SHAPE), ("dim", _INT), ("dtype", _TEXT), ("device type", _TEXT), ("layout", _TEXT))
+
+
+def _unshard_facts(x_local, dim, layout: str, world: int) -> Dict[str, object]:
+    """What every rank's unshard must agree on; TypeError/ValueError naming the argument if its own are bad."""
+    _check_layout(layout)
+    check_tensor("x_local", x_local, dtypes=None)
+    dim = _check_dim(dim, x_local, "x_local")
+    if x_local.dim() > _MAX_DIMS:
+        raise ValueError(f"x_local: unshard gathers tensors of at most {_MAX_DIMS} dims, got shape "
+                         f"{tuple(x_local.shape)}")
+    _pieces(x_local.shape[dim] * world, layout, world, "x_local")
+    return {"shape": tuple(x_local.shape), "dim": dim, "dtype": x_local.dtype, "device type": x_local.device.type,
+            "layout": layout}
+
+
 def unshard(x_local: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> torch.Tensor:
     """The full tensor from every rank's shard along ``dim``: an all_gather, then the chunks put back in sequence
-    order. The inverse of :func:`shard`; not differentiable (the gathered tensor has no grad_fn)."""
+    order. The inverse of :func:`shard`; not differentiable (the gathered tensor has no grad_fn). Every rank
+    must pass a shard of the same shape, dtype and device type, with the same ``dim`` and ``layout``: otherwise
+    every rank raises the same ValueError (checked with one small all_gather before the data's)."""
     _check_group(group, "unshard")
-    _check_layout(layout)
-    if not isinstance(x_local, torch.Tensor):
-        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
     world = dist.get_world_size(group)
+    dim = _agree("unshard", group, _UNSHARD_SCHEMA, lambda: _unshard_facts(x_local, dim, layout, world))["dim"]
     size = _pieces(x_local.shape[dim] * world, layout, world, "x_local")
     x_local = x_local.contiguous()
     gathered = [torch.empty_like(x_local) for _ in range(world)]
@@ -253,33 +392,15 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check_same_across_ranks(q, k, causal: bool, layout: str, group) -> None:
-    """ValueError on every rank if the ranks disagree on shapes, dtype, causal or layout (one small all_gather),
-    instead of a hang or garbage in the ring."""
-    mine = [*q.shape, *k.shape, q.element_size(), int(q.dtype.is_floating_point), int(causal), LAYOUTS.index(layout)]
-    local = torch.tensor(mine, dtype=torch.int64, device=q.device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    if any(not torch.equal(g, local) for g in gathered):
-        described = "; ".join(f"rank {r}: q {tuple(g[:4].tolist())}, k/v {tuple(g[4:8].tolist())}, "
-                              f"dtype bytes {g[8].item()}, causal {bool(g[10])}, layout {LAYOUTS[g[11]]}"
-                              for r, g in enumerate(gathered))
-        raise ValueError(f"ring_attention: the ranks disagree on their inputs ({described})")
+_RING_SCHEMA = (("batch", _INT), ("heads", _INT), ("kv heads", _INT), ("positions per rank", _INT),
+                ("head dim", _INT), ("dtype", _TEXT), ("device type", _TEXT), ("causal", _FLAG), ("layout", _TEXT),
+                ("softmax scale", _REAL), ("backward", _FLAG))
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                   scale: Optional[float] = None, *, group=None, layout: str = "zigzag", return_lse: bool = False):
-    """This rank's shard of ``kernels.attention(q_full, k_full, v_full, causal, scale)``, differentiable.
-
-    q: (B, H, N_local, D) and k, v: (B, Hkv, N_local, D) are this rank's shards (see :func:`shard`) of sequences
-    of N = N_local * P positions in ``layout`` ("zigzag": N_local even; "contiguous"), P = the size of ``group``
-    (the default group for None). Dtypes, head dims and GQA as ``kernels.attention``; causal is over global
-    positions. Every rank of the group must call it with the same shapes, dtype, ``causal`` and ``layout``.
-    Returns out (B, H, N_local, D) in q's dtype, and with ``return_lse`` the fp32 natural-log logsumexp
-    (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
-    forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators.
-    """
-    _check_group(group, "ring_attention")
+def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]:
+    """This rank's checks of its own ring_attention inputs (TypeError/ValueError/NotImplementedError naming the
+    argument), and what every rank must agree on: shapes, dtype, device type, causal, layout, the softmax scale,
+    and whether autograd will run the backward ring (a rank that does waits for the others' K/V otherwise)."""
     _check_layout(layout)
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
@@ -290,9 +411,32 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         raise ValueError(f"ring_attention: the kernels of this process cannot run on {q.device} tensors "
                          f"({'CPU tensors under the interpreter' if _runtime.INTERPRETED else 'GPU tensors'} needed)")
     _runtime.refuse_forward_ad("ring_attention", q, k, v)
+    _pieces(q.shape[2] * world, layout, world, "q")
+    (batch, heads, n_local, d), kv_heads = q.shape, k.shape[1]
+    return {"batch": batch, "heads": heads, "kv heads": kv_heads, "positions per rank": n_local, "head dim": d,
+            "dtype": q.dtype, "device type": q.device.type, "causal": bool(causal), "layout": layout,
+            "softmax scale": scale,
+            "backward": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))}
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                   scale: Optional[float] = None, *, group=None, layout: str = "zigzag", return_lse: bool = False):
+    """This rank's shard of ``kernels.attention(q_full, k_full, v_full, causal, scale)``, differentiable.
+
+    q: (B, H, N_local, D) and k, v: (B, Hkv, N_local, D) are this rank's shards (see :func:`shard`) of sequences
+    of N = N_local * P positions in ``layout`` ("zigzag": N_local even; "contiguous"), P = the size of ``group``
+    (the default group for None). Dtypes, head dims and GQA as ``kernels.attention``; causal is over global
+    positions. Every rank of the group must call it with the same shapes, dtype, ``causal``, ``layout`` and
+    ``scale``, and with autograd on or off alike: before any ring step the ranks check that with one small
+    all_gather, and if a rank's inputs fail its own checks or the ranks disagree, every rank raises at once.
+    Returns out (B, H, N_local, D) in q's dtype, and with ``return_lse`` the fp32 natural-log logsumexp
+    (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
+    forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators.
+    """
+    _check_group(group, "ring_attention")
     rank, world = _rank_and_world(group)
-    _pieces(q.shape[2] * world, layout, world, "q")  # before any communication: every rank fails alike
-    _check_same_across_ranks(q, k, bool(causal), layout, group)
+    facts = _agree("ring_attention", group, _RING_SCHEMA, lambda: _ring_facts(q, k, v, causal, scale, layout, world))
+    scale = facts["softmax scale"]
     plans = ring_plans(layout, rank, world, q.shape[2], bool(causal))
     out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, scale, _Ring(group))
     return (out, lse) if return_lse else out

@@ -108,8 +108,81 @@ def case_bad_inputs_raise():
         ring_attention(q, q, q, causal=rank == 0)
     with pytest.raises(ValueError, match="x: a sequence of length 6"):
         shard(torch.zeros(1, 1, 6, 1), layout="zigzag" if world == 2 else "contiguous")
+    with pytest.raises(ValueError, match=r"dim must be in \[-4, 4\) for x of shape \(1, 2, 4, 8\), got 4"):
+        shard(q, 4)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        shard(q, 2.0)
     # and the ring still works afterwards: nothing was left half-sent
     assert ring_attention(q, q, q).shape == q.shape
+
+
+def _same_on_every_rank(message: str) -> None:
+    """Assert that every rank of the default group got this same message."""
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    assert len(set(messages)) == 1, messages
+
+
+def case_ranks_disagreeing_raise_alike():
+    """fp16 on rank 0 and bf16 on the others (equal element sizes: the check compared only those, and the ring mixed
+    the two), a scale given on one rank only, autograd on one rank only: every rank raises the same ValueError
+    naming what differs, before any ring step."""
+    rank = dist.get_rank()
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float16 if rank == 0 else torch.bfloat16)
+    with pytest.raises(ValueError, match="ranks disagree on dtype ") as error:
+        ring_attention(q, q, q)
+    assert "rank 0: dtype torch.float16; rank 1: dtype torch.bfloat16" in str(error.value)
+    _same_on_every_rank(str(error.value))
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="ranks disagree on softmax scale "):
+        ring_attention(x, x, x, scale=0.5 if rank == 0 else None)
+    with pytest.raises(ValueError, match="ranks disagree on backward "):
+        ring_attention(x.clone().requires_grad_(rank == 0), x, x)
+
+
+def case_unshard_of_unequal_shards_raises_alike():
+    """Shards of different lengths or dtypes: every rank raises the same ValueError (gloo aborted one process and
+    the other read uninitialised memory); a bad dim on one rank: its own error there, the others name that rank."""
+    rank = dist.get_rank()
+    with pytest.raises(ValueError, match="ranks disagree on shape ") as error:
+        unshard(torch.zeros(1, 1, 2 * (rank + 1), 3))
+    _same_on_every_rank(str(error.value))
+    with pytest.raises(ValueError, match="ranks disagree on dtype "):
+        unshard(torch.zeros(2, dtype=torch.int64 if rank == 0 else torch.float32), 0)
+    with pytest.raises(ValueError, match="dim must be in" if rank == 1 else "rank 1 failed its input check"):
+        unshard(torch.zeros(4, 2), 5 if rank == 1 else 0)
+    # and the collectives still line up afterwards
+    assert torch.equal(unshard(torch.full((2,), rank), 0, "contiguous"), torch.tensor([0, 0, 1, 1]))
+
+
+def case_one_rank_failing_its_input_check_stops_every_rank():
+    """A rank whose own inputs are bad raises its own error, and the others a ValueError naming it, at once (they
+    waited in the ring until the process group's timeout)."""
+    rank = dist.get_rank()
+    q = torch.randn(1, 2, 4, 8)
+    k = torch.randn(1, 2, 4, 16) if rank == 1 else q
+    with pytest.raises(ValueError, match="head dim 8 like q" if rank == 1 else "rank 1 failed its input check"):
+        ring_attention(q, k, k)
+    with pytest.raises(ValueError, match="layout must be" if rank == 1 else "rank 1 failed its input check"):
+        ring_attention(q, q, q, layout="striped" if rank == 1 else "zigzag")
+    with pytest.raises(TypeError if rank == 0 else ValueError, match="q must be a torch.Tensor" if rank == 0
+                       else "layout must be"):  # both fail: each its own error
+        ring_attention(q.numpy() if rank == 0 else q, q, q, layout="zigzag" if rank == 0 else "striped")
+    assert ring_attention(q, q, q).shape == q.shape
+
+
+def case_group_without_this_rank_is_a_clear_error():
+    """Collectives on a group this process is not in return without touching their tensors: a ValueError instead."""
+    only_rank_0 = dist.new_group([0])
+    x = torch.arange(4.0)
+    if dist.get_rank() == 0:
+        assert torch.equal(unshard(x, 0, "contiguous", group=only_rank_0), x)
+        return
+    for call in (lambda: ring_attention(x[None, None, :, None], x[None, None, :, None], x[None, None, :, None],
+                                        group=only_rank_0),
+                 lambda: shard(x, 0, group=only_rank_0), lambda: unshard(x, 0, group=only_rank_0)):
+        with pytest.raises(ValueError, match="not a member of group"):
+            call()
 
 
 def case_training_matches_single_process(settings, exact, low):
@@ -250,6 +323,21 @@ def test_shard_unshard_round_trip(groups, world):
 
 def test_bad_inputs_raise_on_every_rank(groups):
     groups(2).run(case_bad_inputs_raise)
+
+
+AGREEMENT_TIMEOUT_S = 30  # far below the gloo timeout: a rank left waiting in a collective fails the test
+
+
+@pytest.mark.parametrize("case", [case_ranks_disagreeing_raise_alike, case_unshard_of_unequal_shards_raises_alike,
+                                  case_one_rank_failing_its_input_check_stops_every_rank,
+                                  case_group_without_this_rank_is_a_clear_error])
+def test_ranks_raise_together(groups, case):
+    groups(2).run(case, timeout=AGREEMENT_TIMEOUT_S)
+
+
+def test_chunks_of_checks_the_rank():
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world\) = \[0, 2\), got 2"):
+        distributed.chunks_of("zigzag", 2, 2)
 
 
 TRAIN_SETTINGS = dict(steps=2, batch_size=2, seed=3, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
