@@ -4,6 +4,7 @@ It recognises the bool masks Hugging Face and most code build for padded batches
 optionally a top-left or bottom-right causal mask or a sliding window) and hands everything else to torch's own
 function.
 """
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -20,7 +21,8 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                device: torch.device) -> Optional[Tuple]:
     """``attention_op``'s (kv_bounds, pad, causal, causal_shift, and window edges) if a bool SDPA mask is exactly
     "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
-    of diagonals" (a sliding window, as Hugging Face builds), else None. Reads the mask on the host (a sync)."""
+    of diagonals" (a sliding window, as Hugging Face builds), else None. Every candidate is compared on the device
+    and the verdicts come back in one host read (a sync), which :func:`_cached_mask_plan` makes once per mask."""
     if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -28,22 +30,40 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
         return None
     mask = mask[:, 0].expand(batch, n_q, n_k)
     keys = mask.any(1)  # a key some query sees: under a causal mask the last query row sees every visible key
-    pad = None if bool(keys.all()) else keys.view(torch.uint8).contiguous()
-    bounds = None if pad is None else key_bounds(keys)
     offset = torch.arange(n_k, device=device) - torch.arange(n_q, device=device)[:, None]  # j - i
-    for causal, shift in ((False, 0), (True, 0), (True, n_k - n_q)):
-        expected = keys[:, None, :]
-        if causal:
-            expected = expected & (offset <= shift)
-        if torch.equal(mask, expected.expand(batch, n_q, n_k)):
+    # A band lo <= j - i <= hi (the kernel's window (hi - lo, 0) about the diagonal shift = hi) from the extreme
+    # offsets the mask keeps; with no visible entry the band is empty and equals the plain key mask anyway.
+    lo = torch.where(mask, offset, n_k).amin()
+    hi = torch.where(mask, offset, -n_q).amax()
+    candidates = (keys[:, None, :], keys[:, None, :] & (offset <= 0), keys[:, None, :] & (offset <= n_k - n_q),
+                  keys[:, None, :] & (offset >= lo) & (offset <= hi))
+    verdicts = [keys.all(), *((mask == c).all() for c in candidates)]
+    all_keys, plain, top_left, bottom_right, band, lo, hi = torch.stack([*verdicts, lo, hi]).tolist()
+    pad = None if all_keys else keys.view(torch.uint8).contiguous()
+    bounds = None if pad is None else key_bounds(keys)
+    for matches, causal, shift in ((plain, False, 0), (top_left, True, 0), (bottom_right, True, n_k - n_q)):
+        if matches:
             return bounds, pad, causal, shift
-    # A band lo <= j - i <= hi: the kernel's window (hi - lo, 0) about the diagonal shift = hi.
-    seen = offset.expand(batch, n_q, n_k)[mask]
-    if seen.numel():
-        lo, hi = int(seen.min()), int(seen.max())
-        if torch.equal(mask, (keys[:, None, :] & (offset >= lo) & (offset <= hi)).expand(batch, n_q, n_k)):
-            return bounds, pad, True, hi, hi - lo, 0
+    if band:
+        return bounds, pad, True, hi, hi - lo, 0
     return None
+
+
+_last_plan: list = [None, None, None]
+"""(weak reference to the mask, its identity and version with the call's sizes, the plan) of the last masked call:
+a model hands every layer the same mask tensor, so only its first layer reads the mask."""
+
+
+def _cached_mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
+                      device: torch.device) -> Optional[Tuple]:
+    """:func:`_mask_plan`, reused while the same mask tensor, unmodified (``_version``), comes back."""
+    key = (attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), batch, n_q, n_k, device)
+    mask_ref, last_key, plan = _last_plan
+    if mask_ref is not None and mask_ref() is attn_mask and last_key == key:
+        return plan
+    plan = _mask_plan(attn_mask, batch, n_q, n_k, device)
+    _last_plan[:] = weakref.ref(attn_mask), key, plan
+    return plan
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -62,7 +82,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None, None, bool(is_causal), 0, scale  # torch's is_causal is top-left aligned: shift 0
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
-    mask_plan = _mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    mask_plan = _cached_mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
     if mask_plan is None:
         return None
     return (*mask_plan[:4], scale, *mask_plan[4:])
@@ -77,7 +97,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     either no mask or a bool mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
     bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), such as Hugging Face's
     padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking this reads
-    the mask (a device sync, and a graph break under torch.compile; without a mask there is neither).
+    the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
+    tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
     cannot run on in this process) calls the original torch function.
     """
