@@ -644,7 +644,9 @@ def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_m
             return t
         if t.device_mesh != mesh:
             raise ValueError(f"{name} must be on x's device mesh {mesh}, got {t.device_mesh}")
-        return t.redistribute(mesh, targets).to_local(grad_placements=grad_placements)
+        if tuple(t.placements) != tuple(targets):  # (a no-op redistribute would turn Partial gradients Replicate)
+            t = t.redistribute(mesh, targets)
+        return t.to_local(grad_placements=grad_placements)
 
     replicated = [Replicate()] * mesh.ndim
     y = _norm(local("x", x, placements), local("residual", residual, placements), shape,

@@ -3,7 +3,9 @@ dtype, odd widths, multi-dim normalized shapes, optional affine parameters, ever
 wide rows, the fused residual, RMS norm's offset and casting modes, state_dict round-trips, bad input, mixed dtypes
 and autocast, torch's own ops for what the kernels do not take, forward-mode AD, and that the kernels really run."""
 import importlib
+import socket
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -474,7 +476,8 @@ def _empty_case(name, x):
             "LayerNorm": lambda: kernels.LayerNorm(0)(x),
             "RMSNorm": lambda: kernels.RMSNorm(0)(x, r)[0]}[name]
     theirs = {"layer_norm": lambda: F.layer_norm(x, (0,), w, b), "rms_norm": lambda: F.rms_norm(x, (0,), 1 + w),
-              "add_layer_norm": lambda: F.layer_norm(x + r, (0,), w, b), "add_rms_norm": lambda: F.rms_norm(x + r, (0,), w),
+              "add_layer_norm": lambda: F.layer_norm(x + r, (0,), w, b),
+              "add_rms_norm": lambda: F.rms_norm(x + r, (0,), w),
               "LayerNorm": lambda: torch.nn.LayerNorm(0)(x), "RMSNorm": lambda: torch.nn.RMSNorm(0)(x + r)}[name]
     return ours, theirs
 
@@ -522,3 +525,49 @@ def test_overflowing_statistics_give_what_torch_gives(monkeypatch, rms, path):
     dx, want_dx = ours[0].grad, theirs[0].grad
     assert want_dx[::2].isnan().any(-1).all() and dx[::2].isnan().all()
     torch.testing.assert_close(dx[1::2], want_dx[1::2])
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, torn down after the module's tests."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("x_dim", [0, 1, 2, None])  # rows sharded (data/sequence parallel), hidden (tensor), replicated
+def test_dtensor_inputs_normalise_local_rows_as_torch_places_them(mesh, rms, x_dim):
+    """DTensor x and residual with replicated DTensor parameters: y, h and every gradient hold torch's values on
+    the full tensors; y keeps a sharding of the rows and gathers a sharded hidden dim (as torch's layer_norm on
+    DTensors), parameter gradients are Partial over row shards (each rank's rows add theirs) as torch's."""
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    rows_sharded = x_dim in (0, 1)
+    x_placements, y_placements = ([Shard(x_dim) if x_dim is not None else Replicate()],
+                                  [Shard(x_dim) if rows_sharded else Replicate()])
+    full = [torch.randn(2, 5, 12), torch.randn(2, 5, 12), torch.randn(12), torch.randn(12)]
+    placements = [x_placements, x_placements, [Replicate()], [Replicate()]]
+    leaves = [distribute_tensor(t, mesh, p).requires_grad_() for t, p in zip(full, placements)]
+    x, r, w, b = leaves
+    y, h = kernels.add_rms_norm(x, r, 12, w) if rms else kernels.add_layer_norm(x, r, 12, w, b)
+    (y * h).sum().backward()
+    full = [t.requires_grad_() for t in full]
+    want_h = full[0] + full[1]
+    want = F.rms_norm(want_h, (12,), full[2]) if rms else F.layer_norm(want_h, (12,), *full[2:])
+    (want * want_h).sum().backward()
+    assert list(y.placements) == list(h.placements) == y_placements
+    grads = [(t.grad, u.grad) for t, u in zip(leaves, full) if u.grad is not None]
+    for got, expected in [(y, want), (h, want_h)] + grads:
+        torch.testing.assert_close(got.full_tensor(), expected)
+    assert list(w.grad.placements) == [Partial() if rows_sharded else Replicate()]
+    assert list(kernels.RMSNorm(12)(x).placements) == y_placements
