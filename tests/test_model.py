@@ -217,6 +217,14 @@ def test_attention_maps_are_causal_distributions_from_the_reference_path():
     ("window", 0, ValueError, "window must be >= 1"),
     ("window", 2.0, TypeError, "window must be an int"),
     ("window", True, TypeError, "window must be an int"),
+    ("bias", "no", TypeError, "bias must be a bool, got str"),
+    ("bias", 1, TypeError, "bias must be a bool, got int"),
+    ("backend", None, TypeError, "backend must be a str, got NoneType"),
+    ("vocab_size", "50", TypeError, "vocab_size must be an int"),
+    ("block_size", 32.0, TypeError, "block_size must be an int"),
+    ("n_embd", None, TypeError, "n_embd must be an int"),
+    ("n_kv_head", 1.5, TypeError, "n_kv_head must be an int"),
+    ("dropout", True, TypeError, "dropout must be a real number"),
 ])
 def test_bad_sizes_raise_naming_the_field(field, value, error, message):
     with pytest.raises(error, match=message):
@@ -271,3 +279,41 @@ def test_bad_config_and_input_raise_naming_the_problem():
         model(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="block_size"):
         model(tokens(length=33))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_a_cache_built_for_another_batch_size_raises_on_every_backend(backend):
+    """A cache filled for batch 2 and decoded with batch 1 (which the kernel's cache_batch_idx-less read would take
+    the first row of, and a copy into the buffers would broadcast), or with batch 3: ValueError naming both sizes."""
+    model = GPT(tiny_config(backend=backend)).eval()
+    for first, second in ((2, 1), (1, 3)):
+        cache = KVCache(32)
+        with torch.no_grad():
+            model(tokens(batch=first, length=5), cache=cache)
+            message = f"cache: built for batch size {first}, got idx of batch size {second}"
+            with pytest.raises(ValueError, match=message):
+                model(tokens(batch=second, length=1), cache=cache)
+        assert cache.length == 5
+
+
+def test_token_ids_and_positions_out_of_range_raise_naming_the_argument(monkeypatch):
+    """Checked on the device (torch._assert_async: no host sync on CUDA; on CPU a RuntimeError at once), before the
+    embedding lookup; positions past block_size given as a length are a host check naming idx."""
+    model = GPT(tiny_config())
+    monkeypatch.setattr(model.transformer.wte, "forward", lambda *a: pytest.fail("embedded out-of-range ids"))
+    for bad in (50, -1):
+        idx = tokens()
+        idx[1, 7] = bad
+        with pytest.raises(RuntimeError, match=r"idx: token ids must be in \[0, 50\)"):
+            model(idx)
+    for bad in (32, -2):
+        positions = torch.arange(19)
+        positions[3] = bad
+        with pytest.raises(RuntimeError, match=r"positions: positions must be in \[0, 32\)"):
+            model(tokens(), positions=positions)
+    with pytest.raises(TypeError, match="positions must be an int64 tensor"):
+        model(tokens(), positions=torch.arange(19, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"idx: 30 cached \+ 3 new tokens exceed block_size 32"):
+        cache = KVCache(40)
+        cache.length = 30
+        model(tokens(length=3), cache=cache)

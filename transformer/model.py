@@ -43,6 +43,13 @@ def _check_number(name: str, value, kind, low, high=math.inf) -> None:
         raise ValueError(f"{name} must be {bounds if integral else 'finite and ' + bounds}, got {value}")
 
 
+def _assert_in_range(name: str, t: torch.Tensor, bound: int, what: str) -> None:
+    """Every value of the int tensor ``t`` in [0, bound), asserted on its device: no host sync on CUDA (an
+    asynchronous device assert), a RuntimeError naming ``name`` at once on CPU; an embedding lookup outside its
+    table is never launched on CPU."""
+    torch._assert_async(((t >= 0) & (t < bound)).all(), f"{name}: {what} must be in [0, {bound})")
+
+
 @dataclass
 class GPTConfig:
     """A :class:`GPT`'s sizes (positive ints; ``n_layer`` may be 0), dropout probability, attention window and
@@ -68,6 +75,9 @@ class GPTConfig:
         _check_number("dropout", self.dropout, numbers.Real, 0.0, 1.0)
         if self.window is not None:
             _check_number("window", self.window, numbers.Integral, 1)
+        for name, kind in (("bias", bool), ("backend", str)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.n_embd % self.n_head:
@@ -113,6 +123,13 @@ class KVCache:
         self.capacity, self.length = capacity, 0
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
+
+    def check_batch(self, batch: int) -> None:
+        """ValueError unless buffers already allocated hold ``batch`` sequences: every backend's attention would
+        otherwise read (or broadcast into) another batch's keys and values."""
+        if self.keys and self.keys[0].shape[0] != batch:
+            raise ValueError(f"cache: built for batch size {self.keys[0].shape[0]}, got idx of batch size {batch} "
+                             f"(a new batch needs a new KVCache)")
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write ``layer``'s new k, v (B, T, Hkv, D) after the cached positions; return the layer's keys and
@@ -276,6 +293,9 @@ class GPT(nn.Module):
         :class:`KVCache` of the positions before ``idx``; idx's keys and values are added to it. ``probs``: see
         :meth:`attention_maps`. ``positions`` (T,) int64: each token's position (default: past .. past + T - 1);
         under :meth:`set_context_parallel`, those of this rank's shard.
+
+        Token ids outside [0, vocab_size) and positions outside [0, block_size) fail a device-side assert naming
+        idx or positions (on CPU a RuntimeError at once); a cache built for another batch size, a ValueError.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
@@ -286,8 +306,15 @@ class GPT(nn.Module):
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed block_size {self.config.block_size}")
         if cache is not None and past + T > cache.capacity:
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed the cache's capacity {cache.capacity}")
+        if cache is not None:
+            cache.check_batch(idx.shape[0])
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.long):
+            raise TypeError(f"positions must be an int64 tensor, got {getattr(positions, 'dtype', type(positions))}")
         if positions is not None and tuple(positions.shape) != (T,):
             raise ValueError(f"positions must have shape (T,) = ({T},), got {tuple(positions.shape)}")
+        _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
+        if positions is not None:
+            _assert_in_range("positions", positions, self.config.block_size, "positions")
         pos = torch.arange(past, past + T, device=idx.device) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
