@@ -591,12 +591,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q (B, Sq, H, D); k_cache, v_cache (B_cache, S_cache, Hkv, D), or (num_blocks, page_size, Hkv, D) with
     ``block_table`` (B, max_blocks) int32; k, v (B, Sk_new, Hkv, D) or None; fp16/bf16/fp32 (all one dtype), any
-    strides, 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int or (B,) int32, each row's cached length
-    (None: the whole cache; required with k/v). ``cache_batch_idx`` (B,) int32: the cache row of each batch row
-    (contiguous cache only). ``cache_leftpad`` (B,) int32: each row's first valid cache position.
+    strides, 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int or (B,) int32, each row's cached length,
+    >= 0 with cache_seqlens + Sk_new <= the cache's positions (None: the whole cache; required with k/v).
+    ``cache_batch_idx`` (B,) int32: the cache row of each batch row (contiguous cache only; no row twice with k/v).
+    ``cache_leftpad`` (B,) int32: each row's first valid cache position, 0 <= cache_leftpad <= cache_seqlens.
     ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
-    rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed), interleaved
-    pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size`` (left, right), -1 unbounded; ``softcap`` > 0 caps
+    rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed, then
+    cache_seqlens + Sq <= S_ro), interleaved pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size``
+    (left, right), -1 unbounded; ``softcap`` > 0 caps
     the scores at +-softcap by tanh; ``alibi_slopes`` float32 (H,) or (B, H) on q's device subtracts
     slope * |diag - p| from the (capped) score; ``num_splits``: 0 chooses (:func:`choose_splits`), 1 never splits, up to 128.
     Returns out (B, Sq, H, D) in q's dtype and, with ``return_lse``, lse (B, H, Sq) float32 (natural log, -inf for
