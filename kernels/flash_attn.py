@@ -18,19 +18,31 @@ Differences from flash-attn 2.x, all functions:
 - Bad shapes and dtypes raise TypeError/ValueError naming the argument, before anything runs, rather than a CUDA
   error; ``max_seqlen*`` shorter than the longest sequence raises (flash-attn silently drops rows).
 - ``return_attn_probs``: ``S_dmask`` is None without dropout, as in flash-attn; with dropout it is the exact
-  softmax (B, H, seqlen_q, seqlen_k), not rounded up to multiples of 128, negated where the element was dropped.
-  The varlen functions raise NotImplementedError for it with dropout.
+  softmax, computed in float64 and rounded once to q's dtype, negated where the element was dropped, and not
+  rounded up to multiples of 128: (B, H, seqlen_q, seqlen_k), or for the varlen functions (batch_size, H,
+  max_seqlen_q, max_seqlen_k) with sequence b's in [b, :, :len_q, :len_k] and zeros elsewhere (flash-attn's
+  layout).
+- Argument types, checked before anything runs (TypeError naming the argument): flags (``causal``,
+  ``deterministic``, ``return_attn_probs``, ``rotary_interleaved``, ``return_softmax_lse``) are a bool, a numpy
+  bool or a 0-d bool tensor (flash-attn's ops also take ints, None and other truthy values: refused here);
+  ``dropout_p``, ``softcap``, ``softmax_scale`` real numbers or 0-d tensors; ``window_size`` a pair of ints as
+  a tuple, list, numpy array or tensor (flash-attn's tests pass ``torch.randint(0, n, (2,))``); ``max_seqlen*``
+  and ``num_splits`` ints, numpy ints or 0-d integer tensors. A tensor given for any of these is read on the
+  host: free for a CPU tensor, a host sync for a CUDA one (flash-attn's ops read them the same way).
 - The dense functions' ``out`` is the kernel's (B, H, S, D) result copied once into (B, S, H, D) (contiguous, as
   flash-attn's, so ``out.view(...)`` works).
 - The varlen functions validate ``cu_seqlens`` on the host (one sync; flash-attn does not check them) and then
-  launch each kernel once for the whole batch (see ``kernels/attention/varlen.py``); ``block_table`` (a paged
-  cache) is for :func:`flash_attn_with_kvcache` only and raises NotImplementedError there.
+  launch each kernel once for the whole batch (see ``kernels/attention/varlen.py``). With ``block_table`` the
+  keys and values the batch uses are first gathered from the pages into the packed layout (a copy, on the
+  device; flash-attn reads the pages in place), any page size; page ids outside the cache fail a device assert,
+  and are clamped, never read out of bounds.
 
 Differences, ``flash_attn_with_kvcache``:
 
 - rotary_dim any even number <= the head dim (flash-attn:
-  a multiple of 16); rotary_cos/rotary_sin of any float dtype (flash-attn: q's); any page size (flash-attn: a
-  multiple of 256); ``cache_leftpad`` with a paged cache (flash-attn refuses the pair).
+  a multiple of 16); rotary_cos/rotary_sin of any float dtype (flash-attn: q's; float64 and other dtypes the
+  kernels do not load are converted to float32, the dtype the rotation is computed in); any page size
+  (flash-attn: a multiple of 256); ``cache_leftpad`` with a paged cache (flash-attn refuses the pair).
 - Stricter checks, before anything runs: an int ``cache_seqlens`` must leave room for the new keys, the cache needs
   at least B rows without ``cache_batch_idx``, inputs that require grad raise while grad mode is on (flash-attn
   returns a result without a graph).
@@ -38,16 +50,16 @@ Differences, ``flash_attn_with_kvcache``:
   does it inside its attention kernel); the results are the same.
 - The split heuristic is this package's (``kernels.attention.decode.choose_splits``), not flash-attn's.
 """
-import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from kernels import reference
-from kernels._validate import check_tensor
+from kernels._validate import FLOAT_DTYPES, check_tensor
 from kernels.attention.api import attention, attention_dropout_mask, check_qkv, check_scale
 from kernels.attention.decode import attention_with_kvcache
-from kernels.attention.varlen import attention_varlen
+from kernels.attention.varlen import attention_varlen, gather_pages
 
 
 def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -55,17 +67,42 @@ def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
+def _host(value):
+    """The Python value of a tensor or numpy value (a 0-d one's scalar, else nested lists); anything else as is.
+    Reading a CUDA tensor is a host sync (flash-attn's ops read such arguments the same way)."""
+    return value.tolist() if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) else value
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` as a bool: a bool, numpy bool or 0-d bool tensor; TypeError naming ``name`` otherwise (ints,
+    strings and None too, which flash-attn's ops would take as truthy or falsy)."""
+    flag = _host(value)
+    if not isinstance(flag, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+    return flag
+
+
+def _window(window_size):
+    """``window_size`` as a tuple of Python values: flash-attn takes any pair it can index (tuple, list, tensor,
+    numpy array); :func:`kernels.attention.api.check_window` then checks it is (left, right) ints."""
+    window = _host(window_size)
+    return tuple(_host(w) for w in window) if isinstance(window, (tuple, list)) else window
 
 
 def _softmax_scale(softmax_scale, head_dim: int) -> float:
     """``softmax_scale`` checked as :func:`kernels.attention` checks ``scale``, with flash-attn's name in errors."""
     try:
-        return check_scale(softmax_scale, head_dim)
+        return check_scale(_host(softmax_scale), head_dim)
     except TypeError:
         raise TypeError(f"softmax_scale must be a finite real number or None, got {softmax_scale!r}") from None
+
+
+def _variants(dropout_p, causal, window_size, softcap, deterministic) -> dict:
+    """The dense and varlen functions' options as :func:`kernels.attention` takes them; TypeError naming a flag
+    that is not a bool (``deterministic`` is checked and dropped: the backward is always deterministic)."""
+    _flag("deterministic", deterministic)
+    return dict(dropout_p=_host(dropout_p), causal=_flag("causal", causal), window_size=_window(window_size),
+                softcap=_host(softcap))
 
 
 def _unpack(name: str, packed, count: int, dim: int):
@@ -76,29 +113,96 @@ def _unpack(name: str, packed, count: int, dim: int):
     return packed.unbind(dim)
 
 
+# ----------------------------------------------------------------------------- S_dmask (return_attn_probs)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The default generator's state on ``device`` (host-side; no sync)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _keep_mask(rng_state, batch: int, heads: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
+    """The (batch, heads, n_q, n_k) keep-mask a call that started from generator state ``rng_state`` drew; the
+    generator is left where the call left it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng_state, device)
+        else:
+            torch.set_rng_state(rng_state)
+        return attention_dropout_mask(batch, heads, n_q, n_k, dropout_p, device)
+
+
+def _probs64(q, k, scale: float, mask=None, **variants) -> torch.Tensor:
+    """The (B, H, Nq, Nk) float64 attention probabilities of q (B, H, Nq, D), k (B, Hkv, Nk, D): computed in
+    float64 so that S_dmask is rounded once, to q's dtype, not at every step."""
+    if q.shape[2] == 0 or k.shape[2] == 0:  # the reference cannot reduce over no key
+        return torch.zeros(q.shape[:3] + k.shape[2:3], dtype=torch.float64, device=q.device)
+    q, k = q.detach().double(), k.detach().double()
+    return reference.attention(q, k, k, scale=scale, mask=mask, return_probs=True, **variants)[1]
+
+
+def _right_aligned(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    """Packed x (total, H, D) as (B, H, max_seqlen, D) with sequence b in its last len_b rows (zeros before), the
+    (B, max_seqlen) bool of real rows and each sequence's (B,) padding max_seqlen - len_b, on the device."""
+    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    pad = max_seqlen - lengths
+    rows = torch.arange(max_seqlen, device=x.device) - pad[:, None]  # index within the sequence; < 0 for padding
+    real = rows >= 0
+    index = torch.where(real, starts[:, None] + rows, x.shape[0])  # padding reads an appended zero row
+    padded = torch.cat((x.detach(), x.new_zeros((1,) + x.shape[1:])))[index]
+    return padded.transpose(1, 2), real, pad
+
+
+def _left_aligned(t: torch.Tensor, pad: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, ...) t with each batch entry's ``dim`` rotated left by its ``pad``: right-aligned rows moved to the
+    front, the (zero) padding rows to the back."""
+    n = t.shape[dim]
+    index = (torch.arange(n, device=t.device) + pad[:, None]) % n
+    shape = [t.shape[0]] + [n if d == dim else 1 for d in range(1, t.dim())]
+    return t.gather(dim, index.view(shape).expand(t.shape))
+
+
+def _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                  **variants) -> torch.Tensor:
+    """(B, H, max_seqlen_q, max_seqlen_k) float64 probabilities of packed q (total_q, H, D), k (>= total_k, Hkv,
+    D): sequence b's in [b, :, :len_q, :len_k], zeros elsewhere. Each sequence is aligned to the padded grid's
+    bottom-right corner first, where its causal/window/ALiBi diagonal is the grid's (len_k - len_q per
+    sequence), and moved back to the top-left after."""
+    q_right, real_q, pad_q = _right_aligned(q, cu_seqlens_q, max_seqlen_q)
+    k_right, real_k, pad_k = _right_aligned(k, cu_seqlens_k, max_seqlen_k)
+    probs = _probs64(q_right, k_right, scale, mask=real_q[:, None, :, None] & real_k[:, None, None, :], **variants)
+    return _left_aligned(_left_aligned(probs, pad_q, 2), pad_k, 3)
+
+
+def _s_dmask(probs: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """flash-attn's S_dmask: the probabilities, negated where dropout dropped them, rounded once to ``dtype``."""
+    return torch.where(keep, probs, -probs).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ functions
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs):
     """flash-attn's return value for q (B, Sq, H, D) and k, v (B, Sk, Hkv, D), by :func:`kernels.attention` on
     (B, H, S, D) views."""
-    _check_flag("deterministic", deterministic)
-    _check_flag("return_attn_probs", return_attn_probs)
+    variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    return_probs = _flag("return_attn_probs", return_attn_probs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     check_qkv(q, k, v)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
-    s_dmask = None
-    if return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0:
-        # The mask the call below will draw: same generator state, restored after drawing it here.
-        with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else []):
-            keep = attention_dropout_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p, q.device)
-        _, probs = reference.attention(q, k, v, causal, scale, return_probs=True, window_size=window_size,
-                                       softcap=softcap, alibi_slopes=alibi_slopes)
-        s_dmask = torch.where(keep, probs, -probs)
-    out, lse = attention(q, k, v, causal, scale, True, **variants)
+    rng_state = _rng_state(q.device) if return_probs else None
+    out, lse = attention(q, k, v, scale=scale, return_lse=True, alibi_slopes=alibi_slopes, **variants)
     out = out.transpose(1, 2).contiguous()
-    return (out, _flash_lse(lse), s_dmask) if return_attn_probs else out
+    if not return_probs:
+        return out
+    s_dmask = None
+    if variants["dropout_p"] > 0:
+        keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], variants.pop("dropout_p"), q.device)
+        s_dmask = _s_dmask(_probs64(q, k, scale, alibi_slopes=alibi_slopes, **variants), keep, q.dtype)
+    return out, _flash_lse(lse), s_dmask
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -136,19 +240,29 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
     """flash-attn's varlen return value, by :func:`kernels.attention.varlen.attention_varlen`."""
-    _check_flag("deterministic", deterministic)
-    _check_flag("return_attn_probs", return_attn_probs)
+    variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    return_probs = _flag("return_attn_probs", return_attn_probs)
+    max_seqlen_q, max_seqlen_k = _host(max_seqlen_q), _host(max_seqlen_k)
     check_tensor("q", q, ndim=3)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    if return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0:
-        raise NotImplementedError("return_attn_probs with dropout_p > 0 is not supported by the varlen functions "
-                                  "(each sequence draws its own dropout mask)")
-    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, True,
-                                window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                dropout_p=dropout_p)
-    return (out, _flash_lse(lse), None) if return_attn_probs else out
+    rng_state = _rng_state(q.device) if return_probs else None
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+                                return_lse=True, alibi_slopes=alibi_slopes, block_table=block_table, **variants)
+    if not return_probs:
+        return out
+    s_dmask = None
+    if variants["dropout_p"] > 0:
+        batch = cu_seqlens_q.shape[0] - 1
+        keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, variants.pop("dropout_p"),
+                          q.device)
+        if block_table is not None:  # the packed keys' first batch * max_seqlen_k >= total_k tokens: no sync
+            k = gather_pages(k, block_table, cu_seqlens_k, batch * max_seqlen_k)
+        probs = _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                              alibi_slopes=alibi_slopes, **variants)
+        s_dmask = _s_dmask(probs, keep, q.dtype)
+    return out, _flash_lse(lse), s_dmask
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -157,14 +271,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn 2.x's ``flash_attn_varlen_func``: q (total_q, nheads, headdim), k, v (total_k, nheads_k,
     headdim), cu_seqlens_q/k int32 (batch_size + 1,) cumulative lengths, max_seqlen_q/k ints. Causal, window
     and ALiBi are bottom-right aligned per sequence; ``alibi_slopes`` (nheads,) or (batch_size, nheads).
+    With ``block_table`` int32 (batch_size, max_num_blocks_per_seq), k, v are paged caches (num_blocks,
+    page_block_size, nheads_k, headdim) and sequence b's keys are the first cu_seqlens_k[b + 1] -
+    cu_seqlens_k[b] slots of its pages, in table order.
 
     Returns out (total_q, nheads, headdim), contiguous; with ``return_attn_probs`` (out, softmax_lse (nheads,
-    total_q) float32 (+inf for rows that see no key), None). ``block_table`` raises NotImplementedError.
+    total_q) float32 (+inf for rows that see no key), S_dmask (batch_size, nheads, max_seqlen_q, max_seqlen_k)
+    with sequence b's in [b, :, :len_q, :len_k] and zeros elsewhere; None without dropout).
     """
-    if block_table is not None:
-        raise NotImplementedError("block_table (a paged KV cache) is supported by flash_attn_with_kvcache only")
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -187,6 +303,14 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
+def _rotary_table(table):
+    """A rotary cos/sin table of a float dtype the kernels do not load (float64, ...) as float32, the dtype the
+    rotation is computed in; anything else as is (checked by attention_with_kvcache)."""
+    if isinstance(table, torch.Tensor) and table.is_floating_point() and table.dtype not in FLOAT_DTYPES:
+        return table.float()
+    return table
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
                             cache_batch_idx: Optional[torch.Tensor] = None,
@@ -205,9 +329,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (batch_size, nheads, seqlen) float32: the natural-log logsumexp of each row's scaled scores, +inf for a row
     that sees no key (flash-attn's convention; ``kernels.attention_with_kvcache`` gives -inf there).
     """
+    return_lse = _flag("return_softmax_lse", return_softmax_lse)
+    check_tensor("q", q, ndim=4)
     out, lse = attention_with_kvcache(
-        q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=rotary_interleaved, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad, block_table=block_table, causal=causal, scale=softmax_scale,
-        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True)
-    return (out, _flash_lse(lse)) if return_softmax_lse else out
+        q, k_cache, v_cache, k, v, rotary_cos=_rotary_table(rotary_cos), rotary_sin=_rotary_table(rotary_sin),
+        rotary_interleaved=_flag("rotary_interleaved", rotary_interleaved), cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        causal=_flag("causal", causal), scale=_softmax_scale(softmax_scale, q.shape[-1]),
+        window_size=_window(window_size), softcap=_host(softcap), alibi_slopes=alibi_slopes,
+        num_splits=_host(num_splits), return_lse=True)
+    return (out, _flash_lse(lse)) if return_lse else out
+

@@ -7,12 +7,14 @@ compute. Signatures are compared with flash-attn 2.x's, parameter by parameter.
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from kernels import flash_attn, reference
 from kernels.attention import api, configs
 from kernels.attention.varlen import attention_varlen
+from test_varlen import paged_cache
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -39,19 +41,20 @@ def test_signatures_are_flash_attns(name):
     assert [(p.name, p.default) for p in params] == expected
 
 
-def _flash_semantics(q, k, v, scale, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """flash-attn's documented math, written out for (B, Sq, H, D) / (B, Sk, Hkv, D) inputs: query i attends to
-    keys in [i + Sk - Sq - left, i + Sk - Sq + right] (right = 0 if causal), head h to kv head h // (H / Hkv),
-    softcap * tanh(s / softcap) on the scaled scores, then -slope * |i + Sk - Sq - j|; empty rows give zeros."""
+def _flash_probs(q, k, scale, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """flash-attn's documented probabilities, written out for (B, Sq, H, D) / (B, Sk, Hkv, D) inputs as (B, H, Sq,
+    Sk): query i attends to keys in [i + Sk - Sq - left, i + Sk - Sq + right] (right = 0 if causal), head h to kv
+    head h // (H / Hkv), softcap * tanh(s / softcap) on the scaled scores, then -slope * |i + Sk - Sq - j| (in
+    the slopes' float32 or better, as torch promotes it); empty rows give zeros. In q's dtype, torch's rounding."""
     n_q, heads, n_k = q.shape[1], q.shape[2], k.shape[1]
-    k, v = (t.repeat_interleave(heads // k.shape[2], dim=2) for t in (k, v))
+    k = k.repeat_interleave(heads // k.shape[2], dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     dist = torch.arange(n_q)[:, None] + n_k - n_q - torch.arange(n_k)[None, :]  # i + Sk - Sq - j
     if alibi_slopes is not None:
         slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
-        s = s - slopes[:, :, None, None].to(s.dtype) * dist.abs()
+        s = s - slopes[:, :, None, None].to(torch.promote_types(s.dtype, slopes.dtype)) * dist.abs()
     left, right = window_size
     right = 0 if causal else right
     visible = torch.ones_like(dist, dtype=torch.bool)
@@ -59,8 +62,13 @@ def _flash_semantics(q, k, v, scale, causal=False, window_size=(-1, -1), softcap
         visible &= dist <= left
     if right >= 0:
         visible &= -dist <= right
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-    return torch.einsum("bhij,bjhd->bihd", p, v)
+    return torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0).to(q.dtype)
+
+
+def _flash_semantics(q, k, v, scale, **variants):
+    """flash-attn's documented output (see :func:`_flash_probs`) for (B, Sq, H, D) / (B, Sk, Hkv, D) inputs."""
+    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    return torch.einsum("bhij,bjhd->bihd", _flash_probs(q, k, scale, **variants), v)
 
 
 def _bshd(b, s, h, d, dtype, requires_grad=False):
@@ -163,6 +171,25 @@ def test_return_attn_probs_with_dropout_encodes_the_dropout_mask_the_call_used(d
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variants", [dict(), dict(softcap=30.0)])
+def test_s_dmask_probabilities_are_within_the_rule_of_float64_with_the_same_keep_mask(device, variants):
+    """Sq > Sk with steep ALiBi: every score of the first rows is large, so rounding each step of the softmax to
+    fp16 (scores, slopes, exp, sums) costs more than torch's one-rounding fp16 softmax; S_dmask is computed in
+    float64 and rounded once."""
+    q, k, v = _bshd(1, 40, 2, 16, FP16), _bshd(1, 12, 2, 16, FP16), _bshd(1, 12, 2, 16, FP16)
+    slopes = torch.tensor([0.7, 1.3])
+    torch.manual_seed(5)
+    _, _, s_dmask = flash_attn.flash_attn_func(q.to(device), k.to(device), v.to(device), dropout_p=0.2,
+                                               alibi_slopes=slopes.to(device), return_attn_probs=True, **variants)
+    torch.manual_seed(5)
+    keep = api.attention_dropout_mask(1, 2, 40, 12, 0.2, device).cpu()
+    exact, torch_fp16 = (_flash_probs(q.to(dtype), k.to(dtype), 0.25, alibi_slopes=slopes, **variants)
+                         for dtype in (torch.float64, FP16))
+    assert s_dmask.dtype == FP16 and s_dmask.shape == (1, 2, 40, 12)
+    assert_close(s_dmask.cpu(), torch.where(keep, exact, -exact), torch.where(keep, torch_fp16, -torch_fp16),
+                 FORWARD, name="S_dmask")
+
+
 # ------------------------------------------------------------------------------------------------------ varlen
 
 
@@ -242,6 +269,93 @@ def test_varlen_wrappers_are_attention_varlen_on_their_layouts(device):
     assert torch.isposinf(flash_lse[:, 0]).all() and flash_lse[:, 1:].isfinite().all()  # row 0 sees no key
 
 
+def test_varlen_s_dmask_holds_each_sequences_dense_s_dmask(device):
+    """flash-attn's varlen layout: (batch, H, max_seqlen_q, max_seqlen_k), sequence b's probabilities (negated
+    where dropped by its corner of the batch's keep-mask) in [b, :, :len_q, :len_k], zeros elsewhere."""
+    lens_q, lens_k, h, d, p = [5, 0, 9, 3, 4], [7, 4, 9, 0, 2], 2, 8, 0.3
+    q, k, v = torch.randn(sum(lens_q), h, d, dtype=FP16), *torch.randn(2, sum(lens_k), 1, d, dtype=FP16)
+    alibi = torch.rand(len(lens_q), h)
+    cu_q, cu_k = _cu(lens_q).to(device), _cu(lens_k).to(device)
+    torch.manual_seed(3)
+    out, _, s_dmask = flash_attn.flash_attn_varlen_func(q.to(device), k.to(device), v.to(device), cu_q, cu_k, 9, 9, p,
+                                                        causal=True, window_size=(3, 0), alibi_slopes=alibi.to(device),
+                                                        return_attn_probs=True)
+    torch.manual_seed(3)
+    keep = api.attention_dropout_mask(len(lens_q), h, 9, 9, p, device).cpu()
+    assert s_dmask.shape == (len(lens_q), h, 9, 9) and s_dmask.dtype == FP16
+    s_dmask, rest = s_dmask.cpu(), s_dmask.cpu().clone()
+    for b, (start_q, len_q, start_k, len_k) in enumerate(zip(_cu(lens_q), lens_q, _cu(lens_k), lens_k)):
+        seq = (t[s:s + n][None] for t, s, n in ((q, start_q, len_q), (k, start_k, len_k), (v, start_k, len_k)))
+        _, _, dense = flash_attn.flash_attn_func(*(t.to(device) for t in seq), p, causal=True, window_size=(3, 0),
+                                                 alibi_slopes=alibi[b:b + 1].to(device), return_attn_probs=True)
+        corner = s_dmask[b, :, :len_q, :len_k]
+        torch.testing.assert_close(corner.abs(), dense[0].cpu().abs(), rtol=0, atol=0)
+        assert torch.equal((corner >= 0) | (corner == 0), keep[b, :, :len_q, :len_k] | (corner == 0))
+        rest[b, :, :len_q, :len_k] = 0
+    assert torch.equal(rest, torch.zeros_like(rest))
+    assert s_dmask.abs().sum() > 0
+
+
+def test_varlen_block_table_output_lse_and_s_dmask_are_the_unpaged_ones(device):
+    lens_q, lens_k, page_size = [3, 6, 0], [8, 5, 2], 3
+    q, k, v = torch.randn(9, 2, 8), *torch.randn(2, 15, 2, 8)
+    k_pages, v_pages, table = paged_cache((k, v), lens_k, page_size, 9)
+    cu_q, cu_k = _cu(lens_q).to(device), _cu(lens_k).to(device)
+    results = []
+    for keys, values, block_table in ((k, v, None), (k_pages, v_pages, table)):
+        torch.manual_seed(4)
+        results.append(flash_attn.flash_attn_varlen_func(
+            q.to(device), keys.to(device), values.to(device), cu_q, cu_k, 6, 8, 0.25, causal=True,
+            return_attn_probs=True, block_table=None if block_table is None else block_table.to(device)))
+    for name, unpaged, paged in zip(("out", "softmax_lse", "S_dmask"), *results):
+        torch.testing.assert_close(paged, unpaged, rtol=0, atol=0, msg=name)
+    assert results[0][2].abs().sum() > 0
+
+
+def test_arguments_take_the_types_flash_attn_takes(device):
+    """Windows as tensors (flash-attn's tests pass torch.randint(0, n, (2,))), lists, numpy arrays or pairs of 0-d
+    values; numpy or 0-d tensor flags, scales and lengths: the same result as Python values."""
+    q, k, v = (t.to(device) for t in DENSE)
+    expected = flash_attn.flash_attn_func(q, k, v, softmax_scale=0.25, causal=True, window_size=(2, 0), softcap=5.0)
+    for window in (torch.tensor([2, 0]), [2, 0], np.array([2, 0]), (torch.tensor(2), np.int64(0))):
+        out = flash_attn.flash_attn_func(q, k, v, softmax_scale=torch.tensor(0.25), causal=np.bool_(True),
+                                         window_size=window, softcap=np.float32(5.0), deterministic=torch.tensor(False))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    packed = [t.to(device) for t in PACKED[:5]]
+    expected = flash_attn.flash_attn_varlen_func(*packed, 4, 4, causal=True, window_size=(1, 0))
+    out = flash_attn.flash_attn_varlen_func(*packed, torch.tensor(4), np.int64(4), causal=torch.tensor(True),
+                                            window_size=torch.tensor([1, 0]))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    cache = [t.to(device) for t in CACHE]
+    expected = flash_attn.flash_attn_with_kvcache(*cache, cache_seqlens=5, causal=True, window_size=(1, 0),
+                                                  num_splits=2)
+    out = flash_attn.flash_attn_with_kvcache(*cache, cache_seqlens=5, causal=np.bool_(True),
+                                             window_size=torch.tensor([1, 0]), num_splits=np.int64(2))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_with_kvcache_takes_float64_rotary_tables(device):
+    """The documented "rotary_cos/rotary_sin of any float dtype": float64 tables rotate q and the new keys as
+    their float32 rounding does (the kernels rotate in float32), and the appended key is the float64 rotation."""
+    q, k_new, v_new = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16)
+    cache = torch.randn(2, 2, 8, 1, 16)
+    angles = torch.arange(8, dtype=torch.float64)[:, None] * 100.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    results = []
+    for dtype in (torch.float64, FP32):
+        k_cache, v_cache = (c.clone().to(device) for c in cache)
+        out = flash_attn.flash_attn_with_kvcache(
+            q.to(device), k_cache, v_cache, k_new.to(device), v_new.to(device), rotary_cos=angles.cos().to(dtype).to(device),
+            rotary_sin=angles.sin().to(dtype).to(device), cache_seqlens=torch.tensor([3, 6], dtype=torch.int32, device=device),
+            causal=True)
+        results.append((out, k_cache, v_cache))
+    for name, got, expected in zip(("out", "k_cache", "v_cache"), *results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+    x, cos, sin = k_new[0, 0, 0].double(), angles[3].cos(), angles[3].sin()  # batch 0's new key, position 3
+    rotated = x.clone()
+    rotated[0:8:2], rotated[1:8:2] = x[0:8:2] * cos - x[1:8:2] * sin, x[0:8:2] * sin + x[1:8:2] * cos
+    torch.testing.assert_close(results[0][1][0, 3, 0].cpu().double(), rotated, rtol=1e-6, atol=1e-6)
+
+
 def _launch_forbidden(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a kernel launched before the bad input was rejected")
@@ -251,19 +365,56 @@ def _launch_forbidden(monkeypatch):
 
 DENSE = (torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
 PACKED = (torch.randn(6, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8), _cu([2, 4]), _cu([2, 4]), 4, 4)
+PAGED = (PACKED[0], torch.randn(5, 3, 2, 8), torch.randn(5, 3, 2, 8), torch.tensor([[0, 9], [3, 1]], dtype=torch.int32))
+CACHE = (torch.randn(1, 1, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8))  # q, k_cache, v_cache
+FLAGS = [  # every flash-attn function's bool arguments, each given a value flash-attn's docs do not type bool
+    (lambda: flash_attn.flash_attn_func(*DENSE, causal="no"), "causal"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, deterministic=1), "deterministic"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, return_attn_probs="yes"), "return_attn_probs"),
+    (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 8), causal=None), "causal"),
+    (lambda: flash_attn.flash_attn_kvpacked_func(DENSE[0], torch.randn(1, 4, 2, 2, 8), causal=torch.ones(2) > 0),
+     "causal"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PACKED, causal="no"), "causal"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PACKED, deterministic="no"), "deterministic"),
+    (lambda: flash_attn.flash_attn_varlen_qkvpacked_func(torch.randn(6, 3, 2, 8), _cu([2, 4]), 4, causal=1),
+     "causal"),
+    (lambda: flash_attn.flash_attn_varlen_kvpacked_func(PACKED[0], torch.randn(6, 2, 2, 8), *PACKED[3:],
+                                                        return_attn_probs=1.0), "return_attn_probs"),
+    (lambda: flash_attn.flash_attn_with_kvcache(*CACHE, cache_seqlens=3, causal="no"), "causal"),
+    (lambda: flash_attn.flash_attn_with_kvcache(*CACHE, cache_seqlens=3, rotary_interleaved=0),
+     "rotary_interleaved"),
+    (lambda: flash_attn.flash_attn_with_kvcache(*CACHE, cache_seqlens=3, return_softmax_lse="yes"),
+     "return_softmax_lse"),
+]
 BAD_CALLS = [
     (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 8)), ValueError, "qkv"),
     (lambda: flash_attn.flash_attn_kvpacked_func(DENSE[0], torch.randn(1, 4, 2, 8)), ValueError, "kv"),
-    (lambda: flash_attn.flash_attn_func(*DENSE, deterministic=1), TypeError, "deterministic"),
-    (lambda: flash_attn.flash_attn_func(*DENSE, return_attn_probs="yes"), TypeError, "return_attn_probs"),
+    *((call, TypeError, f"{name} must be a bool") for call, name in FLAGS),
     (lambda: flash_attn.flash_attn_func(*DENSE, softmax_scale="0.1"), TypeError, "softmax_scale"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, softmax_scale=torch.ones(1)), TypeError, "softmax_scale"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, dropout_p="0.1"), TypeError, "dropout_p"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PACKED, softcap=torch.ones(2)), TypeError, "softcap"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, window_size=torch.tensor([1.5, 0.5])), TypeError, "window_size"),
+    (lambda: flash_attn.flash_attn_func(*DENSE, window_size=torch.ones(2, 2, dtype=torch.int64)), TypeError,
+     "window_size"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PACKED[:5], 4, torch.tensor(4.0)), TypeError, "max_seqlen_k"),
+    (lambda: flash_attn.flash_attn_with_kvcache(*CACHE, cache_seqlens=3, window_size=(1,)), TypeError,
+     "window_size"),
     (lambda: flash_attn.flash_attn_func(DENSE[0][0], *DENSE[1:]), ValueError, "q"),
     (lambda: flash_attn.flash_attn_func(*DENSE, window_size=(-2, 0)), ValueError, "window_size"),
     (lambda: flash_attn.flash_attn_func(*DENSE, dropout_p=1.0), ValueError, "dropout_p"),
     (lambda: flash_attn.flash_attn_varlen_func(*PACKED, block_table=torch.zeros(2, 1, dtype=torch.int32)),
-     NotImplementedError, "block_table"),
-    (lambda: flash_attn.flash_attn_varlen_func(*PACKED, dropout_p=0.1, return_attn_probs=True),
-     NotImplementedError, "return_attn_probs"),
+     ValueError, "k must be 4-D"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PAGED[:3], *PACKED[3:], block_table=PAGED[3].long()), TypeError,
+     "block_table"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PAGED[:3], *PACKED[3:], block_table=PAGED[3][:1]), ValueError,
+     "block_table must have one row per sequence"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PAGED[:3], *PACKED[3:5], 4, 7, block_table=PAGED[3]), ValueError,
+     "block_table's 2 pages of 3 keys"),
+    (lambda: flash_attn.flash_attn_varlen_func(PAGED[0], PAGED[1][:, :0], PAGED[2][:, :0], *PACKED[3:],
+                                               block_table=PAGED[3]), ValueError, "k must be a page pool"),
+    (lambda: flash_attn.flash_attn_varlen_func(*PAGED[:2], PAGED[2][:, :2], *PACKED[3:], block_table=PAGED[3]),
+     ValueError, "k and v must have the same shape"),
     (lambda: attention_varlen(*PACKED[:3], PACKED[3].long(), *PACKED[4:]), TypeError, "cu_seqlens_q"),
     (lambda: attention_varlen(*PACKED[:3], PACKED[3][None], *PACKED[4:]), ValueError, "cu_seqlens_q"),
     (lambda: attention_varlen(*PACKED[:4], _cu([4, 2]).flip(0), *PACKED[5:]), ValueError, "cu_seqlens_k"),

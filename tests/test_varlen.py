@@ -10,7 +10,7 @@ import torch
 import kernels
 from benchmarks.counting import counting
 from kernels import reference
-from kernels.attention.varlen import attention_varlen
+from kernels.attention.varlen import attention_varlen, gather_pages
 from kernels.registry import use_config
 from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
@@ -42,6 +42,22 @@ def _per_sequence(q, k, v, lens_q, lens_k, alibi_slopes=None, sinks=None, dropou
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, 1)
+
+
+def paged_cache(packed, lengths, page_size: int, num_blocks: int):
+    """(*pages, block_table): each packed (total_k, Hkv, D) tensor's sequences in the same shuffled pages of a
+    (num_blocks, page_size, Hkv, D) pool of random values, block_table int32 (batch, most pages); table entries
+    past a sequence's pages are ids outside the pool (never read)."""
+    page_counts = [-(-n // page_size) for n in lengths]
+    table = torch.full((len(lengths), max(page_counts)), num_blocks + 7, dtype=torch.int32)
+    ids = iter(torch.randperm(num_blocks).tolist())
+    pools = [torch.randn((num_blocks, page_size) + t.shape[1:], dtype=t.dtype) for t in packed]
+    for b, (start, count) in enumerate(zip(_cu(lengths, "cpu").tolist(), page_counts)):
+        table[b, :count] = torch.tensor([next(ids) for _ in range(count)], dtype=torch.int32)
+        for j in range(lengths[b]):
+            for pool, t in zip(pools, packed):
+                pool[table[b, j // page_size], j % page_size] = t[start + j]
+    return (*pools, table)
 
 
 CASES = [  # (dtype, q lengths, k lengths, H, Hkv, D, variants): lengths 0 and 1, Lq != Lk, GQA, several blocks
@@ -87,6 +103,42 @@ def test_varlen_matches_float64_per_sequence_with_gradients(kernel_only, device,
     for name, grad, grad_exact, grad_low in zip(("dq", "dk", "dv"), grads, grads_exact, grads_low):
         assert grad.shape == grad_exact.shape and grad.dtype == dtype
         assert_close(grad.cpu(), grad_exact, grad_low, BACKWARD, name=name)
+
+
+def test_varlen_block_table_is_the_packed_keys_with_gradients_into_the_pages(kernel_only, device):
+    """Paged keys (pages of 3, shuffled, sequences of 0..9 keys, out-of-range ids in unused table entries) give
+    the packed keys' output, lse and dq bit for bit, and dk/dv land in the pages the keys came from."""
+    lens_q, lens_k, page_size = [3, 1, 0, 6], [5, 9, 4, 0], 3
+    q, grad_out = torch.randn(2, sum(lens_q), 2, 16, dtype=FP16)
+    k, v = torch.randn(2, sum(lens_k), 1, 16, dtype=FP16)
+    k_pages, v_pages, table = paged_cache((k, v), lens_k, page_size, 12)
+    cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
+    results = []
+    for keys, values, block_table in ((k, v, None), (k_pages, v_pages, table)):
+        leaves = [t.to(device).requires_grad_() for t in (q, keys, values)]
+        out, lse = attention_varlen(*leaves, cu_q, cu_k, 6, 9, causal=True, return_lse=True, window_size=(4, 0),
+                                    block_table=None if block_table is None else block_table.to(device))
+        results.append((out, lse, *torch.autograd.grad(out, leaves, grad_out.to(device))))
+    (out, lse, dq, dk, dv), (out_paged, lse_paged, dq_paged, dk_pages, dv_pages) = results
+    for expected, actual in ((out, out_paged), (lse, lse_paged), (dq, dq_paged)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for packed, pages in ((dk, dk_pages), (dv, dv_pages)):
+        assert pages.shape == k_pages.shape
+        torch.testing.assert_close(gather_pages(pages, table.to(device), cu_k, sum(lens_k)), packed, rtol=0, atol=0)
+        assert (pages != 0).sum() == (packed != 0).sum()  # nothing outside the sequences' slots
+
+
+def test_varlen_block_table_page_ids_outside_the_pool_raise_naming_it():
+    """Checked on the device (torch._assert_async: at once on CPU; on CUDA an asynchronous device assert, which
+    would end the process's CUDA context, so this runs on CPU) and clamped, so no id reads out of bounds."""
+    lens = [2, 4]
+    q, k, v = torch.randn(3, 6, 2, 8)
+    k_pages, v_pages, table = paged_cache((k, v), lens, 3, 4)
+    for bad_id in (4, -1):
+        bad = table.clone()
+        bad[1, 1] = bad_id  # sequence 1's second page: used
+        with pytest.raises(RuntimeError, match="block_table"):
+            attention_varlen(q, k_pages, v_pages, _cu(lens, "cpu"), _cu(lens, "cpu"), 4, 4, block_table=bad)
 
 
 def test_varlen_dropout_is_the_dense_masks_corner_of_each_sequence(kernel_only, device):

@@ -8,6 +8,14 @@ Host syncs: the kernels need none. Validating the offsets' values (start at 0, n
 of tokens, ``max_seqlen`` at least the longest sequence) reads both ``cu_seqlens`` to the host in one transfer,
 one sync per call, where flash-attn checks nothing: invalid offsets would make the kernels read and write out of
 bounds. dtype, shape and device are checked without it.
+
+Paged keys (``block_table``, flash-attn's paged varlen): k, v are then page pools (num_blocks, page_size, Hkv, D)
+and sequence b's key j is ``k[block_table[b, j // page_size], j % page_size]``. Its keys are gathered on the
+device into the packed (total_k, Hkv, D) layout the kernels take, total_k = cu_seqlens_k[-1] read from the
+validation's host copy (no further sync): one copy of the keys and values the batch uses, where flash-attn reads
+the pages in place. The page ids are checked on the device (an id outside [0, num_blocks) among the pages a
+sequence uses fails an assert: a RuntimeError at once on CPU, an asynchronous device assert on CUDA) and clamped,
+so no id makes the gather read out of bounds; unused entries of the table are never checked.
 """
 import math
 import numbers
@@ -28,15 +36,15 @@ def _check_cu_seqlens(name: str, cu_seqlens) -> None:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
 
 
-def _check_offsets(name: str, offsets, total: int, max_seqlen_name: str, max_seqlen: int) -> None:
+def _check_offsets(name: str, offsets, total: Optional[int], max_seqlen_name: str, max_seqlen: int) -> None:
     """ValueError unless the host copy ``offsets`` of a cu_seqlens starts at 0, never decreases and ends at
-    ``total``, and ``max_seqlen`` is at least its longest sequence (the grid is sized by it, so a smaller value
-    would silently drop rows)."""
+    ``total`` (None: anywhere, for keys gathered from pages), and ``max_seqlen`` is at least its longest sequence
+    (the grid is sized by it, so a smaller value would silently drop rows)."""
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offsets[0]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got {offsets}")
-    if offsets[-1] != total:
+    if total is not None and offsets[-1] != total:
         raise ValueError(f"{name} must end at the number of packed tokens {total}, got {offsets[-1]}")
     longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
     if max_seqlen < longest:
@@ -47,6 +55,56 @@ def _check_max_seqlen(name: str, max_seqlen) -> None:
     """TypeError unless ``max_seqlen`` is an int (its value is checked against the offsets)."""
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
+
+
+def _check_page_pools(k, v) -> None:
+    """ValueError unless the 4-D k, v are page pools (num_blocks >= 1, page_size >= 1, Hkv, D) of one shape."""
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be a page pool (num_blocks >= 1, page_size >= 1, nheads_k, headdim) with "
+                             f"block_table, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (num_blocks, page_size, nheads_k, headdim), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def _check_block_table(block_table, k, batch: int, max_seqlen_k: int) -> None:
+    """TypeError/ValueError naming block_table unless it is an int32 (batch, max_num_blocks) table on k's device
+    whose pages hold ``max_seqlen_k`` keys. Its ids' values are checked on the device (:func:`gather_pages`)."""
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+    check_same("device", k=k, block_table=block_table)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per sequence (batch = {batch}, max_num_blocks), got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.shape[1] * k.shape[1] < max_seqlen_k:
+        raise ValueError(f"block_table's {block_table.shape[1]} pages of {k.shape[1]} keys must hold max_seqlen_k = "
+                         f"{max_seqlen_k} keys, got shape {tuple(block_table.shape)}")
+
+
+def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                 n_tokens: int) -> torch.Tensor:
+    """The first ``n_tokens`` packed keys (or values) of paged sequences, on the device without a host sync:
+    (n_tokens, Hkv, D), token t = cu_seqlens_k[b] + j being ``pages[block_table[b, j // page_size], j %
+    page_size]``. Tokens at or past cu_seqlens_k[-1] are filler (some in-bounds key). ``pages`` (num_blocks,
+    page_size, Hkv, D), ``block_table`` int32 (batch, max_num_blocks), ``cu_seqlens_k`` int32 (batch + 1,), all
+    checked. Differentiable in ``pages``.
+
+    A page id outside [0, num_blocks) that a sequence uses fails a device assert naming block_table; every id is
+    clamped, so none reads out of bounds."""
+    num_blocks, page_size = pages.shape[:2]
+    batch, max_blocks = block_table.shape
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    used = torch.arange(max_blocks, device=pages.device)[None, :] * page_size < lengths[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    torch._assert_async(~bad.any(), f"block_table: a page id a sequence uses is outside [0, num_blocks = "
+                                    f"{num_blocks}) of k/v")
+    table = block_table.long().clamp(0, num_blocks - 1)
+    tokens = torch.arange(n_tokens, device=pages.device)
+    starts = cu_seqlens_k.long()
+    seq = torch.searchsorted(starts[1:], tokens, right=True).clamp_(max=max(batch - 1, 0))
+    position = tokens - starts[seq]
+    page = table[seq, (position // page_size).clamp(0, max_blocks - 1)]
+    return pages[page, position % page_size]
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +132,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      scale: Optional[float] = None, return_lse: bool = False, *,
                      window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                      alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                     sinks: Optional[torch.Tensor] = None):
+                     sinks: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None):
     """Attention of each packed sequence to its own keys: sequence b's queries are q tokens [cu_seqlens_q[b],
     cu_seqlens_q[b+1]) and its keys/values k, v tokens [cu_seqlens_k[b], cu_seqlens_k[b+1]).
 
@@ -86,13 +144,20 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     :func:`kernels.attention`. Under dropout, sequence b's keep-mask is ``attention_dropout_mask(batch, H,
     max_seqlen_q, max_seqlen_k, dropout_p)[b, :, :len_q, :len_k]`` of the same generator state.
 
+    ``block_table``: int32 (batch, max_num_blocks); k, v are then page pools (num_blocks, page_size, Hkv, D) and
+    sequence b's keys are its first len_k pages' slots in table order (see the module docstring).
+
     Returns out (total_q, H, D) in q's dtype, contiguous, and with ``return_lse`` lse (H, total_q) float32
     (flash-attn's varlen layout; -inf for rows that see no key). Differentiable in q, k, v (and sinks). One
     launch per kernel; see the module docstring for the one host sync (validation).
     """
+    paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=3)
-    q4, k4, v4 = (_as_batch(t) for t in (q, k, v))
+        check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
+    if paged:
+        _check_page_pools(k, v)
+    # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
+    q4, k4, v4 = (_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v))
     check_qkv(q4, k4, v4)  # dtypes, devices, head counts, head dims
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
@@ -106,7 +171,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     offsets = torch.cat((cu_seqlens_q, cu_seqlens_k)).tolist()  # the one sync: validation only
     offsets_q, offsets_k = offsets[:batch + 1], offsets[batch + 1:]
     _check_offsets("cu_seqlens_q", offsets_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-    _check_offsets("cu_seqlens_k", offsets_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    _check_offsets("cu_seqlens_k", offsets_k, None if paged else k.shape[0], "max_seqlen_k", max_seqlen_k)
+    if paged:
+        _check_block_table(block_table, k, batch, max_seqlen_k)
     scale = check_scale(scale, q.shape[-1])
     window_left, window_right = check_window(window_size)
     softcap = _check_real("softcap", softcap, 0.0, math.inf, high_open=True)
@@ -116,6 +183,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if sinks is not None:
         _check_sinks(sinks, q4)
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
+    if paged:
+        k, v = (gather_pages(t, block_table, cu_seqlens_k, offsets_k[-1]) for t in (k, v))
+        k4, v4 = _as_batch(k), _as_batch(v)
     if not _runtime.kernel_runs_on(q, k, v):
         out, lse = _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, window_size=window_size,
                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
