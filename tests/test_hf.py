@@ -2,6 +2,7 @@
 cached generation (dynamic and static caches), sliding windows, packed sequences and gradients equal to eager
 attention, with no (B, Nq, Nk) mask built on the way; what the kernel does not take falls back exactly."""
 import sys
+import warnings
 
 import pytest
 import torch
@@ -152,7 +153,9 @@ def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_trans
     bias = torch.randn(1, 2, 5, 5, device=device)
     with pytest.MonkeyPatch.context() as m:  # transformers' path calls torch's SDPA itself: allow it here
         m.setattr(sdpa, "_TORCH_SDPA", torch.nn.functional.scaled_dot_product_attention)
-        out, _ = hf_attention(module, q, k, v, None, scaling=0.5, position_bias=bias)
+        m.setattr(hf, "_WARNED", set())
+        with pytest.warns(UserWarning, match=r"\['position_bias'\].*transformers' SDPA attention, not the kernel"):
+            out, _ = hf_attention(module, q, k, v, None, scaling=0.5, position_bias=bias)
     expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.5, position_bias=bias)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5, mask=bias,
@@ -275,8 +278,10 @@ def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(device, kernel_only):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_keywords_run_the_models_eager_attention_never_dropped(monkeypatch):
-    """A keyword the kernel does not know reaches the model's own eager attention with the dense mask."""
+@pytest.mark.parametrize("keyword,why", [("mystery_bias", "unknown to it"), ("head_mask", "they change")])
+def test_unknown_keywords_run_the_models_eager_attention_never_dropped(keyword, why, monkeypatch):
+    """A keyword the kernel does not know (or knows it lacks) reaches the model's own eager attention with the
+    dense mask, and the fallback is said once per process."""
     seen = {}
 
     def eager(module, q, k, v, mask, **kwargs):
@@ -285,7 +290,37 @@ def test_unknown_keywords_run_the_models_eager_attention_never_dropped(monkeypat
 
     module = tiny_llama().model.layers[0].self_attn
     monkeypatch.setattr(sys.modules[type(module).__module__], "eager_attention_forward", eager)
+    monkeypatch.setattr(hf, "_WARNED", set())
     q = torch.randn(1, 6, 4, 8)
-    hf.hf_attention(module, q, q[:, :2], q[:, :2], None, scaling=0.5, mystery_bias=torch.ones(1))
-    assert torch.equal(seen["mystery_bias"], torch.ones(1))
+    with pytest.warns(UserWarning, match=rf"\['{keyword}'\] \({why}.*modeling_llama's eager attention"):
+        hf.hf_attention(module, q, q[:, :2], q[:, :2], None, scaling=0.5, **{keyword: torch.ones(1)})
+    assert torch.equal(seen[keyword], torch.ones(1))
     assert torch.equal(seen["mask"][0, 0] == 0, torch.ones(4, 4, dtype=torch.bool).tril())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.hf_attention(module, q, q[:, :2], q[:, :2], None, scaling=0.5, **{keyword: torch.ones(1)})
+
+
+def test_keywords_that_leave_the_math_alone_run_the_kernel(device, kernel_only, monkeypatch):
+    """The keywords models pass along with their forward's (MoE router flags, output flags, loss scaling, Mamba's
+    seq_idx) do not send a call off the kernel; ``output_attentions=True`` warns that no weights come back, as
+    transformers' SDPA path does."""
+    module = nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 4, 6, 8, device=device)
+    k, v = torch.randn(1, 2, 6, 8, device=device), torch.randn(1, 2, 6, 8, device=device)
+    expected = kernels.reference.attention(q, k, v, scale=0.3, causal=True).transpose(1, 2)
+    passed_along = dict(output_router_logits=True, output_hidden_states=True, num_items_in_batch=torch.tensor(5),
+                        seq_idx=torch.zeros(1, 6, dtype=torch.int32, device=device), use_cache=False,
+                        position_ids=torch.arange(6, device=device)[None])
+    assert set(passed_along) <= set(hf._NO_MATH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, weights = hf.hf_attention(module, q, k, v, None, scaling=0.3, **passed_along)
+    assert weights is None
+    torch.testing.assert_close(out, expected)
+    monkeypatch.setattr(hf, "_WARNED", set())
+    with pytest.warns(UserWarning, match="output_attentions=True.*None"):
+        out, weights = hf.hf_attention(module, q, k, v, None, scaling=0.3, output_attentions=True)
+    assert weights is None
+    torch.testing.assert_close(out, expected)

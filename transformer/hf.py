@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import sys
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -36,11 +37,24 @@ Its continuous batching takes only "sdpa", "paged|eager" (both fed a dense (Nq, 
 "flash" (no mask: packed tokens with cu_seq_lens keywords, what :func:`hf_attention` runs on attention_varlen). No
 "2" or "3" after "flash": transformers would look for flash-attn's own ``flash_attn_with_kvcache`` (block tables)."""
 
-_NO_MATH = ("position_ids", "use_cache", "output_attentions", "cache_position", "layer_idx")
-"""Keywords that do not change the attention math (rotary positions are already applied; packing comes from the
-mask function or the cu_seq_lens keywords; weights are never returned, as in transformers' SDPA path)."""
+_NO_MATH = ("position_ids", "seq_idx", "use_cache", "cache_position", "layer_idx", "output_attentions",
+            "output_hidden_states", "output_router_logits", "num_items_in_batch")
+"""Keywords that do not change the attention math, which models pass along with the rest of their forward's
+keywords (transformers' ``TransformersKwargs``): ignored. ``position_ids``: rotary positions are already applied,
+and a packed batch (positions restarting at 0) reaches the kernel through the mask function (:func:`kernel_mask`)
+or the cu_seq_lens keywords, as it reaches transformers' SDPA path; ``seq_idx`` (packed sequences' index for
+Mamba layers) is never read by transformers' attention functions; the cache keywords, once the cache has been
+updated; the ``output_*`` flags and ``num_items_in_batch`` (loss scaling) choose what the model returns (MoE
+models pass ``output_router_logits=False`` on every call). Attention weights are never returned, as in
+transformers' SDPA path, which also warns for ``output_attentions=True``."""
 _SDPA_ONLY = ("position_bias", "cache")
-"""Keywords of calls handed to transformers' own SDPA path (a relative position bias; a paged cache)."""
+"""Keywords that change the math, for transformers' own SDPA path (a relative position bias; a paged cache)."""
+_EAGER_ONLY = ("head_mask",)
+"""Keywords that change the math and that the kernel lacks, for the model's eager attention (a per-head factor on
+the probabilities). Besides these and :data:`_SDPA_ONLY`, the keywords that change the math are
+:func:`hf_attention`'s parameters, all run by the kernels: ``dropout`` (training), ``scaling``, ``is_causal``,
+``sliding_window``, ``softcap``, ``s_aux`` (attention sinks) and the packed sequences' ``cu_seq_lens_q/k`` and
+``max_length_q/k``. A keyword in none of these lists is taken to change the math: the eager attention runs it."""
 _PAGED = ("read_index", "write_index", "logits_indices", "logits_processor_args")
 """Continuous batching's keywords that do not change the attention math once ``PagedAttentionCache.update`` has
 run: it wrote the new keys/values at write_index and returned each sequence's keys gathered from read_index, in
@@ -280,6 +294,27 @@ def _dense(attention_mask):
     return attention_mask.dense() if isinstance(attention_mask, KernelMask) else attention_mask
 
 
+def _given(kwargs: dict, names) -> list:
+    """The names of ``names`` whose keyword in ``kwargs`` is not None, sorted."""
+    return sorted(name for name in names if kwargs.get(name) is not None)
+
+
+_WARNED = set()
+
+
+def _warn_once(message: str) -> None:
+    """A UserWarning, at :func:`hf_attention`'s caller, the first time this process meets ``message``: the path is
+    chosen per call, and a model makes the same call in every layer and step."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _fallback(keywords: list, why: str, path: str) -> str:
+    return (f"hf_attention: the kernel does not take the keywords {keywords} ({why}): these calls run {path}, "
+            "not the kernel")
+
+
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
     """The model's own ``eager_attention_forward``, fed the additive float mask it expects."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -358,21 +393,31 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     training, and continuous batching, whose :data:`_PAGED` keywords come along) run attention_varlen, or
     ``attention_with_kvcache`` on the packed keys (:func:`_packed_decode`) when every sequence has one query and
     no grad is needed. Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other
-    keyword that is not None and not in :data:`_NO_MATH` the model's eager attention: no keyword is ever dropped.
+    keyword that is not None and not in :data:`_NO_MATH` (:data:`_EAGER_ONLY`, or one unknown here) the model's
+    eager attention: no keyword that may change the math is ever dropped. Either fallback warns once per process.
     Returns (out (B, Q, H, D), None).
     """
-    if any(kwargs.get(name) is not None for name in _SDPA_ONLY):
+    sdpa_only = _given(kwargs, _SDPA_ONLY)
+    if sdpa_only:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        _warn_once(_fallback(sdpa_only, "they change the attention math", "transformers' SDPA attention"))
         return sdpa_attention_forward(module, query, key, value, _dense(attention_mask), dropout, scaling, is_causal,
                                       sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
     if kwargs.get("block_table") is not None:
         raise NotImplementedError("hf_attention: continuous batching's block_table mode (the kernel writing the "
                                   "paged cache itself); its index mode runs the kernels")
     ignored = _NO_MATH + (_PAGED if cu_seq_lens_q is not None else ())
-    if any(arg is not None and name not in ignored for name, arg in kwargs.items()):
+    eager_only = _given(kwargs, [name for name in kwargs if name not in ignored])
+    if eager_only:
+        why = ("they change the attention math" if set(eager_only) <= set(_EAGER_ONLY)
+               else "unknown to it, they may change the attention math")
+        _warn_once(_fallback(eager_only, why, f"{type(module).__module__}'s eager attention"))
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                 sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    if kwargs.get("output_attentions"):
+        _warn_once("hf_attention: output_attentions=True, but the kernel computes no attention weights: they are "
+                   "None, as in transformers' SDPA path (attn_implementation='eager' returns them)")
     from transformers.utils.import_utils import is_tracing
 
     if isinstance(attention_mask, torch.Tensor) and not is_tracing(attention_mask):
