@@ -7,6 +7,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
 import kernels
 from kernels import reference
@@ -248,3 +249,115 @@ def test_bad_mod_arguments_raise_before_launch(kernel_only, monkeypatch, device)
         kernels.document_mask(torch.zeros(4))
     with pytest.raises(ValueError, match="Nq"):
         kernels.create_block_mask(_first_cell, None, None, -1, 4)
+
+
+@triton.jit
+def _hide_first_rows_as_twos(b, h, q_idx, kv_idx, rows):
+    """:func:`_hide_first_rows` as ints 0/2 (any nonzero int means visible)."""
+    return tl.where((q_idx >= rows) & ((kv_idx < 128) | (kv_idx >= 256)), 2, 0)
+
+
+@triton.jit
+def _float_mask(b, h, q_idx, kv_idx):
+    return (kv_idx <= q_idx).to(tl.float32)
+
+
+@triton.jit
+def _int_score(score, b, h, q_idx, kv_idx):
+    return kv_idx - q_idx
+
+
+@triton.jit
+def _row_zero(score, b, h, q_idx, kv_idx):
+    """One zero per query row, a (BLOCK_M, 1) tile: every key gets the same score, so uniform attention."""
+    return q_idx.to(tl.float32) * 0.0
+
+
+@triton.jit
+def _first_head_sees_all(b, h, q_idx, kv_idx):
+    return (h == 0) | (kv_idx <= q_idx)
+
+
+def test_int_mask_mod_results_mean_nonzero_is_visible(kernel_only, device):
+    """A mod returning 0/2 masks as the same mod returning bools, in the block mask and in the kernels, and
+    matches float64 (its cells were all empty, so zeros, when the summary combined the ints bitwise)."""
+    q, k, v = _qkv(1, 2, 1, 20, 300, 8, FP32, device)
+    twos = kernels.MaskMod(_hide_first_rows_as_twos, 3)
+    bools = kernels.MaskMod(_hide_first_rows, 3)
+    assert torch.equal(kernels.create_block_mask(twos, 1, 2, 20, 300).states(),
+                       kernels.create_block_mask(bools, 1, 2, 20, 300).states())
+    j, i = torch.arange(300, device=device), torch.arange(20, device=device)[:, None]
+    dense = (i >= 3) & ((j < 128) | (j >= 256))
+    out, _ = _check(q, k, v, dense, dict(mask_mod=twos))
+    want = kernels.attention(q, k, v, mask_mod=bools)
+    assert torch.equal(out, want) and out[:, :, 3:].abs().amax() > 0
+
+
+def test_float_mask_mod_is_a_type_error_naming_it(kernel_only, device):
+    q = torch.randn(1, 1, 9, 8, device=device)
+    with pytest.raises(TypeError, match="mask_mod _float_mask must return a bool or int"):
+        kernels.create_block_mask(_float_mask, None, None, 9, 9)
+    with pytest.raises(TypeError, match="_float_mask"):
+        kernels.attention(q, q, q, mask_mod=_float_mask)
+
+
+def test_score_mod_results_must_be_float_and_broadcast(kernel_only, device):
+    """An int score is a compile-time error naming score_mod; a per-row score broadcasts to every key (uniform
+    attention here, as the float64 reference with scale 0)."""
+    q, k, v = _qkv(1, 2, 1, 19, 37, 8, FP32, device)
+    with pytest.raises(TritonError) as raised:
+        kernels.attention(q, k, v, score_mod=kernels.ScoreMod(_int_score, _int_score))
+    message = "score_mod and its grad_fn must return a floating-point tile"  # compiled: in the innermost cause
+    assert any(message in str(error) for error in block_mask._causes(raised.value))
+    _check(q, k, v, None, dict(score_mod=kernels.ScoreMod(_row_zero, _row_zero)), dict(scale=0.0))
+
+
+def test_extra_tensors_shorter_than_the_call_raise(kernel_only, monkeypatch, device):
+    """doc_ids shorter than Nq/Nk (or than B), prefix_lengths shorter than B, slopes shorter than H: ValueError
+    naming the tensor and the length needed, before any launch (the kernels would read past their ends)."""
+    monkeypatch.setattr(configs, "launch", None)
+    monkeypatch.setattr(block_mask, "_block_mask_cells", None)
+    q = torch.randn(2, 3, 9, 8, device=device)
+    k = torch.randn(2, 3, 11, 8, device=device)
+    ids = torch.zeros(10, dtype=torch.int32, device=device)
+    per_batch = torch.zeros(1, 11, dtype=torch.int32, device=device)
+    cases = [(dict(mask_mod=kernels.document_mask(ids)), "doc_ids .* kv_idx and needs length >= Nk = 11"),
+             (dict(mask_mod=kernels.document_mask(per_batch)), "doc_ids .* b and needs length >= B = 2"),
+             (dict(mask_mod=kernels.prefix_lm_mask(torch.zeros(1, dtype=torch.int32, device=device))),
+              "prefix_lengths .* B = 2"),
+             (dict(score_mod=kernels.alibi_score(torch.ones(2, device=device))), "slopes .* H = 3")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            kernels.attention(q, k, k, **kwargs)
+    with pytest.raises(ValueError, match="doc_ids .* q_idx and needs length >= Nq = 12"):
+        kernels.create_block_mask(kernels.document_mask(ids), None, None, 12, 4)
+    monkeypatch.undo()
+    one_row = kernels.create_block_mask(kernels.document_mask(per_batch), None, None, 9, 11)  # for batch 1 only
+    monkeypatch.setattr(configs, "launch", None)
+    with pytest.raises(ValueError, match="doc_ids .* B = 2"):
+        kernels.attention(q, k, k, mask_mod=one_row)
+    with pytest.raises(ValueError, match="index_dims"):
+        kernels.MaskMod(_two_extra, ids, 3, index_dims={"n": ("b",)})
+    with pytest.raises(ValueError, match="index_dims"):
+        kernels.MaskMod(_two_extra, ids, 3, index_dims={"A": ("b", "h")})
+    with pytest.raises(ValueError, match="index_dims"):
+        kernels.MaskMod(_two_extra, ids, 3, index_dims={"A": ("batch",)})
+
+
+def test_broadcast_block_mask_of_a_batch_or_head_dependent_mod_raises(device):
+    """B=None / H=None with a mod whose cells differ at b = 1 / h = 1: ValueError (its rows would be wrong);
+    the same mods with B / H given, and b-independent mods with B=None, build."""
+    prefix = torch.tensor([140, 7], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="B=None .* _prefix_lm"):
+        kernels.create_block_mask(kernels.prefix_lm_mask(prefix), None, 1, 150, 150)
+    with pytest.raises(ValueError, match="H=None .* _first_head_sees_all"):
+        kernels.create_block_mask(_first_head_sees_all, 1, None, 150, 150)
+    assert kernels.create_block_mask(_first_head_sees_all, None, 2, 150, 150).states().shape == (1, 2, 2, 2)
+    same = kernels.prefix_lm_mask(torch.tensor([140, 140], dtype=torch.int32, device=device))
+    assert kernels.create_block_mask(same, None, None, 150, 150).states().shape == (1, 1, 2, 2)
+
+
+def test_block_mask_on_a_device_the_kernels_do_not_run_on_raises(device):
+    with pytest.raises(ValueError, match="device=meta"):
+        kernels.create_block_mask(_first_cell, None, None, 5, 6, device="meta")
+    assert kernels.create_block_mask(_first_cell, 0, None, 5, 6).states().shape == (0, 1, 1, 1)

@@ -430,7 +430,7 @@ def _check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if score_mod is not None:
         if not isinstance(score_mod, mods.ScoreMod):
             raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
-        mods.check_extra_devices("score_mod", score_mod, q.device)
+        score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
     elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):

@@ -1,14 +1,17 @@
 """User-defined masks and scores for :func:`kernels.attention`, in the spirit of PyTorch's FlexAttention.
 
-A *mask mod* is a ``@triton.jit`` function ``mask_mod(b, h, q_idx, kv_idx, *extra) -> bool tile`` and a *score mod*
-one ``score_mod(score, b, h, q_idx, kv_idx, *extra) -> score tile`` with its elementwise derivative
+A *mask mod* is a ``@triton.jit`` function ``mask_mod(b, h, q_idx, kv_idx, *extra) -> bool or int tile`` (nonzero =
+visible, in the block mask and in the kernels alike; floats are a TypeError naming the mod) and a *score mod* one
+``score_mod(score, b, h, q_idx, kv_idx, *extra) -> float score tile`` with its elementwise derivative
 ``grad(score, b, h, q_idx, kv_idx, *extra) = d score_mod / d score`` for the backward. The kernels evaluate them on
 tiles: ``b``, ``h`` (batch, query head) are scalars, ``q_idx``/``kv_idx`` broadcastable index tensors of absolute
 positions (a (BLOCK_M, 1) column and a (1, BLOCK_N) row, transposed in the dK/dV kernel: mods must be
 elementwise), clamped into [0, Nq) x [0, Nk) so they may index per-position tensors without masks; ``score`` is
 the fp32 scaled score ``scale * q . k`` (the score mod runs before softcap and ALiBi). ``extra`` are the tensors
 and int/float scalars given to :class:`MaskMod`/:class:`ScoreMod`; gradients w.r.t. extra tensors are not
-computed.
+computed. Their ``index_dims={"param": dims}`` declares what indexes each dim of an extra tensor (``"b"``,
+``"h"``, ``"q_idx"``, ``"kv_idx"``, a tuple of them, or None), so that every call checks the tensor is long enough
+(ValueError naming it) before the kernels could read past its end: the shipped mods (mods.py) all declare theirs.
 
 :func:`create_block_mask` summarises a mask mod per MASK_BLOCK x MASK_BLOCK cell (128 x 128; every kernel tile
 lies in one cell) as empty, partial or full with one Triton launch. The attention kernels skip empty cells (K/V
@@ -27,8 +30,8 @@ import torch
 import triton
 
 from kernels import _runtime
-from kernels._validate import check_same
 from kernels.attention.kernels import MASK_BLOCK, _block_mask_cells
+from triton.errors import TritonError
 from triton.runtime.interpreter import InterpretedFunction
 
 JIT_TYPES = (triton.runtime.JITFunction, InterpretedFunction)
@@ -74,28 +77,102 @@ def _layout(name: str, extra) -> Tuple:
     return tuple(layout)
 
 
-class MaskMod:
-    """A mask mod with its extra arguments: ``MaskMod(fn, *extra)``, ``fn(b, h, q_idx, kv_idx, *extra)`` a
-    ``@triton.jit`` function returning a bool tile (True = the query sees the key)."""
+INDICES = {"b": "B", "h": "H", "q_idx": "Nq", "kv_idx": "Nk"}
+"""The indices a mod may index an extra tensor by, with the size of the call each ranges over."""
 
-    def __init__(self, fn, *extra):
-        _check_jit("mask_mod", fn, 4, len(extra))
-        self.fn = fn
+
+def _normalised_dims(where: str, tensor: torch.Tensor, dims) -> Tuple[Tuple[str, ...], ...]:
+    """``dims`` (one entry per dim of ``tensor``: None, an index name or a tuple of them) as tuples of names."""
+    if not isinstance(dims, (tuple, list)) or len(dims) != tensor.dim():
+        raise ValueError(f"{where}: index_dims must give one entry per dim of its shape {tuple(tensor.shape)}, "
+                         f"got {dims!r}")
+    entries = tuple(() if entry is None else tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+                    for entry in dims)
+    for names in entries:
+        if not all(isinstance(name, str) and name in INDICES for name in names):
+            raise ValueError(f"{where}: index_dims entries must be None, or names (or tuples of names) among "
+                             f"{tuple(INDICES)}, got {dims!r}")
+    return entries
+
+
+class _Mod:
+    """What :class:`MaskMod` and :class:`ScoreMod` share: the extra tensors, what indexes them, and the checks
+    of both against a call.
+
+    ``index_dims`` maps the name of an extra tensor parameter of ``fn`` to what indexes each of the tensor's dims:
+    None (nothing the call's sizes bound), ``"b"``, ``"h"``, ``"q_idx"``, ``"kv_idx"`` or a tuple of them (e.g.
+    ``("b", ("q_idx", "kv_idx"))`` for a (B, N) tensor read at both positions). Calls then check each such dim is
+    at least the size its index ranges over (B, H, Nq, Nk) before any launch, so a short tensor is a ValueError,
+    not a read past its end; and B=None / H=None block masks can check the mod's cells at b = 1 / h = 1."""
+
+    def __init__(self, kind: str, fn, n_args: int, extra: tuple, index_dims: Optional[Dict[str, tuple]]):
+        self.kind, self.fn = kind, fn
         self.tensors = [t for t in extra if isinstance(t, torch.Tensor)]
+        params = dict(zip(list(fn.arg_names)[n_args:], extra))
+        self.indexed = []  # (parameter name, tensor, per-dim tuples of index names) of those index_dims names
+        for name, dims in (index_dims or {}).items():
+            if not isinstance(params.get(name), torch.Tensor):
+                raise ValueError(f"{kind} {fn.__name__}: index_dims names {name!r}, not one of its extra tensor "
+                                 f"parameters {[p for p, value in params.items() if isinstance(value, torch.Tensor)]}")
+            where = f"{kind} {fn.__name__}'s {name}"
+            self.indexed.append((name, params[name], _normalised_dims(where, params[name], dims)))
+
+    def check_call(self, device: torch.device, sizes: Dict[str, int]) -> None:
+        """ValueError naming the mod unless its extra tensors are on ``device`` and every indexed dim is at least
+        the ``sizes`` ({"b": B, "h": H, "q_idx": Nq, "kv_idx": Nk}) its index ranges over."""
+        for t in self.tensors:
+            if t.device != device:
+                raise ValueError(f"{self.kind}: extra tensors must be on the inputs' device {device}, got one on "
+                                 f"{t.device}")
+        for name, tensor, dims in self.indexed:
+            for axis, index in ((axis, index) for axis, names in enumerate(dims) for index in names):
+                if tensor.shape[axis] < sizes[index]:
+                    raise ValueError(f"{self.kind} {self.fn.__name__}: {name} has shape {tuple(tensor.shape)}, but "
+                                     f"its dim {axis} is indexed by {index} and needs length >= "
+                                     f"{INDICES[index]} = {sizes[index]}")
+
+    def can_read_at_one(self, index: str) -> bool:
+        """Whether evaluating the mod at ``index`` (b or h) = 1 reads inside its extra tensors: every extra tensor
+        declares its index dims and those indexed by ``index`` have length >= 2."""
+        declared = {id(tensor) for _, tensor, _ in self.indexed}
+        return (all(id(t) in declared for t in self.tensors)
+                and all(tensor.shape[axis] >= 2 for _, tensor, dims in self.indexed
+                        for axis, names in enumerate(dims) if index in names))
+
+
+class MaskMod(_Mod):
+    """A mask mod with its extra arguments: ``MaskMod(fn, *extra, index_dims=None)``, ``fn(b, h, q_idx, kv_idx,
+    *extra)`` a ``@triton.jit`` function returning a bool or int tile (nonzero = the query sees the key; a float
+    result is a TypeError); ``index_dims`` as :class:`_Mod` says."""
+
+    def __init__(self, fn, *extra, index_dims: Optional[Dict[str, tuple]] = None):
+        _check_jit("mask_mod", fn, 4, len(extra))
+        super().__init__("mask_mod", fn, 4, extra, index_dims)
         self.key = _register(("mask", fn, _layout("mask_mod", extra)))
 
 
-class ScoreMod:
-    """A score mod, its derivative and their extra arguments: ``ScoreMod(fn, grad_fn, *extra)``; both
-    ``@triton.jit`` functions of ``(score, b, h, q_idx, kv_idx, *extra)`` returning fp32 tiles, ``grad_fn`` the
-    elementwise d fn / d score."""
+class ScoreMod(_Mod):
+    """A score mod, its derivative and their extra arguments: ``ScoreMod(fn, grad_fn, *extra, index_dims=None)``;
+    both ``@triton.jit`` functions of ``(score, b, h, q_idx, kv_idx, *extra)`` returning floating-point tiles
+    (computed on in fp32; a tile broadcastable to the score's, such as a per-row value, is broadcast),
+    ``grad_fn`` the elementwise d fn / d score; ``index_dims`` (names of ``fn``'s parameters) as :class:`_Mod`
+    says."""
 
-    def __init__(self, fn, grad_fn, *extra):
+    def __init__(self, fn, grad_fn, *extra, index_dims: Optional[Dict[str, tuple]] = None):
         _check_jit("score_mod", fn, 5, len(extra))
         _check_jit("score_mod's grad_fn", grad_fn, 5, len(extra))
-        self.fn, self.grad_fn = fn, grad_fn
-        self.tensors = [t for t in extra if isinstance(t, torch.Tensor)]
+        super().__init__("score_mod", fn, 5, extra, index_dims)
+        self.grad_fn = grad_fn
         self.key = _register(("score", fn, grad_fn, _layout("score_mod", extra)))
+
+    def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """ValueError naming score_mod unless its extra tensors suit q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
+        self.check_call(q.device, _call_sizes(q, k))
+
+
+def _call_sizes(q: torch.Tensor, k: torch.Tensor) -> Dict[str, int]:
+    """The ranges of a mod's indices in attention of q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
+    return dict(zip(INDICES, (*q.shape[:3], k.shape[2])))
 
 
 def kernel_extra(key: int, tensors: Optional[List[torch.Tensor]]) -> tuple:
@@ -114,16 +191,13 @@ def as_mask_mod(mask_mod) -> MaskMod:
     return mask_mod if isinstance(mask_mod, MaskMod) else MaskMod(mask_mod)
 
 
-def check_extra_devices(name: str, mod, device: torch.device) -> None:
-    """ValueError naming ``name`` unless ``mod``'s extra tensors are on ``device``."""
-    for t in mod.tensors:
-        if t.device != device:
-            raise ValueError(f"{name}: extra tensors must be on the inputs' device {device}, got one on {t.device}")
-
-
 class BlockMask:
-    """A mask mod and its per-cell summary for attention of shape (B, H, Nq, Nk) (B or H None: the same mask for
-    every batch row / head, the mod evaluated at b = 0 / h = 0), from :func:`create_block_mask`.
+    """A mask mod and its per-cell summary for attention of shape (B, H, Nq, Nk), from :func:`create_block_mask`.
+
+    B or H None: one summary for every batch row / head, that of b = 0 / h = 0 (the mod itself still sees the
+    real b and h in partial cells), so the mod's cells must not depend on b / h. create_block_mask checks that
+    at b = 1 / h = 1 where it can read there (see :func:`create_block_mask`); other batch rows and heads are the
+    caller's promise.
 
     ``summary``: int32 (B or 1, H or 1, QC * KC + 2 * QC + 2 * KC), QC = cdiv(Nq, 128), KC = cdiv(Nk, 128): the
     cell states (QC, KC) row-major (0 empty, 1 partial, 2 full), then per query cell the [first, last + 1) of its
@@ -139,7 +213,8 @@ class BlockMask:
         return self.summary[..., :qc * kc].unflatten(-1, (qc, kc))
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """ValueError naming ``mask_mod`` unless this mask was built for q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
+        """ValueError naming ``mask_mod`` unless this mask was built for q (B, H, Nq, D), k (B, Hkv, Nk, D) on their
+        device and its mod's extra tensors are long enough for them."""
         batch, heads, n_q = q.shape[:3]
         b, h, m, n = self.shape
         if b not in (None, batch) or h not in (None, heads) or (m, n) != (n_q, k.shape[2]):
@@ -147,6 +222,7 @@ class BlockMask:
                              f"{(batch, heads, n_q, k.shape[2])}")
         if self.device != q.device:
             raise ValueError(f"mask_mod: the block mask was built on {self.device}, the inputs are on {q.device}")
+        self.mask_mod.check_call(q.device, _call_sizes(q, k))
 
     def expanded(self, batch: int, heads: int) -> torch.Tensor:
         """The summary as (batch, heads, L), broadcast dims with stride 0 (as the kernels read it)."""
@@ -162,25 +238,84 @@ def _first_last(nonempty: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.minimum(first, last), last], -1).to(torch.int32)
 
 
+def _check_sizes(B, H, Nq, Nk) -> None:
+    """ValueError naming the size unless B, H are non-negative ints or None and Nq, Nk non-negative ints."""
+    for name, size in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
+        optional = name in ("B", "H")
+        if not (optional and size is None) and (isinstance(size, bool) or not isinstance(size, numbers.Integral)
+                                                or size < 0):
+            raise ValueError(f"create_block_mask: {name} must be a non-negative int{' or None' if optional else ''},"
+                             f" got {size!r}")
+
+
+def _kernel_device(device, mod: MaskMod) -> torch.device:
+    """``device`` (default: the mod's extra tensors' device, else the kernels') as an indexed torch.device;
+    ValueError naming ``device`` unless the kernels of this process run there."""
+    kernel_type = "cpu" if _runtime.INTERPRETED else "cuda"
+    device = torch.device(device if device is not None else (mod.tensors[0].device if mod.tensors else kernel_type))
+    if device.type != kernel_type:
+        raise ValueError(f"create_block_mask: device must be where the Triton kernels of this process run "
+                         f"({kernel_type}{', interpreted' if _runtime.INTERPRETED else ''}), got device={device}")
+    if device.type == "cuda" and device.index is None:  # compare equal to the inputs' (indexed) device
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _causes(error: BaseException):
+    """``error`` and the errors it was raised from (a compile error in a nested @triton.jit call is wrapped at
+    each call site, the message only in the innermost)."""
+    while error is not None:
+        yield error
+        error = error.__cause__
+
+
+def _cell_states(mod: MaskMod, batch: int, heads: int, Nq: int, Nk: int, device: torch.device) -> torch.Tensor:
+    """The (batch, heads, QC, KC) int32 cell states of ``mod`` (one launch); TypeError naming the mod if it
+    returns neither bools nor ints."""
+    states = torch.zeros((batch, heads, triton.cdiv(Nq, CELL), triton.cdiv(Nk, CELL)), dtype=torch.int32,
+                         device=device)
+    if states.numel():
+        try:
+            with _runtime.launch_device(states):
+                _block_mask_cells[(states.shape[2] * batch * heads,)](
+                    states, kernel_extra(mod.key, mod.tensors), heads, Nq, Nk, MASK_MOD=mod.fn, CHUNK=CHUNK)
+        except TritonError as error:  # the kernels' compile-time check of the result's dtype (_mask_mod_shows)
+            if not any("mask_mod must return a bool or int tile" in str(e) for e in _causes(error)):
+                raise
+            raise TypeError(f"mask_mod {mod.fn.__name__} must return a bool or int tile (nonzero = the query sees "
+                            f"the key), not floats") from error
+    return states
+
+
+def _one_for_all(states: torch.Tensor, dim: int, probed: bool, mod: MaskMod, size: str) -> torch.Tensor:
+    """``states`` at index 0 of ``dim``; if index 1 was ``probed`` too, ValueError unless it is the same."""
+    if probed:
+        if not torch.equal(states.select(dim, 0), states.select(dim, 1)):  # one host sync, at creation only
+            index = "b" if size == "B" else "h"
+            raise ValueError(f"create_block_mask: {size}=None means one mask for every {index}, but mask_mod "
+                             f"{mod.fn.__name__}'s cells differ between {index} = 0 and {index} = 1; pass {size}")
+        states = states.narrow(dim, 0, 1)
+    return states
+
+
 def create_block_mask(mask_mod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, device=None) -> BlockMask:
     """The :class:`BlockMask` of ``mask_mod`` (a :class:`MaskMod` or a bare @triton.jit mask mod) for attention of
     shape (B, H, Nq, Nk); B/H None broadcast. One Triton launch evaluates the mod over every cell; the rest is a
-    few tensor ops on ``device`` (default: the extra tensors' device, else cpu), with no host sync."""
+    few tensor ops on ``device`` (default: the extra tensors' device, else where the kernels run), with no host
+    sync when B and H are given.
+
+    B=None (H=None) also evaluates the cells at b = 1 (h = 1) in the same launch and raises ValueError if they
+    differ from b = 0's (one host sync) - where the mod can be read there: it has no extra tensors, or all of
+    them declare ``index_dims`` and those indexed by b (h) have length >= 2. A mod whose cells first differ at a
+    later b (h), or with undeclared extra tensors, is not checked: give B (H) for a mod that depends on it."""
     mod = as_mask_mod(mask_mod)
-    for name, size in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
-        optional = name in ("B", "H") and size is None
-        if not optional and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0):
-            raise ValueError(f"create_block_mask: {name} must be a non-negative int{' or None' if name in 'BH' else ''},"
-                             f" got {size!r}")
-    device = torch.device(device if device is not None else (mod.tensors[0].device if mod.tensors else "cpu"))
-    check_extra_devices("mask_mod", mod, device)
-    batch, heads = B or 1, H or 1
-    n_q_cells, n_k_cells = triton.cdiv(Nq, CELL), triton.cdiv(Nk, CELL)
-    states = torch.zeros((batch, heads, n_q_cells, n_k_cells), dtype=torch.int32, device=device)
-    if states.numel():
-        with _runtime.launch_device(states):
-            _block_mask_cells[(n_q_cells * batch * heads,)](states, kernel_extra(mod.key, mod.tensors), heads, Nq, Nk,
-                                                           MASK_MOD=mod.fn, CHUNK=CHUNK)
+    _check_sizes(B, H, Nq, Nk)
+    device = _kernel_device(device, mod)
+    batch, heads = 1 if B is None else B, 1 if H is None else H
+    mod.check_call(device, dict(b=batch, h=heads, q_idx=Nq, kv_idx=Nk))
+    probe_b, probe_h = B is None and mod.can_read_at_one("b"), H is None and mod.can_read_at_one("h")
+    states = _cell_states(mod, batch + probe_b, heads + probe_h, Nq, Nk, device)
+    states = _one_for_all(_one_for_all(states, 0, probe_b, mod, "B"), 1, probe_h, mod, "H")
     nonempty = states > 0
     summary = torch.cat([states.flatten(2), _first_last(nonempty).flatten(2),
                          _first_last(nonempty.transpose(2, 3)).flatten(2)], 2).contiguous()

@@ -212,6 +212,21 @@ def _cells(BLOCK_MASK, stride_mb, stride_mh, b, h):
 
 
 @triton.jit
+def _mask_mod_shows(keep):
+    """A mask mod's result as a bool tile: nonzero = visible (one meaning wherever a mod is evaluated)."""
+    tl.static_assert(keep.dtype.is_int(), "mask_mod must return a bool or int tile")  # bool is int1
+    return keep != 0
+
+
+@triton.jit
+def _score_mod_result(value, score):
+    """A score mod's (or its grad_fn's) result as an fp32 tile of ``score``'s shape (a mod may return a tile that
+    broadcasts to it, such as a per-row value)."""
+    tl.static_assert(value.dtype.is_floating(), "score_mod and its grad_fn must return a floating-point tile")
+    return tl.broadcast_to(value.to(tl.float32), score.shape)
+
+
+@triton.jit
 def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT,
                 WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_MOD: tl.constexpr,
@@ -228,14 +243,14 @@ def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, c
     if SCORE_MOD is not None:
         score = qk * (qk_scale * LN2)
         if SCORE_GRAD is not None:
-            grad = SCORE_GRAD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)
-        qk = SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)
+            grad = _score_mod_result(SCORE_GRAD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
+        qk = _score_mod_result(SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
         qk_scale = LOG2E
     s, t = _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
                    MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
     if MASK_MOD is not None:
         if state == 1:
-            s = tl.where(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), s, float("-inf"))
+            s = tl.where(_mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)), s, float("-inf"))
     return s, t, grad
 
 
@@ -741,12 +756,13 @@ def _block_mask_cells(STATE, MASK_ARGS, H, N_Q, N_K, MASK_MOD: tl.constexpr, CHU
     row_ptr = STATE + (bh.to(tl.int64) * tl.cdiv(N_Q, MASK_BLOCK) + q_start // MASK_BLOCK) * n_k_cells
     for kc in range(0, n_k_cells):
         cols = kc * MASK_BLOCK + tl.arange(0, MASK_BLOCK)
+        kv_idx = tl.minimum(cols, N_K - 1)[None, :]
         shown = 0
         hidden = 0
         for r in tl.static_range(0, MASK_BLOCK, CHUNK):
             rows = q_start + r + tl.arange(0, CHUNK)
             inside = (rows < N_Q)[:, None] & (cols < N_K)[None, :]
-            keep = MASK_MOD(b, h, tl.minimum(rows, N_Q - 1)[:, None], tl.minimum(cols, N_K - 1)[None, :], *MASK_ARGS)
+            keep = _mask_mod_shows(MASK_MOD(b, h, tl.minimum(rows, N_Q - 1)[:, None], kv_idx, *MASK_ARGS))
             shown += tl.sum(tl.sum((inside & keep).to(tl.int32), 1), 0)
             hidden += tl.sum(tl.sum((inside & ~keep).to(tl.int32), 1), 0)
         tl.store(row_ptr + kc, tl.where(shown == 0, 0, tl.where(hidden == 0, 2, 1)))

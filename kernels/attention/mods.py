@@ -15,33 +15,36 @@ from kernels.attention.kernels import _tanh
 
 
 @triton.jit
-def _same_document(b, h, q_idx, kv_idx, DOC, stride_db):
-    row = DOC + b.to(tl.int64) * stride_db
+def _same_document(b, h, q_idx, kv_idx, doc_ids, stride_db):
+    row = doc_ids + b.to(tl.int64) * stride_db
     return tl.load(row + q_idx) == tl.load(row + kv_idx)
 
 
 def document_mask(doc_ids: torch.Tensor) -> MaskMod:
     """Query i sees key j iff doc_ids[i] == doc_ids[j]: packed documents (self-attention, Nq == Nk).
 
-    doc_ids: int32 (N,) shared by the batch, or (B, N) per batch row (contiguous rows). Combine with
-    ``causal=True`` for causal documents."""
+    doc_ids: int32 (N,) shared by the batch, or (B, N) per batch row (contiguous rows), N >= max(Nq, Nk) of the
+    calls (checked: ValueError naming doc_ids). Combine with ``causal=True`` for causal documents."""
     check_tensor("doc_ids", doc_ids, dtypes=(torch.int32,))
     if doc_ids.dim() not in (1, 2):
         raise ValueError(f"doc_ids must have shape (N,) or (B, N), got {tuple(doc_ids.shape)}")
     ids = doc_ids.contiguous()
-    return MaskMod(_same_document, ids, ids.stride(0) if ids.dim() == 2 else 0)
+    positions = ("q_idx", "kv_idx")
+    dims = ("b", positions) if ids.dim() == 2 else (positions,)
+    return MaskMod(_same_document, ids, ids.stride(0) if ids.dim() == 2 else 0, index_dims={"doc_ids": dims})
 
 
 @triton.jit
-def _prefix_lm(b, h, q_idx, kv_idx, PREFIX):
-    return (kv_idx <= q_idx) | (kv_idx < tl.load(PREFIX + b))
+def _prefix_lm(b, h, q_idx, kv_idx, prefix_lengths):
+    return (kv_idx <= q_idx) | (kv_idx < tl.load(prefix_lengths + b))
 
 
 def prefix_lm_mask(prefix_lengths: torch.Tensor) -> MaskMod:
     """Query i of batch row b sees key j iff j <= i or j < prefix_lengths[b] (prefix-LM: the prefix attends
-    bidirectionally, the rest causally). prefix_lengths: int32 (B,). Use without ``causal``."""
+    bidirectionally, the rest causally). prefix_lengths: int32 (B,) (B >= the calls' batch: checked). Use without
+    ``causal``."""
     check_tensor("prefix_lengths", prefix_lengths, ndim=1, dtypes=(torch.int32,))
-    return MaskMod(_prefix_lm, prefix_lengths.contiguous())
+    return MaskMod(_prefix_lm, prefix_lengths.contiguous(), index_dims={"prefix_lengths": ("b",)})
 
 
 @triton.jit
@@ -63,17 +66,18 @@ def softcap_score(cap: float) -> ScoreMod:
 
 
 @triton.jit
-def _alibi(score, b, h, q_idx, kv_idx, SLOPES, shift):
-    return score - tl.load(SLOPES + h) * tl.abs(q_idx + shift - kv_idx).to(tl.float32)
+def _alibi(score, b, h, q_idx, kv_idx, slopes, shift):
+    return score - tl.load(slopes + h) * tl.abs(q_idx + shift - kv_idx).to(tl.float32)
 
 
 @triton.jit
-def _alibi_grad(score, b, h, q_idx, kv_idx, SLOPES, shift):
+def _alibi_grad(score, b, h, q_idx, kv_idx, slopes, shift):
     return score * 0.0 + 1.0
 
 
 def alibi_score(slopes: torch.Tensor, shift: int = 0) -> ScoreMod:
     """score -> score - slopes[h] * |i + shift - j|, derivative 1: the built-in ``alibi_slopes`` (float32 (H,))
-    as a score mod; ``shift`` = Nk - Nq gives the built-in's bottom-right diagonal."""
+    as a score mod (H >= the calls' query heads: checked); ``shift`` = Nk - Nq gives the built-in's bottom-right
+    diagonal."""
     check_tensor("slopes", slopes, ndim=1, dtypes=(torch.float32,))
-    return ScoreMod(_alibi, _alibi_grad, slopes.contiguous(), int(shift))
+    return ScoreMod(_alibi, _alibi_grad, slopes.contiguous(), int(shift), index_dims={"slopes": ("h",)})
