@@ -33,9 +33,10 @@ Differences from flash-attn 2.x, all functions:
   flash-attn's, so ``out.view(...)`` works).
 - The varlen functions validate ``cu_seqlens`` on the host (one sync; flash-attn does not check them) and then
   launch each kernel once for the whole batch (see ``kernels/attention/varlen.py``). With ``block_table`` the
-  keys and values the batch uses are first gathered from the pages into the packed layout (a copy, on the
-  device; flash-attn reads the pages in place), any page size; page ids outside the cache fail a device assert,
-  and are clamped, never read out of bounds.
+  keys and values are first gathered from the pages into the packed layout (a copy of up to batch_size *
+  max_seqlen_k keys and values, on the device without a sync; flash-attn reads the pages in place), any page
+  size; a page id outside the cache that a sequence uses raises (CPU) or fails a device assert (CUDA), and ids
+  are clamped, never read out of bounds.
 
 Differences, ``flash_attn_with_kvcache``:
 
@@ -257,7 +258,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         batch = cu_seqlens_q.shape[0] - 1
         keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, variants.pop("dropout_p"),
                           q.device)
-        if block_table is not None:  # the packed keys' first batch * max_seqlen_k >= total_k tokens: no sync
+        if block_table is not None:  # as attention_varlen packs them
             k = gather_pages(k, block_table, cu_seqlens_k, batch * max_seqlen_k)
         probs = _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                               alibi_slopes=alibi_slopes, **variants)

@@ -124,20 +124,21 @@ def test_varlen_block_table_is_the_packed_keys_with_gradients_into_the_pages(ker
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     for packed, pages in ((dk, dk_pages), (dv, dv_pages)):
         assert pages.shape == k_pages.shape
-        torch.testing.assert_close(gather_pages(pages, table.to(device), cu_k, sum(lens_k)), packed, rtol=0, atol=0)
+        gathered = gather_pages(pages, table.to(device), cu_k, 4 * 9)[:sum(lens_k)]  # batch * max_seqlen_k tokens
+        torch.testing.assert_close(gathered, packed, rtol=0, atol=0)
         assert (pages != 0).sum() == (packed != 0).sum()  # nothing outside the sequences' slots
 
 
 def test_varlen_block_table_page_ids_outside_the_pool_raise_naming_it():
-    """Checked on the device (torch._assert_async: at once on CPU; on CUDA an asynchronous device assert, which
-    would end the process's CUDA context, so this runs on CPU) and clamped, so no id reads out of bounds."""
+    """Checked by kernels._validate.assert_on_device: ValueError at once on CPU (on CUDA an asynchronous device
+    assert, which would end the process's CUDA context, so this runs on CPU); ids are clamped for the gather."""
     lens = [2, 4]
     q, k, v = torch.randn(3, 6, 2, 8)
     k_pages, v_pages, table = paged_cache((k, v), lens, 3, 4)
     for bad_id in (4, -1):
         bad = table.clone()
         bad[1, 1] = bad_id  # sequence 1's second page: used
-        with pytest.raises(RuntimeError, match="block_table"):
+        with pytest.raises(ValueError, match="block_table: a page id a sequence uses is outside"):
             attention_varlen(q, k_pages, v_pages, _cu(lens, "cpu"), _cu(lens, "cpu"), 4, 4, block_table=bad)
 
 

@@ -10,12 +10,13 @@ one sync per call, where flash-attn checks nothing: invalid offsets would make t
 bounds. dtype, shape and device are checked without it.
 
 Paged keys (``block_table``, flash-attn's paged varlen): k, v are then page pools (num_blocks, page_size, Hkv, D)
-and sequence b's key j is ``k[block_table[b, j // page_size], j % page_size]``. Its keys are gathered on the
-device into the packed (total_k, Hkv, D) layout the kernels take, total_k = cu_seqlens_k[-1] read from the
-validation's host copy (no further sync): one copy of the keys and values the batch uses, where flash-attn reads
-the pages in place. The page ids are checked on the device (an id outside [0, num_blocks) among the pages a
-sequence uses fails an assert: a RuntimeError at once on CPU, an asynchronous device assert on CUDA) and clamped,
-so no id makes the gather read out of bounds; unused entries of the table are never checked.
+and sequence b's key j is ``k[block_table[b, j // page_size], j % page_size]``. The keys are gathered on the
+device into the packed layout the kernels take, sized batch * max_seqlen_k tokens (a bound of total_k =
+cu_seqlens_k[-1] known on the host without reading it; the tokens past total_k are zeros the kernels never
+read): a copy of up to batch * max_seqlen_k keys and values, where flash-attn reads the pages in place. The page
+ids are checked on the device (an id outside [0, num_blocks) among the pages a sequence uses raises ValueError on
+CPU, an asynchronous device assert on CUDA: ``kernels._validate.assert_on_device``) and clamped, so no id makes
+the gather read out of bounds; unused entries of the table are never checked.
 """
 import math
 import numbers
@@ -24,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from kernels import _runtime
-from kernels._validate import check_same, check_tensor
+from kernels._validate import assert_on_device, check_same, check_tensor
 from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, _forward_op, attention,
                                    check_qkv, check_scale, check_window)
 
@@ -85,26 +86,27 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
                  n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` packed keys (or values) of paged sequences, on the device without a host sync:
     (n_tokens, Hkv, D), token t = cu_seqlens_k[b] + j being ``pages[block_table[b, j // page_size], j %
-    page_size]``. Tokens at or past cu_seqlens_k[-1] are filler (some in-bounds key). ``pages`` (num_blocks,
+    page_size]``. Tokens at or past cu_seqlens_k[-1] are zeros. ``pages`` (num_blocks,
     page_size, Hkv, D), ``block_table`` int32 (batch, max_num_blocks), ``cu_seqlens_k`` int32 (batch + 1,), all
     checked. Differentiable in ``pages``.
 
-    A page id outside [0, num_blocks) that a sequence uses fails a device assert naming block_table; every id is
-    clamped, so none reads out of bounds."""
+    A page id outside [0, num_blocks) that a sequence uses fails :func:`assert_on_device` naming block_table;
+    every id is clamped, so none reads out of bounds."""
     num_blocks, page_size = pages.shape[:2]
     batch, max_blocks = block_table.shape
     lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     used = torch.arange(max_blocks, device=pages.device)[None, :] * page_size < lengths[:, None]
-    bad = used & ((block_table < 0) | (block_table >= num_blocks))
-    torch._assert_async(~bad.any(), f"block_table: a page id a sequence uses is outside [0, num_blocks = "
-                                    f"{num_blocks}) of k/v")
+    valid = ~used | ((block_table >= 0) & (block_table < num_blocks))
+    assert_on_device(valid, f"block_table: a page id a sequence uses is outside [0, num_blocks = {num_blocks}) of k/v")
     table = block_table.long().clamp(0, num_blocks - 1)
     tokens = torch.arange(n_tokens, device=pages.device)
     starts = cu_seqlens_k.long()
     seq = torch.searchsorted(starts[1:], tokens, right=True).clamp_(max=max(batch - 1, 0))
     position = tokens - starts[seq]
     page = table[seq, (position // page_size).clamp(0, max_blocks - 1)]
-    return pages[page, position % page_size]
+    # filler is zeros, so none of the kernels' (unwritten) gradient rows past the total reaches the pages
+    real = (tokens < starts[-1])[:, None, None]
+    return torch.where(real, pages[page, position % page_size], 0)
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +186,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _check_sinks(sinks, q4)
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
-        k, v = (gather_pages(t, block_table, cu_seqlens_k, offsets_k[-1]) for t in (k, v))
+        k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
         k4, v4 = _as_batch(k), _as_batch(v)
     if not _runtime.kernel_runs_on(q, k, v):
         out, lse = _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, window_size=window_size,
