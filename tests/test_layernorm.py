@@ -3,6 +3,7 @@ dtype, odd widths, multi-dim normalized shapes, optional affine parameters, ever
 wide rows, the fused residual, RMS norm's offset and casting modes, state_dict round-trips, bad input, mixed dtypes
 and autocast, torch's own ops for what the kernels do not take, forward-mode AD, and that the kernels really run."""
 import importlib
+import multiprocessing
 import socket
 import warnings
 from datetime import timedelta
@@ -527,6 +528,13 @@ def test_overflowing_statistics_give_what_torch_gives(monkeypatch, rms, path):
     torch.testing.assert_close(dx[1::2], want_dx[1::2])
 
 
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of asking, for a gloo group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def mesh():
     """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, torn down after the module's tests."""
@@ -534,9 +542,7 @@ def mesh():
     from torch.distributed.device_mesh import init_device_mesh
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
     try:
@@ -571,3 +577,54 @@ def test_dtensor_inputs_normalise_local_rows_as_torch_places_them(mesh, rms, x_d
         torch.testing.assert_close(got.full_tensor(), expected)
     assert list(w.grad.placements) == [Partial() if rows_sharded else Replicate()]
     assert list(kernels.RMSNorm(12)(x).placements) == y_placements
+
+
+def _two_rank_dtensor_case(rank, port, results):
+    """One rank of a 2-rank gloo group: rows and hidden-dim shardings of x against torch on the full tensors; puts
+    None (passed) or the traceback on ``results``."""
+    import traceback
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(0)
+        full = [t.requires_grad_() for t in (torch.randn(4, 3, 10), torch.randn(10), torch.randn(10))]
+        want = F.layer_norm(full[0], (10,), *full[1:])
+        (want * want).sum().backward()
+        for x_placement in (Shard(0), Shard(2)):
+            x = distribute_tensor(full[0].detach(), mesh, [x_placement]).requires_grad_()
+            w, b = (distribute_tensor(t.detach(), mesh, [Replicate()]).requires_grad_() for t in full[1:])
+            y = kernels.layer_norm(x, 10, w, b)
+            (y * y).sum().backward()
+            for got, expected in [(y, want)] + [(t.grad, u.grad) for t, u in zip((x, w, b), full)]:
+                torch.testing.assert_close(got.full_tensor(), expected)
+        results.put((rank, None))
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_dtensor_norm_on_two_gloo_ranks():
+    """Two processes on 127.0.0.1: each rank's rows (Partial parameter gradients summed over the ranks) and a
+    gathered hidden dim give torch's values on the full tensors; bounded by a timeout, processes always reaped."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    results = context.Queue()
+    ranks = [context.Process(target=_two_rank_dtensor_case, args=(rank, port, results)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        outcomes = dict(results.get(timeout=180) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert outcomes == {0: None, 1: None}, outcomes
