@@ -256,11 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     launches = "Triton launches stubbed: host path only" if device.kind == "cpu" else "real launches, wall time"
     print(f"device: {device.name}  ({launches})", flush=True)
     recs = measure(device, args.ops, repeats=3 if args.quick else 7, calls=10 if args.quick else 50)
-    print(format_table(recs))
-    config = {**vars(args), "command": "overhead", "goal_x_minimal": GOAL_RATIO}
-    written = records.write(args.out, "overhead", records.document("overhead", device, config, recs, []))
-    written += plot(recs, device, args.out)
-    print("wrote: " + ", ".join(written))
+    records.report(args.out, "overhead", device, {**vars(args), "command": "overhead", "goal_x_minimal": GOAL_RATIO}, recs, format_table(recs), plot)
     return 0
 
 

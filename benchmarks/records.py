@@ -60,3 +60,14 @@ def write(out_dir: str, name: str, doc: dict) -> List[str]:
         writer.writeheader()
         writer.writerows(rows)
     return [json_path, csv_path]
+
+
+def report(out_dir: str, name: str, device: DeviceInfo, config: dict, records: List[dict], table: str,
+           plot) -> List[str]:
+    """A standalone command's ending: print ``table``, write ``<name>.json``/``.csv`` and ``plot(records, device,
+    out_dir)``'s PNGs into ``out_dir``, print and return their paths."""
+    print(table)
+    written = write(out_dir, name, document(name, device, config, records, []))
+    written += plot(records, device, out_dir)
+    print("wrote: " + ", ".join(written))
+    return written

@@ -1,0 +1,351 @@
+"""``python -m benchmarks model``: what a drop-in user asks first, how much faster is my model, end to end.
+
+Workloads, each timed for every provider in the same run:
+
+- ``train``: one training step (forward, backward, AdamW step) of the reference GPT at GPT-2 small/medium shapes,
+  and of a Hugging Face Llama-architecture model (GQA, RMSNorm) built from a config (no download);
+- ``prefill``: the Llama model's forward over a batch of left-padded prompts;
+- ``decode``: the Llama model's greedy ``generate()`` with a dynamic and a static cache, batch 1 and 16, after a
+  prompt of 1k-16k tokens. Decode time is ``generate(N + 1 tokens) - generate(1 token)``: N steps, no prefill.
+
+Providers: ours (``triton``: the GPT's triton backend, or a ``transformer.patch()``ed model) against torch's
+(``torch sdpa``: the GPT's SDPA backend; ``torch reference``: its quadratic baseline; ``hf sdpa`` / ``hf eager``:
+transformers' own attention; ``hf flash_attention_2`` where flash-attn is installed), eager and under
+``torch.compile`` where it applies (decode: transformers compiles a static cache's step itself on a GPU).
+
+Measures: ms per step, tokens/s, model FLOPs utilisation (nanoGPT's 6N + 12 L H Q T per trained token; 2N + 4 L H Q T
+per forward token) and peak memory above the model on a GPU. On CPU the Triton providers run in Triton's
+interpreter: their wall time is the interpreter's, labelled so, never a GPU figure; the CPU records also carry
+the bytes a step reads and writes (``benchmarks/counting.py``).
+
+``--out DIR`` writes ``model.json`` (records), ``model.csv`` and one PNG per workload.
+"""
+import argparse
+import contextlib
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import kernels  # noqa: F401  (first: the interpreter on a machine without a GPU)
+from benchmarks import records
+from benchmarks.device import DeviceInfo, detect
+from transformer.model import GPT, GPTConfig
+from transformer.patch import patch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model and its batch: ``layers``/``heads``/``kv_heads``/``width`` of the model, ``batch`` x ``length`` tokens
+    (for decode, ``length`` is the prompt and ``new_tokens`` the decoded ones)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    width: int
+    batch: int
+    length: int
+    vocab: int = 50304
+    new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str  # "gpt" or "llama"
+    kind: str  # "train", "prefill" or "decode"
+    shape: Shape
+    cache: str = ""  # decode: "dynamic" or "static"
+
+
+def workloads(kind: str, quick: bool) -> List[Workload]:
+    """GPU: GPT-2 small/medium and a 1B-class Llama; CPU: the same workloads at interpreter-sized shapes."""
+    if kind == "cuda":
+        small, medium = Shape(12, 12, 12, 768, 8, 1024), Shape(24, 16, 16, 1024, 4, 1024)
+        llama = Shape(16, 16, 4, 2048, 4, 1024, vocab=32000)
+        prefill = Shape(16, 16, 4, 2048, 8, 2048, vocab=32000)
+        decode = [Shape(16, 16, 4, 2048, b, n, vocab=32000, new_tokens=32) for b, n in ((1, 1024), (16, 1024),
+                                                                                        (1, 16384), (16, 4096))]
+    else:
+        small, medium = Shape(2, 2, 2, 32, 1, 16, vocab=96), Shape(3, 4, 4, 64, 2, 32, vocab=96)
+        llama = Shape(2, 4, 2, 32, 1, 16, vocab=96)
+        prefill = Shape(2, 4, 2, 32, 3, 16, vocab=96)
+        decode = [Shape(2, 4, 2, 32, b, 16, vocab=96, new_tokens=3) for b in (1, 2)]
+    chosen = [Workload("gpt2-small train", "gpt", "train", small),
+              Workload("llama-gqa train", "llama", "train", llama),
+              Workload("llama prefill (padded)", "llama", "prefill", prefill)]
+    if not quick:
+        chosen.insert(1, Workload("gpt2-medium train", "gpt", "train", medium))
+    for shape in decode[:2] if quick else decode:
+        for cache in ("dynamic", "static"):
+            chosen.append(Workload(f"llama decode b{shape.batch} ctx{shape.length} {cache}", "llama", "decode",
+                                   shape, cache))
+    return chosen
+
+
+GPT_PROVIDERS = {"triton": "triton", "torch sdpa": "sdpa", "torch reference": "reference"}
+"""Provider name -> the GPT's backend."""
+
+
+def hf_providers() -> Dict[str, Optional[str]]:
+    """Provider name -> transformers' attn_implementation (None: ours, through ``patch()``)."""
+    providers = {"triton (patch)": None, "hf sdpa": "sdpa", "hf eager": "eager"}
+    if importlib.util.find_spec("flash_attn") is not None:
+        providers["hf flash_attention_2"] = "flash_attention_2"
+    return providers
+
+
+# ------------------------------------------------------------------------------------------------ models and steps
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (as people train and serve); fp32 on CPU, where the interpreter computes exactly."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _gpt(shape: Shape, backend: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=shape.vocab, block_size=max(shape.length, 1), n_layer=shape.layers,
+                       n_head=shape.heads, n_kv_head=shape.kv_heads, n_embd=shape.width, bias=False, backend=backend)
+    return GPT(config).to(device)
+
+
+def _llama(shape: Shape, implementation: Optional[str], device: torch.device) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.width, intermediate_size=4 * shape.width,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.length + shape.new_tokens + 8,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                         attn_implementation=implementation or "sdpa")
+    model = LlamaForCausalLM(config).to(device, _dtype(device))
+    return patch(model) if implementation is None else model
+
+
+def _tokens(shape: Shape, device: torch.device, padded: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), attention_mask (B, T)): random ids; with ``padded``, row b is left-padded by b * T / (2B)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, shape.vocab, (shape.batch, shape.length), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        for b in range(shape.batch):
+            pad = b * shape.length // (2 * shape.batch)
+            ids[b, :pad], mask[b, :pad] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+def _train_step(model: torch.nn.Module, forward: Callable, device: torch.device) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = forward()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def build(workload: Workload, provider: str, mode: str, device: torch.device) -> Tuple[Callable[[], object], int]:
+    """(one timed step, tokens it processes) of ``workload`` for ``provider`` in ``mode``."""
+    shape = workload.shape
+    if workload.model == "gpt":
+        model = _gpt(shape, GPT_PROVIDERS[provider], device)
+        ids, _ = _tokens(shape, device, padded=False)
+        forward = torch.compile(model) if mode == "compile" else model
+        return _train_step(model, lambda: forward(ids, ids)[1], device), ids.numel()
+    model = _llama(shape, hf_providers()[provider], device)
+    ids, mask = _tokens(shape, device, padded=workload.kind != "train")
+    forward = torch.compile(model) if mode == "compile" and workload.kind != "decode" else model
+    if workload.kind == "train":
+        return _train_step(model, lambda: forward(input_ids=ids, labels=ids).loss, device), ids.numel()
+    if workload.kind == "prefill":
+        def prefill():
+            with torch.no_grad():
+                return forward(input_ids=ids, attention_mask=mask).logits
+        return prefill, int(mask.sum())
+
+    def generate(new_tokens: int):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, cache_implementation=workload.cache,
+                              disable_compile=mode != "compile")
+    return generate, shape.batch * shape.new_tokens
+
+
+def modes(workload: Workload, provider: str, device: torch.device, quick: bool) -> List[str]:
+    """eager always; compile where it applies: training and prefill everywhere (on CPU, the GPT's training step
+    only, and not in a quick run), decoding with a static cache on a GPU (transformers compiles its step)."""
+    if workload.kind == "decode":
+        return ["eager", "compile"] if workload.cache == "static" and device.type == "cuda" else ["eager"]
+    if device.type == "cpu" and (quick or workload.model != "gpt"):
+        return ["eager"]
+    return ["eager", "compile"]
+
+
+# -------------------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``call`` over ``repeats`` runs (after one warm-up run)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops_per_token(workload: Workload) -> float:
+    """nanoGPT's estimate: 6N + 12 L H Q T per trained token, a third of it per forward token (T = the context a
+    token attends over; N the parameters outside the embeddings, approximated by 12 L width^2)."""
+    s = workload.shape
+    params = 12 * s.layers * s.width ** 2
+    context = s.length + s.new_tokens // 2 if workload.kind == "decode" else s.length
+    train = 6 * params + 12 * s.layers * s.width * context
+    return train if workload.kind == "train" else train / 3
+
+
+def measure(workload: Workload, provider: str, mode: str, device: DeviceInfo, repeats: int) -> dict:
+    """One record: ms per step, tokens/s, MFU and peak bytes (GPU) or counted bytes (CPU)."""
+    dev = device.torch_device
+    record = {"workload": workload.name, "kind": workload.kind, "model": workload.model, "provider": provider,
+              "mode": mode, "device": device.name, "shape": vars(workload.shape).copy(), "status": "ok",
+              "timing": "CUDA-synchronised wall time, median" if dev.type == "cuda" else
+              "CPU wall time, median; Triton providers run in Triton's interpreter: not a GPU figure",
+              "tokens_per_s": None, "ms_per_step": None, "peak_bytes": None, "mfu": None, "counted_bytes": None}
+    try:
+        step, tokens = build(workload, provider, mode, dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        if workload.kind == "decode":
+            n = workload.shape.new_tokens
+            seconds = max(_time(lambda: step(n + 1), dev, repeats) - _time(lambda: step(1), dev, repeats), 1e-9)
+            per_step, timed = seconds / n, lambda: step(2)
+        else:
+            per_step = _time(step, dev, repeats)
+            seconds, timed = per_step, step
+        record.update(ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(tokens / seconds, 1))
+        if dev.type == "cuda":
+            record["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+            if device.peak:
+                record["mfu"] = round(_flops_per_token(workload) * tokens / seconds / device.peak["flops"], 4)
+        else:
+            from benchmarks.counting import counting
+
+            with counting() as counts:
+                timed()
+            record["counted_bytes"] = counts.bytes
+    except Exception as error:  # a provider that cannot run a workload is recorded, not fatal
+        record.update(status="error", reason=f"{type(error).__name__}: {error}"[:300])
+        traceback.print_exc(limit=2, file=sys.stderr)
+    return record
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def format_table(recs: List[dict]) -> str:
+    lines = [f"{'workload':34} {'provider':22} {'mode':8} {'ms/step':>10} {'tokens/s':>11} {'vs best torch':>13}"]
+    best_torch: Dict[str, float] = {}
+    for r in recs:
+        if r["status"] == "ok" and "triton" not in r["provider"]:
+            best_torch[r["workload"]] = max(best_torch.get(r["workload"], 0.0), r["tokens_per_s"])
+    for r in recs:
+        if r["status"] != "ok":
+            lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['status']}: {r.get('reason', '')}")
+            continue
+        ratio = r["tokens_per_s"] / best_torch[r["workload"]] if best_torch.get(r["workload"]) else float("nan")
+        lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['ms_per_step']:10.2f} "
+                     f"{r['tokens_per_s']:11.1f} {ratio:12.2f}x")
+    return "\n".join(lines)
+
+
+def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
+    """One bar chart of tokens/s per workload (provider x mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name in dict.fromkeys(r["workload"] for r in recs):
+        ok = [r for r in recs if r["workload"] == name and r["status"] == "ok"]
+        if not ok:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(ok) + 1.6))
+        labels = [f"{r['provider']} ({r['mode']})" for r in ok]
+        colors = ["tab:orange" if "triton" in r["provider"] else "tab:blue" for r in ok]
+        ax.barh(range(len(ok)), [r["tokens_per_s"] for r in ok], color=colors)
+        ax.set_yticks(range(len(ok)), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s" + (" (CPU; Triton interpreted: not a GPU figure)" if device.kind == "cpu" else ""))
+        ax.set_title(f"{name} on {device.name}")
+        fig.tight_layout()
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        path = os.path.join(out, f"model_{slug}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]] = None,
+        deadline: Optional[float] = None) -> List[dict]:
+    """Every (workload, provider, mode) record; past ``deadline`` (time.monotonic) the rest are 'skipped'."""
+    recs = []
+    for workload in workloads(device.kind, quick):
+        if only and not any(word in workload.name for word in only):
+            continue
+        providers = GPT_PROVIDERS if workload.model == "gpt" else hf_providers()
+        for provider in providers:
+            for mode in modes(workload, provider, device.torch_device, quick):
+                if deadline is not None and time.monotonic() > deadline:
+                    recs.append({"workload": workload.name, "kind": workload.kind, "provider": provider,
+                                 "mode": mode, "device": device.name, "status": "skipped",
+                                 "reason": "time budget spent", "tokens_per_s": None, "ms_per_step": None,
+                                 "peak_bytes": None})
+                    continue
+                recs.append(measure(workload, provider, mode, device, repeats))
+                print(f"  {workload.name} / {provider} / {mode}: {recs[-1]['status']} "
+                      f"{recs[-1]['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+    return recs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results", help="folder for model.json/.csv and the PNGs")
+    parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (a few minutes on CPU)")
+    parser.add_argument("--only", nargs="+", help="only workloads whose name contains one of these words")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 5 GPU, 2 CPU)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds; later points are recorded skipped")
+    args = parser.parse_args(argv)
+    device = detect()
+    print(f"device: {device.name}  (timing: {'GPU wall time' if device.kind == 'cuda' else 'CPU, Triton interpreted'})",
+          flush=True)
+    repeats = args.repeats or (5 if device.kind == "cuda" else (1 if args.quick else 2))
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+    recs = run(device, args.quick, repeats, args.only, deadline)
+    records.report(args.out, "model", device, {**vars(args), "command": "model", "repeats": repeats}, recs, format_table(recs), plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
