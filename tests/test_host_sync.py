@@ -9,9 +9,7 @@ from host_reads import assert_no_host_reads, host_reads
 CASES = overhead.cases(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(
-    strict=True, reason="attention_varlen still reads cu_seqlens on the host to validate them"))
-    if name == "attention_varlen" else name for name in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_public_op_reads_no_tensor_value(name):
     ours = CASES[name][0]
     assert_no_host_reads(overhead._with_backward(ours))

@@ -4,10 +4,11 @@
 sequence's offsets from ``cu_seqlens`` on the device (a 1-D grid of batch * heads * cdiv(max_seqlen, BLOCK)
 programs, those past their sequence's end exiting at once), so no padding is computed and nothing is copied.
 
-Host syncs: the kernels need none. Validating the offsets' values (start at 0, non-decreasing, end at the number
-of tokens, ``max_seqlen`` at least the longest sequence) reads both ``cu_seqlens`` to the host in one transfer,
-one sync per call, where flash-attn checks nothing: invalid offsets would make the kernels read and write out of
-bounds. dtype, shape and device are checked without it.
+Host syncs: none. The offsets' values (start at 0, non-decreasing, end at the number of tokens, ``max_seqlen`` at
+least the longest sequence) are checked on the device before any launch, where flash-attn checks nothing: invalid
+offsets would make the kernels read and write out of bounds. A bad value raises ValueError at once on CPU and is
+an asynchronous device assert on a GPU (``kernels._validate.assert_on_device``), which stops the stream before
+the kernels run.
 
 Paged keys (``block_table``, flash-attn's paged varlen): k, v are then page pools (num_blocks, page_size, Hkv, D)
 and sequence b's key j is ``k[block_table[b, j // page_size], j % page_size]``. The keys are gathered on the
@@ -26,7 +27,7 @@ import torch
 
 from kernels import _runtime
 from kernels._validate import assert_on_device, check_same, check_tensor
-from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, _forward_op, attention,
+from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, attention, attention_op,
                                    check_qkv, check_scale, check_window)
 
 
@@ -37,19 +38,19 @@ def _check_cu_seqlens(name: str, cu_seqlens) -> None:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
 
 
-def _check_offsets(name: str, offsets, total: Optional[int], max_seqlen_name: str, max_seqlen: int) -> None:
-    """ValueError unless the host copy ``offsets`` of a cu_seqlens starts at 0, never decreases and ends at
-    ``total`` (None: anywhere, for keys gathered from pages), and ``max_seqlen`` is at least its longest sequence
-    (the grid is sized by it, so a smaller value would silently drop rows)."""
-    if offsets[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-    if any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got {offsets}")
-    if total is not None and offsets[-1] != total:
-        raise ValueError(f"{name} must end at the number of packed tokens {total}, got {offsets[-1]}")
-    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
-    if max_seqlen < longest:
-        raise ValueError(f"{max_seqlen_name} must be at least the longest sequence ({longest}), got {max_seqlen}")
+def _check_offsets(name: str, cu_seqlens: torch.Tensor, total: Optional[int], max_seqlen_name: str,
+                   max_seqlen: int) -> None:
+    """ValueError (on CPU at once; a device assert on a GPU, with no host sync: ``_validate.assert_on_device``)
+    unless ``cu_seqlens`` starts at 0, never decreases and ends at ``total`` (None: anywhere, for keys gathered
+    from pages), and ``max_seqlen`` is at least its longest sequence (the grid is sized by it, so a smaller value
+    would silently drop rows). Run before any launch: the kernels read only the rows the offsets name."""
+    lengths = cu_seqlens.diff()
+    assert_on_device(cu_seqlens[0] == 0, f"{name} must start at 0")
+    assert_on_device(lengths >= 0, f"{name} must be non-decreasing (cumulative lengths)")
+    if total is not None:
+        assert_on_device(cu_seqlens[-1] == total, f"{name} must end at the number of packed tokens {total}")
+    assert_on_device(lengths <= max_seqlen, f"{max_seqlen_name} must be at least the longest sequence of {name}, "
+                                            f"got {max_seqlen}")
 
 
 def _check_max_seqlen(name: str, max_seqlen) -> None:
@@ -151,7 +152,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Returns out (total_q, H, D) in q's dtype, contiguous, and with ``return_lse`` lse (H, total_q) float32
     (flash-attn's varlen layout; -inf for rows that see no key). Differentiable in q, k, v (and sinks). One
-    launch per kernel; see the module docstring for the one host sync (validation).
+    launch per kernel; no host sync (see the module docstring).
     """
     paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -170,10 +171,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     batch = cu_seqlens_q.numel() - 1
-    offsets = torch.cat((cu_seqlens_q, cu_seqlens_k)).tolist()  # the one sync: validation only
-    offsets_q, offsets_k = offsets[:batch + 1], offsets[batch + 1:]
-    _check_offsets("cu_seqlens_q", offsets_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-    _check_offsets("cu_seqlens_k", offsets_k, None if paged else k.shape[0], "max_seqlen_k", max_seqlen_k)
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    _check_offsets("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0], "max_seqlen_k", max_seqlen_k)
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
     scale = check_scale(scale, q.shape[-1])
@@ -189,10 +188,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
         k4, v4 = _as_batch(k), _as_batch(v)
     if not _runtime.kernel_runs_on(q, k, v):
-        out, lse = _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, window_size=window_size,
+        # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
+        out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
+                                 window_size=window_size,
                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
     else:
-        out, lse = _forward_op(q4, k4, v4, None, None, bool(causal), 0, scale, window_left, window_right, softcap,
+        out, lse = attention_op(q4, k4, v4, None, None, bool(causal), 0, scale, window_left, window_right, softcap,
                                None if alibi_slopes is None else alibi_slopes.contiguous(),
                                None if sinks is None else sinks.float(), dropout_p,
                                _draw_rng(q.device) if dropout_p > 0 else None, cu_seqlens_q.contiguous(),
