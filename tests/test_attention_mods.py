@@ -315,12 +315,13 @@ def test_score_mod_results_must_be_float_and_broadcast(kernel_only, device):
 def test_extra_tensors_shorter_than_the_call_raise(kernel_only, monkeypatch, device):
     """doc_ids shorter than Nq/Nk (or than B), prefix_lengths shorter than B, slopes shorter than H: ValueError
     naming the tensor and the length needed, before any launch (the kernels would read past their ends)."""
-    monkeypatch.setattr(configs, "launch", None)
-    monkeypatch.setattr(block_mask, "_block_mask_cells", None)
     q = torch.randn(2, 3, 9, 8, device=device)
     k = torch.randn(2, 3, 11, 8, device=device)
     ids = torch.zeros(10, dtype=torch.int32, device=device)
     per_batch = torch.zeros(1, 11, dtype=torch.int32, device=device)
+    one_row = kernels.create_block_mask(kernels.document_mask(per_batch), None, None, 9, 11)  # for batch 1 only
+    monkeypatch.setattr(configs, "launch", None)
+    monkeypatch.setattr(block_mask, "_block_mask_cells", None)
     cases = [(dict(mask_mod=kernels.document_mask(ids)), "doc_ids .* kv_idx and needs length >= Nk = 11"),
              (dict(mask_mod=kernels.document_mask(per_batch)), "doc_ids .* b and needs length >= B = 2"),
              (dict(mask_mod=kernels.prefix_lm_mask(torch.zeros(1, dtype=torch.int32, device=device))),
@@ -331,9 +332,6 @@ def test_extra_tensors_shorter_than_the_call_raise(kernel_only, monkeypatch, dev
             kernels.attention(q, k, k, **kwargs)
     with pytest.raises(ValueError, match="doc_ids .* q_idx and needs length >= Nq = 12"):
         kernels.create_block_mask(kernels.document_mask(ids), None, None, 12, 4)
-    monkeypatch.undo()
-    one_row = kernels.create_block_mask(kernels.document_mask(per_batch), None, None, 9, 11)  # for batch 1 only
-    monkeypatch.setattr(configs, "launch", None)
     with pytest.raises(ValueError, match="doc_ids .* B = 2"):
         kernels.attention(q, k, k, mask_mod=one_row)
     with pytest.raises(ValueError, match="index_dims"):
