@@ -4,6 +4,7 @@ layer/RMS norm, with autograd.
 On a machine without a GPU, importing this package turns on Triton's interpreter (see ``kernels/_runtime.py``),
 so the same kernels run, slowly but exactly, on CPU tensors.
 """
+__distribution__ = "transformer-kernels"  # kernels._runtime.DISTRIBUTION: its import checks this is the package
 from kernels._runtime import INTERPRETED  # noqa: F401  (first: chooses the interpreter before triton loads)
 from kernels import reference  # noqa: F401
 from kernels.softmax import softmax, log_softmax  # noqa: F401

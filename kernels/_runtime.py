@@ -8,8 +8,12 @@ unless the user already set ``TRITON_INTERPRET`` themselves.
 If ``triton`` was imported before ``kernels`` on a machine without a GPU, the kernels are compiled for a GPU
 that does not exist. Rather than crash deep inside Triton, the launchers then fall back to the plain-PyTorch
 reference in ``kernels/reference.py`` and say so once with a warning (see :func:`kernel_runs_on`).
+
+It also checks, first, that the ``kernels`` being imported is this package: Hugging Face's hub kernels have the same
+import name (see :func:`check_import_name`).
 """
 import contextlib
+import importlib.metadata
 import os
 import sys
 import threading
@@ -17,6 +21,50 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
+
+DISTRIBUTION = "transformer-kernels"
+"""This package's distribution (setup.py); ``kernels/__init__.py`` sets it as ``__distribution__`` before it imports
+this module."""
+HUB_KERNELS = "kernels"
+"""The distribution of Hugging Face's hub kernels, whose import name is ``kernels`` too (transformers imports it
+where ``is_kernels_available()``)."""
+_REMEDY = ("Install them into separate virtualenvs, or uninstall one (`pip uninstall kernels` for Hugging Face's, "
+           f"`pip uninstall {DISTRIBUTION}` for this one) and reinstall the other.")
+
+
+def _hub_kernels():
+    """Hugging Face's hub kernels, named with their version and directory, where their distribution is installed;
+    else None."""
+    try:
+        hub = importlib.metadata.distribution(HUB_KERNELS)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return f'"{HUB_KERNELS}" {hub.version} (Hugging Face\'s hub kernels, in {os.path.abspath(hub.locate_file(""))})'
+
+
+def check_import_name(package) -> None:
+    """ImportError if ``package`` (the ``kernels`` module this file is imported under) is not this distribution's:
+    another ``kernels/__init__.py`` over this package's files, left where pip installed both into one directory.
+    RuntimeWarning if Hugging Face's hub kernels are installed beside this package: one shadows the other.
+
+    Runs at every import, so it looks up one distribution by name (under a millisecond) rather than calling
+    ``importlib.metadata.packages_distributions()``, which reads the file lists of every installed distribution.
+    """
+    hub = _hub_kernels()
+    if getattr(package, "__distribution__", None) != DISTRIBUTION:
+        raise ImportError(f"`import kernels` found {getattr(package, '__file__', package)}, which is not the package "
+                          f"of {DISTRIBUTION}, yet a module of {DISTRIBUTION} ({os.path.abspath(__file__)}) is "
+                          f"imported under it: {hub or 'another package named kernels'} has overwritten or shadows "
+                          f"{DISTRIBUTION}, and both use the import name `kernels`. {_REMEDY}")
+    if hub is not None:
+        site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        warnings.warn(f"{hub} is installed beside {DISTRIBUTION} (in {site}): both use the import name `kernels`, "
+                      f"so one shadows or overwrites the other; `import kernels` gives {DISTRIBUTION} here, and "
+                      f"transformers' hub-kernel integrations would import it too. {_REMEDY}", RuntimeWarning,
+                      stacklevel=2)
+
+
+check_import_name(sys.modules.get(__name__.rpartition(".")[0]))
 
 if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
