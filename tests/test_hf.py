@@ -138,6 +138,24 @@ def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct(device
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+def test_softcap_with_a_mask_the_kernel_cannot_take_runs_eager_attention_and_says_so(device, monkeypatch):
+    """kernels.scaled_dot_product_attention has no softcap: with transformers' dense mask, Gemma 2's eager
+    attention runs the call, with a warning naming the keyword."""
+    config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       attn_logit_softcapping=0.5, attn_implementation="eager")
+    module = transformers.Gemma2ForCausalLM(config).eval().model.layers[0].self_attn.to(device)
+    q = torch.randn(1, 4, 6, 8, device=device)
+    k, v = torch.randn(1, 2, 6, 8, device=device), torch.randn(1, 2, 6, 8, device=device)
+    mask = torch.rand(1, 1, 6, 6, device=device) > 0.4
+    mask[..., 0] = True
+    monkeypatch.setattr(hf, "_WARNED", set())
+    with pytest.warns(UserWarning, match=r"\['softcap'\] \(with transformers' dense mask.*modeling_gemma2's eager"):
+        out, _ = hf.hf_attention(module, q, k, v, mask, scaling=0.3, softcap=0.5)
+    expected = kernels.reference.attention(q, k, v, scale=0.3, mask=mask, softcap=0.5)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
 def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(device, kernel_only):
     """As transformers' own SDPA path: an ``is_causal`` argument wins over ``module.is_causal``; a relative
     ``position_bias`` (T5-style) is added to the scores by transformers' function, not dropped."""

@@ -438,6 +438,9 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         return out, None
     if isinstance(attention_mask, torch.Tensor):  # transformers' own mask: a pattern kernel_mask did not take
         if softcap or s_aux is not None:
+            given = ["softcap"] * bool(softcap) + ["s_aux"] * (s_aux is not None)
+            _warn_once(_fallback(given, "with transformers' dense mask, which kernels.scaled_dot_product_attention "
+                                        "takes without them", f"{type(module).__module__}'s eager attention"))
             return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                     softcap=softcap, s_aux=s_aux)
         out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
