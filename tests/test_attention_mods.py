@@ -258,6 +258,11 @@ def _hide_first_rows_as_twos(b, h, q_idx, kv_idx, rows):
 
 
 @triton.jit
+def _always(b, h, q_idx, kv_idx):
+    return True
+
+
+@triton.jit
 def _float_mask(b, h, q_idx, kv_idx):
     return (kv_idx <= q_idx).to(tl.float32)
 
@@ -291,6 +296,13 @@ def test_int_mask_mod_results_mean_nonzero_is_visible(kernel_only, device):
     out, _ = _check(q, k, v, dense, dict(mask_mod=twos))
     want = kernels.attention(q, k, v, mask_mod=bools)
     assert torch.equal(out, want) and out[:, :, 3:].abs().amax() > 0
+
+
+def test_a_mask_mod_returning_a_constant_shows_everything(kernel_only, device):
+    """A constant result (a Python bool, not a tile) is one: every cell full, the plain attention's output."""
+    q, k, v = _qkv(1, 2, 1, 20, 30, 8, FP32, device)
+    assert (kernels.create_block_mask(_always, 1, 2, 20, 30).states() == 2).all()
+    _check(q, k, v, torch.ones(20, 30, dtype=torch.bool, device=device), dict(mask_mod=_always))
 
 
 def test_float_mask_mod_is_a_type_error_naming_it(kernel_only, device):

@@ -212,8 +212,10 @@ def _cells(BLOCK_MASK, stride_mb, stride_mh, b, h):
 
 
 @triton.jit
-def _mask_mod_shows(keep):
-    """A mask mod's result as a bool tile: nonzero = visible (one meaning wherever a mod is evaluated)."""
+def _mask_mod_shows(keep, kv_idx):
+    """A mask mod's result as a bool tile: nonzero = visible (one meaning wherever a mod is evaluated). Adding
+    integer zeros makes a constant result (a Python bool) a tile too, and leaves a float tile float for the check."""
+    keep = keep + tl.zeros_like(kv_idx)
     tl.static_assert(keep.dtype.is_int(), "mask_mod must return a bool or int tile")  # bool is int1
     return keep != 0
 
@@ -250,7 +252,7 @@ def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, c
                    MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
     if MASK_MOD is not None:
         if state == 1:
-            s = tl.where(_mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)), s, float("-inf"))
+            s = tl.where(_mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), kv_idx), s, float("-inf"))
     return s, t, grad
 
 
@@ -762,7 +764,7 @@ def _block_mask_cells(STATE, MASK_ARGS, H, N_Q, N_K, MASK_MOD: tl.constexpr, CHU
         for r in tl.static_range(0, MASK_BLOCK, CHUNK):
             rows = q_start + r + tl.arange(0, CHUNK)
             inside = (rows < N_Q)[:, None] & (cols < N_K)[None, :]
-            keep = _mask_mod_shows(MASK_MOD(b, h, tl.minimum(rows, N_Q - 1)[:, None], kv_idx, *MASK_ARGS))
+            keep = _mask_mod_shows(MASK_MOD(b, h, tl.minimum(rows, N_Q - 1)[:, None], kv_idx, *MASK_ARGS), kv_idx)
             shown += tl.sum(tl.sum((inside & keep).to(tl.int32), 1), 0)
             hidden += tl.sum(tl.sum((inside & ~keep).to(tl.int32), 1), 0)
         tl.store(row_ptr + kc, tl.where(shown == 0, 0, tl.where(hidden == 0, 2, 1)))
