@@ -29,8 +29,8 @@ dtype, what the forward multiplied) and dbias = sum of dy are accumulated per pr
 one-block rows; for two-pass rows by a read-modify-write of the program's own row of the buffer, chunk by chunk)
 and reduced over programs by one ``sum``: deterministic, no atomics, no locks.
 
-The autograd goes through ``torch.library`` custom ops, so ``torch.compile`` keeps each launch in one graph;
-inputs carrying a forward-mode tangent go through an ``autograd.Function`` with a JVP instead.
+Eager calls go through a plain ``autograd.Function`` (reverse and forward mode); under ``torch.compile`` the same
+launches go through ``torch.library`` custom ops, so each stays one opaque op in the graph.
 """
 import math
 import numbers
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd import forward_ad
 
+from kernels._autograd import autograd_function
 from kernels._rows import as_rows, row_config
 from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on, launch_device
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
@@ -373,10 +373,7 @@ def _forward_outputs(x, residual, n_cols, rms):
             torch.empty(0 if rms else n_rows, **stats), torch.empty(n_rows, **stats))
 
 
-# torch.library custom ops (not a bare autograd.Function) so that torch.compile treats each launch as one opaque op,
-# also on CPU, where it cannot trace into an interpreted kernel.
-@torch.library.custom_op("kernels::norm_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], n_cols: int, eps: float, rms: bool, offset: float,
                 casting: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h = x + residual or empty, mean (layer norm) or empty, rstd) over rows of n_cols elements."""
@@ -401,13 +398,7 @@ def _forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optio
     return y, h, mean, rstd
 
 
-@_forward_op.register_fake
-def _(x, residual, weight, bias, n_cols, eps, rms, offset, casting):
-    return _forward_outputs(x, residual, n_cols, rms)
-
-
-@torch.library.custom_op("kernels::norm_backward", mutates_args=())
-def _backward_op(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, dh: Optional[torch.Tensor],
+def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, dh: Optional[torch.Tensor],
                  mean: torch.Tensor, rstd: torch.Tensor, n_cols: int, rms: bool, offset: float, casting: int,
                  want_dw: bool, want_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh total, fp32 dweight (n_cols) or empty, fp32 dbias (n_cols) or empty) from the normalised input h."""
@@ -436,6 +427,17 @@ def _reduce(partial: torch.Tensor, wanted: bool) -> torch.Tensor:
     return partial.sum(0) if wanted else partial.new_empty(0)
 
 
+# The traced path: torch.library custom ops over the same launches, so that torch.compile treats each launch as one
+# opaque op, also on CPU, where it cannot trace into an interpreted kernel.
+_forward_op = torch.library.custom_op("kernels::norm_forward", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("kernels::norm_backward", _backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x, residual, weight, bias, n_cols, eps, rms, offset, casting):
+    return _forward_outputs(x, residual, n_cols, rms)
+
+
 @_backward_op.register_fake
 def _(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
     return (torch.empty(h.shape, dtype=h.dtype, device=h.device),
@@ -456,70 +458,61 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (n_cols, rms, offset, casting, residual is not None, *params)
 
 
-def _autograd_backward(ctx, dy, dh, _dmean, _drstd):
+def _gradients(backward, ctx, dy, dh, _dmean, _drstd):
+    """The inputs' gradients by ``backward`` (the launches, or their custom op) from the saved context."""
     h, weight, mean, rstd = ctx.saved_tensors
     n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config
     want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    dx, dw, db = _backward_op(h, weight, dy, dh if has_res else None, mean, rstd, n_cols, rms, offset, casting,
-                              want_dw, want_db)
+    dx, dw, db = backward(h, weight, dy, dh if has_res else None, mean, rstd, n_cols, rms, offset, casting,
+                          want_dw, want_db)
     dw = dw.to(weight_meta[0]).view(weight_meta[1]) if want_dw else None
     db = db.to(bias_meta[0]).view(bias_meta[1]) if want_db else None
     # x and residual enter h = x + residual alike, so both receive dh (as torch's add gives both its grad)
     return dx, (dx if has_res else None), dw, db, None, None, None, None, None
 
 
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(lambda ctx, *grads: _gradients(_backward_op, ctx, *grads),
+                              setup_context=_setup_context)
 
 
-class _WithJvp(torch.autograd.Function):
-    """The forward op with forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) as well as reverse.
+def _setup_eager(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.save_for_forward(*_saved(inputs, output))
+    ctx.mark_non_differentiable(*output[2:])  # mean, rstd
 
-    A custom op has no forward-mode formula (its outputs would carry a silent zero tangent), and torch.compile
-    cannot trace an autograd.Function that defines ``jvp``: so only inputs that carry a tangent come here.
-    """
 
-    generate_vmap_rule = True  # torch.func.jacfwd vmaps the jvp over the basis tangents
+def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
+    """Tangents of (y, h): with xhat = (h - mean) * rstd and dh = dx + dresidual,
+    dy = rstd * (dh' - xhat * mean(xhat * dh')) * (offset + weight) + xhat * dweight + dbias, where
+    dh' = dh - mean(dh) (layer norm) or dh (RMS norm). Plain torch math in fp32 rather than a kernel, so that
+    nested transforms differentiate it in turn; the casting modes' roundings count as identities."""
+    h, weight, mean, rstd = ctx.saved_tensors
+    n_cols, rms, offset, _, has_res = ctx.config[:5]
+    rows = (-1, n_cols)
+    rstd = rstd[:, None]
+    xhat = (h.reshape(rows).float() - (0.0 if rms else mean[:, None])) * rstd
+    dy = torch.zeros_like(xhat)
+    dh = dx if dresidual is None else dresidual if dx is None else dx + dresidual
+    if dh is not None:
+        d = dh.reshape(rows).float()
+        if not rms:
+            d = d - d.mean(-1, keepdim=True)
+        dy = rstd * (d - xhat * (xhat * d).mean(-1, keepdim=True))
+        if weight is not None:
+            dy = dy * (offset + weight.reshape(-1).float())
+    if dweight is not None:
+        dy = dy + xhat * dweight.reshape(-1).float()
+    if dbias is not None:
+        dy = dy + dbias.reshape(-1).float()
+    dh_out = (dh if dh is not None else torch.zeros_like(h)) if has_res else h.new_empty(0)
+    return dy.to(h.dtype).view(h.shape), dh_out, None, None
 
-    @staticmethod
-    def forward(*inputs):
-        return _forward_op(*inputs)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*_saved(inputs, output))
-        ctx.mark_non_differentiable(*output[2:])  # mean, rstd
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _autograd_backward(ctx, *grads)
-
-    @staticmethod
-    def jvp(ctx, dx, dresidual, dweight, dbias, *_):
-        """Tangents of (y, h): with xhat = (h - mean) * rstd and dh = dx + dresidual,
-        dy = rstd * (dh' - xhat * mean(xhat * dh')) * (offset + weight) + xhat * dweight + dbias, where
-        dh' = dh - mean(dh) (layer norm) or dh (RMS norm). Plain torch math in fp32 rather than a kernel, so that
-        nested transforms differentiate it in turn; the casting modes' roundings count as identities."""
-        h, weight, mean, rstd = ctx.saved_tensors
-        n_cols, rms, offset, _, has_res = ctx.config[:5]
-        rows = (-1, n_cols)
-        rstd = rstd[:, None]
-        xhat = (h.reshape(rows).float() - (0.0 if rms else mean[:, None])) * rstd
-        dy = torch.zeros_like(xhat)
-        dh = dx if dresidual is None else dresidual if dx is None else dx + dresidual
-        if dh is not None:
-            d = dh.reshape(rows).float()
-            if not rms:
-                d = d - d.mean(-1, keepdim=True)
-            dy = rstd * (d - xhat * (xhat * d).mean(-1, keepdim=True))
-            if weight is not None:
-                dy = dy * (offset + weight.reshape(-1).float())
-        if dweight is not None:
-            dy = dy + xhat * dweight.reshape(-1).float()
-        if dbias is not None:
-            dy = dy + dbias.reshape(-1).float()
-        dh_out = (dh if dh is not None else torch.zeros_like(h)) if has_res else h.new_empty(0)
-        return dy.to(h.dtype).view(h.shape), dh_out, None, None
+_norm_function = autograd_function("FusedNorm", _forward, _setup_eager,
+                                   lambda ctx, *grads: _gradients(_backward, ctx, *grads), _jvp)
+"""The eager path (``kernels/_autograd.py``): reverse mode and forward mode (``torch.func.jvp``,
+``torch.autograd.forward_ad``) without the custom op's dispatch; torch.compile cannot trace a Function with a jvp,
+so it gets the custom op."""
 
 
 _TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
@@ -678,10 +671,7 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     if any(t.dtype not in FLOAT_DTYPES for t in present) or not math.prod(shape) or not kernel_runs_on(*present):
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     args = (x, residual, weight, bias, math.prod(shape), float(eps), rms, float(offset), CASTING_MODES[casting_mode])
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in present):
-        y, h, _, _ = _WithJvp.apply(*args)
-    else:
-        y, h, _, _ = _forward_op(*args)
+    y, h, _, _ = (_forward_op if torch.compiler.is_compiling() else _norm_function)(*args)
     return y if residual is None else (y, h)
 
 
