@@ -21,15 +21,13 @@ the bytes a step reads and writes (``benchmarks/counting.py``).
 ``--out DIR`` writes ``model.json`` (records), ``model.csv`` and one PNG per workload.
 """
 import argparse
-import contextlib
-import copy
 import importlib.util
 import os
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -16,7 +16,6 @@ Writes ``overhead.json`` / ``overhead.csv`` and ``overhead.png`` (ratio to the m
 """
 import argparse
 import contextlib
-import statistics
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple

@@ -2,7 +2,8 @@
 import functools
 
 import torch
-import triton
+
+from kernels._runtime import next_power_of_2
 
 
 @functools.lru_cache(maxsize=None)
@@ -12,7 +13,7 @@ def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int):
     about ``per_thread`` elements of a block per thread (fewer where the kernel keeps more values per element).
     Cached: a launch plan is computed once per width and set of limits."""
     single = n_cols <= max_block
-    block = triton.next_power_of_2(n_cols) if single else long_block
+    block = next_power_of_2(n_cols) if single else long_block
     num_warps = min(16, max(4, block // (32 * per_thread)))
     return block, single, num_warps
 

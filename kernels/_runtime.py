@@ -13,6 +13,7 @@ It also checks, first, that the ``kernels`` being imported is this package: Hugg
 import name (see :func:`check_import_name`).
 """
 import contextlib
+import functools
 import importlib.metadata
 import os
 import sys
@@ -130,11 +131,39 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
 def device_capability(device: torch.device):
-    """(major, minor) compute capability of a CUDA device, or None on CPU/interpreter. Queried lazily."""
+    """(major, minor) compute capability of a CUDA device, or None on CPU/interpreter. Queried lazily, once per
+    device."""
     if INTERPRETED or device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(device)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (queried once per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Host integer math for launch plans: Triton's own cdiv / next_power_of_2 are constexpr functions that cost about
+# 2 µs a call on the host, more than the rest of a small launch's plan.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 _INTERPRETER_LOCK = threading.RLock()

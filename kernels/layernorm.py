@@ -43,7 +43,7 @@ import triton.language as tl
 
 from kernels._autograd import autograd_function
 from kernels._rows import as_rows, row_config
-from kernels._runtime import INTERPRETED, cast_rne, kernel_runs_on, launch_device
+from kernels._runtime import INTERPRETED, cast_rne, cdiv, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -350,9 +350,9 @@ def _multi_row(n_cols: int) -> bool:
 def _row_split(n_rows: int, device: torch.device, per_sm: int):
     """(programs, rows_per_program): each program takes a run of consecutive rows. On a GPU about ``per_sm``
     programs per SM; under the interpreter four, so tests see several programs and an uneven last run."""
-    target = 4 if INTERPRETED else per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    rows_per_program = max(1, triton.cdiv(n_rows, max(1, min(n_rows, target))))
-    return triton.cdiv(n_rows, rows_per_program), rows_per_program
+    target = 4 if INTERPRETED else per_sm * sm_count(device)
+    rows_per_program = max(1, cdiv(n_rows, max(1, min(n_rows, target))))
+    return cdiv(n_rows, rows_per_program), rows_per_program
 
 
 MULTI_ROW_MAX_BLOCK = 4096

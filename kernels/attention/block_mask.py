@@ -30,6 +30,7 @@ import torch
 import triton
 
 from kernels import _runtime
+from kernels._runtime import cdiv
 from kernels.attention.kernels import MASK_BLOCK, _block_mask_cells
 from triton.errors import TritonError
 from triton.runtime.interpreter import InterpretedFunction
@@ -209,7 +210,7 @@ class BlockMask:
     def states(self) -> torch.Tensor:
         """The (B or 1, H or 1, QC, KC) cell states."""
         n_q, n_k = self.shape[2:]
-        qc, kc = triton.cdiv(n_q, CELL), triton.cdiv(n_k, CELL)
+        qc, kc = cdiv(n_q, CELL), cdiv(n_k, CELL)
         return self.summary[..., :qc * kc].unflatten(-1, (qc, kc))
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -272,7 +273,7 @@ def _causes(error: BaseException):
 def _cell_states(mod: MaskMod, batch: int, heads: int, Nq: int, Nk: int, device: torch.device) -> torch.Tensor:
     """The (batch, heads, QC, KC) int32 cell states of ``mod`` (one launch); TypeError naming the mod if it
     returns neither bools nor ints."""
-    states = torch.zeros((batch, heads, triton.cdiv(Nq, CELL), triton.cdiv(Nk, CELL)), dtype=torch.int32,
+    states = torch.zeros((batch, heads, cdiv(Nq, CELL), cdiv(Nk, CELL)), dtype=torch.int32,
                          device=device)
     if states.numel():
         try:

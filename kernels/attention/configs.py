@@ -121,7 +121,7 @@ def specialisation(meta: dict, dropout: bool) -> str:
 
 def d_bucket(head_dim: int) -> int:
     """The table key of a head dim: its padded width, with every width up to 64 sharing the 64 table."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, _runtime.next_power_of_2(head_dim))
     return 64 if block_d <= 64 else block_d
 
 
@@ -143,7 +143,7 @@ def _family(device: torch.device) -> int:
 
 
 def _length_bucket(n: int) -> int:
-    return triton.next_power_of_2(max(min(n, 16384), 64))
+    return _runtime.next_power_of_2(max(min(n, 16384), 64))
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +160,7 @@ def _tuned(kernel: str, family: int, bucket: int, fp32: bool, variant: str, n_bu
 def grid(rows: int, heads: int, block: int) -> Tuple[int]:
     """The 1-D grid of cdiv(rows, block) blocks for each of ``heads`` (batch * heads); ValueError past CUDA's
     limit, before anything launches."""
-    programs = triton.cdiv(rows, block) * heads
+    programs = _runtime.cdiv(rows, block) * heads
     if programs > MAX_PROGRAMS:
         raise ValueError(f"attention: {heads} heads x {rows} rows in blocks of {block} need {programs} programs, "
                          f"more than a GPU grid holds ({MAX_PROGRAMS})")
@@ -223,7 +223,7 @@ def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bo
     interpreter only; see kernels.py)."""
     d = q.shape[-1]
     tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal, WINDOW=window,
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), CAUSAL=causal, WINDOW=window,
                 SOFTCAP=softcap, UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
                 PRECISION="tf32" if tf32 else "ieee")
 

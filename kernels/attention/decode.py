@@ -295,7 +295,7 @@ def tile(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
     ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages)."""
     fp32 = dtype == torch.float32
     block_n, warps, stages = _TILES[fp32][d_bucket(head_dim)]
-    config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, triton.next_power_of_2(rows))),
+    config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, _runtime.next_power_of_2(rows))),
                   BLOCK_N=INTERPRETER_BLOCK_N if _runtime.INTERPRETED else block_n, num_warps=warps, num_stages=stages)
     config.update(forced_config("attention_decode") or {})
     if _runtime.INTERPRETED:
@@ -317,14 +317,14 @@ def choose_splits(programs: int, rows: int, capacity: int, head_dim: int, itemsi
     cache_bytes = 2 * capacity * head_dim * itemsize  # K and V of one kv head
     partial_bytes = 2 * rows * (head_dim + 1) * 4  # one split's fp32 (out, lse) rows, written and read back
     by_traffic = cache_bytes // (PARTIAL_TRAFFIC * partial_bytes)
-    return max(1, min(triton.cdiv(WAVES * sm_count, programs), by_traffic, triton.cdiv(capacity, block_n),
+    return max(1, min(_runtime.cdiv(WAVES * sm_count, programs), by_traffic, _runtime.cdiv(capacity, block_n),
                       MAX_SPLITS))
 
 
 def _sm_count(device: torch.device) -> int:
     if _runtime.device_capability(device) is None:
         return ASSUMED_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _runtime.sm_count(device)
 
 
 _TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i32",
@@ -375,7 +375,7 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
         0 if cos is None else 2 * cos.shape[1],
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
+        HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
         INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
 
 
@@ -391,7 +391,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         return out, lse
     group = heads // kv_heads
     config = tile(q.dtype, d, group * n_q)
-    m_blocks = triton.cdiv(group * n_q, config["BLOCK_M"])
+    m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
     splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, q.element_size(),
                                          config["BLOCK_N"], _sm_count(q.device))
     if splits == 1:
