@@ -64,8 +64,8 @@ class _Log:
                                    "bytes": counts.bytes_read + counts.bytes_written})
                 return result
             return counted
-        distributed._forward_op = wrap(distributed._forward_op, "forward")
-        distributed._backward_op = wrap(distributed._backward_op, "backward")
+        distributed.attention_forward = wrap(distributed.attention_forward, "forward")
+        distributed.attention_backward = wrap(distributed.attention_backward, "backward")
 
     def record(self, step) -> None:
         self.calls.clear()

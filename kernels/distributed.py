@@ -12,8 +12,9 @@ one of two layouts:
 uses the current shard is computed, so transfer overlaps compute on GPUs) and merges the per-block outputs with
 their logsumexps in fp32. Its backward passes K/V around again with an fp32 dK/dV accumulator travelling with them,
 which arrives back at its owner after P hops; every sum is taken in a fixed order, so results are deterministic.
-Only ``kernels.attention``'s custom ops compute: ``_forward_op`` for (out, lse) of a block and ``_backward_op`` for
-a block's exact gradients given the global (out, lse).
+Only ``kernels.attention``'s launches compute: ``attention_forward`` for (out, lse) of a block and
+``attention_backward`` for a block's exact gradients given the global (out, lse), with lse in the kernels' log2
+units throughout (converted to the natural log only when returned).
 """
 import numbers
 import struct
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._validate import check_tensor
-from kernels.attention.api import _backward_op, _forward_op, check_qkv, check_scale
+from kernels.attention.api import attention_backward, attention_forward, check_qkv, check_scale, natural_lse
 
 LAYOUTS = ("contiguous", "zigzag")
 _KV_TAG, _GRAD_TAG = 0, 2  # distinct tags for the K/V and dK/dV messages that are in flight to one peer at once
@@ -319,19 +320,19 @@ class _Ring:
 
 
 def _merge(acc_out: torch.Tensor, acc_lse: torch.Tensor, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """acc <- the softmax-weighted union of acc and one block's (out, lse) on ``rows``, in fp32:
-    lse' = logaddexp(lse_acc, lse), out' = exp(lse_acc - lse') out_acc + exp(lse - lse') out.
+    """acc <- the softmax-weighted union of acc and one block's (out, lse) on ``rows``, in fp32 and in the kernels'
+    log2 units: lse' = logaddexp2(lse_acc, lse), out' = 2^(lse_acc - lse') out_acc + 2^(lse - lse') out.
     Rows that have seen no key yet (lse' = -inf) keep out 0 and lse -inf instead of NaN."""
     old_lse = acc_lse[..., rows]
-    new_lse = torch.logaddexp(old_lse, lse)
+    new_lse = torch.logaddexp2(old_lse, lse)
     finite = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
-    acc_out[..., rows, :] = (acc_out[..., rows, :] * torch.exp(old_lse - finite).unsqueeze(-1)
-                             + out.float() * torch.exp(lse - finite).unsqueeze(-1))
+    acc_out[..., rows, :] = (acc_out[..., rows, :] * torch.exp2(old_lse - finite).unsqueeze(-1)
+                             + out.float() * torch.exp2(lse - finite).unsqueeze(-1))
     acc_lse[..., rows] = new_lse
 
 
 def _ring_forward(q, k, v, plans, scale: float, ring: _Ring):
-    """(out in q's dtype, lse fp32) of this rank's queries against the whole ring's keys."""
+    """(out in q's dtype, lse fp32 in log2 units) of this rank's queries against the whole ring's keys."""
     acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     kv = (k, v)
@@ -339,7 +340,7 @@ def _ring_forward(q, k, v, plans, scale: float, ring: _Ring):
         arriving = ring.exchange(kv, _KV_TAG) if t < len(plans) - 1 else None
         for b in blocks:
             rows = slice(b.q_lo, b.q_hi)
-            out, lse = _forward_op(q[:, :, rows], kv[0][:, :, :b.k_hi], kv[1][:, :, :b.k_hi], None, None,
+            out, lse = attention_forward(q[:, :, rows], kv[0][:, :, :b.k_hi], kv[1][:, :, :b.k_hi], None, None,
                                    b.causal, b.shift, scale)
             _merge(acc_out, acc_lse, rows, out, lse)
         if arriving is not None:
@@ -357,7 +358,7 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, plans, scale: float, r
         grads = None
         for b in blocks:
             rows = slice(b.q_lo, b.q_hi)
-            dq_b, dk_b, dv_b = _backward_op(grad_out[:, :, rows], q[:, :, rows], kv[0][:, :, :b.k_hi],
+            dq_b, dk_b, dv_b = attention_backward(grad_out[:, :, rows], q[:, :, rows], kv[0][:, :, :b.k_hi],
                                             kv[1][:, :, :b.k_hi], out[:, :, rows], lse[..., rows].contiguous(),
                                             None if grad_lse is None else grad_lse[..., rows].contiguous(),
                                             None, None, b.causal, b.shift, scale)
@@ -439,4 +440,4 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     scale = facts["softmax scale"]
     plans = ring_plans(layout, rank, world, q.shape[2], bool(causal))
     out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, scale, _Ring(group))
-    return (out, lse) if return_lse else out
+    return (out, natural_lse(lse)) if return_lse else out

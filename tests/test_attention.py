@@ -563,3 +563,18 @@ def test_gpu_builds_compile_without_spills_and_use_tensor_cores():
         arch, stores, loads, mma = line.split()[-5], *line.split()[-3:]
         assert (stores, loads) == ("0", "0"), line
         assert mma == ("HGMMA" if arch == "sm_90" else "HMMA"), line
+
+
+@pytest.mark.parametrize("dtype", [FP32, torch.bfloat16])
+def test_one_visible_key_gives_probability_exactly_one(device, dtype):
+    """A row that sees one key has p = 1 exactly, so dV is dO exactly (and out is v), as torch gives, even at
+    logits ~100: the backward recomputes p from the forward's statistics in the base the kernel summed in (a
+    natural-log lse taken back to base 2 gave p = 1 +- 1e-5)."""
+    q = (torch.randn(1, 2, 40, 16, device=device) * 3).to(dtype)
+    scale = 100.0 / (q.float() ** 2).sum(-1).mean().item()  # diagonal logits about 100
+    q, k, v = q.requires_grad_(), q.detach().clone().requires_grad_(), torch.randn_like(q).requires_grad_()
+    out, lse = kernels.attention(q, k, v, causal=True, window_size=(0, 0), scale=scale, return_lse=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(out, v) and torch.equal(v.grad, grad)
+    torch.testing.assert_close(lse, scale * (q.detach().float() ** 2).sum(-1), rtol=1e-6, atol=0)

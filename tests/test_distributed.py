@@ -429,20 +429,20 @@ def test_zigzag_runs_one_call_per_ring_step():
 
 def test_merge_handles_rows_that_see_no_key():
     """Merging a block into an empty accumulator copies it; rows with lse -inf in both stay 0 and -inf (no NaN);
-    two halves merge into the whole row's softmax."""
+    two halves merge into the whole row's softmax. lse in the kernels' log2 units."""
     scores, values = torch.randn(1, 1, 3, 6), torch.randn(1, 1, 6, 2)
     scores[0, 0, 2] = float("-inf")  # the last row sees no key at all
     halves = []
     for part in (slice(0, 4), slice(4, 6)):
         s = scores[..., part]
-        lse = torch.logsumexp(s, -1)
+        lse = torch.logsumexp(s, -1) * math.log2(math.e)
         halves.append((torch.nan_to_num(torch.softmax(s, -1)) @ values[..., part, :], lse))
     acc_out, acc_lse = torch.zeros(1, 1, 3, 2), torch.full((1, 1, 3), float("-inf"))
     for out, lse in halves:
         distributed._merge(acc_out, acc_lse, slice(0, 3), out, lse)
     whole = torch.nan_to_num(torch.softmax(scores, -1)) @ values
     torch.testing.assert_close(acc_out, whole)
-    torch.testing.assert_close(acc_lse, torch.logsumexp(scores, -1))
+    torch.testing.assert_close(acc_lse, torch.logsumexp(scores, -1) * math.log2(math.e))
     assert acc_out[0, 0, 2].eq(0).all() and torch.isneginf(acc_lse[0, 0, 2])
     assert math.isfinite(acc_out.sum().item())
 

@@ -226,8 +226,14 @@ def test_forward_mode_ad_gives_torch_tangents(rms):
     torch.testing.assert_close(tangent, expected)
 
 
+def _forbid_kernels(monkeypatch):
+    """Both ways into the kernels (the eager Function and the custom op) fail if called."""
+    monkeypatch.setattr(norm_module, "_forward_op", None)
+    monkeypatch.setattr(norm_module, "_norm_function", None)
+
+
 def test_float64_and_meta_tensors_run_torch_own_ops_silently(monkeypatch):
-    monkeypatch.setattr(norm_module, "_forward_op", None)  # no kernel may run
+    _forbid_kernels(monkeypatch)
     x, r = torch.randn(3, 9, dtype=torch.float64, requires_grad=True), torch.randn(3, 9, dtype=torch.float64)
     w, b = torch.randn(9, dtype=torch.float64, requires_grad=True), torch.randn(9, dtype=torch.float64)
     with warnings.catch_warnings():
@@ -382,7 +388,7 @@ def test_rmsnorm_module_is_a_drop_in(affine):
 
 
 def test_bad_input_raises_before_launch(monkeypatch):
-    monkeypatch.setattr(norm_module, "_forward_op", None)  # any launch attempt fails differently
+    _forbid_kernels(monkeypatch)
     x = torch.randn(3, 8)
     cases = [
         (TypeError, "x must be a torch.Tensor", lambda: kernels.layer_norm(x.tolist(), 8)),
@@ -420,7 +426,7 @@ def test_kernel_path_is_taken(monkeypatch, device):
 
 def test_fallback_when_the_kernels_cannot_run(monkeypatch):
     monkeypatch.setattr(norm_module, "kernel_runs_on", lambda *tensors: False)
-    monkeypatch.setattr(norm_module, "_forward_op", None)
+    _forbid_kernels(monkeypatch)
     x, r, w, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)
     torch.testing.assert_close(kernels.layer_norm(x, 8, w, b), F.layer_norm(x, (8,), w, b))
     y, h = kernels.add_rms_norm(x, r, 8, w)
@@ -486,7 +492,7 @@ def _empty_case(name, x):
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"])
 def test_an_empty_normalized_shape_gives_torch_empty_result(monkeypatch, name):
     """normalized_shape (0,): an empty output of x's shape and empty gradients, as torch's; no kernel launches."""
-    monkeypatch.setattr(norm_module, "_forward_op", None)
+    _forbid_kernels(monkeypatch)
     x = torch.randn(4, 0, requires_grad=True)
     results = []
     for call in _empty_case(name, x):

@@ -1,10 +1,12 @@
-"""Fused attention's public function, its launchers and its autograd (torch.library custom ops).
+"""Fused attention's public function, its launchers and its autograd.
 
 :func:`attention` takes q (B, H, Nq, D) and k, v (B, Hkv, Nk, D) (see ``kernels.py`` for the math and the
-kernels). The forward and backward are ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` keeps a
-launch in one graph; they are also the building blocks of other attention paths (e.g. context parallelism):
-``_forward_op`` returns (out, lse), ``_backward_op`` the gradients given any (out, lse) the rows were normalised
-with.
+kernels). :func:`attention_op` is the one autograd entry of every attention path (dense, varlen, the SDPA shim):
+a plain autograd.Function in eager, the ``torch.library`` custom ops ``_forward_op``/``_backward_op`` while
+torch.compile traces, so ``torch.compile(fullgraph=True)`` keeps a launch in one graph. :data:`attention_forward`
+returns (out, lse) and :data:`attention_backward` the gradients given any (out, lse) the rows were normalised with:
+the building blocks of paths with their own autograd (context parallelism). Their lse is in log2 units
+(:func:`natural_lse` gives the natural one the public functions return).
 
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
@@ -20,7 +22,7 @@ from kernels import _runtime, reference
 from kernels._autograd import autograd_function
 from kernels._validate import check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.kernels import LOG2E
+from kernels.attention.kernels import LN2, LOG2E
 
 # --------------------------------------------------------------------------------------------------- launchers
 
@@ -109,8 +111,9 @@ def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: fl
              window_right: int = -1, softcap: float = 0.0, alibi_slopes=None, sinks=None, dropout_p: float = 0.0,
              rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
              mask_mod: int = -1, block_mask=None, mask_args=None, score_mod: int = -1, score_args=None):
-    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32); for packed sequences
-    (cu_seqlens given) q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
+    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32 in log2 units: see
+    :func:`natural_lse`); for packed sequences (cu_seqlens given) q, k, v, out are (1, H, total, D) views and lse
+    is (1, H, total_q)."""
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
     varlen_batch, varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -119,7 +122,7 @@ def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: fl
     if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
         if sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
-        return out.zero_(), lse.copy_(sinks[:, None].expand(lse.shape))
+        return out.zero_(), lse.copy_(sinks[:, None].expand(lse.shape) * LOG2E.value)
     (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
                                                            softcap, alibi_slopes, dropout_p, rng_state, varlen)
     pad_ptr, stride_pb = _pad_args(pad)
@@ -173,13 +176,14 @@ def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: boo
 
 def _delta(grad_out, out, lse, grad_lse, meta) -> torch.Tensor:
     """rowsum(dO * O) - dlse (B, H, Nq) fp32, by the pre-pass kernel: d lse_i / d s_ij = p_ij folds into delta,
-    ds = p * (dp - (delta - dlse))."""
+    ds = p * (dp - (delta - dlse)). ``grad_lse`` is the gradient of the log2-unit lse, log2(e) times that of the
+    natural one, hence the factor."""
     batch, heads, n_q, _ = out.shape
     delta = torch.empty_like(lse)
     configs.launch_delta((out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q), n_q, batch * heads,
                          meta)
     if grad_lse is not None:
-        delta -= grad_lse
+        delta -= grad_lse * LOG2E.value
     return delta
 
 
@@ -272,11 +276,12 @@ def _(grad_out, q, k, v, *args, cu_seqlens_q=None, **kwargs):
 def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
     """d loss / d sinks (H,): out_i and lse_i depend on sink_h through its probability p_i = exp(sink_h - lse_i)
     alone, d out_i = -p_i out_i and d lse_i = p_i, so dsink_h = -sum over batch and rows of p_i (rowsum(dO_i * O_i)
-    - dlse_i). Per-row values reduced by torch.sum: deterministic."""
+    - dlse_i). Per-row values reduced by torch.sum: deterministic. ``lse`` and ``grad_lse`` are the log2-unit
+    lse and its gradient (see :func:`natural_lse`)."""
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
-        delta = delta - grad_lse
-    return -(torch.exp(sinks[:, None] - lse) * delta).sum((0, 2))
+        delta = delta - grad_lse * LOG2E.value
+    return -(torch.exp2(sinks[:, None] * LOG2E.value - lse) * delta).sum((0, 2))
 
 
 def _setup_context(ctx, inputs, output):
@@ -321,8 +326,20 @@ def _on_device(launches):
     return run
 
 
-_attention_function = autograd_function("FlashAttention", _on_device(_forward), _setup_context,
-                                        lambda ctx, *grads: _gradients(_on_device(_backward), ctx, *grads))
+attention_forward = _on_device(_forward)
+"""(out, log2-unit lse) of the forward kernel with ``_forward_op``'s arguments, no autograd: for paths with an
+autograd of their own (ring attention)."""
+attention_backward = _on_device(_backward)
+"""(dq, dk, dv) of the backward kernels with ``_backward_op``'s arguments (any (out, lse) the rows were normalised
+with: ring attention passes the global ones)."""
+_attention_function = autograd_function("FlashAttention", attention_forward, _setup_context,
+                                        lambda ctx, *grads: _gradients(attention_backward, ctx, *grads))
+
+
+def natural_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The natural-log logsumexp of the kernels' log2-unit one (lse * ln 2), differentiably: the kernels keep
+    lse in base 2 so that the backward recomputes probabilities from exactly what the forward summed."""
+    return lse * LN2.value
 
 
 _DEFAULTS = tuple(p.default for p in inspect.signature(_forward).parameters.values())
@@ -548,4 +565,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                None if sinks is None else sinks.float(), dropout_p,
                                _draw_rng(q.device) if dropout_p > 0 else None, None, None, 0, 0,
                                *_mod_op_args(block_mask, score_mod, q))
+        lse = natural_lse(lse)
     return (out, lse) if return_lse else out

@@ -7,7 +7,10 @@ power of two >= 16 with masked loads; fp16, bf16 or fp32, any strides. Every add
 
 Math: out = softmax(s) @ v, block by block with an online softmax in base 2 (scale * log2(e) folded into one
 multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` float32 (element b * stride_lb +
-h * stride_lh + i: (B, H, Nq), or (H, total_q) for packed sequences) is kept for the backward. The score of query i and key j is, in FlashAttention's order,
+h * stride_lh + i: (B, H, Nq), or (H, total_q) for packed sequences) is kept for the backward in the kernels' base:
+lse = log2(sum_j 2^(s_ij * log2 e)), the natural one times log2(e), so that the backward's p = 2^(s * log2 e - lse)
+is exactly 1 where a row sees one key (a natural-log lse, rounded on the way out and back, was 1 +- 1e-5 at
+logits ~100). The public functions return the natural-log lse (``api.natural_lse``). The score of query i and key j is, in FlashAttention's order,
 
     s_ij = scale * q_i . k_j,  then softcap * tanh(s_ij / softcap) (SOFTCAP),  then - slope_h * |i + ALIBI_SHIFT - j|
     (ALIBI, a float32 slope per head, or per batch and head when stride_ab is nonzero),
@@ -17,7 +20,7 @@ and query i sees key j iff kv_start[b] <= j < kv_end[b], the optional (B, Nk) pa
 a window's left edge). Key blocks outside a query block's bounds are never visited, and only the blocks that
 straddle a bound are masked. SINKS (float32, one logit per head) joins every row's softmax denominator with no
 value: out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)), and lse includes it. Rows that see no key
-give zeros and lse = -inf (lse = sink_h with sinks).
+give zeros and lse = -inf (lse = sink_h * log2(e) with sinks).
 
 Dropout (SEED, a pointer to the int64 pair (seed, offset)): after the softmax, probability p_ij is kept with
 probability 1 - dropout_p and scaled by 1 / (1 - dropout_p); the keep decision is Philox(seed; j, i, b * H + h,
@@ -421,7 +424,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
     o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
@@ -450,10 +453,10 @@ def _attn_bwd_delta(O, DO, DELTA,
 
 @triton.jit
 def _row_stats(LSE, DELTA, row_base, rows, row_ok):
-    """The backward's per-row log2-unit logsumexp and delta. Rows past the end and rows that saw no key
-    (lse = -inf) get +inf, so exp2(s - lse) = 0 removes them from every gradient."""
+    """The backward's per-row logsumexp (log2 units, as stored) and delta. Rows past the end and rows that saw no
+    key (lse = -inf) get +inf, so exp2(s - lse) = 0 removes them from every gradient."""
     lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
     return lse, delta
 

@@ -28,7 +28,7 @@ import torch
 from kernels import _runtime
 from kernels._validate import assert_on_device, check_same, check_tensor
 from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, attention, attention_op,
-                                   check_qkv, check_scale, check_window)
+                                   check_qkv, check_scale, check_window, natural_lse)
 
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
@@ -198,5 +198,5 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                None if sinks is None else sinks.float(), dropout_p,
                                _draw_rng(q.device) if dropout_p > 0 else None, cu_seqlens_q.contiguous(),
                                cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
-        out, lse = out[0].transpose(0, 1), lse[0]
+        out, lse = out[0].transpose(0, 1), natural_lse(lse[0])
     return (out, lse) if return_lse else out
