@@ -75,3 +75,14 @@ def test_another_kernels_package_over_this_ones_files_raises_import_error(tmp_pa
                   f'"kernels" 0.0 (Hugging Face\'s hub kernels, in {tmp_path})',
                   "has overwritten or shadows transformer-kernels", "pip uninstall kernels"):
         assert words in error
+
+
+def test_hub_kernels_first_on_the_path_make_transformer_say_so(tmp_path):
+    """Hugging Face's ``kernels`` earlier on sys.path: our kernels never load, and ``import transformer`` names the
+    clash instead of failing on a missing submodule."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    pass\n")
+    done = run_python("import transformer", tmp_path, cwd=tmp_path)
+    assert done.returncode != 0
+    message = " ".join(done.stderr.split())
+    assert "ImportError" in message and "transformer-kernels" in message and "same import name" in message
