@@ -432,3 +432,55 @@ def test_flash_attn_with_kvcache_signature_and_conventions(device):
     assert torch.equal(lse[ref_lse.isfinite()], ref_lse[ref_lse.isfinite()])
     assert torch.equal(flash_attn_with_kvcache(q, *caches[2], k, v, cache_seqlens=seqlens, causal=True,
                                                softmax_scale=0.3), out)
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+
+
+def test_custom_op_passes_opcheck():
+    """The op torch.compile traces declares its in-place append (mutates_args k_cache, v_cache) and has a fake:
+    opcheck's schema, fake-tensor and AOT-dispatch tests pass, appending with rotary and attending without."""
+    q, k_cache, v_cache, k, v = _inputs(FP32, "cpu", 2, 2, 4, 2, 16, 2, 40, 2)
+    cos, sin = _rotary(FP32, "cpu", 40, 8)
+    seqlens, leftpad = _int32([5, 17], "cpu"), _int32([1, 2], "cpu")
+    for args in [(q, k_cache, v_cache, k, v, cos, sin, seqlens, None, None, None, None, True, False, -1, 0, 0.0,
+                  0.25, 0),
+                 (q, k_cache, v_cache, None, None, None, None, seqlens, leftpad, None, None, None, True, True, 3, -1,
+                  2.0, 0.25, 2)]:
+        torch.library.opcheck(decode._launch_op, args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_in_one_graph_with_the_lengths_on_the_device(device, backend):
+    """torch.compile(fullgraph=True) of a decoding step (a contiguous cache with rotary and left padding, then a
+    paged one windowed with ALiBi and splits): one graph for every cache_seqlens value (no recompilation, no host
+    read), bit-identical outputs and caches to eager's (the same launches), and a bad value still raises, now
+    torch._assert_async's RuntimeError naming cache_seqlens."""
+    q, k_cache, v_cache, k, v = _inputs(FP16, device, 2, 1, 4, 2, 64, 2, 32, 1)
+    cos, sin = _rotary(FP16, device, 32, 32)
+    k_pages, table = _paged(k_cache, 16)
+    v_pages, _ = _paged(v_cache, 16)
+    slopes = torch.rand(4, device=device)
+
+    def step(caches, seqlens, leftpad):
+        contiguous = kernels.attention_with_kvcache(q, caches[0], caches[1], k, v, rotary_cos=cos, rotary_sin=sin,
+                                                    cache_seqlens=seqlens, cache_leftpad=leftpad, causal=True)
+        paged = kernels.attention_with_kvcache(q, caches[2], caches[3], k, v, cache_seqlens=seqlens,
+                                               block_table=table, window_size=(9, 0), alibi_slopes=slopes,
+                                               num_splits=2, return_lse=True)
+        return contiguous, *paged
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for lengths, pads in [([5, 20], [1, 0]), ([0, 31], [0, 30])]:
+        seqlens, leftpad = _int32(lengths, device), _int32(pads, device)
+        caches = [[t.clone() for t in (k_cache, v_cache, k_pages, v_pages)] for _ in range(2)]
+        got, want = compiled(caches[0], seqlens, leftpad), step(caches[1], seqlens, leftpad)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a, b) for a, b in zip(*caches))
+    assert counter.frame_count == 1
+    with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
+        compiled(caches[0], _int32([5, 32], device), leftpad)
+    assert counter.frame_count == 1

@@ -420,6 +420,52 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
     return out, lse
 
 
+def _capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(key positions per batch row, page size or 0) of a contiguous or paged cache."""
+    if block_table is None:
+        return k_cache.shape[1], 0
+    return block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+
+
+def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+            v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
+            seqlens: Optional[torch.Tensor], leftpad: Optional[torch.Tensor], batch_idx: Optional[torch.Tensor],
+            block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], rotary_interleaved: bool,
+            q_same_position: bool, window_left: int, window_right: int, softcap: float, scale: float,
+            num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The launches of a checked :func:`attention_with_kvcache` call: append (and rotate) k/v into the caches in
+    place, rotate q, attend. Index tensors int32 and contiguous, ``seqlens`` (B,) or None. Returns (out (B, Sq, H, D)
+    in q's dtype, lse (B, H, Sq) fp32). Every allocation's size follows from the shapes, none from a tensor's
+    values (a CUDA graph replays it with new values)."""
+    capacity, page_size = _capacity(k_cache, block_table)
+    n_new = 0 if k is None else k.shape[1]
+    with _runtime.launch_device(q):
+        if k is not None:
+            rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=rotary_interleaved, same_position=False)
+            _append(k, k_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table, capacity=capacity,
+                    page_size=page_size, to_cache=True, **rotary)
+            _append(v, v_cache, None, None, seqlens, batch_idx, block_table, capacity, page_size, True, False, False)
+            if rotary_cos is not None:
+                q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                rotary["same_position"] = q_same_position
+                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None,
+                        capacity=rotary_cos.shape[0], page_size=page_size, to_cache=False, **rotary)
+                q = q_rotated
+        return _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
+                       (window_left, window_right), softcap, alibi_slopes, scale, num_splits)
+
+
+_launch_op = torch.library.custom_op("kernels::attention_with_kvcache", _launch, mutates_args=("k_cache", "v_cache"))
+""":func:`_launch` as the op torch.compile traces: the caches are declared mutated (the append), so a compiled
+graph orders it against every other read and write of them."""
+
+
+@_launch_op.register_fake
+def _(q, k_cache, v_cache, *args):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------- public API
 
 
@@ -459,7 +505,6 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
         raise ValueError(f"k_cache's kv heads (dim 2) must divide q's {heads} heads (B, Sq, H, D), got "
                          f"{tuple(k_cache.shape)}")
     if block_table is None:
-        capacity, page_size = k_cache.shape[1], 0
         if cache_batch_idx is None and k_cache.shape[0] < batch:
             raise ValueError(f"k_cache (B_cache, S_cache, Hkv, D) needs B_cache >= q's batch {batch} without "
                              f"cache_batch_idx, got {tuple(k_cache.shape)}")
@@ -469,11 +514,10 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                              "already maps each batch row to its pages")
         check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))  # before reading its shape
         _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
-        page_size = k_cache.shape[1]
-        if page_size == 0:
+        if k_cache.shape[1] == 0:
             raise ValueError(f"k_cache (num_blocks, page_size, Hkv, D) needs page_size >= 1 with a block_table, got "
                              f"{tuple(k_cache.shape)}")
-        capacity = block_table.shape[1] * page_size
+    capacity, page_size = _capacity(k_cache, block_table)
     if batch and capacity and k_cache.shape[0] == 0:  # the kernels clamp row and page indices into [0, rows)
         raise ValueError(f"k_cache has no cache rows or pages (dim 0) for q's {batch} batch rows to read, got "
                          f"{tuple(k_cache.shape)}")
@@ -543,6 +587,16 @@ def _written_slots(seqlens: torch.Tensor, block_table: torch.Tensor, n_new: int,
     return (block_table.gather(1, blocks).long() * page_size + pos % page_size).flatten()
 
 
+def _assert_values(cond: torch.Tensor, message: str) -> None:
+    """``assert_on_device(cond, message)`` (ValueError at once on CPU), or ``torch._assert_async`` while torch.compile
+    traces: assert_on_device reads a CPU tensor on the host, a graph break. In compiled code a failing check is
+    therefore a RuntimeError with the same message on CPU (a device assert on a GPU, as in eager)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond.all(), message)
+    else:
+        assert_on_device(cond, message)
+
+
 def _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new: int, capacity: int, page_size: int,
                         cache_rows: int) -> None:
     """Device-side checks (no host sync; ValueError at once on CPU) that every index value keeps the append and the
@@ -551,30 +605,30 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new: int, ca
     appending, block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, and
     no two rows' new keys in one paged slot. The kernels also clamp every such index (a second line of defence)."""
     if seqlens is not None:
-        assert_on_device((seqlens >= 0) & (seqlens <= capacity - n_new),
-                         f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: "
-                         f"cache_seqlens + Sk_new <= the cache's {capacity} positions per batch row")
+        _assert_values((seqlens >= 0) & (seqlens <= capacity - n_new),
+                       f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: "
+                       f"cache_seqlens + Sk_new <= the cache's {capacity} positions per batch row")
     if leftpad is not None:
-        assert_on_device((leftpad >= 0) & (leftpad <= (capacity if seqlens is None else seqlens)),
-                         f"cache_leftpad must be >= 0 and <= cache_seqlens (the cache's {capacity} positions "
-                         f"without cache_seqlens)")
+        _assert_values((leftpad >= 0) & (leftpad <= (capacity if seqlens is None else seqlens)),
+                       f"cache_leftpad must be >= 0 and <= cache_seqlens (the cache's {capacity} positions "
+                       f"without cache_seqlens)")
     if batch_idx is not None:
-        assert_on_device((batch_idx >= 0) & (batch_idx < cache_rows),
-                         f"cache_batch_idx must index k_cache's B_cache = {cache_rows} rows: 0 <= cache_batch_idx "
-                         f"< {cache_rows}")
+        _assert_values((batch_idx >= 0) & (batch_idx < cache_rows),
+                       f"cache_batch_idx must index k_cache's B_cache = {cache_rows} rows: 0 <= cache_batch_idx "
+                       f"< {cache_rows}")
         if n_new:
-            assert_on_device(_distinct(batch_idx), "cache_batch_idx must not repeat a cache row when k/v are "
-                                                   "appended: two batch rows would write the same cache row")
+            _assert_values(_distinct(batch_idx), "cache_batch_idx must not repeat a cache row when k/v are "
+                                                 "appended: two batch rows would write the same cache row")
     if block_table is not None:
         ends = capacity if seqlens is None else (seqlens[:, None] + n_new)
         used = torch.arange(block_table.shape[1], device=block_table.device) * page_size < ends
-        assert_on_device((block_table >= 0) & (block_table < cache_rows) | ~used,
-                         f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < "
-                         f"{cache_rows} for every page p holding a position below cache_seqlens[b] + Sk_new")
+        _assert_values((block_table >= 0) & (block_table < cache_rows) | ~used,
+                       f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < "
+                       f"{cache_rows} for every page p holding a position below cache_seqlens[b] + Sk_new")
         if n_new and block_table.shape[1]:
-            assert_on_device(_distinct(_written_slots(seqlens, block_table, n_new, page_size)),
-                             "block_table maps the new keys of two batch rows to the same cache slot (a page "
-                             "shared where both append): each new key needs a slot of its own")
+            _assert_values(_distinct(_written_slots(seqlens, block_table, n_new, page_size)),
+                           "block_table maps the new keys of two batch rows to the same cache slot (a page "
+                           "shared where both append): each new key needs a slot of its own")
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -640,24 +694,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new, capacity, page_size, k_cache.shape[0])
     q_same_position = not causal and window == (-1, -1)
     if rotary_cos is not None and not q_same_position:  # q's rows are rotated at cache_seqlens + i, i < Sq
-        assert_on_device(seqlens <= rotary_cos.shape[0] - n_q,
-                         f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: "
-                         f"cache_seqlens + Sq = cache_seqlens + {n_q} <= S_ro = {rotary_cos.shape[0]}")
+        _assert_values(seqlens <= rotary_cos.shape[0] - n_q,
+                       f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: "
+                       f"cache_seqlens + Sq = cache_seqlens + {n_q} <= S_ro = {rotary_cos.shape[0]}")
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
-    with _runtime.launch_device(q):
-        if k is not None:
-            rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=bool(rotary_interleaved), same_position=False)
-            _append(k, k_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table, capacity=capacity,
-                    page_size=page_size, to_cache=True, **rotary)
-            _append(v, v_cache, None, None, seqlens, batch_idx, block_table, capacity, page_size, True, False, False)
-            if rotary_cos is not None:
-                q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                rotary["same_position"] = q_same_position
-                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None,
-                        capacity=rotary_cos.shape[0], page_size=page_size, to_cache=False, **rotary)
-                q = q_rotated
-        out, lse = _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
-                           window, float(softcap), alibi_slopes, scale, num_splits)
+    # Eager calls launch directly (a custom op's dispatch would cost more host time than the launches' Python);
+    # torch.compile sees one opaque op that declares its in-place append.
+    launch = _launch_op if torch.compiler.is_compiling() else _launch
+    out, lse = launch(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, leftpad, batch_idx, block_table,
+                      alibi_slopes, bool(rotary_interleaved), q_same_position, window[0], window[1], float(softcap),
+                      scale, num_splits)
     return (out, lse) if return_lse else out
