@@ -151,15 +151,79 @@ def test_triton_generate_with_cache_gives_the_reference_tokens_without_cache(dev
     with_kvcache = kernels.attention_with_kvcache
 
     def spy(q, k_cache, v_cache, k, v, **kwargs):
-        decode.append((q.shape[1], k_cache.shape[1], kwargs["cache_seqlens"], kwargs["window_size"]))
+        decode.append((q.shape[1], k_cache.shape[1], kwargs["cache_seqlens"].tolist(), kwargs["window_size"]))
         return with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
 
     monkeypatch.setattr(kernels, "attention_with_kvcache", spy)
     got = model.set_backend("triton").generate(prompt, max_new_tokens=3, temperature=0, use_cache=True)
     window_size = (-1 if window is None else window - 1, 0)
     assert prefill == [(4, 4)] * 2
-    assert decode == [(1, 32, 4, window_size)] * 2 + [(1, 32, 5, window_size)] * 2
+    assert decode == [(1, 32, [4, 4], window_size)] * 2 + [(1, 32, [5, 5], window_size)] * 2
     assert torch.equal(got, expected)
+
+
+def _count_decode_launches(monkeypatch) -> list:
+    """A list that grows by the (B, Sq, H, D) q shape of each launch of the decode kernel (the function both the eager
+    path and the compiled path's custom op call)."""
+    from kernels.attention import decode
+
+    launches, attend = [], decode._attend
+    monkeypatch.setattr(decode, "_attend", lambda q, *args: launches.append(tuple(q.shape)) or attend(q, *args))
+    return launches
+
+
+def test_compiled_generate_gives_eager_tokens_with_every_step_on_the_decode_kernel(device, monkeypatch):
+    """generate(compile=True): torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) (inductor; on
+    CPU without CUDA graphs) with the lengths on the device: eager's greedy tokens, past block_size (where each
+    token is an eager prefill), and each compiled step runs the decode kernel in every layer."""
+    model = GPT(tiny_config(block_size=12, n_kv_head=1, window=5, backend="triton")).to(device).eval()
+    prompt = tokens(batch=2, length=4).to(device)
+    expected = model.generate(prompt, max_new_tokens=12, temperature=0)
+    launches = _count_decode_launches(monkeypatch)
+    got = model.generate(prompt, max_new_tokens=12, temperature=0, compile=True)
+    assert torch.equal(got, expected)
+    # a prefill of the 4-token prompt, 8 decoding steps (2 layers each) until the cache holds block_size = 12
+    # positions, then a prefill of the last 12 tokens per new token (the learned positions shift)
+    assert launches == [(2, 1, 3, 16)] * 16
+
+
+def test_decode_step_compiles_once_for_every_length(device):
+    """decode_step reads no host length: one graph (fullgraph, aot_eager) for every step of two caches, logits
+    equal to eager decode_step's, cache.seqlens advanced on the device; a full cache fails its device assert."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = GPT(tiny_config(block_size=8, backend="triton")).to(device).eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.decode_step, backend=counter, fullgraph=True)
+    for prompt_length in (3, 5):
+        prompt = tokens(batch=2, length=prompt_length).to(device)
+        caches = [KVCache(8), KVCache(8)]
+        for cache in caches:
+            model(prompt, cache=cache)
+        for position in range(prompt_length, 8):
+            idx = tokens(batch=2, length=1).to(device)
+            assert torch.equal(compiled(idx, caches[0]), model.decode_step(idx, caches[1]))
+            assert caches[0].seqlens.tolist() == [position + 1] * 2
+        assert all(torch.equal(a, b) for a, b in zip(caches[0].keys + caches[0].values,
+                                                     caches[1].keys + caches[1].values))
+    assert counter.frame_count == 1
+    with pytest.raises(RuntimeError, match="cache.seqlens"):
+        compiled(idx, caches[0])
+
+
+def test_decode_step_and_compile_bad_inputs():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="decode_step runs the triton backend"):
+        model.decode_step(tokens(length=1), KVCache(8))
+    model.set_backend("triton")
+    with pytest.raises(ValueError, match="needs a cache a forward has filled"):
+        model.decode_step(tokens(length=1), KVCache(8))
+    with pytest.raises(TypeError, match=r"idx must be a \(B, 1\) int64"):
+        model.decode_step(tokens(length=2), KVCache(8))
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        model.generate(tokens(length=2), 1, compile="yes")
+    with pytest.raises(ValueError, match="use_cache=True and backend 'triton'"):
+        model.generate(tokens(length=2), 1, compile=True, use_cache=False)
 
 
 def test_cache_is_preallocated_and_filled_in_place():

@@ -117,12 +117,18 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Every layer's keys and values of the positions before the next forward, for generation: preallocated
     (B, capacity, Hkv, D) buffers (flash-attn's layout, which ``kernels.attention_with_kvcache`` appends to in
-    place), allocated at the first write, and ``length``, the positions filled in every layer."""
+    place), allocated at the first write; ``length``, the positions filled in every layer, and ``seqlens``, the
+    same count per batch row as a (B,) int32 tensor on the buffers' device (allocated with them): the decode
+    kernel's cache_seqlens, which a compiled step reads and advances without the host (:meth:`GPT.decode_step`).
+
+    The buffers and ``seqlens`` are marked static addresses for torch.compile, so that a
+    ``mode="reduce-overhead"`` step's CUDA graph updates them in place rather than copying them in and out."""
 
     def __init__(self, capacity: int):
         self.capacity, self.length = capacity, 0
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
+        self.seqlens: Optional[torch.Tensor] = None
 
     def check_batch(self, batch: int) -> None:
         """ValueError unless buffers already allocated hold ``batch`` sequences: every backend's attention would
@@ -136,12 +142,27 @@ class KVCache:
         values of all length + T positions (views of the buffers)."""
         if layer == len(self.keys):
             shape = (k.shape[0], self.capacity, *k.shape[2:])
-            self.keys.append(k.new_empty(shape))
-            self.values.append(v.new_empty(shape))
+            self.keys.append(_static(k.new_empty(shape)))
+            self.values.append(_static(v.new_empty(shape)))
+            if self.seqlens is None:
+                self.seqlens = _static(torch.full((k.shape[0],), self.length, dtype=torch.int32, device=k.device))
         end = self.length + k.shape[1]
         self.keys[layer][:, self.length:end] = k
         self.values[layer][:, self.length:end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` more positions filled in every layer: ``length`` on the host, ``seqlens`` on the device."""
+        self.length += n
+        if self.seqlens is not None:
+            self.seqlens += n
+
+
+def _static(t: torch.Tensor) -> torch.Tensor:
+    """``t``, marked as an input whose address stays put across compiled calls (unguarded: a new cache re-records
+    the CUDA graph rather than recompiling)."""
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
 
 
 class CausalSelfAttention(nn.Module):
@@ -173,10 +194,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, heads, D) here; the cache's layout
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if cache is not None and cache.length and self.backend == "triton" and probs is None:
-            # decoding: the kernel writes k, v into the cache in place, then attends to all of it
+        if cache is not None and layer < len(cache.keys) and self.backend == "triton" and probs is None:
+            # decoding (this layer's buffers hold earlier positions): the kernel writes k, v into the cache in place
+            # at each row's cache.seqlens, then attends to all of it. No host length is read, so a compiled step
+            # traces once for every length.
             y = kernels.attention_with_kvcache(q, cache.keys[layer], cache.values[layer], k, v,
-                                               cache_seqlens=cache.length, causal=True, window_size=self.window_size)
+                                               cache_seqlens=cache.seqlens, causal=True, window_size=self.window_size)
         else:
             if cache is not None:
                 k, v = cache.append(layer, k, v)
@@ -320,12 +343,41 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, probs)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab) of the token after idx (B, 1) int64, each row's newest token, placed at position
+        ``cache.seqlens``: one decoding step of the triton backend against a :class:`KVCache` a forward has filled.
+
+        Every length lives on the device: the step writes the new keys/values at ``cache.seqlens`` and attends
+        through ``kernels.attention_with_kvcache``, then adds 1 to ``cache.seqlens`` in place. It reads no tensor
+        value on the host and no changing Python number, so ``torch.compile(model.decode_step,
+        mode="reduce-overhead", fullgraph=True)`` traces it once for every step (a CUDA graph on a GPU).
+        ``cache.length`` (a host int) is therefore left to the caller, who adds 1 (as :meth:`generate` does).
+        A full cache (position block_size or capacity) fails a device-side assert.
+        """
+        if self.config.backend != "triton":
+            raise ValueError(f"decode_step runs the triton backend's decode kernel, not {self.config.backend!r}")
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] != 1 or idx.dtype != torch.long:
+            raise TypeError(f"idx must be a (B, 1) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
+                            f"of shape {tuple(getattr(idx, 'shape', ()))}")
+        if cache.seqlens is None or len(cache.keys) != self.config.n_layer:
+            raise ValueError("decode_step needs a cache a forward has filled (the prompt's keys and values)")
+        cache.check_batch(idx.shape[0])
+        _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
+        positions = cache.seqlens.long()[:, None]
+        _assert_in_range("cache.seqlens", positions, self.config.block_size, "the new tokens' positions")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        cache.seqlens += 1
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> List[torch.Tensor]:
@@ -336,14 +388,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+                 top_k: Optional[int] = None, use_cache: bool = True, compile: bool = False) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); ``temperature=0`` means greedy (argmax).
 
         With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
         query against a :class:`KVCache`; on the triton backend through ``kernels.attention_with_kvcache``).
         Once the context would outgrow ``block_size``, the learned positions shift, so the cache is rebuilt from
         the last ``block_size`` tokens: exactly what the uncached path computes.
-        ``top_k`` (None: no limit) keeps the k most likely tokens before sampling.
+        ``top_k`` (None: no limit) keeps the k most likely tokens before sampling. ``compile`` (triton backend,
+        with the cache) runs the steps after each prefill through ``torch.compile(self.decode_step,
+        mode="reduce-overhead", fullgraph=True)``: one graph for every step, CUDA graphs on a GPU.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
@@ -354,14 +408,19 @@ class GPT(nn.Module):
         _check_number("temperature", temperature, numbers.Real, 0.0)  # 0: greedy
         if top_k is not None:
             _check_number("top_k", top_k, numbers.Integral, 1)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        compiled_step = self._compiled_step(use_cache) if compile else None
         cache = None
         for _ in range(max_new_tokens):
-            if cache is not None and cache.length < self.config.block_size:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            else:
+            if cache is None or cache.length == self.config.block_size:
                 cache = KVCache(self.config.block_size) if use_cache else None
-                logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
-            logits = logits[:, -1, :]
+                logits = self(idx[:, -self.config.block_size:], cache=cache)[0][:, -1, :]
+            elif compiled_step is None:
+                logits = self(idx[:, -1:], cache=cache)[0][:, -1, :]
+            else:
+                logits = compiled_step(idx[:, -1:], cache)
+                cache.length += 1  # decode_step advanced the device lengths only
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -372,3 +431,11 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def _compiled_step(self, use_cache: bool):
+        """:meth:`decode_step` compiled as :meth:`generate` runs it (``compile=True``)."""
+        if not use_cache or self.config.backend != "triton":
+            raise ValueError(f"compile=True compiles the triton backend's cached decode_step: it needs "
+                             f"use_cache=True and backend 'triton', got use_cache={use_cache}, "
+                             f"backend {self.config.backend!r}")
+        return torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
