@@ -1,26 +1,32 @@
-"""``python -m benchmarks gpu-check``: the one command for a GPU machine, in about ten minutes.
+"""``python -m benchmarks gpu-check``: the one command for a lent GPU, measuring what issues #19-#22 need in one
+ten-minute window.
 
-Four phases, each with a time budget; an item that would start after its phase's budget is spent is recorded as
-"skipped" with the reason, so the whole run stays bounded:
+Six phases in order of what a second of GPU time tells us, each with a time budget (``--budget PHASE=SECONDS``),
+all together capped at :data:`TOTAL_S` so a 600 s command limit is never hit; an item that would start after its
+phase's budget is spent is recorded as "skipped" with the reason:
 
-1. ``tests``: the project's test suite (``pytest -q tests -x``) in a subprocess, killed at the budget;
-2. ``configs``: every registered build (``kernels.registry.all_builds``) run directly against the float64 reference
-   by the tests' tolerance rule (``tests/tolerance.py``): each attention autotune config forced with ``use_config``
-   (forward and backward, causal and not), each softmax/norm build at a row width that selects it;
-3. ``attention``: fwd and fwd+bwd timing against torch's SDPA (flash backend) and flash-attn at FlashAttention's
-   benchmark shapes (16k tokens per batch, 2048 model width), in ms and TFLOPS;
-4. ``rows``: softmax and layer/RMS norm timing against torch (and Liger-Kernel if installed), in GB/s;
-5. ``overhead``: where a call's host time goes, for inputs so small that the GPU's work is negligible: wall time
-   per call of each op and of torch's, and the Python functions that take it (cProfile).
+1. ``attention``: fwd and fwd+bwd at FlashAttention's benchmark grid (16k tokens per batch, model width 2048;
+   head dim 64/128, then 256), fp16 and bf16, ours against torch SDPA's flash and cuDNN backends and flash-attn,
+   in ms and TFLOPS; the key shapes in both dtypes come first;
+2. ``rows``: softmax, layer norm and RMS norm, fwd and fwd+bwd, 4096 rows of real models' hidden sizes and long
+   rows, against torch eager, torch.compile and Liger-Kernel, in GB/s and % of the GPU's HBM peak;
+3. ``overhead``: issue #19's GPU goals as pass/fail lines, host µs per call with real launches on tiny inputs for
+   every op of ``benchmarks.overhead.cases``, and where our calls' host time goes (cProfile);
+4. ``model``: ``benchmarks.model.run`` (training, prefill, decoding), ours against torch, until its deadline;
+5. ``configs``: every registered build (``kernels.registry.all_builds``) run against the float64 reference by the
+   tests' tolerance rule (``tests/tolerance.py``);
+6. ``tests``: the project's test suite in a subprocess, killed at its budget (the least informative per second).
 
-It writes ``gpu_check.json`` (every record, the device, versions, each phase's duration), ``gpu_check.csv`` and
-``gpu_check.md`` (the summary tables, also printed) into ``--out``. Without a CUDA GPU it prints one line saying
-so, writes nothing and exits 0.
+After every phase it writes ``gpu_check_<gpu>.json`` (every record, the device, versions, each phase's
+duration), ``.csv`` and ``.md`` (the tables a README quotes, also printed at the end) into ``--out`` (default
+``benchmarks/example``, where they are committed; on a lent machine pass ``--out $OUT`` and copy the three files
+there), so a run killed early keeps the phases it finished. Without a CUDA GPU it prints one line saying so,
+writes nothing and exits 0.
 """
 import argparse
 import contextlib
+import gc
 import importlib.util
-import inspect
 import os
 import re
 import subprocess
@@ -31,19 +37,25 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import kernels
 from kernels import reference
 from kernels.attention import configs
 from kernels.registry import TRITON_DTYPES, Build, all_builds, pointee_types, use_config
-from benchmarks import records, runner
+from benchmarks import overhead, records, runner
 from benchmarks.device import DeviceInfo, detect
-from benchmarks.providers import Case, Provider, Unavailable, provider
+from benchmarks.providers import MODES, Case, Provider, Unavailable, provider
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("results", "gpu_check")
-BUDGETS = {"tests": 200.0, "configs": 200.0, "attention": 120.0, "rows": 60.0, "overhead": 30.0}
-"""Seconds per phase (the whole run stays under ten minutes); ``--budget PHASE=SECONDS`` changes one."""
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "example")
+BUDGETS = {"attention": 200.0, "rows": 120.0, "overhead": 45.0, "model": 90.0, "configs": 55.0, "tests": 50.0}
+"""Seconds per phase, in the order they run; ``--budget PHASE=SECONDS`` changes one."""
+TOTAL_S = 570.0
+"""All phases together stop here: a phase gets what is left when it starts if that is less than its budget (the
+tests phase, last, absorbs an earlier phase's overrun), leaving ~30 s of a 600 s limit for start-up and files."""
+MIN_PHASE_S = 5.0
+"""A phase with less time left than this is recorded as skipped."""
 DTYPES = {name: dtype for dtype, name in TRITON_DTYPES.items()}
 
 
@@ -74,10 +86,10 @@ class Budget:
         return self.elapsed() + self.longest <= self.seconds
 
 
-def within(budget: Budget, items: Iterable, run_one: Callable[[object], dict],
+def within(budget: Budget, items: Iterable, run_one: Callable[[object], object],
            describe: Callable[[object], dict]) -> List[dict]:
-    """``run_one(item)`` for each item while the budget allows; the rest become ``describe(item)`` records with
-    status "skipped" and the reason."""
+    """``run_one(item)`` (a record, or a list of records) for each item while the budget allows; the rest become
+    ``describe(item)`` records with status "skipped" and the reason."""
     out = []
     for item in items:
         if not budget.allows_another():
@@ -85,48 +97,302 @@ def within(budget: Budget, items: Iterable, run_one: Callable[[object], dict],
                         "reason": f"phase budget of {budget.seconds:.0f} s spent"})
             continue
         start = time.monotonic()
-        out.append(run_one(item))
+        result = run_one(item)
+        out.extend(result if isinstance(result, list) else [result])
         budget.longest = max(budget.longest, time.monotonic() - start)
     return out
 
 
-# ---------------------------------------------------------------------------------------------- phase 1: tests
-_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+# ---------------------------------------------------------------------------------------------- phases 1 and 2: timing
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+TOKENS, MODEL_DIM = 16384, 2048
+"""FlashAttention's benchmark shapes: batch = 16384 // seqlen, heads = 2048 // head dim."""
+HEAD_DIMS = (128, 64, 256)
+KEY_ATTENTION = {128: (512, 2048, 16384), 64: (512, 16384)}
+"""Head dim -> the lengths timed first (causal and not, both dtypes) before the rest of the grid; head dim 256
+comes last, where the budget still allows."""
+TIMED_DTYPES = ("float16", "bfloat16")
+ROW_OPS = ("softmax", "layer_norm", "rms_norm")
+ROW_COUNT = 4096
+ROW_WIDTHS = (1024, 4096, 8192, 2048, 768, 5120, 16384, 32768, 65536, 262144)
+"""Real models' hidden sizes (BERT/GPT-2 768 to Llama-70B 8192), then long rows (a vocabulary's softmax), in
+priority order."""
+KEY_ROW_WIDTHS = (1024, 4096)
+"""Widths torch.compile is timed at beside the eager providers; at the other widths it comes after every eager
+point (a compile takes seconds, an eager point a fraction of one)."""
+COMPILE_BACKEND = "inductor"
 
 
-def pytest_counts(output: str) -> Dict[str, int]:
-    """{outcome: count} from pytest's last summary line (e.g. "2 failed, 310 passed, 3 skipped in 90.1s")."""
-    summary = next((line for line in reversed(output.splitlines()) if _COUNT.search(line)), "")
-    return {outcome.rstrip("s") if outcome == "errors" else outcome: int(n) for n, outcome in _COUNT.findall(summary)}
+def attention_priority(head_dim: int, length: int) -> int:
+    """0: a key shape, 1: the rest of head dims 64 and 128, 2: head dim 256."""
+    if length in KEY_ATTENTION.get(head_dim, ()):
+        return 0
+    return 2 if head_dim == 256 else 1
 
 
-def _test_args() -> List[str]:
-    """``tests -x``, spread over up to 16 workers when pytest-xdist is installed: on a GPU machine the suite's time
-    goes to compiling kernels, which is CPU work (on an H200 with 16 cores, 8 workers ran 11% of it in 170 s, a
-    cold Triton cache; 16 ran 490 tests in 135 s, a warm one)."""
-    workers = min(16, os.cpu_count() or 1)
-    return ["tests", "-x"] + (["-n", str(workers)] if importlib.util.find_spec("xdist") and workers > 1 else [])
+def attention_cases(dtypes: Sequence[str] = TIMED_DTYPES) -> List[Case]:
+    """FlashAttention's grid, fwd and fwd+bwd, in priority order, each shape in every dtype before the next, so a
+    spent budget drops the least important shapes and never a whole dtype."""
+    grid = sorted(((d, causal, n) for d in HEAD_DIMS for causal in (True, False) for n in SEQLENS),
+                  key=lambda point: attention_priority(point[0], point[2]))
+    return [Case("attention", mode, n, dtype=dtype, causal=causal, batch=TOKENS // n, heads=MODEL_DIM // d,
+                 head_dim=d)
+            for d, causal, n in grid for dtype in dtypes for mode in MODES]
 
 
-def run_tests(device: DeviceInfo, budget: Budget, args: Optional[Sequence[str]] = None) -> List[dict]:
-    """The test suite in a subprocess (``python -m pytest -q *args`` from the repository root), killed when the
-    budget is spent; one record with the pass/fail counts and the end of the output."""
-    command = [sys.executable, "-m", "pytest", "-q", *(_test_args() if args is None else args)]
-    record = {"phase": "tests", "command": " ".join(command[2:])}
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget.seconds)
-    except subprocess.TimeoutExpired as error:
-        output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else error.stdout
-        return [{**record, "status": "timeout", "reason": f"killed after its {budget.seconds:.0f} s budget",
-                 "counts": {}, "tail": (output or "")[-2000:]}]
-    counts = pytest_counts(done.stdout)
-    status = "passed" if done.returncode == 0 else "failed"
-    return [{**record, "status": status, "returncode": done.returncode, "counts": counts,
-             "reason": None if status == "passed" else "pytest exited with code %d" % done.returncode,
-             "tail": (done.stdout + done.stderr)[-2000:]}]
+def row_cases(dtypes: Sequence[str] = TIMED_DTYPES, widths: Sequence[int] = ROW_WIDTHS,
+              rows: int = ROW_COUNT) -> List[Case]:
+    """Every row op, fwd and fwd+bwd, at ``rows`` x each width, widths in priority order."""
+    return [Case(op, mode, width, dtype=dtype, rows=rows)
+            for width in widths for dtype in dtypes for op in ROW_OPS for mode in MODES]
 
 
-# ---------------------------------------------------------------------------------------------- phase 2: configs
+def _sdpa(backend: str) -> Callable[[], Callable]:
+    """torch's SDPA held to one ``SDPBackend`` (FLASH_ATTENTION, CUDNN_ATTENTION): unavailable (AttributeError)
+    where this torch lacks the backend; an error when it refuses the inputs."""
+    def load():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = getattr(SDPBackend, backend)
+
+        def sdpa(q, k, v, causal):
+            with sdpa_kernel(chosen):  # the backward follows the backend the forward chose
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return sdpa
+
+    return load
+
+
+def _compiled(op: str) -> Callable[[], Callable]:
+    """torch's own op under ``torch.compile``, compiled afresh with static shapes for each new input shape:
+    dynamo's recompile limit would otherwise fall back to eager after a few widths, and say so only in a log.
+    While ``benchmarks.counting`` counts bytes it runs eager (the bytes are eager's)."""
+    def load():
+        eager = provider(op, "torch").resolve()
+        current = {}
+
+        def compiled(*args):
+            if _get_current_dispatch_mode() is not None:  # counting bytes (runner): under a dispatch mode dynamo
+                return eager(*args)  # would skip this code for good, and every later call would run eager
+            key = [(a.shape, a.dtype, a.requires_grad) for a in args]
+            if current.get("key") != key:
+                torch._dynamo.reset()  # also frees the previous shape's graphs
+                current.update(key=key, fn=torch.compile(eager, dynamic=False, backend=COMPILE_BACKEND))
+            return current["fn"](*args)
+
+        return compiled
+
+    return load
+
+
+def _liger(op: str) -> Callable[[], Callable]:
+    def load():
+        if op == "softmax":
+            from liger_kernel.ops.softmax import LigerSoftmaxFunction  # optional dependency
+
+            return LigerSoftmaxFunction.apply
+        from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+
+        if op == "layer_norm":
+            return lambda x, w, b: liger_layer_norm(x, w, b, EPS)
+        return lambda x, w: liger_rms_norm(x, w, EPS)
+
+    return load
+
+
+def timed_providers(op: str) -> List[Provider]:
+    """Ours first, then the competition: SDPA's flash and cuDNN backends and flash-attn, or torch eager,
+    torch.compile and Liger-Kernel."""
+    if op == "attention":
+        return [provider(op, "triton"), Provider("torch-sdpa-flash", op, _sdpa("FLASH_ATTENTION")),
+                Provider("torch-sdpa-cudnn", op, _sdpa("CUDNN_ATTENTION")), provider(op, "flash-attn")]
+    return [provider(op, "triton"), provider(op, "torch"), Provider("torch-compile", op, _compiled(op)),
+            Provider("liger", op, _liger(op), triton=True)]
+
+
+def _point(phase: str, case: Case, prov: Provider) -> dict:
+    return {"phase": phase, "op": case.op, "mode": case.mode, "provider": prov.name, "length": case.length,
+            "shape": list(case.shape), "dtype": case.dtype, "causal": case.causal if case.op == "attention" else None}
+
+
+def time_points(device: DeviceInfo, budget: Budget, phase: str, items: Sequence[tuple]) -> List[dict]:
+    """``benchmarks.runner.measure_point`` (do_bench time, TFLOPS or GB/s and % of peak, memory) for each
+    (case, provider) in order; each provider is loaded once per op."""
+    loaded = {}
+
+    def load(op: str, prov: Provider):
+        if (op, prov.name) not in loaded:
+            try:
+                loaded[(op, prov.name)] = prov.resolve()
+            except Unavailable as error:
+                loaded[(op, prov.name)] = error
+        return loaded[(op, prov.name)]
+
+    def run_one(item):
+        case, prov = item
+        fn = load(case.op, prov)
+        if isinstance(fn, Unavailable):
+            return {**_point(phase, case, prov), "status": "unavailable", "reason": str(fn)}
+        return {**runner.measure_point(case, prov, fn, device, None, 0.0), "phase": phase}
+
+    return within(budget, items, run_one, lambda item: _point(phase, *item))
+
+
+def points_of(cases: Sequence[Case]) -> List[tuple]:
+    """(case, provider) for each case and each of its op's :func:`timed_providers`, in the cases' order."""
+    return [(case, prov) for case in cases for prov in timed_providers(case.op)]
+
+
+def row_items(cases: Sequence[Case]) -> List[tuple]:
+    """(case, provider): every eager point and torch.compile at :data:`KEY_ROW_WIDTHS` first, in the cases'
+    order, then torch.compile at the other widths."""
+    def deferred(item) -> bool:
+        case, prov = item
+        return prov.name == "torch-compile" and case.length not in KEY_ROW_WIDTHS
+
+    return sorted(points_of(cases), key=deferred)
+
+
+def time_attention(device: DeviceInfo, budget: Budget, cases: Optional[Sequence[Case]] = None) -> List[dict]:
+    """Phase 1: attention fwd and fwd+bwd at FlashAttention's benchmark grid."""
+    return time_points(device, budget, "attention", points_of(attention_cases() if cases is None else cases))
+
+
+def time_rows(device: DeviceInfo, budget: Budget, cases: Optional[Sequence[Case]] = None) -> List[dict]:
+    """Phase 2: softmax and layer/RMS norm, fwd and fwd+bwd, 4096 rows of realistic widths."""
+    return time_points(device, budget, "rows", row_items(row_cases() if cases is None else cases))
+
+
+# ---------------------------------------------------------------------------------------------- phase 3: host overhead
+OVERHEAD_REPEATS, OVERHEAD_CALLS = 7, 50
+"""``benchmarks.overhead.measure``'s rounds and calls per round (the minimum round is kept)."""
+OVERHEAD_TOP = 8
+GOAL_ROWS = (4096, 1024)
+GOAL_FACTORS = {"fwd": 1.5, "fwd+bwd": 1.0}
+"""Issue #19's GPU goals: softmax and the norms at GOAL_ROWS in fp16 take at most this times torch's time."""
+GOAL_ATTENTION = (1, 8, 128, 64)
+GOAL_ATTENTION_SLACK_US = 10.0
+"""Issue #19's GPU goal: attention's forward at GOAL_ATTENTION (fp16, causal) within torch SDPA flash + 10 µs."""
+
+
+def _goal(goal: str, ours_us: float, torch_us: float, limit_us: float) -> dict:
+    return {"phase": "overhead", "kind": "goal", "goal": goal, "ours_us": round(ours_us, 2),
+            "torch_us": round(torch_us, 2), "limit_us": round(limit_us, 2),
+            "status": "met" if ours_us <= limit_us else "missed", "reason": None}
+
+
+def row_goal(device: DeviceInfo, op: str, mode: str) -> dict:
+    """Our ``op`` against torch's at :data:`GOAL_ROWS` fp16, do_bench medians (``runner.measure_point``)."""
+    rows, width = GOAL_ROWS
+    case = Case(op, mode, width, dtype="float16", rows=rows)
+    goal = f"{op} {mode} {rows}x{width} fp16 <= {GOAL_FACTORS[mode]:g}x torch"
+    timed = [runner.measure_point(case, p, p.resolve(), device, None, 0.0)
+             for p in (provider(op, "triton"), provider(op, "torch"))]
+    failed = [r for r in timed if r["status"] != "ok"]
+    if failed:
+        return {"phase": "overhead", "kind": "goal", "goal": goal, "status": "unmeasured",
+                "reason": f"{failed[0]['provider']}: {failed[0]['reason']}"}
+    ours, theirs = (1e3 * r["time"]["median_ms"] for r in timed)
+    return _goal(goal, ours, theirs, GOAL_FACTORS[mode] * theirs)
+
+
+def _host_us(call: Callable[[], object], device: torch.device) -> float:
+    """Wall µs per call, the best of :data:`OVERHEAD_REPEATS` rounds of :data:`OVERHEAD_CALLS` synchronised
+    calls, after a warm-up call."""
+    call()
+    return min(overhead.time_call(call, device, OVERHEAD_CALLS) for _ in range(OVERHEAD_REPEATS))
+
+
+def attention_goal(device: DeviceInfo) -> dict:
+    """Wall µs per forward call at :data:`GOAL_ATTENTION`, ours against SDPA's flash backend (held once around
+    the timing, so entering the backend context is not counted against torch)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = device.torch_device
+    q, k, v = (torch.randn(*GOAL_ATTENTION, device=dev, dtype=torch.float16) for _ in range(3))
+    ours = _host_us(lambda: kernels.attention(q, k, v, causal=True), dev)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        theirs = _host_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev)
+    shape = "x".join(map(str, GOAL_ATTENTION))
+    return _goal(f"attention fwd {shape} fp16 causal <= torch SDPA flash + {GOAL_ATTENTION_SLACK_US:g} µs",
+                 ours, theirs, theirs + GOAL_ATTENTION_SLACK_US)
+
+
+def profile_call(name: str, call: Callable[[], object], device: torch.device) -> dict:
+    """Wall time per call (synchronised at the end of :data:`OVERHEAD_CALLS` calls) and the :data:`OVERHEAD_TOP`
+    functions of largest own time over those calls (cProfile), in µs per call."""
+    import cProfile
+    import pstats
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        call()
+    synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(OVERHEAD_CALLS):
+        call()
+    synchronize()
+    profiler.disable()
+    wall = (time.perf_counter() - start) / OVERHEAD_CALLS * 1e6
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, own s, total s, callers)}
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:OVERHEAD_TOP]
+    return {"phase": "overhead", "kind": "profile", "op": name, "status": "ok", "us_per_call": round(wall, 1),
+            "top": [{"function": f"{os.path.basename(file)}:{line}({function})", "calls": n // OVERHEAD_CALLS,
+                     "own_us": round(own / OVERHEAD_CALLS * 1e6, 1)}
+                    for (file, line, function), (n, _, own, _, _) in top]}
+
+
+def host_times(device: DeviceInfo, name: str) -> List[dict]:
+    """``benchmarks.overhead.measure`` of one op: ours, torch's and the minimal op's µs per call, forward and
+    forward+backward (real launches on a GPU, stubbed on CPU)."""
+    return [{**r, "phase": "overhead", "kind": "host", "status": "ok"}
+            for r in overhead.measure(device, [name], OVERHEAD_REPEATS, OVERHEAD_CALLS)]
+
+
+def time_overhead(device: DeviceInfo, budget: Budget, names: Optional[Sequence[str]] = None) -> List[dict]:
+    """Phase 3: the goals, then host µs per call of every op of ``benchmarks.overhead.cases`` (or ``names``),
+    then the profile of our forward+backward call of each. On CPU the launches are stubbed (host path only)."""
+    table = overhead.cases(device.torch_device)
+    names = list(table) if names is None else list(names)
+    goals = [(f"{op} {mode}", lambda op=op, mode=mode: row_goal(device, op, mode)) for op in ROW_OPS for mode in MODES]
+    goals.append(("attention fwd", lambda: attention_goal(device)))
+
+    def of_op(kind):
+        return lambda name: {"phase": "overhead", "kind": kind, "op": name}
+
+    stub = overhead.stubbed_launches() if device.kind == "cpu" else contextlib.nullcontext()
+    with stub:
+        recs = within(budget, goals, lambda goal: goal[1](),
+                      lambda goal: {"phase": "overhead", "kind": "goal", "goal": goal[0]})
+        recs += within(budget, names, lambda name: host_times(device, name), of_op("host"))
+        recs += within(budget, names, lambda name: profile_call(
+            name, overhead._with_backward(table[name][0]), device.torch_device), of_op("profile"))
+    return recs
+
+
+# ---------------------------------------------------------------------------------------------- phase 4: model
+MODEL_REPEATS = 3
+MODEL_RESERVE_S = 30.0
+"""A model point (a torch.compile of a whole model) can take this long: none starts with less of the budget left."""
+
+
+def time_model(device: DeviceInfo, budget: Budget) -> List[dict]:
+    """Phase 4: ``benchmarks.model.run`` (every workload, provider and mode) until its deadline; the points
+    after it are recorded as skipped."""
+    from benchmarks import model  # transformers and the reference GPT: imported only for this phase
+
+    deadline = budget.start + budget.seconds - min(MODEL_RESERVE_S, budget.seconds / 3)
+    return [{**r, "phase": "model"}
+            for r in model.run(device, quick=False, repeats=MODEL_REPEATS, deadline=deadline)]
+
+
+# ---------------------------------------------------------------------------------------------- phase 5: configs
 @dataclass(frozen=True)
 class AttentionShape:
     """The awkward attention shape every attention config is checked at (GQA, a length no tile divides)."""
@@ -364,8 +630,8 @@ def row_problem(build: Build, rows: int, device: torch.device) -> Problem:
     params = [torch.randn(width, dtype=dtype, device=device) for _ in range(1 if rms else 2)]
     extra = [torch.randn_like(x)] if residual else []
     names = ["dx"] + ["dresidual"] * residual + ["dweight", "dbias"][:len(params)]
-    return Problem(_norm_kernel(rms, residual, _norm_options(module, flags)), _norm_same(rms, residual), [x] + extra + params,
-                   ["y", "h"][:1 + residual], names, backward)
+    return Problem(_norm_kernel(rms, residual, _norm_options(module, flags)), _norm_same(rms, residual),
+                   [x] + extra + params, ["y", "h"][:1 + residual], names, backward)
 
 
 def _verdict(checks: List[dict]) -> dict:
@@ -407,7 +673,7 @@ def config_items(builds: Sequence[Build]) -> List[tuple]:
 
 def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = AttentionShape(), rows: int = ROWS,
                   builds: Optional[Sequence[Build]] = None) -> List[dict]:
-    """Phase 2: one record per (attention build, causal) and per row build, with every check's error and bound.
+    """Phase 5: one record per (attention build, causal) and per row build, with every check's error and bound.
     Attention baselines are computed once per (dtype, head dim, causal) group."""
     builds = all_builds() if builds is None else builds
     cache: Dict[tuple, Baselines] = {}
@@ -435,168 +701,53 @@ def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = At
     return within(budget, config_items(builds), run_one, lambda item: _describe(item[0]))
 
 
-# ---------------------------------------------------------------------------------------------- phases 3 and 4: timing
-SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
-TOKENS, MODEL_DIM, HEAD_DIMS = 16384, 2048, (64, 128)
-"""FlashAttention's benchmark shapes: batch = 16384 // seqlen, heads = 2048 // head dim."""
-TIMED_DTYPES = ("float16", "bfloat16")
-ROW_COUNT = 4096
-ROW_WIDTHS = {"softmax": (1024, 4096, 16384, 32768), "layer_norm": (1024, 2048, 4096, 8192, 16384),
-              "rms_norm": (1024, 2048, 4096, 8192, 16384)}
+# ---------------------------------------------------------------------------------------------- phase 6: tests
+_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
-def attention_cases(dtypes: Sequence[str] = TIMED_DTYPES) -> List[Case]:
-    """FlashAttention's benchmark grid, dtype by dtype (so a spent budget drops whole dtypes last first)."""
-    return [Case("attention", mode, n, dtype=dtype, causal=causal, batch=TOKENS // n, heads=MODEL_DIM // d,
-                 head_dim=d)
-            for dtype in dtypes for d in HEAD_DIMS for causal in (False, True) for n in SEQLENS
-            for mode in ("fwd", "fwd+bwd")]
+def pytest_counts(output: str) -> Dict[str, int]:
+    """{outcome: count} from pytest's last summary line (e.g. "2 failed, 310 passed, 3 skipped in 90.1s")."""
+    summary = next((line for line in reversed(output.splitlines()) if _COUNT.search(line)), "")
+    return {outcome.rstrip("s") if outcome == "errors" else outcome: int(n) for n, outcome in _COUNT.findall(summary)}
 
 
-def row_cases(dtypes: Sequence[str] = TIMED_DTYPES) -> List[Case]:
-    return [Case(op, mode, width, dtype=dtype, rows=ROW_COUNT)
-            for dtype in dtypes for op, widths in ROW_WIDTHS.items() for width in widths
-            for mode in ("fwd", "fwd+bwd")]
+def _test_args() -> List[str]:
+    """``tests -x``, spread over up to 16 workers when pytest-xdist is installed: on a GPU machine the suite's time
+    goes to compiling kernels, which is CPU work (on an H200 with 16 cores, 8 workers ran 11% of it in 170 s, a
+    cold Triton cache; 16 ran 490 tests in 135 s, a warm one)."""
+    workers = min(16, os.cpu_count() or 1)
+    return ["tests", "-x"] + (["-n", str(workers)] if importlib.util.find_spec("xdist") and workers > 1 else [])
 
 
-def _sdpa_flash():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def flash(q, k, v, causal):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the backward follows the backend the forward chose
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    return flash
-
-
-def _liger(op: str) -> Callable[[], Callable]:
-    def load():
-        if op == "softmax":
-            from liger_kernel.ops.softmax import LigerSoftmaxFunction  # optional dependency
-
-            return LigerSoftmaxFunction.apply
-        from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
-
-        if op == "layer_norm":
-            return lambda x, w, b: liger_layer_norm(x, w, b, EPS)
-        return lambda x, w: liger_rms_norm(x, w, EPS)
-
-    return load
+def run_tests(device: DeviceInfo, budget: Budget, args: Optional[Sequence[str]] = None) -> List[dict]:
+    """The test suite in a subprocess (``python -m pytest -q *args`` from the repository root), killed when the
+    budget is spent; one record with the pass/fail counts and the end of the output."""
+    command = [sys.executable, "-m", "pytest", "-q", *(_test_args() if args is None else args)]
+    record = {"phase": "tests", "command": " ".join(command[2:])}
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget.seconds)
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else error.stdout
+        return [{**record, "status": "timeout", "reason": f"killed after its {budget.seconds:.0f} s budget",
+                 "counts": {}, "tail": (output or "")[-2000:]}]
+    counts = pytest_counts(done.stdout)
+    status = "passed" if done.returncode == 0 else "failed"
+    return [{**record, "status": status, "returncode": done.returncode, "counts": counts,
+             "reason": None if status == "passed" else "pytest exited with code %d" % done.returncode,
+             "tail": (done.stdout + done.stderr)[-2000:]}]
 
 
-def timed_providers(op: str) -> List[Provider]:
-    """Ours and the competition: SDPA's flash backend and flash-attn, or torch and Liger-Kernel."""
-    if op == "attention":
-        return [provider(op, "triton"), Provider("torch-sdpa-flash", op, _sdpa_flash), provider(op, "flash-attn")]
-    return [provider(op, "torch"), provider(op, "triton"), Provider("liger", op, _liger(op), triton=True)]
-
-
-def _point(phase: str, case: Case, prov: Provider) -> dict:
-    return {"phase": phase, "op": case.op, "mode": case.mode, "provider": prov.name, "length": case.length,
-            "shape": list(case.shape), "dtype": case.dtype, "causal": case.causal if case.op == "attention" else None}
-
-
-def time_points(device: DeviceInfo, budget: Budget, phase: str, cases: Sequence[Case]) -> List[dict]:
-    """``benchmarks.runner.measure_point`` (do_bench time, TFLOPS or GB/s, memory) for every case and provider."""
-    loaded = {}
-    for op in dict.fromkeys(c.op for c in cases):
-        for prov in timed_providers(op):
-            try:
-                loaded[(op, prov.name)] = prov.resolve()
-            except Unavailable as error:
-                loaded[(op, prov.name)] = error
-
-    def run_one(item):
-        case, prov = item
-        fn = loaded[(case.op, prov.name)]
-        if isinstance(fn, Unavailable):
-            return {**_point(phase, case, prov), "status": "unavailable", "reason": str(fn)}
-        return {**runner.measure_point(case, prov, fn, device, None, 0.0), "phase": phase}
-
-    items = [(case, prov) for case in cases for prov in timed_providers(case.op)]
-    return within(budget, items, run_one, lambda item: _point(phase, *item))
-
-
-def time_attention(device: DeviceInfo, budget: Budget) -> List[dict]:
-    """Phase 3: attention fwd and fwd+bwd at FlashAttention's benchmark shapes."""
-    return time_points(device, budget, "attention", attention_cases())
-
-
-def time_rows(device: DeviceInfo, budget: Budget) -> List[dict]:
-    """Phase 4: softmax and layer/RMS norm, fwd and fwd+bwd, 4096 rows of realistic widths."""
-    return time_points(device, budget, "rows", row_cases())
-
-
-# ---------------------------------------------------------------------------------------------- phase 5: host overhead
-OVERHEAD_CALLS = 50
-OVERHEAD_TOP = 8
-
-
-def overhead_cases(device: torch.device) -> Dict[str, Callable[[], object]]:
-    """name -> one forward+backward call on tiny inputs (one row of 1024, or 1x1x16x64 attention), ours and torch's."""
-    torch.manual_seed(0)
-    x = torch.randn(1, 1024, device=device, dtype=torch.float16, requires_grad=True)
-    w, b = (torch.randn(1024, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
-    q = torch.randn(1, 1, 16, 64, device=device, dtype=torch.float16, requires_grad=True)
-
-    def both(f):
-        return lambda: f().float().sum().backward()
-
-    return {"layer_norm": both(lambda: kernels.layer_norm(x, 1024, w, b)),
-            "torch layer_norm": both(lambda: F.layer_norm(x, (1024,), w, b)),
-            "rms_norm": both(lambda: kernels.rms_norm(x, 1024, w)),
-            "softmax": both(lambda: kernels.softmax(x)),
-            "torch softmax": both(lambda: torch.softmax(x, -1)),
-            "attention": both(lambda: kernels.attention(q, q, q, causal=True)),
-            "torch sdpa": both(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))}
-
-
-def profile_call(name: str, call: Callable[[], object], device: torch.device) -> dict:
-    """Wall time per forward+backward call (synchronised at the end of :data:`OVERHEAD_CALLS` calls) and the
-    :data:`OVERHEAD_TOP` functions of largest own time over those calls (cProfile), in µs per call."""
-    import cProfile
-    import pstats
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):
-        call()
-    synchronize()
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    for _ in range(OVERHEAD_CALLS):
-        call()
-    synchronize()
-    profiler.disable()
-    wall = (time.perf_counter() - start) / OVERHEAD_CALLS * 1e6
-    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, own s, total s, callers)}
-    top = sorted(stats.items(), key=lambda item: -item[1][2])[:OVERHEAD_TOP]
-    return {"phase": "overhead", "op": name, "status": "ok", "us_per_call": round(wall, 1),
-            "top": [{"function": f"{os.path.basename(file)}:{line}({function})", "calls": n // OVERHEAD_CALLS,
-                     "own_us": round(own / OVERHEAD_CALLS * 1e6, 1)}
-                    for (file, line, function), (n, _, own, _, _) in top]}
-
-
-def time_overhead(device: DeviceInfo, budget: Budget) -> List[dict]:
-    """Phase 5: host time per call of each op on tiny inputs, with its profile."""
-    cases = overhead_cases(device.torch_device)
-    return within(budget, list(cases.items()), lambda item: profile_call(*item, device.torch_device),
-                  lambda item: {"phase": "overhead", "op": item[0]})
-
-
-# ---------------------------------------------------------------------------------------------- the run and its files
-PHASES = {"tests": run_tests, "configs": check_configs, "attention": time_attention, "rows": time_rows,
-          "overhead": time_overhead}
+# ---------------------------------------------------------------------------------------------- the run
+PHASES = {"attention": time_attention, "rows": time_rows, "overhead": time_overhead, "model": time_model,
+          "configs": check_configs, "tests": run_tests}
+"""The phases in the order they run: the issues' measurements first, the test suite last."""
 FAILED = {"failed", "timeout", "fail", "error"}
 
 
 def is_failure(record: dict) -> bool:
-    """A failed test run or config check, or one of our kernels failing to run when timed (a competitor's
-    error is recorded but is not ours)."""
-    return record["status"] in FAILED and record.get("provider", "triton") == "triton"
+    """A failed test run or config check, or one of our kernels or models failing to run when timed (a
+    competitor's error is recorded but is not ours)."""
+    return record["status"] in FAILED and "triton" in record.get("provider", "triton")
 
 
 def run_phase(name: str, device: DeviceInfo, seconds: float) -> tuple:
@@ -606,13 +757,46 @@ def run_phase(name: str, device: DeviceInfo, seconds: float) -> tuple:
         recs, status, reason = PHASES[name](device, budget), "ok", None
     except Exception as error:  # noqa: BLE001  (recorded; the next phase still runs)
         recs, status, reason = [], "error", f"{type(error).__name__}: {error}"[:300]
-    summary = {"phase": name, "status": status, "reason": reason, "budget_s": seconds,
+    summary = {"phase": name, "status": status, "reason": reason, "budget_s": round(seconds, 1),
                "duration_s": round(budget.elapsed(), 1), "records": len(recs),
                "skipped": sum(r["status"] == "skipped" for r in recs),
                "failed": sum(is_failure(r) for r in recs)}
     return recs, summary
 
 
+def _release(device: DeviceInfo) -> None:
+    """Give the phase's cached GPU memory back (the test suite's subprocess and the next phase need it)."""
+    gc.collect()
+    if device.kind == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_phases(device: DeviceInfo, names: Sequence[str], budgets: Dict[str, float],
+               save: Callable[[List[dict], List[dict]], object], total_s: Optional[float] = None):
+    """The named phases in :data:`PHASES` order, each given min(its budget, what is left of ``total_s``,
+    default :data:`TOTAL_S`), or recorded as skipped with less than :data:`MIN_PHASE_S` left; ``save(records,
+    phases)`` after each, so a run killed later keeps what it measured. Returns the last ``save``'s result."""
+    end = time.monotonic() + (TOTAL_S if total_s is None else total_s)
+    recs, phases, saved = [], [], None
+    for name in (phase for phase in PHASES if phase in names):
+        seconds = min(budgets[name], end - time.monotonic())
+        if seconds < MIN_PHASE_S:
+            phase_records = []
+            summary = {"phase": name, "status": "skipped", "budget_s": 0.0, "duration_s": 0.0, "records": 0,
+                       "skipped": 0, "failed": 0, "reason": f"{max(seconds, 0):.0f} s of the run's total left"}
+        else:
+            print(f"gpu-check: {name} (budget {seconds:.0f} s) on {device.name}", flush=True)
+            phase_records, summary = run_phase(name, device, seconds)
+        print(f"gpu-check: {name} {summary['status']} in {summary['duration_s']} s: {summary['records']} records, "
+              f"{summary['skipped']} skipped, {summary['failed']} failed", flush=True)
+        recs += phase_records
+        phases.append(summary)
+        _release(device)
+        saved = save(recs, phases)
+    return saved
+
+
+# ---------------------------------------------------------------------------------------------- the files
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -626,11 +810,12 @@ def _versions() -> dict:
 
 
 def document(device: DeviceInfo, config: dict, recs: List[dict], phases: List[dict]) -> dict:
-    """The benchmarks' JSON document (device, versions, records) plus CUDA/optional versions and the phases."""
+    """The benchmarks' JSON document (device, versions, records) plus CUDA/optional versions and the phases;
+    "failed" when a phase errored or recorded a failure of ours."""
     doc = records.document("gpu-check", device, config, recs, [])
     doc["versions"].update(_versions())
     doc["phases"] = phases
-    doc["status"] = "failed" if any(p["failed"] or p["status"] != "ok" for p in phases) else "ok"
+    doc["status"] = "failed" if any(p["failed"] or p["status"] == "error" for p in phases) else "ok"
     return doc
 
 
@@ -651,15 +836,6 @@ def _tests_section(recs: List[dict]) -> str:
     rows = [(r["command"], r["status"], ", ".join(f"{n} {k}" for k, n in r["counts"].items()) or "-",
              r["reason"] or "") for r in recs]
     return "## Test suite\n\n" + _table(["command", "status", "counts", "note"], rows)
-
-
-def _overhead_section(recs: List[dict]) -> str:
-    """One row per op: µs per forward+backward call on tiny inputs, then the functions that take most of it."""
-    rows = [(r["op"], r.get("us_per_call", r["status"]),
-             "; ".join(f"{t['function']} {t['own_us']} µs" for t in r.get("top", [])[:4]) or r.get("reason", ""))
-            for r in recs]
-    return "## Host overhead (tiny inputs, forward+backward)\n\n" + _table(["op", "µs per call", "largest own times"],
-                                                                           rows)
 
 
 def _ratio(record: dict) -> str:
@@ -689,30 +865,124 @@ def _configs_section(recs: List[dict]) -> str:
               r["reason"]) for r in bad])
     return text
 
+def _speed(record: dict) -> Optional[float]:
+    """TFLOPS (attention) or GB/s (rows) of a point that ran, else None."""
+    if record["status"] != "ok":
+        return None
+    return record["tflops"] if record.get("tflops") is not None else record["gbps"]
+
 
 def _cell(record: dict) -> str:
-    if record["status"] != "ok":
+    """"TFLOPS (ms)" or "GB/s (% of HBM peak)"; the status of a point that did not run."""
+    speed = _speed(record)
+    if speed is None:
         return record["status"]
-    speed = f"{record['tflops']:.0f} TFLOPS" if record.get("tflops") is not None else f"{record['gbps']:.0f} GB/s"
-    return f"{record['time']['median_ms']:.3g} ms, {speed}"
+    if record.get("tflops") is not None:
+        return f"{speed:.0f} ({record['time']['median_ms']:.3g} ms)"
+    pct = record.get("pct_of_peak")
+    return f"{speed:.0f}" + ("" if pct is None else f" ({pct:.0f}%)")
 
 
-def _timing_section(title: str, recs: List[dict], keys: Sequence[str]) -> str:
-    """One row per point (``keys`` of its records), one column per provider: median ms and TFLOPS or GB/s."""
+def _versus(cells: Dict[str, dict]) -> str:
+    """Our speed over the best other provider's, where both ran."""
+    ours = _speed(cells["triton"]) if "triton" in cells else None
+    others = [_speed(r) for name, r in cells.items() if name != "triton" and _speed(r) is not None]
+    return f"{ours / max(others):.2f}x" if ours and others else "-"
+
+
+def _timing_section(title: str, recs: List[dict], key: Callable[[dict], tuple], header: Sequence[str]) -> str:
+    """Per dtype: one row per point (``key(record)``, the ``header`` cells, sorted), one column per provider,
+    then ours over the best other; the reasons of points that did not run below."""
     providers = list(dict.fromkeys(r["provider"] for r in recs))
-    rows: Dict[tuple, Dict[str, str]] = {}
+    parts = [f"## {title}"]
+    for dtype in dict.fromkeys(r["dtype"] for r in recs):
+        points: Dict[tuple, Dict[str, dict]] = {}
+        for r in recs:
+            if r["dtype"] == dtype:
+                points.setdefault(key(r), {})[r["provider"]] = r
+        rows = [k + tuple(_cell(cells[p]) if p in cells else "-" for p in providers) + (_versus(cells),)
+                for k, cells in sorted(points.items())]
+        parts.append(f"### {dtype}\n\n" + _table(list(header) + providers + ["ours / best other"], rows))
+    reasons = sorted({f"- {r['provider']}: {r['reason']}" for r in recs if r["status"] not in ("ok", "skipped")})
+    return "\n\n".join(parts + ["\n".join(reasons)] * bool(reasons))
+
+
+def _attention_section(recs: List[dict], doc: dict) -> str:
+    return _timing_section(
+        "Attention (cells: TFLOPS (median ms); FlashAttention's grid, 16k tokens per batch)", recs,
+        lambda r: (r["shape"][3], r["causal"], r["mode"], r["length"], f"{r['shape'][0]}x{r['shape'][1]}"),
+        ["head dim", "causal", "mode", "N", "batch x heads"])
+
+
+def _rows_section(recs: List[dict], doc: dict) -> str:
+    peak = doc["device"]["peak"]
+    of_peak = f"% of {peak['spec']}'s {peak['bandwidth'] / 1e12:.2f} TB/s" if peak else "no known HBM peak"
+    return _timing_section(
+        f"Softmax and norms (cells: GB/s ({of_peak}); bytes a perfect kernel moves / median time; "
+        f"{recs[0]['shape'][0]} rows)", recs, lambda r: (r["op"], r["mode"], r["length"]), ["op", "mode", "width"])
+
+
+def _goal_line(r: dict) -> str:
+    if r["status"] in ("met", "missed"):
+        return (f"- {r['status'].upper()}: {r['goal']}: ours {r['ours_us']} µs, torch {r['torch_us']} µs, "
+                f"limit {r['limit_us']} µs")
+    return f"- {r['status'].upper()}: {r['goal']}: {r['reason']}"
+
+
+def _host_rows(recs: List[dict]) -> List[tuple]:
+    """(op, pass, ours µs, torch µs, minimal µs, ours/minimal, ours/torch) of ``overhead.measure``'s records."""
+    by = {(r["op"], r["pass"], r["provider"]): r for r in recs}
+    rows = []
+    for op, passes in dict.fromkeys((r["op"], r["pass"]) for r in recs):
+        ours, theirs, floor = (by[(op, passes, p)]["us_per_call"] for p in ("ours", "torch", "minimal"))
+        rows.append((op, passes, ours, theirs, floor, f"{ours / floor:.2f}x", f"{ours / theirs:.2f}x"))
+    return rows
+
+
+def _overhead_section(recs: List[dict], doc: dict) -> str:
+    """The goals as pass/fail lines, host µs per call of every op (real launches on a GPU), then where our
+    forward+backward call's host time goes."""
+    kind = {k: [r for r in recs if r["kind"] == k] for k in ("goal", "host", "profile")}
+    ran = [r for r in kind["host"] if r["status"] == "ok"]
+    launches = ran[0]["launches"] if ran else "real"
+    parts = ["## Host overhead", "Issue #19's GPU goals:\n\n" + "\n".join(map(_goal_line, kind["goal"])),
+             f"µs per call on tiny inputs ({launches} launches; min over rounds of synchronised calls):\n\n"
+             + _table(["op", "pass", "ours", "torch", "minimal op", "ours / minimal", "ours / torch"],
+                      _host_rows(ran))]
+    not_run = [r["op"] for r in kind["host"] if r["status"] != "ok"]
+    if not_run:
+        parts.append("Not measured (phase budget spent): " + ", ".join(not_run))
+    parts.append("Where our forward+backward call's host time goes (cProfile, own µs per call):\n\n" + _table(
+        ["op", "µs per call", "largest own times"],
+        [(r["op"], r.get("us_per_call", r["status"]),
+          "; ".join(f"{t['function']} {t['own_us']}" for t in r.get("top", [])[:4])) for r in kind["profile"]]))
+    return "\n\n".join(parts)
+
+
+def _model_section(recs: List[dict], doc: dict) -> str:
+    """One row per (workload, provider, mode): ms per step, tokens/s and tokens/s over the best torch provider's
+    (ours: a provider whose name says triton)."""
+    best: Dict[str, float] = {}
     for r in recs:
-        key = tuple("x".join(map(str, r[k])) if isinstance(r[k], list) else r[k] for k in keys)
-        rows.setdefault(key, {})[r["provider"]] = _cell(r)
-    reasons = {f"{r['provider']}: {r['reason']}" for r in recs if r["status"] not in ("ok", "skipped")}
-    text = f"## {title}\n\n" + _table(list(keys) + providers,
-                                       [key + tuple(cells.get(p, "-") for p in providers)
-                                        for key, cells in rows.items()])
-    return text + "".join(f"\n\n- {reason}" for reason in sorted(reasons))
+        if r["status"] == "ok" and "triton" not in r["provider"]:
+            best[r["workload"]] = max(best.get(r["workload"], 0.0), r["tokens_per_s"])
+    rows = [(r["workload"], r["provider"], r["mode"], r["ms_per_step"] if r["status"] == "ok" else r["status"],
+             r["tokens_per_s"] or "-",
+             f"{r['tokens_per_s'] / best[r['workload']]:.2f}x" if r["status"] == "ok" and best.get(r["workload"])
+             else "-")
+            for r in recs]
+    reasons = sorted({f"- {r['provider']} {r['mode']}: {r['reason']}" for r in recs if r["status"] == "error"})
+    table = _table(["workload", "provider", "mode", "ms/step", "tokens/s", "vs best torch"], rows)
+    return "\n\n".join(["## Model (end to end)", table] + ["\n".join(reasons)] * bool(reasons))
+
+
+SECTIONS = {"attention": _attention_section, "rows": _rows_section, "overhead": _overhead_section,
+            "model": _model_section, "configs": lambda recs, doc: _configs_section(recs),
+            "tests": lambda recs, doc: _tests_section(recs)}
 
 
 def markdown(doc: dict) -> str:
-    """The summary: device and versions, the phases, then one section per phase that ran."""
+    """The summary: device and versions, the phases, then one section per phase that recorded something."""
     by_phase: Dict[str, List[dict]] = {}
     for r in doc["records"]:
         by_phase.setdefault(r["phase"], []).append(r)
@@ -722,24 +992,22 @@ def markdown(doc: dict) -> str:
             f"liger-kernel {v['liger-kernel']}; {doc['created']}. Times are triton.testing.do_bench medians "
             "measured on this GPU; attention TFLOPS count 4*B*H*N^2*D forward (x0.5 causal, x3.5 fwd+bwd).")
     sections = [head, _phases_section(doc)]
-    if "tests" in by_phase:
-        sections.append(_tests_section(by_phase["tests"]))
-    if "configs" in by_phase:
-        sections.append(_configs_section(by_phase["configs"]))
-    if "attention" in by_phase:
-        sections.append(_timing_section("Attention timing", by_phase["attention"],
-                                        ["dtype", "causal", "mode", "shape"]))
-    if "rows" in by_phase:
-        sections.append(_timing_section("Softmax and norm timing", by_phase["rows"], ["op", "dtype", "mode", "shape"]))
-    if "overhead" in by_phase:
-        sections.append(_overhead_section(by_phase["overhead"]))
+    sections += [section(by_phase[name], doc) for name, section in SECTIONS.items() if name in by_phase]
     return "\n\n".join(sections) + "\n"
 
 
+def gpu_slug(name: str) -> str:
+    """The GPU's model for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100";
+    else the whole name in lower case, dashed."""
+    model = re.search(r"\b[A-Za-z]+\d{2,}[A-Za-z]*\b", name)
+    return (model.group(0) if model else "-".join(re.findall(r"[A-Za-z0-9]+", name))).lower()
+
+
 def write(out_dir: str, doc: dict) -> List[str]:
-    """``gpu_check.json`` and ``.csv`` (the benchmarks' writer) and ``gpu_check.md``; returns their paths."""
-    written = records.write(out_dir, "gpu_check", doc)
-    md_path = os.path.join(out_dir, "gpu_check.md")
+    """``gpu_check_<gpu>.json`` and ``.csv`` (the benchmarks' writer) and ``.md``; returns their paths."""
+    name = f"gpu_check_{gpu_slug(doc['device']['name'])}"
+    written = records.write(out_dir, name, doc)
+    md_path = os.path.join(out_dir, f"{name}.md")
     with open(md_path, "w") as f:
         f.write(markdown(doc))
     return written + [md_path]
@@ -767,18 +1035,19 @@ def _budget(text: str) -> tuple:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON, CSV and markdown (default "
-                                                           f"{DEFAULT_OUT})")
-    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES), help="only these phases")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for gpu_check_<gpu>.json/.csv/.md (default "
+                                                           f"{os.path.relpath(DEFAULT_OUT, ROOT)})")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
+                        help="only these phases (they still run in the order above)")
     parser.add_argument("--budget", type=_budget, action="append", default=[], metavar="PHASE=SECONDS",
                         help="a phase's time budget (defaults: "
-                             + ", ".join(f"{k}={v:.0f}" for k, v in BUDGETS.items()) + ")")
+                             + ", ".join(f"{k}={v:.0f}" for k, v in BUDGETS.items()) + f"; {TOTAL_S:.0f} s in all)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Exit 0 when everything that ran passed (or there is no GPU), 1 when a test or config failed or one of our
-    kernels failed to run, 2 when a GPU is visible but the kernels would run interpreted."""
+    """Exit 0 when everything that ran passed (or there is no GPU), 1 when a test or config failed, a phase
+    errored or one of our kernels failed to run, 2 when a GPU is visible but the kernels would run interpreted."""
     args = _parser().parse_args(argv)
     device = detect()
     message = no_gpu_message(device)
@@ -786,14 +1055,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(message)
         return 0 if not torch.cuda.is_available() else 2
     budgets = {**BUDGETS, **dict(args.budget)}
-    recs, phases = [], []
-    for name in args.phases:
-        print(f"gpu-check: {name} (budget {budgets[name]:.0f} s) on {device.name}", flush=True)
-        phase_records, summary = run_phase(name, device, budgets[name])
-        recs += phase_records
-        phases.append(summary)
-    doc = document(device, {"phases": args.phases, "budgets": budgets}, recs, phases)
-    written = write(args.out, doc)
+    config = {"phases": args.phases, "budgets": budgets, "total_s": TOTAL_S}
+
+    def save(recs: List[dict], phases: List[dict]) -> tuple:
+        doc = document(device, config, recs, phases)
+        return doc, write(args.out, doc)
+
+    doc, written = run_phases(device, args.phases, budgets, save)
     print(markdown(doc))
     print("wrote: " + ", ".join(written))
     return 0 if doc["status"] == "ok" else 1

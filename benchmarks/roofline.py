@@ -24,6 +24,8 @@ class GPUSpec:
 # FP16/BF16 tensor 312 TFLOPS dense (624 sparse), FP32 19.5 TFLOPS, HBM2e 2,039 GB/s (80GB SXM4).
 # NVIDIA H100 Tensor Core GPU datasheet (2023): SXM5 FP16/BF16 tensor 1,979 TFLOPS *with sparsity* = 989 dense,
 # FP32 67 TFLOPS, HBM3 3.35 TB/s; PCIe 1,513 sparse = 756 dense, FP32 51 TFLOPS, 2.0 TB/s.
+# NVIDIA H200 Tensor Core GPU datasheet (2024): SXM FP16/BF16 tensor 1,979 TFLOPS with sparsity = 989 dense,
+# FP32 67 TFLOPS, HBM3e 4.8 TB/s.
 KNOWN_GPUS = (
     GPUSpec("A100-SXM4-80GB", {"float16": 312e12, "bfloat16": 312e12, "float32": 19.5e12}, 2.039e12,
             "NVIDIA A100 datasheet"),
@@ -31,6 +33,7 @@ KNOWN_GPUS = (
             "NVIDIA H100 datasheet"),
     GPUSpec("H100-PCIe", {"float16": 756e12, "bfloat16": 756e12, "float32": 51e12}, 2.0e12,
             "NVIDIA H100 datasheet"),
+    GPUSpec("H200-SXM", {"float16": 989e12, "bfloat16": 989e12, "float32": 67e12}, 4.8e12, "NVIDIA H200 datasheet"),
 )
 MODELLED = ("A100-SXM4-80GB", "H100-SXM5")
 """The GPUs every record gets a roofline estimate for."""
@@ -47,6 +50,8 @@ def match_device(device_name: str) -> Optional[GPUSpec]:
         return spec_by_name("A100-SXM4-80GB")
     if "H100" in name:
         return spec_by_name("H100-PCIe" if "PCIE" in name else "H100-SXM5")
+    if "H200" in name and "NVL" not in name:
+        return spec_by_name("H200-SXM")
     return None
 
 

@@ -1,16 +1,19 @@
-"""``python -m benchmarks gpu-check`` without a GPU: its refusal, its enumeration of every registered build, its
-config check run through the interpreter (and failing on a wrong kernel), its FLOP count and its markdown."""
+"""``python -m benchmarks gpu-check`` without a GPU: its refusal, its phase order and budgets, each phase's logic run
+on CPU with tiny shapes and budgets (timing, host overhead and goals, the model run, the config checks through the
+interpreter, the test suite), and the markdown every section renders from synthetic records."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import kernels
-from benchmarks import gpu_check
-from benchmarks.device import detect
+from benchmarks import gpu_check, model
+from benchmarks.device import DeviceInfo, detect
+from benchmarks.providers import Case
 from kernels.attention import configs
 from kernels.registry import all_builds
 
@@ -157,70 +160,227 @@ def test_the_test_phase_counts_outcomes_and_stops_at_its_budget(tmp_path):
         "failed": 3, "passed": 310, "skipped": 2, "error": 1}
 
 
-def test_the_overhead_phase_profiles_each_op_and_torchs_own(monkeypatch):
-    """Wall time per call and the functions that take it, for ours and torch's ops on tiny inputs; in the summary."""
-    monkeypatch.setattr(gpu_check, "OVERHEAD_CALLS", 2)
-    recs = gpu_check.time_overhead(detect(), gpu_check.Budget(UNLIMITED))
-    assert [r["op"] for r in recs] == ["layer_norm", "torch layer_norm", "rms_norm", "softmax", "torch softmax",
-                                       "attention", "torch sdpa"]
-    for r in recs:
-        assert r["status"] == "ok" and r["us_per_call"] > 0 and len(r["top"]) == gpu_check.OVERHEAD_TOP
-        assert all(t["own_us"] >= 0 and t["calls"] >= 0 and "(" in t["function"] for t in r["top"])
-    text = gpu_check._overhead_section(recs)
-    assert text.startswith("## Host overhead") and "| layer_norm | " in text
+
+# ---------------------------------------------------------------------------------------------- phases and budgets
+def test_phases_run_in_priority_order_within_a_ten_minute_window():
+    assert list(gpu_check.PHASES) == ["attention", "rows", "overhead", "model", "configs", "tests"]
+    assert list(gpu_check.BUDGETS) == list(gpu_check.PHASES)
+    assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TOTAL_S <= 570
 
 
-def test_attention_grid_is_flashattentions_and_flops_follow_its_convention():
+def test_run_phases_keeps_the_order_caps_the_total_and_saves_after_each_phase(monkeypatch):
+    """Phases named in any order run in PHASES order; one gets min(its budget, what is left of the total), one
+    with too little left is recorded as skipped; the files are saved after every phase."""
+    given = {}
+
+    def fake(name, sleep):
+        def phase(device, budget):
+            given[name] = budget.seconds
+            time.sleep(sleep)
+            return [{"phase": name, "status": "ok"}]
+        return phase
+
+    monkeypatch.setattr(gpu_check, "PHASES", {"attention": fake("attention", 1.0), "rows": fake("rows", 2.0),
+                                              "overhead": fake("overhead", 0), "tests": fake("tests", 0)})
+    monkeypatch.setattr(gpu_check, "MIN_PHASE_S", 0.2)
+    saves = []
+    last = gpu_check.run_phases(detect(), ["tests", "rows", "attention"], {"attention": 1.0, "rows": 100, "tests": 9},
+                                lambda recs, phases: saves.append([(p["phase"], p["status"]) for p in phases])
+                                or len(saves), total_s=3.0)
+    ran = [("attention", "ok"), ("rows", "ok")]
+    assert saves == [ran[:1], ran, ran + [("tests", "skipped")]] and last == 3
+    assert given["attention"] == 1.0 and 1.0 < given["rows"] < 2.0 and "tests" not in given
+
+
+def test_a_spent_budget_skips_the_rest_and_lists_of_records_are_flattened():
+    run = gpu_check.within(gpu_check.Budget(UNLIMITED), [1, 2], lambda i: [{"i": i, "status": "ok"}] * i, dict)
+    assert run == [{"i": 1, "status": "ok"}, {"i": 2, "status": "ok"}, {"i": 2, "status": "ok"}]
+
+
+# ---------------------------------------------------------------------------------------------- phase 1: attention
+def test_attention_grid_puts_both_dtypes_at_the_key_shapes_first_and_head_dim_256_last():
     cases = gpu_check.attention_cases()
-    assert len(cases) == 2 * 2 * 2 * 6 * 2  # dtypes x head dims x causal x lengths x modes
+    assert len(cases) == 3 * 2 * 6 * 2 * 2  # head dims x causal x lengths x dtypes x modes
     for case in cases:
         assert (case.batch * case.length, case.heads * case.head_dim) == (16384, 2048)
         forward = 4 * case.batch * case.heads * case.length ** 2 * case.head_dim / (2 if case.causal else 1)
         assert case.conventional_flops() == forward * (3.5 if case.mode == "fwd+bwd" else 1)
-    big = next(c for c in cases if c.length == 16384 and c.head_dim == 128 and c.causal and c.mode == "fwd")
-    assert big.conventional_flops() == 2 ** 40  # 4 * 1 * 16 * 16384^2 * 128 / 2
+    key = {(128, n) for n in (512, 2048, 16384)} | {(64, 512), (64, 16384)}
+    first = cases[:len(key) * 2 * 2 * 2]  # x causal x dtypes x modes
+    assert {(c.head_dim, c.length) for c in first} == key
+    assert {(c.head_dim, c.length, c.causal, c.dtype, c.mode) for c in first} == {
+        (d, n, causal, dtype, mode) for d, n in key for causal in (True, False)
+        for dtype in ("float16", "bfloat16") for mode in ("fwd", "fwd+bwd")}
+    priorities = [gpu_check.attention_priority(c.head_dim, c.length) for c in cases]
+    assert priorities == sorted(priorities) and cases[-1].head_dim == 256
 
 
-def _fake_doc():
-    device = detect()
-    check = {"phase": "configs", "kernel": "attention_fwd", "label": "fp16 d64 causal 128x64 w4 s3",
-             "dtype": "float16", "causal": True, "default": True}
+def test_attention_phase_times_ours_and_records_why_a_backend_cannot_run(monkeypatch):
+    """On CPU: ours and SDPA's flash backend are timed, cuDNN's backend errors (recorded with torch's reason) and
+    flash-attn is unavailable; a spent budget skips the rest."""
+    case = Case("attention", "fwd", 40, dtype="float32", causal=True, batch=1, heads=2, head_dim=16)
+    recs = gpu_check.time_attention(detect(), gpu_check.Budget(UNLIMITED), cases=[case])
+    assert [(r["provider"], r["status"]) for r in recs] == [
+        ("triton", "ok"), ("torch-sdpa-flash", "ok"), ("torch-sdpa-cudnn", "error"), ("flash-attn", "unavailable")]
+    assert all(r["phase"] == "attention" for r in recs) and recs[0]["time"]["median_ms"] > 0
+    assert "scaled_dot_product_attention" in recs[2]["reason"] and "CUDA GPU" in recs[3]["reason"]
+    spent = gpu_check.time_attention(detect(), gpu_check.Budget(0.0), cases=[case])
+    assert {r["status"] for r in spent} == {"skipped"} and len(spent) == 4
+
+
+# ---------------------------------------------------------------------------------------------- phase 2: rows
+def test_rows_phase_compiles_torch_once_per_shape_and_defers_compiles_off_the_key_widths(monkeypatch):
+    """torch.compile gets a fresh static graph for each input shape (the recompile limit never turns it into
+    eager), at the key widths beside the eager points and at the other widths after all of them."""
+    compiled = []
+
+    def backend(graph, inputs):
+        compiled.append(tuple(inputs[0].shape))
+        return graph.forward
+
+    monkeypatch.setattr(gpu_check, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(gpu_check, "KEY_ROW_WIDTHS", (48,))
+    cases = [c for c in gpu_check.row_cases(("float32",), widths=(48, 80), rows=3) if c.op == "softmax"]
+    recs = gpu_check.time_rows(detect(), gpu_check.Budget(UNLIMITED), cases=cases)
+    assert [(r["length"], r["mode"], r["provider"]) for r in recs] == [
+        (48, "fwd", "triton"), (48, "fwd", "torch"), (48, "fwd", "torch-compile"), (48, "fwd", "liger"),
+        (48, "fwd+bwd", "triton"), (48, "fwd+bwd", "torch"), (48, "fwd+bwd", "torch-compile"), (48, "fwd+bwd", "liger"),
+        (80, "fwd", "triton"), (80, "fwd", "torch"), (80, "fwd", "liger"),
+        (80, "fwd+bwd", "triton"), (80, "fwd+bwd", "torch"), (80, "fwd+bwd", "liger"),
+        (80, "fwd", "torch-compile"), (80, "fwd+bwd", "torch-compile")]
+    assert {r["status"] for r in recs if r["provider"] != "liger"} == {"ok"}
+    assert compiled == [(3, 48), (3, 48), (3, 80), (3, 80)]  # fwd, then fwd+bwd (a grad-requiring input)
+    assert len(gpu_check.row_cases()) == 10 * 2 * 3 * 2  # widths x dtypes x ops x modes
+    assert {768, 1024, 2048, 4096, 5120, 8192, 16384, 32768, 65536, 262144} == set(gpu_check.ROW_WIDTHS)
+
+
+# ---------------------------------------------------------------------------------------------- phase 3: overhead
+def test_overhead_phase_gives_goal_lines_host_times_and_profiles(monkeypatch):
+    monkeypatch.setattr(gpu_check, "OVERHEAD_REPEATS", 1)
+    monkeypatch.setattr(gpu_check, "OVERHEAD_CALLS", 2)
+    monkeypatch.setattr(gpu_check, "GOAL_ROWS", (3, 64))
+    recs = gpu_check.time_overhead(detect(), gpu_check.Budget(UNLIMITED), names=["softmax", "attention"])
+    goals = [r for r in recs if r["kind"] == "goal"]
+    assert [r["goal"] for r in goals] == [
+        f"{op} {mode} 3x64 fp16 <= {factor}x torch" for op in ("softmax", "layer_norm", "rms_norm")
+        for mode, factor in (("fwd", 1.5), ("fwd+bwd", 1))] + [
+        "attention fwd 1x8x128x64 fp16 causal <= torch SDPA flash + 10 µs"]
+    for r in goals:
+        assert r["status"] == ("met" if r["ours_us"] <= r["limit_us"] else "missed") and r["torch_us"] > 0
+    host = [r for r in recs if r["kind"] == "host"]
+    assert sorted((r["op"], r["provider"], r["pass"]) for r in host) == sorted(
+        (op, p, passes) for op in ("softmax", "attention") for p in ("ours", "torch", "minimal")
+        for passes in ("forward", "forward+backward"))
+    assert all(r["us_per_call"] > 0 and r["launches"] == "stubbed" for r in host)
+    profiles = [r for r in recs if r["kind"] == "profile"]
+    assert [r["op"] for r in profiles] == ["softmax", "attention"]
+    assert all(len(r["top"]) == gpu_check.OVERHEAD_TOP and "(" in r["top"][0]["function"] for r in profiles)
+    text = gpu_check._overhead_section(recs, {})
+    assert "| softmax | forward+backward | " in text and ("- MET: " in text or "- MISSED: " in text)
+    spent = gpu_check.time_overhead(detect(), gpu_check.Budget(0.0), names=["softmax"])
+    assert [(r["kind"], r["status"]) for r in spent] == [("goal", "skipped")] * 7 + [("host", "skipped"),
+                                                                                   ("profile", "skipped")]
+
+
+# ---------------------------------------------------------------------------------------------- phase 4: model
+def test_model_phase_runs_the_full_model_benchmark_until_a_deadline_inside_its_budget(monkeypatch):
+    seen = {}
+
+    def fake_run(device, quick, repeats, only=None, deadline=None):
+        seen.update(quick=quick, repeats=repeats, deadline=deadline)
+        return [{"workload": "w", "provider": "triton", "mode": "eager", "status": "ok"}]
+
+    monkeypatch.setattr(model, "run", fake_run)
+    budget = gpu_check.Budget(90.0)
+    assert gpu_check.time_model(detect(), budget) == [
+        {"workload": "w", "provider": "triton", "mode": "eager", "status": "ok", "phase": "model"}]
+    assert (seen["quick"], seen["repeats"]) == (False, 3)
+    assert budget.start + 30 <= seen["deadline"] <= budget.start + 90 - gpu_check.MODEL_RESERVE_S
+
+
+def test_model_phase_past_its_deadline_records_every_point_as_skipped():
+    recs = gpu_check.time_model(detect(), gpu_check.Budget(0.0))
+    assert recs and {(r["phase"], r["status"]) for r in recs} == {("model", "skipped")}
+    text = gpu_check._model_section(recs, {})
+    assert "| gpt2-small train | triton | eager | skipped | - | - |" in text
+
+
+# ---------------------------------------------------------------------------------------------- the files
+H200 = DeviceInfo("NVIDIA H200", "cuda", False, "do_bench", {"spec": "H200-SXM", "flops": {}, "bandwidth": 4.8e12,
+                                                            "source": "datasheet"})
+
+
+def _timed(phase, op, provider, status="ok", **fields):
+    point = {"phase": phase, "op": op, "mode": "fwd", "provider": provider, "dtype": "float16", "status": status,
+             "reason": None, "time": {"median_ms": 1.5}, "tflops": None, "gbps": None, "pct_of_peak": None}
+    return {**point, **fields}
+
+
+def _synthetic_doc():
+    attention = dict(length=512, shape=[32, 16, 512, 128], causal=True)
+    host = [{"phase": "overhead", "kind": "host", "op": "softmax", "pass": "forward", "provider": p,
+             "us_per_call": us, "x_minimal": us / 10, "launches": "real", "status": "ok"}
+            for p, us in (("ours", 20.0), ("torch", 10.0), ("minimal", 10.0))]
     recs = [
+        _timed("attention", "attention", "triton", tflops=400.0, **attention),
+        _timed("attention", "attention", "torch-sdpa-flash", tflops=320.0, **attention),
+        _timed("attention", "attention", "torch-sdpa-cudnn", "error", reason="RuntimeError: no cuDNN", **attention),
+        _timed("rows", "softmax", "triton", length=1024, shape=[4096, 1024], gbps=2400.0, pct_of_peak=50.0),
+        _timed("rows", "softmax", "torch-compile", length=1024, shape=[4096, 1024], gbps=3000.0, pct_of_peak=62.5),
+        {"phase": "overhead", "kind": "goal", "goal": "softmax fwd 4096x1024 fp16 <= 1.5x torch", "ours_us": 12.0,
+         "torch_us": 10.0, "limit_us": 15.0, "status": "met", "reason": None},
+        {"phase": "overhead", "kind": "goal", "goal": "attention fwd", "status": "unmeasured",
+         "reason": "torch: RuntimeError: no flash"},
+        *host,
+        {"phase": "overhead", "kind": "profile", "op": "softmax", "status": "ok", "us_per_call": 40.0,
+         "top": [{"function": "api.py:10(softmax)", "calls": 1, "own_us": 5.0}]},
+        {"phase": "model", "workload": "gpt2-small train", "provider": "triton", "mode": "eager", "status": "ok",
+         "ms_per_step": 100.0, "tokens_per_s": 90000.0},
+        {"phase": "model", "workload": "gpt2-small train", "provider": "torch sdpa", "mode": "compile",
+         "status": "ok", "ms_per_step": 125.0, "tokens_per_s": 72000.0},
+        {"phase": "configs", "kernel": "attention_fwd", "label": "fp16 d64 causal 128x64 w4 s3", "dtype": "float16",
+         "causal": True, "default": True, "status": "fail", "worst": "out", "max_error": 6e-3, "bound": 2e-3,
+         "reason": "out: too far"},
         {"phase": "tests", "command": "pytest -q tests -x", "status": "passed", "counts": {"passed": 310},
          "reason": None},
-        {**check, "status": "pass", "worst": "dq", "max_error": 1e-3, "bound": 2e-3, "reason": None},
-        {**check, "status": "fail", "worst": "out", "max_error": 6e-3, "bound": 2e-3, "reason": "out: too far"},
-        {"phase": "attention", "op": "attention", "mode": "fwd", "provider": "triton", "length": 512,
-         "shape": [32, 32, 512, 64], "dtype": "float16", "causal": True, "status": "ok",
-         "time": {"median_ms": 1.5}, "tflops": 100.0, "gbps": None},
-        {"phase": "attention", "op": "attention", "mode": "fwd", "provider": "flash-attn", "length": 512,
-         "shape": [32, 32, 512, 64], "dtype": "float16", "causal": True, "status": "unavailable",
-         "reason": "ImportError: no flash_attn"},
-        {"phase": "rows", "op": "softmax", "mode": "fwd", "provider": "torch", "length": 1024, "shape": [4096, 1024],
-         "dtype": "float16", "causal": None, "status": "ok", "time": {"median_ms": 0.02}, "tflops": None,
-         "gbps": 840.0},
     ]
-    phases = [{"phase": name, "status": "ok", "reason": None, "budget_s": 60.0, "duration_s": 1.0, "records": n,
-               "skipped": 0, "failed": int(name == "configs")}
-              for name, n in (("tests", 1), ("configs", 2), ("attention", 2), ("rows", 1))]
-    return gpu_check.document(device, {}, recs, phases)
+    phases = [{"phase": name, "status": "ok", "reason": None, "budget_s": 60.0, "duration_s": 1.0, "records": 1,
+               "skipped": 0, "failed": int(name == "configs")} for name in gpu_check.PHASES]
+    return gpu_check.document(H200, {}, recs, phases)
 
 
-def test_markdown_tables_from_fake_records(tmp_path):
-    doc = _fake_doc()
-    assert doc["status"] == "failed"
+def test_markdown_renders_every_phase_section_from_synthetic_records(tmp_path):
+    doc = _synthetic_doc()
+    assert doc["status"] == "failed"  # the failing config
     text = gpu_check.markdown(doc)
-    assert "| configs | ok | 1.0 | 60.0 | 2 | 0 | 1 |  |" in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [h.split(" (")[0] for h in headings] == [
+        "## Phases", "## Attention", "## Softmax and norms", "## Host overhead", "## Model", "## Config checks",
+        "## Test suite"]
+    assert "| head dim | causal | mode | N | batch x heads | triton | torch-sdpa-flash | torch-sdpa-cudnn | " \
+           "ours / best other |" in text
+    assert "| 128 | True | fwd | 512 | 32x16 | 400 (1.5 ms) | 320 (1.5 ms) | error | 1.25x |" in text
+    assert "- torch-sdpa-cudnn: RuntimeError: no cuDNN" in text
+    assert "GB/s (% of H200-SXM's 4.80 TB/s)" in text
+    assert "| softmax | fwd | 1024 | 2400 (50%) | 3000 (62%) | 0.80x |" in text
+    assert "- MET: softmax fwd 4096x1024 fp16 <= 1.5x torch: ours 12.0 µs, torch 10.0 µs, limit 15.0 µs" in text
+    assert "- UNMEASURED: attention fwd: torch: RuntimeError: no flash" in text
+    assert "| softmax | forward | 20.0 | 10.0 | 10.0 | 2.00x | 2.00x |" in text
+    assert "| softmax | 40.0 | api.py:10(softmax) 5.0 |" in text
+    assert "| gpt2-small train | triton | eager | 100.0 | 90000.0 | 1.25x |" in text
+    assert "| attention_fwd | float16 | 1 | 0 | 1 | 0 | 0 | 3.00 |" in text
     assert "| pytest -q tests -x | passed | 310 passed |  |" in text
-    assert "| attention_fwd | float16 | 2 | 1 | 1 | 0 | 0 | 3.00 |" in text
-    assert "| attention_fwd | fp16 d64 causal 128x64 w4 s3 | True | fail | out | 3.00 | out: too far |" in text
-    assert "| dtype | causal | mode | shape | triton | flash-attn |" in text
-    assert "| float16 | True | fwd | 32x32x512x64 | 1.5 ms, 100 TFLOPS | unavailable |" in text
-    assert "- flash-attn: ImportError: no flash_attn" in text
-    assert "| softmax | float16 | fwd | 4096x1024 | 0.02 ms, 840 GB/s |" in text
     paths = gpu_check.write(str(tmp_path), doc)
-    assert [os.path.basename(p) for p in paths] == ["gpu_check.json", "gpu_check.csv", "gpu_check.md"]
+    assert [os.path.basename(p) for p in paths] == ["gpu_check_h200.json", "gpu_check_h200.csv", "gpu_check_h200.md"]
     with open(paths[0]) as f:
         saved = json.load(f)
-    assert (saved["status"], len(saved["records"]), saved["phases"][1]["failed"]) == ("failed", 6, 1)
-    assert "cuda" in saved["versions"]
+    assert (saved["status"], len(saved["records"]), saved["device"]["peak"]["bandwidth"]) == ("failed", 15, 4.8e12)
+
+
+def test_file_names_and_percent_of_peak_know_the_gpus_we_are_lent():
+    from benchmarks.roofline import match_device
+
+    assert [gpu_check.gpu_slug(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB")] == [
+        "h100", "h200", "a100"]
+    assert match_device("NVIDIA H200").bandwidth == 4.8e12 and match_device("NVIDIA H200 NVL") is None
+    assert gpu_check.DEFAULT_OUT == os.path.join(ROOT, "benchmarks", "example")
