@@ -9,7 +9,7 @@ TORCH ?= $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 TRITON ?= $(if $(HAS_GPU),triton>=3.5,triton==3.8.0)
 ARGS ?=
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,10 @@ test: install
 bench: install
 	$(PY) -m benchmarks $(ARGS)
 
-gpu-check: install
-	$(PY) -m benchmarks gpu-check $(ARGS)
+# The venv's python where `make install` made one, else python3: a lent GPU machine's image already holds torch,
+# triton and transformers, and nothing can be installed there (run it as `make gpu-check ARGS="--out $$OUT"`).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks gpu-check $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
