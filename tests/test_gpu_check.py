@@ -168,6 +168,13 @@ def test_phases_run_in_priority_order_within_a_ten_minute_window():
     assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TOTAL_S <= 570
 
 
+def test_the_command_line_takes_a_subset_of_phases_and_a_budget_per_phase():
+    args = gpu_check._parser().parse_args(["--phases", "tests", "rows", "--budget", "rows=12.5"])
+    assert (args.phases, args.budget, args.out) == (["tests", "rows"], [("rows", 12.5)], gpu_check.DEFAULT_OUT)
+    with pytest.raises(SystemExit):
+        gpu_check._parser().parse_args(["--budget", "warmup=5"])
+
+
 def test_run_phases_keeps_the_order_caps_the_total_and_saves_after_each_phase(monkeypatch):
     """Phases named in any order run in PHASES order; one gets min(its budget, what is left of the total), one
     with too little left is recorded as skipped; the files are saved after every phase."""
