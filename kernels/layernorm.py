@@ -143,64 +143,81 @@ def _output(xhat, w, b, offset, dtype: tl.constexpr, HAS_W: tl.constexpr, HAS_B:
 
 @triton.jit
 def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, offset, w, b,
-                  BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr,
-                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, CASTING: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
-    """Normalise one row: Y[row] (and H[row]), MEAN[row] (layer norm only), RSTD[row]. One-block rows use the
-    weight and bias values ``w``, ``b`` when PARAMS_GIVEN, else load them; two-pass rows load them per chunk."""
-    x_off = row * stride_x
-    res_off = row * stride_res
+                  BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                  HAS_B: tl.constexpr, CASTING: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
+    """Normalise one one-block row: Y[row] (and H[row]), MEAN[row] (layer norm only), RSTD[row], with the weight
+    and bias values ``w``, ``b`` when PARAMS_GIVEN, else loading them."""
     out_off = row * n_cols
     cols = tl.arange(0, BLOCK)
     dtype = Y.dtype.element_ty
-    mean = 0.0
-    if SINGLE:
-        h = _load_h(X, RES, H, x_off, res_off, out_off, cols, n_cols, HAS_RES)
-        if RMS:
-            rstd = _rms_rstd(tl.sum(_square(h, dtype, CASTING), 0), n_cols, eps, dtype, CASTING)
-        else:
-            mean = tl.sum(h, 0) / n_cols
-            h = tl.where(cols < n_cols, h - mean, 0.0)
-            rstd = _layer_rstd(tl.sum(h * h, 0), n_cols, eps)
-        if not PARAMS_GIVEN:
-            w = _load_vec(W, cols, n_cols, HAS_W)
-            b = _load_vec(B, cols, n_cols, HAS_B)
-        y = _output(h * rstd, w, b, offset, dtype, HAS_W, HAS_B, CASTING)
-        tl.store(Y + out_off + cols, cast_rne(y, dtype), mask=cols < n_cols)
+    h = _load_h(X, RES, H, row * stride_x, row * stride_res, out_off, cols, n_cols, HAS_RES)
+    if RMS:
+        rstd = _rms_rstd(tl.sum(_square(h, dtype, CASTING), 0), n_cols, eps, dtype, CASTING)
     else:
-        count = tl.zeros([], tl.float32)
-        mean = tl.zeros([], tl.float32)
-        m2 = tl.zeros([], tl.float32)  # sum of squared deviations from mean (of squares for RMS)
-        for start in range(0, n_cols, BLOCK):
-            h = _load_h(X, RES, H, x_off + start, res_off + start, out_off + start, cols, n_cols - start, HAS_RES)
-            if RMS:
-                m2 += tl.sum(_square(h, dtype, CASTING), 0)
-            else:
-                n_chunk = tl.minimum(n_cols - start, BLOCK).to(tl.float32)
-                mean_chunk = tl.sum(h, 0) / n_chunk
-                dev = tl.where(start + cols < n_cols, h - mean_chunk, 0.0)
-                delta = mean_chunk - mean
-                total = count + n_chunk
-                mean += delta * (n_chunk / total)
-                m2 += tl.sum(dev * dev, 0) + delta * delta * (count * n_chunk / total)
-                count = total
-        if RMS:
-            rstd = _rms_rstd(m2, n_cols, eps, dtype, CASTING)
-        else:
-            rstd = _layer_rstd(m2, n_cols, eps)
-        # pass 2 reads h back: from H when it was written above (one stream instead of x and residual)
-        if HAS_RES:
-            src = H + out_off
-        else:
-            src = X + x_off
-        for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            h = tl.load(src + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = _output((h - mean) * rstd, _load_vec(W + start, cols, n_cols - start, HAS_W),
-                        _load_vec(B + start, cols, n_cols - start, HAS_B), offset, dtype, HAS_W, HAS_B, CASTING)
-            tl.store(Y + out_off + start + cols, cast_rne(y, dtype), mask=mask)
-    tl.store(RSTD + row, rstd)
-    if not RMS:
+        mean = tl.sum(h, 0) / n_cols
+        h = tl.where(cols < n_cols, h - mean, 0.0)
+        rstd = _layer_rstd(tl.sum(h * h, 0), n_cols, eps)
         tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    if not PARAMS_GIVEN:
+        w = _load_vec(W, cols, n_cols, HAS_W)
+        b = _load_vec(B, cols, n_cols, HAS_B)
+    y = _output(h * rstd, w, b, offset, dtype, HAS_W, HAS_B, CASTING)
+    tl.store(Y + out_off + cols, cast_rne(y, dtype), mask=cols < n_cols)
+
+
+@triton.jit
+def _fwd_row_stats(X, RES, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, BLOCK: tl.constexpr,
+                   RMS: tl.constexpr, HAS_RES: tl.constexpr, CASTING: tl.constexpr):
+    """Two-pass rows, pass 1 over one row's chunks: MEAN[row] (layer norm) and RSTD[row], and H[row]. Layer norm
+    merges per-chunk mean and sum of squared deviations (Chan et al.)."""
+    cols = tl.arange(0, BLOCK)
+    dtype = H.dtype.element_ty
+    count = tl.zeros([], tl.float32)
+    mean = tl.zeros([], tl.float32)
+    m2 = tl.zeros([], tl.float32)  # sum of squared deviations from mean (of squares for RMS)
+    for start in range(0, n_cols, BLOCK):
+        h = _load_h(X, RES, H, row * stride_x + start, row * stride_res + start, row * n_cols + start, cols,
+                    n_cols - start, HAS_RES)
+        if RMS:
+            m2 += tl.sum(_square(h, dtype, CASTING), 0)
+        else:
+            n_chunk = tl.minimum(n_cols - start, BLOCK).to(tl.float32)
+            mean_chunk = tl.sum(h, 0) / n_chunk
+            dev = tl.where(start + cols < n_cols, h - mean_chunk, 0.0)
+            delta = mean_chunk - mean
+            total = count + n_chunk
+            mean += delta * (n_chunk / total)
+            m2 += tl.sum(dev * dev, 0) + delta * delta * (count * n_chunk / total)
+            count = total
+    if RMS:
+        tl.store(RSTD + row, _rms_rstd(m2, n_cols, eps, dtype, CASTING))
+    else:
+        tl.store(RSTD + row, _layer_rstd(m2, n_cols, eps))
+        tl.store(MEAN + row, mean)
+
+
+@triton.jit
+def _fwd_columns(X, W, B, Y, H, MEAN, RSTD, start, row_start, row_end, stride_x, n_cols, offset,
+                 BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, CASTING: tl.constexpr):
+    """Two-pass rows, pass 2 at columns [start, start + BLOCK) of rows [row_start, row_end): Y from h read back
+    (from H when it was written, one stream instead of x and residual), the weight and bias chunk read once for
+    the run."""
+    cols = tl.arange(0, BLOCK)
+    mask = start + cols < n_cols
+    dtype = Y.dtype.element_ty
+    w = _load_vec(W + start, cols, n_cols - start, HAS_W)
+    b = _load_vec(B + start, cols, n_cols - start, HAS_B)
+    for row in range(row_start, row_end):
+        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        if HAS_RES:
+            src = H + row * n_cols
+        else:
+            src = X + row * stride_x
+        h = tl.load(src + start + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _output((h - mean) * rstd, w, b, offset, dtype, HAS_W, HAS_B, CASTING)
+        tl.store(Y + row * n_cols + start + cols, cast_rne(y, dtype), mask=mask)
 
 
 @triton.jit
@@ -210,23 +227,42 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_co
     """Layer/RMS norm forward. Y and H are contiguous (rows, n_cols); unused pointers (RES, H, W, B, MEAN) are
     ignored per the flags. Layer norm runs with offset 0 and CASTING "gemma" (all fp32).
 
-    MULTI_ROW (the launcher's choice for one-block rows up to MULTI_ROW_MAX_BLOCK): program p normalises rows
-    [p * rows_per_program, (p + 1) * rows_per_program), loading weight and bias once for all of them. Otherwise
-    program p normalises row p, with no row loop: out of a loop the compiler would hoist the weight and bias loads
-    and keep them live beside h, which spills at BLOCK=8192.
+    Program p normalises rows [p * rows_per_program, (p + 1) * rows_per_program) and reads weight and bias once
+    for all of them: one-block rows with MULTI_ROW (the launcher's choice up to MULTI_ROW_MAX_BLOCK) keep them in
+    registers across the run; two-pass rows take the run's statistics row by row (pass 1), then its outputs chunk
+    by chunk (pass 2). One-block rows without MULTI_ROW get a program each (rows_per_program 1) with no row loop:
+    out of a loop the compiler would hoist the weight and bias loads and keep them live beside h.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset 64-bit
-    if MULTI_ROW:
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    if not SINGLE:
+        for row in range(row_start, row_end):
+            _fwd_row_stats(X, RES, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, BLOCK, RMS, HAS_RES,
+                           CASTING)
+        tl.debug_barrier()  # pass 2's threads read the statistics one thread stored
+        for start in range(0, n_cols, BLOCK):
+            _fwd_columns(X, W, B, Y, H, MEAN, RSTD, start, row_start, row_end, stride_x, n_cols, offset, BLOCK, RMS,
+                         HAS_RES, HAS_W, HAS_B, CASTING)
+    elif MULTI_ROW:
         cols = tl.arange(0, BLOCK)
         w = _load_vec(W, cols, n_cols, HAS_W)
         b = _load_vec(B, cols, n_cols, HAS_B)
-        row_start = pid * rows_per_program
-        for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+        for row in range(row_start, row_end):
             _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, offset, w, b,
-                          BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, CASTING, True)
+                          BLOCK, RMS, HAS_RES, HAS_W, HAS_B, CASTING, True)
     else:
         _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, pid, stride_x, stride_res, n_cols, eps, offset, 0.0, 0.0,
-                      BLOCK, SINGLE, RMS, HAS_RES, HAS_W, HAS_B, CASTING, False)
+                      BLOCK, RMS, HAS_RES, HAS_W, HAS_B, CASTING, False)
+
+
+@triton.jit
+def _row_stats(MEAN, RSTD, row, RMS: tl.constexpr):
+    """(mean, rstd) of ``row`` as the forward stored them; mean 0 for RMS norm."""
+    mean = 0.0
+    if not RMS:
+        mean = tl.load(MEAN + row)
+    return mean, tl.load(RSTD + row)
 
 
 @triton.jit
@@ -267,70 +303,88 @@ def _input_grad(xhat, wdy, c1, c2, rstd, DH, dh_off, cols, n_cols, RMS: tl.const
 
 
 @triton.jit
-def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, stride_h, stride_dy, stride_dh, n_rows, n_cols,
+def _bwd_row_sums(H, W, DY, SUMS, start, row_start, row_end, stride_h, stride_dy, n_cols, offset, MEAN, RSTD,
+                  BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr):
+    """Two-pass rows, pass 1 over columns [start, start + BLOCK): add this chunk's sum(xhat * w*dy) and
+    sum(w*dy) of each row of the run into SUMS[row] (fp32 pairs, 0 before the first chunk). Chunk-major, so the
+    weight chunk is read once for the run."""
+    cols = tl.arange(0, BLOCK)
+    w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
+    for row in range(row_start, row_end):
+        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
+                                   n_cols - start, mean, rstd, HAS_W)
+        c1 = tl.load(SUMS + 2 * row, mask=start > 0, other=0.0) + tl.sum(xhat * wdy, 0)
+        c2 = tl.load(SUMS + 2 * row + 1, mask=start > 0, other=0.0) + tl.sum(wdy, 0)
+        tl.store(SUMS + 2 * row, c1)
+        tl.store(SUMS + 2 * row + 1, c2)
+    # the next chunk's threads read what this one's stored (scalar stores come from one thread)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, start, row_start, row_end, stride_h,
+                 stride_dy, stride_dh, n_cols, offset, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                 RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr,
+                 WANT_DB: tl.constexpr, CASTING: tl.constexpr):
+    """DX at columns [start, start + BLOCK) of rows [row_start, row_end), and this run's fp32 partial dweight and
+    dbias there, stored once. One-block rows (SINGLE) sum c1, c2 in place; two-pass rows read them from SUMS."""
+    cols = tl.arange(0, BLOCK)
+    dtype = DX.dtype.element_ty
+    mask = start + cols < n_cols
+    # offset added once: a sum formed in the row loop would be hoisted and kept live beside w
+    w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
+    dw = tl.zeros([BLOCK], tl.float32)
+    db = tl.zeros([BLOCK], tl.float32)
+    for row in range(row_start, row_end):
+        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
+                                   n_cols - start, mean, rstd, HAS_W)
+        if SINGLE:
+            c1 = tl.sum(xhat * wdy, 0)
+            c2 = tl.sum(wdy, 0)
+        else:
+            c1 = tl.load(SUMS + 2 * row)
+            c2 = tl.load(SUMS + 2 * row + 1)
+        dx = _input_grad(xhat, wdy, c1 / n_cols, c2 / n_cols, rstd, DH, row * stride_dh + start, cols,
+                         n_cols - start, RMS, HAS_DH)
+        tl.store(DX + row * n_cols + start + cols, cast_rne(dx, dtype), mask=mask)
+        dw += dy * _weight_factor(xhat, dtype, CASTING)
+        db += dy
+    if WANT_DW:
+        tl.store(part + start + cols, dw, mask=mask)
+    if WANT_DB:
+        tl.store(part_b + start + cols, db, mask=mask)
+
+
+@triton.jit
+def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, SUMS, stride_h, stride_dy, stride_dh, n_rows, n_cols,
               rows_per_program, offset, BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr,
               HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
               CASTING: tl.constexpr):
     """Program p: DX for rows [p * rows_per_program, (p + 1) * rows_per_program), and its fp32 partial sums of
-    dweight and dbias in row p of DW and DB (programs, n_cols). DX is contiguous (rows, n_cols)."""
+    dweight and dbias in row p of DW and DB (programs, n_cols), each element stored once. DX is contiguous
+    (rows, n_cols); SUMS (rows, 2) fp32 holds two-pass rows' c1, c2 sums between the passes.
+
+    One-block rows read h and dy once. Two-pass rows read them twice (the least a row that does not fit on chip
+    allows), both passes chunk-major: a weight chunk is read once per pass for the whole run, and the partials'
+    chunk is summed in registers over the run and stored once (no read-modify-write of the buffer per row)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset below 64-bit
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     part = DW + pid * n_cols
     part_b = DB + pid * n_cols
-    cols = tl.arange(0, BLOCK)
-    dtype = DX.dtype.element_ty
     if SINGLE:
-        # offset added once: a sum formed in the row loop would be hoisted and kept live beside w (spills at 8192)
-        w = offset + _load_vec(W, cols, n_cols, HAS_W)
-        dw = tl.zeros([BLOCK], tl.float32)
-        db = tl.zeros([BLOCK], tl.float32)
-        for row in range(row_start, row_end):
-            mean = 0.0
-            if not RMS:
-                mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h, row * stride_dy, cols, n_cols, mean, rstd, HAS_W)
-            c1 = tl.sum(xhat * wdy, 0) / n_cols
-            c2 = tl.sum(wdy, 0) / n_cols
-            dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh, cols, n_cols, RMS, HAS_DH)
-            tl.store(DX + row * n_cols + cols, cast_rne(dx, dtype), mask=cols < n_cols)
-            dw += dy * _weight_factor(xhat, dtype, CASTING)
-            db += dy
-        if WANT_DW:
-            tl.store(part + cols, dw, mask=cols < n_cols)
-        if WANT_DB:
-            tl.store(part_b + cols, db, mask=cols < n_cols)
+        _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, 0, row_start, row_end, stride_h, stride_dy,
+                     stride_dh, n_cols, offset, BLOCK, SINGLE, RMS, HAS_W, HAS_DH, WANT_DW, WANT_DB, CASTING)
     else:
-        for row in range(row_start, row_end):
-            mean = 0.0
-            if not RMS:
-                mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            c1 = tl.zeros([], tl.float32)
-            c2 = tl.zeros([], tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
-                xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
-                                           n_cols - start, mean, rstd, HAS_W)
-                c1 += tl.sum(xhat * wdy, 0)
-                c2 += tl.sum(wdy, 0)
-            c1 /= n_cols
-            c2 /= n_cols
-            for start in range(0, n_cols, BLOCK):
-                w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
-                xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
-                                           n_cols - start, mean, rstd, HAS_W)
-                dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh + start, cols, n_cols - start,
-                                 RMS, HAS_DH)
-                mask = start + cols < n_cols
-                tl.store(DX + row * n_cols + start + cols, cast_rne(dx, dtype), mask=mask)
-                # this program's own row of the partial buffers: plain read-modify-write, no other writer
-                if WANT_DW:
-                    tl.store(part + start + cols, tl.load(part + start + cols, mask=mask)
-                             + dy * _weight_factor(xhat, dtype, CASTING), mask=mask)
-                if WANT_DB:
-                    tl.store(part_b + start + cols, tl.load(part_b + start + cols, mask=mask) + dy, mask=mask)
+        for start in range(0, n_cols, BLOCK):
+            _bwd_row_sums(H, W, DY, SUMS, start, row_start, row_end, stride_h, stride_dy, n_cols, offset, MEAN,
+                          RSTD, BLOCK, RMS, HAS_W)
+        for start in range(0, n_cols, BLOCK):
+            _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, start, row_start, row_end, stride_h,
+                         stride_dy, stride_dh, n_cols, offset, BLOCK, SINGLE, RMS, HAS_W, HAS_DH, WANT_DW,
+                         WANT_DB, CASTING)
 
 
 def _config(n_cols: int, backward: bool = False):
@@ -386,7 +440,7 @@ def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     b = bias.reshape(-1).contiguous() if bias is not None else x2d
     block, single, num_warps = _config(n_cols)
     multi_row = _multi_row(n_cols)
-    programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row
+    programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row or not single
                                   else (n_rows, 1))
     if n_rows:
         with launch_device(x):
@@ -409,14 +463,15 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     programs, rows_per_program = _row_split(n_rows, h.device, BACKWARD_PROGRAMS_PER_SM)
     block, single, num_warps = _config(n_cols, backward=True)
-    # one-block programs store their partial sums whole; two-pass ones add into theirs chunk by chunk
-    partial = (torch.empty if single else torch.zeros)((2, programs, n_cols), dtype=torch.float32, device=h.device)
+    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=h.device)
+    # two-pass rows' (c1, c2) sums between the passes; one-block rows need none (rstd stands in, unread)
+    sums = rstd if single else torch.empty((n_rows, 2), dtype=torch.float32, device=h.device)
     w = weight.reshape(-1).contiguous() if weight is not None else h2d
     if n_rows:
         with launch_device(h):
             _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
-                                   h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols, rows_per_program,
-                                   offset, BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
+                                   sums, h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols,
+                                   rows_per_program, offset, BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
                                    HAS_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, CASTING=casting,
                                    num_warps=num_warps)
     return dx, _reduce(partial[0], want_dw), _reduce(partial[1], want_db)
@@ -785,6 +840,7 @@ def _builds():
                     add(_norm_fwd, ty, norm, rms, mode, n_cols, flags, fp32_args, " residual" * has_res)
             for n_cols in (1024, BACKWARD_MAX_BLOCK, BACKWARD_MAX_BLOCK + 1):
                 flags = dict(HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
-                add(_norm_bwd, ty, norm, rms, mode, n_cols, flags, dict(fp32_args, DW="*fp32", DB="*fp32"),
+                add(_norm_bwd, ty, norm, rms, mode, n_cols, flags,
+                    dict(fp32_args, DW="*fp32", DB="*fp32", SUMS="*fp32"),
                     " residual")
     return builds
