@@ -36,11 +36,17 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def _generate(model, ids, mask):
-    """Greedy static-cache generation, not compiled: on a GPU generate() compiles the decoding steps of a static
-    cache, and traced steps run kernels.scaled_dot_product_attention on transformers' dense mask."""
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, disable_compile=True,
-                         cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+def _generate(model, ids, mask, **compile_options):
+    """Greedy static-cache generation: not compiled, or with ``compile_options`` compiled as generate() does on a
+    GPU (CompileConfig forced on CPU)."""
+    if compile_options:
+        config = transformers.CompileConfig(**compile_options)
+        config._compile_all_devices = True
+        compile_options = dict(compile_config=config)
+    else:
+        compile_options = dict(disable_compile=True)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, cache_implementation="static",
+                         output_logits=True, return_dict_in_generate=True, **compile_options)
     return out.sequences, torch.stack(out.logits)
 
 
@@ -111,3 +117,49 @@ def test_a_decoding_step_that_needs_grad_runs_the_differentiable_kernel(device, 
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("build,backend", [(tiny_llama, "inductor"), (tiny_llama, "aot_eager"),
+                                           (tiny_qwen2, "aot_eager")])
+def test_compiled_static_cache_steps_run_the_decode_kernel(build, backend, device, kernel_only, monkeypatch):
+    """generate() compiling the static cache's decoding steps (transformers' default on a GPU: inductor,
+    mode="reduce-overhead", here fullgraph): every step's layers launch the decode kernel (counted where the
+    eager path and the custom op both call it) with the lengths and left padding read off the traced mask on the
+    device, eager's tokens and logits. With aot_eager (a counting backend that survives CompileConfig.to_dict's
+    deepcopy) Llama compiles one graph for all steps; Qwen2 one more, for transformers' own guard on its sliding
+    window cache's fill (cache_utils' cumulative_length_int), which nothing here reads."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from kernels.attention import decode
+
+    model = build().to(device)
+    ids = torch.randint(1, 50, (2, PROMPT), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected, expected_logits = _generate(model, ids, mask)
+        patch(model)
+        launches, attend = [], decode._attend
+        monkeypatch.setattr(decode, "_attend", lambda q, *args: launches.append(tuple(q.shape)) or attend(q, *args))
+        counter = type("Counter", (CompileCounterWithBackend,), {"__deepcopy__": lambda self, memo: self})(backend)
+        options = dict(mode="reduce-overhead") if backend == "inductor" else dict(backend=counter, mode=None)
+        got, logits = _generate(model, ids, mask, fullgraph=True, **options)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    config = model.config
+    query = (2, 1, config.num_attention_heads, config.hidden_size // config.num_attention_heads)
+    assert launches == [query] * (config.num_hidden_layers * (NEW - 1))
+    assert backend == "inductor" or counter.frame_count == (1 if build is tiny_llama else 2)
+
+
+def test_traced_masks_find_each_rows_key_range_on_the_device():
+    """_key_ranges: one past the last key any query of a row sees and the first (left padding, a window's start),
+    [0, 0) for a row that sees none, from a (B or 1, 1, Q, K) mask."""
+    keys = torch.arange(8)
+    rows = [(keys >= 2) & (keys < 6), (keys >= 0) & (keys < 8), torch.zeros(8, dtype=torch.bool)]
+    mask = torch.stack(rows)[:, None, None].expand(3, 1, 2, 8).clone()
+    mask[0, 0, 0, 5] = False  # the first query sees one key fewer (causal): the last query's end counts
+    seqlens, leftpad = hf._key_ranges(mask, 3)
+    assert seqlens.tolist() == [6, 8, 0] and leftpad.tolist() == [2, 0, 0]
+    assert seqlens.dtype == leftpad.dtype == torch.int32
+    assert [t.tolist() for t in hf._key_ranges(mask[1:2], 2)] == [[8, 8], [0, 0]]

@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import kernels
 from kernels._runtime import kernels_can_run
+from kernels.attention.api import key_bounds
 from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"
@@ -67,8 +68,13 @@ _DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
 _KERNEL_MASKS = WeakIdKeyDictionary()
 """What :func:`kernel_mask` would have returned (a KernelMask or None) for each tensor mask it built inside
 dense_masks_for_generate, keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
-from the dense mask. A tensor that is not the same object (copied, or traced by torch.compile) is not found and
-takes the dense mask's path."""
+from the dense mask. A tensor that is not the same object (copied, or traced by torch.compile) is not found: a
+traced one marked with :data:`KEY_RANGES` runs the decode kernel, any other takes the dense mask's path."""
+KEY_RANGES = "_kernel_key_ranges"
+"""The attribute that marks a tensor mask built inside dense_masks_for_generate whose rows each see one key range
+(causal or not, a sliding window, left padding at most): its value is (causal, window). A compiled step gets the
+mask as a traced tensor, which :data:`_KERNEL_MASKS` cannot find, but torch.compile reads (and guards on) a
+tensor's attributes: :func:`hf_attention` then finds each row's range on the device (:func:`_key_ranges`)."""
 DECODE_MAX_QUERIES = 8
 """Query tokens per call up to which :func:`hf_attention` runs ``kernels.attention_with_kvcache``: a generation step
 (1) or assisted decoding's few candidate tokens. Longer queries (a prefill) run ``kernels.attention``, whose grid
@@ -238,7 +244,8 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
 
     ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
     :func:`dense_masks_for_generate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
-    what it would have returned otherwise. No device sync except, per call, one ``all()`` of the 2-D mask (to
+    what it would have returned otherwise (and marking it with :data:`KEY_RANGES` where that is one key range per
+    row). No device sync except, per call, one ``all()`` of the 2-D mask (to
     return None when nothing is padded), one read of it to find left padding and one read of a static cache's
     length (all skipped while tracing), and one read of the sequence starts for packed batches.
     """
@@ -257,6 +264,10 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         return mask
     tensor = dense().contiguous()  # generate() makes its masks contiguous: a copy would not be found
     _KERNEL_MASKS[tensor] = mask
+    if mask is None:
+        setattr(tensor, KEY_RANGES, (True, None))
+    elif mask.cu_seqlens is None and (mask.key_padding is None or mask.leftpad is not None):
+        setattr(tensor, KEY_RANGES, (mask.causal, mask.window))
     return tensor
 
 
@@ -364,6 +375,31 @@ def _packed_decode(query, key, value, cu_seqlens_k, max_k, causal, scaling, wind
     return out.transpose(0, 1)
 
 
+def _mask_window(sliding_window: Optional[int], window: Optional[int]):
+    """The kernel's window_size for a mask made for transformers' ``window``; ValueError if the call's
+    ``sliding_window`` is another."""
+    if sliding_window is not None and sliding_window != window:
+        raise ValueError(f"hf_attention: sliding_window={sliding_window} but the mask is for window {window}")
+    return _window(window)
+
+
+def _key_ranges(mask: torch.Tensor, batch: int):
+    """(cache_seqlens, cache_leftpad) (B,) int32 of a (B or 1, 1, Q, K) bool mask whose rows each see one key
+    range: one past the last key any query of the row sees, and the first; computed on the device (no host read,
+    so it traces). A row that sees no key gets the empty range [0, 0)."""
+    bounds = key_bounds(mask.any(2)[:, 0].expand(batch, -1))
+    return bounds[:, 1].contiguous(), bounds[:, 0].contiguous()
+
+
+def _decode(query, key, value, seqlens, leftpad, causal: bool, scaling, window, softcap) -> torch.Tensor:
+    """``kernels.attention_with_kvcache`` over query (B, H, Q, D) against key/value (B, Hkv, K, D) read in place as
+    a cache (a static one preallocated past the filled slots) already holding the new tokens: no k/v to append,
+    row b's keys are slots [leftpad[b], seqlens[b]) (an int or (B,) int32 on the device). Returns (B, Q, H, D)."""
+    return kernels.attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                          cache_seqlens=seqlens, cache_leftpad=leftpad, causal=causal, scale=scaling,
+                                          window_size=window, softcap=softcap or 0.0)
+
+
 def _decode_kernel_takes(query, key, value, dropout: float, s_aux) -> bool:
     """Whether ``kernels.attention_with_kvcache`` can run this call: nothing it lacks (a backward, dropout, sinks)
     and this process's kernels run on these tensors."""
@@ -387,7 +423,9 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     KernelMask, any other through ``kernels.scaled_dot_product_attention`` (torch's SDPA for masks that are not a
     key range per row, and for dropout). Up to :data:`DECODE_MAX_QUERIES` queries against keys padded on the left
     at most run ``attention_with_kvcache`` when no grad is needed (:func:`_decode_kernel_takes`): the keys are read
-    in place as its cache, slots [leftpad, n_keys) per row, e.g. a static cache's preallocated tensor.
+    in place as its cache, slots [leftpad, n_keys) per row, e.g. a static cache's preallocated tensor; in a
+    compiled step (generate() compiles a static cache's steps) the mask is a traced tensor, and one marked
+    :data:`KEY_RANGES` runs it with each row's range found on the device (cache_seqlens as a tensor).
     ``sliding_window`` (causal window of W keys, (W - 1, 0)), ``softcap``, ``s_aux`` (attention sinks) and
     ``dropout`` go to the kernel; ``cu_seq_lens_q/k`` with ``max_length_q/k`` (B = 1, the packed tokens: padding-free
     training, and continuous batching, whose :data:`_PAGED` keywords come along) run attention_varlen, or
@@ -436,6 +474,13 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         out = _packed(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, causal, scaling,
                       window_size=window, **variants)
         return out, None
+    ranges = getattr(attention_mask, KEY_RANGES, None) if isinstance(attention_mask, torch.Tensor) else None
+    if (ranges is not None and query.shape[2] <= DECODE_MAX_QUERIES and attention_mask.shape[-1] == key.shape[2]
+            and _decode_kernel_takes(query, key, value, dropout, s_aux)):
+        # a traced step of a compiled generate(): each row's key range is read off the mask on the device
+        seqlens, leftpad = _key_ranges(attention_mask, query.shape[0])
+        return _decode(query, key, value, seqlens, leftpad, ranges[0], scaling,
+                       _mask_window(sliding_window, ranges[1]), softcap), None
     if isinstance(attention_mask, torch.Tensor):  # transformers' own mask: a pattern kernel_mask did not take
         if softcap or s_aux is not None:
             given = ["softcap"] * bool(softcap) + ["s_aux"] * (s_aux is not None)
@@ -449,10 +494,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if attention_mask is None:
         n_keys, padding, leftpad, window = key.shape[2], None, None, _window(sliding_window, causal)
     else:
-        if sliding_window is not None and sliding_window != attention_mask.window:
-            raise ValueError(f"hf_attention: sliding_window={sliding_window} but the mask is for window "
-                             f"{attention_mask.window}")
-        window = _window(attention_mask.window)
+        window = _mask_window(sliding_window, attention_mask.window)
         if attention_mask.cu_seqlens is not None:
             cu, longest = attention_mask.cu_seqlens, attention_mask.max_seqlen
             out = _packed(query, key, value, cu, cu, longest, longest, True, scaling, window_size=window, **variants)
@@ -463,12 +505,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
             raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
     if (query.shape[2] <= DECODE_MAX_QUERIES and (padding is None or leftpad is not None)
             and _decode_kernel_takes(query, key, value, dropout, s_aux)):
-        # The keys are a cache (a static one preallocated past n_keys) already holding the new tokens: no k/v to
-        # append, each row's keys are slots [leftpad, n_keys).
-        out = kernels.attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                             cache_seqlens=n_keys, cache_leftpad=leftpad, causal=causal,
-                                             scale=scaling, window_size=window, softcap=softcap or 0.0)
-        return out, None
+        return _decode(query, key, value, n_keys, leftpad, causal, scaling, window, softcap), None
     out = kernels.attention(query, key[:, :, :n_keys], value[:, :, :n_keys], causal, scaling, key_padding_mask=padding,
                             window_size=window, **variants)
     return out.transpose(1, 2).contiguous(), None
