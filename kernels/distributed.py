@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._validate import check_tensor
-from kernels.attention.api import attention_backward, attention_forward, check_qkv, check_scale, natural_lse
+from kernels.attention.api import check_qkv, check_scale
+from kernels.attention.ops import attention_backward, attention_forward, natural_lse
+from kernels.attention.plan import NO_TENSORS, AttentionVariant
 
 LAYOUTS = ("contiguous", "zigzag")
 _KV_TAG, _GRAD_TAG = 0, 2  # distinct tags for the K/V and dK/dV messages that are in flight to one peer at once
@@ -340,8 +342,8 @@ def _ring_forward(q, k, v, plans, scale: float, ring: _Ring):
         arriving = ring.exchange(kv, _KV_TAG) if t < len(plans) - 1 else None
         for b in blocks:
             rows = slice(b.q_lo, b.q_hi)
-            out, lse = attention_forward(q[:, :, rows], kv[0][:, :, :b.k_hi], kv[1][:, :, :b.k_hi], None, None,
-                                   b.causal, b.shift, scale)
+            out, lse = attention_forward(q[:, :, rows], kv[0][:, :, :b.k_hi], kv[1][:, :, :b.k_hi], NO_TENSORS,
+                                         AttentionVariant(causal=b.causal, causal_shift=b.shift, scale=scale))
             _merge(acc_out, acc_lse, rows, out, lse)
         if arriving is not None:
             kv = arriving()
@@ -361,7 +363,8 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, plans, scale: float, r
             dq_b, dk_b, dv_b = attention_backward(grad_out[:, :, rows], q[:, :, rows], kv[0][:, :, :b.k_hi],
                                             kv[1][:, :, :b.k_hi], out[:, :, rows], lse[..., rows].contiguous(),
                                             None if grad_lse is None else grad_lse[..., rows].contiguous(),
-                                            None, None, b.causal, b.shift, scale)
+                                            NO_TENSORS,
+                                            AttentionVariant(causal=b.causal, causal_shift=b.shift, scale=scale))
             dq[:, :, rows] += dq_b
             grads = grads or [torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2)]
             grads[0][:, :, :b.k_hi] += dk_b

@@ -11,7 +11,7 @@ from triton.errors import TritonError
 
 import kernels
 from kernels import reference
-from kernels.attention import api, block_mask, configs
+from kernels.attention import block_mask, configs, ops
 from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
 
@@ -132,9 +132,9 @@ def test_block_mask_is_built_once_and_reused_by_the_backward(kernel_only, monkey
     """A BlockMask is summarised once (create_block_mask); calls given it never evaluate the summary again, and
     the backward reads the forward's summary tensor; a bare mod is summarised once per call, not in backward."""
     builds, summaries = [], []
-    create, backward = block_mask.create_block_mask, api.attention_backward
+    create, backward = block_mask.create_block_mask, ops.attention_backward
     monkeypatch.setattr(block_mask, "create_block_mask", lambda *a, **kw: builds.append(1) or create(*a, **kw))
-    monkeypatch.setattr(api, "attention_backward", lambda *a: summaries.append(a[23]) or backward(*a))
+    monkeypatch.setattr(ops, "attention_backward", lambda *a: summaries.append(a[7].block_mask) or backward(*a))
     mod = kernels.MaskMod(_hide_first_rows, 3)
     mask = block_mask.create_block_mask(mod, None, None, 40, 300)
     q, k, v = _qkv(1, 2, 1, 40, 300, 8, FP32, device)

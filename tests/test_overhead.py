@@ -50,13 +50,13 @@ def test_eager_softmax_skips_the_custom_op(monkeypatch, log):
 
 
 def test_eager_attention_skips_the_custom_op(monkeypatch):
-    api = importlib.import_module("kernels.attention.api")
+    ops = importlib.import_module("kernels.attention.ops")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the custom op ran in eager mode")
 
-    monkeypatch.setattr(api, "_forward_op", refuse)
-    monkeypatch.setattr(api, "_backward_op", refuse)
+    monkeypatch.setattr(ops, "_forward_op", refuse)
+    monkeypatch.setattr(ops, "_backward_op", refuse)
     q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
     out = kernels.attention(q, k, v, causal=True)
     out.sum().backward()

@@ -1,357 +1,30 @@
-"""Fused attention's public function, its launchers and its autograd.
+"""Fused attention's public function and its argument checks.
 
 :func:`attention` takes q (B, H, Nq, D) and k, v (B, Hkv, Nk, D) (see ``kernels.py`` for the math and the
-kernels). :func:`attention_op` is the one autograd entry of every attention path (dense, varlen, the SDPA shim):
-a plain autograd.Function in eager, the ``torch.library`` custom ops ``_forward_op``/``_backward_op`` while
-torch.compile traces, so ``torch.compile(fullgraph=True)`` keeps a launch in one graph. :data:`attention_forward`
-returns (out, lse) and :data:`attention_backward` the gradients given any (out, lse) the rows were normalised with:
-the building blocks of paths with their own autograd (context parallelism). Their lse is in log2 units
-(:func:`natural_lse` gives the natural one the public functions return).
+kernels), checks every argument before anything launches, and hands the call to ``ops.attention_op`` as its
+tensors and one frozen :class:`~kernels.attention.plan.AttentionVariant` (the path through a family: public
+function -> options -> cached plan (``plan.py``) -> autograd (``ops.py``) -> keyword launch (``configs.py``)).
 
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
 """
-import inspect
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from kernels import _runtime, reference
-from kernels._autograd import autograd_function
 from kernels._validate import check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.kernels import LN2, LOG2E
-
-# --------------------------------------------------------------------------------------------------- launchers
-
-
-def _pad_args(pad: Optional[torch.Tensor]):
-    """The kernels' (PAD, stride_pb) arguments of a (B, Nk) uint8 padding mask with unit key stride, or none."""
-    return (None, 0) if pad is None else (pad, pad.stride(0))
-
+from kernels.attention.ops import attention_op, natural_lse
+from kernels.attention.plan import AttentionVariant, VariantTensors
 
 def _alibi_args(alibi_slopes: Optional[torch.Tensor]):
     """The kernels' (ALIBI, stride_ab) arguments of float32 (H,) or (B, H) slopes with unit head stride, or none."""
     if alibi_slopes is None:
         return None, 0
     return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
-
-
-def _bounds(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: int, window_right: int):
-    """(CAUSAL, WINDOW, CAUSAL_SHIFT, WINDOW_SHIFT): query i sees key j iff j <= i + CAUSAL_SHIFT (if CAUSAL) and
-    j >= i + WINDOW_SHIFT (if WINDOW). ``causal`` sets the window's right edge to 0 as flash-attn does; an edge
-    that hides no key of the (n_q, n_k) grid is dropped, so it costs nothing."""
-    upper = causal_shift + (0 if causal else window_right)
-    lower = causal_shift - window_left
-    has_upper = (causal or window_right >= 0) and upper < n_k - 1
-    has_lower = window_left >= 0 and lower > 1 - n_q
-    return has_upper, has_lower, upper if has_upper else 0, lower if has_lower else 0
-
-
-def _variant_args(q, k, causal, causal_shift, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
-                  varlen):
-    """(pointer args, shift and scalar args, compile-time meta) of the variants, as every attention kernel takes
-    them: (ALIBI, SEED, stride_ab), (CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT), and kernel_meta. ``varlen`` is
-    None or the (max_seqlen_q, max_seqlen_k) of packed sequences, whose kernels add each sequence's own Nk - Nq
-    to the shifts: theirs are relative to that diagonal, and an edge is dropped only if no sequence needs it."""
-    n_q, n_k = varlen or (q.shape[2], k.shape[2])
-    diagonal = n_k - n_q if varlen else causal_shift
-    has_upper, has_lower, upper, lower = _bounds(n_q, n_k, causal, diagonal, window_left, window_right)
-    if varlen:
-        upper, lower, diagonal = upper - diagonal, lower - diagonal, 0
-    alibi, stride_ab = _alibi_args(alibi_slopes)
-    seed = rng_state if dropout_p > 0 else None
-    meta = configs.kernel_meta(q, has_upper, has_lower, softcap > 0)
-    return (alibi, seed, stride_ab), (upper, lower, diagonal), meta
-
-
-def _mod_args(mask_mod: int, summary, mask_args, score_mod: int, score_args, backward: bool):
-    """(BLOCK_MASK, MASK_ARGS, SCORE_ARGS), (stride_mb, stride_mh) and the constexpr meta (MASK_MOD, SCORE_MOD and,
-    for the ``backward``, SCORE_GRAD) of the mods: registry keys (block_mask.py; -1 = none), the (B, H, L) int32
-    block-mask ``summary`` and the mods' extra tensors."""
-    meta = dict(MASK_MOD=None, SCORE_MOD=None, **({"SCORE_GRAD": None} if backward else {}))
-    pointers, strides = [None, None, None], (0, 0)
-    if mask_mod >= 0:
-        (meta["MASK_MOD"],) = mods.functions(mask_mod)
-        pointers[:2] = summary, mods.kernel_extra(mask_mod, mask_args)
-        strides = summary.stride()[:2]
-    if score_mod >= 0:
-        meta["SCORE_MOD"], grad = mods.functions(score_mod)
-        if backward:
-            meta["SCORE_GRAD"] = grad
-        pointers[2] = mods.kernel_extra(score_mod, score_args)
-    return tuple(pointers), strides, meta
-
-
-def _rows_empty(t: torch.Tensor, varlen: bool, dtype=None) -> torch.Tensor:
-    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
-    D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
-    if not varlen:
-        return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
-    _, heads, total, d = t.shape
-    return torch.empty((total, heads, d), dtype=dtype or t.dtype, device=t.device).transpose(0, 1)[None]
-
-
-def _strides(t: torch.Tensor, varlen: bool) -> Tuple[int, ...]:
-    """``t``'s strides as the kernels take them: a packed (1, H, total, D) view's batch stride is 0, since every
-    sequence is found from cu_seqlens."""
-    return (0, *t.stride()[1:]) if varlen else t.stride()
-
-
-def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
-    """(batch, (max_seqlen_q, max_seqlen_k)) of packed sequences, or (None, None) for a dense call."""
-    if cu_seqlens_q is None:
-        return None, None
-    return cu_seqlens_q.shape[0] - 1, (max_seqlen_q, max_seqlen_k)
-
-
-def _forward(q, k, v, kv_bounds, pad, causal: bool, causal_shift: int, scale: float, window_left: int = -1,
-             window_right: int = -1, softcap: float = 0.0, alibi_slopes=None, sinks=None, dropout_p: float = 0.0,
-             rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-             mask_mod: int = -1, block_mask=None, mask_args=None, score_mod: int = -1, score_args=None):
-    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32 in log2 units: see
-    :func:`natural_lse`); for packed sequences (cu_seqlens given) q, k, v, out are (1, H, total, D) views and lse
-    is (1, H, total_q)."""
-    batch, heads, n_q, _ = q.shape
-    n_k = k.shape[2]
-    varlen_batch, varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out = _rows_empty(q, bool(varlen))
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or n_k == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
-        if sinks is None:
-            return out.zero_(), lse.fill_(float("-inf"))
-        return out.zero_(), lse.copy_(sinks[:, None].expand(lse.shape) * LOG2E.value)
-    (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
-                                                           softcap, alibi_slopes, dropout_p, rng_state, varlen)
-    pad_ptr, stride_pb = _pad_args(pad)
-    mod_ptrs, mod_strides, mod_meta = _mod_args(mask_mod, block_mask, mask_args, score_mod, score_args, False)
-    lse_strides = _strides(lse, bool(varlen))[:2]
-    if varlen:
-        batch, (n_q, n_k) = varlen_batch, varlen
-    args = (q, k, v, out, lse, kv_bounds, pad_ptr, alibi, sinks, seed, cu_seqlens_q, cu_seqlens_k, *mod_ptrs,
-            stride_pb, stride_ab, *mod_strides, *lse_strides,
-            *(s for t in (q, k, v, out) for s in _strides(t, bool(varlen))), heads, heads // k.shape[1], n_q, n_k,
-            *shifts, scale * LOG2E.value, softcap, dropout_p)
-    configs.launch("fwd", n_q, batch * heads, args, dict(meta, **mod_meta), (n_q, n_k), dropout=seed is not None)
-    return out, lse
-
-
-def _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal: bool, causal_shift: int, scale: float,
-              window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi_slopes=None,
-              dropout_p: float = 0.0, rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-              max_seqlen_k: int = 0, mask_mod: int = -1, block_mask=None, mask_args=None, score_mod: int = -1,
-              score_args=None):
-    """Run the backward kernels: (dq, dk, dv) in the inputs' dtype, contiguous (for packed sequences, views of
-    contiguous (total, H, D) tensors, as :func:`_forward`'s out)."""
-    batch, heads, n_q, d = q.shape
-    kv_heads, n_k = k.shape[1], k.shape[2]
-    varlen_batch, varlen = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dq, dk, dv = (_rows_empty(t, bool(varlen)) for t in (q, k, v))
-    # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
-    if not (q.numel() and k.numel()):
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    (alibi, seed, stride_ab), shifts, meta = _variant_args(q, k, causal, causal_shift, window_left, window_right,
-                                                           softcap, alibi_slopes, dropout_p, rng_state, varlen)
-    delta = _delta(grad_out, out, lse, grad_lse, meta)
-    if varlen:
-        batch, (n_q, n_k) = varlen_batch, varlen
-    common = (q, k, v, grad_out, lse, delta)
-    strides = tuple(s for t in (q, k, v, grad_out) for s in _strides(t, bool(varlen)))
-    sizes = (heads, heads // kv_heads, n_q, n_k, *shifts, scale * LOG2E.value, scale, softcap, dropout_p)
-    pad_ptr, stride_pb = _pad_args(pad)
-    mod_ptrs, mod_strides, mod_meta = _mod_args(mask_mod, block_mask, mask_args, score_mod, score_args, True)
-    masks = (kv_bounds, pad_ptr, alibi, seed, cu_seqlens_q, cu_seqlens_k, *mod_ptrs, stride_pb, stride_ab,
-             *mod_strides, *_strides(lse, bool(varlen))[:2])
-    meta = dict(meta, **mod_meta)
-    dropout = seed is not None
-    configs.launch("dkdv", n_k, batch * kv_heads,
-                   (*common, dk, dv, *masks, *strides, *_strides(dk, bool(varlen)), *sizes), meta, (n_q, n_k),
-                   dropout=dropout)
-    configs.launch("dq", n_q, batch * heads, (*common, dq, *masks, *strides, *_strides(dq, bool(varlen)), *sizes),
-                   meta, (n_q, n_k), dropout=dropout)
-    return dq, dk, dv
-
-
-def _delta(grad_out, out, lse, grad_lse, meta) -> torch.Tensor:
-    """rowsum(dO * O) - dlse (B, H, Nq) fp32, by the pre-pass kernel: d lse_i / d s_ij = p_ij folds into delta,
-    ds = p * (dp - (delta - dlse)). ``grad_lse`` is the gradient of the log2-unit lse, log2(e) times that of the
-    natural one, hence the factor."""
-    batch, heads, n_q, _ = out.shape
-    delta = torch.empty_like(lse)
-    configs.launch_delta((out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q), n_q, batch * heads,
-                         meta)
-    if grad_lse is not None:
-        delta -= grad_lse * LOG2E.value
-    return delta
-
-
-# ------------------------------------------------------------------------------------ autograd (torch.library)
-_TENSOR_LIST = Optional[List[torch.Tensor]]
-
-
-def _schema(fn) -> str:
-    """``fn``'s op schema as torch.library infers it, except that its Optional[List[Tensor]] parameters become
-    ``Tensor[]? name=None``: the dispatcher has the type, ``infer_schema`` does not (and a Tensor[] takes no
-    default), and the mods' extra tensors must stay optional for the ops' positional callers."""
-    signature = inspect.signature(fn)
-    lists = [p.name for p in signature.parameters.values() if p.annotation == _TENSOR_LIST]
-
-    def stand_in():
-        pass
-
-    stand_in.__signature__ = signature.replace(parameters=[
-        p.replace(annotation=Optional[torch.Tensor]) if p.name in lists else p for p in signature.parameters.values()])
-    schema = torch.library.infer_schema(stand_in, mutates_args=())
-    for name in lists:
-        schema = schema.replace(f"Tensor? {name}=", f"Tensor[]? {name}=")
-    return schema
-
-
-def _op(name: str):
-    """``torch.library.custom_op`` of ``fn`` under ``name``, with :func:`_schema`."""
-    return lambda fn: torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
-
-
-@_op("kernels::flash_attention_forward")
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
-                pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
-                window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                rng_state: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                mask_mod: int = -1, block_mask: Optional[torch.Tensor] = None,
-                mask_args: Optional[List[torch.Tensor]] = None, score_mod: int = -1,
-                score_args: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of attention; ``kv_bounds`` (B, 2) int32 [first, last + 1) visible key per batch row and ``pad``
-    (B, Nk) uint8 (nonzero = visible) are optional; ``causal_shift`` = Nk - Nq aligns causal bottom-right (it is
-    the diagonal the window and ALiBi distances are measured from). The variants' arguments are those of
-    :func:`attention`, already checked: window edges (-1 = unbounded), softcap (0 = off), float32 ALiBi slopes
-    (H,) or (B, H) and sinks (H,), and dropout with its int64 (seed, offset) pair ``rng_state``.
-
-    Packed sequences (varlen): q, k, v are (1, H, total, D) views of (total, H, D) tensors, ``cu_seqlens_q/k``
-    int32 (batch + 1,) on their device and ``max_seqlen_q/k`` bound the lengths (they size the grid);
-    ``causal_shift`` is unused (each sequence is bottom-right aligned by itself), ALiBi slopes may be (batch, H),
-    and out is a (1, H, total_q, D) view of a contiguous (total_q, H, D) tensor.
-
-    Mods (dense calls only): ``mask_mod``/``score_mod`` are keys of ``block_mask.py``'s registry (-1 = none), with
-    the mask's (B, H, L) int32 ``block_mask`` summary and each mod's extra tensors ``mask_args``/``score_args``."""
-    with _runtime.launch_device(q):
-        return _forward(q, k, v, kv_bounds, pad, causal, causal_shift, scale, window_left, window_right, softcap,
-                        alibi_slopes, sinks, dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, mask_mod, block_mask, mask_args, score_mod, score_args)
-
-
-@_forward_op.register_fake
-def _(q, k, v, *args, cu_seqlens_q=None, **kwargs):
-    return _rows_empty(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@_op("kernels::flash_attention_backward")
-def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
-                 pad: Optional[torch.Tensor], causal: bool, causal_shift: int, scale: float, window_left: int = -1,
-                 window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
-                 cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-                 max_seqlen_q: int = 0, max_seqlen_k: int = 0, mask_mod: int = -1,
-                 block_mask: Optional[torch.Tensor] = None, mask_args: Optional[List[torch.Tensor]] = None,
-                 score_mod: int = -1,
-                 score_args: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) given the forward's inputs, its (out, lse), and the incoming gradients of out (and lse).
-    Sinks need nothing here: lse includes them, so the kernels' probabilities are already right."""
-    with _runtime.launch_device(q):
-        return _backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, causal, causal_shift, scale,
-                         window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_mod, block_mask, mask_args, score_mod,
-                         score_args)
-
-
-@_backward_op.register_fake
-def _(grad_out, q, k, v, *args, cu_seqlens_q=None, **kwargs):
-    return tuple(_rows_empty(t, cu_seqlens_q is not None) for t in (q, k, v))
-
-
-def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
-    """d loss / d sinks (H,): out_i and lse_i depend on sink_h through its probability p_i = exp(sink_h - lse_i)
-    alone, d out_i = -p_i out_i and d lse_i = p_i, so dsink_h = -sum over batch and rows of p_i (rowsum(dO_i * O_i)
-    - dlse_i). Per-row values reduced by torch.sum: deterministic. ``lse`` and ``grad_lse`` are the log2-unit
-    lse and its gradient (see :func:`natural_lse`)."""
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse * LOG2E.value
-    return -(torch.exp2(sinks[:, None] * LOG2E.value - lse) * delta).sum((0, 2))
-
-
-def _setup_context(ctx, inputs, output):
-    (q, k, v, kv_bounds, pad, ctx.causal, ctx.causal_shift, ctx.scale, ctx.window_left, ctx.window_right,
-     ctx.softcap, alibi_slopes, sinks, ctx.dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-     ctx.max_seqlen_k, ctx.mask_mod, block_mask, mask_args, ctx.score_mod, score_args) = inputs
-    mask_args, score_args = list(mask_args or ()), list(score_args or ())
-    ctx.n_mask_args = len(mask_args)
-    # the block mask's summary is saved, not rebuilt: the backward reuses the forward's
-    ctx.save_for_backward(q, k, v, *output, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q,
-                          cu_seqlens_k, block_mask, *mask_args, *score_args)
-
-
-def _gradients(backward, ctx, grad_out, grad_lse):
-    """The inputs' gradients by ``backward`` (the launches, or their custom op) from the saved context."""
-    (q, k, v, out, lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, cu_seqlens_k, block_mask,
-     *mod_args) = ctx.saved_tensors
-    dq, dk, dv = backward(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, ctx.causal, ctx.causal_shift,
-                          ctx.scale, ctx.window_left, ctx.window_right, ctx.softcap, alibi_slopes, ctx.dropout_p,
-                          rng_state, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.mask_mod,
-                          block_mask, mod_args[:ctx.n_mask_args], ctx.score_mod, mod_args[ctx.n_mask_args:])
-    dsinks = None
-    if sinks is not None and ctx.needs_input_grad[12]:
-        dsinks = _sink_grad(sinks, grad_out, out, lse, grad_lse)
-    # one gradient per input as the op was called (a list of Nones for a tensor list), none past q, k, v, sinks
-    grads = list(torch.utils._pytree.tree_map(lambda _: None, ctx.needs_input_grad))
-    grads[:3] = dq, dk, dv
-    if sinks is not None:
-        grads[12] = dsinks
-    return tuple(grads)
-
-
-_forward_op.register_autograd(lambda ctx, *grads: _gradients(_backward_op, ctx, *grads),
-                              setup_context=_setup_context)
-
-
-def _on_device(launches):
-    """``launches`` run with the first tensor's device current (see ``_runtime.launch_device``)."""
-    def run(first, *args):
-        with _runtime.launch_device(first):
-            return launches(first, *args)
-    return run
-
-
-attention_forward = _on_device(_forward)
-"""(out, log2-unit lse) of the forward kernel with ``_forward_op``'s arguments, no autograd: for paths with an
-autograd of their own (ring attention)."""
-attention_backward = _on_device(_backward)
-"""(dq, dk, dv) of the backward kernels with ``_backward_op``'s arguments (any (out, lse) the rows were normalised
-with: ring attention passes the global ones)."""
-_attention_function = autograd_function("FlashAttention", attention_forward, _setup_context,
-                                        lambda ctx, *grads: _gradients(attention_backward, ctx, *grads))
-
-
-def natural_lse(lse: torch.Tensor) -> torch.Tensor:
-    """The natural-log logsumexp of the kernels' log2-unit one (lse * ln 2), differentiably: the kernels keep
-    lse in base 2 so that the backward recomputes probabilities from exactly what the forward summed."""
-    return lse * LN2.value
-
-
-_DEFAULTS = tuple(p.default for p in inspect.signature(_forward).parameters.values())
-
-
-def attention_op(*args):
-    """(out, lse) of attention with autograd, taking ``_forward_op``'s positional arguments (the trailing ones
-    optional): the custom op while torch.compile traces, a plain autograd.Function in eager (``kernels/_autograd.py``:
-    the op's dispatch would cost several times the rest of the call's host time)."""
-    if torch.compiler.is_compiling():
-        return _forward_op(*args)
-    return _attention_function(*args, *_DEFAULTS[len(args):])
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -461,11 +134,17 @@ def _check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     return block_mask
 
 
-def _mod_op_args(block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.ScoreMod], q) -> tuple:
-    """The ops' (mask_mod, block_mask, mask_args, score_mod, score_args) of checked mods (keys -1: none)."""
-    mask = (-1, None, None) if block_mask is None else (block_mask.mask_mod.key, block_mask.expanded(*q.shape[:2]),
-                                                         block_mask.mask_mod.tensors)
-    return (*mask, -1, None) if score_mod is None else (*mask, score_mod.key, score_mod.tensors)
+def _mod_args(block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.ScoreMod], q) -> Tuple[dict, dict]:
+    """({block_mask, mask_args, score_args}, {mask_mod, score_mod}): the checked mods' tensors and registry keys
+    (-1: none), as VariantTensors and AttentionVariant fields."""
+    tensors, keys = {}, {}
+    if block_mask is not None:
+        keys["mask_mod"] = block_mask.mask_mod.key
+        tensors.update(block_mask=block_mask.expanded(*q.shape[:2]), mask_args=block_mask.mask_mod.tensors)
+    if score_mod is not None:
+        keys["score_mod"] = score_mod.key
+        tensors["score_args"] = score_mod.tensors
+    return tensors, keys
 
 
 def _draw_rng(device: torch.device) -> torch.Tensor:
@@ -557,13 +236,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, window_size=(window_left, window_right),
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     else:
-        bounds = pad = None
-        if key_padding_mask is not None:
-            bounds, pad = key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8)
-        out, lse = attention_op(q, k, v, bounds, pad, bool(causal), k.shape[2] - q.shape[2], scale, window_left,
-                               window_right, softcap, None if alibi_slopes is None else alibi_slopes.contiguous(),
-                               None if sinks is None else sinks.float(), dropout_p,
-                               _draw_rng(q.device) if dropout_p > 0 else None, None, None, 0, 0,
-                               *_mod_op_args(block_mask, score_mod, q))
-        lse = natural_lse(lse)
+        mod_tensors, mod_keys = _mod_args(block_mask, score_mod, q)
+        tensors = VariantTensors(
+            kv_bounds=None if key_padding_mask is None else key_bounds(key_padding_mask),
+            pad=None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8),
+            alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+            sinks=None if sinks is None else sinks.float(),
+            rng_state=_draw_rng(q.device) if dropout_p > 0 else None, **mod_tensors)
+        variant = AttentionVariant(causal=bool(causal), causal_shift=k.shape[2] - q.shape[2], scale=scale,
+                                   window_left=window_left, window_right=window_right, softcap=softcap,
+                                   dropout_p=dropout_p, **mod_keys)
+        out, lse = attention_op(q, k, v, tensors, variant)
+        return (out, natural_lse(lse)) if return_lse else out
     return (out, lse) if return_lse else out

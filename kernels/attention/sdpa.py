@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _runtime
-from kernels.attention.api import attention_op, check_qkv, check_scale, key_bounds
+from kernels.attention.api import check_qkv, check_scale, key_bounds
+from kernels.attention.ops import attention_op
+from kernels.attention.plan import NO_TENSORS, AttentionVariant, VariantTensors
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
@@ -19,7 +21,8 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 
 def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                device: torch.device) -> Optional[Tuple]:
-    """``attention_op``'s (kv_bounds, pad, causal, causal_shift, and window edges) if a bool SDPA mask is exactly
+    """(VariantTensors with the key range and padding mask, {causal, causal_shift, window edges} of the
+    AttentionVariant) if a bool SDPA mask is exactly
     "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
     of diagonals" (a sliding window, as Hugging Face builds), else None. Every candidate is compared on the device
     and the verdicts come back in one host read (a sync), which :func:`_cached_mask_plan` makes once per mask."""
@@ -39,13 +42,13 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                   keys[:, None, :] & (offset >= lo) & (offset <= hi))
     verdicts = [keys.all(), *((mask == c).all() for c in candidates)]
     all_keys, plain, top_left, bottom_right, band, lo, hi = torch.stack([*verdicts, lo, hi]).tolist()
-    pad = None if all_keys else keys.view(torch.uint8).contiguous()
-    bounds = None if pad is None else key_bounds(keys)
+    tensors = NO_TENSORS if all_keys else VariantTensors(kv_bounds=key_bounds(keys),
+                                                          pad=keys.view(torch.uint8).contiguous())
     for matches, causal, shift in ((plain, False, 0), (top_left, True, 0), (bottom_right, True, n_k - n_q)):
         if matches:
-            return bounds, pad, causal, shift
+            return tensors, dict(causal=causal, causal_shift=shift)
     if band:
-        return bounds, pad, True, hi, hi - lo, 0
+        return tensors, dict(causal=True, causal_shift=hi, window_left=hi - lo, window_right=0)
     return None
 
 
@@ -67,8 +70,8 @@ def _cached_mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """How the kernel runs this SDPA call, as ``attention_op``'s arguments after q, k, v, or None for torch's
-    fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
+    """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
+    torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
     try:
         check_qkv(query, key, value)
         scale = check_scale(scale, query.shape[-1])
@@ -78,14 +81,15 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
-    if attn_mask is None:
-        return None, None, bool(is_causal), 0, scale  # torch's is_causal is top-left aligned: shift 0
+    if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
+        return NO_TENSORS, AttentionVariant(causal=bool(is_causal), scale=scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     mask_plan = _cached_mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
     if mask_plan is None:
         return None
-    return (*mask_plan[:4], scale, *mask_plan[4:])
+    tensors, edges = mask_plan
+    return tensors, AttentionVariant(scale=scale, **edges)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

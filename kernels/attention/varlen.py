@@ -27,8 +27,10 @@ import torch
 
 from kernels import _runtime
 from kernels._validate import assert_on_device, check_same, check_tensor
-from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, attention, attention_op,
-                                   check_qkv, check_scale, check_window, natural_lse)
+from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, attention, check_qkv,
+                                   check_scale, check_window)
+from kernels.attention.ops import attention_op, natural_lse
+from kernels.attention.plan import AttentionVariant, VariantTensors
 
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
@@ -190,13 +192,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if not _runtime.kernel_runs_on(q, k, v):
         # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
         out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
-                                 window_size=window_size,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
+                                 window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 dropout_p=dropout_p, sinks=sinks)
     else:
-        out, lse = attention_op(q4, k4, v4, None, None, bool(causal), 0, scale, window_left, window_right, softcap,
-                               None if alibi_slopes is None else alibi_slopes.contiguous(),
-                               None if sinks is None else sinks.float(), dropout_p,
-                               _draw_rng(q.device) if dropout_p > 0 else None, cu_seqlens_q.contiguous(),
-                               cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+        tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+                                 sinks=None if sinks is None else sinks.float(),
+                                 rng_state=_draw_rng(q.device) if dropout_p > 0 else None,
+                                 cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
+        variant = AttentionVariant(causal=bool(causal), scale=scale, window_left=window_left,
+                                   window_right=window_right, softcap=softcap, dropout_p=dropout_p,
+                                   max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
+        out, lse = attention_op(q4, k4, v4, tensors, variant)
         out, lse = out[0].transpose(0, 1), natural_lse(lse[0])
     return (out, lse) if return_lse else out

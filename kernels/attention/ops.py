@@ -1,0 +1,206 @@
+"""Attention's autograd: one entry, :func:`attention_op`, for every attention path (dense, varlen, the SDPA shim).
+
+In eager it is a plain autograd.Function over ``plan.py``'s launches (``kernels/_autograd.py``); while
+torch.compile traces, the same launches go through the ``torch.library`` custom ops ``_forward_op`` /
+``_backward_op``, so ``torch.compile(fullgraph=True)`` keeps each launch in one graph (flash-attn's pattern: the
+custom op's dispatch would cost several times the rest of an eager call's host time). :data:`attention_forward`
+and :data:`attention_backward` are the launches without autograd, for paths with an autograd of their own (ring
+attention). lse is in the kernels' log2 units throughout; :func:`natural_lse` gives the natural one.
+"""
+import dataclasses
+import inspect
+import re
+from typing import List, Optional, Tuple
+
+import torch
+
+from kernels import _runtime
+from kernels._autograd import autograd_function
+from kernels.attention import plan
+from kernels.attention.kernels import LN2, LOG2E
+from kernels.attention.plan import AttentionVariant, VariantTensors
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(AttentionVariant))
+
+
+def _on_device(launches):
+    """``launches`` run with the first tensor's device current (see ``_runtime.launch_device``)."""
+    def run(first, *args):
+        with _runtime.launch_device(first):
+            return launches(first, *args)
+    return run
+
+
+attention_forward = _on_device(plan.forward)
+"""(out, log2-unit lse) of ``plan.forward(q, k, v, tensors, variant)``, no autograd."""
+attention_backward = _on_device(plan.backward)
+"""(dq, dk, dv) of ``plan.backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)``, no autograd: any
+(out, lse) the rows were normalised with (ring attention passes the global ones)."""
+
+
+def natural_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The natural-log logsumexp of the kernels' log2-unit one (lse * ln 2), differentiably: the kernels keep
+    lse in base 2 so that the backward recomputes probabilities from exactly what the forward summed."""
+    return lse * LN2.value
+
+
+def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
+    """d loss / d sinks (H,): out_i and lse_i depend on sink_h through its probability p_i = exp(sink_h - lse_i)
+    alone, d out_i = -p_i out_i and d lse_i = p_i, so dsink_h = -sum over batch and rows of p_i (rowsum(dO_i * O_i)
+    - dlse_i). Per-row values reduced by torch.sum: deterministic. ``lse`` and ``grad_lse`` are the log2-unit
+    lse and its gradient."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse * LOG2E.value
+    return -(torch.exp2(sinks[:, None] * LOG2E.value - lse) * delta).sum((0, 2))
+
+
+# ------------------------------------------------------------------------------------------- saved context
+
+
+def _save(ctx, q, k, v, output, tensors: VariantTensors, variant: AttentionVariant) -> None:
+    """Save what the backward reads: the inputs, (out, lse) and the variant's tensors (the block mask's summary
+    too: the backward reuses the forward's, never rebuilds it)."""
+    mask_args, score_args = list(tensors.mask_args or ()), list(tensors.score_args or ())
+    ctx.variant, ctx.n_mask_args = variant, len(mask_args)
+    ctx.save_for_backward(q, k, v, *output, *tensors[:-2], *mask_args, *score_args)
+
+
+def _gradients(backward, ctx, grad_out, grad_lse):
+    """(dq, dk, dv, dsinks or None) by ``backward`` (the launches, or their custom op) from the saved context."""
+    q, k, v, out, lse, *saved = ctx.saved_tensors
+    n_fixed = len(VariantTensors._fields) - 2
+    mod_args = saved[n_fixed:]
+    tensors = VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, grad_lse, tensors, ctx.variant)
+    sinks = tensors.sinks
+    dsinks = None if sinks is None else _sink_grad(sinks, grad_out, out, lse, grad_lse)
+    return dq, dk, dv, dsinks
+
+
+# ------------------------------------------------------------------------------------------------ eager path
+
+
+def _setup_eager(ctx, inputs, output):
+    q, k, v, _sinks, tensors, variant = inputs
+    _save(ctx, q, k, v, output, tensors, variant)
+
+
+def _eager_backward(ctx, grad_out, grad_lse):
+    dq, dk, dv, dsinks = _gradients(attention_backward, ctx, grad_out, grad_lse)
+    return dq, dk, dv, (dsinks if ctx.needs_input_grad[3] else None), None, None
+
+
+_attention_function = autograd_function(
+    "FlashAttention", lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant),
+    _setup_eager, _eager_backward)
+
+
+# ----------------------------------------------------------------------------------- traced path (torch.library)
+_TENSOR_LIST = Optional[List[torch.Tensor]]
+
+
+def _schema(fn) -> str:
+    """``fn``'s op schema as torch.library infers it, except that its Optional[List[Tensor]] parameters become
+    ``Tensor[]? name``: the dispatcher has the type, ``infer_schema`` does not."""
+    signature = inspect.signature(fn)
+    lists = [p.name for p in signature.parameters.values() if p.annotation == _TENSOR_LIST]
+
+    def stand_in():
+        pass
+
+    stand_in.__signature__ = signature.replace(parameters=[
+        p.replace(annotation=Optional[torch.Tensor]) if p.name in lists else p for p in signature.parameters.values()])
+    schema = torch.library.infer_schema(stand_in, mutates_args=())
+    for name in lists:
+        schema = re.sub(rf"Tensor\? {name}\b", f"Tensor[]? {name}", schema)
+    return schema
+
+
+def _op(name: str):
+    """``torch.library.custom_op`` of ``fn`` under ``name``, with :func:`_schema`."""
+    return lambda fn: torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
+
+
+def _flat(tensors: VariantTensors, variant: AttentionVariant) -> tuple:
+    """The ops' arguments after q, k, v (and the backward's leading tensors): the tensors, then the variant."""
+    return (*tensors, *(getattr(variant, name) for name in _FIELDS))
+
+
+def _unflat(args: tuple) -> Tuple[VariantTensors, AttentionVariant]:
+    n = len(VariantTensors._fields)
+    return VariantTensors(*args[:n]), AttentionVariant(*args[n:])
+
+
+@_op("kernels::flash_attention_forward")
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
+                pad: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+                rng_state: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                cu_seqlens_k: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
+                mask_args: _TENSOR_LIST, score_args: _TENSOR_LIST, causal: bool, causal_shift: int, scale: float,
+                window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
+                max_seqlen_k: int, mask_mod: int, score_mod: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, log2-unit lse): ``plan.forward`` with :class:`VariantTensors` and :class:`AttentionVariant` spelled
+    out, as the dispatcher takes arguments."""
+    args = locals()
+    tensors, variant = _unflat(tuple(args[name] for name in list(args)[3:]))
+    return attention_forward(q, k, v, tensors, variant)
+
+
+@_forward_op.register_fake
+def _(q, k, v, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, *rest):
+    return plan.rows_empty(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_op("kernels::flash_attention_backward")
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
+                 pad: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+                 rng_state: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                 cu_seqlens_k: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
+                 mask_args: _TENSOR_LIST, score_args: _TENSOR_LIST, causal: bool, causal_shift: int, scale: float,
+                 window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
+                 max_seqlen_k: int, mask_mod: int,
+                 score_mod: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): ``plan.backward`` spelled out as :func:`_forward_op`."""
+    args = locals()
+    tensors, variant = _unflat(tuple(args[name] for name in list(args)[7:]))
+    return attention_backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, *rest):
+    return tuple(plan.rows_empty(t, cu_seqlens_q is not None) for t in (q, k, v))
+
+
+_SINKS = 3 + VariantTensors._fields.index("sinks")
+"""The forward op's input index of ``sinks``."""
+
+
+def _setup_traced(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    tensors, variant = _unflat(tuple(rest))
+    _save(ctx, q, k, v, output, tensors, variant)
+
+
+def _traced_backward(ctx, grad_out, grad_lse):
+    dq, dk, dv, dsinks = _gradients(
+        lambda *args: _backward_op(*args[:7], *_flat(*args[7:])), ctx, grad_out, grad_lse)
+    # one gradient per input as the op was called (a list of Nones for a tensor list), none past q, k, v, sinks
+    grads = list(torch.utils._pytree.tree_map(lambda _: None, ctx.needs_input_grad))
+    grads[:3] = dq, dk, dv
+    if ctx.needs_input_grad[_SINKS]:
+        grads[_SINKS] = dsinks
+    return tuple(grads)
+
+
+_forward_op.register_autograd(_traced_backward, setup_context=_setup_traced)
+
+
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
+                 variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, log2-unit lse) with autograd for q, k, v and sinks: the custom op while torch.compile traces, the
+    eager autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, *_flat(tensors, variant))
+    return _attention_function(q, k, v, tensors.sinks, tensors, variant)

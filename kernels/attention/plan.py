@@ -1,0 +1,230 @@
+"""Attention's launch plans: what a call computes as one frozen value, and the launches it makes.
+
+A call is its tensors (q, k, v and :class:`VariantTensors`: masks, slopes, sinks, dropout seed, packed-sequence
+offsets, the mods' tensors) and an :class:`AttentionVariant`: causal, window, softcap, scale, dropout, the mods'
+registry keys, the packed lengths. The plan of a launch (the kernels' compile-time parameters, the scalar
+arguments, the grid's rows and heads) depends only on the variant and the shapes, so it is built once per input
+signature and cached (:func:`_plan`); each call then adds its pointers and strides and launches by keyword.
+
+:func:`forward` and :func:`backward` are the launches, with no autograd: ``ops.py`` wraps them (a plain
+autograd.Function in eager, ``torch.library`` ops under torch.compile). lse is in the kernels' log2 units.
+"""
+import functools
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from kernels import _runtime
+from kernels.attention import block_mask as mods, configs
+from kernels.attention.kernels import LOG2E
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """Everything an attention launch computes besides its tensors (already checked by the public functions).
+
+    ``causal_shift``: the diagonal the causal edge, the window and ALiBi distances are measured from (Nk - Nq for
+    bottom-right, 0 for top-left); query i sees key j iff j <= i + causal_shift (causal) and
+    i + causal_shift - window_left <= j <= i + causal_shift + window_right (edges -1: unbounded). ``softcap`` 0 is
+    off. Packed sequences (varlen, when :class:`VariantTensors` has ``cu_seqlens_q``): ``max_seqlen_q/k`` bound the
+    lengths and size the grid, and each sequence is aligned bottom-right by itself. ``mask_mod``/``score_mod``:
+    keys of ``block_mask.py``'s registry, -1 for none.
+
+    Adding a variant: a field here (and its constexpr or argument in :func:`_plan`/:func:`_tensor_args`), its math
+    in ``kernels.py``, its check and argument in ``api.py``, its specialisation in ``configs.py``.
+    """
+
+    causal: bool = False
+    causal_shift: int = 0
+    scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    mask_mod: int = -1
+    score_mod: int = -1
+
+
+class VariantTensors(NamedTuple):
+    """A call's tensors besides q, k, v, None where unused: ``kv_bounds`` (B, 2) int32 [first, last + 1) visible
+    key per batch row and ``pad`` (B, Nk) uint8 (nonzero = visible, unit key stride) of a key padding mask;
+    ``alibi_slopes`` float32 (H,) or (B, H), contiguous; ``sinks`` float32 (H,); ``rng_state`` the int64 (seed,
+    offset) of dropout; ``cu_seqlens_q/k`` int32 (batch + 1,) of packed sequences; the mask mod's (B, H, L) int32
+    ``block_mask`` summary and each mod's extra tensors (``mask_args``, ``score_args``)."""
+
+    kv_bounds: Optional[torch.Tensor] = None
+    pad: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
+    rng_state: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    block_mask: Optional[torch.Tensor] = None
+    mask_args: Optional[List[torch.Tensor]] = None
+    score_args: Optional[List[torch.Tensor]] = None
+
+
+NO_TENSORS = VariantTensors()
+
+
+def _edges(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: int, window_right: int):
+    """(CAUSAL, WINDOW, CAUSAL_SHIFT, WINDOW_SHIFT): query i sees key j iff j <= i + CAUSAL_SHIFT (if CAUSAL) and
+    j >= i + WINDOW_SHIFT (if WINDOW). ``causal`` sets the window's right edge to 0 as flash-attn does; an edge
+    that hides no key of the (n_q, n_k) grid is dropped, so it costs nothing."""
+    upper = causal_shift + (0 if causal else window_right)
+    lower = causal_shift - window_left
+    has_upper = (causal or window_right >= 0) and upper < n_k - 1
+    has_lower = window_left >= 0 and lower > 1 - n_q
+    return has_upper, has_lower, upper if has_upper else 0, lower if has_lower else 0
+
+
+class Plan(NamedTuple):
+    """What a launch needs besides the call's pointers and strides: ``meta`` the kernels' compile-time parameters,
+    ``scalars`` their scalar arguments, the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen) and
+    ``batch`` (the number of sequences)."""
+
+    meta: dict
+    scalars: dict
+    batch: int
+    n_q: int
+    n_k: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...], kv_heads: int, n_k: int,
+          dtype: torch.dtype, tf32: bool, backward: bool) -> Plan:
+    """The :class:`Plan` of a forward (or, with ``backward``, of the dK/dV and dQ kernels) for a signature:
+    the variant, q's shape, k's heads and length, the dtype, TF32 and, for packed sequences (``varlen_batch`` >= 0),
+    their number. Cached: a model's layers and steps repeat a handful of signatures."""
+    batch, heads, n_q, head_dim = q_shape
+    varlen = varlen_batch >= 0
+    if varlen:  # each sequence's own Nk - Nq is added by its program: shifts are relative to that diagonal
+        batch, n_q, n_k = varlen_batch, variant.max_seqlen_q, variant.max_seqlen_k
+    diagonal = n_k - n_q if varlen else variant.causal_shift
+    has_upper, has_lower, upper, lower = _edges(n_q, n_k, variant.causal, diagonal, variant.window_left,
+                                                variant.window_right)
+    if varlen:
+        upper, lower, diagonal = upper - diagonal, lower - diagonal, 0
+    # kernel_meta reads head dim and dtype off a tensor (and TF32 off torch's flag, which ``tf32`` keys here)
+    meta = configs.kernel_meta(torch.empty((head_dim,), dtype=dtype, device="meta"), has_upper, has_lower,
+                               variant.softcap > 0)
+    meta.update(MASK_MOD=None, SCORE_MOD=None)
+    if backward:
+        meta["SCORE_GRAD"] = None
+    if variant.mask_mod >= 0:
+        (meta["MASK_MOD"],) = mods.functions(variant.mask_mod)
+    if variant.score_mod >= 0:
+        meta["SCORE_MOD"], grad = mods.functions(variant.score_mod)
+        if backward:
+            meta["SCORE_GRAD"] = grad
+    scalars = dict(H=heads, GROUP=heads // kv_heads, N_Q=n_q, N_K=n_k, CAUSAL_SHIFT=upper, WINDOW_SHIFT=lower,
+                   ALIBI_SHIFT=diagonal, qk_scale=variant.scale * LOG2E.value, softcap=variant.softcap,
+                   dropout_p=variant.dropout_p)
+    if backward:
+        scalars["sm_scale"] = variant.scale
+    return Plan(meta, scalars, batch, n_q, n_k)
+
+
+def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant,
+             backward: bool) -> Plan:
+    varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
+    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    return _plan(variant, varlen_batch, tuple(q.shape), k.shape[1], k.shape[2], q.dtype, tf32, backward)
+
+
+def _strides(name: str, t: torch.Tensor, varlen: bool) -> dict:
+    """``t``'s stride_<name>b/h/n/d keywords: a packed (1, H, total, D) view's batch stride is 0, since every
+    sequence is found from cu_seqlens."""
+    sb, sh, sn, sd = t.stride()
+    return {f"stride_{name}b": 0 if varlen else sb, f"stride_{name}h": sh, f"stride_{name}n": sn,
+            f"stride_{name}d": sd}
+
+
+def _tensor_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch.Tensor, varlen: bool,
+                 sinks: bool) -> dict:
+    """The variant's pointer and stride keywords every attention kernel takes (``sinks``: the forward's too)."""
+    alibi, pad, summary = tensors.alibi_slopes, tensors.pad, tensors.block_mask
+    args = dict(KV_BOUNDS=tensors.kv_bounds, PAD=pad, ALIBI=alibi,
+                SEED=tensors.rng_state if variant.dropout_p > 0 else None,
+                CU_SEQLENS_Q=tensors.cu_seqlens_q, CU_SEQLENS_K=tensors.cu_seqlens_k,
+                BLOCK_MASK=summary if variant.mask_mod >= 0 else None,
+                MASK_ARGS=mods.kernel_extra(variant.mask_mod, tensors.mask_args) if variant.mask_mod >= 0 else None,
+                SCORE_ARGS=mods.kernel_extra(variant.score_mod, tensors.score_args) if variant.score_mod >= 0 else None,
+                stride_pb=0 if pad is None else pad.stride(0),
+                stride_ab=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+                stride_mb=summary.stride(0) if variant.mask_mod >= 0 else 0,
+                stride_mh=summary.stride(1) if variant.mask_mod >= 0 else 0,
+                stride_lb=0 if varlen else lse.stride(0), stride_lh=lse.stride(1))
+    if sinks:
+        args["SINKS"] = tensors.sinks
+    return args
+
+
+def rows_empty(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
+    D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
+    if not varlen:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    _, heads, total, d = t.shape
+    return torch.empty((total, heads, d), dtype=t.dtype, device=t.device).transpose(0, 1)[None]
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
+            variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32 in log2 units); for packed
+    sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
+    varlen = tensors.cu_seqlens_q is not None
+    out = rows_empty(q, varlen)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or k.shape[2] == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
+        if tensors.sinks is None:
+            return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
+    plan = _plan_of(q, k, tensors, variant, backward=False)
+    args = dict(K=k, V=v, O=out, LSE=lse, **_tensor_args(tensors, variant, lse, varlen, sinks=True),
+                **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
+                **_strides("o", out, varlen), **plan.scalars, **plan.meta)
+    configs.launch("fwd", plan.n_q, plan.batch * q.shape[1], (q,), args, (plan.n_q, plan.n_k),
+                   dropout=args["SEED"] is not None)
+    return out, lse
+
+
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, grad_lse: Optional[torch.Tensor], tensors: VariantTensors,
+             variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the backward kernels from any (out, lse) the rows were normalised with: (dq, dk, dv) in the inputs'
+    dtype, contiguous (for packed sequences, views of contiguous (total, H, D) tensors, as :func:`forward`'s
+    out). ``grad_lse`` is the gradient of the log2-unit lse. Sinks need nothing here: lse includes them."""
+    varlen = tensors.cu_seqlens_q is not None
+    dq, dk, dv = (rows_empty(t, varlen) for t in (q, k, v))
+    # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
+    if not (q.numel() and k.numel()):
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    plan = _plan_of(q, k, tensors, variant, backward=True)
+    delta = _delta(grad_out, out, lse, grad_lse, plan.meta)
+    args = dict(K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_tensor_args(tensors, variant, lse, varlen, False),
+                **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
+                **_strides("do", grad_out, varlen), **plan.scalars, **plan.meta)
+    dropout = args["SEED"] is not None
+    lengths = (plan.n_q, plan.n_k)
+    configs.launch("dkdv", plan.n_k, plan.batch * k.shape[1], (q,),
+                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout)
+    configs.launch("dq", plan.n_q, plan.batch * q.shape[1], (q,), dict(args, DQ=dq, **_strides("dq", dq, varlen)),
+                   lengths, dropout=dropout)
+    return dq, dk, dv
+
+
+def _delta(grad_out, out, lse, grad_lse, meta) -> torch.Tensor:
+    """rowsum(dO * O) - dlse (B, H, Nq) fp32, by the pre-pass kernel: d lse_i / d s_ij = p_ij folds into delta,
+    ds = p * (dp - (delta - dlse)). ``grad_lse`` is the gradient of the log2-unit lse, log2(e) times that of the
+    natural one, hence the factor."""
+    batch, heads, n_q, _ = out.shape
+    delta = torch.empty_like(lse)
+    configs.launch_delta((out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q), n_q, batch * heads,
+                         meta)
+    if grad_lse is not None:
+        delta -= grad_lse * LOG2E.value
+    return delta
