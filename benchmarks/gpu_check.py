@@ -686,7 +686,11 @@ def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = At
     def run_one(item):
         build, causal = item
         if causal is None and id(build) in row:
-            return _checked(dict(_describe(build), width=row_width(build), rows=rows),
+            try:
+                width = row_width(build)
+            except LookupError as error:  # a build for another GPU family (its warps differ): not launched here
+                return dict(_describe(build), status="skipped", reason=f"{error} on this GPU")
+            return _checked(dict(_describe(build), width=width, rows=rows),
                             lambda: row_problem(build, rows, device.torch_device), baselines, contextlib.nullcontext())
         if causal is None:
             return dict(_describe(build), status="skipped",

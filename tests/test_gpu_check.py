@@ -52,10 +52,21 @@ def test_every_registered_build_is_checked_attention_causal_and_not_defaults_fir
     assert defaults == sorted(defaults, reverse=True)
 
 
+def _has_width(build) -> bool:
+    try:
+        return gpu_check.row_width(build) > 0
+    except LookupError:  # a build for another GPU family: the configs phase records it as skipped
+        return False
+
+
 def test_each_softmax_and_norm_build_gets_a_width_its_module_launches_it_with():
     row = gpu_check.row_builds(all_builds())
     assert {b.kernel for b in row} == {"_softmax_fwd", "_softmax_bwd", "_norm_fwd", "_norm_bwd"}
-    for build in row:
+    launched = [b for b in row if _has_width(b)]
+    assert {(b.kernel, b.constexprs["SINGLE"]) for b in launched} == {
+        (kernel, single) for kernel in ("_softmax_fwd", "_softmax_bwd", "_norm_fwd", "_norm_bwd")
+        for single in (True, False)}
+    for build in launched:
         module = sys.modules[gpu_check._python_fn(build).__module__]
         width = gpu_check.row_width(build)
         assert module._config(width) == (build.constexprs["BLOCK"], build.constexprs["SINGLE"], build.num_warps)
@@ -106,13 +117,24 @@ def test_variant_builds_run_with_their_variant_and_the_others_are_left_to_the_te
 
 def test_softmax_and_norm_builds_pass_through_the_interpreter():
     row = gpu_check.row_builds(all_builds())
-    builds = [next(b for b in row if b.kernel == "_softmax_bwd" and b.constexprs["CAUSAL"] and b.default is False
-                   and b.constexprs["SINGLE"]),
-              next(b for b in row if b.kernel == "_norm_bwd" and not b.constexprs["RMS"] and b.constexprs["SINGLE"])]
+    builds = [next(b for b in row if b.kernel == "_softmax_bwd" and b.constexprs["CAUSAL"] and b.constexprs["SINGLE"]
+                   and _has_width(b)),
+              next(b for b in row if b.kernel == "_norm_bwd" and not b.constexprs["RMS"] and b.constexprs["SINGLE"]
+                   and _has_width(b))]
     recs = gpu_check.check_configs(detect(), gpu_check.Budget(UNLIMITED), rows=3, builds=builds)
     assert [r["status"] for r in recs] == ["pass", "pass"], [r["reason"] for r in recs]
     names = {r["kernel"]: [c["name"] for c in r["checks"]] for r in recs}
     assert names == {"_softmax_bwd": ["y", "dx"], "_norm_bwd": ["y", "h", "dx", "dresidual", "dweight", "dbias"]}
+
+
+def test_a_row_build_no_width_launches_on_this_gpu_is_skipped_with_the_reason():
+    """A build of another GPU family's table (other warps for the same block) is never launched here."""
+    import dataclasses
+
+    build = next(b for b in gpu_check.row_builds(all_builds()) if _has_width(b))
+    foreign = dataclasses.replace(build, num_warps=build.num_warps * 2 + 1)
+    [record] = gpu_check.check_configs(detect(), gpu_check.Budget(UNLIMITED), rows=3, builds=[foreign])
+    assert record["status"] == "skipped" and record["reason"].startswith("no row width selects")
 
 
 class _WrongGradient(torch.autograd.Function):
@@ -391,3 +413,23 @@ def test_file_names_and_percent_of_peak_know_the_gpus_we_are_lent():
         "h100", "h200", "a100"]
     assert match_device("NVIDIA H200").bandwidth == 4.8e12 and match_device("NVIDIA H200 NVL") is None
     assert gpu_check.DEFAULT_OUT == os.path.join(ROOT, "benchmarks", "example")
+
+
+def test_main_on_a_faked_gpu_runs_the_phases_and_writes_the_three_files(tmp_path, monkeypatch, capsys):
+    """The command end to end with every phase faked (their records from the synthetic document): the files are
+    named after the GPU, the summary is printed, and a failing config makes the exit status 1."""
+    by_phase = {}
+    for r in _synthetic_doc()["records"]:
+        by_phase.setdefault(r["phase"], []).append(r)
+    monkeypatch.setattr(gpu_check, "detect", lambda: H200)
+    monkeypatch.setattr(gpu_check, "no_gpu_message", lambda device: None)
+    monkeypatch.setattr(gpu_check, "PHASES", {name: lambda device, budget, name=name: by_phase[name]
+                                              for name in gpu_check.PHASES})
+    assert gpu_check.main(["--out", str(tmp_path), "--budget", "rows=7"]) == 1
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check_h200.csv", "gpu_check_h200.json", "gpu_check_h200.md"]
+    with open(tmp_path / "gpu_check_h200.json") as f:
+        saved = json.load(f)
+    assert [p["phase"] for p in saved["phases"]] == list(gpu_check.PHASES)
+    assert saved["config"]["budgets"]["rows"] == 7 and saved["phases"][1]["budget_s"] == 7
+    out = capsys.readouterr().out
+    assert "## Softmax and norms" in out and out.rstrip().endswith("gpu_check_h200.md")
