@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._validate import check_tensor
-from kernels.attention.api import check_qkv, check_scale
+from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
 from kernels.attention.plan import NO_TENSORS, AttentionVariant
 

@@ -58,7 +58,8 @@ import torch
 
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.attention.api import attention, attention_dropout_mask, check_qkv, check_scale
+from kernels.attention.api import attention, attention_dropout_mask
+from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 

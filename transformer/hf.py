@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import kernels
 from kernels._runtime import kernels_can_run
-from kernels.attention.api import key_bounds
+from kernels.attention.checks import key_bounds
 from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"

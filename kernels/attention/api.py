@@ -1,4 +1,4 @@
-"""Fused attention's public function and its argument checks.
+"""Fused attention's public function (its argument checks are ``checks.py``).
 
 :func:`attention` takes q (B, H, Nq, D) and k, v (B, Hkv, Nk, D) (see ``kernels.py`` for the math and the
 kernels), checks every argument before anything launches, and hands the call to ``ops.attention_op`` as its
@@ -15,123 +15,14 @@ from typing import Optional, Tuple
 import torch
 
 from kernels import _runtime, reference
-from kernels._validate import check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
+from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
+                                      check_sinks, check_window, draw_rng, key_bounds)
 from kernels.attention.ops import attention_op, natural_lse
 from kernels.attention.plan import AttentionVariant, VariantTensors
 
-def _alibi_args(alibi_slopes: Optional[torch.Tensor]):
-    """The kernels' (ALIBI, stride_ab) arguments of float32 (H,) or (B, H) slopes with unit head stride, or none."""
-    if alibi_slopes is None:
-        return None, 0
-    return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
-
 
 # ------------------------------------------------------------------------------------------------- public API
-
-
-def check_qkv(q, k, v) -> None:
-    """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same("dtype", q=q, k=k, v=v)
-    check_same("device", q=q, k=k, v=v)
-    batch, heads, _, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
-    if k.shape[3] != d:
-        raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
-    if not 1 <= d <= configs.MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q.shape)}")
-    if k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k.shape)}")
-
-
-def check_scale(scale, d: int) -> float:
-    """``scale`` as a float (1/sqrt(d) for None); TypeError unless it is a finite real number."""
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
-    return float(scale)
-
-
-def key_bounds(mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32 [first visible key, last visible key + 1) of a bool (B, Nk) mask, [0, 0) for an all-False row.
-
-    Computed on the mask's device without a host sync (so it traces under ``torch.compile``); the kernels skip
-    key blocks outside the range and read the mask itself inside it.
-    """
-    n_k = mask.shape[1]
-    keys = torch.arange(n_k, device=mask.device, dtype=torch.int32)
-    start = torch.where(mask, keys, n_k).amin(1, keepdim=True) if n_k else mask.new_zeros(mask.shape[0], 1).int()
-    end = torch.where(mask, keys + 1, 0).amax(1, keepdim=True) if n_k else start
-    return torch.cat([torch.minimum(start, end), end], 1).to(torch.int32).contiguous()
-
-
-def _check_padding_mask(mask, q, k) -> None:
-    check_tensor("key_padding_mask", mask, ndim=2, dtypes=(torch.bool,))
-    if tuple(mask.shape) != (q.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(q.shape[0], k.shape[2])}, "
-                         f"got {tuple(mask.shape)}")
-    check_same("device", q=q, key_padding_mask=mask)
-
-
-def check_window(window_size) -> Tuple[int, int]:
-    """``window_size`` as (left, right) ints; TypeError unless a pair of ints, ValueError for values below -1."""
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if min(window_size) < -1:
-        raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
-    return int(window_size[0]), int(window_size[1])
-
-
-def _check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> float:
-    """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] ([low, high))."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not (low <= value < high if high_open else low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
-    return float(value)
-
-
-def _check_alibi(alibi_slopes, q) -> None:
-    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
-    batch, heads = q.shape[:2]
-    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or (B, H) = {(batch, heads)}, "
-                         f"got {tuple(alibi_slopes.shape)}")
-    check_same("device", q=q, alibi_slopes=alibi_slopes)
-
-
-def _check_sinks(sinks, q) -> None:
-    check_tensor("sinks", sinks)
-    if tuple(sinks.shape) != (q.shape[1],):
-        raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), got {tuple(sinks.shape)}")
-    check_same("device", q=q, sinks=sinks)
-
-
-def _check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
-    """The :class:`BlockMask` of ``mask_mod`` for q, k (built here from a mask mod), or None; TypeError/ValueError
-    naming the argument for anything else, a mask built for other shapes or device, or extra tensors elsewhere."""
-    if score_mod is not None:
-        if not isinstance(score_mod, mods.ScoreMod):
-            raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
-        score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
-    if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
-        block_mask = mask_mod
-    elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
-        # create_block_mask checks the mod's extra tensors are on q's device before its launch
-        block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
-    else:
-        raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function, got "
-                        f"{mask_mod!r}")
-    if block_mask is not None:
-        block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
-    return block_mask
 
 
 def _mod_args(block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.ScoreMod], q) -> Tuple[dict, dict]:
@@ -147,12 +38,6 @@ def _mod_args(block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.Sco
     return tensors, keys
 
 
-def _draw_rng(device: torch.device) -> torch.Tensor:
-    """The int64 (seed, offset) pair of one dropout call, drawn from torch's default generator of ``device`` (so
-    ``torch.manual_seed`` makes dropout reproducible); a tensor on the device, so nothing syncs."""
-    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
-
-
 def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
                            device=None) -> torch.Tensor:
     """The (B, H, Nq, Nk) bool keep-mask that ``attention(..., dropout_p=dropout_p)`` on q of shape (B, H, Nq, D)
@@ -162,9 +47,9 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
             raise ValueError(f"{name} must be a non-negative int, got {size!r}")
-    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     device = torch.device("cpu" if device is None else device)
-    rng_state = _draw_rng(device)
+    rng_state = draw_rng(device)
     mask = torch.zeros((batch, heads, n_q, n_k), dtype=torch.uint8, device=device)
     if mask.numel():
         with _runtime.launch_device(rng_state):
@@ -219,15 +104,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
     if key_padding_mask is not None:
-        _check_padding_mask(key_padding_mask, q, k)
+        check_padding_mask(key_padding_mask, q, k)
     window_left, window_right = check_window(window_size)
-    softcap = _check_real("softcap", softcap, 0.0, math.inf, high_open=True)
-    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
-        _check_alibi(alibi_slopes, q)
+        check_alibi(alibi_slopes, q)
     if sinks is not None:
-        _check_sinks(sinks, q)
-    block_mask = _check_mods(mask_mod, score_mod, q, k)
+        check_sinks(sinks, q)
+    block_mask = check_mods(mask_mod, score_mod, q, k)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
     if not _runtime.kernel_runs_on(q, k, v):
         if dropout_p > 0 or block_mask is not None or score_mod is not None:
@@ -242,7 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             pad=None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8),
             alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
             sinks=None if sinks is None else sinks.float(),
-            rng_state=_draw_rng(q.device) if dropout_p > 0 else None, **mod_tensors)
+            rng_state=draw_rng(q.device) if dropout_p > 0 else None, **mod_tensors)
         variant = AttentionVariant(causal=bool(causal), causal_shift=k.shape[2] - q.shape[2], scale=scale,
                                    window_left=window_left, window_right=window_right, softcap=softcap,
                                    dropout_p=dropout_p, **mod_keys)

@@ -35,7 +35,7 @@ import triton.language as tl
 from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import assert_on_device, check_same, check_tensor
-from kernels.attention.api import _alibi_args, _check_alibi, check_scale, check_window
+from kernels.attention.checks import check_alibi, check_scale, check_window
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
@@ -402,7 +402,8 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         split_strides = (o_buf.stride(0), lse_buf.stride(0))
     o_strides = o_buf.stride()[-4:]
     meta = kernel_meta(q, causal=False)  # the training kernels' head dim, padded width, bf16 upcast, dot precision
-    alibi, stride_ab = _alibi_args(alibi_slopes)
+    alibi, stride_ab = alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2
+                                      else 0)
     _decode_fwd[grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"])](
         q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi,
         0 if block_table is None else block_table.stride(0), stride_ab, *q.stride(), *k_cache.stride(),
@@ -677,7 +678,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
         raise TypeError(f"softcap must be a finite real >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:
-        _check_alibi(alibi_slopes, q.transpose(1, 2))  # it reads (B, H) from a (B, H, N, D) q
+        check_alibi(alibi_slopes, q.transpose(1, 2))  # it reads (B, H) from a (B, H, N, D) q
         alibi_slopes = alibi_slopes.contiguous()
     num_splits = _check_int("num_splits", num_splits, 0)
     if num_splits > MAX_SPLITS:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _runtime
-from kernels.attention.api import check_qkv, check_scale, key_bounds
+from kernels.attention.checks import check_qkv, check_scale, key_bounds
 from kernels.attention.ops import attention_op
 from kernels.attention.plan import NO_TENSORS, AttentionVariant, VariantTensors
 

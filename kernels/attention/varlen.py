@@ -27,8 +27,9 @@ import torch
 
 from kernels import _runtime
 from kernels._validate import assert_on_device, check_same, check_tensor
-from kernels.attention.api import (_check_alibi, _check_real, _check_sinks, _draw_rng, attention, check_qkv,
-                                   check_scale, check_window)
+from kernels.attention.api import attention
+from kernels.attention.checks import (check_alibi, check_qkv, check_real, check_scale, check_sinks, check_window,
+                                      draw_rng)
 from kernels.attention.ops import attention_op, natural_lse
 from kernels.attention.plan import AttentionVariant, VariantTensors
 
@@ -179,12 +180,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _check_block_table(block_table, k, batch, max_seqlen_k)
     scale = check_scale(scale, q.shape[-1])
     window_left, window_right = check_window(window_size)
-    softcap = _check_real("softcap", softcap, 0.0, math.inf, high_open=True)
-    dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
-        _check_alibi(alibi_slopes, q4.expand(batch, -1, -1, -1))  # (H,) or (batch, H)
+        check_alibi(alibi_slopes, q4.expand(batch, -1, -1, -1))  # (H,) or (batch, H)
     if sinks is not None:
-        _check_sinks(sinks, q4)
+        check_sinks(sinks, q4)
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
         k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
@@ -197,7 +198,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:
         tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
                                  sinks=None if sinks is None else sinks.float(),
-                                 rng_state=_draw_rng(q.device) if dropout_p > 0 else None,
+                                 rng_state=draw_rng(q.device) if dropout_p > 0 else None,
                                  cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
         variant = AttentionVariant(causal=bool(causal), scale=scale, window_left=window_left,
                                    window_right=window_right, softcap=softcap, dropout_p=dropout_p,

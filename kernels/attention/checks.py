@@ -1,0 +1,121 @@
+"""Attention's argument checks, shared by every attention path (dense, varlen, decoding, the SDPA shim, ring
+attention, flash-attn's functions): each raises TypeError/ValueError naming the argument before anything launches,
+and reads no tensor value on the host."""
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from kernels._validate import check_same, check_tensor
+from kernels.attention import block_mask as mods, configs
+
+
+def check_qkv(q, k, v) -> None:
+    """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_same("dtype", q=q, k=k, v=v)
+    check_same("device", q=q, k=k, v=v)
+    batch, heads, _, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
+    if not 1 <= d <= configs.MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k.shape)}")
+
+
+def check_scale(scale, d: int) -> float:
+    """``scale`` as a float (1/sqrt(d) for None); TypeError unless it is a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def key_bounds(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32 [first visible key, last visible key + 1) of a bool (B, Nk) mask, [0, 0) for an all-False row.
+
+    Computed on the mask's device without a host sync (so it traces under ``torch.compile``); the kernels skip
+    key blocks outside the range and read the mask itself inside it.
+    """
+    n_k = mask.shape[1]
+    keys = torch.arange(n_k, device=mask.device, dtype=torch.int32)
+    start = torch.where(mask, keys, n_k).amin(1, keepdim=True) if n_k else mask.new_zeros(mask.shape[0], 1).int()
+    end = torch.where(mask, keys + 1, 0).amax(1, keepdim=True) if n_k else start
+    return torch.cat([torch.minimum(start, end), end], 1).to(torch.int32).contiguous()
+
+
+def check_padding_mask(mask, q, k) -> None:
+    check_tensor("key_padding_mask", mask, ndim=2, dtypes=(torch.bool,))
+    if tuple(mask.shape) != (q.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(q.shape[0], k.shape[2])}, "
+                         f"got {tuple(mask.shape)}")
+    check_same("device", q=q, key_padding_mask=mask)
+
+
+def check_window(window_size) -> Tuple[int, int]:
+    """``window_size`` as (left, right) ints; TypeError unless a pair of ints, ValueError for values below -1."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> float:
+    """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] ([low, high))."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def check_alibi(alibi_slopes, q) -> None:
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+    batch, heads = q.shape[:2]
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or (B, H) = {(batch, heads)}, "
+                         f"got {tuple(alibi_slopes.shape)}")
+    check_same("device", q=q, alibi_slopes=alibi_slopes)
+
+
+def check_sinks(sinks, q) -> None:
+    check_tensor("sinks", sinks)
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), got {tuple(sinks.shape)}")
+    check_same("device", q=q, sinks=sinks)
+
+
+def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
+    """The :class:`BlockMask` of ``mask_mod`` for q, k (built here from a mask mod), or None; TypeError/ValueError
+    naming the argument for anything else, a mask built for other shapes or device, or extra tensors elsewhere."""
+    if score_mod is not None:
+        if not isinstance(score_mod, mods.ScoreMod):
+            raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
+        score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
+    if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
+        block_mask = mask_mod
+    elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
+        # create_block_mask checks the mod's extra tensors are on q's device before its launch
+        block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    else:
+        raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function, got "
+                        f"{mask_mod!r}")
+    if block_mask is not None:
+        block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
+    return block_mask
+
+
+def draw_rng(device: torch.device) -> torch.Tensor:
+    """The int64 (seed, offset) pair of one dropout call, drawn from torch's default generator of ``device`` (so
+    ``torch.manual_seed`` makes dropout reproducible); a tensor on the device, so nothing syncs."""
+    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
