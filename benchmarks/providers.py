@@ -179,6 +179,14 @@ def _norm(fn):
     return lambda x, *params: fn(x, (x.shape[-1],), *params)
 
 
+def _compiled(fn):
+    """``fn`` (torch's own op) under ``torch.compile``: inductor on a GPU; on CPU the ``aot_eager`` backend, which
+    traces the same graph without generating C++ (an interpreted run's timings say nothing about a GPU anyway, and
+    it keeps the suite's CPU run short). Dynamic shapes off: each benchmarked shape is compiled for itself."""
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    return torch.compile(fn, backend=backend, dynamic=False)
+
+
 PROVIDERS = (
     Provider("baseline", "attention",
              lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
@@ -191,12 +199,15 @@ PROVIDERS = (
     Provider("flash-attn", "attention", _flash_attn),
     Provider("naive", "softmax", lambda: reference.softmax, baseline=True),
     Provider("torch", "softmax", lambda: lambda x: torch.softmax(x, dim=-1)),
+    Provider("torch.compile", "softmax", lambda: _compiled(lambda x: torch.softmax(x, dim=-1))),
     Provider("triton", "softmax", lambda: _kernel("softmax"), triton=True),
     Provider("naive", "layer_norm", lambda: _norm(reference.layer_norm), baseline=True),
     Provider("torch", "layer_norm", lambda: _norm(F.layer_norm)),
+    Provider("torch.compile", "layer_norm", lambda: _compiled(_norm(F.layer_norm))),
     Provider("triton", "layer_norm", lambda: _norm(_kernel("layer_norm")), triton=True),
     Provider("naive", "rms_norm", lambda: _norm(reference.rms_norm), baseline=True),
     Provider("torch", "rms_norm", lambda: _norm(F.rms_norm)),
+    Provider("torch.compile", "rms_norm", lambda: _compiled(_norm(F.rms_norm))),
     Provider("triton", "rms_norm", lambda: _norm(_kernel("rms_norm")), triton=True),
 )
 

@@ -7,15 +7,21 @@ from typing import Dict, List
 
 from benchmarks.providers import MODES, OPS, Case
 
+HIDDEN_SIZES = [768, 1024, 2048, 4096, 5120, 8192]
+"""Real models' hidden sizes (GPT-2 small/medium, Llama 1B-70B): the softmax/norm rows a model runs."""
+WIDE_ROWS = [16384, 65536]
+"""Rows wider than a one-block kernel holds (vocabulary-sized softmax): the two-pass paths."""
 # (attention lengths, softmax/norm row lengths), per device kind and --quick
 LENGTHS = {
     ("cpu", True): ([64, 128], [256, 1024]),
-    ("cpu", False): ([64, 128, 256], [256, 1024, 4096]),
+    ("cpu", False): ([64, 128, 256], [256, *HIDDEN_SIZES, *WIDE_ROWS]),
     ("cuda", True): ([1024, 2048], [1024, 4096]),
-    ("cuda", False): ([1024, 2048, 4096, 8192], [1024, 2048, 4096, 8192]),
+    ("cuda", False): ([1024, 2048, 4096, 8192], [*HIDDEN_SIZES, *WIDE_ROWS]),
 }
 # Interpreted softmax/norm kernels cost a few ms per program (one per row): few rows on CPU.
-ROWS = {("cpu", True): 32, ("cpu", False): 64, ("cuda", True): 4096, ("cuda", False): 4096}
+ROWS = {("cpu", True): 32, ("cpu", False): 64, ("cuda", True): 4096, ("cuda", False): 16384}
+"""A GPU's 16k rows: a training batch of tokens (8 x 2048), enough rows per program that the norms' per-program
+weight reads and fp32 dweight/dbias partials stay a few percent of the traffic."""
 DIMS = {"cpu": {"batch": 1, "heads": 2, "head_dim": 64, "dtype": "float16"},
         "cuda": {"batch": 4, "heads": 16, "head_dim": 64, "dtype": "float16"}}
 """Default attention sizes and dtype per device kind (the command-line options override them). float16 on CPU too,

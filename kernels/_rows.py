@@ -1,20 +1,42 @@
-"""Launch helpers shared by the row-wise kernels (softmax, layer/RMS norm): one program per row."""
+"""Launch helpers shared by the row-wise kernels (softmax, layer/RMS norm): block, warps and the GPU family's lanes.
+
+Tile table per GPU family: the row kernels' best choice differs by the width of a warp, not by the NVIDIA
+generation. sm_80, sm_90 and sm_100 share one table (32-lane warps, the same 64K-register file per SM and 255
+registers a thread, so the same block compiles spill-free on all three: ``python -m benchmarks static``); AMD
+CDNA3 (gfx942) runs 64-lane wavefronts, so the same elements per thread, and the same 128-bit vector loads, take
+half the warps there. The SM count (the persistent grids' size) is asked of the device at launch.
+"""
 import functools
 
 import torch
 
 from kernels._runtime import next_power_of_2
 
+NVIDIA_FAMILIES = (80, 90)
+"""``Build.families`` of the NVIDIA table (sm_100 runs the sm_90 entry in the build report)."""
+AMD_FAMILY = 942
+"""``Build.families`` code of the AMD CDNA3 (gfx942) table: no CUDA family, so the report holds it to its bar on
+AMD only."""
+LANES = {NVIDIA_FAMILIES: 32, (AMD_FAMILY,): 64}
+"""Threads per warp (wavefront) of each table, by its ``Build.families``."""
+
+
+def lanes_of(device: torch.device) -> int:
+    """Threads per warp on ``device``'s GPU family: 64 on ROCm (CDNA wavefronts), else 32. Asked at launch, never
+    at import."""
+    return 64 if device.type == "cuda" and torch.version.hip else 32
+
 
 @functools.lru_cache(maxsize=None)
-def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int):
+def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int, lanes: int = 32):
     """(BLOCK, SINGLE, num_warps) for one program per row of ``n_cols`` elements: a power-of-two block covering
-    the row when it has at most ``max_block`` elements, else ``long_block``-wide chunks looped over; 4 to 16 warps,
-    about ``per_thread`` elements of a block per thread (fewer where the kernel keeps more values per element).
-    Cached: a launch plan is computed once per width and set of limits."""
+    the row when it has at most ``max_block`` elements, else ``long_block``-wide chunks looped over; 128 to 512
+    threads in warps of ``lanes``, about ``per_thread`` elements of a block per thread (fewer where the kernel keeps
+    more values per element). Cached: a launch plan is computed once per width, set of limits and family."""
     single = n_cols <= max_block
     block = next_power_of_2(n_cols) if single else long_block
-    num_warps = min(16, max(4, block // (32 * per_thread)))
+    min_warps, max_warps = 128 // lanes, 512 // lanes
+    num_warps = min(max_warps, max(min_warps, block // (lanes * per_thread)))
     return block, single, num_warps
 
 

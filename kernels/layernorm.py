@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import as_rows, row_config
+from kernels._rows import LANES, as_rows, lanes_of, row_config
 from kernels._runtime import INTERPRETED, cast_rne, cdiv, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -387,11 +387,11 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, SUMS, stride_h, stride_dy, s
                          WANT_DB, CASTING)
 
 
-def _config(n_cols: int, backward: bool = False):
-    """The forward's (or backward's) launch config; reads the module's limits at each call, so tests can lower
-    them."""
+def _config(n_cols: int, backward: bool = False, lanes: int = 32):
+    """The forward's (or backward's) launch config on a GPU family with warps of ``lanes`` threads; reads the
+    module's limits at each call, so tests can lower them."""
     max_block = min(MAX_BLOCK, BACKWARD_MAX_BLOCK) if backward else MAX_BLOCK
-    return row_config(n_cols, max_block, LONG_BLOCK, per_thread=8)
+    return row_config(n_cols, max_block, LONG_BLOCK, 8, lanes)
 
 
 def _multi_row(n_cols: int) -> bool:
@@ -438,7 +438,7 @@ def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     h2d = h.view(n_rows, n_cols) if residual is not None else x2d  # unused without a residual
     w = weight.reshape(-1).contiguous() if weight is not None else x2d
     b = bias.reshape(-1).contiguous() if bias is not None else x2d
-    block, single, num_warps = _config(n_cols)
+    block, single, num_warps = _config(n_cols, lanes=lanes_of(x.device))
     multi_row = _multi_row(n_cols)
     programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row or not single
                                   else (n_rows, 1))
@@ -462,7 +462,7 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
     dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     programs, rows_per_program = _row_split(n_rows, h.device, BACKWARD_PROGRAMS_PER_SM)
-    block, single, num_warps = _config(n_cols, backward=True)
+    block, single, num_warps = _config(n_cols, backward=True, lanes=lanes_of(h.device))
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=h.device)
     # two-pass rows' (c1, c2) sums between the passes; one-block rows need none (rstd stands in, unread)
     sums = rstd if single else torch.empty((n_rows, 2), dtype=torch.float32, device=h.device)
@@ -814,33 +814,34 @@ class RMSNorm(torch.nn.RMSNorm):
 
 @register_builds
 def _builds():
-    """Per dtype, layer norm and RMS norm (each casting mode): the forward (plain and with residual, all affine
-    parameters) at a small one-block row, the widest sharing weight and bias across rows, the widest one-block row
-    and on the two-pass path; the backward (every gradient) at a small and the widest one-block row and on the
-    two-pass path. The first build of each (kernel, dtype, norm), a 1024-wide row in the default casting mode, is
-    the default."""
+    """Per family table (``kernels/_rows.py``), dtype, layer norm and RMS norm (each casting mode): the forward
+    (plain and with residual, all affine parameters) at a small one-block row, the widest sharing weight and bias
+    across rows, the widest one-block row and on the two-pass path; the backward (every gradient) at a small and
+    the widest one-block row and on the two-pass path. No autotuning: each width has one config, so the builds in
+    the default casting mode are defaults (held to the no-spill bar); the other modes differ in roundings only."""
     modes = [DEFAULT_CASTING_MODE] + [mode for mode in CASTING_MODES if mode != DEFAULT_CASTING_MODE]
     norms = [("layer", False, DEFAULT_CASTING_MODE)] + [("rms", True, mode) for mode in modes]
     fp32_args = {"MEAN": "*fp32", "RSTD": "*fp32", "offset": "fp32"}
-    builds, seen = [], set()
+    builds = []
 
-    def add(fn, ty, norm, rms, mode, n_cols, flags, types, residual_label):
-        block, single, num_warps = _config(n_cols, backward=fn is _norm_bwd)
-        label = f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{f' {mode}' * rms}{residual_label}"
+    def add(fn, families, lanes, ty, norm, rms, mode, n_cols, flags, types, residual_label):
+        block, single, num_warps = _config(n_cols, backward=fn is _norm_bwd, lanes=lanes)
+        label = (f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{f' {mode}' * rms}{residual_label}"
+                 f"{' wave64' * (lanes == 64)}")
         constexprs = dict(flags, BLOCK=block, SINGLE=single, RMS=rms, CASTING=CASTING_MODES[mode])
         builds.append(declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
-                              label=label, types=types, default=(fn, ty, norm) not in seen))
-        seen.add((fn, ty, norm))
+                              label=label, types=types, default=mode == DEFAULT_CASTING_MODE, families=families))
 
-    for ty in TRITON_DTYPES.values():
-        for norm, rms, mode in norms:
-            for n_cols in (1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1):
-                for has_res in (False, True):
-                    flags = dict(HAS_RES=has_res, HAS_W=True, HAS_B=not rms, MULTI_ROW=_multi_row(n_cols))
-                    add(_norm_fwd, ty, norm, rms, mode, n_cols, flags, fp32_args, " residual" * has_res)
-            for n_cols in (1024, BACKWARD_MAX_BLOCK, BACKWARD_MAX_BLOCK + 1):
-                flags = dict(HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
-                add(_norm_bwd, ty, norm, rms, mode, n_cols, flags,
-                    dict(fp32_args, DW="*fp32", DB="*fp32", SUMS="*fp32"),
-                    " residual")
+    for families, lanes in LANES.items():
+        for ty in TRITON_DTYPES.values():
+            for norm, rms, mode in norms:
+                for n_cols in sorted({1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1}):
+                    for has_res in (False, True):
+                        flags = dict(HAS_RES=has_res, HAS_W=True, HAS_B=not rms, MULTI_ROW=_multi_row(n_cols))
+                        add(_norm_fwd, families, lanes, ty, norm, rms, mode, n_cols, flags, fp32_args,
+                            " residual" * has_res)
+                for n_cols in (1024, BACKWARD_MAX_BLOCK, BACKWARD_MAX_BLOCK + 1):
+                    flags = dict(HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
+                    add(_norm_bwd, families, lanes, ty, norm, rms, mode, n_cols, flags,
+                        dict(fp32_args, DW="*fp32", DB="*fp32", SUMS="*fp32"), " residual")
     return builds

@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
-from kernels._rows import as_rows, row_config
+from kernels._rows import LANES, as_rows, lanes_of, row_config
 from kernels._runtime import cast_rne, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -148,15 +148,15 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
             tl.store(dx_row + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=start + cols < n_cols)
 
 
-def _config(n_cols: int):
-    """The launch plan (block, single/online, warps) of a row width: cached per width, and reading the module's
-    limits at each call, so tests can lower them."""
-    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread=16)
+def _config(n_cols: int, lanes: int = 32):
+    """The launch plan (block, single/online, warps) of a row width on a GPU family with warps of ``lanes``
+    threads: cached per width, and reading the module's limits at each call, so tests can lower them."""
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, 16, lanes)
 
 
 def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
     """One program per row of ``out2d`` (rows, n), reading the (rows, n) unit-column-stride ``ins2d``."""
-    block, single, num_warps = _config(out2d.shape[1])
+    block, single, num_warps = _config(out2d.shape[1], lanes_of(out2d.device))
     strides = [t.stride(0) for t in (*ins2d, out2d)]
     kernel[(out2d.shape[0],)](*ins2d, out2d, *strides, out2d.shape[1], n_q, scale,
                               BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
@@ -310,17 +310,20 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
 @register_builds
 def _builds():
     """Per dtype and kernel (forward, backward): a small and the largest single-block row and the online path,
-    each plain, causal and log. No autotuning: each width has one config, so the plain build of each is a
-    default (held to the no-spill bar); the causal and log ones differ only in constexpr flags."""
+    each plain, causal and log, per family table (``kernels/_rows.py``). No autotuning: each width has one config,
+    so every build is what a GPU of its family runs and a default (held to the no-spill bar)."""
     variants = [(n, causal, log) for n in (1024, MAX_BLOCK, MAX_BLOCK + 1)
                 for causal, log in ((False, False), (True, False), (False, True))]
     builds = []
-    for ty in TRITON_DTYPES.values():
-        for fn in (_softmax_fwd, _softmax_bwd):
-            for n_cols, causal, log in variants:
-                block, single, num_warps = _config(n_cols)
-                label = f"{ty} BLOCK={block}{'' if single else ' online'}{' causal' * causal}{' log' * log}"
-                builds.append(declare(fn.__name__, fn, dtype=ty, num_warps=num_warps, num_stages=1, label=label,
-                                      constexprs={"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log},
-                                      default=not (causal or log)))
+    for families, lanes in LANES.items():
+        for ty in TRITON_DTYPES.values():
+            for fn in (_softmax_fwd, _softmax_bwd):
+                for n_cols, causal, log in variants:
+                    block, single, num_warps = _config(n_cols, lanes)
+                    label = (f"{ty} BLOCK={block}{'' if single else ' online'}{' causal' * causal}{' log' * log}"
+                             f"{' wave64' * (lanes == 64)}")
+                    constexprs = {"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log}
+                    builds.append(declare(fn.__name__, fn, dtype=ty, num_warps=num_warps, num_stages=1, label=label,
+                                          constexprs=constexprs, default=True, families=families))
     return builds
+
