@@ -30,16 +30,23 @@ class Arch:
     gpu: str
     shared_per_block: int  # bytes one CTA/workgroup may use (opt-in maximum)
     shared_per_sm: int = 0  # bytes per SM (NVIDIA only: the occupancy estimate)
+    family: object = None  # the kernels' tile-table family that runs on it (kernels.attention.configs.FAMILIES)
+    mma: str = ""  # the tensor-core instructions (a regex on the opcode) an fp16/bf16 dot should compile to
 
 
 # NVIDIA CUDA C Programming Guide, "Technical Specifications per Compute Capability" (8.0, 9.0, 10.0); AMD CDNA2/3
 # ISA guides: 64 KiB of LDS per workgroup on MI200 (gfx90a) and MI300 (gfx942).
+# The MMA each target's dots should use: mma.sync (HMMA) on sm_80, wgmma (HGMMA) on sm_90, tcgen05 (UTC*MMA) on
+# sm_100, MFMA on AMD. Every AMD target runs the gfx942 tables.
 ARCHS = {
-    "sm_80": Arch("cuda", 80, 32, "A100", shared_per_block=163 * 1024, shared_per_sm=164 * 1024),
-    "sm_90": Arch("cuda", 90, 32, "H100", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
-    "sm_100": Arch("cuda", 100, 32, "B200", shared_per_block=227 * 1024, shared_per_sm=228 * 1024),
-    "gfx90a": Arch("hip", "gfx90a", 64, "MI200", shared_per_block=64 * 1024),
-    "gfx942": Arch("hip", "gfx942", 64, "MI300", shared_per_block=64 * 1024),
+    "sm_80": Arch("cuda", 80, 32, "A100", shared_per_block=163 * 1024, shared_per_sm=164 * 1024, family=80,
+                  mma=r"HMMA"),
+    "sm_90": Arch("cuda", 90, 32, "H100", shared_per_block=227 * 1024, shared_per_sm=228 * 1024, family=90,
+                  mma=r"HGMMA"),
+    "sm_100": Arch("cuda", 100, 32, "B200", shared_per_block=227 * 1024, shared_per_sm=228 * 1024, family=100,
+                   mma=r"UTC\w*MMA"),
+    "gfx90a": Arch("hip", "gfx90a", 64, "MI200", shared_per_block=64 * 1024, family="gfx942", mma=r"v_mfma\w*"),
+    "gfx942": Arch("hip", "gfx942", 64, "MI300", shared_per_block=64 * 1024, family="gfx942", mma=r"v_mfma\w*"),
 }
 
 # Per-SM limits shared by sm_80, sm_90 and sm_100 (the data-centre parts; sm_86/89 differ).
@@ -124,7 +131,9 @@ def parse_amdgcn(asm: str) -> Dict[str, int]:
         if match is None:
             raise ValueError(f"asm: no .{key} in the amdgcn metadata")
         out[key] = int(match.group(1))
-    out["mfma"] = len(re.findall(r"^\s*v_mfma\w*", asm, re.MULTILINE))
+    mfma = re.findall(r"^\s*(v_mfma\w*)", asm, re.MULTILINE)
+    out["mfma"] = len(mfma)
+    out["mfma_ops"] = dict(collections.Counter(mfma))
     return out
 
 
@@ -191,9 +200,10 @@ def compile_build(build, arch: Arch) -> Dict[str, object]:
     if arch.backend == "hip":
         record.update(parse_amdgcn(kernel.asm["amdgcn"]))
         record["shared"] = record["shared_dynamic"] + record["group_segment_fixed_size"]
-        # VGPR spills go to scratch memory; SGPR spills normally go to spare VGPR lanes, so they are shown, not
-        # counted. A count of registers, not bytes.
-        record["spills"] = record["vgpr_spill_count"]
+        # VGPR spills go to scratch memory, SGPR spills to spare VGPR lanes (or scratch): both count. A count of
+        # registers, not bytes.
+        record["spills"] = record["vgpr_spill_count"] + record["sgpr_spill_count"]
+        record["mma"], record["mma_ops"] = record["mfma"], record.pop("mfma_ops")
     else:
         record.update(parse_ptxas_log(log.getvalue()))
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,11 +22,12 @@ from benchmarks.roofline import MODELLED, model_time, spec_by_name
 
 COUNT_TILE_FAMILY = 90
 """GPU family whose default configs (each attention kernel's first autotune config for the input's head dim and
-dtype: ``kernels.attention.configs.default_configs``) the interpreted attention kernels run with while counted."""
+dtype: ``kernels.attention.configs.default_configs``) the interpreted attention kernels run with while counted;
+``_count_tiles`` takes any other of ``configs.FAMILIES`` (80, 90, 100, "gfx942") to count with its tiles."""
 
 
-def _count_tiles(case: Case) -> Tuple[contextlib.ExitStack, Dict[str, Tuple[int, int]]]:
-    """(a context forcing the sm_90 default configs on the attention kernels through
+def _count_tiles(case: Case, family=COUNT_TILE_FAMILY) -> Tuple[contextlib.ExitStack, Dict[str, Tuple[int, int]]]:
+    """(a context forcing ``family``'s default configs on the attention kernels through
     ``kernels.registry.use_config``, {kernel: (BLOCK_M, BLOCK_N)} it forces); nothing for other ops."""
     stack = contextlib.ExitStack()
     if case.op != "attention":
@@ -34,7 +35,7 @@ def _count_tiles(case: Case) -> Tuple[contextlib.ExitStack, Dict[str, Tuple[int,
     from kernels.attention.configs import default_configs
     from kernels.registry import use_config
 
-    forced = default_configs(COUNT_TILE_FAMILY, getattr(torch, case.dtype), case.head_dim)
+    forced = default_configs(family, getattr(torch, case.dtype), case.head_dim)
     if case.mode == "fwd":
         forced = {"attention_fwd": forced["attention_fwd"]}
     for kernel, config in forced.items():
@@ -42,11 +43,12 @@ def _count_tiles(case: Case) -> Tuple[contextlib.ExitStack, Dict[str, Tuple[int,
     return stack, {kernel.removeprefix("attention_"): (c["BLOCK_M"], c["BLOCK_N"]) for kernel, c in forced.items()}
 
 
-def tiles_note(tiles: dict) -> str:
+def tiles_note(tiles: dict, family=COUNT_TILE_FAMILY) -> str:
     """What the counts were taken with, e.g. "counted with sm_90 default tiles (BLOCK_M x BLOCK_N per kernel):
-    fwd 128x64, dkdv 32x128, dq 64x64"."""
+    fwd 128x64, dkdv 32x128, dq 64x64" (a "gfx942" family is named as it is)."""
     per_kernel = ", ".join(f"{kernel} {bm}x{bn}" for kernel, (bm, bn) in tiles.items())
-    return f"counted with sm_{COUNT_TILE_FAMILY} default tiles (BLOCK_M x BLOCK_N per kernel): {per_kernel}"
+    target = family if isinstance(family, str) else f"sm_{family}"
+    return f"counted with {target} default tiles (BLOCK_M x BLOCK_N per kernel): {per_kernel}"
 
 
 def _base_record(case: Case, prov: Provider, device: DeviceInfo) -> dict:

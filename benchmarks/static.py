@@ -4,7 +4,10 @@ Each (build, target) of ``kernels.registry.all_builds()`` is compiled ahead of t
 sm_80 (A100), sm_90 (H100), sm_100 (B200) and, with ``--arch``, gfx90a (MI200) / gfx942 (MI300), and reported:
 registers per thread, spill stores/loads, stack, shared memory against the per-block limit, an occupancy
 estimate, tensor-core MMA and other notable SASS instruction counts (``v_mfma`` and the amdgcn register metadata
-on AMD), and the compile time. It says nothing about speed: no kernel runs.
+on AMD), and the compile time. It says nothing about speed: no kernel runs. :func:`problems` is the bar a
+default is held to on its family's target: it compiles, spills nothing (bytes on NVIDIA; VGPRs or SGPRs on AMD),
+fits the per-block shared memory (LDS), and, for an fp16/bf16 kernel calling ``tl.dot``, uses the target's own
+MMA (``Arch.mma``: HGMMA on sm_90, UTC*MMA on sm_100, v_mfma on AMD).
 
 The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@triton.jit`` must build real
 ``JITFunction``s, which a process running the interpreter cannot), each with its own throw-away Triton cache. So
@@ -15,7 +18,7 @@ Default configurations: in each (kernel, family, dtype, head dim) group, the fam
 runs first; a kernel without autotuning may mark several, one per row-width config). A group that marks none
 (a build list written without the flag, such as the tests' own) falls back to its first registered build, so
 every group has a default held to the no-spill bar. A default that names its ``Build.families`` is held to it only
-on those families' architectures (:func:`on_family`: sm_100 runs the sm_90 tables). ``--quick`` keeps the default fp16 builds at head dim 64
+on those families' architectures (:func:`on_family`). ``--quick`` keeps the default fp16 builds at head dim 64
 and 128 (and at no head dim, for the norms/softmax); ``--defaults`` keeps every default (each dtype, head dim and
 specialisation): the set the no-spill bar is about.
 """
@@ -75,11 +78,9 @@ def describe(build) -> Dict[str, object]:
 
 
 def on_family(build, arch: str) -> bool:
-    """Whether ``arch`` is among the GPUs ``build``'s families (``Build.families``, compute capability x 10) cover:
-    sm_100 runs the sm_90 tables, AMD has no family tables of its own, and a build naming no family covers all."""
-    target = ARCHS[arch]
-    family = None if target.backend != "cuda" else (90 if target.target >= 90 else 80)
-    return not build.families or family is None or family in build.families
+    """Whether ``arch`` runs one of ``build``'s families (``Build.families``: 80, 90, 100 or "gfx942", the tile
+    table ``Arch.family`` names; every AMD target runs gfx942's); a build naming no family covers all."""
+    return not build.families or ARCHS[arch].family in build.families
 
 
 def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False,
@@ -253,6 +254,27 @@ def last_line(text: str) -> str:
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
+def problems(rec: Dict[str, object], calls_dot: bool) -> List[str]:
+    """How a record misses the bar (see the module doc; ``calls_dot``: the kernel calls ``tl.dot``); [] if not.
+    Spills and the target's own MMA are asked of default configs only, the shared memory of every build."""
+    where = f"{rec['kernel']} [{rec['label']} w{rec['num_warps']} s{rec['num_stages']}] on {rec['arch']}"
+    if "error" in rec:
+        return [f"{where}: does not compile: {last_line(rec['error'])}"]
+    found = []
+    if rec["default"] and rec["spills"]:
+        unit = "registers" if ARCHS[rec["arch"]].backend == "hip" else "B"
+        found.append(f"{where}: spills {rec['spills']} {unit} (default config)")
+    if not rec["shared_fits"]:
+        found.append(f"{where}: {rec['shared']} B of shared memory > the {rec['shared_limit']} B per block")
+    if calls_dot and rec["dtype"] in ("fp16", "bf16"):
+        own = ARCHS[rec["arch"]].mma
+        if rec["mma"] == 0:
+            found.append(f"{where}: calls tl.dot but uses no tensor-core MMA")
+        elif rec["default"] and not any(re.fullmatch(own, op) for op in rec["mma_ops"]):
+            found.append(f"{where}: uses {sorted(rec['mma_ops'])}, not {own} (default config)")
+    return found
+
+
 def summary(records: Sequence[Dict[str, object]]) -> str:
     """One line: how many compiled, failed, spilled, and went over the shared-memory limit."""
     ok = [r for r in records if "error" not in r]
@@ -303,6 +325,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "error" in r:
             print(f"FAILED {r['kernel']} {r['label']!r} on {r['arch']}: {last_line(r['error'])}")
     print(summary(records))
+    # Kernels that compiled to any MMA call tl.dot: the CLI holds those to their target's own MMA too.
+    for problem in (p for r in records for p in problems(r, calls_dot=r.get("mma", 0) > 0) if "error" not in r):
+        print("bar:", problem)
     print(f"wrote {out / 'builds.json'}, {out / 'builds.md'}, {out / 'defaults.md'}")
     return 1 if any("error" in r for r in records) else 0
 

@@ -73,6 +73,7 @@ def shifting_builds():
 TINY = "tests.test_static_build:tiny_builds"  # the child process imports it from the repository root
 TINY_ARCHS = ("sm_80", "sm_90", "sm_100", "gfx942")
 BAR_ARCHS = ("sm_80", "sm_90")
+FAMILY_ARCHS = {80: "sm_80", 90: "sm_90", 100: "sm_100", "gfx942": "gfx942"}
 
 
 def _once_per_session(tmp_path_factory, worker_id, name, **report_args):
@@ -154,7 +155,7 @@ def test_resource_usage_and_amdgcn_metadata():
     meta = parse_amdgcn(AMDGCN_META + "\tv_mfma_f32_32x32x8_f16 a[0:15], v[0:1], v[2:3], 0\n\tv_add_f32 v1, v2, v3\n")
     assert meta == {"vgpr_count": 128, "sgpr_count": 30, "agpr_count": 4, "vgpr_spill_count": 3,
                     "sgpr_spill_count": 0, "group_segment_fixed_size": 512, "private_segment_fixed_size": 16,
-                    "mfma": 1}
+                    "mfma": 1, "mfma_ops": {"v_mfma_f32_32x32x8_f16": 1}}
     with pytest.raises(ValueError, match=r"\.agpr_count"):
         parse_amdgcn(AMDGCN_META.replace(".agpr_count", ".other"))
 
@@ -224,16 +225,40 @@ def test_builds_marked_default_are_the_defaults_of_their_group():
 
 
 def test_a_family_default_is_held_to_the_bar_on_its_own_architectures_only():
-    """A config that only sm_80 launches try first is no sm_90 default (sm_100 runs the sm_90 tables; AMD has no
-    family tables): ``--defaults`` compiles each default for the architectures that run it."""
-    sm80, sm90 = _fake("attn_fwd", "fp16", "fp16 a", default=True, families=(80,)), \
-        _fake("attn_fwd", "fp16", "fp16 b", default=True, families=(90,))
-    everywhere, other = _fake("attn_fwd", "fp16", "fp16 c", default=True), _fake("attn_fwd", "fp16", "fp16 d")
-    on = {arch: [static.on_family(b, arch) for b in (sm80, sm90, everywhere, other)]
-          for arch in ("sm_80", "sm_90", "sm_100", "gfx942")}
-    assert on == {"sm_80": [True, False, True, True], "sm_90": [False, True, True, True],
-                  "sm_100": [False, True, True, True], "gfx942": [True, True, True, True]}
-    assert static.select([sm80, sm90, everywhere, other], defaults_only=True) == [(0, True), (1, True), (2, True)]
+    """A config that only sm_80 launches try first is no sm_90 default (sm_100 and AMD have tables of their own,
+    gfx90a runs gfx942's): ``--defaults`` compiles each default for the architectures that run it."""
+    builds = [_fake("attn_fwd", "fp16", f"fp16 {family}", default=True, families=(family,))
+              for family in (80, 90, 100, "gfx942")]
+    builds += [_fake("attn_fwd", "fp16", "fp16 c", default=True), _fake("attn_fwd", "fp16", "fp16 d")]
+    on = {arch: [static.on_family(b, arch) for b in builds] for arch in ("sm_80", "sm_90", "sm_100", "gfx942",
+                                                                          "gfx90a")}
+    assert on == {"sm_80": [True, False, False, False, True, True], "sm_90": [False, True, False, False, True, True],
+                  "sm_100": [False, False, True, False, True, True],
+                  "gfx942": [False, False, False, True, True, True], "gfx90a": [False, False, False, True, True, True]}
+    assert static.select(builds, defaults_only=True) == [(i, True) for i in range(5)]
+
+
+def _record(arch, **fields):
+    base = {"kernel": "attn_fwd", "label": "fp16 x", "num_warps": 4, "num_stages": 2, "arch": arch, "dtype": "fp16",
+            "default": True, "spills": 0, "shared_fits": True, "shared": 0, "shared_limit": 1, "mma": 1}
+    return dict(base, **fields)
+
+
+@pytest.mark.parametrize("arch, ops, ok", [
+    ("sm_80", {"HMMA": 4}, True), ("sm_90", {"HGMMA": 2, "HMMA": 1}, True), ("sm_90", {"HMMA": 4}, False),
+    ("sm_100", {"UTCHMMA": 2}, True), ("sm_100", {"HMMA": 2}, False), ("gfx942", {"v_mfma_f32_16x16x16_f16": 8}, True),
+])
+def test_a_default_must_use_its_targets_own_mma(arch, ops, ok):
+    """A dot kernel's default on sm_90 shows wgmma (HGMMA), on sm_100 tcgen05 (UTC*MMA), on AMD v_mfma."""
+    found = static.problems(_record(arch, mma_ops=ops), calls_dot=True)
+    assert (found == []) == ok, found
+    assert static.problems(_record(arch, mma_ops=ops, default=False), calls_dot=True) == []  # candidates: any MMA
+    assert "no tensor-core MMA" in static.problems(_record(arch, mma=0, mma_ops={}), calls_dot=True)[0]
+
+
+def test_amd_spills_count_sgprs_too():
+    assert static.problems(_record("gfx942", spills=3, mma_ops={"v_mfma_f32_16x16x16_f16": 1}), calls_dot=True) == \
+        ["attn_fwd [fp16 x w4 s2] on gfx942: spills 3 registers (default config)"]
 
 
 def test_the_quick_subset_holds_every_attention_specialisation_to_the_bar():
@@ -269,6 +294,7 @@ def test_fp16_dot_uses_each_architectures_tensor_cores(tiny):
     assert {op for op in tiny["matmul", "sm_100"]["mma_ops"] if not re.fullmatch(r"UTC\w*MMA", op)} == set()
     assert tiny["matmul", "sm_100"]["mma"] > 0
     amd = tiny["matmul", "gfx942"]
+    assert amd["mfma"] == amd["mma"] > 0 and all(op.startswith("v_mfma") for op in amd["mma_ops"])
     assert amd["mfma"] > 0 and amd["vgpr_count"] > 0 and amd["vgpr_spill_count"] == amd["spills"] == 0
     assert amd["shared"] > 0 and amd["shared_fits"]
 
@@ -336,6 +362,10 @@ def _calls_dot(fn, seen=None) -> bool:
     return False
 
 
+def _dot_kernels():
+    return {b.kernel for b in static.load_builds(static.PROVIDER) if _calls_dot(b.fn)}
+
+
 @triton.jit
 def _dot_helper(a, b):
     return tl.dot(a, b)
@@ -349,7 +379,7 @@ def _dot_in_a_helper(A, B, C, M: tl.constexpr):
 
 def test_the_tensor_core_check_follows_helper_calls():
     assert _calls_dot(_dot_in_a_helper) and _calls_dot(matmul_kernel) and not _calls_dot(copy_kernel)
-    dot_kernels = {b.kernel for b in static.load_builds(static.PROVIDER) if _calls_dot(b.fn)}
+    dot_kernels = _dot_kernels()
     # The attention kernels call tl.dot only through their inner-loop helpers.
     assert {"attention_fwd", "attention_dkdv", "attention_dq"} <= dot_kernels
     assert not dot_kernels & {"attention_bwd_delta", "_softmax_fwd", "_softmax_bwd"}
@@ -363,24 +393,12 @@ def test_every_registered_build_belongs_to_a_checked_family():
 @pytest.fixture(scope="session")
 def registered(tmp_path_factory, worker_id):
     records = _once_per_session(tmp_path_factory, worker_id, "registered", archs=BAR_ARCHS, quick=True)
-    dot_kernels = {b.kernel for b in static.load_builds(static.PROVIDER) if _calls_dot(b.fn)}
+    dot_kernels = _dot_kernels()
     return [dict(r, calls_dot=r["kernel"] in dot_kernels) for r in records]
 
 
 def _violations(records):
-    problems = []
-    for r in records:
-        where = f"{r['kernel']} [{r['label']} w{r['num_warps']} s{r['num_stages']}] on {r['arch']}"
-        if "error" in r:
-            problems.append(f"{where}: does not compile: {static.last_line(r['error'])}")
-            continue
-        if r["default"] and r["spills"]:
-            problems.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B (default config)")
-        if not r["shared_fits"]:
-            problems.append(f"{where}: {r['shared']} B of shared memory > the {r['shared_limit']} B per block")
-        if r["calls_dot"] and r["dtype"] in ("fp16", "bf16") and r["mma"] == 0:
-            problems.append(f"{where}: calls tl.dot but uses no tensor-core MMA")
-    return problems
+    return [problem for r in records for problem in static.problems(r, r["calls_dot"])]
 
 
 @pytest.mark.parametrize("family", list(static.FAMILIES))
@@ -390,3 +408,33 @@ def test_registered_kernels_meet_the_bar(registered, family):
     records = [r for r in registered if r["family"] == family]
     assert {r["arch"] for r in records} == set(BAR_ARCHS)
     assert _violations(records) == []
+
+
+def new_family_builds():
+    """One build per family past sm_90 (the registered-kernels check runs sm_80/sm_90's quick set): the plain
+    fp16 forward default at head dim 128 of sm_100 and of gfx942 (the child process imports it by name)."""
+    return [b for b in static.load_builds(static.PROVIDER) if b.kernel == "attention_fwd"
+            and b.label.startswith("fp16 d128 causal ") and len(b.label.split()) == 6
+            and set(b.families) & {100, "gfx942"}]
+
+
+
+def test_each_new_familys_forward_default_meets_its_bar(tmp_path_factory, worker_id):
+    """sm_100's default forward compiles to tcgen05 (UTC*MMA) and gfx942's to v_mfma, spill-free (no SGPR or VGPR
+    spill on AMD) and within shared memory / 64 KiB of LDS: one build each, to keep the quick check quick."""
+    records = _once_per_session(tmp_path_factory, worker_id, "new-families", archs=("sm_100", "gfx942"),
+                                provider="tests.test_static_build:new_family_builds", defaults_only=True)
+    assert sorted(r["arch"] for r in records) == ["gfx942", "sm_100"] and all(r["default"] for r in records)
+    assert [p for r in records for p in static.problems(r, calls_dot=True)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_every_attention_default_of_a_family_meets_its_bar(family):
+    """Every attention default (each dtype, head dim and specialisation) that a family's GPUs try first, compiled
+    for that family's target (sm_80, sm_90, sm_100, gfx942): the bar of ``python -m benchmarks static --arch ARCH
+    --kernel attention --defaults``. Minutes per family."""
+    records = static.run_report(archs=(FAMILY_ARCHS[family],), kernel="attention", defaults_only=True)
+    dot_kernels = _dot_kernels()
+    assert records and all(r["default"] for r in records)
+    assert [p for r in records for p in static.problems(r, r["kernel"] in dot_kernels)] == []

@@ -5,7 +5,7 @@ A launch takes, in order: the config forced by ``kernels.registry.use_config`` (
 check), else on a GPU the autotuner over its family's table, else (interpreted) :data:`INTERPRETER_TILE`.
 """
 import functools
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 import triton
@@ -16,46 +16,77 @@ from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dk
                                       _dropout_mask)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
+Family = Union[int, str]
+"""A GPU family: compute capability x 10 (80, 90, 100) or an AMD target name ("gfx942")."""
+Tile = Tuple[int, int, int, int]
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
 MAX_HEAD_DIM = 256
 MAX_PROGRAMS = 2**31 - 1
 """CUDA's limit on a grid's first axis; every attention grid is one-dimensional."""
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, autotuned on a GPU per (head dim,
 # dtype, causal, precision, length bucket). BLOCK_N is the streamed (inner) block of the forward and dQ, BLOCK_M
-# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows).
-# Each table's first entry (the default, what a GPU runs first) compiles with no register spill on sm_80 and sm_90
-# (ptxas -v, triton 3.8) for the plain kernel and for every specialisation that shares the table (window, softcap,
-# ALiBi, sinks, varlen). Hence the sm_80 forward at d64 takes 128x64 on 8 warps (on 4 warps, and at 64x64, ptxas
-# spills a few bytes); dK/dV at d128 and d256 takes 8 warps (on 4, its two fp32 accumulators and the K/V tiles
-# spill 30-150 B); the forward at d256 takes 64x32 (64x64 spills with softcap on sm_90). Later entries are
-# candidates for the autotuner; the full build report lists their spills. The dK/dV and dQ tables serve both
-# families; sm_100 uses the sm_90 tables.
+# that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows,
+# tcgen05 UTCHMMA on sm_100, v_mfma on gfx942). Each table's first entry (the default, what a GPU runs first)
+# compiles with no register spill on its family's target (ptxas -v / amdgcn metadata, triton 3.8) for the plain
+# kernel and for every specialisation that shares the table (window, softcap, ALiBi, sinks, varlen). Hence the
+# sm_80 forward at d64 takes 128x64 on 8 warps (on 4 warps, and at 64x64, ptxas spills a few bytes); dK/dV at d128
+# and d256 takes 8 warps (on 4, its two fp32 accumulators and the K/V tiles spill 30-150 B); the forward at d256
+# takes 64x32 (64x64 spills with softcap on sm_90). Later entries are candidates for the autotuner; the full build
+# report lists their spills. Every table holds a tile whose grid block (BLOCK_M of the forward and dQ, BLOCK_N of
+# dK/dV) is at most SHORT_BLOCK: sequences of up to SHORT_LENGTH tokens autotune over those only (:func:`prune`).
+#
+# sm_100 (Blackwell): tcgen05 MMA (UTCHMMA in SASS) for every tile below, 64 or 128 rows, 4 or 8 warps. Its
+# forward at d64 takes 128x64 on 8 warps (on 4, 40 B spill; 128x128 spills 400 B); at d256 128x32 on 8 warps
+# (252 registers; 128x64 spills 248 B). The backward tables are sm_90's.
+# gfx942 (MI300, wave64, 64 KiB of LDS): the streamed block is 16 wide. With 32 or more, every fp16 forward, dQ
+# and dK/dV tried spills SGPRs (5-120, past the 106 a wave may hold: the key-block addresses are scalar) and the
+# larger ones VGPRs into scratch too (128x64 d128 on 8 warps: 68); at 16 none spills, with 16x16x16 v_mfma.
+# One stage (no LDS double buffer) except the d64 forward, whose two stages still fit 106 SGPRs.
 _DKDV_TILES = {64: [(32, 128, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
                128: [(16, 64, 8, 1), (32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 1)],
                256: [(16, 32, 8, 1)]}
 _DQ_TILES = {64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
              128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
              256: [(32, 32, 4, 1)]}
+AMD = "gfx942"
+"""The AMD family (MI300's target); every AMD GPU runs its tables (they fit any CDNA part's 64 KiB of LDS)."""
 _CONFIGS = {
     "fwd": {
-        80: {64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
+        80: {64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 8, 3)],
              128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
              256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]},
         90: {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
              128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
              256: [(64, 32, 8, 2), (64, 64, 8, 2)]},
+        100: {64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+              128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3)],
+              256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)]},
+        AMD: {64: [(128, 16, 4, 2), (128, 16, 4, 1), (64, 16, 4, 1), (256, 16, 8, 1)],
+              128: [(128, 16, 4, 1), (128, 16, 8, 1), (64, 16, 4, 1)],
+              256: [(64, 16, 4, 1), (64, 16, 8, 1), (32, 16, 4, 1)]},
     },
-    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES},
-    "dq": {80: _DQ_TILES, 90: _DQ_TILES},
+    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES, 100: _DKDV_TILES,
+             AMD: {64: [(16, 64, 4, 1), (32, 64, 4, 1)], 128: [(16, 64, 4, 1), (16, 64, 8, 1), (16, 32, 4, 1)],
+                   256: [(16, 32, 8, 1), (16, 16, 4, 1)]}},
+    "dq": {80: _DQ_TILES, 90: _DQ_TILES, 100: _DQ_TILES,
+           AMD: {64: [(64, 16, 4, 1), (32, 16, 4, 1)], 128: [(64, 16, 4, 1), (32, 16, 4, 1)],
+                 256: [(32, 16, 4, 1), (16, 16, 4, 1)]}},
 }
+FP32 = "fp32"
+"""The :data:`_FIRST` key of the fp32 tables (shared by the NVIDIA families; ``(FP32, family)`` for one family's)."""
+NVIDIA = (80, 90, 100)
 FAMILIES = tuple(_CONFIGS["fwd"])
+"""The GPU families with tables of their own: compute capability x 10 (80, 90, 100) or an AMD target name."""
+SHORT_LENGTH, SHORT_BLOCK = 1024, 64
 # IEEE fp32 dot products run on the FMA units, whose operands live in registers: only small tiles fit, and ptxas
 # often settles on 64-128 registers and spills a few bytes rather than use more. First entries are held to the
 # same bar as above, for every specialisation on sm_80 and sm_90 (dropout's dK/dV: see below). dK/dV d64 16x64 w8
 # s1 takes 110-128 registers on sm_80 and 93-107 on sm_90 (32x32 w8 s2, clean with dropout, spills 12-32 B on sm_90
 # without it); d128 16x32 w4 s1 191-202 / 165-168. dK/dV d256 16x16 w4 s1, dQ d128 32x16 w8 s2 and dQ d256 16x16
-# w8 s1 are spill-free too. TF32 (opt-in) uses the same tables.
-_FP32_CONFIGS = {
+# w8 s1 are spill-free too. TF32 (opt-in) uses the same tables. gfx942 has its own: its forward and dQ at d64 on
+# 32x32 w8 s2 spill 22 / 1 SGPRs, dQ d256 16x16 on 8 warps 114 VGPRs; 32x16 and 4 warps spill nothing.
+_NVIDIA_FP32 = {
     "fwd": {64: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)], 128: [(16, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 4, 2)]},
     "dkdv": {64: [(16, 64, 8, 1), (32, 32, 8, 2), (16, 32, 8, 2)],
@@ -63,13 +94,23 @@ _FP32_CONFIGS = {
     "dq": {64: [(32, 32, 8, 2), (16, 32, 4, 2)], 128: [(32, 16, 8, 2), (16, 32, 8, 2)],
            256: [(16, 16, 8, 1), (32, 16, 8, 1)]},
 }
+_FP32_CONFIGS = {
+    "fwd": {AMD: {64: [(32, 16, 4, 1), (64, 16, 4, 1)], 128: [(16, 32, 8, 2), (32, 16, 4, 1)],
+                  256: [(16, 16, 4, 2), (16, 16, 4, 1)]}},
+    "dkdv": {AMD: {64: [(16, 64, 8, 1), (16, 32, 4, 1)], 128: [(16, 32, 4, 1), (16, 16, 4, 1)],
+                   256: [(16, 16, 4, 1)]}},
+    "dq": {AMD: {64: [(32, 16, 4, 1), (32, 32, 8, 2)], 128: [(32, 16, 8, 2), (32, 16, 4, 1)],
+                 256: [(16, 16, 4, 1)]}},
+}
+for _kernel, _table in _NVIDIA_FP32.items():
+    _FP32_CONFIGS[_kernel].update(dict.fromkeys(NVIDIA, _table))
 # The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
-# fp16/bf16 tiles are smaller (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar as above.
-_DROPOUT_FWD_TILES = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-                      128: [(64, 32, 4, 3), (64, 64, 8, 3)],
-                      256: [(32, 32, 4, 2)]}
-FP32 = "fp32"
-"""The :data:`_FIRST` key of the fp32 tables (shared by the families; ``(FP32, family)`` for one family's)."""
+# fp16/bf16 tiles are smaller on NVIDIA GPUs (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar
+# as above. gfx942's own 16-wide tiles are small enough already.
+_NVIDIA_DROPOUT_FWD = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+                       128: [(64, 32, 4, 3), (64, 64, 8, 3)],
+                       256: [(32, 32, 4, 2)]}
+_DROPOUT_FWD_TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_DROPOUT_FWD), AMD: _CONFIGS["fwd"][AMD]}
 # A specialisation whose registers overflow its table's first entry starts from its own, then tries the rest of
 # the table: {(specialisation, kernel, head dim): {family (fp16/bf16), FP32 or (FP32, family): tile}}. Same bar as
 # above, measured with the specialisation on (fp16 and bf16 alike). Dropout's Philox bits: the fp32 dK/dV defaults
@@ -85,10 +126,11 @@ _FIRST = {
     ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3)},
     ("mask_mod", "dkdv", 64): {80: (16, 128, 8, 2), FP32: (16, 32, 4, 1)},
     ("mask_mod", "dkdv", 256): {(FP32, 80): (16, 16, 8, 1)},
-    ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1)},
+    ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1), 100: (32, 32, 8, 1)},
 }
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
+_GRID_INDEX = {kernel: ("BLOCK_M", "BLOCK_N").index(name) for kernel, name in _GRID_BLOCK.items()}
 INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}
 """Interpreted launches' tile: autotuning needs a GPU; small tiles keep the interpreter quick and still exercise
 multi-block paths at small lengths."""
@@ -96,17 +138,19 @@ DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blac
 DROPOUT_MASK_TILE = (32, 64)  # the dropout-mask helper: elementwise, one config
 
 
-def tiles(kernel: str, family: int, d_bucket: int, fp32: bool, variant: str = "") -> List[Tuple[int, int, int, int]]:
-    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family, padded head dim, dtype and
-    specialisation (a :data:`_VARIANTS` name or "": see :func:`specialisation`); its first entry is the default."""
+def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str = "") -> List[Tile]:
+    """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family (:data:`FAMILIES`), padded head dim,
+    dtype and specialisation (a :data:`_VARIANTS` name or "": see :func:`specialisation`); its first entry is the
+    default."""
     if fp32:
-        table = _FP32_CONFIGS[kernel][d_bucket]
+        table = _FP32_CONFIGS[kernel][family][d_bucket]
     elif variant == "dropout" and kernel == "fwd":
-        table = _DROPOUT_FWD_TILES[d_bucket]
+        table = _DROPOUT_FWD_TILES[family][d_bucket]
     else:
         table = _CONFIGS[kernel][family][d_bucket]
     firsts = _FIRST.get((variant, kernel, d_bucket), {})
-    first = firsts.get((FP32, family), firsts.get(FP32)) if fp32 else firsts.get(family)
+    shared = firsts.get(FP32) if family in NVIDIA else None
+    first = firsts.get((FP32, family), shared) if fp32 else firsts.get(family)
     return table if first is None else [first] + [t for t in table if t != first]
 
 
@@ -125,7 +169,7 @@ def d_bucket(head_dim: int) -> int:
     return 64 if block_d <= 64 else block_d
 
 
-def default_configs(family: int, dtype: torch.dtype, head_dim: int) -> Dict[str, Dict[str, int]]:
+def default_configs(family: Family, dtype: torch.dtype, head_dim: int) -> Dict[str, Dict[str, int]]:
     """{registry kernel name: config} of the config a GPU of ``family`` tries first for these inputs, in the form
     ``kernels.registry.use_config`` takes (e.g. to count interpreted IO with a GPU's tiles)."""
     if family not in FAMILIES:
@@ -137,22 +181,46 @@ def default_configs(family: int, dtype: torch.dtype, head_dim: int) -> Dict[str,
     return configs
 
 
-def _family(device: torch.device) -> int:
-    major, _ = _runtime.device_capability(device)
-    return 90 if major >= 9 else 80
+def _family(device: torch.device) -> Family:
+    """The table family of a GPU: AMD (torch.version.hip) by its gcnArchName, every AMD target running the
+    :data:`AMD` tables; NVIDIA by compute capability: 10.x Blackwell (tcgen05), 9.x and later others Hopper's,
+    earlier Ampere's. Asked of the driver once per device."""
+    return _device_family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_family(index: int) -> Family:
+    if torch.version.hip:
+        arch = torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]  # "gfx942:sramecc+:xnack-"
+        return arch if arch in FAMILIES else AMD
+    major, _ = _runtime.device_capability(torch.device("cuda", index))
+    return 100 if major == 10 else 90 if major >= 9 else 80
 
 
 def _length_bucket(n: int) -> int:
     return _runtime.next_power_of_2(max(min(n, 16384), 64))
 
 
+def prune(kernel: str, table: List[Tile], lengths: Tuple[int, int]) -> List[Tile]:
+    """The entries of ``table`` a launch over (query, key) ``lengths`` autotunes over: where the grid's length
+    (queries for the forward and dQ, keys for dK/dV) is at most SHORT_LENGTH, only tiles whose grid block is at
+    most SHORT_BLOCK (the table's own order kept). Why: a 512-token causal head has 4 row blocks of 128, half their
+    key blocks masked, and batch x heads programs too few to fill a GPU; 64-row blocks double the programs and halve
+    the wasted diagonal, so no 128-row tile gets picked by a noisy first timing."""
+    n = lengths[1] if kernel == "dkdv" else lengths[0]
+    grid_block = _GRID_INDEX[kernel]
+    short = [t for t in table if t[grid_block] <= SHORT_BLOCK]
+    return short if n <= SHORT_LENGTH and short else table
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, family: int, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
-    """An autotuner over this family's configs for a specialisation (:func:`tiles`); one per length bucket so that
-    tuning is keyed on bucketed lengths (the autotuner itself keys on head dim, causal, window, softcap, precision,
-    the mods' functions and the tensors' dtypes)."""
+def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
+    """An autotuner over this family's configs for a specialisation (:func:`tiles`), pruned for the length bucket
+    (:func:`prune`); one per (causal is in the key) bucket of the lengths, so tuning is keyed on bucketed lengths
+    (the autotuner itself keys on head dim, causal, window, softcap, precision, the mods' functions and the tensors'
+    dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in tiles(kernel, family, bucket, fp32, variant)]
+               for bm, bn, w, s in prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)]
     key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 

@@ -1,0 +1,111 @@
+"""Tile families per GPU (sm_80, sm_90, sm_100, gfx942): which family a GPU runs, the tables' short-sequence
+pruning, and the counted FLOPs/bytes taken with each family's default tiles. The build report holds each family's
+defaults to its target's bar (tests/test_static_build.py)."""
+import pytest
+import torch
+
+from benchmarks import runner
+from benchmarks.counting import counting
+from benchmarks.providers import Case
+from kernels import _runtime
+from kernels.attention import configs
+
+
+@pytest.fixture
+def fresh_family_cache():
+    configs._device_family.cache_clear()
+    yield
+    configs._device_family.cache_clear()
+
+
+@pytest.mark.parametrize("capability, family", [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 100),
+                                                ((10, 3), 100), ((12, 0), 90)])
+def test_an_nvidia_gpu_runs_its_capabilitys_family(monkeypatch, fresh_family_cache, capability, family):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(_runtime, "device_capability", lambda device: capability)
+    assert configs._family(torch.device("cuda", 0)) == family
+
+
+@pytest.mark.parametrize("arch", ["gfx942:sramecc+:xnack-", "gfx90a:sramecc+:xnack-", "gfx1100"])
+def test_an_amd_gpu_runs_the_gfx942_tables(monkeypatch, fresh_family_cache, arch):
+    """AMD GPUs are torch.cuda devices under a HIP build of torch, told apart by gcnArchName; all run MI300's."""
+    class Properties:
+        gcnArchName = arch
+
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
+    monkeypatch.setattr(_runtime, "device_capability", lambda device: pytest.fail("asked an AMD GPU for SM"))
+    assert configs._family(torch.device("cuda", 1)) == configs.AMD == "gfx942"
+
+
+@pytest.mark.parametrize("family", configs.FAMILIES)
+def test_each_family_has_every_table_and_short_tiles(family):
+    assert set(configs.FAMILIES) == {80, 90, 100, "gfx942"}
+    for kernel in configs.KERNELS:
+        for d in (64, 128, 256):
+            for fp32 in (False, True):
+                for variant in ("",) + tuple(configs._VARIANTS):
+                    table = configs.tiles(kernel, family, d, fp32, variant)
+                    assert table and len(set(table)) == len(table), (kernel, d, fp32, variant)
+                    block = configs._GRID_INDEX[kernel]
+                    assert any(t[block] <= configs.SHORT_BLOCK for t in table), (kernel, family, d, fp32, variant)
+    # gfx942: a wave64 target with 64 KiB of LDS streams 16-wide blocks (wider ones spill SGPRs)
+    if family == configs.AMD:
+        assert {t[1] for t in configs.tiles("fwd", family, 128, False)} == {16}
+
+
+@pytest.mark.parametrize("kernel, lengths, short", [("fwd", (512, 512), True), ("fwd", (1024, 8192), True),
+                                                     ("fwd", (2048, 512), False), ("dq", (512, 4096), True),
+                                                     ("dkdv", (4096, 512), True), ("dkdv", (512, 4096), False)])
+def test_short_sequences_autotune_over_short_tiles_only(kernel, lengths, short):
+    """Up to 1k rows in the grid's direction (queries for the forward and dQ, keys for dK/dV) the autotuner sees
+    only tiles of at most 64 grid rows, so a 512-token causal launch is never left with 128-row blocks; longer
+    ones see the whole table, in its order (the default first)."""
+    for family in configs.FAMILIES:
+        table = configs.tiles(kernel, family, 128, False)
+        buckets = tuple(configs._length_bucket(n) for n in lengths)
+        tuned = configs._tuned(kernel, family, 128, False, "", buckets)
+        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs]
+        block = configs._GRID_INDEX[kernel]
+        if short:
+            assert got == [t for t in table if t[block] <= configs.SHORT_BLOCK], family
+        else:
+            assert got == table, family
+    assert configs._tuned("fwd", 90, 128, False, "", (512, 512)).configs[0].kwargs["BLOCK_M"] == 64
+
+
+@pytest.mark.parametrize("family", configs.FAMILIES)
+def test_counts_run_each_familys_default_tiles(monkeypatch, family):
+    """benchmarks' counted FLOPs/bytes can be taken with any family's default tiles: the launches that the count
+    sees run exactly ``default_configs(family)``, and the note names the family."""
+    if not _runtime.INTERPRETED:
+        pytest.skip("counting intercepts interpreted kernels only")
+    launched = {}
+    real = dict(configs.KERNELS)
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.setdefault(self.kernel, set()).add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                return real[self.kernel][grid](*args, **kwargs)
+            return run
+
+    for kernel in real:
+        monkeypatch.setitem(configs.KERNELS, kernel, Spy(kernel))
+    case = Case("attention", "fwd+bwd", 80, dtype="float16", heads=1, head_dim=64)
+    q, k, v = (torch.randn(case.shape, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    context, tiles = runner._count_tiles(case, family)
+    import kernels
+
+    with counting() as counts, context:
+        kernels.attention(q, k, v, causal=True).sum().backward()
+    expected = {name.removeprefix("attention_"): (c["BLOCK_M"], c["BLOCK_N"])
+                for name, c in configs.default_configs(family, torch.float16, 64).items()}
+    assert tiles == expected
+    assert launched == {kernel: {tile} for kernel, tile in expected.items()}
+    assert counts.flops > 0 and counts.bytes > 0
+    target = family if isinstance(family, str) else f"sm_{family}"
+    assert runner.tiles_note(tiles, family).startswith(f"counted with {target} default tiles")
