@@ -167,6 +167,7 @@ def next_power_of_2(n: int) -> int:
 
 
 _INTERPRETER_LOCK = threading.RLock()
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def launch_device(t: torch.Tensor):
@@ -175,14 +176,23 @@ def launch_device(t: torch.Tensor):
     lock instead: Triton's interpreter patches ``triton.language`` while a kernel runs, so two threads launching
     at once break each other."""
     if t.is_cuda:
-        return torch.cuda.device(t.device)
-    return _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext()
+        index = t.device.index
+        return _NO_CONTEXT if index is None or index == torch.cuda.current_device() else torch.cuda.device(index)
+    return _INTERPRETER_LOCK if INTERPRETED else _NO_CONTEXT
+
+
+def forward_ad_active() -> bool:
+    """Whether any tensor can carry a forward-mode tangent here: inside ``forward_ad.dual_level()`` or a torch.func
+    transform. Two flag reads, so the eager paths skip unpacking every input's dual outside them."""
+    return fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def refuse_forward_ad(op: str, *tensors) -> None:
     """NotImplementedError if any tensor carries a forward-mode tangent (``torch.func.jvp`` or
     ``torch.autograd.forward_ad``): the custom ops define reverse mode only, and would otherwise return an all-zero
     tangent without a word."""
+    if not forward_ad_active():
+        return
     if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not "
                                   "implemented by the fused kernels; use reverse mode, or kernels.reference's op")

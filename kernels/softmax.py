@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 from kernels import reference
 from kernels._autograd import autograd_function
 from kernels._rows import LANES, as_rows, lanes_of, row_config
-from kernels._runtime import cast_rne, kernel_runs_on, launch_device
+from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -273,7 +273,7 @@ def _apply(x, dim, scale, causal, log):
         return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
     if torch.compiler.is_compiling():
         return _forward_op(x, dim, float(scale), causal, log)
-    if forward_ad.unpack_dual(x).tangent is not None:
+    if forward_ad_active() and forward_ad.unpack_dual(x).tangent is not None:
         # torch gives an autograd.Function's jvp no tangent of its saved tensors at an outer forward level, so a
         # second forward-mode derivative would silently come out zero.
         if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:

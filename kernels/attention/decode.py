@@ -24,6 +24,7 @@ interpreter's bf16 ``tl.dot``, ``cast_rne`` stores):
 
 Forward only: like flash-attn's, there is no backward.
 """
+import functools
 import math
 import numbers
 from typing import List, Optional, Tuple, Union
@@ -379,21 +380,48 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
         INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
 
 
+def _named(name: str, dims: str, strides) -> dict:
+    """``stride_<name><dim>`` keywords, one per letter of ``dims``."""
+    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, strides)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, kv_heads: int, capacity: int,
+                 n_new: int, window: Tuple[int, int], softcap: float, scale: float, num_splits: int, tf32: bool,
+                 forced: Optional[tuple]) -> Tuple[int, tuple, dict]:
+    """(splits, grid, the decode kernel's scalar and compile-time keywords) of a call's signature: cached, so a
+    decoding loop computes its tile, split count and meta once (``forced``: the use_config override, and ``tf32``
+    torch's flag, both part of the key)."""
+    batch, n_q, heads, d = q_shape
+    group = heads // kv_heads
+    config = tile(dtype, d, group * n_q)
+    m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
+    splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, dtype.itemsize,
+                                         config["BLOCK_N"], _sm_count(device))
+    # kernel_meta reads head dim and dtype off a tensor (and TF32 off torch's flag, which ``tf32`` keys here)
+    meta = kernel_meta(torch.empty((d,), dtype=dtype, device="meta"), causal=False)
+    keywords = dict(kv_heads=kv_heads, group=group, n_q=n_q, n_new=n_new, capacity=capacity, splits=splits,
+                    window_left=window[0], window_right=window[1], qk_scale=scale * LOG2E.value,
+                    cap_log2=softcap * LOG2E.value,
+                    **{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
+                    LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
+    return splits, grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"]), keywords
+
+
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
             n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int):
     """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32).
     ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
     batch, n_q, heads, d = q.shape
-    kv_heads = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    group = heads // kv_heads
-    config = tile(q.dtype, d, group * n_q)
-    m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
-    splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, q.element_size(),
-                                         config["BLOCK_N"], _sm_count(q.device))
+    forced = forced_config("attention_decode")
+    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    splits, launch_grid, keywords = _attend_plan(
+        tuple(q.shape), q.dtype, q.device, k_cache.shape[2], capacity, n_new, window, softcap, scale, num_splits,
+        tf32, None if forced is None else tuple(sorted(forced.items())))
     if splits == 1:
         o_buf, lse_buf, split_strides = out, lse, (0, 0)
     else:
@@ -401,23 +429,21 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
         lse_buf = torch.empty((splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
         split_strides = (o_buf.stride(0), lse_buf.stride(0))
     o_strides = o_buf.stride()[-4:]
-    meta = kernel_meta(q, causal=False)  # the training kernels' head dim, padded width, bf16 upcast, dot precision
-    alibi, stride_ab = alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2
-                                      else 0)
-    _decode_fwd[grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"])](
-        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi,
-        0 if block_table is None else block_table.stride(0), stride_ab, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), *o_strides[:3], split_strides[0], o_strides[3], *lse_buf.stride()[-3:], split_strides[1],
-        kv_heads, group, n_q, n_new, capacity, page_size, k_cache.shape[0], splits, window[0], window[1],
-        scale * LOG2E.value, softcap * LOG2E.value,
-        **{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
-        LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
+    _decode_fwd[launch_grid](
+        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
+        stride_tb=0 if block_table is None else block_table.stride(0),
+        stride_ab=alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        **_named("q", "bnhd", q.stride()), **_named("k", "bnhd", k_cache.stride()),
+        **_named("v", "bnhd", v_cache.stride()), **_named("o", "bnhsd", (*o_strides[:3], split_strides[0],
+                                                                         o_strides[3])),
+        **_named("l", "bhns", (*lse_buf.stride()[-3:], split_strides[1])),
+        page_size=page_size, cache_rows=k_cache.shape[0], **keywords)
     if splits > 1:
         options = {} if _runtime.INTERPRETED else {"num_warps": 4}
         _decode_combine[grid(batch * heads * n_q, 1, COMBINE_BLOCK_M)](
             o_buf, lse_buf, out, lse, *o_buf.stride()[1:4], o_buf.stride(0), o_buf.stride(4), *out.stride(),
-            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=COMBINE_BLOCK_M,
-            **options)
+            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=keywords["BLOCK_D"],
+            BLOCK_M=COMBINE_BLOCK_M, **options)
     return out, lse
 
 
