@@ -18,16 +18,17 @@ Forward:
   wider rows get one program each.
 - a longer row takes two passes over ``LONG_BLOCK``-wide chunks: pass 1 merges per-chunk mean and sum of squared
   deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
-  h (x without a residual) and writes y.
+  h (x without a residual) and writes y, chunk-major over the program's run of rows (weight and bias read once).
 
 Backward, a fixed number of programs each owning a run of consecutive rows, one block a row up to
 ``BACKWARD_MAX_BLOCK`` and two passes over chunks beyond, in fp32 whatever the casting mode (as Liger-Kernel; the
 roundings of the forward count as identities):
     dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term, w = offset + weight)
 plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat ("llama": xhat rounded to x's
-dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 (in registers for
-one-block rows; for two-pass rows by a read-modify-write of the program's own row of the buffer, chunk by chunk)
-and reduced over programs by one ``sum``: deterministic, no atomics, no locks.
+dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 registers (two-pass
+rows go chunk-major: a chunk's sums over the program's rows, then the next chunk) and stored once per program,
+then reduced over programs by one ``sum``: deterministic, no atomics, no locks. The counted bytes
+(``tests/test_row_traffic.py``): the minimum, plus the parameters once per program and the partial rows.
 
 Eager calls go through a plain ``autograd.Function`` (reverse and forward mode); under ``torch.compile`` the same
 launches go through ``torch.library`` custom ops, so each stays one opaque op in the graph.

@@ -67,14 +67,29 @@ def _programs(op, rows, n, backward):
     return norm_module._row_split(rows, torch.device("cpu"), norm_module.FORWARD_PROGRAMS_PER_SM)[0] if runs else rows
 
 
+def _chunk_scalars(op, rows, n, backward):
+    """Bytes of the per-row fp32 scalars two-pass norm rows read again at each chunk (pass 2's mean/rstd; the
+    backward's pass 1 also adds its chunk's c1, c2 into the (rows, 2) scratch): under 0.5% of those rows."""
+    if op == "softmax" or not _two_reads(op, n, backward):
+        return 0
+    chunks = -(-n // norm_module.LONG_BLOCK)
+    stats = 4 * (2 if "layer" in op else 1)
+    if not backward:
+        return rows * chunks * stats
+    # stats read in both passes (the minimum counts one read), c1/c2 stored per chunk, read back after the first
+    # and in pass 2
+    return rows * (chunks * (2 * stats + 8 + 8) + (chunks - 1) * 8 - stats)
+
+
 def _forward_bytes(op, rows, n):
     """(minimum, what each program adds): x (and residual) read, y (and h) written, fp32 stats; parameters."""
     row = rows * n * DTYPE.itemsize
     streams = 2 if op.startswith("add_") else 1
-    reads = streams * row * (2 if _two_reads(op, n, False) else 1)
+    # two-pass rows read h back in pass 2: from H when it was written (one stream instead of x and residual)
+    reads = streams * row + (row if _two_reads(op, n, False) else 0)
     stats = 0 if op == "softmax" else rows * 4 * (2 if "layer" in op else 1)
     params = 0 if op == "softmax" else n * DTYPE.itemsize * (2 if "layer" in op else 1)
-    return reads + streams * row + stats, params
+    return reads + streams * row + stats + _chunk_scalars(op, rows, n, False), params
 
 
 def _backward_bytes(op, rows, n):
@@ -83,7 +98,8 @@ def _backward_bytes(op, rows, n):
     backward program writes a fp32 partial row per parameter, read back by the reduction."""
     row = rows * n * DTYPE.itemsize
     incoming = 2 if op.startswith("add_") else 1  # dy, and dh for the residual variants
-    reads = (1 + incoming) * row * (2 if _two_reads(op, n, True) else 1)
+    # two-pass rows read y (h) and dy again in pass 2 (the residual's dh only there)
+    reads = (1 + incoming) * row + (2 * row if _two_reads(op, n, True) else 0)
     if op == "softmax":
         return reads + row, 0
     n_params = 2 if "layer" in op else 1
@@ -91,7 +107,9 @@ def _backward_bytes(op, rows, n):
     stats = 2 * rows * 4 * n_params
     # the weight, once per program; dweight/dbias: the reduced fp32 row written and cast to the parameter dtype
     finish = n_params * n * (4 + 4 + DTYPE.itemsize)
-    return reads + stats + row + finish, n * DTYPE.itemsize + n_params * n * 4 * 2
+    weight_reads = 2 if _two_reads(op, n, True) else 1  # once per pass
+    return (reads + stats + row + finish + _chunk_scalars(op, rows, n, True),
+            weight_reads * n * DTYPE.itemsize + n_params * n * 4 * 2)
 
 
 def _count(op, rows, n, backward):
