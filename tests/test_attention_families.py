@@ -1,6 +1,8 @@
 """Tile families per GPU (sm_80, sm_90, sm_100, gfx942): which family a GPU runs, the tables' short-sequence
 pruning, and the counted FLOPs/bytes taken with each family's default tiles. The build report holds each family's
 defaults to its target's bar (tests/test_static_build.py)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -109,3 +111,23 @@ def test_counts_run_each_familys_default_tiles(monkeypatch, family):
     assert counts.flops > 0 and counts.bytes > 0
     target = family if isinstance(family, str) else f"sm_{family}"
     assert runner.tiles_note(tiles, family).startswith(f"counted with {target} default tiles")
+
+
+@pytest.mark.parametrize("family", [100, "gfx942"])
+@pytest.mark.parametrize("n", [70, 1100])
+def test_new_familys_default_tiles_obey_the_float64_rule(device, family, n):
+    """sm_100's and gfx942's first tiles for a short (pruned) and a long launch, forced on the interpreted kernels,
+    at an awkward shape (partial blocks, GQA, padded head dim 80, a key padding mask): forward and gradients
+    against float64. The long case runs a few rows against 1100 keys, so dK/dV's grid is long too."""
+    from kernels.registry import use_config
+    from tests.test_attention import _check_gradients, _inputs
+
+    n_q = 70 if n == 70 else 40
+    q, k, v = _inputs(1, 2, 1, n_q, n, 80, torch.bfloat16, device, requires_grad=True)
+    key_padding_mask = torch.arange(n, device=device)[None, :] < n - 9
+    with contextlib.ExitStack() as stack:
+        for kernel in configs.KERNELS:
+            bm, bn, warps, stages = configs.prune(kernel, configs.tiles(kernel, family, 128, False), (n_q, n))[0]
+            stack.enter_context(use_config(f"attention_{kernel}", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                           num_stages=stages))
+        _check_gradients(q, k, v, causal=True, key_padding_mask=key_padding_mask)

@@ -36,9 +36,12 @@ MAX_PROGRAMS = 2**31 - 1
 # report lists their spills. Every table holds a tile whose grid block (BLOCK_M of the forward and dQ, BLOCK_N of
 # dK/dV) is at most SHORT_BLOCK: sequences of up to SHORT_LENGTH tokens autotune over those only (:func:`prune`).
 #
-# sm_100 (Blackwell): tcgen05 MMA (UTCHMMA in SASS) for every tile below, 64 or 128 rows, 4 or 8 warps. Its
-# forward at d64 takes 128x64 on 8 warps (on 4, 40 B spill; 128x128 spills 400 B); at d256 128x32 on 8 warps
-# (252 registers; 128x64 spills 248 B). The backward tables are sm_90's.
+# sm_100 (Blackwell): tcgen05 MMA (UTCHMMA in SASS) wherever both dims of a dot's output tile are 64 or more
+# (64 or 128 rows, 4 or 8 warps; 16 warps and 32-row tiles fall back to HMMA). Its forward at d64 takes 128x64 on
+# 8 warps (on 4, 40 B spill; 128x128 spills 400 B); at d256 64x32 (128x32 spills 16-96 B with a window or a mask
+# mod). dK/dV takes one stage (d64 32x128 on two spills 48 B with ALiBi; d128 16x64 8-48 B with ALiBi or varlen,
+# 32x64 none); at d256 every tcgen05 tile tried spills (16x64: 112 B, 32x64: 328 B), so it keeps sm_90's 16x32
+# (HMMA). dQ at d256 takes 64x16 (tcgen05; sm_90's 32x32 is HMMA).
 # gfx942 (MI300, wave64, 64 KiB of LDS): the streamed block is 16 wide. With 32 or more, every fp16 forward, dQ
 # and dK/dV tried spills SGPRs (5-120, past the 106 a wave may hold: the key-block addresses are scalar) and the
 # larger ones VGPRs into scratch too (128x64 d128 on 8 warps: 68); at 16 none spills, with 16x16x16 v_mfma.
@@ -49,6 +52,9 @@ _DKDV_TILES = {64: [(32, 128, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4,
 _DQ_TILES = {64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
              128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
              256: [(32, 32, 4, 1)]}
+_SM100_DKDV = {64: [(32, 128, 8, 1), (16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2)],
+               128: [(32, 64, 8, 1), (16, 64, 8, 1), (16, 128, 8, 1), (16, 64, 4, 1)],
+               256: [(16, 32, 8, 1)]}
 AMD = "gfx942"
 """The AMD family (MI300's target); every AMD GPU runs its tables (they fit any CDNA part's 64 KiB of LDS)."""
 _CONFIGS = {
@@ -61,15 +67,15 @@ _CONFIGS = {
              256: [(64, 32, 8, 2), (64, 64, 8, 2)]},
         100: {64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
               128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3)],
-              256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)]},
+              256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
         AMD: {64: [(128, 16, 4, 2), (128, 16, 4, 1), (64, 16, 4, 1), (256, 16, 8, 1)],
               128: [(128, 16, 4, 1), (128, 16, 8, 1), (64, 16, 4, 1)],
               256: [(64, 16, 4, 1), (64, 16, 8, 1), (32, 16, 4, 1)]},
     },
-    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES, 100: _DKDV_TILES,
+    "dkdv": {80: _DKDV_TILES, 90: _DKDV_TILES, 100: _SM100_DKDV,
              AMD: {64: [(16, 64, 4, 1), (32, 64, 4, 1)], 128: [(16, 64, 4, 1), (16, 64, 8, 1), (16, 32, 4, 1)],
                    256: [(16, 32, 8, 1), (16, 16, 4, 1)]}},
-    "dq": {80: _DQ_TILES, 90: _DQ_TILES, 100: _DQ_TILES,
+    "dq": {80: _DQ_TILES, 90: _DQ_TILES, 100: {**_DQ_TILES, 256: [(64, 16, 8, 1), (64, 32, 8, 1)]},
            AMD: {64: [(64, 16, 4, 1), (32, 16, 4, 1)], 128: [(64, 16, 4, 1), (32, 16, 4, 1)],
                  256: [(32, 16, 4, 1), (16, 16, 4, 1)]}},
 }
@@ -106,11 +112,13 @@ for _kernel, _table in _NVIDIA_FP32.items():
     _FP32_CONFIGS[_kernel].update(dict.fromkeys(NVIDIA, _table))
 # The forward with dropout draws Philox bits for every score of its tile, which needs registers of their own: its
 # fp16/bf16 tiles are smaller on NVIDIA GPUs (the plain d64 default spills ~1 KB on sm_80 with dropout). Same bar
-# as above. gfx942's own 16-wide tiles are small enough already.
+# as above. gfx942's own 16-wide tiles are small enough already; sm_100 at d256 takes 64x32 (tcgen05, 195
+# registers) where the 32-row tile would fall back to HMMA.
 _NVIDIA_DROPOUT_FWD = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
                        128: [(64, 32, 4, 3), (64, 64, 8, 3)],
                        256: [(32, 32, 4, 2)]}
-_DROPOUT_FWD_TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_DROPOUT_FWD), AMD: _CONFIGS["fwd"][AMD]}
+_DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: _NVIDIA_DROPOUT_FWD,
+                      100: {**_NVIDIA_DROPOUT_FWD, 256: [(64, 32, 8, 2), (32, 32, 4, 2)]}, AMD: _CONFIGS["fwd"][AMD]}
 # A specialisation whose registers overflow its table's first entry starts from its own, then tries the rest of
 # the table: {(specialisation, kernel, head dim): {family (fp16/bf16), FP32 or (FP32, family): tile}}. Same bar as
 # above, measured with the specialisation on (fp16 and bf16 alike). Dropout's Philox bits: the fp32 dK/dV defaults
@@ -119,14 +127,24 @@ _DROPOUT_FWD_TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_DROPOUT_FWD), AMD: _CONFIG
 # partial cells) takes 40-70 registers more than the plain kernel: the sm_90 forward at d64 on 4 warps spills
 # 116 B (on 8: 194 registers); dK/dV d64 32x128 w8 s2 spills 64 B on sm_80 (16x128: 202 / 181 registers), fp32
 # 16x64 w8 s1 80 / 8 B (16x32 w4 s1: 163 / 128) and fp32 d256 16x16 w4 s1 352 B on sm_80 (on 8 warps: 210; those
-# spill 56 B on sm_90, where 4 warps take 238); dQ d256 32x32 w4 s1 76 B on sm_80 (on 8 warps: 184 / 152).
+# spill 56 B on sm_90, where 4 warps take 238); dQ d256 32x32 w4 s1 76 B on sm_80 (on 8 warps: 184 / 152). On
+# sm_100 the shared fp32 firsts spill with a mask mod (forward d64 24 B, dK/dV d128 72 B), varlen (dK/dV d64 16 B,
+# d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. sm_100's dK/dV d64 with a
+# score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
+# VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
+# gfx942 family off its bar.
 _FIRST = {
     ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2)},
     ("dropout", "dkdv", 128): {FP32: (32, 16, 4, 1)},
-    ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3)},
+    ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3), (FP32, 100): (16, 32, 4, 2)},
     ("mask_mod", "dkdv", 64): {80: (16, 128, 8, 2), FP32: (16, 32, 4, 1)},
+    ("mask_mod", "dkdv", 128): {(FP32, 100): (16, 32, 8, 1)},
     ("mask_mod", "dkdv", 256): {(FP32, 80): (16, 16, 8, 1)},
-    ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1), 100: (32, 32, 8, 1)},
+    ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1)},
+    ("varlen", "dkdv", 64): {(FP32, 100): (32, 32, 8, 2)},
+    ("varlen", "dkdv", 256): {(FP32, 100): (16, 16, 8, 1)},
+    ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
+    ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
 }
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
