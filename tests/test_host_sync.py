@@ -1,4 +1,6 @@
 """No host read of a tensor value on any public op's path, forward or backward (issue: no host sync anywhere)."""
+import importlib
+
 import pytest
 import torch
 
@@ -40,3 +42,22 @@ def test_sdpa_reads_a_models_mask_once_not_per_layer():
         out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert len(seen) == 1
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_a_padding_mask_is_prepared_once_per_model_forward_not_per_layer(monkeypatch):
+    """The key range of a key_padding_mask is computed at the first layer that sees the mask tensor; a mask
+    modified in place is prepared again (and gives the new answer)."""
+    api = importlib.import_module("kernels.attention.api")
+    calls = []
+    real = api.key_bounds
+    monkeypatch.setattr(api, "key_bounds", lambda mask: calls.append(1) or real(mask))
+    q, k, v = (torch.randn(2, 2, 7, 16) for _ in range(3))
+    keys = torch.ones(2, 7, dtype=torch.bool)
+    keys[0, :2] = False
+    outs = [kernels.attention(q, k, v, key_padding_mask=keys) for _layer in range(3)]
+    assert len(calls) == 1 and all(torch.equal(out, outs[0]) for out in outs)
+    keys[1, 5:] = False  # in place: a new version of the same tensor
+    out = kernels.attention(q, k, v, key_padding_mask=keys)
+    assert len(calls) == 2
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,10 @@ from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
                                       check_sinks, check_window, draw_rng, key_bounds)
 from kernels.attention.ops import attention_op, natural_lse
-from kernels.attention.plan import AttentionVariant, VariantTensors
+from kernels.attention.plan import AttentionVariant, LastTensor, VariantTensors
+
+_padding = LastTensor()
+"""A key padding mask's key range and uint8 view, computed once while a model's layers pass the same mask."""
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -122,12 +125,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         mod_tensors, mod_keys = _mod_args(block_mask, score_mod, q)
-        tensors = VariantTensors(
-            kv_bounds=None if key_padding_mask is None else key_bounds(key_padding_mask),
-            pad=None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8),
-            alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
-            sinks=None if sinks is None else sinks.float(),
-            rng_state=draw_rng(q.device) if dropout_p > 0 else None, **mod_tensors)
+        padding = {} if key_padding_mask is None else _padding.get(key_padding_mask, None, lambda: dict(
+            kv_bounds=key_bounds(key_padding_mask), pad=key_padding_mask.contiguous().view(torch.uint8)))
+        tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+                                 sinks=None if sinks is None else sinks.float(),
+                                 rng_state=draw_rng(q.device) if dropout_p > 0 else None, **padding, **mod_tensors)
         variant = AttentionVariant(causal=bool(causal), causal_shift=k.shape[2] - q.shape[2], scale=scale,
                                    window_left=window_left, window_right=window_right, softcap=softcap,
                                    dropout_p=dropout_p, **mod_keys)

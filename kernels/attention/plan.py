@@ -10,6 +10,7 @@ signature and cached (:func:`_plan`); each call then adds its pointers and strid
 autograd.Function in eager, ``torch.library`` ops under torch.compile). lse is in the kernels' log2 units.
 """
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -68,6 +69,25 @@ class VariantTensors(NamedTuple):
 
 
 NO_TENSORS = VariantTensors()
+
+
+class LastTensor:
+    """A one-entry memo of a value derived from a tensor: returned again while the same tensor object comes back
+    unmodified (its ``_version``) with the same ``key``. A model hands every layer the same mask tensor, so what is
+    derived from it (a padding mask's key range, the SDPA shim's mask analysis) is computed at the first layer."""
+
+    def __init__(self):
+        self._ref, self._key, self._value = None, None, None
+
+    def get(self, tensor: torch.Tensor, key, compute):
+        if torch.compiler.is_compiling():  # traced: the graph computes it, and guards replace the memo
+            return compute()
+        full_key = (tensor._version, tuple(tensor.shape), tensor.stride(), tensor.device, key)
+        if self._ref is not None and self._ref() is tensor and self._key == full_key:
+            return self._value
+        value = compute()
+        self._ref, self._key, self._value = weakref.ref(tensor), full_key, value
+        return value
 
 
 def _edges(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: int, window_right: int):

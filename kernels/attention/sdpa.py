@@ -4,7 +4,6 @@ It recognises the bool masks Hugging Face and most code build for padded batches
 optionally a top-left or bottom-right causal mask or a sliding window) and hands everything else to torch's own
 function.
 """
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
 from kernels.attention.ops import attention_op
-from kernels.attention.plan import NO_TENSORS, AttentionVariant, VariantTensors
+from kernels.attention.plan import NO_TENSORS, AttentionVariant, LastTensor, VariantTensors
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
@@ -25,7 +24,7 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
     AttentionVariant) if a bool SDPA mask is exactly
     "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
     of diagonals" (a sliding window, as Hugging Face builds), else None. Every candidate is compared on the device
-    and the verdicts come back in one host read (a sync), which :func:`_cached_mask_plan` makes once per mask."""
+    and the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
     if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -52,21 +51,7 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
     return None
 
 
-_last_plan: list = [None, None, None]
-"""(weak reference to the mask, its identity and version with the call's sizes, the plan) of the last masked call:
-a model hands every layer the same mask tensor, so only its first layer reads the mask."""
-
-
-def _cached_mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
-                      device: torch.device) -> Optional[Tuple]:
-    """:func:`_mask_plan`, reused while the same mask tensor, unmodified (``_version``), comes back."""
-    key = (attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), batch, n_q, n_k, device)
-    mask_ref, last_key, plan = _last_plan
-    if mask_ref is not None and mask_ref() is attn_mask and last_key == key:
-        return plan
-    plan = _mask_plan(attn_mask, batch, n_q, n_k, device)
-    _last_plan[:] = weakref.ref(attn_mask), key, plan
-    return plan
+_mask_plans = LastTensor()
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -85,7 +70,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return NO_TENSORS, AttentionVariant(causal=bool(is_causal), scale=scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
-    mask_plan = _cached_mask_plan(attn_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
+    mask_plan = _mask_plans.get(attn_mask, (batch, n_q, n_k, query.device),
+                                lambda: _mask_plan(attn_mask, batch, n_q, n_k, query.device))
     if mask_plan is None:
         return None
     tensors, edges = mask_plan
