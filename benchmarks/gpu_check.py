@@ -41,8 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import kernels
 from kernels import reference
-from kernels.attention import configs
-from kernels.registry import TRITON_DTYPES, Build, all_builds, pointee_types, use_config
+from kernels.registry import TRITON_DTYPES, Build, all_builds, use_config
 from benchmarks import overhead, records, runner
 from benchmarks.device import DeviceInfo, detect
 from benchmarks.measure import make_step
@@ -417,24 +416,18 @@ def _python_fn(build: Build):
 
 
 def build_dtype(build: Build) -> Optional[torch.dtype]:
-    """The dtype a build was declared for: that of its first floating-point pointer parameter (index tensors such
-    as cu_seqlens or block tables may come first); None for a build with none (the dropout keep-mask helper)."""
-    return next((DTYPES[t] for t in pointee_types(build) if t in DTYPES), None)
+    """The torch dtype a build was declared for (``Build.dtype``); None for one declared for another element type
+    (the dropout keep-mask helper's u8)."""
+    return DTYPES.get(build.dtype)
 
 
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_delta", "attention_dkdv", "attention_dq")
 """The builds ``kernels.attention`` launches (forward, then the backward's three passes)."""
 
 
-def variant(build: Build) -> str:
-    """The specialisation an attention build was declared for ("window", "dropout", ...; "" for the plain one),
-    read from its label as ``kernels.attention.configs`` writes it."""
-    return next((name for name in configs._VARIANTS if f" {name} " in f" {build.label} "), "")
-
-
 def attention_builds(builds: Sequence[Build]) -> List[Build]:
     """The attention builds this phase can launch through ``kernels.attention`` with their config forced."""
-    return [b for b in builds if b.kernel in ATTENTION_KERNELS and variant(b) != "varlen"]
+    return [b for b in builds if b.kernel in ATTENTION_KERNELS and b.variant != "varlen"]
 
 
 def other_builds(builds: Sequence[Build]) -> List[Build]:
@@ -695,7 +688,7 @@ def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = At
         if causal is None:
             return dict(_describe(build), status="skipped",
                         reason="not launched by kernels.attention: the tests phase checks it")
-        key = (build_dtype(build), build.constexprs["HEAD_DIM"], causal, variant(build))
+        key = (build_dtype(build), build.head_dim, causal, build.variant)
         config = forced_config(build)
         return _checked(dict(_describe(build), causal=causal, config=config, variant=key[3] or "plain",
                              shape=[shape.batch, shape.heads, shape.kv_heads, shape.length, key[1]]),

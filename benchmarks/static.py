@@ -35,21 +35,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.gpu_build import ARCHS
-from kernels.registry import pointee_types
 
 DEFAULT_ARCHS = ("sm_80", "sm_90", "sm_100")
 PROVIDER = "kernels.registry:all_builds"
 REPO = Path(__file__).resolve().parent.parent
 QUICK_HEAD_DIMS = (None, 64, 128)
-# Names a head-dimension constexpr goes by; the label ("D=64", "d128", "hd64") is the fallback.
-HEAD_DIM_NAMES = re.compile(r"^(HEAD_?DIM|D|D_?HEAD|BLOCK_D|BLOCK_DMODEL|BLOCK_HEADDIM)$", re.IGNORECASE)
-HEAD_DIM_LABEL = re.compile(r"\b(?:D|hd|head_?dim)\s*=?\s*(\d+)\b", re.IGNORECASE)
-# The kernel families the report holds to its bar, matched against "kernel label" in this order: one jit function
-# may serve several (e.g. a norm kernel with an RMS switch), so the label decides too. A build matching none
-# belongs to the family "other" (the tests' toy kernels; the package's own builds must all have a family).
+# The kernel families the report holds to its bar, matched against "kernel variant" (``Build.kernel`` and
+# ``Build.variant``) in this order: one jit function may serve several (e.g. a norm kernel with an RMS switch), so
+# the variant decides too. A build matching none belongs to the family "other" (the tests' toy kernels; the
+# package's own builds must all have a family).
 FAMILIES = {
     "attention decode": r"(attn|attention).*decode",
-    "attention forward": r"(attn|attention).*(fwd|forward)",
+    "attention forward": r"(attn|attention).*(fwd|forward|dropout_mask)",
     "attention backward": r"(attn|attention).*(bwd|backward|dq|dk|dv|delta|preprocess)",
     "softmax": r"softmax",
     "layer norm": r"layer_?norm|\blayer\b",
@@ -74,16 +71,12 @@ def load_builds(provider: str) -> list:
 
 
 def describe(build) -> Dict[str, object]:
-    """Kernel, family, label, dtype (of its first pointer argument), head dim (None if none) and launch options."""
-    dtype = next(iter(pointee_types(build)), None)
-    head_dim = next((int(v) for k, v in build.constexprs.items() if HEAD_DIM_NAMES.match(k)), None)
-    if head_dim is None:
-        match = HEAD_DIM_LABEL.search(build.label)
-        head_dim = int(match.group(1)) if match else None
-    text = f"{build.kernel} {build.label}"
+    """Kernel, family, label, dtype, head dim (None if none) and launch options, from ``build``'s fields."""
+    text = f"{build.kernel} {build.variant}"
     family = next((f for f, pattern in FAMILIES.items() if re.search(pattern, text, re.IGNORECASE)), OTHER)
-    return {"kernel": build.kernel, "family": family, "label": build.label, "dtype": dtype, "head_dim": head_dim,
-            "num_warps": build.num_warps, "num_stages": build.num_stages, "families": list(build.families)}
+    return {"kernel": build.kernel, "family": family, "label": build.label, "dtype": build.dtype,
+            "head_dim": build.head_dim, "num_warps": build.num_warps, "num_stages": build.num_stages,
+            "families": list(build.families)}
 
 
 def on_family(build, arch: str) -> bool:

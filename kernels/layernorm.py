@@ -819,7 +819,8 @@ def _builds():
     (plain and with residual, all affine parameters) at a small one-block row, the widest sharing weight and bias
     across rows, the widest one-block row and on the two-pass path; the backward (every gradient) at a small and
     the widest one-block row and on the two-pass path. No autotuning: each width has one config, so the builds in
-    the default casting mode are defaults (held to the no-spill bar); the other modes differ in roundings only."""
+    the default casting mode are defaults (held to the no-spill bar); the other modes differ in roundings only.
+    Each build's variant is its norm, "layer" or "rms" (the build report's family)."""
     modes = [DEFAULT_CASTING_MODE] + [mode for mode in CASTING_MODES if mode != DEFAULT_CASTING_MODE]
     norms = [("layer", False, DEFAULT_CASTING_MODE)] + [("rms", True, mode) for mode in modes]
     fp32_args = {"MEAN": "*fp32", "RSTD": "*fp32", "offset": "fp32"}
@@ -831,7 +832,8 @@ def _builds():
                  f"{' wave64' * (lanes == 64)}")
         constexprs = dict(flags, BLOCK=block, SINGLE=single, RMS=rms, CASTING=CASTING_MODES[mode])
         builds.append(declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
-                              label=label, types=types, default=mode == DEFAULT_CASTING_MODE, families=families))
+                              label=label, variant=norm, types=types, default=mode == DEFAULT_CASTING_MODE,
+                              families=families))
 
     for families, lanes in LANES.items():
         for ty in TRITON_DTYPES.values():

@@ -28,7 +28,10 @@ class Build:
     ``signature`` maps every parameter name, in order, to a Triton type ("*fp16", "i32", "fp32", ...), a tuple of
     them (a tuple argument, e.g. ``("*i32", "i32")``) or "constexpr"; ``constexprs`` gives the constexpr values;
     ``divisible_by_16`` names the pointer/int params the launcher may assume 16-aligned (as Triton's own
-    specialisation would); ``label`` says what the config is for (dtype, head dim, tile sizes) in the report;
+    specialisation would); ``dtype`` is the Triton name of the element type it was declared for ("fp16", "bf16",
+    "fp32", "u8", ...), ``head_dim`` its attention head dim (None for a kernel without one) and ``variant`` the
+    specialisation it was built with ("window", "dropout", "rms", "causal", ...; "" for the plain kernel);
+    ``label`` is the human-readable text of the report and nothing reads fields back out of it;
     ``default`` marks the config a GPU runs first (the first of its autotune list), which the build report holds
     to the no-spill bar; ``families`` narrows that to the GPU families (compute capability x 10: 80, 90) whose
     launches try it first, when families have tables of their own (empty: every family).
@@ -41,13 +44,17 @@ class Build:
     num_warps: int
     num_stages: int
     label: str
+    dtype: str
+    head_dim: Optional[int] = None
+    variant: str = ""
     divisible_by_16: tuple = field(default_factory=tuple)
     default: bool = False
     families: Tuple[int, ...] = ()
 
 
 def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_warps: int, num_stages: int,
-            label: str, types: Optional[Dict[str, Union[str, Tuple[str, ...]]]] = None,
+            label: str, head_dim: Optional[int] = None, variant: str = "",
+            types: Optional[Dict[str, Union[str, Tuple[str, ...]]]] = None,
             default: bool = False, families: Tuple[int, ...] = ()) -> Build:
     """A :class:`Build` of ``fn`` whose signature follows the package's naming convention.
 
@@ -56,8 +63,13 @@ def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_w
     ``stride_*`` one an i32 (a unit head-dim or column stride, named ``stride_*d``, is specialised to the constant 1
     as Triton does), a name containing ``scale`` or ``eps`` an fp32, and every other lowercase scalar an i32.
     Pointers and non-unit strides are taken as 16-aligned, as Triton's own specialisation would for contiguous
-    tensors (not those inside a tuple argument, which ``divisible_by_16`` cannot name).
+    tensors (not those inside a tuple argument, which ``divisible_by_16`` cannot name). ``dtype``, ``head_dim``
+    and ``variant`` are kept as the build's fields; ``head_dim`` must agree with a ``HEAD_DIM`` constexpr where
+    ``constexprs`` has one (ValueError otherwise).
     """
+    if "HEAD_DIM" in constexprs and constexprs["HEAD_DIM"] != head_dim:
+        raise ValueError(f"{kernel}: head_dim={head_dim!r} differs from its HEAD_DIM constexpr "
+                         f"{constexprs['HEAD_DIM']!r}")
     python_fn = fn
     while hasattr(python_fn, "fn"):  # Autotuner -> JITFunction -> the Python function
         python_fn = python_fn.fn
@@ -79,13 +91,8 @@ def declare(kernel: str, fn, *, dtype: str, constexprs: Dict[str, object], num_w
     aligned = tuple(n for n, t in signature.items()
                     if isinstance(t, str) and (t.startswith("*") or (t == "i32" and n.startswith("stride_"))))
     return Build(kernel=kernel, fn=fn, signature=signature, constexprs=values, num_warps=num_warps,
-                 num_stages=num_stages, label=label, divisible_by_16=aligned, default=default, families=families)
-
-
-def pointee_types(build: Build) -> List[str]:
-    """The element types of ``build``'s pointer parameters, in order ("fp16", "i32", ...; tuple arguments are not
-    looked into)."""
-    return [t[1:] for t in build.signature.values() if isinstance(t, str) and t.startswith("*")]
+                 num_stages=num_stages, label=label, dtype=dtype, head_dim=head_dim,
+                 variant=variant, divisible_by_16=aligned, default=default, families=families)
 
 
 _providers: List[Callable[[], List[Build]]] = []

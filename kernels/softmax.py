@@ -311,7 +311,8 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
 def _builds():
     """Per dtype and kernel (forward, backward): a small and the largest single-block row and the online path,
     each plain, causal and log, per family table (``kernels/_rows.py``). No autotuning: each width has one config,
-    so every build is what a GPU of its family runs and a default (held to the no-spill bar)."""
+    so every build is what a GPU of its family runs and a default (held to the no-spill bar). A build's variant is
+    "causal", "log" or "" (plain)."""
     variants = [(n, causal, log) for n in (1024, MAX_BLOCK, MAX_BLOCK + 1)
                 for causal, log in ((False, False), (True, False), (False, True))]
     builds = []
@@ -323,7 +324,8 @@ def _builds():
                     label = (f"{ty} BLOCK={block}{'' if single else ' online'}{' causal' * causal}{' log' * log}"
                              f"{' wave64' * (lanes == 64)}")
                     constexprs = {"BLOCK": block, "SINGLE": single, "CAUSAL": causal, "LOG": log}
+                    variant = "causal" if causal else "log" if log else ""
                     builds.append(declare(fn.__name__, fn, dtype=ty, num_warps=num_warps, num_stages=1, label=label,
-                                          constexprs=constexprs, default=True, families=families))
+                                          variant=variant, constexprs=constexprs, default=True, families=families))
     return builds
 

@@ -494,16 +494,16 @@ def test_torch_compile_fullgraph_with_a_key_padding_mask(kernel_only, device):
 def test_every_config_is_registered_for_fp16_bf16_fp32_and_head_dims():
     builds = [b for b in configs._builds()]
     for kernel, fn in configs.KERNELS.items():
-        labels = {b.label for b in builds if b.fn is fn}
-        defaults = [b for b in builds if b.fn is fn and b.default
-                    and not any(f" {variant} " in b.label for variant in configs._VARIANTS)]
+        plain = [b for b in builds if b.fn is fn and not b.variant]
+        configs_built = {(b.dtype, b.head_dim, b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps,
+                          b.num_stages) for b in plain}
         for family in configs.FAMILIES:  # one per dtype and head dim (each variant's specialisation has its own)
-            assert len([b for b in defaults if family in b.families]) == 9
+            assert len([b for b in plain if b.default and family in b.families]) == 9
         for family in configs.FAMILIES:
             for d in (64, 128, 256):
                 for dtype in ("fp16", "bf16", "fp32"):
                     for bm, bn, warps, stages in configs.tiles(kernel, family, d, dtype == "fp32"):
-                        assert f"{dtype} d{d} causal {bm}x{bn} w{warps} s{stages}" in labels
+                        assert (dtype, d, bm, bn, warps, stages) in configs_built
     for b in builds:  # the signature names every parameter, in order, and each constexpr has a value
         params = list(inspect.signature(b.fn.fn).parameters)
         assert list(b.signature) == params
@@ -520,7 +520,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 seen = set()
 for b in all_builds():
     # the first fp16 d128 tile of each attention kernel: the tensor-core path the no-spill rule is about
-    if b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq") or not b.label.startswith("fp16 d128") \
+    if b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq") or (b.dtype, b.head_dim) != ("fp16", 128) \
             or b.kernel in seen:
         continue
     seen.add(b.kernel)

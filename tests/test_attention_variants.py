@@ -288,15 +288,13 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     for b in configs._builds():
         if not b.default or b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq"):
             continue
-        dtype, d, _, *rest = b.label.split()
-        variant = rest[0] if len(rest) == 4 else ""
         kernel = b.kernel.removeprefix("attention_")
         assert b.families, b.label
         for family in b.families:
-            expected = configs.tiles(kernel, family, int(d[1:]), dtype == "fp32", variant)[0]
+            expected = configs.tiles(kernel, family, b.head_dim, b.dtype == "fp32", b.variant)[0]
             assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, \
                 (b.label, family)
-            key = (kernel, dtype, d, variant, family)
+            key = (kernel, b.dtype, b.head_dim, b.variant, family)
             assert key not in seen, key
             seen.add(key)
     # families x dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, softcap,

@@ -43,7 +43,7 @@ def test_every_registered_build_is_checked_attention_causal_and_not_defaults_fir
     items = gpu_check.config_items(builds)
     attention = gpu_check.attention_builds(builds)
     assert {b.kernel for b in attention} == set(gpu_check.ATTENTION_KERNELS)
-    assert {gpu_check.variant(b) for b in attention} == set(configs._VARIANTS) - {"varlen"} | {""}
+    assert {b.variant for b in attention} == set(configs._VARIANTS) - {"varlen"} | {""}
     assert len(items) == 2 * len(attention) + len(builds) - len(attention)  # nothing else, nothing left out
     assert {id(b) for b, _ in items} == {id(b) for b in builds}
     assert sorted((id(b), c) for b, c in items if c is not None) == sorted(
@@ -101,12 +101,12 @@ def test_variant_builds_run_with_their_variant_and_the_others_are_left_to_the_te
     calls = []
     real = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(sorted(kw)) or real(*args, **kw))
-    fp32 = [b for b in all_builds() if b.kernel == "attention_fwd" and b.default and b.signature["Q"] == "*fp32"
-            and b.constexprs["HEAD_DIM"] == 64]
-    builds = [next(b for b in fp32 if gpu_check.variant(b) == name) for name in ("window", "dropout")]
+    fp32 = [b for b in all_builds() if b.kernel == "attention_fwd" and b.default and b.dtype == "fp32"
+            and b.head_dim == 64]
+    builds = [next(b for b in fp32 if b.variant == name) for name in ("window", "dropout")]
     others = gpu_check.other_builds(all_builds())
     assert {b.kernel for b in others} >= {"attention_dropout_mask", "attention_decode"}
-    assert {gpu_check.variant(b) for b in others if b.kernel == "attention_fwd"} == {"varlen"}
+    assert {b.variant for b in others if b.kernel == "attention_fwd"} == {"varlen"}
     builds.append(next(b for b in others if b.kernel == "attention_dropout_mask"))
     recs = gpu_check.check_configs(detect(), gpu_check.Budget(UNLIMITED), shape=TINY, builds=builds)
     assert [(r.get("variant"), r["status"]) for r in recs] == [

@@ -26,7 +26,7 @@ from triton.runtime.jit import JITFunction
 
 from benchmarks import static
 from benchmarks.gpu_build import ARCHS, count_sass, occupancy, parse_amdgcn, parse_ptxas_log, parse_resource_usage
-from kernels.registry import Build
+from kernels.registry import Build, declare
 from tests.toy_kernels import copy_kernel, matmul_kernel
 
 
@@ -51,16 +51,16 @@ def tiny_builds():
     """The build list the tiny report compiles (imported by the report's child process by name)."""
     return [
         Build("copy", copy_kernel, {"X": "*fp16", "Y": "*fp16", "N": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
-              num_warps=4, num_stages=1, label="fp16 BLOCK=1024", divisible_by_16=("X", "Y")),
+              num_warps=4, num_stages=1, label="fp16 BLOCK=1024", dtype="fp16", divisible_by_16=("X", "Y")),
         Build("matmul", matmul_kernel, _MATMUL_SIG, {"M": 64, "N": 64, "K": 64}, num_warps=4, num_stages=3,
-              label="fp16 64x64x64", divisible_by_16=("A", "B", "C")),
+              label="fp16 64x64x64", dtype="fp16", divisible_by_16=("A", "B", "C")),
         Build("matmul_m32", matmul_kernel, _MATMUL_SIG, {"M": 32, "N": 64, "K": 64}, num_warps=4, num_stages=3,
-              label="fp16 32x64x64", divisible_by_16=("A", "B", "C")),
+              label="fp16 32x64x64", dtype="fp16", divisible_by_16=("A", "B", "C")),
         Build("register_hog", _register_hog, _HOG_SIG, {"M": 64, "N": 128}, num_warps=1, num_stages=1,
-              label="fp32 64x128"),
+              label="fp32 64x128", dtype="fp32"),
         # K=3 is not a power of two: tl.arange refuses it, so this build must come back as an error record.
         Build("broken", matmul_kernel, _MATMUL_SIG, {"M": 64, "N": 64, "K": 3}, num_warps=4, num_stages=1,
-              label="fp16 K=3"),
+              label="fp16 K=3", dtype="fp16"),
     ]
 
 
@@ -184,21 +184,21 @@ def test_occupancy_estimate(registers, shared, warps, arch, ctas, limiter):
     assert (est["ctas_per_sm"], est["limited_by"], est["warps_per_sm"]) == (ctas, limiter, ctas * warps)
 
 
-def _fake(kernel, dtype, label, constexprs=None, default=False, families=()):
-    return Build(kernel, None, {"X": f"*{dtype}", "N": "i32"}, constexprs or {}, 4, 2, label, default=default,
-                 families=families)
+def _fake(kernel, dtype, label, head_dim=None, variant="", default=False, families=()):
+    return Build(kernel, None, {"X": f"*{dtype}", "N": "i32"}, {}, 4, 2, label, dtype, head_dim, variant,
+                 default=default, families=families)
 
 
 def test_defaults_and_quick_subset():
     builds = [
-        _fake("attn_fwd", "fp16", "fp16 64x64", {"HEAD_DIM": 64}),
-        _fake("attn_fwd", "fp16", "fp16 128x64", {"HEAD_DIM": 64}),  # second config: not the default
-        _fake("attn_fwd", "bf16", "bf16 D=128"),  # head dim from the label
-        _fake("attn_fwd", "fp16", "fp16 hd256", {"HEAD_DIM": 256}),  # default, but not a quick head dim
+        _fake("attn_fwd", "fp16", "fp16 64x64", 64),
+        _fake("attn_fwd", "fp16", "fp16 128x64", 64),  # second config: not the default
+        _fake("attn_fwd", "bf16", "bf16 D=128", 128),
+        _fake("attn_fwd", "fp16", "fp16 hd256", 256),  # default, but not a quick head dim
         _fake("softmax_fwd", "fp16", "fp16 BLOCK=1024"),
-        _fake("norm_fwd", "fp32", "fp32 layer BLOCK=1024"),  # no fp16 build: its first default stands in
-        _fake("norm_fwd", "fp32", "fp32 rms BLOCK=1024"),  # same kernel, another family: a default of its own
-        _fake("norm_fwd", "fp32", "fp32 rms BLOCK=4096"),
+        _fake("norm_fwd", "fp32", "fp32 layer BLOCK=1024", variant="layer"),  # no fp16 build: its first default
+        _fake("norm_fwd", "fp32", "fp32 rms BLOCK=1024", variant="rms"),  # same kernel, another family: own default
+        _fake("norm_fwd", "fp32", "fp32 rms BLOCK=4096", variant="rms"),
     ]
     infos = [static.describe(b) for b in builds]
     assert [i["family"] for i in infos] == ["attention forward"] * 4 + ["softmax", "layer norm", "rms norm",
@@ -210,14 +210,40 @@ def test_defaults_and_quick_subset():
     assert static.select(builds, kernel="soft") == [(4, True)]
 
 
+def test_the_report_reads_fields_never_the_label():
+    """Family, dtype and head dim come from ``Build.kernel``/``variant``/``dtype``/``head_dim``: a label that
+    says otherwise changes nothing."""
+    misleading = _fake("norm_fwd", "bf16", "fp16 d64 layer dropout BLOCK=1024", variant="rms")
+    assert {k: v for k, v in static.describe(misleading).items() if k in ("family", "dtype", "head_dim")} == \
+        {"family": "rms norm", "dtype": "bf16", "head_dim": None}
+
+
+def test_every_registered_build_has_a_report_family_and_its_fields():
+    """The package's builds all fall in one of :data:`static.FAMILIES` (none is "other"), and each attention
+    build's head dim is the one it was compiled for."""
+    builds = static.load_builds(static.PROVIDER)
+    assert [b.kernel for b in builds if static.describe(b)["family"] == static.OTHER] == []
+    assert all(b.head_dim == b.constexprs["HEAD_DIM"] for b in builds if "HEAD_DIM" in b.constexprs)
+    assert {b.dtype for b in builds} == {"fp16", "bf16", "fp32", "u8"}
+
+
+def test_a_declared_head_dim_must_match_its_head_dim_constexpr():
+    from kernels.attention.decode import _decode_combine
+    tile = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=16)
+    options = dict(dtype="fp16", constexprs=tile, num_warps=4, num_stages=1, label="fp16 d64")
+    assert declare("combine", _decode_combine, head_dim=64, **options).head_dim == 64
+    with pytest.raises(ValueError, match="head_dim=128 differs from its HEAD_DIM constexpr 64"):
+        declare("combine", _decode_combine, head_dim=128, **options)
+
+
 def test_builds_marked_default_are_the_defaults_of_their_group():
     builds = [
-        _fake("attn_fwd", "fp16", "fp16 128x64", {"HEAD_DIM": 64}),
-        _fake("attn_fwd", "fp16", "fp16 64x64", {"HEAD_DIM": 64}, default=True),  # marked: not the first
-        _fake("attn_fwd", "fp16", "fp16 128x64", {"HEAD_DIM": 128}),  # a group marking none: its first
-        _fake("attn_fwd", "fp16", "fp16 64x32", {"HEAD_DIM": 128}),
+        _fake("attn_fwd", "fp16", "fp16 128x64", 64),
+        _fake("attn_fwd", "fp16", "fp16 64x64", 64, default=True),  # marked: not the first
+        _fake("attn_fwd", "fp16", "fp16 128x64", 128),  # a group marking none: its first
+        _fake("attn_fwd", "fp16", "fp16 64x32", 128),
         _fake("softmax_fwd", "fp16", "fp16 BLOCK=1024", default=True),  # one config per row width: two defaults
-        _fake("softmax_fwd", "fp16", "fp16 BLOCK=1024 causal"),
+        _fake("softmax_fwd", "fp16", "fp16 BLOCK=1024 causal", variant="causal"),
         _fake("softmax_fwd", "fp16", "fp16 BLOCK=16384", default=True),
     ]
     assert static.select(builds) == [(0, False), (1, True), (2, True), (3, False), (4, True), (5, False), (6, True)]
@@ -267,12 +293,12 @@ def test_the_quick_subset_holds_every_attention_specialisation_to_the_bar():
     """``--quick`` (and the registered-builds test below) compiles the fp16 defaults of each attention
     specialisation at head dims 64 and 128, the user mods' (mask_mod with its block mask, score_mod) included."""
     builds = static.load_builds(static.PROVIDER)
-    labels = {f"{builds[i].kernel} {builds[i].label}" for i, _ in static.select(builds, quick=True)}
+    chosen = [builds[i] for i, _ in static.select(builds, quick=True)]
+    quick = {(b.kernel, b.dtype, b.head_dim, b.variant) for b in chosen}
     for kernel in ("attention_fwd", "attention_dkdv", "attention_dq"):
         for variant in ("window", "softcap", "alibi", "dropout", "varlen", "mask_mod", "score_mod"):
             for d in (64, 128):
-                assert any(label.startswith(f"{kernel} fp16 d{d} causal {variant} ") for label in labels), \
-                    (kernel, variant, d)
+                assert (kernel, "fp16", d, variant) in quick, (kernel, variant, d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,8 +442,7 @@ def new_family_builds():
     """One build per family past sm_90 (the registered-kernels check runs sm_80/sm_90's quick set): the plain
     fp16 forward default at head dim 128 of sm_100 and of gfx942 (the child process imports it by name)."""
     return [b for b in static.load_builds(static.PROVIDER) if b.kernel == "attention_fwd"
-            and b.label.startswith("fp16 d128 causal ") and len(b.label.split()) == 6
-            and set(b.families) & {100, "gfx942"}]
+            and (b.dtype, b.head_dim, b.variant) == ("fp16", 128, "") and set(b.families) & {100, "gfx942"}]
 
 
 

@@ -356,8 +356,8 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
         constexprs = dict(tile, HEAD_DIM=d, BLOCK_D=d, CAUSAL=True, UPCAST=False, PRECISION="ieee",
                           **{name: value for name, value in switches.items() if name not in passed})
     return declare(f"attention_{kernel}", fn, dtype=TRITON_DTYPES[dtype], constexprs=constexprs,
-                   num_warps=num_warps, num_stages=num_stages, label=label, types=types, default=bool(families),
-                   families=families)
+                   num_warps=num_warps, num_stages=num_stages, label=label, head_dim=d, variant=variant, types=types,
+                   default=bool(families), families=families)
 
 
 @register_builds

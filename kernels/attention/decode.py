@@ -345,15 +345,15 @@ def _builds() -> List[Build]:
             for block_m in sorted({16, _MAX_BLOCK_M[fp32][d]}):
                 constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n, LOCAL_LEFT=False,
                                   LOCAL_RIGHT=True, SOFTCAP=True, UPCAST=False, PRECISION="ieee")
-                builds.append(declare("attention_decode", _decode_fwd, dtype=name, constexprs=constexprs,
+                builds.append(declare("attention_decode", _decode_fwd, dtype=name, head_dim=d, constexprs=constexprs,
                                       num_warps=warps, num_stages=stages, types=dict(_TYPES, BATCH_IDX="constexpr"),
                                       label=f"{name} d{d} paged causal alibi {block_m}x{block_n} w{warps} s{stages}",
                                       default=True))
-            builds.append(declare("attention_decode_combine", _decode_combine, dtype=name,
+            builds.append(declare("attention_decode_combine", _decode_combine, dtype=name, head_dim=d,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=COMBINE_BLOCK_M), num_warps=4,
                                   num_stages=1, types=_TYPES, label=f"{name} d{d} BLOCK_M={COMBINE_BLOCK_M}",
                                   default=True))
-            builds.append(declare("attention_decode_append", _decode_append, dtype=name,
+            builds.append(declare("attention_decode_append", _decode_append, dtype=name, head_dim=d,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=APPEND_BLOCK_M, TO_CACHE=True,
                                                   INTERLEAVED=False, SAME_POSITION=False),
                                   num_warps=APPEND_WARPS[d], num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
