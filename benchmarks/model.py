@@ -75,7 +75,7 @@ def workloads(kind: str, quick: bool) -> List[Workload]:
         small, medium = Shape(2, 2, 2, 32, 1, 16, vocab=96), Shape(3, 4, 4, 64, 2, 32, vocab=96)
         llama = Shape(2, 4, 2, 32, 1, 16, vocab=96)
         prefill = Shape(2, 4, 2, 32, 3, 16, vocab=96)
-        decode = [Shape(2, 4, 2, 32, b, 16, vocab=96, new_tokens=3) for b in (1, 2)]
+        decode = [Shape(2, 4, 2, 32, b, 16, vocab=96, new_tokens=8) for b in (1, 2)]
     chosen = [Workload("gpt2-small train", "gpt", "train", small),
               Workload("llama-gqa train", "llama", "train", llama),
               Workload("llama prefill (padded)", "llama", "prefill", prefill)]
@@ -196,17 +196,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds(call: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _time(call: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median seconds of ``call`` over ``repeats`` runs (after one warm-up run)."""
     call()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(call, device) for _ in range(repeats))
+
+
+def _time_decode(generate: Callable[[int], object], new_tokens: int, device: torch.device, repeats: int) -> float:
+    """Seconds of ``new_tokens`` decoding steps: the median over ``repeats`` interleaved pairs of
+    generate(new_tokens + 1) - generate(1), so the prefill (and its noise) cancels pair by pair. ValueError when
+    the steps do not stand out of the timing noise (a shape too small to time)."""
+    generate(new_tokens + 1)
+    generate(1)
+    def pair() -> float:
+        return _seconds(lambda: generate(new_tokens + 1), device) - _seconds(lambda: generate(1), device)
+
+    seconds = statistics.median(pair() for _ in range(max(repeats, 3)))
+    if seconds <= 0:
+        raise ValueError(f"{new_tokens} decoding steps did not stand out of the timing noise")
+    return seconds
 
 
 def _flops_per_token(workload: Workload) -> float:
@@ -235,12 +251,12 @@ def measure(workload: Workload, provider: str, mode: str, device: DeviceInfo, re
             base = torch.cuda.memory_allocated(dev)
         if workload.kind == "decode":
             n = workload.shape.new_tokens
-            seconds = max(_time(lambda: step(n + 1), dev, repeats) - _time(lambda: step(1), dev, repeats), 1e-9)
+            seconds = _time_decode(step, n, dev, repeats)
             per_step, timed = seconds / n, lambda: step(2)
         else:
             per_step = _time(step, dev, repeats)
             seconds, timed = per_step, step
-        record.update(ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(tokens / seconds, 1))
+        record.update(ms_per_step=float(f"{per_step * 1e3:.4g}"), tokens_per_s=float(f"{tokens / seconds:.4g}"))
         if dev.type == "cuda":
             record["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
             if device.peak:
