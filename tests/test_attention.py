@@ -578,3 +578,17 @@ def test_one_visible_key_gives_probability_exactly_one(device, dtype):
     out.backward(grad)
     assert torch.equal(out, v) and torch.equal(v.grad, grad)
     torch.testing.assert_close(lse, scale * (q.detach().float() ** 2).sum(-1), rtol=1e-6, atol=0)
+
+
+def test_the_ops_spell_out_the_variants_fields_in_order():
+    """The custom ops take VariantTensors then AttentionVariant, field by field: their schemas follow the
+    dataclasses, so a field added to either reaches the traced path in the right place."""
+    import dataclasses
+
+    from kernels.attention import ops, plan
+
+    fields = [*plan.VariantTensors._fields, *(f.name for f in dataclasses.fields(plan.AttentionVariant))]
+    forward = [a.name for a in ops._forward_op._opoverload._schema.arguments]
+    backward = [a.name for a in ops._backward_op._opoverload._schema.arguments]
+    assert forward == ["q", "k", "v", *fields]
+    assert backward == ["grad_out", "q", "k", "v", "out", "lse", "grad_lse", *fields]
