@@ -41,12 +41,37 @@ def _check_cu_seqlens(name: str, cu_seqlens) -> None:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
 
 
-def _check_offsets(name: str, cu_seqlens: torch.Tensor, total: Optional[int], max_seqlen_name: str,
-                   max_seqlen: int) -> None:
+_OFFSETS_RULE = ("cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing and end at the number of packed "
+                 "tokens, and max_seqlen_q/k be at least the longest sequence")
+
+
+def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
+                   max_seqlen_q: int, max_seqlen_k: int) -> None:
     """ValueError (on CPU at once; a device assert on a GPU, with no host sync: ``_validate.assert_on_device``)
-    unless ``cu_seqlens`` starts at 0, never decreases and ends at ``total`` (None: anywhere, for keys gathered
-    from pages), and ``max_seqlen`` is at least its longest sequence (the grid is sized by it, so a smaller value
-    would silently drop rows). Run before any launch: the kernels read only the rows the offsets name."""
+    unless each cu_seqlens starts at 0, never decreases and ends at its token count (``total_k`` None: anywhere,
+    for keys gathered from pages), and each max_seqlen is at least its longest sequence (the grid is sized by it,
+    so a smaller value would silently drop rows). Run before any launch: the kernels read only the rows the offsets
+    name. Both are judged in one verdict (about ten small device ops, each a launch on a GPU); a failing verdict is
+    explained argument by argument (:func:`_explain_offsets`)."""
+    offsets = torch.stack((cu_seqlens_q, cu_seqlens_k))  # (2, batch + 1): the shapes were checked equal
+    lengths = offsets.diff()
+    checks = [offsets[:, 0] == 0, (lengths >= 0).flatten(), lengths[0] <= max_seqlen_q, lengths[1] <= max_seqlen_k,
+              offsets[0, -1:] == total_q]
+    if total_k is not None:
+        checks.append(offsets[1, -1:] == total_k)
+    try:
+        assert_on_device(torch.cat(checks), _OFFSETS_RULE)
+        return
+    except ValueError:  # only where the verdict is read at once (CPU): say which argument is wrong, below
+        pass
+    _explain_offsets("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
+    _explain_offsets("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k)
+    raise ValueError(_OFFSETS_RULE)
+
+
+def _explain_offsets(name: str, cu_seqlens: torch.Tensor, total: Optional[int], max_seqlen_name: str,
+                     max_seqlen: int) -> None:
+    """The ValueError naming what is wrong with one cu_seqlens (or its max_seqlen), if anything."""
     lengths = cu_seqlens.diff()
     assert_on_device(cu_seqlens[0] == 0, f"{name} must start at 0")
     assert_on_device(lengths >= 0, f"{name} must be non-decreasing (cumulative lengths)")
@@ -174,8 +199,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     batch = cu_seqlens_q.numel() - 1
-    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-    _check_offsets("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0], "max_seqlen_k", max_seqlen_k)
+    _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
+                   max_seqlen_k)
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
     scale = check_scale(scale, q.shape[-1])
