@@ -303,14 +303,19 @@ def launch_dropout_mask(rng_state: torch.Tensor, mask: torch.Tensor, dropout_p: 
                                                      BLOCK_N=block_n)
 
 
-def kernel_meta(q: torch.Tensor, causal: bool, window: bool = False, softcap: bool = False) -> dict:
+def uses_tf32(dtype: torch.dtype) -> bool:
+    """Whether fp32 dots run in TF32 here: on a GPU, when torch allows it for matmuls (a flag that can change
+    between calls, so cached plans key on this value)."""
+    return dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+
+
+def kernel_meta(head_dim: int, dtype: torch.dtype, tf32: bool, causal: bool, window: bool = False,
+                softcap: bool = False) -> dict:
     """Compile-time parameters shared by the kernels: head dim and its padded width, the mask's upper (causal)
-    and lower (window) bounds, softcap, dot precision, and whether bf16 dots must be computed in fp32 (the
-    interpreter only; see kernels.py)."""
-    d = q.shape[-1]
-    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), CAUSAL=causal, WINDOW=window,
-                SOFTCAP=softcap, UPCAST=_runtime.INTERPRETED and q.dtype == torch.bfloat16,
+    and lower (window) bounds, softcap, dot precision (``tf32``: :func:`uses_tf32`), and whether bf16 dots must be
+    computed in fp32 (the interpreter only; see kernels.py)."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _runtime.next_power_of_2(head_dim)), CAUSAL=causal,
+                WINDOW=window, SOFTCAP=softcap, UPCAST=_runtime.INTERPRETED and dtype == torch.bfloat16,
                 PRECISION="tf32" if tf32 else "ieee")
 
 

@@ -37,7 +37,7 @@ from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import assert_on_device, check_same, check_tensor
 from kernels.attention.checks import check_alibi, check_scale, check_window
-from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta
+from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
@@ -398,8 +398,7 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
     splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, dtype.itemsize,
                                          config["BLOCK_N"], _sm_count(device))
-    # kernel_meta reads head dim and dtype off a tensor (and TF32 off torch's flag, which ``tf32`` keys here)
-    meta = kernel_meta(torch.empty((d,), dtype=dtype, device="meta"), causal=False)
+    meta = kernel_meta(d, dtype, tf32, causal=False)
     keywords = dict(kv_heads=kv_heads, group=group, n_q=n_q, n_new=n_new, capacity=capacity, splits=splits,
                     window_left=window[0], window_right=window[1], qk_scale=scale * LOG2E.value,
                     cap_log2=softcap * LOG2E.value,
@@ -418,10 +417,9 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
-    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
     splits, launch_grid, keywords = _attend_plan(
         tuple(q.shape), q.dtype, q.device, k_cache.shape[2], capacity, n_new, window, softcap, scale, num_splits,
-        tf32, None if forced is None else tuple(sorted(forced.items())))
+        uses_tf32(q.dtype), None if forced is None else tuple(sorted(forced.items())))
     if splits == 1:
         o_buf, lse_buf, split_strides = out, lse, (0, 0)
     else:

@@ -16,7 +16,6 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from kernels import _runtime
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.kernels import LOG2E
 
@@ -128,9 +127,7 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
                                                 variant.window_right)
     if varlen:
         upper, lower, diagonal = upper - diagonal, lower - diagonal, 0
-    # kernel_meta reads head dim and dtype off a tensor (and TF32 off torch's flag, which ``tf32`` keys here)
-    meta = configs.kernel_meta(torch.empty((head_dim,), dtype=dtype, device="meta"), has_upper, has_lower,
-                               variant.softcap > 0)
+    meta = configs.kernel_meta(head_dim, dtype, tf32, has_upper, has_lower, variant.softcap > 0)
     meta.update(MASK_MOD=None, SCORE_MOD=None)
     if backward:
         meta["SCORE_GRAD"] = None
@@ -151,8 +148,8 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
 def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant,
              backward: bool) -> Plan:
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
-    tf32 = q.dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
-    return _plan(variant, varlen_batch, tuple(q.shape), k.shape[1], k.shape[2], q.dtype, tf32, backward)
+    return _plan(variant, varlen_batch, tuple(q.shape), k.shape[1], k.shape[2], q.dtype,
+                 configs.uses_tf32(q.dtype), backward)
 
 
 def _strides(name: str, t: torch.Tensor, varlen: bool) -> dict:
