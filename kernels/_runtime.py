@@ -103,9 +103,11 @@ _warned = set()
 
 def kernels_can_run(*tensors: torch.Tensor) -> bool:
     """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled."""
-    if INTERPRETED:
-        return all(t.device.type == "cpu" for t in tensors)
-    return all(t.is_cuda for t in tensors)
+    # a loop rather than all(<generator>): this runs on every call of every op, and the generator costs more
+    for t in tensors:
+        if (t.device.type != "cpu") if INTERPRETED else not t.is_cuda:
+            return False
+    return True
 
 
 def kernel_runs_on(*tensors: torch.Tensor) -> bool:

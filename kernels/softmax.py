@@ -154,23 +154,29 @@ def _config(n_cols: int, lanes: int = 32):
     return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, 16, lanes)
 
 
-def _launch(kernel, out2d, ins2d, n_q, scale, causal, log):
-    """One program per row of ``out2d`` (rows, n), reading the (rows, n) unit-column-stride ``ins2d``."""
-    block, single, num_warps = _config(out2d.shape[1], lanes_of(out2d.device))
-    strides = [t.stride(0) for t in (*ins2d, out2d)]
-    kernel[(out2d.shape[0],)](*ins2d, out2d, *strides, out2d.shape[1], n_q, scale,
-                              BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
+def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
+    """One program per row along ``dim`` of ``out``, reading the same-shape ``ins`` (rows unit-strided)."""
+    n_cols = out.shape[dim]
+    block, single, num_warps = _config(n_cols, lanes_of(out.device))
+    matrices = [_matrix(t, dim) for t in (*ins, out)]
+    kernel[(out.numel() // n_cols,)](*(m for m, _ in matrices), *(stride for _, stride in matrices), n_cols, n_q,
+                                     scale, BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
 
 
-def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` with ``dim`` moved last, as a (rows, n) matrix with unit column stride."""
-    return as_rows(t if dim == t.dim() - 1 else t.movedim(dim, -1), t.shape[dim])
+def _matrix(t: torch.Tensor, dim: int):
+    """(``t`` as a (rows, n) matrix with unit column stride, its row stride), ``dim`` moved last. A contiguous ``t``
+    with ``dim`` last already is that matrix in memory: it is passed as it is, with no view to build per call."""
+    if dim == t.dim() - 1 and t.is_contiguous():
+        return t, t.shape[-1]
+    rows = as_rows(t if dim == t.dim() - 1 else t.movedim(dim, -1), t.shape[dim])
+    return rows, rows.stride(0)
 
 
 def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
     """An uninitialised tensor of x's shape and dtype laid out with ``dim`` last in memory (rows unit-strided)."""
     if dim == x.dim() - 1:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # empty_like keeps a contiguous layout and costs half of empty(shape, ...) on the host
+        return torch.empty_like(x) if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.empty(x.movedim(dim, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
 
 
@@ -179,7 +185,7 @@ def _forward(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -
     y = _empty_like_moved(x, dim)
     if y.numel():
         with launch_device(x):
-            _launch(_softmax_fwd, _rows(y, dim), (_rows(x, dim),), x.shape[-2] if causal else 1, scale, causal, log)
+            _launch(_softmax_fwd, y, (x,), dim, x.shape[-2] if causal else 1, scale, causal, log)
     return y
 
 
@@ -188,8 +194,7 @@ def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal:
     dx = _empty_like_moved(y, dim)
     if dx.numel():
         with launch_device(y):
-            _launch(_softmax_bwd, _rows(dx, dim), (_rows(y, dim), _rows(dy, dim)), y.shape[-2] if causal else 1,
-                    scale, causal, log)
+            _launch(_softmax_bwd, dx, (y, dy), dim, y.shape[-2] if causal else 1, scale, causal, log)
     return dx
 
 
@@ -255,12 +260,12 @@ def _check(x, dim, scale, causal) -> int:
     check_tensor("x", x)
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
-        raise ValueError(f"dim must be in [{-max(x.dim(), 1)}, {max(x.dim(), 1)}) for x of shape {tuple(x.shape)}, "
-                         f"got {dim}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    dim = dim % max(x.dim(), 1)
+    dim = dim % ndim
     if causal and x.dim() < 2:
         raise ValueError(f"causal=True needs x of at least 2 dims (..., Nq, Nk), got shape {tuple(x.shape)}")
     if causal and dim != x.dim() - 1:
