@@ -19,6 +19,15 @@ def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES)
 
 def check_same(what: str, **tensors) -> None:
     """Raise unless all named tensors share the same dtype (``what="dtype"``) or device (``what="device"``)."""
+    expected = None
+    for t in tensors.values():  # the common case, all equal, builds no dict or set
+        value = getattr(t, what)
+        if expected is None:
+            expected = value
+        elif value != expected:
+            break
+    else:
+        return
     values = {name: getattr(t, what) for name, t in tensors.items()}
     if len(set(values.values())) > 1:
         listed = ", ".join(f"{name}: {value}" for name, value in values.items())
