@@ -297,9 +297,9 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
             key = (kernel, b.dtype, b.head_dim, b.variant, family)
             assert key not in seen, key
             seen.add(key)
-    # families x dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, softcap,
-    # alibi, dropout, varlen, mask_mod and score_mod
-    assert len(seen) == len(configs.FAMILIES) * 9 * (9 + 8 + 8)
+    # families x dtypes x head dims x (plain + variants): fwd (+ sinks), dK/dV and dQ, each with window, chunk,
+    # softcap, alibi, dropout, varlen, mask_mod and score_mod
+    assert len(seen) == len(configs.FAMILIES) * 9 * (10 + 9 + 9)
     for variant in ("dropout", "mask_mod"):
         tuned = configs._tuned("fwd", 90, 64, False, variant, (4096, 4096))  # long: no pruning
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == \

@@ -60,16 +60,37 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
     return mask.view(torch.bool)
 
 
-def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, **variants):
+def check_attention_chunk(attention_chunk) -> int:
+    """``attention_chunk`` as an int; TypeError unless an int, ValueError if negative (0: off)."""
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, numbers.Integral):
+        raise TypeError(f"attention_chunk must be an int (0 = off), got {attention_chunk!r}")
+    if attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be >= 0 (0 = off), got {attention_chunk}")
+    return int(attention_chunk)
+
+
+def chunk_mask(n_q: int, n_k: int, attention_chunk: int, device=None) -> torch.Tensor:
+    """Bool (n_q, n_k) mask of flash-attn 3's ``attention_chunk`` C (0: all True): query i sees key j iff
+    floor(j / C) == floor((i + n_k - n_q) / C), its bottom-right aligned position's chunk."""
+    if attention_chunk == 0:
+        return torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    positions = torch.arange(n_q, device=device) + (n_k - n_q)
+    return torch.arange(n_k, device=device)[None, :] // attention_chunk == positions[:, None] // attention_chunk
+
+
+def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, attention_chunk: int, **variants):
     """The documented fallback: kernels.reference.attention, plus its logsumexp (float32, as the kernel's)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if attention_chunk:
+        chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
+        mask = chunks if mask is None else mask & chunks
     out, lse = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask, return_lse=True, **variants)
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
               return_lse: bool = False, key_padding_mask: Optional[torch.Tensor] = None, *,
-              window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              window_size: Tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
               alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
               sinks: Optional[torch.Tensor] = None, mask_mod=None, score_mod: Optional[mods.ScoreMod] = None):
     """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` with autograd for q, k, v (and sinks).
@@ -86,6 +107,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
     - ``window_size=(left, right)``: query i sees keys i + shift - left <= j <= i + shift + right; -1 leaves a side
       unbounded; ``causal`` sets right to 0. Key blocks outside the window are never read: O(N * window).
+    - ``attention_chunk`` C > 0 (flash-attn 3's, Llama 4's chunked attention; 0 is off): query i sees key j only if
+      floor(j / C) == floor((i + shift) / C), on top of ``causal`` and the window (so without ``causal`` a row
+      sees its whole chunk, both sides; rows at positions i + shift < 0 see nothing). Key blocks outside a
+      row's chunk are never read: O(N * C).
     - ``softcap > 0``: the scaled score s becomes softcap * tanh(s / softcap) (before ALiBi and masks).
     - ``alibi_slopes``: float32 (H,) or (B, H); adds -slope * |i + shift - j| to the (capped) score.
     - ``sinks``: float (H,) per-head logits in every row's softmax denominator with no value (GPT-OSS):
@@ -109,6 +134,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, q, k)
     window_left, window_right = check_window(window_size)
+    attention_chunk = check_attention_chunk(attention_chunk)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
@@ -121,8 +147,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         if dropout_p > 0 or block_mask is not None or score_mod is not None:
             raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
                                "streams and @triton.jit mods), which cannot run on these inputs in this process")
-        out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, window_size=(window_left, window_right),
-                                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, attention_chunk,
+                                       window_size=(window_left, window_right), softcap=softcap,
+                                       alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         mod_tensors, mod_keys = _mod_args(block_mask, score_mod, q)
         padding = {} if key_padding_mask is None else _padding.get(key_padding_mask, None, lambda: dict(
@@ -131,8 +158,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                  sinks=None if sinks is None else sinks.float(),
                                  rng_state=draw_rng(q.device) if dropout_p > 0 else None, **padding, **mod_tensors)
         variant = AttentionVariant(causal=bool(causal), causal_shift=k.shape[2] - q.shape[2], scale=scale,
-                                   window_left=window_left, window_right=window_right, softcap=softcap,
-                                   dropout_p=dropout_p, **mod_keys)
+                                   window_left=window_left, window_right=window_right,
+                                   attention_chunk=attention_chunk, softcap=softcap, dropout_p=dropout_p, **mod_keys)
         out, lse = attention_op(q, k, v, tensors, variant)
         return (out, natural_lse(lse)) if return_lse else out
     return (out, lse) if return_lse else out

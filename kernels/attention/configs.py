@@ -235,11 +235,11 @@ def prune(kernel: str, table: List[Tile], lengths: Tuple[int, int]) -> List[Tile
 def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
     """An autotuner over this family's configs for a specialisation (:func:`tiles`), pruned for the length bucket
     (:func:`prune`); one per (causal is in the key) bucket of the lengths, so tuning is keyed on bucketed lengths
-    (the autotuner itself keys on head dim, causal, window, softcap, precision, the mods' functions and the tensors'
+    (the autotuner itself keys on head dim, causal, window, chunk, softcap, precision, the mods' functions and the tensors'
     dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)]
-    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
+    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "CHUNKED", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
 
@@ -324,8 +324,9 @@ _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "
           "BLOCK_MASK": "*i32", "SEED": "*i64", "MASK": "*u8", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
           "softcap": "fp32", "dropout_p": "fp32",
           # upper-case scalars, which the naming convention would take for pointers
-          **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT"), "i32")}
-_VARIANTS = {"window": {"WINDOW": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
+          **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT", "CHUNK_SIZE"),
+                         "i32")}
+_VARIANTS = {"window": {"WINDOW": True}, "chunk": {"CHUNKED": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
              "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"},
              "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"},
              "mask_mod": {"BLOCK_MASK": "*i32", "MASK_MOD": mods._same_document, "MASK_ARGS": ("*i32", "i32")},
@@ -335,7 +336,7 @@ argument passed instead of None, given by its type (a pointer, or a tuple of typ
 A kernel takes the variant if it has the variant's first parameter, with those of its parameters it has (the
 forward has no SCORE_GRAD). The mods are the shipped ones (mods.py): the document mask, its doc-id pointer and
 batch stride with its block mask, and the tanh softcap score with its derivative."""
-_OFF = {"WINDOW": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
+_OFF = {"WINDOW": False, "CHUNKED": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
         "CU_SEQLENS_K": None, "BLOCK_MASK": None, "MASK_ARGS": None, "SCORE_ARGS": None, "MASK_MOD": None,
         "SCORE_MOD": None, "SCORE_GRAD": None}
 
@@ -369,7 +370,7 @@ def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, 
 def _builds() -> List[Build]:
     """Every autotune config of every GPU family, for fp16/bf16/fp32 at head dims 64, 128 and 256, each table's
     first entry marked default for the families whose launches try it first. Each specialisation (window,
-    softcap, ALiBi, sinks, dropout, varlen, mask_mod, score_mod) is built at the first config of its table for
+    chunk, softcap, ALiBi, sinks, dropout, varlen, mask_mod, score_mod) is built at the first config of its table for
     each family, marked default for that family too: every specialisation is held to the no-spill bar on the GPUs
     that run it, not only the plain kernel. The dropout-mask helper has one config."""
     builds = [declare("attention_dropout_mask", _dropout_mask, dtype="u8", num_warps=4, num_stages=1,

@@ -16,8 +16,10 @@ logits ~100). The public functions return the natural-log lse (``api.natural_lse
     (ALIBI, a float32 slope per head, or per batch and head when stride_ab is nonzero),
 
 and query i sees key j iff kv_start[b] <= j < kv_end[b], the optional (B, Nk) padding mask PAD is nonzero at
-(b, j), j <= i + CAUSAL_SHIFT (CAUSAL: a causal mask or a window's right edge) and j >= i + WINDOW_SHIFT (WINDOW:
-a window's left edge). Key blocks outside a query block's bounds are never visited, and only the blocks that
+(b, j), j <= i + CAUSAL_SHIFT (CAUSAL: a causal mask or a window's right edge), j >= i + WINDOW_SHIFT (WINDOW:
+a window's left edge) and floor(j / CHUNK_SIZE) == floor((i + ALIBI_SHIFT) / CHUNK_SIZE) (CHUNKED: flash-attn 3's
+attention_chunk; ALIBI_SHIFT is the diagonal Nk - Nq, so the chunk is that of query i's bottom-right aligned
+position). Key blocks outside a query block's bounds are never visited, and only the blocks that
 straddle a bound are masked. SINKS (float32, one logit per head) joins every row's softmax denominator with no
 value: out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)), and lse includes it. Rows that see no key
 give zeros and lse = -inf (lse = sink_h * log2(e) with sinks).
@@ -42,8 +44,8 @@ heads of its group and their query blocks (GQA sums without atomics: determinist
 block that loops over key blocks. With dropout z_ij = keep_ij / (1 - dropout_p): dV += (p * z)^T dO and
 ds = p * (z * dO v^T - delta); with softcap ds is further multiplied by 1 - tanh^2.
 
-Disabled features cost nothing: CAUSAL, WINDOW and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED, PAD,
-KV_BOUNDS and CU_SEQLENS_Q/K are pointers that the launcher passes as None, which Triton specialises away.
+Disabled features cost nothing: CAUSAL, WINDOW, CHUNKED and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED,
+PAD, KV_BOUNDS and CU_SEQLENS_Q/K are pointers that the launcher passes as None, which Triton specialises away.
 
 UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
 as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
@@ -142,14 +144,24 @@ def _keys_visible(PAD, b, stride_pb, cols, kv_hi):
 
 
 @triton.jit
-def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, CELLS, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_PAD: tl.constexpr):
+def _chunk_start(position, CHUNK_SIZE):
+    """The first position of the attention chunk holding ``position``: floor(position / CHUNK_SIZE) * CHUNK_SIZE.
+    Computed on non-negative numbers (Triton's // truncates toward zero): a position below -CHUNK_SIZE is raised to
+    it first, which changes no visibility (its chunk and [-CHUNK_SIZE, 0) both hold no key)."""
+    return (tl.maximum(position, -CHUNK_SIZE) + CHUNK_SIZE) // CHUNK_SIZE * CHUNK_SIZE - CHUNK_SIZE
+
+
+@triton.jit
+def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, DIAGONAL, CHUNK_SIZE, CELLS,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                      CHUNKED: tl.constexpr, HAS_PAD: tl.constexpr):
     """Keys [lo, hi) that some row of the query block at ``start_m`` sees, split by lo <= full_lo <= full_hi <= hi:
     [full_lo, full_hi) is whole key blocks that every row of the block sees, so only [lo, full_lo) and
     [full_hi, hi) need the score mask (all of [lo, hi) with a padding mask, which may hide any key). Key blocks
-    past the causal diagonal or before the window's left edge lie outside [lo, hi) and are never visited; with a
-    block mask (CELLS, :func:`_cells`), nor are keys outside the query cell's first..last non-empty key cell, and
-    lo is a multiple of BLOCK_N so that every key block lies in one cell ([lo, full_lo) is then masked always)."""
+    past the causal diagonal, before the window's left edge or outside the rows' attention chunks (CHUNKED: from
+    the first row's chunk to the last's) lie outside [lo, hi) and are never visited; with a block mask (CELLS,
+    :func:`_cells`), nor are keys outside the query cell's first..last non-empty key cell, and lo is a multiple
+    of BLOCK_N so that every key block lies in one cell ([lo, full_lo) is then masked always)."""
     lo, hi = _key_bounds(KV_BOUNDS, b, N_K)
     last_row = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     full_lo = lo
@@ -162,6 +174,13 @@ def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIF
     if WINDOW:
         lo = tl.maximum(lo, start_m + WINDOW_SHIFT)
         full_lo = tl.maximum(lo, last_row + WINDOW_SHIFT)
+    if CHUNKED:  # every row sees only its own chunk: keys of the first row's chunk through the last row's
+        first_chunk = _chunk_start(start_m + DIAGONAL, CHUNK_SIZE)
+        last_chunk = _chunk_start(last_row + DIAGONAL, CHUNK_SIZE)
+        lo = tl.maximum(lo, first_chunk)
+        hi = tl.minimum(hi, last_chunk + CHUNK_SIZE)
+        full_lo = tl.maximum(full_lo, last_chunk)
+        full_hi = tl.minimum(full_hi, first_chunk + CHUNK_SIZE)
     if CELLS is not None:
         key_cells = CELLS + tl.cdiv(N_Q, MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK) + 2 * (start_m // MASK_BLOCK)
         lo = tl.maximum(lo, tl.load(key_cells) * MASK_BLOCK)
@@ -185,11 +204,12 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-            MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            ALIBI: tl.constexpr):
+            CHUNK_SIZE, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """(log2-unit scores, tanh of the capped score) of the dot products ``qk``; ``rows``/``cols`` broadcast to
-    qk's shape (either orientation). With MASKED, scores outside ``visible`` and the causal/window bounds are
-    -inf. The second result is only meaningful with SOFTCAP (the backward's 1 - tanh^2)."""
+    qk's shape (either orientation). With MASKED, scores outside ``visible``, the causal/window bounds and (CHUNKED)
+    the row's attention chunk are -inf. The second result is only meaningful with SOFTCAP (the backward's
+    1 - tanh^2)."""
     s = qk * qk_scale
     t = s
     if SOFTCAP:  # softcap * tanh(s / softcap), in log2 units: cap_log2 = softcap * log2(e)
@@ -202,6 +222,9 @@ def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIF
             visible = visible & (cols <= rows + CAUSAL_SHIFT)
         if WINDOW:
             visible = visible & (cols >= rows + WINDOW_SHIFT)
+        if CHUNKED:
+            chunk = _chunk_start(rows + ALIBI_SHIFT, CHUNK_SIZE)
+            visible = visible & (cols >= chunk) & (cols < chunk + CHUNK_SIZE)
         s = tl.where(visible, s, float("-inf"))
     return s, t
 
@@ -233,9 +256,9 @@ def _score_mod_result(value, score):
 
 @triton.jit
 def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT,
-                WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_MOD: tl.constexpr,
-                SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+                WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                ALIBI: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
     """:func:`_scores` with the user's mods: (log2-unit scores, tanh of the capped score, d score_mod / d score).
 
     SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS) maps the natural-unit scaled score qk * scale first (before
@@ -252,7 +275,7 @@ def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, c
         qk = _score_mod_result(SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
         qk_scale = LOG2E
     s, t = _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                   MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI)
+                   CHUNK_SIZE, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI)
     if MASK_MOD is not None:
         if state == 1:
             s = tl.where(_mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), kv_idx), s, float("-inf"))
@@ -306,8 +329,9 @@ def _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv
 @triton.jit
 def _key_block_scores(q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state,
                       PAD, b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                      MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
                       SCORE_GRAD: tl.constexpr):
     """The forward's and dQ's step over the key block at ``start_n`` for the query tile ``q`` (rows ``offs_m``,
@@ -317,16 +341,18 @@ def _key_block_scores(q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, 
     visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
     s, t, grad = _mod_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :],
                              visible, q_idx[:, None], tl.minimum(cols, kv_hi - 1)[None, :], state, b, h, qk_scale,
-                             cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS,
-                             MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+                             cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS,
+                             SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD,
+                             SCORE_GRAD)
     return cols, k, v, s, t, grad
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-               start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
+               start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, cap_log2, slope_log2,
                PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS, SCORE_ARGS,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
+               SOFTCAP: tl.constexpr,
                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
                SCORE_MOD: tl.constexpr):
@@ -337,8 +363,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
         if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
             cols, k, v, s, _, _ = _key_block_scores(
                 q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
-                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS,
-                SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST, PRECISION, MASK_MOD,
+                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
+                MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST,
+                PRECISION, MASK_MOD,
                 SCORE_MOD, None)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if MASKED or MASK_MOD is not None:
@@ -364,10 +391,10 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_on, stride_od,
-              H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap, dropout_p,
+              H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr):
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr):
     """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (b * stride_lb + h * stride_lh + row)
     natural log, fp32."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
@@ -401,8 +428,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
     cells = None if BLOCK_MASK is None else _cells(BLOCK_MASK, stride_mb, stride_mh, b, h)
-    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, cells,
-                                                 BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                                 ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
+                                                 CHUNKED, PAD is not None)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     if SINKS is None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -411,14 +439,15 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
         m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(SINKS + h) * LOG2E
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for part in tl.static_range(3):  # the masked blocks below the full ones (a window's left edge), full, masked
-        if part != 0 or WINDOW or BLOCK_MASK is not None:
+    for part in tl.static_range(3):  # the masked blocks below the full ones (a window's or chunk's start), full, masked
+        if part != 0 or WINDOW or CHUNKED or BLOCK_MASK is not None:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
                                        offs_d, (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi,
-                                       CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E,
-                                       slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p,
-                                       tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS, SCORE_ARGS, part != 1,
-                                       CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None, HEAD_DIM,
+                                       CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale,
+                                       softcap * LOG2E, slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh,
+                                       dropout_p, tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS, SCORE_ARGS,
+                                       part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI is not None,
+                                       SEED is not None, HEAD_DIM,
                                        BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD)
 
     seen = l_i > 0
@@ -488,40 +517,56 @@ def _backward_sequence(Q, DO, LSE, DELTA, K, V, q_start, k_start, diagonal, stri
 
 
 @triton.jit
-def _key_block_queries(first_col, last_col, q_lo, q_hi, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M: tl.constexpr,
-                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, ALIGN: tl.constexpr):
+def _key_block_queries(first_col, last_col, q_lo, q_hi, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, DIAGONAL, CHUNK_SIZE,
+                       BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
+                       ALIGN: tl.constexpr):
     """(m_lo, mid, m_full_end, m_end): query rows [m_lo, m_end) see some key of [first_col, last_col]; [mid,
     m_full_end) see all of them (whole query blocks, unmasked), the rest is masked: rows before mid straddle the
-    causal diagonal, rows from m_full_end on the window's left edge. Rows outside [q_lo, q_hi) (a block mask's
-    non-empty query cells) are not visited; with ALIGN, m_lo is a multiple of BLOCK_M so that every query block
-    lies in one cell (rows it adds before the causal diagonal are masked)."""
+    causal diagonal or a chunk's start, rows from m_full_end on the window's left edge or a chunk's end (CHUNKED:
+    row i sees the keys of the chunk holding i + DIAGONAL). Rows outside [q_lo, q_hi) (a block mask's non-empty
+    query cells) are not visited; with ALIGN, m_lo is a multiple of BLOCK_M so that every query block lies in one
+    cell (rows it adds before the causal diagonal are masked)."""
     m_lo = 0
     if CAUSAL:
-        m_lo = tl.minimum(tl.maximum(first_col - CAUSAL_SHIFT, 0), N_Q)
-    m_lo = tl.maximum(m_lo, q_lo)
+        m_lo = tl.maximum(first_col - CAUSAL_SHIFT, 0)
+    if CHUNKED:  # the first row whose chunk reaches first_col
+        m_lo = tl.maximum(m_lo, _chunk_start(first_col, CHUNK_SIZE) - DIAGONAL)
+    m_lo = tl.maximum(tl.minimum(m_lo, N_Q), q_lo)
     if ALIGN:
         m_lo = m_lo // BLOCK_M * BLOCK_M
     mid = m_lo
-    if CAUSAL:
-        m_full = tl.minimum(tl.maximum(last_col - CAUSAL_SHIFT, m_lo), N_Q)
-        mid = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
+    if CAUSAL or CHUNKED:
+        m_full = m_lo
+        if CAUSAL:
+            m_full = tl.maximum(m_full, last_col - CAUSAL_SHIFT)
+        if CHUNKED:  # the first row whose chunk starts at or before first_col and reaches last_col
+            m_full = tl.maximum(m_full, _chunk_start(last_col, CHUNK_SIZE) - DIAGONAL)
+        mid = m_lo + tl.cdiv(tl.minimum(m_full, N_Q) - m_lo, BLOCK_M) * BLOCK_M
     # a block with no visible key skips the loops
     m_end = tl.where(first_col <= last_col, tl.maximum(tl.minimum(q_hi, N_Q), m_lo), m_lo)
     if WINDOW:
         m_end = tl.minimum(m_end, tl.maximum(last_col - WINDOW_SHIFT + 1, m_lo))
+    if CHUNKED:  # past the last row whose chunk reaches last_col
+        m_end = tl.minimum(m_end, tl.maximum(_chunk_start(last_col, CHUNK_SIZE) + CHUNK_SIZE - DIAGONAL, m_lo))
     mid = tl.minimum(mid, m_end)
     m_full_end = m_end
-    if WINDOW:
-        m_full_end = mid + (tl.maximum(tl.minimum(first_col - WINDOW_SHIFT + 1, m_end) - mid, 0) // BLOCK_M) * BLOCK_M
+    if WINDOW or CHUNKED:
+        full_end = m_end
+        if WINDOW:
+            full_end = tl.minimum(full_end, first_col - WINDOW_SHIFT + 1)
+        if CHUNKED:  # past the last row whose chunk still holds first_col
+            full_end = tl.minimum(full_end, _chunk_start(first_col, CHUNK_SIZE) + CHUNK_SIZE - DIAGONAL)
+        m_full_end = mid + (tl.maximum(full_end - mid, 0) // BLOCK_M) * BLOCK_M
     return m_lo, mid, m_full_end, m_end
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
-                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
+                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
                     qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p, b, h, kv_idx, CELLS,
                     n_k_cells, MASK_ARGS, SCORE_ARGS,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
+                    SOFTCAP: tl.constexpr,
                     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
                     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
@@ -541,8 +586,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, D
             s_t, t_t, g_t = _mod_scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), rows[None, :],
                                         cols[:, None], row_ok[None, :], tl.minimum(rows, N_Q - 1)[None, :], kv_idx,
                                         state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT,
-                                        ALIBI_SHIFT, MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                        MASK_MOD, SCORE_MOD, SCORE_GRAD)
+                                        ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW,
+                                        CHUNKED, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD, SCORE_GRAD)
             p_t = tl.math.exp2(s_t - lse[None, :])
             keep_t = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p) if DROPOUT else None
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -562,11 +607,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                   H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, sm_scale, softcap,
-                   dropout_p,
+                   H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, sm_scale,
+                   softcap, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
                    SCORE_GRAD: tl.constexpr):
     """One program per (key block, batch * kv head): dK, dV (B, Hkv, Nk, D), contiguous, in the input dtype.
 
@@ -608,7 +653,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
     last_col = tl.minimum(start_n + BLOCK_N, hi) - 1
     if BLOCK_MASK is None:
         m_lo, mid, m_full_end, m_end = _key_block_queries(first_col, last_col, 0, N_Q, N_Q, CAUSAL_SHIFT,
-                                                          WINDOW_SHIFT, BLOCK_M, CAUSAL, WINDOW, False)
+                                                          WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, BLOCK_M, CAUSAL,
+                                                          WINDOW, CHUNKED, False)
     n_k_cells = tl.cdiv(N_K, MASK_BLOCK)
     kv_idx = tl.minimum(cols, N_K - 1)[:, None]
 
@@ -628,15 +674,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
             q_cells = head_cells + tl.cdiv(N_Q, MASK_BLOCK) * (n_k_cells + 2) + 2 * (start_n // MASK_BLOCK)
             m_lo, mid, m_full_end, m_end = _key_block_queries(
                 first_col, last_col, tl.load(q_cells) * MASK_BLOCK, tl.load(q_cells + 1) * MASK_BLOCK, N_Q,
-                CAUSAL_SHIFT, WINDOW_SHIFT, BLOCK_M, CAUSAL, WINDOW, True)
-        for part in tl.static_range(3):  # masked (causal diagonal), full, masked (window's left edge)
-            if (part != 0 or CAUSAL) and (part != 2 or WINDOW):
+                CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, BLOCK_M, CAUSAL, WINDOW, CHUNKED, True)
+        for part in tl.static_range(3):  # masked (causal diagonal, chunk start), full, masked (window, chunk end)
+            if (part != 0 or CAUSAL or CHUNKED) and (part != 2 or WINDOW or CHUNKED):
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA,
                                          row_base, cols, offs_m, offs_d, (m_lo, mid, m_full_end)[part],
                                          (mid, m_full_end, m_end)[part], N_Q, CAUSAL_SHIFT, WINDOW_SHIFT,
-                                         ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, seed, rng_offset, bh,
-                                         dropout_p, b, h, kv_idx, cells, n_k_cells, MASK_ARGS, SCORE_ARGS, part != 1,
-                                         CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None, HEAD_DIM,
+                                         ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap * LOG2E, slope_log2, seed,
+                                         rng_offset, bh, dropout_p, b, h, kv_idx, cells, n_k_cells, MASK_ARGS,
+                                         SCORE_ARGS, part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI is not None,
+                                         SEED is not None, HEAD_DIM,
                                          BLOCK_D, BLOCK_M, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
 
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
@@ -649,9 +696,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                  start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, cap_log2, slope_log2,
-                  PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS, SCORE_ARGS,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, cap_log2,
+                  slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS,
+                  SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
                   SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
@@ -661,8 +709,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
         if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
             cols, k, v, s, t, g = _key_block_scores(
                 q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
-                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, MASK_ARGS,
-                SCORE_ARGS, MASKED, CAUSAL, WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST, PRECISION, MASK_MOD,
+                b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
+                MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST,
+                PRECISION, MASK_MOD,
                 SCORE_MOD, SCORE_GRAD)
             p = tl.math.exp2(s - lse[:, None])
             keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p) if DROPOUT \
@@ -683,11 +732,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                 H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, sm_scale, softcap,
+                 H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, sm_scale, softcap,
                  dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                 SCORE_GRAD: tl.constexpr):
     """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
@@ -720,17 +770,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
     cells = None if BLOCK_MASK is None else _cells(BLOCK_MASK, stride_mb, stride_mh, b, h)
-    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, cells,
-                                                 BLOCK_M, BLOCK_N, CAUSAL, WINDOW, PAD is not None)
+    lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
+                                                 ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
+                                                 CHUNKED, PAD is not None)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # as in the forward: masked below the full blocks, full, masked
-        if part != 0 or WINDOW or BLOCK_MASK is not None:
+        if part != 0 or WINDOW or CHUNKED or BLOCK_MASK is not None:
             dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi, CAUSAL_SHIFT,
-                               WINDOW_SHIFT, ALIBI_SHIFT, qk_scale, softcap * LOG2E, slope_log2, PAD, b, h, stride_pb,
-                               seed, rng_offset, off_bh, dropout_p, tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS,
-                               SCORE_ARGS, part != 1, CAUSAL, WINDOW, SOFTCAP, ALIBI is not None, SEED is not None,
+                               WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap * LOG2E, slope_log2, PAD, b,
+                               h, stride_pb, seed, rng_offset, off_bh, dropout_p, tl.minimum(offs_m, N_Q - 1),
+                               q_cells, MASK_ARGS, SCORE_ARGS, part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP,
+                               ALIBI is not None, SEED is not None,
                                HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
     _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
                 cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)

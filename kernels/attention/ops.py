@@ -117,9 +117,19 @@ def _schema(fn) -> str:
     return schema
 
 
-def _op(name: str):
-    """``torch.library.custom_op`` of ``fn`` under ``name``, with :func:`_schema`."""
-    return lambda fn: torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
+def _op(name: str, leading: Tuple[Tuple[str, type], ...], returns: type):
+    """``torch.library.custom_op`` under ``name`` of ``fn(*leading, *variant)``: its op signature is the
+    ``leading`` (name, type) tensors, then :class:`VariantTensors`' and :class:`AttentionVariant`'s fields as
+    they are declared, so a new variant field needs no edit here (schema: :func:`_schema`)."""
+    fields = (*leading, *VariantTensors.__annotations__.items(),
+              *((field.name, field.type) for field in dataclasses.fields(AttentionVariant)))
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+                  for name, annotation in fields]
+
+    def register(fn):
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+        return torch.library.custom_op(name, fn, mutates_args=(), schema=_schema(fn))
+    return register
 
 
 def _flat(tensors: VariantTensors, variant: AttentionVariant) -> tuple:
@@ -132,19 +142,14 @@ def _unflat(args: tuple) -> Tuple[VariantTensors, AttentionVariant]:
     return VariantTensors(*args[:n]), AttentionVariant(*args[n:])
 
 
-@_op("kernels::flash_attention_forward")
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bounds: Optional[torch.Tensor],
-                pad: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
-                rng_state: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                cu_seqlens_k: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
-                mask_args: _TENSOR_LIST, score_args: _TENSOR_LIST, causal: bool, causal_shift: int, scale: float,
-                window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
-                max_seqlen_k: int, mask_mod: int, score_mod: int) -> Tuple[torch.Tensor, torch.Tensor]:
+_TENSOR = torch.Tensor
+
+
+@_op("kernels::flash_attention_forward", (("q", _TENSOR), ("k", _TENSOR), ("v", _TENSOR)), Tuple[_TENSOR, _TENSOR])
+def _forward_op(q, k, v, *variant_args):
     """(out, log2-unit lse): ``plan.forward`` with :class:`VariantTensors` and :class:`AttentionVariant` spelled
     out, as the dispatcher takes arguments."""
-    args = locals()
-    tensors, variant = _unflat(tuple(args[name] for name in list(args)[3:]))
-    return attention_forward(q, k, v, tensors, variant)
+    return attention_forward(q, k, v, *_unflat(variant_args))
 
 
 @_forward_op.register_fake
@@ -152,20 +157,12 @@ def _(q, k, v, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, *re
     return plan.rows_empty(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@_op("kernels::flash_attention_backward")
-def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, grad_lse: Optional[torch.Tensor], kv_bounds: Optional[torch.Tensor],
-                 pad: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
-                 rng_state: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                 cu_seqlens_k: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
-                 mask_args: _TENSOR_LIST, score_args: _TENSOR_LIST, causal: bool, causal_shift: int, scale: float,
-                 window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
-                 max_seqlen_k: int, mask_mod: int,
-                 score_mod: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@_op("kernels::flash_attention_backward",
+     (*((name, _TENSOR) for name in ("grad_out", "q", "k", "v", "out", "lse")), ("grad_lse", Optional[_TENSOR])),
+     Tuple[_TENSOR, _TENSOR, _TENSOR])
+def _backward_op(grad_out, q, k, v, out, lse, grad_lse, *variant_args):
     """(dq, dk, dv): ``plan.backward`` spelled out as :func:`_forward_op`."""
-    args = locals()
-    tensors, variant = _unflat(tuple(args[name] for name in list(args)[7:]))
-    return attention_backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)
+    return attention_backward(grad_out, q, k, v, out, lse, grad_lse, *_unflat(variant_args))
 
 
 @_backward_op.register_fake

@@ -26,7 +26,8 @@ class AttentionVariant:
 
     ``causal_shift``: the diagonal the causal edge, the window and ALiBi distances are measured from (Nk - Nq for
     bottom-right, 0 for top-left); query i sees key j iff j <= i + causal_shift (causal) and
-    i + causal_shift - window_left <= j <= i + causal_shift + window_right (edges -1: unbounded). ``softcap`` 0 is
+    i + causal_shift - window_left <= j <= i + causal_shift + window_right (edges -1: unbounded), and with
+    ``attention_chunk`` C > 0 (flash-attn 3's) also floor(j / C) == floor((i + causal_shift) / C). ``softcap`` 0 is
     off. Packed sequences (varlen, when :class:`VariantTensors` has ``cu_seqlens_q``): ``max_seqlen_q/k`` bound the
     lengths and size the grid, and each sequence is aligned bottom-right by itself. ``mask_mod``/``score_mod``:
     keys of ``block_mask.py``'s registry, -1 for none.
@@ -40,6 +41,7 @@ class AttentionVariant:
     scale: float = 1.0
     window_left: int = -1
     window_right: int = -1
+    attention_chunk: int = 0
     softcap: float = 0.0
     dropout_p: float = 0.0
     max_seqlen_q: int = 0
@@ -100,6 +102,13 @@ def _edges(n_q: int, n_k: int, causal: bool, causal_shift: int, window_left: int
     return has_upper, has_lower, upper if has_upper else 0, lower if has_lower else 0
 
 
+def _chunk_hides_keys(n_k: int, diagonal: int, chunk: int, varlen: bool) -> bool:
+    """Whether chunks of ``chunk`` keys (0: none) hide some key of a dense (n_q, n_k) grid whose query i sits at
+    position i + ``diagonal``: yes unless every position and key lies in chunk 0 (no negative position, n_k <=
+    chunk). Packed sequences each have their own diagonal: kept."""
+    return chunk > 0 and (varlen or diagonal < 0 or n_k > chunk)
+
+
 class Plan(NamedTuple):
     """What a launch needs besides the call's pointers and strides: ``meta`` the kernels' compile-time parameters,
     ``scalars`` their scalar arguments, the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen) and
@@ -128,7 +137,8 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
     if varlen:
         upper, lower, diagonal = upper - diagonal, lower - diagonal, 0
     meta = configs.kernel_meta(head_dim, dtype, tf32, has_upper, has_lower, variant.softcap > 0)
-    meta.update(MASK_MOD=None, SCORE_MOD=None)
+    meta.update(CHUNKED=_chunk_hides_keys(n_k, diagonal, variant.attention_chunk, varlen), MASK_MOD=None,
+                SCORE_MOD=None)
     if backward:
         meta["SCORE_GRAD"] = None
     if variant.mask_mod >= 0:
@@ -137,9 +147,11 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
         meta["SCORE_MOD"], grad = mods.functions(variant.score_mod)
         if backward:
             meta["SCORE_GRAD"] = grad
+    # A chunk of n_k or more keys shows a row at position p >= 0 every key (p < n_k), as one of exactly n_k does:
+    # the kernels take that one, so their int32 position arithmetic cannot overflow.
     scalars = dict(H=heads, GROUP=heads // kv_heads, N_Q=n_q, N_K=n_k, CAUSAL_SHIFT=upper, WINDOW_SHIFT=lower,
-                   ALIBI_SHIFT=diagonal, qk_scale=variant.scale * LOG2E.value, softcap=variant.softcap,
-                   dropout_p=variant.dropout_p)
+                   ALIBI_SHIFT=diagonal, CHUNK_SIZE=min(variant.attention_chunk, n_k),
+                   qk_scale=variant.scale * LOG2E.value, softcap=variant.softcap, dropout_p=variant.dropout_p)
     if backward:
         scalars["sm_scale"] = variant.scale
     return Plan(meta, scalars, batch, n_q, n_k)
