@@ -26,9 +26,14 @@ Differences from flash-attn 2.x, all functions:
   ``deterministic``, ``return_attn_probs``, ``rotary_interleaved``, ``return_softmax_lse``) are a bool, a numpy
   bool or a 0-d bool tensor (flash-attn's ops also take ints, None and other truthy values: refused here);
   ``dropout_p``, ``softcap``, ``softmax_scale`` real numbers or 0-d tensors; ``window_size`` a pair of ints as
-  a tuple, list, numpy array or tensor (flash-attn's tests pass ``torch.randint(0, n, (2,))``); ``max_seqlen*``
-  and ``num_splits`` ints, numpy ints or 0-d integer tensors. A tensor given for any of these is read on the
-  host: free for a CPU tensor, a host sync for a CUDA one (flash-attn's ops read them the same way).
+  a tuple, list, numpy array or tensor (flash-attn's tests pass ``torch.randint(0, n, (2,))``); ``max_seqlen*``,
+  ``num_splits`` and ``attention_chunk`` ints, numpy ints or 0-d integer tensors. A tensor given for any of these
+  is read on the host: free for a CPU tensor, a host sync for a CUDA one (flash-attn's ops read them the same
+  way).
+- ``attention_chunk`` (flash-attn 3's chunked local attention, Llama 4's; not in 2.x): the dense functions take it
+  as a keyword-only argument after 2.x's, default 0 (off). With chunk C > 0, query i sees key j only if
+  floor(j / C) == floor((i + seqlen_k - seqlen_q) / C), on top of ``causal`` and ``window_size`` (flash-attn 3's
+  rule; without ``causal`` a row sees its whole chunk). The varlen and kvcache functions do not take it.
 - The dense functions' ``out`` is the kernel's (B, H, S, D) result copied once into (B, S, H, D) (contiguous, as
   flash-attn's, so ``out.view(...)`` works).
 - The varlen functions validate ``cu_seqlens`` on the host (one sync; flash-attn does not check them) and then
@@ -58,7 +63,7 @@ import torch
 
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.attention.api import attention, attention_dropout_mask
+from kernels.attention.api import attention, attention_dropout_mask, check_attention_chunk, chunk_mask
 from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
@@ -185,10 +190,11 @@ def _s_dmask(probs: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs):
+           return_attn_probs, attention_chunk):
     """flash-attn's return value for q (B, Sq, H, D) and k, v (B, Sk, Hkv, D), by :func:`kernels.attention` on
     (B, H, S, D) views."""
     variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    attention_chunk = check_attention_chunk(_host(attention_chunk))
     return_probs = _flag("return_attn_probs", return_attn_probs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
@@ -196,49 +202,54 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     check_qkv(q, k, v)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     rng_state = _rng_state(q.device) if return_probs else None
-    out, lse = attention(q, k, v, scale=scale, return_lse=True, alibi_slopes=alibi_slopes, **variants)
+    out, lse = attention(q, k, v, scale=scale, return_lse=True, alibi_slopes=alibi_slopes,
+                         attention_chunk=attention_chunk, **variants)
     out = out.transpose(1, 2).contiguous()
     if not return_probs:
         return out
     s_dmask = None
     if variants["dropout_p"] > 0:
         keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], variants.pop("dropout_p"), q.device)
-        s_dmask = _s_dmask(_probs64(q, k, scale, alibi_slopes=alibi_slopes, **variants), keep, q.dtype)
+        chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
+        s_dmask = _s_dmask(_probs64(q, k, scale, mask=chunks, alibi_slopes=alibi_slopes, **variants), keep, q.dtype)
     return out, _flash_lse(lse), s_dmask
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_func``: q (batch_size, seqlen_q, nheads, headdim), k, v (batch_size,
     seqlen_k, nheads_k, headdim), nheads a multiple of nheads_k. ``causal``, ``window_size`` (left, right) and
     ALiBi distances are bottom-right aligned: query i sees keys i + seqlen_k - seqlen_q - left ..
     i + seqlen_k - seqlen_q + right (0 on the right if causal); ``softcap`` > 0 caps the scaled scores with
-    softcap * tanh(s / softcap); ``alibi_slopes`` float32 (nheads,) or (batch_size, nheads).
+    softcap * tanh(s / softcap); ``alibi_slopes`` float32 (nheads,) or (batch_size, nheads); ``attention_chunk``
+    > 0 (flash-attn 3's) keeps query i to the keys of its position's chunk (see the module docstring).
 
     Returns out (batch_size, seqlen_q, nheads, headdim), contiguous; with ``return_attn_probs`` the triple
     (out, softmax_lse (batch_size, nheads, seqlen_q) float32 (+inf for rows that see no key), S_dmask (see the
     module docstring; None without dropout)). Differentiable in q, k, v.
     """
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs)
+                  return_attn_probs, attention_chunk)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_qkvpacked_func``: :func:`flash_attn_func` on qkv (batch_size, seqlen, 3,
     nheads, headdim) = stacked q, k, v (views, no copy); the gradient flows back into qkv."""
     q, k, v = _unpack("qkv", qkv, 3, 2)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs)
+                  return_attn_probs, attention_chunk)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_kvpacked_func``: :func:`flash_attn_func` on q and kv (batch_size, seqlen_k,
     2, nheads_k, headdim) = stacked k, v (views, no copy); the gradient flows back into kv."""
     k, v = _unpack("kv", kv, 2, 2)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                  return_attn_probs)
+                  return_attn_probs, attention_chunk)
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
