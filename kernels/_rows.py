@@ -12,11 +12,12 @@ import torch
 
 from kernels._runtime import next_power_of_2
 
-NVIDIA_FAMILIES = (80, 90)
-"""``Build.families`` of the NVIDIA table (sm_100 runs the sm_90 entry in the build report)."""
-AMD_FAMILY = 942
-"""``Build.families`` code of the AMD CDNA3 (gfx942) table: no CUDA family, so the report holds it to its bar on
-AMD only."""
+NVIDIA_FAMILIES = (80, 90, 100)
+"""``Build.families`` of the NVIDIA table: the build report (``--defaults``) holds its defaults to the bar on
+sm_80, sm_90 and sm_100."""
+AMD_FAMILY = "gfx942"
+"""``Build.families`` name of the AMD CDNA3 table (the build report's family of gfx942 and gfx90a), held to its
+bar on AMD only."""
 LANES = {NVIDIA_FAMILIES: 32, (AMD_FAMILY,): 64}
 """Threads per warp (wavefront) of each table, by its ``Build.families``."""
 

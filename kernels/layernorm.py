@@ -14,15 +14,16 @@ DTensor inputs (tensor or sequence parallel) normalise each rank's local rows, a
 
 Forward:
 - a row of at most ``MAX_BLOCK`` elements is one register block: x (and residual) read once, y (and h) written
-  once. Up to ``MULTI_ROW_MAX_BLOCK`` a program takes a run of rows and reads weight and bias once for all of them;
-  wider rows get one program each.
+  once. A program takes a run of rows and reads weight and bias once for all of them (a persistent grid: as many
+  programs as the SMs hold at once); only unaligned rows (a width not a multiple of ``VECTOR_ALIGNMENT``) wider
+  than ``MULTI_ROW_MAX_BLOCK`` get one program each.
 - a longer row takes two passes over ``LONG_BLOCK``-wide chunks: pass 1 merges per-chunk mean and sum of squared
   deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
   h (x without a residual) and writes y, chunk-major over the program's run of rows (weight and bias read once).
 
-Backward, a fixed number of programs each owning a run of consecutive rows, one block a row up to
-``BACKWARD_MAX_BLOCK`` and two passes over chunks beyond, in fp32 whatever the casting mode (as Liger-Kernel; the
-roundings of the forward count as identities):
+Backward, a persistent grid of programs each owning a run of consecutive rows, one block a row up to
+``MAX_BLOCK`` (unaligned rows: ``BACKWARD_MAX_BLOCK``) and two passes over chunks beyond, in fp32 whatever the
+casting mode (as Liger-Kernel; the roundings of the forward count as identities):
     dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term, w = offset + weight)
 plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat ("llama": xhat rounded to x's
 dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 registers (two-pass
@@ -33,6 +34,8 @@ then reduced over programs by one ``sum``: deterministic, no atomics, no locks. 
 Eager calls go through a plain ``autograd.Function`` (reverse and forward mode); under ``torch.compile`` the same
 launches go through ``torch.library`` custom ops, so each stays one opaque op in the graph.
 """
+import dataclasses
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
@@ -49,13 +52,18 @@ from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 8192
-"""Widest row held in registers as one block (the backward keeps ~6 fp32 values per element: no spills)."""
+"""Widest row held in registers as one block, forward and (aligned rows) backward: at 8192, 16 warps of 16
+elements a thread keep weight, dweight and dbias across a program's rows beside the row at hand in under 128
+registers (``python -m benchmarks static``: no spills on sm_80, sm_90, sm_100, gfx942)."""
 LONG_BLOCK = 2048
 """Chunk width of the two-pass path for rows wider than MAX_BLOCK."""
+VECTOR_ALIGNMENT = 16
+"""Rows whose width is a multiple of this (every real model's hidden size) are aligned: Triton specialises such
+an ``n_cols`` as divisible by 16, so a row's mask is uniform over 16 elements and its loads and stores are 128-bit
+vectors. Other widths load element by element, an address each, and need the narrower limits below."""
 BACKWARD_MAX_BLOCK = 4096
-"""Widest row the backward holds as one block. It keeps weight, dweight and dbias in registers across its rows
-beside ~5 values per element of the row at hand: at 8192 (16 warps, 128 registers a thread) that spills once rows
-are 16-byte aligned (vectorised loads, the usual case), so wider rows take the two-pass backward."""
+"""Widest unaligned row the backward holds as one block: at 8192, scalar loads spill (up to 288 bytes on sm_80,
+sm_90, sm_100), so wider unaligned rows take the two-pass backward."""
 
 CASTING_MODES = {"none": -1, "llama": 0, "gemma": 1}
 """RMS norm's casting modes (Liger-Kernel's names and codes) -> the kernels' ``CASTING`` constexpr."""
@@ -229,8 +237,8 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_co
     ignored per the flags. Layer norm runs with offset 0 and CASTING "gemma" (all fp32).
 
     Program p normalises rows [p * rows_per_program, (p + 1) * rows_per_program) and reads weight and bias once
-    for all of them: one-block rows with MULTI_ROW (the launcher's choice up to MULTI_ROW_MAX_BLOCK) keep them in
-    registers across the run; two-pass rows take the run's statistics row by row (pass 1), then its outputs chunk
+    for all of them: one-block rows with MULTI_ROW (the launcher's choice: aligned rows, and unaligned ones up to
+    MULTI_ROW_MAX_BLOCK) keep them in registers across the run; two-pass rows take the run's statistics row by row (pass 1), then its outputs chunk
     by chunk (pass 2). One-block rows without MULTI_ROW get a program each (rows_per_program 1) with no row loop:
     out of a loop the compiler would hoist the weight and bias loads and keep them live beside h.
     """
@@ -389,33 +397,59 @@ def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, SUMS, stride_h, stride_dy, s
 
 
 def _config(n_cols: int, backward: bool = False, lanes: int = 32):
-    """The forward's (or backward's) launch config on a GPU family with warps of ``lanes`` threads; reads the
-    module's limits at each call, so tests can lower them."""
-    max_block = min(MAX_BLOCK, BACKWARD_MAX_BLOCK) if backward else MAX_BLOCK
-    return row_config(n_cols, max_block, LONG_BLOCK, 8, lanes)
+    """(BLOCK, SINGLE, num_warps) of the forward's (or backward's) launch on a GPU family with warps of ``lanes``
+    threads."""
+    return _plan(n_cols, backward, lanes)[:3]
 
 
 def _multi_row(n_cols: int) -> bool:
-    """Whether forward programs take runs of rows sharing one load of weight and bias (one-block rows up to
-    MULTI_ROW_MAX_BLOCK) rather than one row each."""
-    block, single, _ = _config(n_cols)
-    return single and block <= MULTI_ROW_MAX_BLOCK
+    """Whether forward programs take runs of rows sharing one load of weight and bias (one-block rows: aligned
+    ones up to MAX_BLOCK, others up to MULTI_ROW_MAX_BLOCK) rather than one row each."""
+    return _plan(n_cols, False, 32)[3]
+
+
+def _plan(n_cols: int, backward: bool, lanes: int):
+    """(BLOCK, SINGLE, num_warps, MULTI_ROW, programs per SM) of a launch. Reads the module's limits at each call,
+    so tests can lower them; the rest is cached per width, direction, family and limits."""
+    return _launch_plan(n_cols, backward, lanes, MAX_BLOCK, BACKWARD_MAX_BLOCK, MULTI_ROW_MAX_BLOCK, LONG_BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_plan(n_cols, backward, lanes, max_block, backward_max_block, multi_row_max_block, long_block):
+    """:func:`_plan` for the given limits. Aligned rows (VECTOR_ALIGNMENT) hold up to ``max_block`` in one block
+    both ways and share weight and bias across a program's rows at every one-block width; unaligned ones stop at
+    the narrower limits. The persistent grid's programs per SM: as many as an SM's registers hold at once (one
+    8192-wide backward program fills its 64K registers, a forward one half of them), at most
+    BACKWARD_PROGRAMS_PER_SM or FORWARD_PROGRAMS_PER_SM: each program reads the parameters once (and a backward
+    one adds a partial row per parameter), so no more programs than run at once."""
+    aligned = n_cols % VECTOR_ALIGNMENT == 0
+    one_block = max_block if aligned or not backward else min(max_block, backward_max_block)
+    block, single, num_warps = row_config(n_cols, one_block, long_block, 8, lanes)
+    multi_row = not backward and single and (aligned or block <= multi_row_max_block)
+    if backward:
+        per_sm = max(1, min(BACKWARD_PROGRAMS_PER_SM, SM_ROW_ELEMENTS // block))
+    else:
+        per_sm = max(1, min(FORWARD_PROGRAMS_PER_SM, 2 * SM_ROW_ELEMENTS // block))
+    return block, single, num_warps, multi_row, per_sm
 
 
 def _row_split(n_rows: int, device: torch.device, per_sm: int):
-    """(programs, rows_per_program): each program takes a run of consecutive rows. On a GPU about ``per_sm``
-    programs per SM; under the interpreter four, so tests see several programs and an uneven last run."""
+    """(programs, rows_per_program): each program takes a run of consecutive rows. On a GPU ``per_sm`` programs
+    per SM; under the interpreter four, so tests see several programs and an uneven last run."""
     target = 4 if INTERPRETED else per_sm * sm_count(device)
     rows_per_program = max(1, cdiv(n_rows, max(1, min(n_rows, target))))
     return cdiv(n_rows, rows_per_program), rows_per_program
 
 
 MULTI_ROW_MAX_BLOCK = 4096
-"""Widest one-block forward that keeps weight and bias in registers across several rows without spilling."""
+"""Widest unaligned one-block forward that keeps weight and bias in registers across several rows without
+spilling (aligned rows do up to MAX_BLOCK)."""
 FORWARD_PROGRAMS_PER_SM = 8
 """Enough resident programs to hide load latency, while weight and bias are read once per program."""
 BACKWARD_PROGRAMS_PER_SM = 2
 """Fewer: each backward program owns an fp32 row of the dweight/dbias partial buffers."""
+SM_ROW_ELEMENTS = 8192
+"""Row elements of backward programs an SM holds in registers at once (twice that forward)."""
 
 
 def _forward_outputs(x, residual, n_cols, rms):
@@ -439,10 +473,8 @@ def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     h2d = h.view(n_rows, n_cols) if residual is not None else x2d  # unused without a residual
     w = weight.reshape(-1).contiguous() if weight is not None else x2d
     b = bias.reshape(-1).contiguous() if bias is not None else x2d
-    block, single, num_warps = _config(n_cols, lanes=lanes_of(x.device))
-    multi_row = _multi_row(n_cols)
-    programs, rows_per_program = (_row_split(n_rows, x.device, FORWARD_PROGRAMS_PER_SM) if multi_row or not single
-                                  else (n_rows, 1))
+    block, single, num_warps, multi_row, per_sm = _plan(n_cols, False, lanes_of(x.device))
+    programs, rows_per_program = _row_split(n_rows, x.device, per_sm) if multi_row or not single else (n_rows, 1)
     if n_rows:
         with launch_device(x):
             _norm_fwd[(programs,)](x2d, res2d, w, b, y, h2d, mean if not rms else rstd, rstd, x2d.stride(0),
@@ -462,8 +494,8 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
     dy2d = as_rows(dy, n_cols)
     dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    programs, rows_per_program = _row_split(n_rows, h.device, BACKWARD_PROGRAMS_PER_SM)
-    block, single, num_warps = _config(n_cols, backward=True, lanes=lanes_of(h.device))
+    block, single, num_warps, _, per_sm = _plan(n_cols, True, lanes_of(h.device))
+    programs, rows_per_program = _row_split(n_rows, h.device, per_sm)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=h.device)
     # two-pass rows' (c1, c2) sums between the passes; one-block rows need none (rstd stands in, unread)
     sums = rstd if single else torch.empty((n_rows, 2), dtype=torch.float32, device=h.device)
@@ -816,34 +848,41 @@ class RMSNorm(torch.nn.RMSNorm):
 @register_builds
 def _builds():
     """Per family table (``kernels/_rows.py``), dtype, layer norm and RMS norm (each casting mode): the forward
-    (plain and with residual, all affine parameters) at a small one-block row, the widest sharing weight and bias
-    across rows, the widest one-block row and on the two-pass path; the backward (every gradient) at a small and
-    the widest one-block row and on the two-pass path. No autotuning: each width has one config, so the builds in
-    the default casting mode are defaults (held to the no-spill bar); the other modes differ in roundings only.
-    Each build's variant is its norm, "layer" or "rms" (the build report's family)."""
+    (plain and with residual, all affine parameters) at a small one-block row, the widest unaligned rows sharing
+    weight and bias across rows, the widest one-block rows (aligned: sharing them too; unaligned: one row a program)
+    and on the two-pass path; the backward (every gradient) at a small row, the widest unaligned and aligned
+    one-block rows and on the two-pass path. A width that is a multiple of VECTOR_ALIGNMENT is declared divisible
+    by 16, as Triton specialises it at launch (its 128-bit loads are what keep the aligned 8192 block spill-free).
+    No autotuning: each width has one config, so the builds in the default casting mode are defaults (held to the
+    no-spill bar); the other modes differ in roundings only. Each build's variant is its norm, "layer" or "rms"
+    (the build report's family)."""
     modes = [DEFAULT_CASTING_MODE] + [mode for mode in CASTING_MODES if mode != DEFAULT_CASTING_MODE]
     norms = [("layer", False, DEFAULT_CASTING_MODE)] + [("rms", True, mode) for mode in modes]
     fp32_args = {"MEAN": "*fp32", "RSTD": "*fp32", "offset": "fp32"}
+    forward_widths = (1024, MULTI_ROW_MAX_BLOCK - 1, MAX_BLOCK - 1, MAX_BLOCK, MAX_BLOCK + 1)
+    backward_widths = (1024, BACKWARD_MAX_BLOCK - 1, BACKWARD_MAX_BLOCK + 1, MAX_BLOCK)
     builds = []
 
     def add(fn, families, lanes, ty, norm, rms, mode, n_cols, flags, types, residual_label):
         block, single, num_warps = _config(n_cols, backward=fn is _norm_bwd, lanes=lanes)
-        label = (f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{f' {mode}' * rms}{residual_label}"
-                 f"{' wave64' * (lanes == 64)}")
+        aligned = n_cols % VECTOR_ALIGNMENT == 0
+        label = (f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{' unaligned' * (not aligned)}"
+                 f"{f' {mode}' * rms}{residual_label}{' wave64' * (lanes == 64)}")
         constexprs = dict(flags, BLOCK=block, SINGLE=single, RMS=rms, CASTING=CASTING_MODES[mode])
-        builds.append(declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
-                              label=label, variant=norm, types=types, default=mode == DEFAULT_CASTING_MODE,
-                              families=families))
+        build = declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
+                        label=label, variant=norm, types=types, default=mode == DEFAULT_CASTING_MODE,
+                        families=families)
+        builds.append(dataclasses.replace(build, divisible_by_16=build.divisible_by_16 + ("n_cols",) * aligned))
 
     for families, lanes in LANES.items():
         for ty in TRITON_DTYPES.values():
             for norm, rms, mode in norms:
-                for n_cols in sorted({1024, MULTI_ROW_MAX_BLOCK, MAX_BLOCK, MAX_BLOCK + 1}):
+                for n_cols in forward_widths:
                     for has_res in (False, True):
                         flags = dict(HAS_RES=has_res, HAS_W=True, HAS_B=not rms, MULTI_ROW=_multi_row(n_cols))
                         add(_norm_fwd, families, lanes, ty, norm, rms, mode, n_cols, flags, fp32_args,
                             " residual" * has_res)
-                for n_cols in (1024, BACKWARD_MAX_BLOCK, BACKWARD_MAX_BLOCK + 1):
+                for n_cols in backward_widths:
                     flags = dict(HAS_W=True, HAS_DH=True, WANT_DW=True, WANT_DB=not rms)
                     add(_norm_bwd, families, lanes, ty, norm, rms, mode, n_cols, flags,
                         dict(fp32_args, DW="*fp32", DB="*fp32", SUMS="*fp32"), " residual")
