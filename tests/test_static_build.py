@@ -224,7 +224,7 @@ def test_every_registered_build_has_a_report_family_and_its_fields():
     builds = static.load_builds(static.PROVIDER)
     assert [b.kernel for b in builds if static.describe(b)["family"] == static.OTHER] == []
     assert all(b.head_dim == b.constexprs["HEAD_DIM"] for b in builds if "HEAD_DIM" in b.constexprs)
-    assert {b.dtype for b in builds} == {"fp16", "bf16", "fp32", "u8"}
+    assert {b.dtype for b in builds} == {"fp16", "bf16", "fp32", "u8", "i32"}
 
 
 def test_a_declared_head_dim_must_match_its_head_dim_constexpr():

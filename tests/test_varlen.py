@@ -160,7 +160,8 @@ def test_varlen_dropout_is_the_dense_masks_corner_of_each_sequence(kernel_only, 
 def test_varlen_work_follows_each_sequences_length_in_one_launch_per_kernel(device):
     """Causal, one long and several short sequences: the counted dot FLOPs (forward + backward) are those of
     dense attention on each sequence alone, summed (~ sum L_i^2 / 2), far below a padded batch's B * max L^2 / 2;
-    the forward is one launch and the backward three (delta, dK/dV, dQ), whatever the batch."""
+    the forward is one launch after the offsets' check and the backward three (delta, dK/dV, dQ), whatever the
+    batch."""
     if not kernels.INTERPRETED:
         pytest.skip("counting needs the interpreter")
     lens, h, d = [128, 16, 16, 32, 0, 16], 2, 16
@@ -174,7 +175,7 @@ def test_varlen_work_follows_each_sequences_length_in_one_launch_per_kernel(devi
     q, k, v = (torch.randn(sum(lens), h, d, device=device, requires_grad=True) for _ in range(3))
     packed = counted(q, k, v, lambda q, k, v: attention_varlen(q, k, v, _cu(lens, device), _cu(lens, device),
                                                                max(lens), max(lens), causal=True))
-    assert packed.triton_launches == 4
+    assert packed.triton_launches == 5
     alone = [counted(*(torch.randn(1, h, n, d, device=device, requires_grad=True) for _ in range(3)),
                      lambda q, k, v: kernels.attention(q, k, v, causal=True)).flops for n in lens if n]
     assert packed.flops == sum(alone)

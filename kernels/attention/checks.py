@@ -1,13 +1,20 @@
 """Attention's argument checks, shared by every attention path (dense, varlen, decoding, the SDPA shim, ring
 attention, flash-attn's functions): each raises TypeError/ValueError naming the argument before anything launches,
-and reads no tensor value on the host."""
+and reads no tensor value on the host.
+
+Index tensors' values (varlen's offsets, decoding's lengths, rows and pages) are checked on the device by one small
+Triton program per call that reads them once and stores an int32 verdict (:func:`new_verdict`), then
+:func:`enforce` raises from it: one launch and one device assert per call on a GPU, however many rules.
+"""
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
-from kernels._validate import check_same, check_tensor
+from kernels._validate import assert_on_device, check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
 
 
@@ -119,3 +126,98 @@ def draw_rng(device: torch.device) -> torch.Tensor:
     """The int64 (seed, offset) pair of one dropout call, drawn from torch's default generator of ``device`` (so
     ``torch.manual_seed`` makes dropout reproducible); a tensor on the device, so nothing syncs."""
     return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+
+
+# ------------------------------------------------------------------------------------------ index-value verdicts
+INDEX_BLOCK = 256
+"""Index entries a check kernel reads per step (it is one program: index tensors are small)."""
+PAIR_BLOCK = 32
+"""Side of the tiles of entry pairs a check kernel compares for repeats."""
+
+
+def reads_at_once(device: torch.device) -> bool:
+    """Whether the host reads a verdict on ``device`` as soon as it is stored: on CPU (no sync there) outside
+    torch.compile's tracing; elsewhere a device assert judges it."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def new_verdict(device: torch.device) -> torch.Tensor:
+    """The int32 (2,) verdict a check kernel stores: [1 if no rule failed else 0, bits of the failed rules]. The
+    kernel stores both, so a device assert's verdict is allocated unfilled (no launch); one the host reads at once
+    starts as a pass (ones: its second entry is read only after a kernel stored a failure), so that a launch
+    stubbed out (``python -m benchmarks overhead`` times the host path alone) reads as one."""
+    if reads_at_once(device):
+        return torch.ones(2, dtype=torch.int32)
+    return torch.empty(2, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def rule_bit(violations, bit: tl.constexpr):
+    """``1 << bit`` where ``violations`` (a rule's count of them, or a value that must be 0) is nonzero, else 0."""
+    return tl.where(violations != 0, 1 << bit, 0)
+
+
+@triton.jit
+def count(bad):
+    """How many elements of the 1-D bool tensor ``bad`` are true (int32)."""
+    return tl.sum(bad.to(tl.int32), 0)
+
+
+@triton.jit
+def store_verdict(VERDICT, failed):
+    """The verdict of :func:`new_verdict` from ``failed``, the bits of the rules that failed."""
+    tl.store(VERDICT, (failed == 0).to(tl.int32))
+    tl.store(VERDICT + 1, failed)
+
+
+@triton.jit
+def unusable_pages(BLOCK_TABLE, stride_tb, batch, max_blocks, page_size, num_pages, ENDS, STARTS, n_new,
+                   default_end, BLOCK: tl.constexpr):
+    """How many entries of ``BLOCK_TABLE`` (batch, max_blocks) that hold a position below their row's end name no
+    page of [0, num_pages). Row b ends at ENDS[b] - STARTS[b] + n_new (STARTS None: 0), or ``default_end``
+    without ENDS; entries past a row's end are never read."""
+    bad = 0
+    for start in range(0, batch * max_blocks, BLOCK):
+        entry = start + tl.arange(0, BLOCK)
+        in_table = entry < batch * max_blocks
+        row = entry // max_blocks
+        block = entry % max_blocks
+        end = default_end
+        if ENDS is not None:
+            end = tl.load(ENDS + row, mask=in_table, other=0) + n_new
+            if STARTS is not None:
+                end -= tl.load(STARTS + row, mask=in_table, other=0)
+        used = in_table & (block * page_size < end)
+        page = tl.load(BLOCK_TABLE + row * stride_tb + block, mask=used, other=0)
+        bad += count(used & ((page < 0) | (page >= num_pages)))
+    return bad
+
+
+def enforce(verdict: torch.Tensor, summary: str,
+            rules: Callable[[], Sequence[Tuple[str, str, Optional[torch.Tensor]]]]) -> None:
+    """Raise unless ``verdict`` (:func:`new_verdict`, stored by a check kernel) says every rule held.
+
+    On a GPU, or while torch.compile traces, one ``torch._assert_async`` with ``summary`` (no host sync). On CPU
+    (:func:`reads_at_once`) the verdict is read at once, and a failure raises ValueError with the first failed
+    rule's message: ``rules()`` lists, rule bit by rule bit, (message naming the argument, that argument's name,
+    its tensor (whose values the message shows) or None). Only a failing verdict is explained, so a valid call
+    reads only the verdict."""
+    if not reads_at_once(verdict.device):
+        torch._assert_async(verdict[0], summary)
+        return
+    try:
+        assert_on_device(verdict[:1], summary)  # read at once on CPU: no sync
+        return
+    except ValueError:
+        pass
+    for bit, (message, name, values) in enumerate(rules()):
+        try:
+            assert_on_device((verdict[1] & (1 << bit)) == 0, message)
+        except ValueError:
+            raise ValueError(message if values is None else f"{message}; got {name} = {_shown(values)}") from None
+    raise ValueError(summary)
+
+
+def _shown(values: torch.Tensor) -> str:
+    """An index tensor's values for an error message (CPU, failure path only): listed, or torch's summary."""
+    return str(values.tolist()) if values.numel() <= 32 else str(values)

@@ -35,8 +35,9 @@ import triton.language as tl
 
 from kernels import _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import assert_on_device, check_same, check_tensor
-from kernels.attention.checks import check_alibi, check_scale, check_window
+from kernels._validate import check_same, check_tensor
+from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_scale, check_window, count,
+                                      enforce, new_verdict, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
@@ -210,8 +211,8 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
         # The training kernels' scores with each row's own diagonal as its row index: the window is
         # [diag - left, diag + right] and the ALiBi distance |diag - col| (bottom-right per batch row).
         s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), diag[:, None], cols[None, :],
-                       col_ok[None, :], qk_scale, cap_log2, slope_log2, window_right, -window_left, 0,
-                       True, LOCAL_RIGHT, LOCAL_LEFT, SOFTCAP, ALIBI is not None)
+                       col_ok[None, :], qk_scale, cap_log2, slope_log2, window_right, -window_left, 0, 0,
+                       True, LOCAL_RIGHT, LOCAL_LEFT, False, SOFTCAP, ALIBI is not None)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -265,6 +266,87 @@ def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
     _store_tile(_tile_ptrs(O, b[:, None], h[:, None], tok, offs_d, stride_ob, stride_oh, stride_on, stride_od),
                 cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     tl.store(LSE + rows, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _written(entry, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans, n_new, page_size, max_blocks):
+    """(cache row or page, [lo, hi) of its slots, whether the entry is real) that entry ``entry`` of an append
+    writes: without a table, batch row b's cache row BATCH_IDX[b], as a whole ([0, 1)); with one, entry
+    b * spans + w is the w-th page that batch row b's new positions [SEQLENS[b], SEQLENS[b] + n_new) touch,
+    its slots [lo, hi) there (not real past the last one). The table column is clamped: any value reads inside."""
+    if BLOCK_TABLE is None:
+        real = entry < batch
+        key = tl.load(BATCH_IDX + entry, mask=real, other=0)
+        lo = entry * 0
+        hi = lo + 1
+    else:
+        b = entry // spans
+        first = tl.load(SEQLENS + b, mask=b < batch, other=0)
+        block = first // page_size + entry % spans
+        page_start = block * page_size
+        lo = tl.maximum(first, page_start) - page_start
+        hi = tl.minimum(first + n_new, page_start + page_size) - page_start
+        real = (b < batch) & (lo < hi)
+        column = tl.minimum(tl.maximum(block, 0), max_blocks - 1)
+        key = tl.load(BLOCK_TABLE + b * stride_tb + column, mask=real, other=0)
+    return key, lo, hi, real
+
+
+@triton.jit
+def _overwrites(SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans, n_new, page_size, max_blocks, n_entries,
+                BLOCK: tl.constexpr):
+    """How many pairs of the append's ``n_entries`` entries (:func:`_written`) write one cache row, or one slot
+    of one page: every pair compared once, in BLOCK x BLOCK tiles."""
+    clashes = 0
+    for first_i in range(0, n_entries, BLOCK):
+        entry_i = first_i + tl.arange(0, BLOCK)
+        key_i, lo_i, hi_i, real_i = _written(entry_i, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans,
+                                             n_new, page_size, max_blocks)
+        for first_j in range(first_i, n_entries, BLOCK):
+            entry_j = first_j + tl.arange(0, BLOCK)
+            key_j, lo_j, hi_j, real_j = _written(entry_j, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans,
+                                                 n_new, page_size, max_blocks)
+            clash = (real_i[:, None] & real_j[None, :] & (entry_i[:, None] < entry_j[None, :])
+                     & (key_i[:, None] == key_j[None, :]) & (lo_i[:, None] < hi_j[None, :])
+                     & (lo_j[None, :] < hi_i[:, None]))
+            clashes += tl.sum(tl.sum(clash.to(tl.int32), 1), 0)
+    return clashes
+
+
+@triton.jit
+def _decode_check(SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, VERDICT, stride_tb, batch, max_blocks, n_new, capacity,
+                  page_size, cache_rows, rotary_end, n_entries, spans, BLOCK: tl.constexpr,
+                  PAIR_BLOCK: tl.constexpr):
+    """One program: the verdict (``checks.new_verdict``) of the index values of a call, bit by bit in the order
+    of :func:`_index_rules`. Pointers None are absent tensors; ``rotary_end``: the largest cache_seqlens whose
+    rotated queries have rows in rotary_cos; ``n_entries``/``spans``: the append's entries (``_written``)."""
+    failed = 0
+    for start in range(0, batch, BLOCK):
+        b = start + tl.arange(0, BLOCK)
+        row = b < batch
+        end = capacity
+        if SEQLENS is not None:
+            seqlen = tl.load(SEQLENS + b, mask=row, other=0)
+            failed |= rule_bit(count(row & ((seqlen < 0) | (seqlen > capacity - n_new))), 0)
+            failed |= rule_bit(count(row & (seqlen > rotary_end)), 6)
+            end = seqlen
+        if LEFTPAD is not None:
+            pad = tl.load(LEFTPAD + b, mask=row, other=0)
+            failed |= rule_bit(count(row & ((pad < 0) | (pad > end))), 1)
+        if BATCH_IDX is not None:
+            cache_b = tl.load(BATCH_IDX + b, mask=row, other=0)
+            failed |= rule_bit(count(row & ((cache_b < 0) | (cache_b >= cache_rows))), 2)
+    if BLOCK_TABLE is None:
+        if BATCH_IDX is not None:
+            failed |= rule_bit(_overwrites(SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans, n_new, page_size,
+                                           max_blocks, n_entries, PAIR_BLOCK), 3)
+    else:
+        failed |= rule_bit(unusable_pages(BLOCK_TABLE, stride_tb, batch, max_blocks, page_size, cache_rows, SEQLENS,
+                                          None, n_new, capacity, BLOCK), 4)
+        if SEQLENS is not None:  # nothing is appended without cache_seqlens
+            failed |= rule_bit(_overwrites(SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb, batch, spans, n_new,
+                                           page_size, max_blocks, n_entries, PAIR_BLOCK), 5)
+    store_verdict(VERDICT, failed)
 
 
 # ------------------------------------------------------------------------------------------ configs and builds
@@ -336,7 +418,8 @@ _TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "
 def _builds() -> List[Build]:
     """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at its smallest and largest BLOCK_M
     (paged, left-padded, causal, softcapped, ALiBi: every feature on), its combine, and the rotary append into a
-    paged cache. Each is the config a GPU launches (default)."""
+    paged cache; and the index check, paged and with cache_batch_idx. Each is the config a GPU launches
+    (default)."""
     builds = []
     for dtype, name in TRITON_DTYPES.items():
         fp32 = dtype == torch.float32
@@ -358,6 +441,11 @@ def _builds() -> List[Build]:
                                                   INTERLEAVED=False, SAME_POSITION=False),
                                   num_warps=APPEND_WARPS[d], num_stages=1, types=dict(_TYPES, BATCH_IDX="constexpr"),
                                   label=f"{name} d{d} rotary paged BLOCK_M={APPEND_BLOCK_M}", default=True))
+    for absent, label in (("BATCH_IDX", "paged, left-padded"), ("BLOCK_TABLE", "cache_batch_idx, left-padded")):
+        builds.append(declare("attention_decode_check", _decode_check, dtype="i32",
+                              constexprs=dict(BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK), num_warps=4, num_stages=1,
+                              types={absent: "constexpr"}, label=f"{label} BLOCK={INDEX_BLOCK} PAIR_BLOCK={PAIR_BLOCK}",
+                              default=True))
     return builds
 
 
@@ -458,13 +546,18 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
             block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], rotary_interleaved: bool,
             q_same_position: bool, window_left: int, window_right: int, softcap: float, scale: float,
             num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The launches of a checked :func:`attention_with_kvcache` call: append (and rotate) k/v into the caches in
-    place, rotate q, attend. Index tensors int32 and contiguous, ``seqlens`` (B,) or None. Returns (out (B, Sq, H, D)
-    in q's dtype, lse (B, H, Sq) fp32). Every allocation's size follows from the shapes, none from a tensor's
+    """The launches of a checked :func:`attention_with_kvcache` call: check the index values
+    (:func:`_check_index_values`: here, so that a compiled call checks them too, inside the op), append (and
+    rotate) k/v into the caches in place, rotate q, attend. Index tensors int32 and contiguous, ``seqlens`` (B,)
+    or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32). Every allocation's size follows from the shapes, none from a tensor's
     values (a CUDA graph replays it with new values)."""
     capacity, page_size = _capacity(k_cache, block_table)
     n_new = 0 if k is None else k.shape[1]
+    # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed
+    rotary_rows = None if rotary_cos is None or q_same_position else rotary_cos.shape[0]
     with _runtime.launch_device(q):
+        _check_index_values(seqlens, leftpad, batch_idx, block_table, q.shape[0], q.shape[1], n_new, capacity,
+                            page_size, k_cache.shape[0], rotary_rows)
         if k is not None:
             rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=rotary_interleaved, same_position=False)
             _append(k, k_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table, capacity=capacity,
@@ -598,62 +691,56 @@ def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device
     return torch.full((batch,), seqlen, dtype=torch.int32, device=device)
 
 
-def _distinct(values: torch.Tensor) -> torch.Tensor:
-    """Whether the 1-D tensor ``values`` repeats no entry, as a 0-d bool tensor on its device (sorted neighbours)."""
-    ordered = values.sort().values
-    return (ordered[1:] != ordered[:-1]).all()
+_INDEX_SUMMARY = ("attention_with_kvcache: an index value is out of range (rules, in order: 0 <= cache_seqlens <= "
+                  "capacity - Sk_new; 0 <= cache_leftpad <= cache_seqlens; 0 <= cache_batch_idx < B_cache; no "
+                  "cache_batch_idx repeated when appending; 0 <= block_table[b, p] < num_blocks for the pages a row "
+                  "uses; no paged slot written twice; cache_seqlens + Sq <= S_ro for rotated causal/windowed queries)")
 
 
-def _written_slots(seqlens: torch.Tensor, block_table: torch.Tensor, n_new: int, page_size: int) -> torch.Tensor:
-    """The flat paged-cache slots (page * page_size + offset, int64 (B * n_new,)) the append writes; page indices
-    clamped into the table so that this gather stays inside it whatever the values."""
-    pos = seqlens.long()[:, None] + torch.arange(n_new, device=seqlens.device)
-    blocks = (pos // page_size).clamp(0, block_table.shape[1] - 1)
-    return (block_table.gather(1, blocks).long() * page_size + pos % page_size).flatten()
+def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, n_q: int, capacity: int, cache_rows: int,
+                 rotary_rows: int):
+    """(message, argument, its values) of each bit of ``_decode_check``'s verdict: what a failure says on CPU."""
+    return [
+        (f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: cache_seqlens + Sk_new <= "
+         f"the cache's {capacity} positions per batch row", "cache_seqlens", seqlens),
+        (f"cache_leftpad must be >= 0 and <= cache_seqlens (the cache's {capacity} positions without "
+         f"cache_seqlens)", "cache_leftpad", leftpad),
+        (f"cache_batch_idx must index k_cache's B_cache = {cache_rows} rows: 0 <= cache_batch_idx < {cache_rows}",
+         "cache_batch_idx", batch_idx),
+        ("cache_batch_idx must not repeat a cache row when k/v are appended: two batch rows would write the same "
+         "cache row", "cache_batch_idx", batch_idx),
+        (f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < {cache_rows} for "
+         f"every page p holding a position below cache_seqlens[b] + Sk_new", "block_table", block_table),
+        ("block_table maps the new keys of two batch rows to the same cache slot (a page shared where both "
+         "append): each new key needs a slot of its own", "block_table", block_table),
+        (f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: cache_seqlens + Sq = "
+         f"cache_seqlens + {n_q} <= S_ro = {rotary_rows}", "cache_seqlens", seqlens),
+    ]
 
 
-def _assert_values(cond: torch.Tensor, message: str) -> None:
-    """``assert_on_device(cond, message)`` (ValueError at once on CPU), or ``torch._assert_async`` while torch.compile
-    traces: assert_on_device reads a CPU tensor on the host, a graph break. In compiled code a failing check is
-    therefore a RuntimeError with the same message on CPU (a device assert on a GPU, as in eager)."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(cond.all(), message)
-    else:
-        assert_on_device(cond, message)
-
-
-def _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new: int, capacity: int, page_size: int,
-                        cache_rows: int) -> None:
-    """Device-side checks (no host sync; ValueError at once on CPU) that every index value keeps the append and the
-    attention inside the cache, before anything is launched: 0 <= cache_seqlens, cache_seqlens + Sk_new <= capacity,
-    0 <= cache_leftpad <= cache_seqlens (capacity without it), cache_batch_idx in [0, cache_rows) and distinct when
-    appending, block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, and
-    no two rows' new keys in one paged slot. The kernels also clamp every such index (a second line of defence)."""
-    if seqlens is not None:
-        _assert_values((seqlens >= 0) & (seqlens <= capacity - n_new),
-                       f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: "
-                       f"cache_seqlens + Sk_new <= the cache's {capacity} positions per batch row")
-    if leftpad is not None:
-        _assert_values((leftpad >= 0) & (leftpad <= (capacity if seqlens is None else seqlens)),
-                       f"cache_leftpad must be >= 0 and <= cache_seqlens (the cache's {capacity} positions "
-                       f"without cache_seqlens)")
-    if batch_idx is not None:
-        _assert_values((batch_idx >= 0) & (batch_idx < cache_rows),
-                       f"cache_batch_idx must index k_cache's B_cache = {cache_rows} rows: 0 <= cache_batch_idx "
-                       f"< {cache_rows}")
-        if n_new:
-            _assert_values(_distinct(batch_idx), "cache_batch_idx must not repeat a cache row when k/v are "
-                                                 "appended: two batch rows would write the same cache row")
-    if block_table is not None:
-        ends = capacity if seqlens is None else (seqlens[:, None] + n_new)
-        used = torch.arange(block_table.shape[1], device=block_table.device) * page_size < ends
-        _assert_values((block_table >= 0) & (block_table < cache_rows) | ~used,
-                       f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < "
-                       f"{cache_rows} for every page p holding a position below cache_seqlens[b] + Sk_new")
-        if n_new and block_table.shape[1]:
-            _assert_values(_distinct(_written_slots(seqlens, block_table, n_new, page_size)),
-                           "block_table maps the new keys of two batch rows to the same cache slot (a page "
-                           "shared where both append): each new key needs a slot of its own")
+def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int, capacity: int,
+                        page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
+    """Check on the device, as one ``_decode_check`` launch and one assert (no host sync; ValueError at once on
+    CPU, naming the argument), that every index value keeps the append and the attention inside the cache,
+    before anything is written: 0 <= cache_seqlens, cache_seqlens + Sk_new <= capacity, 0 <= cache_leftpad <=
+    cache_seqlens (capacity without it), cache_batch_idx in [0, cache_rows) and distinct when appending,
+    block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, no two new
+    keys in one paged slot, and with ``rotary_rows`` (rotated causal or windowed queries) cache_seqlens + Sq <=
+    rotary_rows. The kernels also clamp every index they read (a second line of defence)."""
+    if seqlens is None and leftpad is None and batch_idx is None and block_table is None:
+        return
+    device = next(t.device for t in (seqlens, leftpad, batch_idx, block_table) if t is not None)
+    max_blocks = 0 if block_table is None else block_table.shape[1]
+    spans = 1 if block_table is None else (n_new + page_size - 2) // page_size + 1  # pages n_new positions touch
+    writes_checked = batch_idx is not None or max_blocks > 0  # a table of no pages: capacity 0, nothing written
+    n_entries = batch * spans if n_new and writes_checked else 0
+    verdict = new_verdict(device)
+    _decode_check[(1,)](seqlens, leftpad, batch_idx, block_table, verdict,
+                        0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
+                        page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - n_q, n_entries,
+                        spans, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
+    enforce(verdict, _INDEX_SUMMARY, lambda: _index_rules(seqlens, leftpad, batch_idx, block_table, n_new, n_q,
+                                                          capacity, cache_rows, rotary_rows))
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -716,12 +803,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # Contiguous: the kernels read these with unit stride (block_table's rows with its stride(0)).
     leftpad, batch_idx, block_table = (None if t is None else t.contiguous()
                                        for t in (cache_leftpad, cache_batch_idx, block_table))
-    _check_index_values(seqlens, leftpad, batch_idx, block_table, n_new, capacity, page_size, k_cache.shape[0])
     q_same_position = not causal and window == (-1, -1)
-    if rotary_cos is not None and not q_same_position:  # q's rows are rotated at cache_seqlens + i, i < Sq
-        _assert_values(seqlens <= rotary_cos.shape[0] - n_q,
-                       f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: "
-                       f"cache_seqlens + Sq = cache_seqlens + {n_q} <= S_ro = {rotary_cos.shape[0]}")
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")

@@ -6,32 +6,37 @@ programs, those past their sequence's end exiting at once), so no padding is com
 
 Host syncs: none. The offsets' values (start at 0, non-decreasing, end at the number of tokens, ``max_seqlen`` at
 least the longest sequence) are checked on the device before any launch, where flash-attn checks nothing: invalid
-offsets would make the kernels read and write out of bounds. A bad value raises ValueError at once on CPU and is
-an asynchronous device assert on a GPU (``kernels._validate.assert_on_device``), which stops the stream before
-the kernels run.
+offsets would make the kernels read and write out of bounds. One small check kernel judges them all (and a block
+table's page ids) into one verdict: a bad value raises ValueError naming the argument at once on CPU and is an
+asynchronous device assert on a GPU (``kernels.attention.checks.enforce``), which stops the stream before the
+kernels run.
 
 Paged keys (``block_table``, flash-attn's paged varlen): k, v are then page pools (num_blocks, page_size, Hkv, D)
 and sequence b's key j is ``k[block_table[b, j // page_size], j % page_size]``. The keys are gathered on the
 device into the packed layout the kernels take, sized batch * max_seqlen_k tokens (a bound of total_k =
 cu_seqlens_k[-1] known on the host without reading it; the tokens past total_k are zeros the kernels never
 read): a copy of up to batch * max_seqlen_k keys and values, where flash-attn reads the pages in place. The page
-ids are checked on the device (an id outside [0, num_blocks) among the pages a sequence uses raises ValueError on
-CPU, an asynchronous device assert on CUDA: ``kernels._validate.assert_on_device``) and clamped, so no id makes
-the gather read out of bounds; unused entries of the table are never checked.
+ids are checked with the offsets (an id outside [0, num_blocks) among the pages a sequence uses raises ValueError
+on CPU, an asynchronous device assert on CUDA) and clamped, so no id makes the gather read out of bounds; unused
+entries of the table are never checked.
 """
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels import _runtime
-from kernels._validate import assert_on_device, check_same, check_tensor
+from kernels._validate import check_same, check_tensor
 from kernels.attention.api import attention
-from kernels.attention.checks import (check_alibi, check_qkv, check_real, check_scale, check_sinks, check_window,
-                                      draw_rng)
+from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check_real, check_scale, check_sinks,
+                                      check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
+                                      unusable_pages)
 from kernels.attention.ops import attention_op, natural_lse
 from kernels.attention.plan import AttentionVariant, VariantTensors
+from kernels.registry import Build, declare, register_builds
 
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
@@ -42,43 +47,102 @@ def _check_cu_seqlens(name: str, cu_seqlens) -> None:
 
 
 _OFFSETS_RULE = ("cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing and end at the number of packed "
-                 "tokens, and max_seqlen_q/k be at least the longest sequence")
+                 "tokens, max_seqlen_q/k be at least the longest sequence, and block_table's page ids that a sequence "
+                 "uses be in [0, num_blocks)")
+
+
+@triton.jit
+def _offset_rules(CU, batch, total, max_seqlen, FIRST_BIT: tl.constexpr, BLOCK: tl.constexpr):
+    """The failed-rule bits of one cu_seqlens (batch + 1,): from FIRST_BIT on, it starts at 0, never decreases,
+    ends at ``total`` (anywhere for total < 0), and no length exceeds ``max_seqlen``."""
+    decreasing = 0
+    too_long = 0
+    for start in range(0, batch, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        in_batch = i < batch
+        lo = tl.load(CU + i, mask=in_batch, other=0)
+        hi = tl.load(CU + i + 1, mask=in_batch, other=0)
+        decreasing += count(in_batch & (hi < lo))
+        too_long += count(in_batch & (hi - lo > max_seqlen))
+    last = tl.load(CU + batch)
+    return (rule_bit(tl.load(CU), FIRST_BIT) | rule_bit(decreasing, FIRST_BIT + 1)
+            | rule_bit(((total >= 0) & (last != total)).to(tl.int32), FIRST_BIT + 2) | rule_bit(too_long, FIRST_BIT + 3))
+
+
+@triton.jit
+def _varlen_check(CU_Q, CU_K, BLOCK_TABLE, VERDICT, stride_tb, batch, total_q, total_k, max_seqlen_q, max_seqlen_k,
+                  max_blocks, page_size, num_pages, BLOCK: tl.constexpr):
+    """One program: the verdict (``checks.new_verdict``) of both offsets and (BLOCK_TABLE not None) the page ids
+    each sequence's keys use, bit by bit in the order of :func:`_offsets_rules`."""
+    failed = (_offset_rules(CU_Q, batch, total_q, max_seqlen_q, 0, BLOCK)
+              | _offset_rules(CU_K, batch, total_k, max_seqlen_k, 4, BLOCK))
+    if BLOCK_TABLE is not None:
+        failed |= rule_bit(unusable_pages(BLOCK_TABLE, stride_tb, batch, max_blocks, page_size, num_pages, CU_K + 1,
+                                          CU_K, 0, 0, BLOCK), 8)
+    store_verdict(VERDICT, failed)
+
+
+@register_builds
+def _builds() -> List[Build]:
+    """The offsets' check, paged and not (the config a GPU launches)."""
+    return [declare("attention_varlen_forward_check", _varlen_check, dtype="i32", constexprs=dict(BLOCK=INDEX_BLOCK),
+                    num_warps=4, num_stages=1, types=types, label=f"{label} BLOCK={INDEX_BLOCK}", default=True)
+            for types, label in (({}, "paged"), ({"BLOCK_TABLE": "constexpr"}, "packed"))]
+
+
+def _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: Optional[int], max_seqlen_q: int,
+                   max_seqlen_k: int, block_table, num_blocks: int):
+    """(message, argument, its values) of each bit of ``_varlen_check``'s verdict: what a failure says on CPU."""
+    rules = []
+    for name, cu_seqlens, total, max_name, max_seqlen in (
+            ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k)):
+        rules += [(f"{name} must start at 0", name, cu_seqlens),
+                  (f"{name} must be non-decreasing (cumulative lengths)", name, cu_seqlens),
+                  (f"{name} must end at the number of packed tokens {total}", name, cu_seqlens),
+                  (f"{max_name} = {max_seqlen} must be at least the longest sequence of {name}", name,
+                   cu_seqlens)]
+    return rules + [(f"block_table: a page id a sequence uses is outside [0, num_blocks = {num_blocks}) of k/v",
+                     "block_table", block_table)]
+
+
+def _offsets_verdict(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_table: Optional[torch.Tensor],
+                     total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int, num_blocks: int,
+                     page_size: int) -> torch.Tensor:
+    """The verdict (``checks.new_verdict``) of one ``_varlen_check`` launch (``total_k`` -1: keys from pages)."""
+    verdict = new_verdict(cu_seqlens_q.device)
+    table = None if block_table is None else block_table.contiguous()
+    with _runtime.launch_device(cu_seqlens_q):
+        _varlen_check[(1,)](cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), table, verdict,
+                            0 if table is None else table.stride(0), cu_seqlens_q.numel() - 1, total_q, total_k,
+                            max_seqlen_q, max_seqlen_k, 0 if table is None else table.shape[1], page_size,
+                            num_blocks, BLOCK=INDEX_BLOCK)
+    return verdict
+
+
+_offsets_verdict_op = torch.library.custom_op("kernels::attention_varlen_check", _offsets_verdict, mutates_args=())
+""":func:`_offsets_verdict` as the op torch.compile traces (it cannot trace into an interpreted launch)."""
+
+
+@_offsets_verdict_op.register_fake
+def _(cu_seqlens_q, *args):
+    return cu_seqlens_q.new_empty(2)
 
 
 def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
-                   max_seqlen_q: int, max_seqlen_k: int) -> None:
-    """ValueError (on CPU at once; a device assert on a GPU, with no host sync: ``_validate.assert_on_device``)
-    unless each cu_seqlens starts at 0, never decreases and ends at its token count (``total_k`` None: anywhere,
-    for keys gathered from pages), and each max_seqlen is at least its longest sequence (the grid is sized by it,
-    so a smaller value would silently drop rows). Run before any launch: the kernels read only the rows the offsets
-    name. Both are judged in one verdict (about ten small device ops, each a launch on a GPU); a failing verdict is
-    explained argument by argument (:func:`_explain_offsets`)."""
-    offsets = torch.stack((cu_seqlens_q, cu_seqlens_k))  # (2, batch + 1): the shapes were checked equal
-    lengths = offsets.diff()
-    checks = [offsets[:, 0] == 0, (lengths >= 0).flatten(), lengths[0] <= max_seqlen_q, lengths[1] <= max_seqlen_k,
-              offsets[0, -1:] == total_q]
-    if total_k is not None:
-        checks.append(offsets[1, -1:] == total_k)
-    try:
-        assert_on_device(torch.cat(checks), _OFFSETS_RULE)
-        return
-    except ValueError:  # only where the verdict is read at once (CPU): say which argument is wrong, below
-        pass
-    _explain_offsets("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
-    _explain_offsets("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k)
-    raise ValueError(_OFFSETS_RULE)
-
-
-def _explain_offsets(name: str, cu_seqlens: torch.Tensor, total: Optional[int], max_seqlen_name: str,
-                     max_seqlen: int) -> None:
-    """The ValueError naming what is wrong with one cu_seqlens (or its max_seqlen), if anything."""
-    lengths = cu_seqlens.diff()
-    assert_on_device(cu_seqlens[0] == 0, f"{name} must start at 0")
-    assert_on_device(lengths >= 0, f"{name} must be non-decreasing (cumulative lengths)")
-    if total is not None:
-        assert_on_device(cu_seqlens[-1] == total, f"{name} must end at the number of packed tokens {total}")
-    assert_on_device(lengths <= max_seqlen, f"{max_seqlen_name} must be at least the longest sequence of {name}, "
-                                            f"got {max_seqlen}")
+                   max_seqlen_q: int, max_seqlen_k: int, block_table: Optional[torch.Tensor],
+                   num_blocks: int, page_size: int) -> None:
+    """ValueError naming the argument (on CPU at once; on a GPU a device assert, with no host sync:
+    ``checks.enforce``) unless each cu_seqlens starts at 0, never decreases and ends at its token count
+    (``total_k`` None: anywhere, for keys gathered from pages), each max_seqlen is at least its longest sequence
+    (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids that a
+    sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows the
+    offsets name. One ``_varlen_check`` launch and one assert for all of it."""
+    verdict_of = _offsets_verdict_op if torch.compiler.is_compiling() else _offsets_verdict
+    verdict = verdict_of(cu_seqlens_q, cu_seqlens_k, block_table, total_q, -1 if total_k is None else total_k,
+                         max_seqlen_q, max_seqlen_k, num_blocks, page_size)
+    enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+                                                           max_seqlen_q, max_seqlen_k, block_table, num_blocks))
 
 
 def _check_max_seqlen(name: str, max_seqlen) -> None:
@@ -119,14 +183,10 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
     page_size, Hkv, D), ``block_table`` int32 (batch, max_num_blocks), ``cu_seqlens_k`` int32 (batch + 1,), all
     checked. Differentiable in ``pages``.
 
-    A page id outside [0, num_blocks) that a sequence uses fails :func:`assert_on_device` naming block_table;
-    every id is clamped, so none reads out of bounds."""
+    Every id is clamped, so none reads out of bounds; :func:`attention_varlen` checks first that those a sequence
+    uses are pages of ``pages``."""
     num_blocks, page_size = pages.shape[:2]
     batch, max_blocks = block_table.shape
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    used = torch.arange(max_blocks, device=pages.device)[None, :] * page_size < lengths[:, None]
-    valid = ~used | ((block_table >= 0) & (block_table < num_blocks))
-    assert_on_device(valid, f"block_table: a page id a sequence uses is outside [0, num_blocks = {num_blocks}) of k/v")
     table = block_table.long().clamp(0, num_blocks - 1)
     tokens = torch.arange(n_tokens, device=pages.device)
     starts = cu_seqlens_k.long()
@@ -199,10 +259,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     batch = cu_seqlens_q.numel() - 1
-    _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
-                   max_seqlen_k)
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
+    _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
+                   max_seqlen_k, block_table, *k.shape[:2] if paged else (0, 0))
     scale = check_scale(scale, q.shape[-1])
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
