@@ -136,6 +136,30 @@ def test_rows_one_block_forward_two_pass_backward(monkeypatch, rms):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True])
+def test_aligned_rows_stay_one_block_both_ways(monkeypatch, dtype, rms):
+    """A width that is a multiple of 16 (VECTOR_ALIGNMENT: 128-bit loads) holds a MAX_BLOCK row in one block
+    backward too, and its forward programs share weight and bias across their rows; an unaligned width as wide
+    keeps the narrower limits (two-pass backward, a program a row forward). Limits lowered: 48 aligned, 47 not."""
+    monkeypatch.setattr(norm_module, "MAX_BLOCK", 64)
+    monkeypatch.setattr(norm_module, "BACKWARD_MAX_BLOCK", 32)
+    monkeypatch.setattr(norm_module, "MULTI_ROW_MAX_BLOCK", 32)
+    monkeypatch.setattr(norm_module, "LONG_BLOCK", 16)
+    assert norm_module._multi_row(48) and norm_module._config(48, backward=True)[1]
+    assert not norm_module._multi_row(47) and not norm_module._config(47, backward=True)[1]
+    for width in (47, 48):
+        check_norm(rms, torch.randn(9, width, dtype=dtype) * 2 - 1, width, residual=True)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_hidden_size_5120_is_one_block_both_ways(rms):
+    """A real aligned hidden size masked inside the 8192 block: several rows a program forward, one block
+    backward, at the float64 rule."""
+    assert norm_module._multi_row(5120) and norm_module._config(5120, backward=True) == (8192, True, 16)
+    check_norm(rms, torch.randn(9, 5120, dtype=torch.bfloat16), 5120, residual=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_hidden_size_wider_than_one_block(dtype):
     width = norm_module.MAX_BLOCK + 1808
     assert norm_module._config(width)[1] is False
