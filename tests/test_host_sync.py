@@ -61,3 +61,23 @@ def test_a_padding_mask_is_prepared_once_per_model_forward_not_per_layer(monkeyp
     assert len(calls) == 2
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_index_value_checks_read_only_their_verdict():
+    """Decoding with every index tensor (paged with left padding and an append; contiguous with cache_batch_idx
+    and rotated causal queries) and paged varlen: the check kernels' verdicts are read through
+    ``assert_on_device`` alone, nothing else."""
+    int32 = dict(dtype=torch.int32)
+    q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    pages, caches = [torch.randn(9, 8, 2, 16) for _ in "kv"], [torch.randn(3, 24, 2, 16) for _ in "kv"]
+    seqlens, leftpad = torch.tensor([3, 20], **int32), torch.tensor([1, 2], **int32)
+    table = torch.randperm(8, **int32).view(2, 4)
+    cos, sin = torch.randn(24, 4), torch.randn(24, 4)
+    packed = torch.randn(12, 2, 16)
+    cu = torch.tensor([0, 3, 12], **int32)
+    assert_no_host_reads(lambda: kernels.attention_with_kvcache(q, *pages, k, v, cache_seqlens=seqlens,
+                                                                cache_leftpad=leftpad, block_table=table))
+    assert_no_host_reads(lambda: kernels.attention_with_kvcache(
+        q, *caches, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens, cache_leftpad=leftpad,
+        cache_batch_idx=torch.tensor([2, 0], **int32), causal=True))
+    assert_no_host_reads(lambda: kernels.attention_varlen(packed, *pages, cu, cu, 9, 9, block_table=table[:, :2]))
