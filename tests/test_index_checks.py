@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import kernels
-from kernels.attention import checks, decode
+from kernels.attention import checks, decode, varlen
 from kernels.attention.varlen import attention_varlen
 
 _ALLOCATIONS = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
@@ -194,3 +194,15 @@ def test_varlen_rules_hold_past_the_first_step_of_sequences():
     table[299] = 300
     with pytest.raises(ValueError, match="block_table: a page id a sequence uses is outside .* = 300"):
         attention_varlen(q, pages, pages, cu, cu, 4, 4, block_table=table)
+
+
+def test_varlen_check_is_an_op_torch_compile_traces():
+    """torch.compile cannot trace into an interpreted launch: the check is a custom op there (opcheck passes),
+    the compiled call matches eager, and bad offsets fail its device assert naming the arguments."""
+    cu = _int32([0, 3, 3, 12])
+    torch.library.opcheck(varlen._offsets_verdict_op, (cu, cu, None, 12, 12, 9, 9, 0, 0))
+    q = torch.randn(12, 2, 16)
+    compiled = torch.compile(lambda q, cu: attention_varlen(q, q, q, cu, cu, 9, 9), backend="aot_eager")
+    torch.testing.assert_close(compiled(q, cu), attention_varlen(q, q, q, cu, cu, 9, 9), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q/cu_seqlens_k must start at 0"):
+        compiled(q, _int32([0, 3, 2, 12]))

@@ -52,7 +52,7 @@ _OFFSETS_RULE = ("cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing a
 
 
 @triton.jit
-def _offset_rules(CU, batch, total, max_seqlen, FIRST_BIT: tl.constexpr, BLOCK: tl.constexpr):
+def _offsets_failed(CU, batch, total, max_seqlen, FIRST_BIT: tl.constexpr, BLOCK: tl.constexpr):
     """The failed-rule bits of one cu_seqlens (batch + 1,): from FIRST_BIT on, it starts at 0, never decreases,
     ends at ``total`` (anywhere for total < 0), and no length exceeds ``max_seqlen``."""
     decreasing = 0
@@ -74,8 +74,8 @@ def _varlen_check(CU_Q, CU_K, BLOCK_TABLE, VERDICT, stride_tb, batch, total_q, t
                   max_blocks, page_size, num_pages, BLOCK: tl.constexpr):
     """One program: the verdict (``checks.new_verdict``) of both offsets and (BLOCK_TABLE not None) the page ids
     each sequence's keys use, bit by bit in the order of :func:`_offsets_rules`."""
-    failed = (_offset_rules(CU_Q, batch, total_q, max_seqlen_q, 0, BLOCK)
-              | _offset_rules(CU_K, batch, total_k, max_seqlen_k, 4, BLOCK))
+    failed = (_offsets_failed(CU_Q, batch, total_q, max_seqlen_q, 0, BLOCK)
+              | _offsets_failed(CU_K, batch, total_k, max_seqlen_k, 4, BLOCK))
     if BLOCK_TABLE is not None:
         failed |= rule_bit(unusable_pages(BLOCK_TABLE, stride_tb, batch, max_blocks, page_size, num_pages, CU_K + 1,
                                           CU_K, 0, 0, BLOCK), 8)
