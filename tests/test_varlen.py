@@ -130,8 +130,9 @@ def test_varlen_block_table_is_the_packed_keys_with_gradients_into_the_pages(ker
 
 
 def test_varlen_block_table_page_ids_outside_the_pool_raise_naming_it():
-    """Checked by kernels._validate.assert_on_device: ValueError at once on CPU (on CUDA an asynchronous device
-    assert, which would end the process's CUDA context, so this runs on CPU); ids are clamped for the gather."""
+    """Checked with the offsets by one check kernel (kernels.attention.checks.enforce): ValueError at once on CPU
+    (on CUDA an asynchronous device assert, which would end the process's CUDA context, so this runs on CPU); ids
+    are clamped for the gather."""
     lens = [2, 4]
     q, k, v = torch.randn(3, 6, 2, 8)
     k_pages, v_pages, table = paged_cache((k, v), lens, 3, 4)
