@@ -29,7 +29,7 @@ MAX_PROGRAMS = 2**31 - 1
 # that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows,
 # tcgen05 UTCHMMA on sm_100, v_mfma on gfx942). Each table's first entry (the default, what a GPU runs first)
 # compiles with no register spill on its family's target (ptxas -v / amdgcn metadata, triton 3.8) for the plain
-# kernel and for every specialisation that shares the table (window, softcap, ALiBi, sinks, varlen). Hence the
+# kernel and for every specialisation that shares the table (window, chunk, softcap, ALiBi, sinks, varlen). Hence the
 # sm_80 forward at d64 takes 128x64 on 8 warps (on 4 warps, and at 64x64, ptxas spills a few bytes); dK/dV at d128
 # and d256 takes 8 warps (on 4, its two fp32 accumulators and the K/V tiles spill 30-150 B); the forward at d256
 # takes 64x32 (64x64 spills with softcap on sm_90). Later entries are candidates for the autotuner; the full build
@@ -235,8 +235,8 @@ def prune(kernel: str, table: List[Tile], lengths: Tuple[int, int]) -> List[Tile
 def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
     """An autotuner over this family's configs for a specialisation (:func:`tiles`), pruned for the length bucket
     (:func:`prune`); one per (causal is in the key) bucket of the lengths, so tuning is keyed on bucketed lengths
-    (the autotuner itself keys on head dim, causal, window, chunk, softcap, precision, the mods' functions and the tensors'
-    dtypes)."""
+    (the autotuner itself keys on head dim, causal, window, chunk, softcap, precision, the mods' functions and the
+    tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)]
     key = ["HEAD_DIM", "CAUSAL", "WINDOW", "CHUNKED", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
@@ -326,8 +326,8 @@ _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_BOUNDS": "*i32", "PAD": "*u8", "
           # upper-case scalars, which the naming convention would take for pointers
           **dict.fromkeys(("H", "GROUP", "N_Q", "N_K", "CAUSAL_SHIFT", "WINDOW_SHIFT", "ALIBI_SHIFT", "CHUNK_SIZE"),
                          "i32")}
-_VARIANTS = {"window": {"WINDOW": True}, "chunk": {"CHUNKED": True}, "softcap": {"SOFTCAP": True}, "alibi": {"ALIBI": "*fp32"},
-             "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"},
+_VARIANTS = {"window": {"WINDOW": True}, "chunk": {"CHUNKED": True}, "softcap": {"SOFTCAP": True},
+             "alibi": {"ALIBI": "*fp32"}, "sinks": {"SINKS": "*fp32"}, "dropout": {"SEED": "*i64"},
              "varlen": {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"},
              "mask_mod": {"BLOCK_MASK": "*i32", "MASK_MOD": mods._same_document, "MASK_ARGS": ("*i32", "i32")},
              "score_mod": {"SCORE_MOD": mods._softcap, "SCORE_GRAD": mods._softcap_grad, "SCORE_ARGS": ("fp32",)}}
@@ -336,9 +336,9 @@ argument passed instead of None, given by its type (a pointer, or a tuple of typ
 A kernel takes the variant if it has the variant's first parameter, with those of its parameters it has (the
 forward has no SCORE_GRAD). The mods are the shipped ones (mods.py): the document mask, its doc-id pointer and
 batch stride with its block mask, and the tanh softcap score with its derivative."""
-_OFF = {"WINDOW": False, "CHUNKED": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None, "CU_SEQLENS_Q": None,
-        "CU_SEQLENS_K": None, "BLOCK_MASK": None, "MASK_ARGS": None, "SCORE_ARGS": None, "MASK_MOD": None,
-        "SCORE_MOD": None, "SCORE_GRAD": None}
+_OFF = {"WINDOW": False, "CHUNKED": False, "SOFTCAP": False, "ALIBI": None, "SINKS": None, "SEED": None,
+        "CU_SEQLENS_Q": None, "CU_SEQLENS_K": None, "BLOCK_MASK": None, "MASK_ARGS": None, "SCORE_ARGS": None,
+        "MASK_MOD": None, "SCORE_MOD": None, "SCORE_GRAD": None}
 
 
 def _takes(fn, variant: str) -> bool:
