@@ -451,10 +451,12 @@ def forced_config(build: Build) -> Dict[str, int]:
 def row_width(build: Build) -> int:
     """A row width whose launch config is exactly ``build``'s (BLOCK, SINGLE, num_warps), as the module's own
     ``_config`` chooses it: an odd width inside the block, or past the module's one-block limit for the looped
-    path. LookupError if neither selects it."""
+    path; a multiple of 16 where the build declares ``n_cols`` divisible by 16 (Triton's specialisation of such
+    widths: the norms' aligned rows). LookupError if neither selects it."""
     module = sys.modules[_python_fn(build).__module__]
     block, single = build.constexprs["BLOCK"], build.constexprs["SINGLE"]
-    for width in (block // 2 + 1, module.MAX_BLOCK + block // 2 + 1):
+    past = 16 if "n_cols" in build.divisible_by_16 else 1
+    for width in (block // 2 + past, module.MAX_BLOCK + block // 2 + past):
         if module._config(width) == (block, single, build.num_warps):
             return width
     raise LookupError(f"no row width selects {build.kernel} {build.label}")

@@ -151,6 +151,24 @@ def test_aligned_rows_stay_one_block_both_ways(monkeypatch, dtype, rms):
         check_norm(rms, torch.randn(9, width, dtype=dtype) * 2 - 1, width, residual=True)
 
 
+def test_gpu_check_launches_each_norm_build_with_its_own_specialisation():
+    """``make gpu-check`` runs every NVIDIA-table norm build at a width that launches exactly it: aligned builds
+    (``n_cols`` declared divisible by 16) at an aligned width, so the GPU checks the multi-row forward and the
+    one-block backward of aligned 8192-wide rows (an odd width would run the unaligned path instead)."""
+    from benchmarks import gpu_check
+    from kernels.registry import all_builds
+
+    norm_builds = [b for b in gpu_check.row_builds(all_builds()) if b.kernel.startswith("_norm") and 80 in b.families]
+    for build in norm_builds:
+        width = gpu_check.row_width(build)
+        backward = build.kernel == "_norm_bwd"
+        block, single, num_warps, multi_row, _ = norm_module._plan(width, backward, 32)
+        assert (width % 16 == 0) == ("n_cols" in build.divisible_by_16), build.label
+        assert (block, single, num_warps) == (build.constexprs["BLOCK"], build.constexprs["SINGLE"], build.num_warps)
+        assert backward or multi_row == build.constexprs["MULTI_ROW"], build.label
+    assert any(b.constexprs["BLOCK"] == norm_module.MAX_BLOCK and "n_cols" in b.divisible_by_16 for b in norm_builds)
+
+
 @pytest.mark.parametrize("rms", [False, True])
 def test_hidden_size_5120_is_one_block_both_ways(rms):
     """A real aligned hidden size masked inside the 8192 block: several rows a program forward, one block
