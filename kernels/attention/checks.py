@@ -41,7 +41,8 @@ def check_scale(scale, d: int) -> float:
     """``scale`` as a float (1/sqrt(d) for None); TypeError unless it is a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if (type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real))
+            or not math.isfinite(scale)):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
@@ -69,6 +70,11 @@ def check_padding_mask(mask, q, k) -> None:
 
 def check_window(window_size) -> Tuple[int, int]:
     """``window_size`` as (left, right) ints; TypeError unless a pair of ints, ValueError for values below -1."""
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is type(window_size[1]) is int:
+        left, right = window_size  # the common case (plain ints), decided without the numbers ABCs
+        if left < -1 or right < -1:
+            raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {window_size}")
+        return left, right
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
@@ -79,7 +85,7 @@ def check_window(window_size) -> Tuple[int, int]:
 
 def check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> float:
     """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] ([low, high))."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if not (low <= value < high if high_open else low <= value <= high):
         raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
