@@ -457,9 +457,16 @@ def row_width(build: Build) -> int:
     block, single = build.constexprs["BLOCK"], build.constexprs["SINGLE"]
     past = 16 if "n_cols" in build.divisible_by_16 else 1
     for width in (block // 2 + past, module.MAX_BLOCK + block // 2 + past):
-        if module._config(width) == (block, single, build.num_warps):
+        if row_config(build, width) == (block, single, build.num_warps):
             return width
     raise LookupError(f"no row width selects {build.kernel} {build.label}")
+
+
+def row_config(build: Build, width: int) -> tuple:
+    """(BLOCK, SINGLE, num_warps) that ``build``'s module launches at ``width`` (the norms' backward has a plan of
+    its own; softmax's backward runs the forward's)."""
+    module = sys.modules[_python_fn(build).__module__]
+    return module._config(width, backward=True) if build.kernel == "_norm_bwd" else module._config(width)
 
 
 @dataclass

@@ -36,9 +36,13 @@ def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int, la
     more values per element). Cached: a launch plan is computed once per width, set of limits and family."""
     single = n_cols <= max_block
     block = next_power_of_2(n_cols) if single else long_block
-    min_warps, max_warps = 128 // lanes, 512 // lanes
-    num_warps = min(max_warps, max(min_warps, block // (lanes * per_thread)))
-    return block, single, num_warps
+    return block, single, warps_for(block, per_thread, lanes)
+
+
+def warps_for(elements: int, per_thread: int, lanes: int = 32) -> int:
+    """Warps of ``lanes`` threads for a block of ``elements``: about ``per_thread`` elements a thread, 128 to 512
+    threads."""
+    return min(512 // lanes, max(128 // lanes, elements // (lanes * per_thread)))
 
 
 def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:

@@ -21,9 +21,10 @@ Forward:
   deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
   h (x without a residual) and writes y, chunk-major over the program's run of rows (weight and bias read once).
 
-Backward, a persistent grid of programs each owning a run of consecutive rows, one block a row up to
-``MAX_BLOCK`` (unaligned rows: ``BACKWARD_MAX_BLOCK``) and two passes over chunks beyond, in fp32 whatever the
-casting mode (as Liger-Kernel; the roundings of the forward count as identities):
+Backward, a persistent grid of programs (one 16-warp program per SM) each owning a run of consecutive rows, one
+block a row up to ``MAX_BLOCK`` (unaligned rows: ``BACKWARD_MAX_BLOCK``; narrow rows ``BACKWARD_TILE // BLOCK`` at
+a time) and two passes over chunks beyond, in fp32 whatever the casting mode (as Liger-Kernel; the roundings of
+the forward count as identities):
     dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term, w = offset + weight)
 plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat ("llama": xhat rounded to x's
 dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 registers (two-pass
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, as_rows, lanes_of, row_config
+from kernels._rows import LANES, as_rows, lanes_of, row_config, warps_for
 from kernels._runtime import INTERPRETED, cast_rne, cdiv, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -219,7 +220,7 @@ def _fwd_columns(X, W, B, Y, H, MEAN, RSTD, start, row_start, row_end, stride_x,
     w = _load_vec(W + start, cols, n_cols - start, HAS_W)
     b = _load_vec(B + start, cols, n_cols - start, HAS_B)
     for row in range(row_start, row_end):
-        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        mean, rstd = _row_stats(MEAN, RSTD, row, None, RMS)
         if HAS_RES:
             src = H + row * n_cols
         else:
@@ -238,9 +239,10 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_co
 
     Program p normalises rows [p * rows_per_program, (p + 1) * rows_per_program) and reads weight and bias once
     for all of them: one-block rows with MULTI_ROW (the launcher's choice: aligned rows, and unaligned ones up to
-    MULTI_ROW_MAX_BLOCK) keep them in registers across the run; two-pass rows take the run's statistics row by row (pass 1), then its outputs chunk
-    by chunk (pass 2). One-block rows without MULTI_ROW get a program each (rows_per_program 1) with no row loop:
-    out of a loop the compiler would hoist the weight and bias loads and keep them live beside h.
+    MULTI_ROW_MAX_BLOCK) keep them in registers across the run; two-pass rows take the run's statistics row by row
+    (pass 1), then its outputs chunk by chunk (pass 2). One-block rows without MULTI_ROW get a program each
+    (rows_per_program 1) with no row loop: out of a loop the compiler would hoist the weight and bias loads and
+    keep them live beside h.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset 64-bit
     row_start = pid * rows_per_program
@@ -266,12 +268,19 @@ def _norm_fwd(X, RES, W, B, Y, H, MEAN, RSTD, stride_x, stride_res, n_rows, n_co
 
 
 @triton.jit
-def _row_stats(MEAN, RSTD, row, RMS: tl.constexpr):
-    """(mean, rstd) of ``row`` as the forward stored them; mean 0 for RMS norm."""
+def _row_stats(MEAN, RSTD, row, live, RMS: tl.constexpr):
+    """(mean, rstd) of ``row`` (a row index, or a column of them with ``live`` masking rows past a program's run:
+    0 there) as the forward stored them; mean 0 for RMS norm."""
     mean = 0.0
-    if not RMS:
-        mean = tl.load(MEAN + row)
-    return mean, tl.load(RSTD + row)
+    if live is None:
+        if not RMS:
+            mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+    else:
+        if not RMS:
+            mean = tl.load(MEAN + row, mask=live, other=0.0)
+        rstd = tl.load(RSTD + row, mask=live, other=0.0)
+    return mean, rstd
 
 
 @triton.jit
@@ -320,7 +329,7 @@ def _bwd_row_sums(H, W, DY, SUMS, start, row_start, row_end, stride_h, stride_dy
     cols = tl.arange(0, BLOCK)
     w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
     for row in range(row_start, row_end):
-        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        mean, rstd = _row_stats(MEAN, RSTD, row, None, RMS)
         xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                    n_cols - start, mean, rstd, HAS_W)
         c1 = tl.load(SUMS + 2 * row, mask=start > 0, other=0.0) + tl.sum(xhat * wdy, 0)
@@ -332,31 +341,58 @@ def _bwd_row_sums(H, W, DY, SUMS, start, row_start, row_end, stride_h, stride_dy
 
 
 @triton.jit
+def _bwd_row_tiles(H, W, DY, DH, DX, MEAN, RSTD, part, part_b, row_start, row_end, stride_h, stride_dy, stride_dh,
+                   n_cols, offset, BLOCK: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, CASTING: tl.constexpr):
+    """One-block rows: DX of rows [row_start, row_end), ROWS rows a step ([ROWS, BLOCK] tiles: narrow rows fill a
+    16-warp program), and this run's fp32 partial dweight and dbias, summed in registers and stored once."""
+    cols = tl.arange(0, BLOCK)[None, :]
+    dtype = DX.dtype.element_ty
+    # offset added once: a sum formed in the row loop would be hoisted and kept live beside w
+    w = offset + _load_vec(W, cols, n_cols, HAS_W)
+    dw = tl.zeros([ROWS, BLOCK], tl.float32)
+    db = tl.zeros([ROWS, BLOCK], tl.float32)
+    for first in range(row_start, row_end, ROWS):
+        rows = first + tl.arange(0, ROWS)[:, None]
+        live = None  # one row a step is always in the run: unmasked statistics loads
+        width = n_cols
+        if ROWS > 1:
+            live = rows < row_end
+            width = tl.where(live, n_cols, 0)  # a row past the run is masked off whole
+        mean, rstd = _row_stats(MEAN, RSTD, rows, live, RMS)
+        xhat, dy, wdy = _load_grad(H, DY, w, rows * stride_h, rows * stride_dy, cols, width, mean, rstd, HAS_W)
+        c1 = tl.sum(xhat * wdy, 1)[:, None] / n_cols
+        c2 = tl.sum(wdy, 1)[:, None] / n_cols
+        dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, rows * stride_dh, cols, width, RMS, HAS_DH)
+        tl.store(DX + rows * n_cols + cols, cast_rne(dx, dtype), mask=cols < width)
+        dw += dy * _weight_factor(xhat, dtype, CASTING)
+        db += dy
+    cols = tl.arange(0, BLOCK)
+    if WANT_DW:
+        tl.store(part + cols, tl.sum(dw, 0), mask=cols < n_cols)
+    if WANT_DB:
+        tl.store(part_b + cols, tl.sum(db, 0), mask=cols < n_cols)
+
+
+@triton.jit
 def _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, start, row_start, row_end, stride_h,
-                 stride_dy, stride_dh, n_cols, offset, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                 RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr,
-                 WANT_DB: tl.constexpr, CASTING: tl.constexpr):
-    """DX at columns [start, start + BLOCK) of rows [row_start, row_end), and this run's fp32 partial dweight and
-    dbias there, stored once. One-block rows (SINGLE) sum c1, c2 in place; two-pass rows read them from SUMS."""
+                 stride_dy, stride_dh, n_cols, offset, BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, CASTING: tl.constexpr):
+    """Two-pass rows, pass 2 at columns [start, start + BLOCK) of rows [row_start, row_end): DX from the c1, c2
+    sums of pass 1 (SUMS), and this run's fp32 partial dweight and dbias there, stored once."""
     cols = tl.arange(0, BLOCK)
     dtype = DX.dtype.element_ty
     mask = start + cols < n_cols
-    # offset added once: a sum formed in the row loop would be hoisted and kept live beside w
     w = offset + _load_vec(W + start, cols, n_cols - start, HAS_W)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
     for row in range(row_start, row_end):
-        mean, rstd = _row_stats(MEAN, RSTD, row, RMS)
+        mean, rstd = _row_stats(MEAN, RSTD, row, None, RMS)
         xhat, dy, wdy = _load_grad(H, DY, w, row * stride_h + start, row * stride_dy + start, cols,
                                    n_cols - start, mean, rstd, HAS_W)
-        if SINGLE:
-            c1 = tl.sum(xhat * wdy, 0)
-            c2 = tl.sum(wdy, 0)
-        else:
-            c1 = tl.load(SUMS + 2 * row)
-            c2 = tl.load(SUMS + 2 * row + 1)
-        dx = _input_grad(xhat, wdy, c1 / n_cols, c2 / n_cols, rstd, DH, row * stride_dh + start, cols,
-                         n_cols - start, RMS, HAS_DH)
+        c1 = tl.load(SUMS + 2 * row) / n_cols
+        c2 = tl.load(SUMS + 2 * row + 1) / n_cols
+        dx = _input_grad(xhat, wdy, c1, c2, rstd, DH, row * stride_dh + start, cols, n_cols - start, RMS, HAS_DH)
         tl.store(DX + row * n_cols + start + cols, cast_rne(dx, dtype), mask=mask)
         dw += dy * _weight_factor(xhat, dtype, CASTING)
         db += dy
@@ -368,32 +404,33 @@ def _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, start, row_st
 
 @triton.jit
 def _norm_bwd(H, W, DY, DH, DX, MEAN, RSTD, DW, DB, SUMS, stride_h, stride_dy, stride_dh, n_rows, n_cols,
-              rows_per_program, offset, BLOCK: tl.constexpr, SINGLE: tl.constexpr, RMS: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-              CASTING: tl.constexpr):
+              rows_per_program, offset, BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr,
+              RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DH: tl.constexpr, WANT_DW: tl.constexpr,
+              WANT_DB: tl.constexpr, CASTING: tl.constexpr):
     """Program p: DX for rows [p * rows_per_program, (p + 1) * rows_per_program), and its fp32 partial sums of
     dweight and dbias in row p of DW and DB (programs, n_cols), each element stored once. DX is contiguous
     (rows, n_cols); SUMS (rows, 2) fp32 holds two-pass rows' c1, c2 sums between the passes.
 
-    One-block rows read h and dy once. Two-pass rows read them twice (the least a row that does not fit on chip
-    allows), both passes chunk-major: a weight chunk is read once per pass for the whole run, and the partials'
-    chunk is summed in registers over the run and stored once (no read-modify-write of the buffer per row)."""
+    One-block rows read h and dy once, ROWS at a time. Two-pass rows read them twice (the least a row that does
+    not fit on chip allows), both passes chunk-major: a weight chunk is read once per pass for the whole run, and
+    the partials' chunk is summed in registers over the run and stored once (no read-modify-write of the buffer
+    per row)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 rows make every offset below 64-bit
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     part = DW + pid * n_cols
     part_b = DB + pid * n_cols
     if SINGLE:
-        _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, 0, row_start, row_end, stride_h, stride_dy,
-                     stride_dh, n_cols, offset, BLOCK, SINGLE, RMS, HAS_W, HAS_DH, WANT_DW, WANT_DB, CASTING)
+        _bwd_row_tiles(H, W, DY, DH, DX, MEAN, RSTD, part, part_b, row_start, row_end, stride_h, stride_dy,
+                       stride_dh, n_cols, offset, BLOCK, ROWS, RMS, HAS_W, HAS_DH, WANT_DW, WANT_DB, CASTING)
     else:
         for start in range(0, n_cols, BLOCK):
             _bwd_row_sums(H, W, DY, SUMS, start, row_start, row_end, stride_h, stride_dy, n_cols, offset, MEAN,
                           RSTD, BLOCK, RMS, HAS_W)
         for start in range(0, n_cols, BLOCK):
             _bwd_columns(H, W, DY, DH, DX, MEAN, RSTD, SUMS, part, part_b, start, row_start, row_end, stride_h,
-                         stride_dy, stride_dh, n_cols, offset, BLOCK, SINGLE, RMS, HAS_W, HAS_DH, WANT_DW,
-                         WANT_DB, CASTING)
+                         stride_dy, stride_dh, n_cols, offset, BLOCK, RMS, HAS_W, HAS_DH, WANT_DW, WANT_DB,
+                         CASTING)
 
 
 def _config(n_cols: int, backward: bool = False, lanes: int = 32):
@@ -409,7 +446,7 @@ def _multi_row(n_cols: int) -> bool:
 
 
 def _plan(n_cols: int, backward: bool, lanes: int):
-    """(BLOCK, SINGLE, num_warps, MULTI_ROW, programs per SM) of a launch. Reads the module's limits at each call,
+    """(BLOCK, SINGLE, num_warps, MULTI_ROW, programs per SM, ROWS) of a launch. Reads the module's limits at each call,
     so tests can lower them; the rest is cached per width, direction, family and limits."""
     return _launch_plan(n_cols, backward, lanes, MAX_BLOCK, BACKWARD_MAX_BLOCK, MULTI_ROW_MAX_BLOCK, LONG_BLOCK)
 
@@ -418,19 +455,21 @@ def _plan(n_cols: int, backward: bool, lanes: int):
 def _launch_plan(n_cols, backward, lanes, max_block, backward_max_block, multi_row_max_block, long_block):
     """:func:`_plan` for the given limits. Aligned rows (VECTOR_ALIGNMENT) hold up to ``max_block`` in one block
     both ways and share weight and bias across a program's rows at every one-block width; unaligned ones stop at
-    the narrower limits. The persistent grid's programs per SM: as many as an SM's registers hold at once (one
-    8192-wide backward program fills its 64K registers, a forward one half of them), at most
-    BACKWARD_PROGRAMS_PER_SM or FORWARD_PROGRAMS_PER_SM: each program reads the parameters once (and a backward
-    one adds a partial row per parameter), so no more programs than run at once."""
+    the narrower limits. A one-block backward takes ROWS rows a step (BACKWARD_TILE), so its programs are 16 warps
+    wide at every width and one per SM fills the GPU. The forward's programs per SM: as many as an SM's registers
+    hold at once (SM_ROW_ELEMENTS), at most FORWARD_PROGRAMS_PER_SM. Each program reads the parameters once (and a
+    backward one adds a partial row per parameter), so no more programs than run at once."""
     aligned = n_cols % VECTOR_ALIGNMENT == 0
     one_block = max_block if aligned or not backward else min(max_block, backward_max_block)
     block, single, num_warps = row_config(n_cols, one_block, long_block, 8, lanes)
     multi_row = not backward and single and (aligned or block <= multi_row_max_block)
+    rows = max(1, min(one_block, BACKWARD_TILE) // block) if backward and single else 1
     if backward:
-        per_sm = max(1, min(BACKWARD_PROGRAMS_PER_SM, SM_ROW_ELEMENTS // block))
+        num_warps = warps_for(rows * block, 8, lanes)
+        per_sm = 1 if single else BACKWARD_PROGRAMS_PER_SM
     else:
-        per_sm = max(1, min(FORWARD_PROGRAMS_PER_SM, 2 * SM_ROW_ELEMENTS // block))
-    return block, single, num_warps, multi_row, per_sm
+        per_sm = max(1, min(FORWARD_PROGRAMS_PER_SM, SM_ROW_ELEMENTS // block))
+    return block, single, num_warps, multi_row, per_sm, rows
 
 
 def _row_split(n_rows: int, device: torch.device, per_sm: int):
@@ -447,9 +486,14 @@ spilling (aligned rows do up to MAX_BLOCK)."""
 FORWARD_PROGRAMS_PER_SM = 8
 """Enough resident programs to hide load latency, while weight and bias are read once per program."""
 BACKWARD_PROGRAMS_PER_SM = 2
-"""Fewer: each backward program owns an fp32 row of the dweight/dbias partial buffers."""
-SM_ROW_ELEMENTS = 8192
-"""Row elements of backward programs an SM holds in registers at once (twice that forward)."""
+"""Two-pass rows' backward (8-warp programs); one-block rows run one 16-warp program per SM: each backward program
+adds an fp32 row of the dweight/dbias partial buffers, so as few as fill the GPU."""
+SM_ROW_ELEMENTS = 16384
+"""Row elements of forward programs an SM holds in registers at once: one 8192-wide forward program takes half
+its 64K registers."""
+BACKWARD_TILE = 4096
+"""Elements of a one-block backward step: narrower rows go ROWS = BACKWARD_TILE // BLOCK at a time, so every
+one-block backward program has 16 warps (8 x 1024 tiles spill: 52 bytes on sm_80)."""
 
 
 def _forward_outputs(x, residual, n_cols, rms):
@@ -473,7 +517,7 @@ def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     h2d = h.view(n_rows, n_cols) if residual is not None else x2d  # unused without a residual
     w = weight.reshape(-1).contiguous() if weight is not None else x2d
     b = bias.reshape(-1).contiguous() if bias is not None else x2d
-    block, single, num_warps, multi_row, per_sm = _plan(n_cols, False, lanes_of(x.device))
+    block, single, num_warps, multi_row, per_sm, _ = _plan(n_cols, False, lanes_of(x.device))
     programs, rows_per_program = _row_split(n_rows, x.device, per_sm) if multi_row or not single else (n_rows, 1)
     if n_rows:
         with launch_device(x):
@@ -494,7 +538,7 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
     dy2d = as_rows(dy, n_cols)
     dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, single, num_warps, _, per_sm = _plan(n_cols, True, lanes_of(h.device))
+    block, single, num_warps, _, per_sm, rows = _plan(n_cols, True, lanes_of(h.device))
     programs, rows_per_program = _row_split(n_rows, h.device, per_sm)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=h.device)
     # two-pass rows' (c1, c2) sums between the passes; one-block rows need none (rstd stands in, unread)
@@ -504,9 +548,9 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
         with launch_device(h):
             _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
                                    sums, h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols,
-                                   rows_per_program, offset, BLOCK=block, SINGLE=single, RMS=rms, HAS_W=weight is not None,
-                                   HAS_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, CASTING=casting,
-                                   num_warps=num_warps)
+                                   rows_per_program, offset, BLOCK=block, ROWS=rows, SINGLE=single, RMS=rms,
+                                   HAS_W=weight is not None, HAS_DH=dh is not None, WANT_DW=want_dw,
+                                   WANT_DB=want_db, CASTING=casting, num_warps=num_warps)
     return dx, _reduce(partial[0], want_dw), _reduce(partial[1], want_db)
 
 
@@ -864,11 +908,14 @@ def _builds():
     builds = []
 
     def add(fn, families, lanes, ty, norm, rms, mode, n_cols, flags, types, residual_label):
-        block, single, num_warps = _config(n_cols, backward=fn is _norm_bwd, lanes=lanes)
+        backward = fn is _norm_bwd
+        block, single, num_warps, _, _, rows = _plan(n_cols, backward, lanes)
         aligned = n_cols % VECTOR_ALIGNMENT == 0
-        label = (f"{ty} {norm} BLOCK={block}{'' if single else ' two-pass'}{' unaligned' * (not aligned)}"
-                 f"{f' {mode}' * rms}{residual_label}{' wave64' * (lanes == 64)}")
+        label = (f"{ty} {norm} BLOCK={block}{f' ROWS={rows}' * (rows > 1)}{'' if single else ' two-pass'}"
+                 f"{' unaligned' * (not aligned)}{f' {mode}' * rms}{residual_label}{' wave64' * (lanes == 64)}")
         constexprs = dict(flags, BLOCK=block, SINGLE=single, RMS=rms, CASTING=CASTING_MODES[mode])
+        if backward:
+            constexprs["ROWS"] = rows
         build = declare(fn.__name__, fn, dtype=ty, constexprs=constexprs, num_warps=num_warps, num_stages=1,
                         label=label, variant=norm, types=types, default=mode == DEFAULT_CASTING_MODE,
                         families=families)

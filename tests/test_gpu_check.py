@@ -67,9 +67,9 @@ def test_each_softmax_and_norm_build_gets_a_width_its_module_launches_it_with():
         (kernel, single) for kernel in ("_softmax_fwd", "_softmax_bwd", "_norm_fwd", "_norm_bwd")
         for single in (True, False)}
     for build in launched:
-        module = sys.modules[gpu_check._python_fn(build).__module__]
         width = gpu_check.row_width(build)
-        assert module._config(width) == (build.constexprs["BLOCK"], build.constexprs["SINGLE"], build.num_warps)
+        assert gpu_check.row_config(build, width) == (build.constexprs["BLOCK"], build.constexprs["SINGLE"],
+                                                      build.num_warps)
 
 
 def test_attention_configs_are_forced_and_pass_through_the_interpreter(device, monkeypatch):

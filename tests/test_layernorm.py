@@ -162,7 +162,7 @@ def test_gpu_check_launches_each_norm_build_with_its_own_specialisation():
     for build in norm_builds:
         width = gpu_check.row_width(build)
         backward = build.kernel == "_norm_bwd"
-        block, single, num_warps, multi_row, _ = norm_module._plan(width, backward, 32)
+        block, single, num_warps, multi_row, _, _ = norm_module._plan(width, backward, 32)
         assert (width % 16 == 0) == ("n_cols" in build.divisible_by_16), build.label
         assert (block, single, num_warps) == (build.constexprs["BLOCK"], build.constexprs["SINGLE"], build.num_warps)
         assert backward or multi_row == build.constexprs["MULTI_ROW"], build.label
