@@ -3,12 +3,18 @@ the GPU builds they declare.
 
 A launch takes, in order: the config forced by ``kernels.registry.use_config`` (tests, benchmarks, the GPU
 check), else on a GPU the autotuner over its family's table, else (interpreted) :data:`INTERPRETER_TILE`.
+
+TMA (Hopper and Blackwell): on :data:`TMA_FAMILIES` the fp16/bf16 autotune lists hold every tile twice, first
+with its streamed tiles read through tensor descriptors (``TMA=True``: UTMALDG in SASS), then through pointers,
+and the autotuner picks; the default is the table's first tile on TMA. A launch runs TMA only where the plan
+found its tensors legal for it (:func:`tma_legal`); a forced ``TMA=True`` (``use_config``) is dropped otherwise.
 """
 import functools
 from typing import Dict, List, Tuple, Union
 
 import torch
 import triton
+from triton.runtime import _allocation  # Triton's allocator slot (a ContextVar), which has no public getter
 
 from kernels import _runtime
 from kernels.attention import mods
@@ -146,6 +152,11 @@ _FIRST = {
     ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
     ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
 }
+TMA_FAMILIES = (90, 100)
+"""The families whose fp16/bf16 tables run each tile on tensor descriptors first (TMA needs compute capability 9.0
+or later; every such GPU runs one of these families' tables)."""
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last (the hardware's rule)
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
 _GRID_INDEX = {kernel: ("BLOCK_M", "BLOCK_N").index(name) for kernel, name in _GRID_BLOCK.items()}
@@ -181,6 +192,54 @@ def specialisation(meta: dict, dropout: bool) -> str:
     return next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
 
 
+def uses_tma(family: Family, fp32: bool) -> bool:
+    """Whether ``family``'s autotune lists try tensor-descriptor (TMA) configs, first: fp16/bf16 on
+    :data:`TMA_FAMILIES` (fp32's small FMA tiles gain nothing from it)."""
+    return family in TMA_FAMILIES and not fp32
+
+
+def tma_legal(*tensors: torch.Tensor) -> bool:
+    """Whether every one of ``tensors`` (B, H, N, D) may be read and written through per-head (N, D) tensor
+    descriptors: a dtype TMA moves, a unit head-dim stride, and 16-byte aligned base and strides (batch and head
+    strides only where that dim has more than one entry: a lone index never multiplies its stride). On a GPU
+    also compute capability 9.0 or later (the interpreter emulates descriptors anywhere). Shapes, strides and
+    addresses only: no device work."""
+    first = tensors[0]
+    if not _runtime.INTERPRETED and (first.device.type != "cuda" or torch.version.hip
+                                     or _runtime.device_capability(first.device)[0] < 9):
+        return False
+    return all(_tma_layout(t) for t in tensors)
+
+
+def _tma_layout(t: torch.Tensor) -> bool:
+    if t.dtype not in TMA_DTYPES or t.stride(-1) != 1 or t.data_ptr() % TMA_ALIGN:
+        return False
+    size = t.element_size()
+    batch, heads = t.shape[:2]
+    stride_b, stride_h, stride_n = t.stride()[:3]
+    return ((stride_n * size) % TMA_ALIGN == 0 and (batch == 1 or (stride_b * size) % TMA_ALIGN == 0)
+            and (heads == 1 or (stride_h * size) % TMA_ALIGN == 0))
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds on the device, from torch's caching allocator on
+    the current device (alignment: the allocator's blocks are 512-byte aligned, past the 128 TMA asks)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Give Triton :func:`_scratch` for device-side descriptors unless an allocator is set: once per thread (Triton
+    keeps it in a ContextVar), a lookup afterwards. A user's own allocator is left alone."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def flavoured(table: List[Tile], tma: bool) -> List[Tuple[Tile, bool]]:
+    """(tile, TMA) of an autotune list: with ``tma`` every tile on tensor descriptors, then every tile on
+    pointers; else pointers only."""
+    return [(tile, on) for on in ((True, False) if tma else (False,)) for tile in table]
+
+
 def d_bucket(head_dim: int) -> int:
     """The table key of a head dim: its padded width, with every width up to 64 sharing the 64 table."""
     block_d = max(16, _runtime.next_power_of_2(head_dim))
@@ -189,13 +248,16 @@ def d_bucket(head_dim: int) -> int:
 
 def default_configs(family: Family, dtype: torch.dtype, head_dim: int) -> Dict[str, Dict[str, int]]:
     """{registry kernel name: config} of the config a GPU of ``family`` tries first for these inputs, in the form
-    ``kernels.registry.use_config`` takes (e.g. to count interpreted IO with a GPU's tiles)."""
+    ``kernels.registry.use_config`` takes (e.g. to count interpreted IO with a GPU's tiles); ``TMA`` where the
+    family's list starts on tensor descriptors."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    fp32 = dtype == torch.float32
     configs = {}
     for kernel in KERNELS:
-        block_m, block_n, warps, stages = tiles(kernel, family, d_bucket(head_dim), dtype == torch.float32)[0]
-        configs[f"attention_{kernel}"] = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        block_m, block_n, warps, stages = tiles(kernel, family, d_bucket(head_dim), fp32)[0]
+        configs[f"attention_{kernel}"] = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                              **({"TMA": True} if uses_tma(family, fp32) else {}))
     return configs
 
 
@@ -232,13 +294,16 @@ def prune(kernel: str, table: List[Tile], lengths: Tuple[int, int]) -> List[Tile
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int]):
+def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n_bucket: Tuple[int, int],
+           tma: bool = False):
     """An autotuner over this family's configs for a specialisation (:func:`tiles`), pruned for the length bucket
     (:func:`prune`); one per (causal is in the key) bucket of the lengths, so tuning is keyed on bucketed lengths
     (the autotuner itself keys on head dim, causal, window, chunk, softcap, precision, the mods' functions and the
-    tensors' dtypes)."""
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)]
+    tensors' dtypes). With ``tma`` (inputs legal for it, on a family that :func:`uses_tma`), every tile on tensor
+    descriptors first, then every tile on pointers."""
+    table = prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": on}, num_warps=w, num_stages=s)
+               for (bm, bn, w, s), on in flavoured(table, tma)]
     key = ["HEAD_DIM", "CAUSAL", "WINDOW", "CHUNKED", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
@@ -254,9 +319,10 @@ def grid(rows: int, heads: int, block: int) -> Tuple[int]:
 
 
 def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int],
-           dropout: bool = False) -> None:
+           dropout: bool = False, tma: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``, autotuned
-    over :func:`tiles` of the launch's :func:`specialisation` (``dropout``: whether the launch passes a SEED).
+    over :func:`tiles` of the launch's :func:`specialisation` (``dropout``: whether the launch passes a SEED; ``tma``:
+    whether its tensors are :func:`tma_legal`, which lets TMA configs run).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     block = _GRID_BLOCK[kernel]
     forced = forced_config(f"attention_{kernel}")
@@ -264,14 +330,21 @@ def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[
         _check_mask_tile(kernel, forced)
     if forced is not None or _runtime.INTERPRETED:
         config = dict(forced or INTERPRETER_TILE)
+        config["TMA"] = bool(config.get("TMA")) and tma
         if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
             config.pop("num_warps", None)
             config.pop("num_stages", None)
+        elif config["TMA"]:
+            _ensure_scratch_allocator()
         KERNELS[kernel][grid(rows, heads, config[block])](*args, **meta, **config)
         return
     fp32 = args[0].dtype == torch.float32
-    tuned = _tuned(kernel, _family(args[0].device), d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
-                   tuple(_length_bucket(n) for n in lengths))
+    family = _family(args[0].device)
+    tma = tma and uses_tma(family, fp32)
+    if tma:
+        _ensure_scratch_allocator()
+    tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
+                   tuple(_length_bucket(n) for n in lengths), tma)
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
     tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
 
@@ -349,7 +422,8 @@ def _takes(fn, variant: str) -> bool:
 def _build(kernel: str, dtype: torch.dtype, d: int, tile: dict, num_warps: int, num_stages: int, label: str,
            families: Tuple[int, ...], variant: str = "") -> Build:
     """A causal, padding-masked, unit-stride-head-dim build, as the launchers specialise at run time, with one
-    variant's specialisation on (``_VARIANTS``) or none."""
+    variant's specialisation on (``_VARIANTS``) or none; ``tile`` holds the block sizes (and TMA, but for the
+    delta pre-pass)."""
     fn = _attn_bwd_delta if kernel == "bwd_delta" else KERNELS[kernel]
     types = _TYPES
     if kernel == "bwd_delta":
@@ -382,13 +456,17 @@ def _builds() -> List[Build]:
                                  f"{name} d{d} BLOCK_M={DELTA_BLOCK_M}", families=FAMILIES))
             for kernel in KERNELS:
                 for variant in ("",) + tuple(v for v in _VARIANTS if _takes(KERNELS[kernel], v)):
-                    lists = {family: tiles(kernel, family, d, name == "fp32", variant) for family in FAMILIES}
+                    fp32 = name == "fp32"
+                    lists = {family: flavoured(tiles(kernel, family, d, fp32, variant), uses_tma(family, fp32))
+                             for family in FAMILIES}
                     # the plain kernel: every config of every family; a specialisation: each family's first
                     table = dict.fromkeys(t for tiles_ in lists.values() for t in (tiles_ if not variant else
                                                                                    tiles_[:1]))
-                    for bm, bn, warps, stages in table:
-                        first_for = tuple(f for f, tiles_ in lists.items() if tiles_[0] == (bm, bn, warps, stages))
-                        builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages,
-                                             f"{name} d{d} causal {variant + ' ' if variant else ''}{bm}x{bn} "
-                                             f"w{warps} s{stages}", first_for, variant=variant))
+                    for entry in table:
+                        (bm, bn, warps, stages), tma = entry
+                        first_for = tuple(f for f, tiles_ in lists.items() if tiles_[0] == entry)
+                        builds.append(_build(kernel, dtype, d, {"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, warps,
+                                             stages, f"{name} d{d} causal {variant + ' ' if variant else ''}"
+                                             f"{'tma ' if tma else ''}{bm}x{bn} w{warps} s{stages}", first_for,
+                                             variant=variant))
     return builds

@@ -47,6 +47,14 @@ ds = p * (z * dO v^T - delta); with softcap ds is further multiplied by 1 - tanh
 Disabled features cost nothing: CAUSAL, WINDOW, CHUNKED and SOFTCAP are constexpr switches, and ALIBI, SINKS, SEED,
 PAD, KV_BOUNDS and CU_SEQLENS_Q/K are pointers that the launcher passes as None, which Triton specialises away.
 
+TMA (a constexpr; the launcher allows it only for unit-stride head dims with 16-byte aligned bases and strides):
+the forward's Q, K, V and O, dK/dV's streamed Q and dO and dQ's streamed K and V go through tensor descriptors made
+on the device per program, one per head's (rows, HEAD_DIM) matrix (:func:`_head_rows`), instead of pointer tiles:
+TMA copies on sm_90/sm_100. The descriptor's shape does the masking: rows past it and the head-dim padding read as
+zeros, so a K/V descriptor has the block's key bound ``hi`` as its rows, which the pointer path's ``cols < kv_hi``
+masks mean. For packed sequences the rows are the sequence's own (base moved to its first row). The interpreter
+emulates descriptors with masked loads (and checks the alignment itself), so tests run this path on CPU.
+
 UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
 as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
 """
@@ -119,6 +127,54 @@ def _load_tile(ptrs, row_ok, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.cons
 @triton.jit
 def _store_tile(ptrs, tile, row_ok, offs_d, HEAD_DIM: tl.constexpr):
     tl.store(ptrs, tile, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _head_rows(X, b, h, n_rows, stride_b, stride_h, stride_n, stride_d, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Where blocks of BLOCK rows of head ``h`` of batch ``b`` are read or written (:func:`_load_rows`,
+    :func:`_store_rows`). With TMA, a tensor descriptor over the head's (n_rows, HEAD_DIM) matrix (the launcher
+    checked that the head dim is unit-stride and the base and row strides 16-byte aligned): the hardware fills
+    rows from ``n_rows`` on and the head-dim padding with zeros and drops their writes, as the pointer path's
+    masks do. Else pointers to the (BLOCK, BLOCK_D) tile at row 0 (:func:`_tile_ptrs`).
+
+    Interpreted, a descriptor is emulated by masked loads and stores through the same builder calls as pointers
+    (so benchmarks/counting.py counts its traffic), after asserting the alignment that the launcher's check
+    guarantees: a test forcing TMA on a misaligned layout would die there, hence the launcher drops TMA instead."""
+    if TMA:
+        base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+        rows = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_n, 1],
+                                         block_shape=[BLOCK, BLOCK_D])
+    else:
+        rows = _tile_ptrs(X, b, h, tl.arange(0, BLOCK), tl.arange(0, BLOCK_D), stride_b, stride_h, stride_n,
+                          stride_d)
+    return rows
+
+
+@triton.jit
+def _load_rows(rows, start, n_rows, stride_n, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK, BLOCK_D) tile at row ``start`` of :func:`_head_rows`' ``rows``: zeros past ``n_rows`` (with
+    CHECK_ROWS, for pointers; a descriptor always checks) and in the head-dim padding."""
+    if TMA:
+        tile = rows.load([start, 0])
+    else:
+        row_ok = start + tl.arange(0, BLOCK) < n_rows
+        tile = _load_tile(rows + _row_offset(start, stride_n), row_ok, tl.arange(0, BLOCK_D), CHECK_ROWS, HEAD_DIM,
+                          BLOCK_D)
+    return tile
+
+
+@triton.jit
+def _store_rows(rows, start, tile, n_rows, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Store ``tile`` at row ``start`` of :func:`_head_rows`' ``rows``, rows from ``n_rows`` and the head-dim
+    padding dropped."""
+    if TMA:
+        rows.store([start, 0], tile)
+    else:
+        row_ok = start + tl.arange(0, BLOCK) < n_rows
+        _store_tile(rows + _row_offset(start, stride_n), tile, row_ok, tl.arange(0, BLOCK_D), HEAD_DIM)
 
 
 @triton.jit
@@ -313,13 +369,13 @@ def _sequence_diagonal(diagonal, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT):
 
 
 @triton.jit
-def _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
-               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _key_block(k_rows, v_rows, start_n, stride_kn, stride_vn, offs_n, kv_hi, MASKED: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """(cols, k, v) of the key block at ``start_n`` in a loop over key blocks: its key indices and its K and V tiles
-    (fp32 when UPCAST)."""
+    (fp32 when UPCAST), zeros from ``kv_hi`` on (:func:`_load_rows`; descriptors made with kv_hi rows)."""
     cols = start_n + offs_n
-    k = _load_tile(k_ptrs + _row_offset(start_n, stride_kn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_tile(v_ptrs + _row_offset(start_n, stride_vn), cols < kv_hi, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    k = _load_rows(k_rows, start_n, kv_hi, stride_kn, MASKED, HEAD_DIM, offs_n.shape[0], BLOCK_D, TMA)
+    v = _load_rows(v_rows, start_n, kv_hi, stride_vn, MASKED, HEAD_DIM, offs_n.shape[0], BLOCK_D, TMA)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -327,17 +383,17 @@ def _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv
 
 
 @triton.jit
-def _key_block_scores(q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state,
+def _key_block_scores(q, k_rows, v_rows, start_n, stride_kn, stride_vn, offs_m, offs_n, kv_hi, q_idx, state,
                       PAD, b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
                       CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
-                      SCORE_GRAD: tl.constexpr):
+                      SCORE_GRAD: tl.constexpr, TMA: tl.constexpr):
     """The forward's and dQ's step over the key block at ``start_n`` for the query tile ``q`` (rows ``offs_m``,
     clamped ``q_idx``): (cols, k, v) as :func:`_key_block`, then (s, t, grad) as :func:`_mod_scores`."""
-    cols, k, v = _key_block(k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_n, offs_d, kv_hi,
-                            MASKED, HEAD_DIM, BLOCK_D, UPCAST)
+    cols, k, v = _key_block(k_rows, v_rows, start_n, stride_kn, stride_vn, offs_n, kv_hi, MASKED, HEAD_DIM, BLOCK_D,
+                            UPCAST, TMA)
     visible = _keys_visible(PAD, b, stride_pb, cols, kv_hi)[None, :] if MASKED else None
     s, t, grad = _mod_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), offs_m[:, None], cols[None, :],
                              visible, q_idx[:, None], tl.minimum(cols, kv_hi - 1)[None, :], state, b, h, qk_scale,
@@ -348,25 +404,24 @@ def _key_block_scores(q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, 
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+def _fwd_inner(acc, l_i, m_i, q, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_n,
                start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, cap_log2, slope_log2,
                PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS, SCORE_ARGS,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
                SOFTCAP: tl.constexpr,
                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
-               SCORE_MOD: tl.constexpr):
+               SCORE_MOD: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); scores in log2 units. CELLS: the
     query cell's row of block-mask cell states, or None."""
     for start_n in range(start, end, BLOCK_N):
         state = 2 if CELLS is None else tl.load(CELLS + start_n // MASK_BLOCK)
         if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
             cols, k, v, s, _, _ = _key_block_scores(
-                q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
+                q, k_rows, v_rows, start_n, stride_kn, stride_vn, offs_m, offs_n, kv_hi, q_idx, state, PAD,
                 b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
                 MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST,
-                PRECISION, MASK_MOD,
-                SCORE_MOD, None)
+                PRECISION, MASK_MOD, SCORE_MOD, None, TMA)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if MASKED or MASK_MOD is not None:
                 # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
@@ -394,9 +449,10 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
               H, GROUP, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr):
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+              TMA: tl.constexpr):
     """One program per (query block, batch * head): O (B, H, Nq, D) and LSE (b * stride_lb + h * stride_lh + row)
-    natural log, fp32."""
+    natural log, fp32. TMA: Q, K, V and O through tensor descriptors (:func:`_head_rows`)."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
     h = off_bh % H
@@ -415,15 +471,12 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
 
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-    q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = _load_rows(_head_rows(Q, b, h, N_Q, stride_qb, stride_qh, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
+                              TMA), start_m, N_Q, stride_qn, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     if UPCAST:
         q = q.to(tl.float32)
-    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
@@ -431,6 +484,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
                                                  ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
                                                  CHUNKED, PAD is not None)
+    # keys from hi on are never visible to this block: descriptors of hi rows read them as the pointers' masks do
+    k_rows = _head_rows(K, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    v_rows = _head_rows(V, b, kv_h, hi, stride_vb, stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     if SINKS is None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -441,21 +497,21 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # the masked blocks below the full ones (a window's or chunk's start), full, masked
         if part != 0 or WINDOW or CHUNKED or BLOCK_MASK is not None:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-                                       offs_d, (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi,
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_n,
+                                       (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi,
                                        CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale,
                                        softcap * LOG2E, slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh,
                                        dropout_p, tl.minimum(offs_m, N_Q - 1), q_cells, MASK_ARGS, SCORE_ARGS,
                                        part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI is not None,
                                        SEED is not None, HEAD_DIM,
-                                       BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD)
+                                       BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, TMA)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
-    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
-    _store_tile(o_ptrs, cast_rne(out, O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
+    o_rows = _head_rows(O, b, h, N_Q, stride_ob, stride_oh, stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D, TMA)
+    _store_rows(o_rows, start_m, cast_rne(out, O.dtype.element_ty), N_Q, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
@@ -561,15 +617,15 @@ def _key_block_queries(first_col, last_col, q_lo, q_hi, N_Q, CAUSAL_SHIFT, WINDO
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA, row_base,
-                    cols, offs_m, offs_d, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
+def _bwd_dkdv_inner(dk, dv, k, v, q_rows, do_rows, stride_qn, stride_don, LSE, DELTA, row_base,
+                    cols, offs_m, start, end, N_Q, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
                     qk_scale, cap_log2, slope_log2, seed, rng_offset, bh, dropout_p, b, h, kv_idx, CELLS,
                     n_k_cells, MASK_ARGS, SCORE_ARGS,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
                     SOFTCAP: tl.constexpr,
                     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
-                    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+                    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head (transposed scores).
     CELLS: the key cell's block-mask cell states (n_k_cells apart), or None."""
     for start_m in range(start, end, BLOCK_M):
@@ -577,8 +633,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, D
         if state != 0:  # an empty cell of the block mask is skipped: its Q/dO are never loaded
             rows = start_m + offs_m
             row_ok = rows < N_Q
-            q = _load_tile(q_ptrs + _row_offset(start_m, stride_qn), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-            do = _load_tile(do_ptrs + _row_offset(start_m, stride_don), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            q = _load_rows(q_rows, start_m, N_Q, stride_qn, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+            do = _load_rows(do_rows, start_m, N_Q, stride_don, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -612,8 +668,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
-                   SCORE_GRAD: tl.constexpr):
+                   SCORE_GRAD: tl.constexpr, TMA: tl.constexpr):
     """One program per (key block, batch * kv head): dK, dV (B, Hkv, Nk, D), contiguous, in the input dtype.
+    TMA: the streamed Q and dO tiles through tensor descriptors (:func:`_head_rows`).
 
     The program owns its key block for every query head of its GQA group, so the group's gradients are summed
     in registers: no atomics, deterministic.
@@ -662,8 +719,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
-        do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
+        q_rows = _head_rows(Q, b, h, N_Q, stride_qb, stride_qh, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, TMA)
+        do_rows = _head_rows(DO, b, h, N_Q, stride_dob, stride_doh, stride_don, stride_dod, BLOCK_M, HEAD_DIM,
+                             BLOCK_D, TMA)
         bh = b * H + h
         row_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
@@ -677,14 +735,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
                 CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, BLOCK_M, CAUSAL, WINDOW, CHUNKED, True)
         for part in tl.static_range(3):  # masked (causal diagonal, chunk start), full, masked (window, chunk end)
             if (part != 0 or CAUSAL or CHUNKED) and (part != 2 or WINDOW or CHUNKED):
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_don, LSE, DELTA,
-                                         row_base, cols, offs_m, offs_d, (m_lo, mid, m_full_end)[part],
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_rows, do_rows, stride_qn, stride_don, LSE, DELTA,
+                                         row_base, cols, offs_m, (m_lo, mid, m_full_end)[part],
                                          (mid, m_full_end, m_end)[part], N_Q, CAUSAL_SHIFT, WINDOW_SHIFT,
                                          ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap * LOG2E, slope_log2, seed,
                                          rng_offset, bh, dropout_p, b, h, kv_idx, cells, n_k_cells, MASK_ARGS,
                                          SCORE_ARGS, part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI is not None,
                                          SEED is not None, HEAD_DIM,
-                                         BLOCK_D, BLOCK_M, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+                                         BLOCK_D, BLOCK_M, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD,
+                                         TMA)
 
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(col_ok[:, None], dv, 0.0)
@@ -695,24 +754,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BOUNDS, PAD, ALIBI, SEED,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_n,
                   start, end, kv_hi, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, cap_log2,
                   slope_log2, PAD, b, h, stride_pb, seed, rng_offset, off_bh, dropout_p, q_idx, CELLS, MASK_ARGS,
                   SCORE_ARGS, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                   CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr,
-                  SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+                  SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) (CELLS as in :func:`_fwd_inner`)."""
     for start_n in range(start, end, BLOCK_N):
         state = 2 if CELLS is None else tl.load(CELLS + start_n // MASK_BLOCK)
         if state != 0:  # an empty cell of the block mask is skipped: its K/V are never loaded
             cols, k, v, s, t, g = _key_block_scores(
-                q, k_ptrs, v_ptrs, start_n, stride_kn, stride_vn, offs_m, offs_n, offs_d, kv_hi, q_idx, state, PAD,
+                q, k_rows, v_rows, start_n, stride_kn, stride_vn, offs_m, offs_n, kv_hi, q_idx, state, PAD,
                 b, h, stride_pb, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE,
                 MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST,
-                PRECISION, MASK_MOD,
-                SCORE_MOD, SCORE_GRAD)
+                PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD, TMA)
             p = tl.math.exp2(s - lse[:, None])
             keep = _dropout_keep(seed, rng_offset, off_bh, offs_m[:, None], cols[None, :], dropout_p) if DROPOUT \
                 else None
@@ -737,8 +795,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
-                 SCORE_GRAD: tl.constexpr):
-    """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype."""
+                 SCORE_GRAD: tl.constexpr, TMA: tl.constexpr):
+    """One program per (query block, batch * head): dQ (B, H, Nq, D), contiguous, in the input dtype. TMA: the
+    streamed K and V tiles through tensor descriptors (:func:`_head_rows`)."""
     start_m, off_bh = _program_block(N_Q, BLOCK_M)
     b = off_bh // H
     h = off_bh % H
@@ -764,8 +823,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse, delta = _row_stats(LSE, DELTA, b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh, offs_m, row_ok)
-    k_ptrs = _tile_ptrs(K, b, kv_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, kv_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
@@ -773,17 +830,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
     lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
                                                  ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
                                                  CHUNKED, PAD is not None)
+    k_rows = _head_rows(K, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    v_rows = _head_rows(V, b, kv_h, hi, stride_vb, stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # as in the forward: masked below the full blocks, full, masked
         if part != 0 or WINDOW or CHUNKED or BLOCK_MASK is not None:
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_n,
                                (lo, full_lo, full_hi)[part], (full_lo, full_hi, hi)[part], hi, CAUSAL_SHIFT,
                                WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, qk_scale, softcap * LOG2E, slope_log2, PAD, b,
                                h, stride_pb, seed, rng_offset, off_bh, dropout_p, tl.minimum(offs_m, N_Q - 1),
                                q_cells, MASK_ARGS, SCORE_ARGS, part != 1, CAUSAL, WINDOW, CHUNKED, SOFTCAP,
                                ALIBI is not None, SEED is not None,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, SCORE_GRAD,
+                               TMA)
     _store_tile(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
                 cast_rne(dq * sm_scale, DQ.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
 

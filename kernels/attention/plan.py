@@ -217,7 +217,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
                 **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
                 **_strides("o", out, varlen), **plan.scalars, **plan.meta)
     configs.launch("fwd", plan.n_q, plan.batch * q.shape[1], (q,), args, (plan.n_q, plan.n_k),
-                   dropout=args["SEED"] is not None)
+                   dropout=args["SEED"] is not None, tma=configs.tma_legal(q, k, v, out))
     return out, lse
 
 
@@ -239,10 +239,11 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                 **_strides("do", grad_out, varlen), **plan.scalars, **plan.meta)
     dropout = args["SEED"] is not None
     lengths = (plan.n_q, plan.n_k)
+    tma = configs.tma_legal(q, k, v, grad_out)  # dK/dV streams Q and dO through descriptors, dQ K and V
     configs.launch("dkdv", plan.n_k, plan.batch * k.shape[1], (q,),
-                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout)
+                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout, tma=tma)
     configs.launch("dq", plan.n_q, plan.batch * q.shape[1], (q,), dict(args, DQ=dq, **_strides("dq", dq, varlen)),
-                   lengths, dropout=dropout)
+                   lengths, dropout=dropout, tma=tma)
     return dq, dk, dv
 
 
