@@ -65,6 +65,7 @@ NOTABLE_SASS = {
     "STG": r"^STG$",
     "LDGSTS": r"^LDGSTS$",
     "TMA": r"^(UTMA\w*|UBLKCP)$",
+    "UTMALDG": r"^UTMALDG$",  # TMA's tile loads alone (the group above also counts its stores and descriptor fences)
     "LDSM": r"^LDSM$",
     "LDL": r"^LDL$",
     "STL": r"^STL$",

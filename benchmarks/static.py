@@ -6,8 +6,9 @@ registers per thread, spill stores/loads, stack, shared memory against the per-b
 estimate, tensor-core MMA and other notable SASS instruction counts (``v_mfma`` and the amdgcn register metadata
 on AMD), and the compile time. It says nothing about speed: no kernel runs. :func:`problems` is the bar a
 default is held to on its family's target: it compiles, spills nothing (bytes on NVIDIA; VGPRs or SGPRs on AMD),
-fits the per-block shared memory (LDS), and, for an fp16/bf16 kernel calling ``tl.dot``, uses the target's own
-MMA (``Arch.mma``: HGMMA on sm_90, UTC*MMA on sm_100, v_mfma on AMD).
+fits the per-block shared memory (LDS), for an fp16/bf16 kernel calling ``tl.dot``, uses the target's own
+MMA (``Arch.mma``: HGMMA on sm_90, UTC*MMA on sm_100, v_mfma on AMD), and, built with its ``TMA`` constexpr on
+(tensor descriptors), loads through TMA (UTMALDG in the SASS) on NVIDIA.
 
 The compiles happen in child processes started with ``TRITON_INTERPRET=0`` (``@triton.jit`` must build real
 ``JITFunction``s, which a process running the interpreter cannot), each with its own throw-away Triton cache. So
@@ -76,7 +77,7 @@ def describe(build) -> Dict[str, object]:
     family = next((f for f, pattern in FAMILIES.items() if re.search(pattern, text, re.IGNORECASE)), OTHER)
     return {"kernel": build.kernel, "family": family, "label": build.label, "dtype": build.dtype,
             "head_dim": build.head_dim, "num_warps": build.num_warps, "num_stages": build.num_stages,
-            "families": list(build.families)}
+            "families": list(build.families), "tma": bool(build.constexprs.get("TMA"))}
 
 
 def on_family(build, arch: str) -> bool:
@@ -259,7 +260,8 @@ def last_line(text: str) -> str:
 def problems(rec: Dict[str, object], calls_dot: bool) -> List[str]:
     """How a record misses the bar (see the module doc; ``calls_dot``: the kernel calls ``tl.dot``); [] if not.
     Spills are asked of default configs only, the shared memory of every build, the target's own MMA of the
-    defaults of family tables (``Build.families``) outside :data:`OWN_MMA_EXCEPTIONS`."""
+    defaults of family tables (``Build.families``) outside :data:`OWN_MMA_EXCEPTIONS`, TMA loads of the defaults
+    built on tensor descriptors (a compiler that quietly fell back to pointers would lose what they are for)."""
     where = f"{rec['kernel']} [{rec['label']} w{rec['num_warps']} s{rec['num_stages']}] on {rec['arch']}"
     if "error" in rec:
         return [f"{where}: does not compile: {last_line(rec['error'])}"]
@@ -276,6 +278,9 @@ def problems(rec: Dict[str, object], calls_dot: bool) -> List[str]:
         elif (rec["default"] and rec.get("families") and not any(re.fullmatch(own, op) for op in rec["mma_ops"])
               and (rec["arch"], rec["kernel"], rec["head_dim"]) not in OWN_MMA_EXCEPTIONS):
             found.append(f"{where}: uses {sorted(rec['mma_ops'])}, not {own} (default config)")
+    if rec["default"] and rec.get("tma") and ARCHS[rec["arch"]].backend == "cuda" and not rec["UTMALDG"]:
+        found.append(f"{where}: built on tensor descriptors but loads nothing through TMA (no UTMALDG; default "
+                     "config)")
     return found
 
 
