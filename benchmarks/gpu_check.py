@@ -443,8 +443,8 @@ def row_builds(builds: Sequence[Build]) -> List[Build]:
 
 
 def forced_config(build: Build) -> Dict[str, int]:
-    """The ``use_config`` arguments that launch ``build``'s tile, warps and stages."""
-    tile = {k: build.constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in build.constexprs}
+    """The ``use_config`` arguments that launch ``build``'s tile (with its TMA switch), warps and stages."""
+    tile = {k: build.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "TMA") if k in build.constexprs}
     return dict(tile, num_warps=build.num_warps, num_stages=build.num_stages)
 
 

@@ -72,12 +72,13 @@ def load_builds(provider: str) -> list:
 
 
 def describe(build) -> Dict[str, object]:
-    """Kernel, family, label, dtype, head dim (None if none) and launch options, from ``build``'s fields."""
+    """Kernel, family, label, dtype, head dim (None if none), launch options, specialisation and whether it is
+    built on tensor descriptors (a ``TMA`` constexpr on), from ``build``'s fields."""
     text = f"{build.kernel} {build.variant}"
     family = next((f for f, pattern in FAMILIES.items() if re.search(pattern, text, re.IGNORECASE)), OTHER)
     return {"kernel": build.kernel, "family": family, "label": build.label, "dtype": build.dtype,
             "head_dim": build.head_dim, "num_warps": build.num_warps, "num_stages": build.num_stages,
-            "families": list(build.families), "tma": bool(build.constexprs.get("TMA"))}
+            "families": list(build.families), "variant": build.variant, "tma": bool(build.constexprs.get("TMA"))}
 
 
 def on_family(build, arch: str) -> bool:

@@ -173,7 +173,7 @@ def test_use_config_is_what_runs(monkeypatch, device):
 def test_default_configs_are_each_tables_first_entry():
     got = configs.default_configs(90, FP16, 80)
     assert got["attention_fwd"] == dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
-                                            configs.tiles("fwd", 90, 128, False)[0]))
+                                            configs.tiles("fwd", 90, 128, False)[0]), TMA=True)  # sm_90: TMA first
     assert set(got) == {"attention_fwd", "attention_dkdv", "attention_dq"}
     with pytest.raises(ValueError, match="family"):
         configs.default_configs(75, FP16, 64)

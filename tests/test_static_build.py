@@ -168,6 +168,7 @@ def test_sass_counts_group_tensor_core_and_memory_opcodes():
     summary = sass_summary(counts)
     assert summary["mma"] == 3 and summary["mma_ops"] == {"HMMA": 1, "HGMMA": 1, "UTCHMMA": 1}
     assert (summary["LDG"], summary["STG"], summary["TMA"], summary["STL"], summary["LDGSTS"]) == (2, 1, 1, 1, 0)
+    assert summary["UTMALDG"] == 1 and sass_summary(count_sass(SASS.replace("UTMALDG", "UTMASTG")))["UTMALDG"] == 0
 
 
 @pytest.mark.parametrize("registers, shared, warps, arch, ctas, limiter", [
@@ -282,6 +283,18 @@ def test_a_default_must_use_its_targets_own_mma(arch, ops, ok):
     assert static.problems(_record(arch, mma_ops=ops, default=False), calls_dot=True) == []  # candidates: any MMA
     assert static.problems(_record(arch, mma_ops=ops, families=[]), calls_dot=True) == []  # no family table
     assert "no tensor-core MMA" in static.problems(_record(arch, mma=0, mma_ops={}), calls_dot=True)[0]
+
+
+def test_a_tma_default_must_load_through_tma():
+    """A default built on tensor descriptors (its TMA constexpr on) shows UTMALDG on NVIDIA: a compiler that
+    quietly lowered the descriptors to plain loads would keep the numbers and lose the point."""
+    ops = {"HGMMA": 2}
+    found = static.problems(_record("sm_90", mma_ops=ops, tma=True, UTMALDG=0), calls_dot=True)
+    assert found == ["attn_fwd [fp16 x w4 s2] on sm_90: built on tensor descriptors but loads nothing through TMA "
+                     "(no UTMALDG; default config)"]
+    assert static.problems(_record("sm_90", mma_ops=ops, tma=True, UTMALDG=4), calls_dot=True) == []
+    assert static.problems(_record("sm_90", mma_ops=ops, tma=True, UTMALDG=0, default=False), calls_dot=True) == []
+    assert static.problems(_record("sm_90", mma_ops=ops, tma=False, UTMALDG=0), calls_dot=True) == []
 
 
 def test_amd_spills_count_sgprs_too():
@@ -429,6 +442,18 @@ def _violations(records):
     return [problem for r in records for problem in static.problems(r, r["calls_dot"])]
 
 
+def test_sm90_attention_defaults_load_through_tma_with_wgmma(registered):
+    """sm_90's quick defaults of the three attention kernels (fp16, head dims 64 and 128, every specialisation) are
+    built on tensor descriptors and compile to TMA loads (UTMALDG) and wgmma (HGMMA) without spilling; sm_80 runs
+    none of them first (its family has no TMA)."""
+    tma = [r for r in registered if r["tma"] and r["default"]]
+    assert {(r["arch"], r["kernel"]) for r in tma} == {("sm_90", f"attention_{k}") for k in ("fwd", "dkdv", "dq")}
+    assert {r["head_dim"] for r in tma} == {64, 128}
+    assert {r["variant"] for r in tma} == {"", "window", "softcap", "alibi", "sinks", "dropout", "varlen", "mask_mod",
+                                           "score_mod"}
+    assert [r["label"] for r in tma if not (r["UTMALDG"] > 0 and "HGMMA" in r["mma_ops"] and r["spills"] == 0)] == []
+
+
 @pytest.mark.parametrize("family", list(static.FAMILIES))
 def test_registered_kernels_meet_the_bar(registered, family):
     """Every registered kernel compiles for sm_80 and sm_90, without spills in its default configs, within the
@@ -453,6 +478,8 @@ def test_each_new_familys_forward_default_meets_its_bar(tmp_path_factory, worker
                                 provider="tests.test_static_build:new_family_builds", defaults_only=True)
     assert sorted(r["arch"] for r in records) == ["gfx942", "sm_100"] and all(r["default"] for r in records)
     assert [p for r in records for p in static.problems(r, calls_dot=True)] == []
+    # sm_100's default is built on tensor descriptors: TMA loads feeding tcgen05
+    assert [(r["tma"], r["UTMALDG"] > 0) for r in records if r["arch"] == "sm_100"] == [(True, True)]
 
 
 @pytest.mark.slow
