@@ -163,13 +163,15 @@ def test_tma_families_autotune_tma_first_and_pointers_too(family):
     TMA where the family's list starts with it."""
     for kernel in configs.KERNELS:
         for fp32 in (False, True):
-            table = configs.tiles(kernel, family, 128, fp32)
             on = family in (90, 100) and not fp32
             assert configs.uses_tma(family, fp32) is on
-            tuned = configs._tuned(kernel, family, 128, fp32, "", (4096, 4096), on)
-            got = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["TMA"])
-                   for c in tuned.configs]
-            assert got == [(t, True) for t in table] * on + [(t, False) for t in table]
+            for d in (64, 128, 256):
+                table, tma_table = (configs.tiles(kernel, family, d, fp32, tma=tma) for tma in (False, True))
+                tuned = configs._tuned(kernel, family, d, fp32, "", (4096, 4096), True)
+                got = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["TMA"])
+                       for c in tuned.configs]
+                assert got == [(t, True) for t in tma_table] * on + [(t, False) for t in table]
+                assert sorted(tma_table) == sorted(set(tma_table)) and set(table) <= set(tma_table)
             default = configs.default_configs(family, FP32 if fp32 else FP16, 128)[f"attention_{kernel}"]
             assert default.get("TMA", False) is on
     builds = [b for b in configs._builds() if b.default and family in b.families and "TMA" in b.constexprs]

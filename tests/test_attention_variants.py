@@ -291,9 +291,9 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
         kernel = b.kernel.removeprefix("attention_")
         assert b.families, b.label
         for family in b.families:
-            expected = configs.tiles(kernel, family, b.head_dim, b.dtype == "fp32", b.variant)[0]
-            assert (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == expected, \
-                (b.label, family)
+            expected = configs.flavoured(kernel, family, b.head_dim, b.dtype == "fp32", b.variant, tma=True)[0]
+            assert ((b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages),
+                    b.constexprs["TMA"]) == expected, (b.label, family)
             key = (kernel, b.dtype, b.head_dim, b.variant, family)
             assert key not in seen, key
             seen.add(key)

@@ -157,6 +157,19 @@ TMA_FAMILIES = (90, 100)
 or later; every such GPU runs one of these families' tables)."""
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last (the hardware's rule)
+# TMA's own first entries, where a table's first spills on tensor descriptors (its pointer build does not): the TMA
+# list starts from these, then the table's (the pointer list is the table's as is). {(specialisation, kernel, head
+# dim): {family: tile}}; ("*", kernel, head dim) stands for every specialisation without a key of its own. Same bar
+# as above, fp16 and bf16, TMA on (triton 3.8). sm_100's d256 forward on 64x32 w8 s2 is held to 128 registers and
+# spills 20-40 B (plain, softcap, ALiBi, sinks, varlen, score mod); 64x64 w8 s2 takes 134 and spills none. sm_90's
+# d256 dropout forward on its 32x32 w4 (HMMA) spills 336 B; 64x32 w8 s2 none, on wgmma. dQ with dropout: sm_90 d128
+# 64x64 w8 s2 spills 68 B (64x32 w4 s2 none), sm_100 d64 8 B (64x32 w4 s2 none).
+_TMA_FIRST = {
+    ("*", "fwd", 256): {100: (64, 64, 8, 2)},
+    ("dropout", "fwd", 256): {90: (64, 32, 8, 2)},
+    ("dropout", "dq", 64): {100: (64, 32, 4, 2)},
+    ("dropout", "dq", 128): {90: (64, 32, 4, 2)},
+}
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles
 _GRID_INDEX = {kernel: ("BLOCK_M", "BLOCK_N").index(name) for kernel, name in _GRID_BLOCK.items()}
@@ -167,10 +180,11 @@ DELTA_BLOCK_M, DELTA_WARPS = 64, 8  # 4 warps spill 8-20 B on sm_100 (ptxas-blac
 DROPOUT_MASK_TILE = (32, 64)  # the dropout-mask helper: elementwise, one config
 
 
-def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str = "") -> List[Tile]:
+def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str = "",
+          tma: bool = False) -> List[Tile]:
     """The autotune list of ``kernel`` ("fwd", "dkdv", "dq") for a GPU family (:data:`FAMILIES`), padded head dim,
     dtype and specialisation (a :data:`_VARIANTS` name or "": see :func:`specialisation`); its first entry is the
-    default."""
+    default. With ``tma``, the list its tensor-descriptor configs run (:data:`_TMA_FIRST`)."""
     if fp32:
         table = _FP32_CONFIGS[kernel][family][d_bucket]
     elif variant == "dropout" and kernel == "fwd":
@@ -180,6 +194,9 @@ def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str =
     firsts = _FIRST.get((variant, kernel, d_bucket), {})
     shared = firsts.get(FP32) if family in NVIDIA else None
     first = firsts.get((FP32, family), shared) if fp32 else firsts.get(family)
+    if tma:
+        first = _TMA_FIRST.get((variant, kernel, d_bucket), _TMA_FIRST.get(("*", kernel, d_bucket), {})).get(
+            family, first)
     return table if first is None else [first] + [t for t in table if t != first]
 
 
@@ -234,10 +251,15 @@ def _ensure_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def flavoured(table: List[Tile], tma: bool) -> List[Tuple[Tile, bool]]:
-    """(tile, TMA) of an autotune list: with ``tma`` every tile on tensor descriptors, then every tile on
-    pointers; else pointers only."""
-    return [(tile, on) for on in ((True, False) if tma else (False,)) for tile in table]
+def flavoured(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str = "",
+              tma: bool = False) -> List[Tuple[Tile, bool]]:
+    """(tile, TMA) of a launch's autotune list: with ``tma`` (inputs legal for it) on a family that
+    :func:`uses_tma`, every tile on tensor descriptors first (from the TMA first entry), then every tile on
+    pointers (:func:`tiles`); else pointers only. Its first entry is the default."""
+    pointers = [(tile, False) for tile in tiles(kernel, family, d_bucket, fp32, variant)]
+    if not (tma and uses_tma(family, fp32)):
+        return pointers
+    return [(tile, True) for tile in tiles(kernel, family, d_bucket, fp32, variant, tma=True)] + pointers
 
 
 def d_bucket(head_dim: int) -> int:
@@ -252,12 +274,12 @@ def default_configs(family: Family, dtype: torch.dtype, head_dim: int) -> Dict[s
     family's list starts on tensor descriptors."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
-    fp32 = dtype == torch.float32
     configs = {}
     for kernel in KERNELS:
-        block_m, block_n, warps, stages = tiles(kernel, family, d_bucket(head_dim), fp32)[0]
+        (block_m, block_n, warps, stages), tma = flavoured(kernel, family, d_bucket(head_dim), dtype == torch.float32,
+                                                           tma=True)[0]
         configs[f"attention_{kernel}"] = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                                              **({"TMA": True} if uses_tma(family, fp32) else {}))
+                                              **({"TMA": True} if tma else {}))
     return configs
 
 
@@ -299,11 +321,11 @@ def _tuned(kernel: str, family: Family, bucket: int, fp32: bool, variant: str, n
     """An autotuner over this family's configs for a specialisation (:func:`tiles`), pruned for the length bucket
     (:func:`prune`); one per (causal is in the key) bucket of the lengths, so tuning is keyed on bucketed lengths
     (the autotuner itself keys on head dim, causal, window, chunk, softcap, precision, the mods' functions and the
-    tensors' dtypes). With ``tma`` (inputs legal for it, on a family that :func:`uses_tma`), every tile on tensor
-    descriptors first, then every tile on pointers."""
-    table = prune(kernel, tiles(kernel, family, bucket, fp32, variant), n_bucket)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": on}, num_warps=w, num_stages=s)
-               for (bm, bn, w, s), on in flavoured(table, tma)]
+    tensors' dtypes). With ``tma`` (inputs legal for it), the TMA configs too (:func:`flavoured`)."""
+    listed = flavoured(kernel, family, bucket, fp32, variant, tma)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=w, num_stages=s)
+               for tma in (True, False)
+               for bm, bn, w, s in prune(kernel, [tile for tile, on in listed if on == tma], n_bucket)]
     key = ["HEAD_DIM", "CAUSAL", "WINDOW", "CHUNKED", "SOFTCAP", "PRECISION", "MASK_MOD", "SCORE_MOD"]
     return triton.autotune(configs=configs, key=key)(KERNELS[kernel])
 
@@ -457,8 +479,7 @@ def _builds() -> List[Build]:
             for kernel in KERNELS:
                 for variant in ("",) + tuple(v for v in _VARIANTS if _takes(KERNELS[kernel], v)):
                     fp32 = name == "fp32"
-                    lists = {family: flavoured(tiles(kernel, family, d, fp32, variant), uses_tma(family, fp32))
-                             for family in FAMILIES}
+                    lists = {family: flavoured(kernel, family, d, fp32, variant, tma=True) for family in FAMILIES}
                     # the plain kernel: every config of every family; a specialisation: each family's first
                     table = dict.fromkeys(t for tiles_ in lists.values() for t in (tiles_ if not variant else
                                                                                    tiles_[:1]))
