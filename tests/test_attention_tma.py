@@ -22,7 +22,8 @@ from kernels.attention.varlen import attention_varlen
 from kernels.registry import use_config
 from test_attention import _REFERENCE, kernel_only  # noqa: F401  (kernel_only: fallbacks raise)
 from test_attention_mods import _check as _check_masked, _documents, _qkv
-from test_attention_variants import H_SLOPES, _check
+from test_attention_chunk import _check as _check_chunked
+from test_attention_variants import H_SLOPES, _check, _padding_mask
 from test_varlen import _cu, _per_sequence
 from tolerance import BACKWARD, FORWARD, assert_close
 
@@ -89,6 +90,12 @@ def test_variants_on_tma_match_float64(kernel_only, on_tma, device, dtype, causa
     forward, lse and gradients on descriptors obey the float64 rule."""
     _check(device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded, **dict(variants))
     assert {name for name, _ in on_tma} == {"fwd", "dkdv", "dq"}
+
+
+def test_chunked_attention_on_tma_matches_float64(kernel_only, on_tma, device):
+    """flash-attn 3's attention_chunk (its rule written out in test_attention_chunk.py) with causal, key padding
+    and GQA, D = 72."""
+    _check_chunked(device, FP16, 2, 2, 1, 45, 53, 72, 17, causal=True, padding=_padding_mask(2, 53, device))
 
 
 def test_varlen_on_tma_matches_float64_per_sequence(kernel_only, on_tma, device):

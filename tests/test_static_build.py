@@ -449,8 +449,8 @@ def test_sm90_attention_defaults_load_through_tma_with_wgmma(registered):
     tma = [r for r in registered if r["tma"] and r["default"]]
     assert {(r["arch"], r["kernel"]) for r in tma} == {("sm_90", f"attention_{k}") for k in ("fwd", "dkdv", "dq")}
     assert {r["head_dim"] for r in tma} == {64, 128}
-    assert {r["variant"] for r in tma} == {"", "window", "softcap", "alibi", "sinks", "dropout", "varlen", "mask_mod",
-                                           "score_mod"}
+    assert {r["variant"] for r in tma} == {"", "window", "chunk", "softcap", "alibi", "sinks", "dropout", "varlen",
+                                           "mask_mod", "score_mod"}
     assert [r["label"] for r in tma if not (r["UTMALDG"] > 0 and "HGMMA" in r["mma_ops"] and r["spills"] == 0)] == []
 
 
