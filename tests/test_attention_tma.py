@@ -163,6 +163,26 @@ def test_tma_legal_follows_the_hardware_rule(device, make, legal):
     assert_close(out, exact, kernels.reference.attention(q, k, v, causal=True), FORWARD)
 
 
+def test_each_backward_kernel_takes_tma_by_the_tensors_it_streams(device):
+    """dK/dV streams Q and dO through descriptors, dQ streams K and V: a loss.sum()'s dO (a stride-0 expand) sends
+    dK/dV to the pointers and leaves dQ on TMA."""
+    if not kernels.INTERPRETED and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or later")
+    q, k, v = (t.requires_grad_() for t in _qkv_like(device))
+    launched = []
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+        for kernel, tile in TMA_TILES.items():
+            stack.enter_context(use_config(kernel, **tile, TMA=True))
+        for name, real in list(configs.KERNELS.items()):
+            patch.setitem(configs.KERNELS, name, _Spy(name, real, launched))
+        grads = torch.autograd.grad(kernels.attention(q, k, v, causal=True).sum(), (q, k, v))
+    assert launched == [("fwd", True), ("dkdv", False), ("dq", True)]
+    exact = torch.autograd.grad(_REFERENCE(*(t.double() for t in (q, k, v)), causal=True).sum(), (q, k, v))
+    low = torch.autograd.grad(_REFERENCE(q, k, v, causal=True).sum(), (q, k, v))
+    for name, grad, grad_exact, grad_low in zip(("dq", "dk", "dv"), grads, exact, low):
+        assert_close(grad, grad_exact, grad_low, BACKWARD, name=name)
+
+
 @pytest.mark.parametrize("family", configs.FAMILIES)
 def test_tma_families_autotune_tma_first_and_pointers_too(family):
     """On sm_90 and sm_100, fp16/bf16: every tile on descriptors first (the default), then every tile on pointers,

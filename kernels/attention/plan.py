@@ -239,11 +239,13 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                 **_strides("do", grad_out, varlen), **plan.scalars, **plan.meta)
     dropout = args["SEED"] is not None
     lengths = (plan.n_q, plan.n_k)
-    tma = configs.tma_legal(q, k, v, grad_out)  # dK/dV streams Q and dO through descriptors, dQ K and V
+    # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
+    # stride-0 expand, which only the pointers take), dQ K and V
     configs.launch("dkdv", plan.n_k, plan.batch * k.shape[1], (q,),
-                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout, tma=tma)
+                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout,
+                   tma=configs.tma_legal(q, grad_out))
     configs.launch("dq", plan.n_q, plan.batch * q.shape[1], (q,), dict(args, DQ=dq, **_strides("dq", dq, varlen)),
-                   lengths, dropout=dropout, tma=tma)
+                   lengths, dropout=dropout, tma=configs.tma_legal(k, v))
     return dq, dk, dv
 
 
