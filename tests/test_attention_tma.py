@@ -34,9 +34,9 @@ TMA_TILES = {"attention_fwd": dict(BLOCK_M=32, BLOCK_N=16), "attention_dkdv": di
 
 
 @pytest.fixture
-def on_tma(monkeypatch, device):
-    """Force TMA (and small tiles) on the three kernels; yields the list of (kernel, TMA) of every launch, and
-    checks at the end that every launch ran TMA and, interpreted, that descriptor loads happened."""
+def tma_spy(monkeypatch, device):
+    """The (kernel, TMA) of every attention launch in the test; at the end, checks that every launch ran TMA and,
+    interpreted, that descriptor loads happened."""
     if not kernels.INTERPRETED and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA needs compute capability 9.0 or later")
     launched, descriptor_loads = [], []
@@ -47,12 +47,18 @@ def on_tma(monkeypatch, device):
         real_load = builder.create_descriptor_load
         monkeypatch.setattr(builder, "create_descriptor_load",
                             lambda *args, **kw: descriptor_loads.append(1) or real_load(*args, **kw))
+    yield launched
+    assert launched and all(tma for _, tma in launched), launched
+    assert descriptor_loads or not kernels.INTERPRETED
+
+
+@pytest.fixture
+def on_tma(tma_spy):
+    """Force TMA (and small tiles) on the three kernels; yields :func:`tma_spy`'s launches."""
     with contextlib.ExitStack() as stack:
         for kernel, tile in TMA_TILES.items():
             stack.enter_context(use_config(kernel, **tile, TMA=True))
-        yield launched
-    assert launched and all(tma for _, tma in launched), launched
-    assert descriptor_loads or not kernels.INTERPRETED
+        yield tma_spy
 
 
 class _Spy:
@@ -96,6 +102,18 @@ def test_chunked_attention_on_tma_matches_float64(kernel_only, on_tma, device):
     """flash-attn 3's attention_chunk (its rule written out in test_attention_chunk.py) with causal, key padding
     and GQA, D = 72."""
     _check_chunked(device, FP16, 2, 2, 1, 45, 53, 72, 17, causal=True, padding=_padding_mask(2, 53, device))
+
+
+@pytest.mark.parametrize("family, d", [(90, 72), (100, 40)])
+def test_tma_families_default_configs_give_float64_results(kernel_only, tma_spy, device, family, d):
+    """sm_90's and sm_100's first configs as a GPU launches them (their tiles, on TMA), at an awkward shape:
+    partial blocks, causal, GQA, a padded head dim."""
+    defaults = configs.default_configs(family, FP16, d)
+    assert all(config["TMA"] for config in defaults.values())
+    with contextlib.ExitStack() as stack:
+        for kernel, config in defaults.items():
+            stack.enter_context(use_config(kernel, **config))
+        _check(device, FP16, True, 1, 2, 1, 70, 75, d)
 
 
 def test_varlen_on_tma_matches_float64_per_sequence(kernel_only, on_tma, device):
