@@ -163,11 +163,13 @@ TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the la
 # as above, fp16 and bf16, TMA on (triton 3.8). sm_100's d256 forward on 64x32 w8 s2 is held to 128 registers and
 # spills 20-40 B (plain, softcap, ALiBi, sinks, varlen, score mod); 64x64 w8 s2 takes 134 and spills none. sm_90's
 # d256 dropout forward on its 32x32 w4 (HMMA) spills 336 B; 64x32 w8 s2 none, on wgmma. dQ with dropout: sm_90 d128
-# 64x64 w8 s2 spills 68 B (64x32 w4 s2 none), sm_100 d64 8 B (64x32 w4 s2 none).
+# 64x64 w8 s2 spills 68 B (64x32 w4 s2 none), sm_100 d64 8 B (64x32 w4 s2 none); with a chunk sm_100 d64 32 B
+# (64x32 w4 s2 none). Every other TMA default compiles spill-free on its table's first tile.
 _TMA_FIRST = {
     ("*", "fwd", 256): {100: (64, 64, 8, 2)},
     ("dropout", "fwd", 256): {90: (64, 32, 8, 2)},
     ("dropout", "dq", 64): {100: (64, 32, 4, 2)},
+    ("chunk", "dq", 64): {100: (64, 32, 4, 2)},
     ("dropout", "dq", 128): {90: (64, 32, 4, 2)},
 }
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
