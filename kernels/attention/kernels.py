@@ -186,6 +186,20 @@ def _store_rows(rows, start, tile, n_rows, stride_n, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
+def _key_rows(K, V, b, kv_h, n_rows, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+              stride_vd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """(K, V) row sources (:func:`_head_rows`) of a loop over key blocks of kv head ``kv_h``.
+
+    The forward and dQ make descriptors after the query block's key range (their rows: its bound ``hi``, past
+    which no key is visible), but pointers before it, where the kernels always made them: made after it, ptxas
+    spills 64 B in the sm_90 fp32 d256 mask-mod forward."""
+    return (_head_rows(K, b, kv_h, n_rows, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       TMA),
+            _head_rows(V, b, kv_h, n_rows, stride_vb, stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       TMA))
+
+
+@triton.jit
 def _key_bounds(KV_BOUNDS, b, N_K):
     """The batch's visible key range [lo, hi): all keys, or the (B, 2) int32 ``KV_BOUNDS`` row of a padding mask
     (its first and one past its last visible key)."""
@@ -485,6 +499,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
                               TMA), start_m, N_Q, stride_qn, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     if UPCAST:
         q = q.to(tl.float32)
+    if not TMA:
+        k_rows, v_rows = _key_rows(K, V, b, kv_h, N_K, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                                   stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
@@ -492,9 +509,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
                                                  ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
                                                  CHUNKED, PAD is not None)
-    # keys from hi on are never visible to this block: descriptors of hi rows read them as the pointers' masks do
-    k_rows = _head_rows(K, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
-    v_rows = _head_rows(V, b, kv_h, hi, stride_vb, stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    if TMA:  # keys from hi on are never visible to this block: descriptors of hi rows read them as zeros
+        k_rows, v_rows = _key_rows(K, V, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                                   stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     if SINKS is None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -831,6 +848,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse, delta = _row_stats(LSE, DELTA, b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh, offs_m, row_ok)
+    if not TMA:
+        k_rows, v_rows = _key_rows(K, V, b, kv_h, N_K, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                                   stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     slope_log2 = _alibi_slope(ALIBI, stride_ab, b, h)
     seed, rng_offset = (0, 0) if SEED is None else _rng(SEED)
 
@@ -838,8 +858,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_BOUNDS, PAD, ALIBI, SEED, CU_SE
     lo, full_lo, full_hi, hi = _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIFT,
                                                  ALIBI_SHIFT, CHUNK_SIZE, cells, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
                                                  CHUNKED, PAD is not None)
-    k_rows = _head_rows(K, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
-    v_rows = _head_rows(V, b, kv_h, hi, stride_vb, stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    if TMA:
+        k_rows, v_rows = _key_rows(K, V, b, kv_h, hi, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                                   stride_vh, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
     q_cells = None if BLOCK_MASK is None else cells + (start_m // MASK_BLOCK) * tl.cdiv(N_K, MASK_BLOCK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for part in tl.static_range(3):  # as in the forward: masked below the full blocks, full, masked
