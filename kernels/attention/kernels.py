@@ -140,8 +140,7 @@ def _store_tile(ptrs, tile, row_ok, offs_d, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _head_rows(X, b, h, n_rows, stride_b, stride_h, stride_n, stride_d, BLOCK: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """Where blocks of BLOCK rows of head ``h`` of batch ``b`` are read or written (:func:`_load_rows`,
-    :func:`_store_rows`). With TMA, a tensor descriptor over the head's (n_rows, HEAD_DIM) matrix (the launcher
+    """Where blocks of BLOCK rows of head ``h`` of batch ``b`` are read or written (:func:`_load_rows`). With TMA, a tensor descriptor over the head's (n_rows, HEAD_DIM) matrix (the launcher
     checked that the head dim is unit-stride and the base and row strides 16-byte aligned): the hardware fills
     rows from ``n_rows`` on and the head-dim padding with zeros and drops their writes, as the pointer path's
     masks do. Else pointers to the (BLOCK, BLOCK_D) tile at row 0 (:func:`_tile_ptrs`).
@@ -160,29 +159,16 @@ def _head_rows(X, b, h, n_rows, stride_b, stride_h, stride_n, stride_d, BLOCK: t
 
 
 @triton.jit
-def _load_rows(rows, start, n_rows, stride_n, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """The (BLOCK, BLOCK_D) tile at row ``start`` of :func:`_head_rows`' ``rows``: zeros past ``n_rows`` (with
-    CHECK_ROWS, for pointers; a descriptor always checks) and in the head-dim padding."""
+def _load_rows(rows, start, row_ok, stride_n, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK, BLOCK_D) tile at row ``start`` of :func:`_head_rows`' ``rows``: zeros where ``row_ok`` is False
+    (pointers, with CHECK_ROWS; a descriptor checks its own rows) and in the head-dim padding."""
     if TMA:
         tile = rows.load([start, 0])
     else:
-        row_ok = start + tl.arange(0, BLOCK) < n_rows
         tile = _load_tile(rows + _row_offset(start, stride_n), row_ok, tl.arange(0, BLOCK_D), CHECK_ROWS, HEAD_DIM,
                           BLOCK_D)
     return tile
-
-
-@triton.jit
-def _store_rows(rows, start, tile, n_rows, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """Store ``tile`` at row ``start`` of :func:`_head_rows`' ``rows``, rows from ``n_rows`` and the head-dim
-    padding dropped."""
-    if TMA:
-        rows.store([start, 0], tile)
-    else:
-        row_ok = start + tl.arange(0, BLOCK) < n_rows
-        _store_tile(rows + _row_offset(start, stride_n), tile, row_ok, tl.arange(0, BLOCK_D), HEAD_DIM)
 
 
 @triton.jit
@@ -396,8 +382,8 @@ def _key_block(k_rows, v_rows, start_n, stride_kn, stride_vn, offs_n, kv_hi, MAS
     """(cols, k, v) of the key block at ``start_n`` in a loop over key blocks: its key indices and its K and V tiles
     (fp32 when UPCAST), zeros from ``kv_hi`` on (:func:`_load_rows`; descriptors made with kv_hi rows)."""
     cols = start_n + offs_n
-    k = _load_rows(k_rows, start_n, kv_hi, stride_kn, MASKED, HEAD_DIM, offs_n.shape[0], BLOCK_D, TMA)
-    v = _load_rows(v_rows, start_n, kv_hi, stride_vn, MASKED, HEAD_DIM, offs_n.shape[0], BLOCK_D, TMA)
+    k = _load_rows(k_rows, start_n, cols < kv_hi, stride_kn, MASKED, HEAD_DIM, BLOCK_D, TMA)
+    v = _load_rows(v_rows, start_n, cols < kv_hi, stride_vn, MASKED, HEAD_DIM, BLOCK_D, TMA)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -493,10 +479,17 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_Q
 
-    q = _load_rows(_head_rows(Q, b, h, N_Q, stride_qb, stride_qh, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
-                              TMA), start_m, N_Q, stride_qn, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    # Q and O: pointers at the block's rows, as the kernel always made them (made at row 0 and moved like K/V's,
+    # ptxas spills 24-72 B in sm_90's fp32 forward defaults)
+    if TMA:
+        q = _head_rows(Q, b, h, N_Q, stride_qb, stride_qh, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
+                       TMA).load([start_m, 0])
+    else:
+        q = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd), row_ok,
+                       offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
     if not TMA:
@@ -535,8 +528,13 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
-    o_rows = _head_rows(O, b, h, N_Q, stride_ob, stride_oh, stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D, TMA)
-    _store_rows(o_rows, start_m, cast_rne(out, O.dtype.element_ty), N_Q, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    out = cast_rne(out, O.dtype.element_ty)
+    if TMA:
+        _head_rows(O, b, h, N_Q, stride_ob, stride_oh, stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D,
+                   TMA).store([start_m, 0], out)
+    else:
+        _store_tile(_tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od), out, row_ok,
+                    offs_d, HEAD_DIM)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
@@ -658,8 +656,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_rows, do_rows, stride_qn, stride_don, LSE, D
         if state != 0:  # an empty cell of the block mask is skipped: its Q/dO are never loaded
             rows = start_m + offs_m
             row_ok = rows < N_Q
-            q = _load_rows(q_rows, start_m, N_Q, stride_qn, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-            do = _load_rows(do_rows, start_m, N_Q, stride_don, True, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+            q = _load_rows(q_rows, start_m, row_ok, stride_qn, True, HEAD_DIM, BLOCK_D, TMA)
+            do = _load_rows(do_rows, start_m, row_ok, stride_don, True, HEAD_DIM, BLOCK_D, TMA)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
