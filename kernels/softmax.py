@@ -33,6 +33,12 @@ MAX_BLOCK = 16384
 """Widest row held in registers as one block (fp32: 32 values a thread at 16 warps, no spills on sm_80/sm_90)."""
 LONG_BLOCK = 4096
 """Chunk width of the online (multi-block) path for rows wider than MAX_BLOCK."""
+SINGLE_PER_THREAD = 16
+"""Elements of a one-block row per thread (the number of warps follows)."""
+ONLINE_PER_THREAD = 8
+"""Elements of an online-path chunk per thread: at 16 (a 4096 chunk on 8 warps) ptxas spills 24 B in the fp16
+forward on sm_100; 8 (16 warps) is spill-free on sm_80, sm_90, sm_100 and gfx942 (``python -m benchmarks static
+--kernel _softmax --defaults``)."""
 
 @triton.jit
 def _visible_cols(row, n_cols, n_q, CAUSAL: tl.constexpr):
@@ -151,7 +157,8 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
 def _config(n_cols: int, lanes: int = 32):
     """The launch plan (block, single/online, warps) of a row width on a GPU family with warps of ``lanes``
     threads: cached per width, and reading the module's limits at each call, so tests can lower them."""
-    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, 16, lanes)
+    per_thread = SINGLE_PER_THREAD if n_cols <= MAX_BLOCK else ONLINE_PER_THREAD
+    return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread, lanes)
 
 
 def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
