@@ -27,7 +27,7 @@ Forward only: like flash-attn's, there is no backward.
 import functools
 import math
 import numbers
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -452,6 +452,10 @@ def _builds() -> List[Build]:
 # --------------------------------------------------------------------------------------------------- launchers
 
 
+_APPEND_OPTIONS = {} if _runtime.INTERPRETED else {d: {"num_warps": warps} for d, warps in APPEND_WARPS.items()}
+"""``_decode_append``'s launch options per head-dim bucket (the interpreter takes none)."""
+
+
 def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, page_size: int, to_cache: bool,
             interleaved: bool, same_position: bool) -> None:
     """Launch ``_decode_append`` over x (B, n, heads, D)."""
@@ -459,27 +463,46 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     if x.numel() == 0:
         return
     cos_strides = (0, 0) if cos is None else cos.stride()
-    options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS[d_bucket(d)]}
-    _decode_append[grid(n, batch * heads, APPEND_BLOCK_M)](
+    _decode_append.run(
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
-        0 if cos is None else 2 * cos.shape[1],
+        0 if cos is None else 2 * cos.shape[1], grid=grid(n, batch * heads, APPEND_BLOCK_M), warmup=False,
         HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
-        INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
+        INTERLEAVED=interleaved, SAME_POSITION=same_position, **_APPEND_OPTIONS.get(d_bucket(d), {}))
 
 
-def _named(name: str, dims: str, strides) -> dict:
-    """``stride_<name><dim>`` keywords, one per letter of ``dims``."""
-    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, strides)}
+class _AttendPlan(NamedTuple):
+    """What the attention launches of a call's signature need besides its tensors (:func:`_attend_plan`):
+    ``tail`` the decode kernel's arguments after the q/k/v strides (its out and lse strides, every scalar),
+    ``meta`` its compile-time keywords (and launch options), and with ``splits`` > 1 the combine's ``combine_grid``,
+    ``combine_tail`` (its arguments after the four tensors) and ``combine_meta``."""
+
+    splits: int
+    grid: tuple
+    tail: tuple
+    meta: dict
+    combine_grid: tuple
+    combine_tail: tuple
+    combine_meta: dict
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch gives them (size-1 dims included)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 @functools.lru_cache(maxsize=1024)
 def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, kv_heads: int, capacity: int,
-                 n_new: int, window: Tuple[int, int], softcap: float, scale: float, num_splits: int, tf32: bool,
-                 forced: Optional[tuple]) -> Tuple[int, tuple, dict]:
-    """(splits, grid, the decode kernel's scalar and compile-time keywords) of a call's signature: cached, so a
-    decoding loop computes its tile, split count and meta once (``forced``: the use_config override, and ``tf32``
-    torch's flag, both part of the key)."""
+                 page_size: int, cache_rows: int, n_new: int, window: Tuple[int, int], softcap: float, scale: float,
+                 num_splits: int, tf32: bool, forced: Optional[tuple]) -> _AttendPlan:
+    """The :class:`_AttendPlan` of a call's signature: cached, so a decoding loop computes its tile, split count,
+    strides and meta once (``forced``: the use_config override, and ``tf32`` torch's flag, both part of the key).
+    out (B, Sq, H, D) and lse (B, H, Sq) are contiguous, and so are the splits' fp32 partials (splits, B, Sq, H, D)
+    and (splits, B, H, Sq)."""
     batch, n_q, heads, d = q_shape
     group = heads // kv_heads
     config = tile(dtype, d, group * n_q)
@@ -487,49 +510,51 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, dtype.itemsize,
                                          config["BLOCK_N"], _sm_count(device))
     meta = kernel_meta(d, dtype, tf32, causal=False)
-    keywords = dict(kv_heads=kv_heads, group=group, n_q=n_q, n_new=n_new, capacity=capacity, splits=splits,
-                    window_left=window[0], window_right=window[1], qk_scale=scale * LOG2E.value,
-                    cap_log2=softcap * LOG2E.value,
-                    **{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
+    out_strides = _contiguous_strides(q_shape)
+    lse_strides = _contiguous_strides((batch, heads, n_q))
+    if splits == 1:  # the kernel writes out and lse themselves
+        o_strides, l_strides = (*out_strides[:3], 0, out_strides[3]), (*lse_strides, 0)
+    else:
+        partial, partial_lse = _contiguous_strides((splits, *q_shape)), _contiguous_strides((splits, batch, heads, n_q))
+        o_strides, l_strides = (*partial[1:4], partial[0], partial[4]), (*partial_lse[1:], partial_lse[0])
+    tail = (*o_strides, *l_strides, kv_heads, group, n_q, n_new, capacity, page_size, cache_rows, splits, window[0],
+            window[1], scale * LOG2E.value, softcap * LOG2E.value)
+    keywords = dict(**{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
                     LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
-    return splits, grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"]), keywords
+    combine_tail = (*o_strides[:3], o_strides[3], o_strides[4], *out_strides, heads, n_q, batch * heads * n_q, splits)
+    combine_meta = dict(HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=COMBINE_BLOCK_M,
+                        **({} if _runtime.INTERPRETED else {"num_warps": 4}))
+    return _AttendPlan(splits, grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"]), tail, keywords,
+                       grid(batch * heads * n_q, 1, COMBINE_BLOCK_M), combine_tail, combine_meta)
 
 
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
             n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int):
-    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32).
-    ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
+    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32),
+    contiguous. ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
     batch, n_q, heads, d = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
-    splits, launch_grid, keywords = _attend_plan(
-        tuple(q.shape), q.dtype, q.device, k_cache.shape[2], capacity, n_new, window, softcap, scale, num_splits,
-        uses_tf32(q.dtype), None if forced is None else tuple(sorted(forced.items())))
-    if splits == 1:
-        o_buf, lse_buf, split_strides = out, lse, (0, 0)
+    plan = _attend_plan(tuple(q.shape), q.dtype, q.device, k_cache.shape[2], capacity, page_size, k_cache.shape[0],
+                        n_new, window, softcap, scale, num_splits, uses_tf32(q.dtype),
+                        None if forced is None else tuple(sorted(forced.items())))
+    if plan.splits == 1:
+        o_buf, lse_buf = out, lse
     else:
-        o_buf = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse_buf = torch.empty((splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
-        split_strides = (o_buf.stride(0), lse_buf.stride(0))
-    o_strides = o_buf.stride()[-4:]
-    _decode_fwd[launch_grid](
-        q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
-        stride_tb=0 if block_table is None else block_table.stride(0),
-        stride_ab=alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        **_named("q", "bnhd", q.stride()), **_named("k", "bnhd", k_cache.stride()),
-        **_named("v", "bnhd", v_cache.stride()), **_named("o", "bnhsd", (*o_strides[:3], split_strides[0],
-                                                                         o_strides[3])),
-        **_named("l", "bhns", (*lse_buf.stride()[-3:], split_strides[1])),
-        page_size=page_size, cache_rows=k_cache.shape[0], **keywords)
-    if splits > 1:
-        options = {} if _runtime.INTERPRETED else {"num_warps": 4}
-        _decode_combine[grid(batch * heads * n_q, 1, COMBINE_BLOCK_M)](
-            o_buf, lse_buf, out, lse, *o_buf.stride()[1:4], o_buf.stride(0), o_buf.stride(4), *out.stride(),
-            heads, n_q, batch * heads * n_q, splits, HEAD_DIM=d, BLOCK_D=keywords["BLOCK_D"],
-            BLOCK_M=COMBINE_BLOCK_M, **options)
+        o_buf = torch.empty((plan.splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_buf = torch.empty((plan.splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
+    # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
+    _decode_fwd.run(q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
+                    0 if block_table is None else block_table.stride(0),
+                    alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+                    *q.stride(), *k_cache.stride(), *v_cache.stride(), *plan.tail, grid=plan.grid, warmup=False,
+                    **plan.meta)
+    if plan.splits > 1:
+        _decode_combine.run(o_buf, lse_buf, out, lse, *plan.combine_tail, grid=plan.combine_grid, warmup=False,
+                            **plan.combine_meta)
     return out, lse
 
 
@@ -718,6 +743,9 @@ def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, n_q: int,
     ]
 
 
+_ONE_PROGRAM = (1,)
+
+
 def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int, capacity: int,
                         page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
     """Check on the device, as one ``_decode_check`` launch and one assert (no host sync; ValueError at once on
@@ -727,18 +755,19 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
     block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, no two new
     keys in one paged slot, and with ``rotary_rows`` (rotated causal or windowed queries) cache_seqlens + Sq <=
     rotary_rows. The kernels also clamp every index they read (a second line of defence)."""
-    if seqlens is None and leftpad is None and batch_idx is None and block_table is None:
+    first = seqlens if seqlens is not None else leftpad if leftpad is not None else batch_idx \
+        if batch_idx is not None else block_table
+    if first is None:
         return
-    device = next(t.device for t in (seqlens, leftpad, batch_idx, block_table) if t is not None)
     max_blocks = 0 if block_table is None else block_table.shape[1]
     spans = 1 if block_table is None else (n_new + page_size - 2) // page_size + 1  # pages n_new positions touch
     writes_checked = batch_idx is not None or max_blocks > 0  # a table of no pages: capacity 0, nothing written
     n_entries = batch * spans if n_new and writes_checked else 0
-    verdict = new_verdict(device)
-    _decode_check[(1,)](seqlens, leftpad, batch_idx, block_table, verdict,
-                        0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
-                        page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - n_q, n_entries,
-                        spans, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
+    verdict = new_verdict(first.device)
+    _decode_check.run(seqlens, leftpad, batch_idx, block_table, verdict,
+                      0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
+                      page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - n_q, n_entries, spans,
+                      grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
     enforce(verdict, _INDEX_SUMMARY, lambda: _index_rules(seqlens, leftpad, batch_idx, block_table, n_new, n_q,
                                                           capacity, cache_rows, rotary_rows))
 

@@ -20,6 +20,7 @@ ids are checked with the offsets (an id outside [0, num_blocks) among the pages 
 on CPU, an asynchronous device assert on CUDA) and clamped, so no id makes the gather read out of bounds; unused
 entries of the table are never checked.
 """
+import functools
 import math
 import numbers
 from typing import List, Optional, Tuple
@@ -29,18 +30,24 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime
-from kernels._validate import check_same, check_tensor
+from kernels._autograd import autograd_function
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check_real, check_scale, check_sinks,
                                       check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
-from kernels.attention.ops import attention_op, natural_lse
+from kernels.attention.configs import MAX_HEAD_DIM
+from kernels.attention.ops import _gradients as gradients, _save as save
+from kernels.attention.ops import attention_backward, attention_forward, attention_op, natural_lse
 from kernels.attention.plan import AttentionVariant, VariantTensors
 from kernels.registry import Build, declare, register_builds
 
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
     """TypeError/ValueError naming ``cu_seqlens`` unless it is a 1-D int32 tensor of batch + 1 >= 1 entries."""
+    if type(cu_seqlens) is torch.Tensor and cu_seqlens.dtype is torch.int32 and cu_seqlens.dim() == 1:
+        if cu_seqlens.shape[0]:
+            return  # the common case, decided without the generic checks
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
@@ -106,6 +113,9 @@ def _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: Optional[i
                      "block_table", block_table)]
 
 
+_ONE_PROGRAM = (1,)
+
+
 def _offsets_verdict(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_table: Optional[torch.Tensor],
                      total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int, num_blocks: int,
                      page_size: int) -> torch.Tensor:
@@ -113,10 +123,11 @@ def _offsets_verdict(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, blo
     verdict = new_verdict(cu_seqlens_q.device)
     table = None if block_table is None else block_table.contiguous()
     with _runtime.launch_device(cu_seqlens_q):
-        _varlen_check[(1,)](cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), table, verdict,
-                            0 if table is None else table.stride(0), cu_seqlens_q.numel() - 1, total_q, total_k,
-                            max_seqlen_q, max_seqlen_k, 0 if table is None else table.shape[1], page_size,
-                            num_blocks, BLOCK=INDEX_BLOCK)
+        # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
+        _varlen_check.run(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), table, verdict,
+                          0 if table is None else table.stride(0), cu_seqlens_q.shape[0] - 1, total_q, total_k,
+                          max_seqlen_q, max_seqlen_k, 0 if table is None else table.shape[1], page_size, num_blocks,
+                          grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK)
     return verdict
 
 
@@ -147,7 +158,7 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
 
 def _check_max_seqlen(name: str, max_seqlen) -> None:
     """TypeError unless ``max_seqlen`` is an int (its value is checked against the offsets)."""
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+    if type(max_seqlen) is not int and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
 
 
@@ -199,8 +210,78 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
-    """A packed (total, heads, D) tensor as the (1, heads, total, D) view the kernels take."""
-    return t.unsqueeze(0).transpose(1, 2)
+    """A packed (total, heads, D) tensor as the (1, heads, total, D) view the kernels take (one view op, the
+    strides of ``t.unsqueeze(0).transpose(1, 2)``)."""
+    total, heads, d = t.shape
+    stride_n, stride_h, stride_d = t.stride()
+    return t.as_strided((1, heads, total, d), (total * stride_n, stride_h, stride_n, stride_d))
+
+
+def _as_packed(t: torch.Tensor) -> torch.Tensor:
+    """A (1, heads, total, D) tensor as its packed (total, heads, D) view: the inverse of :func:`_as_batch`."""
+    _, heads, total, d = t.shape
+    _, stride_h, stride_n, stride_d = t.stride()
+    return t.as_strided((total, heads, d), (stride_n, stride_h, stride_d))
+
+
+# The eager autograd.Function of packed sequences: ops.py's launches and saved context, with the (1, H, total, D)
+# views made inside it, where autograd records none (each recorded view costs host time both ways).
+def _packed_forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
+    """(out (total_q, H, D), log2-unit lse (H, total_q)) of packed q, k, v."""
+    out, lse = attention_forward(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
+    return _as_packed(out), lse[0]
+
+
+def _packed_setup(ctx, inputs, output) -> None:
+    q, k, v, _sinks, tensors, variant = inputs
+    out, lse = output
+    save(ctx, _as_batch(q), _as_batch(k), _as_batch(v), (_as_batch(out), lse[None]), tensors, variant)
+    ctx.set_materialize_grads(False)  # an unused lse (return_lse=False) costs the backward nothing
+
+
+def _packed_backward(ctx, grad_out, grad_lse):
+    # only lse was used: out's gradient is zeros
+    grad_out = torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else _as_batch(grad_out)
+    dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, None if grad_lse is None else grad_lse[None])
+    return _as_packed(dq), _as_packed(dk), _as_packed(dv), (dsinks if ctx.needs_input_grad[3] else None), None, None
+
+
+_packed_attention = autograd_function("FlashAttentionVarlen", _packed_forward, _packed_setup, _packed_backward)
+
+
+@functools.lru_cache(maxsize=256)
+def _variant(causal: bool, scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
+             max_seqlen_q: int, max_seqlen_k: int) -> AttentionVariant:
+    """The :class:`AttentionVariant` of a call's (checked) scalars: made once per signature, as a model's layers
+    and steps repeat a few."""
+    return AttentionVariant(causal=causal, scale=scale, window_left=window_left, window_right=window_right,
+                            softcap=softcap, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def _plain_inputs(q, k, v, paged: bool) -> bool:
+    """Whether q, k, v pass every check of :func:`_check_inputs`, tested at once for plain tensors (the common
+    case); False sends any other input to the full checks and their messages."""
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor and q.dim() == 3
+            and k.dim() == 3 + paged and k.shape == v.shape and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and k.device == q.device and v.device == q.device):
+        return False
+    _, heads, d = q.shape
+    kv_heads = k.shape[-2]
+    return (k.shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
+            and (not paged or (k.shape[0] > 0 and k.shape[1] > 0)))
+
+
+def _check_inputs(q, k, v, paged: bool) -> None:
+    """TypeError/ValueError naming the argument unless q (total_q, H, D) and k, v (total_k, Hkv, D), or with
+    ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs."""
+    if _plain_inputs(q, k, v, paged):
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
+    if paged:
+        _check_page_pools(k, v)
+    # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
+    check_qkv(*(_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v)))
 
 
 def _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, **variants):
@@ -243,22 +324,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     launch per kernel; no host sync (see the module docstring).
     """
     paged = block_table is not None
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
-    if paged:
-        _check_page_pools(k, v)
-    # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
-    q4, k4, v4 = (_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v))
-    check_qkv(q4, k4, v4)  # dtypes, devices, head counts, head dims
+    _check_inputs(q, k, v, paged)  # dtypes, devices, head counts, head dims
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if not q.device == cu_seqlens_q.device == cu_seqlens_k.device:
+        check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    batch = cu_seqlens_q.numel() - 1
+    batch = cu_seqlens_q.shape[0] - 1
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
@@ -268,26 +344,27 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
-        check_alibi(alibi_slopes, q4.expand(batch, -1, -1, -1))  # (H,) or (batch, H)
+        check_alibi(alibi_slopes, _as_batch(q).expand(batch, -1, -1, -1))  # (H,) or (batch, H)
     if sinks is not None:
-        check_sinks(sinks, q4)
+        check_sinks(sinks, _as_batch(q))
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
         k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
-        k4, v4 = _as_batch(k), _as_batch(v)
     if not _runtime.kernel_runs_on(q, k, v):
         # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
         out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                  dropout_p=dropout_p, sinks=sinks)
+        return (out, lse) if return_lse else out
+    tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+                             sinks=None if sinks is None else sinks.float(),
+                             rng_state=draw_rng(q.device) if dropout_p > 0 else None,
+                             cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
+    variant = _variant(bool(causal), scale, window_left, window_right, softcap, dropout_p, int(max_seqlen_q),
+                       int(max_seqlen_k))
+    if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
+        out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
+        out, lse = _as_packed(out), lse[0]
     else:
-        tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
-                                 sinks=None if sinks is None else sinks.float(),
-                                 rng_state=draw_rng(q.device) if dropout_p > 0 else None,
-                                 cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
-        variant = AttentionVariant(causal=bool(causal), scale=scale, window_left=window_left,
-                                   window_right=window_right, softcap=softcap, dropout_p=dropout_p,
-                                   max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
-        out, lse = attention_op(q4, k4, v4, tensors, variant)
-        out, lse = out[0].transpose(0, 1), natural_lse(lse[0])
-    return (out, lse) if return_lse else out
+        out, lse = _packed_attention(q, k, v, tensors.sinks, tensors, variant)
+    return (out, natural_lse(lse)) if return_lse else out
