@@ -14,16 +14,25 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import assert_on_device, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
+
+
+def _plain_qkv(q, k, v) -> bool:
+    """Whether q, k, v are 4-D tensors of one supported dtype on one device: the common case, decided without
+    building the checks' arguments (those then name what is wrong in the other cases)."""
+    return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
+            and q.device == k.device == v.device)
 
 
 def check_qkv(q, k, v) -> None:
     """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same("dtype", q=q, k=k, v=v)
-    check_same("device", q=q, k=k, v=v)
+    if not _plain_qkv(q, k, v):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+        check_same("dtype", q=q, k=k, v=v)
+        check_same("device", q=q, k=k, v=v)
     batch, heads, _, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}")

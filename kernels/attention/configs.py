@@ -342,19 +342,28 @@ def grid(rows: int, heads: int, block: int) -> Tuple[int]:
     return (programs,)
 
 
-def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[int, int],
-           dropout: bool = False, tma: bool = False) -> None:
-    """Launch ``kernel`` ("fwd", "dkdv", "dq") over cdiv(rows, block) blocks for each of ``heads``, autotuned
-    over :func:`tiles` of the launch's :func:`specialisation` (``dropout``: whether the launch passes a SEED; ``tma``:
-    whether its tensors are :func:`tma_legal`, which lets TMA configs run).
+_REGISTRY_NAMES = {kernel: f"attention_{kernel}" for kernel in KERNELS}
+_INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
+"""An interpreted launch's config unless one is forced: the interpreter's tile on pointers."""
+
+
+def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
+           tma: Tuple[torch.Tensor, ...], dropout: bool = False) -> None:
+    """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
+    (by keyword) over cdiv(rows, block) blocks for each of ``heads``, autotuned over :func:`tiles` of the launch's
+    :func:`specialisation` (``dropout``: whether the launch passes a SEED). ``tma``: the tensors the kernel
+    streams, judged by :func:`tma_legal` only where a TMA config could run.
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     block = _GRID_BLOCK[kernel]
-    forced = forced_config(f"attention_{kernel}")
-    if forced is not None and meta.get("MASK_MOD") is not None:
-        _check_mask_tile(kernel, forced)
-    if forced is not None or _runtime.INTERPRETED:
-        config = dict(forced or INTERPRETER_TILE)
-        config["TMA"] = bool(config.get("TMA")) and tma
+    forced = forced_config(_REGISTRY_NAMES[kernel])
+    if forced is None and _runtime.INTERPRETED:  # the common interpreted launch: nothing to decide
+        KERNELS[kernel][grid(rows, heads, _INTERPRETED_CONFIG[block])](*args, **meta, **_INTERPRETED_CONFIG)
+        return
+    if forced is not None:
+        if meta.get("MASK_MOD") is not None:
+            _check_mask_tile(kernel, forced)
+        config = dict(forced)
+        config["TMA"] = bool(config.get("TMA")) and tma_legal(*tma)
         if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
             config.pop("num_warps", None)
             config.pop("num_stages", None)
@@ -364,11 +373,11 @@ def launch(kernel: str, rows: int, heads: int, args, meta: dict, lengths: Tuple[
         return
     fp32 = args[0].dtype == torch.float32
     family = _family(args[0].device)
-    tma = tma and uses_tma(family, fp32)
-    if tma:
+    on_tma = uses_tma(family, fp32) and tma_legal(*tma)
+    if on_tma:
         _ensure_scratch_allocator()
     tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
-                   tuple(_length_bucket(n) for n in lengths), tma)
+                   tuple(_length_bucket(n) for n in lengths), on_tma)
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
     tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
 

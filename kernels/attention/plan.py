@@ -110,12 +110,13 @@ def _chunk_hides_keys(n_k: int, diagonal: int, chunk: int, varlen: bool) -> bool
 
 
 class Plan(NamedTuple):
-    """What a launch needs besides the call's pointers and strides: ``meta`` the kernels' compile-time parameters,
-    ``scalars`` their scalar arguments, the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen) and
-    ``batch`` (the number of sequences)."""
+    """What a launch needs besides the call's pointers and strides: ``meta`` the kernels' compile-time parameters
+    (passed by keyword), ``scalars`` their scalar arguments in the kernels' order (H .. dropout_p; the backward's
+    with sm_scale), the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen) and ``batch`` (the number of
+    sequences)."""
 
     meta: dict
-    scalars: dict
+    scalars: tuple
     batch: int
     n_q: int
     n_k: int
@@ -149,11 +150,9 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
             meta["SCORE_GRAD"] = grad
     # A chunk of n_k or more keys shows a row at position p >= 0 every key (p < n_k), as one of exactly n_k does:
     # the kernels take that one, so their int32 position arithmetic cannot overflow.
-    scalars = dict(H=heads, GROUP=heads // kv_heads, N_Q=n_q, N_K=n_k, CAUSAL_SHIFT=upper, WINDOW_SHIFT=lower,
-                   ALIBI_SHIFT=diagonal, CHUNK_SIZE=min(variant.attention_chunk, n_k),
-                   qk_scale=variant.scale * LOG2E.value, softcap=variant.softcap, dropout_p=variant.dropout_p)
-    if backward:
-        scalars["sm_scale"] = variant.scale
+    scales = (variant.scale * LOG2E.value, variant.scale) if backward else (variant.scale * LOG2E.value,)
+    scalars = (heads, heads // kv_heads, n_q, n_k, upper, lower, diagonal, min(variant.attention_chunk, n_k),
+               *scales, variant.softcap, variant.dropout_p)
     return Plan(meta, scalars, batch, n_q, n_k)
 
 
@@ -164,39 +163,40 @@ def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant:
                  configs.uses_tf32(q.dtype), backward)
 
 
-def _strides(name: str, t: torch.Tensor, varlen: bool) -> dict:
-    """``t``'s stride_<name>b/h/n/d keywords: a packed (1, H, total, D) view's batch stride is 0, since every
-    sequence is found from cu_seqlens."""
-    sb, sh, sn, sd = t.stride()
-    return {f"stride_{name}b": 0 if varlen else sb, f"stride_{name}h": sh, f"stride_{name}n": sn,
-            f"stride_{name}d": sd}
+# The kernels take their runtime arguments by position, in their signatures' order (a keyword call of some 55
+# arguments costs several µs of host time per launch), and their compile-time ones (Plan.meta, the tile) by keyword.
+def _strides(t: torch.Tensor, varlen: bool) -> Tuple[int, ...]:
+    """``t``'s (b, h, n, d) strides: a packed (1, H, total, D) view's batch stride is 0, since every sequence is
+    found from cu_seqlens."""
+    return (0, *t.stride()[1:]) if varlen else t.stride()
 
 
-def _tensor_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch.Tensor, varlen: bool,
-                 sinks: bool) -> dict:
-    """The variant's pointer and stride keywords every attention kernel takes (``sinks``: the forward's too)."""
-    alibi, pad, summary = tensors.alibi_slopes, tensors.pad, tensors.block_mask
-    args = dict(KV_BOUNDS=tensors.kv_bounds, PAD=pad, ALIBI=alibi,
-                SEED=tensors.rng_state if variant.dropout_p > 0 else None,
-                CU_SEQLENS_Q=tensors.cu_seqlens_q, CU_SEQLENS_K=tensors.cu_seqlens_k,
-                BLOCK_MASK=summary if variant.mask_mod >= 0 else None,
-                MASK_ARGS=mods.kernel_extra(variant.mask_mod, tensors.mask_args) if variant.mask_mod >= 0 else None,
-                SCORE_ARGS=mods.kernel_extra(variant.score_mod, tensors.score_args) if variant.score_mod >= 0 else None,
-                stride_pb=0 if pad is None else pad.stride(0),
-                stride_ab=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-                stride_mb=summary.stride(0) if variant.mask_mod >= 0 else 0,
-                stride_mh=summary.stride(1) if variant.mask_mod >= 0 else 0,
-                stride_lb=0 if varlen else lse.stride(0), stride_lh=lse.stride(1))
-    if sinks:
-        args["SINKS"] = tensors.sinks
-    return args
+def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch.Tensor, varlen: bool,
+                  forward: bool) -> tuple:
+    """The variant's pointers and strides every attention kernel takes, in their order: KV_BOUNDS, PAD, ALIBI,
+    (the forward's SINKS), SEED, CU_SEQLENS_Q/K, BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb/ab/mb/mh/lb/lh."""
+    alibi, pad = tensors.alibi_slopes, tensors.pad
+    summary = tensors.block_mask if variant.mask_mod >= 0 else None
+    seed = tensors.rng_state if variant.dropout_p > 0 else None
+    pointers = (tensors.kv_bounds, pad, alibi, tensors.sinks, seed) if forward else (tensors.kv_bounds, pad, alibi,
+                                                                                     seed)
+    return (*pointers, tensors.cu_seqlens_q, tensors.cu_seqlens_k, summary,
+            None if summary is None else mods.kernel_extra(variant.mask_mod, tensors.mask_args),
+            mods.kernel_extra(variant.score_mod, tensors.score_args) if variant.score_mod >= 0 else None,
+            0 if pad is None else pad.stride(0), alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+            *((0, 0) if summary is None else summary.stride()[:2]), 0 if varlen else lse.stride(0), lse.stride(1))
+
+
+def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
+    """Whether the launches pass a SEED (dropout's specialisation)."""
+    return variant.dropout_p > 0 and tensors.rng_state is not None
 
 
 def rows_empty(t: torch.Tensor, varlen: bool) -> torch.Tensor:
     """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
     D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
-    if not varlen:
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if not varlen:  # empty_like of a contiguous tensor is contiguous, and cheaper than torch.empty
+        return torch.empty_like(t) if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
     _, heads, total, d = t.shape
     return torch.empty((total, heads, d), dtype=t.dtype, device=t.device).transpose(0, 1)[None]
 
@@ -207,17 +207,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
     sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
     varlen = tensors.cu_seqlens_q is not None
     out = rows_empty(q, varlen)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if out.numel() == 0 or k.shape[2] == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
         if tensors.sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
     plan = _plan_of(q, k, tensors, variant, backward=False)
-    args = dict(K=k, V=v, O=out, LSE=lse, **_tensor_args(tensors, variant, lse, varlen, sinks=True),
-                **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
-                **_strides("o", out, varlen), **plan.scalars, **plan.meta)
-    configs.launch("fwd", plan.n_q, plan.batch * q.shape[1], (q,), args, (plan.n_q, plan.n_k),
-                   dropout=args["SEED"] is not None, tma=configs.tma_legal(q, k, v, out))
+    args = (q, k, v, out, lse, *_variant_args(tensors, variant, lse, varlen, forward=True), *_strides(q, varlen),
+            *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *plan.scalars)
+    configs.launch("fwd", plan.n_q, plan.batch * q.shape[1], args, plan.meta, (plan.n_q, plan.n_k),
+                   dropout=_dropout(tensors, variant), tma=(q, k, v, out))
     return out, lse
 
 
@@ -228,24 +227,25 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dtype, contiguous (for packed sequences, views of contiguous (total, H, D) tensors, as :func:`forward`'s
     out). ``grad_lse`` is the gradient of the log2-unit lse. Sinks need nothing here: lse includes them."""
     varlen = tensors.cu_seqlens_q is not None
-    dq, dk, dv = (rows_empty(t, varlen) for t in (q, k, v))
+    dq, dk, dv = rows_empty(q, varlen), rows_empty(k, varlen), rows_empty(v, varlen)
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
     if not (q.numel() and k.numel()):
         return dq.zero_(), dk.zero_(), dv.zero_()
     plan = _plan_of(q, k, tensors, variant, backward=True)
     delta = _delta(grad_out, out, lse, grad_lse, plan.meta)
-    args = dict(K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_tensor_args(tensors, variant, lse, varlen, False),
-                **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
-                **_strides("do", grad_out, varlen), **plan.scalars, **plan.meta)
-    dropout = args["SEED"] is not None
-    lengths = (plan.n_q, plan.n_k)
+    # dK/dV and dQ share every argument but their outputs and the output's strides, which come after dO's
+    head = (q, k, v, grad_out, lse, delta)
+    shared = (*_variant_args(tensors, variant, lse, varlen, forward=False), *_strides(q, varlen),
+              *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen))
+    dropout, lengths = _dropout(tensors, variant), (plan.n_q, plan.n_k)
     # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
     # stride-0 expand, which only the pointers take), dQ K and V
-    configs.launch("dkdv", plan.n_k, plan.batch * k.shape[1], (q,),
-                   dict(args, DK=dk, DV=dv, **_strides("dk", dk, varlen)), lengths, dropout=dropout,
-                   tma=configs.tma_legal(q, grad_out))
-    configs.launch("dq", plan.n_q, plan.batch * q.shape[1], (q,), dict(args, DQ=dq, **_strides("dq", dq, varlen)),
-                   lengths, dropout=dropout, tma=configs.tma_legal(k, v))
+    configs.launch("dkdv", plan.n_k, plan.batch * k.shape[1], (*head, dk, dv, *shared, *_strides(dk, varlen),
+                                                                 *plan.scalars),
+                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out))
+    configs.launch("dq", plan.n_q, plan.batch * q.shape[1], (*head, dq, *shared, *_strides(dq, varlen),
+                                                               *plan.scalars),
+                   plan.meta, lengths, dropout=dropout, tma=(k, v))
     return dq, dk, dv
 
 

@@ -1,0 +1,113 @@
+"""The dense attention launch path's host-side shortcuts (issue #19): runtime arguments reach the kernels by
+position in their signatures' order, TMA legality is judged only where a TMA config could run, and a call's
+variant and tensors are shared values."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import api, configs, plan
+from kernels.registry import use_config
+
+
+class _Recorder:
+    """A kernel in :data:`configs.KERNELS` that records each launch's arguments by parameter name, then runs."""
+
+    def __init__(self, name, real, launched):
+        self.name, self.real, self.launched = name, real, launched
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            assert len(args) + len(kwargs) == len(self.real.arg_names), (self.name, len(args), sorted(kwargs))
+            self.launched[self.name] = dict(zip(self.real.arg_names, args), **kwargs)
+            self.launched["positional", self.name] = len(args)
+            return self.real[grid](*args, **kwargs)
+        return run
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """{kernel: {parameter: value}} of every attention launch in the test, and {("positional", kernel): how many
+    arguments it took by position}."""
+    record = {}
+    for name, real in list(configs.KERNELS.items()):
+        monkeypatch.setitem(configs.KERNELS, name, _Recorder(name, real, record))
+    return record
+
+
+def _strided(shape, device):
+    """A (B, H, N, D) float32 tensor requiring grad whose four strides differ from a contiguous one's."""
+    b, h, n, d = shape
+    return torch.randn(n, b, d + 3, h, device=device).permute(1, 3, 0, 2)[..., :d].detach().requires_grad_()
+
+
+def test_every_argument_reaches_its_parameter(launched, device):
+    """Non-contiguous q, k, v of different layouts, GQA, key padding, 2-D ALiBi and sinks: each kernel
+    parameter (pointers, strides, scalars, constexprs) gets the value it names."""
+    q, k, v = _strided((2, 4, 9, 24), device), _strided((2, 2, 11, 24), device), _strided((2, 2, 11, 24), device)
+    pad = torch.ones(2, 11, dtype=torch.bool, device=device)
+    pad[1, 7:] = False
+    slopes = torch.rand(2, 4, device=device)
+    sinks = torch.randn(4, device=device)
+    out, lse = kernels.attention(q, k, v, causal=True, key_padding_mask=pad, alibi_slopes=slopes, sinks=sinks,
+                                 window_size=(5, -1), softcap=20.0, return_lse=True)
+    grad = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # dO in yet another layout
+    out.backward(grad)
+    fwd, dkdv, dq = launched["fwd"], launched["dkdv"], launched["dq"]
+    for name in ("fwd", "dkdv", "dq"):  # runtime arguments by position, compile-time ones by keyword
+        assert launched["positional", name] == configs.KERNELS[name].real.arg_names.index("HEAD_DIM")
+    for args in (fwd, dkdv, dq):
+        assert args["Q"] is q and args["K"] is k and args["V"] is v
+        assert args["ALIBI"].equal(slopes) and args["stride_ab"] == 4 and args["PAD"].shape == (2, 11)
+        assert args["stride_pb"] == 11 and args["KV_BOUNDS"].tolist() == [[0, 11], [0, 7]]
+        assert (args["H"], args["GROUP"], args["N_Q"], args["N_K"]) == (4, 2, 9, 11)
+        assert (args["CAUSAL_SHIFT"], args["WINDOW_SHIFT"], args["ALIBI_SHIFT"]) == (2, -3, 2)
+        assert args["qk_scale"] == pytest.approx(24**-0.5 * 1.4426950408889634) and args["softcap"] == 20.0
+        assert (args["CAUSAL"], args["WINDOW"], args["SOFTCAP"], args["HEAD_DIM"], args["BLOCK_D"]) == \
+            (True, True, True, 24, 32)
+        assert args["SEED"] is None and args["CU_SEQLENS_Q"] is None and args["BLOCK_MASK"] is None
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            assert tuple(args[f"stride_{name}{dim}"] for dim in "bhnd") == t.stride()
+        assert (args["stride_lb"], args["stride_lh"]) == (4 * 9, 9)
+    assert fwd["SINKS"].equal(sinks) and fwd["O"].data_ptr() == out.data_ptr()
+    assert tuple(fwd[f"stride_o{dim}"] for dim in "bhnd") == out.stride()
+    for args in (dkdv, dq):
+        assert args["DO"] is grad and tuple(args[f"stride_do{dim}"] for dim in "bhnd") == grad.stride()
+        assert args["sm_scale"] == pytest.approx(24**-0.5)
+    assert dkdv["DK"].shape == k.shape and dkdv["DV"].shape == v.shape and dq["DQ"].shape == q.shape
+    assert tuple(dkdv[f"stride_dk{dim}"] for dim in "bhnd") == dkdv["DK"].stride()
+    assert tuple(dq[f"stride_dq{dim}"] for dim in "bhnd") == dq["DQ"].stride()
+
+
+def test_tma_legality_is_judged_only_where_tma_could_run(monkeypatch, launched, device):
+    """The common interpreted launch never asks :func:`configs.tma_legal`; a forced TMA config asks it about the
+    tensors its kernel streams (and runs on pointers when they are not legal)."""
+    if not kernels.INTERPRETED:
+        pytest.skip("the interpreter's launch path")
+    asked = []
+    real = configs.tma_legal
+    monkeypatch.setattr(configs, "tma_legal", lambda *tensors: asked.append(tensors) or real(*tensors))
+    q, k, v = (torch.randn(1, 2, 16, 16, device=device, requires_grad=True) for _ in range(3))
+    kernels.attention(q, k, v, causal=True).sum().backward()
+    assert asked == []
+    strided_k = torch.randn(1, 2, 16, 32, device=device)[..., ::2]  # a head-dim stride of 2: no descriptor
+    with torch.no_grad(), use_config("attention_fwd", BLOCK_M=16, BLOCK_N=16, TMA=True):
+        kernels.attention(q, k, v)
+        assert launched["fwd"]["TMA"] is True
+        kernels.attention(q, strided_k, v)
+        assert launched["fwd"]["TMA"] is False
+    assert [len(tensors) for tensors in asked] == [4, 4] and asked[0][:3] == (q, k, v) and asked[1][1] is strided_k
+
+
+def test_plain_calls_share_their_variant_and_tensors(monkeypatch, device):
+    """A call without masks, slopes, sinks, dropout or mods passes NO_TENSORS, and equal calls one variant."""
+    seen = []
+    monkeypatch.setattr(api, "attention_op", lambda q, k, v, tensors, variant: seen.append((tensors, variant)) or
+                        (q, q[..., 0]))
+    q, k, v = (torch.randn(1, 2, 5, 8, device=device) for _ in range(3))
+    for _ in range(2):
+        api.attention(q, k, v, causal=True, window_size=(3, 0))
+    (tensors, variant), (tensors_2, variant_2) = seen
+    assert tensors is plan.NO_TENSORS and tensors_2 is plan.NO_TENSORS and variant is variant_2
+    assert variant == plan.AttentionVariant(causal=True, scale=1 / math.sqrt(8), window_left=3, window_right=0)
