@@ -64,7 +64,7 @@ import torch
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
 from kernels.attention.api import attention, attention_dropout_mask, check_attention_chunk, chunk_mask
-from kernels.attention.checks import check_qkv, check_scale
+from kernels.attention.checks import check_qkv, check_scale, is_plain_qkv
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 
@@ -74,9 +74,15 @@ def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
+_PLAIN = frozenset((bool, int, float, type(None)))
+"""The argument types :func:`_host` passes through at once (the common case: a plain Python value)."""
+
+
 def _host(value):
     """The Python value of a tensor or numpy value (a 0-d one's scalar, else nested lists); anything else as is.
     Reading a CUDA tensor is a host sync (flash-attn's ops read such arguments the same way)."""
+    if type(value) in _PLAIN:
+        return value
     return value.tolist() if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) else value
 
 
@@ -92,6 +98,8 @@ def _flag(name: str, value) -> bool:
 def _window(window_size):
     """``window_size`` as a tuple of Python values: flash-attn takes any pair it can index (tuple, list, tensor,
     numpy array); :func:`kernels.attention.api.check_window` then checks it is (left, right) ints."""
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is type(window_size[1]) is int:
+        return window_size  # the common case (a pair of plain ints), with nothing to convert
     window = _host(window_size)
     return tuple(_host(w) for w in window) if isinstance(window, (tuple, list)) else window
 
@@ -196,17 +204,19 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
     attention_chunk = check_attention_chunk(_host(attention_chunk))
     return_probs = _flag("return_attn_probs", return_attn_probs)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if not is_plain_qkv(q, k, v):  # else each is a 4-D tensor: transposable
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     check_qkv(q, k, v)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    rng_state = _rng_state(q.device) if return_probs else None
+    if not return_probs:  # out is laid out as q (kernels.attention), so (B, S, H, D) contiguous unless q is packed
+        out = attention(q, k, v, scale=scale, alibi_slopes=alibi_slopes, attention_chunk=attention_chunk, **variants)
+        return out.transpose(1, 2).contiguous()
+    rng_state = _rng_state(q.device)
     out, lse = attention(q, k, v, scale=scale, return_lse=True, alibi_slopes=alibi_slopes,
                          attention_chunk=attention_chunk, **variants)
     out = out.transpose(1, 2).contiguous()
-    if not return_probs:
-        return out
     s_dmask = None
     if variants["dropout_p"] > 0:
         keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], variants.pop("dropout_p"), q.device)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import kernels
+from kernels import flash_attn, reference
 from kernels.attention import api, configs, plan
 from kernels.registry import use_config
+from tolerance import BACKWARD, FORWARD, assert_close
 
 
 class _Recorder:
@@ -111,3 +113,28 @@ def test_plain_calls_share_their_variant_and_tensors(monkeypatch, device):
     (tensors, variant), (tensors_2, variant_2) = seen
     assert tensors is plan.NO_TENSORS and tensors_2 is plan.NO_TENSORS and variant is variant_2
     assert variant == plan.AttentionVariant(causal=True, scale=1 / math.sqrt(8), window_left=3, window_right=0)
+
+
+def test_outputs_and_gradients_take_their_inputs_layouts(device):
+    """Dense permuted inputs (flash-attn's (B, S, H, D) transposed) give out and gradients laid out as them, so
+    flash_attn_func copies nothing; k and v in different layouts still get exact dK and dV (dv is laid out as dk,
+    the one set of strides the dK/dV kernel takes). Forward and gradients against float64."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 13, 4, 24, device=device).transpose(1, 2).requires_grad_()  # (B, H, S, D) view
+    k = torch.randn(2, 19, 2, 24, device=device).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 2, 19, 24, device=device, requires_grad=True)  # contiguous
+    grad_out = torch.randn(2, 4, 13, 24, device=device)
+    out = kernels.attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert out.stride() == q.stride() and grads[0].stride() == q.stride()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        expected = reference.attention(*leaves, causal=True)
+        results.append((expected, *torch.autograd.grad(expected, leaves, grad_out.to(dtype))))
+    (low, *low_grads), (exact, *exact_grads) = results
+    assert_close(out, exact, low, FORWARD)
+    for name, grad, grad_exact, grad_low in zip("qkv", grads, exact_grads, low_grads):
+        assert_close(grad, grad_exact, grad_low, BACKWARD, name=f"d{name}")
+    out_bshd = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    assert out_bshd.is_contiguous() and out_bshd.transpose(1, 2).equal(out)

@@ -18,7 +18,7 @@ from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_
 from kernels.attention import block_mask as mods, configs
 
 
-def _plain_qkv(q, k, v) -> bool:
+def is_plain_qkv(q, k, v) -> bool:
     """Whether q, k, v are 4-D tensors of one supported dtype on one device: the common case, decided without
     building the checks' arguments (those then name what is wrong in the other cases)."""
     return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
@@ -28,7 +28,7 @@ def _plain_qkv(q, k, v) -> bool:
 
 def check_qkv(q, k, v) -> None:
     """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs."""
-    if not _plain_qkv(q, k, v):
+    if not is_plain_qkv(q, k, v):
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
         check_same("dtype", q=q, k=k, v=v)

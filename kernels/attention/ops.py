@@ -167,7 +167,7 @@ def _backward_op(grad_out, q, k, v, out, lse, grad_lse, *variant_args):
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, grad_lse, kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q, *rest):
-    return tuple(plan.rows_empty(t, cu_seqlens_q is not None) for t in (q, k, v))
+    return plan.gradients_empty(q, k, cu_seqlens_q is not None)
 
 
 _SINKS = 3 + VariantTensors._fields.index("sinks")

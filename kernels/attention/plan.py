@@ -193,18 +193,26 @@ def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
 
 
 def rows_empty(t: torch.Tensor, varlen: bool) -> torch.Tensor:
-    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: contiguous, or for packed sequences a (1, H, total,
-    D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
-    if not varlen:  # empty_like of a contiguous tensor is contiguous, and cheaper than torch.empty
-        return torch.empty_like(t) if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: laid out as ``t`` where ``t`` is dense (a permutation
+    of a contiguous tensor, such as flash-attn's (B, N, H, D) transposed), else contiguous (torch.empty_like's
+    rule); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
+    if not varlen:
+        return torch.empty_like(t)
     _, heads, total, d = t.shape
     return torch.empty((total, heads, d), dtype=t.dtype, device=t.device).transpose(0, 1)[None]
 
 
+def gradients_empty(q: torch.Tensor, k: torch.Tensor, varlen: bool) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised (dq, dk, dv): dq as :func:`rows_empty` of q, dk of k, and dv laid out as dk (the dK/dV kernel
+    takes one set of strides for both)."""
+    dk = rows_empty(k, varlen)
+    return rows_empty(q, varlen), dk, torch.empty_like(dk)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
             variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32 in log2 units); for packed
-    sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
+    """Run the forward kernel: (out (B, H, Nq, D) in q's dtype and layout (:func:`rows_empty`), lse (B, H, Nq) fp32
+    in log2 units); for packed sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
     varlen = tensors.cu_seqlens_q is not None
     out = rows_empty(q, varlen)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -224,10 +232,11 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
              lse: torch.Tensor, grad_lse: Optional[torch.Tensor], tensors: VariantTensors,
              variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the backward kernels from any (out, lse) the rows were normalised with: (dq, dk, dv) in the inputs'
-    dtype, contiguous (for packed sequences, views of contiguous (total, H, D) tensors, as :func:`forward`'s
-    out). ``grad_lse`` is the gradient of the log2-unit lse. Sinks need nothing here: lse includes them."""
+    dtype and layouts (:func:`gradients_empty`; for packed sequences, views of contiguous (total, H, D) tensors, as
+    :func:`forward`'s out). ``grad_lse`` is the gradient of the log2-unit lse. Sinks need nothing here: lse
+    includes them."""
     varlen = tensors.cu_seqlens_q is not None
-    dq, dk, dv = rows_empty(q, varlen), rows_empty(k, varlen), rows_empty(v, varlen)
+    dq, dk, dv = gradients_empty(q, k, varlen)
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
     if not (q.numel() and k.numel()):
         return dq.zero_(), dk.zero_(), dv.zero_()
