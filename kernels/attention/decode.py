@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels import _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_scale, check_window, count,
                                       enforce, new_verdict, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
@@ -487,11 +487,11 @@ class _AttendPlan(NamedTuple):
 
 
 def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """The strides of a contiguous tensor of ``shape``, as torch gives them (size-1 dims included)."""
+    """The strides of a contiguous tensor of ``shape``, as torch gives them (size-0 and size-1 dims included)."""
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
-        step *= size
+        step *= max(size, 1)
     return tuple(reversed(strides))
 
 
@@ -538,7 +538,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
-    plan = _attend_plan(tuple(q.shape), q.dtype, q.device, k_cache.shape[2], capacity, page_size, k_cache.shape[0],
+    plan = _attend_plan(q.shape, q.dtype, q.device, k_cache.shape[2], capacity, page_size, k_cache.shape[0],
                         n_new, window, softcap, scale, num_splits, uses_tf32(q.dtype),
                         None if forced is None else tuple(sorted(forced.items())))
     if plan.splits == 1:
@@ -614,6 +614,8 @@ def _(q, k_cache, v_cache, *args):
 
 def _check_index(name: str, t, shape: Tuple[int, ...], device) -> None:
     """TypeError/ValueError unless ``t`` is an int32 tensor of ``shape`` on ``device``."""
+    if type(t) is torch.Tensor and t.dtype is torch.int32 and t.shape == shape and t.device == device:
+        return  # the common case, decided without the generic checks
     check_tensor(name, t, ndim=len(shape), dtypes=(torch.int32,))
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -622,6 +624,8 @@ def _check_index(name: str, t, shape: Tuple[int, ...], device) -> None:
 
 
 def _check_int(name: str, value, low: int) -> int:
+    if type(value) is int and value >= low:
+        return value  # the common case, decided without the numbers ABCs
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
     if value < low:
@@ -629,13 +633,23 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
+def _plain_tensors(q, k_cache, v_cache) -> bool:
+    """Whether q, k_cache, v_cache are plain 4-D tensors of one float dtype and one device (the common case, told
+    at once; other inputs take the generic checks and their messages)."""
+    return (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
+            and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4 and q.dtype in FLOAT_DTYPES
+            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.device == q.device
+            and v_cache.device == q.device)
+
+
 def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tuple[int, int]:
     """Check q, the cache and the new k/v; return (capacity: key positions per batch row, page size or 0)."""
-    check_tensor("q", q, ndim=4)
-    check_tensor("k_cache", k_cache, ndim=4)
-    check_tensor("v_cache", v_cache, ndim=4)
-    check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
-    check_same("device", q=q, k_cache=k_cache, v_cache=v_cache)
+    if not _plain_tensors(q, k_cache, v_cache):
+        check_tensor("q", q, ndim=4)
+        check_tensor("k_cache", k_cache, ndim=4)
+        check_tensor("v_cache", v_cache, ndim=4)
+        check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
+        check_same("device", q=q, k_cache=k_cache, v_cache=v_cache)
     batch, _, heads, d = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
@@ -772,6 +786,17 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
                                                           capacity, cache_rows, rotary_rows))
 
 
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _any_requires_grad(tensors) -> bool:
+    for t in tensors:  # a loop: any(<generator>) costs more on this per-call path
+        if t.requires_grad:
+            return True
+    return False
+
+
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None, *,
                            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
@@ -815,7 +840,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             _check_index(name, t, (batch,), q.device)
     _check_rotary(rotary_cos, rotary_sin, k, d, capacity, q.device)
     window = _check_window(window_size, bool(causal))
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
+    if (type(softcap) is not float and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real))
+            or not 0 <= softcap < math.inf):
         raise TypeError(f"softcap must be a finite real >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, q.transpose(1, 2))  # it reads (B, H) from a (B, H, N, D) q
@@ -824,14 +850,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > MAX_SPLITS:
         raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
     scale = check_scale(scale, d)
-    tensors = [t for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    # without k there is no v or rotary table (checked above)
+    tensors = (q, k_cache, v_cache) if k is None else [t for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)
+                                                       if t is not None]
+    if torch.is_grad_enabled() and _any_requires_grad(tensors):
         raise NotImplementedError("attention_with_kvcache is forward only (no backward): call it under "
                                   "torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad")
     _runtime.refuse_forward_ad("kernels.attention_with_kvcache", *tensors)
     # Contiguous: the kernels read these with unit stride (block_table's rows with its stride(0)).
-    leftpad, batch_idx, block_table = (None if t is None else t.contiguous()
-                                       for t in (cache_leftpad, cache_batch_idx, block_table))
+    leftpad, batch_idx = _contiguous(cache_leftpad), _contiguous(cache_batch_idx)
+    block_table = _contiguous(block_table)
     q_same_position = not causal and window == (-1, -1)
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "

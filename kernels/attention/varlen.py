@@ -23,6 +23,7 @@ entries of the table are never checked.
 import functools
 import math
 import numbers
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -156,10 +157,14 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
                                                            max_seqlen_q, max_seqlen_k, block_table, num_blocks))
 
 
-def _check_max_seqlen(name: str, max_seqlen) -> None:
-    """TypeError unless ``max_seqlen`` is an int (its value is checked against the offsets)."""
-    if type(max_seqlen) is not int and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral)):
+def _check_max_seqlen(name: str, max_seqlen) -> int:
+    """``max_seqlen`` as a Python int (what a launch takes); TypeError unless it is an int (numpy's too; its value
+    is checked against the offsets)."""
+    if type(max_seqlen) is int:
+        return max_seqlen
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
+    return int(max_seqlen)
 
 
 def _check_page_pools(k, v) -> None:
@@ -226,16 +231,23 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
 
 # The eager autograd.Function of packed sequences: ops.py's launches and saved context, with the (1, H, total, D)
 # views made inside it, where autograd records none (each recorded view costs host time both ways).
+_KERNEL_VIEWS = threading.local()
+"""``last``: the kernels' (q, k, v, out, lse) views of this thread's last :func:`_packed_forward`, which autograd
+hands to :func:`_packed_setup` right after it, so that they are made once."""
+
+
 def _packed_forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
     """(out (total_q, H, D), log2-unit lse (H, total_q)) of packed q, k, v."""
-    out, lse = attention_forward(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
+    views = _as_batch(q), _as_batch(k), _as_batch(v)
+    out, lse = attention_forward(*views, tensors, variant)
+    _KERNEL_VIEWS.last = (*views, out, lse)
     return _as_packed(out), lse[0]
 
 
 def _packed_setup(ctx, inputs, output) -> None:
-    q, k, v, _sinks, tensors, variant = inputs
-    out, lse = output
-    save(ctx, _as_batch(q), _as_batch(k), _as_batch(v), (_as_batch(out), lse[None]), tensors, variant)
+    q, k, v, out, lse = _KERNEL_VIEWS.last
+    _KERNEL_VIEWS.last = None
+    save(ctx, q, k, v, (out, lse), *inputs[4:])  # the views share the outputs' version counter
     ctx.set_materialize_grads(False)  # an unused lse (return_lse=False) costs the backward nothing
 
 
@@ -332,8 +344,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     if not q.device == cu_seqlens_q.device == cu_seqlens_k.device:
         check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     batch = cu_seqlens_q.shape[0] - 1
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
@@ -360,8 +372,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              sinks=None if sinks is None else sinks.float(),
                              rng_state=draw_rng(q.device) if dropout_p > 0 else None,
                              cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
-    variant = _variant(bool(causal), scale, window_left, window_right, softcap, dropout_p, int(max_seqlen_q),
-                       int(max_seqlen_k))
+    variant = _variant(bool(causal), scale, window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
         out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
         out, lse = _as_packed(out), lse[0]

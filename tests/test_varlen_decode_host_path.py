@@ -1,0 +1,171 @@
+"""The host path of varlen and decoding (issue #19): what it cuts must not change what a call computes or checks.
+
+Varlen's eager autograd node takes the packed tensors themselves (its kernels' views are made inside it), an
+unused lse adds nothing to the backward, and the checks' fast paths for plain inputs leave every other input to
+the full checks and their messages. Decoding's cached plan (strides, scalars, the combine's arguments) gives the
+launches the tensors' own strides."""
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from kernels.attention import decode, varlen
+from kernels.attention.varlen import attention_varlen
+
+
+def _int32(values, device="cpu"):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _packed(device, total=9, heads=2, kv_heads=1, d=16, grad=True):
+    """Packed q (total, heads, d) and k, v (total, kv_heads, d), fp32, leaves requiring grad."""
+    q = torch.randn(total, heads, d, device=device)
+    k, v = torch.randn(2, total, kv_heads, d, device=device)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+class _AtenOps(TorchDispatchMode):
+    """The names of the aten ops run inside the block that are neither views nor allocations."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided", "empty_like"):
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_varlen_autograd_node_takes_the_packed_inputs_with_no_view_nodes(device):
+    """Before: out's node was a TransposeBackward over a SelectBackward, and q, k, v reached the kernel's node
+    through UnsqueezeBackward/TransposeBackward nodes, each a host cost in both passes."""
+    q, k, v = _packed(device)
+    cu = _int32([0, 4, 9], device)
+    out = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+    assert type(out.grad_fn).__name__ == "FlashAttentionVarlenBackward"
+    leaves = [next_fn.variable for next_fn, _ in out.grad_fn.next_functions if next_fn is not None]
+    assert leaves == [q, k, v]
+    assert varlen._KERNEL_VIEWS.last is None  # the forward's views went to the saved context, not kept here
+
+
+def test_varlen_unused_lse_adds_nothing_to_the_backward(device):
+    """Without return_lse the backward gets no gradient of lse: no zeros materialised, no (grad_lse * log2 e)
+    subtracted from delta (before: a mul and a sub_ per call); the gradients are those with a zero lse gradient."""
+    q, k, v = _packed(device)
+    cu = _int32([0, 4, 9], device)
+    grad_out = torch.randn(q.shape, device=device)
+    out = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+    with _AtenOps() as ops:
+        out.backward(grad_out)
+    assert not {"mul", "sub", "sub_", "zeros", "zero_", "fill_"} & set(ops.names), ops.names
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out, lse = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True, return_lse=True)
+    torch.autograd.backward((out, lse), (grad_out, torch.zeros_like(lse)))
+    for grad, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(grad, t.grad, rtol=0, atol=0)
+
+
+def test_varlen_lse_alone_has_the_gradients_of_a_zero_out_gradient(device):
+    """With lse the only output used, out's gradient is zeros (given explicitly in the second call)."""
+    q, k, v = _packed(device)
+    cu = _int32([0, 0, 3, 9], device)
+    grad_lse = torch.randn(2, 9, device=device)
+    _, lse = attention_varlen(q, k, v, cu, cu, 6, 6, causal=True, return_lse=True)
+    grads = torch.autograd.grad(lse, (q, k, v), grad_lse)
+    out, lse = attention_varlen(q, k, v, cu, cu, 6, 6, causal=True, return_lse=True)
+    expected = torch.autograd.grad((out, lse), (q, k, v), (torch.zeros_like(out), grad_lse))
+    assert any(grad.abs().sum() > 0 for grad in grads)
+    for grad, grad_expected in zip(grads, expected):
+        torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)
+
+
+def test_varlen_inputs_the_fast_paths_pass_on_take_the_full_checks():
+    """A Parameter q, numpy ints for max_seqlen: not the fast path's plain types, still accepted, same output."""
+    q, k, v = _packed("cpu", grad=False)
+    cu = _int32([0, 4, 9])
+    expected = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+    out = attention_varlen(torch.nn.Parameter(q), k, v, cu, cu, np.int64(5), np.int32(5), causal=True)
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(q=torch.randn(9, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
+    (dict(k=torch.randn(9, 1, 16, dtype=torch.float16)), TypeError, "q, k, v must share one dtype"),
+    (dict(v=torch.randn(1, 9, 1, 16)), ValueError, "v must be 3-D"),
+    (dict(k=torch.randn(9, 1, 8)), ValueError, "k and v must have the same shape"),
+    (dict(k=torch.randn(9, 3, 16), v=torch.randn(9, 3, 16)), ValueError, "kv heads must divide"),
+    (dict(q=torch.randn(9, 2, 0), k=torch.randn(9, 1, 0), v=torch.randn(9, 1, 0)), ValueError, "head dim"),
+    (dict(q=torch.randn(9, 2, 16)[None]), ValueError, "q must be 3-D"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9])), TypeError, "cu_seqlens_q must have dtype"),
+    (dict(cu_seqlens_k=_int32([[0, 4, 9]])), ValueError, "cu_seqlens_k must be 1-D"),
+    (dict(cu_seqlens_q=_int32([])), ValueError, "cu_seqlens_q must have batch"),
+    (dict(cu_seqlens_q=_int32([0, 9])), ValueError, "same number of sequences"),
+    (dict(max_seqlen_q=True), TypeError, "max_seqlen_q must be an int"),
+    (dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k must be an int"),
+])
+def test_varlen_bad_inputs_keep_their_messages(change, error, match):
+    q, k, v = _packed("cpu", grad=False)
+    cu = _int32([0, 4, 9])
+    call = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
+    with pytest.raises(error, match=match):
+        attention_varlen(**{**call, **change})
+
+
+def test_decode_plan_strides_are_the_tensors_own():
+    """The cached plan's strides of out, lse and the splits' partials are what torch gives contiguous tensors of
+    those shapes, size-1 and empty dims included."""
+    for shape in ((2, 1, 2, 64), (1, 1, 1, 1), (3, 0, 2, 5), (5, 2, 1, 3, 1)):
+        assert decode._contiguous_strides(shape) == torch.empty(shape).stride()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_strided_q_and_splits_match_a_contiguous_unsplit_call(device, paged):
+    """A q that is a transposed view gives the contiguous q's output (contiguous); forced splits, the combine's
+    cached arguments, the unsplit output."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 16, device=device).transpose(1, 2)  # (2, 4, 3, 16) view, non-contiguous
+    cache = dict(k_cache=torch.randn(6, 8, 3, 16, device=device), v_cache=torch.randn(6, 8, 3, 16, device=device))
+    if paged:
+        cache["block_table"] = _int32([[5, 0, 2], [1, 4, 3]], device)
+    else:
+        cache = {name: t.view(2, 24, 3, 16) for name, t in cache.items()}
+    seqlens = _int32([7, 20], device)
+    outs = [kernels.attention_with_kvcache(x, **cache, cache_seqlens=seqlens, causal=True, num_splits=splits,
+                                           return_lse=True)
+            for x, splits in ((q, 1), (q.contiguous(), 1), (q, 3))]
+    assert outs[0][0].is_contiguous() and outs[0][0].shape == q.shape
+    for out, lse in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(cache_seqlens=torch.tensor([3, 5])), TypeError, "cache_seqlens must have dtype"),
+    (dict(cache_seqlens=_int32([3, 5, 1])), ValueError, r"cache_seqlens must have shape \(2,\)"),
+    (dict(cache_leftpad=_int32([[0, 0]])), ValueError, "cache_leftpad must be 1-D"),
+    (dict(cache_seqlens=_int32([3, 5]), softcap=True), TypeError, "softcap"),
+    (dict(cache_seqlens=_int32([3, 5]), softcap=-1.0), TypeError, "softcap"),
+    (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
+    (dict(num_splits=True), TypeError, "num_splits"),
+    (dict(q=torch.randn(2, 1, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
+    (dict(v_cache=torch.randn(2, 8, 2, 16, dtype=torch.float16)), TypeError, "must share one dtype"),
+    (dict(k_cache=torch.randn(2, 8, 2)), ValueError, "k_cache must be 4-D"),
+])
+def test_decode_bad_inputs_keep_their_messages(change, error, match):
+    call = dict(q=torch.randn(2, 1, 2, 16), k_cache=torch.randn(2, 8, 2, 16), v_cache=torch.randn(2, 8, 2, 16))
+    with pytest.raises(error, match=match):
+        kernels.attention_with_kvcache(**{**call, **change})
+
+
+def test_decode_plain_type_fast_paths_leave_other_types_to_the_full_checks():
+    """numpy ints and a Parameter cache (not the fast paths' plain types) are accepted, with the same output."""
+    q, k_cache, v_cache = torch.randn(2, 1, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    expected = kernels.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=5, num_splits=2, softcap=3.0)
+    with torch.no_grad():
+        out = kernels.attention_with_kvcache(q, torch.nn.Parameter(k_cache), v_cache, cache_seqlens=np.int64(5),
+                                             num_splits=np.int32(2), softcap=3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
