@@ -151,11 +151,9 @@ def test_use_config_is_what_runs(monkeypatch, device):
     real = configs.KERNELS["fwd"]
 
     class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                launched.append((grid, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
-                return real[grid](*args, **kwargs)
-            return run
+        def run(self, *args, grid, warmup, **kwargs):
+            launched.append((grid, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return real.run(*args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setitem(configs.KERNELS, "fwd", Spy())
     q, k, v = _inputs(2, 3, 1, 40, 40, 16, FP32, device)

@@ -89,11 +89,9 @@ def test_counts_run_each_familys_default_tiles(monkeypatch, family):
         def __init__(self, kernel):
             self.kernel = kernel
 
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                launched.setdefault(self.kernel, set()).add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
-                return real[self.kernel][grid](*args, **kwargs)
-            return run
+        def run(self, *args, grid, warmup, **kwargs):
+            launched.setdefault(self.kernel, set()).add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return real[self.kernel].run(*args, grid=grid, warmup=warmup, **kwargs)
 
     for kernel in real:
         monkeypatch.setitem(configs.KERNELS, kernel, Spy(kernel))

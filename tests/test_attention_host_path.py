@@ -19,13 +19,11 @@ class _Recorder:
     def __init__(self, name, real, launched):
         self.name, self.real, self.launched = name, real, launched
 
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            assert len(args) + len(kwargs) == len(self.real.arg_names), (self.name, len(args), sorted(kwargs))
-            self.launched[self.name] = dict(zip(self.real.arg_names, args), **kwargs)
-            self.launched["positional", self.name] = len(args)
-            return self.real[grid](*args, **kwargs)
-        return run
+    def run(self, *args, grid, warmup, **kwargs):
+        assert len(args) + len(kwargs) == len(self.real.arg_names), (self.name, len(args), sorted(kwargs))
+        self.launched[self.name] = dict(zip(self.real.arg_names, args), **kwargs)
+        self.launched["positional", self.name] = len(args)
+        return self.real.run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 @pytest.fixture

@@ -67,11 +67,9 @@ class _Spy:
     def __init__(self, name, real, launched):
         self.name, self.real, self.launched = name, real, launched
 
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launched.append((self.name, kwargs["TMA"]))
-            return self.real[grid](*args, **kwargs)
-        return run
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launched.append((self.name, kwargs["TMA"]))
+        return self.real.run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 SINKS = torch.tensor([0.5, -1.0, 3.0])

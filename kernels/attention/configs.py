@@ -350,14 +350,16 @@ _INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
            tma: Tuple[torch.Tensor, ...], dropout: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
-    (by keyword) over cdiv(rows, block) blocks for each of ``heads``, autotuned over :func:`tiles` of the launch's
+    (by keyword) over cdiv(rows, block) blocks for each of ``heads`` (by ``run(..., grid=...)``, which
+    ``kernel[grid](...)`` would call after repacking every argument), autotuned over :func:`tiles` of the launch's
     :func:`specialisation` (``dropout``: whether the launch passes a SEED). ``tma``: the tensors the kernel
     streams, judged by :func:`tma_legal` only where a TMA config could run.
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     block = _GRID_BLOCK[kernel]
     forced = forced_config(_REGISTRY_NAMES[kernel])
     if forced is None and _runtime.INTERPRETED:  # the common interpreted launch: nothing to decide
-        KERNELS[kernel][grid(rows, heads, _INTERPRETED_CONFIG[block])](*args, **meta, **_INTERPRETED_CONFIG)
+        KERNELS[kernel].run(*args, grid=grid(rows, heads, _INTERPRETED_CONFIG[block]), warmup=False, **meta,
+                            **_INTERPRETED_CONFIG)
         return
     if forced is not None:
         if meta.get("MASK_MOD") is not None:
@@ -369,7 +371,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
             config.pop("num_stages", None)
         elif config["TMA"]:
             _ensure_scratch_allocator()
-        KERNELS[kernel][grid(rows, heads, config[block])](*args, **meta, **config)
+        KERNELS[kernel].run(*args, grid=grid(rows, heads, config[block]), warmup=False, **meta, **config)
         return
     fp32 = args[0].dtype == torch.float32
     family = _family(args[0].device)
@@ -379,7 +381,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
     tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
                    tuple(_length_bucket(n) for n in lengths), on_tma)
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
-    tuned[lambda m: grid(rows, heads, m[block])](*args, **meta)
+    tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
 
 
 def _check_mask_tile(kernel: str, config: dict) -> None:

@@ -18,7 +18,7 @@ from kernels import _runtime
 from kernels._autograd import autograd_function
 from kernels.attention import plan
 from kernels.attention.kernels import LN2, LOG2E
-from kernels.attention.plan import AttentionVariant, VariantTensors
+from kernels.attention.plan import NO_TENSORS, AttentionVariant, VariantTensors
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(AttentionVariant))
 
@@ -61,17 +61,28 @@ def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
 def _save(ctx, q, k, v, output, tensors: VariantTensors, variant: AttentionVariant) -> None:
     """Save what the backward reads: the inputs, (out, lse) and the variant's tensors (the block mask's summary
     too: the backward reuses the forward's, never rebuilds it)."""
+    ctx.variant = variant
+    if tensors is NO_TENSORS:  # a plain call: nothing more to save, or to rebuild in the backward
+        ctx.save_for_backward(q, k, v, *output)
+        return
     mask_args, score_args = list(tensors.mask_args or ()), list(tensors.score_args or ())
-    ctx.variant, ctx.n_mask_args = variant, len(mask_args)
+    ctx.n_mask_args = len(mask_args)
     ctx.save_for_backward(q, k, v, *output, *tensors[:-2], *mask_args, *score_args)
+
+
+def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
+    """The :class:`VariantTensors` :func:`_save` saved after q, k, v, out and lse (none: NO_TENSORS)."""
+    if not saved:
+        return NO_TENSORS
+    n_fixed = len(VariantTensors._fields) - 2
+    mod_args = saved[n_fixed:]
+    return VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])
 
 
 def _gradients(backward, ctx, grad_out, grad_lse):
     """(dq, dk, dv, dsinks or None) by ``backward`` (the launches, or their custom op) from the saved context."""
     q, k, v, out, lse, *saved = ctx.saved_tensors
-    n_fixed = len(VariantTensors._fields) - 2
-    mod_args = saved[n_fixed:]
-    tensors = VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])
+    tensors = _saved_tensors(ctx, saved)
     dq, dk, dv = backward(grad_out, q, k, v, out, lse, grad_lse, tensors, ctx.variant)
     sinks = tensors.sinks
     dsinks = None if sinks is None else _sink_grad(sinks, grad_out, out, lse, grad_lse)

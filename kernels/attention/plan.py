@@ -112,14 +112,16 @@ def _chunk_hides_keys(n_k: int, diagonal: int, chunk: int, varlen: bool) -> bool
 class Plan(NamedTuple):
     """What a launch needs besides the call's pointers and strides: ``meta`` the kernels' compile-time parameters
     (passed by keyword), ``scalars`` their scalar arguments in the kernels' order (H .. dropout_p; the backward's
-    with sm_scale), the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen) and ``batch`` (the number of
-    sequences)."""
+    with sm_scale), the grid's ``n_q`` / ``n_k`` rows (the packed maxima for varlen), ``batch`` (the number of
+    sequences) and ``rows`` q's (B, H, Nq) as a tuple, lse's shape (a tuple: torch parses it faster than a
+    torch.Size slice)."""
 
     meta: dict
     scalars: tuple
     batch: int
     n_q: int
     n_k: int
+    rows: Tuple[int, int, int]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -153,7 +155,7 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
     scales = (variant.scale * LOG2E.value, variant.scale) if backward else (variant.scale * LOG2E.value,)
     scalars = (heads, heads // kv_heads, n_q, n_k, upper, lower, diagonal, min(variant.attention_chunk, n_k),
                *scales, variant.softcap, variant.dropout_p)
-    return Plan(meta, scalars, batch, n_q, n_k)
+    return Plan(meta, scalars, batch, n_q, n_k, tuple(q_shape[:3]))
 
 
 def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant,
@@ -215,12 +217,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
     in log2 units); for packed sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q)."""
     varlen = tensors.cu_seqlens_q is not None
     out = rows_empty(q, varlen)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if out.numel() == 0 or k.shape[2] == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
         if tensors.sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
     plan = _plan_of(q, k, tensors, variant, backward=False)
+    lse = q.new_empty(plan.rows, dtype=torch.float32)
     args = (q, k, v, out, lse, *_variant_args(tensors, variant, lse, varlen, forward=True), *_strides(q, varlen),
             *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * q.shape[1], args, plan.meta, (plan.n_q, plan.n_k),
