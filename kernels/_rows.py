@@ -49,3 +49,19 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """``t`` as a (rows, n_cols) matrix with unit column stride: a view when possible, else a copy."""
     rows = t.view(-1, n_cols) if t.is_contiguous() else t.reshape(-1, n_cols)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rows_and_stride(t: torch.Tensor, n_cols: int):
+    """(``t`` as rows of ``n_cols`` elements with unit column stride, its row stride). A contiguous ``t`` already is
+    that matrix in memory: it goes to the kernel as it is (a kernel reads a pointer and a row stride), with no view
+    to build per call; else :func:`as_rows`."""
+    if t.is_contiguous():
+        return t, n_cols
+    rows = as_rows(t, n_cols)
+    return rows, rows.stride(0)
+
+
+def empty_rows_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``t``'s shape and dtype (rows written at ``row * n_cols``).
+    ``empty_like`` keeps a contiguous layout and costs half of ``empty(shape, ...)`` on the host."""
+    return torch.empty_like(t) if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, as_rows, lanes_of, row_config, warps_for
-from kernels._runtime import INTERPRETED, cast_rne, cdiv, kernel_runs_on, launch_device, sm_count
+from kernels._rows import LANES, empty_rows_like, lanes_of, row_config, rows_and_stride, warps_for
+from kernels._runtime import INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -448,7 +448,7 @@ def _multi_row(n_cols: int) -> bool:
 def _plan(n_cols: int, backward: bool, lanes: int):
     """(BLOCK, SINGLE, num_warps, MULTI_ROW, programs per SM, ROWS) of a launch. Reads the module's limits at each call,
     so tests can lower them; the rest is cached per width, direction, family and limits."""
-    return _launch_plan(n_cols, backward, lanes, MAX_BLOCK, BACKWARD_MAX_BLOCK, MULTI_ROW_MAX_BLOCK, LONG_BLOCK)
+    return _launch_plan(n_cols, backward, lanes, *_limits())
 
 
 @functools.lru_cache(maxsize=None)
@@ -496,67 +496,101 @@ BACKWARD_TILE = 4096
 one-block backward program has 16 warps (8 x 1024 tiles spill: 52 bytes on sm_80)."""
 
 
-def _forward_outputs(x, residual, n_cols, rms):
-    """Uninitialised (y, h, mean, rstd): h is empty without a residual (the input itself serves the backward),
-    mean is empty for RMS norm (custom-op outputs may not alias inputs or each other)."""
+def _forward_outputs(x, residual, n_cols, rms, absent_empty=True):
+    """Uninitialised (y, h, mean, rstd). h without a residual (the input itself serves the backward) and mean for
+    RMS norm are absent: empty tensors where ``absent_empty`` (custom-op outputs are tensors, none aliasing an
+    input or another output), else None (the eager Function's, which allocates nothing for them)."""
     n_rows = x.numel() // n_cols
-    stats = dict(dtype=torch.float32, device=x.device)
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape if residual is not None else 0, dtype=x.dtype, device=x.device),
-            torch.empty(0 if rms else n_rows, **stats), torch.empty(n_rows, **stats))
+    return (empty_rows_like(x),
+            empty_rows_like(x) if residual is not None else x.new_empty(0) if absent_empty else None,
+            x.new_empty(n_rows, dtype=torch.float32) if not rms
+            else x.new_empty(0, dtype=torch.float32) if absent_empty else None,
+            x.new_empty(n_rows, dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_constants(backward, n_cols, lanes, limits, rms, casting, *flags):
+    """(programs per SM, or 0 for one program a row; the kernel's constexpr keyword arguments and num_warps) of a
+    forward (flags: HAS_RES, HAS_W, HAS_B) or backward (flags: HAS_W, HAS_DH, WANT_DW, WANT_DB) launch: computed
+    once per width, family, limits and flags, so a call builds no plan of its own."""
+    block, single, num_warps, multi_row, per_sm, rows = _launch_plan(n_cols, backward, lanes, *limits)
+    names = ("HAS_W", "HAS_DH", "WANT_DW", "WANT_DB") if backward else ("HAS_RES", "HAS_W", "HAS_B")
+    constants = dict(zip(names, flags), BLOCK=block, SINGLE=single, RMS=rms, CASTING=casting, num_warps=num_warps)
+    if backward:
+        return per_sm, dict(constants, ROWS=rows)
+    return (per_sm if multi_row or not single else 0), dict(constants, MULTI_ROW=multi_row)
+
+
+def _limits():
+    """The module's one-block and chunk limits, read at each call so that tests can lower them."""
+    return MAX_BLOCK, BACKWARD_MAX_BLOCK, MULTI_ROW_MAX_BLOCK, LONG_BLOCK
+
+
+def _vector(p: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    """A weight or bias as the kernels read it (n_cols contiguous elements): a contiguous one as it is; absent,
+    ``stand_in`` (never read: its flag is off)."""
+    if p is None:
+        return stand_in
+    return p if p.is_contiguous() else p.reshape(-1).contiguous()
 
 
 def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], n_cols: int, eps: float, rms: bool, offset: float,
                 casting: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h = x + residual or empty, mean (layer norm) or empty, rstd) over rows of n_cols elements."""
-    y, h, mean, rstd = _forward_outputs(x, residual, n_cols, rms)
-    x2d = as_rows(x, n_cols)
-    n_rows = x2d.shape[0]
-    res2d = as_rows(residual, n_cols) if residual is not None else x2d
-    h2d = h.view(n_rows, n_cols) if residual is not None else x2d  # unused without a residual
-    w = weight.reshape(-1).contiguous() if weight is not None else x2d
-    b = bias.reshape(-1).contiguous() if bias is not None else x2d
-    block, single, num_warps, multi_row, per_sm, _ = _plan(n_cols, False, lanes_of(x.device))
-    programs, rows_per_program = _row_split(n_rows, x.device, per_sm) if multi_row or not single else (n_rows, 1)
+    outputs = _forward_outputs(x, residual, n_cols, rms)
+    _launch_forward(x, residual, weight, bias, n_cols, eps, rms, offset, casting, *outputs)
+    return outputs
+
+
+def _launch_forward(x, residual, weight, bias, n_cols, eps, rms, offset, casting, y, h, mean, rstd) -> None:
+    """The forward's launch into its outputs (h unused without a residual, mean for RMS norm)."""
+    n_rows = rstd.shape[0]
     if n_rows:
+        x2d, stride_x = rows_and_stride(x, n_cols)
+        has_res = residual is not None
+        res2d, stride_res = rows_and_stride(residual, n_cols) if has_res else (x2d, stride_x)
+        per_sm, constants = _launch_constants(False, n_cols, lanes_of(x.device), _limits(), rms, casting, has_res,
+                                              weight is not None, bias is not None)
+        programs, rows_per_program = _row_split(n_rows, x.device, per_sm) if per_sm else (n_rows, 1)
         with launch_device(x):
-            _norm_fwd[(programs,)](x2d, res2d, w, b, y, h2d, mean if not rms else rstd, rstd, x2d.stride(0),
-                                   res2d.stride(0), n_rows, n_cols, rows_per_program, eps, offset, BLOCK=block,
-                                   SINGLE=single, RMS=rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-                                   HAS_B=bias is not None, CASTING=casting, MULTI_ROW=multi_row,
-                                   num_warps=num_warps)
-    return y, h, mean, rstd
+            _norm_fwd.run(x2d, res2d, _vector(weight, x2d), _vector(bias, x2d), y, h if has_res else x2d,
+                          mean if not rms else rstd, rstd, stride_x, stride_res, n_rows, n_cols, rows_per_program,
+                          eps, offset, grid=(programs,), warmup=False, **constants)
 
 
 def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, dh: Optional[torch.Tensor],
-                 mean: torch.Tensor, rstd: torch.Tensor, n_cols: int, rms: bool, offset: float, casting: int,
-                 want_dw: bool, want_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh total, fp32 dweight (n_cols) or empty, fp32 dbias (n_cols) or empty) from the normalised input h."""
-    h2d = as_rows(h, n_cols)
-    n_rows = h2d.shape[0]
-    dy2d = as_rows(dy, n_cols)
-    dh2d = as_rows(dh, n_cols) if dh is not None else dy2d
-    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, single, num_warps, _, per_sm, rows = _plan(n_cols, True, lanes_of(h.device))
+              mean: torch.Tensor, rstd: torch.Tensor, n_cols: int, rms: bool, offset: float, casting: int,
+              want_dw: bool, want_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh total, fp32 dweight (n_cols) or empty, fp32 dbias (n_cols) or empty) from the normalised input h: the
+    custom op's form of :func:`_launch_backward` (its outputs are tensors)."""
+    dx, dw, db = _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db)
+    return dx, (dw if want_dw else rstd.new_empty(0)), (db if want_db else rstd.new_empty(0))
+
+
+def _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
+    """(dh total, fp32 dweight or None, fp32 dbias or None): as :func:`_backward`, with no tensor for a gradient
+    nobody asked for (the eager path's)."""
+    dx = empty_rows_like(h)
+    n_rows = rstd.shape[0]
+    per_sm, constants = _launch_constants(True, n_cols, lanes_of(h.device), _limits(), rms, casting,
+                                          weight is not None, dh is not None, want_dw, want_db)
     programs, rows_per_program = _row_split(n_rows, h.device, per_sm)
-    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=h.device)
-    # two-pass rows' (c1, c2) sums between the passes; one-block rows need none (rstd stands in, unread)
-    sums = rstd if single else torch.empty((n_rows, 2), dtype=torch.float32, device=h.device)
-    w = weight.reshape(-1).contiguous() if weight is not None else h2d
+    # per-program fp32 partial sums (programs, n_cols) of each wanted parameter gradient; rstd stands in for the
+    # others (fp32 like them, never written), and for the two-pass rows' (c1, c2) sums one-block rows do not need
+    dw = rstd.new_empty((programs, n_cols)) if want_dw else rstd
+    db = rstd.new_empty((programs, n_cols)) if want_db else rstd
+    sums = rstd if constants["SINGLE"] else rstd.new_empty((n_rows, 2))
     if n_rows:
+        h2d, stride_h = rows_and_stride(h, n_cols)
+        dy2d, stride_dy = rows_and_stride(dy, n_cols)
+        dh2d, stride_dh = rows_and_stride(dh, n_cols) if dh is not None else (dy2d, stride_dy)
         with launch_device(h):
-            _norm_bwd[(programs,)](h2d, w, dy2d, dh2d, dx, mean if not rms else rstd, rstd, partial[0], partial[1],
-                                   sums, h2d.stride(0), dy2d.stride(0), dh2d.stride(0), n_rows, n_cols,
-                                   rows_per_program, offset, BLOCK=block, ROWS=rows, SINGLE=single, RMS=rms,
-                                   HAS_W=weight is not None, HAS_DH=dh is not None, WANT_DW=want_dw,
-                                   WANT_DB=want_db, CASTING=casting, num_warps=num_warps)
-    return dx, _reduce(partial[0], want_dw), _reduce(partial[1], want_db)
-
-
-def _reduce(partial: torch.Tensor, wanted: bool) -> torch.Tensor:
-    """The one deterministic reduction of the per-program fp32 partial sums (programs, n_cols)."""
-    return partial.sum(0) if wanted else partial.new_empty(0)
+            _norm_bwd.run(h2d, _vector(weight, h2d), dy2d, dh2d, dx, mean if not rms else rstd, rstd, dw, db, sums,
+                          stride_h, stride_dy, stride_dh, n_rows, n_cols, rows_per_program, offset,
+                          grid=(programs,), warmup=False, **constants)
+    # the one deterministic reduction of the partial sums
+    return dx, (dw.sum(0) if want_dw else None), (db.sum(0) if want_db else None)
 
 
 # The traced path: torch.library custom ops over the same launches, so that torch.compile treats each launch as one
@@ -576,41 +610,73 @@ def _(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want
             *(torch.empty(n_cols if want else 0, dtype=torch.float32, device=h.device) for want in (want_dw, want_db)))
 
 
-def _saved(inputs, output):
-    """What the backward and the JVP read: the normalised input (h, or x without a residual), weight, mean, rstd."""
-    x, residual, weight = inputs[:3]
+def _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output) -> tuple:
+    """Save what the backward reads: the normalised input (h, or x without a residual), weight, mean, rstd (those
+    tensors are returned), and the configuration with the parameters' dtypes and shapes."""
     _, h, mean, rstd = output
-    return h if residual is not None else x, weight, mean, rstd
+    saved = (h if residual is not None else x, weight, mean, rstd)
+    ctx.save_for_backward(*saved)
+    ctx.config = (n_cols, rms, offset, casting, residual is not None,
+                  weight if weight is None else (weight.dtype, weight.shape),
+                  bias if bias is None else (bias.dtype, bias.shape))
+    return saved
 
 
 def _setup_context(ctx, inputs, output):
-    _, residual, weight, bias, n_cols, _, rms, offset, casting = inputs
-    ctx.save_for_backward(*_saved(inputs, output))
-    params = [(t.dtype, t.shape) if t is not None else None for t in (weight, bias)]
-    ctx.config = (n_cols, rms, offset, casting, residual is not None, *params)
+    x, residual, weight, bias, n_cols, _, rms, offset, casting = inputs
+    _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output)
 
 
-def _gradients(backward, ctx, dy, dh, _dmean, _drstd):
-    """The inputs' gradients by ``backward`` (the launches, or their custom op) from the saved context."""
+def _gradients(backward, ctx, dy, dh):
+    """The gradients of x, residual, weight and bias by ``backward`` (the launches, or their custom op) from the
+    saved context. The eager path does not materialise gradients: an output no gradient reached comes as None
+    (mean, rstd and an unused h cost no zero tensors)."""
     h, weight, mean, rstd = ctx.saved_tensors
     n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config
+    dh = dh if has_res else None
+    if dy is None:  # only h's gradient reached here
+        if dh is None:
+            return None, None, None, None
+        dy = torch.zeros_like(dh)
     want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    dx, dw, db = backward(h, weight, dy, dh if has_res else None, mean, rstd, n_cols, rms, offset, casting,
-                          want_dw, want_db)
-    dw = dw.to(weight_meta[0]).view(weight_meta[1]) if want_dw else None
-    db = db.to(bias_meta[0]).view(bias_meta[1]) if want_db else None
+    dx, dw, db = backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db)
     # x and residual enter h = x + residual alike, so both receive dh (as torch's add gives both its grad)
-    return dx, (dx if has_res else None), dw, db, None, None, None, None, None
+    return (dx, (dx if has_res else None), _param_grad(dw, weight_meta) if want_dw else None,
+            _param_grad(db, bias_meta) if want_db else None)
 
 
-_forward_op.register_autograd(lambda ctx, *grads: _gradients(_backward_op, ctx, *grads),
+def _param_grad(grad: torch.Tensor, meta) -> torch.Tensor:
+    """The fp32 (n_cols) gradient of a parameter in its (dtype, shape)."""
+    dtype, shape = meta
+    grad = grad.to(dtype)
+    return grad if grad.shape == shape else grad.view(shape)
+
+
+_forward_op.register_autograd(lambda ctx, dy, dh, *_: (*_gradients(_backward_op, ctx, dy, dh), *(None,) * 5),
                               setup_context=_setup_context)
 
 
+def _eager_forward(x, residual, weight, bias, config):
+    """:func:`_forward` with its scalars in one tuple, ``config`` = (n_cols, eps, rms, offset, casting):
+    ``autograd.Function.apply`` handles each argument on every call, so the eager path passes five, not nine.
+    Absent outputs (h without a residual, mean for RMS norm) are None."""
+    n_cols, _, rms = config[:3]
+    outputs = _forward_outputs(x, residual, n_cols, rms, absent_empty=False)
+    _launch_forward(x, residual, weight, bias, *config, *outputs)
+    return outputs
+
+
 def _setup_eager(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.save_for_forward(*_saved(inputs, output))
-    ctx.mark_non_differentiable(*output[2:])  # mean, rstd
+    x, residual, weight, bias, (n_cols, _, rms, offset, casting) = inputs
+    saved = _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output)
+    ctx.set_materialize_grads(False)
+    if forward_ad_active():  # a jvp runs only inside a forward-AD level or transform: none, nothing to save
+        ctx.save_for_forward(*saved)
+    mean, rstd = output[2:]
+    if mean is None:  # RMS norm
+        ctx.mark_non_differentiable(rstd)
+    else:
+        ctx.mark_non_differentiable(mean, rstd)
 
 
 def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
@@ -636,12 +702,12 @@ def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
         dy = dy + xhat * dweight.reshape(-1).float()
     if dbias is not None:
         dy = dy + dbias.reshape(-1).float()
-    dh_out = (dh if dh is not None else torch.zeros_like(h)) if has_res else h.new_empty(0)
+    dh_out = (dh if dh is not None else torch.zeros_like(h)) if has_res else None
     return dy.to(h.dtype).view(h.shape), dh_out, None, None
 
 
-_norm_function = autograd_function("FusedNorm", _forward, _setup_eager,
-                                   lambda ctx, *grads: _gradients(_backward, ctx, *grads), _jvp)
+_norm_function = autograd_function("FusedNorm", _eager_forward, _setup_eager,
+                                   lambda ctx, dy, dh, *_: (*_gradients(_launch_backward, ctx, dy, dh), None), _jvp)
 """The eager path (``kernels/_autograd.py``): reverse mode and forward mode (``torch.func.jvp``,
 ``torch.autograd.forward_ad``) without the custom op's dispatch; torch.compile cannot trace a Function with a jvp,
 so it gets the custom op."""
@@ -649,11 +715,14 @@ so it gets the custom op."""
 
 _TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
 """Dtypes the functions take: the kernels' own, and float64, which runs torch's op."""
+_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in _TORCH_FLOATS}
+"""RMS norm's default eps per dtype (``torch.finfo(dtype).eps``), looked up once."""
 
 
 def _check_rms_options(offset, casting_mode) -> None:
     """Validate RMS norm's ``offset`` (a finite real) and ``casting_mode``."""
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+    # a plain float is judged without the numbers ABCs (every call of an RMS norm passes here)
+    if type(offset) is not float and (isinstance(offset, bool) or not isinstance(offset, numbers.Real)):
         raise TypeError(f"offset must be a real number, got {type(offset).__name__}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset}")
@@ -661,16 +730,25 @@ def _check_rms_options(offset, casting_mode) -> None:
         raise ValueError(f"casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")
 
 
-def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:
-    """Validate before any launch; return the normalized shape as a tuple."""
-    check_tensor("x", x, dtypes=_TORCH_FLOATS)
+def _as_shape(normalized_shape) -> tuple:
+    """``normalized_shape`` (an int or a sequence of ints) as a tuple; TypeError otherwise."""
+    if type(normalized_shape) is int:  # the common cases first: an int, a module's tuple of one int
+        return (normalized_shape,)
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        return normalized_shape
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    shape = tuple(normalized_shape)
-    if not shape or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    return tuple(normalized_shape)
+
+
+def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:
+    """Validate before any launch; return the normalized shape as a tuple."""
+    check_tensor("x", x, dtypes=_TORCH_FLOATS)
+    shape = _as_shape(normalized_shape)
+    if not shape or x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:  # (a Size is a tuple)
         raise ValueError(f"normalized_shape {shape} must have at least one dim and equal the trailing dims of x "
                          f"(shape {tuple(x.shape)})")
     if residual is not None:
@@ -681,10 +759,13 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t, dtypes=_TORCH_FLOATS)
-            if tuple(t.shape) != shape:
+            if t.shape != shape:
                 raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(t.shape)}")
-            check_same("device", x=x, **{name: t})
-    if (eps is None and not rms) or (eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real))):
+            if t.device != x.device:
+                check_same("device", x=x, **{name: t})
+    # a plain float eps is judged without the numbers ABCs
+    if type(eps) is not float and ((eps is None and not rms) or (eps is not None and (
+            isinstance(eps, bool) or not isinstance(eps, numbers.Real)))):
         raise TypeError(f"eps must be a real number{'' if not rms else ' or None'}, got {type(eps).__name__}")
     if eps is not None and not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -741,8 +822,9 @@ def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode
     return y if residual is None else (y, h)
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_class():
-    """torch's DTensor class; None where torch is built without torch.distributed."""
+    """torch's DTensor class; None where torch is built without torch.distributed. Looked up once."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor
@@ -783,10 +865,19 @@ def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_m
     return outputs[0] if residual is None else tuple(outputs)
 
 
+def _kernels_take(x, weight, bias) -> bool:
+    """Whether the kernels run on x and the parameters (None: absent; a residual has x's dtype by now): all of
+    the kernels' dtypes, on the device this process's kernels run on (else :func:`kernel_runs_on`'s one-time
+    warning). :func:`_check` put them all on x's device, so x's device answers for them."""
+    return (x.dtype in FLOAT_DTYPES and (weight is None or weight.dtype in FLOAT_DTYPES)
+            and (bias is None or bias.dtype in FLOAT_DTYPES) and kernel_runs_on(x))
+
+
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
     shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
     dtensor = _dtensor_class()
-    if dtensor is not None and any(isinstance(t, dtensor) for t in (x, residual, weight, bias)):
+    if dtensor is not None and (isinstance(x, dtensor) or isinstance(residual, dtensor) or isinstance(weight, dtensor)
+                                or isinstance(bias, dtensor)):
         return _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     if residual is not None and residual.dtype != x.dtype:  # h = x + residual in the promoted dtype, as torch's add
         dtype = torch.result_type(x, residual)
@@ -797,13 +888,16 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
             return _norm(h.float(), None, shape, weight, bias, eps, rms, offset, casting_mode), h
         x = x.float()
     if rms and eps is None:
-        eps = torch.finfo(x.dtype).eps
-    present = [t for t in (x, residual, weight, bias) if t is not None]
+        eps = _MACHINE_EPS[x.dtype]
+    n_cols = shape[0] if len(shape) == 1 else math.prod(shape)
     # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
-    if any(t.dtype not in FLOAT_DTYPES for t in present) or not math.prod(shape) or not kernel_runs_on(*present):
+    if not n_cols or not _kernels_take(x, weight, bias):
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
-    args = (x, residual, weight, bias, math.prod(shape), float(eps), rms, float(offset), CASTING_MODES[casting_mode])
-    y, h, _, _ = (_forward_op if torch.compiler.is_compiling() else _norm_function)(*args)
+    config = (n_cols, float(eps), rms, float(offset), CASTING_MODES[casting_mode])
+    if torch.compiler.is_compiling():
+        y, h, _, _ = _forward_op(x, residual, weight, bias, *config)
+    else:
+        y, h, _, _ = _norm_function(x, residual, weight, bias, config)
     return y if residual is None else (y, h)
 
 
@@ -883,10 +977,11 @@ class RMSNorm(torch.nn.RMSNorm):
         return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        options = dict(offset=self.offset, casting_mode=self.casting_mode)
         if residual is None:
-            return rms_norm(x, self.normalized_shape, self.weight, self.eps, **options)
-        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps, **options)
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+                            casting_mode=self.casting_mode)
+        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+                            casting_mode=self.casting_mode)
 
 
 @register_builds

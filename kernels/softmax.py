@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, as_rows, lanes_of, row_config
+from kernels._rows import LANES, as_rows, empty_rows_like, lanes_of, row_config, rows_and_stride
 from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -173,17 +173,16 @@ def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
 def _matrix(t: torch.Tensor, dim: int):
     """(``t`` as a (rows, n) matrix with unit column stride, its row stride), ``dim`` moved last. A contiguous ``t``
     with ``dim`` last already is that matrix in memory: it is passed as it is, with no view to build per call."""
-    if dim == t.dim() - 1 and t.is_contiguous():
-        return t, t.shape[-1]
-    rows = as_rows(t if dim == t.dim() - 1 else t.movedim(dim, -1), t.shape[dim])
+    if dim == t.dim() - 1:
+        return rows_and_stride(t, t.shape[-1])
+    rows = as_rows(t.movedim(dim, -1), t.shape[dim])
     return rows, rows.stride(0)
 
 
 def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
     """An uninitialised tensor of x's shape and dtype laid out with ``dim`` last in memory (rows unit-strided)."""
     if dim == x.dim() - 1:
-        # empty_like keeps a contiguous layout and costs half of empty(shape, ...) on the host
-        return torch.empty_like(x) if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return empty_rows_like(x)
     return torch.empty(x.movedim(dim, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
 
 
@@ -208,7 +207,8 @@ def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal:
 def _save(ctx, inputs, y):
     ctx.config = inputs[1:]
     ctx.save_for_backward(y)  # the backward needs y only
-    ctx.save_for_forward(y)
+    if forward_ad_active():  # a jvp runs only inside a forward-AD level or transform: none, nothing to save
+        ctx.save_for_forward(y)
 
 
 def _grad(ctx, dy):

@@ -125,8 +125,8 @@ def _backward_bytes(op, rows, n):
     if op == "softmax":
         return reads + row, 0
     n_params = 2 if "layer" in op else 1
-    # the stats read, and their zero gradients the autograd layer materialises (4 B a row each)
-    stats = 2 * rows * 4 * n_params
+    # the stats read (4 B a row each); the eager autograd layer materialises no zero gradients for them
+    stats = rows * 4 * n_params
     # the weight, once per program; dweight/dbias: the reduced fp32 row written and cast to the parameter dtype
     finish = n_params * n * (4 + 4 + DTYPE.itemsize)
     weight_reads = 2 if _two_reads(op, n, True) else 1  # once per pass
