@@ -8,7 +8,6 @@ function -> options -> cached plan (``plan.py``) -> autograd (``ops.py``) -> key
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
 """
-import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -20,7 +19,7 @@ from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
                                       check_sinks, check_window, draw_rng, key_bounds)
 from kernels.attention.ops import attention_op, natural_lse
-from kernels.attention.plan import NO_TENSORS, AttentionVariant, LastTensor, VariantTensors
+from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, dense_variant
 
 _padding = LastTensor()
 """A key padding mask's key range and uint8 view, computed once while a model's layers pass the same mask."""
@@ -29,32 +28,22 @@ _padding = LastTensor()
 # ------------------------------------------------------------------------------------------------- public API
 
 
-@functools.lru_cache(maxsize=1024)
-def _variant(causal: bool, causal_shift: int, scale: float, window_left: int, window_right: int,
-             attention_chunk: int, softcap: float, dropout_p: float, mask_mod: int, score_mod: int) -> AttentionVariant:
-    """The :class:`AttentionVariant` of a dense call, made once per distinct one: a frozen dataclass takes µs to
-    build, and a model's calls repeat a handful."""
-    return AttentionVariant(causal=causal, causal_shift=causal_shift, scale=scale, window_left=window_left,
-                            window_right=window_right, attention_chunk=attention_chunk, softcap=softcap,
-                            dropout_p=dropout_p, mask_mod=mask_mod, score_mod=score_mod)
-
-
 def _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p: float, block_mask: Optional[mods.BlockMask],
                      score_mod: Optional[mods.ScoreMod]) -> VariantTensors:
-    """The call's checked tensors besides q, k, v as the kernels take them (NO_TENSORS when it has none)."""
-    if (key_padding_mask is None and alibi_slopes is None and sinks is None and dropout_p == 0
-            and block_mask is None and score_mod is None):
-        return NO_TENSORS
-    padding = {} if key_padding_mask is None else _padding.get(key_padding_mask, None, lambda: dict(
+    """The call's checked tensors besides q, k, v as the kernels take them: NO_TENSORS when it has none, a key
+    padding mask's (memoised while layers pass the same mask) when it has only that."""
+    padded = NO_TENSORS if key_padding_mask is None else _padding.get(key_padding_mask, None, lambda: VariantTensors(
         kv_bounds=key_bounds(key_padding_mask), pad=key_padding_mask.contiguous().view(torch.uint8)))
+    if alibi_slopes is None and sinks is None and dropout_p == 0 and block_mask is None and score_mod is None:
+        return padded
     mod_tensors = {}
     if block_mask is not None:
         mod_tensors.update(block_mask=block_mask.expanded(*q.shape[:2]), mask_args=block_mask.mask_mod.tensors)
     if score_mod is not None:
         mod_tensors["score_args"] = score_mod.tensors
-    return VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
-                          sinks=None if sinks is None else sinks.float(),
-                          rng_state=draw_rng(q.device) if dropout_p > 0 else None, **padding, **mod_tensors)
+    return padded._replace(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+                           sinks=None if sinks is None else sinks.float(),
+                           rng_state=draw_rng(q.device) if dropout_p > 0 else None, **mod_tensors)
 
 
 def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
@@ -169,9 +158,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                        alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         tensors = _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p, block_mask, score_mod)
-        variant = _variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right, attention_chunk,
-                           softcap, dropout_p, -1 if block_mask is None else block_mask.mask_mod.key,
-                           -1 if score_mod is None else score_mod.key)
+        variant = dense_variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right,
+                                attention_chunk, softcap, dropout_p,
+                                -1 if block_mask is None else block_mask.mask_mod.key,
+                                -1 if score_mod is None else score_mod.key)
         out, lse = attention_op(q, k, v, tensors, variant)
         return (out, natural_lse(lse)) if return_lse else out
     return (out, lse) if return_lse else out

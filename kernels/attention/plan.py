@@ -72,6 +72,17 @@ class VariantTensors(NamedTuple):
 NO_TENSORS = VariantTensors()
 
 
+@functools.lru_cache(maxsize=1024)
+def dense_variant(causal: bool, causal_shift: int, scale: float, window_left: int = -1, window_right: int = -1,
+                  attention_chunk: int = 0, softcap: float = 0.0, dropout_p: float = 0.0, mask_mod: int = -1,
+                  score_mod: int = -1) -> AttentionVariant:
+    """The :class:`AttentionVariant` of a dense call (no packed lengths), made once per distinct one: a frozen
+    dataclass takes about a µs to build, and a model's calls repeat a handful."""
+    return AttentionVariant(causal=causal, causal_shift=causal_shift, scale=scale, window_left=window_left,
+                            window_right=window_right, attention_chunk=attention_chunk, softcap=softcap,
+                            dropout_p=dropout_p, mask_mod=mask_mod, score_mod=score_mod)
+
+
 class LastTensor:
     """A one-entry memo of a value derived from a tensor: returned again while the same tensor object comes back
     unmodified (its ``_version``) with the same ``key``. A model hands every layer the same mask tensor, so what is
@@ -83,7 +94,7 @@ class LastTensor:
     def get(self, tensor: torch.Tensor, key, compute):
         if torch.compiler.is_compiling():  # traced: the graph computes it, and guards replace the memo
             return compute()
-        full_key = (tensor._version, tuple(tensor.shape), tensor.stride(), tensor.device, key)
+        full_key = (tensor._version, tensor.shape, tensor.stride(), tensor.device, key)
         if self._ref is not None and self._ref() is tensor and self._key == full_key:
             return self._value
         value = compute()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
 from kernels.attention.ops import attention_op
-from kernels.attention.plan import NO_TENSORS, AttentionVariant, LastTensor, VariantTensors
+from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, dense_variant
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
@@ -20,8 +20,8 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 
 def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                device: torch.device) -> Optional[Tuple]:
-    """(VariantTensors with the key range and padding mask, {causal, causal_shift, window edges} of the
-    AttentionVariant) if a bool SDPA mask is exactly
+    """(VariantTensors with the key range and padding mask, (causal, causal_shift, window_left, window_right) of
+    the AttentionVariant) if a bool SDPA mask is exactly
     "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
     of diagonals" (a sliding window, as Hugging Face builds), else None. Every candidate is compared on the device
     and the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
@@ -45,9 +45,9 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
                                                           pad=keys.view(torch.uint8).contiguous())
     for matches, causal, shift in ((plain, False, 0), (top_left, True, 0), (bottom_right, True, n_k - n_q)):
         if matches:
-            return tensors, dict(causal=causal, causal_shift=shift)
+            return tensors, (causal, shift, -1, -1)
     if band:
-        return tensors, dict(causal=True, causal_shift=hi, window_left=hi - lo, window_right=0)
+        return tensors, (True, hi, hi - lo, 0)
     return None
 
 
@@ -67,7 +67,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
-        return NO_TENSORS, AttentionVariant(causal=bool(is_causal), scale=scale)
+        return NO_TENSORS, dense_variant(bool(is_causal), 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
@@ -75,8 +75,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
                                 lambda: _mask_plan(attn_mask, batch, n_q, n_k, query.device))
     if mask_plan is None:
         return None
-    tensors, edges = mask_plan
-    return tensors, AttentionVariant(scale=scale, **edges)
+    tensors, (causal, shift, window_left, window_right) = mask_plan
+    return tensors, dense_variant(causal, shift, scale, window_left, window_right)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
