@@ -154,6 +154,13 @@ def test_decode_strided_q_and_splits_match_a_contiguous_unsplit_call(device, pag
     (dict(q=torch.randn(2, 1, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
     (dict(v_cache=torch.randn(2, 8, 2, 16, dtype=torch.float16)), TypeError, "must share one dtype"),
     (dict(k_cache=torch.randn(2, 8, 2)), ValueError, "k_cache must be 4-D"),
+    (dict(k=torch.randn(2, 1, 2, 16, dtype=torch.float16), v=torch.randn(2, 1, 2, 16, dtype=torch.float16),
+          cache_seqlens=3), TypeError, "q, k must share one dtype"),
+    (dict(k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 2, 2, 16), cache_seqlens=3), ValueError, "k and v must both"),
+    (dict(k=torch.randn(1, 1, 2, 16), v=torch.randn(1, 1, 2, 16), cache_seqlens=3), ValueError, "k and v must both"),
+    (dict(k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16), cache_seqlens=3), ValueError, "k and v must both"),
+    (dict(k=torch.randn(2, 1, 2, 8), v=torch.randn(2, 1, 2, 8), cache_seqlens=3), ValueError, "k and v must both"),
+    (dict(k=torch.randn(2, 1, 2), v=torch.randn(2, 1, 2), cache_seqlens=3), ValueError, "k must be 4-D"),
 ])
 def test_decode_bad_inputs_keep_their_messages(change, error, match):
     call = dict(q=torch.randn(2, 1, 2, 16), k_cache=torch.randn(2, 8, 2, 16), v_cache=torch.randn(2, 8, 2, 16))
@@ -162,10 +169,14 @@ def test_decode_bad_inputs_keep_their_messages(change, error, match):
 
 
 def test_decode_plain_type_fast_paths_leave_other_types_to_the_full_checks():
-    """numpy ints and a Parameter cache (not the fast paths' plain types) are accepted, with the same output."""
+    """numpy ints, a Parameter cache and Parameter new keys (not the fast paths' plain types) are accepted, with
+    the same output and the same cache."""
     q, k_cache, v_cache = torch.randn(2, 1, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
-    expected = kernels.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=5, num_splits=2, softcap=3.0)
+    k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    caches = k_cache.clone(), v_cache.clone()
+    expected = kernels.attention_with_kvcache(q, *caches, k, v, cache_seqlens=5, num_splits=2, softcap=3.0)
     with torch.no_grad():
-        out = kernels.attention_with_kvcache(q, torch.nn.Parameter(k_cache), v_cache, cache_seqlens=np.int64(5),
-                                             num_splits=np.int32(2), softcap=3)
+        out = kernels.attention_with_kvcache(q, torch.nn.Parameter(k_cache), v_cache, torch.nn.Parameter(k), v,
+                                             cache_seqlens=np.int64(5), num_splits=np.int32(2), softcap=3)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close((k_cache, v_cache), caches, rtol=0, atol=0)

@@ -452,8 +452,12 @@ def _builds() -> List[Build]:
 # --------------------------------------------------------------------------------------------------- launchers
 
 
-_APPEND_OPTIONS = {} if _runtime.INTERPRETED else {d: {"num_warps": warps} for d, warps in APPEND_WARPS.items()}
-"""``_decode_append``'s launch options per head-dim bucket (the interpreter takes none)."""
+@functools.lru_cache(maxsize=None)
+def _append_meta(d: int, to_cache: bool, interleaved: bool, same_position: bool) -> dict:
+    """``_decode_append``'s compile-time keywords and launch options (the interpreter takes no warps)."""
+    options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS[d_bucket(d)]}
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
+                INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
 
 
 def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, page_size: int, to_cache: bool,
@@ -467,8 +471,7 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
         x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
         0 if cos is None else 2 * cos.shape[1], grid=grid(n, batch * heads, APPEND_BLOCK_M), warmup=False,
-        HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
-        INTERLEAVED=interleaved, SAME_POSITION=same_position, **_APPEND_OPTIONS.get(d_bucket(d), {}))
+        **_append_meta(d, to_cache, interleaved, same_position))
 
 
 class _AttendPlan(NamedTuple):
@@ -584,15 +587,15 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
         _check_index_values(seqlens, leftpad, batch_idx, block_table, q.shape[0], q.shape[1], n_new, capacity,
                             page_size, k_cache.shape[0], rotary_rows)
         if k is not None:
-            rotary = dict(cos=rotary_cos, sin=rotary_sin, interleaved=rotary_interleaved, same_position=False)
-            _append(k, k_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table, capacity=capacity,
-                    page_size=page_size, to_cache=True, **rotary)
+            # (x, destination, cos, sin, seqlens, batch_idx, block_table, capacity, page_size, to_cache,
+            # interleaved, same_position)
+            _append(k, k_cache, rotary_cos, rotary_sin, seqlens, batch_idx, block_table, capacity, page_size, True,
+                    rotary_interleaved, False)
             _append(v, v_cache, None, None, seqlens, batch_idx, block_table, capacity, page_size, True, False, False)
             if rotary_cos is not None:
-                q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                rotary["same_position"] = q_same_position
-                _append(q, q_rotated, seqlens=seqlens, batch_idx=None, block_table=None,
-                        capacity=rotary_cos.shape[0], page_size=page_size, to_cache=False, **rotary)
+                q_rotated = torch.empty_like(q, memory_format=torch.contiguous_format)
+                _append(q, q_rotated, rotary_cos, rotary_sin, seqlens, None, None, rotary_cos.shape[0], page_size,
+                        False, rotary_interleaved, q_same_position)
                 q = q_rotated
         return _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
                        (window_left, window_right), softcap, alibi_slopes, scale, num_splits)
@@ -680,7 +683,8 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                          f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
-    if k is not None:
+    if k is not None and not (_plain_tensors(q, k, v) and k.shape[0] == batch and k.shape[2] == kv_heads
+                              and k.shape[3] == d and v.shape == k.shape):
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
             check_same("dtype", q=q, **{name: t})
