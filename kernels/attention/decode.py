@@ -773,8 +773,8 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
     block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, no two new
     keys in one paged slot, and with ``rotary_rows`` (rotated causal or windowed queries) cache_seqlens + Sq <=
     rotary_rows. The kernels also clamp every index they read (a second line of defence)."""
-    first = seqlens if seqlens is not None else leftpad if leftpad is not None else batch_idx \
-        if batch_idx is not None else block_table
+    first = (seqlens if seqlens is not None else leftpad if leftpad is not None
+             else batch_idx if batch_idx is not None else block_table)  # the first index tensor given
     if first is None:
         return
     max_blocks = 0 if block_table is None else block_table.shape[1]
