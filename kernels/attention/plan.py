@@ -172,8 +172,8 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
 def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant,
              backward: bool) -> Plan:
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
-    return _plan(variant, varlen_batch, tuple(q.shape), k.shape[1], k.shape[2], q.dtype,
-                 configs.uses_tf32(q.dtype), backward)
+    _, kv_heads, n_k, _ = k.shape
+    return _plan(variant, varlen_batch, q.shape, kv_heads, n_k, q.dtype, configs.uses_tf32(q.dtype), backward)
 
 
 # The kernels take their runtime arguments by position, in their signatures' order (a keyword call of some 55
@@ -184,10 +184,16 @@ def _strides(t: torch.Tensor, varlen: bool) -> Tuple[int, ...]:
     return (0, *t.stride()[1:]) if varlen else t.stride()
 
 
+_NONE_BACKWARD = (None,) * 9 + (0,) * 4
+_NONE_FORWARD = (None,) + _NONE_BACKWARD  # SINKS too
+
+
 def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch.Tensor, varlen: bool,
                   forward: bool) -> tuple:
     """The variant's pointers and strides every attention kernel takes, in their order: KV_BOUNDS, PAD, ALIBI,
     (the forward's SINKS), SEED, CU_SEQLENS_Q/K, BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb/ab/mb/mh/lb/lh."""
+    if tensors is NO_TENSORS and variant.score_mod < 0:  # a plain call: every pointer None, every stride 0
+        return (*(_NONE_FORWARD if forward else _NONE_BACKWARD), 0 if varlen else lse.stride(0), lse.stride(1))
     alibi, pad = tensors.alibi_slopes, tensors.pad
     summary = tensors.block_mask if variant.mask_mod >= 0 else None
     seed = tensors.rng_state if variant.dropout_p > 0 else None
