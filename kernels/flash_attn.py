@@ -64,7 +64,7 @@ import torch
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
 from kernels.attention.api import attention, attention_dropout_mask, check_attention_chunk, chunk_mask
-from kernels.attention.checks import check_qkv, check_scale, is_plain_qkv
+from kernels.attention.checks import check_scale, is_plain_qkv
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 
@@ -208,8 +208,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    check_qkv(q, k, v)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])  # kernels.attention checks q, k, v before anything runs
     if not return_probs:  # out is laid out as q (kernels.attention), so (B, S, H, D) contiguous unless q is packed
         out = attention(q, k, v, scale=scale, alibi_slopes=alibi_slopes, attention_chunk=attention_chunk, **variants)
         return out.transpose(1, 2).contiguous()
