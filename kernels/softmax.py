@@ -13,6 +13,7 @@ Both limits are module constants the launcher reads at each call, so tests can l
 multi-block path at small widths. Eager calls go through a plain autograd.Function (with a ``jvp``); under
 ``torch.compile`` the same launches go through ``torch.library`` custom ops, so each stays one opaque op. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
 """
+import functools
 import numbers
 
 import torch
@@ -161,13 +162,24 @@ def _config(n_cols: int, lanes: int = 32):
     return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread, lanes)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_constants(n_cols: int, lanes: int, limits, causal: bool, log: bool) -> dict:
+    """The constexpr keyword arguments and num_warps of a launch: built once per width, family, limits (the
+    module's, which tests lower) and flags, so a call builds no plan of its own."""
+    block, single, num_warps = _config(n_cols, lanes)
+    return dict(BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
+
+
 def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
     """One program per row along ``dim`` of ``out``, reading the same-shape ``ins`` (rows unit-strided)."""
     n_cols = out.shape[dim]
-    block, single, num_warps = _config(n_cols, lanes_of(out.device))
-    matrices = [_matrix(t, dim) for t in (*ins, out)]
-    kernel[(out.numel() // n_cols,)](*(m for m, _ in matrices), *(stride for _, stride in matrices), n_cols, n_q,
-                                     scale, BLOCK=block, SINGLE=single, CAUSAL=causal, LOG=log, num_warps=num_warps)
+    constants = _launch_constants(n_cols, lanes_of(out.device), (MAX_BLOCK, LONG_BLOCK), causal, log)
+    pointers, strides = [], []
+    for t in (*ins, out):
+        rows, stride = _matrix(t, dim)
+        pointers.append(rows)
+        strides.append(stride)
+    kernel.run(*pointers, *strides, n_cols, n_q, scale, grid=(out.numel() // n_cols,), warmup=False, **constants)
 
 
 def _matrix(t: torch.Tensor, dim: int):

@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from benchmarks import overhead, static
-from tolerance import BACKWARD, assert_close
 
 softmax_module = importlib.import_module("kernels.softmax")
 
@@ -102,6 +101,8 @@ def test_add_norm_gradients_when_only_some_outputs_reach_the_loss(device, rms, u
         h = x + residual
         return (F.rms_norm(h, (24,), weight, 1e-6) if rms else F.layer_norm(h, (24,), weight, bias)), h
 
+    # imported here: the static report's child process imports this module by name, without tests/ on its path
+    from tolerance import BACKWARD, assert_close
     actual, same_precision = grads(ours, leaves), grads(torch_ops, leaves)
     expected = grads(torch_ops, [t.double() for t in leaves])
     for name, a, e, p in zip(("x", "residual", "weight", "bias"), actual, expected, same_precision):
@@ -161,3 +162,24 @@ def test_fast_checks_take_ints_and_numpy_scalars():
     expected = F.rms_norm(x, (8,), 1 + weight, 0.0)
     torch.testing.assert_close(kernels.rms_norm(x, 8, weight, 0, offset=1), expected)
     torch.testing.assert_close(kernels.rms_norm(x, 8, weight, np.float64(0.0), offset=np.float32(1.0)), expected)
+
+
+@pytest.mark.parametrize("op", ["softmax", "rms_norm"])
+def test_a_dead_functorch_wrapper_is_unwrapped_as_function_apply_does(op):
+    """The eager apply skips Function.apply's Python layer but keeps its unwrapping of dead functorch wrappers (a
+    tensor a finished torch.func.grad left behind): the op sees the plain tensor, so its result tracks no
+    gradient, as a plain autograd.Function's does."""
+    leaked = []
+
+    def loss(x):
+        leaked.append(x)
+        return x.sum()
+
+    x = torch.randn(3, 8)
+    torch.func.grad(loss)(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    call = {"softmax": lambda t: kernels.softmax(t), "rms_norm": lambda t: kernels.rms_norm(t, 8)}[op]
+    expected = torch.softmax(x, -1) if op == "softmax" else F.rms_norm(x, (8,))
+    result = call(leaked[0])
+    assert not result.requires_grad
+    torch.testing.assert_close(result, expected)
