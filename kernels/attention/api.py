@@ -149,7 +149,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_sinks(sinks, q)
     block_mask = check_mods(mask_mod, score_mod, q, k)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
-    if not _runtime.kernel_runs_on(q, k, v):
+    if not _runtime.kernel_runs_on(q):  # k and v are on q's device (check_qkv)
         if dropout_p > 0 or block_mask is not None or score_mod is not None:
             raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
                                "streams and @triton.jit mods), which cannot run on these inputs in this process")

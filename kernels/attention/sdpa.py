@@ -62,7 +62,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         scale = check_scale(scale, query.shape[-1])
     except (TypeError, ValueError):
         return None
-    if dropout_p != 0.0 or not _runtime.kernels_can_run(query, key, value):
+    if dropout_p != 0.0 or not _runtime.kernels_can_run(query):  # key and value are on its device (check_qkv)
         return None
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
