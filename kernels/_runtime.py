@@ -103,9 +103,10 @@ _warned = set()
 
 def kernels_can_run(*tensors: torch.Tensor) -> bool:
     """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled."""
-    # a loop rather than all(<generator>): this runs on every call of every op, and the generator costs more
+    # a loop rather than all(<generator>): this runs on every call of every op, and the generator costs more;
+    # is_cpu/is_cuda rather than device.type, which builds a device and a string per tensor
     for t in tensors:
-        if (t.device.type != "cpu") if INTERPRETED else not t.is_cuda:
+        if not t.is_cpu if INTERPRETED else not t.is_cuda:
             return False
     return True
 

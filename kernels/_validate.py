@@ -35,16 +35,24 @@ def check_same(what: str, **tensors) -> None:
         raise error(f"{', '.join(values)} must share one {what}, got {listed}")
 
 
+_FEW = 8
+"""Elements up to which a CPU condition is read as a list: cheaper than ``all()`` (a tensor op) and then a read."""
+
+
 def assert_on_device(cond: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless every element of the bool tensor ``cond`` is true, without a host sync.
+    """Raise ValueError(message) unless every element of ``cond`` (bool, or ints: nonzero is true) is true,
+    without a host sync.
 
     A CPU tensor is read at once (reading it costs no sync), so the error is raised here; on an accelerator
     ``torch._assert_async`` fails the stream with ``message`` (a device assert) instead of stopping to read it.
     Call it before any launch that the check guards, so that a failing check on CPU leaves every tensor as it was.
     """
-    ok = cond.all()
-    if ok.device.type == "cpu":
+    if cond.is_cpu:
+        if cond.dim() == 1 and cond.numel() <= _FEW:
+            ok = all(cond.tolist())
+        else:
+            ok = bool(cond.all())
         if not ok:
             raise ValueError(message)
     else:
-        torch._assert_async(ok, message)
+        torch._assert_async(cond.all(), message)

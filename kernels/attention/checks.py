@@ -151,16 +151,19 @@ PAIR_BLOCK = 32
 """Side of the tiles of entry pairs a check kernel compares for repeats."""
 
 
+_CPU = torch.device("cpu")
+
+
 def reads_at_once(device: torch.device) -> bool:
     """Whether the host reads a verdict on ``device`` as soon as it is stored: on CPU (no sync there) outside
     torch.compile's tracing; elsewhere a device assert judges it."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return device == _CPU and not torch.compiler.is_compiling()  # == rather than .type: no string made per call
 
 
 def new_verdict(device: torch.device) -> torch.Tensor:
-    """The int32 (2,) verdict a check kernel stores: [1 if no rule failed else 0, bits of the failed rules]. The
-    kernel stores both, so a device assert's verdict is allocated unfilled (no launch); one the host reads at once
-    starts as a pass (ones: its second entry is read only after a kernel stored a failure), so that a launch
+    """The int32 (2,) verdict a check kernel stores: [1 if every rule held else 0, a mask whose bit i is clear
+    where rule i failed], so a verdict passes where every entry is nonzero. The kernel stores both, so a device
+    assert's verdict is allocated unfilled; one the host reads at once starts as a pass (ones), so that a launch
     stubbed out (``python -m benchmarks overhead`` times the host path alone) reads as one."""
     if reads_at_once(device):
         return torch.ones(2, dtype=torch.int32)
@@ -183,7 +186,7 @@ def count(bad):
 def store_verdict(VERDICT, failed):
     """The verdict of :func:`new_verdict` from ``failed``, the bits of the rules that failed."""
     tl.store(VERDICT, (failed == 0).to(tl.int32))
-    tl.store(VERDICT + 1, failed)
+    tl.store(VERDICT + 1, ~failed)
 
 
 @triton.jit
@@ -217,18 +220,18 @@ def enforce(verdict: torch.Tensor, summary: str,
     (:func:`reads_at_once`) the verdict is read at once, and a failure raises ValueError with the first failed
     rule's message: ``rules()`` lists, rule bit by rule bit, (message naming the argument, that argument's name,
     its tensor (whose values the message shows) or None). Only a failing verdict is explained, so a valid call
-    reads only the verdict."""
+    reads only the verdict, once."""
     if not reads_at_once(verdict.device):
         torch._assert_async(verdict[0], summary)
         return
     try:
-        assert_on_device(verdict[:1], summary)  # read at once on CPU: no sync
+        assert_on_device(verdict, summary)  # read at once on CPU (no sync): every entry nonzero is a pass
         return
     except ValueError:
         pass
     for bit, (message, name, values) in enumerate(rules()):
         try:
-            assert_on_device((verdict[1] & (1 << bit)) == 0, message)
+            assert_on_device(verdict[1] & (1 << bit), message)
         except ValueError:
             raise ValueError(message if values is None else f"{message}; got {name} = {_shown(values)}") from None
     raise ValueError(summary)
