@@ -63,7 +63,7 @@ import torch
 
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.attention.api import attention, attention_dropout_mask, check_attention_chunk, chunk_mask
+from kernels.attention.api import attention_dropout_mask, attention_seq_first, check_attention_chunk, chunk_mask
 from kernels.attention.checks import check_scale, is_plain_qkv
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
@@ -112,12 +112,12 @@ def _softmax_scale(softmax_scale, head_dim: int) -> float:
         raise TypeError(f"softmax_scale must be a finite real number or None, got {softmax_scale!r}") from None
 
 
-def _variants(dropout_p, causal, window_size, softcap, deterministic) -> dict:
-    """The dense and varlen functions' options as :func:`kernels.attention` takes them; TypeError naming a flag
-    that is not a bool (``deterministic`` is checked and dropped: the backward is always deterministic)."""
+def _variants(dropout_p, causal, window_size, softcap, deterministic) -> tuple:
+    """(dropout_p, causal, window_size, softcap): the dense and varlen functions' options as
+    :func:`kernels.attention` takes them; TypeError naming a flag that is not a bool (``deterministic`` is checked
+    and dropped: the backward is always deterministic)."""
     _flag("deterministic", deterministic)
-    return dict(dropout_p=_host(dropout_p), causal=_flag("causal", causal), window_size=_window(window_size),
-                softcap=_host(softcap))
+    return _host(dropout_p), _flag("causal", causal), _window(window_size), _host(softcap)
 
 
 def _unpack(name: str, packed, count: int, dim: int):
@@ -201,27 +201,28 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
            return_attn_probs, attention_chunk):
     """flash-attn's return value for q (B, Sq, H, D) and k, v (B, Sk, Hkv, D), by :func:`kernels.attention` on
     (B, H, S, D) views."""
-    variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    dropout_p, causal, window_size, softcap = _variants(dropout_p, causal, window_size, softcap, deterministic)
     attention_chunk = check_attention_chunk(_host(attention_chunk))
     return_probs = _flag("return_attn_probs", return_attn_probs)
-    if not is_plain_qkv(q, k, v):  # else each is a 4-D tensor: transposable
+    if not is_plain_qkv(q, k, v):  # else each is a 4-D tensor
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])  # kernels.attention checks q, k, v before anything runs
-    if not return_probs:  # out is laid out as q (kernels.attention), so (B, S, H, D) contiguous unless q is packed
-        out = attention(q, k, v, scale=scale, alibi_slopes=alibi_slopes, attention_chunk=attention_chunk, **variants)
-        return out.transpose(1, 2).contiguous()
-    rng_state = _rng_state(q.device)
-    out, lse = attention(q, k, v, scale=scale, return_lse=True, alibi_slopes=alibi_slopes,
-                         attention_chunk=attention_chunk, **variants)
-    out = out.transpose(1, 2).contiguous()
+    scale = _softmax_scale(softmax_scale, q.shape[-1])  # attention_seq_first checks q, k, v before anything runs
+    rng_state = _rng_state(q.device) if return_probs else None
+    # out is laid out as q, so (B, S, H, D) contiguous unless q is packed
+    result = attention_seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap,
+                                 alibi_slopes, dropout_p)
+    if not return_probs:
+        return result.contiguous()
+    out, lse = result
     s_dmask = None
-    if variants["dropout_p"] > 0:
-        keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], variants.pop("dropout_p"), q.device)
+    if dropout_p > 0:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], dropout_p, q.device)
         chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
-        s_dmask = _s_dmask(_probs64(q, k, scale, mask=chunks, alibi_slopes=alibi_slopes, **variants), keep, q.dtype)
-    return out, _flash_lse(lse), s_dmask
+        s_dmask = _s_dmask(_probs64(q, k, scale, mask=chunks, alibi_slopes=alibi_slopes, causal=causal,
+                                    window_size=window_size, softcap=softcap), keep, q.dtype)
+    return out.contiguous(), _flash_lse(lse), s_dmask
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -264,21 +265,22 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
     """flash-attn's varlen return value, by :func:`kernels.attention.varlen.attention_varlen`."""
-    variants = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    dropout_p, causal, window_size, softcap = _variants(dropout_p, causal, window_size, softcap, deterministic)
+    variants = dict(causal=causal, window_size=window_size, softcap=softcap)
     return_probs = _flag("return_attn_probs", return_attn_probs)
     max_seqlen_q, max_seqlen_k = _host(max_seqlen_q), _host(max_seqlen_k)
     check_tensor("q", q, ndim=3)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     rng_state = _rng_state(q.device) if return_probs else None
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                                return_lse=True, alibi_slopes=alibi_slopes, block_table=block_table, **variants)
+                                return_lse=True, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                block_table=block_table, **variants)
     if not return_probs:
         return out
     s_dmask = None
-    if variants["dropout_p"] > 0:
+    if dropout_p > 0:
         batch = cu_seqlens_q.shape[0] - 1
-        keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, variants.pop("dropout_p"),
-                          q.device)
+        keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, dropout_p, q.device)
         if block_table is not None:  # as attention_varlen packs them
             k = gather_pages(k, block_table, cu_seqlens_k, batch * max_seqlen_k)
         probs = _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,

@@ -136,3 +136,49 @@ def test_outputs_and_gradients_take_their_inputs_layouts(device):
         assert_close(grad, grad_exact, grad_low, BACKWARD, name=f"d{name}")
     out_bshd = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     assert out_bshd.is_contiguous() and out_bshd.transpose(1, 2).equal(out)
+
+
+def _next_leaves(out):
+    return [next_fn.variable for next_fn, _ in out.grad_fn.next_functions if next_fn is not None]
+
+
+def test_flash_attn_func_node_takes_its_inputs_with_no_view_nodes(device):
+    """Before: q, k, v reached the kernels' node through TransposeBackward nodes and out left it through another
+    (four recorded views, each a host cost in both passes). Now the node takes the (B, S, H, D) tensors themselves;
+    out is contiguous (B, S, H, D); forward, gradients and the gradients of lse alone against float64."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 13, 4, 24, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 19, 2, 24, device=device, requires_grad=True) for _ in range(2))
+    out, lse, _ = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(7, -1), return_attn_probs=True)
+    assert type(out.grad_fn).__name__ == "FlashAttentionSeqFirstBackward" and _next_leaves(out) == [q, k, v]
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == (2, 4, 13)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse), retain_graph=True)
+    lse_grads = torch.autograd.grad(lse, (q, k, v), grad_lse)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        expected, expected_lse = reference.attention(*(t.transpose(1, 2) for t in leaves), causal=True,
+                                                     window_size=(7, -1), return_lse=True)
+        expected = expected.transpose(1, 2)
+        both = torch.autograd.grad((expected, expected_lse), leaves, (grad_out.to(dtype), grad_lse.to(dtype)),
+                                   retain_graph=True)
+        lse_alone = torch.autograd.grad(expected_lse, leaves, grad_lse.to(dtype), materialize_grads=True)  # dv: 0
+        results.append((expected, expected_lse, both, lse_alone))
+    (low, low_lse, low_grads, low_lse_grads), (exact, exact_lse, exact_grads, exact_lse_grads) = results
+    assert_close(out, exact, low, FORWARD)
+    assert_close(lse, exact_lse, low_lse, FORWARD, name="lse")
+    for name, grad, lse_grad, *expected in zip("qkv", grads, lse_grads, exact_grads, low_grads, exact_lse_grads,
+                                               low_lse_grads):
+        assert_close(grad, expected[0], expected[1], BACKWARD, name=f"d{name}")
+        assert_close(lse_grad, expected[2], expected[3], BACKWARD, name=f"d{name} of lse alone")
+
+
+@pytest.mark.parametrize("k_shape, message", [((2, 7, 2, 16), "head dim 24"), ((2, 7, 3, 24), "divide q's 4 heads"),
+                                              ((3, 7, 2, 24), "batch size 2")])
+def test_flash_attn_func_bad_shapes_keep_their_messages(device, k_shape, message):
+    """Inputs the (B, S, H, D) fast check does not pass go to kernels.attention's checks and messages."""
+    q = torch.randn(2, 5, 4, 24, device=device)
+    k = torch.randn(k_shape, device=device)
+    with pytest.raises(ValueError, match=message):
+        flash_attn.flash_attn_func(q, k, k)

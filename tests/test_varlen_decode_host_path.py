@@ -47,7 +47,7 @@ def test_varlen_autograd_node_takes_the_packed_inputs_with_no_view_nodes(device)
     assert type(out.grad_fn).__name__ == "FlashAttentionVarlenBackward"
     leaves = [next_fn.variable for next_fn, _ in out.grad_fn.next_functions if next_fn is not None]
     assert leaves == [q, k, v]
-    assert varlen._KERNEL_VIEWS.last is None  # the forward's views went to the saved context, not kept here
+    assert varlen._packed_attention.kernel_views.last is None  # the views went to the saved context, not kept here
 
 
 def test_varlen_unused_lse_adds_nothing_to_the_backward(device):

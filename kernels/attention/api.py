@@ -17,9 +17,9 @@ import torch
 from kernels import _runtime, reference
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
-                                      check_sinks, check_window, draw_rng, key_bounds)
-from kernels.attention.ops import attention_op, natural_lse
-from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, dense_variant
+                                      check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
+from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
+from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
 _padding = LastTensor()
 """A key padding mask's key range and uint8 view, computed once while a model's layers pass the same mask."""
@@ -94,6 +94,14 @@ def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, a
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
+def _checked_scalars(window_size, attention_chunk, softcap, dropout_p) -> Tuple[int, int, int, float, float]:
+    """(window_left, window_right, attention_chunk, softcap, dropout_p) checked as :func:`attention` documents."""
+    window_left, window_right = check_window(window_size)
+    return (window_left, window_right, check_attention_chunk(attention_chunk),
+            check_real("softcap", softcap, 0.0, math.inf, high_open=True),
+            check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
               return_lse: bool = False, key_padding_mask: Optional[torch.Tensor] = None, *,
               window_size: Tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
@@ -139,10 +147,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scale = check_scale(scale, q.shape[-1])
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, q, k)
-    window_left, window_right = check_window(window_size)
-    attention_chunk = check_attention_chunk(attention_chunk)
-    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
-    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
+                                                                                      softcap, dropout_p)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, q)
     if sinks is not None:
@@ -158,10 +164,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                        alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         tensors = _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p, block_mask, score_mod)
-        variant = dense_variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right,
+        variant = attention_variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right,
                                 attention_chunk, softcap, dropout_p,
                                 -1 if block_mask is None else block_mask.mask_mod.key,
                                 -1 if score_mod is None else score_mod.key)
         out, lse = attention_op(q, k, v, tensors, variant)
         return (out, natural_lse(lse)) if return_lse else out
     return (out, lse) if return_lse else out
+
+
+def _plain_seq_first(q, k, v) -> bool:
+    """Whether q (B, Nq, H, D), k, v (B, Nk, Hkv, D) pass every check of ``check_qkv`` on their (B, H, N, D) views,
+    tested on them as they are (the common case: no view to make)."""
+    if not is_plain_qkv(q, k, v):
+        return False
+    batch, _, heads, d = q.shape
+    kv_shape = k.shape
+    return (kv_shape == v.shape and kv_shape[0] == batch and kv_shape[3] == d and 1 <= d <= configs.MAX_HEAD_DIM
+            and kv_shape[2] > 0 and heads % kv_shape[2] == 0)
+
+
+def attention_seq_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: Optional[float],
+                        return_lse: bool, window_size: Tuple[int, int], attention_chunk: int, softcap: float,
+                        alibi_slopes: Optional[torch.Tensor], dropout_p: float):
+    """:func:`attention` on flash-attn's layout: q (B, Nq, H, D), k, v (B, Nk, Hkv, D) 4-D tensors; out (B, Nq, H, D)
+    (laid out as q where q is dense), lse (B, H, Nq) as :func:`attention`'s. Gradients reach q, k, v in their
+    layouts. A plain eager call launches on views made inside its autograd node, where autograd records none
+    (four recorded transposes cost more host time than the rest of the call); anything else (ALiBi, inputs the
+    fast check does not pass, torch.compile, forward AD or torch.func, inputs the kernels cannot take) is
+    :func:`attention` of transposed views, with its checks and messages."""
+    if (alibi_slopes is not None or not _plain_seq_first(q, k, v) or torch.compiler.is_compiling()
+            or _runtime.forward_ad_active() or not _runtime.kernels_can_run(q)):
+        result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, return_lse,
+                           window_size=window_size, attention_chunk=attention_chunk, softcap=softcap,
+                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
+    scale = check_scale(scale, q.shape[-1])
+    window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
+                                                                                      softcap, dropout_p)
+    tensors = NO_TENSORS if dropout_p == 0 else VariantTensors(rng_state=draw_rng(q.device))
+    variant = attention_variant(bool(causal), k.shape[1] - q.shape[1], scale, window_left, window_right,
+                                attention_chunk, softcap, dropout_p)
+    out, lse = attention_seq_first_op(q, k, v, tensors, variant)
+    return (out, natural_lse(lse)) if return_lse else out

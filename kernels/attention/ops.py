@@ -10,7 +10,8 @@ attention). lse is in the kernels' log2 units throughout; :func:`natural_lse` gi
 import dataclasses
 import inspect
 import re
-from typing import List, Optional, Tuple
+import threading
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -58,7 +59,7 @@ def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- saved context
 
 
-def _save(ctx, q, k, v, output, tensors: VariantTensors, variant: AttentionVariant) -> None:
+def save_context(ctx, q, k, v, output, tensors: VariantTensors, variant: AttentionVariant) -> None:
     """Save what the backward reads: the inputs, (out, lse) and the variant's tensors (the block mask's summary
     too: the backward reuses the forward's, never rebuilds it)."""
     ctx.variant = variant
@@ -71,7 +72,7 @@ def _save(ctx, q, k, v, output, tensors: VariantTensors, variant: AttentionVaria
 
 
 def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
-    """The :class:`VariantTensors` :func:`_save` saved after q, k, v, out and lse (none: NO_TENSORS)."""
+    """The :class:`VariantTensors` :func:`save_context` saved after q, k, v, out and lse (none: NO_TENSORS)."""
     if not saved:
         return NO_TENSORS
     n_fixed = len(VariantTensors._fields) - 2
@@ -79,7 +80,7 @@ def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
     return VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])
 
 
-def _gradients(backward, ctx, grad_out, grad_lse):
+def gradients(backward, ctx, grad_out, grad_lse):
     """(dq, dk, dv, dsinks or None) by ``backward`` (the launches, or their custom op) from the saved context."""
     q, k, v, out, lse, *saved = ctx.saved_tensors
     tensors = _saved_tensors(ctx, saved)
@@ -94,17 +95,71 @@ def _gradients(backward, ctx, grad_out, grad_lse):
 
 def _setup_eager(ctx, inputs, output):
     q, k, v, _sinks, tensors, variant = inputs
-    _save(ctx, q, k, v, output, tensors, variant)
+    save_context(ctx, q, k, v, output, tensors, variant)
 
 
 def _eager_backward(ctx, grad_out, grad_lse):
-    dq, dk, dv, dsinks = _gradients(attention_backward, ctx, grad_out, grad_lse)
+    dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, grad_lse)
     return dq, dk, dv, (dsinks if ctx.needs_input_grad[3] else None), None, None
 
 
 _attention_function = autograd_function(
     "FlashAttention", lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant),
     _setup_eager, _eager_backward)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) <-> (B, H, S, D): flash-attn's layout as the kernels' view, and back."""
+    return t.transpose(1, 2)
+
+
+def layout_attention(name: str, to_kernel: Callable, from_kernel: Callable, lse_out: Callable = _same,
+                     lse_in: Callable = _same) -> Callable:
+    """The eager ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of attention on inputs in
+    another layout than the kernels' (B, H, N, D): ``to_kernel`` makes q, k, v's (and dO's) kernel views and
+    ``from_kernel`` gives out (and the gradients) back in the inputs' layout; ``lse_out`` / ``lse_in`` do the same
+    for lse and its gradient. The views are made inside the autograd.Function, where autograd records none
+    (each recorded view costs host time both ways), and the gradients reach the tensors the user passed. An unused
+    lse or out costs the backward nothing but a zero dO."""
+    kernel_views = threading.local()  # the forward's (q, k, v, out, lse) views, handed to the setup right after
+
+    def forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
+        views = to_kernel(q), to_kernel(k), to_kernel(v)
+        out, lse = attention_forward(*views, tensors, variant)
+        kernel_views.last = (*views, out, lse)
+        return from_kernel(out), lse_out(lse)
+
+    def setup(ctx, inputs, output) -> None:
+        q, k, v, out, lse = kernel_views.last
+        kernel_views.last = None
+        save_context(ctx, q, k, v, (out, lse), *inputs[4:])  # the views share the outputs' version counter
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_lse):
+        # only lse was used: out's gradient is zeros
+        grad_out = torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else to_kernel(grad_out)
+        grad_lse = None if grad_lse is None else lse_in(grad_lse)
+        dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, grad_lse)
+        return (from_kernel(dq), from_kernel(dk), from_kernel(dv), (dsinks if ctx.needs_input_grad[3] else None),
+                None, None)
+
+    apply = autograd_function(name, forward, setup, backward)
+    apply.kernel_views = kernel_views
+    return apply
+
+
+_seq_first_function = layout_attention("FlashAttentionSeqFirst", _heads_first, _heads_first)
+
+
+def attention_seq_first_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
+                           variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Nq, H, D), log2-unit lse (B, H, Nq)) of q (B, Nq, H, D), k, v (B, Nk, Hkv, D) (flash-attn's layout),
+    in eager (the callers use :func:`attention_op` on transposed views while torch.compile traces)."""
+    return _seq_first_function(q, k, v, tensors.sinks, tensors, variant)
 
 
 # ----------------------------------------------------------------------------------- traced path (torch.library)
@@ -188,11 +243,11 @@ _SINKS = 3 + VariantTensors._fields.index("sinks")
 def _setup_traced(ctx, inputs, output):
     q, k, v, *rest = inputs
     tensors, variant = _unflat(tuple(rest))
-    _save(ctx, q, k, v, output, tensors, variant)
+    save_context(ctx, q, k, v, output, tensors, variant)
 
 
 def _traced_backward(ctx, grad_out, grad_lse):
-    dq, dk, dv, dsinks = _gradients(
+    dq, dk, dv, dsinks = gradients(
         lambda *args: _backward_op(*args[:7], *_flat(*args[7:])), ctx, grad_out, grad_lse)
     # one gradient per input as the op was called (a list of Nones for a tensor list), none past q, k, v, sinks
     grads = list(torch.utils._pytree.tree_map(lambda _: None, ctx.needs_input_grad))

@@ -73,14 +73,13 @@ NO_TENSORS = VariantTensors()
 
 
 @functools.lru_cache(maxsize=1024)
-def dense_variant(causal: bool, causal_shift: int, scale: float, window_left: int = -1, window_right: int = -1,
-                  attention_chunk: int = 0, softcap: float = 0.0, dropout_p: float = 0.0, mask_mod: int = -1,
-                  score_mod: int = -1) -> AttentionVariant:
-    """The :class:`AttentionVariant` of a dense call (no packed lengths), made once per distinct one: a frozen
-    dataclass takes about a µs to build, and a model's calls repeat a handful."""
-    return AttentionVariant(causal=causal, causal_shift=causal_shift, scale=scale, window_left=window_left,
-                            window_right=window_right, attention_chunk=attention_chunk, softcap=softcap,
-                            dropout_p=dropout_p, mask_mod=mask_mod, score_mod=score_mod)
+def attention_variant(causal: bool, causal_shift: int, scale: float, window_left: int = -1, window_right: int = -1,
+                      attention_chunk: int = 0, softcap: float = 0.0, dropout_p: float = 0.0, mask_mod: int = -1,
+                      score_mod: int = -1, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> AttentionVariant:
+    """The :class:`AttentionVariant` of a call's checked scalars (``max_seqlen_q/k`` of packed sequences), made
+    once per distinct one: a frozen dataclass takes about a µs to build, and a model's calls repeat a handful."""
+    return AttentionVariant(causal, causal_shift, scale, window_left, window_right, attention_chunk, softcap,
+                            dropout_p, max_seqlen_q, max_seqlen_k, mask_mod, score_mod)
 
 
 class LastTensor:
@@ -214,11 +213,12 @@ def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
 def rows_empty(t: torch.Tensor, varlen: bool) -> torch.Tensor:
     """An uninitialised tensor of ``t``'s (B, H, N, D) shape: laid out as ``t`` where ``t`` is dense (a permutation
     of a contiguous tensor, such as flash-attn's (B, N, H, D) transposed), else contiguous (torch.empty_like's
-    rule); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout)."""
+    rule); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout),
+    made as one strided tensor."""
     if not varlen:
         return torch.empty_like(t)
     _, heads, total, d = t.shape
-    return torch.empty((total, heads, d), dtype=t.dtype, device=t.device).transpose(0, 1)[None]
+    return torch.empty_strided((1, heads, total, d), (heads * d, d, heads * d, 1), dtype=t.dtype, device=t.device)
 
 
 def gradients_empty(q: torch.Tensor, k: torch.Tensor, varlen: bool) -> Tuple[torch.Tensor, ...]:

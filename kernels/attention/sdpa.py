@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
 from kernels.attention.ops import attention_op
-from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, dense_variant
+from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 """torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
@@ -67,7 +67,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
-        return NO_TENSORS, dense_variant(bool(is_causal), 0, scale)
+        return NO_TENSORS, attention_variant(bool(is_causal), 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
@@ -76,7 +76,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if mask_plan is None:
         return None
     tensors, (causal, shift, window_left, window_right) = mask_plan
-    return tensors, dense_variant(causal, shift, scale, window_left, window_right)
+    return tensors, attention_variant(causal, shift, scale, window_left, window_right)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -20,10 +20,8 @@ ids are checked with the offsets (an id outside [0, num_blocks) among the pages 
 on CPU, an asynchronous device assert on CUDA) and clamped, so no id makes the gather read out of bounds; unused
 entries of the table are never checked.
 """
-import functools
 import math
 import numbers
-import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,16 +29,14 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime
-from kernels._autograd import autograd_function
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check_real, check_scale, check_sinks,
                                       check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
-from kernels.attention.ops import _gradients as gradients, _save as save
-from kernels.attention.ops import attention_backward, attention_forward, attention_op, natural_lse
-from kernels.attention.plan import AttentionVariant, VariantTensors
+from kernels.attention.ops import attention_op, layout_attention, natural_lse
+from kernels.attention.plan import VariantTensors, attention_variant
 from kernels.registry import Build, declare, register_builds
 
 
@@ -229,45 +225,18 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((total, heads, d), (stride_n, stride_h, stride_d))
 
 
-# The eager autograd.Function of packed sequences: ops.py's launches and saved context, with the (1, H, total, D)
-# views made inside it, where autograd records none (each recorded view costs host time both ways).
-_KERNEL_VIEWS = threading.local()
-"""``last``: the kernels' (q, k, v, out, lse) views of this thread's last :func:`_packed_forward`, which autograd
-hands to :func:`_packed_setup` right after it, so that they are made once."""
+def _unbatched(lse: torch.Tensor) -> torch.Tensor:
+    """(1, H, total) -> (H, total): lse as the varlen functions return it."""
+    return lse[0]
 
 
-def _packed_forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
-    """(out (total_q, H, D), log2-unit lse (H, total_q)) of packed q, k, v."""
-    views = _as_batch(q), _as_batch(k), _as_batch(v)
-    out, lse = attention_forward(*views, tensors, variant)
-    _KERNEL_VIEWS.last = (*views, out, lse)
-    return _as_packed(out), lse[0]
+def _batched(lse: torch.Tensor) -> torch.Tensor:
+    """(H, total) -> (1, H, total): lse (or its gradient) as the kernels take it."""
+    return lse[None]
 
 
-def _packed_setup(ctx, inputs, output) -> None:
-    q, k, v, out, lse = _KERNEL_VIEWS.last
-    _KERNEL_VIEWS.last = None
-    save(ctx, q, k, v, (out, lse), *inputs[4:])  # the views share the outputs' version counter
-    ctx.set_materialize_grads(False)  # an unused lse (return_lse=False) costs the backward nothing
-
-
-def _packed_backward(ctx, grad_out, grad_lse):
-    # only lse was used: out's gradient is zeros
-    grad_out = torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else _as_batch(grad_out)
-    dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, None if grad_lse is None else grad_lse[None])
-    return _as_packed(dq), _as_packed(dk), _as_packed(dv), (dsinks if ctx.needs_input_grad[3] else None), None, None
-
-
-_packed_attention = autograd_function("FlashAttentionVarlen", _packed_forward, _packed_setup, _packed_backward)
-
-
-@functools.lru_cache(maxsize=256)
-def _variant(causal: bool, scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
-             max_seqlen_q: int, max_seqlen_k: int) -> AttentionVariant:
-    """The :class:`AttentionVariant` of a call's (checked) scalars: made once per signature, as a model's layers
-    and steps repeat a few."""
-    return AttentionVariant(causal=causal, scale=scale, window_left=window_left, window_right=window_right,
-                            softcap=softcap, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+_packed_attention = layout_attention("FlashAttentionVarlen", _as_batch, _as_packed, _unbatched, _batched)
+"""The eager autograd.Function of packed sequences: out (total_q, H, D), lse (H, total_q) of packed q, k, v."""
 
 
 def _plain_inputs(q, k, v, paged: bool) -> bool:
@@ -372,7 +341,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              sinks=None if sinks is None else sinks.float(),
                              rng_state=draw_rng(q.device) if dropout_p > 0 else None,
                              cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
-    variant = _variant(bool(causal), scale, window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    variant = attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
+                                max_seqlen_q, max_seqlen_k)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
         out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
         out, lse = _as_packed(out), lse[0]
