@@ -1,14 +1,19 @@
 """Decoding's host path (issue #19): what it cuts must not change what a call computes or checks.
 
-The index check's verdict is read once, as a list, on CPU (no tensor op between the check launch and the read),
+The index check's verdict is this thread's reused buffer on CPU, read once, as a list (no tensor op between the
+check launch and the read); an unrequested lse is not allocated;
 and whether the kernels run is told from ``is_cpu``/``is_cuda`` (no device built per tensor)."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from benchmarks.overhead import stubbed_launches
 from kernels import _runtime
 from kernels._validate import assert_on_device
+from kernels.attention import checks
 from test_varlen_decode_host_path import _AtenOps
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="the host path of interpreted (CPU) launches")
@@ -21,25 +26,38 @@ def _paged_step():
     return torch.randn(2, 1, 2, 64), pages, table, torch.tensor([17, 40], dtype=torch.int32)
 
 
-def test_a_valid_calls_index_check_is_only_its_verdict():
-    """Launches stubbed: the host's torch ops of a valid call are the verdict's ones, nothing more. Before: a slice
-    and an ``all`` of the verdict (each an op, about 1-2 us on the host) before it was read."""
+def test_a_valid_calls_index_check_is_one_launch_and_one_read_of_a_reused_verdict():
+    """Launches stubbed: a valid call makes no host torch op at all, its verdict this thread's reused buffer.
+    Before: a new verdict (torch.ones), then a slice and an ``all`` of it (each an op, about 1-2 us on the host)
+    before it was read."""
     q, (k_pages, v_pages), table, seqlens = _paged_step()
-    with stubbed_launches(), _AtenOps() as ops:
+    with stubbed_launches():
         kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
-    assert ops.names == ["ones"]
+        with _AtenOps() as ops:
+            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    assert ops.names == []
 
 
-def test_a_failed_rule_is_named_by_its_bit():
-    """The verdict's second entry has a rule's bit clear where it failed: the message is that rule's."""
+def test_a_failed_check_leaves_the_reused_verdict_a_pass():
+    """After a call that fails its check, the next valid call passes, launched (its kernel stores the verdict) or
+    stubbed (nothing stores it: the failure must not be read again), and gives the same output."""
     q, (k_pages, v_pages), table, seqlens = _paged_step()
-    bad_table = table.clone()
-    bad_table[1, 2] = 8  # a page past the pool, used by row 1 (40 positions)
-    with pytest.raises(ValueError, match=r"block_table's pages must index k_cache's 8 pages.*got block_table = "):
-        kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=bad_table)
-    with pytest.raises(ValueError, match=r"cache_seqlens must be >= 0.*got cache_seqlens = \[17, 65\]"):
-        kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor([17, 65], dtype=torch.int32),
-                                       block_table=table)
+    expected = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    bad = torch.tensor([17, -1], dtype=torch.int32)
+    for launches in (stubbed_launches, contextlib.nullcontext):
+        with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=bad, block_table=table)
+        with launches():
+            out = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_verdict_read_elsewhere_is_not_reused():
+    """Only a caller that reads its verdict at once shares the thread's buffer (varlen's leaves a custom op)."""
+    cpu = torch.device("cpu")
+    assert checks.new_verdict(cpu, reused=True) is checks.new_verdict(cpu, reused=True)
+    assert checks.new_verdict(cpu) is not checks.new_verdict(cpu)
+    assert checks.new_verdict(cpu).tolist() == [1, 1]  # a pass where a stubbed launch stores nothing
 
 
 @pytest.mark.parametrize("cond, passes", [
@@ -71,3 +89,34 @@ def test_kernels_can_run_asks_the_tensors_not_their_devices(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "device", property(no_device))
     assert _runtime.kernels_can_run(cpu, cpu)
     assert not _runtime.kernels_can_run(cpu, meta)
+
+
+class _Allocations(TorchDispatchMode):
+    """The shapes of the float32 tensors allocated inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("empty", "empty_strided", "empty_like") and out.dtype == torch.float32:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_an_unrequested_lse_is_not_allocated(device, num_splits):
+    """Without return_lse no (B, H, Sq) lse is allocated or stored (the kernels' LSE is None); the output is the
+    one a call with return_lse gives, unsplit and split (whose partial lse is still made)."""
+    q = torch.randn(2, 3, 4, 16, device=device, dtype=torch.float16)
+    caches = [torch.randn(2, 40, 2, 16, device=device, dtype=torch.float16) for _ in "kv"]
+    seqlens = torch.tensor([33, 7], dtype=torch.int32, device=device)
+    out, lse = kernels.attention_with_kvcache(q, *caches, cache_seqlens=seqlens, causal=True,
+                                             num_splits=num_splits, return_lse=True)
+    with _Allocations() as allocations:
+        alone = kernels.attention_with_kvcache(q, *caches, cache_seqlens=seqlens, causal=True, num_splits=num_splits)
+    assert (2, 4, 3) not in allocations.shapes
+    assert ((num_splits, 2, 4, 3) in allocations.shapes) == (num_splits > 1)
+    torch.testing.assert_close(alone, out, rtol=0, atol=0)
+    assert lse.isfinite().all()

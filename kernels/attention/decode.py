@@ -153,7 +153,7 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
                 LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
     """One program per (split, packed row block, batch * kv head) (split fastest): the normalised out of its rows
-    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE.
+    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE (None: not stored).
     ALIBI: float32 slopes (B, H) or (H,) (stride_ab 0), indexed by each packed row's query head."""
     pid = tl.program_id(0)
     split = pid % splits
@@ -228,8 +228,9 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
     o_ptrs = _tile_ptrs(O + _row_offset(split, stride_os), b, h[:, None], tok, offs_d,
                         stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
-    tl.store(LSE + _row_offset(split, stride_ls) + _row_offset(b, stride_lb) + h * stride_lh + tok * stride_ln, lse,
-             mask=row_ok)
+    if LSE is not None:  # None: a call that returns no lse, unsplit
+        tl.store(LSE + _row_offset(split, stride_ls) + _row_offset(b, stride_lb) + h * stride_lh + tok * stride_ln,
+                 lse, mask=row_ok)
 
 
 @triton.jit
@@ -240,7 +241,7 @@ def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program per block of the B * H * Sq rows (in LSE's (B, H, Sq) order): out = sum_s w_s out_s / sum_s w_s
     with w_s = exp(lse_s), lse = log sum_s w_s, over the splits' partials O_SPLIT (splits, B, Sq, H, D) and
-    LSE_SPLIT (splits, B, H, Sq) fp32 (contiguous), into O (B, Sq, H, D) and LSE (B, H, Sq)."""
+    LSE_SPLIT (splits, B, H, Sq) fp32 (contiguous), into O (B, Sq, H, D) and LSE (B, H, Sq) (None: not stored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     b = rows // (heads * n_q)
@@ -265,7 +266,8 @@ def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
     l_safe = tl.where(seen, l_i, 1.0)
     _store_tile(_tile_ptrs(O, b[:, None], h[:, None], tok, offs_d, stride_ob, stride_oh, stride_on, stride_od),
                 cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
-    tl.store(LSE + rows, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+    if LSE is not None:  # None: a call that returns no lse
+        tl.store(LSE + rows, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
 
 
 @triton.jit
@@ -532,12 +534,13 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
 
 
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
-            n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int):
-    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32),
-    contiguous. ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
+            n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int,
+            need_lse: bool):
+    """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32, or None
+    without ``need_lse``), contiguous. ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
     batch, n_q, heads, d = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device) if need_lse else None
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
@@ -573,11 +576,12 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
             seqlens: Optional[torch.Tensor], leftpad: Optional[torch.Tensor], batch_idx: Optional[torch.Tensor],
             block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], rotary_interleaved: bool,
             q_same_position: bool, window_left: int, window_right: int, softcap: float, scale: float,
-            num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            num_splits: int, need_lse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The launches of a checked :func:`attention_with_kvcache` call: check the index values
     (:func:`_check_index_values`: here, so that a compiled call checks them too, inside the op), append (and
     rotate) k/v into the caches in place, rotate q, attend. Index tensors int32 and contiguous, ``seqlens`` (B,)
-    or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32). Every allocation's size follows from the shapes, none from a tensor's
+    or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32); lse is None without ``need_lse``, which
+    only eager calls pass (the op, whose outputs must be tensors, is always asked for it). Every allocation's size follows from the shapes, none from a tensor's
     values (a CUDA graph replays it with new values)."""
     capacity, page_size = _capacity(k_cache, block_table)
     n_new = 0 if k is None else k.shape[1]
@@ -598,7 +602,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
                         False, rotary_interleaved, q_same_position)
                 q = q_rotated
         return _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
-                       (window_left, window_right), softcap, alibi_slopes, scale, num_splits)
+                       (window_left, window_right), softcap, alibi_slopes, scale, num_splits, need_lse)
 
 
 _launch_op = torch.library.custom_op("kernels::attention_with_kvcache", _launch, mutates_args=("k_cache", "v_cache"))
@@ -781,7 +785,7 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
     spans = 1 if block_table is None else (n_new + page_size - 2) // page_size + 1  # pages n_new positions touch
     writes_checked = batch_idx is not None or max_blocks > 0  # a table of no pages: capacity 0, nothing written
     n_entries = batch * spans if n_new and writes_checked else 0
-    verdict = new_verdict(first.device)
+    verdict = new_verdict(first.device, reused=True)  # read below, under the launch lock
     _decode_check.run(seqlens, leftpad, batch_idx, block_table, verdict,
                       0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
                       page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - n_q, n_entries, spans,
@@ -870,8 +874,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
     # Eager calls launch directly (a custom op's dispatch would cost more host time than the launches' Python);
     # torch.compile sees one opaque op that declares its in-place append.
-    launch = _launch_op if torch.compiler.is_compiling() else _launch
-    out, lse = launch(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, leftpad, batch_idx, block_table,
-                      alibi_slopes, bool(rotary_interleaved), q_same_position, window[0], window[1], float(softcap),
-                      scale, num_splits)
+    compiling = torch.compiler.is_compiling()
+    out, lse = (_launch_op if compiling else _launch)(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
+        bool(rotary_interleaved), q_same_position, window[0], window[1], float(softcap), scale, num_splits,
+        compiling or bool(return_lse))  # eager calls allocate no lse nobody asked for
     return (out, lse) if return_lse else out
