@@ -87,7 +87,8 @@ def test_tma_legality_is_judged_only_where_tma_could_run(monkeypatch, launched, 
         pytest.skip("the interpreter's launch path")
     asked = []
     real = configs.tma_legal
-    monkeypatch.setattr(configs, "tma_legal", lambda *tensors: asked.append(tensors) or real(*tensors))
+    monkeypatch.setattr(configs, "tma_legal",
+                        lambda *tensors, **layout: asked.append(tensors) or real(*tensors, **layout))
     q, k, v = (torch.randn(1, 2, 16, 16, device=device, requires_grad=True) for _ in range(3))
     kernels.attention(q, k, v, causal=True).sum().backward()
     assert asked == []
@@ -182,3 +183,47 @@ def test_flash_attn_func_bad_shapes_keep_their_messages(device, k_shape, message
     k = torch.randn(k_shape, device=device)
     with pytest.raises(ValueError, match=message):
         flash_attn.flash_attn_func(q, k, k)
+
+
+def test_flash_attn_func_launches_on_its_tensors_with_their_heads_first_strides(launched, device):
+    """flash-attn's (B, S, H, D) tensors reach every kernel as they are, with the sizes and strides their
+    (B, H, S, D) views would give (GQA, q, k, v and dO in different layouts)."""
+    q = torch.randn(2, 4, 9, 24, device=device).permute(0, 2, 1, 3).requires_grad_()  # (B, S, H, D), S-major
+    k = torch.randn(2, 11, 2, 24, device=device, requires_grad=True)
+    v = torch.randn(2, 11, 2, 32, device=device)[..., :24].requires_grad_()
+    out = flash_attn.flash_attn_func(q, k, v, causal=True)
+    grad = torch.randn(9, 2, 4, 24, device=device).transpose(0, 1)  # dO in yet another layout
+    out.backward(grad)
+    for name in ("fwd", "dkdv", "dq"):
+        args = launched[name]
+        assert args["Q"] is q and args["K"] is k and args["V"] is v
+        assert (args["H"], args["GROUP"], args["N_Q"], args["N_K"], args["CAUSAL_SHIFT"]) == (4, 2, 9, 11, 2)
+        for letter, t in (("q", q), ("k", k), ("v", v)):
+            assert tuple(args[f"stride_{letter}{dim}"] for dim in "bhnd") == t.transpose(1, 2).stride()
+    kernel_out = launched["fwd"]["O"]  # laid out as q (out is its contiguous copy: flash-attn's out is contiguous)
+    assert kernel_out.stride() == q.stride() and out.is_contiguous() and out.equal(kernel_out)
+    assert tuple(launched["fwd"][f"stride_o{dim}"] for dim in "bhnd") == kernel_out.transpose(1, 2).stride()
+    for name in ("dkdv", "dq"):
+        assert launched[name]["DO"] is grad
+        assert tuple(launched[name][f"stride_do{dim}"] for dim in "bhnd") == grad.transpose(1, 2).stride()
+    assert tuple(launched["dq"][f"stride_dq{dim}"] for dim in "bhnd") == q.grad.transpose(1, 2).stride()
+
+
+@pytest.mark.parametrize("sizes, strides, legal", [
+    ((1, 16, 2, 32), None, True), ((1, 16, 2, 36), None, False),  # fp16 rows of 72 bytes
+    ((2, 16, 3, 32), (1600, 96, 32, 1), True), ((2, 16, 3, 32), (1604, 96, 32, 1), False),  # batch stride
+    ((1, 33, 1, 40), (7, 40, 3, 1), True),  # batch 1, one head: their odd strides never multiply
+    ((1, 16, 2, 32), (2048, 32, 512, 1), True), ((1, 16, 2, 32), (2048, 32, 516, 1), False),  # head-major
+])
+def test_tma_legality_of_seq_first_tensors_is_their_views(launched, device, sizes, strides, legal):
+    """tma_legal(..., seq_first=True) of (B, S, H, D) tensors is tma_legal of their (B, H, S, D) views, and a
+    forced TMA launch of flash_attn_func takes TMA exactly then."""
+    if not kernels.INTERPRETED and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("no TMA before sm_90")
+    base = torch.randn(4096, device=device).half()
+    t = base[:math.prod(sizes)].view(sizes) if strides is None else base.as_strided(sizes, strides)
+    assert configs.tma_legal(t, seq_first=True) is legal
+    assert configs.tma_legal(t.transpose(1, 2)) is legal
+    with use_config("attention_fwd", BLOCK_M=16, BLOCK_N=16, TMA=True):
+        flash_attn.flash_attn_func(t, t, t)
+    assert launched["fwd"]["TMA"] is legal

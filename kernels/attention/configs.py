@@ -217,7 +217,7 @@ def uses_tma(family: Family, fp32: bool) -> bool:
     return family in TMA_FAMILIES and not fp32
 
 
-def tma_legal(*tensors: torch.Tensor) -> bool:
+def tma_legal(*tensors: torch.Tensor, seq_first: bool = False) -> bool:
     """Whether every one of ``tensors`` (B, H, N, D) may be read and written through per-head (N, D) tensor
     descriptors: a dtype TMA moves, a unit head-dim stride, and 16-byte aligned base and strides (batch and head
     strides only where that dim has more than one entry: a lone index never multiplies its stride). On a GPU
@@ -227,15 +227,17 @@ def tma_legal(*tensors: torch.Tensor) -> bool:
     if not _runtime.INTERPRETED and (first.device.type != "cuda" or torch.version.hip
                                      or _runtime.device_capability(first.device)[0] < 9):
         return False
-    return all(_tma_layout(t) for t in tensors)
+    return all(_tma_layout(t, seq_first) for t in tensors)
 
 
-def _tma_layout(t: torch.Tensor) -> bool:
+def _tma_layout(t: torch.Tensor, seq_first: bool) -> bool:
+    """Whether ``t`` (B, H, N, D), or with ``seq_first`` (B, N, H, D), is laid out for TMA (:func:`tma_legal`)."""
     if t.dtype not in TMA_DTYPES or t.stride(-1) != 1 or t.data_ptr() % TMA_ALIGN:
         return False
     size = t.element_size()
-    batch, heads = t.shape[:2]
-    stride_b, stride_h, stride_n = t.stride()[:3]
+    batch, heads = t.shape[0], t.shape[2 if seq_first else 1]
+    stride_b, stride_1, stride_2 = t.stride()[:3]
+    stride_h, stride_n = (stride_2, stride_1) if seq_first else (stride_1, stride_2)
     return ((stride_n * size) % TMA_ALIGN == 0 and (batch == 1 or (stride_b * size) % TMA_ALIGN == 0)
             and (heads == 1 or (stride_h * size) % TMA_ALIGN == 0))
 
@@ -348,12 +350,12 @@ _INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
 
 
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
-           tma: Tuple[torch.Tensor, ...], dropout: bool = False) -> None:
+           tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
     (by keyword) over cdiv(rows, block) blocks for each of ``heads`` (by ``run(..., grid=...)``, which
     ``kernel[grid](...)`` would call after repacking every argument), autotuned over :func:`tiles` of the launch's
     :func:`specialisation` (``dropout``: whether the launch passes a SEED). ``tma``: the tensors the kernel
-    streams, judged by :func:`tma_legal` only where a TMA config could run.
+    streams, judged by :func:`tma_legal` only where a TMA config could run (``seq_first``: they are (B, N, H, D)).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     block = _GRID_BLOCK[kernel]
     forced = forced_config(_REGISTRY_NAMES[kernel])
@@ -365,7 +367,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         if meta.get("MASK_MOD") is not None:
             _check_mask_tile(kernel, forced)
         config = dict(forced)
-        config["TMA"] = bool(config.get("TMA")) and tma_legal(*tma)
+        config["TMA"] = bool(config.get("TMA")) and tma_legal(*tma, seq_first=seq_first)
         if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
             config.pop("num_warps", None)
             config.pop("num_stages", None)
@@ -375,7 +377,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         return
     fp32 = args[0].dtype == torch.float32
     family = _family(args[0].device)
-    on_tma = uses_tma(family, fp32) and tma_legal(*tma)
+    on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
     if on_tma:
         _ensure_scratch_allocator()
     tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),

@@ -112,24 +112,20 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, D) <-> (B, H, S, D): flash-attn's layout as the kernels' view, and back."""
-    return t.transpose(1, 2)
-
-
-def layout_attention(name: str, to_kernel: Callable, from_kernel: Callable, lse_out: Callable = _same,
-                     lse_in: Callable = _same) -> Callable:
+def layout_attention(name: str, to_kernel: Callable = _same, from_kernel: Callable = _same,
+                     lse_out: Callable = _same, lse_in: Callable = _same, seq_first: bool = False) -> Callable:
     """The eager ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of attention on inputs in
     another layout than the kernels' (B, H, N, D): ``to_kernel`` makes q, k, v's (and dO's) kernel views and
     ``from_kernel`` gives out (and the gradients) back in the inputs' layout; ``lse_out`` / ``lse_in`` do the same
-    for lse and its gradient. The views are made inside the autograd.Function, where autograd records none
-    (each recorded view costs host time both ways), and the gradients reach the tensors the user passed. An unused
-    lse or out costs the backward nothing but a zero dO."""
+    for lse and its gradient; ``seq_first``: the launches take flash-attn's (B, N, H, D) tensors as they are
+    (``plan.forward``'s). Any views are made inside the autograd.Function, where autograd records none (each
+    recorded view costs host time both ways), and the gradients reach the tensors the user passed. An unused lse
+    or out costs the backward nothing but a zero dO."""
     kernel_views = threading.local()  # the forward's (q, k, v, out, lse) views, handed to the setup right after
 
     def forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
         views = to_kernel(q), to_kernel(k), to_kernel(v)
-        out, lse = attention_forward(*views, tensors, variant)
+        out, lse = attention_forward(*views, tensors, variant, seq_first)
         kernel_views.last = (*views, out, lse)
         return from_kernel(out), lse_out(lse)
 
@@ -143,16 +139,19 @@ def layout_attention(name: str, to_kernel: Callable, from_kernel: Callable, lse_
         # only lse was used: out's gradient is zeros
         grad_out = torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else to_kernel(grad_out)
         grad_lse = None if grad_lse is None else lse_in(grad_lse)
-        dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, grad_lse)
+        dq, dk, dv, dsinks = gradients(launch_backward, ctx, grad_out, grad_lse)
         return (from_kernel(dq), from_kernel(dk), from_kernel(dv), (dsinks if ctx.needs_input_grad[3] else None),
                 None, None)
+
+    def launch_backward(*args):
+        return attention_backward(*args, seq_first)
 
     apply = autograd_function(name, forward, setup, backward)
     apply.kernel_views = kernel_views
     return apply
 
 
-_seq_first_function = layout_attention("FlashAttentionSeqFirst", _heads_first, _heads_first)
+_seq_first_function = layout_attention("FlashAttentionSeqFirst", seq_first=True)
 
 
 def attention_seq_first_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
