@@ -146,14 +146,15 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_on, stride_oh, stride_os, stride_od,
-                stride_lb, stride_lh, stride_ln, stride_ls,
+                stride_lb, stride_lh, stride_ln, stride_ls, lse_start,
                 kv_heads, group, n_q, n_new, capacity, page_size, cache_rows, splits, window_left, window_right,
                 qk_scale, cap_log2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
     """One program per (split, packed row block, batch * kv head) (split fastest): the normalised out of its rows
-    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE (None: not stored).
+    over its share of their keys into O (split s at offset s * stride_os) and the natural-log lse into LSE from
+    element ``lse_start`` on (None: not stored; the splits' partials are one buffer, their lse after their out).
     ALIBI: float32 slopes (B, H) or (H,) (stride_ab 0), indexed by each packed row's query head."""
     pid = tl.program_id(0)
     split = pid % splits
@@ -229,19 +230,20 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
                         stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     if LSE is not None:  # None: a call that returns no lse, unsplit
-        tl.store(LSE + _row_offset(split, stride_ls) + _row_offset(b, stride_lb) + h * stride_lh + tok * stride_ln,
-                 lse, mask=row_ok)
+        lse_ptrs = LSE + lse_start + _row_offset(split, stride_ls) + _row_offset(b, stride_lb)
+        tl.store(lse_ptrs + h * stride_lh + tok * stride_ln, lse, mask=row_ok)
 
 
 @triton.jit
-def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
+def _decode_combine(PARTIALS, O, LSE,
                     stride_sb, stride_sn, stride_sh, stride_ss, stride_sd,
                     stride_ob, stride_on, stride_oh, stride_od,
                     heads, n_q, n_rows, splits,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program per block of the B * H * Sq rows (in LSE's (B, H, Sq) order): out = sum_s w_s out_s / sum_s w_s
-    with w_s = exp(lse_s), lse = log sum_s w_s, over the splits' partials O_SPLIT (splits, B, Sq, H, D) and
-    LSE_SPLIT (splits, B, H, Sq) fp32 (contiguous), into O (B, Sq, H, D) and LSE (B, H, Sq) (None: not stored)."""
+    with w_s = exp(lse_s), lse = log sum_s w_s, over the splits' partials: one fp32 buffer PARTIALS holding their
+    out (splits, B, Sq, H, D) then their lse (splits, B, H, Sq), both contiguous, into O (B, Sq, H, D) and LSE
+    (B, H, Sq) (None: not stored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     b = rows // (heads * n_q)
@@ -252,8 +254,9 @@ def _decode_combine(O_SPLIT, LSE_SPLIT, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for split in range(splits):
-        lse = tl.load(LSE_SPLIT + _row_offset(split, n_rows) + rows, mask=row_ok, other=float("-inf")) * LOG2E
-        out = _load_tile(_tile_ptrs(O_SPLIT + _row_offset(split, stride_ss), b[:, None], h[:, None], tok, offs_d,
+        lse_ptrs = PARTIALS + _row_offset(splits, n_rows) * HEAD_DIM + _row_offset(split, n_rows)
+        lse = tl.load(lse_ptrs + rows, mask=row_ok, other=float("-inf")) * LOG2E
+        out = _load_tile(_tile_ptrs(PARTIALS + _row_offset(split, stride_ss), b[:, None], h[:, None], tok, offs_d,
                                     stride_sb, stride_sh, stride_sn, stride_sd), row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
         m_new = tl.maximum(m_i, lse)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split has seen a key yet: weights 0, not NaN
@@ -412,7 +415,7 @@ def _sm_count(device: torch.device) -> int:
     return _runtime.sm_count(device)
 
 
-_TYPES = {"LSE": "*fp32", "LSE_SPLIT": "*fp32", "O_SPLIT": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i32",
+_TYPES = {"LSE": "*fp32", "PARTIALS": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i32",
           "BATCH_IDX": "*i32", "BLOCK_TABLE": "*i32", "ALIBI": "*fp32"}
 
 
@@ -479,10 +482,12 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
 class _AttendPlan(NamedTuple):
     """What the attention launches of a call's signature need besides its tensors (:func:`_attend_plan`):
     ``tail`` the decode kernel's arguments after the q/k/v strides (its out and lse strides, every scalar),
-    ``meta`` its compile-time keywords (and launch options), and with ``splits`` > 1 the combine's ``combine_grid``,
-    ``combine_tail`` (its arguments after the four tensors) and ``combine_meta``."""
+    ``meta`` its compile-time keywords (and launch options), and with ``splits`` > 1 the elements of the partials'
+    one fp32 buffer, the combine's ``combine_grid``, ``combine_tail`` (its arguments after the three tensors) and
+    ``combine_meta``."""
 
     splits: int
+    partial_size: int
     grid: tuple
     tail: tuple
     meta: dict
@@ -507,7 +512,7 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     """The :class:`_AttendPlan` of a call's signature: cached, so a decoding loop computes its tile, split count,
     strides and meta once (``forced``: the use_config override, and ``tf32`` torch's flag, both part of the key).
     out (B, Sq, H, D) and lse (B, H, Sq) are contiguous, and so are the splits' fp32 partials (splits, B, Sq, H, D)
-    and (splits, B, H, Sq)."""
+    and (splits, B, H, Sq), one buffer of ``partial_size`` elements: the lse from element ``lse_start`` on."""
     batch, n_q, heads, d = q_shape
     group = heads // kv_heads
     config = tile(dtype, d, group * n_q)
@@ -517,20 +522,22 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     meta = kernel_meta(d, dtype, tf32, causal=False)
     out_strides = _contiguous_strides(q_shape)
     lse_strides = _contiguous_strides((batch, heads, n_q))
+    lse_start = 0 if splits == 1 else splits * math.prod(q_shape)
     if splits == 1:  # the kernel writes out and lse themselves
         o_strides, l_strides = (*out_strides[:3], 0, out_strides[3]), (*lse_strides, 0)
     else:
         partial, partial_lse = _contiguous_strides((splits, *q_shape)), _contiguous_strides((splits, batch, heads, n_q))
         o_strides, l_strides = (*partial[1:4], partial[0], partial[4]), (*partial_lse[1:], partial_lse[0])
-    tail = (*o_strides, *l_strides, kv_heads, group, n_q, n_new, capacity, page_size, cache_rows, splits, window[0],
+    tail = (*o_strides, *l_strides, lse_start, kv_heads, group, n_q, n_new, capacity, page_size, cache_rows, splits, window[0],
             window[1], scale * LOG2E.value, softcap * LOG2E.value)
     keywords = dict(**{name: meta[name] for name in ("HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION")},
                     LOCAL_LEFT=window[0] >= 0, LOCAL_RIGHT=window[1] >= 0, SOFTCAP=bool(softcap), **config)
-    combine_tail = (*o_strides[:3], o_strides[3], o_strides[4], *out_strides, heads, n_q, batch * heads * n_q, splits)
+    combine_tail = (*o_strides, *out_strides, heads, n_q, batch * heads * n_q, splits)
     combine_meta = dict(HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=COMBINE_BLOCK_M,
                         **({} if _runtime.INTERPRETED else {"num_warps": 4}))
-    return _AttendPlan(splits, grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"]), tail, keywords,
-                       grid(batch * heads * n_q, 1, COMBINE_BLOCK_M), combine_tail, combine_meta)
+    partial_size = lse_start + splits * batch * heads * n_q
+    return _AttendPlan(splits, partial_size, grid(group * n_q, batch * kv_heads * splits, config["BLOCK_M"]), tail,
+                       keywords, grid(batch * heads * n_q, 1, COMBINE_BLOCK_M), combine_tail, combine_meta)
 
 
 def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
@@ -538,20 +545,21 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
             need_lse: bool):
     """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32, or None
     without ``need_lse``), contiguous. ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
-    batch, n_q, heads, d = q.shape
+    shape, device = q.shape, q.device
+    batch, n_q, heads, d = shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device) if need_lse else None
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
-    plan = _attend_plan(q.shape, q.dtype, q.device, k_cache.shape[2], capacity, page_size, k_cache.shape[0],
-                        n_new, window, softcap, scale, num_splits, uses_tf32(q.dtype),
+    cache_shape = k_cache.shape
+    plan = _attend_plan(shape, q.dtype, device, cache_shape[2], capacity, page_size, cache_shape[0], n_new, window,
+                        softcap, scale, num_splits, uses_tf32(q.dtype),
                         None if forced is None else tuple(sorted(forced.items())))
     if plan.splits == 1:
         o_buf, lse_buf = out, lse
-    else:
-        o_buf = torch.empty((plan.splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse_buf = torch.empty((plan.splits, batch, heads, n_q), dtype=torch.float32, device=q.device)
+    else:  # the partials' out and lse, one buffer (the plan's strides and lse_start lay them out)
+        o_buf = lse_buf = torch.empty(plan.partial_size, dtype=torch.float32, device=device)
     # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
     _decode_fwd.run(q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
                     0 if block_table is None else block_table.stride(0),
@@ -559,7 +567,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
                     *q.stride(), *k_cache.stride(), *v_cache.stride(), *plan.tail, grid=plan.grid, warmup=False,
                     **plan.meta)
     if plan.splits > 1:
-        _decode_combine.run(o_buf, lse_buf, out, lse, *plan.combine_tail, grid=plan.combine_grid, warmup=False,
+        _decode_combine.run(o_buf, out, lse, *plan.combine_tail, grid=plan.combine_grid, warmup=False,
                             **plan.combine_meta)
     return out, lse
 
@@ -581,8 +589,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
     (:func:`_check_index_values`: here, so that a compiled call checks them too, inside the op), append (and
     rotate) k/v into the caches in place, rotate q, attend. Index tensors int32 and contiguous, ``seqlens`` (B,)
     or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32); lse is None without ``need_lse``, which
-    only eager calls pass (the op, whose outputs must be tensors, is always asked for it). Every allocation's size follows from the shapes, none from a tensor's
-    values (a CUDA graph replays it with new values)."""
+    only eager calls pass (the op, whose outputs must be tensors, is always asked for it). Every allocation's size
+    follows from the shapes, none from a tensor's values (a CUDA graph replays it with new values)."""
     capacity, page_size = _capacity(k_cache, block_table)
     n_new = 0 if k is None else k.shape[1]
     # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed
@@ -658,31 +666,33 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
         check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
         check_same("device", q=q, k_cache=k_cache, v_cache=v_cache)
     batch, _, heads, d = q.shape
-    if k_cache.shape != v_cache.shape:
+    cache_shape = k_cache.shape  # one Size, not one per read
+    if cache_shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != d or not 1 <= d <= MAX_HEAD_DIM:
+    cache_rows, page_rows, kv_heads, cache_d = cache_shape
+    if cache_d != d or not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"k_cache (.., Hkv, D) must have q's head dim D = {d}, 1 <= D <= {MAX_HEAD_DIM}, got "
                          f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"k_cache's kv heads (dim 2) must divide q's {heads} heads (B, Sq, H, D), got "
                          f"{tuple(k_cache.shape)}")
     if block_table is None:
-        if cache_batch_idx is None and k_cache.shape[0] < batch:
+        if cache_batch_idx is None and cache_rows < batch:
             raise ValueError(f"k_cache (B_cache, S_cache, Hkv, D) needs B_cache >= q's batch {batch} without "
                              f"cache_batch_idx, got {tuple(k_cache.shape)}")
     else:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx is not supported with a paged cache (block_table): the block table "
                              "already maps each batch row to its pages")
-        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))  # before reading its shape
+        if type(block_table) is not torch.Tensor or block_table.dim() != 2:  # before reading its shape
+            check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
         _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
-        if k_cache.shape[1] == 0:
+        if page_rows == 0:
             raise ValueError(f"k_cache (num_blocks, page_size, Hkv, D) needs page_size >= 1 with a block_table, got "
                              f"{tuple(k_cache.shape)}")
     capacity, page_size = _capacity(k_cache, block_table)
-    if batch and capacity and k_cache.shape[0] == 0:  # the kernels clamp row and page indices into [0, rows)
+    if batch and capacity and cache_rows == 0:  # the kernels clamp row and page indices into [0, rows)
         raise ValueError(f"k_cache has no cache rows or pages (dim 0) for q's {batch} batch rows to read, got "
                          f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
@@ -843,9 +853,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if k is not None and cache_seqlens is None:
         raise ValueError("cache_seqlens is required with k/v: it says where the new keys go")
     seqlens = _seqlens_tensor(cache_seqlens, batch, n_new, capacity, q.device)
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
-        if t is not None:
-            _check_index(name, t, (batch,), q.device)
+    if cache_batch_idx is not None:
+        _check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+    if cache_leftpad is not None:
+        _check_index("cache_leftpad", cache_leftpad, (batch,), q.device)
     _check_rotary(rotary_cos, rotary_sin, k, d, capacity, q.device)
     window = _check_window(window_size, bool(causal))
     if (type(softcap) is not float and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real))
