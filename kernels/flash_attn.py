@@ -120,6 +120,13 @@ def _variants(dropout_p, causal, window_size, softcap, deterministic) -> tuple:
     return _host(dropout_p), _flag("causal", causal), _window(window_size), _host(softcap)
 
 
+def _plain_options(dropout_p, causal, softcap, deterministic, return_attn_probs, attention_chunk) -> bool:
+    """Whether the dense functions' options are plain Python values (the common case), which :func:`_variants`,
+    :func:`_flag` and :func:`_host` would pass through unchanged."""
+    return (type(causal) is bool and type(deterministic) is bool and type(return_attn_probs) is bool
+            and type(attention_chunk) is int and type(dropout_p) in _PLAIN and type(softcap) in _PLAIN)
+
+
 def _unpack(name: str, packed, count: int, dim: int):
     """The ``count`` tensors stacked along ``dim`` of ``packed`` (views); ValueError naming it otherwise."""
     check_tensor(name, packed, ndim=dim + 3)
@@ -201,13 +208,18 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
            return_attn_probs, attention_chunk):
     """flash-attn's return value for q (B, Sq, H, D) and k, v (B, Sk, Hkv, D), by :func:`kernels.attention` on
     (B, H, S, D) views."""
-    dropout_p, causal, window_size, softcap = _variants(dropout_p, causal, window_size, softcap, deterministic)
-    attention_chunk = check_attention_chunk(_host(attention_chunk))
-    return_probs = _flag("return_attn_probs", return_attn_probs)
+    if _plain_options(dropout_p, causal, softcap, deterministic, return_attn_probs, attention_chunk):
+        # nothing to convert but a window (flash-attn takes any pair): attention_seq_first checks each value
+        return_probs, window_size = return_attn_probs, _window(window_size)
+    else:
+        dropout_p, causal, window_size, softcap = _variants(dropout_p, causal, window_size, softcap, deterministic)
+        attention_chunk = check_attention_chunk(_host(attention_chunk))
+        return_probs = _flag("return_attn_probs", return_attn_probs)
     if not is_plain_qkv(q, k, v):  # else each is a 4-D tensor
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])  # attention_seq_first checks q, k, v before anything runs
+    # None: attention_seq_first's default; q, k, v are checked there before anything runs
+    scale = None if softmax_scale is None else _softmax_scale(softmax_scale, q.shape[-1])
     rng_state = _rng_state(q.device) if return_probs else None
     # out is laid out as q, so (B, S, H, D) contiguous unless q is packed
     result = attention_seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap,
@@ -220,8 +232,9 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], dropout_p, q.device)
         chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
-        s_dmask = _s_dmask(_probs64(q, k, scale, mask=chunks, alibi_slopes=alibi_slopes, causal=causal,
-                                    window_size=window_size, softcap=softcap), keep, q.dtype)
+        probs = _probs64(q, k, check_scale(scale, q.shape[-1]), mask=chunks, alibi_slopes=alibi_slopes,
+                         causal=causal, window_size=window_size, softcap=softcap)
+        s_dmask = _s_dmask(probs, keep, q.dtype)
     return out.contiguous(), _flash_lse(lse), s_dmask
 
 

@@ -3,6 +3,7 @@ position in their signatures' order, TMA legality is judged only where a TMA con
 variant and tensors are shared values."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,20 @@ def test_tma_legality_of_seq_first_tensors_is_their_views(launched, device, size
     with use_config("attention_fwd", BLOCK_M=16, BLOCK_N=16, TMA=True):
         flash_attn.flash_attn_func(t, t, t)
     assert launched["fwd"]["TMA"] is legal
+
+
+def test_flash_attn_func_plain_options_pass_through_with_every_check(device):
+    """Plain Python options skip flash_attn's conversions (attention_seq_first checks them); a window given as a
+    list or tensor is still converted, and bad values keep their messages (softmax_scale by its own name)."""
+    q, k, v = (torch.randn(1, 7, 2, 16, device=device) for _ in range(3))
+    expected = flash_attn.flash_attn_func(q, k, v, causal=np.bool_(True), window_size=(2, 0))
+    for window in ([2, 0], torch.tensor([2, 0]), np.array([2, 0])):
+        assert flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window).equal(expected)
+    with pytest.raises(ValueError, match="attention_chunk must be >= 0"):
+        flash_attn.flash_attn_func(q, k, v, attention_chunk=-1)
+    with pytest.raises(TypeError, match="softmax_scale must be a finite real number"):
+        flash_attn.flash_attn_func(q, k, v, softmax_scale=math.inf)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        flash_attn.flash_attn_func(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attn.flash_attn_func(q, k, v, causal=1)
