@@ -572,11 +572,11 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
     return out, lse
 
 
-def _capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> Tuple[int, int]:
-    """(key positions per batch row, page size or 0) of a contiguous or paged cache."""
+def _capacity(slots: int, block_table: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(key positions per batch row, page size or 0) of a contiguous or paged cache whose dim 1 has ``slots``."""
     if block_table is None:
-        return k_cache.shape[1], 0
-    return block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+        return slots, 0
+    return block_table.shape[1] * slots, slots
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
@@ -591,7 +591,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
     or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32); lse is None without ``need_lse``, which
     only eager calls pass (the op, whose outputs must be tensors, is always asked for it). Every allocation's size
     follows from the shapes, none from a tensor's values (a CUDA graph replays it with new values)."""
-    capacity, page_size = _capacity(k_cache, block_table)
+    capacity, page_size = _capacity(k_cache.shape[1], block_table)
     n_new = 0 if k is None else k.shape[1]
     # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed
     rotary_rows = None if rotary_cos is None or q_same_position else rotary_cos.shape[0]
@@ -653,7 +653,7 @@ def _plain_tensors(q, k_cache, v_cache) -> bool:
     at once; other inputs take the generic checks and their messages)."""
     return (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
             and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4 and q.dtype in FLOAT_DTYPES
-            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.device == q.device
+            and k_cache.dtype is q.dtype and v_cache.dtype is q.dtype and k_cache.device == q.device
             and v_cache.device == q.device)
 
 
@@ -670,7 +670,7 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
     if cache_shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    cache_rows, page_rows, kv_heads, cache_d = cache_shape
+    cache_rows, slots, kv_heads, cache_d = cache_shape  # slots: positions per cache row, or the page size
     if cache_d != d or not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"k_cache (.., Hkv, D) must have q's head dim D = {d}, 1 <= D <= {MAX_HEAD_DIM}, got "
                          f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
@@ -688,10 +688,10 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
         if type(block_table) is not torch.Tensor or block_table.dim() != 2:  # before reading its shape
             check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
         _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
-        if page_rows == 0:
+        if slots == 0:
             raise ValueError(f"k_cache (num_blocks, page_size, Hkv, D) needs page_size >= 1 with a block_table, got "
                              f"{tuple(k_cache.shape)}")
-    capacity, page_size = _capacity(k_cache, block_table)
+    capacity, page_size = _capacity(slots, block_table)
     if batch and capacity and cache_rows == 0:  # the kernels clamp row and page indices into [0, rows)
         raise ValueError(f"k_cache has no cache rows or pages (dim 0) for q's {batch} batch rows to read, got "
                          f"{tuple(k_cache.shape)}")
@@ -852,12 +852,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     n_new = 0 if k is None else k.shape[1]
     if k is not None and cache_seqlens is None:
         raise ValueError("cache_seqlens is required with k/v: it says where the new keys go")
-    seqlens = _seqlens_tensor(cache_seqlens, batch, n_new, capacity, q.device)
+    device = q.device
+    seqlens = _seqlens_tensor(cache_seqlens, batch, n_new, capacity, device)
     if cache_batch_idx is not None:
-        _check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+        _check_index("cache_batch_idx", cache_batch_idx, (batch,), device)
     if cache_leftpad is not None:
-        _check_index("cache_leftpad", cache_leftpad, (batch,), q.device)
-    _check_rotary(rotary_cos, rotary_sin, k, d, capacity, q.device)
+        _check_index("cache_leftpad", cache_leftpad, (batch,), device)
+    _check_rotary(rotary_cos, rotary_sin, k, d, capacity, device)
     window = _check_window(window_size, bool(causal))
     if (type(softcap) is not float and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real))
             or not 0 <= softcap < math.inf):
