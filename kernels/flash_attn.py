@@ -63,8 +63,9 @@ import torch
 
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.attention.api import attention_dropout_mask, attention_seq_first, check_attention_chunk, chunk_mask
-from kernels.attention.checks import check_scale, is_plain_qkv
+from kernels.attention.api import (attention_dropout_mask, attention_seq_first, check_4d, check_attention_chunk,
+                                   chunk_mask)
+from kernels.attention.checks import check_scale
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 
@@ -118,6 +119,12 @@ def _variants(dropout_p, causal, window_size, softcap, deterministic) -> tuple:
     and dropped: the backward is always deterministic)."""
     _flag("deterministic", deterministic)
     return _host(dropout_p), _flag("causal", causal), _window(window_size), _host(softcap)
+
+
+def _head_dim(q, k, v) -> int:
+    """q's head dim, once q, k, v are known to be 4-D tensors (TypeError/ValueError naming the one that is not)."""
+    check_4d(q, k, v)
+    return q.shape[-1]
 
 
 def _plain_options(dropout_p, causal, softcap, deterministic, return_attn_probs, attention_chunk) -> bool:
@@ -215,11 +222,8 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         dropout_p, causal, window_size, softcap = _variants(dropout_p, causal, window_size, softcap, deterministic)
         attention_chunk = check_attention_chunk(_host(attention_chunk))
         return_probs = _flag("return_attn_probs", return_attn_probs)
-    if not is_plain_qkv(q, k, v):  # else each is a 4-D tensor
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            check_tensor(name, t, ndim=4)
     # None: attention_seq_first's default; q, k, v are checked there before anything runs
-    scale = None if softmax_scale is None else _softmax_scale(softmax_scale, q.shape[-1])
+    scale = None if softmax_scale is None else _softmax_scale(softmax_scale, _head_dim(q, k, v))
     rng_state = _rng_state(q.device) if return_probs else None
     # out is laid out as q, so (B, S, H, D) contiguous unless q is packed
     result = attention_seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap,

@@ -245,3 +245,8 @@ def test_flash_attn_func_plain_options_pass_through_with_every_check(device):
         flash_attn.flash_attn_func(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="causal must be a bool"):
         flash_attn.flash_attn_func(q, k, v, causal=1)
+    for scale in (None, 0.5):  # checked before the head dim is read, and on the path without a scale
+        with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+            flash_attn.flash_attn_func(q.tolist(), k, v, softmax_scale=scale)
+        with pytest.raises(ValueError, match="k must be 4-D"):
+            flash_attn.flash_attn_func(q, k[0], v, softmax_scale=scale)

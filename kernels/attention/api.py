@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from kernels import _runtime, reference
+from kernels._validate import check_tensor
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
                                       check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
@@ -173,6 +174,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return (out, lse) if return_lse else out
 
 
+def check_4d(q, k, v) -> None:
+    """TypeError/ValueError naming the argument unless q, k, v are 4-D tensors (of any layout)."""
+    if not is_plain_qkv(q, k, v):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+
+
 def _plain_seq_first(q, k, v) -> bool:
     """Whether q (B, Nq, H, D), k, v (B, Nk, Hkv, D) pass every check of ``check_qkv`` on their (B, H, N, D) views,
     tested on them as they are (the common case: no view to make)."""
@@ -195,6 +203,7 @@ def attention_seq_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     :func:`attention` of transposed views, with its checks and messages."""
     if (alibi_slopes is not None or not _plain_seq_first(q, k, v) or torch.compiler.is_compiling()
             or _runtime.forward_ad_active() or not _runtime.kernels_can_run(q)):
+        check_4d(q, k, v)  # transposable
         result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, return_lse,
                            window_size=window_size, attention_chunk=attention_chunk, softcap=softcap,
                            alibi_slopes=alibi_slopes, dropout_p=dropout_p)
