@@ -4,6 +4,7 @@ The index check's verdict is this thread's reused buffer on CPU, read once, as a
 check launch and the read); an unrequested lse is not allocated;
 and whether the kernels run is told from ``is_cpu``/``is_cuda`` (no device built per tensor)."""
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -50,6 +51,56 @@ def test_a_failed_check_leaves_the_reused_verdict_a_pass():
         with launches():
             out = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_the_reused_verdict_serves_calls_in_and_out_of_inference_mode():
+    """Made by a first call under torch.inference_mode, the thread's verdict is no inference tensor: a failing call
+    outside it can still leave it a pass (before: RuntimeError, an in-place update to an inference tensor)."""
+    def run():
+        q, (k_pages, v_pages), table, seqlens = _paged_step()
+        with torch.inference_mode():
+            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+        for mode in (contextlib.nullcontext, torch.inference_mode):
+            with mode(), pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+                kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor([-2, 5]).int(),
+                                               block_table=table)
+            with mode():
+                kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+
+    assert _raised_in_a_new_thread(run) == []
+
+
+def test_the_verdict_is_made_on_the_inputs_device_not_torchs_default():
+    """Under ``with torch.device("meta")`` (as a model is built), CPU calls still check their index values on
+    CPU, the thread's first call included (before: the verdict was made on the default device and the check
+    failed with NotImplementedError)."""
+    def run():
+        q, (k_pages, v_pages), table, seqlens = _paged_step()
+        with torch.device("meta"):
+            out = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+            assert out.device.type == "cpu"
+            with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+                kernels.attention_with_kvcache(q, k_pages, v_pages, block_table=table,
+                                               cache_seqlens=torch.tensor([-2, 5], dtype=torch.int32, device="cpu"))
+            assert checks.new_verdict(torch.device("cpu")).device.type == "cpu"
+
+    assert _raised_in_a_new_thread(run) == []
+
+
+def _raised_in_a_new_thread(call):
+    """[the exception ``call()`` raised] or [], run in a thread of its own (its first check makes its verdict)."""
+    errors = []
+
+    def run():
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - handed to the test's thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return errors
 
 
 def test_a_verdict_read_elsewhere_is_not_reused():

@@ -177,10 +177,11 @@ def new_verdict(device: torch.device, reused: bool = False) -> torch.Tensor:
     if not reads_at_once(device):
         return torch.empty(2, dtype=torch.int32, device=device)
     if not reused:
-        return torch.ones(2, dtype=torch.int32)
+        return torch.ones(2, dtype=torch.int32, device=device)  # device given: not torch's default device
     verdict = getattr(_THREAD, "verdict", None)
     if verdict is None:
-        verdict = _THREAD.verdict = torch.ones(2, dtype=torch.int32)
+        with torch.inference_mode(False):  # made under inference mode, calls outside it could not write to it
+            verdict = _THREAD.verdict = torch.ones(2, dtype=torch.int32, device=device)
     return verdict
 
 
