@@ -540,11 +540,12 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
                        keywords, grid(batch * heads * n_q, 1, COMBINE_BLOCK_M), combine_tail, combine_meta)
 
 
-def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity: int, page_size: int,
-            n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes, scale: float, num_splits: int,
-            need_lse: bool):
+def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, kv_heads: int, cache_rows: int,
+            capacity: int, page_size: int, n_new: int, window: Tuple[int, int], softcap: float, alibi_slopes,
+            scale: float, num_splits: int, need_lse: bool):
     """Launch the split kernel (and the combine when it splits): (out (B, Sq, H, D), lse (B, H, Sq) fp32, or None
-    without ``need_lse``), contiguous. ``alibi_slopes``: None or contiguous float32 (H,) or (B, H)."""
+    without ``need_lse``), contiguous. ``kv_heads``, ``cache_rows``: the cache's dims 2 and 0. ``alibi_slopes``:
+    None or contiguous float32 (H,) or (B, H)."""
     shape, device = q.shape, q.device
     batch, n_q, heads, d = shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -552,8 +553,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capac
     if out.numel() == 0:
         return out, lse
     forced = forced_config("attention_decode")
-    cache_shape = k_cache.shape
-    plan = _attend_plan(shape, q.dtype, device, cache_shape[2], capacity, page_size, cache_shape[0], n_new, window,
+    plan = _attend_plan(shape, q.dtype, device, kv_heads, capacity, page_size, cache_rows, n_new, window,
                         softcap, scale, num_splits, uses_tf32(q.dtype),
                         None if forced is None else tuple(sorted(forced.items())))
     if plan.splits == 1:
@@ -591,13 +591,15 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
     or None. Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32); lse is None without ``need_lse``, which
     only eager calls pass (the op, whose outputs must be tensors, is always asked for it). Every allocation's size
     follows from the shapes, none from a tensor's values (a CUDA graph replays it with new values)."""
-    capacity, page_size = _capacity(k_cache.shape[1], block_table)
+    batch, n_q, _, _ = q.shape
+    cache_rows, slots, kv_heads, _ = k_cache.shape  # each Size read once: a read builds one
+    capacity, page_size = _capacity(slots, block_table)
     n_new = 0 if k is None else k.shape[1]
     # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed
     rotary_rows = None if rotary_cos is None or q_same_position else rotary_cos.shape[0]
     with _runtime.launch_device(q):
-        _check_index_values(seqlens, leftpad, batch_idx, block_table, q.shape[0], q.shape[1], n_new, capacity,
-                            page_size, k_cache.shape[0], rotary_rows)
+        _check_index_values(seqlens, leftpad, batch_idx, block_table, batch, n_q, n_new, capacity, page_size,
+                            cache_rows, rotary_rows)
         if k is not None:
             # (x, destination, cos, sin, seqlens, batch_idx, block_table, capacity, page_size, to_cache,
             # interleaved, same_position)
@@ -609,8 +611,9 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
                 _append(q, q_rotated, rotary_cos, rotary_sin, seqlens, None, None, rotary_cos.shape[0], page_size,
                         False, rotary_interleaved, q_same_position)
                 q = q_rotated
-        return _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, capacity, page_size, n_new,
-                       (window_left, window_right), softcap, alibi_slopes, scale, num_splits, need_lse)
+        return _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, kv_heads, cache_rows, capacity,
+                       page_size, n_new, (window_left, window_right), softcap, alibi_slopes, scale, num_splits,
+                       need_lse)
 
 
 _launch_op = torch.library.custom_op("kernels::attention_with_kvcache", _launch, mutates_args=("k_cache", "v_cache"))
