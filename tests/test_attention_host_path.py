@@ -11,6 +11,7 @@ import kernels
 from kernels import flash_attn, reference
 from kernels.attention import api, configs, plan
 from kernels.registry import use_config
+from test_varlen_decode_host_path import _AtenOps
 from tolerance import BACKWARD, FORWARD, assert_close
 
 
@@ -250,3 +251,23 @@ def test_flash_attn_func_plain_options_pass_through_with_every_check(device):
             flash_attn.flash_attn_func(q.tolist(), k, v, softmax_scale=scale)
         with pytest.raises(ValueError, match="k must be 4-D"):
             flash_attn.flash_attn_func(q, k[0], v, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k, v: kernels.attention(q, k, v, causal=True),
+    lambda q, k, v: flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True),
+])
+def test_an_unused_lse_adds_nothing_to_the_backward(device, call):
+    """Before: autograd materialised lse's zero gradient, and the backward subtracted (zeros * log2 e) from delta
+    (a zeros, a mul and a sub_ per call); the gradients are those of an explicit zero lse gradient."""
+    q, k, v = (torch.randn(1, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(1, 2, 9, 16, device=device)
+    out = call(q, k, v)
+    with _AtenOps() as ops:
+        out.backward(grad_out if out.shape == q.shape else grad_out.transpose(1, 2))
+    assert not {"mul", "sub", "sub_", "zeros", "zero_", "fill_"} & set(ops.names), ops.names
+    grads = [t.grad for t in (q, k, v)]
+    out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)
+    expected = torch.autograd.grad((out, lse), (q, k, v), (grad_out, torch.zeros_like(lse)))
+    for grad, grad_expected in zip(grads, expected):
+        torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)

@@ -96,36 +96,54 @@ def gradients(backward, ctx, grad_out, grad_lse):
 def _setup_eager(ctx, inputs, output):
     q, k, v, _sinks, tensors, variant = inputs
     save_context(ctx, q, k, v, output, tensors, variant)
+    ctx.set_materialize_grads(False)  # an unused lse costs the backward nothing
 
 
-def _eager_backward(ctx, grad_out, grad_lse):
-    dq, dk, dv, dsinks = gradients(attention_backward, ctx, grad_out, grad_lse)
-    return dq, dk, dv, (dsinks if ctx.needs_input_grad[3] else None), None, None
+def _out_grad(ctx, grad_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """dO as the kernels take it: zeros (laid out as the saved out) where only lse was used."""
+    return torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else grad_out
+
+
+def _eager_backward(seq_first: bool):
+    """The eager Function's backward: :data:`attention_backward` (looked up per call) of (B, H, N, D) tensors, or
+    with ``seq_first`` of flash-attn's (B, N, H, D) ones."""
+    def launch_backward(*args):
+        return attention_backward(*args, seq_first)
+
+    def backward(ctx, grad_out, grad_lse):
+        dq, dk, dv, dsinks = gradients(launch_backward, ctx, _out_grad(ctx, grad_out), grad_lse)
+        return dq, dk, dv, (dsinks if ctx.needs_input_grad[3] else None), None, None
+    return backward
 
 
 _attention_function = autograd_function(
     "FlashAttention", lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant),
-    _setup_eager, _eager_backward)
+    _setup_eager, _eager_backward(False))
+_seq_first_function = autograd_function(
+    "FlashAttentionSeqFirst",
+    lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant, True),
+    _setup_eager, _eager_backward(True))
+"""The eager Function of flash-attn's (B, S, H, D) q, k, v: launched as they are (``plan.forward``'s
+``seq_first``), so autograd records no view either way."""
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def layout_attention(name: str, to_kernel: Callable = _same, from_kernel: Callable = _same,
-                     lse_out: Callable = _same, lse_in: Callable = _same, seq_first: bool = False) -> Callable:
+def layout_attention(name: str, to_kernel: Callable, from_kernel: Callable, lse_out: Callable = _same,
+                     lse_in: Callable = _same) -> Callable:
     """The eager ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of attention on inputs in
     another layout than the kernels' (B, H, N, D): ``to_kernel`` makes q, k, v's (and dO's) kernel views and
     ``from_kernel`` gives out (and the gradients) back in the inputs' layout; ``lse_out`` / ``lse_in`` do the same
-    for lse and its gradient; ``seq_first``: the launches take flash-attn's (B, N, H, D) tensors as they are
-    (``plan.forward``'s). Any views are made inside the autograd.Function, where autograd records none (each
+    for lse and its gradient. The views are made inside the autograd.Function, where autograd records none (each
     recorded view costs host time both ways), and the gradients reach the tensors the user passed. An unused lse
     or out costs the backward nothing but a zero dO."""
     kernel_views = threading.local()  # the forward's (q, k, v, out, lse) views, handed to the setup right after
 
     def forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
         views = to_kernel(q), to_kernel(k), to_kernel(v)
-        out, lse = attention_forward(*views, tensors, variant, seq_first)
+        out, lse = attention_forward(*views, tensors, variant)
         kernel_views.last = (*views, out, lse)
         return from_kernel(out), lse_out(lse)
 
@@ -136,22 +154,15 @@ def layout_attention(name: str, to_kernel: Callable = _same, from_kernel: Callab
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, grad_lse):
-        # only lse was used: out's gradient is zeros
-        grad_out = torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else to_kernel(grad_out)
+        grad_out = None if grad_out is None else to_kernel(grad_out)
         grad_lse = None if grad_lse is None else lse_in(grad_lse)
-        dq, dk, dv, dsinks = gradients(launch_backward, ctx, grad_out, grad_lse)
+        dq, dk, dv, dsinks = gradients(attention_backward, ctx, _out_grad(ctx, grad_out), grad_lse)
         return (from_kernel(dq), from_kernel(dk), from_kernel(dv), (dsinks if ctx.needs_input_grad[3] else None),
                 None, None)
-
-    def launch_backward(*args):
-        return attention_backward(*args, seq_first)
 
     apply = autograd_function(name, forward, setup, backward)
     apply.kernel_views = kernel_views
     return apply
-
-
-_seq_first_function = layout_attention("FlashAttentionSeqFirst", seq_first=True)
 
 
 def attention_seq_first_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
