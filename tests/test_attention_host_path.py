@@ -271,3 +271,44 @@ def test_an_unused_lse_adds_nothing_to_the_backward(device, call):
     expected = torch.autograd.grad((out, lse), (q, k, v), (grad_out, torch.zeros_like(lse)))
     for grad, grad_expected in zip(grads, expected):
         torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)
+
+
+def test_a_key_padding_mask_alone_saves_only_its_tensors(device):
+    """Before: the backward's context saved all 8 variant slots (Nones included; each costs host time) after q, k,
+    v, out, lse. Now a mask alone saves its key range and uint8 view, and the gradients are the reference's; a mask
+    with sinks still saves and gets back every slot."""
+    q, k, v = (torch.randn(2, 2, 7, 16, device=device, requires_grad=True) for _ in range(3))
+    pad = torch.ones(2, 7, dtype=torch.bool, device=device)
+    pad[0, 5:] = False
+    pad[1, :2] = False
+    out = kernels.attention(q, k, v, causal=True, key_padding_mask=pad)
+    assert len(out.grad_fn.saved_tensors) == 7
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected_out = reference.attention(q64, k64, v64, causal=True, mask=pad[:, None, None, :])
+    expected = torch.autograd.grad(expected_out, (q64, k64, v64), torch.ones_like(expected_out))
+    assert_close(out, expected_out, reference.attention(q, k, v, causal=True, mask=pad[:, None, None, :]), FORWARD)
+    for grad, grad_expected in zip(grads, expected):
+        torch.testing.assert_close(grad, grad_expected.float(), rtol=1e-4, atol=1e-4)
+    sinks = torch.randn(2, device=device, requires_grad=True)
+    out = kernels.attention(q, k, v, key_padding_mask=pad, sinks=sinks)
+    assert len(out.grad_fn.saved_tensors) == 5 + 8
+    out.sum().backward()
+    assert sinks.grad is not None and torch.isfinite(sinks.grad).all()
+
+
+@pytest.mark.parametrize("mask, error, message", [
+    ([[True] * 7] * 2, TypeError, "key_padding_mask must be a torch.Tensor"),
+    (torch.ones(2, 7), TypeError, "key_padding_mask must have dtype in \\(bool\\), got float32"),
+    (torch.ones(2, 1, 7, dtype=torch.bool), ValueError, "key_padding_mask must be 2-D"),
+    (torch.ones(1, 7, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(B, Nk\) = \(2, 7\)"),
+    (torch.ones(2, 6, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(B, Nk\) = \(2, 7\)"),
+    (torch.ones(2, 7, dtype=torch.bool, device="meta"), ValueError, "q, key_padding_mask must share one device"),
+])
+def test_bad_key_padding_masks_keep_their_messages(device, mask, error, message):
+    """The mask's checks read its Size once and skip the generic checks for a 2-D bool tensor: every other input
+    still gets its message, before anything launches."""
+    q, k, v = (torch.randn(2, 2, 7, 16, device=device) for _ in range(3))
+    mask = mask.to(device) if isinstance(mask, torch.Tensor) and mask.device.type != "meta" else mask
+    with pytest.raises(error, match=message):
+        kernels.attention(q, k, v, key_padding_mask=mask)

@@ -71,8 +71,11 @@ def key_bounds(mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_padding_mask(mask, q, k) -> None:
-    check_tensor("key_padding_mask", mask, ndim=2, dtypes=(torch.bool,))
-    if mask.shape != (q.shape[0], k.shape[2]):
+    """TypeError/ValueError naming key_padding_mask unless it is a bool (B, Nk) tensor on q's device."""
+    if type(mask) is not torch.Tensor or mask.dtype is not torch.bool or mask.dim() != 2:  # else: passes
+        check_tensor("key_padding_mask", mask, ndim=2, dtypes=(torch.bool,))
+    batch, n_k = mask.shape  # one Size read, compared by value
+    if batch != q.shape[0] or n_k != k.shape[2]:
         raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(q.shape[0], k.shape[2])}, "
                          f"got {tuple(mask.shape)}")
     if mask.device != q.device:  # the common case decided without building check_same's arguments

@@ -66,6 +66,9 @@ def save_context(ctx, q, k, v, output, tensors: VariantTensors, variant: Attenti
     if tensors is NO_TENSORS:  # a plain call: nothing more to save, or to rebuild in the backward
         ctx.save_for_backward(q, k, v, *output)
         return
+    if tensors.padding_only():  # a key padding mask alone: its two tensors (each saved slot, None too, costs)
+        ctx.save_for_backward(q, k, v, *output, tensors.kv_bounds, tensors.pad)
+        return
     mask_args, score_args = list(tensors.mask_args or ()), list(tensors.score_args or ())
     ctx.n_mask_args = len(mask_args)
     ctx.save_for_backward(q, k, v, *output, *tensors[:-2], *mask_args, *score_args)
@@ -75,6 +78,8 @@ def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
     """The :class:`VariantTensors` :func:`save_context` saved after q, k, v, out and lse (none: NO_TENSORS)."""
     if not saved:
         return NO_TENSORS
+    if len(saved) == 2:  # a key padding mask's (kv_bounds, pad): the others save 8 slots or more
+        return VariantTensors(*saved)
     n_fixed = len(VariantTensors._fields) - 2
     mod_args = saved[n_fixed:]
     return VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])

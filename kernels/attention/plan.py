@@ -68,6 +68,12 @@ class VariantTensors(NamedTuple):
     mask_args: Optional[List[torch.Tensor]] = None
     score_args: Optional[List[torch.Tensor]] = None
 
+    def padding_only(self) -> bool:
+        """Whether the call has a key padding mask's tensors (or none) and nothing else."""
+        return (self.alibi_slopes is None and self.sinks is None and self.rng_state is None
+                and self.cu_seqlens_q is None and self.cu_seqlens_k is None and self.block_mask is None
+                and self.mask_args is None and self.score_args is None)
+
 
 NO_TENSORS = VariantTensors()
 
