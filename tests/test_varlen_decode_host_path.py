@@ -180,3 +180,17 @@ def test_decode_plain_type_fast_paths_leave_other_types_to_the_full_checks():
                                              cache_seqlens=np.int64(5), num_splits=np.int32(2), softcap=3)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close((k_cache, v_cache), caches, rtol=0, atol=0)
+
+
+def test_varlen_eager_offsets_check_reuses_the_threads_verdict():
+    """Before: each eager call allocated a new verdict (a ``ones``) for the offsets' check on CPU; now it is the
+    thread's one, read at once, and left a pass after a failing call so that the next valid call passes."""
+    q, k, v = _packed("cpu", grad=False)
+    cu = _int32([0, 4, 9])
+    attention_varlen(q, k, v, cu, cu, 5, 5)
+    with _AtenOps() as ops:
+        out = attention_varlen(q, k, v, cu, cu, 5, 5)
+    assert "ones" not in ops.names, ops.names
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        attention_varlen(q, k, v, cu, _int32([0, 10, 9]), 10, 10)
+    torch.testing.assert_close(attention_varlen(q, k, v, cu, cu, 5, 5), out, rtol=0, atol=0)

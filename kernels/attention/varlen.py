@@ -115,9 +115,10 @@ _ONE_PROGRAM = (1,)
 
 def _offsets_verdict(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_table: Optional[torch.Tensor],
                      total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int, num_blocks: int,
-                     page_size: int) -> torch.Tensor:
-    """The verdict (``checks.new_verdict``) of one ``_varlen_check`` launch (``total_k`` -1: keys from pages)."""
-    verdict = new_verdict(cu_seqlens_q.device)
+                     page_size: int, reused: bool = False) -> torch.Tensor:
+    """The verdict (``checks.new_verdict``; ``reused``: this thread's, read before its next check) of one
+    ``_varlen_check`` launch (``total_k`` -1: keys from pages)."""
+    verdict = new_verdict(cu_seqlens_q.device, reused)
     table = None if block_table is None else block_table.contiguous()
     with _runtime.launch_device(cu_seqlens_q):
         # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
@@ -146,9 +147,10 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
     (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids that a
     sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows the
     offsets name. One ``_varlen_check`` launch and one assert for all of it."""
-    verdict_of = _offsets_verdict_op if torch.compiler.is_compiling() else _offsets_verdict
-    verdict = verdict_of(cu_seqlens_q, cu_seqlens_k, block_table, total_q, -1 if total_k is None else total_k,
-                         max_seqlen_q, max_seqlen_k, num_blocks, page_size)
+    args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, -1 if total_k is None else total_k, max_seqlen_q,
+            max_seqlen_k, num_blocks, page_size)
+    # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
+    verdict = _offsets_verdict_op(*args) if torch.compiler.is_compiling() else _offsets_verdict(*args, reused=True)
     enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q, total_k,
                                                            max_seqlen_q, max_seqlen_k, block_table, num_blocks))
 
