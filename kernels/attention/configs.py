@@ -231,13 +231,17 @@ def tma_legal(*tensors: torch.Tensor, seq_first: bool = False) -> bool:
 
 
 def _tma_layout(t: torch.Tensor, seq_first: bool) -> bool:
-    """Whether ``t`` (B, H, N, D), or with ``seq_first`` (B, N, H, D), is laid out for TMA (:func:`tma_legal`)."""
+    """Whether ``t`` (B, H, N, D), or with ``seq_first`` (B, N, H, D), or packed (total, H, D), is laid out for TMA
+    (:func:`tma_legal`)."""
     if t.dtype not in TMA_DTYPES or t.stride(-1) != 1 or t.data_ptr() % TMA_ALIGN:
         return False
     size = t.element_size()
-    batch, heads = t.shape[0], t.shape[2 if seq_first else 1]
-    stride_b, stride_1, stride_2 = t.stride()[:3]
-    stride_h, stride_n = (stride_2, stride_1) if seq_first else (stride_1, stride_2)
+    if t.dim() == 3:  # packed sequences (total, H, D): as their (1, H, total, D) view
+        (stride_n, stride_h, _), batch, heads, stride_b = t.stride(), 1, t.shape[1], 0
+    else:
+        batch, heads = t.shape[0], t.shape[2 if seq_first else 1]
+        stride_b, stride_1, stride_2 = t.stride()[:3]
+        stride_h, stride_n = (stride_2, stride_1) if seq_first else (stride_1, stride_2)
     return ((stride_n * size) % TMA_ALIGN == 0 and (batch == 1 or (stride_b * size) % TMA_ALIGN == 0)
             and (heads == 1 or (stride_h * size) % TMA_ALIGN == 0))
 

@@ -10,8 +10,7 @@ attention). lse is in the kernels' log2 units throughout; :func:`natural_lse` gi
 import dataclasses
 import inspect
 import re
-import threading
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -51,6 +50,8 @@ def _sink_grad(sinks, grad_out, out, lse, grad_lse) -> torch.Tensor:
     - dlse_i). Per-row values reduced by torch.sum: deterministic. ``lse`` and ``grad_lse`` are the log2-unit
     lse and its gradient."""
     delta = (grad_out.float() * out.float()).sum(-1)
+    if delta.dim() == 2:  # packed sequences' (total, H): as their lse's (1, H, total)
+        delta = delta.t()[None]
     if grad_lse is not None:
         delta = delta - grad_lse * LOG2E.value
     return -(torch.exp2(sinks[:, None] * LOG2E.value - lse) * delta).sum((0, 2))
@@ -109,11 +110,11 @@ def _out_grad(ctx, grad_out: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.zeros_like(ctx.saved_tensors[3]) if grad_out is None else grad_out
 
 
-def _eager_backward(seq_first: bool):
-    """The eager Function's backward: :data:`attention_backward` (looked up per call) of (B, H, N, D) tensors, or
-    with ``seq_first`` of flash-attn's (B, N, H, D) ones."""
+def _eager_backward(layout: int):
+    """The eager Function's backward: :data:`attention_backward` (looked up per call) of tensors in ``layout``
+    (``plan.HEADS_FIRST``, ``SEQ_FIRST``, ``PACKED``)."""
     def launch_backward(*args):
-        return attention_backward(*args, seq_first)
+        return attention_backward(*args, layout)
 
     def backward(ctx, grad_out, grad_lse):
         dq, dk, dv, dsinks = gradients(launch_backward, ctx, _out_grad(ctx, grad_out), grad_lse)
@@ -121,53 +122,20 @@ def _eager_backward(seq_first: bool):
     return backward
 
 
-_attention_function = autograd_function(
-    "FlashAttention", lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant),
-    _setup_eager, _eager_backward(False))
-_seq_first_function = autograd_function(
-    "FlashAttentionSeqFirst",
-    lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant, True),
-    _setup_eager, _eager_backward(True))
-"""The eager Function of flash-attn's (B, S, H, D) q, k, v: launched as they are (``plan.forward``'s
-``seq_first``), so autograd records no view either way."""
+def _layout_function(name: str, layout: int):
+    """The eager autograd.Function ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of q, k, v in
+    ``layout``, launched on them as they are (``plan.forward``'s ``layout``): out and the gradients come in the
+    inputs' layout, lse (B, H, Nq) as ever, and autograd records no view either way."""
+    return autograd_function(
+        name, lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant, layout),
+        _setup_eager, _eager_backward(layout))
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def layout_attention(name: str, to_kernel: Callable, from_kernel: Callable, lse_out: Callable = _same,
-                     lse_in: Callable = _same) -> Callable:
-    """The eager ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of attention on inputs in
-    another layout than the kernels' (B, H, N, D): ``to_kernel`` makes q, k, v's (and dO's) kernel views and
-    ``from_kernel`` gives out (and the gradients) back in the inputs' layout; ``lse_out`` / ``lse_in`` do the same
-    for lse and its gradient. The views are made inside the autograd.Function, where autograd records none (each
-    recorded view costs host time both ways), and the gradients reach the tensors the user passed. An unused lse
-    or out costs the backward nothing but a zero dO."""
-    kernel_views = threading.local()  # the forward's (q, k, v, out, lse) views, handed to the setup right after
-
-    def forward(q, k, v, sinks, tensors: VariantTensors, variant: AttentionVariant):
-        views = to_kernel(q), to_kernel(k), to_kernel(v)
-        out, lse = attention_forward(*views, tensors, variant)
-        kernel_views.last = (*views, out, lse)
-        return from_kernel(out), lse_out(lse)
-
-    def setup(ctx, inputs, output) -> None:
-        q, k, v, out, lse = kernel_views.last
-        kernel_views.last = None
-        save_context(ctx, q, k, v, (out, lse), *inputs[4:])  # the views share the outputs' version counter
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_out, grad_lse):
-        grad_out = None if grad_out is None else to_kernel(grad_out)
-        grad_lse = None if grad_lse is None else lse_in(grad_lse)
-        dq, dk, dv, dsinks = gradients(attention_backward, ctx, _out_grad(ctx, grad_out), grad_lse)
-        return (from_kernel(dq), from_kernel(dk), from_kernel(dv), (dsinks if ctx.needs_input_grad[3] else None),
-                None, None)
-
-    apply = autograd_function(name, forward, setup, backward)
-    apply.kernel_views = kernel_views
-    return apply
+_attention_function = _layout_function("FlashAttention", plan.HEADS_FIRST)
+_seq_first_function = _layout_function("FlashAttentionSeqFirst", plan.SEQ_FIRST)
+"""flash-attn's (B, S, H, D) q, k, v."""
+_packed_function = _layout_function("FlashAttentionVarlen", plan.PACKED)
+"""Varlen's packed q (total_q, H, D), k, v (total_k, Hkv, D): out (total_q, H, D), lse (1, H, total_q)."""
 
 
 def attention_seq_first_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
@@ -175,6 +143,14 @@ def attention_seq_first_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, te
     """(out (B, Nq, H, D), log2-unit lse (B, H, Nq)) of q (B, Nq, H, D), k, v (B, Nk, Hkv, D) (flash-attn's layout),
     in eager (the callers use :func:`attention_op` on transposed views while torch.compile traces)."""
     return _seq_first_function(q, k, v, tensors.sinks, tensors, variant)
+
+
+def attention_packed_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors,
+                        variant: AttentionVariant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, H, D), log2-unit lse (1, H, total_q)) of packed q (total_q, H, D), k, v (total_k, Hkv, D)
+    (``tensors`` with cu_seqlens), in eager (varlen uses :func:`attention_op` on (1, H, total, D) views while
+    torch.compile traces)."""
+    return _packed_function(q, k, v, tensors.sinks, tensors, variant)
 
 
 # ----------------------------------------------------------------------------------- traced path (torch.library)

@@ -175,37 +175,47 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
 
 
 def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant, backward: bool,
-             seq_first: bool = False) -> Plan:
+             layout: int = 0) -> Plan:
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
-    _, kv_heads, n_k, _ = _sizes(k, seq_first)
-    return _plan(variant, varlen_batch, _sizes(q, seq_first), kv_heads, n_k, q.dtype, configs.uses_tf32(q.dtype),
+    _, kv_heads, n_k, _ = _sizes(k, layout)
+    return _plan(variant, varlen_batch, _sizes(q, layout), kv_heads, n_k, q.dtype, configs.uses_tf32(q.dtype),
                  backward)
 
 
-# Layouts: the launches take (B, H, N, D) tensors, or with ``seq_first`` flash-attn's (B, N, H, D) ones as they are
-# (their sizes and strides read in (B, H, N, D) order: what a transposed view would give, without making one).
-def _sizes(t: torch.Tensor, seq_first: bool) -> Tuple[int, ...]:
+HEADS_FIRST, SEQ_FIRST, PACKED = 0, 1, 2
+"""The layouts the launches take q, k, v, out, dO and the gradients in, as they are: (B, H, N, D); flash-attn's
+(B, N, H, D); varlen's packed (total, H, D), as its (1, H, total, D) view. Their sizes and strides are read in
+(B, H, N, D) order: what a view would give, without making one (each view costs host time)."""
+
+
+def _sizes(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
     """``t``'s (B, H, N, D) sizes."""
-    if not seq_first:
+    if layout == HEADS_FIRST:
         return t.shape
-    batch, n, heads, d = t.shape
-    return batch, heads, n, d
+    if layout == SEQ_FIRST:
+        batch, n, heads, d = t.shape
+        return batch, heads, n, d
+    total, heads, d = t.shape
+    return 1, heads, total, d
 
 
-def _heads_first_strides(t: torch.Tensor, seq_first: bool) -> Tuple[int, ...]:
-    """``t``'s (b, h, n, d) strides."""
-    if not seq_first:
+def _heads_first_strides(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
+    """``t``'s (b, h, n, d) strides (a packed tensor's batch stride 0: its one batch index is 0)."""
+    if layout == HEADS_FIRST:
         return t.stride()
-    stride_b, stride_n, stride_h, stride_d = t.stride()
-    return stride_b, stride_h, stride_n, stride_d
+    if layout == SEQ_FIRST:
+        stride_b, stride_n, stride_h, stride_d = t.stride()
+        return stride_b, stride_h, stride_n, stride_d
+    stride_n, stride_h, stride_d = t.stride()
+    return 0, stride_h, stride_n, stride_d
 
 
 # The kernels take their runtime arguments by position, in their signatures' order (a keyword call of some 55
 # arguments costs several µs of host time per launch), and their compile-time ones (Plan.meta, the tile) by keyword.
-def _strides(t: torch.Tensor, varlen: bool, seq_first: bool) -> Tuple[int, ...]:
+def _strides(t: torch.Tensor, varlen: bool, layout: int) -> Tuple[int, ...]:
     """``t``'s (b, h, n, d) strides as the kernels take them: a packed (1, H, total, D) view's batch stride is 0,
     since every sequence is found from cu_seqlens."""
-    return (0, *t.stride()[1:]) if varlen else _heads_first_strides(t, seq_first)
+    return (0, *t.stride()[1:]) if varlen and layout != PACKED else _heads_first_strides(t, layout)
 
 
 _NONE_BACKWARD = (None,) * 9 + (0,) * 4
@@ -235,86 +245,89 @@ def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
     return variant.dropout_p > 0 and tensors.rng_state is not None
 
 
-def rows_empty(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+def rows_empty(t: torch.Tensor, varlen: bool, layout: int = HEADS_FIRST) -> torch.Tensor:
     """An uninitialised tensor of ``t``'s (B, H, N, D) shape: laid out as ``t`` where ``t`` is dense (a permutation
     of a contiguous tensor, such as flash-attn's (B, N, H, D) transposed), else contiguous (torch.empty_like's
     rule); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout),
-    made as one strided tensor."""
+    made as one strided tensor (a contiguous one of a ``PACKED`` ``t``'s shape)."""
     if not varlen:
         return torch.empty_like(t)
+    if layout == PACKED:
+        return t.new_empty(t.shape)
     _, heads, total, d = t.shape
     return torch.empty_strided((1, heads, total, d), (heads * d, d, heads * d, 1), dtype=t.dtype, device=t.device)
 
 
-def gradients_empty(q: torch.Tensor, k: torch.Tensor, varlen: bool) -> Tuple[torch.Tensor, ...]:
+def gradients_empty(q: torch.Tensor, k: torch.Tensor, varlen: bool,
+                    layout: int = HEADS_FIRST) -> Tuple[torch.Tensor, ...]:
     """Uninitialised (dq, dk, dv): dq as :func:`rows_empty` of q, dk of k, and dv laid out as dk (the dK/dV kernel
     takes one set of strides for both)."""
-    dk = rows_empty(k, varlen)
-    return rows_empty(q, varlen), dk, torch.empty_like(dk)
+    dk = rows_empty(k, varlen, layout)
+    return rows_empty(q, varlen, layout), dk, torch.empty_like(dk)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant,
-            seq_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+            layout: int = HEADS_FIRST) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: (out (B, H, Nq, D) in q's dtype and layout (:func:`rows_empty`), lse (B, H, Nq) fp32
     in log2 units); for packed sequences q, k, v, out are (1, H, total, D) views and lse is (1, H, total_q). With
-    ``seq_first`` q, k, v and out are (B, N, H, D) (lse as ever)."""
+    ``layout`` SEQ_FIRST q, k, v and out are (B, N, H, D), PACKED (total, H, D) (lse as ever)."""
     varlen = tensors.cu_seqlens_q is not None
-    out = rows_empty(q, varlen)
-    q_shape, k_shape = _sizes(q, seq_first), _sizes(k, seq_first)
+    out = rows_empty(q, varlen, layout)
+    q_shape, k_shape = _sizes(q, layout), _sizes(k, layout)
     if out.numel() == 0 or k_shape[2] == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
         lse = q.new_empty(q_shape[:3], dtype=torch.float32)
         if tensors.sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
-    plan = _plan_of(q, k, tensors, variant, False, seq_first)
+    plan = _plan_of(q, k, tensors, variant, False, layout)
     lse = q.new_empty(plan.rows, dtype=torch.float32)
     args = (q, k, v, out, lse, *_variant_args(tensors, variant, lse, varlen, forward=True),
-            *_strides(q, varlen, seq_first), *_strides(k, varlen, seq_first), *_strides(v, varlen, seq_first),
-            *_strides(out, varlen, seq_first), *plan.scalars)
+            *_strides(q, varlen, layout), *_strides(k, varlen, layout), *_strides(v, varlen, layout),
+            *_strides(out, varlen, layout), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * q_shape[1], args, plan.meta, (plan.n_q, plan.n_k),
-                   dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=seq_first)
+                   dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST)
     return out, lse
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, grad_lse: Optional[torch.Tensor], tensors: VariantTensors,
-             variant: AttentionVariant, seq_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             variant: AttentionVariant, layout: int = HEADS_FIRST) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the backward kernels from any (out, lse) the rows were normalised with: (dq, dk, dv) in the inputs'
     dtype and layouts (:func:`gradients_empty`; for packed sequences, views of contiguous (total, H, D) tensors, as
     :func:`forward`'s out). ``grad_lse`` is the gradient of the log2-unit lse. Sinks need nothing here: lse
-    includes them. ``seq_first``: as :func:`forward`'s, for every (B, N, H, D) tensor."""
+    includes them. ``layout``: as :func:`forward`'s, for every (B, H, N, D) tensor."""
     varlen = tensors.cu_seqlens_q is not None
-    dq, dk, dv = gradients_empty(q, k, varlen)
+    dq, dk, dv = gradients_empty(q, k, varlen, layout)
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
     if not (q.numel() and k.numel()):
         return dq.zero_(), dk.zero_(), dv.zero_()
-    plan = _plan_of(q, k, tensors, variant, True, seq_first)
-    delta = _delta(grad_out, out, lse, grad_lse, plan, seq_first)
+    plan = _plan_of(q, k, tensors, variant, True, layout)
+    delta = _delta(grad_out, out, lse, grad_lse, plan, layout)
     # dK/dV and dQ share every argument but their outputs and the output's strides, which come after dO's
     head = (q, k, v, grad_out, lse, delta)
-    shared = (*_variant_args(tensors, variant, lse, varlen, forward=False), *_strides(q, varlen, seq_first),
-              *_strides(k, varlen, seq_first), *_strides(v, varlen, seq_first),
-              *_strides(grad_out, varlen, seq_first))
+    shared = (*_variant_args(tensors, variant, lse, varlen, forward=False), *_strides(q, varlen, layout),
+              *_strides(k, varlen, layout), *_strides(v, varlen, layout),
+              *_strides(grad_out, varlen, layout))
     dropout, lengths = _dropout(tensors, variant), (plan.n_q, plan.n_k)
     # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
     # stride-0 expand, which only the pointers take), dQ K and V
-    configs.launch("dkdv", plan.n_k, plan.batch * _sizes(k, seq_first)[1],
-                   (*head, dk, dv, *shared, *_strides(dk, varlen, seq_first), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=seq_first)
+    configs.launch("dkdv", plan.n_k, plan.batch * _sizes(k, layout)[1],
+                   (*head, dk, dv, *shared, *_strides(dk, varlen, layout), *plan.scalars),
+                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST)
     configs.launch("dq", plan.n_q, plan.batch * plan.rows[1],
-                   (*head, dq, *shared, *_strides(dq, varlen, seq_first), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=seq_first)
+                   (*head, dq, *shared, *_strides(dq, varlen, layout), *plan.scalars),
+                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=layout == SEQ_FIRST)
     return dq, dk, dv
 
 
-def _delta(grad_out, out, lse, grad_lse, plan: Plan, seq_first: bool) -> torch.Tensor:
+def _delta(grad_out, out, lse, grad_lse, plan: Plan, layout: int) -> torch.Tensor:
     """rowsum(dO * O) - dlse (B, H, Nq) fp32, by the pre-pass kernel: d lse_i / d s_ij = p_ij folds into delta,
     ds = p * (dp - (delta - dlse)). ``grad_lse`` is the gradient of the log2-unit lse, log2(e) times that of the
     natural one, hence the factor."""
     batch, heads, n_q = plan.rows
     delta = torch.empty_like(lse)
-    configs.launch_delta((out, grad_out, delta, *_heads_first_strides(out, seq_first),
-                          *_heads_first_strides(grad_out, seq_first), heads, n_q), n_q, batch * heads, plan.meta)
+    configs.launch_delta((out, grad_out, delta, *_heads_first_strides(out, layout),
+                          *_heads_first_strides(grad_out, layout), heads, n_q), n_q, batch * heads, plan.meta)
     if grad_lse is not None:
         delta -= grad_lse * LOG2E.value
     return delta

@@ -35,7 +35,7 @@ from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check
                                       check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
-from kernels.attention.ops import attention_op, layout_attention, natural_lse
+from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
 from kernels.attention.plan import VariantTensors, attention_variant
 from kernels.registry import Build, declare, register_builds
 
@@ -227,20 +227,6 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((total, heads, d), (stride_n, stride_h, stride_d))
 
 
-def _unbatched(lse: torch.Tensor) -> torch.Tensor:
-    """(1, H, total) -> (H, total): lse as the varlen functions return it."""
-    return lse[0]
-
-
-def _batched(lse: torch.Tensor) -> torch.Tensor:
-    """(H, total) -> (1, H, total): lse (or its gradient) as the kernels take it."""
-    return lse[None]
-
-
-_packed_attention = layout_attention("FlashAttentionVarlen", _as_batch, _as_packed, _unbatched, _batched)
-"""The eager autograd.Function of packed sequences: out (total_q, H, D), lse (H, total_q) of packed q, k, v."""
-
-
 def _plain_inputs(q, k, v, paged: bool) -> bool:
     """Whether q, k, v pass every check of :func:`_check_inputs`, tested at once for plain tensors (the common
     case); False sends any other input to the full checks and their messages."""
@@ -347,7 +333,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                 max_seqlen_q, max_seqlen_k)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
         out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
-        out, lse = _as_packed(out), lse[0]
-    else:
-        out, lse = _packed_attention(q, k, v, tensors.sinks, tensors, variant)
-    return (out, natural_lse(lse)) if return_lse else out
+        out = _as_packed(out)
+    else:  # launched on the packed tensors themselves
+        out, lse = attention_packed_op(q, k, v, tensors, variant)
+    return (out, natural_lse(lse[0])) if return_lse else out
