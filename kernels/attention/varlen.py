@@ -296,19 +296,21 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check_inputs(q, k, v, paged)  # dtypes, devices, head counts, head dims
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+    n_offsets = cu_seqlens_q.shape[0]  # both 1-D: dim 0 is the whole shape
+    if cu_seqlens_k.shape[0] != n_offsets:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     if not q.device == cu_seqlens_q.device == cu_seqlens_k.device:
         check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    batch = cu_seqlens_q.shape[0] - 1
+    batch = n_offsets - 1
+    total_q, _, head_dim = q.shape  # 3-D (_check_inputs): one Size read
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
-    _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
+    _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k.shape[0], max_seqlen_q,
                    max_seqlen_k, block_table, *k.shape[:2] if paged else (0, 0))
-    scale = check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
