@@ -55,14 +55,6 @@ zeros, so a K/V descriptor has the block's key bound ``hi`` as its rows, which t
 masks mean. For packed sequences the rows are the sequence's own (base moved to its first row). The interpreter
 emulates descriptors with masked loads (and checks the alignment itself), so tests run this path on CPU.
 
-TMA (a constexpr; the launcher allows it only for unit-stride head dims with 16-byte aligned bases and strides):
-the forward's Q, K, V and O, dK/dV's streamed Q and dO and dQ's streamed K and V go through tensor descriptors made
-on the device per program, one per head's (rows, HEAD_DIM) matrix (:func:`_head_rows`), instead of pointer tiles:
-TMA copies on sm_90/sm_100. The descriptor's shape does the masking: rows past it and the head-dim padding read as
-zeros, so a K/V descriptor has the block's key bound ``hi`` as its rows, which the pointer path's ``cols < kv_hi``
-masks mean. For packed sequences the rows are the sequence's own (base moved to its first row). The interpreter
-emulates descriptors with masked loads (and checks the alignment itself), so tests run this path on CPU.
-
 UPCAST (chosen by the launcher, only when interpreted): Triton's interpreter multiplies bf16 ``tl.dot`` operands
 as raw integers, so there bf16 tiles are converted to fp32 before every dot; compiled kernels keep bf16 dots.
 """
