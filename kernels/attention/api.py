@@ -166,9 +166,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     else:
         tensors = _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p, block_mask, score_mod)
         variant = attention_variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right,
-                                attention_chunk, softcap, dropout_p,
-                                -1 if block_mask is None else block_mask.mask_mod.key,
-                                -1 if score_mod is None else score_mod.key)
+                                    attention_chunk, softcap, dropout_p,
+                                    -1 if block_mask is None else block_mask.mask_mod.key,
+                                    -1 if score_mod is None else score_mod.key)
         out, lse = attention_op(q, k, v, tensors, variant)
         return (out, natural_lse(lse)) if return_lse else out
     return (out, lse) if return_lse else out

@@ -42,9 +42,9 @@ from kernels.registry import Build, declare, register_builds
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
     """TypeError/ValueError naming ``cu_seqlens`` unless it is a 1-D int32 tensor of batch + 1 >= 1 entries."""
-    if type(cu_seqlens) is torch.Tensor and cu_seqlens.dtype is torch.int32 and cu_seqlens.dim() == 1:
-        if cu_seqlens.shape[0]:
-            return  # the common case, decided without the generic checks
+    if (type(cu_seqlens) is torch.Tensor and cu_seqlens.dtype is torch.int32 and cu_seqlens.dim() == 1
+            and cu_seqlens.shape[0]):
+        return  # the common case, decided without the generic checks
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
@@ -213,18 +213,13 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
-    """A packed (total, heads, D) tensor as the (1, heads, total, D) view the kernels take (one view op, the
-    strides of ``t.unsqueeze(0).transpose(1, 2)``)."""
-    total, heads, d = t.shape
-    stride_n, stride_h, stride_d = t.stride()
-    return t.as_strided((1, heads, total, d), (total * stride_n, stride_h, stride_n, stride_d))
+    """A packed (total, heads, D) tensor as the (1, heads, total, D) view the kernels take."""
+    return t.unsqueeze(0).transpose(1, 2)
 
 
 def _as_packed(t: torch.Tensor) -> torch.Tensor:
     """A (1, heads, total, D) tensor as its packed (total, heads, D) view: the inverse of :func:`_as_batch`."""
-    _, heads, total, d = t.shape
-    _, stride_h, stride_n, stride_d = t.stride()
-    return t.as_strided((total, heads, d), (stride_n, stride_h, stride_d))
+    return t[0].transpose(0, 1)
 
 
 def _plain_inputs(q, k, v, paged: bool) -> bool:
