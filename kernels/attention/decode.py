@@ -35,9 +35,9 @@ import triton.language as tl
 
 from kernels import _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import check_same, check_tensor
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_scale, check_window, count,
-                                      enforce, new_verdict, rule_bit, store_verdict, unusable_pages)
+                                      enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
@@ -651,18 +651,9 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _plain_tensors(q, k_cache, v_cache) -> bool:
-    """Whether q, k_cache, v_cache are plain 4-D tensors of one float dtype and one device (the common case, told
-    at once; other inputs take the generic checks and their messages)."""
-    return (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
-            and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4 and q.dtype in FLOAT_DTYPES
-            and k_cache.dtype is q.dtype and v_cache.dtype is q.dtype and k_cache.device == q.device
-            and v_cache.device == q.device)
-
-
 def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tuple[int, int]:
     """Check q, the cache and the new k/v; return (capacity: key positions per batch row, page size or 0)."""
-    if not _plain_tensors(q, k_cache, v_cache):
+    if not is_plain_qkv(q, k_cache, v_cache):
         check_tensor("q", q, ndim=4)
         check_tensor("k_cache", k_cache, ndim=4)
         check_tensor("v_cache", v_cache, ndim=4)
@@ -700,7 +691,7 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                          f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
-    if k is not None and not (_plain_tensors(q, k, v) and k.shape[0] == batch and k.shape[2] == kv_heads
+    if k is not None and not (is_plain_qkv(q, k, v) and k.shape[0] == batch and k.shape[2] == kv_heads
                               and k.shape[3] == d and v.shape == k.shape):
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
