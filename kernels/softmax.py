@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, as_rows, empty_rows_like, lanes_of, row_config, rows_and_stride
+from kernels._rows import LANES, empty_rows_like, lanes_of, row_config, rows_and_stride
 from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -185,10 +185,7 @@ def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
 def _matrix(t: torch.Tensor, dim: int):
     """(``t`` as a (rows, n) matrix with unit column stride, its row stride), ``dim`` moved last. A contiguous ``t``
     with ``dim`` last already is that matrix in memory: it is passed as it is, with no view to build per call."""
-    if dim == t.dim() - 1:
-        return rows_and_stride(t, t.shape[-1])
-    rows = as_rows(t.movedim(dim, -1), t.shape[dim])
-    return rows, rows.stride(0)
+    return rows_and_stride(t if dim == t.dim() - 1 else t.movedim(dim, -1), t.shape[dim])
 
 
 def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
