@@ -8,14 +8,13 @@ import threading
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from benchmarks.overhead import stubbed_launches
 from kernels import _runtime
 from kernels._validate import assert_on_device
 from kernels.attention import checks
-from test_varlen_decode_host_path import _AtenOps
+from aten_ops import AtenOps
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="the host path of interpreted (CPU) launches")
 
@@ -34,9 +33,9 @@ def test_a_valid_calls_index_check_is_one_launch_and_one_read_of_a_reused_verdic
     q, (k_pages, v_pages), table, seqlens = _paged_step()
     with stubbed_launches():
         kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
-        with _AtenOps() as ops:
+        with AtenOps() as ops:
             kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
-    assert ops.names == []
+    assert ops.work == []
 
 
 def test_a_failed_check_leaves_the_reused_verdict_a_pass():
@@ -142,19 +141,6 @@ def test_kernels_can_run_asks_the_tensors_not_their_devices(monkeypatch):
     assert not _runtime.kernels_can_run(cpu, meta)
 
 
-class _Allocations(TorchDispatchMode):
-    """The shapes of the float32 tensors allocated inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ in ("empty", "empty_strided", "empty_like") and out.dtype == torch.float32:
-            self.shapes.append(tuple(out.shape))
-        return out
-
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_an_unrequested_lse_is_not_allocated_and_the_partials_are_one_buffer(device, num_splits):
@@ -166,9 +152,9 @@ def test_an_unrequested_lse_is_not_allocated_and_the_partials_are_one_buffer(dev
     seqlens = torch.tensor([33, 7], dtype=torch.int32, device=device)
     out, lse = kernels.attention_with_kvcache(q, *caches, cache_seqlens=seqlens, causal=True,
                                              num_splits=num_splits, return_lse=True)
-    with _Allocations() as allocations:
+    with AtenOps() as allocations:
         alone = kernels.attention_with_kvcache(q, *caches, cache_seqlens=seqlens, causal=True, num_splits=num_splits)
     partials = [(num_splits * (2 * 3 * 4 * 16 + 2 * 4 * 3),)] if num_splits > 1 else []
-    assert allocations.shapes == partials
+    assert allocations.allocated(torch.float32) == partials
     torch.testing.assert_close(alone, out, rtol=0, atol=0)
     assert lse.isfinite().all()

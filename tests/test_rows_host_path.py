@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from benchmarks import overhead, static
@@ -33,21 +32,11 @@ def test_softmax_online_chunks_compile_without_spills_on_sm100():
     assert [p for r in records for p in static.problems(r, calls_dot=False)] == []
 
 
-class _AtenOps(TorchDispatchMode):
-    """Records the name of every aten op run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
 
 def _aten_ops(call):
     """The aten ops of ``call`` with every launch stubbed out (the interpreter's own ops are not ours)."""
-    with overhead.stubbed_launches(), _AtenOps() as ops:
+    from aten_ops import AtenOps  # here: the static report's child process imports this module without tests/
+    with overhead.stubbed_launches(), AtenOps() as ops:
         call()
     return ops.names
 

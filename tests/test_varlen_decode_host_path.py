@@ -7,9 +7,9 @@ launches the tensors' own strides."""
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+from aten_ops import AtenOps
 from kernels.attention import decode
 from kernels.attention.varlen import attention_varlen
 
@@ -24,18 +24,6 @@ def _packed(device, total=9, heads=2, kv_heads=1, d=16, grad=True):
     k, v = torch.randn(2, total, kv_heads, d, device=device)
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
-
-class _AtenOps(TorchDispatchMode):
-    """The names of the aten ops run inside the block that are neither views nor allocations."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided", "empty_like"):
-            self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_varlen_autograd_node_takes_the_packed_inputs_with_no_view_nodes(device):
@@ -56,9 +44,9 @@ def test_varlen_unused_lse_adds_nothing_to_the_backward(device):
     cu = _int32([0, 4, 9], device)
     grad_out = torch.randn(q.shape, device=device)
     out = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
-    with _AtenOps() as ops:
+    with AtenOps() as ops:
         out.backward(grad_out)
-    assert not {"mul", "sub", "sub_", "zeros", "zero_", "fill_"} & set(ops.names), ops.names
+    assert not {"mul", "sub", "sub_", "zeros", "zero_", "fill_"} & set(ops.work), ops.work
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -187,9 +175,9 @@ def test_varlen_eager_offsets_check_reuses_the_threads_verdict():
     q, k, v = _packed("cpu", grad=False)
     cu = _int32([0, 4, 9])
     attention_varlen(q, k, v, cu, cu, 5, 5)
-    with _AtenOps() as ops:
+    with AtenOps() as ops:
         out = attention_varlen(q, k, v, cu, cu, 5, 5)
-    assert "ones" not in ops.names, ops.names
+    assert "ones" not in ops.work, ops.work
     with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
         attention_varlen(q, k, v, cu, _int32([0, 10, 9]), 10, 10)
     torch.testing.assert_close(attention_varlen(q, k, v, cu, cu, 5, 5), out, rtol=0, atol=0)
