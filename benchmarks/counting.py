@@ -6,7 +6,10 @@ Two counters run together inside :func:`counting`:
   instance at a time): the interpreter's builder ops for loads, stores and atomics are wrapped to add the bytes of
   the lanes whose mask is on (masked-off lanes move no memory on a GPU either), and ``tl.dot`` adds 2*M*N*K.
   Every executed load counts, so a K/V tile re-read by each query block counts each time, as it would from HBM
-  (or L2) on a GPU.
+  (or L2) on a GPU. With ``counting(rereads=True)`` each launch also tracks the addresses it loads: ``reread``
+  is the bytes of loads from an address the same launch had already loaded (the parameters every norm program
+  reads, a K/V tile each query block reads), which a GPU serves from L2 wherever the data re-read fits there;
+  ``bytes - reread`` is then the launch's compulsory traffic, every address once.
 - PyTorch ops: a ``TorchDispatchMode`` sees every aten op (forward and backward), adding the bytes of its tensor
   inputs (read) and outputs (written) and the matmul/SDPA FLOPs of ``torch.utils.flop_counter``'s formulas. Views
   and allocations without initialisation move nothing. A fused op (e.g. CPU SDPA) is opaque: only its own
@@ -15,6 +18,7 @@ Two counters run together inside :func:`counting`:
 """
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -36,10 +40,17 @@ class Counts:
     flops: int = 0
     triton_launches: int = 0
     aten_ops: int = 0
+    reread: int = 0
+    """Bytes of Triton loads from addresses the same launch loaded before (tracked under ``rereads=True``)."""
 
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
+
+    @property
+    def compulsory(self) -> int:
+        """Bytes with each launch's re-reads taken out: every address a launch loads, once (``rereads=True``)."""
+        return self.bytes - self.reread
 
     def as_record(self) -> dict:
         return {**asdict(self), "bytes": self.bytes}
@@ -57,13 +68,40 @@ def _active_lanes(ptrs, mask) -> int:
     return int(np.count_nonzero(np.broadcast_to(mask.data, np.shape(ptrs.data))))
 
 
-def _triton_wrappers(counts: Counts, builder):
-    """Wrapped builder methods; unmasked loads/stores and tensor-descriptor ops all reach the masked ones."""
+def _active_addresses(ptrs, mask) -> np.ndarray:
+    """The addresses of the lanes whose mask is on, flat."""
+    addresses = np.asarray(ptrs.data).ravel()
+    return addresses if mask is None else addresses[np.broadcast_to(mask.data, np.shape(ptrs.data)).ravel()]
+
+
+class _LoadedAddresses:
+    """The addresses one launch loads, by element size: its re-read bytes are its loaded bytes less the bytes of
+    the distinct addresses."""
+
+    def __init__(self):
+        self.by_size, self.loaded = {}, 0
+
+    def add(self, ptrs, mask) -> None:
+        itemsize = _itemsize(ptrs)
+        addresses = _active_addresses(ptrs, mask)
+        self.by_size.setdefault(itemsize, []).append(addresses)
+        self.loaded += addresses.size * itemsize
+
+    def reread_bytes(self) -> int:
+        distinct = sum(np.unique(np.concatenate(chunks)).size * itemsize for itemsize, chunks in self.by_size.items())
+        return self.loaded - distinct
+
+
+def _triton_wrappers(counts: Counts, builder, launch_loads: Optional[List[_LoadedAddresses]]):
+    """Wrapped builder methods; unmasked loads/stores and tensor-descriptor ops all reach the masked ones.
+    ``launch_loads``: where the running launch records its loaded addresses (its last entry), or None."""
     load, store, dot = builder.create_masked_load, builder.create_masked_store, builder.create_dot
     rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
 
     def create_masked_load(ptrs, mask, *args, **kwargs):
         counts.bytes_read += _active_lanes(ptrs, mask) * _itemsize(ptrs)
+        if launch_loads:
+            launch_loads[-1].add(ptrs, mask)
         return load(ptrs, mask, *args, **kwargs)
 
     def create_masked_store(ptrs, value, mask, *args, **kwargs):
@@ -92,7 +130,7 @@ def _triton_wrappers(counts: Counts, builder):
 
 
 @contextlib.contextmanager
-def _count_triton(counts: Counts):
+def _count_triton(counts: Counts, rereads: bool):
     if not INTERPRETED:  # compiled kernels run on the GPU where nothing can be intercepted
         yield
         return
@@ -100,14 +138,21 @@ def _count_triton(counts: Counts):
 
     builder, executor = interpreter.interpreter_builder, interpreter.GridExecutor
     launch = executor.__call__
+    launch_loads = [] if rereads else None
 
     def counted_launch(self, *args, **kwargs):
         counts.triton_launches += 1
+        if rereads:
+            launch_loads.append(_LoadedAddresses())
         # The interpreter's own host copies of the arguments are aten ops too; they are not the kernel's traffic.
-        with _disable_current_modes():
-            return launch(self, *args, **kwargs)
+        try:
+            with _disable_current_modes():
+                return launch(self, *args, **kwargs)
+        finally:
+            if rereads:
+                counts.reread += launch_loads.pop().reread_bytes()
 
-    wrappers = _triton_wrappers(counts, builder)
+    wrappers = _triton_wrappers(counts, builder, launch_loads)
     for name, fn in wrappers.items():
         setattr(builder, name, fn)  # instance attributes shadow the class methods the semantic layer calls
     executor.__call__ = counted_launch
@@ -169,8 +214,10 @@ class _AtenCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting():
-    """Count everything run inside the block: ``with counting() as counts: f(x)``, then read ``counts``."""
+def counting(rereads: bool = False):
+    """Count everything run inside the block: ``with counting() as counts: f(x)``, then read ``counts``.
+    ``rereads``: also track each Triton launch's re-read bytes (``Counts.reread``; costs a record of every
+    loaded address, so small inputs only)."""
     counts = Counts()
-    with _count_triton(counts), _AtenCounter(counts):
+    with _count_triton(counts, rereads), _AtenCounter(counts):
         yield counts

@@ -9,7 +9,8 @@ phase's budget is spent is recorded as "skipped" with the reason:
    head dim 64/128, then 256), fp16 and bf16, ours against torch SDPA's flash and cuDNN backends and flash-attn,
    in ms and TFLOPS; the key shapes in both dtypes come first;
 2. ``rows``: softmax, layer norm and RMS norm, fwd and fwd+bwd, 4096 rows of real models' hidden sizes and long
-   rows, against torch eager, torch.compile and Liger-Kernel, in GB/s and % of the GPU's HBM peak;
+   rows, against torch eager, torch.compile and Liger-Kernel, in GB/s and % of the GPU's HBM peak (layer norm's
+   fwd+bwd also with its backward on one program per SM, :data:`ONE_PER_SM`);
 3. ``overhead``: issue #19's GPU goals as pass/fail lines, host µs per call with real launches on tiny inputs for
    every op of ``benchmarks.overhead.cases``, and where our calls' host time goes (cProfile);
 4. ``model``: ``benchmarks.model.run`` (training, prefill, decoding), ours against torch, until its deadline;
@@ -201,13 +202,37 @@ def _liger(op: str) -> Callable[[], Callable]:
     return load
 
 
+ONE_PER_SM = "triton-one-per-sm"
+"""Our layer norm with its backward on one program per SM whatever its dweight/dbias partial rows cost: ours at
+4096 fp16 rows runs 76 backward programs on 132 SMs to keep those rows within 5% of its bytes (issue #21,
+``kernels.layernorm.PARTIAL_SHARE``); timed beside it (fwd+bwd), a GPU shows whether the fewer programs cost
+bandwidth."""
+
+
+@contextlib.contextmanager
+def _one_program_per_sm():
+    """``kernels.layernorm.PARTIAL_SHARE`` off inside the block."""
+    module = importlib.import_module("kernels.layernorm")
+    share, module.PARTIAL_SHARE = module.PARTIAL_SHARE, None
+    try:
+        yield
+    finally:
+        module.PARTIAL_SHARE = share
+
+
+PROVIDER_CONTEXTS = {ONE_PER_SM: _one_program_per_sm}
+"""Provider name -> the context its points are timed in."""
+
+
 def timed_providers(op: str) -> List[Provider]:
     """Ours first, then the competition: SDPA's flash and cuDNN backends and flash-attn, or torch eager,
-    torch.compile and Liger-Kernel."""
+    torch.compile and Liger-Kernel (for layer norm, ours on :data:`ONE_PER_SM` too)."""
     if op == "attention":
         return [provider(op, "triton"), Provider("torch-sdpa-flash", op, _sdpa("FLASH_ATTENTION")),
                 Provider("torch-sdpa-cudnn", op, _sdpa("CUDNN_ATTENTION")), provider(op, "flash-attn")]
-    return [provider(op, "triton"), provider(op, "torch"), Provider("torch-compile", op, _compiled(op)),
+    ours = provider(op, "triton")
+    one_per_sm = [Provider(ONE_PER_SM, op, ours.load, triton=True)] if op == "layer_norm" else []
+    return [ours, *one_per_sm, provider(op, "torch"), Provider("torch-compile", op, _compiled(op)),
             Provider("liger", op, _liger(op), triton=True)]
 
 
@@ -234,14 +259,17 @@ def time_points(device: DeviceInfo, budget: Budget, phase: str, items: Sequence[
         fn = load(case.op, prov)
         if isinstance(fn, Unavailable):
             return {**_point(phase, case, prov), "status": "unavailable", "reason": str(fn)}
-        return {**runner.measure_point(case, prov, fn, device, None, 0.0), "phase": phase}
+        with PROVIDER_CONTEXTS.get(prov.name, contextlib.nullcontext)():
+            return {**runner.measure_point(case, prov, fn, device, None, 0.0), "phase": phase}
 
     return within(budget, items, run_one, lambda item: _point(phase, *item))
 
 
 def points_of(cases: Sequence[Case]) -> List[tuple]:
-    """(case, provider) for each case and each of its op's :func:`timed_providers`, in the cases' order."""
-    return [(case, prov) for case in cases for prov in timed_providers(case.op)]
+    """(case, provider) for each case and each of its op's :func:`timed_providers`, in the cases' order
+    (:data:`ONE_PER_SM` only with a backward: its forward is ours)."""
+    return [(case, prov) for case in cases for prov in timed_providers(case.op)
+            if not (prov.name == ONE_PER_SM and case.mode == "fwd")]
 
 
 def row_items(cases: Sequence[Case]) -> List[tuple]:
@@ -890,9 +918,9 @@ def _cell(record: dict) -> str:
 
 
 def _versus(cells: Dict[str, dict]) -> str:
-    """Our speed over the best other provider's, where both ran."""
+    """Our speed over the best other provider's (not ours on another setting), where both ran."""
     ours = _speed(cells["triton"]) if "triton" in cells else None
-    others = [_speed(r) for name, r in cells.items() if name != "triton" and _speed(r) is not None]
+    others = [_speed(r) for name, r in cells.items() if not name.startswith("triton") and _speed(r) is not None]
     return f"{ours / max(others):.2f}x" if ours and others else "-"
 
 

@@ -472,12 +472,45 @@ def _launch_plan(n_cols, backward, lanes, max_block, backward_max_block, multi_r
     return block, single, num_warps, multi_row, per_sm, rows
 
 
-def _row_split(n_rows: int, device: torch.device, per_sm: int):
+def _row_split(n_rows: int, device: torch.device, per_sm: int, share_of=None):
     """(programs, rows_per_program): each program takes a run of consecutive rows. On a GPU ``per_sm`` programs
-    per SM; under the interpreter four, so tests see several programs and an uneven last run."""
-    target = 4 if INTERPRETED else per_sm * sm_count(device)
+    per SM; under the interpreter four, so tests see several programs and an uneven last run. ``share_of``: the
+    backward's (bytes a row must move, partial bytes a program adds), whose programs :func:`_backward_programs`
+    caps."""
+    target = INTERPRETER_PROGRAMS if INTERPRETED else per_sm * sm_count(device)
+    if share_of is not None:
+        target = _backward_programs(n_rows, target, *share_of)
+    return _split_rows(n_rows, target)
+
+
+def _split_rows(n_rows: int, target: int):
+    """(programs, rows_per_program) of runs of consecutive rows over at most ``target`` programs."""
     rows_per_program = max(1, cdiv(n_rows, max(1, min(n_rows, target))))
     return cdiv(n_rows, rows_per_program), rows_per_program
+
+
+def _backward_programs(n_rows: int, slots: int, row_bytes: int, partial_bytes: int) -> int:
+    """How many of ``slots`` programs a backward over ``n_rows`` rows runs: each program's fp32 partial rows of
+    dweight/dbias (``partial_bytes``, written and read back by the reduction) are traffic beyond the minimum
+    (``row_bytes`` a row), kept within PARTIAL_SHARE of it, but with at least half of ``slots``."""
+    if PARTIAL_SHARE is None or not partial_bytes:
+        return slots
+    affordable = int(PARTIAL_SHARE * n_rows * row_bytes // partial_bytes)
+    return min(slots, max(affordable, cdiv(slots, 2)))
+
+
+def _backward_bytes(n_cols: int, itemsize: int, rms: bool, has_dh: bool, n_partials: int) -> Tuple[int, int]:
+    """(bytes a backward row must move, partial bytes a program adds): h and dy (and the residual's dh) read, dx
+    written, its fp32 stats read; one fp32 row per parameter gradient written and read back."""
+    return (3 + has_dh) * itemsize * n_cols + 4 * (1 + (not rms)), n_partials * n_cols * 4 * 2
+
+
+INTERPRETER_PROGRAMS = 4
+PARTIAL_SHARE = 0.05
+"""The backward's partial rows cost at most this share of its minimum bytes (issue #21's 1.05x), where that leaves
+half of its one-per-SM programs: at 4096 rows of fp16 layer norm 76 programs, not 132 on an H100 (RMS norm and
+fp32 stay at one per SM). None: one program per SM whatever the partials cost (``make gpu-check`` times both, so
+that a GPU decides whether fewer programs cost bandwidth)."""
 
 
 MULTI_ROW_MAX_BLOCK = 4096
@@ -575,7 +608,8 @@ def _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting
     n_rows = rstd.shape[0]
     per_sm, constants = _launch_constants(True, n_cols, lanes_of(h.device), _limits(), rms, casting,
                                           weight is not None, dh is not None, want_dw, want_db)
-    programs, rows_per_program = _row_split(n_rows, h.device, per_sm)
+    share_of = _backward_bytes(n_cols, h.element_size(), rms, dh is not None, want_dw + want_db)
+    programs, rows_per_program = _row_split(n_rows, h.device, per_sm, share_of)
     # per-program fp32 partial sums (programs, n_cols) of each wanted parameter gradient; rstd stands in for the
     # others (fp32 like them, never written), and for the two-pass rows' (c1, c2) sums one-block rows do not need
     dw = rstd.new_empty((programs, n_cols)) if want_dw else rstd

@@ -1,6 +1,7 @@
 """``python -m benchmarks gpu-check`` without a GPU: its refusal, its phase order and budgets, each phase's logic run
 on CPU with tiny shapes and budgets (timing, host overhead and goals, the model run, the config checks through the
 interpreter, the test suite), and the markdown every section renders from synthetic records."""
+import importlib
 import json
 import os
 import subprocess
@@ -281,6 +282,24 @@ def test_rows_phase_compiles_torch_once_per_shape_and_defers_compiles_off_the_ke
     assert compiled == [(3, 48), (3, 48), (3, 80), (3, 80)]  # fwd, then fwd+bwd (a grad-requiring input)
     assert len(gpu_check.row_cases()) == 10 * 2 * 3 * 2  # widths x dtypes x ops x modes
     assert {768, 1024, 2048, 4096, 5120, 8192, 16384, 32768, 65536, 262144} == set(gpu_check.ROW_WIDTHS)
+
+
+def test_rows_phase_times_layer_norm_backward_on_one_program_per_sm_beside_ours(monkeypatch):
+    """Issue #21's open trade: ours caps the backward's programs by its partial rows' bytes; the phase also times
+    it with the cap off (fwd+bwd only), which launches more programs (more partial rows counted here: 4
+    interpreter programs against 2), and leaves the cap as it was."""
+    norms = importlib.import_module("kernels.layernorm")
+    share, every_provider = norms.PARTIAL_SHARE, gpu_check.timed_providers
+    monkeypatch.setattr(gpu_check, "timed_providers", lambda op: [
+        p for p in every_provider(op) if p.name in ("triton", gpu_check.ONE_PER_SM)])
+    cases = [c for c in gpu_check.row_cases(("float32",), widths=(64,), rows=8) if c.op == "layer_norm"]
+    recs = gpu_check.time_rows(detect(), gpu_check.Budget(UNLIMITED), cases=cases)
+    assert [(r["mode"], r["provider"]) for r in recs] == [
+        ("fwd", "triton"), ("fwd+bwd", "triton"), ("fwd+bwd", gpu_check.ONE_PER_SM)]
+    assert {r["status"] for r in recs} == {"ok"} and norms.PARTIAL_SHARE == share
+    ours, one_per_sm = (r["counted"]["bytes"] for r in recs[1:])
+    # two more programs: their dweight and dbias rows (written and read back) and their weight reads
+    assert one_per_sm - ours == 2 * (2 * 64 * 4 * 2 + 64 * 4)
 
 
 # ---------------------------------------------------------------------------------------------- phase 3: overhead
