@@ -9,8 +9,9 @@ phase's budget is spent is recorded as "skipped" with the reason:
    head dim 64/128, then 256), fp16 and bf16, ours against torch SDPA's flash and cuDNN backends and flash-attn,
    in ms and TFLOPS; the key shapes in both dtypes come first;
 2. ``rows``: softmax, layer norm and RMS norm, fwd and fwd+bwd, 4096 rows of real models' hidden sizes and long
-   rows, against torch eager, torch.compile and Liger-Kernel, in GB/s and % of the GPU's HBM peak (layer norm's
-   fwd+bwd also with its backward on one program per SM, :data:`ONE_PER_SM`);
+   rows (fp16 and bf16, then fp32 at two widths), against torch eager, torch.compile and Liger-Kernel, in GB/s
+   and % of the GPU's HBM peak (layer norm's fwd+bwd also with its backward on one program per SM,
+   :data:`ONE_PER_SM`);
 3. ``overhead``: issue #19's GPU goals as pass/fail lines, host µs per call with real launches on tiny inputs for
    every op of ``benchmarks.overhead.cases``, and where our calls' host time goes (cProfile);
 4. ``model``: ``benchmarks.model.run`` (training, prefill, decoding), ours against torch, until its deadline;
@@ -118,6 +119,8 @@ ROW_COUNT = 4096
 ROW_WIDTHS = (1024, 4096, 8192, 2048, 768, 5120, 16384, 32768, 65536, 262144)
 """Real models' hidden sizes (BERT/GPT-2 768 to Llama-70B 8192), then long rows (a vocabulary's softmax), in
 priority order."""
+FP32_ROW_WIDTHS = (4096, 262144)
+"""fp32 rows, timed after the 16-bit ones: a hidden size and the 262k-wide softmax of Quack's anchor (issue #21)."""
 KEY_ROW_WIDTHS = (1024, 4096)
 """Widths torch.compile is timed at beside the eager providers; at the other widths it comes after every eager
 point (a compile takes seconds, an eager point a fraction of one)."""
@@ -139,6 +142,11 @@ def attention_cases(dtypes: Sequence[str] = TIMED_DTYPES) -> List[Case]:
     return [Case("attention", mode, n, dtype=dtype, causal=causal, batch=TOKENS // n, heads=MODEL_DIM // d,
                  head_dim=d)
             for d, causal, n in grid for dtype in dtypes for mode in MODES]
+
+
+def all_row_cases() -> List[Case]:
+    """The rows phase's cases: 4096 rows of every width in fp16 and bf16, then fp32 at :data:`FP32_ROW_WIDTHS`."""
+    return row_cases() + row_cases(("float32",), FP32_ROW_WIDTHS)
 
 
 def row_cases(dtypes: Sequence[str] = TIMED_DTYPES, widths: Sequence[int] = ROW_WIDTHS,
@@ -288,8 +296,8 @@ def time_attention(device: DeviceInfo, budget: Budget, cases: Optional[Sequence[
 
 
 def time_rows(device: DeviceInfo, budget: Budget, cases: Optional[Sequence[Case]] = None) -> List[dict]:
-    """Phase 2: softmax and layer/RMS norm, fwd and fwd+bwd, 4096 rows of realistic widths."""
-    return time_points(device, budget, "rows", row_items(row_cases() if cases is None else cases))
+    """Phase 2: softmax and layer/RMS norm, fwd and fwd+bwd (:func:`all_row_cases` unless ``cases``)."""
+    return time_points(device, budget, "rows", row_items(all_row_cases() if cases is None else cases))
 
 
 # ---------------------------------------------------------------------------------------------- phase 3: host overhead

@@ -281,6 +281,8 @@ def test_rows_phase_compiles_torch_once_per_shape_and_defers_compiles_off_the_ke
     assert {r["status"] for r in recs if r["provider"] != "liger"} == {"ok"}
     assert compiled == [(3, 48), (3, 48), (3, 80), (3, 80)]  # fwd, then fwd+bwd (a grad-requiring input)
     assert len(gpu_check.row_cases()) == 10 * 2 * 3 * 2  # widths x dtypes x ops x modes
+    fp32 = gpu_check.all_row_cases()[len(gpu_check.row_cases()):]  # after the 16-bit points
+    assert {(c.dtype, c.length) for c in fp32} == {("float32", 4096), ("float32", 262144)} and len(fp32) == 2 * 3 * 2
     assert {768, 1024, 2048, 4096, 5120, 8192, 16384, 32768, 65536, 262144} == set(gpu_check.ROW_WIDTHS)
 
 
