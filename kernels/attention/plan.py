@@ -88,22 +88,41 @@ def attention_variant(causal: bool, causal_shift: int, scale: float, window_left
                             dropout_p, max_seqlen_q, max_seqlen_k, mask_mod, score_mod)
 
 
+def _no_tensor():
+    """What a None among a memo's tensors stands as: a dead weak reference's answer."""
+    return None
+
+
 class LastTensor:
-    """A one-entry memo of a value derived from a tensor: returned again while the same tensor object comes back
-    unmodified (its ``_version``) with the same ``key``. A model hands every layer the same mask tensor, so what is
-    derived from it (a padding mask's key range, the SDPA shim's mask analysis) is computed at the first layer."""
+    """A one-entry memo of a value derived from tensors: returned again while the same tensor objects (and Nones)
+    come back unmodified with the same ``key``. A model hands every layer the same mask (offsets, block table), so
+    what is derived from it (a padding mask's key range, the SDPA shim's mask analysis, varlen's offsets verdict)
+    is computed at the first layer.
+
+    Unmodified means the same ``_version``, which every in-place torch op bumps (those that change the shape or
+    strides too: ``resize_``, ``set_``, ``unsqueeze_``, ...). Writes that bypass torch's version counter (through
+    ``.data`` or a numpy view, or assigning ``.data``) are not seen. A value ``compute`` raises for is not kept."""
 
     def __init__(self):
-        self._ref, self._key, self._value = None, None, None
+        self._entry = ((), (), None, None)  # (weak references, versions, key, value): replaced as one
 
-    def get(self, tensor: torch.Tensor, key, compute):
+    def get(self, tensors, key, compute, *args):
+        """``compute(*args)``, or the value it gave for these ``tensors`` (one tensor, or a tuple of tensors and
+        Nones) and ``key`` last time."""
         if torch.compiler.is_compiling():  # traced: the graph computes it, and guards replace the memo
-            return compute()
-        full_key = (tensor._version, tensor.shape, tensor.stride(), tensor.device, key)
-        if self._ref is not None and self._ref() is tensor and self._key == full_key:
-            return self._value
-        value = compute()
-        self._ref, self._key, self._value = weakref.ref(tensor), full_key, value
+            return compute(*args)
+        if type(tensors) is not tuple:
+            tensors = (tensors,)
+        refs, versions, last_key, value = self._entry
+        if len(refs) == len(tensors) and last_key == key:
+            for ref, version, tensor in zip(refs, versions, tensors):
+                if ref() is not tensor or (tensor is not None and tensor._version != version):
+                    break
+            else:
+                return value
+        value = compute(*args)
+        self._entry = (tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors),
+                       tuple(None if t is None else t._version for t in tensors), key, value)
         return value
 
 

@@ -36,7 +36,7 @@ from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check
                                       unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
-from kernels.attention.plan import VariantTensors, attention_variant
+from kernels.attention.plan import LastTensor, VariantTensors, attention_variant
 from kernels.registry import Build, declare, register_builds
 
 
@@ -138,6 +138,10 @@ def _(cu_seqlens_q, *args):
     return cu_seqlens_q.new_empty(2)
 
 
+_offsets_passed = LastTensor()
+"""The offsets (and block table) whose check passed last: a model's layers pass the same tensors."""
+
+
 def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
                    max_seqlen_q: int, max_seqlen_k: int, block_table: Optional[torch.Tensor],
                    num_blocks: int, page_size: int) -> None:
@@ -146,13 +150,28 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
     (``total_k`` None: anywhere, for keys gathered from pages), each max_seqlen is at least its longest sequence
     (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids that a
     sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows the
-    offsets name. One ``_varlen_check`` launch and one assert for all of it."""
-    args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, -1 if total_k is None else total_k, max_seqlen_q,
-            max_seqlen_k, num_blocks, page_size)
+    offsets name. One ``_varlen_check`` launch and one assert for all of it.
+
+    Checked once while the same tensors come back unmodified with the same scalars (``plan.LastTensor``: the
+    tensors' identities and ``_version``, which every in-place torch op bumps): the verdict depends on nothing else,
+    so a repeat would judge the same values again. A check that raises is not memoised; on a GPU the first call's
+    device assert stands for the calls after it. Writes that bypass torch's version counter (through a numpy view or
+    ``.data``) are not seen."""
+    scalars = (total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size)
+    _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, cu_seqlens_q,
+                        cu_seqlens_k, block_table, *scalars)
+
+
+def _judge_offsets(cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k,
+                   num_blocks, page_size) -> None:
+    """:func:`_check_offsets`'s launch and verdict, every call (``total_k`` -1: keys from pages)."""
+    args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks,
+            page_size)
     # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
     verdict = _offsets_verdict_op(*args) if torch.compiler.is_compiling() else _offsets_verdict(*args, reused=True)
-    enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q, total_k,
-                                                           max_seqlen_q, max_seqlen_k, block_table, num_blocks))
+    enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q,
+                                                           None if total_k < 0 else total_k, max_seqlen_q,
+                                                           max_seqlen_k, block_table, num_blocks))
 
 
 def _check_max_seqlen(name: str, max_seqlen) -> int:

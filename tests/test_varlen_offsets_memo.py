@@ -1,0 +1,91 @@
+"""attention_varlen checks its offsets (and block table) once while a model's layers pass the same tensors: the
+verdict is memoised on the tensors' identities and versions (``plan.LastTensor``) and the scalars it judges them
+against. These run on CPU, where a bad verdict raises ValueError at once (on a GPU it is a device assert)."""
+import pytest
+import torch
+
+from kernels.attention import varlen
+from kernels.attention.varlen import attention_varlen
+from tests.test_varlen import paged_cache
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.fixture
+def check_launches(monkeypatch):
+    """The list of ``_varlen_check`` launches made while the test runs (one entry per launch)."""
+    launches, run = [], varlen._varlen_check.run
+
+    def counted(*args, **kwargs):
+        launches.append(args)
+        return run(*args, **kwargs)
+    monkeypatch.setattr(varlen._varlen_check, "run", counted)
+    return launches
+
+
+def _packed(lengths, heads=2, d=8):
+    return torch.randn(3, sum(lengths), heads, d).unbind(0)
+
+
+def test_the_same_offsets_are_checked_once(check_launches):
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu_q, cu_k = _cu(lens), _cu(lens)
+    first = attention_varlen(q, k, v, cu_q, cu_k, 5, 5, causal=True)
+    second = attention_varlen(q, k, v, cu_q, cu_k, 5, 5, causal=True)
+    assert len(check_launches) == 1
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_other_offsets_or_scalars_are_checked_again(check_launches):
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu_q, cu_k = _cu(lens), _cu(lens)
+    attention_varlen(q, k, v, cu_q, cu_k, 5, 5)
+    attention_varlen(q, k, v, cu_q, _cu(lens), 5, 5)  # an equal but new tensor
+    attention_varlen(q, k, v, cu_q, cu_k, 6, 5)  # another max_seqlen_q
+    assert len(check_launches) == 3
+
+
+def test_an_in_place_change_of_the_offsets_is_checked_again(check_launches):
+    """Every in-place torch op bumps the tensor's _version, so a value written between calls is judged."""
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu_q, cu_k = _cu(lens), _cu(lens)
+    attention_varlen(q, k, v, cu_q, cu_k, 5, 5)
+    cu_k[1] = 99
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        attention_varlen(q, k, v, cu_q, cu_k, 5, 5)
+    cu_k[1] = 3
+    attention_varlen(q, k, v, cu_q, cu_k, 5, 5)
+    assert len(check_launches) == 3
+
+
+def test_new_bad_offsets_raise_and_a_failed_check_is_not_memoised(check_launches):
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu = _cu(lens)
+    attention_varlen(q, k, v, cu, cu, 5, 5)
+    bad = torch.tensor([1, 3, 8], dtype=torch.int32)
+    for _ in range(2):  # the same bad tensor raises again: only a passing verdict is kept
+        with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+            attention_varlen(q, k, v, bad, cu, 5, 5)
+    with pytest.raises(ValueError, match="max_seqlen_q = 4 must be at least the longest sequence"):
+        attention_varlen(q, k, v, cu, cu, 4, 5)  # the memoised tensors with a max_seqlen they fail
+    assert len(check_launches) == 4
+
+
+def test_an_in_place_change_of_the_block_table_is_checked_again(check_launches):
+    lens = [2, 4]
+    q, k, v = _packed(lens)
+    k_pages, v_pages, table = paged_cache((k, v), lens, 3, 4)
+    cu = _cu(lens)
+    attention_varlen(q, k_pages, v_pages, cu, cu, 4, 4, block_table=table)
+    attention_varlen(q, k_pages, v_pages, cu, cu, 4, 4, block_table=table)
+    assert len(check_launches) == 1
+    table[1, 1] = 4  # sequence 1's second page: used, outside the pool of 4
+    with pytest.raises(ValueError, match="block_table: a page id a sequence uses is outside"):
+        attention_varlen(q, k_pages, v_pages, cu, cu, 4, 4, block_table=table)
+    assert len(check_launches) == 2
