@@ -42,9 +42,6 @@ from kernels.registry import Build, declare, register_builds
 
 def _check_cu_seqlens(name: str, cu_seqlens) -> None:
     """TypeError/ValueError naming ``cu_seqlens`` unless it is a 1-D int32 tensor of batch + 1 >= 1 entries."""
-    if (type(cu_seqlens) is torch.Tensor and cu_seqlens.dtype is torch.int32 and cu_seqlens.dim() == 1
-            and cu_seqlens.shape[0]):
-        return  # the common case, decided without the generic checks
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() == 0:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
@@ -241,23 +238,33 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
     return t[0].transpose(0, 1)
 
 
-def _plain_inputs(q, k, v, paged: bool) -> bool:
-    """Whether q, k, v pass every check of :func:`_check_inputs`, tested at once for plain tensors (the common
-    case); False sends any other input to the full checks and their messages."""
-    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor and q.dim() == 3
-            and k.dim() == 3 + paged and k.shape == v.shape and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype
-            and v.dtype == q.dtype and k.device == q.device and v.device == q.device):
+def _plain_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> bool:
+    """Whether the tensors pass every check of :func:`_check_tensors`, tested at once for plain tensors (the
+    common case: each size, dtype and device read once); False sends any other input to the full checks and their
+    messages."""
+    tensor = torch.Tensor
+    if not (type(q) is tensor and type(k) is tensor and type(v) is tensor and type(cu_seqlens_q) is tensor
+            and type(cu_seqlens_k) is tensor):
         return False
-    _, heads, d = q.shape
-    kv_heads = k.shape[-2]
-    return (k.shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
-            and (not paged or (k.shape[0] > 0 and k.shape[1] > 0)))
+    q_shape, k_shape, offsets_shape = q.shape, k.shape, cu_seqlens_q.shape
+    dtype, device = q.dtype, q.device
+    if not (len(q_shape) == 3 and len(k_shape) == 3 + paged and k_shape == v.shape and dtype in FLOAT_DTYPES
+            and k.dtype is dtype and v.dtype is dtype and cu_seqlens_q.dtype is torch.int32
+            and cu_seqlens_k.dtype is torch.int32 and len(offsets_shape) == 1 and offsets_shape[0]
+            and cu_seqlens_k.shape == offsets_shape and k.device == device and v.device == device
+            and cu_seqlens_q.device == device and cu_seqlens_k.device == device):
+        return False
+    _, heads, d = q_shape
+    kv_heads = k_shape[-2]
+    return (k_shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
+            and (not paged or (k_shape[0] > 0 and k_shape[1] > 0)))
 
 
-def _check_inputs(q, k, v, paged: bool) -> None:
+def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> None:
     """TypeError/ValueError naming the argument unless q (total_q, H, D) and k, v (total_k, Hkv, D), or with
-    ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs."""
-    if _plain_inputs(q, k, v, paged):
+    ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs and cu_seqlens_q/k 1-D int32
+    offsets of one batch on q's device."""
+    if _plain_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
@@ -265,6 +272,12 @@ def _check_inputs(q, k, v, paged: bool) -> None:
         _check_page_pools(k, v)
     # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
     check_qkv(*(_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v)))
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
 def _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, **variants):
@@ -307,19 +320,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     launch per kernel; no host sync (see the module docstring).
     """
     paged = block_table is not None
-    _check_inputs(q, k, v, paged)  # dtypes, devices, head counts, head dims
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
-    n_offsets = cu_seqlens_q.shape[0]  # both 1-D: dim 0 is the whole shape
-    if cu_seqlens_k.shape[0] != n_offsets:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    if not q.device == cu_seqlens_q.device == cu_seqlens_k.device:
-        check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)  # dtypes, devices, head counts and dims, offsets
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    batch = n_offsets - 1
-    total_q, _, head_dim = q.shape  # 3-D (_check_inputs): one Size read
+    batch = cu_seqlens_q.shape[0] - 1  # 1-D: dim 0 is the whole shape
+    total_q, _, head_dim = q.shape  # 3-D (_check_tensors): one Size read
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k.shape[0], max_seqlen_q,
@@ -335,16 +340,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
         k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
-    if not _runtime.kernel_runs_on(q, k, v):
+    if not _runtime.kernel_runs_on(q):  # k, v (and the pages gathered) are on q's device (_check_tensors)
         # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
         out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                  dropout_p=dropout_p, sinks=sinks)
         return (out, lse) if return_lse else out
-    tensors = VariantTensors(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
-                             sinks=None if sinks is None else sinks.float(),
-                             rng_state=draw_rng(q.device) if dropout_p > 0 else None,
-                             cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
+    # by position (kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q/k): keywords cost more
+    tensors = VariantTensors(None, None, None if alibi_slopes is None else alibi_slopes.contiguous(),
+                             None if sinks is None else sinks.float(), draw_rng(q.device) if dropout_p > 0 else None,
+                             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
     variant = attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
                                 max_seqlen_q, max_seqlen_k)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
