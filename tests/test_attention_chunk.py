@@ -109,7 +109,8 @@ def test_a_chunk_that_hides_nothing_compiles_away(device):
     q, k = torch.randn(1, 1, 5, 8, device=device), torch.randn(1, 1, 9, 8, device=device)
     for chunk, chunked in ((9, False), (1000, False), (8, True)):
         variant = plan.AttentionVariant(causal_shift=4, attention_chunk=chunk)
-        assert plan._plan_of(q, k, plan.NO_TENSORS, variant, backward=False).meta["CHUNKED"] is chunked
+        meta = plan._plan_of(q.shape, k.shape, q.dtype, plan.NO_TENSORS, variant, backward=False).meta
+        assert meta["CHUNKED"] is chunked
     assert torch.equal(kernels.attention(q, k, k, attention_chunk=9), kernels.attention(q, k, k))
 
 

@@ -70,6 +70,9 @@ def save_context(ctx, q, k, v, output, tensors: VariantTensors, variant: Attenti
     if tensors.padding_only():  # a key padding mask alone: its two tensors (each saved slot, None too, costs)
         ctx.save_for_backward(q, k, v, *output, tensors.kv_bounds, tensors.pad)
         return
+    if tensors.mask_args is None and tensors.score_args is None:  # no mod's tensors (varlen's offsets, ALiBi, ...)
+        ctx.save_for_backward(q, k, v, *output, *tensors[:-2])
+        return
     mask_args, score_args = list(tensors.mask_args or ()), list(tensors.score_args or ())
     ctx.n_mask_args = len(mask_args)
     ctx.save_for_backward(q, k, v, *output, *tensors[:-2], *mask_args, *score_args)
@@ -82,6 +85,8 @@ def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
     if len(saved) == 2:  # a key padding mask's (kv_bounds, pad): the others save 8 slots or more
         return VariantTensors(*saved)
     n_fixed = len(VariantTensors._fields) - 2
+    if len(saved) == n_fixed:  # no mod's tensors (None and empty lists alike: kernel_extra takes either)
+        return VariantTensors(*saved)
     mod_args = saved[n_fixed:]
     return VariantTensors(*saved[:n_fixed], mod_args[:ctx.n_mask_args], mod_args[ctx.n_mask_args:])
 
@@ -126,9 +131,10 @@ def _layout_function(name: str, layout: int):
     """The eager autograd.Function ``apply(q, k, v, sinks, tensors, variant)`` -> (out, log2-unit lse) of q, k, v in
     ``layout``, launched on them as they are (``plan.forward``'s ``layout``): out and the gradients come in the
     inputs' layout, lse (B, H, Nq) as ever, and autograd records no view either way."""
-    return autograd_function(
-        name, lambda q, k, v, sinks, tensors, variant: attention_forward(q, k, v, tensors, variant, layout),
-        _setup_eager, _eager_backward(layout))
+    def forward(q, k, v, sinks, tensors, variant):
+        with _runtime.launch_device(q):  # attention_forward's, without its layer of arguments
+            return plan.forward(q, k, v, tensors, variant, layout)
+    return autograd_function(name, forward, _setup_eager, _eager_backward(layout))
 
 
 _attention_function = _layout_function("FlashAttention", plan.HEADS_FIRST)

@@ -195,12 +195,11 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
     return Plan(meta, scalars, batch, n_q, n_k, rows, (rows[1] * rows[2], rows[2], 1))
 
 
-def _plan_of(q: torch.Tensor, k: torch.Tensor, tensors: VariantTensors, variant: AttentionVariant, backward: bool,
-             layout: int = 0) -> Plan:
+def _plan_of(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: torch.dtype, tensors: VariantTensors,
+                   variant: AttentionVariant, backward: bool) -> Plan:
+    """The cached :func:`_plan` of q, k of (B, H, N, D) sizes ``q_shape``, ``k_shape`` (:func:`_sizes`)."""
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
-    _, kv_heads, n_k, _ = _sizes(k, layout)
-    return _plan(variant, varlen_batch, _sizes(q, layout), kv_heads, n_k, q.dtype, configs.uses_tf32(q.dtype),
-                 backward)
+    return _plan(variant, varlen_batch, q_shape, k_shape[1], k_shape[2], dtype, configs.uses_tf32(dtype), backward)
 
 
 HEADS_FIRST, SEQ_FIRST, PACKED = 0, 1, 2
@@ -243,12 +242,13 @@ _NONE_BACKWARD = (None,) * 9 + (0,) * 4
 _NONE_FORWARD = (None,) + _NONE_BACKWARD  # SINKS too
 
 
-def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch.Tensor, varlen: bool,
+def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse_strides: Tuple[int, ...], varlen: bool,
                   forward: bool) -> tuple:
     """The variant's pointers and strides every attention kernel takes, in their order: KV_BOUNDS, PAD, ALIBI,
-    (the forward's SINKS), SEED, CU_SEQLENS_Q/K, BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb/ab/mb/mh/lb/lh."""
+    (the forward's SINKS), SEED, CU_SEQLENS_Q/K, BLOCK_MASK, MASK_ARGS, SCORE_ARGS, stride_pb/ab/mb/mh/lb/lh
+    (``lse_strides``: lse's)."""
     if tensors is NO_TENSORS and variant.score_mod < 0:  # a plain call: every pointer None, every stride 0
-        return (*(_NONE_FORWARD if forward else _NONE_BACKWARD), 0 if varlen else lse.stride(0), lse.stride(1))
+        return (*(_NONE_FORWARD if forward else _NONE_BACKWARD), 0 if varlen else lse_strides[0], lse_strides[1])
     alibi, pad = tensors.alibi_slopes, tensors.pad
     summary = tensors.block_mask if variant.mask_mod >= 0 else None
     seed = tensors.rng_state if variant.dropout_p > 0 else None
@@ -258,7 +258,7 @@ def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse: torch
             None if summary is None else mods.kernel_extra(variant.mask_mod, tensors.mask_args),
             mods.kernel_extra(variant.score_mod, tensors.score_args) if variant.score_mod >= 0 else None,
             0 if pad is None else pad.stride(0), alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-            *((0, 0) if summary is None else summary.stride()[:2]), 0 if varlen else lse.stride(0), lse.stride(1))
+            *((0, 0) if summary is None else summary.stride()[:2]), 0 if varlen else lse_strides[0], lse_strides[1])
 
 
 def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
@@ -300,9 +300,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
         if tensors.sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
-    plan = _plan_of(q, k, tensors, variant, False, layout)
+    plan = _plan_of(q_shape, k_shape, q.dtype, tensors, variant, False)
     lse = q.new_empty_strided(plan.rows, plan.lse_strides, dtype=torch.float32)
-    args = (q, k, v, out, lse, *_variant_args(tensors, variant, lse, varlen, forward=True),
+    args = (q, k, v, out, lse, *_variant_args(tensors, variant, plan.lse_strides, varlen, forward=True),
             *_strides(q, varlen, layout), *_strides(k, varlen, layout), *_strides(v, varlen, layout),
             *_strides(out, varlen, layout), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * q_shape[1], args, plan.meta, (plan.n_q, plan.n_k),
@@ -322,17 +322,18 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
     if not (q.numel() and k.numel()):
         return dq.zero_(), dk.zero_(), dv.zero_()
-    plan = _plan_of(q, k, tensors, variant, True, layout)
+    k_shape = _sizes(k, layout)
+    plan = _plan_of(_sizes(q, layout), k_shape, q.dtype, tensors, variant, True)
     delta = _delta(grad_out, out, lse, grad_lse, plan, layout)
     # dK/dV and dQ share every argument but their outputs and the output's strides, which come after dO's
     head = (q, k, v, grad_out, lse, delta)
-    shared = (*_variant_args(tensors, variant, lse, varlen, forward=False), *_strides(q, varlen, layout),
+    shared = (*_variant_args(tensors, variant, lse.stride(), varlen, forward=False), *_strides(q, varlen, layout),
               *_strides(k, varlen, layout), *_strides(v, varlen, layout),
               *_strides(grad_out, varlen, layout))
     dropout, lengths = _dropout(tensors, variant), (plan.n_q, plan.n_k)
     # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
     # stride-0 expand, which only the pointers take), dQ K and V
-    configs.launch("dkdv", plan.n_k, plan.batch * _sizes(k, layout)[1],
+    configs.launch("dkdv", plan.n_k, plan.batch * k_shape[1],
                    (*head, dk, dv, *shared, *_strides(dk, varlen, layout), *plan.scalars),
                    plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST)
     configs.launch("dq", plan.n_q, plan.batch * plan.rows[1],
