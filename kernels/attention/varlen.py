@@ -136,18 +136,20 @@ def _(cu_seqlens_q, *args):
 
 
 _offsets_passed = LastTensor()
-"""The offsets (and block table) whose check passed last: a model's layers pass the same tensors."""
+"""The offsets (and block table) whose check passed last, and their :func:`_offsets_tensors`: a model's layers
+pass the same tensors."""
 
 
-def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
-                   max_seqlen_q: int, max_seqlen_k: int, block_table: Optional[torch.Tensor],
-                   num_blocks: int, page_size: int) -> None:
-    """ValueError naming the argument (on CPU at once; on a GPU a device assert, with no host sync:
-    ``checks.enforce``) unless each cu_seqlens starts at 0, never decreases and ends at its token count
-    (``total_k`` None: anywhere, for keys gathered from pages), each max_seqlen is at least its longest sequence
-    (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids that a
-    sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows the
-    offsets name. One ``_varlen_check`` launch and one assert for all of it.
+def _checked_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
+                     max_seqlen_q: int, max_seqlen_k: int, block_table: Optional[torch.Tensor],
+                     num_blocks: int, page_size: int) -> VariantTensors:
+    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked: ValueError naming the argument
+    (on CPU at once; on a GPU a device assert, with no host sync: ``checks.enforce``) unless each cu_seqlens starts
+    at 0, never decreases and ends at its token count (``total_k`` None: anywhere, for keys gathered from pages),
+    each max_seqlen is at least its longest sequence (the grid is sized by it, so a smaller value would silently
+    drop rows), and the ``block_table`` ids that a sequence's keys use are pages of [0, num_blocks). Run before any
+    launch: the kernels read only the rows the offsets name. One ``_varlen_check`` launch and one assert for all
+    of it.
 
     Checked once while the same tensors come back unmodified with the same scalars (``plan.LastTensor``: the
     tensors' identities and ``_version``, which every in-place torch op bumps): the verdict depends on nothing else,
@@ -155,13 +157,19 @@ def _check_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
     device assert stands for the calls after it. Writes that bypass torch's version counter (through a numpy view or
     ``.data``) are not seen."""
     scalars = (total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size)
-    _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, cu_seqlens_q,
-                        cu_seqlens_k, block_table, *scalars)
+    return _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, cu_seqlens_q,
+                               cu_seqlens_k, block_table, *scalars)
+
+
+def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> VariantTensors:
+    """The :class:`VariantTensors` of the offsets alone (contiguous, as the kernels read them)."""
+    # by position (kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q/k): keywords cost more
+    return VariantTensors(None, None, None, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
 
 
 def _judge_offsets(cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k,
-                   num_blocks, page_size) -> None:
-    """:func:`_check_offsets`'s launch and verdict, every call (``total_k`` -1: keys from pages)."""
+                   num_blocks, page_size) -> VariantTensors:
+    """:func:`_checked_offsets`'s launch and verdict, every call (``total_k`` -1: keys from pages)."""
     args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks,
             page_size)
     # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
@@ -169,6 +177,7 @@ def _judge_offsets(cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, ma
     enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q,
                                                            None if total_k < 0 else total_k, max_seqlen_q,
                                                            max_seqlen_k, block_table, num_blocks))
+    return _offsets_tensors(cu_seqlens_q, cu_seqlens_k)
 
 
 def _check_max_seqlen(name: str, max_seqlen) -> int:
@@ -327,8 +336,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     total_q, _, head_dim = q.shape  # 3-D (_check_tensors): one Size read
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
-    _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k.shape[0], max_seqlen_q,
-                   max_seqlen_k, block_table, *k.shape[:2] if paged else (0, 0))
+    offsets = _checked_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k.shape[0], max_seqlen_q,
+                               max_seqlen_k, block_table, *k.shape[:2] if paged else (0, 0))
     scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
@@ -346,10 +355,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                  dropout_p=dropout_p, sinks=sinks)
         return (out, lse) if return_lse else out
-    # by position (kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q/k): keywords cost more
-    tensors = VariantTensors(None, None, None if alibi_slopes is None else alibi_slopes.contiguous(),
-                             None if sinks is None else sinks.float(), draw_rng(q.device) if dropout_p > 0 else None,
-                             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    tensors = offsets
+    if alibi_slopes is not None or sinks is not None or dropout_p > 0:
+        tensors = offsets._replace(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
+                                   sinks=None if sinks is None else sinks.float(),
+                                   rng_state=draw_rng(q.device) if dropout_p > 0 else None)
     variant = attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
                                 max_seqlen_q, max_seqlen_k)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
