@@ -4,7 +4,8 @@ against. These run on CPU, where a bad verdict raises ValueError at once (on a G
 import pytest
 import torch
 
-from kernels.attention import varlen
+import kernels
+from kernels.attention import plan, varlen
 from kernels.attention.varlen import attention_varlen
 from tests.test_varlen import paged_cache
 
@@ -89,3 +90,55 @@ def test_an_in_place_change_of_the_block_table_is_checked_again(check_launches):
     with pytest.raises(ValueError, match="block_table: a page id a sequence uses is outside"):
         attention_varlen(q, k_pages, v_pages, cu, cu, 4, 4, block_table=table)
     assert len(check_launches) == 2
+
+
+def test_no_memo_while_a_cuda_graph_is_captured(check_launches, monkeypatch):
+    """A replay runs only what its capture launched: while capturing, the check launches even for the offsets
+    checked last (CPU stands in for the capture here; the GPU test below captures for real)."""
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu = _cu(lens)
+    attention_varlen(q, k, v, cu, cu, 5, 5)
+    monkeypatch.setattr(plan, "_capturing", lambda t: True)
+    attention_varlen(q, k, v, cu, cu, 5, 5)
+    attention_varlen(q, k, v, cu, cu, 5, 5)
+    assert len(check_launches) == 3
+
+
+def _capture(op, static, fresh):
+    """(outputs of ``op`` captured in a CUDA graph on ``static`` after an eager call on the same tensors, replayed
+    after copying ``fresh``'s values into them; eager's outputs on ``fresh``)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up on the very tensors captured next: what the memos remember
+        op(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(*static)
+    for target, source in zip(static, fresh):
+        target.copy_(source)
+    graph.replay()
+    expected = op(*fresh)
+    torch.cuda.synchronize()
+    return captured, expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRETED, reason="CUDA graphs need a GPU")
+def test_a_graph_captured_on_memoised_tensors_recomputes_them_on_replay(check_launches):
+    """Captured right after an eager call on the same padding mask and offsets: the capture launches the offsets'
+    check and the mask's key range again, so a replay with new values gives eager's result."""
+    q, k, v = (torch.randn(2, 2, 40, 16, device="cuda", dtype=torch.float16) for _ in range(3))
+    masks = [torch.ones(2, 40, dtype=torch.bool, device="cuda") for _ in range(2)]
+    masks[0][:, 30:] = False
+    masks[1][:, :5] = False  # a key range the first mask's would cut off
+    captured, expected = _capture(lambda mask: kernels.attention(q, k, v, key_padding_mask=mask), [masks[0]],
+                                  [masks[1]])
+    assert torch.equal(captured, expected)
+    packed = [t.transpose(1, 2).reshape(80, 2, 16) for t in (q, k, v)]
+    offsets = [torch.tensor(cu, dtype=torch.int32, device="cuda") for cu in ([0, 30, 80], [0, 50, 80])]
+    launches = len(check_launches)
+    captured, expected = _capture(lambda cu: attention_varlen(*packed, cu, cu, 50, 50, causal=True), [offsets[0]],
+                                  [offsets[1]])
+    assert len(check_launches) == launches + 3  # warm-up (new tensors), capture, eager
+    assert torch.equal(captured, expected)

@@ -93,6 +93,12 @@ def _no_tensor():
     return None
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device: a replay runs only what the capture launched, so
+    nothing it needs may come from a memo (a replay's new values would meet a value derived from old ones)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class LastTensor:
     """A one-entry memo of a value derived from tensors: returned again while the same tensor objects (and Nones)
     come back unmodified with the same ``key``. A model hands every layer the same mask (offsets, block table), so
@@ -101,7 +107,8 @@ class LastTensor:
 
     Unmodified means the same ``_version``, which every in-place torch op bumps (those that change the shape or
     strides too: ``resize_``, ``set_``, ``unsqueeze_``, ...). Writes that bypass torch's version counter (through
-    ``.data`` or a numpy view, or assigning ``.data``) are not seen. A value ``compute`` raises for is not kept."""
+    ``.data`` or a numpy view, or assigning ``.data``) are not seen. A value ``compute`` raises for is not kept.
+    While torch.compile traces or a CUDA graph is captured, ``compute`` runs every time (the graph computes it)."""
 
     def __init__(self):
         self._entry = ((), (), None, None)  # (weak references, versions, key, value): replaced as one
@@ -109,10 +116,10 @@ class LastTensor:
     def get(self, tensors, key, compute, *args):
         """``compute(*args)``, or the value it gave for these ``tensors`` (one tensor, or a tuple of tensors and
         Nones) and ``key`` last time."""
-        if torch.compiler.is_compiling():  # traced: the graph computes it, and guards replace the memo
-            return compute(*args)
         if type(tensors) is not tuple:
             tensors = (tensors,)
+        if torch.compiler.is_compiling() or _capturing(tensors[0]):  # the graph computes it on every run
+            return compute(*args)
         refs, versions, last_key, value = self._entry
         if len(refs) == len(tensors) and last_key == key:
             for ref, version, tensor in zip(refs, versions, tensors):
