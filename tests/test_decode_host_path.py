@@ -13,8 +13,9 @@ import kernels
 from benchmarks.overhead import stubbed_launches
 from kernels import _runtime
 from kernels._validate import assert_on_device
-from kernels.attention import checks
+from kernels.attention import checks, decode
 from aten_ops import AtenOps
+from test_varlen_offsets_memo import counted_launches
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="the host path of interpreted (CPU) launches")
 
@@ -31,11 +32,40 @@ def test_a_valid_calls_index_check_is_one_launch_and_one_read_of_a_reused_verdic
     Before: a new verdict (torch.ones), then a slice and an ``all`` of it (each an op, about 1-2 us on the host)
     before it was read."""
     q, (k_pages, v_pages), table, seqlens = _paged_step()
+    fresh = seqlens.clone()  # new lengths: checked again (the same ones would be memoised)
     with stubbed_launches():
         kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
         with AtenOps() as ops:
-            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=fresh, block_table=table)
     assert ops.work == []
+
+
+@pytest.fixture
+def check_launches(monkeypatch):
+    """The list of ``_decode_check`` launches made while the test runs."""
+    return counted_launches(monkeypatch, decode._decode_check)
+
+
+def test_the_same_index_tensors_are_checked_once(check_launches):
+    """Every layer of a decoding step passes the same lengths and table: judged at the first (plan.LastTensor:
+    the tensors' identities and versions), again after an in-place change, and a failed check is not kept."""
+    q, (k_pages, v_pages), table, seqlens = _paged_step()
+    first = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    again = kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    assert len(check_launches) == 1
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    seqlens[1] = -1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+            kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    table[0, 1] = 8  # row 0's second page (positions 16..31, used by its 17 keys): outside the 8 pages
+    seqlens[1] = 40
+    with pytest.raises(ValueError, match="block_table's pages must index k_cache's 8 pages"):
+        kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    table[0, 1] = 1
+    kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    kernels.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table, num_splits=1)
+    assert len(check_launches) == 5  # the last call's other num_splits judges no index value
 
 
 def test_a_failed_check_leaves_the_reused_verdict_a_pass():

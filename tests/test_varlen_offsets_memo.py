@@ -14,16 +14,21 @@ def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-@pytest.fixture
-def check_launches(monkeypatch):
-    """The list of ``_varlen_check`` launches made while the test runs (one entry per launch)."""
-    launches, run = [], varlen._varlen_check.run
+def counted_launches(monkeypatch, kernel) -> list:
+    """The list of ``kernel``'s launches (by ``.run``) from now on, one entry per launch."""
+    launches, run = [], kernel.run
 
     def counted(*args, **kwargs):
         launches.append(args)
         return run(*args, **kwargs)
-    monkeypatch.setattr(varlen._varlen_check, "run", counted)
+    monkeypatch.setattr(kernel, "run", counted)
     return launches
+
+
+@pytest.fixture
+def check_launches(monkeypatch):
+    """The list of ``_varlen_check`` launches made while the test runs."""
+    return counted_launches(monkeypatch, varlen._varlen_check)
 
 
 def _packed(lengths, heads=2, d=8):

@@ -41,6 +41,7 @@ from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, chec
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
+from kernels.attention.plan import LastTensor
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -772,6 +773,10 @@ def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, n_q: int,
 _ONE_PROGRAM = (1,)
 
 
+_indices_passed = LastTensor()
+"""The index tensors whose check passed last: a model's layers pass the same ones within a step."""
+
+
 def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int, capacity: int,
                         page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
     """Check on the device, as one ``_decode_check`` launch and one assert (no host sync; ValueError at once on
@@ -780,11 +785,23 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
     cache_seqlens (capacity without it), cache_batch_idx in [0, cache_rows) and distinct when appending,
     block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, no two new
     keys in one paged slot, and with ``rotary_rows`` (rotated causal or windowed queries) cache_seqlens + Sq <=
-    rotary_rows. The kernels also clamp every index they read (a second line of defence)."""
+    rotary_rows. The kernels also clamp every index they read (a second line of defence).
+
+    Checked once while the same index tensors come back unmodified with the same sizes (``plan.LastTensor``, as
+    varlen's offsets: the verdict depends on nothing else; a check that raises is not memoised)."""
     first = (seqlens if seqlens is not None else leftpad if leftpad is not None
              else batch_idx if batch_idx is not None else block_table)  # the first index tensor given
     if first is None:
         return
+    sizes = (batch, n_q, n_new, capacity, page_size, cache_rows, rotary_rows)
+    # first leads: the memo judges a CUDA graph capture on its device
+    _indices_passed.get((first, seqlens, leftpad, batch_idx, block_table), sizes, _judge_index_values, first,
+                        seqlens, leftpad, batch_idx, block_table, *sizes)
+
+
+def _judge_index_values(first, seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int,
+                        capacity: int, page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
+    """:func:`_check_index_values`' launch and verdict, every call (``first``: the first index tensor given)."""
     max_blocks = 0 if block_table is None else block_table.shape[1]
     spans = 1 if block_table is None else (n_new + page_size - 2) // page_size + 1  # pages n_new positions touch
     writes_checked = batch_idx is not None or max_blocks > 0  # a table of no pages: capacity 0, nothing written
