@@ -29,12 +29,17 @@ _padding = LastTensor()
 # ------------------------------------------------------------------------------------------------- public API
 
 
+def _padding_tensors(key_padding_mask: torch.Tensor) -> VariantTensors:
+    """A checked key padding mask's tensors as the kernels take them: its key range and its uint8 view."""
+    return VariantTensors(key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8))
+
+
 def _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p: float, block_mask: Optional[mods.BlockMask],
                      score_mod: Optional[mods.ScoreMod]) -> VariantTensors:
     """The call's checked tensors besides q, k, v as the kernels take them: NO_TENSORS when it has none, a key
     padding mask's (memoised while layers pass the same mask) when it has only that."""
-    padded = NO_TENSORS if key_padding_mask is None else _padding.get(key_padding_mask, None, lambda: VariantTensors(
-        kv_bounds=key_bounds(key_padding_mask), pad=key_padding_mask.contiguous().view(torch.uint8)))
+    padded = NO_TENSORS if key_padding_mask is None else _padding.get(key_padding_mask, None, _padding_tensors,
+                                                                       key_padding_mask)
     if alibi_slopes is None and sinks is None and dropout_p == 0 and block_mask is None and score_mod is None:
         return padded
     mod_tensors = {}

@@ -242,7 +242,9 @@ def _heads_first_strides(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
 def _strides(t: torch.Tensor, varlen: bool, layout: int) -> Tuple[int, ...]:
     """``t``'s (b, h, n, d) strides as the kernels take them: a packed (1, H, total, D) view's batch stride is 0,
     since every sequence is found from cu_seqlens."""
-    return (0, *t.stride()[1:]) if varlen and layout != PACKED else _heads_first_strides(t, layout)
+    if not varlen:
+        return t.stride() if layout == HEADS_FIRST else _heads_first_strides(t, layout)  # the first: most calls'
+    return (0, *t.stride()[1:]) if layout != PACKED else _heads_first_strides(t, layout)
 
 
 _NONE_BACKWARD = (None,) * 9 + (0,) * 4
