@@ -35,16 +35,18 @@ def check_qkv(q, k, v) -> None:
         check_same("dtype", q=q, k=k, v=v)
         check_same("device", q=q, k=k, v=v)
     batch, heads, _, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
-    if k.shape[3] != d:
-        raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k.shape)}")
+    k_shape = k.shape  # read once: each read builds a Size
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k_shape)} and {tuple(v.shape)}")
+    if k_shape[0] != batch:
+        raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
+    if k_shape[3] != d:
+        raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
     if not 1 <= d <= configs.MAX_HEAD_DIM:
         raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q.shape)}")
-    if k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k.shape)}")
+    kv_heads = k_shape[1]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k_shape)}")
 
 
 def check_scale(scale, d: int) -> float:
