@@ -149,10 +149,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
     Reverse-mode autograd only: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raises.
     """
-    check_qkv(q, k, v)
-    scale = check_scale(scale, q.shape[-1])
+    q_shape, k_shape = check_qkv(q, k, v)
+    scale = check_scale(scale, q_shape[3])
     if key_padding_mask is not None:
-        check_padding_mask(key_padding_mask, q, k)
+        check_padding_mask(key_padding_mask, q, q_shape[0], k_shape[2])
     window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
                                                                                       softcap, dropout_p)
     if alibi_slopes is not None:
@@ -170,7 +170,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                        alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         tensors = _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p, block_mask, score_mod)
-        variant = attention_variant(bool(causal), k.shape[2] - q.shape[2], scale, window_left, window_right,
+        variant = attention_variant(bool(causal), k_shape[2] - q_shape[2], scale, window_left, window_right,
                                     attention_chunk, softcap, dropout_p,
                                     -1 if block_mask is None else block_mask.mask_mod.key,
                                     -1 if score_mod is None else score_mod.key)

@@ -27,15 +27,16 @@ def is_plain_qkv(q, k, v) -> bool:
             and q.device == k.device == v.device)
 
 
-def check_qkv(q, k, v) -> None:
-    """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs."""
+def check_qkv(q, k, v) -> Tuple[torch.Size, torch.Size]:
+    """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs; return q's and k's
+    shapes (read here once: each read of ``.shape`` builds a Size)."""
     if not is_plain_qkv(q, k, v):
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
         check_same("dtype", q=q, k=k, v=v)
         check_same("device", q=q, k=k, v=v)
-    batch, heads, _, d = q.shape
-    k_shape = k.shape  # read once: each read builds a Size
+    q_shape, k_shape = q.shape, k.shape
+    batch, heads, _, d = q_shape
     if k_shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k_shape)} and {tuple(v.shape)}")
     if k_shape[0] != batch:
@@ -43,10 +44,11 @@ def check_qkv(q, k, v) -> None:
     if k_shape[3] != d:
         raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
     if not 1 <= d <= configs.MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q.shape)}")
+        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q_shape)}")
     kv_heads = k_shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k_shape)}")
+    return q_shape, k_shape
 
 
 def check_scale(scale, d: int) -> float:
@@ -72,14 +74,13 @@ def key_bounds(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.minimum(start, end), end], 1).to(torch.int32).contiguous()
 
 
-def check_padding_mask(mask, q, k) -> None:
-    """TypeError/ValueError naming key_padding_mask unless it is a bool (B, Nk) tensor on q's device."""
+def check_padding_mask(mask, q, batch: int, n_k: int) -> None:
+    """TypeError/ValueError naming key_padding_mask unless it is a bool (B, Nk) = (``batch``, ``n_k``) tensor on
+    q's device."""
     if type(mask) is not torch.Tensor or mask.dtype is not torch.bool or mask.dim() != 2:  # else: passes
         check_tensor("key_padding_mask", mask, ndim=2, dtypes=(torch.bool,))
-    batch, n_k = mask.shape  # one Size read, compared by value
-    if batch != q.shape[0] or n_k != k.shape[2]:
-        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(q.shape[0], k.shape[2])}, "
-                         f"got {tuple(mask.shape)}")
+    if mask.shape != (batch, n_k):  # one Size read, compared by value
+        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(batch, n_k)}, got {tuple(mask.shape)}")
     if mask.device != q.device:  # the common case decided without building check_same's arguments
         check_same("device", q=q, key_padding_mask=mask)
 
