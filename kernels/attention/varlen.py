@@ -247,14 +247,14 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
     return t[0].transpose(0, 1)
 
 
-def _plain_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> bool:
-    """Whether the tensors pass every check of :func:`_check_tensors`, tested at once for plain tensors (the
-    common case: each size, dtype and device read once); False sends any other input to the full checks and their
-    messages."""
+def _plain_sizes(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> Optional[Tuple[torch.Size, torch.Size, int]]:
+    """(q's shape, k's shape, batch) where the tensors pass every check of :func:`_check_tensors`, tested at once
+    for plain tensors (the common case: each size, dtype and device read once); None sends any other input to the
+    full checks and their messages."""
     tensor = torch.Tensor
     if not (type(q) is tensor and type(k) is tensor and type(v) is tensor and type(cu_seqlens_q) is tensor
             and type(cu_seqlens_k) is tensor):
-        return False
+        return None
     q_shape, k_shape, offsets_shape = q.shape, k.shape, cu_seqlens_q.shape
     dtype, device = q.dtype, q.device
     if not (len(q_shape) == 3 and len(k_shape) == 3 + paged and k_shape == v.shape and dtype in FLOAT_DTYPES
@@ -262,19 +262,22 @@ def _plain_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> bool:
             and cu_seqlens_k.dtype is torch.int32 and len(offsets_shape) == 1 and offsets_shape[0]
             and cu_seqlens_k.shape == offsets_shape and k.device == device and v.device == device
             and cu_seqlens_q.device == device and cu_seqlens_k.device == device):
-        return False
+        return None
     _, heads, d = q_shape
     kv_heads = k_shape[-2]
-    return (k_shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
-            and (not paged or (k_shape[0] > 0 and k_shape[1] > 0)))
+    if (k_shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
+            and (not paged or (k_shape[0] > 0 and k_shape[1] > 0))):
+        return q_shape, k_shape, offsets_shape[0] - 1
+    return None
 
 
-def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> None:
+def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> Tuple[torch.Size, torch.Size, int]:
     """TypeError/ValueError naming the argument unless q (total_q, H, D) and k, v (total_k, Hkv, D), or with
     ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs and cu_seqlens_q/k 1-D int32
-    offsets of one batch on q's device."""
-    if _plain_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged):
-        return
+    offsets of one batch on q's device; returns (q's shape, k's shape, batch)."""
+    sizes = _plain_sizes(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)
+    if sizes is not None:
+        return sizes
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
     if paged:
@@ -287,6 +290,7 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> None:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return q.shape, k.shape, cu_seqlens_q.shape[0] - 1
 
 
 def _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, **variants):
@@ -329,15 +333,15 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     launch per kernel; no host sync (see the module docstring).
     """
     paged = block_table is not None
-    _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)  # dtypes, devices, head counts and dims, offsets
+    # dtypes, devices, head counts and dims, offsets
+    q_shape, k_shape, batch = _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    batch = cu_seqlens_q.shape[0] - 1  # 1-D: dim 0 is the whole shape
-    total_q, _, head_dim = q.shape  # 3-D (_check_tensors): one Size read
+    total_q, _, head_dim = q_shape
     if paged:
         _check_block_table(block_table, k, batch, max_seqlen_k)
-    offsets = _checked_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k.shape[0], max_seqlen_q,
-                               max_seqlen_k, block_table, *k.shape[:2] if paged else (0, 0))
+    offsets = _checked_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k_shape[0], max_seqlen_q,
+                               max_seqlen_k, block_table, *k_shape[:2] if paged else (0, 0))
     scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
