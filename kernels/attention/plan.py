@@ -242,9 +242,13 @@ def _heads_first_strides(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
 def _strides(t: torch.Tensor, varlen: bool, layout: int) -> Tuple[int, ...]:
     """``t``'s (b, h, n, d) strides as the kernels take them: a packed (1, H, total, D) view's batch stride is 0,
     since every sequence is found from cu_seqlens."""
-    if not varlen:
-        return t.stride() if layout == HEADS_FIRST else _heads_first_strides(t, layout)  # the first: most calls'
-    return (0, *t.stride()[1:]) if layout != PACKED else _heads_first_strides(t, layout)
+    # the common layouts without _heads_first_strides' frame: (B, H, N, D) and varlen's packed tensors
+    if layout == HEADS_FIRST:
+        return (0, *t.stride()[1:]) if varlen else t.stride()
+    if layout == PACKED:
+        stride_n, stride_h, stride_d = t.stride()
+        return 0, stride_h, stride_n, stride_d
+    return (0, *t.stride()[1:]) if varlen else _heads_first_strides(t, layout)
 
 
 _NONE_BACKWARD = (None,) * 9 + (0,) * 4
