@@ -203,7 +203,7 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
 
 
 def _plan_of(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: torch.dtype, tensors: VariantTensors,
-                   variant: AttentionVariant, backward: bool) -> Plan:
+             variant: AttentionVariant, backward: bool) -> Plan:
     """The cached :func:`_plan` of q, k of (B, H, N, D) sizes ``q_shape``, ``k_shape`` (:func:`_sizes`)."""
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
     return _plan(variant, varlen_batch, q_shape, k_shape[1], k_shape[2], dtype, configs.uses_tf32(dtype), backward)
