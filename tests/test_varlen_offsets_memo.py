@@ -147,3 +147,39 @@ def test_a_graph_captured_on_memoised_tensors_recomputes_them_on_replay(check_la
                                   [offsets[1]])
     assert len(check_launches) == launches + 3  # warm-up (new tensors), capture, eager
     assert torch.equal(captured, expected)
+
+
+def test_inference_tensors_are_checked_every_call_and_never_crash_the_memo():
+    """Tensors made under torch.inference_mode keep no version counter: every memo (varlen's offsets, decoding's
+    index values, a padding mask's key range, the SDPA drop-in's mask analysis) computes afresh for them, so a bad value written in place between
+    calls is still caught, and nothing raises for a good one (reading their ``_version`` would)."""
+    lens = [3, 5]
+    with torch.inference_mode():
+        q, k, v = _packed(lens)
+        cu = _cu(lens)
+        for _ in range(2):
+            attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+        cu[2] = 99
+        with pytest.raises(ValueError, match="cu_seqlens_q"):
+            attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+
+        q_dec = torch.randn(2, 1, 2, 8)
+        k_cache, v_cache = torch.randn(2, 2, 16, 2, 8).unbind(0)
+        seqlens = torch.tensor([3, 7], dtype=torch.int32)
+        for _ in range(2):
+            kernels.attention_with_kvcache(q_dec, k_cache, v_cache, cache_seqlens=seqlens)
+        seqlens.fill_(99)
+        with pytest.raises(ValueError, match="cache_seqlens"):
+            kernels.attention_with_kvcache(q_dec, k_cache, v_cache, cache_seqlens=seqlens)
+
+        qb, kb, vb = torch.randn(3, 1, 2, 6, 8).unbind(0)
+        pad = torch.ones(1, 6, dtype=torch.bool)
+        pad[:, 4:] = False
+        first = kernels.attention(qb, kb, vb, key_padding_mask=pad)
+        pad[:, 2:] = False  # the new mask's key range, not the first call's
+        torch.testing.assert_close(kernels.attention(qb, kb, vb, key_padding_mask=pad),
+                                   kernels.attention(qb, kb, vb, key_padding_mask=pad.clone()))
+        assert not torch.equal(first, kernels.attention(qb, kb, vb, key_padding_mask=pad))
+        mask = pad[:, None, None, :].expand(1, 2, 6, 6)  # the SDPA drop-in's mask analysis
+        torch.testing.assert_close(kernels.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask),
+                                   torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask))

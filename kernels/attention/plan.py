@@ -107,7 +107,8 @@ class LastTensor:
 
     Unmodified means the same ``_version``, which every in-place torch op bumps (those that change the shape or
     strides too: ``resize_``, ``set_``, ``unsqueeze_``, ...). Writes that bypass torch's version counter (through
-    ``.data`` or a numpy view, or assigning ``.data``) are not seen. A value ``compute`` raises for is not kept.
+    ``.data`` or a numpy view, or assigning ``.data``) are not seen. A value ``compute`` raises for is not kept, nor
+    one derived from an inference tensor (made under ``torch.inference_mode``: it keeps no version counter).
     While torch.compile traces or a CUDA graph is captured, ``compute`` runs every time (the graph computes it)."""
 
     def __init__(self):
@@ -128,8 +129,11 @@ class LastTensor:
             else:
                 return value
         value = compute(*args)
-        self._entry = (tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors),
-                       tuple(None if t is None else t._version for t in tensors), key, value)
+        try:
+            versions = tuple(None if t is None else t._version for t in tensors)
+        except RuntimeError:  # an inference tensor (torch.inference_mode's) has no version counter: no memo
+            return value
+        self._entry = (tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors), versions, key, value)
         return value
 
 
