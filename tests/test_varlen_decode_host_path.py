@@ -91,6 +91,8 @@ def test_varlen_inputs_the_fast_paths_pass_on_take_the_full_checks():
     (dict(cu_seqlens_k=_int32([[0, 4, 9]])), ValueError, "cu_seqlens_k must be 1-D"),
     (dict(cu_seqlens_q=_int32([])), ValueError, "cu_seqlens_q must have batch"),
     (dict(cu_seqlens_q=_int32([0, 9])), ValueError, "same number of sequences"),
+    (dict(cu_seqlens_k=[0, 4, 9]), TypeError, "cu_seqlens_k must be a torch.Tensor"),
+    (dict(cu_seqlens_q=_int32([0, 4, 9], "meta")), ValueError, "q, cu_seqlens_q, cu_seqlens_k must share one device"),
     (dict(max_seqlen_q=True), TypeError, "max_seqlen_q must be an int"),
     (dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k must be an int"),
 ])

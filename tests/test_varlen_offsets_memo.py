@@ -83,6 +83,26 @@ def test_new_bad_offsets_raise_and_a_failed_check_is_not_memoised(check_launches
     assert len(check_launches) == 4
 
 
+def test_the_offsets_tensors_checks_are_memoised_with_their_values(check_launches, monkeypatch):
+    """Their dtype, rank, count and device are checked with their values, once while the same tensors come back
+    (no op changes them without bumping ``_version``); a q on another device than the one they were checked
+    against is checked again, and fails."""
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu = _cu(lens)
+    checks, check = [], varlen._check_offsets_tensors
+    monkeypatch.setattr(varlen, "_check_offsets_tensors", lambda *args: checks.append(args) or check(*args))
+    for _ in range(3):
+        attention_varlen(q, k, v, cu, cu, 5, 5)
+    assert len(checks) == len(check_launches) == 1
+    with pytest.raises(ValueError, match="q, cu_seqlens_q, cu_seqlens_k must share one device"):
+        attention_varlen(*(t.to("meta") for t in (q, k, v)), cu, cu, 5, 5)
+    for _ in range(2):  # a failed check is not memoised either
+        with pytest.raises(TypeError, match="cu_seqlens_k must have dtype"):
+            attention_varlen(q, k, v, cu, cu.long(), 5, 5)
+    assert len(checks) == 4 and len(check_launches) == 1
+
+
 def test_an_in_place_change_of_the_block_table_is_checked_again(check_launches):
     lens = [2, 4]
     q, k, v = _packed(lens)

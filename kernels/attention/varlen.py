@@ -47,6 +47,17 @@ def _check_cu_seqlens(name: str, cu_seqlens) -> None:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got an empty tensor")
 
 
+def _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k) -> None:
+    """TypeError/ValueError naming the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on q's
+    device."""
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
 _OFFSETS_RULE = ("cu_seqlens_q/cu_seqlens_k must start at 0, be non-decreasing and end at the number of packed "
                  "tokens, max_seqlen_q/k be at least the longest sequence, and block_table's page ids that a sequence "
                  "uses be in [0, num_blocks)")
@@ -136,29 +147,35 @@ def _(cu_seqlens_q, *args):
 
 
 _offsets_passed = LastTensor()
-"""The offsets (and block table) whose check passed last, and their :func:`_offsets_tensors`: a model's layers
+"""The offsets (and block table) whose checks passed last, and their :func:`_offsets_tensors`: a model's layers
 pass the same tensors."""
 
 
-def _checked_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: Optional[int],
-                     max_seqlen_q: int, max_seqlen_k: int, block_table: Optional[torch.Tensor],
-                     num_blocks: int, page_size: int) -> VariantTensors:
-    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked: ValueError naming the argument
-    (on CPU at once; on a GPU a device assert, with no host sync: ``checks.enforce``) unless each cu_seqlens starts
-    at 0, never decreases and ends at its token count (``total_k`` None: anywhere, for keys gathered from pages),
-    each max_seqlen is at least its longest sequence (the grid is sized by it, so a smaller value would silently
-    drop rows), and the ``block_table`` ids that a sequence's keys use are pages of [0, num_blocks). Run before any
-    launch: the kernels read only the rows the offsets name. One ``_varlen_check`` launch and one assert for all
-    of it.
+def _checked_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, block_table,
+                     device: torch.device, total_q: int, total_k: Optional[int], max_seqlen_q: int,
+                     max_seqlen_k: int, num_blocks: int, page_size: int) -> VariantTensors:
+    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked: TypeError/ValueError naming
+    the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on q's ``device``
+    (:func:`_check_offsets_tensors`) and ``block_table`` (None: keys not paged) a table of that batch for k's pages
+    (:func:`_check_block_table`); then ValueError naming
+    the argument (on CPU at once; on a GPU a device assert, with no host sync: ``checks.enforce``) unless each
+    cu_seqlens starts at 0, never decreases and ends at its token count (``total_k`` None: anywhere, for keys
+    gathered from pages), each max_seqlen is at least its longest sequence (the grid is sized by it, so a smaller
+    value would silently drop rows), and the ``block_table`` ids that a sequence's keys use are pages of
+    [0, num_blocks). Run before any launch: the kernels read only the rows the offsets name. One
+    ``_varlen_check`` launch and one assert for all of it.
 
-    Checked once while the same tensors come back unmodified with the same scalars (``plan.LastTensor``: the
-    tensors' identities and ``_version``, which every in-place torch op bumps): the verdict depends on nothing else,
-    so a repeat would judge the same values again. A check that raises is not memoised; on a GPU the first call's
-    device assert stands for the calls after it. Writes that bypass torch's version counter (through a numpy view or
-    ``.data``) are not seen."""
-    scalars = (total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size)
-    return _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, cu_seqlens_q,
-                               cu_seqlens_k, block_table, *scalars)
+    Checked once while the same tensors come back unmodified with the same device and scalars
+    (``plan.LastTensor``: the tensors' identities and ``_version``, which every in-place torch op bumps, and no
+    op changes a tensor's dtype, shape or device without bumping): the checks depend on nothing else, so a repeat
+    would judge the same tensors again. A check that raises is not memoised; on a GPU the first call's device
+    assert stands for the calls after it. Writes that bypass torch's version counter (through a numpy view or
+    ``.data``) are not seen. The offsets must be plain tensors or pass :func:`_check_offsets_tensors` first (the
+    memo takes weak references and versions)."""
+    scalars = (device, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k, num_blocks,
+               page_size)
+    return _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, q, k,
+                               cu_seqlens_q, cu_seqlens_k, block_table, *scalars[1:])
 
 
 def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> VariantTensors:
@@ -167,9 +184,12 @@ def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> 
     return VariantTensors(None, None, None, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
 
 
-def _judge_offsets(cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k,
+def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k,
                    num_blocks, page_size) -> VariantTensors:
-    """:func:`_checked_offsets`'s launch and verdict, every call (``total_k`` -1: keys from pages)."""
+    """:func:`_checked_offsets`'s checks, launch and verdict, every call (``total_k`` -1: keys from pages)."""
+    _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)
+    if block_table is not None:
+        _check_block_table(block_table, k, cu_seqlens_q.shape[0] - 1, max_seqlen_k)
     args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks,
             page_size)
     # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
@@ -247,35 +267,31 @@ def _as_packed(t: torch.Tensor) -> torch.Tensor:
     return t[0].transpose(0, 1)
 
 
-def _plain_sizes(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> Optional[Tuple[torch.Size, torch.Size, int]]:
-    """(q's shape, k's shape, batch) where the tensors pass every check of :func:`_check_tensors`, tested at once
+def _plain_sizes(q, k, v, paged: bool) -> Optional[Tuple[torch.Size, torch.Size, torch.device]]:
+    """(q's shape, k's shape, q's device) where q, k, v pass every check of :func:`_check_tensors`, tested at once
     for plain tensors (the common case: each size, dtype and device read once); None sends any other input to the
     full checks and their messages."""
     tensor = torch.Tensor
-    if not (type(q) is tensor and type(k) is tensor and type(v) is tensor and type(cu_seqlens_q) is tensor
-            and type(cu_seqlens_k) is tensor):
+    if not (type(q) is tensor and type(k) is tensor and type(v) is tensor):
         return None
-    q_shape, k_shape, offsets_shape = q.shape, k.shape, cu_seqlens_q.shape
+    q_shape, k_shape = q.shape, k.shape
     dtype, device = q.dtype, q.device
     if not (len(q_shape) == 3 and len(k_shape) == 3 + paged and k_shape == v.shape and dtype in FLOAT_DTYPES
-            and k.dtype is dtype and v.dtype is dtype and cu_seqlens_q.dtype is torch.int32
-            and cu_seqlens_k.dtype is torch.int32 and len(offsets_shape) == 1 and offsets_shape[0]
-            and cu_seqlens_k.shape == offsets_shape and k.device == device and v.device == device
-            and cu_seqlens_q.device == device and cu_seqlens_k.device == device):
+            and k.dtype is dtype and v.dtype is dtype and k.device == device and v.device == device):
         return None
     _, heads, d = q_shape
     kv_heads = k_shape[-2]
     if (k_shape[-1] == d and 1 <= d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0
             and (not paged or (k_shape[0] > 0 and k_shape[1] > 0))):
-        return q_shape, k_shape, offsets_shape[0] - 1
+        return q_shape, k_shape, device
     return None
 
 
-def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> Tuple[torch.Size, torch.Size, int]:
+def _check_tensors(q, k, v, paged: bool) -> Tuple[torch.Size, torch.Size, torch.device]:
     """TypeError/ValueError naming the argument unless q (total_q, H, D) and k, v (total_k, Hkv, D), or with
-    ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs and cu_seqlens_q/k 1-D int32
-    offsets of one batch on q's device; returns (q's shape, k's shape, batch)."""
-    sizes = _plain_sizes(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)
+    ``paged`` page pools (num_blocks, page_size, Hkv, D), are valid attention inputs; returns (q's shape, k's
+    shape, q's device). The offsets are checked with their values (:func:`_checked_offsets`)."""
+    sizes = _plain_sizes(q, k, v, paged)
     if sizes is not None:
         return sizes
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -284,13 +300,7 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged: bool) -> Tuple[to
         _check_page_pools(k, v)
     # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
     check_qkv(*(_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v)))
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
-    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    return q.shape, k.shape, cu_seqlens_q.shape[0] - 1
+    return q.shape, k.shape, q.device
 
 
 def _per_sequence(q, k, v, offsets_q, offsets_k, causal, scale, **variants):
@@ -333,26 +343,29 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     launch per kernel; no host sync (see the module docstring).
     """
     paged = block_table is not None
-    # dtypes, devices, head counts and dims, offsets
-    q_shape, k_shape, batch = _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, paged)
+    # dtypes, devices, head counts and dims
+    q_shape, k_shape, device = _check_tensors(q, k, v, paged)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     total_q, _, head_dim = q_shape
-    if paged:
-        _check_block_table(block_table, k, batch, max_seqlen_k)
-    offsets = _checked_offsets(cu_seqlens_q, cu_seqlens_k, total_q, None if paged else k_shape[0], max_seqlen_q,
-                               max_seqlen_k, block_table, *k_shape[:2] if paged else (0, 0))
+    if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo's
+        _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # weak references: TypeError for a non-tensor
+    # the offsets' (and block table's) checks, the tensors' and their values', memoised
+    offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, device, total_q,
+                               None if paged else k_shape[0], max_seqlen_q, max_seqlen_k,
+                               *k_shape[:2] if paged else (0, 0))
     scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
-        check_alibi(alibi_slopes, _as_batch(q).expand(batch, -1, -1, -1))  # (H,) or (batch, H)
+        check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
         check_sinks(sinks, _as_batch(q))
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
-        k, v = (gather_pages(t, block_table, cu_seqlens_k, batch * max_seqlen_k) for t in (k, v))
+        n_keys = (cu_seqlens_q.shape[0] - 1) * max_seqlen_k  # batch * max_seqlen_k: a bound of total_k
+        k, v = (gather_pages(t, block_table, cu_seqlens_k, n_keys) for t in (k, v))
     if not _runtime.kernel_runs_on(q):  # k, v (and the pages gathered) are on q's device (_check_tensors)
         # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
         out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
