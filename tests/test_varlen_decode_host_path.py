@@ -37,6 +37,21 @@ def test_varlen_autograd_node_takes_the_packed_inputs_with_no_view_nodes(device)
     assert leaves == [q, k, v]
 
 
+def test_varlen_saves_its_offsets_alone_for_the_backward(device):
+    """An offsets-only call saves q, k, v, out, lse and the two offsets (before: the 8 fixed variant slots, 6 of
+    them None, each a host cost); the backward rebuilds them as the offsets' VariantTensors."""
+    q, k, v = _packed(device)
+    cu = _int32([0, 4, 9], device)
+    out = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 7 and saved[5] is cu and saved[6] is cu
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    alibi = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True, alibi_slopes=torch.zeros(2, device=device))
+    assert len(alibi.grad_fn.saved_tensors) == 13  # not the offsets alone: every fixed slot
+    for grad, expected in zip(grads, torch.autograd.grad(alibi, (q, k, v), torch.ones_like(out))):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
 def test_varlen_unused_lse_adds_nothing_to_the_backward(device):
     """Without return_lse the backward gets no gradient of lse: no zeros materialised, no (grad_lse * log2 e)
     subtracted from delta (before: a mul and a sub_ per call); the gradients are those with a zero lse gradient."""

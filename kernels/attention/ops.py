@@ -67,10 +67,15 @@ def save_context(ctx, q, k, v, output, tensors: VariantTensors, variant: Attenti
     if tensors is NO_TENSORS:  # a plain call: nothing more to save, or to rebuild in the backward
         ctx.save_for_backward(q, k, v, *output)
         return
-    if tensors.padding_only():  # a key padding mask alone: its two tensors (each saved slot, None too, costs)
-        ctx.save_for_backward(q, k, v, *output, tensors.kv_bounds, tensors.pad)
+    if tensors.cu_seqlens_q is None:
+        if tensors.padding_only():  # a key padding mask alone: its two tensors (each saved slot, None too, costs)
+            ctx.save_for_backward(q, k, v, *output, tensors.kv_bounds, tensors.pad)
+            return
+    elif tensors.offsets_only():  # packed sequences' offsets alone (varlen): their two tensors
+        ctx.offsets_only = True
+        ctx.save_for_backward(q, k, v, *output, tensors.cu_seqlens_q, tensors.cu_seqlens_k)
         return
-    if tensors.mask_args is None and tensors.score_args is None:  # no mod's tensors (varlen's offsets, ALiBi, ...)
+    if tensors.mask_args is None and tensors.score_args is None:  # no mod's tensors (ALiBi, sinks, dropout, ...)
         ctx.save_for_backward(q, k, v, *output, *tensors[:-2])
         return
     mask_args, score_args = list(tensors.mask_args or ()), list(tensors.score_args or ())
@@ -82,7 +87,9 @@ def _saved_tensors(ctx, saved: tuple) -> VariantTensors:
     """The :class:`VariantTensors` :func:`save_context` saved after q, k, v, out and lse (none: NO_TENSORS)."""
     if not saved:
         return NO_TENSORS
-    if len(saved) == 2:  # a key padding mask's (kv_bounds, pad): the others save 8 slots or more
+    if len(saved) == 2:  # a key padding mask's (kv_bounds, pad) or the offsets: the others save 8 slots or more
+        if getattr(ctx, "offsets_only", False):
+            return VariantTensors(None, None, None, None, None, *saved)  # by position: cu_seqlens_q/k
         return VariantTensors(*saved)
     n_fixed = len(VariantTensors._fields) - 2
     if len(saved) == n_fixed:  # no mod's tensors (None and empty lists alike: kernel_extra takes either)

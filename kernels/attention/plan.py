@@ -74,6 +74,12 @@ class VariantTensors(NamedTuple):
                 and self.cu_seqlens_q is None and self.cu_seqlens_k is None and self.block_mask is None
                 and self.mask_args is None and self.score_args is None)
 
+    def offsets_only(self) -> bool:
+        """Whether the call has packed sequences' offsets (varlen's) and nothing else."""
+        return (self.cu_seqlens_q is not None and self.kv_bounds is None and self.pad is None
+                and self.alibi_slopes is None and self.sinks is None and self.rng_state is None
+                and self.block_mask is None and self.mask_args is None and self.score_args is None)
+
 
 NO_TENSORS = VariantTensors()
 
