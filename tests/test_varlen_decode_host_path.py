@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from aten_ops import AtenOps
-from kernels.attention import decode
+from kernels.attention import decode, varlen
 from kernels.attention.varlen import attention_varlen
 
 
@@ -92,6 +92,28 @@ def test_varlen_inputs_the_fast_paths_pass_on_take_the_full_checks():
     expected = attention_varlen(q, k, v, cu, cu, 5, 5, causal=True)
     out = attention_varlen(torch.nn.Parameter(q), k, v, cu, cu, np.int64(5), np.int32(5), causal=True)
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+def test_varlen_plain_scalars_are_cached_by_value_and_other_types_still_checked():
+    """The checked variant of plain scalars is cached by value; equal values of other types (True == 1 == 1.0)
+    never hit it: those the checks refuse still raise, those they accept give the same output."""
+    q, k, v = _packed("cpu", grad=False)
+    cu = _int32([0, 4, 9])
+    call = dict(causal=True, scale=0.5, window_size=(2, 0), softcap=0.0, dropout_p=0.0)
+    plain = attention_varlen(q, k, v, cu, cu, 5, 5, **call)
+    hits = varlen._plain_variant.cache_info().hits
+    torch.testing.assert_close(attention_varlen(q, k, v, cu, cu, 5, 5, **call), plain, rtol=0, atol=0)
+    assert varlen._plain_variant.cache_info().hits == hits + 1
+    for change, error, match in ((dict(max_seqlen_q=5.0), TypeError, "max_seqlen_q must be an int"),
+                                 (dict(max_seqlen_k=True), TypeError, "max_seqlen_k must be an int"),
+                                 (dict(window_size=(2.0, 0)), TypeError, "window_size must be a pair of ints"),
+                                 (dict(scale=True), TypeError, "scale must be a finite real"),
+                                 (dict(softcap=False), TypeError, "softcap must be a real number")):
+        with pytest.raises(error, match=match):
+            attention_varlen(q, k, v, cu, cu, **{"max_seqlen_q": 5, "max_seqlen_k": 5, **call, **change})
+    other_types = dict(causal=1, scale=np.float64(0.5), window_size=[2, 0], softcap=0, dropout_p=0)
+    torch.testing.assert_close(attention_varlen(q, k, v, cu, cu, np.int64(5), 5, **other_types), plain, rtol=0,
+                               atol=0)
 
 
 @pytest.mark.parametrize("change,error,match", [

@@ -20,6 +20,7 @@ ids are checked with the offsets (an id outside [0, num_blocks) among the pages 
 on CPU, an asynchronous device assert on CUDA) and clamped, so no id makes the gather read out of bounds; unused
 entries of the table are never checked.
 """
+import functools
 import math
 import numbers
 from typing import List, Optional, Tuple
@@ -36,7 +37,7 @@ from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check
                                       unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
-from kernels.attention.plan import LastTensor, VariantTensors, attention_variant
+from kernels.attention.plan import AttentionVariant, LastTensor, VariantTensors, attention_variant
 from kernels.registry import Build, declare, register_builds
 
 
@@ -210,6 +211,27 @@ def _check_max_seqlen(name: str, max_seqlen) -> int:
     return int(max_seqlen)
 
 
+def _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim: int, max_seqlen_q,
+                     max_seqlen_k) -> AttentionVariant:
+    """The :class:`AttentionVariant` of varlen's scalars (``scale`` None: 1/sqrt(head_dim)); TypeError/ValueError
+    naming the argument unless max_seqlen_q/k are ints, scale a finite real or None, window_size a pair of ints
+    >= -1, softcap in [0, inf) and dropout_p in [0, 1)."""
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    scale = check_scale(scale, head_dim)
+    window_left, window_right = check_window(window_size)
+    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    return attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
+                             max_seqlen_q, max_seqlen_k)
+
+
+_plain_variant = functools.lru_cache(maxsize=256)(_checked_variant)
+""":func:`_checked_variant` of plain scalars (bool causal, float or None scale, a tuple of two ints, float softcap
+and dropout_p, int max_seqlen), cached by value: a model's calls repeat a handful. Only for those types, since
+values equal across types share an entry (True == 1 == 1.0) where the checks tell them apart."""
+
+
 def _check_page_pools(k, v) -> None:
     """ValueError unless the 4-D k, v are page pools (num_blocks >= 1, page_size >= 1, Hkv, D) of one shape."""
     for name, t in (("k", k), ("v", v)):
@@ -345,40 +367,41 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     paged = block_table is not None
     # dtypes, devices, head counts and dims
     q_shape, k_shape, device = _check_tensors(q, k, v, paged)
-    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     total_q, _, head_dim = q_shape
+    if (type(causal) is bool and (scale is None or type(scale) is float) and type(window_size) is tuple
+            and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
+            and type(softcap) is float and type(dropout_p) is float and type(max_seqlen_q) is int
+            and type(max_seqlen_k) is int):
+        variant = _plain_variant(causal, scale, window_size, softcap, dropout_p, head_dim, max_seqlen_q,
+                                 max_seqlen_k)
+    else:
+        variant = _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim, max_seqlen_q,
+                                   max_seqlen_k)
     if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo's
         _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # weak references: TypeError for a non-tensor
     # the offsets' (and block table's) checks, the tensors' and their values', memoised
     offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, device, total_q,
-                               None if paged else k_shape[0], max_seqlen_q, max_seqlen_k,
+                               None if paged else k_shape[0], variant.max_seqlen_q, variant.max_seqlen_k,
                                *k_shape[:2] if paged else (0, 0))
-    scale = check_scale(scale, head_dim)
-    window_left, window_right = check_window(window_size)
-    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
-    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
         check_sinks(sinks, _as_batch(q))
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
-        n_keys = (cu_seqlens_q.shape[0] - 1) * max_seqlen_k  # batch * max_seqlen_k: a bound of total_k
+        n_keys = (cu_seqlens_q.shape[0] - 1) * variant.max_seqlen_k  # batch * max_seqlen_k: a bound of total_k
         k, v = (gather_pages(t, block_table, cu_seqlens_k, n_keys) for t in (k, v))
     if not _runtime.kernel_runs_on(q):  # k, v (and the pages gathered) are on q's device (_check_tensors)
         # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
-        out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, scale,
-                                 window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 dropout_p=dropout_p, sinks=sinks)
+        out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, variant.scale,
+                                 window_size=window_size, softcap=variant.softcap, alibi_slopes=alibi_slopes,
+                                 dropout_p=variant.dropout_p, sinks=sinks)
         return (out, lse) if return_lse else out
     tensors = offsets
-    if alibi_slopes is not None or sinks is not None or dropout_p > 0:
+    if alibi_slopes is not None or sinks is not None or variant.dropout_p > 0:
         tensors = offsets._replace(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
                                    sinks=None if sinks is None else sinks.float(),
-                                   rng_state=draw_rng(q.device) if dropout_p > 0 else None)
-    variant = attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
-                                max_seqlen_q, max_seqlen_k)
+                                   rng_state=draw_rng(q.device) if variant.dropout_p > 0 else None)
     if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
         out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
         out = _as_packed(out)
