@@ -55,6 +55,20 @@ def test_other_offsets_or_scalars_are_checked_again(check_launches):
     assert len(check_launches) == 3
 
 
+def test_one_offsets_tensor_for_both_is_memoised_apart_from_two(check_launches):
+    """Self-attention's one offsets tensor for cu_seqlens_q and cu_seqlens_k is memoised as one tensor: a call with
+    two (even with the same first) is another entry, and an in-place change of the one is seen."""
+    lens = [3, 5]
+    q, k, v = _packed(lens)
+    cu, other = _cu(lens), _cu(lens)
+    for cu_k in (cu, cu, other, other, cu):
+        attention_varlen(q, k, v, cu, cu_k, 5, 5)
+    assert len(check_launches) == 3
+    cu[1] = 9  # decreasing
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        attention_varlen(q, k, v, cu, cu, 5, 5)
+
+
 def test_an_in_place_change_of_the_offsets_is_checked_again(check_launches):
     """Every in-place torch op bumps the tensor's _version, so a value written between calls is judged."""
     lens = [3, 5]

@@ -153,30 +153,30 @@ pass the same tensors."""
 
 
 def _checked_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, block_table,
-                     device: torch.device, total_q: int, total_k: Optional[int], max_seqlen_q: int,
-                     max_seqlen_k: int, num_blocks: int, page_size: int) -> VariantTensors:
-    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked: TypeError/ValueError naming
-    the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on q's ``device``
+                     judged: tuple) -> VariantTensors:
+    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked against ``judged``: (q's
+    device, total_q, total_k (-1: keys from pages), max_seqlen_q, max_seqlen_k, num_blocks, page_size).
+    TypeError/ValueError naming the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on q's device
     (:func:`_check_offsets_tensors`) and ``block_table`` (None: keys not paged) a table of that batch for k's pages
-    (:func:`_check_block_table`); then ValueError naming
-    the argument (on CPU at once; on a GPU a device assert, with no host sync: ``checks.enforce``) unless each
-    cu_seqlens starts at 0, never decreases and ends at its token count (``total_k`` None: anywhere, for keys
-    gathered from pages), each max_seqlen is at least its longest sequence (the grid is sized by it, so a smaller
-    value would silently drop rows), and the ``block_table`` ids that a sequence's keys use are pages of
-    [0, num_blocks). Run before any launch: the kernels read only the rows the offsets name. One
-    ``_varlen_check`` launch and one assert for all of it.
+    (:func:`_check_block_table`); then ValueError naming the argument (on CPU at once; on a GPU a device assert,
+    with no host sync: ``checks.enforce``) unless each cu_seqlens starts at 0, never decreases and ends at its
+    token count (total_k -1: anywhere, for keys gathered from pages), each max_seqlen is at least its longest
+    sequence (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids
+    that a sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows
+    the offsets name. One ``_varlen_check`` launch and one assert for all of it.
 
-    Checked once while the same tensors come back unmodified with the same device and scalars
-    (``plan.LastTensor``: the tensors' identities and ``_version``, which every in-place torch op bumps, and no
-    op changes a tensor's dtype, shape or device without bumping): the checks depend on nothing else, so a repeat
-    would judge the same tensors again. A check that raises is not memoised; on a GPU the first call's device
-    assert stands for the calls after it. Writes that bypass torch's version counter (through a numpy view or
-    ``.data``) are not seen. The offsets must be plain tensors or pass :func:`_check_offsets_tensors` first (the
-    memo takes weak references and versions)."""
-    scalars = (device, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k, num_blocks,
-               page_size)
-    return _offsets_passed.get((cu_seqlens_q, cu_seqlens_k, block_table), scalars, _judge_offsets, q, k,
-                               cu_seqlens_q, cu_seqlens_k, block_table, *scalars[1:])
+    Checked once while the same tensors come back unmodified with the same ``judged`` (``plan.LastTensor``: the
+    tensors' identities and ``_version``, which every in-place torch op bumps, and no op changes a tensor's dtype,
+    shape or device without bumping): the checks depend on nothing else, so a repeat would judge the same tensors
+    again. A check that raises is not memoised; on a GPU the first call's device assert stands for the calls after
+    it. Writes that bypass torch's version counter (through a numpy view or ``.data``) are not seen. The offsets
+    must be plain tensors or pass :func:`_check_offsets_tensors` first (the memo takes weak references and
+    versions)."""
+    if block_table is not None:
+        tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
+    else:  # self-attention passes one offsets tensor for both: compared once (a memo of one tensor is another)
+        tensors = cu_seqlens_q if cu_seqlens_k is cu_seqlens_q else (cu_seqlens_q, cu_seqlens_k)
+    return _offsets_passed.get(tensors, judged, _judge_offsets, q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged)
 
 
 def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> VariantTensors:
@@ -185,9 +185,9 @@ def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> 
     return VariantTensors(None, None, None, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
 
 
-def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k,
-                   num_blocks, page_size) -> VariantTensors:
-    """:func:`_checked_offsets`'s checks, launch and verdict, every call (``total_k`` -1: keys from pages)."""
+def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple) -> VariantTensors:
+    """:func:`_checked_offsets`'s checks, launch and verdict, every call."""
+    _, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size = judged
     _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
         _check_block_table(block_table, k, cu_seqlens_q.shape[0] - 1, max_seqlen_k)
@@ -380,9 +380,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo's
         _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # weak references: TypeError for a non-tensor
     # the offsets' (and block table's) checks, the tensors' and their values', memoised
-    offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, device, total_q,
-                               None if paged else k_shape[0], variant.max_seqlen_q, variant.max_seqlen_k,
-                               *k_shape[:2] if paged else (0, 0))
+    num_blocks, page_size = k_shape[:2] if paged else (0, 0)
+    offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table,
+                               (device, total_q, -1 if paged else k_shape[0], variant.max_seqlen_q,
+                                variant.max_seqlen_k, num_blocks, page_size))
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
