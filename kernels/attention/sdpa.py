@@ -58,21 +58,20 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
     torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
     try:
-        check_qkv(query, key, value)
-        scale = check_scale(scale, query.shape[-1])
+        q_shape, k_shape = check_qkv(query, key, value)
+        scale = check_scale(scale, q_shape[3])
     except (TypeError, ValueError):
         return None
     if dropout_p != 0.0 or not _runtime.kernels_can_run(query):  # key and value are on its device (check_qkv)
         return None
-    if query.shape[1] != key.shape[1] and not enable_gqa:
+    if q_shape[1] != k_shape[1] and not enable_gqa:
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
         return NO_TENSORS, attention_variant(bool(is_causal), 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
-    batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
-    mask_plan = _mask_plans.get(attn_mask, (batch, n_q, n_k, query.device),
-                                lambda: _mask_plan(attn_mask, batch, n_q, n_k, query.device))
+    batch, n_q, n_k, device = q_shape[0], q_shape[2], k_shape[2], query.device
+    mask_plan = _mask_plans.get(attn_mask, (batch, n_q, n_k, device), _mask_plan, attn_mask, batch, n_q, n_k, device)
     if mask_plan is None:
         return None
     tensors, (causal, shift, window_left, window_right) = mask_plan
