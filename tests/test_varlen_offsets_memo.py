@@ -7,7 +7,7 @@ import torch
 import kernels
 from kernels.attention import plan, varlen
 from kernels.attention.varlen import attention_varlen
-from tests.test_varlen import paged_cache
+from test_varlen import paged_cache
 
 
 def _cu(lengths):
