@@ -214,19 +214,15 @@ def test_hidden_size_backward_is_within_five_percent_of_the_minimum(op, n):
     assert counts.compulsory <= BACKWARD_BOUND * (minimum + weight)  # a perfect backward reads the weight once
 
 
-def test_backward_programs_keep_the_partials_within_their_share_or_half_the_gpu():
+def test_backward_programs_keep_the_partials_within_their_share_or_half_the_gpu(monkeypatch):
     """At 4096 fp16 rows on 132 SMs layer norm's backward drops to 76 programs and RMS norm keeps 132; with few
     rows the cap stops at half the SMs; without a share (``PARTIAL_SHARE = None``) one program per SM."""
     layer, rms = (norm_module._backward_bytes(1024, 2, rms, False, 2 - rms) for rms in (False, True))
     assert norm_module._backward_programs(GPU_ROWS, GPU_SMS, *layer) == 76
     assert norm_module._backward_programs(GPU_ROWS, GPU_SMS, *rms) == GPU_SMS
     assert norm_module._backward_programs(256, GPU_SMS, *layer) == GPU_SMS // 2
-    share = norm_module.PARTIAL_SHARE
-    try:
-        norm_module.PARTIAL_SHARE = None
-        assert norm_module._backward_programs(GPU_ROWS, GPU_SMS, *layer) == GPU_SMS
-    finally:
-        norm_module.PARTIAL_SHARE = share
+    monkeypatch.setattr(norm_module, "PARTIAL_SHARE", None)
+    assert norm_module._backward_programs(GPU_ROWS, GPU_SMS, *layer) == GPU_SMS
 
 
 @pytest.mark.parametrize("n", (768, 5120, 8192))
