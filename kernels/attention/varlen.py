@@ -170,8 +170,8 @@ def _checked_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_
     shape or device without bumping): the checks depend on nothing else, so a repeat would judge the same tensors
     again. A check that raises is not memoised; on a GPU the first call's device assert stands for the calls after
     it. Writes that bypass torch's version counter (through a numpy view or ``.data``) are not seen. The offsets
-    must be plain tensors or pass :func:`_check_offsets_tensors` first (the memo takes weak references and
-    versions)."""
+    must be plain tensors or pass :func:`_check_offsets_tensors` first (the memo reads the first one's ``is_cuda``
+    and each one's ``_version``, and takes weak references)."""
     if block_table is not None:
         tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
     else:  # self-attention passes one offsets tensor for both: compared once (a memo of one tensor is another)
@@ -377,8 +377,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:
         variant = _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim, max_seqlen_q,
                                    max_seqlen_k)
-    if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo's
-        _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # weak references: TypeError for a non-tensor
+    if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo, which
+        _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # reads .is_cuda, _version: TypeError for a non-tensor
     # the offsets' (and block table's) checks, the tensors' and their values', memoised
     num_blocks, page_size = k_shape[:2] if paged else (0, 0)
     offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table,
