@@ -44,21 +44,25 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
     def apply(*args):
         if transforms_active():
             return for_transforms.apply(*args)
-        return classic_apply(*_without_dead_wrappers(args))
+        # Function.apply unwraps every dead functorch wrapper (a tensor a finished torch.func transform left
+        # wrapped) outside transforms: so does this, inline (a helper's frame costs more than the common case's
+        # test), and exact types first (plain tensors, None, the variant: no isinstance walk of the MRO)
+        for arg in args:
+            kind = type(arg)
+            if (kind is _TENSOR or kind not in _NOT_TENSORS and isinstance(arg, _TENSOR)) and _is_wrapped(arg):
+                return classic_apply(*_without_dead_wrappers(args))
+        return classic_apply(*args)
 
     apply.__name__ = apply.__qualname__ = name
     return apply
 
 
+_TENSOR = torch.Tensor
+_NOT_TENSORS = frozenset((type(None), bool, int, float))
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _without_dead_wrappers(args: tuple) -> tuple:
-    """``args`` with every dead functorch wrapper (a tensor that a finished torch.func transform left wrapped)
-    unwrapped, as ``Function.apply`` does outside transforms; ``args`` itself when no tensor is wrapped (the common
-    case, found without building a tuple)."""
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and _is_wrapped(arg):
-            return tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
-    return args
+    """``args`` with every dead functorch wrapper unwrapped, as ``Function.apply`` does outside transforms."""
+    return tuple(_unwrap_if_dead(a) if isinstance(a, _TENSOR) else a for a in args)
