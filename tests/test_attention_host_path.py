@@ -312,3 +312,23 @@ def test_bad_key_padding_masks_keep_their_messages(device, mask, error, message)
     mask = mask.to(device) if isinstance(mask, torch.Tensor) and mask.device.type != "meta" else mask
     with pytest.raises(error, match=message):
         kernels.attention(q, k, v, key_padding_mask=mask)
+
+
+def test_a_key_padding_mask_is_checked_again_for_other_shapes_and_on_the_fallback(monkeypatch, device):
+    """The mask's checks run inside its memo (issue #19), keyed by (batch, Nk, q's device): the mask that passed
+    for k of 7 keys raises for k of 6 keys (the memo holds it), and where the kernels cannot run (the reference
+    fallback, no memo) a bad mask still raises before anything runs."""
+    q, k, v = (torch.randn(2, 2, 7, 16, device=device) for _ in range(3))
+    pad = torch.ones(2, 7, dtype=torch.bool, device=device)
+    kernels.attention(q, k, v, key_padding_mask=pad)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Nk\) = \(2, 6\)"):
+        kernels.attention(q, k[:, :, :6], v[:, :, :6], key_padding_mask=pad)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Nk\) = \(1, 7\)"):
+        kernels.attention(q[:1], k[:1], v[:1], key_padding_mask=pad)
+    monkeypatch.setattr(api._runtime, "kernel_runs_on", lambda t: False)
+    with pytest.raises(TypeError, match=r"key_padding_mask must have dtype in \(bool\), got float32"):
+        kernels.attention(q, k, v, key_padding_mask=pad.float())
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Nk\) = \(2, 7\)"):
+        kernels.attention(q, k, v, key_padding_mask=pad[:, :6])
+    out = kernels.attention(q, k, v, key_padding_mask=pad)
+    assert_close(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v), FORWARD)

@@ -23,23 +23,28 @@ from kernels.attention.ops import attention_op, attention_seq_first_op, natural_
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
 _padding = LastTensor()
-"""A key padding mask's key range and uint8 view, computed once while a model's layers pass the same mask."""
+"""A key padding mask's checks, key range and uint8 view, run once while a model's layers pass the same mask for
+the same (batch, Nk, q's device)."""
 
 
 # ------------------------------------------------------------------------------------------------- public API
 
 
-def _padding_tensors(key_padding_mask: torch.Tensor) -> VariantTensors:
-    """A checked key padding mask's tensors as the kernels take them: its key range and its uint8 view."""
+def _padding_tensors(key_padding_mask: torch.Tensor, q: torch.Tensor, batch: int, n_k: int) -> VariantTensors:
+    """A key padding mask's tensors as the kernels take them, its key range and its uint8 view, once it passes
+    ``check_padding_mask`` for q's (``batch``, ``n_k``) and device (the memo's key: the checks depend on nothing
+    else, and no op changes the mask's dtype, shape or device without bumping its version)."""
+    check_padding_mask(key_padding_mask, q, batch, n_k)
     return VariantTensors(key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8))
 
 
-def _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p: float, block_mask: Optional[mods.BlockMask],
-                     score_mod: Optional[mods.ScoreMod]) -> VariantTensors:
-    """The call's checked tensors besides q, k, v as the kernels take them: NO_TENSORS when it has none, a key
-    padding mask's (memoised while layers pass the same mask) when it has only that."""
-    padded = NO_TENSORS if key_padding_mask is None else _padding.get(key_padding_mask, None, _padding_tensors,
-                                                                       key_padding_mask)
+def _variant_tensors(q, batch: int, n_k: int, key_padding_mask, alibi_slopes, sinks, dropout_p: float,
+                     block_mask: Optional[mods.BlockMask], score_mod: Optional[mods.ScoreMod]) -> VariantTensors:
+    """The call's tensors besides q, k, v (of ``batch`` rows of ``n_k`` keys) as the kernels take them, the key
+    padding mask's checked here: NO_TENSORS when it has none, a key padding mask's (memoised while layers pass the
+    same mask) when it has only that."""
+    padded = NO_TENSORS if key_padding_mask is None else _padding.get(
+        key_padding_mask, (batch, n_k, q.device), _padding_tensors, key_padding_mask, q, batch, n_k)
     if alibi_slopes is None and sinks is None and dropout_p == 0 and block_mask is None and score_mod is None:
         return padded
     mod_tensors = {}
@@ -151,8 +156,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     q_shape, k_shape = check_qkv(q, k, v)
     scale = check_scale(scale, q_shape[3])
-    if key_padding_mask is not None:
-        check_padding_mask(key_padding_mask, q, q_shape[0], k_shape[2])
     window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
                                                                                       softcap, dropout_p)
     if alibi_slopes is not None:
@@ -161,7 +164,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_sinks(sinks, q)
     block_mask = check_mods(mask_mod, score_mod, q, k)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
-    if not _runtime.kernel_runs_on(q):  # k and v are on q's device (check_qkv)
+    kernels_run = _runtime.kernel_runs_on(q)  # k and v are on q's device (check_qkv)
+    if key_padding_mask is not None and (not kernels_run or type(key_padding_mask) is not torch.Tensor):
+        # else checked by its memo (_padding_tensors), which reads a plain tensor's is_cuda and _version
+        check_padding_mask(key_padding_mask, q, q_shape[0], k_shape[2])
+    if not kernels_run:
         if dropout_p > 0 or block_mask is not None or score_mod is not None:
             raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
                                "streams and @triton.jit mods), which cannot run on these inputs in this process")
@@ -169,7 +176,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                        window_size=(window_left, window_right), softcap=softcap,
                                        alibi_slopes=alibi_slopes, sinks=sinks)
     else:
-        tensors = _variant_tensors(q, key_padding_mask, alibi_slopes, sinks, dropout_p, block_mask, score_mod)
+        tensors = _variant_tensors(q, q_shape[0], k_shape[2], key_padding_mask, alibi_slopes, sinks, dropout_p,
+                                   block_mask, score_mod)
         variant = attention_variant(bool(causal), k_shape[2] - q_shape[2], scale, window_left, window_right,
                                     attention_chunk, softcap, dropout_p,
                                     -1 if block_mask is None else block_mask.mask_mod.key,
