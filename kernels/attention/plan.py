@@ -177,13 +177,35 @@ class Plan(NamedTuple):
     lse_strides: Tuple[int, int, int]
 
 
+HEADS_FIRST, SEQ_FIRST, PACKED = 0, 1, 2
+"""The layouts the launches take q, k, v, out, dO and the gradients in, as they are: (B, H, N, D); flash-attn's
+(B, N, H, D); varlen's packed (total, H, D), as its (1, H, total, D) view. Their sizes and strides are read in
+(B, H, N, D) order: what a view would give, without making one (each view costs host time)."""
+_HEADS_DIM = (1, 2, 1)
+_SEQUENCE_DIM = (2, 1, 0)
+"""Each layout's dims of the heads and of the sequence."""
+
+
+def _heads_first(shape: Tuple[int, ...], layout: int) -> Tuple[int, ...]:
+    """The (B, H, N, D) sizes of a tensor of ``shape`` in ``layout``."""
+    if layout == HEADS_FIRST:
+        return shape
+    if layout == SEQ_FIRST:
+        batch, n, heads, d = shape
+        return batch, heads, n, d
+    total, heads, d = shape
+    return 1, heads, total, d
+
+
 @functools.lru_cache(maxsize=4096)
-def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...], kv_heads: int, n_k: int,
-          dtype: torch.dtype, tf32: bool, backward: bool) -> Plan:
+def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...], k_shape: Tuple[int, ...],
+          layout: int, dtype: torch.dtype, tf32: bool, backward: bool) -> Plan:
     """The :class:`Plan` of a forward (or, with ``backward``, of the dK/dV and dQ kernels) for a signature:
-    the variant, q's shape, k's heads and length, the dtype, TF32 and, for packed sequences (``varlen_batch`` >= 0),
-    their number. Cached: a model's layers and steps repeat a handful of signatures."""
+    the variant, q's and k's shapes in ``layout``, the dtype, TF32 and, for packed sequences (``varlen_batch``
+    >= 0), their number. Cached: a model's layers and steps repeat a handful of signatures."""
+    q_shape = _heads_first(q_shape, layout)
     batch, heads, n_q, head_dim = q_shape
+    _, kv_heads, n_k, _ = _heads_first(k_shape, layout)
     varlen = varlen_batch >= 0
     if varlen:  # each sequence's own Nk - Nq is added by its program: shifts are relative to that diagonal
         batch, n_q, n_k = varlen_batch, variant.max_seqlen_q, variant.max_seqlen_k
@@ -213,27 +235,11 @@ def _plan(variant: AttentionVariant, varlen_batch: int, q_shape: Tuple[int, ...]
 
 
 def _plan_of(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: torch.dtype, tensors: VariantTensors,
-             variant: AttentionVariant, backward: bool) -> Plan:
-    """The cached :func:`_plan` of q, k of (B, H, N, D) sizes ``q_shape``, ``k_shape`` (:func:`_sizes`)."""
+             variant: AttentionVariant, backward: bool, layout: int = HEADS_FIRST) -> Plan:
+    """The cached :func:`_plan` of q, k of shapes ``q_shape``, ``k_shape`` in ``layout`` (read as (B, H, N, D)
+    inside the cached function: once per signature, not per call)."""
     varlen_batch = -1 if tensors.cu_seqlens_q is None else tensors.cu_seqlens_q.shape[0] - 1
-    return _plan(variant, varlen_batch, q_shape, k_shape[1], k_shape[2], dtype, configs.uses_tf32(dtype), backward)
-
-
-HEADS_FIRST, SEQ_FIRST, PACKED = 0, 1, 2
-"""The layouts the launches take q, k, v, out, dO and the gradients in, as they are: (B, H, N, D); flash-attn's
-(B, N, H, D); varlen's packed (total, H, D), as its (1, H, total, D) view. Their sizes and strides are read in
-(B, H, N, D) order: what a view would give, without making one (each view costs host time)."""
-
-
-def _sizes(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
-    """``t``'s (B, H, N, D) sizes."""
-    if layout == HEADS_FIRST:
-        return t.shape
-    if layout == SEQ_FIRST:
-        batch, n, heads, d = t.shape
-        return batch, heads, n, d
-    total, heads, d = t.shape
-    return 1, heads, total, d
+    return _plan(variant, varlen_batch, q_shape, k_shape, layout, dtype, configs.uses_tf32(dtype), backward)
 
 
 def _heads_first_strides(t: torch.Tensor, layout: int) -> Tuple[int, ...]:
@@ -317,18 +323,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
     ``layout`` SEQ_FIRST q, k, v and out are (B, N, H, D), PACKED (total, H, D) (lse as ever)."""
     varlen = tensors.cu_seqlens_q is not None
     out = rows_empty(q, varlen, layout)
-    q_shape, k_shape = _sizes(q, layout), _sizes(k, layout)
-    if out.numel() == 0 or k_shape[2] == 0:  # nothing to launch: rows that see no key are zeros, lse -inf or the sink
-        lse = q.new_empty(q_shape[:3], dtype=torch.float32)
+    q_shape, k_shape = q.shape, k.shape  # in layout: the cached plan reads them as (B, H, N, D)
+    if out.numel() == 0 or k_shape[_SEQUENCE_DIM[layout]] == 0:  # nothing to launch: rows that see no key are
+        lse = q.new_empty(_heads_first(q_shape, layout)[:3], dtype=torch.float32)  # zeros, lse -inf or the sink
         if tensors.sinks is None:
             return out.zero_(), lse.fill_(float("-inf"))
         return out.zero_(), lse.copy_(tensors.sinks[:, None].expand(lse.shape) * LOG2E.value)
-    plan = _plan_of(q_shape, k_shape, q.dtype, tensors, variant, False)
+    plan = _plan_of(q_shape, k_shape, q.dtype, tensors, variant, False, layout)
     lse = q.new_empty_strided(plan.rows, plan.lse_strides, dtype=torch.float32)
     args = (q, k, v, out, lse, *_variant_args(tensors, variant, plan.lse_strides, varlen, forward=True),
             *_strides(q, varlen, layout), *_strides(k, varlen, layout), *_strides(v, varlen, layout),
             *_strides(out, varlen, layout), *plan.scalars)
-    configs.launch("fwd", plan.n_q, plan.batch * q_shape[1], args, plan.meta, (plan.n_q, plan.n_k),
+    configs.launch("fwd", plan.n_q, plan.batch * plan.rows[1], args, plan.meta, (plan.n_q, plan.n_k),
                    dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST)
     return out, lse
 
@@ -345,8 +351,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # The kernels store every element (zeros where no query/key is visible); only an empty side needs zero-filling.
     if not (q.numel() and k.numel()):
         return dq.zero_(), dk.zero_(), dv.zero_()
-    k_shape = _sizes(k, layout)
-    plan = _plan_of(_sizes(q, layout), k_shape, q.dtype, tensors, variant, True)
+    plan = _plan_of(q.shape, k.shape, q.dtype, tensors, variant, True, layout)
     delta = _delta(grad_out, out, lse, grad_lse, plan, layout)
     # dK/dV and dQ share every argument but their outputs and the output's strides, which come after dO's
     head = (q, k, v, grad_out, lse, delta)
@@ -356,7 +361,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dropout, lengths = _dropout(tensors, variant), (plan.n_q, plan.n_k)
     # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
     # stride-0 expand, which only the pointers take), dQ K and V
-    configs.launch("dkdv", plan.n_k, plan.batch * k_shape[1],
+    configs.launch("dkdv", plan.n_k, plan.batch * k.shape[_HEADS_DIM[layout]],
                    (*head, dk, dv, *shared, *_strides(dk, varlen, layout), *plan.scalars),
                    plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST)
     configs.launch("dq", plan.n_q, plan.batch * plan.rows[1],
