@@ -46,7 +46,7 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
             return for_transforms.apply(*args)
         # Function.apply unwraps every dead functorch wrapper (a tensor a finished torch.func transform left
         # wrapped) outside transforms: so does this, inline (a helper's frame costs more than the common case's
-        # test), and exact types first (plain tensors, None, the variant: no isinstance walk of the MRO)
+        # test), exact types first (a plain tensor, or None and Python scalars: no isinstance call for them)
         for arg in args:
             kind = type(arg)
             if (kind is _TENSOR or kind not in _NOT_TENSORS and isinstance(arg, _TENSOR)) and _is_wrapped(arg):
