@@ -208,8 +208,8 @@ def test_rotary_matches_torch(device, interleaved, causal, window):
 def test_split_kv_matches_unsplit(device):
     """The heuristic splits this decode shape on 132 SMs; 1, chosen and 5 splits all meet the rule."""
     q, k_cache, v_cache, k, v = _inputs(FP16, device, 1, 1, 8, 2, 64, 1, 200, 1)
-    config = decode.tile(FP16, 64, 4)
-    assert decode.choose_splits(2, 4, 200, 64, 2, config["BLOCK_N"], decode.ASSUMED_SMS) > 1
+    _, gpu_block_n = decode.tile(FP16, 64, 4)
+    assert decode.choose_splits(2, 4, 200, 64, 2, gpu_block_n, decode.ASSUMED_SMS) > 1
     for splits in (1, 0, 5):
         _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=150, num_splits=splits)
 
@@ -268,6 +268,15 @@ def test_choose_splits():
     assert 8 * splits >= 2 * 132
     assert splits * 2 * 4 * 129 * 4 * decode.PARTIAL_TRAFFIC <= 2 * 4096 * 128 * 2
     assert decode.choose_splits(8, 4, 64, 128, 2, 64, 132) == 1
+
+
+@pytest.mark.parametrize("capacity, splits", [(64, 1), (200, 4)])
+def test_interpreted_calls_split_as_a_gpu_would(capacity, splits):
+    """The heuristic counts in the GPU's key block (64 at fp16 d64), not the interpreter's smaller one: a 64-key
+    cache is one block on a GPU, so no interpreted call splits it (nor pays the combine launch a GPU would not)."""
+    plan = decode._attend_plan((2, 1, 2, 64), FP16, torch.device("cpu"), 2, capacity, 0, 2, 0, (-1, -1), 0.0,
+                               0.125, 0, False, None)
+    assert plan.splits == splits == decode.choose_splits(2 * 2, 1, capacity, 64, 2, 64, decode.ASSUMED_SMS)
 
 
 def _bad_calls():

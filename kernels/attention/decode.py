@@ -379,18 +379,23 @@ PARTIAL_TRAFFIC = 12
 """Splits stop where the fp32 partials (written once, read once by the combine) would pass 1/12 of the cache bytes."""
 
 
-def tile(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
+def tile(dtype: torch.dtype, head_dim: int, rows: int) -> Tuple[dict, int]:
     """The attention kernel's config for ``rows`` packed query rows per kv head: forced by
-    ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages)."""
+    ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages, and
+    :data:`INTERPRETER_BLOCK_N`); and the key block a GPU launch takes, which the split heuristic counts in, so
+    that an interpreted call splits as a GPU's would."""
     fp32 = dtype == torch.float32
     block_n, warps, stages = _TILES[fp32][d_bucket(head_dim)]
     config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, _runtime.next_power_of_2(rows))),
-                  BLOCK_N=INTERPRETER_BLOCK_N if _runtime.INTERPRETED else block_n, num_warps=warps, num_stages=stages)
-    config.update(forced_config("attention_decode") or {})
+                  BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    forced = forced_config("attention_decode") or {}
+    config.update(forced)
+    gpu_block_n = config["BLOCK_N"]
     if _runtime.INTERPRETED:
+        config["BLOCK_N"] = forced.get("BLOCK_N", INTERPRETER_BLOCK_N)
         config.pop("num_warps", None)
         config.pop("num_stages", None)
-    return config
+    return config, gpu_block_n
 
 
 def choose_splits(programs: int, rows: int, capacity: int, head_dim: int, itemsize: int, block_n: int,
@@ -516,10 +521,10 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     and (splits, B, H, Sq), one buffer of ``partial_size`` elements: the lse from element ``lse_start`` on."""
     batch, n_q, heads, d = q_shape
     group = heads // kv_heads
-    config = tile(dtype, d, group * n_q)
+    config, gpu_block_n = tile(dtype, d, group * n_q)
     m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
     splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, dtype.itemsize,
-                                         config["BLOCK_N"], _sm_count(device))
+                                         gpu_block_n, _sm_count(device))
     meta = kernel_meta(d, dtype, tf32, causal=False)
     out_strides = _contiguous_strides(q_shape)
     lse_strides = _contiguous_strides((batch, heads, n_q))
