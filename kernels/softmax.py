@@ -222,7 +222,22 @@ def _save(ctx, inputs, y):
 
 def _grad(ctx, dy):
     (y,) = ctx.saved_tensors
-    return _backward(y, dy, *ctx.config), None, None, None, None
+    # Grad mode is on in a backward only under create_graph=True (double backward, torch.func.grad / jacrev): the
+    # kernel's dx would carry no graph, so the second derivative would silently miss this op. Torch ops instead.
+    backward = _differentiable_backward if torch.is_grad_enabled() else _backward
+    return backward(y, dy, *ctx.config), None, None, None, None
+
+
+def _differentiable_backward(y, dy, dim, scale, causal, log):
+    """The backward's dx in plain torch ops in fp32 (itself differentiable, and fine with torch.func's wrapped
+    tensors): scale * y * (dy - sum(dy * y)) for softmax, scale * (dy - exp(y) * sum(dy)) for log-softmax. Masked
+    causal columns have y = 0, so their gradient is 0, as the kernel's."""
+    y32, dy32 = y.float(), dy.float()
+    if log:
+        dx = dy32 - y32.exp() * dy32.sum(dim, keepdim=True)
+    else:
+        dx = y32 * (dy32 - (dy32 * y32).sum(dim, keepdim=True))
+    return (scale * dx).to(y.dtype)
 
 
 def _jvp(ctx, dx, *_):
