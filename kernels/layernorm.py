@@ -644,21 +644,21 @@ def _(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want
             *(torch.empty(n_cols if want else 0, dtype=torch.float32, device=h.device) for want in (want_dw, want_db)))
 
 
-def _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output) -> tuple:
+def _save(ctx, x, residual, weight, bias, n_cols, eps, rms, offset, casting, output) -> tuple:
     """Save what the backward reads: the normalised input (h, or x without a residual), weight, mean, rstd (those
-    tensors are returned), and the configuration with the parameters' dtypes and shapes."""
+    tensors are returned), and the configuration with the parameters' dtypes and shapes (eps last: only a
+    differentiable backward reads it)."""
     _, h, mean, rstd = output
     saved = (h if residual is not None else x, weight, mean, rstd)
     ctx.save_for_backward(*saved)
     ctx.config = (n_cols, rms, offset, casting, residual is not None,
                   weight if weight is None else (weight.dtype, weight.shape),
-                  bias if bias is None else (bias.dtype, bias.shape))
+                  bias if bias is None else (bias.dtype, bias.shape), eps)
     return saved
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, n_cols, _, rms, offset, casting = inputs
-    _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output)
+    _save(ctx, *inputs, output)
 
 
 def _gradients(backward, ctx, dy, dh):
@@ -666,7 +666,7 @@ def _gradients(backward, ctx, dy, dh):
     saved context. The eager path does not materialise gradients: an output no gradient reached comes as None
     (mean, rstd and an unused h cost no zero tensors)."""
     h, weight, mean, rstd = ctx.saved_tensors
-    n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config
+    n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config[:7]
     dh = dh if has_res else None
     if dy is None:  # only h's gradient reached here
         if dh is None:
@@ -701,8 +701,8 @@ def _eager_forward(x, residual, weight, bias, config):
 
 
 def _setup_eager(ctx, inputs, output):
-    x, residual, weight, bias, (n_cols, _, rms, offset, casting) = inputs
-    saved = _save(ctx, x, residual, weight, bias, n_cols, rms, offset, casting, output)
+    x, residual, weight, bias, config = inputs
+    saved = _save(ctx, x, residual, weight, bias, *config, output)
     ctx.set_materialize_grads(False)
     if forward_ad_active():  # a jvp runs only inside a forward-AD level or transform: none, nothing to save
         ctx.save_for_forward(*saved)
@@ -726,10 +726,7 @@ def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
     dy = torch.zeros_like(xhat)
     dh = dx if dresidual is None else dresidual if dx is None else dx + dresidual
     if dh is not None:
-        d = dh.reshape(rows).float()
-        if not rms:
-            d = d - d.mean(-1, keepdim=True)
-        dy = rstd * (d - xhat * (xhat * d).mean(-1, keepdim=True))
+        dy = _projected(dh.reshape(rows).float(), xhat, rstd, rms)
         if weight is not None:
             dy = dy * (offset + weight.reshape(-1).float())
     if dweight is not None:
@@ -740,8 +737,44 @@ def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
     return dy.to(h.dtype).view(h.shape), dh_out, None, None
 
 
-_norm_function = autograd_function("FusedNorm", _eager_forward, _setup_eager,
-                                   lambda ctx, dy, dh, *_: (*_gradients(_launch_backward, ctx, dy, dh), None), _jvp)
+def _projected(d: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, rms: bool) -> torch.Tensor:
+    """rstd * (d' - xhat * mean(xhat * d')) over rows of fp32 (rows, n) ``d``, d' = d - mean(d) (layer norm) or d
+    (RMS norm): the norm's Jacobian over h without the weight, symmetric, so both its JVP and its VJP."""
+    if not rms:
+        d = d - d.mean(-1, keepdim=True)
+    return rstd * (d - xhat * (xhat * d).mean(-1, keepdim=True))
+
+
+def _differentiable_backward(eps: float):
+    """A backward with :func:`_launch_backward`'s arguments and results in plain torch ops in fp32, itself
+    differentiable (and fine with torch.func's wrapped tensors): mean and rstd, saved without a graph, are
+    recomputed from h with ``eps``. The casting modes' roundings count as identities but "llama"'s rounding of
+    xhat in dweight, as in the kernels."""
+    def backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
+        rows = (-1, n_cols)
+        h32 = h.reshape(rows).float()
+        centred = h32 if rms else h32 - h32.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = centred * rstd
+        dy32 = dy.reshape(rows).float()
+        dx = _projected(dy32 if weight is None else dy32 * (offset + weight.reshape(-1).float()), xhat, rstd, rms)
+        if dh is not None:
+            dx = dx + dh.reshape(rows).float()
+        factor = xhat.to(h.dtype).float() if casting == CASTING_MODES["llama"] else xhat
+        return (dx.to(h.dtype).view(h.shape), (dy32 * factor).sum(0) if want_dw else None,
+                dy32.sum(0) if want_db else None)
+    return backward
+
+
+def _eager_backward(ctx, dy, dh, *_):
+    """The eager Function's backward: the kernels, or under create_graph=True (double backward, torch.func.grad /
+    jacrev: the only time grad mode is on in a backward) :func:`_differentiable_backward`, since the kernels'
+    gradients carry no graph and a second derivative would silently miss every term through this norm."""
+    backward = _differentiable_backward(ctx.config[-1]) if torch.is_grad_enabled() else _launch_backward
+    return (*_gradients(backward, ctx, dy, dh), None)
+
+
+_norm_function = autograd_function("FusedNorm", _eager_forward, _setup_eager, _eager_backward, _jvp)
 """The eager path (``kernels/_autograd.py``): reverse mode and forward mode (``torch.func.jvp``,
 ``torch.autograd.forward_ad``) without the custom op's dispatch; torch.compile cannot trace a Function with a jvp,
 so it gets the custom op."""

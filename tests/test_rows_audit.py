@@ -2,9 +2,11 @@
 (create_graph=True, torch.func.grad / jacrev), each against float64 torch within the tolerance rule."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.layernorm import torch_rms_norm
 from tolerance import BACKWARD, assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")
@@ -56,3 +58,77 @@ def test_softmax_torch_func_grad_and_jacrev(name, device):
     weights = torch.randn(3, 4, 5, device=device)
     for transform in (lambda f: torch.func.grad(lambda t: (weights.to(t.dtype) * f(t)).sum()), torch.func.jacrev):
         assert_close(transform(ours)(x), transform(theirs)(x.double()), transform(theirs)(x), BACKWARD)
+
+
+def _torch_norm(rms, x, residual, weight, bias, **options):
+    """torch's norm of x (+ residual) in x's dtype: F.layer_norm, or kernels.layernorm.torch_rms_norm."""
+    h = x if residual is None else x + residual
+    if rms:
+        return torch_rms_norm(h, h.shape[-1], weight, 1e-5, **options)
+    return F.layer_norm(h, h.shape[-1:], weight, bias, 1e-5)
+
+
+def _kernel_norm(rms, x, residual, weight, bias, **options):
+    """The kernels' norm of x (+ residual), its y only."""
+    if rms:
+        return (kernels.rms_norm(x, x.shape[-1], weight, 1e-5, **options) if residual is None
+                else kernels.add_rms_norm(x, residual, x.shape[-1], weight, 1e-5, **options)[0])
+    return (kernels.layer_norm(x, x.shape[-1], weight, bias, 1e-5) if residual is None
+            else kernels.add_layer_norm(x, residual, x.shape[-1], weight, bias, 1e-5)[0])
+
+
+NORMS = {"layer": (False, {}), "rms": (True, {}), "rms gemma offset": (True, {"offset": 1.0}),
+         "rms llama": (True, {"casting_mode": "llama"})}
+
+
+def _norm_penalty_grads(fn, inputs, weights):
+    """Gradients of every input of |d/d(inputs) sum(weights * fn(*inputs)^2)|^2 (create_graph=True)."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    grads = torch.autograd.grad((weights.to(y.dtype) * y * y).sum(), inputs, create_graph=True)
+    return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), inputs)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_second_derivative(name, residual, device):
+    """Double backward through the norms (x, residual, weight, bias): was silently wrong, the kernels' gradients
+    carrying no graph."""
+    rms, options = NORMS[name]
+    n = 13
+    inputs = [torch.randn(3, 2, n, device=device), torch.randn(3, 2, n, device=device) if residual else None,
+              torch.rand(n, device=device) + 0.5, None if rms else torch.randn(n, device=device)]
+    given = [i for i, t in enumerate(inputs) if t is not None]
+
+    def call(norm, dtype):
+        def fn(*tensors):
+            args = list(inputs)
+            for i, t in zip(given, tensors):
+                args[i] = t
+            return norm(rms, *args, **options)
+        return _norm_penalty_grads(fn, [inputs[i].to(dtype) for i in given], weights)
+
+    weights = torch.randn(3, 2, n, device=device)
+    got = call(_kernel_norm, torch.float32)
+    want64, want32 = call(_torch_norm, torch.float64), call(_torch_norm, torch.float32)
+    for i, g, g64, g32 in zip(given, got, want64, want32):
+        assert_close(g, g64, g32, BACKWARD, name=f"second derivative of input {i}")
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_torch_func_grad_and_jacrev(name, device):
+    """torch.func.grad (of x and weight) and jacrev through the norms: they crashed inside the Triton launcher."""
+    rms, options = NORMS[name]
+    x, weight = torch.randn(4, 6, device=device), torch.rand(6, device=device) + 0.5
+    bias = None if rms else torch.randn(6, device=device)
+    weights = torch.randn(4, 6, device=device)
+
+    def transforms(norm, dtype):
+        x_, weight_, bias_ = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+        loss = lambda t, w: (weights.to(dtype) * norm(rms, t, None, w, bias_, **options)).sum()
+        return (*torch.func.grad(loss, argnums=(0, 1))(x_, weight_),
+                torch.func.jacrev(lambda t: norm(rms, t, None, weight_, bias_, **options))(x_))
+
+    got = transforms(_kernel_norm, torch.float32)
+    for g, g64, g32 in zip(got, transforms(_torch_norm, torch.float64), transforms(_torch_norm, torch.float32)):
+        assert_close(g, g64, g32, BACKWARD)
