@@ -20,8 +20,10 @@ from benchmarks.device import DeviceInfo  # noqa: E402
 
 
 def _series(rows: List[dict], metric):
+    """(length, value) where there is a value a log axis can show: every panel is log-scaled, so a zero (no FLOPs
+    counted for a norm, no memory growth measured) is left out rather than drawn, and a panel of zeros hidden."""
     points = [(r["length"], metric(r)) for r in rows]
-    return [p for p in points if p[1] is not None]
+    return [p for p in points if p[1] is not None and p[1] > 0]
 
 
 def _line(ax, rows, metric, label, slope=False, **style):

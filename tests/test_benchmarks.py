@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 import triton
 
 import kernels
-from benchmarks import analysis, memory, providers, records, runner, scaling
+from benchmarks import analysis, memory, plots, providers, records, runner, scaling
 from benchmarks.__main__ import main, parse_size
 from benchmarks.counting import counting, touched_bytes
 from benchmarks.device import detect
@@ -222,6 +223,25 @@ def test_records_carry_device_method_and_counts(tmp_path):
             "min_bytes", "model", "vs_baseline", "device"} <= set(doc["records"][0])
     header = open(paths[1]).readline()
     assert "time.median_ms" in header and "counted.bytes" in header
+
+
+def test_plot_leaves_out_zeros_a_log_axis_cannot_show(tmp_path, monkeypatch):
+    """The norms count no FLOPs and a point may measure no memory growth: every panel is log-scaled, so zeros are
+    left out (a panel of them hidden, as an empty one is) instead of drawn off the axis with matplotlib's
+    'no positive values' warning."""
+    recs = [{**_fake(name, n, ms=n, peak=0 if name == "torch" else n, nbytes=n, baseline=name == "naive"),
+             "op": "rms_norm", "counted": {"bytes": n, "flops": 0}, "min_bytes": n, "shape": [4, n],
+             "dtype": "float32"} for name in ("naive", "torch") for n in (256, 1024)]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.plot_op(recs, "rms_norm", "fwd", detect(), str(tmp_path / "rms_norm_fwd.png"))
+    panels = {ax.get_title(): ax for ax in figures[0].axes if ax.get_visible()}
+    assert "bytes moved, counted" in panels and "FLOPs, counted" not in panels
+    assert [line.get_label() for line in panels["peak memory beyond inputs (bytes)"].lines] == ["naive (N^1.00)"]
+    monkeypatch.undo()
+    plots.plt.close(figures[0])
 
 
 def test_unavailable_provider_is_recorded_not_crashed(monkeypatch):
