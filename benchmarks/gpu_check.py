@@ -39,7 +39,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import kernels
 from kernels import reference
@@ -47,7 +46,8 @@ from kernels.registry import TRITON_DTYPES, Build, all_builds, use_config
 from benchmarks import overhead, records, runner
 from benchmarks.device import DeviceInfo, detect
 from benchmarks.measure import make_step
-from benchmarks.providers import MODES, Case, Provider, Unavailable, make_inputs, provider
+from benchmarks.providers import (MODES, Case, Provider, Unavailable, compiled_per_shape, make_inputs,
+                                  provider)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "example")
@@ -174,25 +174,9 @@ def _sdpa(backend: str) -> Callable[[], Callable]:
 
 
 def _compiled(op: str) -> Callable[[], Callable]:
-    """torch's own op under ``torch.compile``, compiled afresh with static shapes for each new input shape:
-    dynamo's recompile limit would otherwise fall back to eager after a few widths, and say so only in a log.
-    While ``benchmarks.counting`` counts bytes it runs eager (the bytes are eager's)."""
-    def load():
-        eager = provider(op, "torch").resolve()
-        current = {}
-
-        def compiled(*args):
-            if _get_current_dispatch_mode() is not None:  # counting bytes (runner): under a dispatch mode dynamo
-                return eager(*args)  # would skip this code for good, and every later call would run eager
-            key = [(a.shape, a.dtype, a.requires_grad) for a in args]
-            if current.get("key") != key:
-                torch._dynamo.reset()  # also frees the previous shape's graphs
-                current.update(key=key, fn=torch.compile(eager, dynamic=False, backend=COMPILE_BACKEND))
-            return current["fn"](*args)
-
-        return compiled
-
-    return load
+    """torch's own op under ``torch.compile``, compiled afresh for each new input shape
+    (:func:`benchmarks.providers.compiled_per_shape`)."""
+    return lambda: compiled_per_shape(provider(op, "torch").resolve(), COMPILE_BACKEND)
 
 
 def _liger(op: str) -> Callable[[], Callable]:
@@ -240,7 +224,7 @@ def timed_providers(op: str) -> List[Provider]:
                 Provider("torch-sdpa-cudnn", op, _sdpa("CUDNN_ATTENTION")), provider(op, "flash-attn")]
     ours = provider(op, "triton")
     one_per_sm = [Provider(ONE_PER_SM, op, ours.load, triton=True)] if op == "layer_norm" else []
-    return [ours, *one_per_sm, provider(op, "torch"), Provider("torch-compile", op, _compiled(op)),
+    return [ours, *one_per_sm, provider(op, "torch"), Provider("torch-compile", op, _compiled(op), compiles=True),
             Provider("liger", op, _liger(op), triton=True)]
 
 

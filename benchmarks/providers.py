@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from kernels import reference
 
@@ -117,6 +118,7 @@ class Provider:
     triton: bool = False  # runs Triton kernels (interpreted, hence slow, on CPU)
     baseline: bool = False  # the reference every ratio is taken against
     variant: bool = False  # a masking variant of another provider's kernel: the scaling profile's, not the suite's
+    compiles: bool = False  # its first call at each input shape compiles: run once there before time and memory
 
     def resolve(self) -> Callable:
         try:
@@ -179,12 +181,30 @@ def _norm(fn):
     return lambda x, *params: fn(x, (x.shape[-1],), *params)
 
 
+def compiled_per_shape(eager: Callable, backend) -> Callable:
+    """``eager`` under ``torch.compile``, compiled afresh with static shapes for each new input shape: dynamo's
+    recompile limit would otherwise fall back to eager after a few shapes, and say so only in a log. While
+    ``benchmarks.counting`` counts bytes it runs eager (the bytes are eager's): under a dispatch mode dynamo would
+    skip this code for good, and every later call would run eager."""
+    current = {}
+
+    def compiled(*args):
+        if _get_current_dispatch_mode() is not None:
+            return eager(*args)
+        key = [(a.shape, a.dtype, a.requires_grad) for a in args]
+        if current.get("key") != key:
+            torch._dynamo.reset()  # also frees the previous shape's graphs
+            current.update(key=key, fn=torch.compile(eager, dynamic=False, backend=backend))
+        return current["fn"](*args)
+
+    return compiled
+
+
 def _compiled(fn):
-    """``fn`` (torch's own op) under ``torch.compile``: inductor on a GPU; on CPU the ``aot_eager`` backend, which
-    traces the same graph without generating C++ (an interpreted run's timings say nothing about a GPU anyway, and
-    it keeps the suite's CPU run short). Dynamic shapes off: each benchmarked shape is compiled for itself."""
-    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
-    return torch.compile(fn, backend=backend, dynamic=False)
+    """``fn`` (torch's own op) under ``torch.compile``, per shape: inductor on a GPU; on CPU the ``aot_eager``
+    backend, which traces the same graph without generating C++ (an interpreted run's timings say nothing about a
+    GPU anyway, and it keeps the suite's CPU run short)."""
+    return compiled_per_shape(fn, "inductor" if torch.cuda.is_available() else "aot_eager")
 
 
 PROVIDERS = (
@@ -199,15 +219,15 @@ PROVIDERS = (
     Provider("flash-attn", "attention", _flash_attn),
     Provider("naive", "softmax", lambda: reference.softmax, baseline=True),
     Provider("torch", "softmax", lambda: lambda x: torch.softmax(x, dim=-1)),
-    Provider("torch.compile", "softmax", lambda: _compiled(lambda x: torch.softmax(x, dim=-1))),
+    Provider("torch.compile", "softmax", lambda: _compiled(lambda x: torch.softmax(x, dim=-1)), compiles=True),
     Provider("triton", "softmax", lambda: _kernel("softmax"), triton=True),
     Provider("naive", "layer_norm", lambda: _norm(reference.layer_norm), baseline=True),
     Provider("torch", "layer_norm", lambda: _norm(F.layer_norm)),
-    Provider("torch.compile", "layer_norm", lambda: _compiled(_norm(F.layer_norm))),
+    Provider("torch.compile", "layer_norm", lambda: _compiled(_norm(F.layer_norm)), compiles=True),
     Provider("triton", "layer_norm", lambda: _norm(_kernel("layer_norm")), triton=True),
     Provider("naive", "rms_norm", lambda: _norm(reference.rms_norm), baseline=True),
     Provider("torch", "rms_norm", lambda: _norm(F.rms_norm)),
-    Provider("torch.compile", "rms_norm", lambda: _compiled(_norm(F.rms_norm))),
+    Provider("torch.compile", "rms_norm", lambda: _compiled(_norm(F.rms_norm)), compiles=True),
     Provider("triton", "rms_norm", lambda: _norm(_kernel("rms_norm")), triton=True),
 )
 

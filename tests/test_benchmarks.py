@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import triton
+from torch._dynamo.utils import counters
 
 import kernels
 from benchmarks import analysis, memory, plots, providers, records, runner, scaling
@@ -250,6 +251,22 @@ def test_unavailable_provider_is_recorded_not_crashed(monkeypatch):
     recs = runner.run({"attention": [Case("attention", "fwd", 16), Case("attention", "fwd", 32)]}, detect())
     assert [r["status"] for r in recs] == ["unavailable"] * 2
     assert "no_such_kernel" in recs[0]["reason"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU memory needs Linux /proc")
+def test_torch_compile_provider_is_timed_compiled_and_its_memory_leaves_out_the_compiler():
+    """The runner counts bytes first, under a dispatch mode, where dynamo would skip the function for good (every
+    later call eager); and a first call at a new shape compiles, which is neither the op's time nor its memory
+    (about 30 MB of compiler on CPU against 8 KB of softmax)."""
+    cases = [Case("softmax", mode, 256, rows=4, dtype="float32") for mode in providers.MODES]
+    prov = providers.provider("softmax", "torch.compile")
+    counters.clear()
+    recs = [runner.measure_point(case, prov, prov.resolve(), detect(), None, 0.01) for case in cases]
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert counters["stats"]["unique_graphs"] == 2  # one graph per case: its timed calls ran compiled
+    memory_of = measure_cpu("softmax", "torch.compile", cases)
+    assert [m["status"] for m in memory_of] == ["ok", "ok"]
+    assert all(m["peak_bytes"] < 2 ** 20 for m in memory_of), memory_of
 
 
 # ---- out of memory ------------------------------------------------------------------------------------------
