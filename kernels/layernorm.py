@@ -782,8 +782,10 @@ so it gets the custom op."""
 
 _TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
 """Dtypes the functions take: the kernels' own, and float64, which runs torch's op."""
-_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in _TORCH_FLOATS}
-"""RMS norm's default eps per dtype (``torch.finfo(dtype).eps``), looked up once."""
+_MACHINE_EPS = {dtype: torch.finfo(torch.promote_types(dtype, torch.float32)).eps for dtype in _TORCH_FLOATS}
+"""RMS norm's default eps per input dtype, looked up once: the machine epsilon of the dtype it computes in, fp32's
+for fp16/bf16 (as torch's F.rms_norm and nn.RMSNorm do, whose documentation says ``finfo(x.dtype)``: bf16's would
+be 6e4 times as large, and change the output of a row with mean(x^2) below about 0.1)."""
 
 
 def _check_rms_options(offset, casting_mode) -> None:
@@ -863,7 +865,7 @@ def torch_rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if offset == 0 and casting_mode == DEFAULT_CASTING_MODE:
         return F.rms_norm(x, shape, weight, eps)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = _MACHINE_EPS[x.dtype] if eps is None else eps
     dims = tuple(range(-len(shape), 0))
     wide = torch.promote_types(x.dtype, torch.float32)
     if casting_mode == "none":
@@ -984,7 +986,8 @@ def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch
              eps: Optional[float] = None, *, offset: float = 0.0,
              casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
     """``torch.nn.functional.rms_norm``, fused, with Liger-Kernel's ``offset`` and ``casting_mode``:
-    ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``; ``eps`` defaults to ``torch.finfo(x.dtype).eps``.
+    ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``; ``eps`` defaults to torch's: the machine epsilon
+    of fp32 (float64's for float64 x), fp16/bf16 included.
 
     ``offset=1.0`` is Gemma's ``1 + weight``; without a weight no offset applies (``y = x_hat``, as Liger-Kernel's
     ``elementwise_affine=False``). ``casting_mode``: "gemma" (the default: everything

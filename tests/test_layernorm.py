@@ -52,8 +52,9 @@ def _torch(rms, h, shape, weight, bias, eps, offset=0.0, casting_mode=None):
 def check_norm(rms, x, shape, affine=("weight", "bias"), residual=False, eps=1e-5, **options):
     """Kernel vs float64 reference vs torch in x's dtype: y, the new residual, and every input's gradient.
 
-    A default RMS eps (None) is finfo(x.dtype).eps; the float64 reference is given that same value. ``options``:
-    RMS norm's offset and casting_mode, passed to the kernel and to the same-precision yardstick.
+    A default RMS eps (None) is the computation dtype's (fp32's for fp16/bf16), as torch's; the float64 reference is
+    given that same value. ``options``: RMS norm's offset and casting_mode, passed to the kernel and to the
+    same-precision yardstick.
     """
     n = shape if isinstance(shape, tuple) else (shape,)
     inputs = {"x": x, "residual": torch.randn_like(x) if residual else None,
@@ -64,7 +65,7 @@ def check_norm(rms, x, shape, affine=("weight", "bias"), residual=False, eps=1e-
     for name, cast in (("kernel", lambda t: t), ("float64", torch.Tensor.double), ("torch", lambda t: t)):
         leaves = {k: cast(v.detach()).requires_grad_() for k, v in present.items()}
         x_, r_, w_, b_ = (leaves.get(k) for k in ("x", "residual", "weight", "bias"))
-        ref_eps = torch.finfo(x.dtype).eps if rms and eps is None else eps
+        ref_eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if rms and eps is None else eps
         if name == "kernel":
             if residual:
                 fn = kernels.add_rms_norm if rms else kernels.add_layer_norm

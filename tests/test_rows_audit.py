@@ -132,3 +132,24 @@ def test_norm_torch_func_grad_and_jacrev(name, device):
     got = transforms(_kernel_norm, torch.float32)
     for g, g64, g32 in zip(got, transforms(_torch_norm, torch.float64), transforms(_torch_norm, torch.float32)):
         assert_close(g, g64, g32, BACKWARD)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"offset": 1.0, "casting_mode": "llama"}])
+def test_rms_norm_default_eps_is_torch_one(dtype, options, device):
+    """eps=None is fp32's machine epsilon for fp16/bf16 x, as torch's F.rms_norm / nn.RMSNorm compute it: it was
+    finfo(x.dtype).eps, 6e4 times as large for bf16, so rows of small values came out several times too small."""
+    x = (torch.randn(4, 24, device=device) * 0.01).to(dtype)
+    weight = torch.rand(24, device=device).to(dtype) + 0.5
+    eps = torch.finfo(torch.float32).eps
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * (options.get("offset", 0.0) + weight.double())
+    torch_same_precision = torch_rms_norm(x, 24, weight, eps, **options)
+    assert_close(kernels.rms_norm(x, 24, weight, **options), want, torch_same_precision)
+    module = kernels.RMSNorm(24, device=device, dtype=dtype, **options)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    assert_close(module(x), want, torch_same_precision)
+    assert_close(torch_rms_norm(x, 24, weight, **options), want, torch_same_precision)
+    if not options:  # torch's own, the drop-in's model
+        assert_close(F.rms_norm(x, (24,), weight), want, torch_same_precision)
