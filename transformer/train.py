@@ -125,8 +125,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="on a CPU the triton backend runs in Triton's interpreter: exact but slow, about a "
-                             "minute of CPU time a step at the default size (the reference backend: milliseconds)")
+                        help="on a CPU the triton backend runs in Triton's interpreter: exact but slow, about 12 s "
+                             "of CPU time a step at the default size (the reference backend: milliseconds)")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-head", type=int, default=4)
