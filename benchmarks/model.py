@@ -346,9 +346,10 @@ def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]]
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results", help="folder for model.json/.csv and the PNGs")
-    parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (a few minutes on CPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (about two minutes on CPU)")
     parser.add_argument("--only", nargs="+", help="only workloads whose name contains one of these words")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 5 GPU, 2 CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per point (default 5 GPU, 2 CPU, 1 CPU with --quick)")
     parser.add_argument("--budget", type=float, default=None, help="seconds; later points are recorded skipped")
     args = parser.parse_args(argv)
     device = detect()
