@@ -1,5 +1,8 @@
-"""Regression tests of the row kernels (softmax, layer/RMS norm) as torch's users call them: second derivatives
-(create_graph=True, torch.func.grad / jacrev), each against float64 torch within the tolerance rule."""
+"""Regression tests of the row kernels (softmax, layer/RMS norm) and patch() as torch's and Hugging Face's users call
+them: second derivatives (create_graph=True, torch.func.grad / jacrev), each against float64 torch within the
+tolerance rule; RMS norm's default eps; a patched model saved, loaded, deep-copied and patched twice."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +156,28 @@ def test_rms_norm_default_eps_is_torch_one(dtype, options, device):
     assert_close(torch_rms_norm(x, 24, weight, **options), want, torch_same_precision)
     if not options:  # torch's own, the drop-in's model
         assert_close(F.rms_norm(x, (24,), weight), want, torch_same_precision)
+
+
+def test_a_patched_hugging_face_model_pickles_deep_copies_and_patches_once(device, tmp_path):
+    """torch.save of a patched model raised PicklingError (closures named as transformers' functions); a deepcopy's
+    init_continuous_batching (generate_batch's entry) built its manager on the ORIGINAL model, whose weights it
+    would run; patching again wrapped the wrappers again."""
+    transformers = pytest.importorskip("transformers")
+    from test_hf import tiny_llama
+    from transformer import hf, patch
+
+    model = patch(patch(tiny_llama().to(device)))
+    assert not isinstance(model.create_masks_for_generate.create, hf.DenseMasksForGenerate)
+    assert not isinstance(model.init_continuous_batching.init, hf.ContinuousBatchingOnKernels)
+    ids = torch.randint(0, 50, (2, 7), device=device)
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    copied = copy.deepcopy(model)
+    for other in (loaded, copied):
+        assert other.config._attn_implementation == hf.ATTENTION_NAME
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
+        manager = other.init_continuous_batching(transformers.GenerationConfig(max_new_tokens=1, eos_token_id=None))
+        assert manager.model is other

@@ -9,7 +9,7 @@ it. transformers calls the mask function once per forward and mask type (not per
 purely causal batch). Any other pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention`
 hands to ``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA
 otherwise). transformers' continuous batching (``generate_batch``) runs the same function under
-:data:`PAGED_ATTENTION_NAME` (:func:`continuous_batching_on_kernels`).
+:data:`PAGED_ATTENTION_NAME` (:class:`ContinuousBatchingOnKernels`).
 
 ``transformers`` is imported only inside these functions: the rest of the package works without it.
 """
@@ -33,7 +33,7 @@ from kernels.attention.varlen import attention_varlen
 ATTENTION_NAME = "fused_triton"
 """The name the kernel is registered under in transformers' attention and mask interfaces."""
 PAGED_ATTENTION_NAME = "fused_triton_flash_paged"
-"""The same functions' name while transformers' continuous batching runs (:func:`continuous_batching_on_kernels`).
+"""The same functions' name while transformers' continuous batching runs (:class:`ContinuousBatchingOnKernels`).
 Its continuous batching takes only "sdpa", "paged|eager" (both fed a dense (Nq, Nk) mask per batch) and names holding
 "flash" (no mask: packed tokens with cu_seq_lens keywords, what :func:`hf_attention` runs on attention_varlen). No
 "2" or "3" after "flash": transformers would look for flash-attn's own ``flash_attn_with_kvcache`` (block tables)."""
@@ -64,14 +64,14 @@ kernel, is never chosen for :data:`PAGED_ATTENTION_NAME`.)"""
 
 
 _DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
-"""True while :func:`kernel_mask` must return transformers' own tensor masks (see dense_masks_for_generate)."""
+"""True while :func:`kernel_mask` must return transformers' own tensor masks (see DenseMasksForGenerate)."""
 _KERNEL_MASKS = WeakIdKeyDictionary()
 """What :func:`kernel_mask` would have returned (a KernelMask or None) for each tensor mask it built inside
-dense_masks_for_generate, keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
+DenseMasksForGenerate, keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
 from the dense mask. A tensor that is not the same object (copied, or traced by torch.compile) is not found: a
 traced one marked with :data:`KEY_RANGES` runs the decode kernel, any other takes the dense mask's path."""
 KEY_RANGES = "_kernel_key_ranges"
-"""The attribute that marks a tensor mask built inside dense_masks_for_generate whose rows each see one key range
+"""The attribute that marks a tensor mask built inside DenseMasksForGenerate whose rows each see one key range
 (causal or not, a sliding window, left padding at most): its value is (causal, window). A compiled step gets the
 mask as a traced tensor, which :data:`_KERNEL_MASKS` cannot find, but torch.compile reads (and guards on) a
 tensor's attributes: :func:`hf_attention` then finds each row's range on the device (:func:`_key_ranges`)."""
@@ -82,34 +82,49 @@ tiles the query tokens."""
 
 
 def use_kernel_attention(model: nn.Module) -> None:
-    """Register the kernel with transformers and switch the ``PreTrainedModel`` to it, in place."""
+    """Register the kernel with transformers and switch the ``PreTrainedModel`` to it, in place (again: a no-op)."""
     from transformers.masking_utils import create_masks_for_generate
 
     register_hf_attention()
     register_hf_attention(PAGED_ATTENTION_NAME)
     model.set_attn_implementation(ATTENTION_NAME)
-    model.create_masks_for_generate = dense_masks_for_generate(
-        getattr(model, "create_masks_for_generate", create_masks_for_generate))
-    if hasattr(model, "init_continuous_batching"):  # generate_batch() and the other continuous-batching entries
-        model.init_continuous_batching = continuous_batching_on_kernels(model, model.init_continuous_batching)
+    if not isinstance(vars(model).get("create_masks_for_generate"), DenseMasksForGenerate):
+        model.create_masks_for_generate = DenseMasksForGenerate(
+            getattr(model, "create_masks_for_generate", create_masks_for_generate))
+    if hasattr(model, "init_continuous_batching") and not isinstance(  # generate_batch() and the other entries
+            vars(model).get("init_continuous_batching"), ContinuousBatchingOnKernels):
+        model.init_continuous_batching = ContinuousBatchingOnKernels(model, model.init_continuous_batching)
 
 
-def dense_masks_for_generate(create: Callable) -> Callable:
+class _OnPatchedModel:
+    """Base of the callables :func:`use_kernel_attention` puts on a model. Objects, not closures: a patched model
+    pickles (``torch.save``) and deep-copies, a copy's callables holding the copy and its own bound methods (a
+    closure would keep the original's). Unpickling registers the kernel with transformers, which the loaded
+    model's ``_attn_implementation`` names."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        register_hf_attention()
+        register_hf_attention(PAGED_ATTENTION_NAME)
+
+
+class DenseMasksForGenerate(_OnPatchedModel):
     """``create`` (a model's ``create_masks_for_generate``) building transformers' tensor masks: generate() builds
     masks ahead with it for compilable (static) caches and passes them back into the model's forward, which
     accepts only tensors (or flex attention's block masks) there."""
-    @functools.wraps(create)
-    def create_dense(*args, **kwargs):
+
+    def __init__(self, create: Callable):
+        self.create = create
+
+    def __call__(self, *args, **kwargs):
         token = _DENSE_MASKS.set(True)
         try:
-            return create(*args, **kwargs)
+            return self.create(*args, **kwargs)
         finally:
             _DENSE_MASKS.reset(token)
 
-    return create_dense
 
-
-def continuous_batching_on_kernels(model: nn.Module, init: Callable) -> Callable:
+class ContinuousBatchingOnKernels(_OnPatchedModel):
     """``init`` (the model's ``init_continuous_batching``, which ``generate_batch`` and
     ``continuous_batching_context_manager`` call) creating its manager with the model switched to
     :data:`PAGED_ATTENTION_NAME`, so every batch (packed prefills and decoding steps) runs :func:`hf_attention`;
@@ -117,8 +132,12 @@ def continuous_batching_on_kernels(model: nn.Module, init: Callable) -> Callable
     asks for CUDA graphs (``use_cuda_graph`` or a padding interval), they are off: attention_varlen reads the
     sequence offsets on the host, which graph capture cannot hold. A model on another implementation is left
     alone."""
-    @functools.wraps(init)
-    def init_on_kernels(generation_config=None, continuous_batching_config=None, workload_hints=None):
+
+    def __init__(self, model: nn.Module, init: Callable):
+        self.model, self.init = model, init
+
+    def __call__(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        model, init = self.model, self.init
         if model.config._attn_implementation != ATTENTION_NAME:
             return init(generation_config, continuous_batching_config, workload_hints)
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -135,8 +154,6 @@ def continuous_batching_on_kernels(model: nn.Module, init: Callable) -> Callable
             raise
         manager._original_attn_impl = ATTENTION_NAME  # what its stop() restores with set_attn_implementation
         return manager
-
-    return init_on_kernels
 
 
 def register_hf_attention(name: str = ATTENTION_NAME) -> None:
@@ -243,7 +260,7 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     ``sdpa_mask`` (B, 1, Nq, Nk) bool tensor, never None, for everything else.
 
     ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
-    :func:`dense_masks_for_generate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
+    :class:`DenseMasksForGenerate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
     what it would have returned otherwise (and marking it with :data:`KEY_RANGES` where that is one key range per
     row). No device sync except, per call, one ``all()`` of the 2-D mask (to
     return None when nothing is padded), one read of it to find left padding and one read of a static cache's
