@@ -4,6 +4,8 @@ Not collected by the test run (``pytest tests``; pytest.ini's testpaths is ``tes
 CI-sized lengths of ``python -m benchmarks --quick``.
 """
 import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
+import pytest
+import torch
 
 from benchmarks import suite
 from benchmarks.device import detect
@@ -21,3 +23,16 @@ def pytest_generate_tests(metafunc):
     groups = suite.cases(device.kind, metafunc.config.getoption("--quick-cases"), 1 << 30, suite.DIMS[device.kind])
     points = [(case, prov) for op, cases in groups.items() for prov in providers_for(op) for case in cases]
     metafunc.parametrize("point", points, ids=[f"{c.op}-{c.mode}-{p.name}-N{c.length}" for c, p in points])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_cpu_thread():
+    """On CPU, one torch thread, as ``python -m benchmarks`` (its ``--threads`` default): on a shared machine a small
+    op waiting for a second, busy thread takes milliseconds instead of microseconds."""
+    if detect().kind != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,6 +18,7 @@ def test_point(benchmark, point):
     step = make_step(fn, make_inputs(case, DEVICE.torch_device))
     interpreted = DEVICE.interpreted and prov.triton
     benchmark.extra_info.update(device=DEVICE.name, provider=prov.name, case=case.as_record(),
+                                threads=torch.get_num_threads() if DEVICE.kind == "cpu" else None,
                                 method="interpreter (CPU wall-clock)" if interpreted else
                                 ("CPU wall-clock" if DEVICE.kind == "cpu" else "wall-clock + cuda synchronize"))
     if DEVICE.kind == "cuda":

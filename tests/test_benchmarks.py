@@ -340,6 +340,19 @@ def test_quick_run_writes_json_and_png(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pytest_benchmark_points_run_on_one_cpu_thread_as_the_command_does(tmp_path):
+    """``pytest benchmarks/`` times the suite's cases as ``python -m benchmarks`` does: on CPU with one torch thread
+    (with two, a small op on a shared machine waited milliseconds for the busy second thread)."""
+    report = tmp_path / "points.json"
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "benchmarks/", "--benchmark-only", "--quick-cases",
+           "-k", "softmax-fwd-torch-N", f"--benchmark-json={report}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    points = json.load(open(report))["benchmarks"]
+    assert len(points) == 2 and {p["extra_info"]["provider"] for p in points} == {"torch"}
+    assert {p["extra_info"]["threads"] for p in points} == {1 if detect().kind == "cpu" else None}
+
+
 def _counted_forward(provider_name: str, n: int):
     """Counts of one fp16 forward of ``provider_name`` at length n, as the scaling run takes them (sm_90 tiles)."""
     case = Case("attention", "fwd", n, dtype="float16", heads=1, head_dim=16)
