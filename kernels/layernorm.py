@@ -949,7 +949,8 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
                                 or isinstance(bias, dtensor)):
         return _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     if residual is not None and residual.dtype != x.dtype:  # h = x + residual in the promoted dtype, as torch's add
-        dtype = torch.result_type(x, residual)
+        # (of same-shape tensors, torch.result_type's answer, which torch.compile(fullgraph=True) cannot trace)
+        dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     if _autocasts_to_fp32(x):
         if residual is not None:  # torch adds in the inputs' dtype, then normalises in fp32

@@ -181,3 +181,27 @@ def test_a_patched_hugging_face_model_pickles_deep_copies_and_patches_once(devic
             torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
         manager = other.init_continuous_batching(transformers.GenerationConfig(max_new_tokens=1, eos_token_id=None))
         assert manager.model is other
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_add_norm_of_mixed_dtypes_compiles_in_one_graph(rms, device):
+    """add_layer_norm / add_rms_norm of a bf16 x and an fp32 residual under torch.compile(fullgraph=True): the dtype
+    promotion (torch.result_type) broke the graph, so fullgraph raised Unsupported. Same values and gradients as
+    eager."""
+    fn = kernels.add_rms_norm if rms else kernels.add_layer_norm
+
+    def step(x, residual, weight):
+        y, h = fn(x, residual, 8, weight)
+        return y * h
+
+    inputs = (torch.randn(3, 8, device=device, dtype=torch.bfloat16), torch.randn(3, 8, device=device),
+              torch.rand(8, device=device) + 0.5)
+    runs = []
+    for run in (step, torch.compile(step, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        out.backward(torch.ones_like(out))
+        runs.append((out, *(t.grad for t in leaves)))
+    assert runs[1][0].dtype == torch.float32
+    for eager, compiled in zip(*runs):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
