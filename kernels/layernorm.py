@@ -793,7 +793,7 @@ def _check_rms_options(offset, casting_mode) -> None:
     # a plain float is judged without the numbers ABCs (every call of an RMS norm passes here)
     if type(offset) is not float and (isinstance(offset, bool) or not isinstance(offset, numbers.Real)):
         raise TypeError(f"offset must be a real number, got {type(offset).__name__}")
-    if not math.isfinite(offset):
+    if not -math.inf < offset < math.inf:  # math.isfinite, which torch.compile cannot trace on a symbolic float
         raise ValueError(f"offset must be finite, got {offset}")
     if not isinstance(casting_mode, str) or casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")

@@ -205,3 +205,23 @@ def test_add_norm_of_mixed_dtypes_compiles_in_one_graph(rms, device):
     assert runs[1][0].dtype == torch.float32
     for eager, compiled in zip(*runs):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", ["function", "module"])
+def test_rms_norm_compiles_with_dynamic_shapes(call, device):
+    """rms_norm and RMSNorm under torch.compile(fullgraph=True, dynamic=True): the offset check (math.isfinite)
+    could not be traced there, so fullgraph raised Unsupported. Same values as eager at two batch sizes."""
+    module = kernels.RMSNorm(8, device=device)
+    fn = module if call == "module" else lambda x: kernels.rms_norm(x, 8, module.weight)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 5):
+            x = torch.randn(rows, 8, device=device)
+            torch.testing.assert_close(compiled(x), fn(x), rtol=0, atol=0)
+
+
+def test_rms_norm_offset_must_still_be_finite():
+    """The traceable offset check still refuses NaN and both infinities."""
+    for offset in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="offset must be finite"):
+            kernels.rms_norm(torch.randn(2, 8), 8, torch.ones(8), offset=offset)
