@@ -185,16 +185,40 @@ def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> 
     return VariantTensors(None, None, None, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
 
 
-def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple) -> VariantTensors:
-    """:func:`_checked_offsets`'s checks, launch and verdict, every call."""
+def _offsets_verdict_by_torch(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                              block_table: Optional[torch.Tensor], total_q: int, total_k: int, max_seqlen_q: int,
+                              max_seqlen_k: int, num_blocks: int, page_size: int) -> torch.Tensor:
+    """``_varlen_check``'s verdict (the same rule bits, in :func:`_offsets_rules`' order) computed by torch ops on
+    the offsets' device: for tensors the check kernel cannot be launched on (the fallback's)."""
+    failed = []
+    for cu_seqlens, total, max_seqlen in ((cu_seqlens_q, total_q, max_seqlen_q),
+                                          (cu_seqlens_k, total_k, max_seqlen_k)):
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        failed += [cu_seqlens[0] != 0, (lengths < 0).any(), (cu_seqlens[-1] != total) & (total >= 0),
+                   (lengths > max_seqlen).any()]
+    if block_table is not None:  # the ids of the pages holding a position below the sequence's length (lengths: k's)
+        used = torch.arange(block_table.shape[1], device=block_table.device) * page_size < lengths[:, None]
+        failed.append((used & ((block_table < 0) | (block_table >= num_blocks))).any())
+    bits = sum(fail.int() << bit for bit, fail in enumerate(failed))
+    return torch.stack([(bits == 0).int(), ~bits])
+
+
+def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple,
+                   kernels_run: bool = True) -> VariantTensors:
+    """:func:`_checked_offsets`'s checks, launch and verdict, every call; without ``kernels_run`` (tensors the
+    kernels cannot take) the verdict is computed by torch ops instead of the check kernel."""
     _, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size = judged
     _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
         _check_block_table(block_table, k, cu_seqlens_q.shape[0] - 1, max_seqlen_k)
     args = (cu_seqlens_q, cu_seqlens_k, block_table, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks,
             page_size)
-    # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
-    verdict = _offsets_verdict_op(*args) if torch.compiler.is_compiling() else _offsets_verdict(*args, reused=True)
+    if not kernels_run:
+        verdict = _offsets_verdict_by_torch(*args)
+    elif torch.compiler.is_compiling():
+        verdict = _offsets_verdict_op(*args)
+    else:  # eager: the thread's one verdict, read just below (a custom op's output must be a new tensor)
+        verdict = _offsets_verdict(*args, reused=True)
     enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q,
                                                            None if total_k < 0 else total_k, max_seqlen_q,
                                                            max_seqlen_k, block_table, num_blocks))
@@ -379,11 +403,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                    max_seqlen_k)
     if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo, which
         _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # reads .is_cuda, _version: TypeError for a non-tensor
-    # the offsets' (and block table's) checks, the tensors' and their values', memoised
     num_blocks, page_size = k_shape[:2] if paged else (0, 0)
-    offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table,
-                               (device, total_q, -1 if paged else k_shape[0], variant.max_seqlen_q,
-                                variant.max_seqlen_k, num_blocks, page_size))
+    judged = (device, total_q, -1 if paged else k_shape[0], variant.max_seqlen_q, variant.max_seqlen_k, num_blocks,
+              page_size)
+    kernels_run = _runtime.kernel_runs_on(q)  # k, v are on q's device (_check_tensors)
+    if kernels_run:  # the offsets' (and block table's) checks, the tensors' and their values', memoised
+        offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged)
+    else:  # no check kernel launches on tensors the kernels cannot take: the same checks by torch ops
+        _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged, kernels_run=False)
+        if device.type == "meta":
+            raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta tensors, and the "
+                                      "fallback slices each sequence by the offsets' values, which they do not hold")
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
@@ -392,8 +422,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if paged:
         n_keys = (cu_seqlens_q.shape[0] - 1) * variant.max_seqlen_k  # batch * max_seqlen_k: a bound of total_k
         k, v = (gather_pages(t, block_table, cu_seqlens_k, n_keys) for t in (k, v))
-    if not _runtime.kernel_runs_on(q):  # k, v (and the pages gathered) are on q's device (_check_tensors)
-        # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
+    if not kernels_run:  # the fallback slices each sequence on the host: it reads the offsets (no kernel path does)
         out, lse = _per_sequence(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), causal, variant.scale,
                                  window_size=window_size, softcap=variant.softcap, alibi_slopes=alibi_slopes,
                                  dropout_p=variant.dropout_p, sinks=sinks)

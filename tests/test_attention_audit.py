@@ -1,0 +1,58 @@
+"""Regression tests from the audit of the attention entry points as users call them (kernels.attention,
+attention_varlen, attention_with_kvcache, the flash-attn functions and the SDPA shim) against float64 math."""
+import pytest
+import torch
+
+import kernels
+from kernels.attention import varlen
+from test_varlen import _cu, _per_sequence, paged_cache
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("a Triton kernel launched on tensors the kernels cannot run on")
+
+
+@pytest.fixture
+def kernels_cannot_run(monkeypatch):
+    """The process's kernels cannot take the inputs (CPU tensors where Triton is compiled for a GPU, or Triton
+    imported before kernels without one): their launches would fail inside Triton, so none may happen."""
+    monkeypatch.setattr(varlen._runtime, "kernel_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(varlen, "_offsets_verdict", _no_launch)
+    monkeypatch.setattr(varlen, "attention_packed_op", _no_launch)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_varlen_falls_back_to_the_reference_without_launching_a_kernel(kernels_cannot_run, device, paged):
+    lens_q, lens_k = [3, 0, 5], [4, 2, 6]
+    q = torch.randn(sum(lens_q), 4, 8, device=device)
+    k, v = torch.randn(2, sum(lens_k), 2, 8, device=device).unbind(0)
+    expected, expected_lse = _per_sequence(q, k, v, lens_q, lens_k, causal=True)
+    keys = paged_cache((k, v), lens_k, 4, 5) if paged else (k, v, None)
+    out, lse = kernels.attention_varlen(q, keys[0], keys[1], _cu(lens_q, device), _cu(lens_k, device), 5, 6,
+                                        causal=True, return_lse=True, block_table=keys[2])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, expected_lse)
+
+
+@pytest.mark.parametrize("cu_seqlens_k,max_seqlen_k,block_table,match", [
+    ([0, 4, 3], 4, None, "cu_seqlens_k must be non-decreasing"),
+    ([0, 4, 7], 4, None, "cu_seqlens_k must end at the number of packed tokens 6"),
+    ([0, 4, 6], 3, None, "max_seqlen_k = 3 must be at least the longest sequence"),
+    ([0, 4, 6], 4, [[0, 5], [1, 2]], "block_table: a page id a sequence uses is outside"),
+])
+def test_varlen_fallback_checks_the_offsets_values(kernels_cannot_run, device, cu_seqlens_k, max_seqlen_k,
+                                                   block_table, match):
+    q = torch.randn(5, 2, 8, device=device)
+    k = torch.randn(4, 2, 2, 8, device=device) if block_table else torch.randn(6, 2, 8, device=device)
+    table = None if block_table is None else torch.tensor(block_table, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=match):
+        kernels.attention_varlen(q, k, k, _cu([2, 3], device), torch.tensor(cu_seqlens_k, dtype=torch.int32,
+                                                                             device=device),
+                                 3, max_seqlen_k, block_table=table)
+
+
+def test_varlen_on_meta_tensors_says_why_it_cannot_run():
+    q, k = torch.empty(5, 2, 8, device="meta"), torch.empty(6, 2, 8, device="meta")
+    offsets = torch.empty(3, dtype=torch.int32, device="meta")
+    with pytest.raises(NotImplementedError, match="attention_varlen.*meta"):
+        kernels.attention_varlen(q, k, k, offsets, offsets, 3, 4)
