@@ -15,3 +15,18 @@ from kernels.attention.mods import alibi_score, document_mask, prefix_lm_mask, s
 from kernels.attention.varlen import attention_varlen  # noqa: F401
 from kernels.attention.decode import attention_with_kvcache  # noqa: F401
 from kernels.layernorm import layer_norm, rms_norm, add_layer_norm, add_rms_norm, LayerNorm, RMSNorm  # noqa: F401
+
+
+def _keep_attention_modules_reachable() -> None:
+    """``kernels.attention`` is the function (the import above rebinds the name its subpackage had), so the
+    subpackage's modules become attributes of the function too: ``import kernels.attention.varlen as varlen`` and
+    ``kernels.attention.mods.document_mask`` resolve through it as they would through the package."""
+    import sys
+
+    prefix = "kernels.attention."
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefix) and "." not in name[len(prefix):]:
+            setattr(attention, name[len(prefix):], module)
+
+
+_keep_attention_modules_reachable()

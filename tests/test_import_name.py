@@ -86,3 +86,15 @@ def test_hub_kernels_first_on_the_path_make_transformer_say_so(tmp_path):
     assert done.returncode != 0
     message = " ".join(done.stderr.split())
     assert "ImportError" in message and "transformer-kernels" in message and "same import name" in message
+
+
+def test_the_attention_subpackage_stays_importable_under_the_function_of_its_name():
+    """``kernels.attention`` is the function; its subpackage's modules still import and resolve under it, in
+    every form a user writes (``import a.b.c as m`` reads each attribute along the path)."""
+    done = run_python("import kernels.attention.mods as m\nimport kernels.attention.varlen\nimport kernels\n"
+                      "from kernels.attention import decode\n"
+                      "print(m.document_mask is kernels.document_mask, kernels.attention.varlen.attention_varlen is "
+                      "kernels.attention_varlen, decode.attention_with_kvcache is kernels.attention_with_kvcache, "
+                      "callable(kernels.attention))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"] * 4
