@@ -56,3 +56,12 @@ def test_varlen_on_meta_tensors_says_why_it_cannot_run():
     offsets = torch.empty(3, dtype=torch.int32, device="meta")
     with pytest.raises(NotImplementedError, match="attention_varlen.*meta"):
         kernels.attention_varlen(q, k, k, offsets, offsets, 3, 4)
+
+
+def test_dropout_mask_without_dropout_keeps_everything_and_draws_nothing(device):
+    """attention(..., dropout_p=0) draws nothing from the generator, so the mask it 'would use' must not either."""
+    generator_state = torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+    mask = kernels.attention_dropout_mask(2, 3, 4, 5, 0.0, device)
+    assert mask.dtype == torch.bool and mask.shape == (2, 3, 4, 5) and mask.all()
+    assert torch.equal(generator_state, torch.get_rng_state() if device.type == "cpu"
+                       else torch.cuda.get_rng_state(device))

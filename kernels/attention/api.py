@@ -68,6 +68,8 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
             raise ValueError(f"{name} must be a non-negative int, got {size!r}")
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     device = torch.device("cpu" if device is None else device)
+    if dropout_p == 0:  # attention draws nothing from the generator without dropout, and keeps every element
+        return torch.ones((batch, heads, n_q, n_k), dtype=torch.bool, device=device)
     rng_state = draw_rng(device)
     mask = torch.zeros((batch, heads, n_q, n_k), dtype=torch.uint8, device=device)
     if mask.numel():
