@@ -65,3 +65,18 @@ def empty_rows_like(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``t``'s shape and dtype (rows written at ``row * n_cols``).
     ``empty_like`` keeps a contiguous layout and costs half of ``empty(shape, ...)`` on the host."""
     return torch.empty_like(t) if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+AUTOCAST_FP32_DEVICES = ("cuda",)
+"""Device types whose autocast runs torch's softmax, log_softmax, layer_norm and rms_norm in fp32 (they are on
+CUDA's fp32 list; CPU autocast leaves them in their input's dtype)."""
+
+
+def autocasts_to_fp32(x: torch.Tensor) -> bool:
+    """Whether torch's own softmax or norm would take ``x`` up to fp32 here, as autocast does for the ops of its
+    fp32 list."""
+    return (x.dtype in _HALF_DTYPES and x.device.type in AUTOCAST_FP32_DEVICES
+            and torch.is_autocast_enabled(x.device.type))
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, empty_rows_like, lanes_of, row_config, rows_and_stride, warps_for
+from kernels._rows import (LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride,
+                           warps_for)
 from kernels._runtime import INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -845,17 +846,6 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
 
 ShapeArg = Union[int, Sequence[int]]
 
-AUTOCAST_FP32_DEVICES = ("cuda",)
-"""Device types whose autocast runs torch's layer_norm and rms_norm in fp32 (they are on CUDA's fp32 list; CPU
-autocast leaves them in their input's dtype)."""
-
-
-def _autocasts_to_fp32(x: torch.Tensor) -> bool:
-    """Whether torch's own norm would take ``x`` up to fp32 here, as autocast does for the ops of its fp32 list."""
-    return (x.dtype in (torch.float16, torch.bfloat16) and x.device.type in AUTOCAST_FP32_DEVICES
-            and torch.is_autocast_enabled(x.device.type))
-
-
 def torch_rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
                    eps: Optional[float] = None, *, offset: float = 0.0,
                    casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
@@ -952,7 +942,7 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
         # (of same-shape tensors, torch.result_type's answer, which torch.compile(fullgraph=True) cannot trace)
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    if _autocasts_to_fp32(x):
+    if autocasts_to_fp32(x):
         if residual is not None:  # torch adds in the inputs' dtype, then normalises in fp32
             h = x + residual
             return _norm(h.float(), None, shape, weight, bias, eps, rms, offset, casting_mode), h

@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, empty_rows_like, lanes_of, row_config, rows_and_stride
+from kernels._rows import LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride
 from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
 from kernels._validate import check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -305,6 +305,8 @@ def _check(x, dim, scale, causal) -> int:
 
 
 def _apply(x, dim, scale, causal, log):
+    if autocasts_to_fp32(x):  # torch.softmax and log_softmax run in fp32 under CUDA autocast: so do these
+        x = x.float()
     if x.dim() == 0:  # torch treats a scalar as a one-element row
         return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
     if torch.compiler.is_compiling():

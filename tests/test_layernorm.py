@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import kernels
-from kernels import reference
+from kernels import _rows as rows_module, reference
 from tolerance import BACKWARD, assert_close, max_error
 
 norm_module = importlib.import_module("kernels.layernorm")
@@ -320,7 +320,7 @@ def test_autocast_normalises_in_the_dtype_torch_would(monkeypatch, device):
     if device.type == "cpu":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert kernels.layer_norm(x, 24).dtype == F.layer_norm(x, (24,)).dtype == torch.bfloat16
-        monkeypatch.setattr(norm_module, "AUTOCAST_FP32_DEVICES", ("cpu",))
+        monkeypatch.setattr(rows_module, "AUTOCAST_FP32_DEVICES", ("cpu",))
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y = kernels.rms_norm(x, 24)
         assert y.dtype == torch.float32

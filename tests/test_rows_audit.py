@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import reference
+from kernels import _rows as rows_module, reference
 from kernels.layernorm import torch_rms_norm
 from tolerance import BACKWARD, assert_close
 
@@ -225,3 +225,26 @@ def test_rms_norm_offset_must_still_be_finite():
     for offset in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="offset must be finite"):
             kernels.rms_norm(torch.randn(2, 8), 8, torch.ones(8), offset=offset)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_under_cuda_autocast_runs_in_fp32_as_torch(log, monkeypatch, device):
+    """CUDA autocast runs torch.softmax / log_softmax in fp32 (its fp32 list: the dispatcher says so); the kernels
+    returned fp16/bf16. Shown on CPU by declaring it such a device, as for the norms."""
+    op = "aten::log_softmax.int" if log else "aten::softmax.int"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU")
+    ours, theirs = (kernels.log_softmax, torch.log_softmax) if log else (kernels.softmax, torch.softmax)
+    x = (torch.randn(4, 24, device=device) * 4).to(torch.bfloat16).requires_grad_()
+    if device.type == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours(x, -1).dtype == theirs(x, -1).dtype == torch.bfloat16
+        monkeypatch.setattr(rows_module, "AUTOCAST_FP32_DEVICES", ("cpu",))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = ours(x, -1, scale=0.5)
+    assert y.dtype == torch.float32
+    want = theirs(x.float() * 0.5, -1)
+    torch.testing.assert_close(y, want)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, torch.autograd.grad(want, x, torch.ones_like(want))[0])
