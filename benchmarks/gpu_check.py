@@ -1067,7 +1067,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="only these phases (they still run in the order above)")
     parser.add_argument("--budget", type=_budget, action="append", default=[], metavar="PHASE=SECONDS",
                         help="a phase's time budget (defaults: "
-                             + ", ".join(f"{k}={v:.0f}" for k, v in BUDGETS.items()) + f"; {TOTAL_S:.0f} s in all)")
+                             + ", ".join(f"{k}={v:.0f}" for k, v in BUDGETS.items())
+                             + f"; all phases together stop at {TOTAL_S:.0f} s)")
     return parser
 
 

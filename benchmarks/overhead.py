@@ -128,6 +128,14 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+PASSES = ("forward", "forward+backward")
+
+
+def _passes(call: Callable[[], object]) -> Tuple[str, ...]:
+    """Both passes, or the forward alone for an op whose output needs no grad (decoding has no backward)."""
+    return PASSES if _output(call()).requires_grad else PASSES[:1]
+
+
 def _with_backward(call: Callable[[], object]) -> Callable[[], object]:
     """forward then backward of the output against a ones gradient (made once), or forward only where the output
     needs no grad (decoding)."""
@@ -170,7 +178,7 @@ def time_call(call: Callable[[], object], device: torch.device, calls: int) -> f
 def measure(device: DeviceInfo, names: Optional[Sequence[str]] = None, repeats: int = 7,
             calls: int = 50) -> List[dict]:
     """One record per (op, provider, pass): min µs per call over ``repeats`` interleaved rounds, and the ratio to
-    the minimal op of the same pass."""
+    the minimal op of the same pass (forward only for an op with no backward)."""
     dev = device.torch_device
     table = cases(dev)
     names = list(names or table)
@@ -178,12 +186,12 @@ def measure(device: DeviceInfo, names: Optional[Sequence[str]] = None, repeats: 
     if unknown:
         raise ValueError(f"unknown ops {unknown}; choose from {list(table)}")
     providers = ("ours", "torch", "minimal")
-    calls_of = {(name, provider, passes): (fn if passes == "forward" else _with_backward(fn))
-                for name in names for provider, fn in zip(providers, table[name])
-                for passes in ("forward", "forward+backward")}
     best: Dict[tuple, float] = {}
     stub = stubbed_launches() if dev.type == "cpu" else contextlib.nullcontext()
     with stub:
+        calls_of = {(name, provider, passes): (fn if passes == "forward" else _with_backward(fn))
+                    for name in names for passes in _passes(table[name][0])
+                    for provider, fn in zip(providers, table[name])}
         for key, call in calls_of.items():  # warm-up: plan caches, autotuning and compiles out of the timing
             call()
             call()
@@ -200,12 +208,14 @@ def measure(device: DeviceInfo, names: Optional[Sequence[str]] = None, repeats: 
 
 
 def format_table(recs: List[dict]) -> str:
-    """One line per op: ours / torch / minimal µs and ours' ratio to the minimal op, forward and forward+backward."""
+    """One line per op and pass: ours / torch / minimal µs and ours' ratio to the minimal op."""
     by = {(r["op"], r["provider"], r["pass"]): r for r in recs}
     ops = list(dict.fromkeys(r["op"] for r in recs))
     lines = [f"{'op':30} {'pass':17} {'ours µs':>9} {'torch µs':>9} {'minimal µs':>10} {'ours/minimal':>12}"]
     for op in ops:
-        for passes in ("forward", "forward+backward"):
+        for passes in PASSES:
+            if (op, "ours", passes) not in by:  # no backward
+                continue
             ours, torch_, floor = (by[(op, p, passes)] for p in ("ours", "torch", "minimal"))
             flag = "" if ours["x_minimal"] <= GOAL_RATIO else "  > goal"
             lines.append(f"{op:30} {passes:17} {ours['us_per_call']:9.1f} {torch_['us_per_call']:9.1f} "
@@ -225,10 +235,10 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     ops = list(dict.fromkeys(r["op"] for r in recs))
     by = {(r["op"], r["provider"], r["pass"]): r["x_minimal"] for r in recs}
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(ops) + 2), sharey=True)
-    for ax, passes in zip(axes, ("forward", "forward+backward")):
-        ys = range(len(ops))
-        ax.barh([y + 0.2 for y in ys], [by[(op, "ours", passes)] for op in ops], 0.4, label="ours")
-        ax.barh([y - 0.2 for y in ys], [by[(op, "torch", passes)] for op in ops], 0.4, label="torch")
+    for ax, passes in zip(axes, PASSES):
+        ys = range(len(ops))  # an op with no backward has no bars on the right
+        ax.barh([y + 0.2 for y in ys], [by.get((op, "ours", passes), 0) for op in ops], 0.4, label="ours")
+        ax.barh([y - 0.2 for y in ys], [by.get((op, "torch", passes), 0) for op in ops], 0.4, label="torch")
         ax.axvline(GOAL_RATIO, color="red", linestyle="--", label=f"goal ({GOAL_RATIO:g}x)")
         ax.set_yticks(list(ys), ops)
         ax.set_xlabel("host time / minimal autograd op")

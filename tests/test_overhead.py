@@ -19,6 +19,16 @@ def test_overhead_benchmark_writes_every_provider_and_pass(tmp_path):
     assert (tmp_path / "overhead.csv").exists() and (tmp_path / "overhead.png").exists()
 
 
+def test_an_op_with_no_backward_is_timed_forward_only(tmp_path):
+    """Decoding has no backward: no "forward+backward" row that would time its forward again under that name."""
+    recs = overhead.measure(overhead.detect(), ["attention_with_kvcache", "softmax"], repeats=1, calls=2)
+    passes = {(r["op"], r["pass"]) for r in recs}
+    assert passes == {("attention_with_kvcache", "forward"), ("softmax", "forward"), ("softmax", "forward+backward")}
+    table = overhead.format_table(recs)
+    assert "attention_with_kvcache" in table and "attention_with_kvcache forward+backward" not in " ".join(table.split())
+    assert overhead.plot(recs, overhead.detect(), str(tmp_path)) == [str(tmp_path / "overhead.png")]
+
+
 def test_every_public_op_has_a_case():
     names = set(overhead.cases(torch.device("cpu")))
     for op in ("softmax", "log_softmax", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention",
