@@ -846,6 +846,7 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
 
 ShapeArg = Union[int, Sequence[int]]
 
+
 def torch_rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
                    eps: Optional[float] = None, *, offset: float = 0.0,
                    casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
