@@ -26,6 +26,7 @@ import torch
 
 import kernels
 from benchmarks import roofline
+from benchmarks.device import detect
 from benchmarks.counting import counting
 from kernels import reference
 from kernels.attention import decode
@@ -155,6 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     recs = [_modelled(b, n) for b in BATCHES for n in MODEL_CACHES]
     if not args.no_count and kernels.INTERPRETED:
         recs += [_counted(b, n) for b in BATCHES for n in (COUNTED_CACHES[:1] if args.quick else COUNTED_CACHES)]
+    counted_on = detect().name if any(r["kind"] == "counted" for r in recs) else "(not run)"
+    print(f"model rows: launch shape and bytes of one decode step, timed by a roofline model of "
+          f"{' and '.join(SMS)} (computed, not measured); counted rows: bytes counted on {counted_on}", flush=True)
     print(f"{'kind':8}{'B':>3}{'cache':>7}  {'path':24}{'bytes/min':>10}{'programs':>10}{'waves':>7}{'model us':>10}")
     for r in recs:
         for name, p in r["paths"].items():

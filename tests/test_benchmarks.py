@@ -378,3 +378,15 @@ def test_sliding_window_flops_grow_linearly_and_documents_cost_an_eighth_of_caus
         blocks = n // providers.DOCUMENTS // 128
         documents = _counted_forward("triton-8docs", n).flops
         assert documents / full == pytest.approx((blocks + 1) / (8 * blocks + 1))
+
+
+def test_decode_benchmark_says_its_times_are_a_model(tmp_path, capsys):
+    """``python -m benchmarks decode``: its µs come from a roofline model, and its output says so first."""
+    decode_benchmark = importlib.import_module("benchmarks.decode")
+    assert decode_benchmark.main(["--no-count", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "computed, not measured" in first and "H100-SXM5" in first
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    assert {r["kind"] for r in doc["records"]} == {"model"}
+    assert (tmp_path / "decode.md").read_text().startswith("Model of an H100 SXM")
+    assert (tmp_path / "decode.png").stat().st_size > 0
