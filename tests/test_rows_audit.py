@@ -2,6 +2,7 @@
 them: second derivatives (create_graph=True, torch.func.grad / jacrev), each against float64 torch within the
 tolerance rule; RMS norm's default eps; a patched model saved, loaded, deep-copied and patched twice."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ SOFTMAXES = {
     "softmax": (lambda x: kernels.softmax(x, 1, scale=0.7), lambda x: _torch_softmax(x, 1, scale=0.7)),
     "causal": (lambda x: kernels.softmax(x, scale=-1.3, causal=True),
                lambda x: _torch_softmax(x, scale=-1.3, causal=True)),
-    "log_softmax": (lambda x: kernels.log_softmax(x, 0, scale=2.0), lambda x: _torch_softmax(x, 0, scale=2.0, log=True)),
+    "log_softmax": (lambda x: kernels.log_softmax(x, 0, scale=2.0),
+                    lambda x: _torch_softmax(x, 0, scale=2.0, log=True)),
 }
 
 
@@ -248,3 +250,19 @@ def test_softmax_under_cuda_autocast_runs_in_fp32_as_torch(log, monkeypatch, dev
     (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert grad.dtype == torch.bfloat16
     torch.testing.assert_close(grad, torch.autograd.grad(want, x, torch.ones_like(want))[0])
+
+
+def test_a_plain_backward_still_runs_the_kernels(monkeypatch, device):
+    """Only create_graph=True takes the differentiable torch-ops backward: a plain backward (grad mode off inside
+    it) launches the kernels."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch-ops backward ran in a plain backward")
+
+    monkeypatch.setattr(importlib.import_module("kernels.softmax"), "_differentiable_backward", refuse)
+    monkeypatch.setattr(importlib.import_module("kernels.layernorm"), "_differentiable_backward", refuse)
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    weight = torch.rand(8, device=device, requires_grad=True)
+    loss = (kernels.softmax(x).pow(2).sum() + kernels.log_softmax(x, 0).sum()
+            + kernels.layer_norm(x, 8, weight).pow(2).sum() + kernels.add_rms_norm(x, x, 8, weight)[0].pow(2).sum())
+    loss.backward()
+    assert x.grad is not None and weight.grad is not None
