@@ -32,7 +32,7 @@ class AttentionVariant:
     lengths and size the grid, and each sequence is aligned bottom-right by itself. ``mask_mod``/``score_mod``:
     keys of ``block_mask.py``'s registry, -1 for none.
 
-    Adding a variant: a field here (and its constexpr or argument in :func:`_plan`/:func:`_tensor_args`), its math
+    Adding a variant: a field here (and its constexpr or argument in :func:`_plan`/:func:`_variant_args`), its math
     in ``kernels.py``, its check and argument in ``api.py``, its specialisation in ``configs.py``.
     """
 
