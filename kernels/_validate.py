@@ -1,4 +1,6 @@
 """Input checks shared by the launchers: bad input raises a clear error before any kernel launches."""
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -15,6 +17,12 @@ def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES)
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer as torch takes one for a dim or a size: an int or an integer scalar (numpy's
+    included), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 def check_same(what: str, **tensors) -> None:

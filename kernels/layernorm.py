@@ -50,7 +50,7 @@ from kernels._autograd import autograd_function
 from kernels._rows import (LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride,
                            warps_for)
 from kernels._runtime import INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 8192
@@ -806,12 +806,11 @@ def _as_shape(normalized_shape) -> tuple:
         return (normalized_shape,)
     if type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
         return normalized_shape
-    if isinstance(normalized_shape, int):
+    if is_integer(normalized_shape):
         normalized_shape = (normalized_shape,)
-    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(map(is_integer, normalized_shape)):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    return tuple(normalized_shape)
+    return tuple(map(int, normalized_shape))  # numpy's integers as torch takes them
 
 
 def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:

@@ -27,7 +27,7 @@ from kernels import reference
 from kernels._autograd import autograd_function
 from kernels._rows import LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride
 from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
-from kernels._validate import check_tensor
+from kernels._validate import check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 16384
@@ -289,8 +289,10 @@ _forward_op.register_autograd(_traced_backward, setup_context=_setup_traced)
 def _check(x, dim, scale, causal) -> int:
     """Validate the arguments before any launch; return ``dim`` as a non-negative axis."""
     check_tensor("x", x)
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if type(dim) is not int:
+        if not is_integer(dim):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        dim = int(dim)  # numpy's integers as torch takes them
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")

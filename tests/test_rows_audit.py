@@ -4,6 +4,7 @@ tolerance rule; RMS norm's default eps; a patched model saved, loaded, deep-copi
 import copy
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,3 +267,20 @@ def test_a_plain_backward_still_runs_the_kernels(monkeypatch, device):
             + kernels.layer_norm(x, 8, weight).pow(2).sum() + kernels.add_rms_norm(x, x, 8, weight)[0].pow(2).sum())
     loss.backward()
     assert x.grad is not None and weight.grad is not None
+
+
+def test_numpy_integers_are_taken_as_torch_takes_them(device):
+    """A numpy integer as softmax's dim, a norm's normalized_shape or a norm module's size (torch accepts them all;
+    ours raised TypeError); a bool or a float is still refused."""
+    x = torch.randn(2, 3, 8, device=device)
+    torch.testing.assert_close(kernels.softmax(x, np.int64(1)), torch.softmax(x, 1))
+    torch.testing.assert_close(kernels.log_softmax(x, np.int32(-1)), torch.log_softmax(x, -1))
+    torch.testing.assert_close(kernels.layer_norm(x, [np.int64(3), np.int64(8)]), F.layer_norm(x, (3, 8)))
+    torch.testing.assert_close(kernels.rms_norm(x, np.int64(8)), F.rms_norm(x, (8,)))
+    for ours, theirs in ((kernels.LayerNorm, torch.nn.LayerNorm), (kernels.RMSNorm, torch.nn.RMSNorm)):
+        torch.testing.assert_close(ours(np.int64(8), device=device)(x), theirs(np.int64(8), device=device)(x))
+    for dim in (True, 1.0, np.float64(1.0)):
+        with pytest.raises(TypeError, match="dim must be an int"):
+            kernels.softmax(x, dim)
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints"):
+        kernels.layer_norm(x, (np.float32(8),))
