@@ -65,3 +65,30 @@ def test_dropout_mask_without_dropout_keeps_everything_and_draws_nothing(device)
     assert mask.dtype == torch.bool and mask.shape == (2, 3, 4, 5) and mask.all()
     assert torch.equal(generator_state, torch.get_rng_state() if device.type == "cpu"
                        else torch.cuda.get_rng_state(device))
+
+
+def _packed_call(q_shape, k_shape, v_shape=None, paged=False):
+    """attention_varlen on zeros of these shapes: two sequences, of 3 and 4 queries and keys."""
+    q, k, v = (torch.zeros(shape) for shape in (q_shape, k_shape, v_shape or k_shape))
+    cu = _cu([3, 4], "cpu")
+    table = torch.zeros(2, 3, dtype=torch.int32) if paged else None
+    kernels.attention_varlen(q, k, v, cu, cu, 4, 4, block_table=table)
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((7, 2, 8), (7, 2, 8), (6, 2, 8)), r"k and v must have the same shape \(total_k, Hkv, D\), got \(7, 2, 8\) and "
+                                        r"\(6, 2, 8\)"),
+    (((7, 2, 8), (7, 2, 4)), r"head dim 8 like q \(total_q, H, D\), got k of shape \(7, 2, 4\)"),
+    (((7, 3, 8), (7, 2, 8)), r"must divide q's 3 heads, got k of shape \(7, 2, 8\)"),
+    (((7, 2, 300), (7, 2, 300)), r"head dim must be in 1\.\.256, got q of shape \(7, 2, 300\)"),
+])
+def test_varlen_shape_errors_show_the_packed_shapes_passed(shapes, match):
+    """The messages name the packed layouts and the shapes the caller passed, not the (1, heads, tokens, D)
+    views the checks run on."""
+    with pytest.raises(ValueError, match=match):
+        _packed_call(*shapes)
+
+
+def test_paged_varlen_shape_errors_show_the_page_pools_passed():
+    with pytest.raises(ValueError, match=r"head dim 8 like q \(total_q, H, D\), got k of shape \(2, 4, 2, 4\)"):
+        _packed_call((7, 2, 8), (2, 4, 2, 4), paged=True)

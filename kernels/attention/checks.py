@@ -27,9 +27,15 @@ def is_plain_qkv(q, k, v) -> bool:
             and q.device == k.device == v.device)
 
 
-def check_qkv(q, k, v) -> Tuple[torch.Size, torch.Size]:
+HEADS_FIRST_LAYOUTS = ("(B, H, Nq, D)", "(B, Hkv, Nk, D)")
+"""The layouts :func:`check_qkv`'s messages name by default: q's, and k's and v's."""
+
+
+def check_qkv(q, k, v, shown: Optional[Tuple] = None) -> Tuple[torch.Size, torch.Size]:
     """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs; return q's and k's
-    shapes (read here once: each read of ``.shape`` builds a Size)."""
+    shapes (read here once: each read of ``.shape`` builds a Size). ``shown``: for a caller that passes (B, H, N, D)
+    views of its own tensors, (q's, k's, v's shapes, q's layout, k's and v's layout) that the messages show
+    instead of the views' (default: the views and :data:`HEADS_FIRST_LAYOUTS`)."""
     if not is_plain_qkv(q, k, v):
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
@@ -38,17 +44,28 @@ def check_qkv(q, k, v) -> Tuple[torch.Size, torch.Size]:
     q_shape, k_shape = q.shape, k.shape
     batch, heads, _, d = q_shape
     if k_shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k_shape)} and {tuple(v.shape)}")
+        _, k_shown, v_shown, _, kv_layout = _displayed(q_shape, k_shape, v.shape, shown)
+        raise ValueError(f"k and v must have the same shape {kv_layout}, got {k_shown} and {v_shown}")
     if k_shape[0] != batch:
         raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
     if k_shape[3] != d:
-        raise ValueError(f"k, v must have head dim {d} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
+        _, k_shown, _, q_layout, _ = _displayed(q_shape, k_shape, v.shape, shown)
+        raise ValueError(f"k, v must have head dim {d} like q {q_layout}, got k of shape {k_shown}")
     if not 1 <= d <= configs.MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {tuple(q_shape)}")
+        q_shown = _displayed(q_shape, k_shape, v.shape, shown)[0]
+        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {q_shown}")
     kv_heads = k_shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {tuple(k_shape)}")
+        k_shown = _displayed(q_shape, k_shape, v.shape, shown)[1]
+        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {k_shown}")
     return q_shape, k_shape
+
+
+def _displayed(q_shape, k_shape, v_shape, shown: Optional[Tuple]) -> Tuple:
+    """(q's, k's, v's shapes as tuples, q's layout, k's and v's layout) for :func:`check_qkv`'s messages."""
+    if shown is None:
+        return (tuple(q_shape), tuple(k_shape), tuple(v_shape), *HEADS_FIRST_LAYOUTS)
+    return (*(tuple(shape) for shape in shown[:3]), *shown[3:])
 
 
 def check_scale(scale, d: int) -> float:

@@ -344,8 +344,11 @@ def _check_tensors(q, k, v, paged: bool) -> Tuple[torch.Size, torch.Size, torch.
         check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
     if paged:
         _check_page_pools(k, v)
-    # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks
-    check_qkv(*(_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v)))
+    # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks,
+    # whose messages show the shapes passed
+    check_qkv(*(_as_batch(t[:, 0] if paged and t is not q else t) for t in (q, k, v)),
+              shown=(q.shape, k.shape, v.shape, "(total_q, H, D)",
+                     "(num_blocks, page_size, Hkv, D)" if paged else "(total_k, Hkv, D)"))
     return q.shape, k.shape, q.device
 
 
