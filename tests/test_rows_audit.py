@@ -284,3 +284,25 @@ def test_numpy_integers_are_taken_as_torch_takes_them(device):
             kernels.softmax(x, dim)
     with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints"):
         kernels.layer_norm(x, (np.float32(8),))
+
+
+def test_a_patched_hugging_face_model_compiles_in_one_graph(device):
+    """torch.compile(fullgraph=True) of a patched Llama's training forward: kernel_mask's ContextVar read
+    (DenseMasksForGenerate's flag) could not be traced, so it raised Unsupported where transformers' own SDPA
+    model compiles. Same loss and gradients as the eager patched model."""
+    pytest.importorskip("transformers")
+    from test_hf import tiny_llama
+    from transformer import patch
+
+    model = patch(tiny_llama().to(device).train())
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    losses, grads = [], []
+    for run in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0])
+    for compiled, eager in zip(*grads):
+        torch.testing.assert_close(compiled, eager)

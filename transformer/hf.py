@@ -277,7 +277,9 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     if pattern is None or not isinstance(kv_offset, int):
         return dense()
     mask = _kernel_mask(*pattern, dense, kv_length, q_length, q_offset, kv_offset, attention_mask)
-    if not _DENSE_MASKS.get() or isinstance(mask, torch.Tensor):
+    # A compiled forward never runs inside DenseMasksForGenerate (generate() builds its masks eagerly, before the
+    # forward), and torch.compile cannot trace ContextVar.get: a fullgraph compile of the model stopped there.
+    if isinstance(mask, torch.Tensor) or torch.compiler.is_compiling() or not _DENSE_MASKS.get():
         return mask
     tensor = dense().contiguous()  # generate() makes its masks contiguous: a copy would not be found
     _KERNEL_MASKS[tensor] = mask
