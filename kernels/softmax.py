@@ -329,8 +329,9 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool 
     x: any shape, fp16/bf16/fp32 (fp32 math inside). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
     be the last, and entry (i, j) is masked when j > i + Nk - Nq (bottom-right, as in attention); a row the mask
     hides entirely gives zeros, while a row that is all -inf in ``x`` gives NaN, as in torch. Backward:
-    dx = scale * y * (dy - sum(dy * y)). Falls back to ``kernels.reference.softmax`` (with a one-time warning)
-    when the Triton kernels cannot run on ``x``'s device in this process.
+    dx = scale * y * (dy - sum(dy * y)). Under CUDA autocast, fp16/bf16 x is taken to fp32 (an fp32 result), as
+    autocast does for torch.softmax. Falls back to ``kernels.reference.softmax`` (with a one-time warning) when the
+    Triton kernels cannot run on ``x``'s device in this process.
     """
     dim = _check(x, dim, scale, causal)
     if not kernel_runs_on(x):
@@ -340,7 +341,8 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool 
 
 def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.Tensor:
     """``torch.log_softmax(x * scale, dim)``: the softmax kernel with its log flag; backward
-    dx = scale * (dy - exp(y) * sum(dy)). Falls back to torch's log_softmax where the kernels cannot run."""
+    dx = scale * (dy - exp(y) * sum(dy)). CUDA autocast and the fallback (torch's log_softmax where the kernels
+    cannot run) as :func:`softmax`."""
     dim = _check(x, dim, scale, False)
     if not kernel_runs_on(x):
         return torch.log_softmax(x * scale, dim)
