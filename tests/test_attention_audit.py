@@ -92,3 +92,15 @@ def test_varlen_shape_errors_show_the_packed_shapes_passed(shapes, match):
 def test_paged_varlen_shape_errors_show_the_page_pools_passed():
     with pytest.raises(ValueError, match=r"head dim 8 like q \(total_q, H, D\), got k of shape \(2, 4, 2, 4\)"):
         _packed_call((7, 2, 8), (2, 4, 2, 4), paged=True)
+
+
+def test_the_sdpa_drop_in_takes_scale_and_enable_gqa_by_keyword_only_as_torch_does():
+    """torch's SDPA takes at most 6 positional arguments (scale and enable_gqa are keyword-only): so does ours."""
+    import inspect
+
+    params = inspect.signature(kernels.scaled_dot_product_attention).parameters
+    assert list(params) == ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    assert [p.name for p in params.values() if p.kind is p.KEYWORD_ONLY] == ["scale", "enable_gqa"]
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError):
+        kernels.scaled_dot_product_attention(q, q, q, None, 0.0, False, 0.5)

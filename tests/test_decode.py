@@ -304,7 +304,7 @@ def _bad_calls():
         (dict(k=k, v=v, cache_seqlens=seq, rotary_cos=cos), ValueError, "together"),
         (dict(window_size=(-2, 0)), ValueError, "window_size"),
         (dict(window_size=3), TypeError, "window_size"),
-        (dict(softcap=-1.0), TypeError, "softcap"),
+        (dict(softcap=-1.0), ValueError, "softcap must be in"),
         (dict(alibi_slopes=torch.ones(4, dtype=FP16)), TypeError, "alibi_slopes"),
         (dict(alibi_slopes=torch.ones(2, 2)), ValueError, r"alibi_slopes must have shape \(H,\) = \(4,\)"),
         (dict(alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes"),

@@ -174,7 +174,7 @@ def test_decode_strided_q_and_splits_match_a_contiguous_unsplit_call(device, pag
     (dict(cache_seqlens=_int32([3, 5, 1])), ValueError, r"cache_seqlens must have shape \(2,\)"),
     (dict(cache_leftpad=_int32([[0, 0]])), ValueError, "cache_leftpad must be 1-D"),
     (dict(cache_seqlens=_int32([3, 5]), softcap=True), TypeError, "softcap"),
-    (dict(cache_seqlens=_int32([3, 5]), softcap=-1.0), TypeError, "softcap"),
+    (dict(cache_seqlens=_int32([3, 5]), softcap=-1.0), ValueError, "softcap must be in"),
     (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
     (dict(num_splits=True), TypeError, "num_splits"),
     (dict(q=torch.randn(2, 1, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),

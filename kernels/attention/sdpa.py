@@ -78,7 +78,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return tensors, attention_variant(causal, shift, scale, window_left, window_right)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics, top-left
     ``is_causal``), safe to assign over it.
