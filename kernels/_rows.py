@@ -80,3 +80,12 @@ def autocasts_to_fp32(x: torch.Tensor) -> bool:
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def dtensor_class():
+    """torch's DTensor class; None where torch is built without torch.distributed. Looked up once."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import (LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride,
-                           warps_for)
+from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
+                           rows_and_stride, warps_for)
 from kernels._runtime import INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -881,15 +881,6 @@ def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode
     return y if residual is None else (y, h)
 
 
-@functools.lru_cache(maxsize=None)
-def _dtensor_class():
-    """torch's DTensor class; None where torch is built without torch.distributed. Looked up once."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
-
-
 def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode):
     """The norm of DTensor inputs, as torch's own norms on DTensors: x (and residual) are redistributed so that no
     normalized dim is sharded or partial (an all-gather of a tensor-parallel hidden dim; a sharding of the rows is
@@ -934,7 +925,7 @@ def _kernels_take(x, weight, bias) -> bool:
 
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
     shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     if dtensor is not None and (isinstance(x, dtensor) or isinstance(residual, dtensor) or isinstance(weight, dtensor)
                                 or isinstance(bias, dtensor)):
         return _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)

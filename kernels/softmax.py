@@ -25,7 +25,8 @@ from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
-from kernels._rows import LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config, rows_and_stride
+from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
+                           rows_and_stride)
 from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
 from kernels._validate import check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -306,7 +307,26 @@ def _check(x, dim, scale, causal) -> int:
     return dim
 
 
+_TENSOR = torch.Tensor
+
+
+def _on_local_rows(x, dim, scale, causal, log):
+    """The (log-)softmax of a DTensor, as torch's on DTensors: x is redistributed so that neither the softmax dim
+    nor (causal) the query dim is sharded or partial (other shardings are kept), each rank computes its local rows,
+    and y comes back a DTensor in those placements. Collectives only, no host sync."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    whole = {dim, x.dim() - 2} if causal else {dim}
+    placements = [p if isinstance(p, Shard) and p.dim % x.dim() not in whole else Replicate() for p in x.placements]
+    if tuple(placements) != tuple(x.placements):
+        x = x.redistribute(x.device_mesh, placements)
+    y = _apply(x.to_local(), dim, scale, causal, log)
+    stride = _empty_like_moved(torch.empty(x.shape, device="meta"), dim).stride()  # the local rows' layout
+    return DTensor.from_local(y, x.device_mesh, placements, run_check=False, shape=x.shape, stride=stride)
+
+
 def _apply(x, dim, scale, causal, log):
+    if type(x) is not _TENSOR and isinstance(x, dtensor_class() or ()):  # (a plain tensor: one type check)
+        return _on_local_rows(x, dim, scale, causal, log)
     if autocasts_to_fp32(x):  # torch.softmax and log_softmax run in fp32 under CUDA autocast: so do these
         x = x.float()
     if x.dim() == 0:  # torch treats a scalar as a one-element row

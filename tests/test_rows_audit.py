@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import _rows as rows_module, reference
 from kernels.layernorm import torch_rms_norm
+from test_layernorm import mesh  # noqa: F401  (a 1-rank gloo process group and its CPU mesh)
 from tolerance import BACKWARD, assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")
@@ -306,3 +307,32 @@ def test_a_patched_hugging_face_model_compiles_in_one_graph(device):
     torch.testing.assert_close(losses[1], losses[0])
     for compiled, eager in zip(*grads):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("placement", ["shard rows", "shard softmax dim", "shard queries", "replicate", "partial"])
+@pytest.mark.parametrize("op", ["softmax", "causal", "log_softmax dim 1"])
+def test_softmax_of_a_dtensor_computes_local_rows_as_torch_places_them(mesh, placement, op):
+    """kernels.softmax / log_softmax of a DTensor (the norms take DTensors): it crashed inside the Triton launcher
+    ("Attempted to access the data pointer on an invalid python storage"). Now the softmax dim (and a causal
+    softmax's query dim) is gathered, other shardings kept: y and x's gradient hold torch's values."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    dim = 1 if op == "log_softmax dim 1" else 2
+    fn = {"softmax": lambda t: kernels.softmax(t, scale=0.5), "causal": lambda t: kernels.softmax(t, causal=True),
+          "log_softmax dim 1": lambda t: kernels.log_softmax(t, 1)}[op]
+    sharded = {"shard rows": 0, "shard softmax dim": dim, "shard queries": 1}.get(placement)
+    full = torch.randn(2, 5, 6)
+    if placement == "partial":
+        x = DTensor.from_local(full.clone(), mesh, [Partial()])
+    else:
+        x = distribute_tensor(full, mesh, [Replicate() if sharded is None else Shard(sharded)])
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    kept = sharded is not None and sharded != dim and not (op == "causal" and sharded == 1)
+    assert isinstance(y, DTensor) and tuple(y.placements) == ((Shard(sharded),) if kept else (Replicate(),))
+    x_ref = full.clone().requires_grad_()
+    y_ref = fn(x_ref)
+    dy = torch.randn_like(y_ref)
+    y.backward(distribute_tensor(dy, mesh, y.placements))
+    y_ref.backward(dy)
+    torch.testing.assert_close(y.full_tensor(), y_ref)
+    torch.testing.assert_close(x.grad.full_tensor(), x_ref.grad)
