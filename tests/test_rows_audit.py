@@ -1,6 +1,7 @@
 """Regression tests of the row kernels (softmax, layer/RMS norm) and patch() as torch's and Hugging Face's users call
-them: second derivatives (create_graph=True, torch.func.grad / jacrev), each against float64 torch within the
-tolerance rule; RMS norm's default eps; a patched model saved, loaded, deep-copied and patched twice."""
+them: second derivatives (create_graph=True, torch.func.grad / jacrev) against float64 torch within the tolerance
+rule; RMS norm's default eps; torch.compile (fullgraph, dynamic shapes, mixed dtypes, a patched model); CUDA
+autocast; numpy integers; DTensors; a patched model saved, loaded, deep-copied and patched twice."""
 import copy
 import importlib
 
