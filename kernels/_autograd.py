@@ -14,6 +14,7 @@ the signature binding nor a ``torch.library`` custom op's dispatch (flash-attn's
 from typing import Callable, Optional
 
 import torch
+from torch._C import _functions
 
 
 def autograd_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
@@ -66,3 +67,31 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 def _without_dead_wrappers(args: tuple) -> tuple:
     """``args`` with every dead functorch wrapper unwrapped, as ``Function.apply`` does outside transforms."""
     return tuple(_unwrap_if_dead(a) if isinstance(a, _TENSOR) else a for a in args)
+
+
+def first_order_only(name: str, backward: Callable) -> Callable:
+    """``backward(ctx, *grads)`` of a Function whose backward kernels have no derivative: a plain backward runs it
+    as it is; under ``create_graph=True`` (grad mode on inside a backward: double backward, torch.func.grad of a
+    gradient) it runs without a graph and its gradients come out behind a node that raises if a second backward
+    reaches them (torch's flash SDPA behaves so), instead of as constants that would make that backward silently
+    wrong. Unlike ``once_differentiable`` this also marks gradients whose incoming grads need none (dq depends on
+    the saved q, k, v whatever dO is)."""
+    message = (f"{name}: its backward is not differentiable (no double backward: the gradients of a "
+               f"create_graph=True backward cannot be differentiated again)").encode()
+
+    def first_order_backward(ctx, *grads):
+        if not torch.is_grad_enabled():  # every plain backward
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not any(ctx.needs_input_grad):
+            return results
+        present = [i for i, g in enumerate(results) if isinstance(g, _TENSOR)]
+        aliases = [results[i].detach().requires_grad_() for i in present]
+        raising = _functions.DelayedError(message, len(aliases))(*aliases)
+        results = list(results)
+        for i, g in zip(present, raising if isinstance(raising, tuple) else (raising,)):
+            results[i] = g
+        return tuple(results)
+    return first_order_backward
+

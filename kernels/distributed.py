@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import _runtime
+from kernels._autograd import first_order_only
 from kernels._validate import check_tensor
 from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
@@ -389,11 +390,13 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
+    def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         dq, dk, dv = _ring_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.plans, ctx.scale, ctx.ring)
         return dq, dk, dv, None, None, None
+
+    backward = staticmethod(first_order_only("ring_attention", _backward.__func__))
 
 
 _RING_SCHEMA = (("batch", _INT), ("heads", _INT), ("kv heads", _INT), ("positions per rank", _INT),

@@ -104,3 +104,25 @@ def test_the_sdpa_drop_in_takes_scale_and_enable_gqa_by_keyword_only_as_torch_do
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(TypeError):
         kernels.scaled_dot_product_attention(q, q, q, None, 0.0, False, 0.5)
+
+
+@pytest.mark.parametrize("entry", ["attention", "flash_attn_func", "attention_varlen"])
+def test_a_second_backward_through_attention_raises_instead_of_being_silently_wrong(entry):
+    """create_graph=True gives the kernels' gradients (the first-order ones equal); differentiating them again
+    raises a clear RuntimeError, as torch's flash SDPA does: they are never constants that drop q's, k's and v's
+    part of a gradient penalty."""
+    from kernels.flash_attn import flash_attn_func
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    calls = {"attention": lambda: kernels.attention(q, k, v, causal=True),
+             "flash_attn_func": lambda: flash_attn_func(q, k, v, causal=True),
+             "attention_varlen": lambda: kernels.attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu,
+                                                                  3, 3, causal=True)}
+    weight = torch.randn(calls[entry]().shape)
+    dq, = torch.autograd.grad((calls[entry]() * weight).sum(), q, create_graph=True)
+    expected, = torch.autograd.grad((calls[entry]() * weight).sum(), q)
+    assert torch.equal(dq.detach(), expected) and dq.requires_grad
+    with pytest.raises(RuntimeError, match="kernels.attention: its backward is not differentiable"):
+        (dq.square().sum() + q.sum()).backward()

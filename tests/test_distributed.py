@@ -116,6 +116,18 @@ def case_bad_inputs_raise():
     assert ring_attention(q, q, q).shape == q.shape
 
 
+def case_double_backward_raises():
+    """A create_graph=True backward gives the kernels' gradients, behind a node that raises if differentiated
+    again (the backward ring is not differentiable): never silently constant gradients."""
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    out = ring_attention(q, k, v, causal=True)
+    dq, = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    expected, = torch.autograd.grad((ring_attention(q, k, v, causal=True) ** 2).sum(), q)
+    assert torch.equal(dq.detach(), expected) and dq.requires_grad
+    with pytest.raises(RuntimeError, match="ring_attention: its backward is not differentiable"):
+        (dq.square().sum() + q.sum()).backward()
+
+
 def _same_on_every_rank(message: str) -> None:
     """Assert that every rank of the default group got this same message."""
     messages = [None] * dist.get_world_size()
@@ -323,6 +335,10 @@ def test_shard_unshard_round_trip(groups, world):
 
 def test_bad_inputs_raise_on_every_rank(groups):
     groups(2).run(case_bad_inputs_raise)
+
+
+def test_double_backward_raises_on_every_rank(groups):
+    groups(2).run(case_double_backward_raises)
 
 
 AGREEMENT_TIMEOUT_S = 30  # far below the gloo timeout: a rank left waiting in a collective fails the test

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from kernels import _runtime
-from kernels._autograd import autograd_function
+from kernels._autograd import autograd_function, first_order_only
 from kernels.attention import plan
 from kernels.attention.kernels import LN2, LOG2E
 from kernels.attention.plan import NO_TENSORS, AttentionVariant, VariantTensors
@@ -131,7 +131,7 @@ def _eager_backward(layout: int):
     def backward(ctx, grad_out, grad_lse):
         dq, dk, dv, dsinks = gradients(launch_backward, ctx, _out_grad(ctx, grad_out), grad_lse)
         return dq, dk, dv, (dsinks if ctx.needs_input_grad[3] else None), None, None
-    return backward
+    return first_order_only("kernels.attention", backward)
 
 
 def _layout_function(name: str, layout: int):
