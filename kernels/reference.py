@@ -148,8 +148,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
 
 
 def rms_norm(x, normalized_shape, weight=None, eps: Optional[float] = None):
-    """``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to ``torch.finfo(x.dtype).eps`` as in torch."""
+    """``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to the machine epsilon of the dtype torch computes
+    in (float32's for fp16/bf16 x, x's own otherwise), as torch's ``F.rms_norm`` does."""
     dims = _normalized_dims(x, normalized_shape)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps
     y = x / torch.sqrt((x * x).mean(dim=dims, keepdim=True) + eps)
     return y * weight if weight is not None else y

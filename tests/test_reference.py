@@ -162,3 +162,10 @@ def test_triton_imported_first_on_cpu_falls_back_with_a_warning():
     done = _run(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False", "True"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_rms_norm_default_eps_is_torchs(dtype):
+    """eps=None: the machine epsilon of the dtype torch computes in (fp32's for fp16/bf16), so small rows agree."""
+    x = torch.full((2, 8), 0.01, dtype=dtype)
+    torch.testing.assert_close(reference.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
