@@ -190,6 +190,24 @@ def forward_ad_active() -> bool:
     return fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
+def in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jacfwd, vmap, ...) runs this eager call: its tensors are
+    functorch wrappers, which a Triton launch cannot read (torch.compile's tracing is not one). One flag read
+    outside transforms."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
+def vmap_active() -> bool:
+    """Whether an eager torch.vmap level is active (torch.vmap, jacfwd, ...): its batched tensors cannot go to a
+    Triton launch."""
+    if not in_functorch_transform():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
+
+
 def refuse_forward_ad(op: str, *tensors) -> None:
     """NotImplementedError if any tensor carries a forward-mode tangent (``torch.func.jvp`` or
     ``torch.autograd.forward_ad``): the custom ops define reverse mode only, and would otherwise return an all-zero

@@ -49,7 +49,8 @@ import triton.language as tl
 from kernels._autograd import autograd_function
 from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
                            rows_and_stride, warps_for)
-from kernels._runtime import INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count
+from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count,
+                              vmap_active)
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -942,7 +943,8 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
         eps = _MACHINE_EPS[x.dtype]
     n_cols = shape[0] if len(shape) == 1 else math.prod(shape)
     # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
-    if not n_cols or not _kernels_take(x, weight, bias):
+    # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors)
+    if not n_cols or not _kernels_take(x, weight, bias) or vmap_active():
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     config = (n_cols, float(eps), rms, float(offset), CASTING_MODES[casting_mode])
     if torch.compiler.is_compiling():

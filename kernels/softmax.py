@@ -27,7 +27,7 @@ from kernels import reference
 from kernels._autograd import autograd_function
 from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
-from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device
+from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device, vmap_active
 from kernels._validate import check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -338,7 +338,7 @@ def _apply(x, dim, scale, causal, log):
         # second forward-mode derivative would silently come out zero.
         if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
             raise NotImplementedError(f"kernels.{'log_softmax' if log else 'softmax'}: nested forward-mode AD "
-                                      "(e.g. jacfwd of jacfwd) is not implemented")
+                                      "(e.g. jvp of jvp) is not implemented")
     return _softmax_function(x, dim, float(scale), causal, log)
 
 
@@ -351,10 +351,11 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool 
     hides entirely gives zeros, while a row that is all -inf in ``x`` gives NaN, as in torch. Backward:
     dx = scale * y * (dy - sum(dy * y)). Under CUDA autocast, fp16/bf16 x is taken to fp32 (an fp32 result), as
     autocast does for torch.softmax. Falls back to ``kernels.reference.softmax`` (with a one-time warning) when the
-    Triton kernels cannot run on ``x``'s device in this process.
+    Triton kernels cannot run on ``x``'s device in this process; under torch.vmap (and jacfwd) it is that
+    reference's torch ops.
     """
     dim = _check(x, dim, scale, causal)
-    if not kernel_runs_on(x):
+    if not kernel_runs_on(x) or vmap_active():  # torch ops: vmap batches them (a launch cannot read its tensors)
         return reference.softmax(x, dim, scale=scale, causal=causal)
     return _apply(x, dim, scale, bool(causal), False)
 
@@ -364,7 +365,7 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.
     dx = scale * (dy - exp(y) * sum(dy)). CUDA autocast and the fallback (torch's log_softmax where the kernels
     cannot run) as :func:`softmax`."""
     dim = _check(x, dim, scale, False)
-    if not kernel_runs_on(x):
+    if not kernel_runs_on(x) or vmap_active():
         return torch.log_softmax(x * scale, dim)
     return _apply(x, dim, scale, False, True)
 

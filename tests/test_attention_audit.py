@@ -126,3 +126,27 @@ def test_a_second_backward_through_attention_raises_instead_of_being_silently_wr
     assert torch.equal(dq.detach(), expected) and dq.requires_grad
     with pytest.raises(RuntimeError, match="kernels.attention: its backward is not differentiable"):
         (dq.square().sum() + q.sum()).backward()
+
+
+def test_torch_func_transforms_of_attention_run_its_torch_reference():
+    """torch.func.grad, vmap(grad) (per-sample gradients) and jacrev of attention give torch's answers: under a
+    torch.func transform the reference's torch ops run (the kernels' backward cannot read functorch's wrappers)."""
+    import torch.nn.functional as F
+    from torch.func import grad, jacrev, vmap
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+
+    def loss(attend, q1, k1, v1):  # one sample: (H, N, D)
+        return attend(q1[None], k1[None], v1[None]).square().sum()
+
+    ours = lambda a, b, c: kernels.attention(a, b, c, causal=True)  # noqa: E731
+    theirs = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+    torch.testing.assert_close(grad(lambda a: loss(ours, a, k[0], v[0]))(q[0]),
+                               grad(lambda a: loss(theirs, a, k[0], v[0]))(q[0]))
+    per_sample = vmap(grad(lambda a, b, c: loss(ours, a, b, c), argnums=(0, 1, 2)))(q, k, v)
+    expected = vmap(grad(lambda a, b, c: loss(theirs, a, b, c), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(per_sample, expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(jacrev(lambda a: ours(a, k[:1], v[:1]))(q[:1]),
+                               jacrev(lambda a: theirs(a, k[:1], v[:1]))(q[:1]))

@@ -337,3 +337,20 @@ def test_softmax_of_a_dtensor_computes_local_rows_as_torch_places_them(mesh, pla
     y_ref.backward(dy)
     torch.testing.assert_close(y.full_tensor(), y_ref)
     torch.testing.assert_close(x.grad.full_tensor(), x_ref.grad)
+
+
+def test_vmap_of_softmax_and_the_norms_gives_torchs_answers():
+    """Under torch.vmap the row ops run torch's ops (a Triton launch cannot read batched tensors): vmap itself and
+    vmap(grad) (per-sample gradients) give torch's results."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4, 6), torch.randn(6)
+    pairs = [(lambda t: kernels.softmax(t, dim=0), lambda t: torch.softmax(t, 0)),
+             (lambda t: kernels.log_softmax(t), lambda t: torch.log_softmax(t, -1)),
+             (lambda t: kernels.layer_norm(t, (6,), w), lambda t: F.layer_norm(t, (6,), w)),
+             (lambda t: kernels.rms_norm(t, (6,), w), lambda t: F.rms_norm(t, (6,), w))]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(vmap(ours)(x), vmap(theirs)(x))
+        torch.testing.assert_close(vmap(grad(lambda t: ours(t).square().sum()))(x),
+                                   vmap(grad(lambda t: theirs(t).square().sum()))(x))

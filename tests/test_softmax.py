@@ -175,11 +175,18 @@ def test_forward_mode_derivative_matches_torch(dtype, causal, log):
 
 
 def test_jacfwd_works_and_nested_forward_mode_raises(device):
-    x = torch.randn(2, 5, device=device)
+    """jacfwd (vmap over jvp: torch's ops, as under any vmap) works, nested too; a nested jvp on the kernel raises
+    (its jvp is one level deep)."""
+    x, tangent = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)
     for kernel, torch_fn in [(kernels.softmax, torch.softmax), (kernels.log_softmax, torch.log_softmax)]:
         torch.testing.assert_close(torch.func.jacfwd(kernel)(x), torch.func.jacfwd(lambda t: torch_fn(t, -1))(x))
+        torch.testing.assert_close(torch.func.jacfwd(torch.func.jacfwd(kernel))(x),
+                                   torch.func.jacfwd(torch.func.jacfwd(lambda t: torch_fn(t, -1)))(x))
+
+        def tangent_of(a):
+            return torch.func.jvp(kernel, (a,), (tangent,))[1]
         with pytest.raises(NotImplementedError, match=f"kernels.{kernel.__name__}: nested forward-mode AD"):
-            torch.func.jacfwd(torch.func.jacfwd(kernel))(x)
+            torch.func.jvp(tangent_of, (x,), (tangent,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -166,14 +166,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_sinks(sinks, q)
     block_mask = check_mods(mask_mod, score_mod, q, k)
     _runtime.refuse_forward_ad("kernels.attention", q, k, v)
-    kernels_run = _runtime.kernel_runs_on(q)  # k and v are on q's device (check_qkv)
+    # k and v are on q's device (check_qkv); under a torch.func transform the reference's torch ops run (the
+    # kernels' backward cannot read functorch's wrapped gradients)
+    kernels_run = _runtime.kernel_runs_on(q) and not _runtime.in_functorch_transform()
     if key_padding_mask is not None and (not kernels_run or type(key_padding_mask) is not torch.Tensor):
         # else checked by its memo (_padding_tensors), which reads a plain tensor's is_cuda and _version
         check_padding_mask(key_padding_mask, q, q_shape[0], k_shape[2])
     if not kernels_run:
         if dropout_p > 0 or block_mask is not None or score_mod is not None:
             raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
-                               "streams and @triton.jit mods), which cannot run on these inputs in this process")
+                               "streams and @triton.jit mods), which cannot run on these inputs in this process "
+                               "or under a torch.func transform")
         out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, attention_chunk,
                                        window_size=(window_left, window_right), softcap=softcap,
                                        alibi_slopes=alibi_slopes, sinks=sinks)

@@ -409,7 +409,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     num_blocks, page_size = k_shape[:2] if paged else (0, 0)
     judged = (device, total_q, -1 if paged else k_shape[0], variant.max_seqlen_q, variant.max_seqlen_k, num_blocks,
               page_size)
-    kernels_run = _runtime.kernel_runs_on(q)  # k, v are on q's device (_check_tensors)
+    # k, v are on q's device (_check_tensors); under a torch.func transform the per-sequence fallback runs (the
+    # kernels' backward cannot read functorch's wrapped gradients)
+    kernels_run = _runtime.kernel_runs_on(q) and not _runtime.in_functorch_transform()
     if kernels_run:  # the offsets' (and block table's) checks, the tensors' and their values', memoised
         offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged)
     else:  # no check kernel launches on tensors the kernels cannot take: the same checks by torch ops
