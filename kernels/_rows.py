@@ -75,8 +75,12 @@ CUDA's fp32 list; CPU autocast leaves them in their input's dtype)."""
 def autocasts_to_fp32(x: torch.Tensor) -> bool:
     """Whether torch's own softmax or norm would take ``x`` up to fp32 here, as autocast does for the ops of its
     fp32 list."""
-    return (x.dtype in _HALF_DTYPES and x.device.type in AUTOCAST_FP32_DEVICES
-            and torch.is_autocast_enabled(x.device.type))
+    if x.dtype not in _HALF_DTYPES:
+        return False
+    for device_type in AUTOCAST_FP32_DEVICES:  # autocast's flag first: x.device.type builds a device and a string
+        if torch.is_autocast_enabled(device_type) and x.device.type == device_type:
+            return True
+    return False
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
