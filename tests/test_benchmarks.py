@@ -346,7 +346,9 @@ def test_pytest_benchmark_points_run_on_one_cpu_thread_as_the_command_does(tmp_p
     report = tmp_path / "points.json"
     cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "benchmarks/", "--benchmark-only", "--quick-cases",
            "-k", "softmax-fwd-torch-N", f"--benchmark-json={report}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # not as an xdist worker (make test's -n 2): pytest-benchmark reads the worker variable and disables itself
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:]
     points = json.load(open(report))["benchmarks"]
     assert len(points) == 2 and {p["extra_info"]["provider"] for p in points} == {"torch"}
