@@ -189,9 +189,9 @@ def measure(device: DeviceInfo, names: Optional[Sequence[str]] = None, repeats: 
     best: Dict[tuple, float] = {}
     stub = stubbed_launches() if dev.type == "cpu" else contextlib.nullcontext()
     with stub:
+        passes_of = {name: _passes(table[name][0]) for name in names}
         calls_of = {(name, provider, passes): (fn if passes == "forward" else _with_backward(fn))
-                    for name in names for passes in _passes(table[name][0])
-                    for provider, fn in zip(providers, table[name])}
+                    for name in names for provider, fn in zip(providers, table[name]) for passes in passes_of[name]}
         for key, call in calls_of.items():  # warm-up: plan caches, autotuning and compiles out of the timing
             call()
             call()
