@@ -150,3 +150,19 @@ def test_torch_func_transforms_of_attention_run_its_torch_reference():
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(jacrev(lambda a: ours(a, k[:1], v[:1]))(q[:1]),
                                jacrev(lambda a: theirs(a, k[:1], v[:1]))(q[:1]))
+
+
+def test_torch_func_grad_of_the_sdpa_drop_in_gives_torchs():
+    """Under a torch.func transform the SDPA drop-in hands the call to torch's SDPA (functorch's wrapped tensors
+    cannot reach a launch), with and without a padding mask."""
+    import torch.nn.functional as F
+    from torch.func import grad
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    mask[..., 0] = False
+    for kwargs in (dict(is_causal=True), dict(attn_mask=mask)):
+        got = grad(lambda a: kernels.scaled_dot_product_attention(a, k, v, **kwargs).square().sum())(q)
+        want = grad(lambda a: F.scaled_dot_product_attention(a, k, v, **kwargs).square().sum())(q)
+        torch.testing.assert_close(got, want)

@@ -62,7 +62,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         scale = check_scale(scale, q_shape[3])
     except (TypeError, ValueError):
         return None
-    if dropout_p != 0.0 or not _runtime.kernels_can_run(query):  # key and value are on its device (check_qkv)
+    # key and value are on its device (check_qkv); torch's SDPA under torch.func transforms (functorch's wrapped
+    # tensors, which a launch cannot read)
+    if dropout_p != 0.0 or not _runtime.kernels_can_run(query) or _runtime.in_functorch_transform():
         return None
     if q_shape[1] != k_shape[1] and not enable_gqa:
         return None
