@@ -166,3 +166,11 @@ def test_torch_func_grad_of_the_sdpa_drop_in_gives_torchs():
         got = grad(lambda a: kernels.scaled_dot_product_attention(a, k, v, **kwargs).square().sum())(q)
         want = grad(lambda a: F.scaled_dot_product_attention(a, k, v, **kwargs).square().sum())(q)
         torch.testing.assert_close(got, want)
+
+
+def test_decoding_under_vmap_is_a_clear_error():
+    """attention_with_kvcache has no fallback (it writes the cache in place): under torch.vmap it says so instead
+    of crashing inside the launcher."""
+    q, cache = torch.randn(3, 1, 1, 2, 8), torch.randn(1, 6, 2, 8)
+    with pytest.raises(NotImplementedError, match="attention_with_kvcache: not under torch.func transforms"):
+        torch.vmap(lambda x: kernels.attention_with_kvcache(x, cache, cache))(q)

@@ -900,6 +900,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
+    if _runtime.in_functorch_transform():
+        raise NotImplementedError("attention_with_kvcache: not under torch.func transforms (vmap, grad, ...): its "
+                                  "launches cannot read their wrapped tensors, and there is no fallback (it updates "
+                                  "the cache in place)")
     # Eager calls launch directly (a custom op's dispatch would cost more host time than the launches' Python);
     # torch.compile sees one opaque op that declares its in-place append.
     compiling = torch.compiler.is_compiling()
