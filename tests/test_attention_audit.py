@@ -1,5 +1,7 @@
 """Regression tests from the audit of the attention entry points as users call them (kernels.attention,
 attention_varlen, attention_with_kvcache, the flash-attn functions and the SDPA shim) against float64 math."""
+import importlib
+
 import pytest
 import torch
 
@@ -174,3 +176,20 @@ def test_decoding_under_vmap_is_a_clear_error():
     q, cache = torch.randn(3, 1, 1, 2, 8), torch.randn(1, 6, 2, 8)
     with pytest.raises(NotImplementedError, match="attention_with_kvcache: not under torch.func transforms"):
         torch.vmap(lambda x: kernels.attention_with_kvcache(x, cache, cache))(q)
+
+
+def test_the_sdpa_drop_in_autocasts_as_torchs(monkeypatch):
+    """SDPA is on autocast's lower-precision list: under CPU autocast (bf16) fp32 and mixed q, k, v run in bf16
+    and give bf16, as torch's do (the kernel runs them)."""
+    import torch.nn.functional as F
+
+    sdpa = importlib.import_module("kernels.attention.sdpa")
+    monkeypatch.setattr(sdpa, "_TORCH_SDPA", lambda *a, **k: pytest.fail("torch's SDPA ran, not the kernel"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8) for _ in range(3))
+    for inputs in ((q, k, v), (q.bfloat16(), k, v)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = kernels.scaled_dot_product_attention(*inputs, is_causal=True)
+            want = F.scaled_dot_product_attention(*inputs, is_causal=True)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

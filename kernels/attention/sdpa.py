@@ -80,6 +80,17 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return tensors, attention_variant(causal, shift, scale, window_left, window_right)
 
 
+def _as_autocast_takes(query: torch.Tensor, key, value):
+    """query, key, value as torch's SDPA runs them: under autocast (SDPA is on its lower-precision list) floating
+    tensors in autocast's dtype, else as they are. One flag read outside autocast."""
+    device_type = "cuda" if query.is_cuda else "cpu"  # other devices: torch's own SDPA runs (and autocasts)
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (query, key, value))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics, top-left
@@ -92,8 +103,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
-    cannot run on in this process) calls the original torch function.
+    cannot run on in this process, torch.func transforms) calls the original torch function. Under autocast, as
+    torch's, floating q, k, v run in autocast's dtype (the result too).
     """
+    if isinstance(query, torch.Tensor):
+        query, key, value = _as_autocast_takes(query, key, value)
     plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if plan is None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
