@@ -421,15 +421,7 @@ class GPT(nn.Module):
             else:
                 logits = compiled_step(idx[:, -1:], cache)
                 cache.length += 1  # decode_step advanced the device lengths only
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, _next_token(logits, temperature, top_k)), dim=1)
         return idx
 
     def _compiled_step(self, use_cache: bool):
@@ -439,3 +431,20 @@ class GPT(nn.Module):
                              f"use_cache=True and backend 'triton', got use_cache={use_cache}, "
                              f"backend {self.config.backend!r}")
         return torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
+    """(B, 1) int64 next tokens from the (B, vocab) logits: argmax for ``temperature == 0``, else sampled from
+    softmax(logits / temperature) over the ``top_k`` most likely (None: all).
+
+    The sampling math runs in float64 on logits less their row maximum, so that a small temperature neither
+    overflows a float16/bfloat16 model's logits nor underflows to 0 in float32: the most likely tokens keep
+    probability mass (inf / inf would be NaN)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
