@@ -482,8 +482,10 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     variants = dict(softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout)
     if cu_seq_lens_q is not None:
-        if attention_mask is not None and not (isinstance(attention_mask, KernelMask)
-                                               and attention_mask.cu_seqlens is not None):
+        # transformers finds packing itself only without a cache: with one (use_cache's default) the mask is the
+        # plain (sliding) causal pattern, no padding, and the cu_seq_lens keywords alone say where sequences start
+        if attention_mask is not None and not (isinstance(attention_mask, KernelMask) and (
+                attention_mask.cu_seqlens is not None or attention_mask.key_padding is None)):
             raise ValueError("hf_attention: cu_seq_lens_q (packed sequences) together with a padding mask")
         window = _window(sliding_window, causal)
         if (max_length_q == 1 and query.shape[2] == cu_seq_lens_q.shape[0] - 1

@@ -1,0 +1,33 @@
+"""User-level audit of ``patch()`` on Hugging Face models (tiny configs, random weights, no download): what a
+user does beyond a plain forward or generate() runs on the kernels and gives the eager model's answer."""
+import pytest
+import torch
+
+from transformer import patch
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_mistral(sliding_window=3):
+    config = transformers.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=sliding_window, bos_token_id=0, eos_token_id=None,
+                                        pad_token_id=0, attn_implementation="eager")
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def test_packed_cu_seq_lens_with_a_sliding_window_and_the_default_cache_run_each_sequence_alone(device):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s batch on a sliding-window model, with
+    use_cache left at its default: transformers skips packing detection when a cache exists, so the mask function
+    sees a plain sliding-window pattern (no padding) and the cu_seq_lens keywords say where sequences start. It
+    raised 'cu_seq_lens_q (packed sequences) together with a padding mask'."""
+    model = tiny_mistral().to(device)
+    lengths = [5, 1, 7]
+    ids = torch.randint(1, 50, (1, sum(lengths)), device=device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        expected = torch.cat([model(piece[None]).logits[0] for piece in ids[0].split(lengths)])
+        got = patch(model)(ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                           max_length_k=7).logits[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
