@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from transformer import GPT, GPTConfig
+from transformer import GPT, GPTConfig, train, visualize
 
 
 @pytest.mark.parametrize("dtype,temperature", [(torch.float16, 1e-4), (torch.float32, 1e-300)])
@@ -16,3 +16,37 @@ def test_a_small_temperature_samples_the_most_likely_token(dtype, temperature):
     prompt = torch.randint(0, 11, (2, 3))
     greedy = model.generate(prompt, max_new_tokens=3, temperature=0)
     assert torch.equal(model.generate(prompt, max_new_tokens=3, temperature=temperature), greedy)
+
+
+TRAIN_USAGE_ERRORS = [
+    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),  # was torch.stack's RuntimeError
+    (["--steps", "-3"], "--steps: must be >= 0, got -3"),  # was zero steps, silently
+    (["--sample", "-5"], "--sample: must be >= 0, got -5"),
+    (["--lr", "nan"], "--lr: must be finite and > 0"),
+    (["--n-head", "3"], "n_embd (64) must be a multiple of n_head (3)"),
+    (["--block-size", "100000000"], "a training window takes block_size + 1"),  # was a 25 GB allocation
+    (["--text", "/nonexistent/text.txt"], "--text: [Errno 2]"),
+    (["--device", "nonsense"], "--device: "),
+]
+
+
+@pytest.mark.parametrize("flags,message", TRAIN_USAGE_ERRORS)
+def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, flags, message):
+    """Each was a traceback from deep inside training (or nothing at all); now argparse's usage error, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        train.main(flags)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([""], "sentence: needs at least one character"),
+    (["caf\u00e9"], "not in the training text's vocabulary"),
+    (["hi", "--n-head", "3"], "must be a multiple of n_head (3)"),
+    (["hi", "--steps", "-2"], "--steps: must be >= 0, got -2"),
+])
+def test_visualize_command_rejects_bad_arguments_with_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        visualize.main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err

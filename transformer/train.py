@@ -4,6 +4,7 @@ Every character of the text is a token; the model learns to predict the next cha
 same initial weights and the same batches whatever the backend, so backends can be compared step by step.
 """
 import argparse
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -110,6 +111,16 @@ def _sum_over_ranks(model: GPT, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """A usage error for a --device torch cannot parse, or a CUDA one on a machine without CUDA."""
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device (torch.cuda.is_available() is False)")
+
+
 def _join_ranks(device: str) -> int:
     """Join torchrun's process group (NCCL on a CUDA device, one GPU per rank; gloo otherwise); returns the rank."""
     if device.startswith("cuda"):
@@ -118,11 +129,49 @@ def _join_ranks(device: str) -> int:
     return dist.get_rank()
 
 
+def int_at_least(low: int):
+    """An argparse ``type``: an int >= ``low``; anything else is argparse's usage error (exit status 2)."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError: argparse's "invalid int value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0."""
+    value = float(text)
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {value}")
+    return value
+
+
+def tokenizer_for_flags(parser: argparse.ArgumentParser, text_path: Optional[str], **sizes) -> CharTokenizer:
+    """The tokenizer of the training text; a usage error (``parser.error``) for a text that cannot be read or is
+    no longer than ``sizes["block_size"]``, and for model sizes (GPTConfig's fields) that GPTConfig rejects."""
+    try:
+        text = load_text(text_path)
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        parser.error(f"--text: {error}")
+    if len(text) <= sizes["block_size"]:
+        parser.error(f"--text: {len(text)} characters, but a training window takes block_size + 1 = "
+                     f"{sizes['block_size'] + 1}")
+    tokenizer = CharTokenizer(text)
+    try:
+        GPTConfig(vocab_size=tokenizer.vocab_size, **sizes)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    return tokenizer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="reference")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int_at_least(0), default=200)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="on a CPU the triton backend runs in Triton's interpreter: exact but slow, about 12 s "
@@ -132,14 +181,17 @@ def main(argv=None):
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-kv-head", type=int, default=None)
     parser.add_argument("--n-embd", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--text", default=None, help="a UTF-8 text file to train on (default: the shipped text)")
-    parser.add_argument("--sample", type=int, default=200, help="characters to generate after training")
+    parser.add_argument("--sample", type=int_at_least(0), default=200, help="characters to generate after training")
     parser.add_argument("--context-parallel", nargs="?", const="zigzag", choices=LAYOUTS, default=None,
                         help="run as one of torchrun's ranks, each holding a shard (zigzag by default) of every "
                              "sequence: torchrun --nproc-per-node P -m transformer.train --context-parallel "
                              "(implies --backend triton; NCCL on GPUs, one per rank, gloo on CPU)")
     args = parser.parse_args(argv)
+    tokenizer_for_flags(parser, args.text, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                        n_kv_head=args.n_kv_head, n_embd=args.n_embd)
+    _check_device(parser, args.device)
     rank, device, backend = 0, args.device, args.backend
     if args.context_parallel is not None:
         if device.startswith("cuda"):

@@ -11,7 +11,9 @@ from typing import List, Sequence
 import torch
 
 from transformer.model import BACKENDS
-from transformer.train import train
+from transformer.train import int_at_least, tokenizer_for_flags, train
+
+N_EMBD = 64
 
 
 def plot_attention(probs: Sequence[torch.Tensor], labels: List[str], out: str, title: str = "") -> None:
@@ -46,17 +48,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sentence")
     parser.add_argument("--out", default="attention.png")
-    parser.add_argument("--steps", type=int, default=150, help="training steps first (0: random weights)")
+    parser.add_argument("--steps", type=int_at_least(0), default=150, help="training steps first (0: random weights)")
     parser.add_argument("--backend", choices=BACKENDS, default="reference", help="backend used for training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-head", type=int, default=4)
     args = parser.parse_args(argv)
-    model, tokenizer, losses = train(args.backend, steps=args.steps, seed=args.seed, n_layer=args.n_layer,
-                                     n_head=args.n_head, block_size=max(64, len(args.sentence)),
-                                     progress=args.steps > 0)
+    block_size = max(64, len(args.sentence))
+    tokenizer = tokenizer_for_flags(parser, None, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
+                                    n_embd=N_EMBD)
+    if not args.sentence:
+        parser.error("sentence: needs at least one character")
+    try:
+        ids = tokenizer.encode(args.sentence)
+    except ValueError as error:
+        parser.error(f"sentence: {error}")
+    model, _, losses = train(args.backend, steps=args.steps, seed=args.seed, n_layer=args.n_layer,
+                             n_head=args.n_head, n_embd=N_EMBD, block_size=block_size, progress=args.steps > 0)
     model.eval()
-    probs = model.attention_maps(tokenizer.encode(args.sentence).view(1, -1))
+    probs = model.attention_maps(ids.view(1, -1))
     trained = f"after {args.steps} training steps (loss {losses[-1]:.2f})" if losses else "random weights"
     plot_attention([p[0] for p in probs], list(args.sentence), args.out, f'"{args.sentence}", {trained}')
     print(f"wrote {args.out}")
