@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from transformer import GPT, GPTConfig, train, visualize
+import kernels
+from transformer import GPT, GPTConfig, patch, train, visualize
 
 
 @pytest.mark.parametrize("dtype,temperature", [(torch.float16, 1e-4), (torch.float32, 1e-300)])
@@ -50,3 +51,15 @@ def test_visualize_command_rejects_bad_arguments_with_a_usage_error(capsys, argv
         visualize.main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_patch_switches_a_gpt_inside_another_module_to_the_triton_backend():
+    """patch(torch.compile(gpt)) or patch(a user's module holding a GPT) left the GPT on its backend, silently."""
+    gpt = GPT(GPTConfig(vocab_size=11, block_size=9, n_layer=1, n_head=2, n_embd=16))
+    holder = torch.nn.ModuleDict({"gpt": gpt, "norm": torch.nn.LayerNorm(16)})
+    assert patch(holder) is holder
+    assert gpt.config.backend == "triton" and gpt.transformer.h[0].attn.backend == "triton"
+    assert isinstance(holder["norm"], kernels.LayerNorm)
+    gpt.set_backend("reference")
+    compiled = torch.compile(gpt)
+    assert patch(compiled) is compiled and gpt.transformer.ln_f.backend == "triton"

@@ -1,6 +1,7 @@
 """``patch(model)``: put the fused kernels into a model in place, weights untouched.
 
-- :class:`transformer.GPT`: switch its backend to ``"triton"``.
+- :class:`transformer.GPT`, the model itself or any module inside it (torch.compile's wrapper, a user's model
+  holding one): switch its backend to ``"triton"``.
 - any ``torch.nn.Module``: turn its ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's Llama- and
   Gemma-style RMSNorms) into ``kernels.LayerNorm`` / ``kernels.RMSNorm`` in place: the same module objects with
   the same Parameters and hooks, only their class changes.
@@ -28,8 +29,9 @@ def patch(model: nn.Module) -> nn.Module:
     """Swap the fused kernels into ``model`` in place and return it (see the module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, GPT):
-        return model.set_backend("triton")
+    for module in model.modules():  # a GPT may sit inside a wrapper (torch.compile's OptimizedModule, DDP)
+        if isinstance(module, GPT):
+            module.set_backend("triton")
     _replace_norms(model)
     if _is_hf_model(model):
         use_kernel_attention(model)
