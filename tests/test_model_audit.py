@@ -4,6 +4,7 @@ import torch
 
 import kernels
 from transformer import GPT, GPTConfig, patch, train, visualize
+from transformer.model import KVCache
 
 
 @pytest.mark.parametrize("dtype,temperature", [(torch.float16, 1e-4), (torch.float32, 1e-300)])
@@ -63,3 +64,15 @@ def test_patch_switches_a_gpt_inside_another_module_to_the_triton_backend():
     gpt.set_backend("reference")
     compiled = torch.compile(gpt)
     assert patch(compiled) is compiled and gpt.transformer.ln_f.backend == "triton"
+
+
+def test_two_gpts_built_from_one_config_keep_their_own_backend():
+    """set_backend wrote the shared GPTConfig: the other model's config then named a backend its modules did not
+    run, and its decode_step (triton only) ran on the reference modules instead of raising."""
+    config = GPTConfig(vocab_size=11, block_size=9, n_layer=1, n_head=2, n_embd=16)
+    fused, plain = GPT(config).set_backend("triton"), GPT(config)
+    assert fused.config.backend == "triton" and plain.config.backend == config.backend == "reference"
+    cache = KVCache(9)
+    plain(torch.randint(0, 11, (1, 3)), cache=cache)
+    with pytest.raises(ValueError, match="not 'reference'"):
+        plain.decode_step(torch.randint(0, 11, (1, 1)), cache)
