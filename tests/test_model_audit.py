@@ -46,6 +46,7 @@ def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, flags, messa
     (["caf\u00e9"], "not in the training text's vocabulary"),
     (["hi", "--n-head", "3"], "must be a multiple of n_head (3)"),
     (["hi", "--steps", "-2"], "--steps: must be >= 0, got -2"),
+    (["hi", "--n-layer", "0"], "--n-layer: must be >= 1, got 0"),  # was an IndexError: no map to draw
 ])
 def test_visualize_command_rejects_bad_arguments_with_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:

@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int_at_least(0), default=150, help="training steps first (0: random weights)")
     parser.add_argument("--backend", choices=BACKENDS, default="reference", help="backend used for training")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-layer", type=int_at_least(1), default=2, help="layers (at least one: it draws each)")
     parser.add_argument("--n-head", type=int, default=4)
     args = parser.parse_args(argv)
     block_size = max(64, len(args.sentence))
