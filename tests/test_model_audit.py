@@ -29,12 +29,14 @@ TRAIN_USAGE_ERRORS = [
     (["--block-size", "100000000"], "a training window takes block_size + 1"),  # was a 25 GB allocation
     (["--text", "/nonexistent/text.txt"], "--text: [Errno 2]"),
     (["--device", "nonsense"], "--device: "),
+    (["--context-parallel"], "--context-parallel: run under torchrun"),  # was torch.distributed's ValueError
 ]
 
 
 @pytest.mark.parametrize("flags,message", TRAIN_USAGE_ERRORS)
-def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, flags, message):
+def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, monkeypatch, flags, message):
     """Each was a traceback from deep inside training (or nothing at all); now argparse's usage error, exit 2."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # not one of torchrun's ranks
     with pytest.raises(SystemExit) as exited:
         train.main(flags)
     assert exited.value.code == 2

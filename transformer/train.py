@@ -194,6 +194,9 @@ def main(argv=None):
     _check_device(parser, args.device)
     rank, device, backend = 0, args.device, args.backend
     if args.context_parallel is not None:
+        if "WORLD_SIZE" not in os.environ:
+            parser.error("--context-parallel: run under torchrun (torchrun --nproc-per-node P -m transformer.train "
+                         "--context-parallel), which sets each rank's RANK and WORLD_SIZE")
         if device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         rank, backend = _join_ranks(device), "triton"
