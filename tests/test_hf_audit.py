@@ -3,9 +3,13 @@ user does beyond a plain forward or generate() runs on the kernels and gives the
 import pytest
 import torch
 
-from transformer import patch
+from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
+
+
+def _no_eager_attention(*args, **kwargs):
+    raise AssertionError("the call ran the model's eager attention, not the kernel")
 
 
 def tiny_mistral(sliding_window=3):
@@ -31,3 +35,23 @@ def test_packed_cu_seq_lens_with_a_sliding_window_and_the_default_cache_run_each
         got = patch(model)(ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
                            max_length_k=7).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_modernbert_runs_the_kernels_not_its_eager_attention(device, monkeypatch):
+    """ModernBERT passes flash-attn's ``deterministic`` flag on every call; the kernels' backward is deterministic,
+    so the flag changes nothing. Unknown to hf_attention, it sent every call to the eager attention, with a
+    warning."""
+    config = transformers.ModernBertConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=64, local_attention=4,
+                                           global_attn_every_n_layers=2, pad_token_id=0, attn_implementation="eager")
+    model = transformers.ModernBertModel(config).eval().to(device)
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        patch(model)
+        monkeypatch.setattr(hf, "_eager_attention", _no_eager_attention)
+        got = model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)

@@ -39,15 +39,17 @@ Its continuous batching takes only "sdpa", "paged|eager" (both fed a dense (Nq, 
 "2" or "3" after "flash": transformers would look for flash-attn's own ``flash_attn_with_kvcache`` (block tables)."""
 
 _NO_MATH = ("position_ids", "seq_idx", "use_cache", "cache_position", "layer_idx", "output_attentions",
-            "output_hidden_states", "output_router_logits", "num_items_in_batch")
+            "output_hidden_states", "output_router_logits", "num_items_in_batch", "deterministic")
 """Keywords that do not change the attention math, which models pass along with the rest of their forward's
 keywords (transformers' ``TransformersKwargs``): ignored. ``position_ids``: rotary positions are already applied,
 and a packed batch (positions restarting at 0) reaches the kernel through the mask function (:func:`kernel_mask`)
 or the cu_seq_lens keywords, as it reaches transformers' SDPA path; ``seq_idx`` (packed sequences' index for
 Mamba layers) is never read by transformers' attention functions; the cache keywords, once the cache has been
 updated; the ``output_*`` flags and ``num_items_in_batch`` (loss scaling) choose what the model returns (MoE
-models pass ``output_router_logits=False`` on every call). Attention weights are never returned, as in
-transformers' SDPA path, which also warns for ``output_attentions=True``."""
+models pass ``output_router_logits=False`` on every call); ``deterministic`` (flash-attn's deterministic backward,
+which ModernBERT passes on every call): the kernels' backward has no atomics, so it is deterministic anyway.
+Attention weights are never returned, as in transformers' SDPA path, which also warns for
+``output_attentions=True``."""
 _SDPA_ONLY = ("position_bias", "cache")
 """Keywords that change the math, for transformers' own SDPA path (a relative position bias; a paged cache)."""
 _EAGER_ONLY = ("head_mask",)
