@@ -88,7 +88,8 @@ def attention(
     elif mask is not None:
         scores = scores + mask
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    # amax refuses an empty dim: with no key at all every row's max is -inf (zeros out, as any row that sees none)
+    row_max = scores.amax(dim=-1, keepdim=True) if n_k else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     if sinks is not None:
         sink = sinks.to(scores.dtype)[:, None, None]
         row_max = torch.maximum(row_max, sink)

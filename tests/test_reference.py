@@ -169,3 +169,13 @@ def test_rms_norm_default_eps_is_torchs(dtype):
     """eps=None: the machine epsilon of the dtype torch computes in (fp32's for fp16/bf16), so small rows agree."""
     x = torch.full((2, 8), 0.01, dtype=dtype)
     torch.testing.assert_close(reference.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
+
+
+@pytest.mark.parametrize("sinks", [None, torch.tensor([0.5, -1.0])])
+def test_attention_with_no_keys_gives_zeros(sinks):
+    """Nk = 0: every row sees no key, so zeros (lse -inf, or the sink), as the kernels give; no amax error."""
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 0, 8)
+    out, lse = reference.attention(q, k, k, causal=True, sinks=sinks, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q))
+    expected = torch.full((1, 2, 3), float("-inf")) if sinks is None else sinks[:, None].expand(1, 2, 3)
+    torch.testing.assert_close(lse, expected)
