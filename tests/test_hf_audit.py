@@ -1,5 +1,7 @@
 """User-level audit of ``patch()`` on Hugging Face models (tiny configs, random weights, no download): what a
 user does beyond a plain forward or generate() runs on the kernels and gives the eager model's answer."""
+import copy
+
 import pytest
 import torch
 
@@ -55,3 +57,21 @@ def test_modernbert_runs_the_kernels_not_its_eager_attention(device, monkeypatch
         got = model(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_runs_the_kernels_in_autocasts_dtype_as_sdpa_does(device):
+    """Under autocast a fp32 Mistral's (Llama's) rotary embedding gives fp32 q and k but its v projection bf16 (fp16 on a
+    GPU); transformers' SDPA path runs all three in autocast's dtype (SDPA is on autocast's lower-precision list).
+    hf_attention raised 'q, k, v must share one dtype', so mixed-precision training of a patched model failed."""
+    model = tiny_mistral(sliding_window=None).to(device)
+    sdpa_model = copy.deepcopy(model)
+    sdpa_model.set_attn_implementation("sdpa")
+    patch(model)
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=dtype):
+        expected = sdpa_model(ids, labels=ids)
+        got = model(ids, labels=ids)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, expected.logits, rtol=2e-2, atol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
