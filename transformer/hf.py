@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import kernels
 from kernels._runtime import kernels_can_run
 from kernels.attention.checks import key_bounds
-from kernels.attention.sdpa import _as_autocast_takes
+from kernels.attention.sdpa import as_autocast_takes
 from kernels.attention.varlen import attention_varlen
 
 ATTENTION_NAME = "fused_triton"
@@ -481,7 +481,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     from transformers.utils.import_utils import is_tracing
 
     # as transformers' SDPA path: under autocast a fp32 model's rotary gives fp32 q and k but a bf16/fp16 v
-    query, key, value = _as_autocast_takes(query, key, value)
+    query, key, value = as_autocast_takes(query, key, value)
     if isinstance(attention_mask, torch.Tensor) and not is_tracing(attention_mask):
         attention_mask = _KERNEL_MASKS.get(attention_mask, attention_mask)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal

@@ -80,7 +80,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return tensors, attention_variant(causal, shift, scale, window_left, window_right)
 
 
-def _as_autocast_takes(query: torch.Tensor, key, value):
+def as_autocast_takes(query: torch.Tensor, key, value):
     """query, key, value as torch's SDPA runs them: under autocast (SDPA is on its lower-precision list) floating
     tensors in autocast's dtype, else as they are. One flag read outside autocast."""
     device_type = "cuda" if query.is_cuda else "cpu"  # other devices: torch's own SDPA runs (and autocasts)
@@ -107,7 +107,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch's, floating q, k, v run in autocast's dtype (the result too).
     """
     if isinstance(query, torch.Tensor):
-        query, key, value = _as_autocast_takes(query, key, value)
+        query, key, value = as_autocast_takes(query, key, value)
     plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if plan is None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
