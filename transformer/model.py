@@ -437,13 +437,14 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int]) 
     """(B, 1) int64 next tokens from the (B, vocab) logits: argmax for ``temperature == 0``, else sampled from
     softmax(logits / temperature) over the ``top_k`` most likely (None: all).
 
-    The sampling math runs in float64 on logits less their row maximum, so that a small temperature neither
-    overflows a float16/bfloat16 model's logits nor underflows to 0 in float32: the most likely tokens keep
-    probability mass (inf / inf would be NaN)."""
+    The sampling math runs in float32 on logits less their row maximum, divided by a temperature of at least
+    float32's smallest normal, so that a small temperature neither overflows a float16/bfloat16 model's logits nor
+    divides by a 0 the temperature rounded to: the most likely tokens keep probability mass (inf / inf or 0 / 0
+    would be NaN). float32, not float64, which some devices (MPS) lack."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.double()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
