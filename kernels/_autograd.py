@@ -94,4 +94,3 @@ def first_order_only(name: str, backward: Callable) -> Callable:
             results[i] = g
         return tuple(results)
     return first_order_backward
-

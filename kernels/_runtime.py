@@ -22,6 +22,8 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 DISTRIBUTION = "transformer-kernels"
 """This package's distribution (setup.py); ``kernels/__init__.py`` sets it as ``__distribution__`` before it imports
@@ -197,15 +199,15 @@ def in_functorch_transform() -> bool:
     return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
 
 
+def functorch_levels(kind: TransformType) -> int:
+    """How many torch.func levels of ``kind`` (``TransformType.Vmap``, ``.Jvp``, ...) are active around this call."""
+    return sum(level.key() == kind for level in retrieve_all_functorch_interpreters())
+
+
 def vmap_active() -> bool:
     """Whether an eager torch.vmap level is active (torch.vmap, jacfwd, ...): its batched tensors cannot go to a
     Triton launch."""
-    if not in_functorch_transform():
-        return False
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
+    return in_functorch_transform() and functorch_levels(TransformType.Vmap) > 0
 
 
 def refuse_forward_ad(op: str, *tensors) -> None:

@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from kernels import reference
 from kernels._autograd import autograd_function
 from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
-from kernels._runtime import cast_rne, forward_ad_active, kernel_runs_on, launch_device, vmap_active
+from kernels._runtime import (cast_rne, forward_ad_active, functorch_levels, kernel_runs_on, launch_device,
+                              vmap_active)
 from kernels._validate import check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -336,7 +336,7 @@ def _apply(x, dim, scale, causal, log):
     if forward_ad_active() and forward_ad.unpack_dual(x).tangent is not None:
         # torch gives an autograd.Function's jvp no tangent of its saved tensors at an outer forward level, so a
         # second forward-mode derivative would silently come out zero.
-        if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+        if functorch_levels(TransformType.Jvp) > 1:
             raise NotImplementedError(f"kernels.{'log_softmax' if log else 'softmax'}: nested forward-mode AD "
                                       "(e.g. jvp of jvp) is not implemented")
     return _softmax_function(x, dim, float(scale), causal, log)
