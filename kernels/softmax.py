@@ -15,6 +15,7 @@ multi-block path at small widths. Eager calls go through a plain autograd.Functi
 """
 import functools
 import numbers
+from typing import Optional
 
 import torch
 import triton
@@ -28,7 +29,7 @@ from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_l
                            rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, functorch_levels, kernel_runs_on, launch_device,
                               vmap_active)
-from kernels._validate import check_tensor, is_integer
+from kernels._validate import FLOAT_DTYPES, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 16384
@@ -287,9 +288,12 @@ def _traced_backward(ctx, dy):
 _forward_op.register_autograd(_traced_backward, setup_context=_setup_traced)
 
 
-def _check(x, dim, scale, causal) -> int:
+def _check(x, dim, scale, causal, dtype) -> int:
     """Validate the arguments before any launch; return ``dim`` as a non-negative axis."""
     check_tensor("x", x)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"dtype must be None or one of ({names}), got {dtype!r}")
     if type(dim) is not int:
         if not is_integer(dim):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
@@ -310,7 +314,7 @@ def _check(x, dim, scale, causal) -> int:
 _TENSOR = torch.Tensor
 
 
-def _on_local_rows(x, dim, scale, causal, log):
+def _on_local_rows(x, dim, scale, causal, log, dtype):
     """The (log-)softmax of a DTensor, as torch's on DTensors: x is redistributed so that neither the softmax dim
     nor (causal) the query dim is sharded or partial (other shardings are kept), each rank computes its local rows,
     and y comes back a DTensor in those placements. Collectives only, no host sync."""
@@ -319,18 +323,20 @@ def _on_local_rows(x, dim, scale, causal, log):
     placements = [p if isinstance(p, Shard) and p.dim % x.dim() not in whole else Replicate() for p in x.placements]
     if tuple(placements) != tuple(x.placements):
         x = x.redistribute(x.device_mesh, placements)
-    y = _apply(x.to_local(), dim, scale, causal, log)
+    y = _apply(x.to_local(), dim, scale, causal, log, dtype)
     stride = _empty_like_moved(torch.empty(x.shape, device="meta"), dim).stride()  # the local rows' layout
     return DTensor.from_local(y, x.device_mesh, placements, run_check=False, shape=x.shape, stride=stride)
 
 
-def _apply(x, dim, scale, causal, log):
+def _apply(x, dim, scale, causal, log, dtype):
     if type(x) is not _TENSOR and isinstance(x, dtensor_class() or ()):  # (a plain tensor: one type check)
-        return _on_local_rows(x, dim, scale, causal, log)
-    if autocasts_to_fp32(x):  # torch.softmax and log_softmax run in fp32 under CUDA autocast: so do these
+        return _on_local_rows(x, dim, scale, causal, log, dtype)
+    if dtype is not None:  # torch's dtype=: x cast before the op, which CUDA autocast then leaves in that dtype
+        x = x.to(dtype)
+    elif autocasts_to_fp32(x):  # torch.softmax and log_softmax run in fp32 under CUDA autocast: so do these
         x = x.float()
     if x.dim() == 0:  # torch treats a scalar as a one-element row
-        return _apply(x.reshape(1), 0, scale, causal, log).reshape(())
+        return _apply(x.reshape(1), 0, scale, causal, log, None).reshape(())
     if torch.compiler.is_compiling():
         return _forward_op(x, dim, float(scale), causal, log)
     if forward_ad_active() and forward_ad.unpack_dual(x).tangent is not None:
@@ -342,9 +348,12 @@ def _apply(x, dim, scale, causal, log):
     return _softmax_function(x, dim, float(scale), causal, log)
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
-    """``torch.softmax(x * scale, dim)`` fused in one kernel; same shape and dtype as ``x``. Differentiable in
-    reverse mode and (one level deep) in forward mode; any real ``scale``, zero and negative included.
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False,
+            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.softmax(x * scale, dim, dtype=dtype)`` fused in one kernel; same shape as ``x``, in x's dtype or in
+    ``dtype`` when given (x is cast to it first, one copy before the kernel, as torch's ``dtype=``; the gradient
+    comes back in x's dtype). Differentiable in reverse mode and (one level deep) in forward mode; any real
+    ``scale``, zero and negative included.
 
     x: any shape, fp16/bf16/fp32 (fp32 math inside). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
     be the last, and entry (i, j) is masked when j > i + Nk - Nq (bottom-right, as in attention); a row the mask
@@ -354,20 +363,21 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool 
     Triton kernels cannot run on ``x``'s device in this process; under torch.vmap (and jacfwd) it is that
     reference's torch ops.
     """
-    dim = _check(x, dim, scale, causal)
+    dim = _check(x, dim, scale, causal, dtype)
     if not kernel_runs_on(x) or vmap_active():  # torch ops: vmap batches them (a launch cannot read its tensors)
-        return reference.softmax(x, dim, scale=scale, causal=causal)
-    return _apply(x, dim, scale, bool(causal), False)
+        return reference.softmax(x if dtype is None else x.to(dtype), dim, scale=scale, causal=causal)
+    return _apply(x, dim, scale, bool(causal), False, dtype)
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.Tensor:
-    """``torch.log_softmax(x * scale, dim)``: the softmax kernel with its log flag; backward
-    dx = scale * (dy - exp(y) * sum(dy)). CUDA autocast and the fallback (torch's log_softmax where the kernels
-    cannot run) as :func:`softmax`."""
-    dim = _check(x, dim, scale, False)
+def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.log_softmax(x * scale, dim, dtype=dtype)``: the softmax kernel with its log flag; backward
+    dx = scale * (dy - exp(y) * sum(dy)). ``dtype``, CUDA autocast and the fallback (torch's log_softmax where the
+    kernels cannot run) as :func:`softmax`."""
+    dim = _check(x, dim, scale, False, dtype)
     if not kernel_runs_on(x) or vmap_active():
-        return torch.log_softmax(x * scale, dim)
-    return _apply(x, dim, scale, False, True)
+        return torch.log_softmax((x if dtype is None else x.to(dtype)) * scale, dim)
+    return _apply(x, dim, scale, False, True, dtype)
 
 
 @register_builds
