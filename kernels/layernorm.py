@@ -943,8 +943,10 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
         eps = _MACHINE_EPS[x.dtype]
     n_cols = shape[0] if len(shape) == 1 else math.prod(shape)
     # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
-    # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors)
-    if not n_cols or not _kernels_take(x, weight, bias) or vmap_active():
+    # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors);
+    # eps = inf (rstd 0 in every row, an output of zeros or the bias): torch's ops too, whose gradients are 0
+    # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
+    if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or vmap_active():
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     config = (n_cols, float(eps), rms, float(offset), CASTING_MODES[casting_mode])
     if torch.compiler.is_compiling():

@@ -165,3 +165,21 @@ def test_norm_parameter_gradients_are_bitwise_deterministic(monkeypatch, device,
         runs.append([t.grad for t in leaves])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_with_infinite_eps_gives_torch_zeros_and_zero_gradients(device, rms):
+    """eps = inf makes rstd 0: y is zeros (RMS norm) or the bias, and every gradient of x is 0, as torch's; not
+    the NaN the kernels' backward gives a row whose mean square overflowed."""
+    x = torch.randn(3, 9, device=device)
+    params = [torch.randn(9, device=device), None if rms else torch.randn(9, device=device)]
+    dy = torch.randn(3, 9, device=device)
+    results = []
+    for fn in _norm_pair(rms):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+        y = fn(leaves[0], (9,), leaves[1], leaves[2], float("inf"))
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    assert (results[0][1] == 0).all()
