@@ -106,6 +106,17 @@ def _norm_pair(rms):
     return kernels.layer_norm, F.layer_norm
 
 
+def _ours_and_torchs(rms, x, params, dy, eps):
+    """[y, dx, dweight(, dbias)] of ours and of torch's norm over x's last dim, params = [weight, bias or None]."""
+    results = []
+    for fn in _norm_pair(rms):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+        y = fn(leaves[0], x.shape[-1:], leaves[1], leaves[2], eps)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    return results
+
+
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
 @pytest.mark.parametrize("path", ["one block", "two pass"])
@@ -120,12 +131,7 @@ def test_norm_of_constant_and_zero_rows_as_torch(monkeypatch, device, rms, eps, 
     x[2] = 0.0
     params = [torch.randn(11, device=device), None if rms else torch.randn(11, device=device)]
     dy = torch.randn(4, 11, device=device)
-    results = []
-    for fn in _norm_pair(rms):
-        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
-        y = fn(leaves[0], (11,), leaves[1], leaves[2], eps)
-        y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    results = _ours_and_torchs(rms, x, params, dy, eps)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, equal_nan=True)
     assert results[0][0][2 if rms else 1].isnan().all() == (eps == 0.0)
@@ -174,12 +180,7 @@ def test_norm_with_infinite_eps_gives_torch_zeros_and_zero_gradients(device, rms
     x = torch.randn(3, 9, device=device)
     params = [torch.randn(9, device=device), None if rms else torch.randn(9, device=device)]
     dy = torch.randn(3, 9, device=device)
-    results = []
-    for fn in _norm_pair(rms):
-        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
-        y = fn(leaves[0], (9,), leaves[1], leaves[2], float("inf"))
-        y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    results = _ours_and_torchs(rms, x, params, dy, float("inf"))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
     assert (results[0][1] == 0).all()
