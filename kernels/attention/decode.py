@@ -602,11 +602,13 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Op
     cache_rows, slots, kv_heads, _ = k_cache.shape  # each Size read once: a read builds one
     capacity, page_size = _capacity(slots, block_table)
     n_new = 0 if k is None else k.shape[1]
-    # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed
-    rotary_rows = None if rotary_cos is None or q_same_position else rotary_cos.shape[0]
+    # q's rows are rotated at cache_seqlens + i, i < Sq, when causal or windowed, else all at cache_seqlens (which
+    # is S_ro itself when a full cache appends nothing: checked, not left unrotated)
+    q_positions = min(n_q, 1) if q_same_position else n_q
+    rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
     with _runtime.launch_device(q):
-        _check_index_values(seqlens, leftpad, batch_idx, block_table, batch, n_q, n_new, capacity, page_size,
-                            cache_rows, rotary_rows)
+        _check_index_values(seqlens, leftpad, batch_idx, block_table, batch, q_positions, n_new, capacity,
+                            page_size, cache_rows, rotary_rows)
         if k is not None:
             # (x, destination, cos, sin, seqlens, batch_idx, block_table, capacity, page_size, to_cache,
             # interleaved, same_position)
@@ -752,11 +754,12 @@ def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device
 _INDEX_SUMMARY = ("attention_with_kvcache: an index value is out of range (rules, in order: 0 <= cache_seqlens <= "
                   "capacity - Sk_new; 0 <= cache_leftpad <= cache_seqlens; 0 <= cache_batch_idx < B_cache; no "
                   "cache_batch_idx repeated when appending; 0 <= block_table[b, p] < num_blocks for the pages a row "
-                  "uses; no paged slot written twice; cache_seqlens + Sq <= S_ro for rotated causal/windowed queries)")
+                  "uses; no paged slot written twice; cache_seqlens + Sq <= S_ro for rotated queries, Sq counted as "
+                  "1 unless causal or windowed)")
 
 
-def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, n_q: int, capacity: int, cache_rows: int,
-                 rotary_rows: int):
+def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, q_positions: int, capacity: int,
+                 cache_rows: int, rotary_rows: int):
     """(message, argument, its values) of each bit of ``_decode_check``'s verdict: what a failure says on CPU."""
     return [
         (f"cache_seqlens must be >= 0 and leave room for the Sk_new = {n_new} new keys: cache_seqlens + Sk_new <= "
@@ -771,8 +774,9 @@ def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, n_q: int,
          f"every page p holding a position below cache_seqlens[b] + Sk_new", "block_table", block_table),
         ("block_table maps the new keys of two batch rows to the same cache slot (a page shared where both "
          "append): each new key needs a slot of its own", "block_table", block_table),
-        (f"rotary_cos/rotary_sin need a row for each causal or windowed query's position: cache_seqlens + Sq = "
-         f"cache_seqlens + {n_q} <= S_ro = {rotary_rows}", "cache_seqlens", seqlens),
+        (f"rotary_cos/rotary_sin need a row for each rotated query's position (cache_seqlens + i, i < Sq, when causal "
+         f"or windowed, else cache_seqlens alone): cache_seqlens + {q_positions} <= S_ro = {rotary_rows}",
+         "cache_seqlens", seqlens),
     ]
 
 
@@ -783,15 +787,16 @@ _indices_passed = LastTensor()
 """The index tensors whose check passed last: a model's layers pass the same ones within a step."""
 
 
-def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int, capacity: int,
-                        page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
+def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, q_positions: int, n_new: int,
+                        capacity: int, page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
     """Check on the device, as one ``_decode_check`` launch and one assert (no host sync; ValueError at once on
     CPU, naming the argument), that every index value keeps the append and the attention inside the cache,
     before anything is written: 0 <= cache_seqlens, cache_seqlens + Sk_new <= capacity, 0 <= cache_leftpad <=
     cache_seqlens (capacity without it), cache_batch_idx in [0, cache_rows) and distinct when appending,
     block_table's pages in [0, cache_rows) for every position [0, cache_seqlens + Sk_new) of a row, no two new
-    keys in one paged slot, and with ``rotary_rows`` (rotated causal or windowed queries) cache_seqlens + Sq <=
-    rotary_rows. The kernels also clamp every index they read (a second line of defence).
+    keys in one paged slot, and with ``rotary_rows`` (rotated queries) cache_seqlens + q_positions <= rotary_rows
+    (``q_positions``: Sq, or 1 for queries all rotated at cache_seqlens). The kernels also clamp every index they
+    read (a second line of defence).
 
     Checked once while the same index tensors come back unmodified with the same sizes (``plan.LastTensor``, as
     varlen's offsets: the verdict depends on nothing else; a check that raises is not memoised)."""
@@ -799,13 +804,13 @@ def _check_index_values(seqlens, leftpad, batch_idx, block_table, batch: int, n_
              else batch_idx if batch_idx is not None else block_table)  # the first index tensor given
     if first is None:
         return
-    sizes = (batch, n_q, n_new, capacity, page_size, cache_rows, rotary_rows)
+    sizes = (batch, q_positions, n_new, capacity, page_size, cache_rows, rotary_rows)
     # first leads: the memo judges a CUDA graph capture on its device
     _indices_passed.get((first, seqlens, leftpad, batch_idx, block_table), sizes, _judge_index_values, first,
                         seqlens, leftpad, batch_idx, block_table, *sizes)
 
 
-def _judge_index_values(first, seqlens, leftpad, batch_idx, block_table, batch: int, n_q: int, n_new: int,
+def _judge_index_values(first, seqlens, leftpad, batch_idx, block_table, batch: int, q_positions: int, n_new: int,
                         capacity: int, page_size: int, cache_rows: int, rotary_rows: Optional[int]) -> None:
     """:func:`_check_index_values`' launch and verdict, every call (``first``: the first index tensor given)."""
     max_blocks = 0 if block_table is None else block_table.shape[1]
@@ -815,10 +820,10 @@ def _judge_index_values(first, seqlens, leftpad, batch_idx, block_table, batch: 
     verdict = new_verdict(first.device, reused=True)  # read below, under the launch lock
     _decode_check.run(seqlens, leftpad, batch_idx, block_table, verdict,
                       0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
-                      page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - n_q, n_entries, spans,
-                      grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
-    enforce(verdict, _INDEX_SUMMARY, lambda: _index_rules(seqlens, leftpad, batch_idx, block_table, n_new, n_q,
-                                                          capacity, cache_rows, rotary_rows))
+                      page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - q_positions,
+                      n_entries, spans, grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
+    enforce(verdict, _INDEX_SUMMARY, lambda: _index_rules(seqlens, leftpad, batch_idx, block_table, n_new,
+                                                          q_positions, capacity, cache_rows, rotary_rows))
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -851,8 +856,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``cache_batch_idx`` (B,) int32: the cache row of each batch row (contiguous cache only; no row twice with k/v).
     ``cache_leftpad`` (B,) int32: each row's first valid cache position, 0 <= cache_leftpad <= cache_seqlens.
     ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
-    rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed, then
-    cache_seqlens + Sq <= S_ro), interleaved pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size``
+    rotated at positions cache_seqlens + i (for q all at cache_seqlens unless causal or windowed), each below
+    S_ro (checked with the index values), interleaved pairs (0, 1), (2, 3)... or GPT-NeoX halves. ``window_size``
     (left, right), -1 unbounded; ``softcap`` > 0 caps
     the scores at +-softcap by tanh; ``alibi_slopes`` float32 (H,) or (B, H) on q's device subtracts
     slope * |diag - p| from the (capped) score; ``num_splits``: 0 chooses (:func:`choose_splits`), 1 never splits, up to 128.
