@@ -63,6 +63,18 @@ def test_softmax_dtype_wins_over_cuda_autocast_as_torch(monkeypatch, device, log
         assert ours(x, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_dtype_on_the_fallback_path(monkeypatch, log):
+    """Where the kernels cannot run (torch ops), ``dtype=`` still casts x first."""
+    monkeypatch.setattr(softmax_module, "kernel_runs_on", lambda *tensors: False)
+    monkeypatch.setattr(softmax_module, "_launch", lambda *a, **k: pytest.fail("kernel launched"))
+    ours, theirs = _softmax_pair(log)
+    x = torch.randn(5, 7, dtype=torch.float16)
+    y = ours(x, 0, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, theirs(x, 0, dtype=torch.float32))
+
+
 def test_softmax_dtype_must_be_a_float_dtype_it_takes(device):
     x = torch.randn(2, 8, device=device)
     for fn in (kernels.softmax, kernels.log_softmax):
