@@ -8,6 +8,7 @@ per call of every public op (``benchmarks/overhead.py``) and ``model`` whole mod
 (``benchmarks/model.py``), each imported only when asked for.
 """
 import argparse
+import contextlib
 import importlib
 import re
 import sys
@@ -60,9 +61,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(command: str, args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _progress_bar(total: int, command: str):
+    """A tqdm bar on stderr, or no bar (``None`` in a context) where tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional (the "bench" extra)
+        return contextlib.nullcontext()
+    return tqdm(total=total, desc=command, unit="point", file=sys.stderr)
 
+
+def _run(command: str, args: argparse.Namespace) -> int:
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
     dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items()}
@@ -80,7 +88,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     variants = command == "scaling"  # the sliding-window and document cases profile scaling, not the suite
     total = sum(len(cases) * len(runner.providers_for(op, args.providers, variants))
                 for op, cases in groups.items())
-    with tqdm(total=total, desc=command, unit="point", file=sys.stderr) as bar:
+    with _progress_bar(total, command) as bar:
         recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
                           threads=args.threads, providers=args.providers, variants=variants, progress=bar)
     analysis.add_ratios(recs)

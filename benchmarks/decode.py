@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 
 import kernels
-from benchmarks import roofline
+from benchmarks import plots, roofline
 from benchmarks.device import detect
 from benchmarks.counting import counting
 from kernels import reference
@@ -88,12 +88,11 @@ def _counted(batch: int, cache: int) -> dict:
     return rec
 
 
-def _plot(recs: List[dict], png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(recs: List[dict], png: str) -> List[str]:
+    """[png] written, or [] without matplotlib."""
+    if not plots.have_pyplot():
+        return []
+    plt = plots.plt
     fig, (ax_bytes, ax_waves, ax_time) = plt.subplots(1, 3, figsize=(13, 4))
     for batch in BATCHES:
         model = [r for r in recs if r["kind"] == "model" and r["batch"] == batch]
@@ -123,6 +122,7 @@ def _plot(recs: List[dict], png: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
+    return [png]
 
 
 def _markdown(recs: List[dict]) -> str:
@@ -167,13 +167,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{r['kind']:8}{r['batch']:>3}{r['cache']:>7}  {name:24}{p['bytes_vs_minimum']:>10.3f}"
                   f"{p.get('programs', '-'):>10}{waves:>7}{model_us:>10}")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
+    json_path, md_path = (os.path.join(args.out, name) for name in ("decode.json", "decode.md"))
+    with open(json_path, "w") as f:
         json.dump({"command": "decode", "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                    "dtype": "float16", "records": recs}, f, indent=1)
-    with open(os.path.join(args.out, "decode.md"), "w") as f:
+    with open(md_path, "w") as f:
         f.write(_markdown(recs))
-    _plot(recs, os.path.join(args.out, "decode.png"))
-    print(f"wrote: {', '.join(os.path.join(args.out, name) for name in ('decode.json', 'decode.md', 'decode.png'))}")
+    written = [json_path, md_path] + _plot(recs, os.path.join(args.out, "decode.png"))
+    print("wrote: " + ", ".join(written))
     return 0
 
 

@@ -54,10 +54,16 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "example")
 BUDGETS = {"attention": 200.0, "rows": 120.0, "overhead": 60.0, "model": 90.0, "configs": 45.0, "tests": 45.0}
 """Seconds per phase, in the order they run; ``--budget PHASE=SECONDS`` changes one."""
 TOTAL_S = 570.0
-"""All phases together stop here: a phase gets what is left when it starts if that is less than its budget (the
-tests phase, last, absorbs an earlier phase's overrun), leaving ~30 s of a 600 s limit for start-up and files."""
+"""All phases together stop this many seconds after the process started (:func:`startup_s`): a phase gets what is
+left when it starts if that is less than its budget (the tests phase, last, absorbs an earlier phase's overrun),
+leaving ~30 s of a 600 s limit for a last item's overrun, the files and the exit."""
+STARTUP_TRUSTED_S = 120.0
+"""The phases' total counts from the process's start (importing torch, triton and the kernels takes seconds of the
+command's limit too); a start-up reading above this is taken for a misreading of /proc and ignored."""
 MIN_PHASE_S = 5.0
 """A phase with less time left than this is recorded as skipped."""
+PARTIAL_SAVE_S = 20.0
+"""Inside a phase, the files are rewritten with its records so far at most this often."""
 DTYPES = {name: dtype for dtype, name in TRITON_DTYPES.items()}
 
 
@@ -75,11 +81,14 @@ tolerance = _tolerance()
 # ---------------------------------------------------------------------------------------------- time budgets
 @dataclass
 class Budget:
-    """A phase's time allowance; an item may start while the time left covers the longest item seen so far."""
+    """A phase's time allowance; an item may start while the time left covers the longest item seen so far.
+    ``on_record`` (if any) is given the phase's records so far after each item :func:`within` runs."""
 
     seconds: float
     start: float = field(default_factory=time.monotonic)
     longest: float = 0.0
+    on_record: Optional[Callable[[List[dict]], None]] = None
+    done: List[dict] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -100,8 +109,12 @@ def within(budget: Budget, items: Iterable, run_one: Callable[[object], object],
             continue
         start = time.monotonic()
         result = run_one(item)
-        out.extend(result if isinstance(result, list) else [result])
+        result = result if isinstance(result, list) else [result]
+        out += result
         budget.longest = max(budget.longest, time.monotonic() - start)
+        budget.done += result
+        if budget.on_record is not None:
+            budget.on_record(budget.done)
     return out
 
 
@@ -737,19 +750,30 @@ def pytest_counts(output: str) -> Dict[str, int]:
     return {outcome.rstrip("s") if outcome == "errors" else outcome: int(n) for n, outcome in _COUNT.findall(summary)}
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module loaded without a spec
+        return False
+
+
 def _test_args() -> List[str]:
     """``tests -x``, spread over up to 16 workers when pytest-xdist is installed: on a GPU machine the suite's time
     goes to compiling kernels, which is CPU work (on an H200 with 16 cores, 8 workers ran 11% of it in 170 s, a
     cold Triton cache; 16 ran 490 tests in 135 s, a warm one)."""
     workers = min(16, os.cpu_count() or 1)
-    return ["tests", "-x"] + (["-n", str(workers)] if importlib.util.find_spec("xdist") and workers > 1 else [])
+    return ["tests", "-x"] + (["-n", str(workers)] if installed("xdist") and workers > 1 else [])
 
 
 def run_tests(device: DeviceInfo, budget: Budget, args: Optional[Sequence[str]] = None) -> List[dict]:
     """The test suite in a subprocess (``python -m pytest -q *args`` from the repository root), killed when the
-    budget is spent; one record with the pass/fail counts and the end of the output."""
+    budget is spent; one record with the pass/fail counts and the end of the output ("unavailable" without
+    pytest)."""
     command = [sys.executable, "-m", "pytest", "-q", *(_test_args() if args is None else args)]
     record = {"phase": "tests", "command": " ".join(command[2:])}
+    if not installed("pytest"):
+        return [{**record, "status": "unavailable", "reason": "pytest is not installed", "counts": {}, "tail": ""}]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget.seconds)
     except subprocess.TimeoutExpired as error:
@@ -776,18 +800,25 @@ def is_failure(record: dict) -> bool:
     return record["status"] in FAILED and "triton" in record.get("provider", "triton")
 
 
-def run_phase(name: str, device: DeviceInfo, seconds: float) -> tuple:
-    """(records, summary) of one phase; an exception ends the phase and is recorded in its summary."""
+def phase_summary(name: str, status: str, reason: Optional[str], budget: Budget, recs: List[dict]) -> dict:
+    """A phase's line in the files: its status, budget and duration, and its records counted by outcome."""
+    return {"phase": name, "status": status, "reason": reason, "budget_s": round(budget.seconds, 1),
+            "duration_s": round(budget.elapsed(), 1), "records": len(recs),
+            "skipped": sum(r["status"] == "skipped" for r in recs), "failed": sum(is_failure(r) for r in recs)}
+
+
+def run_phase(name: str, device: DeviceInfo, seconds: float,
+              on_record: Optional[Callable[[List[dict], dict], None]] = None) -> tuple:
+    """(records, summary) of one phase; an exception ends the phase and is recorded in its summary.
+    ``on_record(records so far, a "running" summary)`` after each item the phase runs through :func:`within`."""
     budget = Budget(seconds)
+    if on_record is not None:
+        budget.on_record = lambda done: on_record(done, phase_summary(name, "running", None, budget, done))
     try:
         recs, status, reason = PHASES[name](device, budget), "ok", None
     except Exception as error:  # noqa: BLE001  (recorded; the next phase still runs)
-        recs, status, reason = [], "error", f"{type(error).__name__}: {error}"[:300]
-    summary = {"phase": name, "status": status, "reason": reason, "budget_s": round(seconds, 1),
-               "duration_s": round(budget.elapsed(), 1), "records": len(recs),
-               "skipped": sum(r["status"] == "skipped" for r in recs),
-               "failed": sum(is_failure(r) for r in recs)}
-    return recs, summary
+        recs, status, reason = budget.done, "error", f"{type(error).__name__}: {error}"[:300]
+    return recs, phase_summary(name, status, reason, budget, recs)
 
 
 def _release(device: DeviceInfo) -> None:
@@ -801,9 +832,17 @@ def run_phases(device: DeviceInfo, names: Sequence[str], budgets: Dict[str, floa
                save: Callable[[List[dict], List[dict]], object], total_s: Optional[float] = None):
     """The named phases in :data:`PHASES` order, each given min(its budget, what is left of ``total_s``,
     default :data:`TOTAL_S`), or recorded as skipped with less than :data:`MIN_PHASE_S` left; ``save(records,
-    phases)`` after each, so a run killed later keeps what it measured. Returns the last ``save``'s result."""
+    phases)`` after each and, every :data:`PARTIAL_SAVE_S` inside a phase, with that phase's records so far and its
+    status "running", so a run killed later keeps what it measured. Returns the last ``save``'s result."""
     end = time.monotonic() + (TOTAL_S if total_s is None else total_s)
     recs, phases, saved = [], [], None
+    last_save = [time.monotonic()]
+
+    def save_partial(phase_records: List[dict], running: dict) -> None:
+        if time.monotonic() - last_save[0] >= PARTIAL_SAVE_S:
+            save(recs + phase_records, phases + [running])
+            last_save[0] = time.monotonic()
+
     for name in (phase for phase in PHASES if phase in names):
         seconds = min(budgets[name], end - time.monotonic())
         if seconds < MIN_PHASE_S:
@@ -812,13 +851,14 @@ def run_phases(device: DeviceInfo, names: Sequence[str], budgets: Dict[str, floa
                        "skipped": 0, "failed": 0, "reason": f"{max(seconds, 0):.0f} s of the run's total left"}
         else:
             print(f"gpu-check: {name} (budget {seconds:.0f} s) on {device.name}", flush=True)
-            phase_records, summary = run_phase(name, device, seconds)
+            phase_records, summary = run_phase(name, device, seconds, save_partial)
         print(f"gpu-check: {name} {summary['status']} in {summary['duration_s']} s: {summary['records']} records, "
               f"{summary['skipped']} skipped, {summary['failed']} failed", flush=True)
         recs += phase_records
         phases.append(summary)
         _release(device)
         saved = save(recs, phases)
+        last_save[0] = time.monotonic()
     return saved
 
 
@@ -837,11 +877,14 @@ def _versions() -> dict:
 
 def document(device: DeviceInfo, config: dict, recs: List[dict], phases: List[dict]) -> dict:
     """The benchmarks' JSON document (device, versions, records) plus CUDA/optional versions and the phases;
-    "failed" when a phase errored or recorded a failure of ours."""
+    "failed" when a phase errored or recorded a failure of ours, "incomplete" while a phase is still running."""
     doc = records.document("gpu-check", device, config, recs, [])
     doc["versions"].update(_versions())
     doc["phases"] = phases
-    doc["status"] = "failed" if any(p["failed"] or p["status"] == "error" for p in phases) else "ok"
+    if any(p["failed"] or p["status"] == "error" for p in phases):
+        doc["status"] = "failed"
+    else:
+        doc["status"] = "incomplete" if any(p["status"] == "running" for p in phases) else "ok"
     return doc
 
 
@@ -997,7 +1040,8 @@ def _model_section(recs: List[dict], doc: dict) -> str:
              f"{r['tokens_per_s'] / best[r['workload']]:.2f}x" if r["status"] == "ok" and best.get(r["workload"])
              else "-")
             for r in recs]
-    reasons = sorted({f"- {r['provider']} {r['mode']}: {r['reason']}" for r in recs if r["status"] == "error"})
+    reasons = sorted({f"- {r['provider']} {r['mode']}: {r['reason']}" for r in recs
+                      if r["status"] not in ("ok", "skipped")})
     table = _table(["workload", "provider", "mode", "ms/step", "tokens/s", "vs best torch"], rows)
     return "\n\n".join(["## Model (end to end)", table] + ["\n".join(reasons)] * bool(reasons))
 
@@ -1018,8 +1062,18 @@ def markdown(doc: dict) -> str:
             f"liger-kernel {v['liger-kernel']}; {doc['created']}. Times are triton.testing.do_bench medians "
             "measured on this GPU; attention TFLOPS count 4*B*H*N^2*D forward (x0.5 causal, x3.5 fwd+bwd).")
     sections = [head, _phases_section(doc)]
-    sections += [section(by_phase[name], doc) for name, section in SECTIONS.items() if name in by_phase]
+    sections += [_rendered(name, section, by_phase[name], doc) for name, section in SECTIONS.items()
+                 if name in by_phase]
     return "\n\n".join(sections) + "\n"
+
+
+def _rendered(name: str, section: Callable[[List[dict], dict], str], recs: List[dict], doc: dict) -> str:
+    """``section(recs, doc)``, or a line saying why it could not be rendered: the summary is rewritten after every
+    phase, and a record it did not expect must not end the run (the JSON and CSV hold every record)."""
+    try:
+        return section(recs, doc)
+    except Exception as error:  # noqa: BLE001  (reported in the summary itself)
+        return f"## {name}\n\nThis section could not be rendered ({type(error).__name__}: {error}); see the JSON."
 
 
 def gpu_slug(name: str) -> str:
@@ -1048,6 +1102,20 @@ def no_gpu_message(device: DeviceInfo) -> Optional[str]:
         return ("gpu-check: a GPU is visible but the kernels run in Triton's interpreter (TRITON_INTERPRET is set, "
                 "or triton was imported before kernels): nothing checked, nothing written.")
     return None
+
+
+def startup_s() -> float:
+    """Seconds since this process started, by Linux's /proc (its start in clock ticks after boot, and the uptime);
+    0 where that cannot be read or the reading is not plausible (negative, above :data:`STARTUP_TRUSTED_S`)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = float(f.read().rpartition(")")[2].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        seconds = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return seconds if 0.0 <= seconds <= STARTUP_TRUSTED_S else 0.0
 
 
 def _budget(text: str) -> tuple:
@@ -1082,13 +1150,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(message)
         return 0 if not torch.cuda.is_available() else 2
     budgets = {**BUDGETS, **dict(args.budget)}
-    config = {"phases": args.phases, "budgets": budgets, "total_s": TOTAL_S}
+    started = startup_s()
+    config = {"phases": args.phases, "budgets": budgets, "total_s": TOTAL_S, "startup_s": round(started, 1)}
+    print(f"gpu-check on {device.name}: started {started:.0f} s ago; phases {', '.join(args.phases)}; all of them "
+          f"stop {TOTAL_S:.0f} s after the start; files go to {args.out} after each phase", flush=True)
 
     def save(recs: List[dict], phases: List[dict]) -> tuple:
         doc = document(device, config, recs, phases)
         return doc, write(args.out, doc)
 
-    doc, written = run_phases(device, args.phases, budgets, save)
+    doc, written = run_phases(device, args.phases, budgets, save, TOTAL_S - started)
     print(markdown(doc))
     print("wrote: " + ", ".join(written))
     return 0 if doc["status"] == "ok" else 1

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import kernels  # noqa: F401  (first: the interpreter on a machine without a GPU)
-from benchmarks import records
+from benchmarks import plots, records
 from benchmarks.device import DeviceInfo, detect
 from transformer.model import GPT, GPTConfig
 from transformer.patch import patch
@@ -293,12 +293,10 @@ def format_table(recs: List[dict]) -> str:
 
 
 def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
-    """One bar chart of tokens/s per workload (provider x mode)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One bar chart of tokens/s per workload (provider x mode); none without matplotlib."""
+    if not plots.have_pyplot():
+        return []
+    plt = plots.plt
     written = []
     for name in dict.fromkeys(r["workload"] for r in recs):
         ok = [r for r in recs if r["workload"] == name and r["status"] == "ok"]
@@ -321,21 +319,41 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     return written
 
 
+def missing_dependency(workload: Workload) -> Optional[str]:
+    """Why ``workload`` cannot run in this process (the Llama workloads need transformers), or None."""
+    if workload.model != "llama":
+        return None
+    try:
+        import transformers  # noqa: F401  (an optional dependency: the "hf" extra)
+    except ImportError as error:
+        return f"transformers is not installed ({error})"
+    return None
+
+
+def _not_run(workload: Workload, provider: str, mode: str, device: DeviceInfo, status: str, reason: str) -> dict:
+    """The record of a point that was not measured, and why."""
+    return {"workload": workload.name, "kind": workload.kind, "provider": provider, "mode": mode,
+            "device": device.name, "status": status, "reason": reason, "tokens_per_s": None, "ms_per_step": None,
+            "peak_bytes": None}
+
+
 def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]] = None,
         deadline: Optional[float] = None) -> List[dict]:
-    """Every (workload, provider, mode) record; past ``deadline`` (time.monotonic) the rest are 'skipped'."""
+    """Every (workload, provider, mode) record; past ``deadline`` (time.monotonic) the rest are 'skipped', and
+    the Llama ones are 'unavailable' without transformers."""
     recs = []
     for workload in workloads(device.kind, quick):
         if only and not any(word in workload.name for word in only):
             continue
         providers = GPT_PROVIDERS if workload.model == "gpt" else hf_providers()
+        missing = missing_dependency(workload)
         for provider in providers:
             for mode in modes(workload, provider, device.torch_device, quick):
+                if missing is not None:
+                    recs.append(_not_run(workload, provider, mode, device, "unavailable", missing))
+                    continue
                 if deadline is not None and time.monotonic() > deadline:
-                    recs.append({"workload": workload.name, "kind": workload.kind, "provider": provider,
-                                 "mode": mode, "device": device.name, "status": "skipped",
-                                 "reason": "time budget spent", "tokens_per_s": None, "ms_per_step": None,
-                                 "peak_bytes": None})
+                    recs.append(_not_run(workload, provider, mode, device, "skipped", "time budget spent"))
                     continue
                 recs.append(measure(workload, provider, mode, device, repeats))
                 print(f"  {workload.name} / {provider} / {mode}: {recs[-1]['status']} "

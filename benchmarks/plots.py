@@ -7,16 +7,26 @@ counted FLOPs over the fused causal kernel's (where the sliding-window and docum
 savings). A panel with nothing to show is left out.
 """
 import os
+import sys
 from typing import List
 
-import matplotlib
+from benchmarks.analysis import CAUSAL, counted_bytes, counted_flops, loglog_slope, model_ms, peak_bytes, time_ms
+from benchmarks.device import DeviceInfo
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+try:
+    import matplotlib
 
-from benchmarks.analysis import (CAUSAL, counted_bytes, counted_flops, loglog_slope, model_ms,  # noqa: E402
-                                 peak_bytes, time_ms)
-from benchmarks.device import DeviceInfo  # noqa: E402
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+except ImportError:  # optional (the "bench" extra): the records are written all the same, without plots
+    plt = None
+
+
+def have_pyplot() -> bool:
+    """Whether matplotlib is installed; if not, says on stderr that no PNG will be written."""
+    if plt is None:
+        print("matplotlib is not installed: no plots written (pip install matplotlib)", file=sys.stderr, flush=True)
+    return plt is not None
 
 
 def _series(rows: List[dict], metric):
@@ -108,7 +118,9 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
 
 
 def plot_all(records: List[dict], device: DeviceInfo, out_dir: str, prefix: str) -> List[str]:
-    """One figure per (op, mode) present in ``records``: ``<prefix>_<op>_<mode>.png``."""
+    """One figure per (op, mode) present in ``records``: ``<prefix>_<op>_<mode>.png``; none without matplotlib."""
     keys = list(dict.fromkeys((r["op"], r["mode"]) for r in records))
+    if not have_pyplot():
+        return []
     return [plot_op(records, op, mode, device, os.path.join(out_dir, f"{prefix}_{op}_{mode.replace('+', '_')}.png"))
             for op, mode in keys]

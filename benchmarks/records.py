@@ -52,7 +52,7 @@ def write(out_dir: str, name: str, doc: dict) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.csv")
     with open(json_path, "w") as f:
-        json.dump(doc, f, indent=1)
+        json.dump(doc, f, indent=1, default=str)  # a value JSON has no type for (a dtype, a path) as its text
     rows = [_flatten(r) for r in doc["records"]]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(csv_path, "w", newline="") as f:

@@ -17,6 +17,7 @@ from benchmarks.device import DeviceInfo, detect
 from benchmarks.providers import Case
 from kernels.attention import configs
 from kernels.registry import all_builds
+from tests.test_bench_audit import without_optional_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = gpu_check.AttentionShape(batch=1, heads=2, kv_heads=1, length=40)
@@ -28,9 +29,13 @@ def _build(kernel, default, dtype="fp16", head_dim=64):
                 and b.signature.get("Q") == f"*{dtype}" and b.constexprs["HEAD_DIM"] == head_dim)
 
 
-def test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0(tmp_path):
+@pytest.mark.parametrize("optional_packages", [True, False])
+def test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0(tmp_path, optional_packages):
+    """Also where matplotlib, tqdm, pytest and transformers are missing (``python -m benchmarks`` imported matplotlib
+    for every command)."""
     out = tmp_path / "out"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU even on a GPU machine
+    env = (dict(os.environ, CUDA_VISIBLE_DEVICES="") if optional_packages  # no GPU even on a GPU machine
+           else without_optional_packages(tmp_path))
     done = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

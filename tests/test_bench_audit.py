@@ -1,0 +1,132 @@
+"""The benchmarks on a machine with only torch, triton and numpy (a lent GPU machine can install nothing): every
+optional package (matplotlib, tqdm, pytest, transformers) missing degrades to a message or an "unavailable" record,
+never a crash or a failure of ours; and ``gpu-check`` keeps what it measured as it goes, within the command's
+time limit counted from the process's start."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from benchmarks import decode, gpu_check, model, plots, records
+from benchmarks.device import detect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONAL = ("matplotlib", "tqdm", "pytest", "xdist", "pytest_benchmark", "transformers", "liger_kernel",
+            "flash_attn")
+
+
+def without_optional_packages(tmp_path) -> dict:
+    """An environment that sees no GPU and whose Python cannot import :data:`OPTIONAL`: a package of each name on
+    PYTHONPATH, ahead of the installed one, that raises ModuleNotFoundError as a missing one would."""
+    site = tmp_path / "site"
+    for name in OPTIONAL:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", "
+                                                 f"name={name!r})\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), CUDA_VISIBLE_DEVICES="")
+
+
+def _missing(monkeypatch, *names):
+    """Imports of ``names`` fail in this process (None in sys.modules: ImportError, and find_spec gives None)."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_suite_without_matplotlib_or_tqdm_writes_its_records_and_says_there_are_no_plots(tmp_path):
+    env = without_optional_packages(tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "suite", "--quick", "--ops", "softmax", "--providers",
+                           "torch", "--max-len", "256", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(out)) == ["suite.csv", "suite.json"]
+    assert "matplotlib is not installed: no plots written" in done.stderr
+    with open(out / "suite.json") as f:
+        doc = json.load(f)
+    assert {r["status"] for r in doc["records"]} == {"ok"} and len(doc["records"]) == 2
+    assert doc["device"]["name"] == "CPU (Triton interpreter)"
+
+
+def test_decode_without_matplotlib_writes_its_json_and_tables(tmp_path, monkeypatch, capsys):
+    _missing(monkeypatch, "matplotlib", "matplotlib.pyplot")
+    monkeypatch.setattr(plots, "plt", None)
+    assert decode.main(["--out", str(tmp_path), "--no-count"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["decode.json", "decode.md"]
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err
+    assert captured.out.rstrip().endswith(f"wrote: {tmp_path / 'decode.json'}, {tmp_path / 'decode.md'}")
+
+
+def test_model_without_transformers_records_the_llama_workloads_unavailable_not_failed(monkeypatch):
+    _missing(monkeypatch, "transformers")
+    recs = model.run(detect(), quick=True, repeats=1, only=["llama"])
+    assert recs and {r["status"] for r in recs} == {"unavailable"}
+    assert all(r["reason"].startswith("transformers is not installed") for r in recs)
+    assert not any(gpu_check.is_failure(r) for r in recs)  # "triton (patch)" is ours: an error would fail the run
+
+
+def test_gpu_check_tests_phase_without_pytest_is_unavailable_not_failed(monkeypatch):
+    _missing(monkeypatch, "pytest")
+    [record] = gpu_check.run_tests(detect(), gpu_check.Budget(30.0), ["tests/test_tolerance.py"])
+    assert record["status"] == "unavailable" and record["reason"] == "pytest is not installed"
+    assert not gpu_check.is_failure(record)
+    assert "| pytest -q tests/test_tolerance.py | unavailable | - | pytest is not installed |" in \
+        gpu_check._tests_section([record])
+
+
+def test_gpu_check_writes_each_phase_records_as_it_goes_and_keeps_them_when_the_phase_fails(monkeypatch):
+    """Inside a phase the files are rewritten with its records so far (status "running"); a phase that raises
+    keeps the records it made before the exception."""
+    monkeypatch.setattr(gpu_check, "PARTIAL_SAVE_S", 0.0)
+
+    def phase(device, budget):
+        gpu_check.within(budget, [1, 2], lambda item: {"phase": "rows", "status": "ok", "item": item}, dict)
+        raise RuntimeError("a CUDA error")
+
+    monkeypatch.setattr(gpu_check, "PHASES", {"rows": phase})
+    saves = []
+    gpu_check.run_phases(detect(), ["rows"], {"rows": 30.0},
+                         lambda recs, phases: saves.append(([r["item"] for r in recs], [dict(p) for p in phases])))
+    assert [items for items, _ in saves] == [[1], [1, 2], [1, 2]]
+    assert [p[0]["status"] for _, p in saves] == ["running", "running", "error"]
+    assert saves[-1][1][0]["reason"] == "RuntimeError: a CUDA error" and saves[-1][1][0]["records"] == 2
+    running = gpu_check.document(detect(), {}, [], saves[0][1])
+    assert running["status"] == "incomplete"
+
+
+def test_gpu_check_summary_survives_a_section_that_cannot_render():
+    """The summary is rewritten after every phase: a record a section does not expect must not end the run."""
+    host = {"phase": "overhead", "kind": "host", "op": "softmax", "pass": "forward", "provider": "ours",
+            "us_per_call": 20.0, "status": "ok", "launches": "real"}  # torch's and the minimal op's are missing
+    phases = [{"phase": "overhead", "status": "ok", "reason": None, "budget_s": 60.0, "duration_s": 1.0,
+               "records": 1, "skipped": 0, "failed": 0}]
+    text = gpu_check.markdown(gpu_check.document(detect(), {}, [host], phases))
+    assert "## overhead\n\nThis section could not be rendered (KeyError: " in text
+    assert "## Phases" in text
+
+
+def test_gpu_check_counts_its_total_from_the_process_start(monkeypatch):
+    """Importing torch, triton and the kernels takes seconds of the command's limit too."""
+    assert 0.0 < gpu_check.startup_s() <= gpu_check.STARTUP_TRUSTED_S
+    started = subprocess.run([sys.executable, "-c", "import time; time.sleep(1.0); from benchmarks import gpu_check;"
+                              "print(gpu_check.startup_s())"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert 1.0 <= float(started.stdout) <= gpu_check.STARTUP_TRUSTED_S, started.stderr
+    totals = []
+    monkeypatch.setattr(gpu_check, "no_gpu_message", lambda device: None)
+    monkeypatch.setattr(gpu_check, "startup_s", lambda: 25.0)
+    monkeypatch.setattr(gpu_check, "run_phases", lambda device, names, budgets, save, total_s: (
+        totals.append(total_s), save([], []))[1])
+    monkeypatch.setattr(gpu_check, "write", lambda out, doc: [])
+    gpu_check.main(["--phases", "tests"])
+    assert totals == [gpu_check.TOTAL_S - 25.0]
+
+
+def test_records_json_writes_values_json_has_no_type_for_as_text(tmp_path):
+    doc = records.document("suite", detect(), {"dtype": torch.float16, "started": time.monotonic}, [], [])
+    [json_path, _] = records.write(str(tmp_path), "suite", doc)
+    with open(json_path) as f:
+        assert json.load(f)["config"]["dtype"] == "torch.float16"
