@@ -17,6 +17,9 @@ Differences from flash-attn 2.x, all functions:
   deterministic.
 - Bad shapes and dtypes raise TypeError/ValueError naming the argument, before anything runs, rather than a CUDA
   error; ``max_seqlen*`` shorter than the longest sequence raises (flash-attn silently drops rows).
+- ``softmax_lse`` with causal ALiBi is the docstring's logsumexp of the scaled scores minus slope * |i + seqlen_k -
+  seqlen_q - j|; flash-attn's causal kernels add slope * j instead (the same out, but their lse is larger by
+  slope * (i + seqlen_k - seqlen_q)).
 - ``return_attn_probs``: ``S_dmask`` is None without dropout, as in flash-attn; with dropout it is the exact
   softmax, computed in float64 and rounded once to q's dtype, negated where the element was dropped, and not
   rounded up to multiples of 128: (B, H, seqlen_q, seqlen_k), or for the varlen functions (batch_size, H,
@@ -51,7 +54,16 @@ Differences, ``flash_attn_with_kvcache``:
   (flash-attn: a multiple of 256); ``cache_leftpad`` with a paged cache (flash-attn refuses the pair).
 - Stricter checks, before anything runs: an int ``cache_seqlens`` must leave room for the new keys, the cache needs
   at least B rows without ``cache_batch_idx``, inputs that require grad raise while grad mode is on (flash-attn
-  returns a result without a graph).
+  returns a result without a graph). The values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and
+  ``block_table`` are checked on the device before the cache is written (ValueError on CPU, a device assert on a
+  GPU; flash-attn does not check them): among them, a ``cache_batch_idx`` that repeats a row while k/v are
+  appended raises (flash-attn keeps one of the duplicates' writes, unspecified which), and so do rotated queries at
+  positions without a row in ``rotary_cos``.
+- q's rotary positions follow flash-attn's docstring: cache_seqlens + i when causal or ``window_size`` != (-1, -1),
+  else all cache_seqlens. flash-attn's kernels first treat a window side >= the cache's positions as -1, so a
+  non-causal call whose window sides are each -1 or at least the cache's positions rotates its queries all at
+  cache_seqlens there, at cache_seqlens + i here (the same keys are visible either way unless Sq exceeds the cache's
+  positions + 1): pass window_size=(-1, -1) for flash-attn's rotation.
 - The new keys/values are appended, and q and the keys rotated, by a launch before the attention kernel (flash-attn
   does it inside its attention kernel); the results are the same.
 - The split heuristic is this package's (``kernels.attention.decode.choose_splits``), not flash-attn's.
