@@ -236,7 +236,8 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         return_probs = _flag("return_attn_probs", return_attn_probs)
     # None: attention_seq_first's default; q, k, v are checked there before anything runs
     scale = None if softmax_scale is None else _softmax_scale(softmax_scale, _head_dim(q, k, v))
-    rng_state = _rng_state(q.device) if return_probs else None
+    # only dropout's S_dmask reads the state (and torch.compile cannot trace get_rng_state)
+    rng_state = _rng_state(q.device) if return_probs and dropout_p else None
     # out is laid out as q, so (B, S, H, D) contiguous unless q is packed
     result = attention_seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap,
                                  alibi_slopes, dropout_p)
@@ -300,7 +301,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     max_seqlen_q, max_seqlen_k = _host(max_seqlen_q), _host(max_seqlen_k)
     check_tensor("q", q, ndim=3)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    rng_state = _rng_state(q.device) if return_probs else None
+    # only dropout's S_dmask reads the state (and torch.compile cannot trace get_rng_state)
+    rng_state = _rng_state(q.device) if return_probs and dropout_p else None
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
                                 return_lse=True, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                 block_table=block_table, **variants)

@@ -72,8 +72,9 @@ def check_scale(scale, d: int) -> float:
     """``scale`` as a float (1/sqrt(d) for None); TypeError unless it is a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
+    # a comparison, not math.isfinite: torch.compile traces it on a symbolic float (a scale that varies)
     if (type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real))
-            or not math.isfinite(scale)):
+            or not -math.inf < scale < math.inf):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 

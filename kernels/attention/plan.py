@@ -84,14 +84,26 @@ class VariantTensors(NamedTuple):
 NO_TENSORS = VariantTensors()
 
 
-@functools.lru_cache(maxsize=1024)
-def attention_variant(causal: bool, causal_shift: int, scale: float, window_left: int = -1, window_right: int = -1,
-                      attention_chunk: int = 0, softcap: float = 0.0, dropout_p: float = 0.0, mask_mod: int = -1,
-                      score_mod: int = -1, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> AttentionVariant:
-    """The :class:`AttentionVariant` of a call's checked scalars (``max_seqlen_q/k`` of packed sequences), made
-    once per distinct one: a frozen dataclass takes about a µs to build, and a model's calls repeat a handful."""
+def _new_variant(causal: bool, causal_shift: int, scale: float, window_left: int = -1, window_right: int = -1,
+                 attention_chunk: int = 0, softcap: float = 0.0, dropout_p: float = 0.0, mask_mod: int = -1,
+                 score_mod: int = -1, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> AttentionVariant:
     return AttentionVariant(causal, causal_shift, scale, window_left, window_right, attention_chunk, softcap,
                             dropout_p, max_seqlen_q, max_seqlen_k, mask_mod, score_mod)
+
+
+_memoised_variant = functools.lru_cache(maxsize=1024)(_new_variant)
+
+
+def attention_variant(*scalars) -> AttentionVariant:
+    """The :class:`AttentionVariant` of a call's checked scalars, by position: (causal, causal_shift, scale,
+    window_left=-1, window_right=-1, attention_chunk=0, softcap=0.0, dropout_p=0.0, mask_mod=-1, score_mod=-1,
+    max_seqlen_q=0, max_seqlen_k=0) (``max_seqlen_q/k`` of packed sequences). Made once per distinct one in eager
+    (a frozen dataclass takes about a µs to build, and a model's calls repeat a handful); made anew while
+    torch.compile or torch.export traces, where a size can be symbolic (a dynamic Nk - Nq: unhashable) and
+    dynamo would trace past the cache anyway (warning that it does)."""
+    if torch.compiler.is_compiling():
+        return _new_variant(*scalars)
+    return _memoised_variant(*scalars)
 
 
 def _no_tensor():

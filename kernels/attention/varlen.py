@@ -398,7 +398,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if (type(causal) is bool and (scale is None or type(scale) is float) and type(window_size) is tuple
             and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
             and type(softcap) is float and type(dropout_p) is float and type(max_seqlen_q) is int
-            and type(max_seqlen_k) is int):
+            and type(max_seqlen_k) is int and not torch.compiler.is_compiling()):  # dynamo warns past a cache
         variant = _plain_variant(causal, scale, window_size, softcap, dropout_p, head_dim, max_seqlen_q,
                                  max_seqlen_k)
     else:

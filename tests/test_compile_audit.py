@@ -1,0 +1,146 @@
+"""Attention as a user compiles and exports it: a scale that varies from call to call, torch.export with a
+dynamic sequence length, flash-attn's return_attn_probs under fullgraph, no warning from dynamo, and how often
+dynamic shapes and packed offsets recompile. Compiled results equal eager ones exactly (the same launches)."""
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels import flash_attn
+
+
+def _exact(got, want):
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _compiled_versions(fn) -> int:
+    """How many compiled versions of ``fn`` dynamo holds: 1 unless something recompiled."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__))
+
+
+def _qkv(device, n_q=5, n_k=5, requires_grad=False):
+    """q (2, 4, n_q, 8), k, v (2, 2, n_k, 8) float32: GQA, odd lengths."""
+    shapes = ((2, 4, n_q, 8), (2, 2, n_k, 8), (2, 2, n_k, 8))
+    return [torch.randn(*s, device=device, requires_grad=requires_grad) for s in shapes]
+
+
+_SCALED = {
+    "attention": lambda q, k, v, scale: kernels.attention(q, k, v, causal=True, scale=scale),
+    "sdpa": lambda q, k, v, scale: kernels.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                        enable_gqa=True),
+    "flash_attn_func": lambda q, k, v, scale: flash_attn.flash_attn_func(
+        *(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, causal=True),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_SCALED))
+def test_a_scale_that_varies_compiles_in_one_graph(entry, device):
+    """Dynamo makes a float argument that changed symbolic (automatic dynamic): the scale check traces on it
+    (it called math.isfinite, which dynamo cannot put in a graph: fullgraph failed at the second scale)."""
+    torch._dynamo.reset()
+    fn = _SCALED[entry]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    q, k, v = _qkv(device)
+    for scale in (0.25, 0.5, 0.75):
+        _exact(compiled(q, k, v, scale), fn(q, k, v, scale))
+
+
+class _Block(torch.nn.Module):
+    """A projection, attention (causal, GQA) and an RMS norm: what a user exports."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.norm = kernels.RMSNorm(8)
+
+    def forward(self, x, kv):
+        return self.norm(kernels.attention(self.proj(x), kv, kv, causal=True))
+
+
+def test_export_with_a_dynamic_sequence_length(device):
+    """torch.export (non-strict: the Python runs on symbolic sizes) with dynamic lengths: the variant's memo
+    hashed the symbolic Nk - Nq (TypeError: unhashable SymInt). The program runs at other lengths as eager."""
+    model = _Block().to(device)
+    x, kv = torch.randn(2, 4, 5, 8, device=device), torch.randn(2, 2, 7, 8, device=device)
+    n_q, n_k = torch.export.Dim("n_q", min=2, max=64), torch.export.Dim("n_k", min=2, max=64)
+    program = torch.export.export(model, (x, kv), dynamic_shapes={"x": {2: n_q}, "kv": {2: n_k}})
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "kernels.flash_attention_forward.default" in ops
+    for lengths in ((5, 7), (9, 4), (3, 11)):
+        x, kv = torch.randn(2, 4, lengths[0], 8, device=device), torch.randn(2, 2, lengths[1], 8, device=device)
+        _exact(program.module()(x, kv), model(x, kv))
+
+
+def test_flash_attn_return_attn_probs_without_dropout_compiles_fullgraph(device):
+    """return_attn_probs=True without dropout (for softmax_lse) read the generator's state on the host first,
+    which dynamo cannot trace (a graph break: fullgraph failed); only dropout's S_dmask needs it."""
+    torch._dynamo.reset()
+    q, k, v = (t.transpose(1, 2) for t in _qkv(device, n_q=5, n_k=6))
+    cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32, device=device)
+    packed = [torch.randn(9, h, 8, device=device) for h in (4, 2, 2)]
+
+    def dense(q, k, v):
+        return flash_attn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+
+    def varlen(q, k, v, cu):
+        return flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True, return_attn_probs=True)
+
+    for fn, args in ((dense, (q, k, v)), (varlen, (*packed, cu))):
+        (out, lse, s_dmask), (want_out, want_lse, _) = torch.compile(fn, fullgraph=True, backend="aot_eager")(
+            *args), fn(*args)
+        _exact(out, want_out)
+        _exact(lse, want_lse)
+        assert s_dmask is None
+
+
+def test_compiling_attention_and_varlen_warns_nothing(device, monkeypatch):
+    """Dynamo warned on every process's first compile that it traced past the variants' lru_cache."""
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # dynamo warns once per process
+    torch._dynamo.reset()
+    q, k, v = _qkv(device)
+    cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32, device=device)
+    packed = [torch.randn(9, h, 8, device=device) for h in (4, 2, 2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(lambda q, k, v: kernels.attention(q, k, v, causal=True), fullgraph=True,
+                      backend="aot_eager")(q, k, v)
+        torch.compile(lambda q, k, v, cu: kernels.attention_varlen(q, k, v, cu, cu, 4, 4), fullgraph=True,
+                      backend="aot_eager")(*packed, cu)
+    assert [str(w.message) for w in caught if "lru_cache" in str(w.message)] == []
+
+
+def test_dynamic_lengths_compile_once_forward_and_backward(device):
+    """dynamic=True: three sequence lengths (with a padding mask, sinks and a window) share one graph, and
+    outputs and gradients equal eager's."""
+    torch._dynamo.reset()
+    sinks = torch.randn(4, device=device, requires_grad=True)
+
+    def fn(q, k, v, mask):
+        return kernels.attention(q, k, v, causal=True, key_padding_mask=mask, sinks=sinks, window_size=(3, 0))
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (5, 8, 11):
+        q, k, v = _qkv(device, n_q=n, n_k=n + 2, requires_grad=True)
+        mask = torch.arange(n + 2, device=device) < torch.tensor([[n], [n + 2]], device=device)
+        got, want = compiled(q, k, v, mask), fn(q, k, v, mask)
+        _exact(got, want)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), (q, k, v, sinks)),
+                        torch.autograd.grad(want.square().sum(), (q, k, v, sinks))):
+            _exact(g, w)
+    assert _compiled_versions(fn) == 1
+
+
+def test_new_packed_offsets_do_not_recompile(device):
+    """cu_seqlens are device tensors: new boundaries (same batch and total) reuse the graph."""
+    torch._dynamo.reset()
+    packed = [torch.randn(9, h, 8, device=device) for h in (4, 2, 2)]
+
+    def fn(q, k, v, cu):
+        return kernels.attention_varlen(q, k, v, cu, cu, 9, 9, causal=True)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for offsets in ([0, 3, 7, 9], [0, 1, 1, 9], [0, 5, 8, 9]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        _exact(compiled(*packed, cu), fn(*packed, cu))
+    assert _compiled_versions(fn) == 1
