@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import _rows as rows_module
 from test_layernorm import check_norm
+from test_softmax import check_against_reference
 from tolerance import BACKWARD, assert_close
 
 # numpy's notes on the NaN/inf arithmetic the interpreter does for the rows below
@@ -108,6 +109,23 @@ def test_softmax_nan_and_plus_inf_propagate_as_torch(monkeypatch, device, log, d
     # the rule counts NaN in both as equal and NaN in one only as an infinite error
     assert_close(y, exact, want, name="y")
     assert_close(dx, exact_dx, want_dx, BACKWARD, name="dx")
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("online", [False, True])
+def test_softmax_of_fp16_rows_near_65504_within_torch_error(monkeypatch, device, log, online):
+    """Scores at fp16's limits: fp32 math inside, so the output and input gradient stay finite and within the
+    float64 rule. Softmax takes +-65504 (x - max overflows fp16); log-softmax a spread of 65504, the widest whose
+    results fp16 can hold."""
+    if online:
+        monkeypatch.setattr(softmax_module, "MAX_BLOCK", 16)
+        monkeypatch.setattr(softmax_module, "LONG_BLOCK", 8)
+    low = 0.0 if log else -65504.0
+    x = low + torch.rand(4, 40, device=device) * (65000 - low)
+    x[:, 0] = 65504.0
+    x[:, 25] = low
+    x[2, 30] = 65504.0  # a tie for the max in a later chunk
+    check_against_reference(x.half(), log=log)
 
 
 def _norm_pair(rms):
