@@ -426,6 +426,7 @@ def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]
             "backward": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))}
 
 
+@torch.compiler.disable  # a graph break under torch.compile: the ring's transfers and host checks run eagerly
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                    scale: Optional[float] = None, *, group=None, layout: str = "zigzag", return_lse: bool = False):
     """This rank's shard of ``kernels.attention(q_full, k_full, v_full, causal, scale)``, differentiable.

@@ -4,6 +4,7 @@ Every rank builds the same full sequence, computes the float64 reference, PyTorc
 single-process kernel on it, then shards them; its ring_attention shard must obey the tolerance rule against the
 float64 shard (forward, lse, dq/dk/dv). The processes are spawned once per world size and serve every case.
 """
+import importlib
 import math
 import multiprocessing
 import os
@@ -210,16 +211,17 @@ def case_training_matches_single_process(settings, exact, low):
 
 
 def _serve(rank, world, port, tasks, results):
-    """A rank of the test group: join it, then run each case sent by the test, reporting its traceback."""
+    """A rank of the test group: join it, then run each case sent by the test (its module and name: other test
+    modules share these groups), reporting its traceback."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=CASE_TIMEOUT_S))
     try:
         x = torch.randn(1, 1, 4, 8, requires_grad=True)  # the interpreter's first launches are slow: not in a case
         ring_attention(x, x, x, causal=True).sum().backward()
         results.put((rank, "ready"))
-        for name, kwargs in iter(tasks.get, None):
+        for module, name, kwargs in iter(tasks.get, None):
             try:
-                globals()[name](**kwargs)
+                getattr(importlib.import_module(module), name)(**kwargs)
                 results.put((rank, None))
             except BaseException:  # noqa: B036  (reported to the test, which fails with it)
                 results.put((rank, traceback.format_exc()))
@@ -264,7 +266,7 @@ class _Group:
 
     def run(self, case, timeout: float = CASE_TIMEOUT_S, **kwargs) -> None:
         for tasks in self.tasks:
-            tasks.put((case.__name__, kwargs))
+            tasks.put((case.__module__, case.__name__, kwargs))
         failures = {r: e for r, e in self._collect(timeout, case.__name__).items() if e is not None}
         if failures:
             pytest.fail("\n".join(f"rank {r}:\n{e}" for r, e in sorted(failures.items())), pytrace=False)
