@@ -244,10 +244,11 @@ def run(world: int, device, dims: Dict, max_len: int, out_dir: str, config: dict
     """The command: every length of ``scaling.lengths(max_len)`` that splits into 2P chunks, both layouts."""
     if world < 1:
         raise ValueError(f"--context-parallel must be a positive number of ranks, got {world}")
-    points = [{"layout": layout, "length": n, **dims} for n in scaling.lengths(max_len) if n % (2 * world) == 0
-              for layout in LAYOUTS]
+    lengths = scaling.lengths(max_len)
+    points = [{"layout": layout, "length": n, **dims} for n in lengths if n % (2 * world) == 0 for layout in LAYOUTS]
     if not points:
-        raise ValueError(f"no length up to {max_len} splits into {2 * world} chunks")
+        raise ValueError(f"--context-parallel {world} needs a length that splits into {2 * world} chunks; scaling's "
+                         f"lengths (powers of two from 128 to --max-len {max_len}) are {lengths}")
     recs = [_record(ranks) for ranks in _spawn(world, points)]
     print(_table(recs))
     doc = records.document("scaling_context_parallel", device, config, recs, [])

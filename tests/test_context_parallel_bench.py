@@ -45,3 +45,12 @@ def test_scaling_takes_context_parallel():
     assert _parser("scaling").parse_args(["--context-parallel", "4"]).context_parallel == 4
     with pytest.raises(SystemExit):
         _parser("suite").parse_args(["--context-parallel", "4"])
+
+
+@pytest.mark.parametrize("world,max_len,lengths", [(2, 64, r"\[\]"), (3, 1024, r"\[128, 256, 512, 1024\]")])
+def test_run_without_a_length_that_splits_names_the_lengths(world, max_len, lengths):
+    """--max-len 64 said that no length up to 64 splits into 4 chunks (64 does: the lengths start at 128); 3 ranks
+    need 6 chunks, which no power of two splits into. Raised before any rank is spawned."""
+    with pytest.raises(ValueError, match=rf"--context-parallel {world} needs a length that splits into {2 * world} "
+                                         rf"chunks; .* --max-len {max_len}\) are {lengths}"):
+        context_parallel.run(world, None, {}, max_len, "unused", {})
