@@ -139,15 +139,20 @@ def _fields(schema: _Schema, row: List[int]) -> Dict[str, Tuple[List[int], objec
     return fields
 
 
-def _collective_device(group) -> torch.device:
-    """Where the group's collectives take a small tensor: NCCL takes only CUDA tensors (the current device, as
-    torch.distributed's object collectives use), every other backend CPU ones."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _collective_device(group, like) -> torch.device:
+    """Where the group's collectives take a small tensor: every backend but NCCL CPU ones; NCCL only CUDA ones, on
+    the device of ``like`` (the caller's tensor) where it is one: a script that puts its tensors on cuda:LOCAL_RANK
+    without torch.cuda.set_device would otherwise gather every rank's on cuda:0, the current device that
+    torch.distributed's object collectives use."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if isinstance(like, torch.Tensor) and like.is_cuda:
+        return like.device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
-def _agree(what: str, group, schema: _Schema, local_facts: Callable[[], Dict[str, object]]) -> Dict[str, object]:
+def _agree(what: str, group, schema: _Schema, local_facts: Callable[[], Dict[str, object]],
+           like) -> Dict[str, object]:
     """``local_facts()`` of this rank once every rank of ``group`` has checked its own inputs and all found the
     same facts; otherwise every rank raises at once: a rank whose ``local_facts`` raised its own error, the others
     a ValueError naming the failed ranks, or, all having passed, every rank the same ValueError naming the facts
@@ -157,7 +162,7 @@ def _agree(what: str, group, schema: _Schema, local_facts: Callable[[], Dict[str
     disagreeing rank never joins (until the process group's timeout, 30 minutes by default), nor gathers tensors
     of another size (gloo aborts the process, others return uninitialised memory). It is ONE all_gather of a
     small int64 tensor per call, whose result the host reads: one device sync per call, the price of raising
-    on every rank together.
+    on every rank together. ``like``: the caller's tensor, whose device an NCCL group gathers on.
     """
     try:
         facts, error = local_facts(), None
@@ -165,7 +170,7 @@ def _agree(what: str, group, schema: _Schema, local_facts: Callable[[], Dict[str
     except Exception as local_error:  # noqa: BLE001  (re-raised below, once the other ranks know)
         error = local_error
         row = [0] * (1 + sum(codec.slots for _, codec in schema))
-    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group))
+    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group, like))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).tolist()
@@ -227,7 +232,8 @@ def unshard(x_local: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=N
     every rank raises the same ValueError (checked with one small all_gather before the data's)."""
     _check_group(group, "unshard")
     world = dist.get_world_size(group)
-    dim = _agree("unshard", group, _UNSHARD_SCHEMA, lambda: _unshard_facts(x_local, dim, layout, world))["dim"]
+    dim = _agree("unshard", group, _UNSHARD_SCHEMA, lambda: _unshard_facts(x_local, dim, layout, world),
+                 x_local)["dim"]
     size = _pieces(x_local.shape[dim] * world, layout, world, "x_local")
     x_local = x_local.contiguous()
     gathered = [torch.empty_like(x_local) for _ in range(world)]
@@ -443,7 +449,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     """
     _check_group(group, "ring_attention")
     rank, world = _rank_and_world(group)
-    facts = _agree("ring_attention", group, _RING_SCHEMA, lambda: _ring_facts(q, k, v, causal, scale, layout, world))
+    facts = _agree("ring_attention", group, _RING_SCHEMA, lambda: _ring_facts(q, k, v, causal, scale, layout, world),
+                   q)
     scale = facts["softmax scale"]
     plans = ring_plans(layout, rank, world, q.shape[2], bool(causal))
     out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, scale, _Ring(group))

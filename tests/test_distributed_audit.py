@@ -2,12 +2,15 @@
 gradients of some inputs or of lse only, three ranks and a subgroup whose ranks are not the global ones.
 
 The gloo process groups are test_distributed's (spawned once per module, every case bounded in time)."""
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
 from benchmarks import context_parallel
+from kernels import distributed
 from kernels.distributed import ring_attention, shard, unshard
 from test_distributed import CASE_TIMEOUT_S, groups  # noqa: F401  (groups: the fixture)
 from tolerance import BACKWARD, FORWARD, assert_close
@@ -43,3 +46,15 @@ def case_compiled_model_runs_ring_attention_eagerly():
 
 def test_ring_attention_under_torch_compile(groups):  # noqa: F811
     groups(2).run(case_compiled_model_runs_ring_attention_eagerly, timeout=2 * CASE_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("backend,on_cuda,expected", [("nccl", True, "cuda:1"), ("nccl", False, "cuda:0"),
+                                                      ("gloo", True, "cpu")])
+def test_nccl_agreement_gathers_on_the_callers_device(monkeypatch, backend, on_cuda, expected):
+    """The ranks' agreement tensor goes where the caller's tensors are: a script that moves them to cuda:LOCAL_RANK
+    without torch.cuda.set_device had every rank gather on cuda:0 (the current device). No GPU here: the backend,
+    the current device and a CUDA tensor are stand-ins."""
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    like = mock.Mock(spec=torch.Tensor, is_cuda=on_cuda, device=torch.device("cuda:1" if on_cuda else "cpu"))
+    assert distributed._collective_device(None, like) == torch.device(expected)
