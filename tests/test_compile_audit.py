@@ -8,6 +8,8 @@ import torch
 
 import kernels
 from kernels import flash_attn
+from kernels.attention import ops
+from kernels.attention.plan import VariantTensors, attention_variant
 
 
 def _exact(got, want):
@@ -144,3 +146,33 @@ def test_new_packed_offsets_do_not_recompile(device):
         cu = torch.tensor(offsets, dtype=torch.int32, device=device)
         _exact(compiled(*packed, cu), fn(*packed, cu))
     assert _compiled_versions(fn) == 1
+
+
+def _op_cases(device):
+    """(name, q, k, v, VariantTensors, AttentionVariant) for the attention ops: flash-attn's layout (transposed
+    views) with GQA, a key padding mask and sinks; packed sequences with ALiBi."""
+    def seq_first(heads, n):
+        return torch.randn(2, n, heads, 5, device=device, requires_grad=True).transpose(1, 2)
+
+    q, k, v = seq_first(4, 3), seq_first(2, 6), seq_first(2, 6)
+    pad = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.uint8, device=device)
+    dense = VariantTensors(kv_bounds=torch.tensor([[0, 6], [1, 4]], dtype=torch.int32, device=device), pad=pad,
+                           sinks=torch.randn(4, device=device, requires_grad=True))
+    cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32, device=device)
+    packed = [torch.randn(8, heads, 5, device=device, requires_grad=True).transpose(0, 1)[None] for heads in (4, 2, 2)]
+    offsets = VariantTensors(alibi_slopes=torch.rand(4, device=device), cu_seqlens_q=cu, cu_seqlens_k=cu)
+    return (("dense", q, k, v, dense, attention_variant(True, 3, 0.4, 2, 0, 0, 5.0)),
+            ("packed", *packed, offsets, attention_variant(True, 0, 0.4, -1, -1, 0, 0.0, 0.0, -1, -1, 5, 5)))
+
+
+def test_attention_ops_pass_opcheck(device):
+    """The ops torch.compile and torch.export put in graphs: schema, fake (shapes, dtypes, strides against the
+    launches') and autograd registration, forward and backward (with an lse gradient)."""
+    for name, q, k, v, tensors, variant in _op_cases(device):
+        args = ops._flat(tensors, variant)
+        torch.library.opcheck(ops._forward_op, (q, k, v, *args))
+        out, lse = ops._forward_op(q, k, v, *args)
+        # the backward op runs inside the forward's backward, on tensors that need no grad (first-order kernels)
+        saved = [t.detach() for t in (q, k, v, out, lse)]
+        detached = ops._flat(VariantTensors(*(t if t is None else t.detach() for t in tensors)), variant)
+        torch.library.opcheck(ops._backward_op, (torch.randn_like(out), *saved, torch.randn_like(lse), *detached))
