@@ -83,3 +83,16 @@ def test_empty_cache(device, with_new):
     torch.testing.assert_close(lse[:, :, 1].double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[:, :, 0].double(), torch.einsum("bhd,bhd->bh", q[:, 0].double(),
                                                                      k_heads[:, 0]) * scale, rtol=1e-5, atol=1e-5)
+
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize("n_q,window,causal", [(1, (INT32_MAX, INT32_MAX), False), (4, (INT32_MAX, -1), True),
+                                               (2, (-1, INT32_MAX), False), (3, (5, INT32_MAX - 2), False)])
+def test_windows_as_wide_as_int32(device, n_q, window, causal):
+    """A window side of up to int32's largest value (a common spelling of "unbounded") sees every key it should:
+    diagonal +- window used to overflow int32 in the kernel, hiding every key of a decode step (zeros out), or
+    those of a causal row block where Sq exceeds the keys by 2 or more."""
+    q, k_cache, v_cache, k, v = _inputs(FP32, device, 2, n_q, 4, 2, 16, 2, 24, 1)
+    _check(FP32, q, k_cache, v_cache, k, v, cache_seqlens=_int32([0, 13], device), causal=causal, window_size=window)

@@ -737,6 +737,15 @@ def _check_window(window_size, causal: bool) -> Tuple[int, int]:
     return left, 0 if causal else right
 
 
+def _kernel_window(window: Tuple[int, int], capacity: int, n_q: int) -> Tuple[int, int]:
+    """``window`` with each side that hides no key of any row made -1 (unbounded): left >= capacity (every
+    diagonal is below the capacity), right >= capacity + Sq - 1 (every diagonal is >= -Sq). The same keys are
+    visible, and the sides left keep diagonal +- window far inside int32 (a side near int32's largest value, a
+    common spelling of "unbounded", overflowed in the kernel)."""
+    left, right = window
+    return -1 if left >= capacity else left, -1 if right >= capacity + n_q - 1 else right
+
+
 def _seqlens_tensor(cache_seqlens, batch: int, n_new: int, capacity: int, device) -> Optional[torch.Tensor]:
     """cache_seqlens as a (B,) int32 tensor (an int is checked against the capacity here, a tensor's values on the
     device by :func:`_check_index_values`)."""
@@ -901,7 +910,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # Contiguous: the kernels read these with unit stride (block_table's rows with its stride(0)).
     leftpad, batch_idx = _contiguous(cache_leftpad), _contiguous(cache_batch_idx)
     block_table = _contiguous(block_table)
-    q_same_position = not causal and window == (-1, -1)
+    q_same_position = not causal and window == (-1, -1)  # the window as given: flash-attn's docstring's rule
+    window = _kernel_window(window, capacity, n_q)
     if not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
