@@ -424,6 +424,9 @@ def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]
         raise ValueError(f"ring_attention: the kernels of this process cannot run on {q.device} tensors "
                          f"({'CPU tensors under the interpreter' if _runtime.INTERPRETED else 'GPU tensors'} needed)")
     _runtime.refuse_forward_ad("ring_attention", q, k, v)
+    if _runtime.in_functorch_transform():  # torch raised a "must override setup_context" error, naming nothing
+        raise NotImplementedError("ring_attention: torch.func transforms (grad, vjp, jacrev, vmap, ...) are not "
+                                  "supported; take its gradients with torch.autograd (backward, autograd.grad)")
     _pieces(q.shape[2] * world, layout, world, "q")
     (batch, heads, n_local, d), kv_heads = q.shape, k.shape[1]
     return {"batch": batch, "heads": heads, "kv heads": kv_heads, "positions per rank": n_local, "head dim": d,

@@ -56,19 +56,19 @@ def _single_process(causal, scale, q, k, v, grad_out, grad_lse):
     return list(zip(exact, low, single))
 
 
-def case_matches_single_process(layout, causal, scale, inputs, expected, repeat):
+def case_matches_single_process(layout, causal, scale, inputs, expected, repeat, group=None):
     """This rank's ring_attention shard of out, lse, dq, dk, dv obeys the rule against the float64 shard, both
     with PyTorch's error and with the single-process kernel's as the baseline; with ``repeat``, a second run
-    (forward and backward) is bitwise identical."""
+    (forward and backward) is bitwise identical. The sequence is split over ``group`` (None: the default one)."""
     def ring(*qkv):
-        return ring_attention(*qkv, causal=causal, scale=scale, layout=layout, return_lse=True)
+        return ring_attention(*qkv, causal=causal, scale=scale, layout=layout, return_lse=True, group=group)
 
-    local = [shard(t, 2, layout) for t in inputs]
+    local = [shard(t, 2, layout, group) for t in inputs]
     got = _attention_with_grads(ring, *local)
     assert got[0].shape == local[0].shape
     for name, g, (e, lo, s) in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         factor = FORWARD if name in ("out", "lse") else BACKWARD
-        e, lo, s = (shard(t, 2, layout) for t in (e, lo, s))
+        e, lo, s = (shard(t, 2, layout, group) for t in (e, lo, s))
         assert g.dtype == s.dtype, name
         assert_close(g, e, lo, factor, name=f"{name} vs torch's error")
         assert_close(g, e, s, factor, name=f"{name} vs the single-process kernel's error")

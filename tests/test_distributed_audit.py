@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from benchmarks import context_parallel
 from kernels import distributed
 from kernels.distributed import ring_attention, shard, unshard
-from test_distributed import CASE_TIMEOUT_S, groups  # noqa: F401  (groups: the fixture)
-from tolerance import BACKWARD, FORWARD, assert_close
+from test_distributed import (CASE_TIMEOUT_S, _single_process, case_matches_single_process,  # noqa: F401
+                              groups)  # groups: the fixture
+from tolerance import BACKWARD, assert_close
 
 
 def _loss_and_grads(attend, q, k, v, loss):
@@ -46,6 +46,76 @@ def case_compiled_model_runs_ring_attention_eagerly():
 
 def test_ring_attention_under_torch_compile(groups):  # noqa: F811
     groups(2).run(case_compiled_model_runs_ring_attention_eagerly, timeout=2 * CASE_TIMEOUT_S)
+
+
+def case_gradients_as_training_code_takes_them(layout, inputs, expected):
+    """Gradients through lse alone (out unused: its gradient reaches the ring as None) obey the rule against the
+    float64 shard; activation checkpointing (reentrant or not) and gradients of k alone give the plain run's
+    gradients bit for bit; a torch.func transform is a clear NotImplementedError (torch's own error named
+    nothing)."""
+    q, k, v, grad_out, grad_lse = (shard(t, 2, layout) for t in inputs)
+
+    def ring(*qkv):
+        return ring_attention(*qkv, causal=True, layout=layout, return_lse=True)
+
+    def grads(loss, need=(True, True, True)):
+        leaves = [t.detach().clone().requires_grad_(n) for t, n in zip((q, k, v), need)]
+        loss(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    lse_only = grads(lambda *qkv: (ring(*qkv)[1] * grad_lse).sum())
+    for name, got, (exact, low, single) in zip(("dq", "dk", "dv"), lse_only, expected[2:]):
+        exact, low, single = (shard(t, 2, layout) for t in (exact, low, single))
+        assert_close(got, exact, low, BACKWARD, name=f"{name} vs torch's error")
+        assert_close(got, exact, single, BACKWARD, name=f"{name} vs the single-process kernel's error")
+
+    def both(out, lse):
+        return (out * grad_out).sum() + (lse * grad_lse).sum()
+
+    plain = grads(lambda *qkv: both(*ring(*qkv)))
+    for reentrant in (True, False):
+        checkpointed = grads(lambda *qkv: both(*torch.utils.checkpoint.checkpoint(ring, *qkv,
+                                                                                  use_reentrant=reentrant)))
+        assert all(torch.equal(c, p) for c, p in zip(checkpointed, plain)), f"use_reentrant={reentrant}"
+    assert torch.equal(grads(lambda *qkv: both(*ring(*qkv)), need=(False, True, False))[1], plain[1])
+    with pytest.raises(NotImplementedError, match="ring_attention: torch.func transforms"):
+        torch.func.grad(lambda x: ring(x, k, v)[0].sum())(q)
+
+
+def test_gradients_as_training_code_takes_them(groups):  # noqa: F811
+    q = torch.randn(1, 2, 8, 24)
+    k, v = (torch.randn(1, 1, 8, 24) for _ in range(2))
+    inputs = (q, k, v, torch.randn(q.shape), torch.randn(1, 2, 8))
+    groups(2).run(case_gradients_as_training_code_takes_them, layout="zigzag", inputs=inputs,
+                  expected=_single_process(True, None, q, k, v, torch.zeros(q.shape), inputs[4]))
+
+
+def case_subgroup_of_later_ranks(layout, inputs, expected):
+    """A ring over global ranks 1 and 2 (its ranks 0 and 1: the transfers address global ranks) matches single-process
+    attention; rank 0, outside it, gets a ValueError."""
+    group = dist.new_group([1, 2])
+    if dist.get_rank() == 0:
+        with pytest.raises(ValueError, match="not a member of group"):
+            ring_attention(*inputs[:3], group=group)
+        return
+    case_matches_single_process(layout, True, None, inputs, expected, repeat=False, group=group)
+
+
+def _inputs(b, h, h_kv, n, d):
+    q = torch.randn(b, h, n, d)
+    k, v = (torch.randn(b, h_kv, n, d) for _ in range(2))
+    return q, k, v, torch.randn(q.shape), torch.randn(b, h, n)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_three_ranks(groups, layout):  # noqa: F811  (the fixture)
+    """An odd ring (3 ranks, zigzag chunks of odd length), GQA, batch 2, then a subgroup of the last two ranks."""
+    inputs = _inputs(2, 4, 2, 18, 24)
+    groups(3).run(case_matches_single_process, layout=layout, causal=True, scale=None, inputs=inputs,
+                  expected=_single_process(True, None, *inputs), repeat=False)
+    inputs = _inputs(1, 2, 1, 8, 40)
+    groups(3).run(case_subgroup_of_later_ranks, layout=layout, inputs=inputs,
+                  expected=_single_process(True, None, *inputs))
 
 
 @pytest.mark.parametrize("backend,on_cuda,expected", [("nccl", True, "cuda:1"), ("nccl", False, "cuda:0"),
