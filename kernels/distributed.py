@@ -448,7 +448,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     all_gather, and if a rank's inputs fail its own checks or the ranks disagree, every rank raises at once.
     Returns out (B, H, N_local, D) in q's dtype, and with ``return_lse`` the fp32 natural-log logsumexp
     (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
-    forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators.
+    forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators. Under torch.compile it
+    is a graph break (it runs eagerly; fullgraph=True refuses it); torch.func transforms raise NotImplementedError.
     """
     _check_group(group, "ring_attention")
     rank, world = _rank_and_world(group)
