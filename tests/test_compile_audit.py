@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl  # noqa: F401  (a @triton.jit function needs it in scope)
 
 import kernels
 from kernels import flash_attn
@@ -176,3 +178,28 @@ def test_attention_ops_pass_opcheck(device):
         saved = [t.detach() for t in (q, k, v, out, lse)]
         detached = ops._flat(VariantTensors(*(t if t is None else t.detach() for t in tensors)), variant)
         torch.library.opcheck(ops._backward_op, (torch.randn_like(out), *saved, torch.randn_like(lse), *detached))
+
+
+@triton.jit
+def _band(b, h, q_idx, kv_idx, width):
+    return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < width)
+
+
+def test_a_mask_mod_whose_block_mask_is_built_per_call_compiles(device):
+    """A MaskMod (not a BlockMask) builds its block mask in each call, by a launch dynamo could not trace
+    (fullgraph failed on Triton's launch lock): the launch is a custom op while tracing. One graph for three
+    lengths under dynamic=True, forward and backward equal to eager."""
+    torch._dynamo.reset()
+    band = kernels.MaskMod(_band, 3)
+
+    def fn(q, k, v):
+        return kernels.attention(q, k, v, mask_mod=band)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (5, 9, 12):
+        q, k, v = _qkv(device, n_q=n, n_k=n, requires_grad=True)
+        got, want = compiled(q, k, v), fn(q, k, v)
+        _exact(got, want)
+        for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            _exact(g, w)
+    assert _compiled_versions(fn) == 1

@@ -271,21 +271,37 @@ def _causes(error: BaseException):
 
 
 def _cell_states(mod: MaskMod, batch: int, heads: int, Nq: int, Nk: int, device: torch.device) -> torch.Tensor:
-    """The (batch, heads, QC, KC) int32 cell states of ``mod`` (one launch); TypeError naming the mod if it
-    returns neither bools nor ints."""
-    states = torch.zeros((batch, heads, cdiv(Nq, CELL), cdiv(Nk, CELL)), dtype=torch.int32,
-                         device=device)
+    """The (batch, heads, QC, KC) int32 cell states of ``mod`` (one launch, the custom op's while torch.compile
+    traces: dynamo cannot trace a launch); TypeError naming the mod if it returns neither bools nor ints."""
+    if torch.compiler.is_compiling():
+        return _cell_states_op(list(mod.tensors), mod.key, batch, heads, Nq, Nk, device)
+    return _launch_cells(list(mod.tensors), mod.key, batch, heads, Nq, Nk, device)
+
+
+def _launch_cells(tensors: List[torch.Tensor], key: int, batch: int, heads: int, Nq: int, Nk: int,
+                  device: torch.device) -> torch.Tensor:
+    """:func:`_cell_states` of the mask mod of registry entry ``key`` with its extra ``tensors``."""
+    states = torch.zeros((batch, heads, cdiv(Nq, CELL), cdiv(Nk, CELL)), dtype=torch.int32, device=device)
     if states.numel():
+        fn, = functions(key)
         try:
             with _runtime.launch_device(states):
                 _block_mask_cells[(states.shape[2] * batch * heads,)](
-                    states, kernel_extra(mod.key, mod.tensors), heads, Nq, Nk, MASK_MOD=mod.fn, CHUNK=CHUNK)
+                    states, kernel_extra(key, tensors), heads, Nq, Nk, MASK_MOD=fn, CHUNK=CHUNK)
         except TritonError as error:  # the kernels' compile-time check of the result's dtype (_mask_mod_shows)
             if not any("mask_mod must return a bool or int tile" in str(e) for e in _causes(error)):
                 raise
-            raise TypeError(f"mask_mod {mod.fn.__name__} must return a bool or int tile (nonzero = the query sees "
+            raise TypeError(f"mask_mod {fn.__name__} must return a bool or int tile (nonzero = the query sees "
                             f"the key), not floats") from error
     return states
+
+
+_cell_states_op = torch.library.custom_op("kernels::block_mask_cells", _launch_cells, mutates_args=())
+
+
+@_cell_states_op.register_fake
+def _(tensors, key, batch, heads, Nq, Nk, device):
+    return torch.empty((batch, heads, cdiv(Nq, CELL), cdiv(Nk, CELL)), dtype=torch.int32, device=device)
 
 
 def _one_for_all(states: torch.Tensor, dim: int, probed: bool, mod: MaskMod, size: str) -> torch.Tensor:
