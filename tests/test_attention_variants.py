@@ -108,6 +108,13 @@ def test_variants_match_float64(kernel_only, device, dtype, causal, b, h, h_kv, 
     _check(device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded, **variants)
 
 
+@pytest.mark.parametrize("softcap", [50.0, 1000.0])
+def test_large_softcap_in_fp32(kernel_only, device, softcap):
+    """Gemma 2's softcap of 50 (and larger) puts the capped scores at |s / cap| < 1/8, where tanh from
+    (1 - e^-2x) / (1 + e^-2x) cancels: fp32 errors were 2-100x torch's before the small-argument series."""
+    _check(device, FP32, True, 1, 2, 1, 23, 30, 24, False, softcap=softcap)
+
+
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=16)])
 def test_window_with_other_tiles(kernel_only, device, config):
     """Tiles wider or narrower than the window: the block-range arithmetic of every kernel, both edges."""
