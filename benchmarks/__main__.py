@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from benchmarks import analysis, plots, records, runner, scaling, suite
 from benchmarks.device import detect
-from benchmarks.providers import OPS
+from benchmarks.providers import OPS, PROVIDERS
 from benchmarks.table import format_fits, format_table
 
 STANDALONE = {"static": "benchmarks.static", "gpu-check": "benchmarks.gpu_check", "decode": "benchmarks.decode",
@@ -35,24 +35,36 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+def positive_int(text: str) -> int:
+    """'64' -> 64; zero, a negative number or not an integer is an argparse error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}", description=__doc__)
     parser.add_argument("--out", default="results", help="folder for the JSON/CSV records and PNG plots")
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
-    parser.add_argument("--max-len", type=int, default=None,
+    parser.add_argument("--max-len", type=positive_int, default=None,
                         help="largest N (scaling default: 1024 on CPU, 16384 on a GPU; suite: no cap)")
-    parser.add_argument("--batch", type=int, help="attention batch (default 1 on CPU, 4 on a GPU)")
-    parser.add_argument("--heads", type=int, help="attention heads (default 2 on CPU, 16 on a GPU)")
-    parser.add_argument("--head-dim", type=int, help="attention head dim (default 64)")
+    parser.add_argument("--batch", type=positive_int, help="attention batch (default 1 on CPU, 4 on a GPU)")
+    parser.add_argument("--heads", type=positive_int, help="attention heads (default 2 on CPU, 16 on a GPU)")
+    parser.add_argument("--head-dim", type=positive_int, help="attention head dim (default 64)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="default float16, on CPU too")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
                         help="memory a point may add, inputs included (e.g. 2GB): CPU caps the memory worker's "
                              "address space, GPU the allocator's fraction; beyond it the point is recorded 'oom'")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
                              "machine makes multi-threaded timings of small ops erratic)")
-    parser.add_argument("--providers", nargs="+", help="only these provider names (e.g. baseline triton)")
+    parser.add_argument("--providers", nargs="+", choices=sorted({p.name for p in PROVIDERS}), metavar="NAME",
+                        help="only these provider names (e.g. baseline triton; one of %(choices)s)")
     if command == "scaling":
         parser.add_argument("--context-parallel", type=int, metavar="P", default=None,
                             help="ring attention over P spawned ranks instead (benchmarks/context_parallel.py)")
@@ -70,7 +82,8 @@ def _progress_bar(total: int, command: str):
     return tqdm(total=total, desc=command, unit="point", file=sys.stderr)
 
 
-def _run(command: str, args: argparse.Namespace) -> int:
+def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Measure ``args``' points, print the table and write the files; ``parser.error`` when there is no point."""
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
     dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items()}
@@ -88,6 +101,9 @@ def _run(command: str, args: argparse.Namespace) -> int:
     variants = command == "scaling"  # the sliding-window and document cases profile scaling, not the suite
     total = sum(len(cases) * len(runner.providers_for(op, args.providers, variants))
                 for op, cases in groups.items())
+    if total == 0:
+        parser.error(f"nothing to measure: no point of {', '.join(groups)} has a length within --max-len and one of "
+                     f"the chosen --providers")
     with _progress_bar(total, command) as bar:
         recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
                           threads=args.threads, providers=args.providers, variants=variants, progress=bar)
@@ -107,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "suite"
     if command in STANDALONE:  # another module's command, imported only when asked for
         return importlib.import_module(STANDALONE[command]).main(argv)
-    return _run(command, _parser(command).parse_args(argv))
+    parser = _parser(command)
+    return _run(command, parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

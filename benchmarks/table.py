@@ -67,4 +67,6 @@ def format_fits(fits: List[dict]) -> str:
                      f"  peak memory p={_num(s['peak_memory'], '{:.2f}')}"
                      f"  bytes moved p={_num(s['counted_bytes'], '{:.2f}')}"
                      f"  FLOPs p={_num(s.get('counted_flops'), '{:.2f}')}")
+    if len(lines) == 1:
+        lines.append("  none: a slope needs two or more lengths of a provider that ran")
     return "\n".join(lines)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from benchmarks import decode, gpu_check, model, plots, records
+from benchmarks.__main__ import main as benchmarks_main
 from benchmarks.device import detect
+from benchmarks.table import format_fits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ("matplotlib", "tqdm", "pytest", "xdist", "pytest_benchmark", "transformers", "liger_kernel",
@@ -130,3 +132,24 @@ def test_records_json_writes_values_json_has_no_type_for_as_text(tmp_path):
     [json_path, _] = records.write(str(tmp_path), "suite", doc)
     with open(json_path) as f:
         assert json.load(f)["config"]["dtype"] == "torch.float16"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["suite", "--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+    (["suite", "--batch", "-1"], "argument --batch: expected a positive integer, got '-1'"),
+    (["scaling", "--max-len", "two"], "argument --max-len: expected a positive integer, got 'two'"),
+    (["suite", "--providers", "bogus"], "argument --providers: invalid choice: 'bogus'"),
+    (["scaling", "--max-len", "64"], "nothing to measure: no point of attention has a length within --max-len"),
+    (["suite", "--ops", "attention", "--providers", "torch"], "nothing to measure: no point of attention"),
+])
+def test_bad_options_are_argparse_errors_before_anything_runs(argv, message, tmp_path, capsys):
+    """Zero threads was a RuntimeError traceback from torch; a selection with no point wrote empty files."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmarks_main(argv + ["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fitted_slopes_say_when_there_is_none():
+    assert format_fits([]).splitlines()[1] == "  none: a slope needs two or more lengths of a provider that ran"
