@@ -10,7 +10,7 @@ import triton.language as tl  # noqa: F401  (a @triton.jit function needs it in 
 
 import kernels
 from kernels import flash_attn
-from kernels.attention import ops
+from kernels.attention import block_mask, ops
 from kernels.attention.plan import VariantTensors, attention_variant
 
 
@@ -203,3 +203,21 @@ def test_a_mask_mod_whose_block_mask_is_built_per_call_compiles(device):
         for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
             _exact(g, w)
     assert _compiled_versions(fn) == 1
+
+
+def test_a_mask_mod_made_inside_the_compiled_function(device, monkeypatch):
+    """document_mask(ids) per step inside a compiled model: the registry entry a new mod adds is made at once
+    (dynamo replayed the traced append after the graph, whose kernels had already looked the key up: IndexError).
+    Registering is a graph break (fullgraph needs the mod made outside); the results equal eager ones."""
+    monkeypatch.setattr(block_mask, "_REGISTRY", [])  # a fresh registry: the mod is new to it
+    monkeypatch.setattr(block_mask, "_KEYS", {})
+    torch._dynamo.reset()
+
+    def fn(q, k, v, doc_ids):
+        return kernels.attention(q, k, v, causal=True, mask_mod=kernels.document_mask(doc_ids))
+
+    compiled = torch.compile(fn, backend="aot_eager")
+    q, k, v = _qkv(device, n_q=9, n_k=9)
+    for ids in ([0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2, 2]):
+        doc_ids = torch.tensor(ids, dtype=torch.int32, device=device)
+        _exact(compiled(q, k, v, doc_ids), fn(q, k, v, doc_ids))

@@ -48,6 +48,9 @@ _REGISTRY: List[Tuple] = []
 _KEYS: Dict[Tuple, int] = {}
 
 
+# Run, not traced, under torch.compile (a graph break): the graph's launches look the key up, and dynamo would
+# replay a traced append to the registry only after the graph ran
+@torch.compiler.disable
 def _register(entry: Tuple) -> int:
     if entry not in _KEYS:
         _KEYS[entry] = len(_REGISTRY)
