@@ -17,6 +17,7 @@ from typing import List, Optional
 from benchmarks import analysis, plots, records, runner, scaling, suite
 from benchmarks.device import detect
 from benchmarks.providers import OPS, PROVIDERS
+from benchmarks.suite import at_least
 from benchmarks.table import format_fits, format_table
 
 STANDALONE = {"static": "benchmarks.static", "gpu-check": "benchmarks.gpu_check", "decode": "benchmarks.decode",
@@ -35,32 +36,21 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def positive_int(text: str) -> int:
-    """'64' -> 64; zero, a negative number or not an integer is an argparse error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}", description=__doc__)
     parser.add_argument("--out", default="results", help="folder for the JSON/CSV records and PNG plots")
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
-    parser.add_argument("--max-len", type=positive_int, default=None,
+    parser.add_argument("--max-len", type=at_least(1), default=None,
                         help="largest N (scaling default: 1024 on CPU, 16384 on a GPU; suite: no cap)")
-    parser.add_argument("--batch", type=positive_int, help="attention batch (default 1 on CPU, 4 on a GPU)")
-    parser.add_argument("--heads", type=positive_int, help="attention heads (default 2 on CPU, 16 on a GPU)")
-    parser.add_argument("--head-dim", type=positive_int, help="attention head dim (default 64)")
+    parser.add_argument("--batch", type=at_least(1), help="attention batch (default 1 on CPU, 4 on a GPU)")
+    parser.add_argument("--heads", type=at_least(1), help="attention heads (default 2 on CPU, 16 on a GPU)")
+    parser.add_argument("--head-dim", type=at_least(1), help="attention head dim (default 64)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="default float16, on CPU too")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
                         help="memory a point may add, inputs included (e.g. 2GB): CPU caps the memory worker's "
                              "address space, GPU the allocator's fraction; beyond it the point is recorded 'oom'")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--threads", type=at_least(1), default=1,
                         help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
                              "machine makes multi-threaded timings of small ops erratic)")
     parser.add_argument("--providers", nargs="+", choices=sorted({p.name for p in PROVIDERS}), metavar="NAME",

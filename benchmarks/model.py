@@ -35,6 +35,7 @@ import torch
 import kernels  # noqa: F401  (first: the interpreter on a machine without a GPU)
 from benchmarks import plots, records
 from benchmarks.device import DeviceInfo, detect
+from benchmarks.suite import at_least
 from transformer.model import GPT, GPTConfig
 from transformer.patch import patch
 
@@ -319,6 +320,11 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     return written
 
 
+def selected(kind: str, quick: bool, only: Optional[List[str]]) -> List[Workload]:
+    """The workloads whose name contains one of the words of ``only`` (all of them without ``only``)."""
+    return [w for w in workloads(kind, quick) if not only or any(word in w.name for word in only)]
+
+
 def missing_dependency(workload: Workload) -> Optional[str]:
     """Why ``workload`` cannot run in this process (the Llama workloads need transformers), or None."""
     if workload.model != "llama":
@@ -342,9 +348,7 @@ def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]]
     """Every (workload, provider, mode) record; past ``deadline`` (time.monotonic) the rest are 'skipped', and
     the Llama ones are 'unavailable' without transformers."""
     recs = []
-    for workload in workloads(device.kind, quick):
-        if only and not any(word in workload.name for word in only):
-            continue
+    for workload in selected(device.kind, quick, only):
         providers = GPT_PROVIDERS if workload.model == "gpt" else hf_providers()
         missing = missing_dependency(workload)
         for provider in providers:
@@ -366,17 +370,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="results", help="folder for model.json/.csv and the PNGs")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (about two minutes on CPU)")
     parser.add_argument("--only", nargs="+", help="only workloads whose name contains one of these words")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=at_least(1), default=None,
                         help="timed runs per point (default 5 GPU, 2 CPU, 1 CPU with --quick)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds; later points are recorded skipped")
+    parser.add_argument("--budget", type=at_least(0.0, float), default=None,
+                        help="seconds; later points are recorded skipped")
     args = parser.parse_args(argv)
     device = detect()
+    if not selected(device.kind, args.quick, args.only):
+        parser.error(f"no workload's name contains any of --only {' '.join(args.only)}; the workloads: "
+                     + ", ".join(w.name for w in workloads(device.kind, args.quick)))
     print(f"device: {device.name}  (timing: {'GPU wall time' if device.kind == 'cuda' else 'CPU, Triton interpreted'})",
           flush=True)
     repeats = args.repeats or (5 if device.kind == "cuda" else (1 if args.quick else 2))
     deadline = None if args.budget is None else time.monotonic() + args.budget
     recs = run(device, args.quick, repeats, args.only, deadline)
-    records.report(args.out, "model", device, {**vars(args), "command": "model", "repeats": repeats}, recs, format_table(recs), plot)
+    records.report(args.out, "model", device, {**vars(args), "command": "model", "repeats": repeats}, recs,
+                   format_table(recs), plot)
     return 0
 
 

@@ -3,7 +3,8 @@
 On CPU the sizes are small because the Triton providers run interpreted (seconds per call); on a GPU they are the
 usual benchmark sizes.
 """
-from typing import Dict, List
+import argparse
+from typing import Callable, Dict, List
 
 from benchmarks.providers import MODES, OPS, Case
 
@@ -37,3 +38,19 @@ def cases(kind: str, quick: bool, max_len: int, dims: dict, ops=OPS) -> Dict[str
         groups[op] = [Case(op, mode, n, rows=ROWS[(kind, quick)], causal=True, **dims)
                       for mode in MODES for n in lengths if n <= max_len]
     return groups
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], object]:
+    """An argparse type: '64' -> 64 (``kind`` int) or '0.5' -> 0.5 (float), at least ``minimum``; anything else is
+    an argparse error (not a silent default: a size option whose default is chosen by a falsy value)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse

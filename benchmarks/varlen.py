@@ -154,16 +154,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks varlen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="folder for varlen.json, varlen.csv and the PNGs")
-    parser.add_argument("--max-len", type=int, nargs="+",
+    parser.add_argument("--max-len", type=suite.at_least(1), nargs="+",
                         help="cap of the drawn lengths, one batch per value (default 256 on CPU, 2k..16k on a GPU)")
-    parser.add_argument("--lengths", type=int, nargs="+", help="these lengths instead of drawn ones (one batch)")
-    parser.add_argument("--batch", type=int, help="sequences drawn per batch (default 8 on CPU, 32 on a GPU)")
+    parser.add_argument("--lengths", type=suite.at_least(1), nargs="+",
+                        help="these lengths instead of drawn ones (one batch)")
+    parser.add_argument("--batch", type=suite.at_least(1),
+                        help="sequences drawn per batch (default 8 on CPU, 32 on a GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
-    parser.add_argument("--heads", type=int, help="attention heads (default 2 on CPU, 16 on a GPU)")
-    parser.add_argument("--head-dim", type=int, help="attention head dim (default 64)")
+    parser.add_argument("--heads", type=suite.at_least(1), help="attention heads (default 2 on CPU, 16 on a GPU)")
+    parser.add_argument("--head-dim", type=suite.at_least(1), help="attention head dim (default 64)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default float16")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="only these modes")
-    parser.add_argument("--time-budget", type=float, default=1.0, help="seconds of repeats per timed point")
+    parser.add_argument("--time-budget", type=suite.at_least(0.0, float), default=1.0,
+                        help="seconds of repeats per timed point")
     args = parser.parse_args(argv)
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)

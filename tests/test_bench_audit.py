@@ -135,15 +135,22 @@ def test_records_json_writes_values_json_has_no_type_for_as_text(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["suite", "--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
-    (["suite", "--batch", "-1"], "argument --batch: expected a positive integer, got '-1'"),
-    (["scaling", "--max-len", "two"], "argument --max-len: expected a positive integer, got 'two'"),
+    (["suite", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["suite", "--batch", "-1"], "argument --batch: expected an integer >= 1, got '-1'"),
+    (["scaling", "--max-len", "two"], "argument --max-len: expected an integer >= 1, got 'two'"),
     (["suite", "--providers", "bogus"], "argument --providers: invalid choice: 'bogus'"),
     (["scaling", "--max-len", "64"], "nothing to measure: no point of attention has a length within --max-len"),
     (["suite", "--ops", "attention", "--providers", "torch"], "nothing to measure: no point of attention"),
+    (["varlen", "--max-len", "0"], "argument --max-len: expected an integer >= 1, got '0'"),
+    (["varlen", "--batch", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    (["varlen", "--time-budget", "nan"], "argument --time-budget: expected a number >= 0.0, got 'nan'"),
+    (["model", "--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    (["model", "--only", "bogus"], "no workload's name contains any of --only bogus; the workloads: gpt2-small"),
 ])
 def test_bad_options_are_argparse_errors_before_anything_runs(argv, message, tmp_path, capsys):
-    """Zero threads was a RuntimeError traceback from torch; a selection with no point wrote empty files."""
+    """Zero threads was a RuntimeError traceback from torch, varlen's --max-len 0 a math domain error, a zero batch
+    or head count the default in silence, zero repeats an error record per point; a selection with no point wrote
+    empty files."""
     with pytest.raises(SystemExit) as exit_info:
         benchmarks_main(argv + ["--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
