@@ -288,8 +288,9 @@ def format_table(recs: List[dict]) -> str:
             lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['status']}: {r.get('reason', '')}")
             continue
         ratio = r["tokens_per_s"] / best_torch[r["workload"]] if best_torch.get(r["workload"]) else float("nan")
+        interpreted = "interpreter" in r["timing"] and "triton" in r["provider"]
         lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['ms_per_step']:10.2f} "
-                     f"{r['tokens_per_s']:11.1f} {ratio:12.2f}x")
+                     f"{r['tokens_per_s']:11.1f} {ratio:12.2f}x" + "  (interpreted: not GPU speed)" * interpreted)
     return "\n".join(lines)
 
 

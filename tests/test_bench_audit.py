@@ -160,3 +160,11 @@ def test_bad_options_are_argparse_errors_before_anything_runs(argv, message, tmp
 
 def test_the_fitted_slopes_say_when_there_is_none():
     assert format_fits([]).splitlines()[1] == "  none: a slope needs two or more lengths of a provider that ran"
+
+
+def test_model_table_marks_interpreted_times_as_not_gpu_speed():
+    timing = "CPU wall time, median; Triton providers run in Triton's interpreter: not a GPU figure"
+    recs = [{"workload": "w", "provider": p, "mode": "eager", "status": "ok", "ms_per_step": ms,
+             "tokens_per_s": 1000 / ms, "timing": timing} for p, ms in (("triton (patch)", 60.0), ("hf sdpa", 0.5))]
+    ours, theirs = model.format_table(recs).splitlines()[1:]
+    assert ours.endswith("0.01x  (interpreted: not GPU speed)") and theirs.endswith("1.00x")
