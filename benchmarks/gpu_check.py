@@ -1143,12 +1143,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit 0 when everything that ran passed (or there is no GPU), 1 when a test or config failed, a phase
     errored or one of our kernels failed to run, 2 when a GPU is visible but the kernels would run interpreted."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     device = detect()
     message = no_gpu_message(device)
     if message is not None:
         print(message)
         return 0 if not torch.cuda.is_available() else 2
+    try:  # before the first phase, not after it: a lent GPU's minutes are few
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: {error}")
+    if not os.access(args.out, os.W_OK):
+        parser.error(f"--out {args.out}: not writable")
     budgets = {**BUDGETS, **dict(args.budget)}
     started = startup_s()
     config = {"phases": args.phases, "budgets": budgets, "total_s": TOTAL_S, "startup_s": round(started, 1)}

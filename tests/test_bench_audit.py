@@ -168,3 +168,16 @@ def test_model_table_marks_interpreted_times_as_not_gpu_speed():
              "tokens_per_s": 1000 / ms, "timing": timing} for p, ms in (("triton (patch)", 60.0), ("hf sdpa", 0.5))]
     ours, theirs = model.format_table(recs).splitlines()[1:]
     assert ours.endswith("0.01x  (interpreted: not GPU speed)") and theirs.endswith("1.00x")
+
+
+def test_gpu_check_refuses_an_output_folder_it_cannot_write_before_the_first_phase(tmp_path, monkeypatch, capsys):
+    """The files were first written after the attention phase: a bad --out cost its 200 s of a lent GPU."""
+    ran = []
+    monkeypatch.setattr(gpu_check, "no_gpu_message", lambda device: None)
+    monkeypatch.setattr(gpu_check, "PHASES", {"rows": lambda device, budget: ran.append("rows") or []})
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(not_a_folder / "out"), "--phases", "rows"])
+    assert exit_info.value.code == 2 and ran == []
+    assert f"--out {not_a_folder / 'out'}: [Errno 20] Not a directory" in capsys.readouterr().err
