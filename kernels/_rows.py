@@ -86,10 +86,15 @@ def autocasts_to_fp32(x: torch.Tensor) -> bool:
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+_DTENSOR_CLASS = []  # [the class or None] once looked up: a plain global, which dynamo traces (no lru_cache warning)
+
+
 def dtensor_class():
     """torch's DTensor class; None where torch is built without torch.distributed. Looked up once."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
+    if not _DTENSOR_CLASS:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+            _DTENSOR_CLASS.append(DTensor)
+        else:
+            _DTENSOR_CLASS.append(None)
+    return _DTENSOR_CLASS[0]

@@ -99,7 +99,8 @@ def test_flash_attn_return_attn_probs_without_dropout_compiles_fullgraph(device)
 
 
 def test_compiling_attention_and_varlen_warns_nothing(device, monkeypatch):
-    """Dynamo warned on every process's first compile that it traced past the variants' lru_cache."""
+    """Dynamo warned on every process's first compile that it traced past the variants' (and the row ops'
+    DTensor lookup's) lru_cache."""
     monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # dynamo warns once per process
     torch._dynamo.reset()
     q, k, v = _qkv(device)
@@ -111,6 +112,8 @@ def test_compiling_attention_and_varlen_warns_nothing(device, monkeypatch):
                       backend="aot_eager")(q, k, v)
         torch.compile(lambda q, k, v, cu: kernels.attention_varlen(q, k, v, cu, cu, 4, 4), fullgraph=True,
                       backend="aot_eager")(*packed, cu)
+        torch.compile(lambda x: kernels.rms_norm(kernels.softmax(x), (8,)), fullgraph=True,
+                      backend="aot_eager")(torch.randn(3, 8, device=device))
     assert [str(w.message) for w in caught if "lru_cache" in str(w.message)] == []
 
 
