@@ -82,7 +82,7 @@ tolerance = _tolerance()
 @dataclass
 class Budget:
     """A phase's time allowance; an item may start while the time left covers the longest item seen so far.
-    ``on_record`` (if any) is given the phase's records so far after each item :func:`within` runs."""
+    ``on_record`` (if any) is given the phase's records so far (``done``) as :meth:`keep` adds to them."""
 
     seconds: float
     start: float = field(default_factory=time.monotonic)
@@ -95,6 +95,12 @@ class Budget:
 
     def allows_another(self) -> bool:
         return self.elapsed() + self.longest <= self.seconds
+
+    def keep(self, recs: List[dict]) -> None:
+        """Add ``recs`` to the phase's records so far and pass them all to ``on_record``."""
+        self.done += recs
+        if self.on_record is not None:
+            self.on_record(self.done)
 
 
 def within(budget: Budget, items: Iterable, run_one: Callable[[object], object],
@@ -112,9 +118,7 @@ def within(budget: Budget, items: Iterable, run_one: Callable[[object], object],
         result = result if isinstance(result, list) else [result]
         out += result
         budget.longest = max(budget.longest, time.monotonic() - start)
-        budget.done += result
-        if budget.on_record is not None:
-            budget.on_record(budget.done)
+        budget.keep(result)
     return out
 
 
@@ -415,13 +419,14 @@ MODEL_RESERVE_S = 30.0
 
 
 def time_model(device: DeviceInfo, budget: Budget) -> List[dict]:
-    """Phase 4: ``benchmarks.model.run`` (every workload, provider and mode) until its deadline; the points
-    after it are recorded as skipped."""
+    """Phase 4: ``benchmarks.model.points`` (every workload, provider and mode) until its deadline, each record
+    kept as it comes; the points after the deadline are recorded as skipped."""
     from benchmarks import model  # transformers and the reference GPT: imported only for this phase
 
     deadline = budget.start + budget.seconds - min(MODEL_RESERVE_S, budget.seconds / 3)
-    return [{**r, "phase": "model"}
-            for r in model.run(device, quick=False, repeats=MODEL_REPEATS, deadline=deadline)]
+    for record in model.points(device, quick=False, repeats=MODEL_REPEATS, deadline=deadline):
+        budget.keep([{**record, "phase": "model"}])  # saved as they come: a model point can take a minute
+    return budget.done
 
 
 # ---------------------------------------------------------------------------------------------- phase 5: configs
@@ -809,8 +814,8 @@ def phase_summary(name: str, status: str, reason: Optional[str], budget: Budget,
 
 def run_phase(name: str, device: DeviceInfo, seconds: float,
               on_record: Optional[Callable[[List[dict], dict], None]] = None) -> tuple:
-    """(records, summary) of one phase; an exception ends the phase and is recorded in its summary.
-    ``on_record(records so far, a "running" summary)`` after each item the phase runs through :func:`within`."""
+    """(records, summary) of one phase; an exception ends the phase and is recorded in its summary, with the
+    records it kept. ``on_record(records so far, a "running" summary)`` as the phase keeps records."""
     budget = Budget(seconds)
     if on_record is not None:
         budget.on_record = lambda done: on_record(done, phase_summary(name, "running", None, budget, done))

@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -344,26 +344,30 @@ def _not_run(workload: Workload, provider: str, mode: str, device: DeviceInfo, s
             "peak_bytes": None}
 
 
-def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]] = None,
-        deadline: Optional[float] = None) -> List[dict]:
-    """Every (workload, provider, mode) record; past ``deadline`` (time.monotonic) the rest are 'skipped', and
-    the Llama ones are 'unavailable' without transformers."""
-    recs = []
+def points(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]] = None,
+           deadline: Optional[float] = None) -> Iterator[dict]:
+    """Every (workload, provider, mode) record as it is measured; past ``deadline`` (time.monotonic) the rest are
+    'skipped', and the Llama ones are 'unavailable' without transformers."""
     for workload in selected(device.kind, quick, only):
         providers = GPT_PROVIDERS if workload.model == "gpt" else hf_providers()
         missing = missing_dependency(workload)
         for provider in providers:
             for mode in modes(workload, provider, device.torch_device, quick):
                 if missing is not None:
-                    recs.append(_not_run(workload, provider, mode, device, "unavailable", missing))
-                    continue
-                if deadline is not None and time.monotonic() > deadline:
-                    recs.append(_not_run(workload, provider, mode, device, "skipped", "time budget spent"))
-                    continue
-                recs.append(measure(workload, provider, mode, device, repeats))
-                print(f"  {workload.name} / {provider} / {mode}: {recs[-1]['status']} "
-                      f"{recs[-1]['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
-    return recs
+                    yield _not_run(workload, provider, mode, device, "unavailable", missing)
+                elif deadline is not None and time.monotonic() > deadline:
+                    yield _not_run(workload, provider, mode, device, "skipped", "time budget spent")
+                else:
+                    record = measure(workload, provider, mode, device, repeats)
+                    print(f"  {workload.name} / {provider} / {mode}: {record['status']} "
+                          f"{record['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+                    yield record
+
+
+def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]] = None,
+        deadline: Optional[float] = None) -> List[dict]:
+    """:func:`points` as a list."""
+    return list(points(device, quick, repeats, only, deadline))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -181,3 +181,13 @@ def test_gpu_check_refuses_an_output_folder_it_cannot_write_before_the_first_pha
         gpu_check.main(["--out", str(not_a_folder / "out"), "--phases", "rows"])
     assert exit_info.value.code == 2 and ran == []
     assert f"--out {not_a_folder / 'out'}: [Errno 20] Not a directory" in capsys.readouterr().err
+
+
+def test_gpu_check_model_phase_keeps_each_point_as_it_is_measured(monkeypatch):
+    """A model point (a whole model under torch.compile) can take a minute: a run killed in the phase keeps the
+    points before it."""
+    monkeypatch.setattr(model, "points", lambda device, **options: iter([{"workload": "a"}, {"workload": "b"}]))
+    seen = []
+    budget = gpu_check.Budget(90.0, on_record=lambda done: seen.append([r["workload"] for r in done]))
+    assert gpu_check.time_model(detect(), budget) == [{"workload": w, "phase": "model"} for w in "ab"]
+    assert seen == [["a"], ["a", "b"]]

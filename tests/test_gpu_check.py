@@ -345,7 +345,7 @@ def test_model_phase_runs_the_full_model_benchmark_until_a_deadline_inside_its_b
         seen.update(quick=quick, repeats=repeats, deadline=deadline)
         return [{"workload": "w", "provider": "triton", "mode": "eager", "status": "ok"}]
 
-    monkeypatch.setattr(model, "run", fake_run)
+    monkeypatch.setattr(model, "points", fake_run)
     budget = gpu_check.Budget(90.0)
     assert gpu_check.time_model(detect(), budget) == [
         {"workload": "w", "provider": "triton", "mode": "eager", "status": "ok", "phase": "model"}]
