@@ -215,7 +215,7 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
         # [diag - left, diag + right] and the ALiBi distance |diag - col| (bottom-right per batch row).
         s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), diag[:, None], cols[None, :],
                        col_ok[None, :], qk_scale, cap_log2, slope_log2, window_right, -window_left, 0, 0,
-                       True, LOCAL_RIGHT, LOCAL_LEFT, False, SOFTCAP, ALIBI is not None)
+                       True, LOCAL_RIGHT, LOCAL_LEFT, False, SOFTCAP, ALIBI is not None, q.dtype == tl.float32)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)

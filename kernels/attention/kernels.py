@@ -251,29 +251,34 @@ def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIF
 
 
 @triton.jit
-def _tanh(x):
-    """tanh in fp32 from one exp2, without overflow for large |x|. Below |x| = 1/8, where 1 - exp(-2|x|) cancels
-    (a softcap of 50 puts most scores there), the odd series to x^7 instead: its truncation is ~2e-9 relative."""
+def _tanh(x, ACCURATE: tl.constexpr = False):
+    """tanh in fp32 from one exp2, without overflow for large |x|. 1 - exp(-2|x|) cancels for small |x|, where a
+    softcap of 50 puts most scores: ~eps / |x| relative, far below fp16/bf16 rounding but up to ~100x torch's fp32
+    error at large caps. ACCURATE (the fp32 kernels) takes the odd series to x^7 below |x| = 1/8 instead (its
+    truncation ~2e-9 relative); not for fp16/bf16, whose tightest builds it would make spill."""
     a = tl.abs(x)
     e = tl.math.exp2(a * (-2.0 * LOG2E))
-    x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(a < 0.125, series, tl.where(x < 0, -t, t))
+    t = tl.where(x < 0, -t, t)
+    if ACCURATE:
+        x2 = x * x
+        t = tl.where(a < 0.125, x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))), t)
+    return t
 
 
 @triton.jit
 def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
             CHUNK_SIZE, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr,
-            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACCURATE_TANH: tl.constexpr):
     """(log2-unit scores, tanh of the capped score) of the dot products ``qk``; ``rows``/``cols`` broadcast to
     qk's shape (either orientation). With MASKED, scores outside ``visible``, the causal/window bounds and (CHUNKED)
     the row's attention chunk are -inf. The second result is only meaningful with SOFTCAP (the backward's
-    1 - tanh^2)."""
+    1 - tanh^2). ACCURATE_TANH: :func:`_tanh`'s small-argument series, for fp32 q (callers pass q.dtype == fp32: interpreted
+    bf16, upcast, takes it too, which only makes it more accurate)."""
     s = qk * qk_scale
     t = s
     if SOFTCAP:  # softcap * tanh(s / softcap), in log2 units: cap_log2 = softcap * log2(e)
-        t = _tanh(s * (1.0 / cap_log2))
+        t = _tanh(s * (1.0 / cap_log2), ACCURATE_TANH)
         s = t * cap_log2
     if ALIBI:
         s -= slope_log2 * tl.abs(rows + ALIBI_SHIFT - cols).to(tl.float32)
@@ -318,7 +323,8 @@ def _score_mod_result(value, score):
 def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT,
                 WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr,
-                ALIBI: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr):
+                ALIBI: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                ACCURATE_TANH: tl.constexpr):
     """:func:`_scores` with the user's mods: (log2-unit scores, tanh of the capped score, d score_mod / d score).
 
     SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS) maps the natural-unit scaled score qk * scale first (before
@@ -335,7 +341,7 @@ def _mod_scores(qk, rows, cols, visible, q_idx, kv_idx, state, b, h, qk_scale, c
         qk = _score_mod_result(SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
         qk_scale = LOG2E
     s, t = _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT,
-                   CHUNK_SIZE, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI)
+                   CHUNK_SIZE, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, ACCURATE_TANH)
     if MASK_MOD is not None:
         if state == 1:
             s = tl.where(_mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), kv_idx), s, float("-inf"))
@@ -403,7 +409,7 @@ def _key_block_scores(q, k_rows, v_rows, start_n, stride_kn, stride_vn, offs_m, 
                              visible, q_idx[:, None], tl.minimum(cols, kv_hi - 1)[None, :], state, b, h, qk_scale,
                              cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT, ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS,
                              SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD,
-                             SCORE_GRAD)
+                             SCORE_GRAD, q.dtype == tl.float32)
     return cols, k, v, s, t, grad
 
 
@@ -662,7 +668,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_rows, do_rows, stride_qn, stride_don, LSE, D
                                         cols[:, None], row_ok[None, :], tl.minimum(rows, N_Q - 1)[None, :], kv_idx,
                                         state, b, h, qk_scale, cap_log2, slope_log2, CAUSAL_SHIFT, WINDOW_SHIFT,
                                         ALIBI_SHIFT, CHUNK_SIZE, MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW,
-                                        CHUNKED, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+                                        CHUNKED, SOFTCAP, ALIBI, MASK_MOD, SCORE_MOD, SCORE_GRAD,
+                                        q.dtype == tl.float32)
             p_t = tl.math.exp2(s_t - lse[None, :])
             keep_t = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p) if DROPOUT else None
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
