@@ -8,7 +8,6 @@ per call of every public op (``benchmarks/overhead.py``) and ``model`` whole mod
 (``benchmarks/model.py``), each imported only when asked for.
 """
 import argparse
-import contextlib
 import importlib
 import re
 import sys
@@ -16,6 +15,7 @@ from typing import List, Optional
 
 from benchmarks import analysis, plots, records, runner, scaling, suite
 from benchmarks.device import detect
+from benchmarks.progress import progress_bar
 from benchmarks.providers import OPS, PROVIDERS
 from benchmarks.suite import at_least
 from benchmarks.table import format_fits, format_table
@@ -63,15 +63,6 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(total: int, command: str):
-    """A tqdm bar on stderr, or no bar (``None`` in a context) where tqdm is not installed."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # optional (the "bench" extra)
-        return contextlib.nullcontext()
-    return tqdm(total=total, desc=command, unit="point", file=sys.stderr)
-
-
 def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Measure ``args``' points, print the table and write the files; ``parser.error`` when there is no point."""
     device = detect()
@@ -94,7 +85,7 @@ def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace
     if total == 0:
         parser.error(f"nothing to measure: no point of {', '.join(groups)} has a length within --max-len and one of "
                      f"the chosen --providers")
-    with _progress_bar(total, command) as bar:
+    with progress_bar(total, command, "point") as bar:
         recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
                           threads=args.threads, providers=args.providers, variants=variants, progress=bar)
     analysis.add_ratios(recs)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels import distributed
-from benchmarks import memory, records, roofline, scaling
+from benchmarks import memory, plots, records, roofline, scaling
 from benchmarks.counting import counting
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -208,11 +208,11 @@ def _table(recs: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(recs: List[dict], path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(recs: List[dict], path: str) -> List[str]:
+    """[path] written, or [] without matplotlib."""
+    if not plots.have_pyplot():
+        return []
+    plt = plots.plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for layout in LAYOUTS:
         rows = [r for r in recs if r["layout"] == layout]
@@ -237,7 +237,7 @@ def _plot(recs: List[dict], path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return [path]
 
 
 def run(world: int, device, dims: Dict, max_len: int, out_dir: str, config: dict) -> int:
@@ -254,6 +254,6 @@ def run(world: int, device, dims: Dict, max_len: int, out_dir: str, config: dict
     doc = records.document("scaling_context_parallel", device, config, recs, [])
     doc["conventions"] = {**doc["conventions"], "context_parallel": __doc__}
     written = records.write(out_dir, "scaling_context_parallel", doc)
-    written.append(_plot(recs, os.path.join(out_dir, "scaling_context_parallel.png")))
+    written += _plot(recs, os.path.join(out_dir, "scaling_context_parallel.png"))
     print("wrote: " + ", ".join(written))
     return 0

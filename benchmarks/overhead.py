@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import flash_attn
-from benchmarks import records
+from benchmarks import plots, records
 from benchmarks.device import DeviceInfo, detect
 
 GOAL_RATIO = 3.0
@@ -224,14 +224,13 @@ def format_table(recs: List[dict]) -> str:
 
 
 def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
-    """A bar chart of ours' and torch's time over the minimal op's, per op and pass."""
+    """A bar chart of ours' and torch's time over the minimal op's, per op and pass: [png], or [] without
+    matplotlib."""
     import os
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if not plots.have_pyplot():
+        return []
+    plt = plots.plt
     ops = list(dict.fromkeys(r["op"] for r in recs))
     by = {(r["op"], r["provider"], r["pass"]): r["x_minimal"] for r in recs}
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(ops) + 2), sharey=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.gpu_build import ARCHS
+from benchmarks.progress import progress_bar
 
 DEFAULT_ARCHS = ("sm_80", "sm_90", "sm_100")
 PROVIDER = "kernels.registry:all_builds"
@@ -172,16 +173,15 @@ def _start_worker(builds: Sequence, provider: str, chunk: List[Tuple[int, str]],
 
 def _wait(workers, total: int, progress: bool) -> None:
     """Wait for the workers, showing a progress bar (on stderr) counted from their result lines."""
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="compiling", unit="build", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(total, "compiling", "build", enabled=progress) as bar:
         while True:
             finished = all(proc.poll() is not None for proc, _, _ in workers)
             done = 0
             for _, out, _ in workers:
                 with open(out) as f:
                     done += sum(1 for _ in f)
-            bar.update(done - bar.n)
+            if bar is not None:
+                bar.update(done - bar.n)
             if finished:
                 return
             time.sleep(0.5)

@@ -191,3 +191,21 @@ def test_gpu_check_model_phase_keeps_each_point_as_it_is_measured(monkeypatch):
     budget = gpu_check.Budget(90.0, on_record=lambda done: seen.append([r["workload"] for r in done]))
     assert gpu_check.time_model(detect(), budget) == [{"workload": w, "phase": "model"} for w in "ab"]
     assert seen == [["a"], ["a", "b"]]
+
+
+def test_overhead_and_the_ring_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """overhead wrote its JSON/CSV and then crashed importing matplotlib (exit 1); the ring benchmark's plot too."""
+    from benchmarks import context_parallel, overhead
+    _missing(monkeypatch, "matplotlib", "matplotlib.pyplot")
+    monkeypatch.setattr(plots, "plt", None)
+    assert overhead.main(["--quick", "--ops", "softmax", "--out", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["overhead.csv", "overhead.json"]
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert context_parallel._plot([], str(tmp_path / "ring.png")) == []
+
+
+def test_static_without_tqdm_compiles_and_writes_its_report(tmp_path, monkeypatch):
+    from benchmarks import static
+    _missing(monkeypatch, "tqdm")
+    assert static.main(["--arch", "sm_90", "--kernel", "_softmax_fwd", "--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["builds.json", "builds.md", "defaults.md"]
