@@ -6,10 +6,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an ordinary strided tensor, as the kernels read one (a data pointer and strides): not
+    sparse, nested (whose ``.shape`` raises) or of another layout."""
+    return t.layout is torch.strided and not t.is_nested
+
+
 def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES) -> None:
-    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a tensor of a supported dtype and rank."""
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a dense tensor of a supported dtype and rank."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not is_dense(t):
+        kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")

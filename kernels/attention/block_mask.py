@@ -113,6 +113,9 @@ class _Mod:
         self.kind, self.fn = kind, fn
         self.tensors = [t for t in extra if isinstance(t, torch.Tensor)]
         params = dict(zip(list(fn.arg_names)[n_args:], extra))
+        if index_dims is not None and not isinstance(index_dims, dict):
+            raise TypeError(f"{kind} {fn.__name__}: index_dims must be a dict {{extra tensor parameter: dims}} or "
+                            f"None, got {index_dims!r}")
         self.indexed = []  # (parameter name, tensor, per-dim tuples of index names) of those index_dims names
         for name, dims in (index_dims or {}).items():
             if not isinstance(params.get(name), torch.Tensor):
@@ -256,7 +259,11 @@ def _kernel_device(device, mod: MaskMod) -> torch.device:
     """``device`` (default: the mod's extra tensors' device, else the kernels') as an indexed torch.device;
     ValueError naming ``device`` unless the kernels of this process run there."""
     kernel_type = "cpu" if _runtime.INTERPRETED else "cuda"
-    device = torch.device(device if device is not None else (mod.tensors[0].device if mod.tensors else kernel_type))
+    try:
+        device = torch.device(device if device is not None else (mod.tensors[0].device if mod.tensors else kernel_type))
+    except (RuntimeError, TypeError) as error:  # torch's messages name neither create_block_mask nor device
+        raise (ValueError if isinstance(error, RuntimeError) else TypeError)(
+            f"create_block_mask: device must be a torch.device, a device string or an index, got {device!r}") from None
     if device.type != kernel_type:
         raise ValueError(f"create_block_mask: device must be where the Triton kernels of this process run "
                          f"({kernel_type}{', interpreted' if _runtime.INTERPRETED else ''}), got device={device}")

@@ -15,15 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor, is_dense
 from kernels.attention import block_mask as mods, configs
 
 
 def is_plain_qkv(q, k, v) -> bool:
-    """Whether q, k, v are 4-D tensors of one supported dtype on one device: the common case, decided without
-    building the checks' arguments (those then name what is wrong in the other cases)."""
+    """Whether q, k, v are dense 4-D tensors of one supported dtype on one device: the common case, decided
+    without building the checks' arguments (those then name what is wrong in the other cases)."""
     return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
+            and is_dense(q) and is_dense(k) and is_dense(v) and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
             and q.device == k.device == v.device)
 
 
@@ -118,12 +118,15 @@ def check_window(window_size) -> Tuple[int, int]:
     return int(window_size[0]), int(window_size[1])
 
 
-def check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> float:
-    """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] ([low, high))."""
+def check_real(name: str, value, low: float, high: float = math.inf, high_open: bool = False,
+               low_open: bool = False) -> float:
+    """``value`` as a float; TypeError unless a real number, ValueError outside [low, high] (an end open where
+    ``low_open`` / ``high_open`` says)."""
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not (low <= value < high if high_open else low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+    if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, "
+                         f"got {value!r}")
     return float(value)
 
 

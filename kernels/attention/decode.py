@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels import _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import check_same, check_tensor
+from kernels._validate import check_same, check_tensor, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_real, check_scale, check_window,
                                       count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
@@ -641,7 +641,8 @@ def _(q, k_cache, v_cache, *args):
 
 def _check_index(name: str, t, shape: Tuple[int, ...], device) -> None:
     """TypeError/ValueError unless ``t`` is an int32 tensor of ``shape`` on ``device``."""
-    if type(t) is torch.Tensor and t.dtype is torch.int32 and t.shape == shape and t.device == device:
+    if (type(t) is torch.Tensor and t.dtype is torch.int32 and is_dense(t) and t.shape == shape
+            and t.device == device):
         return  # the common case, decided without the generic checks
     check_tensor(name, t, ndim=len(shape), dtypes=(torch.int32,))
     if tuple(t.shape) != shape:

@@ -5,12 +5,15 @@ Masks: :func:`document_mask` (packed sequences: a query sees the keys of its own
 (tanh soft-capping) and :func:`alibi_score` (ALiBi), each with its derivative in the score, as the built-in
 ``softcap``/``alibi_slopes`` compute them.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_tensor
+from kernels._validate import check_tensor, is_integer
 from kernels.attention.block_mask import MaskMod, ScoreMod
+from kernels.attention.checks import check_real
 from kernels.attention.kernels import _tanh
 
 
@@ -60,9 +63,8 @@ def _softcap_grad(score, b, h, q_idx, kv_idx, cap):
 
 def softcap_score(cap: float) -> ScoreMod:
     """score -> cap * tanh(score / cap), derivative 1 - tanh^2: the built-in ``softcap`` as a score mod."""
-    if not cap > 0:
-        raise ValueError(f"cap must be > 0, got {cap!r}")
-    return ScoreMod(_softcap, _softcap_grad, float(cap))
+    # finite: an infinite cap would compute inf * tanh(0) = NaN, not the uncapped score
+    return ScoreMod(_softcap, _softcap_grad, check_real("cap", cap, 0.0, math.inf, high_open=True, low_open=True))
 
 
 @triton.jit
@@ -80,4 +82,6 @@ def alibi_score(slopes: torch.Tensor, shift: int = 0) -> ScoreMod:
     as a score mod (H >= the calls' query heads: checked); ``shift`` = Nk - Nq gives the built-in's bottom-right
     diagonal."""
     check_tensor("slopes", slopes, ndim=1, dtypes=(torch.float32,))
+    if not is_integer(shift):  # int() would truncate a float and parse a string
+        raise TypeError(f"shift must be an int, got {shift!r}")
     return ScoreMod(_alibi, _alibi_grad, slopes.contiguous(), int(shift), index_dims={"slopes": ("h",)})

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_dense
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check_real, check_scale, check_sinks,
                                       check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
@@ -318,7 +318,8 @@ def _plain_sizes(q, k, v, paged: bool) -> Optional[Tuple[torch.Size, torch.Size,
     for plain tensors (the common case: each size, dtype and device read once); None sends any other input to the
     full checks and their messages."""
     tensor = torch.Tensor
-    if not (type(q) is tensor and type(k) is tensor and type(v) is tensor):
+    if not (type(q) is tensor and type(k) is tensor and type(v) is tensor
+            and is_dense(q) and is_dense(k) and is_dense(v)):
         return None
     q_shape, k_shape = q.shape, k.shape
     dtype, device = q.dtype, q.device
