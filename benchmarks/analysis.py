@@ -5,14 +5,43 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 
-def loglog_slope(lengths: Sequence[float], values: Sequence[Optional[float]], last: int = 4) -> Optional[float]:
+FIT_POINTS = 4
+"""A slope is fitted over at most this many of the largest lengths (the asymptotic regime; small lengths are
+dominated by fixed overheads)."""
+SETTLED = 0.25
+"""Largest spread of the point-to-point slopes inside a fit for it to read as one power law: beyond it the
+metric is still bending (fixed overheads, tile quantisation, a measurement's resolution) and the fit says so."""
+
+
+def _fit_points(lengths: Sequence[float], values: Sequence[Optional[float]], last: int) -> list:
+    return sorted((x, y) for x, y in zip(lengths, values) if y is not None and y > 0)[-last:]
+
+
+def loglog_slope(lengths: Sequence[float], values: Sequence[Optional[float]], last: int = FIT_POINTS
+                 ) -> Optional[float]:
     """Exponent p of ``value ~ length^p``: least squares on log-log over the ``last`` largest lengths with a
-    positive value (the asymptotic regime; small lengths are dominated by fixed overheads). None if < 2 points."""
-    points = sorted((x, y) for x, y in zip(lengths, values) if y is not None and y > 0)[-last:]
+    positive value. None if < 2 points."""
+    points = _fit_points(lengths, values, last)
     if len(points) < 2:
         return None
     xs, ys = np.log([p[0] for p in points]), np.log([p[1] for p in points])
     return float(np.polyfit(xs, ys, 1)[0])
+
+
+def fit_note(lengths: Sequence[float], values: Sequence[Optional[float]], last: int = FIT_POINTS
+             ) -> Optional[str]:
+    """Why the :func:`loglog_slope` of the same points is not a scaling law, or None when it reads as one (three
+    or more lengths whose point-to-point slopes agree within :data:`SETTLED`)."""
+    points = _fit_points(lengths, values, last)
+    if len(points) < 2:
+        return None
+    if len(points) == 2:
+        return f"2 lengths only ({points[0][0]:g}, {points[1][0]:g}): a line through two points, not a fit"
+    local = [float(np.log(y1 / y0) / np.log(x1 / x0)) for (x0, y0), (x1, y1) in zip(points, points[1:])]
+    if max(local) - min(local) > SETTLED:
+        steps = ", ".join(f"{p:.2f}" for p in local)
+        return f"not settled: point-to-point slopes {steps} (fixed costs or resolution still visible)"
+    return None
 
 
 def time_ms(record: dict) -> Optional[float]:
@@ -20,8 +49,11 @@ def time_ms(record: dict) -> Optional[float]:
 
 
 def peak_bytes(record: dict) -> Optional[float]:
+    """The measured peak, or None where there is none to compare or fit: not measured, or no growth seen (CPU RSS
+    is page- and counter-granular, so a small point's growth can read 0: below resolution, not free)."""
     mem = record.get("memory")
-    return mem["peak_bytes"] if mem and mem.get("status") == "ok" and record["status"] == "ok" else None
+    ok = mem and mem.get("status") == "ok" and record["status"] == "ok"
+    return mem["peak_bytes"] if ok and mem["peak_bytes"] > 0 else None
 
 
 def counted_bytes(record: dict) -> Optional[float]:
@@ -62,12 +94,18 @@ def add_ratios(records: List[dict]) -> None:
 
 
 def fit_slopes(records: List[dict]) -> List[Dict]:
-    """Growth exponents per (op, mode, provider) of time, peak memory, counted bytes and FLOPs against length."""
+    """Growth exponents per (op, mode, provider) of time, peak memory, counted bytes and FLOPs against length:
+    ``slopes`` (None without two lengths), ``lengths`` (those each slope was fitted over) and ``notes`` (where a
+    slope is not a scaling law, :func:`fit_note`)."""
     fits = []
     keys = sorted({(r["op"], r["mode"], r["provider"]) for r in records}, key=str)
     for op, mode, prov in keys:
         rows = [r for r in records if (r["op"], r["mode"], r["provider"]) == (op, mode, prov)]
         lengths = [r["length"] for r in rows]
-        slopes = {name: loglog_slope(lengths, [metric(r) for r in rows]) for name, metric in METRICS.items()}
-        fits.append({"op": op, "mode": mode, "provider": prov, "slopes": slopes})
+        values = {name: [metric(r) for r in rows] for name, metric in METRICS.items()}
+        fits.append({"op": op, "mode": mode, "provider": prov,
+                     "slopes": {name: loglog_slope(lengths, v) for name, v in values.items()},
+                     "lengths": {name: [x for x, _ in _fit_points(lengths, v, FIT_POINTS)]
+                                 for name, v in values.items()},
+                     "notes": {name: fit_note(lengths, v) for name, v in values.items()}})
     return fits

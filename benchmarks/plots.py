@@ -1,6 +1,7 @@
 """PNG plots (matplotlib, Agg): for one (op, mode), up to eight panels vs length N, one line per provider.
 
-time (log-log, fitted slope in the legend), peak memory (log-log, slope), counted bytes moved (log-log, with the
+time (log-log, fitted slope in the legend, "?" where :func:`~benchmarks.analysis.fit_note` says it is not a
+scaling law), peak memory (log-log, slope; titled with how it was measured), counted bytes moved (log-log, with the
 minimum), counted FLOPs (log-log, slope), speedup over the baseline, memory ratio to the baseline, throughput on a
 GPU (TFLOPS / GB/s) or, without one, the roofline model time on an H100 (labelled "model"), and for attention the
 counted FLOPs over the fused causal kernel's (where the sliding-window and document providers show their
@@ -10,7 +11,8 @@ import os
 import sys
 from typing import List
 
-from benchmarks.analysis import CAUSAL, counted_bytes, counted_flops, loglog_slope, model_ms, peak_bytes, time_ms
+from benchmarks.analysis import (CAUSAL, counted_bytes, counted_flops, fit_note, loglog_slope, model_ms, peak_bytes,
+                                 time_ms)
 from benchmarks.device import DeviceInfo
 
 try:
@@ -41,8 +43,10 @@ def _line(ax, rows, metric, label, slope=False, **style):
     if not points:
         return
     if slope:
-        p = loglog_slope([x for x, _ in points], [y for _, y in points])
-        label = label if p is None else f"{label} (N^{p:.2f})"
+        lengths, values = [x for x, _ in points], [y for _, y in points]
+        p = loglog_slope(lengths, values)
+        unsure = "?" if fit_note(lengths, values) else ""
+        label = label if p is None else f"{label} (N^{p:.2f}{unsure})"
     ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label, **style)
 
 
@@ -69,7 +73,9 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
     (t_ax, m_ax, b_ax, f_ax), (s_ax, r_ax, x_ax, c_ax) = axes
     method = "interpreter / CPU wall-clock: not GPU speed" if device.interpreted else "do_bench median"
     speedup = "speedup vs baseline (x; solid: measured here" + ("; dotted: H100 model)" if device.interpreted else ")")
-    titles = [(t_ax, f"time (ms, {method})"), (m_ax, "peak memory beyond inputs (bytes)"),
+    memory_methods = sorted({r["memory"]["method"] for r in rows if r["memory"] and r["memory"].get("method")})
+    titles = [(t_ax, f"time (ms, {method})"),
+              (m_ax, "\n".join(["peak memory beyond inputs (bytes)"] + memory_methods)),
               (b_ax, "bytes moved, counted"), (f_ax, "FLOPs, counted"), (s_ax, speedup),
               (r_ax, "baseline memory / provider memory (x)"),
               (c_ax, f"counted FLOPs / {CAUSAL} (causal) counted FLOPs (x)")]

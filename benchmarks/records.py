@@ -17,14 +17,27 @@ CONVENTIONS = {
             "in Triton's interpreter ('interpreter'), which says nothing about GPU speed.",
     "tflops": "attention only, GPU only: 4*B*H*N^2*D forward, x0.5 causal, x3.5 forward+backward (FlashAttention).",
     "gbps": "softmax/norms, GPU only: minimum bytes (inputs read once, outputs written once) / median time.",
-    "memory": "peak_bytes: growth above the inputs during one step; extra_bytes: peak minus the outputs.",
+    "pct_of_peak": "GPU only: tflops or gbps as a percent of the device's peak (device.peak; None for a GPU not "
+                   "in benchmarks/roofline.py).",
+    "memory": "peak_bytes: growth above the inputs during one step, outputs included; extra_bytes: peak minus the "
+              "outputs. method says how: GPU torch.cuda.max_memory_allocated; CPU the peak RSS growth of a worker "
+              "process (everything the step touched, the interpreter's numpy tiles too; page- and "
+              "counter-granular, a few 0.1 MB, so small points read 0 and extra_bytes can be negative).",
+    "min_bytes": "the inputs (and grad_out) read once plus the outputs (and gradients) written once.",
+    "vs_baseline": "time, peak_memory, counted_bytes, counted_flops over the baseline provider's at the same op, mode "
+                   "and length (a speedup is 1 / time); vs_causal: the same over the fused causal kernel's.",
+    "fits": "per op/mode/provider: slopes, p of metric ~ N^p by least squares on log-log over the largest 4 "
+            "lengths with a value; lengths, those used; notes, why a slope is not a scaling law (2 lengths only, "
+            "or point-to-point slopes spread more than 0.25: fixed costs, tile quantisation or resolution).",
     "counted": "bytes read/written by every executed Triton load/store (masked lanes excluded) and aten op; "
                "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes. Triton "
                "counts are for the tiles the kernels run with (re-reads of K/V grow as N^2 / BLOCK_M, so smaller "
                "tiles count more traffic): attention kernels are counted with an sm_90 GPU's default tiles, each "
                "kernel's first autotune config (counted.tiles says which; interpreted time and memory use the "
                "interpreter's 32x32), other kernels with their own launch configs. A fused aten op (CPU "
-               "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal.",
+               "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal. "
+               "FLOPs are the work executed, not the conventional count (tflops): whole tiles on the causal "
+               "diagonal, the backward's recomputed matmuls; the baseline multiplies every score, masked or not.",
     "model": "roofline model, not a measurement: max(counted flops / peak FLOP/s, counted bytes / HBM bandwidth).",
 }
 

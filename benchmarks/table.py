@@ -1,12 +1,14 @@
-"""The terminal table: one line per point, the numbers a person compares, and the fitted exponents.
+"""The terminal table: what was measured, on what, one line per point, and the fitted exponents.
 
-Columns: median time (``(interp)``: Triton's interpreter on CPU), TFLOPS or GB/s (GPU only), peak memory beyond
-the inputs and its part beyond the outputs ("extra"), peak memory over the baseline's, counted bytes moved, their
-ratio to the minimum and to the baseline's, and the roofline model time on each modelled GPU.
+Above the table, a few lines say the device, each op's shape and dtype, how times and peak memory were taken and
+that the model columns are a model. Columns: median time (``(interp)``: Triton's interpreter on CPU), TFLOPS or
+GB/s (GPU only), peak memory beyond the inputs and its part beyond the outputs ("extra"), peak memory over the
+baseline's, counted bytes moved, their ratio to the minimum and to the baseline's, and the roofline model time on
+each modelled GPU.
 """
 from typing import List, Optional
 
-from benchmarks.analysis import counted_bytes, model_ms, peak_bytes, time_ms
+from benchmarks.analysis import FIT_POINTS, counted_bytes, model_ms, time_ms
 from benchmarks.roofline import MODELLED
 
 MB = 1e6
@@ -34,9 +36,9 @@ def _throughput(record: dict) -> str:
 
 def _row(r: dict) -> List[str]:
     ratios = r.get("vs_baseline") or {}
-    peak = peak_bytes(r)
+    measured = r["status"] == "ok" and r["memory"] and r["memory"]["status"] == "ok"
+    peak, extra = (r["memory"]["peak_bytes"], r["memory"]["extra_bytes"]) if measured else (None, None)
     counted = counted_bytes(r)
-    extra = r["memory"]["extra_bytes"] if peak is not None else None
     cells = [r["op"], r["mode"], str(r["length"]), r["provider"], _time(r), _throughput(r),
              _num(peak and peak / MB), _num(extra and extra / MB), _num(ratios.get("peak_memory"), "{:.2f}"),
              _num(counted and counted / MB), _num(r["counted"] and r["counted"]["vs_min"], "{:.1f}"),
@@ -46,6 +48,34 @@ def _row(r: dict) -> List[str]:
     return cells + [status]
 
 
+def _shapes(records: List[dict]) -> str:
+    """Each op's input shape with its varying length as N, and dtype: "attention (1, 2, N, 64) float16"."""
+    shapes = {}
+    for r in records:
+        shape = [str(size) for size in r["shape"]]
+        shape[2 if r["op"] == "attention" else -1] = "N"
+        shapes.setdefault(r["op"], f"{r['op']} ({', '.join(shape)}) {r['dtype']}")
+    return "; ".join(shapes.values())
+
+
+def _methods(records: List[dict], key: str) -> str:
+    found = {r[key]["method"] for r in records if r.get(key) and r[key].get("method")}
+    return "; ".join(sorted(found)) or "none measured"
+
+
+def describe(records: List[dict]) -> List[str]:
+    """What the table's numbers are: device, shapes and dtype, how time and memory were taken, what is counted
+    and that the model columns are a model (one line each)."""
+    devices = ", ".join(dict.fromkeys(r["device"] for r in records))
+    gpus = ", ".join(MODELLED)
+    return [f"device: {devices}; inputs: {_shapes(records)}",
+            f"time ms: median, {_methods(records, 'time')} ((interp): Triton's interpreter on CPU, not GPU speed)",
+            f"peak/extra MB: {_methods(records, 'memory')}, above the inputs, outputs included (extra: without "
+            f"them); on CPU page- and counter-granular (a few 0.1 MB; 0 or below is that)",
+            "moved MB: counted bytes read + written (not measured traffic); /min: over inputs + outputs once",
+            f"model ms: roofline MODEL on {gpus} from the counted FLOPs and bytes, not a measurement"]
+
+
 def format_table(records: List[dict]) -> str:
     header = ["op", "mode", "N", "provider", "time ms", "throughput", "peak MB", "extra MB", "mem/base", "moved MB",
               "/min", "moved/base"] + [f"{gpu.split('-')[0]} model ms" for gpu in MODELLED] + ["status"]
@@ -53,20 +83,30 @@ def format_table(records: List[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(describe(records) + lines if records else lines)
+
+
+def _fit_line(fit: dict) -> List[str]:
+    """The provider's slopes on one line (``*``: see the note below it), then one line per note."""
+    names = {"time": "time", "peak_memory": "peak memory", "counted_bytes": "bytes moved", "counted_flops": "FLOPs"}
+    slopes, notes = fit["slopes"], fit.get("notes") or {}
+    used = sorted({n for lengths in (fit.get("lengths") or {}).values() for n in lengths})
+    span = f"N={used[0]}..{used[-1]}" if used else ""
+    cells = [f"{label} p={_num(slopes.get(key), '{:.2f}')}{'*' if notes.get(key) else ''}"
+             for key, label in names.items()]
+    line = f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} {span:<11} " + "  ".join(cells)
+    return [line] + [f"      * {names[key]}: {note}" for key, note in notes.items() if note]
 
 
 def format_fits(fits: List[dict]) -> str:
-    """One line per provider: the fitted exponent p of metric ~ N^p."""
-    lines = ["fitted log-log slope (metric ~ N^p, largest 4 lengths):"]
+    """One line per provider: the fitted exponent p of metric ~ N^p, over which lengths, and why a slope is not a
+    scaling law where it is not (:func:`benchmarks.analysis.fit_note`)."""
+    lines = [f"fitted log-log slope (metric ~ N^p, over the largest {FIT_POINTS} lengths measured; "
+             f"time as timed above, on CPU not GPU speed):"]
     for fit in fits:
-        s = fit["slopes"]
-        if all(v is None for v in s.values()):
+        if all(v is None for v in fit["slopes"].values()):
             continue
-        lines.append(f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} time p={_num(s['time'], '{:.2f}')}"
-                     f"  peak memory p={_num(s['peak_memory'], '{:.2f}')}"
-                     f"  bytes moved p={_num(s['counted_bytes'], '{:.2f}')}"
-                     f"  FLOPs p={_num(s.get('counted_flops'), '{:.2f}')}")
+        lines += _fit_line(fit)
     if len(lines) == 1:
         lines.append("  none: a slope needs two or more lengths of a provider that ran")
     return "\n".join(lines)
