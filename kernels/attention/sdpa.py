@@ -7,15 +7,16 @@ function.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
 from kernels.attention.ops import attention_op
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
-_TORCH_SDPA = F.scaled_dot_product_attention
-"""torch's own SDPA, captured at import so the shim's fallback still works after it is assigned over torch's."""
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+"""torch's own SDPA (the builtin that ``F.scaled_dot_product_attention`` is), not that attribute's value at import: the
+shim is assigned over it, so a reload of this module (IPython's autoreload) would otherwise capture the shim and
+its fallback would recurse into itself."""
 
 
 def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
@@ -27,6 +28,8 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
     and the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
     if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
+    if 0 in (batch, n_q, n_k):
+        return None  # no entry to read the band's extreme offsets from; torch's result is empty or zeros
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2] not in (1, n_q) or mask.shape[3] != n_k:
         return None
@@ -66,10 +69,12 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     # tensors, which a launch cannot read)
     if dropout_p != 0.0 or not _runtime.kernels_can_run(query) or _runtime.in_functorch_transform():
         return None
+    if not isinstance(is_causal, bool):
+        return None  # torch takes a bool only (not 1, not numpy's bool): it raises its TypeError
     if q_shape[1] != k_shape[1] and not enable_gqa:
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
-        return NO_TENSORS, attention_variant(bool(is_causal), 0, scale)
+        return NO_TENSORS, attention_variant(is_causal, 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     batch, n_q, n_k, device = q_shape[0], q_shape[2], k_shape[2], query.device
@@ -81,14 +86,20 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 
 
 def as_autocast_takes(query: torch.Tensor, key, value):
-    """query, key, value as torch's SDPA runs them: under autocast (SDPA is on its lower-precision list) floating
-    tensors in autocast's dtype, else as they are. One flag read outside autocast."""
+    """query, key, value as torch's SDPA runs them: under autocast (SDPA is on its lower-precision list) the tensors
+    autocast casts (floating, not float64, on autocast's device) in autocast's dtype, the rest as they are. One flag
+    read outside autocast."""
     device_type = "cuda" if query.is_cuda else "cpu"  # other devices: torch's own SDPA runs (and autocasts)
     if not torch.is_autocast_enabled(device_type):
         return query, key, value
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                 for t in (query, key, value))
+    return tuple(t.to(dtype) if _autocast_casts(t, device_type) else t for t in (query, key, value))
+
+
+def _autocast_casts(t, device_type: str) -> bool:
+    """Whether autocast on ``device_type`` casts ``t`` to its lower precision (its rule: float64 stays float64)."""
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
@@ -103,8 +114,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
-    cannot run on in this process, torch.func transforms) calls the original torch function. Under autocast, as
-    torch's, floating q, k, v run in autocast's dtype (the result too).
+    cannot run on in this process, torch.func transforms, an ``is_causal`` that is not a bool) calls torch's own
+    function (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds). Under autocast, as
+    torch's, floating q, k, v other than float64 run in autocast's dtype (the result too).
     """
     if isinstance(query, torch.Tensor):
         query, key, value = as_autocast_takes(query, key, value)

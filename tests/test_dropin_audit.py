@@ -1,0 +1,188 @@
+"""``kernels.scaled_dot_product_attention`` as users adopt it: assigned over ``F.scaled_dot_product_attention`` inside
+torch's own modules (nn.MultiheadAttention, nn.TransformerEncoderLayer) and nanoGPT-style code, against the same
+code with torch's SDPA, and where torch raises or keeps a dtype, the shim does the same."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.attention import sdpa
+
+FP32 = torch.float32
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that gets one entry per call the shim hands to the kernel (``attention_op``)."""
+    calls = []
+    run_kernel = sdpa.attention_op
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return run_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "attention_op", counted)
+    return calls
+
+
+def _with_each_sdpa(monkeypatch, run):
+    """(run() with torch's SDPA, run() with the shim assigned over it), from the same seed."""
+    results = []
+    for function in (sdpa._TORCH_SDPA, kernels.scaled_dot_product_attention):
+        monkeypatch.setattr(F, "scaled_dot_product_attention", function)
+        torch.manual_seed(0)
+        results.append(run())
+    return results
+
+
+def _assert_all_close(got, expected):
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_runs_the_kernel_and_matches_torch(monkeypatch, device, kernel_calls, batch_first):
+    """need_weights=False is the path that calls SDPA; cross-attention (Nq != Nk) with kdim/vdim and a bias_kv row."""
+    def run():
+        mha = nn.MultiheadAttention(16, 2, batch_first=batch_first, kdim=6, vdim=7, add_bias_kv=True, device=device)
+        shape = (lambda n, e: (2, n, e)) if batch_first else (lambda n, e: (n, 2, e))
+        query = torch.randn(shape(3, 16), device=device, requires_grad=True)
+        key, value = torch.randn(shape(5, 6), device=device), torch.randn(shape(5, 7), device=device)
+        out, weights = mha(query, key, value, need_weights=False)
+        assert weights is None
+        out.square().sum().backward()
+        return out, query.grad, mha.in_proj_bias.grad, mha.k_proj_weight.grad
+
+    expected, got = _with_each_sdpa(monkeypatch, run)
+    assert len(kernel_calls) == 1
+    _assert_all_close(got, expected)
+
+
+def test_multihead_attention_masks_reach_torch_as_float_masks(monkeypatch, device, kernel_calls):
+    """nn.MultiheadAttention turns a bool key_padding_mask into an additive float mask before SDPA, so torch runs
+    it (the shim takes bool masks only); with is_causal and an attn_mask but no padding mask it passes is_causal
+    alone, which the kernel runs."""
+    def run(padding: bool):
+        mha = nn.MultiheadAttention(8, 2, batch_first=True, device=device)
+        x = torch.randn(2, 4, 8, device=device)
+        pad = torch.tensor([[False] * 4, [False, False, True, True]], device=device) if padding else None
+        causal = torch.ones(4, 4, dtype=torch.bool, device=device).triu(1)  # True: not allowed to attend
+        return mha(x, x, x, key_padding_mask=pad, attn_mask=causal, is_causal=True, need_weights=False)[0]
+
+    for padding, kernel_runs in ((True, 0), (False, 1)):
+        kernel_calls.clear()
+        expected, got = _with_each_sdpa(monkeypatch, lambda: run(padding))
+        assert len(kernel_calls) == kernel_runs
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_encoder_layer_trains_through_the_kernel_and_its_eval_fast_path_bypasses_sdpa(monkeypatch, device,
+                                                                                        kernel_calls):
+    """Training calls SDPA (the kernel, with dropout 0); eval under no_grad takes torch's fused
+    ``_transformer_encoder_layer_fwd``, which never calls ``F.scaled_dot_product_attention``."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True, device=device)
+    x = torch.randn(2, 5, 16, device=device, requires_grad=True)
+
+    def train_step():
+        out = layer.train()(x, is_causal=True, src_mask=nn.Transformer.generate_square_subsequent_mask(5, device=device))
+        return out, *torch.autograd.grad(out.square().sum(), (x, layer.self_attn.in_proj_weight))
+
+    expected, got = _with_each_sdpa(monkeypatch, train_step)
+    assert len(kernel_calls) == 1
+    _assert_all_close(got, expected)
+    kernel_calls.clear()
+    with torch.no_grad():
+        expected, got = _with_each_sdpa(monkeypatch, lambda: layer.eval()(x))
+    assert not kernel_calls
+    assert torch.equal(got, expected)
+
+
+class _CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: (B, T, C) in and out, SDPA with is_causal=True and dropout only in training."""
+
+    def __init__(self, embed: int, heads: int, dropout: float):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(embed, 3 * embed), nn.Linear(embed, embed)
+        self.heads, self.dropout = heads, dropout
+
+    def forward(self, x):
+        batch, length, embed = x.shape
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).split(embed, 2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(batch, length, embed))
+
+
+def test_nanogpt_attention_eval_and_compiled_runs_the_kernel_training_dropout_is_torchs(monkeypatch, device,
+                                                                                        kernel_calls):
+    """Eval (dropout_p 0) and torch.compile(model) with the patched global: the kernel; training with dropout:
+    torch's own function, so the same RNG draws give the same result."""
+    model = _CausalSelfAttention(16, 2, dropout=0.5).to(device)
+    x = torch.randn(2, 7, 16, device=device)
+    expected, got = _with_each_sdpa(monkeypatch, lambda: model.eval()(x))
+    assert len(kernel_calls) == 1
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, atol=2e-5, rtol=2e-5)  # F's attribute is the shim still
+    assert len(kernel_calls) == 2
+    kernel_calls.clear()
+    expected, got = _with_each_sdpa(monkeypatch, lambda: model.train()(x))
+    assert not kernel_calls
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 5), (2, 5, 0)], ids=["batch0", "nq0", "nk0"])
+def test_bool_mask_with_an_empty_dimension_gives_torchs_result(device, shape):
+    """A bool mask on an empty batch, query or key dimension: the shim read the mask's extreme offsets (amin of
+    nothing) and raised; torch returns an empty result, or zeros for no keys."""
+    batch, n_q, n_k = shape
+    q = torch.randn(batch, 2, n_q, 8, device=device)
+    k, v = torch.randn(batch, 2, n_k, 8, device=device), torch.randn(batch, 2, n_k, 8, device=device)
+    mask = torch.ones(batch, 1, n_q, n_k, dtype=torch.bool, device=device)
+    got = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(got, sdpa._TORCH_SDPA(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("is_causal", [1, 0])
+def test_is_causal_must_be_a_bool_as_in_torch(device, is_causal):
+    q = torch.randn(1, 2, 3, 8, device=device)
+    for function in (sdpa._TORCH_SDPA, kernels.scaled_dot_product_attention):
+        with pytest.raises(TypeError, match="is_causal"):
+            function(q, q, q, is_causal=is_causal)
+
+
+def test_autocast_keeps_float64_as_torch_does(device):
+    """Autocast casts floating tensors except float64: fp64 q, k, v stay fp64 (torch's result, exactly), and
+    fp32 q with fp64 k, v becomes mixed dtypes, which torch rejects; the shim cast all three and ran the kernel."""
+    q64 = torch.randn(1, 2, 3, 8, device=device, dtype=torch.float64)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = kernels.scaled_dot_product_attention(q64, q64, q64, is_causal=True)
+        assert got.dtype == torch.float64
+        assert torch.equal(got, sdpa._TORCH_SDPA(q64, q64, q64, is_causal=True))
+        with pytest.raises(RuntimeError, match="same dtype"):
+            kernels.scaled_dot_product_attention(q64.float(), q64, q64)
+
+
+_RELOADED = r"""
+import importlib, torch, torch.nn.functional as F, kernels
+from kernels.attention import sdpa
+F.scaled_dot_product_attention = kernels.scaled_dot_product_attention
+importlib.reload(sdpa)  # as IPython's autoreload does, with the shim assigned over torch's function
+q = torch.randn(1, 2, 3, 8)
+torch.manual_seed(1)
+got = kernels.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # torch's fallback
+torch.manual_seed(1)
+assert torch.equal(got, torch._C._nn.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
+print("ok")
+"""
+
+
+def test_the_fallback_calls_torchs_own_after_a_reload_over_the_assignment():
+    """The fallback captured ``F.scaled_dot_product_attention`` at import; reloaded after the assignment it
+    captured the shim itself and recursed until RecursionError."""
+    result = subprocess.run([sys.executable, "-c", _RELOADED], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
