@@ -120,3 +120,24 @@ def test_the_checks_still_pass_plain_tensors(device):
     assert kernels.attention(q, q, q).shape == (B, H, N, D)
     doc = torch.zeros(N, dtype=torch.int32, device=device)
     assert kernels.attention(q, q, q, mask_mod=document_mask(doc)).shape == (B, H, N, D)
+
+
+@pytest.mark.parametrize("causal", ["False", None, 1.0, torch.tensor([True, False])])
+@pytest.mark.parametrize("entry", ["attention", "attention_varlen", "attention_with_kvcache"])
+def test_causal_must_be_a_bool(entry, causal, device):
+    """bool(causal) took the string "False" (and 1.0) as causal and None as not, silently, and a 2-element tensor
+    was torch's RuntimeError; torch's SDPA and flash-attn refuse them all (ints stay: these functions took them)."""
+    x = torch.randn(6, H, D, device=device)
+    offsets = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    calls = {"attention": lambda: kernels.attention(x[None], x[None], x[None], causal=causal),
+             "attention_varlen": lambda: kernels.attention_varlen(x, x, x, offsets, offsets, 4, 4, causal=causal),
+             "attention_with_kvcache": lambda: kernels.attention_with_kvcache(x[None], x[None], x[None],
+                                                                              causal=causal)}
+    with pytest.raises(TypeError, match="^causal must be a bool"):
+        calls[entry]()
+
+
+@pytest.mark.parametrize("causal", [np.bool_(True), 1, np.int64(1)])
+def test_causal_takes_a_numpy_bool_or_an_int(causal, device):
+    q = torch.randn(B, H, N, D, device=device)
+    torch.testing.assert_close(kernels.attention(q, q, q, causal=causal), kernels.attention(q, q, q, causal=True))

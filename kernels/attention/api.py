@@ -17,8 +17,8 @@ import torch
 from kernels import _runtime, reference
 from kernels._validate import check_tensor
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.checks import (check_alibi, check_mods, check_padding_mask, check_qkv, check_real, check_scale,
-                                      check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
+from kernels.attention.checks import (check_alibi, check_flag, check_mods, check_padding_mask, check_qkv, check_real,
+                                      check_scale, check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -158,6 +158,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     q_shape, k_shape = check_qkv(q, k, v)
     scale = check_scale(scale, q_shape[3])
+    causal = check_flag("causal", causal)
     window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
                                                                                       softcap, dropout_p)
     if alibi_slopes is not None:
@@ -183,7 +184,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     else:
         tensors = _variant_tensors(q, q_shape[0], k_shape[2], key_padding_mask, alibi_slopes, sinks, dropout_p,
                                    block_mask, score_mod)
-        variant = attention_variant(bool(causal), k_shape[2] - q_shape[2], scale, window_left, window_right,
+        variant = attention_variant(causal, k_shape[2] - q_shape[2], scale, window_left, window_right,
                                     attention_chunk, softcap, dropout_p,
                                     -1 if block_mask is None else block_mask.mask_mod.key,
                                     -1 if score_mod is None else score_mod.key)

@@ -11,6 +11,7 @@ import numbers
 import threading
 from typing import Callable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -101,6 +102,17 @@ def check_padding_mask(mask, q, batch: int, n_k: int) -> None:
         raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(batch, n_k)}, got {tuple(mask.shape)}")
     if mask.device != q.device:  # the common case decided without building check_same's arguments
         check_same("device", q=q, key_padding_mask=mask)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool; TypeError naming ``name`` unless a bool, numpy bool or int (0 false, else true: the
+    functions have taken ints). ``bool()`` of anything would take the string "False" as true and None as false,
+    and read a tensor's value on the host (an error for a tensor of several)."""
+    if type(value) is bool:
+        return value
+    if not isinstance(value, (np.bool_, numbers.Integral)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def check_window(window_size) -> Tuple[int, int]:

@@ -36,8 +36,8 @@ import triton.language as tl
 from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor, is_dense
-from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_real, check_scale, check_window,
-                                      count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
+from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
+                                      check_window, count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
@@ -891,7 +891,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if cache_leftpad is not None:
         _check_index("cache_leftpad", cache_leftpad, (batch,), device)
     _check_rotary(rotary_cos, rotary_sin, k, d, capacity, device)
-    window = _check_window(window_size, bool(causal))
+    causal = check_flag("causal", causal)
+    window = _check_window(window_size, causal)
     if type(softcap) is not float or not 0 <= softcap < math.inf:  # else the common case, a checked float
         softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     if alibi_slopes is not None:

@@ -32,9 +32,9 @@ import triton.language as tl
 from kernels import _runtime
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_dense
 from kernels.attention.api import attention
-from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_qkv, check_real, check_scale, check_sinks,
-                                      check_window, count, draw_rng, enforce, new_verdict, rule_bit, store_verdict,
-                                      unusable_pages)
+from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
+                                      check_sinks, check_window, count, draw_rng, enforce, new_verdict, rule_bit,
+                                      store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
 from kernels.attention.plan import AttentionVariant, LastTensor, VariantTensors, attention_variant
@@ -246,7 +246,8 @@ def _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim: i
     window_left, window_right = check_window(window_size)
     softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    return attention_variant(bool(causal), 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
+    causal = check_flag("causal", causal)
+    return attention_variant(causal, 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
                              max_seqlen_q, max_seqlen_k)
 
 
