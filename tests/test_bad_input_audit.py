@@ -141,3 +141,11 @@ def test_causal_must_be_a_bool(entry, causal, device):
 def test_causal_takes_a_numpy_bool_or_an_int(causal, device):
     q = torch.randn(B, H, N, D, device=device)
     torch.testing.assert_close(kernels.attention(q, q, q, causal=causal), kernels.attention(q, q, q, causal=True))
+
+
+@pytest.mark.parametrize("sizes, error", [((1, 2, "4", 4), TypeError), ((1, 2, 2.5, 4), TypeError),
+                                          ((1, True, 4, 4), TypeError), ((-1, 2, 4, 4), ValueError)])
+def test_create_block_mask_sizes_type_then_range(sizes, error):
+    """A size of the wrong type was a ValueError like a negative one; TypeError now, as for every other argument."""
+    with pytest.raises(error, match="^create_block_mask: (B|H|Nq|Nk) must be a non-negative int"):
+        create_block_mask(_causal, *sizes)

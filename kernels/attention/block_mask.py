@@ -31,6 +31,7 @@ import triton
 
 from kernels import _runtime
 from kernels._runtime import cdiv
+from kernels._validate import is_integer
 from kernels.attention.kernels import MASK_BLOCK, _block_mask_cells
 from triton.errors import TritonError
 from triton.runtime.interpreter import InterpretedFunction
@@ -246,13 +247,14 @@ def _first_last(nonempty: torch.Tensor) -> torch.Tensor:
 
 
 def _check_sizes(B, H, Nq, Nk) -> None:
-    """ValueError naming the size unless B, H are non-negative ints or None and Nq, Nk non-negative ints."""
+    """TypeError naming the size unless B, H are ints or None and Nq, Nk ints; ValueError for a negative one."""
     for name, size in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
         optional = name in ("B", "H")
-        if not (optional and size is None) and (isinstance(size, bool) or not isinstance(size, numbers.Integral)
-                                                or size < 0):
-            raise ValueError(f"create_block_mask: {name} must be a non-negative int{' or None' if optional else ''},"
-                             f" got {size!r}")
+        if optional and size is None:
+            continue
+        if not is_integer(size) or size < 0:
+            raise (ValueError if is_integer(size) else TypeError)(
+                f"create_block_mask: {name} must be a non-negative int{' or None' if optional else ''}, got {size!r}")
 
 
 def _kernel_device(device, mod: MaskMod) -> torch.device:
