@@ -4,6 +4,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from benchmarks.providers import WINDOW
+
 
 FIT_POINTS = 4
 """A slope is fitted over at most this many of the largest lengths (the asymptotic regime; small lengths are
@@ -40,7 +42,7 @@ def fit_note(lengths: Sequence[float], values: Sequence[Optional[float]], last: 
     local = [float(np.log(y1 / y0) / np.log(x1 / x0)) for (x0, y0), (x1, y1) in zip(points, points[1:])]
     if max(local) - min(local) > SETTLED:
         steps = ", ".join(f"{p:.2f}" for p in local)
-        return f"not settled: point-to-point slopes {steps} (fixed costs or resolution still visible)"
+        return f"not settled: point-to-point slopes {steps} (still bending: fixed costs, tiles or resolution)"
     return None
 
 
@@ -71,6 +73,16 @@ def model_ms(record: dict, gpu: str) -> Optional[float]:
 METRICS = {"time": time_ms, "peak_memory": peak_bytes, "counted_bytes": counted_bytes, "counted_flops": counted_flops}
 CAUSAL = "triton"
 """The attention provider the sparser masks (sliding window, documents: see ``providers``) are compared with."""
+WINDOWED = f"triton-window{WINDOW}"
+
+
+def _window_note(provider: str, metric: Optional[str], used: List[float]) -> Optional[str]:
+    """The sliding window's work grows as N * WINDOW only once N >> WINDOW: below 2 windows most of each row's
+    keys are inside it, and the slope is still largely causal's 2."""
+    if provider != WINDOWED or metric == "peak_memory" or not used or used[0] >= 2 * WINDOW:
+        return None
+    return (f"fitted from N={used[0]:g} < 2 x the {WINDOW}-key window: partly causal's N^2, "
+            f"p -> 1 only for N >> {WINDOW}")
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -93,10 +105,18 @@ def add_ratios(records: List[dict]) -> None:
     _add_ratios_to(records, "vs_causal", lambda r: r["op"] == "attention" and r["provider"] == CAUSAL)
 
 
+def slope_note(provider: str, metric: Optional[str], lengths: Sequence[float],
+               values: Sequence[Optional[float]]) -> Optional[str]:
+    """Why ``provider``'s fitted slope of ``metric`` (a :data:`METRICS` name) is not a scaling law, or None:
+    :func:`fit_note`, and for the sliding window a fit from lengths where the window barely binds."""
+    used = [x for x, _ in _fit_points(lengths, values, FIT_POINTS)]
+    return "; ".join(filter(None, [fit_note(lengths, values), _window_note(provider, metric, used)])) or None
+
+
 def fit_slopes(records: List[dict]) -> List[Dict]:
     """Growth exponents per (op, mode, provider) of time, peak memory, counted bytes and FLOPs against length:
     ``slopes`` (None without two lengths), ``lengths`` (those each slope was fitted over) and ``notes`` (where a
-    slope is not a scaling law, :func:`fit_note`)."""
+    slope is not a scaling law, :func:`slope_note`)."""
     fits = []
     keys = sorted({(r["op"], r["mode"], r["provider"]) for r in records}, key=str)
     for op, mode, prov in keys:
@@ -107,5 +127,5 @@ def fit_slopes(records: List[dict]) -> List[Dict]:
                      "slopes": {name: loglog_slope(lengths, v) for name, v in values.items()},
                      "lengths": {name: [x for x, _ in _fit_points(lengths, v, FIT_POINTS)]
                                  for name, v in values.items()},
-                     "notes": {name: fit_note(lengths, v) for name, v in values.items()}})
+                     "notes": {name: slope_note(prov, name, lengths, v) for name, v in values.items()}})
     return fits

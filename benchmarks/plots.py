@@ -1,6 +1,6 @@
 """PNG plots (matplotlib, Agg): for one (op, mode), up to eight panels vs length N, one line per provider.
 
-time (log-log, fitted slope in the legend, "?" where :func:`~benchmarks.analysis.fit_note` says it is not a
+time (log-log, fitted slope in the legend, "?" where :func:`~benchmarks.analysis.slope_note` says it is not a
 scaling law), peak memory (log-log, slope; titled with how it was measured), counted bytes moved (log-log, with the
 minimum), counted FLOPs (log-log, slope), speedup over the baseline, memory ratio to the baseline, throughput on a
 GPU (TFLOPS / GB/s) or, without one, the roofline model time on an H100 (labelled "model"), and for attention the
@@ -11,8 +11,8 @@ import os
 import sys
 from typing import List
 
-from benchmarks.analysis import (CAUSAL, counted_bytes, counted_flops, fit_note, loglog_slope, model_ms, peak_bytes,
-                                 time_ms)
+from benchmarks.analysis import (CAUSAL, METRICS, counted_bytes, counted_flops, loglog_slope, model_ms, peak_bytes,
+                                 slope_note, time_ms)
 from benchmarks.device import DeviceInfo
 
 try:
@@ -45,7 +45,8 @@ def _line(ax, rows, metric, label, slope=False, **style):
     if slope:
         lengths, values = [x for x, _ in points], [y for _, y in points]
         p = loglog_slope(lengths, values)
-        unsure = "?" if fit_note(lengths, values) else ""
+        name = next((key for key, fn in METRICS.items() if fn is metric), None)
+        unsure = "?" if slope_note(rows[0]["provider"], name, lengths, values) else ""
         label = label if p is None else f"{label} (N^{p:.2f}{unsure})"
     ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label, **style)
 

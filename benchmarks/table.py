@@ -100,7 +100,7 @@ def _fit_line(fit: dict) -> List[str]:
 
 def format_fits(fits: List[dict]) -> str:
     """One line per provider: the fitted exponent p of metric ~ N^p, over which lengths, and why a slope is not a
-    scaling law where it is not (:func:`benchmarks.analysis.fit_note`)."""
+    scaling law where it is not (:func:`benchmarks.analysis.slope_note`)."""
     lines = [f"fitted log-log slope (metric ~ N^p, over the largest {FIT_POINTS} lengths measured; "
              f"time as timed above, on CPU not GPU speed):"]
     for fit in fits:
