@@ -13,6 +13,7 @@ from benchmarks.counting import counting
 from benchmarks.device import detect
 from benchmarks.memory import CPU_METHOD
 from benchmarks.providers import Case
+from benchmarks.roofline import match_device
 from benchmarks.table import format_fits, format_table
 
 # fwd+bwd, B=1, H=2, D=64, float16, as measured by `scaling --max-len 512` on CPU: the baseline's peak RSS growth
@@ -142,3 +143,13 @@ def test_forward_backward_flops_are_the_hand_count_of_the_tiles_each_kernel_visi
         counted[name] = counts.flops
     assert counted["triton"] == hand
     assert counted["baseline"] == 3 * 4 * n * n * d
+
+
+@pytest.mark.parametrize("name,spec", [("NVIDIA H100 80GB HBM3", "H100-SXM5"), ("NVIDIA H100 PCIe", "H100-PCIe"),
+                                       ("NVIDIA H200", "H200-SXM"), ("NVIDIA H100 NVL", None),
+                                       ("NVIDIA GH200 480GB", None), ("NVIDIA H200 NVL", None)])
+def test_a_gpu_gets_a_datasheet_peak_only_when_it_is_that_model(name, spec):
+    """An H100 NVL (3.9 TB/s, 835 dense fp16 TFLOPS) was given the H100 SXM5's peaks and a GH200 the H200 SXM's
+    4.8 TB/s, so a record's pct_of_peak was against another GPU's datasheet."""
+    matched = match_device(name)
+    assert (matched and matched.name) == spec
