@@ -186,3 +186,46 @@ def test_the_fallback_calls_torchs_own_after_a_reload_over_the_assignment():
     captured the shim itself and recursed until RecursionError."""
     result = subprocess.run([sys.executable, "-c", _RELOADED], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+class _Recording(torch.Tensor):
+    """A tensor subclass that records the torch functions it is handed (as DTensor and other wrappers take them)."""
+    calls = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(getattr(func, "__name__", None))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_torch_function_subclass_is_handed_the_sdpa_call_as_torch_does(monkeypatch, device):
+    """torch's SDPA hands a ``__torch_function__`` subclass the call itself; the shim launched the kernel on it,
+    so the subclass saw only shape reads and copies (DTensor, below, could not be read at all)."""
+    q = torch.randn(1, 2, 3, 8, device=device).as_subclass(_Recording)
+    monkeypatch.setattr(_Recording, "calls", [])
+    out = kernels.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert "scaled_dot_product_attention" in _Recording.calls
+    assert type(out) is _Recording
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), sdpa._TORCH_SDPA(*(q.as_subclass(torch.Tensor),) * 3,
+                                                                               is_causal=True))
+
+
+_DTENSOR = r"""
+import torch, torch.distributed as dist, kernels
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+q = torch.randn(1, 2, 3, 8)
+heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])  # tensor parallelism shards heads
+out = kernels.scaled_dot_product_attention(heads, heads, heads)  # is_causal: DTensor has no CPU strategy for it
+assert torch.equal(out.full_tensor(), torch._C._nn.scaled_dot_product_attention(q, q, q))
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_dtensor_inputs_run_torchs_sdpa():
+    """DTensor q, k, v (tensor parallelism; torch's context_parallel wraps F's SDPA and passes DTensors): the shim
+    launched on them and raised "Attempted to access the data pointer on an invalid python storage"."""
+    result = subprocess.run([sys.executable, "-c", _DTENSOR], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

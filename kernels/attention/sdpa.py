@@ -57,9 +57,22 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
 _mask_plans = LastTensor()
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_tensors(query, key, value, attn_mask) -> bool:
+    """False where a tensor argument is a subclass that may take torch functions itself (``__torch_function__``):
+    DTensor (tensor parallelism, torch's context_parallel), a jagged nested tensor, a ``CausalBias`` mask. torch's
+    SDPA hands those the call; a launch cannot read a DTensor's data."""
+    return (type(query) in _PLAIN_TENSOR_TYPES and type(key) in _PLAIN_TENSOR_TYPES
+            and type(value) in _PLAIN_TENSOR_TYPES and (attn_mask is None or type(attn_mask) in _PLAIN_TENSOR_TYPES))
+
+
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
     torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
+    if not _plain_tensors(query, key, value, attn_mask):
+        return None
     try:
         q_shape, k_shape = check_qkv(query, key, value)
         scale = check_scale(scale, q_shape[3])
