@@ -149,3 +149,10 @@ def test_create_block_mask_sizes_type_then_range(sizes, error):
     """A size of the wrong type was a ValueError like a negative one; TypeError now, as for every other argument."""
     with pytest.raises(error, match="^create_block_mask: (B|H|Nq|Nk) must be a non-negative int"):
         create_block_mask(_causal, *sizes)
+
+
+def test_zero_kv_heads_are_named_as_such(device):
+    """With q's heads 0 too, "must divide q's 0 heads" alone read as if 0 kv heads should pass (0 divides 0)."""
+    x = torch.randn(B, 0, N, D, device=device)
+    with pytest.raises(ValueError, match="kv heads must divide q's 0 heads and be at least 1"):
+        kernels.attention(x, x, x)

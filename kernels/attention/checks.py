@@ -58,7 +58,8 @@ def check_qkv(q, k, v, shown: Optional[Tuple] = None) -> Tuple[torch.Size, torch
     kv_heads = k_shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         k_shown = _displayed(q_shape, k_shape, v.shape, shown)[1]
-        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads, got k of shape {k_shown}")
+        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads and be at least 1, got k of "
+                         f"shape {k_shown}")
     return q_shape, k_shape
 
 
