@@ -46,6 +46,14 @@ def fit_note(lengths: Sequence[float], values: Sequence[Optional[float]], last: 
     return None
 
 
+def shape_with_n(record: dict) -> str:
+    """The record's input shape with its varying length written N: "(1, 2, N, 64)" for attention's (B, H, N, D),
+    "(64, N)" for the (rows, N) of softmax and the norms."""
+    shape = [str(size) for size in record["shape"]]
+    shape[2 if record["op"] == "attention" else -1] = "N"
+    return f"({', '.join(shape)})"
+
+
 def time_ms(record: dict) -> Optional[float]:
     return record["time"]["median_ms"] if record.get("time") else None
 

@@ -6,8 +6,11 @@ resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one step and
 a real measurement of everything the step touched (torch tensors, the interpreter's numpy tiles, the allocator's
 slack), in a process where nothing else runs. glibc is told to serve every block >= 64 KiB with its own mmap so
 freed memory leaves the process and a later point cannot hide in it. ``extra`` subtracts the outputs (result and
-gradients) from the peak. With a memory limit the worker caps its address space (``RLIMIT_AS``) to what it held
-after warm-up plus the limit, so a point beyond it fails the way a real out-of-memory does and is recorded "oom".
+gradients) from the peak. Its resolution is a few 0.1 MB (page granularity, the kernel's batched RSS counters:
+two live 64 KiB tensors read 68 KiB, two 1 MiB ones 1.8 MiB), so a small point can read 0 and ``extra`` below 0;
+``analysis.peak_bytes`` takes a 0 as below resolution, not free. With a memory limit the worker caps its address
+space (``RLIMIT_AS``) to what it held after warm-up plus the limit, so a point beyond it fails the way a real
+out-of-memory does and is recorded "oom".
 """
 import gc
 import json

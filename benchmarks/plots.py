@@ -12,7 +12,7 @@ import sys
 from typing import List
 
 from benchmarks.analysis import (CAUSAL, METRICS, counted_bytes, counted_flops, loglog_slope, model_ms, peak_bytes,
-                                 slope_note, time_ms)
+                                 shape_with_n, slope_note, time_ms)
 from benchmarks.device import DeviceInfo
 
 try:
@@ -115,8 +115,8 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
         ax.set_visible(bool(ax.lines))
     for ax in (s_ax, r_ax, c_ax):
         ax.axhline(1.0, color="grey", linewidth=0.8)
-    shape = rows[0]["shape"] if rows else []
-    fig.suptitle(f"{op} {mode}  shape {shape} (N varies)  {rows[0]['dtype'] if rows else ''}  on {device.name}")
+    shape = f"shape {shape_with_n(rows[0])}  {rows[0]['dtype']}" if rows else ""
+    fig.suptitle(f"{op} {mode}  {shape}  on {device.name}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=90)

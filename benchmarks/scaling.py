@@ -4,8 +4,9 @@ Lengths double from 128 to --max-len (default: 1024 on CPU, where the kernels ar
 the quadratic baseline runs out of memory first, which is recorded and does not stop the run); fixed
 batch x heads x head_dim; forward and forward+backward; every attention provider. Among them the fused kernel with
 a sliding window and with a document mask (``benchmarks/providers.py``): their counted FLOPs and bytes grow as
-N * window (fitted slope -> 1 once N >> window; causal's is 2) and as 1 / documents of causal's (``vs_causal``
-in the records).
+N * window (fitted slope -> 1 once N >> window; causal's is 2; a fit from N < 2 windows says so) and tend to
+1 / documents of causal's (``vs_causal`` in the records) once a document spans many query tiles: a document
+shorter than one tile costs a whole tile, so at small N the counts stay flat.
 """
 from typing import Dict, List
 

@@ -8,7 +8,7 @@ each modelled GPU.
 """
 from typing import List, Optional
 
-from benchmarks.analysis import FIT_POINTS, counted_bytes, model_ms, time_ms
+from benchmarks.analysis import FIT_POINTS, counted_bytes, model_ms, shape_with_n, time_ms
 from benchmarks.roofline import MODELLED
 
 MB = 1e6
@@ -52,9 +52,7 @@ def _shapes(records: List[dict]) -> str:
     """Each op's input shape with its varying length as N, and dtype: "attention (1, 2, N, 64) float16"."""
     shapes = {}
     for r in records:
-        shape = [str(size) for size in r["shape"]]
-        shape[2 if r["op"] == "attention" else -1] = "N"
-        shapes.setdefault(r["op"], f"{r['op']} ({', '.join(shape)}) {r['dtype']}")
+        shapes.setdefault(r["op"], f"{r['op']} {shape_with_n(r)} {r['dtype']}")
     return "; ".join(shapes.values())
 
 

@@ -103,6 +103,7 @@ def test_memory_panel_names_its_method_and_a_two_point_slope_is_marked(tmp_path,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plots.plot_op(_profile(), "attention", "fwd+bwd", detect(), str(tmp_path / "scaling.png"))
+    assert figures[0]._suptitle.get_text() == "attention fwd+bwd  shape (1, 2, N, 64)  float16  on " + detect().name
     panels = {ax.get_title().split("\n")[0]: ax for ax in figures[0].axes if ax.get_visible()}
     memory = panels["peak memory beyond inputs (bytes)"]
     assert memory.get_title().split("\n")[1:] == [CPU_METHOD]
