@@ -88,7 +88,8 @@ def test_encoder_layer_trains_through_the_kernel_and_its_eval_fast_path_bypasses
     x = torch.randn(2, 5, 16, device=device, requires_grad=True)
 
     def train_step():
-        out = layer.train()(x, is_causal=True, src_mask=nn.Transformer.generate_square_subsequent_mask(5, device=device))
+        causal = nn.Transformer.generate_square_subsequent_mask(5, device=device)
+        out = layer.train()(x, is_causal=True, src_mask=causal)
         return out, *torch.autograd.grad(out.square().sum(), (x, layer.self_attn.in_proj_weight))
 
     expected, got = _with_each_sdpa(monkeypatch, train_step)
@@ -229,3 +230,45 @@ def test_dtensor_inputs_run_torchs_sdpa():
     launched on them and raised "Attempted to access the data pointer on an invalid python storage"."""
     result = subprocess.run([sys.executable, "-c", _DTENSOR], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+class _MaskedAttention(nn.Module):
+    """SDPA on q, k, v as given, with an optional bool mask (causal without one)."""
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def test_torch_jit_trace_records_torchs_sdpa(monkeypatch, device):
+    """Under torch.jit.trace (the TorchScript ONNX exporter traces too) sizes are traced as tensors: the shim's
+    Python raised AttributeError ('Tensor' object has no attribute 'bit_length'). It now records torch's op."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
+    q, k, v = (torch.randn(1, 2, 5, 8, device=device) for _ in range(3))
+    traced = torch.jit.trace(_MaskedAttention(), (q, k, v))
+    assert "aten::scaled_dot_product_attention" in str(traced.graph)
+    q = torch.randn(1, 2, 5, 8, device=device)
+    torch.testing.assert_close(traced(q, k, v), sdpa._TORCH_SDPA(q, k, v, is_causal=True))
+
+
+def test_torch_jit_script_of_multihead_attention_after_the_assignment(monkeypatch, device):
+    """Scripting nn.MultiheadAttention compiles torch's forward, which calls F's SDPA: it found the shim and
+    raised NotSupportedError (keyword-only arguments). It compiles the shim as torch's op now."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, device=device).eval()
+    x = torch.randn(2, 4, 8, device=device)
+    expected = mha(x, x, x, need_weights=False)[0]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
+    scripted = torch.jit.script(mha)
+    torch.testing.assert_close(scripted(x, x, x, need_weights=False)[0], expected)
+
+
+def test_torch_export_keeps_the_kernel_without_a_mask_and_exports_torchs_sdpa_with_one(monkeypatch, device):
+    """torch.export cannot break the graph where the shim reads a bool mask's pattern: it failed with
+    GuardOnDataDependentSymNode. A masked call exports torch's op; an unmasked one still exports the kernel."""
+    q, k, v = (torch.randn(1, 2, 5, 8, device=device) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool, device=device)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
+    for args, op in (((q, k, v), "kernels.flash_attention_forward.default"),
+                     ((q, k, v, mask), "aten.scaled_dot_product_attention.default")):
+        program = torch.export.export(_MaskedAttention(), args)
+        assert op in {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        torch.testing.assert_close(program.module()(*args), _MaskedAttention()(*args), atol=1e-5, rtol=1e-5)

@@ -7,6 +7,8 @@ function.
 from typing import Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
@@ -57,22 +59,22 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
 _mask_plans = LastTensor()
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
+"""Tensor types a launch (or torch.compile's and torch.export's tracing of it) takes. Other subclasses go to torch's
+SDPA, which hands them the call: DTensor (tensor parallelism, torch's context_parallel; a launch cannot read its
+data), jagged nested tensors, ``CausalBias`` masks, any ``__torch_function__`` subclass."""
 
 
-def _plain_tensors(query, key, value, attn_mask) -> bool:
-    """False where a tensor argument is a subclass that may take torch functions itself (``__torch_function__``):
-    DTensor (tensor parallelism, torch's context_parallel), a jagged nested tensor, a ``CausalBias`` mask. torch's
-    SDPA hands those the call; a launch cannot read a DTensor's data."""
-    return (type(query) in _PLAIN_TENSOR_TYPES and type(key) in _PLAIN_TENSOR_TYPES
-            and type(value) in _PLAIN_TENSOR_TYPES and (attn_mask is None or type(attn_mask) in _PLAIN_TENSOR_TYPES))
+def _plain(t) -> bool:
+    """Whether ``t`` (a tensor argument, or None) is None or of one of :data:`_PLAIN_TENSOR_TYPES` exactly."""
+    return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
     torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
-    if not _plain_tensors(query, key, value, attn_mask):
-        return None
+    if not (_plain(query) and _plain(key) and _plain(value) and _plain(attn_mask)) or torch.jit.is_tracing():
+        return None  # torch.jit.trace records torch's op (the shim's Python would trace shapes as tensors)
     try:
         q_shape, k_shape = check_qkv(query, key, value)
         scale = check_scale(scale, q_shape[3])
@@ -90,6 +92,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return NO_TENSORS, attention_variant(is_causal, 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
+    if torch.compiler.is_exporting():
+        return None  # reading the mask is data-dependent: torch.export (no graph breaks) would fail on it
     batch, n_q, n_k, device = q_shape[0], q_shape[2], k_shape[2], query.device
     mask_plan = _mask_plans.get(attn_mask, (batch, n_q, n_k, device), _mask_plan, attn_mask, batch, n_q, n_k, device)
     if mask_plan is None:
@@ -138,3 +142,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     return attention_op(query, key, value, *plan)[0]
+
+
+# Assigned over F's, the shim is what TorchScript finds where torch's code calls SDPA (nn.MultiheadAttention's
+# forward, which torch.jit.script compiles): it compiles it as torch's own op, as it did before the assignment.
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
