@@ -13,8 +13,9 @@ Two counters run together inside :func:`counting`:
 - PyTorch ops: a ``TorchDispatchMode`` sees every aten op (forward and backward), adding the bytes of its tensor
   inputs (read) and outputs (written) and the matmul/SDPA FLOPs of ``torch.utils.flop_counter``'s formulas. Views
   and allocations without initialisation move nothing. A fused op (e.g. CPU SDPA) is opaque: only its own
-  inputs and outputs count. A custom op (``torch.library``) that launches Triton kernels counts through those
-  kernels instead; the aten ops inside it run below the mode and are not seen (in practice: output allocations).
+  inputs and outputs count (``Counts.opaque_ops`` says how many such ops a count holds). A custom op
+  (``torch.library``) that launches Triton kernels counts through those kernels instead; the aten ops inside it
+  run below the mode and are not seen (in practice: output allocations).
 """
 import contextlib
 from dataclasses import asdict, dataclass
@@ -42,6 +43,10 @@ class Counts:
     aten_ops: int = 0
     reread: int = 0
     """Bytes of Triton loads from addresses the same launch loaded before (tracked under ``rereads=True``)."""
+    opaque_ops: int = 0
+    """Fused ops seen only from outside (torch's SDPA, a custom op without Triton kernels, e.g. flash-attn): their
+    inputs and outputs count, their inner traffic does not, and SDPA's FLOPs are torch's non-causal formula (a
+    custom op's: none). Non-zero means the counts are a floor, not the work."""
 
     @property
     def bytes(self) -> int:
@@ -168,6 +173,8 @@ def _count_triton(counts: Counts, rereads: bool):
 
 _NO_TRAFFIC = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
                aten._unsafe_view, aten.set_, aten.resize_, aten.lift_fresh}
+_FUSED_ATTENTION = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention")
+"""Name prefixes of aten's fused attention ops (SDPA's backends, forward and backward): opaque to this count."""
 _OVERWRITES_FIRST = {aten.copy_, aten.fill_, aten.zero_}  # their destination is written, not read
 # CPU SDPA has its own ops; they take the same leading (query, key, value) arguments as the CUDA flash ones.
 _FLOP_ALIASES = {
@@ -202,6 +209,8 @@ class _AtenCounter(TorchDispatchMode):
             return out
         if func.namespace != "aten" and self.counts.triton_launches > launches:
             return out  # a custom op around Triton kernels: their own loads and stores were counted instead
+        if func.namespace != "aten" or packet.__name__.startswith(_FUSED_ATTENTION):
+            self.counts.opaque_ops += 1
         read_args = args[1:] if packet in _OVERWRITES_FIRST else args
         read_kwargs = {name: value for name, value in kwargs.items() if name != "out"}
         self.counts.aten_ops += 1

@@ -36,7 +36,8 @@ CONVENTIONS = {
                "tiles count more traffic): attention kernels are counted with an sm_90 GPU's default tiles, each "
                "kernel's first autotune config (counted.tiles says which; interpreted time and memory use the "
                "interpreter's 32x32), other kernels with their own launch configs. A fused aten op (CPU "
-               "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal. "
+               "SDPA) is opaque: its inputs and outputs only, and torch's formula counts its FLOPs as non-causal "
+               "(opaque_ops counts such ops, flash-attn's custom op too: its FLOPs are not counted at all). "
                "FLOPs are the work executed, not the conventional count (tflops): whole tiles on the causal "
                "diagonal, the backward's recomputed matmuls; the baseline multiplies every score, masked or not.",
     "model": "roofline model, not a measurement: max(counted flops / peak FLOP/s, counted bytes / HBM bandwidth).",

@@ -39,11 +39,12 @@ def _row(r: dict) -> List[str]:
     measured = r["status"] == "ok" and r["memory"] and r["memory"]["status"] == "ok"
     peak, extra = (r["memory"]["peak_bytes"], r["memory"]["extra_bytes"]) if measured else (None, None)
     counted = counted_bytes(r)
+    floor = "*" if r["counted"] and r["counted"].get("opaque_ops") else ""  # a fused op counted from outside
     cells = [r["op"], r["mode"], str(r["length"]), r["provider"], _time(r), _throughput(r),
              _num(peak and peak / MB), _num(extra and extra / MB), _num(ratios.get("peak_memory"), "{:.2f}"),
-             _num(counted and counted / MB), _num(r["counted"] and r["counted"]["vs_min"], "{:.1f}"),
+             _num(counted and counted / MB) + floor, _num(r["counted"] and r["counted"]["vs_min"], "{:.1f}"),
              _num(ratios.get("counted_bytes"), "{:.2f}")]
-    cells += [_num(model_ms(r, gpu), "{:.3g}") for gpu in MODELLED]
+    cells += [_num(model_ms(r, gpu), "{:.3g}") + floor for gpu in MODELLED]
     status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:70]
     return cells + [status]
 
@@ -70,7 +71,9 @@ def describe(records: List[dict]) -> List[str]:
             f"time ms: median, {_methods(records, 'time')} ((interp): Triton's interpreter on CPU, not GPU speed)",
             f"peak/extra MB: {_methods(records, 'memory')}, above the inputs, outputs included (extra: without "
             f"them); on CPU page- and counter-granular (a few 0.1 MB; 0 or below is that)",
-            "moved MB: counted bytes read + written (not measured traffic); /min: over inputs + outputs once",
+            "moved MB: counted bytes read + written (not measured traffic); /min: over inputs + outputs once; "
+            "*: holds a fused op seen from outside (SDPA, flash-attn): a floor, and SDPA's FLOPs torch's non-causal "
+            "formula",
             f"model ms: roofline MODEL on {gpus} from the counted FLOPs and bytes, not a measurement"]
 
 

@@ -154,3 +154,20 @@ def test_a_gpu_gets_a_datasheet_peak_only_when_it_is_that_model(name, spec):
     4.8 TB/s, so a record's pct_of_peak was against another GPU's datasheet."""
     matched = match_device(name)
     assert (matched and matched.name) == spec
+
+
+def test_a_fused_op_counted_from_outside_marks_its_counts_as_a_floor():
+    """torch's SDPA is one aten op (flash-attn a custom op): its counted bytes are its inputs and outputs, its
+    FLOPs torch's non-causal formula; the count says it holds such an op and the table marks it."""
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    with counting() as sdpa:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with counting() as matmul:
+        q @ k.transpose(-2, -1)
+    assert (sdpa.opaque_ops, matmul.opaque_ops) == (1, 0)
+    recs = _profile()
+    recs[0]["counted"]["opaque_ops"] = sdpa.opaque_ops
+    rows = format_table(recs).splitlines()
+    assert "*: holds a fused op seen from outside" in rows[3]
+    assert "0.00819*" in rows[7] and rows[7].count("0.001*") == 2  # moved MB and both model columns
+    assert "*" not in rows[8]
