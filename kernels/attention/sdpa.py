@@ -131,9 +131,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
-    cannot run on in this process, torch.func transforms, an ``is_causal`` that is not a bool) calls torch's own
-    function (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds). Under autocast, as
-    torch's, floating q, k, v other than float64 run in autocast's dtype (the result too).
+    cannot run on in this process, tensor subclasses such as DTensor, torch.func transforms, torch.jit.trace, a
+    mask under torch.export, an ``is_causal`` that is not a bool) calls torch's own function
+    (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
+    the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
+    dtype (the result too).
     """
     if isinstance(query, torch.Tensor):
         query, key, value = as_autocast_takes(query, key, value)
