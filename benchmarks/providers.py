@@ -119,6 +119,8 @@ class Provider:
     baseline: bool = False  # the reference every ratio is taken against
     variant: bool = False  # a masking variant of another provider's kernel: the scaling profile's, not the suite's
     compiles: bool = False  # its first call at each input shape compiles: run once there before time and memory
+    visible_pairs: Optional[Callable[[int], int]] = None
+    """For a mask sparser than causal: the (query, key) pairs it keeps at length N, which its TFLOPS count."""
 
     def resolve(self) -> Callable:
         try:
@@ -167,6 +169,17 @@ def _fused_documents():
     return documents
 
 
+def _window_pairs(n: int) -> int:
+    """Query i sees keys max(0, i - WINDOW + 1) .. i: i + 1 of them up to WINDOW."""
+    full = min(n, WINDOW)
+    return full * (full + 1) // 2 + (n - full) * WINDOW
+
+
+def _document_pairs(n: int) -> int:
+    length = n // DOCUMENTS
+    return DOCUMENTS * length * (length + 1) // 2
+
+
 def _flash_attn():
     if not torch.cuda.is_available():
         raise Unavailable("flash-attn needs a CUDA GPU")
@@ -212,8 +225,10 @@ PROVIDERS = (
              lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
     Provider("semi-fused", "attention", _semi_fused, triton=True),
     Provider("triton", "attention", _fused, triton=True),
-    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True, variant=True),
-    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True, variant=True),
+    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True, variant=True,
+             visible_pairs=_window_pairs),
+    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True, variant=True,
+             visible_pairs=_document_pairs),
     Provider("torch-sdpa", "attention",
              lambda: lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
     Provider("flash-attn", "attention", _flash_attn),

@@ -15,7 +15,8 @@ SCHEMA = "transformer-kernels/benchmarks/1"
 CONVENTIONS = {
     "time": "GPU: triton.testing.do_bench median and 20/80 percentiles. CPU: wall-clock; Triton providers run "
             "in Triton's interpreter ('interpreter'), which says nothing about GPU speed.",
-    "tflops": "attention only, GPU only: 4*B*H*N^2*D forward, x0.5 causal, x3.5 forward+backward (FlashAttention).",
+    "tflops": "attention only, GPU only: 4*B*H*N^2*D forward, x0.5 causal, x3.5 forward+backward (FlashAttention); "
+              "the sliding-window and document providers: that x the share of causal's query-key pairs they keep.",
     "gbps": "softmax/norms, GPU only: minimum bytes (inputs read once, outputs written once) / median time.",
     "pct_of_peak": "GPU only: tflops or gbps as a percent of the device's peak (device.peak; None for a GPU not "
                    "in benchmarks/roofline.py).",

@@ -59,10 +59,13 @@ def _base_record(case: Case, prov: Provider, device: DeviceInfo) -> dict:
             "memory": None, "counted": None, "min_bytes": None, "model": None}
 
 
-def _throughput(record: dict, case: Case, device: DeviceInfo) -> None:
-    """TFLOPS (attention, by the conventional FLOP count) or effective GB/s (minimum bytes / time), GPU only."""
+def _throughput(record: dict, case: Case, prov: Provider, device: DeviceInfo) -> None:
+    """TFLOPS (attention, by the conventional FLOP count, over the pairs a sparser mask keeps) or effective GB/s
+    (minimum bytes / time), GPU only."""
     seconds = record["time"]["median_ms"] * 1e-3
     flops = case.conventional_flops()
+    if flops is not None and prov.visible_pairs is not None:  # a sliding window or documents: their own work
+        flops *= prov.visible_pairs(case.length) / (case.length * (case.length + 1) / 2)
     if flops is not None:
         record["tflops"] = flops / seconds / 1e12
         peak = device.peak and device.peak["flops"].get(case.dtype)
@@ -96,7 +99,7 @@ def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, recor
     if device.kind == "cuda":
         record["memory"] = memory.measure_gpu(step)
         record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
-        _throughput(record, case, device)
+        _throughput(record, case, prov, device)
     else:
         record["time"] = time_cpu(step, prov.triton, time_budget_s).as_record()
 

@@ -10,7 +10,7 @@ import torch
 import kernels
 from benchmarks import analysis, plots, providers, records, runner
 from benchmarks.counting import counting
-from benchmarks.device import detect
+from benchmarks.device import DeviceInfo, detect
 from benchmarks.memory import CPU_METHOD
 from benchmarks.providers import Case
 from benchmarks.roofline import match_device
@@ -171,3 +171,19 @@ def test_a_fused_op_counted_from_outside_marks_its_counts_as_a_floor():
     assert "*: holds a fused op seen from outside" in rows[3]
     assert "0.00819*" in rows[7] and rows[7].count("0.001*") == 2  # moved MB and both model columns
     assert "*" not in rows[8]
+
+
+@pytest.mark.parametrize("name,pairs", [("triton", None), ("triton-window256", 256 * 257 // 2 + 768 * 256),
+                                        ("triton-8docs", 8 * 128 * 129 // 2)])
+def test_gpu_tflops_of_a_sparser_mask_count_only_the_pairs_it_keeps(name, pairs):
+    """At N=1024 a 256-key window keeps 44% of causal's pairs and 8 documents 12.6%: their TFLOPS were taken
+    over full causal's FLOPs, up to 8x what they computed (beyond the GPU's peak for a fast kernel)."""
+    n = 1024
+    case = Case("attention", "fwd+bwd", n, dtype="float16", batch=2, heads=4, head_dim=64)
+    gpu = DeviceInfo("NVIDIA H100 80GB HBM3", "cuda", False, "do_bench", {"flops": {"float16": 989e12}})
+    record = {"time": {"median_ms": 1.0}, "min_bytes": 1}
+    runner._throughput(record, case, providers.provider("attention", name), gpu)
+    causal = 3.5 * 4 * 2 * 4 * 64 * n * n / 2
+    work = causal if pairs is None else causal * pairs / (n * (n + 1) / 2)
+    assert record["tflops"] == pytest.approx(work / 1e-3 / 1e12)
+    assert record["pct_of_peak"] == pytest.approx(100 * work / 1e-3 / 989e12)
