@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 from kernels.attention import sdpa
@@ -272,3 +274,15 @@ def test_torch_export_keeps_the_kernel_without_a_mask_and_exports_torchs_sdpa_wi
         program = torch.export.export(_MaskedAttention(), args)
         assert op in {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
         torch.testing.assert_close(program.module()(*args), _MaskedAttention()(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_mode_ad_gets_torchs_sdpa(device):
+    """A forward-AD dual q (torch.autograd.forward_ad): torch's math backend gives its tangent; the kernel has no
+    jvp and raised NotImplementedError ('You must implement the jvp function ...')."""
+    q, tangent = torch.randn(1, 2, 3, 8, device=device), torch.randn(1, 2, 3, 8, device=device)
+    tangents = []
+    for function in (sdpa._TORCH_SDPA, kernels.scaled_dot_product_attention):
+        with sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+            out = function(forward_ad.make_dual(q, tangent), q, q, is_causal=True)
+            tangents.append(forward_ad.unpack_dual(out).tangent)
+    assert torch.equal(tangents[1], tangents[0])

@@ -81,8 +81,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     except (TypeError, ValueError):
         return None
     # key and value are on its device (check_qkv); torch's SDPA under torch.func transforms (functorch's wrapped
-    # tensors, which a launch cannot read)
-    if dropout_p != 0.0 or not _runtime.kernels_can_run(query) or _runtime.in_functorch_transform():
+    # tensors, which a launch cannot read) and forward-mode AD (the kernel has no jvp; torch's math backend has)
+    if (dropout_p != 0.0 or not _runtime.kernels_can_run(query)
+            or _runtime.forward_ad_active() and not torch.compiler.is_compiling()):
         return None
     if not isinstance(is_causal, bool):
         return None  # torch takes a bool only (not 1, not numpy's bool): it raises its TypeError
@@ -131,8 +132,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
-    cannot run on in this process, tensor subclasses such as DTensor, torch.func transforms, torch.jit.trace, a
-    mask under torch.export, an ``is_causal`` that is not a bool) calls torch's own function
+    cannot run on in this process, tensor subclasses such as DTensor, torch.func transforms, forward-mode AD,
+    torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool) calls torch's own function
     (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
     the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
     dtype (the result too).
