@@ -149,4 +149,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # Assigned over F's, the shim is what TorchScript finds where torch's code calls SDPA (nn.MultiheadAttention's
 # forward, which torch.jit.script compiles): it compiles it as torch's own op, as it did before the assignment.
-torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
+# A private torch API: where a torch lacks it, scripting after the assignment fails as before, nothing else.
+_register_builtin = getattr(getattr(torch.jit, "_builtins", None), "_register_builtin", None)
+if _register_builtin is not None:
+    _register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
