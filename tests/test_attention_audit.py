@@ -81,7 +81,7 @@ def _packed_call(q_shape, k_shape, v_shape=None, paged=False):
     (((7, 2, 8), (7, 2, 8), (6, 2, 8)), r"k and v must have the same shape \(total_k, Hkv, D\), got \(7, 2, 8\) and "
                                         r"\(6, 2, 8\)"),
     (((7, 2, 8), (7, 2, 4)), r"head dim 8 like q \(total_q, H, D\), got k of shape \(7, 2, 4\)"),
-    (((7, 3, 8), (7, 2, 8)), r"must divide q's 3 heads, got k of shape \(7, 2, 8\)"),
+    (((7, 3, 8), (7, 2, 8)), r"must divide q's 3 heads and be at least 1, got k of shape \(7, 2, 8\)"),
     (((7, 2, 300), (7, 2, 300)), r"head dim must be in 1\.\.256, got q of shape \(7, 2, 300\)"),
 ])
 def test_varlen_shape_errors_show_the_packed_shapes_passed(shapes, match):

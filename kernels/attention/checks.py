@@ -24,7 +24,8 @@ def is_plain_qkv(q, k, v) -> bool:
     """Whether q, k, v are dense 4-D tensors of one supported dtype on one device: the common case, decided
     without building the checks' arguments (those then name what is wrong in the other cases)."""
     return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and is_dense(q) and is_dense(k) and is_dense(v) and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
+            and is_dense(q) and is_dense(k) and is_dense(v) and q.dtype in FLOAT_DTYPES
+            and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
             and q.device == k.device == v.device)
 
 
