@@ -161,6 +161,23 @@ def sm_count(device: torch.device) -> int:
 
 # Host integer math for launch plans: Triton's own cdiv / next_power_of_2 are constexpr functions that cost about
 # 2 µs a call on the host, more than the rest of a small launch's plan.
+def kernel_device(device, what: str) -> torch.device:
+    """``device`` (None: where this process's kernels run) as an indexed torch.device; TypeError/ValueError naming
+    ``what``'s ``device`` unless it parses and the kernels of this process run there."""
+    kernel_type = "cpu" if INTERPRETED else "cuda"
+    try:
+        parsed = torch.device(kernel_type if device is None else device)
+    except (RuntimeError, TypeError) as error:  # torch's messages name neither the function nor device
+        raise (ValueError if isinstance(error, RuntimeError) else TypeError)(
+            f"{what}: device must be a torch.device, a device string or an index, got {device!r}") from None
+    if parsed.type != kernel_type:
+        raise ValueError(f"{what}: device must be where the Triton kernels of this process run "
+                         f"({kernel_type}{', interpreted' if INTERPRETED else ''}), got device={parsed}")
+    if parsed.type == "cuda" and parsed.index is None:  # compare equal to the inputs' (indexed) device
+        parsed = torch.device("cuda", torch.cuda.current_device())
+    return parsed
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints."""
     return -(-a // b)

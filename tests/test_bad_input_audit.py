@@ -156,3 +156,11 @@ def test_zero_kv_heads_are_named_as_such(device):
     x = torch.randn(B, 0, N, D, device=device)
     with pytest.raises(ValueError, match="kv heads must divide q's 0 heads and be at least 1"):
         kernels.attention(x, x, x)
+
+
+@pytest.mark.parametrize("device,error", [("meta", ValueError), ("nope", ValueError), (3.5, TypeError)])
+def test_attention_dropout_mask_device_is_checked_like_create_block_masks(device, error):
+    """meta gave torch's "Cannot copy out of meta tensor" from inside the launch, a bad string torch's parse error:
+    neither named attention_dropout_mask's device."""
+    with pytest.raises(error, match="attention_dropout_mask: device must be"):
+        kernels.attention_dropout_mask(1, 2, 3, 4, 0.5, device=device)

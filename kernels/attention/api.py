@@ -61,13 +61,14 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
                            device=None) -> torch.Tensor:
     """The (B, H, Nq, Nk) bool keep-mask that ``attention(..., dropout_p=dropout_p)`` on q of shape (B, H, Nq, D)
     and k of length Nk would draw from the generator's current state, bit for bit (same Philox stream), advancing
-    the generator as that call would. Probabilities are kept where True and scaled by 1 / (1 - dropout_p)."""
+    the generator as that call would. Probabilities are kept where True and scaled by 1 / (1 - dropout_p).
+    ``device``: where the kernels of this process run (the default); ValueError naming device elsewhere."""
     sizes = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
             raise ValueError(f"{name} must be a non-negative int, got {size!r}")
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    device = torch.device("cpu" if device is None else device)
+    device = _runtime.kernel_device(device, "attention_dropout_mask")
     if dropout_p == 0:  # attention draws nothing from the generator without dropout, and keeps every element
         return torch.ones((batch, heads, n_q, n_k), dtype=torch.bool, device=device)
     rng_state = draw_rng(device)

@@ -258,20 +258,9 @@ def _check_sizes(B, H, Nq, Nk) -> None:
 
 
 def _kernel_device(device, mod: MaskMod) -> torch.device:
-    """``device`` (default: the mod's extra tensors' device, else the kernels') as an indexed torch.device;
-    ValueError naming ``device`` unless the kernels of this process run there."""
-    kernel_type = "cpu" if _runtime.INTERPRETED else "cuda"
-    try:
-        device = torch.device(device if device is not None else (mod.tensors[0].device if mod.tensors else kernel_type))
-    except (RuntimeError, TypeError) as error:  # torch's messages name neither create_block_mask nor device
-        raise (ValueError if isinstance(error, RuntimeError) else TypeError)(
-            f"create_block_mask: device must be a torch.device, a device string or an index, got {device!r}") from None
-    if device.type != kernel_type:
-        raise ValueError(f"create_block_mask: device must be where the Triton kernels of this process run "
-                         f"({kernel_type}{', interpreted' if _runtime.INTERPRETED else ''}), got device={device}")
-    if device.type == "cuda" and device.index is None:  # compare equal to the inputs' (indexed) device
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """``device`` (default: the mod's extra tensors' device, else the kernels') as :func:`_runtime.kernel_device`."""
+    return _runtime.kernel_device(mod.tensors[0].device if device is None and mod.tensors else device,
+                                  "create_block_mask")
 
 
 def _causes(error: BaseException):
