@@ -6,7 +6,7 @@ GB/s (GPU only), peak memory beyond the inputs and its part beyond the outputs (
 baseline's, counted bytes moved, their ratio to the minimum and to the baseline's, and the roofline model time on
 each modelled GPU.
 """
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from benchmarks.analysis import FIT_POINTS, counted_bytes, model_ms, shape_with_n, time_ms
 from benchmarks.roofline import MODELLED
@@ -87,27 +87,32 @@ def format_table(records: List[dict]) -> str:
     return "\n".join(describe(records) + lines if records else lines)
 
 
-def _fit_line(fit: dict) -> List[str]:
-    """The provider's slopes on one line (``*``: see the note below it), then one line per note."""
+def _fit_line(fit: dict, footnotes: Dict[str, int]) -> str:
+    """The provider's slopes on one line, a slope with a note marked ``*k``: the note's number in ``footnotes``
+    (note -> number, extended here), so a reason many slopes share is printed once."""
     names = {"time": "time", "peak_memory": "peak memory", "counted_bytes": "bytes moved", "counted_flops": "FLOPs"}
     slopes, notes = fit["slopes"], fit.get("notes") or {}
     used = sorted({n for lengths in (fit.get("lengths") or {}).values() for n in lengths})
     span = f"N={used[0]}..{used[-1]}" if used else ""
-    cells = [f"{label} p={_num(slopes.get(key), '{:.2f}')}{'*' if notes.get(key) else ''}"
-             for key, label in names.items()]
-    line = f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} {span:<11} " + "  ".join(cells)
-    return [line] + [f"      * {names[key]}: {note}" for key, note in notes.items() if note]
+    cells = []
+    for key, label in names.items():
+        note = notes.get(key)
+        mark = f"*{footnotes.setdefault(note, len(footnotes) + 1)}" if note else ""
+        cells.append(f"{label} p={_num(slopes.get(key), '{:.2f}')}{mark}")
+    return f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} {span:<11} " + "  ".join(cells)
 
 
 def format_fits(fits: List[dict]) -> str:
-    """One line per provider: the fitted exponent p of metric ~ N^p, over which lengths, and why a slope is not a
-    scaling law where it is not (:func:`benchmarks.analysis.slope_note`)."""
+    """One line per provider: the fitted exponent p of metric ~ N^p and over which lengths; a slope that is not a
+    scaling law is marked *k, and each distinct reason (:func:`benchmarks.analysis.slope_note`) is said once below."""
     lines = [f"fitted log-log slope (metric ~ N^p, over the largest {FIT_POINTS} lengths measured; "
              f"time as timed above, on CPU not GPU speed):"]
+    footnotes: Dict[str, int] = {}
     for fit in fits:
         if all(v is None for v in fit["slopes"].values()):
             continue
-        lines += _fit_line(fit)
+        lines.append(_fit_line(fit, footnotes))
     if len(lines) == 1:
         lines.append("  none: a slope needs two or more lengths of a provider that ran")
+    lines += [f"  *{k}: {note}" for note, k in footnotes.items()]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 fitted slopes that say when they are not a scaling law, CPU peak memory below its resolution kept out of ratios
 and fits, and every number's method and units said where it is printed and in the JSON's conventions."""
 import contextlib
+import re
 import warnings
 
 import pytest
@@ -65,7 +66,17 @@ def test_fits_record_the_lengths_they_used_and_why_a_slope_is_not_a_scaling_law(
     baseline_line = next(line for line in text.splitlines() if " baseline " in line)
     assert "N=128..512" in baseline_line and "peak memory p=2.68*" in baseline_line
     assert baseline_line.endswith("FLOPs p=2.00")  # exact: no note
-    assert "      * peak memory: not settled: point-to-point slopes 3.37, 1.99" in text
+    footnote = re.search(r"peak memory p=2\.68\*(\d+)", baseline_line).group(1)
+    assert f"\n  *{footnote}: not settled: point-to-point slopes 3.37, 1.99" in text
+
+
+def test_a_reason_many_slopes_share_is_said_once():
+    """Every two-length slope printed its own two lines of the same note (60 of them in a --quick run)."""
+    fit = {"op": "softmax", "mode": "fwd", "slopes": {"time": 0.5, "counted_bytes": 1.0},
+           "lengths": {"time": [256, 1024], "counted_bytes": [256, 1024]},
+           "notes": {"time": "2 lengths only", "counted_bytes": "2 lengths only"}}
+    text = format_fits([dict(fit, provider="torch"), dict(fit, provider="triton")])
+    assert text.count("2 lengths only") == 1 and text.count("*1") == 5  # 4 marks and the footnote
 
 
 def test_peak_memory_below_cpu_resolution_gives_no_ratio_and_no_fit_point():
