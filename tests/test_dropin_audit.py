@@ -158,6 +158,15 @@ def test_is_causal_must_be_a_bool_as_in_torch(device, is_causal):
             function(q, q, q, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("enable_gqa", ["yes", 1])
+def test_enable_gqa_must_be_a_bool_as_in_torch(device, enable_gqa):
+    """The shim took enable_gqa="yes" (any truthy value) as True and ran the kernel; torch raises."""
+    q = torch.randn(1, 2, 3, 8, device=device)
+    for function in (sdpa._TORCH_SDPA, kernels.scaled_dot_product_attention):
+        with pytest.raises(TypeError, match="enable_gqa"):
+            function(q, q[:, :1], q[:, :1], enable_gqa=enable_gqa)
+
+
 def test_autocast_keeps_float64_as_torch_does(device):
     """Autocast casts floating tensors except float64: fp64 q, k, v stay fp64 (torch's result, exactly), and
     fp32 q with fp64 k, v becomes mixed dtypes, which torch rejects; the shim cast all three and ran the kernel."""

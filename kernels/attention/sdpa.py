@@ -85,8 +85,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if (dropout_p != 0.0 or not _runtime.kernels_can_run(query)
             or _runtime.forward_ad_active() and not torch.compiler.is_compiling()):
         return None
-    if not isinstance(is_causal, bool):
-        return None  # torch takes a bool only (not 1, not numpy's bool): it raises its TypeError
+    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+        return None  # torch takes bools only (not 1, not numpy's bool, not a string): it raises its TypeError
     if q_shape[1] != k_shape[1] and not enable_gqa:
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
