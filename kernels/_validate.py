@@ -34,6 +34,16 @@ def is_integer(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
+def check_size(owner: str, name: str, size, optional: bool = False) -> None:
+    """TypeError naming ``owner``'s ``name`` unless ``size`` is an int (:func:`is_integer`; or None where
+    ``optional``), ValueError if negative: torch's rule for a size (``torch.empty(2.0)`` is a TypeError)."""
+    if optional and size is None:
+        return
+    if not is_integer(size) or size < 0:
+        raise (ValueError if is_integer(size) else TypeError)(
+            f"{owner}: {name} must be a non-negative int{' or None' if optional else ''}, got {size!r}")
+
+
 def check_same(what: str, **tensors) -> None:
     """Raise unless all named tensors share the same dtype (``what="dtype"``) or device (``what="device"``)."""
     expected = None

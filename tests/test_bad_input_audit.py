@@ -164,3 +164,12 @@ def test_attention_dropout_mask_device_is_checked_like_create_block_masks(device
     neither named attention_dropout_mask's device."""
     with pytest.raises(error, match="attention_dropout_mask: device must be"):
         kernels.attention_dropout_mask(1, 2, 3, 4, 0.5, device=device)
+
+
+@pytest.mark.parametrize("sizes, error", [((1, 2, "4", 4), TypeError), ((1, 2.0, 4, 4), TypeError),
+                                          ((True, 2, 4, 4), TypeError), ((1, 2, 4, -3), ValueError)])
+def test_attention_dropout_mask_sizes_type_then_range_as_create_block_mask(sizes, error):
+    """Its sizes were a ValueError for any bad value and named no function; create_block_mask's (and torch's)
+    rule now: TypeError for a non-int, ValueError for a negative one."""
+    with pytest.raises(error, match="^attention_dropout_mask: (batch|heads|n_q|n_k) must be a non-negative int"):
+        kernels.attention_dropout_mask(*sizes, 0.5)

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from kernels import _runtime, reference
-from kernels._validate import check_tensor
+from kernels._validate import check_size, check_tensor
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_flag, check_mods, check_padding_mask, check_qkv, check_real,
                                       check_scale, check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
@@ -63,10 +63,8 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
     and k of length Nk would draw from the generator's current state, bit for bit (same Philox stream), advancing
     the generator as that call would. Probabilities are kept where True and scaled by 1 / (1 - dropout_p).
     ``device``: where the kernels of this process run (the default); ValueError naming device elsewhere."""
-    sizes = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {size!r}")
+    for name, size in (("batch", batch), ("heads", heads), ("n_q", n_q), ("n_k", n_k)):
+        check_size("attention_dropout_mask", name, size)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     device = _runtime.kernel_device(device, "attention_dropout_mask")
     if dropout_p == 0:  # attention draws nothing from the generator without dropout, and keeps every element

@@ -31,7 +31,7 @@ import triton
 
 from kernels import _runtime
 from kernels._runtime import cdiv
-from kernels._validate import is_integer
+from kernels._validate import check_size
 from kernels.attention.kernels import MASK_BLOCK, _block_mask_cells
 from triton.errors import TritonError
 from triton.runtime.interpreter import InterpretedFunction
@@ -249,12 +249,7 @@ def _first_last(nonempty: torch.Tensor) -> torch.Tensor:
 def _check_sizes(B, H, Nq, Nk) -> None:
     """TypeError naming the size unless B, H are ints or None and Nq, Nk ints; ValueError for a negative one."""
     for name, size in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
-        optional = name in ("B", "H")
-        if optional and size is None:
-            continue
-        if not is_integer(size) or size < 0:
-            raise (ValueError if is_integer(size) else TypeError)(
-                f"create_block_mask: {name} must be a non-negative int{' or None' if optional else ''}, got {size!r}")
+        check_size("create_block_mask", name, size, optional=name in ("B", "H"))
 
 
 def _kernel_device(device, mod: MaskMod) -> torch.device:
