@@ -2,7 +2,9 @@
 with a fused backward.
 
 Layout: the softmax axis is moved last and the input seen as (rows, n) with unit column stride (a copy only when
-``dim`` is not last or the rows are not unit-strided); one program per row, math in fp32.
+``dim`` is not last or the rows are not unit-strided); one program per row, math in fp32. The output (and the
+input gradient) is contiguous whatever x's layout, as torch's: a kernel writes rows with ``dim`` last, so for
+another ``dim`` that buffer is copied once into the contiguous result.
 
 - A row of at most ``MAX_BLOCK`` elements is one register block: the forward reads x once and writes y once.
 - A longer row loops over ``LONG_BLOCK``-wide chunks: pass 1 keeps an online running max ``m`` and sum
@@ -14,7 +16,6 @@ multi-block path at small widths. Eager calls go through a plain autograd.Functi
 ``torch.compile`` the same launches go through ``torch.library`` custom ops, so each stays one opaque op. The row launch helpers shared with the norm kernels live in ``kernels/_rows.py``.
 """
 import functools
-import numbers
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
 from kernels import reference
+from kernels.attention.checks import check_flag, check_scale
 from kernels._autograd import autograd_function
 from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
@@ -197,22 +199,25 @@ def _empty_like_moved(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.empty(x.movedim(dim, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
 
 
+def _run(kernel, like: torch.Tensor, ins, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
+    """``kernel``'s rows along ``dim`` of a new tensor of ``like``'s shape and dtype, read from ``ins``; returned
+    contiguous, torch's layout for softmax's output and gradient (one copy when ``dim`` is not last)."""
+    if not like.numel():
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    out = _empty_like_moved(like, dim)
+    with launch_device(like):
+        _launch(kernel, out, ins, dim, like.shape[-2] if causal else 1, scale, causal, log)
+    return out if dim == like.dim() - 1 else out.contiguous()
+
+
 def _forward(x: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
-    """y = (log-)softmax(x * scale) along ``dim`` (>= 0), laid out with ``dim`` last in memory."""
-    y = _empty_like_moved(x, dim)
-    if y.numel():
-        with launch_device(x):
-            _launch(_softmax_fwd, y, (x,), dim, x.shape[-2] if causal else 1, scale, causal, log)
-    return y
+    """y = (log-)softmax(x * scale) along ``dim`` (>= 0), contiguous."""
+    return _run(_softmax_fwd, x, (x,), dim, scale, causal, log)
 
 
 def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float, causal: bool, log: bool) -> torch.Tensor:
-    """dx from the forward's output y and its gradient dy."""
-    dx = _empty_like_moved(y, dim)
-    if dx.numel():
-        with launch_device(y):
-            _launch(_softmax_bwd, dx, (y, dy), dim, y.shape[-2] if causal else 1, scale, causal, log)
-    return dx
+    """dx from the forward's output y and its gradient dy, contiguous."""
+    return _run(_softmax_bwd, y, (y, dy), dim, scale, causal, log)
 
 
 def _save(ctx, inputs, y):
@@ -267,12 +272,12 @@ _backward_op = torch.library.custom_op("kernels::softmax_backward", _backward, m
 
 @_forward_op.register_fake
 def _(x, dim, scale, causal, log):
-    return _empty_like_moved(x, dim)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @_backward_op.register_fake
 def _(y, dy, dim, scale, causal, log):
-    return _empty_like_moved(y, dim)
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
 def _setup_traced(ctx, inputs, output):
@@ -288,11 +293,17 @@ def _traced_backward(ctx, dy):
 _forward_op.register_autograd(_traced_backward, setup_context=_setup_traced)
 
 
-def _check(x, dim, scale, causal, dtype) -> int:
-    """Validate the arguments before any launch; return ``dim`` as a non-negative axis."""
-    check_tensor("x", x)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+_TORCH_FLOATS = (*FLOAT_DTYPES, torch.float64)
+"""Dtypes the functions compute in: the kernels' own, and float64, which runs torch's ops."""
+
+
+def _check(x, dim, scale, causal, dtype):
+    """Validate the arguments before any launch; return (``dim`` as a non-negative axis, ``scale`` as a float,
+    ``causal`` as a bool)."""
+    # with dtype=, x may be of any dtype torch casts from (an integer x included), as torch.softmax's dtype=
+    check_tensor("x", x, dtypes=_TORCH_FLOATS if dtype is None else None)
+    if dtype is not None and dtype not in _TORCH_FLOATS:
+        names = ", ".join(str(d).replace("torch.", "") for d in _TORCH_FLOATS)
         raise TypeError(f"dtype must be None or one of ({names}), got {dtype!r}")
     if type(dim) is not int:
         if not is_integer(dim):
@@ -301,14 +312,14 @@ def _check(x, dim, scale, causal, dtype) -> int:
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    scale = check_scale(scale, 1)  # attention's rule (None: its default, here 1/sqrt(1)): NaN or inf is refused
+    causal = check_flag("causal", causal)
     dim = dim % ndim
     if causal and x.dim() < 2:
         raise ValueError(f"causal=True needs x of at least 2 dims (..., Nq, Nk), got shape {tuple(x.shape)}")
     if causal and dim != x.dim() - 1:
         raise ValueError(f"causal=True needs dim=-1 (the key axis Nk), got dim={dim} for shape {tuple(x.shape)}")
-    return dim
+    return dim, scale, causal
 
 
 _TENSOR = torch.Tensor
@@ -324,7 +335,7 @@ def _on_local_rows(x, dim, scale, causal, log, dtype):
     if tuple(placements) != tuple(x.placements):
         x = x.redistribute(x.device_mesh, placements)
     y = _apply(x.to_local(), dim, scale, causal, log, dtype)
-    stride = _empty_like_moved(torch.empty(x.shape, device="meta"), dim).stride()  # the local rows' layout
+    stride = torch.empty(x.shape, device="meta").stride()  # the local rows' layout: contiguous
     return DTensor.from_local(y, x.device_mesh, placements, run_check=False, shape=x.shape, stride=stride)
 
 
@@ -348,36 +359,53 @@ def _apply(x, dim, scale, causal, log, dtype):
     return _softmax_function(x, dim, float(scale), causal, log)
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, causal: bool = False,
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: Optional[float] = 1.0, causal: bool = False,
             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``torch.softmax(x * scale, dim, dtype=dtype)`` fused in one kernel; same shape as ``x``, in x's dtype or in
-    ``dtype`` when given (x is cast to it first, one copy before the kernel, as torch's ``dtype=``; the gradient
-    comes back in x's dtype). Differentiable in reverse mode and (one level deep) in forward mode; any real
-    ``scale``, zero and negative included.
+    """``torch.softmax(x * scale, dim, dtype=dtype)`` fused in one kernel; same shape as ``x``, contiguous (torch's
+    layout, whatever x's), in x's dtype or in ``dtype`` when given (x is cast to it first, one copy before the
+    kernel, as torch's ``dtype=``, which also takes an integer x; the gradient comes back in x's dtype).
+    Differentiable in reverse mode and (one level deep) in forward mode; ``scale`` any finite real, zero and
+    negative included (None: 1.0; NaN or inf: TypeError, as attention's ``scale``); ``causal`` a bool
+    (or int).
 
-    x: any shape, fp16/bf16/fp32 (fp32 math inside). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
+    x: any shape, fp16/bf16/fp32 (fp32 math inside) or float64 (computed by torch's ops in float64, gradients
+    through torch's autograd, as the norms do). With ``causal`` the last two dims are (Nq, Nk), ``dim`` must
     be the last, and entry (i, j) is masked when j > i + Nk - Nq (bottom-right, as in attention); a row the mask
     hides entirely gives zeros, while a row that is all -inf in ``x`` gives NaN, as in torch. Backward:
     dx = scale * y * (dy - sum(dy * y)). Under CUDA autocast, fp16/bf16 x is taken to fp32 (an fp32 result), as
-    autocast does for torch.softmax. Falls back to ``kernels.reference.softmax`` (with a one-time warning) when the
-    Triton kernels cannot run on ``x``'s device in this process; under torch.vmap (and jacfwd) it is that
-    reference's torch ops.
+    autocast does for torch.softmax. Runs torch's ops (with a one-time warning) when the Triton kernels cannot
+    run on ``x``'s device in this process, and under torch.vmap (and jacfwd), which batch them.
     """
-    dim = _check(x, dim, scale, causal, dtype)
-    if not kernel_runs_on(x) or vmap_active():  # torch ops: vmap batches them (a launch cannot read its tensors)
-        return reference.softmax(x if dtype is None else x.to(dtype), dim, scale=scale, causal=causal)
-    return _apply(x, dim, scale, bool(causal), False, dtype)
+    dim, scale, causal = _check(x, dim, scale, causal, dtype)
+    return _softmax_or_log(x, dim, scale, causal, False, dtype)
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0,
+def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: Optional[float] = 1.0,
                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``torch.log_softmax(x * scale, dim, dtype=dtype)``: the softmax kernel with its log flag; backward
-    dx = scale * (dy - exp(y) * sum(dy)). ``dtype``, CUDA autocast and the fallback (torch's log_softmax where the
-    kernels cannot run) as :func:`softmax`."""
-    dim = _check(x, dim, scale, False, dtype)
-    if not kernel_runs_on(x) or vmap_active():
-        return torch.log_softmax((x if dtype is None else x.to(dtype)) * scale, dim)
-    return _apply(x, dim, scale, False, True, dtype)
+    dx = scale * (dy - exp(y) * sum(dy)). Layout, dtypes (float64 included), ``scale``, CUDA autocast and torch's
+    ops where the kernels cannot run as :func:`softmax`."""
+    dim, scale, _ = _check(x, dim, scale, False, dtype)
+    return _softmax_or_log(x, dim, scale, False, True, dtype)
+
+
+def _softmax_or_log(x, dim, scale, causal, log, dtype):
+    """The kernels, or torch's ops where they do not run: float64, a device this process's kernels cannot run on
+    (:func:`kernel_runs_on` warns once), torch.vmap (which batches torch's ops; a launch cannot read its tensors)."""
+    if (x.dtype if dtype is None else dtype) == torch.float64 or not kernel_runs_on(x) or vmap_active():
+        return _torch_ops(x if dtype is None else x.to(dtype), dim, scale, causal, log)
+    return _apply(x, dim, scale, causal, log, dtype)
+
+
+def _torch_ops(x, dim, scale, causal, log):
+    """torch's (log-)softmax of ``x * scale`` along ``dim``; with ``causal`` the kernels' mask: masked entries -inf
+    before it, rows that see no key zeros after it. Contiguous, as the kernels' result."""
+    z = x * scale
+    if not causal:
+        return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+    visible = reference.causal_mask(x.shape[-2], x.shape[-1], x.device)
+    y = torch.softmax(z.masked_fill(~visible, float("-inf")), dim)
+    return y.masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
 @register_builds
