@@ -118,8 +118,9 @@ class KVCache:
     """Every layer's keys and values of the positions before the next forward, for generation: preallocated
     (B, capacity, Hkv, D) buffers (flash-attn's layout, which ``kernels.attention_with_kvcache`` appends to in
     place), allocated at the first write; ``length``, the positions filled in every layer, and ``seqlens``, the
-    same count per batch row as a (B,) int32 tensor on the buffers' device (allocated with them): the decode
-    kernel's cache_seqlens, which a compiled step reads and advances without the host (:meth:`GPT.decode_step`).
+    same count per batch row as a (B,) int32 tensor on the model's device (allocated by the first forward, also
+    in a model without blocks): the decode kernel's cache_seqlens, which a compiled step reads and advances
+    without the host (:meth:`GPT.decode_step`).
 
     The buffers and ``seqlens`` are marked static addresses for torch.compile, so that a
     ``mode="reduce-overhead"`` step's CUDA graph updates them in place rather than copying them in and out."""
@@ -130,11 +131,14 @@ class KVCache:
         self.values: List[torch.Tensor] = []
         self.seqlens: Optional[torch.Tensor] = None
 
-    def check_batch(self, batch: int) -> None:
-        """ValueError unless buffers already allocated hold ``batch`` sequences: every backend's attention would
-        otherwise read (or broadcast into) another batch's keys and values."""
-        if self.keys and self.keys[0].shape[0] != batch:
-            raise ValueError(f"cache: built for batch size {self.keys[0].shape[0]}, got idx of batch size {batch} "
+    def start(self, batch: int, device: torch.device) -> None:
+        """Allocate ``seqlens`` for ``batch`` sequences on ``device`` at the first forward; ValueError if the cache
+        holds another batch size: every backend's attention would read (or broadcast into) another batch's keys
+        and values."""
+        if self.seqlens is None:
+            self.seqlens = _static(torch.full((batch,), self.length, dtype=torch.int32, device=device))
+        elif self.seqlens.shape[0] != batch:
+            raise ValueError(f"cache: built for batch size {self.seqlens.shape[0]}, got idx of batch size {batch} "
                              f"(a new batch needs a new KVCache)")
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +148,6 @@ class KVCache:
             shape = (k.shape[0], self.capacity, *k.shape[2:])
             self.keys.append(_static(k.new_empty(shape)))
             self.values.append(_static(v.new_empty(shape)))
-            if self.seqlens is None:
-                self.seqlens = _static(torch.full((k.shape[0],), self.length, dtype=torch.int32, device=k.device))
         end = self.length + k.shape[1]
         self.keys[layer][:, self.length:end] = k
         self.values[layer][:, self.length:end] = v
@@ -194,10 +196,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, heads, D) here; the cache's layout
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if cache is not None and layer < len(cache.keys) and self.backend == "triton" and probs is None:
+        if (cache is not None and layer < len(cache.keys) and self.backend == "triton" and probs is None
+                and not (torch.is_grad_enabled() and q.requires_grad)):
             # decoding (this layer's buffers hold earlier positions): the kernel writes k, v into the cache in place
             # at each row's cache.seqlens, then attends to all of it. No host length is read, so a compiled step
-            # traces once for every length.
+            # traces once for every length. The decode kernel has no backward: a step that needs grad appends to
+            # the cache and runs the differentiable kernel on all the cached keys, as the other backends do.
             y = kernels.attention_with_kvcache(q, cache.keys[layer], cache.values[layer], k, v,
                                                cache_seqlens=cache.seqlens, causal=True, window_size=self.window_size)
         else:
@@ -329,12 +333,12 @@ class GPT(nn.Module):
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed block_size {self.config.block_size}")
         if cache is not None and past + T > cache.capacity:
             raise ValueError(f"idx: {past} cached + {T} new tokens exceed the cache's capacity {cache.capacity}")
-        if cache is not None:
-            cache.check_batch(idx.shape[0])
         if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.long):
             raise TypeError(f"positions must be an int64 tensor, got {getattr(positions, 'dtype', type(positions))}")
         if positions is not None and tuple(positions.shape) != (T,):
             raise ValueError(f"positions must have shape (T,) = ({T},), got {tuple(positions.shape)}")
+        if cache is not None:
+            cache.start(idx.shape[0], idx.device)
         _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
         if positions is not None:
             _assert_in_range("positions", positions, self.config.block_size, "positions")
@@ -369,7 +373,7 @@ class GPT(nn.Module):
                             f"of shape {tuple(getattr(idx, 'shape', ()))}")
         if cache.seqlens is None or len(cache.keys) != self.config.n_layer:
             raise ValueError("decode_step needs a cache a forward has filled (the prompt's keys and values)")
-        cache.check_batch(idx.shape[0])
+        cache.start(idx.shape[0], idx.device)
         _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
         positions = cache.seqlens.long()[:, None]
         _assert_in_range("cache.seqlens", positions, self.config.block_size, "the new tokens' positions")
