@@ -4,11 +4,12 @@ function that never builds a (B, 1, Nq, Nk) mask for the patterns the kernel com
 :func:`register_hf_attention` registers :func:`hf_attention` in transformers' ``AttentionInterface`` and
 :func:`kernel_mask` in its ``AttentionMaskInterface`` under :data:`ATTENTION_NAME`; ``transformer.patch`` calls
 it. transformers calls the mask function once per forward and mask type (not per layer), with the pattern as a
-``mask_function`` closure; :func:`kernel_mask` recognises causal, sliding-window causal, bidirectional and packed
-(position_ids restarting at 0) patterns and returns what the kernel needs (:class:`KernelMask`, or None for a
-purely causal batch). Any other pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention`
-hands to ``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA
-otherwise). transformers' continuous batching (``generate_batch``) runs the same function under
+``mask_function`` closure; :func:`kernel_mask` recognises causal, sliding-window causal (calling the function on
+probes, which torch.compile traces: :func:`_band_pattern`), bidirectional and packed (position_ids restarting at 0)
+patterns and returns what the kernel needs (:class:`KernelMask`, or None for a purely causal batch). Any other
+pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention` hands to
+``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA otherwise).
+transformers' continuous batching (``generate_batch``) runs the same function under
 :data:`PAGED_ATTENTION_NAME` (:class:`ContinuousBatchingOnKernels`).
 
 ``transformers`` is imported only inside these functions: the rest of the package works without it.
@@ -17,6 +18,7 @@ import contextvars
 import copy
 import dataclasses
 import functools
+import math
 import sys
 import warnings
 from typing import Callable, Optional
@@ -204,24 +206,148 @@ def _same_code(fn, factory, *args) -> bool:
     return getattr(fn, "__code__", None) is factory(*args).__code__
 
 
+def _opaque(*args, **kwargs):
+    return _OPAQUE
+
+
+class _Opaque:
+    """The value of a mask function at :class:`_Index` probes that is not a :class:`_Band` (it read a tensor, or
+    compared an index with a constant): every operation on it gives it back."""
+
+    __and__ = __rand__ = __or__ = __ror__ = __invert__ = __abs__ = __neg__ = _opaque
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _opaque
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __mod__ = to = _opaque
+    __hash__ = object.__hash__
+    device = None
+
+
+_OPAQUE = _Opaque()
+
+
+class _Band:
+    """The keys a mask function lets each query see, as the distances ``lo <= kv_idx - q_idx <= hi`` (infinite:
+    unbounded; lo > hi: none): what the function returns at :class:`_Index` probes when it is made of comparisons
+    of the two indices ``&``-ed together (transformers' and_masks). Supports what and_masks/or_masks do with their
+    parts' values (``&``, ``|`` with or_masks' empty start, ``.to(device)``); the rest is :data:`_OPAQUE`."""
+
+    device = None
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __and__(self, other):
+        if not isinstance(other, _Band):
+            return _OPAQUE
+        return _Band(max(self.lo, other.lo), min(self.hi, other.hi))
+
+    def __or__(self, other):
+        if isinstance(other, _Band) and self.lo > self.hi:  # or_masks starts from nothing
+            return other
+        return _OPAQUE  # a union of two ranges is not one range in general
+
+    __rand__ = __ror__ = __invert__ = __abs__ = __neg__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _opaque
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("a mask function branched on an index comparison: it is not index-vectorizable")
+
+
+_FLIPPED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+
+
+class _Index(int):
+    """A probe for a mask function's argument ``kind`` ("batch", "head", "q" or "kv") plus an int ``offset``: a
+    comparison of a "kv" probe with a "q" probe gives the :class:`_Band` of distances it allows, adding or
+    subtracting a plain int shifts the offset, and anything else gives :data:`_OPAQUE`. Its int value 0 indexes
+    tensors (a packed batch's sequence ids), whose values then make the function's value a tensor: not a band.
+    (A Python branch on an index's value is not index-vectorizable: transformers itself cannot run such a
+    function; _Band's ``__bool__`` raises.)"""
+
+    @staticmethod
+    def probe(kind: str, offset: int = 0) -> "_Index":
+        index = _Index(0)  # attributes set after construction: dynamo cannot trace an int subclass's __new__
+        index.kind, index.offset = kind, offset
+        return index
+
+    def _shift(self, other, sign: int):
+        return _Index.probe(self.kind, self.offset + sign * other) if type(other) is int else _OPAQUE
+
+    def __add__(self, other):
+        return self._shift(other, 1)
+
+    def __sub__(self, other):
+        return self._shift(other, -1)
+
+    def _compare(self, other, op: str):
+        if not isinstance(other, _Index) or {self.kind, other.kind} != {"q", "kv"}:
+            return _OPAQUE
+        # kv + a OP q + b  <=>  kv - q OP b - a; with q on the left the comparison flips
+        key, query = (self, other) if self.kind == "kv" else (other, self)
+        bound = query.offset - key.offset
+        op = op if self.kind == "kv" else _FLIPPED[op]
+        return {"lt": _Band(-math.inf, bound - 1), "le": _Band(-math.inf, bound),
+                "gt": _Band(bound + 1, math.inf), "ge": _Band(bound, math.inf)}[op]
+
+    def __lt__(self, other):
+        return self._compare(other, "lt")
+
+    def __le__(self, other):
+        return self._compare(other, "le")
+
+    def __gt__(self, other):
+        return self._compare(other, "gt")
+
+    def __ge__(self, other):
+        return self._compare(other, "ge")
+
+    def new_ones(self, *args, **kwargs):
+        return _Band(-math.inf, math.inf)
+
+    def new_zeros(self, *args, **kwargs):
+        return _Band(math.inf, -math.inf)
+
+    __radd__ = __add__
+    __rsub__ = __mul__ = __rmul__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __truediv__ = _opaque
+    __neg__ = __abs__ = __invert__ = __and__ = __rand__ = __or__ = __ror__ = __eq__ = __ne__ = _opaque
+    __hash__ = int.__hash__
+
+
+def _band_pattern(mask_function):
+    """(causal, window, None) of a mask function that keeps, for each query, one range of key distances that
+    the kernel expresses (all keys; causal; a causal sliding window), found by calling it on :class:`_Index`
+    probes: no closure is read, so torch.compile traces it (dynamo cannot read ``__closure__``). Else None."""
+    try:
+        band = mask_function(*map(_Index.probe, ("batch", "head", "q", "kv")))
+    except Exception:  # noqa: BLE001  (a function the probes cannot run: transformers' own mask then)
+        return None
+    if not isinstance(band, _Band):
+        return None
+    if band.lo == -math.inf and band.hi == math.inf:
+        return False, None, None
+    if band.hi != 0 or band.lo > 0:
+        return None
+    return True, (None if band.lo == -math.inf else 1 - band.lo), None
+
+
 def _pattern(mask_function):
     """(causal, window, packed sequence ids or None) of a transformers mask function this module can express
-    without a dense mask, else None. Unknown closures (or a transformers version that builds them differently)
-    give None, hence transformers' own mask: never a wrong one."""
+    without a dense mask, else None. Unknown functions (or a transformers version that builds them differently)
+    give None, hence transformers' own mask: never a wrong one. A packed batch's pattern is found in eager only:
+    its sequence ids are read from the closures, which a compiled forward cannot (its mask is then dense)."""
     from transformers import masking_utils as mu
 
-    if mask_function is mu.causal_mask_function:
-        return True, None, None
-    if mask_function is mu.bidirectional_mask_function:
+    if mask_function is mu.bidirectional_mask_function:  # q_idx >= 0: a comparison with a constant to the probes
         return False, None, None
-    if not _same_code(mask_function, mu.and_masks):
-        return None
+    pattern = _band_pattern(mask_function)
+    if pattern is not None or torch.compiler.is_compiling() or not _same_code(mask_function, mu.and_masks):
+        return pattern
     parts = _closure(mask_function).get("mask_functions", ())
     if len(parts) != 2:
         return None
     first, second = parts
-    if second is mu.causal_mask_function and _same_code(first, mu.sliding_window_overlay, 1):
-        return True, _closure(first)["sliding_window"], None
     if _same_code(second, mu.packed_sequence_mask_function, None):
         # transformers 5.24 remaps the indices to each sequence's positions (remap_positions_for_packed_sequence);
         # 5.17 has no such function and ands the flat-index pattern with the packing mask: the same mask for causal

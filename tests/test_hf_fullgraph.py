@@ -1,0 +1,46 @@
+"""Hugging Face sliding-window models under torch.compile(fullgraph=True) with the kernel registered: the mask
+function's pattern is found by calling it on probes (hf._band_pattern), not by reading its closure, which dynamo
+cannot do (fullgraph raised Unsupported at ``__closure__``)."""
+import pytest
+import torch
+
+from test_hf import kernel_only, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from transformer import hf, patch
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("build", [tiny_mistral, tiny_qwen2])
+def test_a_sliding_window_model_compiles_in_one_graph_with_the_eager_logits(build, device, kernel_only):
+    """Mistral (window 4 on every layer) and Qwen2 (a window-3 layer and a full one: two masks per forward),
+    a prompt longer than the windows: the compiled patched model gives the eager model's logits."""
+    model = build().to(device)
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch(model)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_functions_give_their_key_range_or_none():
+    """What the probes find: one range of key distances per query that the kernel expresses, (causal, window,
+    None); None (transformers' dense mask) for what it does not (a bidirectional window, chunks, a union, a
+    padding tensor, an index compared with a constant); packed batches still give their sequence ids in eager."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    padding = torch.ones(1, 4, dtype=torch.bool)
+    ids = torch.tensor([[0, 0, 1, 1]])
+    assert hf._pattern(mu.causal_mask_function) == (True, None, None)
+    assert hf._pattern(mu.sliding_window_causal_mask_function(3)) == (True, 3, None)
+    assert hf._pattern(mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv >= q - 5)) == (True, 6, None)
+    assert hf._pattern(mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: q - 2 < kv)) == (True, 2, None)
+    for unknown in (mu.sliding_window_bidirectional_mask_function(2),
+                    mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+                    mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0),
+                    mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(padding)),
+                    mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv >= 1),
+                    mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv <= q + h),
+                    lambda b, h, q, kv: kv > q):
+        assert hf._pattern(unknown) is None
+    causal, window, packed = hf._pattern(mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(ids)))
+    assert (causal, window) == (True, None) and torch.equal(packed, ids)
