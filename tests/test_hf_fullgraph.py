@@ -10,10 +10,19 @@ from transformer import hf, patch
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("build", [tiny_mistral, tiny_qwen2])
+def tiny_gemma2():
+    """Alternating sliding (window 4) and full layers, with attention logit softcapping."""
+    config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       attn_logit_softcapping=0.5, final_logit_softcapping=None, pad_token_id=0,
+                                       attn_implementation="eager")
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_mistral, tiny_qwen2, tiny_gemma2])
 def test_a_sliding_window_model_compiles_in_one_graph_with_the_eager_logits(build, device, kernel_only):
-    """Mistral (window 4 on every layer) and Qwen2 (a window-3 layer and a full one: two masks per forward),
-    a prompt longer than the windows: the compiled patched model gives the eager model's logits."""
+    """Mistral (window 4 on every layer), Qwen2 (a window-3 layer and a full one: two masks per forward) and
+    Gemma 2 (softcap too), a prompt longer than the windows: the compiled patched model gives eager's logits."""
     model = build().to(device)
     ids = torch.randint(1, 50, (2, 9), device=device)
     with torch.no_grad():
