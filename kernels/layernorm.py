@@ -1016,13 +1016,22 @@ class RMSNorm(torch.nn.RMSNorm):
     :func:`rms_norm`'s keyword-only ``offset`` and ``casting_mode``. The weight starts at ``1 - offset``, so a new
     module scales by one whatever the offset (as Gemma's zeros with its offset 1).
 
+    ``promote_output=True`` is Hugging Face's Llama-style ``weight * x_hat.to(x.dtype)``: where torch promotes x's
+    and the weight's dtypes to another than x's (bf16 x, fp32 weight: fp32), x_hat in x's dtype is multiplied by
+    ``offset + weight`` in that dtype, which the output keeps; else (the default: torch's and Liger-Kernel's) the
+    output is in x's dtype.
+
     ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_rms_norm`.
     """
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
-                 dtype=None, *, offset: float = 0.0, casting_mode: str = DEFAULT_CASTING_MODE):
+                 dtype=None, *, offset: float = 0.0, casting_mode: str = DEFAULT_CASTING_MODE,
+                 promote_output: bool = False):
         _check_rms_options(offset, casting_mode)
-        self.offset, self.casting_mode = offset, casting_mode  # before torch's __init__: reset_parameters reads it
+        if not isinstance(promote_output, bool):
+            raise TypeError(f"promote_output must be a bool, got {type(promote_output).__name__}")
+        # before torch's __init__: reset_parameters reads the offset
+        self.offset, self.casting_mode, self.promote_output = offset, casting_mode, promote_output
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
     def reset_parameters(self) -> None:
@@ -1030,14 +1039,21 @@ class RMSNorm(torch.nn.RMSNorm):
             torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}"
+        promote = ", promote_output=True" if self.promote_output else ""
+        return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}{promote}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        weight_after = (self.promote_output and self.weight is not None
+                        and torch.promote_types(x.dtype, self.weight.dtype) != x.dtype)
+        weight = None if weight_after else self.weight
+        options = dict(offset=self.offset, casting_mode=self.casting_mode)
         if residual is None:
-            return rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
-                            casting_mode=self.casting_mode)
-        return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps, offset=self.offset,
-                            casting_mode=self.casting_mode)
+            y = rms_norm(x, self.normalized_shape, weight, self.eps, **options)
+        else:
+            y, h = add_rms_norm(x, residual, self.normalized_shape, weight, self.eps, **options)
+        if weight_after:  # x_hat in x's dtype, times the weight in the promoted one
+            y = (self.offset + self.weight) * y
+        return y if residual is None else (y, h)
 
 
 @register_builds

@@ -59,7 +59,7 @@ def _kernel_norm(module: nn.Module) -> Optional[Tuple[type, Dict[str, object]]]:
     if type(module) is nn.LayerNorm:
         return kernels.LayerNorm, {}
     if type(module) is nn.RMSNorm:  # fp32 math, one rounding at the end: the kernels' default casting mode
-        return kernels.RMSNorm, {"offset": 0.0, "casting_mode": DEFAULT_CASTING_MODE}
+        return kernels.RMSNorm, {"offset": 0.0, "casting_mode": DEFAULT_CASTING_MODE, "promote_output": False}
     options = _rms_norm_options(module)
     if options is None:
         return None
@@ -72,15 +72,16 @@ roundings show (they differ in about a quarter of bf16 outputs), even for a head
 
 
 def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
-    """``eps``, ``offset`` and ``casting_mode`` of the ``kernels.RMSNorm`` that computes what ``module`` computes,
-    found by running it; None if none does.
+    """``eps``, ``offset``, ``casting_mode`` and ``promote_output`` of the ``kernels.RMSNorm`` that computes what
+    ``module`` computes, found by running it; None if none does.
 
     Candidates are modules of a class named ``*RMSNorm`` holding only a 1-D ``weight``, their epsilon in ``eps`` or
     ``variance_epsilon`` (Hugging Face's names), whatever transformers modules are imported. The class's forward
     runs (no hooks) on a shallow copy holding a random weight, on rows of very different scales, one near
     sqrt(eps): in float32 it must match x / sqrt(mean(x^2) + eps) * (offset + weight) for offset 0 (Llama and its
     copies) or 1 (Gemma's ``1 + weight``); in bfloat16 it tells where the class rounds, which picks the casting
-    mode ("llama": x_hat to the input dtype before the weight; "gemma": once, at the end).
+    mode ("llama": x_hat to the input dtype before the weight; "gemma": once, at the end); bfloat16 with a float32
+    weight tells the output's dtype (``promote_output``: Llama's ``weight * x_hat`` is float32, Gemma's bfloat16).
     """
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
@@ -101,18 +102,38 @@ def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
         offsets = [o for o in (0.0, 1.0) if torch.allclose(got, xhat * (o + w64), rtol=1e-5, atol=1e-5)]
         if len(offsets) != 1:
             return None
-        x_low, w_low = x.bfloat16(), probe_weight.bfloat16()
-        got = _run_forward(module, x_low, w_low)
+        x_low = x.bfloat16()
+        got_low = _run_forward(module, x_low, probe_weight.bfloat16())
+        got_mixed = _run_forward(module, x_low, probe_weight)
     except (AttributeError, RuntimeError, TypeError, ValueError):  # a forward taking something else: no RMS norm
         return None
-    if got.dtype != x_low.dtype:
-        return None
-    mismatch = {mode: (got != torch_rms_norm(x_low, n, w_low, eps, offset=offsets[0], casting_mode=mode)).float()
-                .mean().item() for mode in ("llama", "gemma")}
+    options = {"eps": eps, "offset": offsets[0]}
+    mismatch = {mode: _mismatch(got_low, x_low, probe_weight.bfloat16(), dict(options, casting_mode=mode))
+                for mode in ("llama", "gemma")}
     casting_mode = min(mismatch, key=mismatch.get)
-    if mismatch[casting_mode] > 0.05:
+    # with a wider weight than x: x's dtype (Gemma's type_as(x)), or the promoted one (Llama's weight * x_hat)
+    options = dict(options, casting_mode=casting_mode, promote_output=got_mixed.dtype != x_low.dtype)
+    if max(mismatch[casting_mode], _mismatch(got_mixed, x_low, probe_weight, options)) > MAX_MISMATCH:
         return None
-    return {"eps": eps, "offset": offsets[0], "casting_mode": casting_mode}
+    return options
+
+
+MAX_MISMATCH = 0.05
+"""Largest share of a probe's outputs that may differ from what the kernels compute: the casting modes differ in
+about a quarter of bf16 outputs, torch's and the kernels' rsqrt by an ulp in a few."""
+
+
+def _mismatch(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, options: Dict[str, object]) -> float:
+    """Share of ``got`` that differs from ``kernels.RMSNorm(**options)`` with ``weight`` on ``x``, in torch ops (the
+    module is on any device): all of it where the dtypes differ."""
+    eps, offset, casting_mode = options["eps"], options["offset"], options["casting_mode"]
+    if options.get("promote_output") and torch.promote_types(x.dtype, weight.dtype) != x.dtype:
+        want = (offset + weight) * torch_rms_norm(x, x.shape[-1], None, eps, casting_mode=casting_mode)
+    else:
+        want = torch_rms_norm(x, x.shape[-1], weight, eps, offset=offset, casting_mode=casting_mode)
+    if got.dtype != want.dtype:
+        return 1.0
+    return (got != want).float().mean().item()
 
 
 def _run_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
