@@ -815,12 +815,14 @@ def _as_shape(normalized_shape) -> tuple:
 
 
 def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:
-    """Validate before any launch; return the normalized shape as a tuple."""
-    check_tensor("x", x, dtypes=_TORCH_FLOATS)
+    """Validate before any launch; return the normalized shape as a tuple. x is named as its function names it:
+    ``input`` (torch's name) in layer_norm and rms_norm, ``x`` in the add_* functions."""
+    x_name = "input" if residual is None else "x"
+    check_tensor(x_name, x, dtypes=_TORCH_FLOATS)
     shape = _as_shape(normalized_shape)
     if not shape or x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:  # (a Size is a tuple)
-        raise ValueError(f"normalized_shape {shape} must have at least one dim and equal the trailing dims of x "
-                         f"(shape {tuple(x.shape)})")
+        raise ValueError(f"normalized_shape {shape} must have at least one dim and equal the trailing dims of "
+                         f"{x_name} (shape {tuple(x.shape)})")
     if residual is not None:
         check_tensor("residual", residual, dtypes=_TORCH_FLOATS)
         if residual.shape != x.shape:
@@ -832,7 +834,7 @@ def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, 
             if t.shape != shape:
                 raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(t.shape)}")
             if t.device != x.device:
-                check_same("device", x=x, **{name: t})
+                check_same("device", **{x_name: x, name: t})
     # a plain float eps is judged without the numbers ABCs
     if type(eps) is not float and ((eps is None and not rms) or (eps is not None and (
             isinstance(eps, bool) or not isinstance(eps, numbers.Real)))):
@@ -956,19 +958,20 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     return y if residual is None else (y, h)
 
 
-def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """``torch.nn.functional.layer_norm``, fused: same signature, result (x's shape and dtype) and gradients.
+    """``torch.nn.functional.layer_norm``, fused: same signature (argument names included), result (input's shape
+    and dtype) and gradients.
 
-    x: (..., *normalized_shape), fp16/bf16/fp32; weight, bias: normalized_shape, any of those dtypes (their
+    input: (..., *normalized_shape), fp16/bf16/fp32; weight, bias: normalized_shape, any of those dtypes (their
     gradients come back in it). float64 tensors, and tensors the kernels cannot run on in this process (meta,
     or another device: then with a one-time warning), run ``torch.nn.functional.layer_norm`` itself. Under CUDA
     autocast, fp16/bf16 inputs are normalised in fp32, as autocast does for torch's layer_norm.
     """
-    return _norm(x, None, normalized_shape, weight, bias, eps, rms=False)
+    return _norm(input, None, normalized_shape, weight, bias, eps, rms=False)
 
 
-def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
              eps: Optional[float] = None, *, offset: float = 0.0,
              casting_mode: str = DEFAULT_CASTING_MODE) -> torch.Tensor:
     """``torch.nn.functional.rms_norm``, fused, with Liger-Kernel's ``offset`` and ``casting_mode``:
@@ -982,7 +985,7 @@ def rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch
     dtype); they differ only for fp16/bf16. Shapes, dtypes and fallback as :func:`layer_norm` (the fallback of an
     offset or another mode is that mode's math in torch ops).
     """
-    return _norm(x, None, normalized_shape, weight, None, eps, True, offset, casting_mode)
+    return _norm(input, None, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
@@ -1002,13 +1005,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Shap
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in ``torch.nn.LayerNorm`` (same constructor, parameters and state_dict keys) on the fused kernel.
 
-    ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_layer_norm`.
+    ``forward(input, residual=None)`` (torch's name): with a residual, returns ``(y, input + residual)`` from
+    :func:`add_layer_norm`.
     """
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is None:
-            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+            return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -1021,7 +1025,8 @@ class RMSNorm(torch.nn.RMSNorm):
     ``offset + weight`` in that dtype, which the output keeps; else (the default: torch's and Liger-Kernel's) the
     output is in x's dtype.
 
-    ``forward(x, residual=None)``: with a residual, returns ``(y, x + residual)`` from :func:`add_rms_norm`.
+    ``forward(x, residual=None)`` (torch's name): with a residual, returns ``(y, x + residual)`` from
+    :func:`add_rms_norm`.
     """
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,

@@ -434,8 +434,8 @@ def test_bad_input_raises_before_launch(monkeypatch):
     _forbid_kernels(monkeypatch)
     x = torch.randn(3, 8)
     cases = [
-        (TypeError, "x must be a torch.Tensor", lambda: kernels.layer_norm(x.tolist(), 8)),
-        (TypeError, "x must have dtype", lambda: kernels.rms_norm(x.long(), 8)),
+        (TypeError, "input must be a torch.Tensor", lambda: kernels.layer_norm(x.tolist(), 8)),
+        (TypeError, "input must have dtype", lambda: kernels.rms_norm(x.long(), 8)),
         (TypeError, "normalized_shape must be an int or a sequence", lambda: kernels.layer_norm(x, "8")),
         (ValueError, r"normalized_shape \(7,\)", lambda: kernels.layer_norm(x, 7)),
         (ValueError, "normalized_shape", lambda: kernels.layer_norm(x, (2, 3, 8))),

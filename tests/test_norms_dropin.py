@@ -2,6 +2,7 @@
 names, output dtypes of mixed-dtype weights, patched models' outputs, gradients of awkward shapes against a float64
 reference (tests/tolerance.py's rule)."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -70,3 +71,110 @@ def test_patched_torch_rms_norm_keeps_x_dtype():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     assert ours(x).dtype == theirs(x).dtype == torch.bfloat16
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_patched_hf_models_keep_their_logits_and_weights(name):
+    """A whole patched model (its norms and attention on the kernels): the same state_dict, bit for bit, the
+    logits of the unpatched model in float32, and in bfloat16 within the tolerance rule against a float64 copy."""
+    model = _hf_model(name)
+    copies = {dtype: copy.deepcopy(model).to(dtype) for dtype in (torch.float64, torch.bfloat16)}
+    before = {key: t.clone() for key, t in model.state_dict().items()}
+    ids = torch.randint(0, HF_CONFIG["vocab_size"], (2, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+        reference, want_low = (copies[dtype](ids).logits for dtype in (torch.float64, torch.bfloat16))
+        patch(model)
+        patch(copies[torch.bfloat16])
+        got = model(ids).logits
+        got_low = copies[torch.bfloat16](ids).logits
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[key]) for key, t in model.state_dict().items())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got_low, reference, want_low)
+
+
+def _norm_call(rms: bool, with_residual: bool, n: int, impl: str):
+    """f(x, residual, weight, bias) -> y, or (y, h) with a residual: ours (impl "ours"), or torch's ops in the
+    inputs' precision ("torch") or in float64 ("float64")."""
+    def call(x, residual, weight, bias):
+        if impl == "ours":
+            if with_residual:
+                return (kernels.add_rms_norm(x, residual, n, weight) if rms
+                        else kernels.add_layer_norm(x, residual, n, weight, bias))
+            return kernels.rms_norm(x, n, weight) if rms else kernels.layer_norm(x, n, weight, bias)
+        h = x + residual if with_residual else x
+        wide = (lambda t: t.double()) if impl == "float64" else (lambda t: t)
+        y = F.rms_norm(wide(h), (n,), wide(weight)) if rms else F.layer_norm(wide(h), (n,), wide(weight), wide(bias))
+        return (y, h) if with_residual else y
+    return call
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("n, rows, dtype, weight_dtype, strided, wants", [
+    (1, 2, torch.float32, torch.float32, False, "xrwb"),
+    (3, 3, torch.float32, torch.float32, True, "xrwb"),
+    (1000, 2, torch.bfloat16, torch.float32, False, "xrwb"),
+    (4099, 2, torch.float32, torch.float32, True, "wb"),
+    (40, 0, torch.float32, torch.float32, False, "xrwb"),
+    (40, 3, torch.float16, torch.float16, True, "x"),
+    (40, 3, torch.bfloat16, torch.bfloat16, False, "rb"),
+])
+def test_gradients_against_float64(rms, with_residual, n, rows, dtype, weight_dtype, strided, wants):
+    """Output and the gradients of the inputs that want one (x, residual, weight, bias), in torch's dtypes, within
+    the tolerance rule: awkward widths, a strided x, zero rows, weights wider than x, requires_grad on some only."""
+    x = torch.randn(rows, 2 * n, dtype=dtype)[:, ::2] if strided else torch.randn(rows, n, dtype=dtype)
+    inputs = dict(x=x, r=torch.randn(rows, n, dtype=dtype), w=torch.randn(n, dtype=weight_dtype),
+                  b=torch.randn(n, dtype=weight_dtype))
+    for key, t in inputs.items():
+        t.requires_grad_(key in wants)
+    used = [t for key, t in inputs.items() if t.requires_grad and (with_residual or key != "r")
+            and not (rms and key == "b")]
+    cotangents = [torch.randn(rows, n, dtype=dtype) for _ in range(2)]
+    results = {}
+    for impl in ("ours", "torch", "float64"):
+        out = _norm_call(rms, with_residual, n, impl)(*inputs.values())
+        outs = out if with_residual else (out,)
+        loss = sum((o.double() * dy.double()).sum() for o, dy in zip(outs, cotangents))
+        results[impl] = (outs[0], torch.autograd.grad(loss, used) if used else ())
+    (y, grads), (y_torch, grads_torch), (y_ref, grads_ref) = results.values()
+    assert y.dtype == y_torch.dtype and y.shape == y_torch.shape
+    assert_close(y, y_ref, y_torch)
+    for i, (g, g_torch, g_ref) in enumerate(zip(grads, grads_torch, grads_ref)):
+        assert g.dtype == g_torch.dtype
+        assert_close(g, g_ref, g_torch, BACKWARD, name=f"gradient {i}")
+
+
+def _torch_parameters(fn) -> list:
+    """(name, default, kind) of ``fn``'s parameters but keyword-only ones (ours add offset and casting_mode)."""
+    return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()
+            if p.kind is not p.KEYWORD_ONLY]
+
+
+@pytest.mark.parametrize("ours, theirs", [(kernels.layer_norm, F.layer_norm), (kernels.rms_norm, F.rms_norm),
+                                          (kernels.LayerNorm.__init__, torch.nn.LayerNorm.__init__),
+                                          (kernels.RMSNorm.__init__, torch.nn.RMSNorm.__init__)])
+def test_signatures_are_torchs(ours, theirs):
+    """Names, order and defaults of torch's arguments, so that keyword calls carry over."""
+    assert _torch_parameters(ours) == _torch_parameters(theirs)
+
+
+def test_keyword_calls_and_errors_use_torchs_argument_names():
+    """``input=`` as torch's functions and LayerNorm take it (RMSNorm's forward: ``x=``); a bad input is named
+    ``input`` in the error."""
+    x, weight, bias = torch.randn(3, 2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    torch.testing.assert_close(kernels.layer_norm(input=x, normalized_shape=[2, 4], weight=weight, bias=bias, eps=1e-3),
+                               F.layer_norm(input=x, normalized_shape=[2, 4], weight=weight, bias=bias, eps=1e-3))
+    torch.testing.assert_close(kernels.rms_norm(input=x, normalized_shape=(2, 4), weight=weight, eps=None),
+                               F.rms_norm(input=x, normalized_shape=(2, 4), weight=weight, eps=None))
+    torch.testing.assert_close(kernels.LayerNorm(4)(input=x), torch.nn.LayerNorm(4)(input=x))
+    torch.testing.assert_close(kernels.RMSNorm(4)(x=x), torch.nn.RMSNorm(4)(x=x))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        kernels.layer_norm(x.tolist(), 4)
+    with pytest.raises(TypeError, match="input must have dtype"):
+        kernels.rms_norm(input=x.long(), normalized_shape=4)
+    with pytest.raises(ValueError, match="trailing dims of input"):
+        kernels.rms_norm(x, 3)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        kernels.add_rms_norm(x.long(), x, 4)

@@ -135,7 +135,7 @@ def test_norm_takes_every_form_of_normalized_shape(shape):
     (dict(offset=True), TypeError, "offset must be a real number"),
     (dict(offset="1"), TypeError, "offset must be a real number"),
     (dict(offset=float("inf")), ValueError, "offset must be finite"),
-    (dict(weight=torch.ones(8, device="meta")), ValueError, "x, weight must share one device"),
+    (dict(weight=torch.ones(8, device="meta")), ValueError, "input, weight must share one device"),
 ])
 def test_fast_checks_keep_every_error(kwargs, error, words):
     """The fast paths (plain int shapes, float eps and offset, parameters on x's device) leave every other input
