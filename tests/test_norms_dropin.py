@@ -3,6 +3,7 @@ names, output dtypes of mixed-dtype weights, patched models' outputs, gradients 
 reference (tests/tolerance.py's rule)."""
 import copy
 import inspect
+import io
 
 import pytest
 import torch
@@ -178,3 +179,88 @@ def test_keyword_calls_and_errors_use_torchs_argument_names():
         kernels.rms_norm(x, 3)
     with pytest.raises(TypeError, match="x must have dtype"):
         kernels.add_rms_norm(x.long(), x, 4)
+
+
+class SameDtypeRMSNorm(torch.nn.Module):
+    """Llama's math, refusing a weight of another dtype than x (as some fused norms do)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        if self.weight.dtype != x.dtype:
+            raise RuntimeError("weight and x must share a dtype")
+        wide = x.float()
+        return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+class FloatOutputRMSNorm(SameDtypeRMSNorm):
+    """Llama's math in bf16, but an fp32 weight gives an fp32 x_hat times it: nothing the kernels compute."""
+
+    def forward(self, x):
+        wide = x.float()
+        xhat = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * (xhat if self.weight.dtype == torch.float32 else xhat.to(x.dtype))
+
+
+def test_patch_probes_the_weight_dtype_only_where_the_class_takes_it():
+    """A class that refuses a weight of another dtype is still patched (Llama's numerics, x's dtype); one whose
+    mixed-dtype output the kernels do not compute is left alone."""
+    holder = torch.nn.ModuleDict(dict(same=SameDtypeRMSNorm(16), other=FloatOutputRMSNorm(16)))
+    x = torch.randn(3, 16)
+    want = holder["same"](x)
+    patch(holder)
+    assert type(holder["same"]) is kernels.RMSNorm and type(holder["other"]) is FloatOutputRMSNorm
+    assert (holder["same"].casting_mode, holder["same"].promote_output) == ("llama", False)
+    torch.testing.assert_close(holder["same"](x), want)
+
+
+def test_promoted_output_with_a_residual_and_its_gradients():
+    """``promote_output`` with a residual: (weight * x_hat, h) as Llama's norm after ``h = x + residual``, and the
+    gradients of x, residual and weight as torch's ops give them."""
+    norm = kernels.RMSNorm(24, eps=1e-6, casting_mode="llama", promote_output=True)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = (torch.randn(2, 3, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    y, h = norm(x, residual)
+    h_want = x + residual
+    wide = h_want.float()
+    y_want = norm.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h_want.dtype)
+    assert y.dtype == torch.float32 and h.dtype == torch.bfloat16
+    torch.testing.assert_close(h, h_want)
+    torch.testing.assert_close(y, y_want, rtol=1e-2, atol=1e-2)
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), (x, residual, norm.weight), (dy, dh))
+    want = torch.autograd.grad((y_want, h_want), (x, residual, norm.weight), (dy, dh))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_rms_norm_module_keeps_its_options_through_copies_and_dtype_moves():
+    """deepcopy, pickle (torch.save of the module) and ``.to(dtype)`` keep offset, casting mode and
+    promote_output; ``reset_parameters`` gives 1 - offset; the state_dict loads into torch's module and back."""
+    norm = kernels.RMSNorm(torch.Size([2, 3]), eps=1e-5, offset=1.0, casting_mode="llama", promote_output=True)
+    options = lambda m: (m.normalized_shape, m.eps, m.offset, m.casting_mode, m.promote_output)  # noqa: E731
+    buffer = io.BytesIO()
+    torch.save(norm, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(norm), torch.load(buffer, weights_only=False), copy.deepcopy(norm).to(torch.bfloat16)]
+    assert [options(m) for m in copies] == [options(norm)] * 3
+    assert copies[2].weight.dtype == torch.bfloat16
+    assert "promote_output=True" in repr(norm)
+    with torch.no_grad():
+        norm.weight.normal_()
+    theirs = torch.nn.RMSNorm([2, 3], eps=1e-5)
+    theirs.load_state_dict(norm.state_dict())
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.zeros(2, 3))
+    norm.load_state_dict(theirs.state_dict())
+    assert torch.equal(norm.weight, theirs.weight)
+
+
+def test_promote_output_must_be_a_bool():
+    with pytest.raises(TypeError, match="promote_output must be a bool"):
+        kernels.RMSNorm(8, promote_output="yes")

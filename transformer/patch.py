@@ -71,6 +71,10 @@ PROBE_ROWS = 16
 roundings show (they differ in about a quarter of bf16 outputs), even for a head-dim q/k norm."""
 
 
+PROBE_ERRORS = (AttributeError, RuntimeError, TypeError, ValueError)
+"""What a class's forward raises on a probe it does not take."""
+
+
 def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
     """``eps``, ``offset``, ``casting_mode`` and ``promote_output`` of the ``kernels.RMSNorm`` that computes what
     ``module`` computes, found by running it; None if none does.
@@ -104,18 +108,24 @@ def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
             return None
         x_low = x.bfloat16()
         got_low = _run_forward(module, x_low, probe_weight.bfloat16())
-        got_mixed = _run_forward(module, x_low, probe_weight)
-    except (AttributeError, RuntimeError, TypeError, ValueError):  # a forward taking something else: no RMS norm
+    except PROBE_ERRORS:  # a forward taking something else: no RMS norm
         return None
+    try:
+        got_mixed = _run_forward(module, x_low, probe_weight)
+    except PROBE_ERRORS:  # a class that takes no weight of another dtype than x: what ours do with one is moot
+        got_mixed = None
     options = {"eps": eps, "offset": offsets[0]}
     mismatch = {mode: _mismatch(got_low, x_low, probe_weight.bfloat16(), dict(options, casting_mode=mode))
                 for mode in ("llama", "gemma")}
     casting_mode = min(mismatch, key=mismatch.get)
     # with a wider weight than x: x's dtype (Gemma's type_as(x)), or the promoted one (Llama's weight * x_hat)
-    options = dict(options, casting_mode=casting_mode, promote_output=got_mixed.dtype != x_low.dtype)
-    if max(mismatch[casting_mode], _mismatch(got_mixed, x_low, probe_weight, options)) > MAX_MISMATCH:
+    options = dict(options, casting_mode=casting_mode,
+                   promote_output=got_mixed is not None and got_mixed.dtype != x_low.dtype)
+    mismatch_mixed = 0.0 if got_mixed is None else _mismatch(got_mixed, x_low, probe_weight, options)
+    if max(mismatch[casting_mode], mismatch_mixed) > MAX_MISMATCH:
         return None
     return options
+
 
 
 MAX_MISMATCH = 0.05
