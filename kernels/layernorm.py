@@ -1043,13 +1043,21 @@ class RMSNorm(torch.nn.RMSNorm):
         if self.elementwise_affine:
             torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
+    def _weight_after(self, x, residual) -> bool:
+        """Whether ``promote_output`` multiplies by the weight after the norm, in another dtype than x's; the
+        weight, which the norm then does not see, is checked with the other arguments first."""
+        if not (self.promote_output and self.weight is not None and isinstance(x, torch.Tensor)
+                and torch.promote_types(x.dtype, self.weight.dtype) != x.dtype):
+            return False
+        _check(x, self.normalized_shape, residual, self.weight, None, self.eps, True, self.offset, self.casting_mode)
+        return True
+
     def extra_repr(self) -> str:
         promote = ", promote_output=True" if self.promote_output else ""
         return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}{promote}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        weight_after = (self.promote_output and self.weight is not None
-                        and torch.promote_types(x.dtype, self.weight.dtype) != x.dtype)
+        weight_after = self._weight_after(x, residual)
         weight = None if weight_after else self.weight
         options = dict(offset=self.offset, casting_mode=self.casting_mode)
         if residual is None:

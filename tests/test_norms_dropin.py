@@ -264,3 +264,14 @@ def test_rms_norm_module_keeps_its_options_through_copies_and_dtype_moves():
 def test_promote_output_must_be_a_bool():
     with pytest.raises(TypeError, match="promote_output must be a bool"):
         kernels.RMSNorm(8, promote_output="yes")
+
+
+def test_promoted_output_checks_the_weight_it_applies_after_the_norm():
+    """The weight ``promote_output`` multiplies by after the norm is checked as the norm checks it (a wrong shape
+    would broadcast silently), and a non-tensor input gets the norm's TypeError."""
+    norm = kernels.RMSNorm(8, casting_mode="llama", promote_output=True)
+    norm.weight = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match="weight must have shape normalized_shape"):
+        norm(torch.randn(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        kernels.RMSNorm(8, promote_output=True)([1.0] * 8)
