@@ -74,10 +74,11 @@ import numpy as np
 import torch
 
 from kernels import reference
-from kernels._validate import FLOAT_DTYPES, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import (attention_dropout_mask, attention_seq_first, check_4d, check_attention_chunk,
                                    chunk_mask)
 from kernels.attention.checks import check_scale
+from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 
@@ -146,11 +147,33 @@ def _plain_options(dropout_p, causal, softcap, deterministic, return_attn_probs,
             and type(attention_chunk) is int and type(dropout_p) in _PLAIN and type(softcap) in _PLAIN)
 
 
-def _unpack(name: str, packed, count: int, dim: int):
-    """The ``count`` tensors stacked along ``dim`` of ``packed`` (views); ValueError naming it otherwise."""
-    check_tensor(name, packed, ndim=dim + 3)
-    if packed.shape[dim] != count:
-        raise ValueError(f"{name} must have size {count} in dim {dim}, got shape {tuple(packed.shape)}")
+QKV_LAYOUT = ("batch_size", "seqlen", 3, "nheads", "headdim")
+KV_LAYOUT = ("batch_size", "seqlen_k", 2, "nheads_k", "headdim")
+VARLEN_QKV_LAYOUT = ("total", 3, "nheads", "headdim")
+VARLEN_KV_LAYOUT = ("total_k", 2, "nheads_k", "headdim")
+"""The packed functions' layouts, flash-attn's names: the int is the stacking dim's size."""
+
+
+def _unpack(name: str, packed, layout: tuple, q=None) -> tuple:
+    """The tensors stacked in ``packed`` along ``layout``'s int dim (views), once ``packed`` passes every check
+    the unpacked tensors would meet (for a packed kv, against ``q``); TypeError/ValueError naming ``name`` (the
+    argument the caller passed, not the k, v it holds) otherwise."""
+    dim = next(i for i, size in enumerate(layout) if type(size) is int)
+    shown = f"({', '.join(map(str, layout))})"
+    check_tensor(name, packed, ndim=len(layout))
+    shape = tuple(packed.shape)
+    heads, head_dim = shape[-2:]
+    if shape[dim] != layout[dim] or heads == 0 or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} must be {shown} with {layout[-2]} >= 1 and 1 <= headdim <= {MAX_HEAD_DIM}, got "
+                         f"shape {shape}")
+    if q is not None:
+        check_tensor("q", q, ndim=len(layout) - 1)
+        check_same("dtype", q=q, **{name: packed})
+        check_same("device", q=q, **{name: packed})
+        q_shape = tuple(q.shape)
+        if shape[:dim - 1] != q_shape[:dim - 1] or head_dim != q_shape[-1] or q_shape[-2] % heads:
+            raise ValueError(f"{name} {shown} must match q's {'batch_size and ' if dim > 1 else ''}headdim, with "
+                             f"{layout[-2]} dividing q's nheads, got q of shape {q_shape} and {name} of shape {shape}")
     return packed.unbind(dim)
 
 
@@ -277,7 +300,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_qkvpacked_func``: :func:`flash_attn_func` on qkv (batch_size, seqlen, 3,
     nheads, headdim) = stacked q, k, v (views, no copy); the gradient flows back into qkv."""
-    q, k, v = _unpack("qkv", qkv, 3, 2)
+    q, k, v = _unpack("qkv", qkv, QKV_LAYOUT)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_attn_probs, attention_chunk)
 
@@ -287,7 +310,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_kvpacked_func``: :func:`flash_attn_func` on q and kv (batch_size, seqlen_k,
     2, nheads_k, headdim) = stacked k, v (views, no copy); the gradient flows back into kv."""
-    k, v = _unpack("kv", kv, 2, 2)
+    k, v = _unpack("kv", kv, KV_LAYOUT, q)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_attn_probs, attention_chunk)
 
@@ -343,7 +366,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """flash-attn 2.x's ``flash_attn_varlen_qkvpacked_func``: :func:`flash_attn_varlen_func` on qkv (total, 3,
     nheads, headdim) with the same cu_seqlens and max_seqlen for queries and keys."""
-    q, k, v = _unpack("qkv", qkv, 3, 1)
+    q, k, v = _unpack("qkv", qkv, VARLEN_QKV_LAYOUT)
     return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -353,7 +376,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """flash-attn 2.x's ``flash_attn_varlen_kvpacked_func``: :func:`flash_attn_varlen_func` on q and kv
     (total_k, 2, nheads_k, headdim)."""
-    k, v = _unpack("kv", kv, 2, 1)
+    k, v = _unpack("kv", kv, VARLEN_KV_LAYOUT, q)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 

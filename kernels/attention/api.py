@@ -158,6 +158,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     q_shape, k_shape = check_qkv(q, k, v)
     scale = check_scale(scale, q_shape[3])
     causal = check_flag("causal", causal)
+    return_lse = check_flag("return_lse", return_lse)
     window_left, window_right, attention_chunk, softcap, dropout_p = _checked_scalars(window_size, attention_chunk,
                                                                                       softcap, dropout_p)
     if alibi_slopes is not None:

@@ -892,6 +892,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _check_index("cache_leftpad", cache_leftpad, (batch,), device)
     _check_rotary(rotary_cos, rotary_sin, k, d, capacity, device)
     causal = check_flag("causal", causal)
+    rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
+    return_lse = check_flag("return_lse", return_lse)
     window = _check_window(window_size, causal)
     if type(softcap) is not float or not 0 <= softcap < math.inf:  # else the common case, a checked float
         softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
@@ -926,6 +928,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     compiling = torch.compiler.is_compiling()
     out, lse = (_launch_op if compiling else _launch)(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
-        bool(rotary_interleaved), q_same_position, window[0], window[1], float(softcap), scale, num_splits,
-        compiling or bool(return_lse))  # eager calls allocate no lse nobody asked for
+        rotary_interleaved, q_same_position, window[0], window[1], float(softcap), scale, num_splits,
+        compiling or return_lse)  # eager calls allocate no lse nobody asked for
     return (out, lse) if return_lse else out

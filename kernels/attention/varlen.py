@@ -20,6 +20,7 @@ ids are checked with the offsets (an id outside [0, num_blocks) among the pages 
 on CPU, an asynchronous device assert on CUDA) and clamped, so no id makes the gather read out of bounds; unused
 entries of the table are never checked.
 """
+import dataclasses
 import functools
 import math
 import numbers
@@ -225,14 +226,20 @@ def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple,
     return _offsets_tensors(cu_seqlens_q, cu_seqlens_k)
 
 
+MAX_SEQLEN = 2**31 - 1
+"""The largest ``max_seqlen_q/k``: the kernels' positions are int32 (flash-attn's C++ takes an int too)."""
+
+
 def _check_max_seqlen(name: str, max_seqlen) -> int:
-    """``max_seqlen`` as a Python int (what a launch takes); TypeError unless it is an int (numpy's too; its value
-    is checked against the offsets)."""
-    if type(max_seqlen) is int:
-        return max_seqlen
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
-    return int(max_seqlen)
+    """``max_seqlen`` as a Python int (what a launch takes); TypeError unless it is an int (numpy's too), ValueError
+    outside [0, :data:`MAX_SEQLEN`] (its value is also checked against the offsets)."""
+    if type(max_seqlen) is not int:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
+        max_seqlen = int(max_seqlen)
+    if not 0 <= max_seqlen <= MAX_SEQLEN:
+        raise ValueError(f"{name} must be in [0, {MAX_SEQLEN}] (int32 positions), got {max_seqlen}")
+    return max_seqlen
 
 
 def _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim: int, max_seqlen_q,
@@ -255,6 +262,29 @@ _plain_variant = functools.lru_cache(maxsize=256)(_checked_variant)
 """:func:`_checked_variant` of plain scalars (bool causal, float or None scale, a tuple of two ints, float softcap
 and dropout_p, int max_seqlen), cached by value: a model's calls repeat a handful. Only for those types, since
 values equal across types share an entry (True == 1 == 1.0) where the checks tell them apart."""
+
+
+def _check_kv_rank(name: str, t, paged: bool) -> None:
+    """TypeError/ValueError naming ``name`` unless ``t`` is a float tensor of the rank the keys take: 4-D page pools
+    with a block_table, else 3-D packed tokens (the message says which, and why)."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES)
+    if paged and t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D with block_table: a page pool (num_blocks, page_size, nheads_k, "
+                         f"headdim), got shape {tuple(t.shape)}")
+    if not paged and t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D without block_table: packed tokens (total_k, nheads_k, headdim), got "
+                         f"shape {tuple(t.shape)}")
+
+
+def _grid_bounds(variant: AttentionVariant, total_q: int, total_k: Optional[int]) -> AttentionVariant:
+    """``variant`` with max_seqlen_q/k at most the packed token counts ``total_q``/``total_k`` (None: keys from
+    pages, bounded by the block table already): no sequence is longer, so the same rows are computed, and a generous
+    max_seqlen (any up to int32's) does not size a grid of programs that would all exit at once."""
+    bounded_q = min(variant.max_seqlen_q, total_q)
+    bounded_k = variant.max_seqlen_k if total_k is None else min(variant.max_seqlen_k, total_k)
+    if (bounded_q, bounded_k) == (variant.max_seqlen_q, variant.max_seqlen_k):
+        return variant  # the common case: the lengths of the batch
+    return dataclasses.replace(variant, max_seqlen_q=bounded_q, max_seqlen_k=bounded_k)
 
 
 def _check_page_pools(k, v) -> None:
@@ -342,8 +372,9 @@ def _check_tensors(q, k, v, paged: bool) -> Tuple[torch.Size, torch.Size, torch.
     sizes = _plain_sizes(q, k, v, paged)
     if sizes is not None:
         return sizes
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4 if paged and name != "q" else 3)
+    check_tensor("q", q, ndim=3)
+    _check_kv_rank("k", k, paged)
+    _check_kv_rank("v", v, paged)
     if paged:
         _check_page_pools(k, v)
     # a page pool's (num_blocks, Hkv, D) first-slot views stand for the keys in the dtype/device/head checks,
@@ -397,6 +428,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     # dtypes, devices, head counts and dims
     q_shape, k_shape, device = _check_tensors(q, k, v, paged)
     total_q, _, head_dim = q_shape
+    return_lse = check_flag("return_lse", return_lse)
     if (type(causal) is bool and (scale is None or type(scale) is float) and type(window_size) is tuple
             and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
             and type(softcap) is float and type(dropout_p) is float and type(max_seqlen_q) is int
@@ -421,6 +453,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if device.type == "meta":
             raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta tensors, and the "
                                       "fallback slices each sequence by the offsets' values, which they do not hold")
+    variant = _grid_bounds(variant, total_q, None if paged else k_shape[0])
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
