@@ -16,7 +16,8 @@ Differences from flash-attn 2.x, all functions:
 - ``deterministic`` is accepted and changes nothing: the backward never uses atomics, so it is always
   deterministic.
 - Bad shapes and dtypes raise TypeError/ValueError naming the argument, before anything runs, rather than a CUDA
-  error; ``max_seqlen*`` shorter than the longest sequence raises (flash-attn silently drops rows).
+  error; ``max_seqlen*`` shorter than the longest sequence raises (flash-attn silently drops rows), and so does
+  one outside [0, 2**31 - 1] (ValueError naming it). The packed functions' errors name ``qkv`` or ``kv``.
 - ``softmax_lse`` with causal ALiBi is the docstring's logsumexp of the scaled scores minus slope * |i + seqlen_k -
   seqlen_q - j|; flash-attn's causal kernels add slope * j instead (the same out, but their lse is larger by
   slope * (i + seqlen_k - seqlen_q)).

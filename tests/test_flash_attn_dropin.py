@@ -99,6 +99,11 @@ def test_a_generous_max_seqlen_gives_the_exact_ones_result(device):
     out = flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2**31 - 1, 10**8, causal=True)
     exact = flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 13, causal=True)
     assert torch.equal(out, exact)
+    dropped = []
+    for max_seqlens in ((2**31 - 1, 10**8), (11, 13)):  # the same keep-mask: drawn per element, not per grid
+        torch.manual_seed(1)
+        dropped.append(flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, *max_seqlens, dropout_p=0.3))
+    assert torch.equal(*dropped)
     starts_q, starts_k = [0, 5, 16], [0, 7, 9]
     for b in range(3):  # each sequence against float64 (bottom-right causal per sequence)
         rows = slice(starts_q[b], starts_q[b] + lengths_q[b])

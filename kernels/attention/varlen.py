@@ -411,9 +411,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D), H a multiple of Hkv; fp16/bf16/fp32, any strides.
     cu_seqlens_q/k: int32 (batch + 1,) cumulative lengths from 0 to total, on q's device (sequences of length 0
-    are allowed); max_seqlen_q/k: ints at least the longest sequence (they size the grid). ``causal`` is
-    bottom-right per sequence (query i of a sequence sees key j iff j <= i + len_k - len_q), as are the window and
-    ALiBi distances. ``alibi_slopes`` is float32 (H,) or (batch, H); the other variants are those of
+    are allowed); max_seqlen_q/k: ints from the longest sequence to 2**31 - 1 (they size the grid, capped at the
+    token counts). ``causal`` is bottom-right per sequence (query i of a sequence sees key j iff j <= i + len_k -
+    len_q), as are the window and ALiBi distances. ``alibi_slopes`` is float32 (H,) or (batch, H); the other variants are those of
     :func:`kernels.attention`. Under dropout, sequence b's keep-mask is ``attention_dropout_mask(batch, H,
     max_seqlen_q, max_seqlen_k, dropout_p)[b, :, :len_q, :len_k]`` of the same generator state.
 
