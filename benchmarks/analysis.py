@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.providers import WINDOW
+from benchmarks.providers import DOCUMENTS, WINDOW
 
 
 FIT_POINTS = 4
@@ -82,6 +82,10 @@ METRICS = {"time": time_ms, "peak_memory": peak_bytes, "counted_bytes": counted_
 CAUSAL = "triton"
 """The attention provider the sparser masks (sliding window, documents: see ``providers``) are compared with."""
 WINDOWED = f"triton-window{WINDOW}"
+DOCUMENTED = f"triton-{DOCUMENTS}docs"
+QUERY_TILE = 128
+"""Query rows of the forward's largest tile in the GPU tables (sm_90's default, which the counts are taken with):
+a document shorter than a couple of these reads its keys and values about once."""
 
 
 def _window_note(provider: str, metric: Optional[str], used: List[float]) -> Optional[str]:
@@ -91,6 +95,18 @@ def _window_note(provider: str, metric: Optional[str], used: List[float]) -> Opt
         return None
     return (f"fitted from N={used[0]:g} < 2 x the {WINDOW}-key window: partly causal's N^2, "
             f"p -> 1 only for N >> {WINDOW}")
+
+
+def _documents_note(provider: str, metric: Optional[str], used: List[float]) -> Optional[str]:
+    """A document of N / DOCUMENTS tokens within a couple of query tiles costs whole tiles and reads its K/V about
+    once, so the counted bytes and FLOPs grow ~N or slower; only once documents span many tiles do they grow as
+    causal's (toward N^2, 1 / DOCUMENTS of it)."""
+    if (provider != DOCUMENTED or metric not in ("counted_bytes", "counted_flops") or not used
+            or used[-1] / DOCUMENTS > 2 * QUERY_TILE):
+        return None
+    return (f"fitted up to N={used[-1]:g}: each of the {DOCUMENTS} documents (<= {used[-1] / DOCUMENTS:g} tokens) "
+            f"spans at most 2 query tiles of {QUERY_TILE} rows, computed whole, its K/V read about once: p tends "
+            f"to causal's only for N / {DOCUMENTS} >> {QUERY_TILE}")
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -116,9 +132,11 @@ def add_ratios(records: List[dict]) -> None:
 def slope_note(provider: str, metric: Optional[str], lengths: Sequence[float],
                values: Sequence[Optional[float]]) -> Optional[str]:
     """Why ``provider``'s fitted slope of ``metric`` (a :data:`METRICS` name) is not a scaling law, or None:
-    :func:`fit_note`, and for the sliding window a fit from lengths where the window barely binds."""
+    :func:`fit_note`, for the sliding window a fit from lengths where the window barely binds, and for the
+    documents one from lengths where each document is a tile or two."""
     used = [x for x, _ in _fit_points(lengths, values, FIT_POINTS)]
-    return "; ".join(filter(None, [fit_note(lengths, values), _window_note(provider, metric, used)])) or None
+    notes = [fit_note(lengths, values), _window_note(provider, metric, used), _documents_note(provider, metric, used)]
+    return "; ".join(filter(None, notes)) or None
 
 
 def fit_slopes(records: List[dict]) -> List[Dict]:

@@ -92,13 +92,16 @@ def _fit_line(fit: dict, footnotes: Dict[str, int]) -> str:
     (note -> number, extended here), so a reason many slopes share is printed once."""
     names = {"time": "time", "peak_memory": "peak memory", "counted_bytes": "bytes moved", "counted_flops": "FLOPs"}
     slopes, notes = fit["slopes"], fit.get("notes") or {}
-    used = sorted({n for lengths in (fit.get("lengths") or {}).values() for n in lengths})
+    fitted = fit.get("lengths") or {}
+    used = sorted({n for lengths in fitted.values() for n in lengths})
     span = f"N={used[0]}..{used[-1]}" if used else ""
     cells = []
     for key, label in names.items():
         note = notes.get(key)
         mark = f"*{footnotes.setdefault(note, len(footnotes) + 1)}" if note else ""
-        cells.append(f"{label} p={_num(slopes.get(key), '{:.2f}')}{mark}")
+        own = fitted.get(key)  # a metric fitted over fewer lengths (a reading of 0 skipped) says over which
+        own_span = f" (N={own[0]}..{own[-1]})" if own and slopes.get(key) is not None and own != used else ""
+        cells.append(f"{label} p={_num(slopes.get(key), '{:.2f}')}{mark}{own_span}")
     return f"  {fit['op']:<10} {fit['mode']:<7} {fit['provider']:<16} {span:<11} " + "  ".join(cells)
 
 

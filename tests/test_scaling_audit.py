@@ -70,6 +70,30 @@ def test_fits_record_the_lengths_they_used_and_why_a_slope_is_not_a_scaling_law(
     assert f"\n  *{footnote}: not settled: point-to-point slopes 3.37, 1.99" in text
 
 
+def test_a_metric_fitted_over_fewer_lengths_than_its_line_says_which():
+    """The line printed N=128..512 for every slope, while the window's peak memory (0 at N=128, below resolution)
+    was fitted over 256..512 only."""
+    text = format_fits(analysis.fit_slopes(_profile()))
+    window_line = next(line for line in text.splitlines() if " triton-window256 " in line)
+    assert "N=128..512" in window_line
+    assert re.search(r"peak memory p=[0-9.]+\S* \(N=256\.\.512\)", window_line)
+    assert "FLOPs p=" in window_line and "(N=" not in window_line.split("FLOPs p=")[1]  # all lengths: no span
+
+
+def test_document_bytes_fitted_where_documents_are_a_tile_or_two_say_so():
+    """Each of the 8 documents of N <= 1024 fits one 128-row query tile: its K/V are read once, and the bytes'
+    slope of ~1 printed as settled (the tile-counted FLOPs' as merely bending), though both grow toward causal's
+    as documents span many tiles."""
+    docs = f"triton-{providers.DOCUMENTS}docs"
+    lengths, linear = [128, 256, 512, 1024], [1.0, 2.0, 4.0, 8.0]
+    note = analysis.slope_note(docs, "counted_bytes", lengths, linear)
+    assert note.startswith("fitted up to N=1024: each of the 8 documents (<= 128 tokens) spans at most 2 query tiles")
+    assert analysis.slope_note(docs, "counted_flops", lengths, linear) == note  # tiles visited: whole ones
+    assert analysis.slope_note(docs, "peak_memory", lengths, linear) is None
+    assert analysis.slope_note(docs, "counted_bytes", [4096, 8192, 16384], [1.0, 2.0, 4.0]) is None
+    assert analysis.slope_note("triton", "counted_bytes", lengths, linear) is None
+
+
 def test_a_reason_many_slopes_share_is_said_once():
     """Every two-length slope printed its own two lines of the same note (60 of them in a --quick run)."""
     fit = {"op": "softmax", "mode": "fwd", "slopes": {"time": 0.5, "counted_bytes": 1.0},
