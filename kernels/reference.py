@@ -25,12 +25,14 @@ def window_mask(n_q: int, n_k: int, window_size, device=None) -> torch.Tensor:
     """Bool (n_q, n_k) mask of a local window (left, right), as in flash-attn: query i sees key j iff
     ``i + n_k - n_q - left <= j <= i + n_k - n_q + right``; -1 leaves a side unbounded."""
     left, right = window_size
-    offset = torch.arange(n_k, device=device)[None, :] - torch.arange(n_q, device=device)[:, None] - (n_k - n_q)
+    shift = n_k - n_q
+    # the band by tril/triu of a bool matrix, as a user writes a causal mask: one byte per entry, where (int64)
+    # offsets would move eight and make the quadratic baseline look costlier than it is
     visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        visible = visible & (offset >= -left)
     if right >= 0:
-        visible = visible & (offset <= right)
+        visible = visible.tril(shift + right)
+    if left >= 0:
+        visible = visible.triu(shift - left)
     return visible
 
 

@@ -16,6 +16,7 @@ from benchmarks.memory import CPU_METHOD
 from benchmarks.providers import Case
 from benchmarks.roofline import match_device
 from benchmarks.table import format_fits, format_table
+from kernels import reference
 
 # fwd+bwd, B=1, H=2, D=64, float16, as measured by `scaling --max-len 512` on CPU: the baseline's peak RSS growth
 # (0.19, 1.99, 7.88 MB: still bending) and a fused kernel's that read 0 at N=128 (below RSS resolution)
@@ -222,3 +223,14 @@ def test_gpu_tflops_of_a_sparser_mask_count_only_the_pairs_it_keeps(name, pairs)
     work = causal if pairs is None else causal * pairs / (n * (n + 1) / 2)
     assert record["tflops"] == pytest.approx(work / 1e-3 / 1e12)
     assert record["pct_of_peak"] == pytest.approx(100 * work / 1e-3 / 989e12)
+
+
+def test_the_quadratic_baselines_causal_mask_moves_a_byte_per_entry():
+    """reference.window_mask built the band from (N, N) int64 offsets: 8 bytes per entry written and read again by
+    each comparison, which counted into the baseline's bytes (fwd at N=1024: 103 MB against 66 MB) as a cost a
+    plain causal mask does not have. A bool tril/triu writes one byte per entry and reads it once."""
+    n = 256
+    with counting() as counts:
+        mask = reference.causal_mask(n, n)
+    assert torch.equal(mask, torch.ones(n, n, dtype=torch.bool).tril())
+    assert counts.bytes <= 3 * n * n
