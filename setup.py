@@ -14,8 +14,8 @@ setup(
     # triton 3.5: the first with triton.knobs.nvidia.dump_ptxas_log, which the GPU build report reads.
     install_requires=["torch>=2.5", "triton>=3.5,<4", "numpy>=1.24"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "transformers>=4.56"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "transformers>=4.56,<5.25"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"],
-        "hf": ["transformers>=4.56"],
+        "hf": ["transformers>=4.56,<5.25"],
     },
 )
