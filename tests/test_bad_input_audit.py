@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import kernels
 from kernels import flash_attn
