@@ -106,8 +106,16 @@ def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, a
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
+_NO_WINDOW = (-1, -1)
+_NO_VARIANT_SCALARS = (-1, -1, 0, 0.0, 0.0)
+
+
 def _checked_scalars(window_size, attention_chunk, softcap, dropout_p) -> Tuple[int, int, int, float, float]:
     """(window_left, window_right, attention_chunk, softcap, dropout_p) checked as :func:`attention` documents."""
+    if (type(window_size) is tuple and window_size == _NO_WINDOW and type(attention_chunk) is int
+            and attention_chunk == 0 and type(softcap) is float and softcap == 0.0 and type(dropout_p) is float
+            and dropout_p == 0.0):  # the defaults, told apart by type first (an array's == is no bool)
+        return _NO_VARIANT_SCALARS
     window_left, window_right = check_window(window_size)
     return (window_left, window_right, check_attention_chunk(attention_chunk),
             check_real("softcap", softcap, 0.0, math.inf, high_open=True),

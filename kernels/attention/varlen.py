@@ -453,7 +453,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if device.type == "meta":
             raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta tensors, and the "
                                       "fallback slices each sequence by the offsets' values, which they do not hold")
-    variant = _grid_bounds(variant, total_q, None if paged else k_shape[0])
+    if variant.max_seqlen_q > total_q or (not paged and variant.max_seqlen_k > k_shape[0]):  # else within them
+        variant = _grid_bounds(variant, total_q, None if paged else k_shape[0])
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
