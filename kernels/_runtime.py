@@ -63,7 +63,9 @@ def check_import_name(package) -> None:
         site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         warnings.warn(f"{hub} is installed beside {DISTRIBUTION} (in {site}): both use the import name `kernels`, "
                       f"so one shadows or overwrites the other; `import kernels` gives {DISTRIBUTION} here, and "
-                      f"transformers' hub-kernel integrations would import it too. {_REMEDY}", RuntimeWarning,
+                      f"transformers' hub-kernel integrations would import it too (transformers 5.25 and later "
+                      f"require the hub kernels and fail to build a model beside {DISTRIBUTION}: keep "
+                      f"transformers<5.25 with it). {_REMEDY}", RuntimeWarning,
                       stacklevel=2)
 
 

@@ -55,6 +55,7 @@ def test_hub_kernels_installed_beside_this_package_are_named_in_a_warning(tmp_pa
     warning = " ".join(done.stderr.split())
     for words in (f'"kernels" 0.0 (Hugging Face\'s hub kernels, in {tmp_path})', "installed beside transformer-kernels",
                   "import name `kernels`", "separate virtualenvs", "pip uninstall kernels",
+                  "transformers 5.25 and later require the hub kernels", "keep transformers<5.25",
                   "pip uninstall transformer-kernels"):
         assert words in warning
 
