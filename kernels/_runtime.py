@@ -161,8 +161,6 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Host integer math for launch plans: Triton's own cdiv / next_power_of_2 are constexpr functions that cost about
-# 2 µs a call on the host, more than the rest of a small launch's plan.
 def kernel_device(device, what: str) -> torch.device:
     """``device`` (None: where this process's kernels run) as an indexed torch.device; TypeError/ValueError naming
     ``what``'s ``device`` unless it parses and the kernels of this process run there."""
@@ -180,6 +178,8 @@ def kernel_device(device, what: str) -> torch.device:
     return parsed
 
 
+# Host integer math for launch plans: Triton's own cdiv / next_power_of_2 are constexpr functions that cost about
+# 2 µs a call on the host, more than the rest of a small launch's plan.
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints."""
     return -(-a // b)

@@ -1044,9 +1044,9 @@ class RMSNorm(torch.nn.RMSNorm):
             torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def _weight_after(self, x, residual) -> bool:
-        """Whether ``promote_output`` multiplies by the weight after the norm, in another dtype than x's; the
+        """Whether ``promote_output`` (on) multiplies by the weight after the norm, in another dtype than x's; the
         weight, which the norm then does not see, is checked with the other arguments first."""
-        if not (self.promote_output and self.weight is not None and isinstance(x, torch.Tensor)
+        if not (self.weight is not None and isinstance(x, torch.Tensor)
                 and torch.promote_types(x.dtype, self.weight.dtype) != x.dtype):
             return False
         _check(x, self.normalized_shape, residual, self.weight, None, self.eps, True, self.offset, self.casting_mode)
@@ -1057,13 +1057,13 @@ class RMSNorm(torch.nn.RMSNorm):
         return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}{promote}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        weight_after = self._weight_after(x, residual)
+        weight_after = self.promote_output and self._weight_after(x, residual)  # (off: one attribute read)
         weight = None if weight_after else self.weight
-        options = dict(offset=self.offset, casting_mode=self.casting_mode)
         if residual is None:
-            y = rms_norm(x, self.normalized_shape, weight, self.eps, **options)
+            y = rms_norm(x, self.normalized_shape, weight, self.eps, offset=self.offset, casting_mode=self.casting_mode)
         else:
-            y, h = add_rms_norm(x, residual, self.normalized_shape, weight, self.eps, **options)
+            y, h = add_rms_norm(x, residual, self.normalized_shape, weight, self.eps, offset=self.offset,
+                                casting_mode=self.casting_mode)
         if weight_after:  # x_hat in x's dtype, times the weight in the promoted one
             y = (self.offset + self.weight) * y
         return y if residual is None else (y, h)

@@ -127,7 +127,6 @@ def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
     return options
 
 
-
 MAX_MISMATCH = 0.05
 """Largest share of a probe's outputs that may differ from what the kernels compute: the casting modes differ in
 about a quarter of bf16 outputs, torch's and the kernels' rsqrt by an ulp in a few."""

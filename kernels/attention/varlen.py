@@ -276,17 +276,6 @@ def _check_kv_rank(name: str, t, paged: bool) -> None:
                          f"shape {tuple(t.shape)}")
 
 
-def _grid_bounds(variant: AttentionVariant, total_q: int, total_k: Optional[int]) -> AttentionVariant:
-    """``variant`` with max_seqlen_q/k at most the packed token counts ``total_q``/``total_k`` (None: keys from
-    pages, bounded by the block table already): no sequence is longer, so the same rows are computed, and a generous
-    max_seqlen (any up to int32's) does not size a grid of programs that would all exit at once."""
-    bounded_q = min(variant.max_seqlen_q, total_q)
-    bounded_k = variant.max_seqlen_k if total_k is None else min(variant.max_seqlen_k, total_k)
-    if (bounded_q, bounded_k) == (variant.max_seqlen_q, variant.max_seqlen_k):
-        return variant  # the common case: the lengths of the batch
-    return dataclasses.replace(variant, max_seqlen_q=bounded_q, max_seqlen_k=bounded_k)
-
-
 def _check_page_pools(k, v) -> None:
     """ValueError unless the 4-D k, v are page pools (num_blocks >= 1, page_size >= 1, Hkv, D) of one shape."""
     for name, t in (("k", k), ("v", v)):
@@ -413,9 +402,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_seqlens_q/k: int32 (batch + 1,) cumulative lengths from 0 to total, on q's device (sequences of length 0
     are allowed); max_seqlen_q/k: ints from the longest sequence to 2**31 - 1 (they size the grid, capped at the
     token counts). ``causal`` is bottom-right per sequence (query i of a sequence sees key j iff j <= i + len_k -
-    len_q), as are the window and ALiBi distances. ``alibi_slopes`` is float32 (H,) or (batch, H); the other variants are those of
-    :func:`kernels.attention`. Under dropout, sequence b's keep-mask is ``attention_dropout_mask(batch, H,
-    max_seqlen_q, max_seqlen_k, dropout_p)[b, :, :len_q, :len_k]`` of the same generator state.
+    len_q), as are the window and ALiBi distances. ``alibi_slopes`` is float32 (H,) or (batch, H); the other
+    variants are those of :func:`kernels.attention`. Under dropout, sequence b's keep-mask is
+    ``attention_dropout_mask(batch, H, max_seqlen_q, max_seqlen_k, dropout_p)[b, :, :len_q, :len_k]`` of the same
+    generator state.
 
     ``block_table``: int32 (batch, max_num_blocks); k, v are then page pools (num_blocks, page_size, Hkv, D) and
     sequence b's keys are its first len_k pages' slots in table order (see the module docstring).
@@ -453,8 +443,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if device.type == "meta":
             raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta tensors, and the "
                                       "fallback slices each sequence by the offsets' values, which they do not hold")
-    if variant.max_seqlen_q > total_q or (not paged and variant.max_seqlen_k > k_shape[0]):  # else within them
-        variant = _grid_bounds(variant, total_q, None if paged else k_shape[0])
+    # a max_seqlen past its token count (keys from pages: bounded by the block table) sizes the grid by the count
+    # instead: no sequence is longer, so the same rows are computed, and a generous one (any up to int32's) does not
+    # launch programs that would all exit at once
+    bounded_k = variant.max_seqlen_k if paged else min(variant.max_seqlen_k, k_shape[0])
+    if variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k:
+        variant = dataclasses.replace(variant, max_seqlen_q=min(variant.max_seqlen_q, total_q), max_seqlen_k=bounded_k)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
     if sinks is not None:
