@@ -30,7 +30,8 @@ CONVENTIONS = {
     "fits": "per op/mode/provider: slopes, p of metric ~ N^p by least squares on log-log over the largest 4 "
             "lengths with a value; lengths, those used; notes, why a slope is not a scaling law (2 lengths only, or "
             "point-to-point slopes spread more than 0.25: fixed costs, tile quantisation or resolution; the sliding "
-            "window fitted from N < 2 windows, where it barely binds).",
+            "window fitted from N < 2 windows, where it barely binds; the documents' counted bytes and FLOPs where "
+            "each document is at most 2 query tiles, read whole).",
     "counted": "bytes read/written by every executed Triton load/store (masked lanes excluded) and aten op; "
                "flops: tl.dot 2*M*N*K and torch.utils.flop_counter formulas. vs_min: over min_bytes. Triton "
                "counts are for the tiles the kernels run with (re-reads of K/V grow as N^2 / BLOCK_M, so smaller "
