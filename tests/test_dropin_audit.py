@@ -295,3 +295,19 @@ def test_forward_mode_ad_gets_torchs_sdpa(device):
             out = function(forward_ad.make_dual(q, tangent), q, q, is_causal=True)
             tangents.append(forward_ad.unpack_dual(out).tangent)
     assert torch.equal(tangents[1], tangents[0])
+
+
+def test_sdpa_kernel_math_only_runs_torchs_math_and_fused_backends_run_the_kernel(device, kernel_calls):
+    """A user forcing SDPBackend.MATH (a reference, double backward) got the kernel; torch's math runs now, bit for
+    bit, and a context leaving a fused backend enabled still runs the kernel."""
+    q, k, v = (torch.randn(2, 3, 5, 8, device=device) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        got = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+        expected = sdpa._TORCH_SDPA(q, k, v, is_causal=True)
+    assert kernel_calls == []
+    assert torch.equal(got, expected)
+    for backends in ([SDPBackend.FLASH_ATTENTION], [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                     [SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel(backends):
+            kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert len(kernel_calls) == 3

@@ -70,6 +70,15 @@ def _plain(t) -> bool:
     return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
+def fused_backend_enabled() -> bool:
+    """Whether ``torch.nn.attention.sdpa_kernel`` (or ``torch.backends.cuda.enable_*_sdp``) leaves a fused backend
+    enabled (flash, memory-efficient or cuDNN): the kernel is one of those. With only MATH torch's math runs, as
+    a user forcing it (a reference, double backward) expects. Under torch.compile the flags are read as the
+    graph is traced."""
+    return (torch._C._get_flash_sdp_enabled() or torch._C._get_mem_efficient_sdp_enabled()
+            or torch._C._get_cudnn_sdp_enabled())
+
+
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
     torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
@@ -80,9 +89,10 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         scale = check_scale(scale, q_shape[3])
     except (TypeError, ValueError):
         return None
-    # key and value are on its device (check_qkv); torch's SDPA under torch.func transforms (functorch's wrapped
-    # tensors, which a launch cannot read) and forward-mode AD (the kernel has no jvp; torch's math backend has)
-    if (dropout_p != 0.0 or not _runtime.kernels_can_run(query)
+    # key and value are on its device (check_qkv); torch's SDPA with only its math backend enabled, under
+    # torch.func transforms (functorch's wrapped tensors, which a launch cannot read) and forward-mode AD (the
+    # kernel has no jvp; torch's math backend has)
+    if (dropout_p != 0.0 or not fused_backend_enabled() or not _runtime.kernels_can_run(query)
             or _runtime.forward_ad_active() and not torch.compiler.is_compiling()):
         return None
     if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
@@ -133,7 +143,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
     cannot run on in this process, tensor subclasses such as DTensor, torch.func transforms, forward-mode AD,
-    torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool) calls torch's own function
+    torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool, ``sdpa_kernel`` leaving only
+    the MATH backend) calls torch's own function
     (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
     the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
     dtype (the result too).
