@@ -75,11 +75,10 @@ import numpy as np
 import torch
 
 from kernels import reference
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_tensor
 from kernels.attention.api import (attention_dropout_mask, attention_seq_first, check_4d, check_attention_chunk,
                                    chunk_mask)
-from kernels.attention.checks import check_scale
-from kernels.attention.configs import MAX_HEAD_DIM
+from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 
@@ -153,29 +152,40 @@ KV_LAYOUT = ("batch_size", "seqlen_k", 2, "nheads_k", "headdim")
 VARLEN_QKV_LAYOUT = ("total", 3, "nheads", "headdim")
 VARLEN_KV_LAYOUT = ("total_k", 2, "nheads_k", "headdim")
 """The packed functions' layouts, flash-attn's names: the int is the stacking dim's size."""
+Q_LAYOUT = ("batch_size", "seqlen_q", "nheads", "headdim")
+VARLEN_Q_LAYOUT = ("total_q", "nheads", "headdim")
+"""q's layouts beside a packed kv, flash-attn's names."""
 
 
-def _unpack(name: str, packed, layout: tuple, q=None) -> tuple:
+def _unpack(name: str, packed, layout: tuple, q=None, q_layout: tuple = ()) -> tuple:
     """The tensors stacked in ``packed`` along ``layout``'s int dim (views), once ``packed`` passes every check
-    the unpacked tensors would meet (for a packed kv, against ``q``); TypeError/ValueError naming ``name`` (the
-    argument the caller passed, not the k, v it holds) otherwise."""
+    the unpacked tensors would meet (for a packed kv, against ``q`` of ``q_layout``); TypeError/ValueError naming
+    ``name`` (the argument the caller passed, not the k, v it holds) otherwise."""
     dim = next(i for i, size in enumerate(layout) if type(size) is int)
-    shown = f"({', '.join(map(str, layout))})"
     check_tensor(name, packed, ndim=len(layout))
-    shape = tuple(packed.shape)
-    heads, head_dim = shape[-2:]
-    if shape[dim] != layout[dim] or heads == 0 or not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"{name} must be {shown} with {layout[-2]} >= 1 and 1 <= headdim <= {MAX_HEAD_DIM}, got "
-                         f"shape {shape}")
-    if q is not None:
+    shape = packed.shape
+    if shape[dim] != layout[dim]:
+        raise ValueError(f"{name} must be {_layout_text(layout)}, got shape {tuple(shape)}")
+    unpacked = packed.unbind(dim)
+    if q is None:
+        q, q_shape, q_layout, names = unpacked[0], shape, layout, (name,) * 3
+    else:
         check_tensor("q", q, ndim=len(layout) - 1)
-        check_same("dtype", q=q, **{name: packed})
-        check_same("device", q=q, **{name: packed})
-        q_shape = tuple(q.shape)
-        if shape[:dim - 1] != q_shape[:dim - 1] or head_dim != q_shape[-1] or q_shape[-2] % heads:
-            raise ValueError(f"{name} {shown} must match q's {'batch_size and ' if dim > 1 else ''}headdim, with "
-                             f"{layout[-2]} dividing q's nheads, got q of shape {q_shape} and {name} of shape {shape}")
-    return packed.unbind(dim)
+        q_shape, names = q.shape, ("q", name, name)
+    check_qkv(*(_heads_first(t) for t in (q, *unpacked[-2:])), names=names,
+              shown=(q_shape, shape, shape, _layout_text(q_layout), _layout_text(layout)))
+    return unpacked
+
+
+def _layout_text(layout: tuple) -> str:
+    """A layout as the messages show it: "(batch_size, seqlen_k, 2, nheads_k, headdim)"."""
+    return f"({', '.join(map(str, layout))})"
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """A (B, S, H, D) or packed (total, H, D) tensor as the (B, H, S, D) view :func:`check_qkv` takes (B = 1 for a
+    packed one)."""
+    return (t if t.dim() == 4 else t.unsqueeze(0)).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- S_dmask (return_attn_probs)
@@ -311,7 +321,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              attention_chunk=0):
     """flash-attn 2.x's ``flash_attn_kvpacked_func``: :func:`flash_attn_func` on q and kv (batch_size, seqlen_k,
     2, nheads_k, headdim) = stacked k, v (views, no copy); the gradient flows back into kv."""
-    k, v = _unpack("kv", kv, KV_LAYOUT, q)
+    k, v = _unpack("kv", kv, KV_LAYOUT, q, Q_LAYOUT)
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_attn_probs, attention_chunk)
 
@@ -377,7 +387,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """flash-attn 2.x's ``flash_attn_varlen_kvpacked_func``: :func:`flash_attn_varlen_func` on q and kv
     (total_k, 2, nheads_k, headdim)."""
-    k, v = _unpack("kv", kv, VARLEN_KV_LAYOUT, q)
+    k, v = _unpack("kv", kv, VARLEN_KV_LAYOUT, q, VARLEN_Q_LAYOUT)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 

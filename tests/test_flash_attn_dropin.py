@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from kernels import flash_attn, reference
-from kernels.attention import configs
+from kernels.attention import checks, configs
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen
 from tolerance import assert_close
@@ -160,3 +160,43 @@ def test_packed_functions_name_the_packed_argument(monkeypatch, device, case):
     message = str(raised.value)
     assert re.search(rf"(^|\W){name}(\W|$)", message), message
     assert "k, v" not in message and "k and v" not in message and not message.startswith("q:"), message
+
+
+def _packed_messages(device):
+    """(call, its exact message): the packed functions' errors come from check_qkv, named for the packed argument
+    and showing its shape and flash-attn's layouts."""
+    q = torch.randn(2, 5, 6, 24, device=device)
+    packed_q = torch.randn(9, 6, 24, device=device)
+    cu = _cu([4, 5], device)
+    return [
+        (lambda: flash_attn.flash_attn_kvpacked_func(q, torch.randn(2, 5, 2, 3, 40, device=device)),
+         "kv must have head dim 24 like q (batch_size, seqlen_q, nheads, headdim), got kv of shape (2, 5, 2, 3, 40)"),
+        (lambda: flash_attn.flash_attn_kvpacked_func(q, torch.randn(3, 5, 2, 3, 24, device=device)),
+         "kv must have batch size 2 like q (batch_size, seqlen_q, nheads, headdim), got kv of shape (3, 5, 2, 3, 24)"),
+        (lambda: flash_attn.flash_attn_varlen_kvpacked_func(packed_q, torch.randn(9, 2, 4, 24, device=device), cu, cu,
+                                                            5, 5),
+         "kv: the number of kv heads must divide q's 6 heads and be at least 1, got kv of shape (9, 2, 4, 24)"),
+        (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 3, 300, device=device)),
+         "qkv: head dim must be in 1..256, got qkv of shape (2, 5, 3, 3, 300)"),
+        (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 8, device=device)),
+         "qkv must be (batch_size, seqlen, 3, nheads, headdim), got shape (1, 4, 2, 2, 8)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_packed_errors_show_the_packed_shape_and_flash_layouts(monkeypatch, device, case):
+    _forbid_launches(monkeypatch)
+    call, message = _packed_messages(device)[case]
+    with pytest.raises(ValueError) as raised:
+        call()
+    assert str(raised.value) == message
+
+
+def test_check_qkv_names_its_arguments_as_told(device):
+    """check_qkv's ``names``: two distinct names for k and v are listed together, as its defaults are."""
+    q, v = torch.randn(1, 4, 3, 8, device=device), torch.randn(1, 3, 5, 8, device=device)
+    with pytest.raises(ValueError, match=r"^key, value: the number of kv heads must divide query's 4 heads and be at "
+                                         r"least 1, got key of shape \(1, 3, 5, 8\)$"):
+        checks.check_qkv(q, v.clone(), v, names=("query", "key", "value"))
+    with pytest.raises(TypeError, match=r"^query, key, value must share one dtype"):
+        checks.check_qkv(q, v.half(), v, names=("query", "key", "value"))

@@ -33,35 +33,53 @@ HEADS_FIRST_LAYOUTS = ("(B, H, Nq, D)", "(B, Hkv, Nk, D)")
 """The layouts :func:`check_qkv`'s messages name by default: q's, and k's and v's."""
 
 
-def check_qkv(q, k, v, shown: Optional[Tuple] = None) -> Tuple[torch.Size, torch.Size]:
+def check_qkv(q, k, v, shown: Optional[Tuple] = None, names: Tuple[str, str, str] = ("q", "k", "v")
+              ) -> Tuple[torch.Size, torch.Size]:
     """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs; return q's and k's
     shapes (read here once: each read of ``.shape`` builds a Size). ``shown``: for a caller that passes (B, H, N, D)
     views of its own tensors, (q's, k's, v's shapes, q's layout, k's and v's layout) that the messages show
-    instead of the views' (default: the views and :data:`HEADS_FIRST_LAYOUTS`)."""
+    instead of the views' (default: the views and :data:`HEADS_FIRST_LAYOUTS`). ``names``: the arguments the
+    messages name for q, k, v (a caller that passes views of one packed tensor names it for each it stacks)."""
     if not is_plain_qkv(q, k, v):
-        for name, t in (("q", q), ("k", k), ("v", v)):
+        named = dict(zip(names, (q, k, v)))  # a name given twice is one packed tensor: checked once
+        for name, t in named.items():
             check_tensor(name, t, ndim=4)
-        check_same("dtype", q=q, k=k, v=v)
-        check_same("device", q=q, k=k, v=v)
+        check_same("dtype", **named)
+        check_same("device", **named)
     q_shape, k_shape = q.shape, k.shape
     batch, heads, _, d = q_shape
     if k_shape != v.shape:
         _, k_shown, v_shown, _, kv_layout = _displayed(q_shape, k_shape, v.shape, shown)
-        raise ValueError(f"k and v must have the same shape {kv_layout}, got {k_shown} and {v_shown}")
+        raise ValueError(f"{names[1]} and {names[2]} must have the same shape {kv_layout}, got {k_shown} and "
+                         f"{v_shown}")
     if k_shape[0] != batch:
-        raise ValueError(f"k, v must have batch size {batch} like q (B, H, Nq, D), got k of shape {tuple(k_shape)}")
-    if k_shape[3] != d:
+        q_name, k_name, kv_name = _message_names(names)
         _, k_shown, _, q_layout, _ = _displayed(q_shape, k_shape, v.shape, shown)
-        raise ValueError(f"k, v must have head dim {d} like q {q_layout}, got k of shape {k_shown}")
+        raise ValueError(f"{kv_name} must have batch size {batch} like {q_name} {q_layout}, got {k_name} of shape "
+                         f"{k_shown}")
+    if k_shape[3] != d:
+        q_name, k_name, kv_name = _message_names(names)
+        _, k_shown, _, q_layout, _ = _displayed(q_shape, k_shape, v.shape, shown)
+        raise ValueError(f"{kv_name} must have head dim {d} like {q_name} {q_layout}, got {k_name} of shape "
+                         f"{k_shown}")
     if not 1 <= d <= configs.MAX_HEAD_DIM:
+        q_name = names[0]
         q_shown = _displayed(q_shape, k_shape, v.shape, shown)[0]
-        raise ValueError(f"q: head dim must be in 1..{configs.MAX_HEAD_DIM}, got q of shape {q_shown}")
+        raise ValueError(f"{q_name}: head dim must be in 1..{configs.MAX_HEAD_DIM}, got {q_name} of shape {q_shown}")
     kv_heads = k_shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
+        q_name, k_name, kv_name = _message_names(names)
         k_shown = _displayed(q_shape, k_shape, v.shape, shown)[1]
-        raise ValueError(f"k, v: the number of kv heads must divide q's {heads} heads and be at least 1, got k of "
-                         f"shape {k_shown}")
+        raise ValueError(f"{kv_name}: the number of kv heads must divide {q_name}'s {heads} heads and be at least 1, "
+                         f"got {k_name} of shape {k_shown}")
     return q_shape, k_shape
+
+
+def _message_names(names: Tuple[str, str, str]) -> Tuple[str, str, str]:
+    """(q's name, k's name, k's and v's together: "k, v", or the one packed argument that holds both) for
+    :func:`check_qkv`'s messages."""
+    q_name, k_name, v_name = names
+    return q_name, k_name, k_name if k_name == v_name else f"{k_name}, {v_name}"
 
 
 def _displayed(q_shape, k_shape, v_shape, shown: Optional[Tuple]) -> Tuple:
