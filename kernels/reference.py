@@ -6,7 +6,7 @@ reference). Attention materialises the full (Nq, Nk) score matrix: O(N^2) memory
 Nothing here imports Triton or the kernels.
 """
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -113,20 +113,32 @@ def softmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = F
 
     With ``causal`` the last two dims are (Nq, Nk) and entries above the bottom-right diagonal are masked
     (``dim`` must then be the last); rows the mask hides entirely give zeros. A row that is all -inf in the
-    input gives NaN, exactly as ``torch.softmax`` does.
+    input gives NaN, and rows of no column an empty result, exactly as ``torch.softmax`` does.
     """
     x = x * scale
-    if causal:
-        if dim not in (-1, x.dim() - 1):
-            raise ValueError(f"softmax: causal=True needs dim=-1 (the key axis), got dim={dim}")
-        visible = causal_mask(x.shape[-2], x.shape[-1], x.device)
-        x = x.masked_fill(~visible, float("-inf"))
+    if not causal:
+        return _naive_softmax(x, dim)
+    if dim not in (-1, x.dim() - 1):
+        raise ValueError(f"softmax: causal=True needs dim=-1 (the key axis), got dim={dim}")
+    return causal_softmax(x, _naive_softmax)
+
+
+def _naive_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax of x along ``dim`` as separate ops; rows of no column give an empty result."""
+    if not x.shape[dim]:  # amax refuses an empty dim: there is nothing to normalise
+        return torch.empty_like(x)
     row_max = x.amax(dim=dim, keepdim=True)
     exp = torch.exp(x - row_max)
-    out = exp / exp.sum(dim=dim, keepdim=True)
-    if causal:
-        out = out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    return out
+    return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def causal_softmax(x: torch.Tensor, softmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``softmax`` (a function taking a tensor to its softmax along the last dim) of x (..., Nq, Nk) under the
+    bottom-right causal mask (:func:`causal_mask`): masked entries are -inf before it, and rows that see no key
+    zeros after it (the softmax of an all -inf row is NaN)."""
+    visible = causal_mask(x.shape[-2], x.shape[-1], x.device)
+    y = softmax(x.masked_fill(~visible, float("-inf")))
+    return y.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
 def _normalized_dims(x: torch.Tensor, normalized_shape: Union[int, Sequence[int]]):

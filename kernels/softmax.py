@@ -398,14 +398,12 @@ def _softmax_or_log(x, dim, scale, causal, log, dtype):
 
 
 def _torch_ops(x, dim, scale, causal, log):
-    """torch's (log-)softmax of ``x * scale`` along ``dim``; with ``causal`` the kernels' mask: masked entries -inf
-    before it, rows that see no key zeros after it. Contiguous, as the kernels' result."""
+    """torch's (log-)softmax of ``x * scale`` along ``dim``; with ``causal`` the kernels' mask
+    (:func:`reference.causal_softmax` around torch's softmax). Contiguous, as the kernels' result."""
     z = x * scale
-    if not causal:
-        return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
-    visible = reference.causal_mask(x.shape[-2], x.shape[-1], x.device)
-    y = torch.softmax(z.masked_fill(~visible, float("-inf")), dim)
-    return y.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    if causal:  # dim is the last (checked)
+        return reference.causal_softmax(z, functools.partial(torch.softmax, dim=-1))
+    return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
 
 
 @register_builds

@@ -105,6 +105,26 @@ def test_softmax_causal_and_all_minus_inf_rows():
         reference.softmax(x, dim=0, causal=True)
 
 
+@pytest.mark.parametrize("shape,dim,causal", [((3, 0), -1, False), ((2, 4, 0), 2, True), ((0, 5), -1, True),
+                                              ((2, 0, 3), 1, False)])
+def test_softmax_of_rows_of_no_column_is_torchs_empty_result(shape, dim, causal):
+    """Rows of no column (an empty softmax dim) raised in amax; torch.softmax gives an empty result of x's shape."""
+    x = torch.randn(shape, dtype=torch.float64)
+    out = reference.softmax(x, dim=dim, scale=0.5, causal=causal)
+    want = torch.softmax(x * 0.5, dim=dim)
+    assert out.shape == want.shape and out.dtype == want.dtype
+
+
+def test_causal_softmax_wraps_the_softmax_it_is_given():
+    """The causal mask kernels.softmax's torch path shares: -inf before the given softmax, zero rows after it."""
+    x = torch.randn(5, 3, dtype=torch.float64)  # Nq=5 > Nk=3: the first two rows see no key
+    seen = []
+    out = reference.causal_softmax(x, lambda z: seen.append(z) or torch.softmax(z, -1))
+    assert torch.equal(seen[0], x.masked_fill(~reference.causal_mask(5, 3), float("-inf")))
+    assert torch.equal(out[:2], torch.zeros(2, 3, dtype=torch.float64)) and not out.isnan().any()
+    torch.testing.assert_close(out[2:], torch.softmax(seen[0][2:], -1))
+
+
 @pytest.mark.parametrize("shape", [(4, 7), (2, 3, 1000), (5, 1)])
 @pytest.mark.parametrize("affine", [False, True])
 def test_layer_norm_and_rms_norm_match_torch(shape, affine):

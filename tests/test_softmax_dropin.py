@@ -82,6 +82,18 @@ def test_empty_tensors_are_laid_out_as_torchs(device, shape, dim):
         assert y.shape == want.shape and y.stride() == want.stride()
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 4), (3, 2, 0), (0, 4)])
+def test_torch_path_masks_as_the_reference(device, no_launch, shape):
+    """The torch path (float64, vmap) masks causally by the reference's helper: zeros for rows that see no key
+    (Nq > Nk), never NaN, and an empty result for rows of no column."""
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    want = kernels.reference.softmax(x, scale=-0.7, causal=True)
+    torch.testing.assert_close(kernels.softmax(x, scale=-0.7, causal=True), want)
+    batched = torch.vmap(lambda t: kernels.softmax(t, scale=-0.7, causal=True))(x[None].float())
+    torch.testing.assert_close(batched[0], want.float())
+    assert not want.isnan().any()
+
+
 def test_gradients_of_strided_inputs_within_the_float64_rule(device):
     """Non-contiguous and expanded (stride-0) fp16 inputs along a dim that is not last: forward and gradient
     within the tolerance rule of torch's fp16 error."""
