@@ -120,6 +120,7 @@ def test_example_gpt_backends_share_weights_and_patch_keeps_them(examples):
     assert model.config.backend == "triton"  # the example ended with patch(model)
     idx = torch.randint(0, model.config.vocab_size, (1, 24), device=ns["q"].device)
     expected, _ = model.set_backend("reference")(idx)
+    torch.testing.assert_close(model.set_backend("sdpa")(idx)[0], expected, rtol=1e-5, atol=1e-5)
     before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     ns["patch"](model)
     assert model.config.backend == "triton"
@@ -367,10 +368,15 @@ def _table(heading_line: str, columns: int):
 
 
 def _shown(value: float, text: str) -> bool:
-    """``text`` (e.g. '1.08×', '10', '7,870') is ``value`` rounded to the digits it shows."""
-    number = text.rstrip("×x*").replace(",", "")
-    decimals = len(number.split(".")[1]) if "." in number else 0
-    return abs(float(number) - value) <= 0.5 * 10 ** -decimals + 1e-9
+    """``text`` (e.g. '1.08×', '10', '216 MB', '10,300 (interp)') is ``value`` rounded to the digits it shows: a
+    number written with thousands commas shows its trailing zeros as rounding (10,300: three digits)."""
+    number = re.match(r"[\d.,]+", text).group(0)
+    digits = number.replace(",", "")
+    if "." in digits:
+        step = 10.0 ** -len(digits.split(".")[1])
+    else:
+        step = 10.0 ** (len(digits) - len(digits.rstrip("0")) if "," in number else 0)
+    return abs(float(digits) - value) <= 0.5 * step * (1 + 1e-9)
 
 
 def test_decode_tables_match_decode_json():
@@ -409,3 +415,28 @@ def test_overhead_table_matches_overhead_json():
         for text, key in zip(torch_op.split(" / "), ("forward", "forward+backward")):
             if text != "-":
                 assert _shown(value[(op, "torch", key)]["us_per_call"], text), (op, "torch", key)
+
+
+GROWTH_NAMES = {"baseline": "baseline", "fused kernel": "triton", "fused, 256-key window": "triton-window256",
+                "fused, 8 packed documents": "triton-8docs"}
+"""The fitted-growth table's provider names."""
+
+
+def test_one_result_tables_match_scaling_json():
+    document = json.loads((ROOT / "benchmarks/example/scaling.json").read_text())
+    records = {r["provider"]: r for r in document["records"] if r["mode"] == "fwd+bwd" and r["length"] == 1024}
+    rows = _table("| provider | time ms (CPU)", 7)
+    assert len(rows) == 6
+    for name, time, peak, vs_baseline, moved, vs_min, h100 in rows:
+        r = records[name.split()[0]]
+        for text, value in ((time, r["time"]["median_ms"]), (peak, r["memory"]["peak_bytes"] / 1e6),
+                            (vs_baseline, r["vs_baseline"]["peak_memory"]), (moved, r["counted"]["bytes"] / 1e6),
+                            (vs_min, r["counted"]["vs_min"]), (h100, r["model"]["H100-SXM5"]["time_ms"])):
+            assert _shown(value, text), (name, text, value)
+    fits = {f["provider"]: f["slopes"] for f in document["fits"] if f["mode"] == "fwd+bwd"}
+    growth = _table("| provider | peak memory | bytes moved |", 3)
+    assert len(growth) == len(GROWTH_NAMES)
+    for name, memory, moved in growth:
+        slopes = fits[GROWTH_NAMES[name]]
+        assert _shown(slopes["peak_memory"], memory.lstrip("N^")), (name, memory)
+        assert _shown(slopes["counted_bytes"], moved.lstrip("N^")), (name, moved)
