@@ -214,6 +214,10 @@ def readme_flags():
     return found
 
 
+PARSE_ARGS = argparse.ArgumentParser.parse_args
+"""argparse's own, kept before any test patches it."""
+
+
 class _Parsed(Exception):
     """Raised by a parse_args that succeeded, carrying its parser: stops a main() before it runs anything."""
 
@@ -226,10 +230,9 @@ def parse(command: str, monkeypatch, capsys) -> argparse.ArgumentParser:
     """Run ``python -m MODULE args`` in this process up to its argument parsing; returns the parser that accepted
     the arguments, or fails with argparse's message."""
     words = shlex.split(command)
-    original = argparse.ArgumentParser.parse_args
 
     def parse_and_stop(self, args=None, namespace=None):
-        original(self, args, namespace)
+        PARSE_ARGS(self, args, namespace)
         raise _Parsed(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
