@@ -58,11 +58,13 @@ OTHER = "other"
 # Family-table defaults allowed another MMA than their target's own, (arch, kernel, head dim): why. wgmma and
 # tcgen05 need 64 rows in a dot's output tile; these defaults have 32 (16x32 dK/dV, 32x32 dQ on sm_90) and every
 # larger tile tried spills (sm_100 dK/dV: 16x64 112 B, 32x64 328 B). (sm_90's dropout forward at d256, 32x32 on
-# pointers, runs 64x32 on wgmma first since it loads through TMA: configs._TMA_FIRST.)
+# pointers, runs 64x32 on wgmma first since it loads through TMA: configs._TMA_FIRST.) The decode kernel's tiles hold
+# a step's packed query rows, 16 or 32 (64 only at d64): HMMA, which costs a kernel bound by reading the cache nothing.
 OWN_MMA_EXCEPTIONS = {
     ("sm_90", "attention_dkdv", 256): "16x32",
     ("sm_90", "attention_dq", 256): "32x32",
     ("sm_100", "attention_dkdv", 256): "16x32",
+    **{(arch, "attention_decode", d): "16-32 rows" for arch in ("sm_90", "sm_100") for d in (64, 128, 256)},
 }
 
 

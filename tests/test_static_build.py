@@ -485,14 +485,33 @@ def test_each_new_familys_forward_default_meets_its_bar(tmp_path_factory, worker
     assert [(r["tma"], r["UTMALDG"] > 0) for r in records if r["arch"] == "sm_100"] == [(True, True)]
 
 
+def decode_16bit_builds():
+    """The decode attention kernel's fp16/bf16 defaults at head dims 64 and 128, every family's tile (the child
+    process imports it by name)."""
+    return [b for b in static.load_builds(static.PROVIDER) if b.kernel == "attention_decode"
+            and b.dtype in ("fp16", "bf16") and b.head_dim in (64, 128)]
+
+
+def test_decode_defaults_meet_the_bar_on_sm100_and_gfx942(tmp_path_factory, worker_id):
+    """The decode kernel's 16-bit defaults at head dims 64 and 128 (16 and the largest packed-row block, with and
+    without a left window), each compiled for the families that launch it: gfx942's own tiles spill no SGPR or
+    VGPR (NVIDIA's spilled 2-69 SGPRs there), sm_100 runs NVIDIA's spill-free. sm_80/sm_90: the registered check."""
+    records = _once_per_session(tmp_path_factory, worker_id, "decode-families", archs=("sm_100", "gfx942"),
+                                provider="tests.test_static_build:decode_16bit_builds", defaults_only=True)
+    per_arch = {arch: [r for r in records if r["arch"] == arch] for arch in ("sm_100", "gfx942")}
+    assert {arch: len(recs) for arch, recs in per_arch.items()} == {"sm_100": 16, "gfx942": 16}
+    assert all(r["default"] for r in records) and all(r["families"] == ["gfx942"] for r in per_arch["gfx942"])
+    assert [p for r in records for p in static.problems(r, calls_dot=True)] == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_ARCHS))
 def test_every_attention_default_of_a_family_meets_its_bar(family):
     """Every attention default (each dtype, head dim and specialisation) that a family's GPUs try first, compiled
     for that family's target (sm_80, sm_90, sm_100, gfx942): the bar of ``python -m benchmarks static --arch ARCH
-    --kernel attention --defaults``. Minutes per family."""
+    --kernel attention --defaults``. Decode's too: its attention kernel on the family's own tile, its combine,
+    append and index check (one config for every family). Minutes per family."""
     records = static.run_report(archs=(FAMILY_ARCHS[family],), kernel="attention", defaults_only=True)
-    records = [r for r in records if r["families"]]  # the family tables' (decode's builds are shared by all GPUs)
     dot_kernels = _dot_kernels()
     assert records and all(r["default"] for r in records)
     found = [p for r in records for p in static.problems(r, r["kernel"] in dot_kernels)]

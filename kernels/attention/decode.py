@@ -39,7 +39,8 @@ from kernels._validate import check_same, check_tensor, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
                                       check_window, count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
-from kernels.attention.configs import MAX_HEAD_DIM, d_bucket, grid, kernel_meta, uses_tf32
+from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, _family, d_bucket, grid,
+                                       kernel_meta, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
 from kernels.attention.plan import LastTensor
@@ -357,22 +358,33 @@ def _decode_check(SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, VERDICT, stride_tb, 
 
 
 # ------------------------------------------------------------------------------------------ configs and builds
-# (BLOCK_N, num_warps, num_stages) of the attention kernel per padded head dim, for fp16/bf16 (tensor cores) and
-# fp32 (FMA units, whose operands live in registers: smaller tiles). BLOCK_M follows the packed rows (group * Sq):
-# the smallest power of two >= 16 that holds them, at most _MAX_BLOCK_M. A decode step is bound by reading the
-# cache, so one config per head dim is launched rather than autotuned. Every build below compiles for sm_80 and
-# sm_90 without register spills (ptxas -v, triton 3.8); pruned for spilling: 64x64 at d128 and 64x32 at d256
-# (16-bit, sm_80), fp32 16x32 at d128 (sm_90).
-_TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
-          True: {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}}
+# (BLOCK_N, num_warps, num_stages) of the attention kernel per GPU family (configs.FAMILIES), dtype and padded head
+# dim, for fp16/bf16 (tensor cores) and fp32 (FMA units, whose operands live in registers: smaller tiles). BLOCK_M
+# follows the packed rows (group * Sq): the smallest power of two >= 16 that holds them, at most _MAX_BLOCK_M. A
+# decode step is bound by reading the cache, so one config per head dim is launched rather than autotuned. Every
+# build below (_builds: 16 and _MAX_BLOCK_M rows, with and without a left window) compiles without register spills
+# on its family's target (ptxas -v / amdgcn metadata, triton 3.8).
+# NVIDIA (sm_80, sm_90, sm_100 share one table): pruned for spilling 64x64 at d128 and 64x32 at d256 (16-bit,
+# sm_80), fp32 16x32 at d128 (sm_90). Its 16-32-row tiles run HMMA on sm_90 and sm_100 too (wgmma and tcgen05 need
+# 64 rows; only d64 at 64 rows gets them), which costs a memory-bound kernel nothing.
+# gfx942 (MI300): NVIDIA's 16-bit d64/d128 tiles spill 2-69 SGPRs (past the 106 a wave may hold), and two
+# stages at 64 keys still spill 11-27 at 32-64 rows. One stage keeps 64-key blocks
+# spill-free at d128 (98-99 SGPRs at 32 rows, 105 with a left window); at d64 64 keys spill up to 6 SGPRs with a left
+# window at 32-64 rows, so d64 streams 32 keys (84-85 SGPRs at 64 rows). fp32 d64 takes one stage too (two spill 5
+# SGPRs with a left window); d256 and fp32 d128/d256 take NVIDIA's tiles, spill-free here.
+_NVIDIA_TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
+                 True: {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}}
+_TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_TILES),
+          AMD: {False: {64: (32, 4, 1), 128: (64, 4, 1), 256: (32, 4, 2)},
+                True: {64: (32, 4, 1), 128: (16, 4, 2), 256: (16, 4, 2)}}}
 _MAX_BLOCK_M = {False: {64: 64, 128: 32, 256: 16}, True: {64: 32, 128: 16, 256: 16}}
 INTERPRETER_BLOCK_N = 32
 """Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
 APPEND_BLOCK_M = COMBINE_BLOCK_M = 16
 APPEND_WARPS = {64: 8, 128: 8, 256: 4}  # spill-free: 4 warps spill 16 B at fp16 d128 on sm_80, 8 spill 80 B at d256
-ASSUMED_SMS = 132
-"""SM count the split heuristic assumes where there is no GPU to ask (an H100 SXM's), so that interpreted runs take
-the split path a GPU would."""
+ASSUMED_SMS, ASSUMED_FAMILY = 132, 90
+"""SM count and tile family the split heuristic assumes where there is no GPU to ask (an H100 SXM's), so that
+interpreted runs take the split path a GPU would."""
 MAX_SPLITS = 128
 WAVES = 2
 """Target waves of programs over the SMs when splitting: several resident programs per SM keep more loads in flight."""
@@ -380,13 +392,13 @@ PARTIAL_TRAFFIC = 12
 """Splits stop where the fp32 partials (written once, read once by the combine) would pass 1/12 of the cache bytes."""
 
 
-def tile(dtype: torch.dtype, head_dim: int, rows: int) -> Tuple[dict, int]:
-    """The attention kernel's config for ``rows`` packed query rows per kv head: forced by
-    ``use_config("attention_decode", ...)``, else the table's (the interpreter takes no warps or stages, and
+def tile(dtype: torch.dtype, head_dim: int, rows: int, family: Family = ASSUMED_FAMILY) -> Tuple[dict, int]:
+    """The attention kernel's config for ``rows`` packed query rows per kv head on a GPU of ``family``: forced by
+    ``use_config("attention_decode", ...)``, else the family's table (the interpreter takes no warps or stages, and
     :data:`INTERPRETER_BLOCK_N`); and the key block a GPU launch takes, which the split heuristic counts in, so
     that an interpreted call splits as a GPU's would."""
     fp32 = dtype == torch.float32
-    block_n, warps, stages = _TILES[fp32][d_bucket(head_dim)]
+    block_n, warps, stages = _TILES[family][fp32][d_bucket(head_dim)]
     config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, _runtime.next_power_of_2(rows))),
                   BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     forced = forced_config("attention_decode") or {}
@@ -416,6 +428,11 @@ def choose_splits(programs: int, rows: int, capacity: int, head_dim: int, itemsi
                       MAX_SPLITS))
 
 
+def _tile_family(device: torch.device) -> Family:
+    """The family whose table a launch on ``device`` takes: the GPU's own, :data:`ASSUMED_FAMILY` interpreted."""
+    return ASSUMED_FAMILY if _runtime.INTERPRETED else _family(device)
+
+
 def _sm_count(device: torch.device) -> int:
     if _runtime.device_capability(device) is None:
         return ASSUMED_SMS
@@ -426,24 +443,41 @@ _TYPES = {"LSE": "*fp32", "PARTIALS": "*fp32", "SEQLENS": "*i32", "LEFTPAD": "*i
           "BATCH_IDX": "*i32", "BLOCK_TABLE": "*i32", "ALIBI": "*fp32"}
 
 
+def _families_by_tile(fp32: bool, d: int) -> dict:
+    """{(BLOCK_N, num_warps, num_stages): the families (configs.FAMILIES) whose table gives it} at head dim ``d``."""
+    by_tile = {}
+    for family in FAMILIES:
+        config = _TILES[family][fp32][d]
+        by_tile[config] = by_tile.get(config, ()) + (family,)
+    return by_tile
+
+
+def _fwd_build(name: str, d: int, block_m: int, config: Tuple[int, int, int], families: Tuple[Family, ...],
+               window: bool) -> Build:
+    """The attention kernel with every feature on (paged, left-padded, causal, softcapped, ALiBi) and, with
+    ``window``, a left window too: the default of ``families`` at ``block_m`` packed rows."""
+    block_n, warps, stages = config
+    constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n, LOCAL_LEFT=window, LOCAL_RIGHT=True,
+                      SOFTCAP=True, UPCAST=False, PRECISION="ieee")
+    return declare("attention_decode", _decode_fwd, dtype=name, head_dim=d, constexprs=constexprs, num_warps=warps,
+                   num_stages=stages, types=dict(_TYPES, BATCH_IDX="constexpr"), variant="window" if window else "",
+                   label=f"{name} d{d} paged causal {'window ' if window else ''}alibi {block_m}x{block_n} w{warps} "
+                         f"s{stages}", default=True, families=families)
+
+
 @register_builds
 def _builds() -> List[Build]:
-    """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at its smallest and largest BLOCK_M
-    (paged, left-padded, causal, softcapped, ALiBi: every feature on), its combine, and the rotary append into a
-    paged cache; and the index check, paged and with cache_batch_idx. Each is the config a GPU launches
-    (default)."""
+    """For fp16/bf16/fp32 at head dims 64, 128 and 256: the attention kernel at its smallest and largest BLOCK_M,
+    with and without a left window (:func:`_fwd_build`), on each family's tile, marked for the families that launch
+    it; its combine, and the rotary append into a paged cache; and the index check, paged and with
+    cache_batch_idx. Each is the config a GPU launches (default)."""
     builds = []
     for dtype, name in TRITON_DTYPES.items():
         fp32 = dtype == torch.float32
         for d in (64, 128, 256):
-            block_n, warps, stages = _TILES[fp32][d]
-            for block_m in sorted({16, _MAX_BLOCK_M[fp32][d]}):
-                constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block_m, BLOCK_N=block_n, LOCAL_LEFT=False,
-                                  LOCAL_RIGHT=True, SOFTCAP=True, UPCAST=False, PRECISION="ieee")
-                builds.append(declare("attention_decode", _decode_fwd, dtype=name, head_dim=d, constexprs=constexprs,
-                                      num_warps=warps, num_stages=stages, types=dict(_TYPES, BATCH_IDX="constexpr"),
-                                      label=f"{name} d{d} paged causal alibi {block_m}x{block_n} w{warps} s{stages}",
-                                      default=True))
+            for config, families in _families_by_tile(fp32, d).items():
+                builds += [_fwd_build(name, d, block_m, config, families, window)
+                           for block_m in sorted({16, _MAX_BLOCK_M[fp32][d]}) for window in (False, True)]
             builds.append(declare("attention_decode_combine", _decode_combine, dtype=name, head_dim=d,
                                   constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=COMBINE_BLOCK_M), num_warps=4,
                                   num_stages=1, types=_TYPES, label=f"{name} d{d} BLOCK_M={COMBINE_BLOCK_M}",
@@ -522,7 +556,7 @@ def _attend_plan(q_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
     and (splits, B, H, Sq), one buffer of ``partial_size`` elements: the lse from element ``lse_start`` on."""
     batch, n_q, heads, d = q_shape
     group = heads // kv_heads
-    config, gpu_block_n = tile(dtype, d, group * n_q)
+    config, gpu_block_n = tile(dtype, d, group * n_q, _tile_family(device))
     m_blocks = _runtime.cdiv(group * n_q, config["BLOCK_M"])
     splits = num_splits or choose_splits(batch * kv_heads * m_blocks, group * n_q, capacity, d, dtype.itemsize,
                                          gpu_block_n, _sm_count(device))

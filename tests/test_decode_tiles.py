@@ -1,0 +1,103 @@
+"""The decode kernel's tile per GPU family (kernels/attention/decode.py): ``tile()`` takes the family's entry, a GPU
+launch its device's family (an interpreted one the assumed H100's), the split heuristic counts that family's key
+block, and the registered builds mark each family's tile default for that family alone, so the build report holds
+each family's defaults to its own target's no-spill bar (tests/test_static_build.py)."""
+import pytest
+import torch
+
+from kernels import _runtime
+from kernels.attention import configs, decode
+from kernels.registry import TRITON_DTYPES, use_config
+
+FP16 = torch.float16
+DTYPES = list(TRITON_DTYPES)
+
+
+@pytest.fixture
+def fresh_plans():
+    """_attend_plan's cache keys on the call's signature, not on the family: no plan crosses a patched test."""
+    decode._attend_plan.cache_clear()
+    yield
+    decode._attend_plan.cache_clear()
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """The launch code as a GPU runs it (warps, stages, the family's key block), on CPU tensors: nothing launches."""
+    monkeypatch.setattr(_runtime, "INTERPRETED", False)
+
+
+def test_every_family_has_a_tile_for_each_dtype_and_head_dim():
+    assert set(decode._TILES) == set(configs.FAMILIES)
+    for table in decode._TILES.values():
+        assert {fp32: set(by_dim) for fp32, by_dim in table.items()} == {False: {64, 128, 256}, True: {64, 128, 256}}
+
+
+@pytest.mark.parametrize("family", configs.FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [40, 128, 200])
+def test_tile_takes_its_familys_entry(on_a_gpu, family, dtype, head_dim):
+    block_n, warps, stages = decode._TILES[family][dtype == torch.float32][configs.d_bucket(head_dim)]
+    assert decode.tile(dtype, head_dim, 5, family) == (dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=warps,
+                                                            num_stages=stages), block_n)
+
+
+def test_gfx942_takes_one_stage_where_nvidias_tiles_spill_sgprs(on_a_gpu):
+    """fp16 d64: 32 keys on one stage (NVIDIA: 64 on three); d128 keeps 64 keys on one stage; d256 as NVIDIA's."""
+    def gpu_tile(head_dim, family):
+        config, _ = decode.tile(FP16, head_dim, 8, family)
+        return config["BLOCK_N"], config["num_warps"], config["num_stages"]
+
+    assert [gpu_tile(d, configs.AMD) for d in (64, 128, 256)] == [(32, 4, 1), (64, 4, 1), (32, 4, 2)]
+    for family in configs.NVIDIA:
+        assert [gpu_tile(d, family) for d in (64, 128, 256)] == [(64, 4, 3), (64, 4, 3), (32, 4, 2)]
+
+
+def test_interpreted_tile_keeps_the_interpreters_block_and_reports_the_familys():
+    config, gpu_block_n = decode.tile(FP16, 64, 4, configs.AMD)
+    assert config == dict(BLOCK_M=16, BLOCK_N=decode.INTERPRETER_BLOCK_N) and gpu_block_n == 32
+    assert decode.tile(FP16, 64, 4, 90)[1] == decode.tile(FP16, 64, 4)[1] == 64  # the assumed family: H100's
+
+
+def test_a_forced_config_wins_over_the_familys(on_a_gpu):
+    with use_config("attention_decode", BLOCK_N=16, num_warps=8):
+        assert decode.tile(FP16, 64, 4, configs.AMD) == (dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1), 16)
+
+
+def _plan(capacity: int):
+    """The plan of one fp16 d64 decode step: B=2, 2 query heads on 2 kv heads, Sq=1, a CPU device."""
+    return decode._attend_plan((2, 1, 2, 64), FP16, torch.device("cpu"), 2, capacity, 0, 2, 0, (-1, -1), 0.0,
+                               0.125, 0, False, None)
+
+
+@pytest.mark.parametrize("family, block_n, stages, splits", [(configs.AMD, 32, 1, 2), (80, 64, 3, 1),
+                                                             (100, 64, 3, 1)])
+def test_a_gpu_launch_takes_its_devices_family(on_a_gpu, fresh_plans, monkeypatch, family, block_n, stages, splits):
+    """The launch asks its device's family (configs._family) and takes that table's tile; the split heuristic
+    counts the same key block: a 64-key cache is two of gfx942's 32-key blocks (split in two), one of NVIDIA's."""
+    monkeypatch.setattr(decode, "_family", lambda device: family)
+    plan = _plan(64)
+    assert (plan.meta["BLOCK_N"], plan.meta["num_warps"], plan.meta["num_stages"]) == (block_n, 4, stages)
+    assert plan.splits == splits == decode.choose_splits(4, 1, 64, 64, 2, block_n, decode.ASSUMED_SMS)
+
+
+def test_an_interpreted_launch_assumes_its_family_without_asking_a_gpu(fresh_plans, monkeypatch):
+    monkeypatch.setattr(decode, "_family", lambda device: pytest.fail("asked a device for its family"))
+    plan = _plan(64)
+    assert plan.meta["BLOCK_N"] == decode.INTERPRETER_BLOCK_N and plan.splits == 1  # one of H100's 64-key blocks
+
+
+def test_each_familys_tile_is_its_registered_default():
+    """For each family, dtype and head dim, the attention kernel's builds marked for that family are its table's
+    tile, at 16 and the largest BLOCK_M, with and without a left window, all defaults."""
+    builds = [b for b in decode._builds() if b.kernel == "attention_decode"]
+    for family in configs.FAMILIES:
+        for dtype, name in TRITON_DTYPES.items():
+            fp32 = dtype == torch.float32
+            for d in (64, 128, 256):
+                mine = [b for b in builds if family in b.families and (b.dtype, b.head_dim) == (name, d)]
+                assert {(b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) for b in mine} == \
+                    {decode._TILES[family][fp32][d]}, (family, name, d)
+                shapes = sorted((b.constexprs["BLOCK_M"], b.constexprs["LOCAL_LEFT"]) for b in mine)
+                assert shapes == sorted((m, w) for m in {16, decode._MAX_BLOCK_M[fp32][d]} for w in (False, True))
+                assert all(b.default for b in mine)
