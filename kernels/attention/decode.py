@@ -367,11 +367,11 @@ def _decode_check(SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, VERDICT, stride_tb, 
 # NVIDIA (sm_80, sm_90, sm_100 share one table): pruned for spilling 64x64 at d128 and 64x32 at d256 (16-bit,
 # sm_80), fp32 16x32 at d128 (sm_90). Its 16-32-row tiles run HMMA on sm_90 and sm_100 too (wgmma and tcgen05 need
 # 64 rows; only d64 at 64 rows gets them), which costs a memory-bound kernel nothing.
-# gfx942 (MI300): NVIDIA's 16-bit d64/d128 tiles spill 2-69 SGPRs (past the 106 a wave may hold), and two
-# stages at 64 keys still spill 11-27 at 32-64 rows. One stage keeps 64-key blocks
-# spill-free at d128 (98-99 SGPRs at 32 rows, 105 with a left window); at d64 64 keys spill up to 6 SGPRs with a left
-# window at 32-64 rows, so d64 streams 32 keys (84-85 SGPRs at 64 rows). fp32 d64 takes one stage too (two spill 5
-# SGPRs with a left window); d256 and fp32 d128/d256 take NVIDIA's tiles, spill-free here.
+# gfx942 (MI300): NVIDIA's 16-bit d64/d128 tiles spill 2-69 SGPRs (past the 106 a wave may hold), and two stages at 64
+# keys still spill 11-27 at 32-64 rows. One stage keeps 64-key blocks spill-free at d128 (98-99 SGPRs at 32 rows, 105
+# with a left window); at d64 64 keys spill up to 6 SGPRs with a left window at 32-64 rows, so d64 streams 32 keys
+# (84-85 SGPRs at 64 rows). fp32 d64 takes one stage too (two spill 5 SGPRs with a left window); d256 and fp32 d128/d256
+# take NVIDIA's tiles, spill-free here.
 _NVIDIA_TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
                  True: {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}}
 _TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_TILES),
