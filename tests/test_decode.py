@@ -208,7 +208,7 @@ def test_rotary_matches_torch(device, interleaved, causal, window):
 def test_split_kv_matches_unsplit(device):
     """The heuristic splits this decode shape on 132 SMs; 1, chosen and 5 splits all meet the rule."""
     q, k_cache, v_cache, k, v = _inputs(FP16, device, 1, 1, 8, 2, 64, 1, 200, 1)
-    _, gpu_block_n = decode.tile(FP16, 64, 4)
+    _, gpu_block_n = decode.tile(FP16, 64, 4, decode.ASSUMED_FAMILY)
     assert decode.choose_splits(2, 4, 200, 64, 2, gpu_block_n, decode.ASSUMED_SMS) > 1
     for splits in (1, 0, 5):
         _check(FP16, q, k_cache, v_cache, k, v, cache_seqlens=150, num_splits=splits)

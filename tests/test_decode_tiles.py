@@ -56,7 +56,7 @@ def test_gfx942_takes_one_stage_where_nvidias_tiles_spill_sgprs(on_a_gpu):
 def test_interpreted_tile_keeps_the_interpreters_block_and_reports_the_familys():
     config, gpu_block_n = decode.tile(FP16, 64, 4, configs.AMD)
     assert config == dict(BLOCK_M=16, BLOCK_N=decode.INTERPRETER_BLOCK_N) and gpu_block_n == 32
-    assert decode.tile(FP16, 64, 4, 90)[1] == decode.tile(FP16, 64, 4)[1] == 64  # the assumed family: H100's
+    assert decode.tile(FP16, 64, 4, 90)[1] == decode.tile(FP16, 64, 4, decode.ASSUMED_FAMILY)[1] == 64  # H100
 
 
 def test_a_forced_config_wins_over_the_familys(on_a_gpu):

@@ -392,7 +392,7 @@ PARTIAL_TRAFFIC = 12
 """Splits stop where the fp32 partials (written once, read once by the combine) would pass 1/12 of the cache bytes."""
 
 
-def tile(dtype: torch.dtype, head_dim: int, rows: int, family: Family = ASSUMED_FAMILY) -> Tuple[dict, int]:
+def tile(dtype: torch.dtype, head_dim: int, rows: int, family: Family) -> Tuple[dict, int]:
     """The attention kernel's config for ``rows`` packed query rows per kv head on a GPU of ``family``: forced by
     ``use_config("attention_decode", ...)``, else the family's table (the interpreter takes no warps or stages, and
     :data:`INTERPRETER_BLOCK_N`); and the key block a GPU launch takes, which the split heuristic counts in, so
