@@ -25,7 +25,7 @@ def fresh_family_cache():
 def test_an_nvidia_gpu_runs_its_capabilitys_family(monkeypatch, fresh_family_cache, capability, family):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(_runtime, "device_capability", lambda device: capability)
-    assert configs._family(torch.device("cuda", 0)) == family
+    assert configs.device_family(torch.device("cuda", 0)) == family
 
 
 @pytest.mark.parametrize("arch", ["gfx942:sramecc+:xnack-", "gfx90a:sramecc+:xnack-", "gfx1100"])
@@ -37,7 +37,7 @@ def test_an_amd_gpu_runs_the_gfx942_tables(monkeypatch, fresh_family_cache, arch
     monkeypatch.setattr(torch.version, "hip", "6.2")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
     monkeypatch.setattr(_runtime, "device_capability", lambda device: pytest.fail("asked an AMD GPU for SM"))
-    assert configs._family(torch.device("cuda", 1)) == configs.AMD == "gfx942"
+    assert configs.device_family(torch.device("cuda", 1)) == configs.AMD == "gfx942"
 
 
 @pytest.mark.parametrize("family", configs.FAMILIES)

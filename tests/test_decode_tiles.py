@@ -73,16 +73,16 @@ def _plan(capacity: int):
 @pytest.mark.parametrize("family, block_n, stages, splits", [(configs.AMD, 32, 1, 2), (80, 64, 3, 1),
                                                              (100, 64, 3, 1)])
 def test_a_gpu_launch_takes_its_devices_family(on_a_gpu, fresh_plans, monkeypatch, family, block_n, stages, splits):
-    """The launch asks its device's family (configs._family) and takes that table's tile; the split heuristic
+    """The launch asks its device's family (configs.device_family) and takes that table's tile; the split heuristic
     counts the same key block: a 64-key cache is two of gfx942's 32-key blocks (split in two), one of NVIDIA's."""
-    monkeypatch.setattr(decode, "_family", lambda device: family)
+    monkeypatch.setattr(decode, "device_family", lambda device: family)
     plan = _plan(64)
     assert (plan.meta["BLOCK_N"], plan.meta["num_warps"], plan.meta["num_stages"]) == (block_n, 4, stages)
     assert plan.splits == splits == decode.choose_splits(4, 1, 64, 64, 2, block_n, decode.ASSUMED_SMS)
 
 
 def test_an_interpreted_launch_assumes_its_family_without_asking_a_gpu(fresh_plans, monkeypatch):
-    monkeypatch.setattr(decode, "_family", lambda device: pytest.fail("asked a device for its family"))
+    monkeypatch.setattr(decode, "device_family", lambda device: pytest.fail("asked a device for its family"))
     plan = _plan(64)
     assert plan.meta["BLOCK_N"] == decode.INTERPRETER_BLOCK_N and plan.splits == 1  # one of H100's 64-key blocks
 

@@ -291,7 +291,7 @@ def default_configs(family: Family, dtype: torch.dtype, head_dim: int) -> Dict[s
     return configs
 
 
-def _family(device: torch.device) -> Family:
+def device_family(device: torch.device) -> Family:
     """The table family of a GPU: AMD (torch.version.hip) by its gcnArchName, every AMD target running the
     :data:`AMD` tables; NVIDIA by compute capability: 10.x Blackwell (tcgen05), 9.x and later others Hopper's,
     earlier Ampere's. Asked of the driver once per device."""
@@ -380,7 +380,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         KERNELS[kernel].run(*args, grid=grid(rows, heads, config[block]), warmup=False, **meta, **config)
         return
     fp32 = args[0].dtype == torch.float32
-    family = _family(args[0].device)
+    family = device_family(args[0].device)
     on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
     if on_tma:
         _ensure_scratch_allocator()

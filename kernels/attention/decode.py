@@ -39,7 +39,7 @@ from kernels._validate import check_same, check_tensor, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
                                       check_window, count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
                                       unusable_pages)
-from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, _family, d_bucket, grid,
+from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, d_bucket, device_family, grid,
                                        kernel_meta, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
@@ -430,7 +430,7 @@ def choose_splits(programs: int, rows: int, capacity: int, head_dim: int, itemsi
 
 def _tile_family(device: torch.device) -> Family:
     """The family whose table a launch on ``device`` takes: the GPU's own, :data:`ASSUMED_FAMILY` interpreted."""
-    return ASSUMED_FAMILY if _runtime.INTERPRETED else _family(device)
+    return ASSUMED_FAMILY if _runtime.INTERPRETED else device_family(device)
 
 
 def _sm_count(device: torch.device) -> int:
