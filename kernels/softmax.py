@@ -122,13 +122,14 @@ def _load_grad(y_row, dy_row, cols, visible, LOG: tl.constexpr):
 
 
 @triton.jit
-def _input_grad(y, dy, dot, scale, LOG: tl.constexpr):
-    """softmax: scale * y * (dy - dot); log-softmax: scale * (dy - exp(y) * dot)."""
+def _input_grad(y, dy, dot, scale, shown, LOG: tl.constexpr):
+    """softmax: scale * y * (dy - dot); log-softmax: scale * (dy - exp(y) * dot); 0 where not ``shown`` (a masked
+    column: 0, not 0 * dot, which is NaN in a row whose dot is NaN, as torch's masked_fill gradient)."""
     if LOG:
         dx = dy - tl.exp(y) * dot
     else:
         dx = y * (dy - dot)
-    return dx * scale
+    return tl.where(shown, dx * scale, 0.0)
 
 
 @triton.jit
@@ -136,7 +137,7 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
                  BLOCK: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr):
     """One program per row: DX[row] from the forward output Y[row] and its gradient DY[row].
 
-    Masked columns have y = 0, so their gradient is 0: they are not read, only written.
+    Masked columns have y = 0, so their gradient is 0: they are not read, only written (as 0).
     """
     row = tl.program_id(0)
     y_row = Y + row.to(tl.int64) * stride_y
@@ -146,7 +147,7 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         y, dy, term = _load_grad(y_row, dy_row, cols, visible, LOG)
-        dx = _input_grad(y, dy, tl.sum(term, 0), scale, LOG)
+        dx = _input_grad(y, dy, tl.sum(term, 0), scale, cols < visible, LOG)
         tl.store(dx_row + cols, cast_rne(dx, DX.dtype.element_ty), mask=cols < n_cols)
     else:
         dot = tl.zeros([], tl.float32)
@@ -155,7 +156,7 @@ def _softmax_bwd(Y, DY, DX, stride_y, stride_dy, stride_dx, n_cols, n_q, scale,
             dot += tl.sum(term, 0)
         for start in range(0, n_cols, BLOCK):
             y, dy, term = _load_grad(y_row, dy_row, start + cols, visible, LOG)
-            dx = _input_grad(y, dy, dot, scale, LOG)
+            dx = _input_grad(y, dy, dot, scale, start + cols < visible, LOG)
             tl.store(dx_row + start + cols, cast_rne(dx, DX.dtype.element_ty), mask=start + cols < n_cols)
 
 
