@@ -111,10 +111,17 @@ def _heads(r: random.Random):
 def _scalars(r: random.Random) -> dict:
     """The draws every API shares."""
     heads, kv_heads = _heads(r)
-    return dict(dtype=r.choice([torch.float32, torch.float16]), heads=heads, kv_heads=kv_heads,
-                d=r.choice(HEAD_DIMS), causal=r.random() < 0.5, window=_window(r),
-                softcap=r.choice([0.0, 0.0, r.choice([0.5, 1.0, 5.0, 30.0])]), alibi=r.choice([None, None, "H", "BH"]),
-                scale=r.choice([None, None, r.uniform(0.05, 1.5)]), backward=r.random() < 0.6)
+    drawn = dict(dtype=r.choice([torch.float32, torch.float16]), heads=heads, kv_heads=kv_heads,
+                 d=r.choice(HEAD_DIMS), causal=r.random() < 0.5, window=_window(r),
+                 softcap=r.choice([0.0, 0.0, r.choice([0.5, 1.0, 5.0, 30.0])]),
+                 alibi=r.choice([None, None, "H", "BH"]),
+                 scale=r.choice([None, None, r.uniform(0.05, 1.5), r.choice([0.0, -0.4])]),
+                 std=r.choice([1.0, 1.0, 1.0, 4.0]), backward=r.random() < 0.6)
+    # Peaked softmaxes (inputs of std 4) in fp16 are checked forward only: their dq and dk cancel to small values
+    # whose error is that of delta = rowsum(dO * O) over the fp16 O (FlashAttention's backward), several times the
+    # rule's 3x of torch's (whose softmax backward takes its own rounded P, not O)
+    drawn["backward"] &= drawn["std"] == 1.0 or drawn["dtype"] == torch.float32
+    return drawn
 
 
 def _randn(gen: torch.Generator, shape, dtype, device, std=1.0) -> torch.Tensor:
@@ -125,7 +132,7 @@ def _slopes(kind, batch: int, heads: int, gen, device):
     """ALiBi slopes float32 (H,) or (B, H), or None."""
     if kind is None:
         return None
-    return (torch.rand((heads,) if kind == "H" else (batch, heads), generator=gen) * 0.5).to(device)
+    return (torch.rand((heads,) if kind == "H" else (batch, heads), generator=gen) * 0.6 - 0.1).to(device)
 
 
 def _as_bh(slopes, batch: int, heads: int):
@@ -144,7 +151,7 @@ def _dense_case(r: random.Random, gen: torch.Generator, device, flash: bool) -> 
     shapes = [(batch, heads, n_q, d), (batch, kv_heads, n_k, d), (batch, kv_heads, n_k, d)]
     if flash:
         shapes = [(b, n, h, dd) for b, h, n, dd in shapes]
-    inputs = [_randn(gen, shape, dtype, device) for shape in shapes]
+    inputs = [_randn(gen, shape, dtype, device, o["std"]) for shape in shapes]
     if o["sinks"]:
         inputs.append(_randn(gen, (heads,), r.choice([torch.float32, dtype]), device, std=2.0))
     slopes = _slopes(o["alibi"], batch, heads, gen, device)
@@ -196,8 +203,8 @@ def _varlen_case(r: random.Random, gen: torch.Generator, device, flash: bool) ->
              lse=r.random() < 0.6)
     dtype, heads, kv_heads, d = o["dtype"], o["heads"], o["kv_heads"], o["d"]
     cu_q, cu_k = ([0] + torch.tensor(lens).cumsum(0).tolist() for lens in (lens_q, lens_k))
-    inputs = [_randn(gen, (cu_q[-1], heads, d), dtype, device)]
-    inputs += [_randn(gen, (cu_k[-1], kv_heads, d), dtype, device) for _ in "kv"]
+    inputs = [_randn(gen, (cu_q[-1], heads, d), dtype, device, o["std"])]
+    inputs += [_randn(gen, (cu_k[-1], kv_heads, d), dtype, device, o["std"]) for _ in "kv"]
     if o["sinks"]:
         inputs.append(_randn(gen, (heads,), r.choice([torch.float32, dtype]), device, std=2.0))
     slopes = _slopes(o["alibi"], batch, heads, gen, device)
@@ -273,7 +280,8 @@ def _sdpa_case(r: random.Random, gen: torch.Generator, device) -> Case:
     batch, n_q, n_k = r.randint(1, 3), _length(r), _length(r)
     o.update(api="sdpa", batch=batch, n_q=n_q, n_k=n_k, mask=r.choice(SDPA_MASKS), edited=r.random() < 0.3)
     dtype, heads, kv_heads, d = o["dtype"], o["heads"], o["kv_heads"], o["d"]
-    inputs = [_randn(gen, (batch, h, n, d), dtype, device) for h, n in ((heads, n_q), (kv_heads, n_k), (kv_heads, n_k))]
+    inputs = [_randn(gen, (batch, h, n, d), dtype, device, o["std"])
+              for h, n in ((heads, n_q), (kv_heads, n_k), (kv_heads, n_k))]
     mask, is_causal = _sdpa_mask(o["mask"], r, gen, batch, heads, n_q, n_k)
     seen = visible(n_q, n_k, 0, causal=True) if is_causal else torch.ones(n_q, n_k, dtype=torch.bool)
     if mask is not None:
@@ -339,18 +347,23 @@ def _magnitude(tensors) -> float:
 
 
 def _floor(case: Case, exact_inputs, magnitude: float) -> float:
-    """The slack beyond FlashAttention's rule, at the magnitude of what is compared: in fp32, the kernels' P is
+    """The slack beyond FlashAttention's rule in fp32, at the ``magnitude`` of what is compared: the kernels' P is
     exp2 of (score - lse) in fp32 units of lse's size (max|score| * log2 e), where torch's is exp of score - max,
-    so the kernels' error grows with the logits and torch's does not: 4 roundings of the largest log2 logit.
-    A floor of 1e-5 of the magnitude covers gradients that are exactly 0 in float64 (a row's one visible key) while
-    the rule's slack is 0 there. A wrong result is off by far more than either."""
+    so the kernels' error grows with the logits and torch's does not: 4 roundings of the largest log2 logit. A
+    wrong result is off by far more."""
     q, k = exact_inputs[0], exact_inputs[1]
-    if q.numel() == 0 or k.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0 or case.description["dtype"] != torch.float32:
         return 0.0
     scale = 1 / math.sqrt(q.shape[-1]) if case.description["scale"] is None else case.description["scale"]
-    logits = scale * (q.reshape(-1, q.shape[-1]) @ k.reshape(-1, k.shape[-1]).T).abs().max().item()
-    fp32 = 4 * FP32_EPS * (1 + LOG2E * logits) if case.description["dtype"] == torch.float32 else 0.0
-    return (fp32 + 1e-5) * magnitude
+    logits = abs(scale) * (q.reshape(-1, q.shape[-1]) @ k.reshape(-1, k.shape[-1]).T).abs().max().item()
+    return 4 * FP32_EPS * (1 + LOG2E * logits) * magnitude
+
+
+CANCELLATION_FLOOR = 1e-4
+"""dq and dk cancel to (nearly) 0 where each row's softmax is (nearly) one key's (p = 1: one visible key, or peaked
+logits): the kernels' fp32 dp - delta, summed in another order than torch's, leaves a rounding residue that the
+rule, scaled to those tiny gradients, does not allow. Any gradient may be off by this fraction of the case's
+largest one (far below fp16's rounding of it)."""
 
 
 def _compare(case: Case, name: str, actual, exact, low, factor: float, floor: float, failures: list) -> None:
@@ -396,9 +409,12 @@ def failures_of(seed: int, device) -> List[str]:
     grads = torch.autograd.grad(_loss(outputs[graded], upstream), leaves)
     low_grads = torch.autograd.grad(_loss(low[graded], upstream), low_inputs)
     exact_grads = torch.autograd.grad(_loss(exact[graded], upstream), exact_inputs)
-    floor = _floor(case, exact_inputs, _magnitude(exact_grads))
+    magnitude = _magnitude(exact_grads)
+    floor = _floor(case, exact_inputs, magnitude)
     for name, actual, e, lo in zip(("dq", "dk", "dv", "dsinks"), grads, exact_grads, low_grads):
-        _compare(case, name, actual, e, lo, BACKWARD, floor, failures)
+        if name == "dsinks":  # from delta over O in q's dtype, whatever the sinks' dtype: two of its roundings
+            floor += 2 * torch.finfo(case.inputs[0].dtype).eps * _magnitude([e])
+        _compare(case, name, actual, e, lo, BACKWARD, floor + CANCELLATION_FLOOR * magnitude, failures)
     return failures
 
 
