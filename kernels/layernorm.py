@@ -1064,8 +1064,8 @@ class RMSNorm(torch.nn.RMSNorm):
         else:
             y, h = add_rms_norm(x, residual, self.normalized_shape, weight, self.eps, offset=self.offset,
                                 casting_mode=self.casting_mode)
-        if weight_after:  # x_hat in x's dtype, times the weight in the promoted one
-            y = (self.offset + self.weight) * y
+        if weight_after:  # x_hat in x's dtype, times offset + weight in the promoted one (not in the weight's)
+            y = (self.offset + self.weight.to(torch.promote_types(x.dtype, self.weight.dtype))) * y
         return y if residual is None else (y, h)
 
 

@@ -426,3 +426,15 @@ def test_causal_softmax_masked_columns_of_a_nan_row_get_zero_gradient(device, mo
     torch.testing.assert_close(y.cpu(), want_y.float(), equal_nan=True)
     torch.testing.assert_close(dx.cpu(), want_dx.float(), equal_nan=True)
     assert torch.all(dx[0, 0, 5:] == 0) and dx[0, 0, :5].isnan().all()
+
+
+def test_rms_norm_module_promote_output_adds_the_offset_in_the_promoted_dtype(device):
+    """RMSNorm(promote_output=True) with a weight in another 16-bit dtype than x's (fp16 x, bf16 weight: fp32 out)
+    added the offset to the weight in the weight's dtype, rounding offset + weight to bf16, where its docstring
+    (and the fp32 weight case) multiply x_hat by offset + weight in the promoted dtype."""
+    norm = kernels.RMSNorm(24, offset=0.3, promote_output=True, dtype=BF16, device=device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24, dtype=torch.float64).to(BF16))
+    x = torch.randn(3, 24, dtype=torch.float64).to(FP16).to(device)
+    x_hat = kernels.rms_norm(x, 24)  # in x's dtype
+    torch.testing.assert_close(norm(x), (0.3 + norm.weight.float()) * x_hat.float(), rtol=0, atol=0)
