@@ -439,4 +439,6 @@ if __name__ == "__main__":  # the driver: python tests/test_fuzz_regressions.py 
         failed += bool(found)
         if found:
             print(f"seed {case_seed} FAIL {draw(case_seed, where).description}: {found}", flush=True)
+        elif (case_seed - first) % 100 == 99:
+            print(f"seeds {first}..{case_seed} done", flush=True)
     print(f"{count} cases, {failed} failing")
