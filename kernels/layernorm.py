@@ -18,7 +18,8 @@ Forward:
   programs as the SMs hold at once); only unaligned rows (a width not a multiple of ``VECTOR_ALIGNMENT``) wider
   than ``MULTI_ROW_MAX_BLOCK`` get one program each.
 - a longer row takes two passes over ``LONG_BLOCK``-wide chunks: pass 1 merges per-chunk mean and sum of squared
-  deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not) and writes h; pass 2 re-reads
+  deviations (Chan et al.'s parallel update, stable where E[h^2] - E[h]^2 is not; of h less the first chunk's mean,
+  so that rows of large mean/std keep fp32 accuracy as chunks merge) and writes h; pass 2 re-reads
   h (x without a residual) and writes y, chunk-major over the program's run of rows (weight and bias read once).
 
 Backward, a persistent grid of programs (one 16-warp program per SM) each owning a run of consecutive rows, one
@@ -154,6 +155,18 @@ def _output(xhat, w, b, offset, dtype: tl.constexpr, HAS_W: tl.constexpr, HAS_B:
 
 
 @triton.jit
+def _centred_moments(h, pivot, mask, n):
+    """(mean, deviations, sum of squared deviations) of the ``n`` values of ``h`` at ``mask``, taken relative to
+    ``pivot`` (the mean is of h - pivot; deviations are 0 off the mask). With a pivot near the values (a first
+    estimate of their mean) the sums are of small centred numbers: an fp32 sum of the raw values is ~1 ulp of the
+    mean off, which a small spread magnifies (mean/std 100: 100x in xhat); h - pivot is exact there."""
+    h = tl.where(mask, h - pivot, 0.0)
+    mean = tl.sum(h, 0) / n
+    dev = tl.where(mask, h - mean, 0.0)
+    return mean, dev, tl.sum(dev * dev, 0)
+
+
+@triton.jit
 def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, offset, w, b,
                   BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                   HAS_B: tl.constexpr, CASTING: tl.constexpr, PARAMS_GIVEN: tl.constexpr):
@@ -166,10 +179,10 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
     if RMS:
         rstd = _rms_rstd(tl.sum(_square(h, dtype, CASTING), 0), n_cols, eps, dtype, CASTING)
     else:
-        mean = tl.sum(h, 0) / n_cols
-        h = tl.where(cols < n_cols, h - mean, 0.0)
-        rstd = _layer_rstd(tl.sum(h * h, 0), n_cols, eps)
-        tl.store(MEAN + row, mean)
+        pivot = tl.sum(h, 0) / n_cols
+        mean, h, m2 = _centred_moments(h, pivot, cols < n_cols, n_cols)
+        rstd = _layer_rstd(m2, n_cols, eps)
+        tl.store(MEAN + row, pivot + mean)
     tl.store(RSTD + row, rstd)
     if not PARAMS_GIVEN:
         w = _load_vec(W, cols, n_cols, HAS_W)
@@ -182,12 +195,14 @@ def _norm_fwd_row(X, RES, W, B, Y, H, MEAN, RSTD, row, stride_x, stride_res, n_c
 def _fwd_row_stats(X, RES, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps, BLOCK: tl.constexpr,
                    RMS: tl.constexpr, HAS_RES: tl.constexpr, CASTING: tl.constexpr):
     """Two-pass rows, pass 1 over one row's chunks: MEAN[row] (layer norm) and RSTD[row], and H[row]. Layer norm
-    merges per-chunk mean and sum of squared deviations (Chan et al.)."""
+    merges per-chunk mean and sum of squared deviations (Chan et al.) of h - pivot, the pivot the first chunk's
+    mean: the running mean stays small, so each merge rounds it at a small ulp, not at the row mean's."""
     cols = tl.arange(0, BLOCK)
     dtype = H.dtype.element_ty
     count = tl.zeros([], tl.float32)
-    mean = tl.zeros([], tl.float32)
-    m2 = tl.zeros([], tl.float32)  # sum of squared deviations from mean (of squares for RMS)
+    pivot = tl.zeros([], tl.float32)
+    mean = tl.zeros([], tl.float32)  # of h - pivot: small, so merging chunks rounds it at its own small ulp
+    m2 = tl.zeros([], tl.float32)  # sum of squared deviations from the mean (of squares for RMS)
     for start in range(0, n_cols, BLOCK):
         h = _load_h(X, RES, H, row * stride_x + start, row * stride_res + start, row * n_cols + start, cols,
                     n_cols - start, HAS_RES)
@@ -195,18 +210,19 @@ def _fwd_row_stats(X, RES, H, MEAN, RSTD, row, stride_x, stride_res, n_cols, eps
             m2 += tl.sum(_square(h, dtype, CASTING), 0)
         else:
             n_chunk = tl.minimum(n_cols - start, BLOCK).to(tl.float32)
-            mean_chunk = tl.sum(h, 0) / n_chunk
-            dev = tl.where(start + cols < n_cols, h - mean_chunk, 0.0)
+            if start == 0:
+                pivot = tl.sum(h, 0) / n_chunk
+            mean_chunk, _, m2_chunk = _centred_moments(h, pivot, start + cols < n_cols, n_chunk)
             delta = mean_chunk - mean
             total = count + n_chunk
             mean += delta * (n_chunk / total)
-            m2 += tl.sum(dev * dev, 0) + delta * delta * (count * n_chunk / total)
+            m2 += m2_chunk + delta * delta * (count * n_chunk / total)
             count = total
     if RMS:
         tl.store(RSTD + row, _rms_rstd(m2, n_cols, eps, dtype, CASTING))
     else:
         tl.store(RSTD + row, _layer_rstd(m2, n_cols, eps))
-        tl.store(MEAN + row, mean)
+        tl.store(MEAN + row, pivot + mean)
 
 
 @triton.jit
