@@ -48,16 +48,21 @@ def visible(n_q: int, n_k: int, shift: int, causal=False, window=(-1, -1), chunk
     return seen
 
 
-def attention_math(q, k, v, seen, scale, softcap=0.0, slopes=None, shift=0, sinks=None):
+def attention_math(q, k, v, seen, scale, softcap=0.0, slopes=None, shift=0, sinks=None, score_mod=None, keep=None,
+                   dropout_p=0.0):
     """(out (B, H, Nq, D), natural lse (B, H, Nq)) in q's dtype of q (B, H, Nq, D), k, v (B, Hkv, Nk, D) with
-    ``seen`` broadcastable to (B, H, Nq, Nk): softcap, then ALiBi -slope * |i + shift - j| (slopes (B, H)), then the
-    mask; sinks (H,) join each row's denominator. A row with nothing visible: zeros and lse -inf (the sink's with
-    sinks). Differentiable, without NaN gradients for hidden or empty rows."""
+    ``seen`` broadcastable to (B, H, Nq, Nk): ``score_mod`` (a function of the (B, H, Nq, Nk) scaled scores), then
+    softcap, then ALiBi -slope * |i + shift - j| (slopes (B, H)), then the mask; sinks (H,) join each row's
+    denominator; dropout multiplies the probabilities by ``keep`` (bool, broadcastable) / (1 - dropout_p), lse is
+    the undropped one's. A row with nothing visible: zeros and lse -inf (the sink's with sinks). Differentiable,
+    without NaN gradients for hidden or empty rows."""
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
     group = heads // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        s = score_mod(s)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     if slopes is not None:
@@ -73,6 +78,8 @@ def attention_math(q, k, v, seen, scale, softcap=0.0, slopes=None, shift=0, sink
     total = p.sum(-1, keepdim=True) + (0 if sink is None else torch.exp(sink - m))
     some = total > 0
     total = torch.where(some, total, 1.0)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1 - dropout_p)
     return (p / total) @ v, torch.where(some, m + torch.log(total), -math.inf)[..., 0]
 
 
@@ -186,6 +193,24 @@ def _dense_case(r: random.Random, gen: torch.Generator, device, flash: bool) -> 
                 o["backward"], o)
 
 
+def varlen_math(q, k, v, lens_q, lens_k, causal: bool, window, scale: float, softcap: float, slopes, sinks=None,
+                keep=None, dropout_p=0.0):
+    """:func:`attention_math` of each packed sequence b of q (total_q, H, D), k, v (total_k, Hkv, D) (lengths
+    ``lens_q``, ``lens_k``), bottom-right aligned per sequence, slopes (B, H) or None, dropout's ``keep`` (B, H, >=
+    max len_q, >= max len_k) read at [b, :, :len_q, :len_k]: (out (total_q, H, D), lse (H, total_q))."""
+    cu_q, cu_k = ([0] + torch.tensor(lens).cumsum(0).tolist() for lens in (lens_q, lens_k))
+    outs, lses = [], []
+    for b, (len_q, len_k) in enumerate(zip(lens_q, lens_k)):
+        q_b, k_b, v_b = (t[cu[b]:cu[b + 1]].transpose(0, 1)[None] for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        seen = visible(len_q, len_k, len_k - len_q, causal, window).to(q.device)
+        out, lse = attention_math(q_b, k_b, v_b, seen, scale, softcap, None if slopes is None else slopes[b:b + 1],
+                                  len_k - len_q, sinks, keep=None if keep is None else keep[b:b + 1, :, :len_q, :len_k],
+                                  dropout_p=dropout_p)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
 def _varlen_case(r: random.Random, gen: torch.Generator, device, flash: bool) -> Case:
     """``kernels.attention_varlen`` (sinks too; lse -inf for empty rows) or ``flash_attn_varlen_func`` (+inf):
     packed sequences, some of length 0, max_seqlen at or above the longest."""
@@ -219,20 +244,11 @@ def _varlen_case(r: random.Random, gen: torch.Generator, device, flash: bool) ->
         return result if o["lse"] else (result,)
 
     def truth(q, k, v, sinks=None):
-        outs, lses = [], []
-        for b, (len_q, len_k) in enumerate(zip(lens_q, lens_k)):
-            q_b, k_b, v_b = (t[cu[b]:cu[b + 1]].transpose(0, 1)[None]
-                             for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
-            seen = visible(len_q, len_k, len_k - len_q, o["causal"], window).to(device)
-            out, lse = attention_math(q_b, k_b, v_b, seen, scale, o["softcap"],
-                                      None if slopes is None else _as_bh(slopes, batch, heads)[b:b + 1],
-                                      len_k - len_q, sinks)
-            outs.append(out[0].transpose(0, 1))
-            lses.append(lse[0])
-        lse = torch.cat(lses, 1)
+        out, lse = varlen_math(q, k, v, lens_q, lens_k, o["causal"], window, scale, o["softcap"],
+                               _as_bh(slopes, batch, heads), sinks)
         if flash:
             lse = lse.masked_fill(lse == -math.inf, math.inf)
-        return (torch.cat(outs), lse) if o["lse"] else (torch.cat(outs),)
+        return (out, lse) if o["lse"] else (out,)
 
     return Case(inputs, call, truth, ("out", "lse")[:1 + o["lse"]], 1 + o["lse"] - (flash and o["lse"]),
                 o["backward"], o)
@@ -380,9 +396,10 @@ def _loss(outputs, upstream):
     return sum(torch.where(o.isfinite(), o * u.to(o.dtype), 0).sum() for o, u in zip(outputs, upstream))
 
 
-def failures_of(seed: int, device) -> List[str]:
-    """What is wrong with seed ``seed``'s case (empty: nothing): forward outputs, then (if drawn) gradients."""
-    case = draw(seed, device)
+def failures_of(seed: int, device, draw_case: Callable = None) -> List[str]:
+    """What is wrong with seed ``seed``'s case of ``draw_case(seed, device)`` (default :func:`draw`; empty:
+    nothing): forward outputs, then (if drawn) gradients."""
+    case = (draw_case or draw)(seed, device)
     r = random.Random(~seed)
     leaves = [_strided(r, t) if i < 3 else t.clone() for i, t in enumerate(case.inputs)]
     for t in leaves:
@@ -423,18 +440,22 @@ def test_random_attention_calls_match_float64(device, seed):
     assert not failures, f"seed {seed}: {draw(seed, device).description}: {failures}"
 
 
-if __name__ == "__main__":  # the driver: python tests/test_fuzz_regressions.py FIRST COUNT
-    first, count = int(sys.argv[1]), int(sys.argv[2])
+def drive(draw_case: Callable, first: int, count: int) -> None:
+    """The driver: checks seeds first .. first + count - 1 of ``draw_case`` and prints the failing ones."""
     where = torch.device("cpu" if kernels.INTERPRETED else "cuda")
     failed = 0
     for case_seed in range(first, first + count):
         try:
-            found = failures_of(case_seed, where)
+            found = failures_of(case_seed, where, draw_case)
         except Exception as error:  # noqa: BLE001  (a raise is a finding too)
             found = [f"raised {type(error).__name__}: {error}"]
         failed += bool(found)
         if found:
-            print(f"seed {case_seed} FAIL {draw(case_seed, where).description}: {found}", flush=True)
+            print(f"seed {case_seed} FAIL {draw_case(case_seed, where).description}: {found}", flush=True)
         elif (case_seed - first) % 100 == 99:
             print(f"seeds {first}..{case_seed} done", flush=True)
     print(f"{count} cases, {failed} failing")
+
+
+if __name__ == "__main__":  # the driver: python tests/test_fuzz_regressions.py FIRST COUNT
+    drive(draw, int(sys.argv[1]), int(sys.argv[2]))
