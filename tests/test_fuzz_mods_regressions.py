@@ -4,12 +4,13 @@ packed functions and dropout. A seeded sample of the driver's cases.
 Each seed draws one call:
 
 - ``kernels.attention`` with a ``mask_mod`` (``document_mask`` (N,) or (B, N), ``prefix_lm_mask``, a per-head
-  random table mod with full, empty and partial 128-cells, a window mod) and/or a ``score_mod`` (``softcap_score``,
+  random table mod with full, empty and partial 128-cells, a band mod) and/or a ``score_mod`` (``softcap_score``,
   ``alibi_score``, a random per-position bias, a per-head factor), passed as a MaskMod or as a BlockMask built once
   (B/H None where the mod allows) and reused by an earlier call, on top of causal, window, GQA, key padding masks,
-  sinks, softcap, ALiBi and dropout, Nq and Nk (independently) up to 300 with tiny head dims;
+  sinks, softcap, ALiBi, attention_chunk and dropout, Nq and Nk (independently) up to 300 with tiny head dims;
 - ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``, ``flash_attn_varlen_qkvpacked_func`` or
-  ``flash_attn_varlen_kvpacked_func`` with flash-attn 2.x's variants and dropout.
+  ``flash_attn_varlen_kvpacked_func`` with flash-attn 2.x's variants and dropout (S_dmask too), the packed tensor
+  in a random layout.
 
 The truth is ``test_fuzz_regressions.attention_math`` (float64 from the documented semantics: a mod sees absolute
 positions and its score runs before softcap and ALiBi; dropout keeps ``kernels.attention_dropout_mask``'s mask of
@@ -30,8 +31,8 @@ import triton.language as tl
 
 from kernels.flash_attn import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                 flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
-from test_fuzz_regressions import (Case, _as_bh, _heads, _randn, _slopes, _window, attention_math, drive, failures_of,
-                                   varlen_math, visible)
+from test_fuzz_regressions import (Case, _as_bh, _heads, _randn, _slopes, _strided, _window, attention_math, drive,
+                                   failures_of, varlen_math, visible)
 
 HEAD_DIMS = (1, 3, 4, 8, 12, 16)
 CELL_EDGES = (1, 5, 64, 120, 127, 128, 129, 150, 200, 255, 256, 257, 300)
@@ -175,11 +176,12 @@ def _mods_case(r: random.Random, gen: torch.Generator, device) -> Case:
     if o["score"]:
         score_mod, score_math = _score_mod(o["score"], r, gen, batch, heads, n_q, n_k, device)
     o["dropout_p"], seed, keep = _dropout_keep(r, batch, heads, n_q, n_k, device)
-    seen = seen.to(device)
+    o["chunk"] = r.choice([0, 0, 0, r.randint(1, 200)])
+    seen = (seen & visible(n_q, n_k, n_k - n_q, chunk=o["chunk"])).to(device)
     scale = 1 / math.sqrt(d) if o["scale"] is None else o["scale"]
     kwargs = dict(causal=o["causal"], scale=o["scale"], return_lse=o["lse"], key_padding_mask=padding,
                   window_size=o["window"], softcap=o["softcap"], alibi_slopes=slopes, dropout_p=o["dropout_p"],
-                  mask_mod=mask_mod, score_mod=score_mod)
+                  attention_chunk=o["chunk"], mask_mod=mask_mod, score_mod=score_mod)
 
     def call(q, k, v, sinks=None):
         if o["reuse"]:  # an earlier call on other values with the same mods (and BlockMask)
@@ -210,9 +212,16 @@ def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == -math.inf, math.inf)
 
 
+def _packed(seed: int, tensors, dim: int) -> torch.Tensor:
+    """``tensors`` stacked along ``dim`` in a layout drawn from ``seed`` (dense, strided, offset or with its
+    leading dims reversed); differentiable."""
+    return _strided(random.Random(seed), torch.stack(tensors, dim))
+
+
 def _packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
-    """``flash_attn_qkvpacked_func`` (Nq = Nk, H = Hkv) or ``flash_attn_kvpacked_func``, dropout too: q, k, v are
-    drawn apart and stacked by the call (the gradients flow back through the packed tensor)."""
+    """``flash_attn_qkvpacked_func`` (Nq = Nk, H = Hkv) or ``flash_attn_kvpacked_func``, dropout and
+    attention_chunk too: q, k, v are drawn apart and packed by the call (the gradients flow back through the
+    packed tensor)."""
     o = _flash_options(r)
     qkv = r.random() < 0.5
     batch, n_q = r.randint(1, 3), r.choice([0, 1, 3, 17, 33, 64, r.randint(0, 70)])
@@ -224,17 +233,18 @@ def _packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
     inputs = [_randn(gen, (batch, n, h, d), dtype, device) for h, n in ((heads, n_q), (kv_heads, n_k), (kv_heads, n_k))]
     slopes = _slopes(o["alibi"], batch, heads, gen, device)
     o["dropout_p"], seed, keep = _dropout_keep(r, batch, heads, n_q, n_k, device)
+    o["chunk"] = r.choice([0, 0, 0, r.randint(1, 40)])
     scale = 1 / math.sqrt(d) if o["scale"] is None else o["scale"]
     window = (o["window"][0], 0) if o["causal"] else o["window"]
-    seen = visible(n_q, n_k, n_k - n_q, o["causal"], window).to(device)[None, None]
+    seen = visible(n_q, n_k, n_k - n_q, o["causal"], window, o["chunk"]).to(device)[None, None]
     options = (o["dropout_p"], o["scale"], o["causal"], o["window"], o["softcap"], slopes, False, o["probs"])
 
     def call(q, k, v):
         torch.manual_seed(seed)
         if qkv:
-            result = flash_attn_qkvpacked_func(torch.stack((q, k, v), 2), *options)
+            result = flash_attn_qkvpacked_func(_packed(seed, (q, k, v), 2), *options, attention_chunk=o["chunk"])
         else:
-            result = flash_attn_kvpacked_func(q, torch.stack((k, v), 2), *options)
+            result = flash_attn_kvpacked_func(q, _packed(seed, (k, v), 2), *options, attention_chunk=o["chunk"])
         return result[:len(names)] if o["probs"] else (result,)
 
     def truth(q, k, v):
@@ -279,9 +289,9 @@ def _varlen_packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
     def call(q, k, v):
         torch.manual_seed(seed)
         if qkv:
-            result = flash_attn_varlen_qkvpacked_func(torch.stack((q, k, v), 1), offsets_q, o["max_q"], *options)
+            result = flash_attn_varlen_qkvpacked_func(_packed(seed, (q, k, v), 1), offsets_q, o["max_q"], *options)
         else:
-            result = flash_attn_varlen_kvpacked_func(q, torch.stack((k, v), 1), offsets_q, offsets_k, o["max_q"],
+            result = flash_attn_varlen_kvpacked_func(q, _packed(seed, (k, v), 1), offsets_q, offsets_k, o["max_q"],
                                                      o["max_k"], *options)
         return result[:2] if o["probs"] else (result,)
 
