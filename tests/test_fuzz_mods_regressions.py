@@ -208,6 +208,17 @@ def _flash_options(r: random.Random) -> dict:
                 probs=r.random() < 0.5)
 
 
+def _flash_outputs(o: dict) -> tuple:
+    """The names of the outputs a flash-attn call of options ``o`` returns: out, with ``return_attn_probs``
+    softmax_lse and (under dropout) S_dmask."""
+    return ("out", "lse", "S_dmask")[:1 + o["probs"] + bool(o["probs"] and o["dropout_p"])]
+
+
+def _s_dmask(keep: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """flash-attn's S_dmask: the probabilities, negated where dropout dropped them."""
+    return torch.where(keep, probs, -probs)
+
+
 def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == -math.inf, math.inf)
 
@@ -238,6 +249,7 @@ def _packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
     window = (o["window"][0], 0) if o["causal"] else o["window"]
     seen = visible(n_q, n_k, n_k - n_q, o["causal"], window, o["chunk"]).to(device)[None, None]
     options = (o["dropout_p"], o["scale"], o["causal"], o["window"], o["softcap"], slopes, False, o["probs"])
+    names = _flash_outputs(o)
 
     def call(q, k, v):
         torch.manual_seed(seed)
@@ -251,16 +263,13 @@ def _packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         math_args = (seen, scale, o["softcap"], _as_bh(slopes, batch, heads), n_k - n_q)
         out, lse = attention_math(q, k, v, *math_args, keep=keep, dropout_p=o["dropout_p"])
-        if not o["probs"]:
-            return (out.transpose(1, 2),)
-        if keep is None:
-            return out.transpose(1, 2), _flash_lse(lse)
-        # S_dmask: the probabilities (attention to one-hot values), negated where dropped
+        if len(names) < 3:
+            return (out.transpose(1, 2), _flash_lse(lse))[:len(names)]
+        # S_dmask: the probabilities (attention to one-hot values)
         probs = attention_math(q, k, torch.eye(n_k, dtype=v.dtype, device=v.device).expand(*k.shape[:3], n_k),
                                *math_args)[0]
-        return out.transpose(1, 2), _flash_lse(lse), torch.where(keep, probs, -probs)
+        return out.transpose(1, 2), _flash_lse(lse), _s_dmask(keep, probs)
 
-    names = ("out", "lse", "S_dmask")[:1 + o["probs"] + bool(o["probs"] and o["dropout_p"])]
     return Case(inputs, call, truth, names, 1, o["backward"], o)
 
 
@@ -285,6 +294,8 @@ def _varlen_packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
     scale = 1 / math.sqrt(d) if o["scale"] is None else o["scale"]
     window = (o["window"][0], 0) if o["causal"] else o["window"]
     options = (o["dropout_p"], o["scale"], o["causal"], o["window"], o["softcap"], slopes, False, o["probs"])
+    math_args = (lens_q, lens_k, o["causal"], window, scale, o["softcap"], _as_bh(slopes, batch, heads))
+    names = _flash_outputs(o)
 
     def call(q, k, v):
         torch.manual_seed(seed)
@@ -293,15 +304,26 @@ def _varlen_packed_case(r: random.Random, gen: torch.Generator, device) -> Case:
         else:
             result = flash_attn_varlen_kvpacked_func(q, _packed(seed, (k, v), 1), offsets_q, offsets_k, o["max_q"],
                                                      o["max_k"], *options)
-        return result[:2] if o["probs"] else (result,)
+        return result[:len(names)] if o["probs"] else (result,)
 
     def truth(q, k, v):
-        out, lse = varlen_math(q, k, v, lens_q, lens_k, o["causal"], window, scale, o["softcap"],
-                               _as_bh(slopes, batch, heads), keep=keep,
-                               dropout_p=o["dropout_p"])
-        return (out, _flash_lse(lse)) if o["probs"] else (out,)
+        out, lse = varlen_math(q, k, v, *math_args, keep=keep, dropout_p=o["dropout_p"])
+        if len(names) < 3:
+            return (out, _flash_lse(lse))[:len(names)]
+        # S_dmask: each sequence's probabilities (attention to one-hot values of its key positions) at
+        # [b, :, :len_q, :len_k]
+        one_hot = torch.eye(o["max_k"], dtype=v.dtype, device=v.device)[_positions(lens_k)]
+        rows = varlen_math(q, k, one_hot[:, None].expand(-1, kv_heads, -1), *math_args)[0]
+        probs = rows.new_zeros(batch, heads, o["max_q"], o["max_k"])
+        probs[torch.repeat_interleave(torch.arange(batch), torch.tensor(lens_q)), :, _positions(lens_q)] = rows
+        return out, _flash_lse(lse), _s_dmask(keep, probs)
 
-    return Case(inputs, call, truth, ("out", "lse")[:1 + o["probs"]], 1, o["backward"], o)
+    return Case(inputs, call, truth, names, 1, o["backward"], o)
+
+
+def _positions(lengths) -> torch.Tensor:
+    """Each packed token's position in its sequence of ``lengths``."""
+    return torch.cat([torch.arange(n) for n in lengths])
 
 
 DRAWS = (_mods_case, _mods_case, _packed_case, _varlen_packed_case)
