@@ -21,6 +21,7 @@ import torch
 
 import kernels
 from kernels.flash_attn import flash_attn_with_kvcache
+from test_fuzz_regressions import attention_math
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -137,9 +138,8 @@ def _decode_math(case, dtype):
     """(out (B, Sq, H, D), lse (B, H, Sq), each row's cache (K, V) after the append) with the attention in
     ``dtype``: rotary in float64 (then rounded to ``dtype``), scores, softmax and the weighted sum in ``dtype``."""
     q_all, k_new, v_new = case["q"], case["k"], case["v"]
-    n_q, heads, d = q_all.shape[1:]
+    n_q, _, d = q_all.shape[1:]
     n_new = 0 if k_new is None else k_new.shape[1]
-    group = heads // case["k_cache"].shape[2]
     scale = 1 / math.sqrt(d) if case["scale"] is None else case["scale"]
     left, right = case["window"][0], 0 if case["causal"] else case["window"][1]
     outs, lses, caches = [], [], []
@@ -159,16 +159,11 @@ def _decode_math(case, dtype):
         pos, diag = torch.arange(len(keys)), torch.arange(n_q)[:, None] + end - n_q
         lo = 0 if case["leftpad"] is None else case["leftpad"][b]
         seen = (pos >= lo) & (pos < end) & ((pos >= diag - left) | (left < 0)) & ((pos <= diag + right) | (right < 0))
-        scores = torch.einsum("qhd,khd->hqk", q.to(dtype), keys.repeat_interleave(group, 1)) * scale
-        if case["softcap"]:
-            scores = case["softcap"] * torch.tanh(scores / case["softcap"])
-        if case["alibi"] is not None:
-            slopes = case["alibi"] if case["alibi"].dim() == 1 else case["alibi"][b]
-            scores = scores - slopes.to(dtype)[:, None, None] * (diag - pos).abs().to(dtype)
-        lse = torch.logsumexp(scores.masked_fill(~seen, -math.inf), -1)
-        weights = torch.exp(scores - lse[..., None]).masked_fill(~seen, 0.0)
-        outs.append(torch.einsum("hqk,khd->qhd", weights, values.repeat_interleave(group, 1)))
-        lses.append(lse)
+        slopes = None if case["alibi"] is None else (case["alibi"] if case["alibi"].dim() == 1 else case["alibi"][b])
+        out, lse = attention_math(*(t.transpose(0, 1)[None] for t in (q.to(dtype), keys, values)), seen, scale,
+                                  case["softcap"], None if slopes is None else slopes[None], shift=end - n_q)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
     return torch.stack(outs), torch.stack(lses), caches
 
 
