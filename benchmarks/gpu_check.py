@@ -388,8 +388,8 @@ def profile_call(name: str, call: Callable[[], object], device: torch.device) ->
 
 
 def host_times(device: DeviceInfo, name: str) -> List[dict]:
-    """``benchmarks.overhead.measure`` of one op: ours, torch's and the minimal op's µs per call, forward and
-    forward+backward (real launches on a GPU, stubbed on CPU)."""
+    """``benchmarks.overhead.measure`` of one op: ours, torch's and the minimal op's µs per call, forward,
+    forward+backward and inference (real launches on a GPU, stubbed on CPU)."""
     return [{**r, "phase": "overhead", "kind": "host", "status": "ok"}
             for r in overhead.measure(device, [name], OVERHEAD_REPEATS, OVERHEAD_CALLS)]
 

@@ -3,7 +3,8 @@
 A small op's wall time is max(GPU time, host time); this measures the host part. Three providers per op, timed
 interleaved in one run (min over repeats: the machine is shared and noisy):
 
-- ``ours``: the public function, forward (inputs requiring grad, as in training) and forward+backward;
+- ``ours``: the public function, forward (inputs requiring grad, as in training), forward+backward, and
+  inference (the forward under ``torch.no_grad()``, as generation and evaluation run it);
 - ``torch``: torch's own op on the same inputs (``F.layer_norm``, SDPA, ...);
 - ``minimal``: a Python ``torch.autograd.Function`` that only allocates its output (and, in backward, its input
   gradients): the floor any Python op with autograd pays.
@@ -128,12 +129,25 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-PASSES = ("forward", "forward+backward")
+PASSES = ("forward", "forward+backward", "inference")
 
 
 def _passes(call: Callable[[], object]) -> Tuple[str, ...]:
-    """Both passes, or the forward alone for an op whose output needs no grad (decoding has no backward)."""
+    """Every pass, or the forward alone for an op whose output needs no grad (decoding: no backward, and its
+    forward already records no graph, so an inference pass would time it again under another name)."""
     return PASSES if _output(call()).requires_grad else PASSES[:1]
+
+
+def _timed(call: Callable[[], object], passes: str) -> Callable[[], object]:
+    """The call that times ``passes`` of ``call``."""
+    if passes == "forward":
+        return call
+    if passes == "inference":
+        def run():
+            with torch.no_grad():
+                return call()
+        return run
+    return _with_backward(call)
 
 
 def _with_backward(call: Callable[[], object]) -> Callable[[], object]:
@@ -190,7 +204,7 @@ def measure(device: DeviceInfo, names: Optional[Sequence[str]] = None, repeats: 
     stub = stubbed_launches() if dev.type == "cpu" else contextlib.nullcontext()
     with stub:
         passes_of = {name: _passes(table[name][0]) for name in names}
-        calls_of = {(name, provider, passes): (fn if passes == "forward" else _with_backward(fn))
+        calls_of = {(name, provider, passes): _timed(fn, passes)
                     for name in names for provider, fn in zip(providers, table[name]) for passes in passes_of[name]}
         for key, call in calls_of.items():  # warm-up: plan caches, autotuning and compiles out of the timing
             call()
@@ -233,9 +247,9 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     plt = plots.plt
     ops = list(dict.fromkeys(r["op"] for r in recs))
     by = {(r["op"], r["provider"], r["pass"]): r["x_minimal"] for r in recs}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(ops) + 2), sharey=True)
+    fig, axes = plt.subplots(1, len(PASSES), figsize=(18, 0.35 * len(ops) + 2), sharey=True)
     for ax, passes in zip(axes, PASSES):
-        ys = range(len(ops))  # an op with no backward has no bars on the right
+        ys = range(len(ops))  # an op with no backward has bars in the forward panel only
         ax.barh([y + 0.2 for y in ys], [by.get((op, "ours", passes), 0) for op in ops], 0.4, label="ours")
         ax.barh([y - 0.2 for y in ys], [by.get((op, "torch", passes), 0) for op in ops], 0.4, label="torch")
         ax.axvline(GOAL_RATIO, color="red", linestyle="--", label=f"goal ({GOAL_RATIO:g}x)")

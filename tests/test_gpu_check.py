@@ -325,7 +325,7 @@ def test_overhead_phase_gives_goal_lines_host_times_and_profiles(monkeypatch):
     host = [r for r in recs if r["kind"] == "host"]
     assert sorted((r["op"], r["provider"], r["pass"]) for r in host) == sorted(
         (op, p, passes) for op in ("softmax", "attention") for p in ("ours", "torch", "minimal")
-        for passes in ("forward", "forward+backward"))
+        for passes in ("forward", "forward+backward", "inference"))
     assert all(r["us_per_call"] > 0 and r["launches"] == "stubbed" for r in host)
     profiles = [r for r in recs if r["kind"] == "profile"]
     assert [r["op"] for r in profiles] == ["softmax", "attention"]
