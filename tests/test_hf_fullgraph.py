@@ -4,7 +4,7 @@ cannot do (fullgraph raised Unsupported at ``__closure__``)."""
 import pytest
 import torch
 
-from test_hf import kernel_only, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import kernel_only, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -53,3 +53,34 @@ def test_mask_functions_give_their_key_range_or_none():
         assert hf._pattern(unknown) is None
     causal, window, packed = hf._pattern(mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(ids)))
     assert (causal, window) == (True, None) and torch.equal(packed, ids)
+
+
+def tiny_llama4_chunked():
+    """Llama 4's chunked attention (chunks of 4 keys) on both layers: its mask function reads a tensor."""
+    config = transformers.Llama4TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                           intermediate_size_mlp=48, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=8, pad_token_id=0, attention_chunk_size=4,
+                                           no_rope_layers=[1, 1], num_local_experts=2, moe_layers=[])
+    return transformers.Llama4ForCausalLM(config)
+
+
+@pytest.mark.parametrize("build,use_cache", [(tiny_llama, False), (tiny_llama4_chunked, True)])
+def test_a_mask_function_reading_a_tensor_compiles_in_one_graph_with_the_eager_logits_and_gradients(
+        build, use_cache, device):
+    """Mask functions that index a tensor: transformers' packed-sequence check, which under torch.compile it always
+    ands into the causal mask of a forward without a cache and without an attention mask (a training forward with
+    use_cache=False), and Llama 4's chunks. The probes give up on them inside the graph (``band & tensor`` stopped
+    fullgraph) and the dense mask transformers builds goes to torch's SDPA (the drop-in's reading of it would break
+    the graph)."""
+    model = build().to(device)
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    expected = model(ids, use_cache=use_cache).logits
+    expected.square().mean().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    patch(model)
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, use_cache=use_cache).logits
+    got.square().mean().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,8 @@ it. transformers calls the mask function once per forward and mask type (not per
 probes, which torch.compile traces: :func:`_band_pattern`), bidirectional and packed (position_ids restarting at 0)
 patterns and returns what the kernel needs (:class:`KernelMask`, or None for a purely causal batch). Any other
 pattern gets transformers' own bool ``sdpa_mask``, which :func:`hf_attention` hands to
-``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA otherwise).
+``kernels.scaled_dot_product_attention`` (the kernel where the mask is a key range per row, torch's SDPA otherwise)
+or, while torch.compile traces, to torch's SDPA (reading the mask would break the graph).
 transformers' continuous batching (``generate_batch``) runs the same function under
 :data:`PAGED_ATTENTION_NAME` (:class:`ContinuousBatchingOnKernels`).
 
@@ -30,6 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import kernels
 from kernels._runtime import kernels_can_run
 from kernels.attention.checks import key_bounds
+from kernels.attention import sdpa as sdpa_shim
 from kernels.attention.sdpa import as_autocast_takes
 from kernels.attention.varlen import attention_varlen
 
@@ -210,6 +212,13 @@ def _opaque(*args, **kwargs):
     return _OPAQUE
 
 
+def _torch_opaque(cls, func, types, args=(), kwargs=None):
+    """``__torch_function__`` of the probes' values: a torch op between one and a tensor (a mask function that
+    read a tensor at the probes, such as a packed batch's sequence ids) gives :data:`_OPAQUE`, as the Python
+    operators do; torch.compile traces it so (without it, ``band & tensor`` stopped a fullgraph compile)."""
+    return _OPAQUE
+
+
 class _Opaque:
     """The value of a mask function at :class:`_Index` probes that is not a :class:`_Band` (it read a tensor, or
     compared an index with a constant): every operation on it gives it back."""
@@ -217,6 +226,7 @@ class _Opaque:
     __and__ = __rand__ = __or__ = __ror__ = __invert__ = __abs__ = __neg__ = _opaque
     __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _opaque
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __mod__ = to = _opaque
+    __torch_function__ = classmethod(_torch_opaque)
     __hash__ = object.__hash__
     device = None
 
@@ -249,6 +259,7 @@ class _Band:
         return _OPAQUE  # a union of two ranges is not one range in general
 
     __rand__ = __ror__ = __invert__ = __abs__ = __neg__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _opaque
+    __torch_function__ = classmethod(_torch_opaque)
     __hash__ = object.__hash__
 
     def __bool__(self):
@@ -640,8 +651,10 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                         "takes without them", f"{type(module).__module__}'s eager attention"))
             return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                     softcap=softcap, s_aux=s_aux)
-        out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                   scale=scaling, enable_gqa=True)
+        # traced (torch.compile): torch's SDPA with the mask, as transformers' SDPA path; the drop-in's reading of
+        # it would break the graph at every layer (its memo does not hold while tracing) and stop fullgraph
+        sdpa = sdpa_shim._TORCH_SDPA if is_tracing(attention_mask) else kernels.scaled_dot_product_attention
+        out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is None:
         n_keys, padding, leftpad, window = key.shape[2], None, None, _window(sliding_window, causal)
