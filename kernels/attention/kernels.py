@@ -252,17 +252,27 @@ def _query_block_keys(KV_BOUNDS, b, start_m, N_Q, N_K, CAUSAL_SHIFT, WINDOW_SHIF
 
 @triton.jit
 def _tanh(x, ACCURATE: tl.constexpr = False):
-    """tanh in fp32 from one exp2, without overflow for large |x|. 1 - exp(-2|x|) cancels for small |x|, where a
-    softcap of 50 puts most scores: ~eps / |x| relative, far below fp16/bf16 rounding but up to ~100x torch's fp32
-    error at large caps. ACCURATE (the fp32 kernels) takes the odd series to x^7 below |x| = 1/8 instead (its
-    truncation ~2e-9 relative); not for fp16/bf16, whose tightest builds it would make spill."""
+    """tanh in fp32 from one exp2, without overflow for large |x|: (1 - e) / (1 + e), e = exp2(-2|x| log2(e)).
+    1 - e cancels below |x| ~ 0.55 (e > 1/3), amplifying exp2's rounding by e / (1 - e): ~eps / |x| relative at
+    small |x|, where a softcap of 50 puts most scores; far below fp16/bf16 rounding but up to ~100x torch's fp32
+    error. ACCURATE (fp32) takes the odd Taylor series to x^17 (Horner in x^2) below |x| = 0.55 instead: its
+    truncation is ~0.05 ulp there and each term is under 1/8 of the one before, so rounding stays ~1 ulp (the exp2
+    formula above 0.55: ~2 ulps). Not for fp16/bf16, whose tightest builds the series would make spill."""
     a = tl.abs(x)
     e = tl.math.exp2(a * (-2.0 * LOG2E))
     t = (1.0 - e) / (1.0 + e)
     t = tl.where(x < 0, -t, t)
     if ACCURATE:
         x2 = x * x
-        t = tl.where(a < 0.125, x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))), t)
+        p = 6404582.0 / 10854718875.0
+        p = p * x2 - 929569.0 / 638512875.0
+        p = p * x2 + 21844.0 / 6081075.0
+        p = p * x2 - 1382.0 / 155925.0
+        p = p * x2 + 62.0 / 2835.0
+        p = p * x2 - 17.0 / 315.0
+        p = p * x2 + 2.0 / 15.0
+        p = p * x2 - 1.0 / 3.0
+        t = tl.where(a < 0.55, x + x * x2 * p, t)
     return t
 
 
@@ -273,8 +283,9 @@ def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIF
     """(log2-unit scores, tanh of the capped score) of the dot products ``qk``; ``rows``/``cols`` broadcast to
     qk's shape (either orientation). With MASKED, scores outside ``visible``, the causal/window bounds and (CHUNKED)
     the row's attention chunk are -inf. The second result is only meaningful with SOFTCAP (the backward's
-    1 - tanh^2). ACCURATE_TANH: :func:`_tanh`'s small-argument series, for fp32 q (callers pass q.dtype == fp32: interpreted
-    bf16, upcast, takes it too, which only makes it more accurate)."""
+    1 - tanh^2). ACCURATE_TANH: :func:`_tanh`'s series below |x| = 0.55 (within ~1 ulp where the exp2 formula
+    cancels), for fp32 q (callers pass q.dtype == fp32: interpreted bf16, upcast, takes it too, which only makes it
+    more accurate)."""
     s = qk * qk_scale
     t = s
     if SOFTCAP:  # softcap * tanh(s / softcap), in log2 units: cap_log2 = softcap * log2(e)
