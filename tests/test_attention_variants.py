@@ -321,7 +321,8 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     kernels.attention(q, q, q).sum().backward()
     kernels.attention(q, q, q, mask_mod=kernels.document_mask(doc)).sum().backward()
     kernels.attention(q, q, q, score_mod=kernels.softcap_score(5.0)).sum().backward()
-    assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod")
+    kernels.attention(q, q, q, softcap=5.0).sum().backward()
+    assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod", "softcap")
                      for kernel in ("fwd", "dkdv", "dq")]
 
 

@@ -135,7 +135,9 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: _NVIDIA_DROPOUT_FWD,
 # 16x64 w8 s1 80 / 8 B (16x32 w4 s1: 163 / 128) and fp32 d256 16x16 w4 s1 352 B on sm_80 (on 8 warps: 210; those
 # spill 56 B on sm_90, where 4 warps take 238); dQ d256 32x32 w4 s1 76 B on sm_80 (on 8 warps: 184 / 152). On
 # sm_100 the shared fp32 firsts spill with a mask mod (forward d64 24 B, dK/dV d128 72 B), varlen (dK/dV d64 16 B,
-# d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. sm_100's dK/dV d64 with a
+# d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. fp32 softcap's tanh series
+# (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not.
+# sm_100's dK/dV d64 with a
 # score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
 # gfx942 family off its bar.
@@ -151,6 +153,7 @@ _FIRST = {
     ("varlen", "dkdv", 256): {(FP32, 100): (16, 16, 8, 1)},
     ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
     ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
+    ("softcap", "dq", 64): {(FP32, 80): (16, 32, 4, 2)},
 }
 TMA_FAMILIES = (90, 100)
 """The families whose fp16/bf16 tables run each tile on tensor descriptors first (TMA needs compute capability 9.0
@@ -204,11 +207,12 @@ def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str =
 
 def specialisation(meta: dict, dropout: bool) -> str:
     """The specialisation whose first entry (:func:`tiles`) a launch with compile-time parameters ``meta`` tries
-    first: "dropout", else "mask_mod", else "score_mod" (the one with the largest register footprint when several
-    are on), else "" (the table's own)."""
+    first: "dropout", else "mask_mod", else "score_mod", else "softcap" (the one with the largest register
+    footprint when several are on), else "" (the table's own)."""
     if dropout:
         return "dropout"
-    return next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
+    mod = next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
+    return mod or ("softcap" if meta.get("SOFTCAP") else "")
 
 
 def uses_tma(family: Family, fp32: bool) -> bool:
