@@ -405,17 +405,17 @@ def test_decode_tables_match_decode_json():
 def test_overhead_table_matches_overhead_json():
     records = json.loads((ROOT / "benchmarks/example/overhead.json").read_text())["records"]
     value = {(r["op"], r["provider"], r["pass"]): r for r in records}
-    rows = _table("| op | forward µs (× minimal)", 5)
+    rows = _table("| op | forward µs (× minimal)", 6)
     assert len(rows) == len({r["op"] for r in records})
-    for op, forward, backward, torch_op, _ in rows:
-        for text, key in ((forward, "forward"), (backward, "forward+backward")):
-            if text == "no backward":
+    for op, forward, backward, inference, torch_op, _ in rows:
+        for text, key in ((forward, "forward"), (backward, "forward+backward"), (inference, "inference")):
+            if text in ("no backward", "as forward"):
                 assert (op, "ours", key) not in value
                 continue
             us, ratio = re.fullmatch(r"([\d.]+) \(([\d.]+)×\)", text).groups()
             assert _shown(value[(op, "ours", key)]["us_per_call"], us), (op, key)
             assert _shown(value[(op, "ours", key)]["x_minimal"], ratio), (op, key)
-        for text, key in zip(torch_op.split(" / "), ("forward", "forward+backward")):
+        for text, key in zip(torch_op.split(" / "), ("forward", "forward+backward", "inference")):
             if text != "-":
                 assert _shown(value[(op, "torch", key)]["us_per_call"], text), (op, "torch", key)
 
