@@ -199,15 +199,19 @@ def case_group_without_this_rank_is_a_clear_error():
 
 
 def case_training_matches_single_process(settings, exact, low):
-    """Context-parallel training (zigzag shards, ring attention, all-reduced loss and gradients): the loss of each
-    step obeys the forward rule, and every parameter's gradient of the last step the backward rule, against a
-    float64 single-process run, PyTorch's fp32 run being the noise. (Losses alone would miss a wrong gradient
-    scale: AdamW's step does not depend on it.)"""
-    model, _, losses = train("triton", context_parallel="zigzag", **settings)
-    assert_close(torch.tensor(losses), torch.tensor(exact[0], dtype=torch.float64), torch.tensor(low[0]), FORWARD,
-                 name="losses")
+    """Context-parallel training (zigzag shards, ring attention, all-reduced loss and gradients), against a float64
+    single-process run, PyTorch's fp32 run being the noise: the loss of each of the two steps obeys the forward
+    rule (the second checks the first update), and every parameter's gradient of the first step the backward rule
+    (losses alone would miss a wrong gradient scale: AdamW's step does not depend on it). The second step's
+    gradients are not compared: AdamW's first update is about lr * sign(g) for every nonzero g, so a gradient
+    entry near 0 whose sign rounding flips moves its parameter by 2 lr, and no multiple of fp32 noise bounds the
+    gradients that follow."""
+    model, _, losses = train("triton", context_parallel="zigzag", **dict(settings, steps=1))
     for name, p in model.named_parameters():
-        assert_close(p.grad, exact[1][name], low[1][name], BACKWARD, name=f"{name}.grad")
+        assert_close(p.grad, exact["grads"][name], low["grads"][name], BACKWARD, name=f"{name}.grad")
+    _, _, losses = train("triton", context_parallel="zigzag", **settings)
+    assert_close(torch.tensor(losses), torch.tensor(exact["losses"], dtype=torch.float64),
+                 torch.tensor(low["losses"]), FORWARD, name="losses")
 
 
 def _serve(rank, world, port, tasks, results):
@@ -366,11 +370,12 @@ def test_context_parallel_training_matches_single_process(groups):
     """2 ranks train on zigzag shards; their losses and gradients match a single-process float64 run (reference
     backend)."""
     def run(dtype):
-        model, _, losses = train("reference", dtype=dtype, **TRAIN_SETTINGS)
-        return losses, {name: p.grad for name, p in model.named_parameters()}
+        model, _, _ = train("reference", dtype=dtype, **dict(TRAIN_SETTINGS, steps=1))
+        _, _, losses = train("reference", dtype=dtype, **TRAIN_SETTINGS)
+        return {"losses": losses, "grads": {name: p.grad for name, p in model.named_parameters()}}
 
     exact, low = run(torch.float64), run(torch.float32)
-    assert exact[0][-1] < exact[0][0]  # it learns: the second step's loss checks the first step's update
+    assert exact["losses"][-1] < exact["losses"][0]  # it learns: the second step's loss checks the first update
     groups(2).run(case_training_matches_single_process, timeout=2 * CASE_TIMEOUT_S, settings=TRAIN_SETTINGS,
                   exact=exact, low=low)
 
