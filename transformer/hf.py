@@ -212,13 +212,6 @@ def _opaque(*args, **kwargs):
     return _OPAQUE
 
 
-def _torch_opaque(cls, func, types, args=(), kwargs=None):
-    """``__torch_function__`` of the probes' values: a torch op between one and a tensor (a mask function that
-    read a tensor at the probes, such as a packed batch's sequence ids) gives :data:`_OPAQUE`, as the Python
-    operators do; torch.compile traces it so (without it, ``band & tensor`` stopped a fullgraph compile)."""
-    return _OPAQUE
-
-
 class _Opaque:
     """The value of a mask function at :class:`_Index` probes that is not a :class:`_Band` (it read a tensor, or
     compared an index with a constant): every operation on it gives it back."""
@@ -226,7 +219,9 @@ class _Opaque:
     __and__ = __rand__ = __or__ = __ror__ = __invert__ = __abs__ = __neg__ = _opaque
     __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _opaque
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __mod__ = to = _opaque
-    __torch_function__ = classmethod(_torch_opaque)
+    # a torch op between a probe's value and a tensor (a mask function that read a tensor at the probes, such as a
+    # packed batch's sequence ids) gives _OPAQUE too: torch.compile traces it so (``band & tensor`` stopped fullgraph)
+    __torch_function__ = classmethod(_opaque)
     __hash__ = object.__hash__
     device = None
 
@@ -259,7 +254,7 @@ class _Band:
         return _OPAQUE  # a union of two ranges is not one range in general
 
     __rand__ = __ror__ = __invert__ = __abs__ = __neg__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _opaque
-    __torch_function__ = classmethod(_torch_opaque)
+    __torch_function__ = classmethod(_opaque)  # as _Opaque's
     __hash__ = object.__hash__
 
     def __bool__(self):

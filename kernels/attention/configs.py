@@ -137,8 +137,7 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: _NVIDIA_DROPOUT_FWD,
 # sm_100 the shared fp32 firsts spill with a mask mod (forward d64 24 B, dK/dV d128 72 B), varlen (dK/dV d64 16 B,
 # d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. fp32 softcap's tanh series
 # (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not.
-# sm_100's dK/dV d64 with a
-# score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
+# sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
 # gfx942 family off its bar.
 _FIRST = {
