@@ -4,7 +4,8 @@
 ``static`` is the GPU-target build report (``benchmarks/static.py``), ``gpu-check`` the one-command check of a
 GPU machine (``benchmarks/gpu_check.py``), ``decode`` the decode step, ``varlen`` packed vs padded attention over
 a batch of unequal lengths, ``hf-masks`` the bytes of a Hugging Face model's masks and ``overhead`` the host time
-per call of every public op (``benchmarks/overhead.py``) and ``model`` whole models' training, prefill and decoding
+per call of every public op (``benchmarks/overhead.py``), ``launch-path`` the host time of one attention launch on
+the GPU path by layer (``benchmarks/launch_path.py``) and ``model`` whole models' training, prefill and decoding
 (``benchmarks/model.py``), each imported only when asked for.
 """
 import argparse
@@ -22,7 +23,7 @@ from benchmarks.table import format_fits, format_table
 
 STANDALONE = {"static": "benchmarks.static", "gpu-check": "benchmarks.gpu_check", "decode": "benchmarks.decode",
               "varlen": "benchmarks.varlen", "hf-masks": "benchmarks.hf_masks", "overhead": "benchmarks.overhead",
-              "model": "benchmarks.model"}
+              "model": "benchmarks.model", "launch-path": "benchmarks.launch_path"}
 """Commands with their own module and ``main(argv)``."""
 COMMANDS = ("suite", "scaling", *STANDALONE)
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

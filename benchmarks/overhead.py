@@ -240,8 +240,6 @@ def format_table(recs: List[dict]) -> str:
 def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     """A bar chart of ours' and torch's time over the minimal op's, per op and pass: [png], or [] without
     matplotlib."""
-    import os
-
     if not plots.have_pyplot():
         return []
     plt = plots.plt
@@ -260,11 +258,7 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
         ax.legend(loc="lower right")
     launches = "Triton launches stubbed (CPU host path only)" if device.kind == "cpu" else "wall time, tiny inputs"
     fig.suptitle(f"Host overhead per call on {device.name}: {launches}")
-    fig.tight_layout()
-    path = os.path.join(out, "overhead.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return plots.save(fig, out, "overhead.png")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,6 +31,15 @@ def have_pyplot() -> bool:
     return plt is not None
 
 
+def save(fig, out: str, name: str, dpi: int = 110) -> List[str]:
+    """Write ``fig`` as ``out/name`` and close it: [its path]."""
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return [path]
+
+
 def _series(rows: List[dict], metric):
     """(length, value) where there is a value a log axis can show: every panel is log-scaled, so a zero (no FLOPs
     counted for a norm, no memory growth measured) is left out rather than drawn, and a panel of zeros hidden."""

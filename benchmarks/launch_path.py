@@ -1,0 +1,181 @@
+"""``python -m benchmarks launch-path``: host µs per attention launch on the GPU path, by the layer that spends it.
+
+On a GPU each attention launch (forward, dK/dV, dQ) is autotuned: ``configs.launch`` hands the first launch of a
+key to Triton's autotuner and memoises its pick (``configs._PICKED``), so later launches skip ``Autotuner.run``.
+For the launches of one small causal fp16 attention forward and backward, (1, 2, 16, 64), this times per call:
+
+- ``autotuner``: Triton's ``Autotuner.run`` on a cache hit (what every launch went through before the memo);
+- ``launch``: ``configs.launch``, the whole GPU-path launch (its checks, the memo lookup, the kernel's ``run``);
+- ``kernel``: the kernel's own ``run`` with the picked config (Triton's JIT binder, cache lookup and launcher);
+- ``binder`` (CPU only): Triton's argument binder for these arguments as built for an sm_90 GPU, the part of
+  ``kernel`` that scales with the argument count (a GPU adds its cache lookup and C launcher).
+
+On CPU the GPU path is simulated: the launch code runs as on an H100 (not interpreted, family 90), the autotuner's
+timing is stubbed and so is each kernel's ``run`` (``kernel`` is then ~0: the binder column stands in for it).
+On a GPU every call launches for real and is timed on the host without a sync per call.
+Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
+"""
+import argparse
+import contextlib
+import sys
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+import kernels
+from kernels import _runtime
+from kernels.attention import configs
+from benchmarks import overhead, plots, records
+from benchmarks.device import DeviceInfo, detect
+
+KERNELS = ("fwd", "dkdv", "dq")
+PATHS = ("autotuner", "launch", "kernel", "binder")
+SIMULATED_FAMILY = 90
+
+
+def attention_launches(device: torch.device, dtype: torch.dtype = torch.float16, shape=(1, 2, 16, 64),
+                       **options) -> Dict[str, tuple]:
+    """{kernel: (args, kwargs) of its ``configs.launch``} for one ``kernels.attention(q, k, v, **options)`` forward
+    and backward of ``shape``, captured without launching (only the arguments matter)."""
+    captured = {}
+    real = configs.launch, configs.launch_delta  # the backward's pre-pass too: the outputs are never written
+    configs.launch = lambda kernel, *args, **kwargs: captured.setdefault(kernel, (args, kwargs)) and None
+    configs.launch_delta = lambda *args, **kwargs: None
+    try:
+        q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+        kernels.attention(q, k, v, **options).sum().backward()
+    finally:
+        configs.launch, configs.launch_delta = real
+    return captured
+
+
+def _first_fastest(tuner, *args, config, **kwargs):
+    """A stand-in for ``Autotuner._bench``: the list's first config is the fastest (a GPU's default)."""
+    return [float(tuner.configs.index(config) + 1)] * 3
+
+
+@contextlib.contextmanager
+def simulated_gpu(bench: Callable = _first_fastest, run: Optional[Callable] = None) -> Iterator[None]:
+    """The attention launch code as a GPU of family :data:`SIMULATED_FAMILY` runs it, on CPU tensors (an
+    interpreting process only): not interpreted, the family's autotuners (``bench`` times a config:
+    ``Autotuner._bench``'s signature) and each kernel's ``run`` replaced by ``run`` (default: nothing launches).
+    Autotuners and picks made inside are dropped on leaving."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not _runtime.INTERPRETED:
+        raise RuntimeError("simulated_gpu: for an interpreting process (CPU); a GPU runs the real path")
+    kernel_class = type(configs.KERNELS["fwd"])
+    saved = (_runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED)
+    _runtime.INTERPRETED, configs.device_family, Autotuner._bench = False, lambda device: SIMULATED_FAMILY, bench
+    kernel_class.run = run or (lambda self, *args, grid, warmup, **kwargs: None)
+    configs._PICKED = {}
+    configs._tuned.cache_clear()
+    try:
+        yield
+    finally:
+        _runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED = saved
+        configs._tuned.cache_clear()
+
+
+def _binder(kernel: str, args: tuple, kwargs: dict) -> Optional[Callable[[], object]]:
+    """A call of Triton's JIT argument binder for ``kernel``'s launch as built for sm_90, or None where this
+    Triton's internals differ (the binder is not public API)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        jit = JITFunction(configs.KERNELS[kernel].fn)
+        bind = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+        options = dict(kwargs, debug=False, instrumentation_mode="")
+        bind(*args, **options)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    return lambda: bind(*args, **options)
+
+
+def _calls(kernel: str, launch: tuple, simulated: bool) -> Dict[str, Callable[[], object]]:
+    """{path: a zero-argument call} of one kernel's launch (after it was tuned and memoised)."""
+    args, options = launch
+    rows, heads, runtime_args, meta = args[:4]
+    configs.launch(kernel, *args, **options)  # tunes (first sight) and memoises the pick
+    tuner = configs.autotuner(kernel, runtime_args, meta, args[4], **options)
+    block = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+    picked = tuner.best_config.all_kwargs()
+    fixed_grid = configs.grid(rows, heads, picked[block])
+    calls = {
+        "autotuner": lambda: tuner.run(*runtime_args, grid=lambda m: configs.grid(rows, heads, m[block]),
+                                       warmup=False, **meta),
+        "launch": lambda: configs.launch(kernel, *args, **options),
+        "kernel": lambda: configs.KERNELS[kernel].run(*runtime_args, grid=fixed_grid, warmup=False, **meta,
+                                                      **picked)}
+    binder = _binder(kernel, runtime_args, dict(meta, **picked)) if simulated else None
+    if binder is not None:
+        calls["binder"] = binder
+    return calls
+
+
+def measure(device: DeviceInfo, repeats: int = 7, calls: int = 200) -> List[dict]:
+    """One record per (kernel, path): min µs per call over ``repeats`` interleaved rounds of ``calls`` calls."""
+    dev = device.torch_device
+    simulated = dev.type == "cpu"
+    launches = attention_launches(dev, causal=True)
+    best: Dict[tuple, float] = {}
+    with simulated_gpu() if simulated else contextlib.nullcontext():
+        timed = {(kernel, path): call for kernel in KERNELS
+                 for path, call in _calls(kernel, launches[kernel], simulated).items()}
+        for call in timed.values():
+            call()
+        for _ in range(repeats):
+            for key, call in timed.items():
+                best[key] = min(best.get(key, float("inf")), overhead.time_call(call, dev, calls))
+    how = f"simulated sm_{SIMULATED_FAMILY} path, launches stubbed" if simulated else "real launches, host time"
+    return [{"kernel": kernel, "path": path, "us_per_call": round(us, 2), "how": how}
+            for (kernel, path), us in best.items()]
+
+
+def format_table(recs: List[dict]) -> str:
+    """One line per kernel: µs per call of each path, and what the memo saves per launch."""
+    by = {(r["kernel"], r["path"]): r["us_per_call"] for r in recs}
+    paths = [p for p in PATHS if any(r["path"] == p for r in recs)]
+    lines = [f"{'kernel':8}" + "".join(f"{p + ' µs':>14}" for p in paths) + f"{'saved per launch µs':>22}"]
+    for kernel in KERNELS:
+        saved = by[kernel, "autotuner"] - (by[kernel, "launch"] - by[kernel, "kernel"])
+        lines.append(f"{kernel:8}" + "".join(f"{by[kernel, p]:14.1f}" for p in paths) + f"{saved:22.1f}")
+    return "\n".join(lines)
+
+
+def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
+    """Grouped bars of each path's µs per launch, per kernel: [png], or [] without matplotlib."""
+    if not plots.have_pyplot():
+        return []
+    plt = plots.plt
+    paths = [p for p in PATHS if any(r["path"] == p for r in recs)]
+    by = {(r["kernel"], r["path"]): r["us_per_call"] for r in recs}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(paths)
+    for i, path in enumerate(paths):
+        ax.bar([x + i * width for x in range(len(KERNELS))], [by[k, path] for k in KERNELS], width, label=path)
+    ax.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(KERNELS))], KERNELS)
+    ax.set_ylabel("host µs per launch")
+    ax.set_title(f"Attention launch path on {device.name} ({recs[0]['how']})")
+    ax.legend()
+    return plots.save(fig, out, "launch_path.png")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks launch-path", description=__doc__)
+    parser.add_argument("--out", default="results", help="folder for launch_path.json/.csv/.png")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a CI-sized run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    device = detect()
+    recs = measure(device, repeats=2 if args.quick else 7, calls=10 if args.quick else 200)
+    print(f"device: {device.name}  ({recs[0]['how']})", flush=True)
+    records.report(args.out, "launch_path", device, {**vars(args), "command": "launch-path"}, recs,
+                   format_table(recs), plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
