@@ -1,19 +1,21 @@
-"""``python -m benchmarks launch-path``: host µs per attention launch on the GPU path, by the layer that spends it.
+"""``python -m benchmarks launch-path``: host µs per attention launch on the GPU path, with and without the memo.
 
 On a GPU each attention launch (forward, dK/dV, dQ) is autotuned: ``configs.launch`` hands the first launch of a
-key to Triton's autotuner and memoises its pick (``configs._PICKED``), so later launches skip ``Autotuner.run``.
-For the launches of one small causal fp16 attention forward and backward, (1, 2, 16, 64), this times per call:
+key to Triton's autotuner and memoises its pick (``configs._PICKED``), so later launches skip ``Autotuner.run``,
+which rebuilds its key from every argument on each call. For the launches of one small causal fp16 attention
+forward and backward, (1, 2, 16, 64), this times per call:
 
-- ``autotuner``: Triton's ``Autotuner.run`` on a cache hit (what every launch went through before the memo);
-- ``launch``: ``configs.launch``, the whole GPU-path launch (its checks, the memo lookup, the kernel's ``run``);
-- ``kernel``: the kernel's own ``run`` with the picked config (Triton's JIT binder, cache lookup and launcher);
+- ``no_memo``: ``configs.launch`` with a memo that keeps nothing, so every call goes through Triton's autotuner
+  (a cache hit there): the launch as it was before the memo;
+- ``launch``: ``configs.launch`` as it is (its checks, the memo lookup, the kernel's ``run``);
+- ``run``: the kernel's own ``run`` with the picked config (on a GPU Triton's JIT binder, cache lookup and
+  launcher; simulated, only the call);
 - ``binder`` (CPU only): Triton's argument binder for these arguments as built for an sm_90 GPU, the part of
-  ``kernel`` that scales with the argument count (a GPU adds its cache lookup and C launcher).
+  ``run`` that scales with the argument count (a GPU adds its cache lookup and C launcher).
 
 On CPU the GPU path is simulated: the launch code runs as on an H100 (not interpreted, family 90), the autotuner's
-timing is stubbed and so is each kernel's ``run`` (``kernel`` is then ~0: the binder column stands in for it).
-On a GPU every call launches for real and is timed on the host without a sync per call.
-Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
+timing is stubbed and so is each kernel's ``run``. On a GPU every call launches for real and is timed on the host
+without a sync per call. Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
 """
 import argparse
 import contextlib
@@ -29,7 +31,7 @@ from benchmarks import overhead, plots, records
 from benchmarks.device import DeviceInfo, detect
 
 KERNELS = ("fwd", "dkdv", "dq")
-PATHS = ("autotuner", "launch", "kernel", "binder")
+PATHS = ("no_memo", "launch", "run", "binder")
 SIMULATED_FAMILY = 90
 
 
@@ -94,21 +96,33 @@ def _binder(kernel: str, args: tuple, kwargs: dict) -> Optional[Callable[[], obj
     return lambda: bind(*args, **options)
 
 
+class _Forgetful(dict):
+    """A memo that keeps nothing: every launch goes through the autotuner."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _without_memo(kernel: str, args: tuple, options: dict) -> object:
+    saved, configs._PICKED = configs._PICKED, _Forgetful()
+    try:
+        return configs.launch(kernel, *args, **options)
+    finally:
+        configs._PICKED = saved
+
+
 def _calls(kernel: str, launch: tuple, simulated: bool) -> Dict[str, Callable[[], object]]:
     """{path: a zero-argument call} of one kernel's launch (after it was tuned and memoised)."""
     args, options = launch
     rows, heads, runtime_args, meta = args[:4]
+    configs._PICKED.clear()  # (a GPU's autotuner keeps its own cache: the next launches take their picks again)
     configs.launch(kernel, *args, **options)  # tunes (first sight) and memoises the pick
-    tuner = configs.autotuner(kernel, runtime_args, meta, args[4], **options)
-    block = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
-    picked = tuner.best_config.all_kwargs()
-    fixed_grid = configs.grid(rows, heads, picked[block])
-    calls = {
-        "autotuner": lambda: tuner.run(*runtime_args, grid=lambda m: configs.grid(rows, heads, m[block]),
-                                       warmup=False, **meta),
-        "launch": lambda: configs.launch(kernel, *args, **options),
-        "kernel": lambda: configs.KERNELS[kernel].run(*runtime_args, grid=fixed_grid, warmup=False, **meta,
-                                                      **picked)}
+    picked, = configs._PICKED.values()
+    fixed_grid = configs.grid(rows, heads, picked["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])
+    calls = {"no_memo": lambda: _without_memo(kernel, args, options),
+             "launch": lambda: configs.launch(kernel, *args, **options),
+             "run": lambda: configs.KERNELS[kernel].run(*runtime_args, grid=fixed_grid, warmup=False, **meta,
+                                                        **picked)}
     binder = _binder(kernel, runtime_args, dict(meta, **picked)) if simulated else None
     if binder is not None:
         calls["binder"] = binder
@@ -135,12 +149,12 @@ def measure(device: DeviceInfo, repeats: int = 7, calls: int = 200) -> List[dict
 
 
 def format_table(recs: List[dict]) -> str:
-    """One line per kernel: µs per call of each path, and what the memo saves per launch."""
+    """One line per kernel: µs per call of each path, and what the memo saves per launch (no_memo - launch)."""
     by = {(r["kernel"], r["path"]): r["us_per_call"] for r in recs}
     paths = [p for p in PATHS if any(r["path"] == p for r in recs)]
     lines = [f"{'kernel':8}" + "".join(f"{p + ' µs':>14}" for p in paths) + f"{'saved per launch µs':>22}"]
     for kernel in KERNELS:
-        saved = by[kernel, "autotuner"] - (by[kernel, "launch"] - by[kernel, "kernel"])
+        saved = by[kernel, "no_memo"] - by[kernel, "launch"]
         lines.append(f"{kernel:8}" + "".join(f"{by[kernel, p]:14.1f}" for p in paths) + f"{saved:22.1f}")
     return "\n".join(lines)
 

@@ -382,19 +382,21 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
             _ensure_scratch_allocator()
         KERNELS[kernel].run(*args, grid=grid(rows, heads, config[block]), warmup=False, **meta, **config)
         return
-    family = device_family(args[0].device)
-    on_tma = uses_tma(family, args[0].dtype == torch.float32) and tma_legal(*tma, seq_first=seq_first)
+    family, fp32 = device_family(args[0].device), args[0].dtype == torch.float32
+    on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
     if on_tma:
         _ensure_scratch_allocator()
     grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
-    # what selects the autotuner (the head dim and specialisation are in meta) and what it keys on
-    key = (kernel, family, on_tma, dropout, _length_bucket(lengths[0]), _length_bucket(lengths[1]), args[0].dtype,
-           args[3].dtype, tuple(map(type, args)), *meta.values())
+    buckets = (_length_bucket(lengths[0]), _length_bucket(lengths[1]))
+    # what selects the autotuner (the head dim and specialisation are in meta), then what it keys on
+    key = (kernel, family, on_tma, dropout, buckets, args[0].dtype, args[3].dtype, tuple(map(type, args)),
+           *meta.values())
     picked = _PICKED.get(key)
     if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
-        tuned = autotuner(kernel, args, meta, lengths, tma, dropout, seq_first)
+        tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout), buckets,
+                       on_tma)
         tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
-        _PICKED[key] = picked = tuned.best_config.all_kwargs()
+        _PICKED[key] = tuned.best_config.all_kwargs()
         return
     KERNELS[kernel].run(*args, grid=grid(rows, heads, picked[block]), warmup=False, **meta, **picked)
 
@@ -405,26 +407,12 @@ _PICKED: Dict[tuple, dict] = {}
 arguments), the dtypes of q and of the fourth tensor (out, or the backward's dO), the types of the runtime
 arguments (None where a variant's pointer is off) and the compile-time arguments: later launches with that key go
 straight to the kernel. Why: Triton's ``Autotuner.run`` rebuilds its key from every argument on each call (dicts of
-~60 names, a list search per name, each tensor's dtype as a string), ~23 us of host time per cache hit on CPU with
-Triton 3.8 (``python -m benchmarks launch-path``), more than the rest of our host path. The key is at least as fine
-as the autotuner's (its tuning key plus every tensor's dtype: k, v and the outputs take q's, the others' are fixed
-by the checks), so a launch runs the config the autotuner would give it; and any config of the autotuner is a legal
-launch (each holds one specialisation's list, TMA only where the tensors allow it), so even a ``best_config``
-raced by another thread would only cost speed."""
-
-
-def autotuner(kernel: str, args: tuple, meta: dict, lengths: Tuple[int, int], tma: Tuple[torch.Tensor, ...],
-              dropout: bool = False, seq_first: bool = False):
-    """The autotuner (:func:`_tuned`) of a GPU launch with :func:`launch`'s arguments: its device's family, the
-    launch's specialisation and length buckets, TMA where the family uses it and ``tma`` is legal for it (the
-    scratch allocator then set)."""
-    fp32 = args[0].dtype == torch.float32
-    family = device_family(args[0].device)
-    on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
-    if on_tma:
-        _ensure_scratch_allocator()
-    return _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout),
-                  tuple(_length_bucket(n) for n in lengths), on_tma)
+~60 names, a list search per name, each tensor's dtype as a string), ~20-25 us of host time per cache hit on CPU
+with Triton 3.8 (``python -m benchmarks launch-path``), more than the rest of our host path. The key is at least as
+fine as the autotuner's (its tuning key plus every tensor's dtype: k, v and the outputs take q's, the others' are
+fixed by the checks), so a launch runs the config the autotuner would give it; and any config of the autotuner is a
+legal launch (each holds one specialisation's list, TMA only where the tensors allow it), so even a
+``best_config`` raced by another thread would only cost speed."""
 
 
 def _check_mask_tile(kernel: str, config: dict) -> None:
