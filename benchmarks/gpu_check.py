@@ -13,7 +13,8 @@ phase's budget is spent is recorded as "skipped" with the reason:
    and % of the GPU's HBM peak (layer norm's fwd+bwd also with its backward on one program per SM,
    :data:`ONE_PER_SM`);
 3. ``overhead``: issue #19's GPU goals as pass/fail lines, host µs per call with real launches on tiny inputs for
-   every op of ``benchmarks.overhead.cases``, and where our calls' host time goes (cProfile);
+   every op of ``benchmarks.overhead.cases``, where our calls' host time goes (cProfile), and one attention
+   launch's host time with and without the autotuner's memo (``benchmarks.launch_path``);
 4. ``model``: ``benchmarks.model.run`` (training, prefill, decoding), ours against torch, until its deadline;
 5. ``configs``: every registered build (``kernels.registry.all_builds``) run against the float64 reference by the
    tests' tolerance rule (``tests/tolerance.py``);
@@ -409,7 +410,23 @@ def time_overhead(device: DeviceInfo, budget: Budget, names: Optional[Sequence[s
         recs += within(budget, names, lambda name: host_times(device, name), of_op("host"))
         recs += within(budget, names, lambda name: profile_call(
             name, overhead._with_backward(table[name][0]), device.torch_device), of_op("profile"))
+    recs += within(budget, ["attention"], lambda _: launch_layers(device), lambda _: {"phase": "overhead",
+                                                                                    "kind": "launch"})
     return recs
+
+
+def launch_layers(device: DeviceInfo) -> List[dict]:
+    """``benchmarks.launch_path.measure``: host µs of one attention launch per kernel, without the autotuner's
+    memo, with it, and the kernel's ``run`` alone (real launches on a GPU, a simulated sm_90 path on CPU); one
+    "error" record with the reason if it fails (the phase's other records stand)."""
+    from benchmarks import launch_path
+
+    try:
+        recs = launch_path.measure(device, OVERHEAD_REPEATS, OVERHEAD_CALLS)
+    except Exception as error:  # noqa: BLE001  (recorded: a GPU run is not repeated for one table)
+        return [{"phase": "overhead", "kind": "launch", "status": "error",
+                 "reason": f"{type(error).__name__}: {error}"[:300]}]
+    return [{**r, "phase": "overhead", "kind": "launch", "status": "ok"} for r in recs]
 
 
 # ---------------------------------------------------------------------------------------------- phase 4: model
@@ -1030,7 +1047,21 @@ def _overhead_section(recs: List[dict], doc: dict) -> str:
         ["op", "µs per call", "largest own times"],
         [(r["op"], r.get("us_per_call", r["status"]),
           "; ".join(f"{t['function']} {t['own_us']}" for t in r.get("top", [])[:4])) for r in kind["profile"]]))
+    parts += _launch_part([r for r in recs if r["kind"] == "launch"])
     return "\n\n".join(parts)
+
+
+def _launch_part(recs: List[dict]) -> List[str]:
+    """The attention launch layers (``benchmarks launch-path``) as one row per kernel, or why they are missing."""
+    if not recs:
+        return []
+    if recs[0]["status"] != "ok":
+        return [f"Attention launch layers: {recs[0]['status']}: {recs[0].get('reason')}"]
+    by = {(r["kernel"], r["path"]): r["us_per_call"] for r in recs}
+    paths = list(dict.fromkeys(r["path"] for r in recs))
+    return [f"Attention launch layers (`benchmarks launch-path`, {recs[0]['how']}; host µs per launch):\n\n"
+            + _table(["kernel", *paths], [(kernel, *(by[kernel, path] for path in paths))
+                                          for kernel in dict.fromkeys(r["kernel"] for r in recs)])]
 
 
 def _model_section(recs: List[dict], doc: dict) -> str:

@@ -14,8 +14,8 @@ forward and backward, (1, 2, 16, 64), this times per call:
   ``run`` that scales with the argument count (a GPU adds its cache lookup and C launcher).
 
 On CPU the GPU path is simulated: the launch code runs as on an H100 (not interpreted, family 90), the autotuner's
-timing is stubbed and so is each kernel's ``run``. On a GPU every call launches for real and is timed on the host
-without a sync per call. Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
+timing is stubbed and so is each kernel's ``run``. On a GPU every call launches for real: the time is that of
+back-to-back launches synchronised at the end, host-bound for kernels this small. Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
 """
 import argparse
 import contextlib
@@ -143,7 +143,7 @@ def measure(device: DeviceInfo, repeats: int = 7, calls: int = 200) -> List[dict
         for _ in range(repeats):
             for key, call in timed.items():
                 best[key] = min(best.get(key, float("inf")), overhead.time_call(call, dev, calls))
-    how = f"simulated sm_{SIMULATED_FAMILY} path, launches stubbed" if simulated else "real launches, host time"
+    how = f"simulated sm_{SIMULATED_FAMILY} path, launches stubbed" if simulated else "real launches, back to back"
     return [{"kernel": kernel, "path": path, "us_per_call": round(us, 2), "how": how}
             for (kernel, path), us in best.items()]
 

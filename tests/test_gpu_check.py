@@ -330,11 +330,28 @@ def test_overhead_phase_gives_goal_lines_host_times_and_profiles(monkeypatch):
     profiles = [r for r in recs if r["kind"] == "profile"]
     assert [r["op"] for r in profiles] == ["softmax", "attention"]
     assert all(len(r["top"]) == gpu_check.OVERHEAD_TOP and "(" in r["top"][0]["function"] for r in profiles)
+    launches = [r for r in recs if r["kind"] == "launch"]
+    assert {(r["kernel"], r["path"]) for r in launches} == {
+        (kernel, path) for kernel in ("fwd", "dkdv", "dq") for path in ("no_memo", "launch", "run", "binder")}
+    assert all(r["status"] == "ok" and r["us_per_call"] > 0 for r in launches)
     text = gpu_check._overhead_section(recs, {})
     assert "| softmax | forward+backward | " in text and ("- MET: " in text or "- MISSED: " in text)
+    assert "| kernel | no_memo | launch | run | binder |" in text and "\n| dkdv | " in text
     spent = gpu_check.time_overhead(detect(), gpu_check.Budget(0.0), names=["softmax"])
-    assert [(r["kind"], r["status"]) for r in spent] == [("goal", "skipped")] * 7 + [("host", "skipped"),
-                                                                                   ("profile", "skipped")]
+    assert [(r["kind"], r["status"]) for r in spent] == [("goal", "skipped")] * 7 + [
+        ("host", "skipped"), ("profile", "skipped"), ("launch", "skipped")]
+
+
+def test_overhead_phase_records_a_failing_launch_table_and_goes_on(monkeypatch):
+    from benchmarks import launch_path
+
+    def fail(*args):
+        raise RuntimeError("no launcher")
+    monkeypatch.setattr(launch_path, "measure", fail)
+    recs = gpu_check.launch_layers(detect())
+    assert recs == [{"phase": "overhead", "kind": "launch", "status": "error",
+                     "reason": "RuntimeError: no launcher"}]
+    assert "Attention launch layers: error: RuntimeError: no launcher" in gpu_check._overhead_section(recs, {})
 
 
 # ---------------------------------------------------------------------------------------------- phase 4: model
