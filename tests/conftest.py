@@ -38,3 +38,15 @@ def worker_id(request):
 def device():
     """Where the kernels run in this process: cuda on a GPU machine, cpu under the interpreter."""
     return torch.device("cpu" if kernels.INTERPRETED else "cuda")
+
+
+@pytest.fixture
+def dead_wrapper():
+    """``make(x)``: the functorch wrapper of ``x`` that a finished ``torch.func.grad`` leaves behind (a tensor
+    leaked out of the transform), which ``Function.apply`` unwraps outside transforms."""
+    def make(x: torch.Tensor) -> torch.Tensor:
+        leaked = []
+        torch.func.grad(lambda t: leaked.append(t) or t.sum())(x)
+        assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+        return leaked[0]
+    return make

@@ -100,21 +100,20 @@ def _counting_function():
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_inference_calls_the_forward_without_the_function(context):
+def test_inference_calls_the_forward_without_the_function(context, dead_wrapper):
     """Under no_grad / inference_mode nothing is recorded, so the forward runs alone (no Function.apply, ~5 µs of
     host time), still without grad and on plain tensors (a dead functorch wrapper unwrapped, as apply does)."""
     double, seen = _counting_function()
-    leaked = []
-    torch.func.grad(lambda t: leaked.append(t) or t.sum())(torch.randn(3))
+    leaked = dead_wrapper(torch.randn(3))
     x = torch.randn(3, requires_grad=True)
     with context():
         y = double(x)
-        z = double(leaked[0])
+        z = double(leaked)
     assert seen["setup"] == 0 and seen["grad_mode"] == [False, False]
     assert not y.requires_grad and y.grad_fn is None
     torch.testing.assert_close(y, 2 * x.detach())
     assert not torch._C._functorch.is_functorch_wrapped_tensor(seen["inputs"][1])
-    torch.testing.assert_close(z, 2 * torch._C._functorch.unwrap_if_dead(leaked[0]))
+    torch.testing.assert_close(z, 2 * torch._C._functorch.unwrap_if_dead(leaked))
 
 
 def test_grad_mode_and_forward_ad_still_go_through_the_function():
