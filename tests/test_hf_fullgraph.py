@@ -4,7 +4,7 @@ cannot do (fullgraph raised Unsupported at ``__closure__``)."""
 import pytest
 import torch
 
-from test_hf import kernel_only, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import _packed_batch, kernel_only, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -81,6 +81,34 @@ def test_a_mask_function_reading_a_tensor_compiles_in_one_graph_with_the_eager_l
     patch(model)
     got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, use_cache=use_cache).logits
     got.square().mean().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_padding_free_training_with_cu_seq_lens_compiles_in_one_graph(use_cache, device, monkeypatch):
+    """DataCollatorWithFlattening's batch (position_ids restarting at 0 and the cu_seq_lens/max_length keywords)
+    through a compiled model gives the packed sequences' logits and gradients (the unpatched model's without a
+    cache: with one it ignores the packing). With a cache transformers' mask is the causal
+    pattern and the keywords run attention_varlen; without one (use_cache=False, as under gradient checkpointing)
+    transformers ands its packed-sequence check into a traced mask, which runs as transformers' SDPA path would
+    (it raised 'cu_seq_lens_q (packed sequences) together with a padding mask', stopping fullgraph)."""
+    model = tiny_llama().to(device)
+    ids, position_ids = _packed_batch([5, 1, 7], device)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32, device=device)
+    packed = dict(position_ids=position_ids, use_cache=use_cache, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=7, max_length_k=7)
+    expected = model(ids, **dict(packed, use_cache=False)).logits  # the unpatched model packs without a cache only
+    expected.square().mean().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    patch(model)
+    calls, varlen = [], hf.attention_varlen
+    monkeypatch.setattr(hf, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, **packed).logits
+    got.square().mean().backward()
+    assert len(calls) == (model.config.num_hidden_layers if use_cache else 0)  # traced once per layer
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)

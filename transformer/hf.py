@@ -614,11 +614,15 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
     # as transformers' SDPA path: under autocast a fp32 model's rotary gives fp32 q and k but a bf16/fp16 v
     query, key, value = as_autocast_takes(query, key, value)
-    if isinstance(attention_mask, torch.Tensor) and not is_tracing(attention_mask):
+    traced_mask = isinstance(attention_mask, torch.Tensor) and is_tracing(attention_mask)
+    if isinstance(attention_mask, torch.Tensor) and not traced_mask:
         attention_mask = _KERNEL_MASKS.get(attention_mask, attention_mask)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     variants = dict(softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout)
-    if cu_seq_lens_q is not None:
+    # A traced mask with cu_seq_lens: transformers' own, which under torch.compile always ands in its packed-sequence
+    # check (position_ids, no cache) and may hold more (padding, chunks) that no probe can read there; it runs as
+    # any traced mask below (torch's SDPA, transformers' SDPA path's result)
+    if cu_seq_lens_q is not None and not traced_mask:
         # transformers finds packing itself only without a cache: with one (use_cache's default) the mask is the
         # plain (sliding) causal pattern, no padding, and the cu_seq_lens keywords alone say where sequences start
         if attention_mask is not None and not (isinstance(attention_mask, KernelMask) and (
