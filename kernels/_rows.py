@@ -86,15 +86,14 @@ def autocasts_to_fp32(x: torch.Tensor) -> bool:
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-_DTENSOR_CLASS = []  # [the class or None] once looked up: a plain global, which dynamo traces (no lru_cache warning)
+def _dtensor_class():
+    """torch's DTensor class; None where torch is built without torch.distributed."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor  # (kernels.distributed imports it anyway)
+    return DTensor
 
 
-def dtensor_class():
-    """torch's DTensor class; None where torch is built without torch.distributed. Looked up once."""
-    if not _DTENSOR_CLASS:
-        if torch.distributed.is_available():
-            from torch.distributed.tensor import DTensor
-            _DTENSOR_CLASS.append(DTensor)
-        else:
-            _DTENSOR_CLASS.append(None)
-    return _DTENSOR_CLASS[0]
+DTENSOR = _dtensor_class()
+"""torch's DTensor class or None, looked up at import: a lookup on first use mutated a global inside the first
+traced call, which torch.compile refuses inside a higher-order op (a gradient-checkpointed layer)."""

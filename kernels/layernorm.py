@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import autograd_function
-from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
+from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride, warps_for)
 from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count,
                               vmap_active)
@@ -944,9 +944,8 @@ def _kernels_take(x, weight, bias) -> bool:
 
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
     shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
-    dtensor = dtensor_class()
-    if dtensor is not None and (isinstance(x, dtensor) or isinstance(residual, dtensor) or isinstance(weight, dtensor)
-                                or isinstance(bias, dtensor)):
+    if DTENSOR is not None and (isinstance(x, DTENSOR) or isinstance(residual, DTENSOR)
+                                or isinstance(weight, DTENSOR) or isinstance(bias, DTENSOR)):
         return _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     if residual is not None and residual.dtype != x.dtype:  # h = x + residual in the promoted dtype, as torch's add
         # (of same-shape tensors, torch.result_type's answer, which torch.compile(fullgraph=True) cannot trace)

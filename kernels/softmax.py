@@ -27,7 +27,7 @@ from torch.autograd import forward_ad
 from kernels import reference
 from kernels.attention.checks import check_flag, check_scale
 from kernels._autograd import autograd_function
-from kernels._rows import (LANES, autocasts_to_fp32, dtensor_class, empty_rows_like, lanes_of, row_config,
+from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, functorch_levels, kernel_runs_on, launch_device,
                               vmap_active)
@@ -341,7 +341,7 @@ def _on_local_rows(x, dim, scale, causal, log, dtype):
 
 
 def _apply(x, dim, scale, causal, log, dtype):
-    if type(x) is not _TENSOR and isinstance(x, dtensor_class() or ()):  # (a plain tensor: one type check)
+    if type(x) is not _TENSOR and isinstance(x, DTENSOR or ()):  # (a plain tensor: one type check)
         return _on_local_rows(x, dim, scale, causal, log, dtype)
     if dtype is not None:  # torch's dtype=: x cast before the op, which CUDA autocast then leaves in that dtype
         x = x.to(dtype)
