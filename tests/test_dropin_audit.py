@@ -64,22 +64,76 @@ def test_multihead_attention_runs_the_kernel_and_matches_torch(monkeypatch, devi
     _assert_all_close(got, expected)
 
 
-def test_multihead_attention_masks_reach_torch_as_float_masks(monkeypatch, device, kernel_calls):
-    """nn.MultiheadAttention turns a bool key_padding_mask into an additive float mask before SDPA, so torch runs
-    it (the shim takes bool masks only); with is_causal and an attn_mask but no padding mask it passes is_causal
-    alone, which the kernel runs."""
+def test_multihead_attention_masks_run_the_kernel_as_their_float_masks(monkeypatch, device, kernel_calls):
+    """nn.MultiheadAttention turns a bool key_padding_mask (and attn_mask) into an additive (B, H, 1 or Nq, Nk)
+    float mask of 0 and -inf before SDPA: the same mask as a bool one, so the kernel runs it (it went to torch when
+    the shim took bool masks only); with is_causal and an attn_mask but no padding mask it passes is_causal alone.
+    Outputs and gradients equal torch's."""
     def run(padding: bool):
         mha = nn.MultiheadAttention(8, 2, batch_first=True, device=device)
-        x = torch.randn(2, 4, 8, device=device)
+        x = torch.randn(2, 4, 8, device=device, requires_grad=True)
         pad = torch.tensor([[False] * 4, [False, False, True, True]], device=device) if padding else None
         causal = torch.ones(4, 4, dtype=torch.bool, device=device).triu(1)  # True: not allowed to attend
-        return mha(x, x, x, key_padding_mask=pad, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        out = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        return out, *torch.autograd.grad(out.square().sum(), (x, mha.in_proj_weight))
 
-    for padding, kernel_runs in ((True, 0), (False, 1)):
+    for padding in (True, False):
         kernel_calls.clear()
         expected, got = _with_each_sdpa(monkeypatch, lambda: run(padding))
-        assert len(kernel_calls) == kernel_runs
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+        assert len(kernel_calls) == 1
+        _assert_all_close(got, expected)
+
+
+def test_encoder_layer_with_a_padding_mask_trains_through_the_kernel(monkeypatch, device, kernel_calls):
+    """src_key_padding_mask alone and with a causal src_mask (both float (B, H, ...) masks of 0 and -inf by the time
+    they reach SDPA), a row that sees no key included: torch's outputs (zeros there) and gradients."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, device=device)
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+    pad = torch.zeros(3, 5, dtype=torch.bool, device=device)
+    pad[1, 3:] = True
+    pad[2, :] = True  # every key padded: each row of batch 2 sees nothing
+
+    for causal in (None, nn.Transformer.generate_square_subsequent_mask(5, device=device)):
+        def train_step():
+            out = layer.train()(x, src_mask=causal, src_key_padding_mask=pad)
+            return out, *torch.autograd.grad(out.nan_to_num().square().sum(), (x, layer.self_attn.in_proj_weight))
+        kernel_calls.clear()
+        expected, got = _with_each_sdpa(monkeypatch, train_step)
+        assert len(kernel_calls) == 1
+        _assert_all_close(got, expected)
+
+
+@pytest.mark.parametrize("case", ["additive -10000", "another dtype", "a bias with a gradient", "heads differ",
+                                  "nan"])
+def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):
+    """Float masks with values other than 0 and -inf (an additive -10000, a bias), of another dtype than q's, that
+    require grad (torch gives the mask its gradient), or whose heads differ: torch's SDPA runs them, as before."""
+    q, k, v = (torch.randn(2, 2, 5, 8, device=device) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5, device=device) > 0.3
+    mask = torch.zeros(2, 1, 5, 5, device=device).masked_fill(~keep, float("-inf"))
+    mask = {"additive -10000": mask.clamp(min=-10000.0), "another dtype": mask.double(),
+            "a bias with a gradient": mask.clone().requires_grad_(), "nan": mask.masked_fill(~keep, float("nan")),
+            "heads differ": torch.cat([mask, torch.zeros_like(mask)], 1)}[case]
+    try:
+        expected = sdpa._TORCH_SDPA(q, k, v, attn_mask=mask)
+    except RuntimeError as error:  # torch's own error for a mask of another dtype
+        with pytest.raises(RuntimeError, match=str(error).split("\n")[0][:40]):
+            kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected,
+                                   equal_nan=True)
+    assert not kernel_calls
+
+
+def test_a_mask_of_equal_heads_runs_the_kernel(device, kernel_calls):
+    """A (B, H, Nq, Nk) bool or 0/-inf float mask whose heads are all the same key-padding-and-causal mask."""
+    q, k, v = (torch.randn(2, 3, 5, 8, device=device) for _ in range(3))
+    keep = (torch.rand(2, 1, 1, 5, device=device) > 0.3) & torch.ones(5, 5, dtype=torch.bool, device=device).tril()
+    for mask in (keep.expand(2, 3, 5, 5), torch.zeros(2, 3, 5, 5, device=device).masked_fill(~keep, float("-inf"))):
+        kernel_calls.clear()
+        torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                   sdpa._TORCH_SDPA(q, k, v, attn_mask=mask), atol=2e-6, rtol=2e-5)
+        assert len(kernel_calls) == 1
 
 
 def test_encoder_layer_trains_through_the_kernel_and_its_eval_fast_path_bypasses_sdpa(monkeypatch, device,

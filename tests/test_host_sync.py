@@ -21,7 +21,7 @@ def test_the_detector_sees_a_read():
     from kernels.attention import sdpa
 
     with host_reads() as seen:
-        sdpa._mask_plan(torch.ones(1, 1, 3, 3, dtype=torch.bool), 1, 3, 3, torch.device("cpu"))
+        sdpa._mask_plan(torch.ones(1, 1, 3, 3, dtype=torch.bool), 1, 1, 3, 3, torch.device("cpu"), torch.float32)
     assert len(seen) == 1 and "tolist" in seen[0]
 
 

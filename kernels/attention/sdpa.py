@@ -1,8 +1,8 @@
 """``scaled_dot_product_attention``: a drop-in for torch's function that runs the fused kernel where it can.
 
-It recognises the bool masks Hugging Face and most code build for padded batches (a per-batch key mask, AND
-optionally a top-left or bottom-right causal mask or a sliding window) and hands everything else to torch's own
-function.
+It recognises the masks Hugging Face, nn.MultiheadAttention and most code build for padded batches (a per-batch
+key mask, AND optionally a top-left or bottom-right causal mask or a sliding window; bool, or float of 0 and -inf)
+and hands everything else to torch's own function.
 """
 from typing import Optional, Tuple
 
@@ -21,21 +21,32 @@ shim is assigned over it, so a reload of this module (IPython's autoreload) woul
 its fallback would recurse into itself."""
 
 
-def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
-               device: torch.device) -> Optional[Tuple]:
+def _mask_plan(attn_mask: torch.Tensor, batch: int, heads: int, n_q: int, n_k: int, device: torch.device,
+               dtype: torch.dtype) -> Optional[Tuple]:
     """(VariantTensors with the key range and padding mask, (causal, causal_shift, window_left, window_right) of
-    the AttentionVariant) if a bool SDPA mask is exactly
-    "a key mask per batch row, AND optionally a top-left or bottom-right causal mask", or "a key mask AND a band
-    of diagonals" (a sliding window, as Hugging Face builds), else None. Every candidate is compared on the device
-    and the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
-    if attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
+    the AttentionVariant) if an SDPA mask is exactly "a key mask per batch row, AND optionally a top-left or
+    bottom-right causal mask", or "a key mask AND a band of diagonals" (a sliding window, as Hugging Face builds),
+    the same for every head, else None. A bool mask (True: visible) or a float one of q's ``dtype`` whose entries
+    are all 0 (visible) or -inf (hidden), which is the same mask to torch (nn.MultiheadAttention hands a padding
+    or causal mask over as such a (B, H, 1 or Nq, Nk) float mask). Every candidate is compared on the device and
+    the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
+    floating = attn_mask.dtype != torch.bool
+    if floating and (attn_mask.dtype != dtype or attn_mask.requires_grad):
+        return None  # torch takes another dtype's mask or says why not; a mask with a gradient is a bias
+    if not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     if 0 in (batch, n_q, n_k):
         return None  # no entry to read the band's extreme offsets from; torch's result is empty or zeros
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2] not in (1, n_q) or mask.shape[3] != n_k:
+    if (mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads) or mask.shape[2] not in (1, n_q)
+            or mask.shape[3] != n_k):
         return None
-    mask = mask[:, 0].expand(batch, n_q, n_k)
+    first = mask[:, :1]
+    verdicts = [(mask == first).all()] if mask.shape[1] > 1 else []  # every head's mask the first's
+    if floating:
+        verdicts.append(((first == 0) | (first == float("-inf"))).all())  # 0 or -inf only: a bool mask
+        first = first == 0
+    mask = first[:, 0].expand(batch, n_q, n_k)
     keys = mask.any(1)  # a key some query sees: under a causal mask the last query row sees every visible key
     offset = torch.arange(n_k, device=device) - torch.arange(n_q, device=device)[:, None]  # j - i
     # A band lo <= j - i <= hi (the kernel's window (hi - lo, 0) about the diagonal shift = hi) from the extreme
@@ -44,8 +55,10 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, n_q: int, n_k: int,
     hi = torch.where(mask, offset, -n_q).amax()
     candidates = (keys[:, None, :], keys[:, None, :] & (offset <= 0), keys[:, None, :] & (offset <= n_k - n_q),
                   keys[:, None, :] & (offset >= lo) & (offset <= hi))
-    verdicts = [keys.all(), *((mask == c).all() for c in candidates)]
-    all_keys, plain, top_left, bottom_right, band, lo, hi = torch.stack([*verdicts, lo, hi]).tolist()
+    verdicts += [keys.all(), *((mask == c).all() for c in candidates)]
+    *taken, all_keys, plain, top_left, bottom_right, band, lo, hi = torch.stack([*verdicts, lo, hi]).tolist()
+    if not all(taken):
+        return None
     tensors = NO_TENSORS if all_keys else VariantTensors(kv_bounds=key_bounds(keys),
                                                           pad=keys.view(torch.uint8).contiguous())
     for matches, causal, shift in ((plain, False, 0), (top_left, True, 0), (bottom_right, True, n_k - n_q)):
@@ -105,8 +118,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None  # torch rejects a mask together with is_causal; let it say so
     if torch.compiler.is_exporting():
         return None  # reading the mask is data-dependent: torch.export (no graph breaks) would fail on it
-    batch, n_q, n_k, device = q_shape[0], q_shape[2], k_shape[2], query.device
-    mask_plan = _mask_plans.get(attn_mask, (batch, n_q, n_k, device), _mask_plan, attn_mask, batch, n_q, n_k, device)
+    batch, heads, n_q, n_k, device = q_shape[0], q_shape[1], q_shape[2], k_shape[2], query.device
+    mask_plan = _mask_plans.get(attn_mask, (batch, heads, n_q, n_k, device, query.dtype), _mask_plan, attn_mask,
+                                batch, heads, n_q, n_k, device, query.dtype)
     if mask_plan is None:
         return None
     tensors, (causal, shift, window_left, window_right) = mask_plan
@@ -136,15 +150,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``is_causal``), safe to assign over it.
 
     Runs the kernel for 4-D (B, H, L, D) fp16/bf16/fp32 inputs with equal q/k/v head dims <= 256, no dropout, and
-    either no mask or a bool mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
-    bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), such as Hugging Face's
-    padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk): checking this reads
+    either no mask or a mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
+    bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), the same for every head:
+    bool, such as Hugging Face's padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk), or float in
+    q's dtype with only 0 and -inf entries, such as nn.MultiheadAttention's (B, H, 1 or Nq, Nk): checking this reads
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
-    Everything else (float masks, other bool masks, dropout_p > 0, other ranks or shapes, inputs the kernels
-    cannot run on in this process, tensor subclasses such as DTensor, torch.func transforms, forward-mode AD,
-    torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool, ``sdpa_kernel`` leaving only
-    the MATH backend) calls torch's own function
+    Everything else (other float masks, a mask requiring grad, other bool masks, dropout_p > 0, other ranks or
+    shapes, inputs the kernels cannot run on in this process, tensor subclasses such as DTensor, torch.func
+    transforms, forward-mode AD, torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool,
+    ``sdpa_kernel`` leaving only the MATH backend) calls torch's own function
     (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
     the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
     dtype (the result too).
