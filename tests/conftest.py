@@ -50,3 +50,13 @@ def dead_wrapper():
         assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
         return leaked[0]
     return make
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches reset around the test: tests that compile the same code objects (a transformers
+    model's forward) would otherwise add up their recompiles across the tests a worker runs, past dynamo's
+    recompile limit (8), which fullgraph=True turns into a failure."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

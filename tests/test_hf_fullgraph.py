@@ -10,6 +10,9 @@ from transformer import hf, patch
 transformers = pytest.importorskip("transformers")
 
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # each test compiles the same transformers code anew
+
+
 def tiny_gemma2():
     """Alternating sliding (window 4) and full layers, with attention logit softcapping."""
     config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

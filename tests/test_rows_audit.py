@@ -288,7 +288,7 @@ def test_numpy_integers_are_taken_as_torch_takes_them(device):
         kernels.layer_norm(x, (np.float32(8),))
 
 
-def test_a_patched_hugging_face_model_compiles_in_one_graph(device):
+def test_a_patched_hugging_face_model_compiles_in_one_graph(device, fresh_dynamo):
     """torch.compile(fullgraph=True) of a patched Llama's training forward: kernel_mask's ContextVar read
     (DenseMasksForGenerate's flag) could not be traced, so it raised Unsupported where transformers' own SDPA
     model compiles. Same loss and gradients as the eager patched model."""
