@@ -125,6 +125,22 @@ def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):
     assert not kernel_calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_additive_lowest_value_mask_runs_the_kernel_where_every_row_sees_a_key(device, kernel_calls, dtype):
+    """``(1 - mask) * finfo.min``, the additive key mask older code builds: where every row sees a key the kernel
+    runs it (torch's result: exp of a score plus the lowest value is 0); a batch row with no key is torch's mean of
+    v there, not zeros, so such a mask goes to torch."""
+    q, k, v = (torch.randn(2, 2, 5, 8, device=device, dtype=dtype) for _ in range(3))
+    keys = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], device=device, dtype=dtype)
+    for rows, kernel_runs in ((keys, 1), (torch.stack([keys[0], torch.zeros_like(keys[0])]), 0)):
+        kernel_calls.clear()
+        mask = ((1 - rows) * torch.finfo(dtype).min)[:, None, None, :]
+        tolerance = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                   sdpa._TORCH_SDPA(q, k, v, attn_mask=mask), **tolerance)
+        assert len(kernel_calls) == kernel_runs
+
+
 def test_a_mask_of_equal_heads_runs_the_kernel(device, kernel_calls):
     """A (B, H, Nq, Nk) bool or 0/-inf float mask whose heads are all the same key-padding-and-causal mask."""
     q, k, v = (torch.randn(2, 3, 5, 8, device=device) for _ in range(3))

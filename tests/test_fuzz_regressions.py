@@ -3,7 +3,7 @@
 Each seed draws one call of ``kernels.attention``, ``kernels.attention_varlen``, ``flash_attn_func``,
 ``flash_attn_varlen_func`` or ``kernels.scaled_dot_product_attention`` with a random combination of shapes (GQA/MQA,
 Nq and Nk from 0 to 70 independently, odd head dims), variants (causal, window, attention_chunk, softcap, ALiBi (H,)
-and (B, H), sinks, key padding masks with all-False rows, SDPA bool and 0/-inf float masks, scale), strided inputs
+and (B, H), sinks, key padding masks with all-False rows, SDPA bool and equivalent float masks, scale), strided inputs
 and, for half the cases, a backward with random upstream gradients (lse's too). The truth is float64 math written
 here from the documented semantics (flash-attn 2.x's bottom-right causal/window/ALiBi, flash-attn 3's chunks, torch
 SDPA's top-left ``is_causal`` and True-keeps masks), not ``kernels.reference``, so that a misunderstanding shared
@@ -287,8 +287,8 @@ def _sdpa_mask(kind: str, r: random.Random, gen, batch: int, heads: int, n_q: in
 
 def _sdpa_case(r: random.Random, gen: torch.Generator, device) -> Case:
     """``kernels.scaled_dot_product_attention``: torch's semantics (top-left is_causal, True keeps, enable_gqa), the
-    mask bool or as the float mask of 0 and -inf it equals; sometimes an earlier call on the same mask tensor that
-    is then edited in place (the shim's mask memo)."""
+    mask bool or as a float mask it equals (0 and -inf, or the lowest value where every row sees a key); sometimes
+    an earlier call on the same mask tensor that is then edited in place (the shim's mask memo)."""
     o = _scalars(r)
     batch, n_q, n_k = r.randint(1, 3), _length(r), _length(r)
     o.update(api="sdpa", batch=batch, n_q=n_q, n_k=n_k, mask=r.choice(SDPA_MASKS), edited=r.random() < 0.3)
@@ -296,12 +296,15 @@ def _sdpa_case(r: random.Random, gen: torch.Generator, device) -> Case:
     inputs = [_randn(gen, (batch, h, n, d), dtype, device, o["std"])
               for h, n in ((heads, n_q), (kv_heads, n_k), (kv_heads, n_k))]
     mask, is_causal = _sdpa_mask(o["mask"], r, gen, batch, heads, n_q, n_k)
-    o["float_mask"] = mask is not None and r.random() < 0.4  # as nn.MultiheadAttention passes it: 0 and -inf
+    # as a float mask: 0 and -inf (nn.MultiheadAttention's), or the dtype's lowest value where every row sees a key
+    o["float_mask"] = None if mask is None else r.choice([None, None, "-inf", "lowest"])
     seen = visible(n_q, n_k, 0, causal=True) if is_causal else torch.ones(n_q, n_k, dtype=torch.bool)
     if mask is not None:
         seen = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if o["float_mask"]:
-            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+        if o["float_mask"] is not None:
+            lowest = o["float_mask"] == "lowest" and bool(seen.any(-1).all())
+            hidden = torch.finfo(dtype).min if lowest else float("-inf")
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, hidden)
         mask = mask.to(device)
     seen = seen.to(device)
     scale = 1 / math.sqrt(d) if o["scale"] is None else o["scale"]

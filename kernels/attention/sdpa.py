@@ -28,7 +28,10 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, heads: int, n_q: int, n_k: i
     bottom-right causal mask", or "a key mask AND a band of diagonals" (a sliding window, as Hugging Face builds),
     the same for every head, else None. A bool mask (True: visible) or a float one of q's ``dtype`` whose entries
     are all 0 (visible) or -inf (hidden), which is the same mask to torch (nn.MultiheadAttention hands a padding
-    or causal mask over as such a (B, H, 1 or Nq, Nk) float mask). Every candidate is compared on the device and
+    or causal mask over as such a (B, H, 1 or Nq, Nk) float mask), or also the dtype's lowest finite value (the
+    additive ``(1 - mask) * finfo.min`` masks): exp of a score plus it is 0 as of one plus -inf, so torch's
+    result is the bool mask's in every row that sees a key, and a row that sees none but holds such a value is
+    torch's mean of v (its scores all equal), not zeros: then None. Every candidate is compared on the device and
     the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
     floating = attn_mask.dtype != torch.bool
     if floating and (attn_mask.dtype != dtype or attn_mask.requires_grad):
@@ -43,9 +46,12 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, heads: int, n_q: int, n_k: i
         return None
     first = mask[:, :1]
     verdicts = [(mask == first).all()] if mask.shape[1] > 1 else []  # every head's mask the first's
-    if floating:
-        verdicts.append(((first == 0) | (first == float("-inf"))).all())  # 0 or -inf only: a bool mask
-        first = first == 0
+    if floating:  # 0 (visible) and -inf (hidden) only, or also the dtype's lowest value in rows that see a key
+        visible, lowest = first == 0, first == torch.finfo(dtype).min
+        hidden = (first == float("-inf")) | lowest
+        rows_see_a_key = visible.any(-1) | ~lowest.any(-1)  # an all-lowest row is torch's mean of v, not zeros
+        verdicts.append((visible | hidden).all() & rows_see_a_key.all())
+        first = visible
     mask = first[:, 0].expand(batch, n_q, n_k)
     keys = mask.any(1)  # a key some query sees: under a causal mask the last query row sees every visible key
     offset = torch.arange(n_k, device=device) - torch.arange(n_q, device=device)[:, None]  # j - i
@@ -153,7 +159,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     either no mask or a mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
     bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), the same for every head:
     bool, such as Hugging Face's padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk), or float in
-    q's dtype with only 0 and -inf entries, such as nn.MultiheadAttention's (B, H, 1 or Nq, Nk): checking this reads
+    q's dtype with only 0 and -inf entries, such as nn.MultiheadAttention's (B, H, 1 or Nq, Nk), or 0 and the
+    dtype's lowest value (``(1 - mask) * finfo.min``) where every row sees a key: checking this reads
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
     tensor; a graph break under torch.compile; without a mask there is neither).
     Everything else (other float masks, a mask requiring grad, other bool masks, dropout_p > 0, other ranks or
