@@ -407,7 +407,7 @@ _PICKED: Dict[tuple, dict] = {}
 arguments), the dtypes of q and of the fourth tensor (out, or the backward's dO), the types of the runtime
 arguments (None where a variant's pointer is off) and the compile-time arguments: later launches with that key go
 straight to the kernel. Why: Triton's ``Autotuner.run`` rebuilds its key from every argument on each call (dicts of
-~60 names, a list search per name, each tensor's dtype as a string), ~20-25 us of host time per cache hit on CPU
+~60 names, a list search per name, each tensor's dtype as a string), ~25-30 us of host time per cache hit on CPU
 with Triton 3.8 (``python -m benchmarks launch-path``), more than the rest of our host path. The key is at least as
 fine as the autotuner's (its tuning key plus every tensor's dtype: k, v and the outputs take q's, the others' are
 fixed by the checks), so a launch runs the config the autotuner would give it; and any config of the autotuner is a

@@ -1,8 +1,8 @@
 """``scaled_dot_product_attention``: a drop-in for torch's function that runs the fused kernel where it can.
 
 It recognises the masks Hugging Face, nn.MultiheadAttention and most code build for padded batches (a per-batch
-key mask, AND optionally a top-left or bottom-right causal mask or a sliding window; bool, or float of 0 and -inf)
-and hands everything else to torch's own function.
+key mask, AND optionally a top-left or bottom-right causal mask or a sliding window; bool, or the float mask of 0
+and -inf or of 0 and the dtype's lowest value that equals it) and hands everything else to torch's own function.
 """
 from typing import Optional, Tuple
 
