@@ -103,6 +103,26 @@ def test_encoder_layer_with_a_padding_mask_trains_through_the_kernel(monkeypatch
         _assert_all_close(got, expected)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_masked_calls_compile_in_one_graph_as_torchs_sdpa(monkeypatch, device, kernel_calls):
+    """Under torch.compile(fullgraph=True) a masked call cannot read its mask (data-dependent: fullgraph failed on
+    it, for a bool mask and, once the shim took them, for nn.MultiheadAttention's float masks): torch's SDPA takes
+    the traced mask in the graph, with eager's result."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, device=device)
+    x = torch.randn(2, 5, 16, device=device)
+    pad = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    pad[1, 3:] = True
+    q = torch.randn(2, 2, 5, 8, device=device)
+
+    def run():
+        return (torch.compile(layer, fullgraph=True, backend="aot_eager")(x, src_key_padding_mask=pad),
+                torch.compile(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m), fullgraph=True,
+                              backend="aot_eager")(q, ~pad[:, None, None, :]))
+    expected, got = _with_each_sdpa(monkeypatch, run)
+    assert not kernel_calls
+    _assert_all_close(got, expected)
+
+
 @pytest.mark.parametrize("case", ["additive -10000", "another dtype", "a bias with a gradient", "heads differ",
                                   "nan"])
 def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):

@@ -122,8 +122,10 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return NO_TENSORS, attention_variant(is_causal, 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
-    if torch.compiler.is_exporting():
-        return None  # reading the mask is data-dependent: torch.export (no graph breaks) would fail on it
+    if torch.compiler.is_compiling():
+        # reading the mask is data-dependent: torch.export and fullgraph=True would fail on it and any other compile
+        # would break the graph at every layer; torch's SDPA takes the traced mask inside the graph
+        return None
     batch, heads, n_q, n_k, device = q_shape[0], q_shape[1], q_shape[2], k_shape[2], query.device
     mask_plan = _mask_plans.get(attn_mask, (batch, heads, n_q, n_k, device, query.dtype), _mask_plan, attn_mask,
                                 batch, heads, n_q, n_k, device, query.dtype)
@@ -162,11 +164,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q's dtype with only 0 and -inf entries, such as nn.MultiheadAttention's (B, H, 1 or Nq, Nk), or 0 and the
     dtype's lowest value (``(1 - mask) * finfo.min``) where every row sees a key: checking this reads
     the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
-    tensor; a graph break under torch.compile; without a mask there is neither).
+    tensor; without a mask there is none). While torch.compile traces, a masked call is torch's SDPA in the graph.
     Everything else (other float masks, a mask requiring grad, other bool masks, dropout_p > 0, other ranks or
     shapes, inputs the kernels cannot run on in this process, tensor subclasses such as DTensor, torch.func
-    transforms, forward-mode AD, torch.jit.trace, a mask under torch.export, an ``is_causal`` that is not a bool,
-    ``sdpa_kernel`` leaving only the MATH backend) calls torch's own function
+    transforms, forward-mode AD, torch.jit.trace, a mask under torch.compile or torch.export, an ``is_causal`` that
+    is not a bool, ``sdpa_kernel`` leaving only the MATH backend) calls torch's own function
     (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
     the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
     dtype (the result too).
