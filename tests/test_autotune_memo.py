@@ -1,6 +1,6 @@
 """The attention launch's memo of the autotuner's pick (issue #19, ``configs._PICKED``): on a GPU the first launch
 of a key goes through Triton's autotuner (which times its configs and launches the fastest), later ones launch that
-config directly, skipping ``Autotuner.run``'s per-call key rebuild (~23 us of host time). Run on CPU as a GPU runs
+config directly, skipping ``Autotuner.run``'s per-call key rebuild (~25-30 us of host time on CPU). Run on CPU as a GPU runs
 the launch code (not interpreted, an H100's family), with the kernel launch and the timing stubbed."""
 import json
 
@@ -14,6 +14,8 @@ from kernels.attention import configs
 from benchmarks import launch_path
 
 
+CONFIG = ("BLOCK_M", "BLOCK_N", "TMA", "num_warps", "num_stages")
+"""The config fields a launch's recorded kwargs are compared on."""
 CASES = {"plain": (torch.float32, {}), "fp16": (torch.float16, {}), "causal": (torch.float32, {"causal": True}),
          "padded": (torch.float32, {"key_padding_mask": torch.ones(1, 40, dtype=torch.bool)})}
 
@@ -50,9 +52,6 @@ def on_a_gpu(monkeypatch):
     monkeypatch.setattr(Autotuner, "run", tuner_run)
     with launch_path.simulated_gpu(bench, run):
         yield calls
-
-
-CONFIG = ("BLOCK_M", "BLOCK_N", "TMA", "num_warps", "num_stages")
 
 
 def _config(config):
