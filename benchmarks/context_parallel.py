@@ -234,10 +234,7 @@ def _plot(recs: List[dict], path: str) -> List[str]:
     axes[2].set_yscale("log")
     world = recs[0]["world"]
     fig.suptitle(f"causal ring attention over {world} ranks (counted on CPU; the right panel is a roofline MODEL)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return plots.save(fig, path)
 
 
 def run(world: int, device, dims: Dict, max_len: int, out_dir: str, config: dict) -> int:

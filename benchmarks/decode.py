@@ -119,10 +119,7 @@ def _plot(recs: List[dict], png: str) -> List[str]:
         ax.legend(fontsize=6)
     fig.suptitle(f"decode step, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, fp16: models of an H100 SXM (not measured) "
                  "and bytes counted on CPU in the Triton interpreter", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-    return [png]
+    return plots.save(fig, png, dpi=80)
 
 
 def _markdown(recs: List[dict]) -> str:

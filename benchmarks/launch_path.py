@@ -19,6 +19,7 @@ back-to-back launches synchronised at the end, host-bound for kernels this small
 """
 import argparse
 import contextlib
+import os
 import sys
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -174,7 +175,7 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
     ax.set_ylabel("host µs per launch")
     ax.set_title(f"Attention launch path on {device.name} ({recs[0]['how']})")
     ax.legend()
-    return plots.save(fig, out, "launch_path.png")
+    return plots.save(fig, os.path.join(out, "launch_path.png"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -312,12 +312,8 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
         ax.invert_yaxis()
         ax.set_xlabel("tokens/s" + (" (CPU; Triton interpreted: not a GPU figure)" if device.kind == "cpu" else ""))
         ax.set_title(f"{name} on {device.name}")
-        fig.tight_layout()
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        path = os.path.join(out, f"model_{slug}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written += plots.save(fig, os.path.join(out, f"model_{slug}.png"), dpi=100)
     return written
 
 

@@ -17,6 +17,7 @@ Writes ``overhead.json`` / ``overhead.csv`` and ``overhead.png`` (ratio to the m
 """
 import argparse
 import contextlib
+import os
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -258,7 +259,7 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
         ax.legend(loc="lower right")
     launches = "Triton launches stubbed (CPU host path only)" if device.kind == "cpu" else "wall time, tiny inputs"
     fig.suptitle(f"Host overhead per call on {device.name}: {launches}")
-    return plots.save(fig, out, "overhead.png")
+    return plots.save(fig, os.path.join(out, "overhead.png"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

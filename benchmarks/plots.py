@@ -31,9 +31,8 @@ def have_pyplot() -> bool:
     return plt is not None
 
 
-def save(fig, out: str, name: str, dpi: int = 110) -> List[str]:
-    """Write ``fig`` as ``out/name`` and close it: [its path]."""
-    path = os.path.join(out, name)
+def save(fig, path: str, dpi: int = 110) -> List[str]:
+    """Lay ``fig`` out, write it to ``path`` (a PNG) and close it: [path]."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
