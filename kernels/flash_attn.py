@@ -38,10 +38,11 @@ Differences from flash-attn 2.x, all functions:
   as a keyword-only argument after 2.x's, default 0 (off). With chunk C > 0, query i sees key j only if
   floor(j / C) == floor((i + seqlen_k - seqlen_q) / C), on top of ``causal`` and ``window_size`` (flash-attn 3's
   rule; without ``causal`` a row sees its whole chunk). The varlen and kvcache functions do not take it.
-- The dense functions' ``out`` is the kernel's (B, H, S, D) result copied once into (B, S, H, D) (contiguous, as
-  flash-attn's, so ``out.view(...)`` works).
-- The varlen functions validate ``cu_seqlens`` on the host (one sync; flash-attn does not check them) and then
-  launch each kernel once for the whole batch (see ``kernels/attention/varlen.py``). With ``block_table`` the
+- The dense functions' ``out`` is (B, S, H, D) contiguous, as flash-attn's (so ``out.view(...)`` works): the
+  kernels write it in that layout where q is, and it is copied once where q is laid out otherwise.
+- The varlen functions check the values of ``cu_seqlens`` and ``max_seqlen*`` on the device (ValueError at once
+  on CPU, a device assert on a GPU, no host sync; flash-attn does not check them) and then launch each kernel
+  once for the whole batch (see ``kernels/attention/varlen.py``). With ``block_table`` the
   keys and values are first gathered from the pages into the packed layout (a copy of up to batch_size *
   max_seqlen_k keys and values, on the device without a sync; flash-attn reads the pages in place), any page
   size; a page id outside the cache that a sequence uses raises (CPU) or fails a device assert (CUDA), and ids

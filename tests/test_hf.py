@@ -122,6 +122,59 @@ def test_hugging_face_training_backward_matches_eager(device, kernel_only):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def tiny_deepseek_v3():
+    """Multi-head latent attention: q and k of head dim 16 (8 without rotary + 8 rotary), v of 12."""
+    config = transformers.DeepseekV3Config(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+                                           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                           first_k_dense_replace=1, n_group=1, topk_group=1,
+                                           max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
+                                           pad_token_id=0, attn_implementation="eager")
+    return transformers.DeepseekV3ForCausalLM(config).eval()
+
+
+def test_latent_attention_with_a_narrower_value_runs_the_kernel_like_eager(device, kernel_only):
+    """DeepSeek V3's MLA: v's head dim (12) is below q's and k's (16); logits, cached tokens and gradients are
+    eager's, every call on the kernels (transformers 5.24 raised nothing but our check_qkv did: k and v differ)."""
+    model = tiny_deepseek_v3().to(device)
+    ids = torch.randint(1, 50, (2, 7), device=device)
+    mask = padding(2, 7, "left").to(device)
+    settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
+    labels = ids.clone()
+    labels[0, :5] = -100  # targets predicted from padded positions
+    with torch.no_grad():
+        expected_logits, expected_tokens = model(ids, attention_mask=mask).logits, model.generate(ids, **settings)
+    expected_loss = model(ids, attention_mask=mask, labels=labels).loss
+    expected_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    patch(model)
+    with torch.no_grad():
+        logits, tokens = model(ids, attention_mask=mask).logits, model.generate(ids, **settings)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected_logits[real], rtol=1e-4, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("value_dim", [5, 12])
+def test_a_value_head_dim_other_than_qs_runs_with_zeros_appended(value_dim, device, kernel_only):
+    """v narrower (5) or wider (12) than q and k (8), scale left to its default (q's 1/sqrt(8)): torch's SDPA."""
+    module = nn.Module()
+    module.is_causal = True
+    q, k = torch.randn(2, 4, 6, 8, device=device), torch.randn(2, 2, 6, 8, device=device)
+    v = torch.randn(2, 2, 6, value_dim, device=device)
+    out, weights = hf.hf_attention(module, q, k, v, None)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert weights is None and out.shape == (2, 6, 4, value_dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
 def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct(device):
     """A bool mask with holes (not one run of keys per row) goes to torch's SDPA, giving the eager result."""
     from transformer.hf import hf_attention

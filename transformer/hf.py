@@ -562,6 +562,28 @@ def _decode_kernel_takes(query, key, value, dropout: float, s_aux) -> bool:
             and kernels_can_run(*tensors))
 
 
+def _one_head_dim(attention):
+    """``attention`` (an attention-interface function) for a value head dim Dv other than q's and k's D, as
+    transformers' flash-attention path runs it (the kernels take one head dim, as flash-attn 2's): zeros appended to
+    v (Dv < D, MLA's DeepSeek V2/V3 and their kin) add output columns that are cut off again, and zeros appended to
+    q and k (Dv > D) add nothing to q . k. ``scaling`` None becomes q's own 1/sqrt(D) first. The zeros cost a copy
+    of the tensors padded; equal dims pass straight through."""
+    @functools.wraps(attention)
+    def run(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *args, **kwargs):
+        head_dim, value_dim = query.shape[-1], value.shape[-1]
+        if value_dim == head_dim:
+            return attention(module, query, key, value, attention_mask, dropout, scaling, *args, **kwargs)
+        scaling = head_dim ** -0.5 if scaling is None else scaling
+        if value_dim < head_dim:
+            value = nn.functional.pad(value, (0, head_dim - value_dim))
+        else:
+            query, key = (nn.functional.pad(t, (0, value_dim - head_dim)) for t in (query, key))
+        out, weights = attention(module, query, key, value, attention_mask, dropout, scaling, *args, **kwargs)
+        return out[..., :value_dim], weights
+    return run
+
+
+@_one_head_dim
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                  dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                  sliding_window: Optional[int] = None, softcap: Optional[float] = None,
@@ -587,7 +609,8 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     no grad is needed. Calls with a keyword of :data:`_SDPA_ONLY` run transformers' SDPA attention, and any other
     keyword that is not None and not in :data:`_NO_MATH` (:data:`_EAGER_ONLY`, or one unknown here) the model's
     eager attention: no keyword that may change the math is ever dropped. Either fallback warns once per process.
-    Returns (out (B, Q, H, D), None).
+    A value head dim other than q's (MLA: DeepSeek V2/V3, ...) runs with zeros appended (:func:`_one_head_dim`).
+    Returns (out (B, Q, H, Dv), None).
     """
     sdpa_only = _given(kwargs, _SDPA_ONLY)
     if sdpa_only:
