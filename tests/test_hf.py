@@ -136,7 +136,7 @@ def tiny_deepseek_v3():
 
 def test_latent_attention_with_a_narrower_value_runs_the_kernel_like_eager(device, kernel_only):
     """DeepSeek V3's MLA: v's head dim (12) is below q's and k's (16); logits, cached tokens and gradients are
-    eager's, every call on the kernels (transformers 5.24 raised nothing but our check_qkv did: k and v differ)."""
+    eager's, every call on the kernels (each forward raised in check_qkv before: k's and v's shapes differ)."""
     model = tiny_deepseek_v3().to(device)
     ids = torch.randint(1, 50, (2, 7), device=device)
     mask = padding(2, 7, "left").to(device)
