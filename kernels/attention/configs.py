@@ -34,7 +34,7 @@ MAX_PROGRAMS = 2**31 - 1
 # dtype, causal, precision, length bucket). BLOCK_N is the streamed (inner) block of the forward and dQ, BLOCK_M
 # that of dK/dV. fp16/bf16 entries use the tensor cores (HMMA on sm_80, HGMMA on sm_90 where the tile allows,
 # tcgen05 UTCHMMA on sm_100, v_mfma on gfx942). Each table's first entry (the default, what a GPU runs first)
-# compiles with no register spill on its family's target (ptxas -v / amdgcn metadata, triton 3.8) for the plain
+# compiles with no register spill on its family's target (ptxas -v / amdgcn metadata, triton 3.8 and 3.9) for the plain
 # kernel and for every specialisation that shares the table (window, chunk, softcap, ALiBi, sinks, varlen). Hence the
 # sm_80 forward at d64 takes 128x64 on 8 warps (on 4 warps, and at 64x64, ptxas spills a few bytes); dK/dV at d128
 # and d256 takes 8 warps (on 4, its two fp32 accumulators and the K/V tiles spill 30-150 B); the forward at d256
@@ -123,7 +123,10 @@ for _kernel, _table in _NVIDIA_FP32.items():
 _NVIDIA_DROPOUT_FWD = {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
                        128: [(64, 32, 4, 3), (64, 64, 8, 3)],
                        256: [(32, 32, 4, 2)]}
-_DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: _NVIDIA_DROPOUT_FWD,
+# sm_90's d64 takes 64x64 on 8 warps (168 / 188 registers with triton 3.8 / 3.9): on 4, triton 3.9 spills 8 B (3.8
+# fits it in 252).
+_DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [(64, 64, 8, 3), (64, 64, 4, 3),
+                                                                             (128, 64, 8, 3), (64, 32, 4, 3)]},
                       100: {**_NVIDIA_DROPOUT_FWD, 256: [(64, 32, 8, 2), (32, 32, 4, 2)]}, AMD: _CONFIGS["fwd"][AMD]}
 # A specialisation whose registers overflow its table's first entry starts from its own, then tries the rest of
 # the table: {(specialisation, kernel, head dim): {family (fp16/bf16), FP32 or (FP32, family): tile}}. Same bar as
@@ -136,23 +139,29 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: _NVIDIA_DROPOUT_FWD,
 # spill 56 B on sm_90, where 4 warps take 238); dQ d256 32x32 w4 s1 76 B on sm_80 (on 8 warps: 184 / 152). On
 # sm_100 the shared fp32 firsts spill with a mask mod (forward d64 24 B, dK/dV d128 72 B), varlen (dK/dV d64 16 B,
 # d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. fp32 softcap's tanh series
-# (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not.
+# (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not
+# with triton 3.8 but does with 3.9 (8 B), where 16x32 w8 s2 takes 72-74 registers with either, a score mod too.
 # sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
-# gfx942 family off its bar.
+# gfx942 family off its bar. Triton 3.9 spills where 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4
+# s1: 160 B; w8: 172 registers, none), fp32 dK/dV d256 varlen on sm_90 (16x16 w4 s1: 112 B; w8: 106 registers) and
+# the fp32 d128 forward with a chunk on gfx942 (16x32 w8 s2: 13 SGPRs; 32x16 w4 s1: none). Every first above is
+# spill-free with both.
 _FIRST = {
     ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2)},
     ("dropout", "dkdv", 128): {FP32: (32, 16, 4, 1)},
     ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3), (FP32, 100): (16, 32, 4, 2)},
     ("mask_mod", "dkdv", 64): {80: (16, 128, 8, 2), FP32: (16, 32, 4, 1)},
-    ("mask_mod", "dkdv", 128): {(FP32, 100): (16, 32, 8, 1)},
+    ("mask_mod", "dkdv", 128): {(FP32, 80): (16, 32, 8, 1), (FP32, 100): (16, 32, 8, 1)},
     ("mask_mod", "dkdv", 256): {(FP32, 80): (16, 16, 8, 1)},
     ("mask_mod", "dq", 256): {80: (32, 32, 8, 1), 90: (32, 32, 8, 1)},
     ("varlen", "dkdv", 64): {(FP32, 100): (32, 32, 8, 2)},
-    ("varlen", "dkdv", 256): {(FP32, 100): (16, 16, 8, 1)},
+    ("varlen", "dkdv", 256): {(FP32, 90): (16, 16, 8, 1), (FP32, 100): (16, 16, 8, 1)},
+    ("score_mod", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
     ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
     ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
-    ("softcap", "dq", 64): {(FP32, 80): (16, 32, 4, 2)},
+    ("softcap", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
+    ("chunk", "fwd", 128): {(FP32, AMD): (32, 16, 4, 1)},
 }
 TMA_FAMILIES = (90, 100)
 """The families whose fp16/bf16 tables run each tile on tensor descriptors first (TMA needs compute capability 9.0
@@ -166,13 +175,18 @@ TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the la
 # spills 20-40 B (plain, softcap, ALiBi, sinks, varlen, score mod); 64x64 w8 s2 takes 134 and spills none. sm_90's
 # d256 dropout forward on its 32x32 w4 (HMMA) spills 336 B; 64x32 w8 s2 none, on wgmma. dQ with dropout: sm_90 d128
 # 64x64 w8 s2 spills 68 B (64x32 w4 s2 none), sm_100 d64 8 B (64x32 w4 s2 none); with a chunk sm_100 d64 32 B
-# (64x32 w4 s2 none). Every other TMA default compiles spill-free on its table's first tile.
+# (64x32 w4 s2 none). Every other TMA default compiles spill-free on its table's first tile. Triton 3.9 adds two:
+# sm_100's dQ d128 varlen on 64x64 w8 s2 spills 12 B (on 4 warps none), and dK/dV d256 with a mask mod on 16x32
+# w8 s1 spills 52 B on sm_90 and sm_100 (32x16 w8 s1: 252 / 198 registers with 3.9, 172 / 160 with 3.8); every
+# entry here is spill-free with both.
 _TMA_FIRST = {
     ("*", "fwd", 256): {100: (64, 64, 8, 2)},
     ("dropout", "fwd", 256): {90: (64, 32, 8, 2)},
     ("dropout", "dq", 64): {100: (64, 32, 4, 2)},
     ("chunk", "dq", 64): {100: (64, 32, 4, 2)},
     ("dropout", "dq", 128): {90: (64, 32, 4, 2)},
+    ("varlen", "dq", 128): {100: (64, 64, 4, 2)},
+    ("mask_mod", "dkdv", 256): {90: (32, 16, 8, 1), 100: (32, 16, 8, 1)},
 }
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the block the grid tiles

@@ -363,20 +363,21 @@ def _decode_check(SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, VERDICT, stride_tb, 
 # follows the packed rows (group * Sq): the smallest power of two >= 16 that holds them, at most _MAX_BLOCK_M. A
 # decode step is bound by reading the cache, so one config per head dim is launched rather than autotuned. Every
 # build below (_builds: 16 and _MAX_BLOCK_M rows, with and without a left window) compiles without register spills
-# on its family's target (ptxas -v / amdgcn metadata, triton 3.8).
+# on its family's target (ptxas -v / amdgcn metadata, triton 3.8 and 3.9).
 # NVIDIA (sm_80, sm_90, sm_100 share one table): pruned for spilling 64x64 at d128 and 64x32 at d256 (16-bit,
 # sm_80), fp32 16x32 at d128 (sm_90). Its 16-32-row tiles run HMMA on sm_90 and sm_100 too (wgmma and tcgen05 need
 # 64 rows; only d64 at 64 rows gets them), which costs a memory-bound kernel nothing.
 # gfx942 (MI300): NVIDIA's 16-bit d64/d128 tiles spill 2-69 SGPRs (past the 106 a wave may hold), and two stages at 64
-# keys still spill 11-27 at 32-64 rows. One stage keeps 64-key blocks spill-free at d128 (98-99 SGPRs at 32 rows, 105
-# with a left window); at d64 64 keys spill up to 6 SGPRs with a left window at 32-64 rows, so d64 streams 32 keys
-# (84-85 SGPRs at 64 rows). fp32 d64 takes one stage too (two spill 5 SGPRs with a left window); d256 and fp32 d128/d256
-# take NVIDIA's tiles, spill-free here.
+# keys still spill 11-27 at 32-64 rows. 16-bit d64 and d128 stream 16 keys on one stage: 50-69 SGPRs and 72-118
+# VGPRs with either triton. Wider blocks spill with triton 3.9 even where 3.8 fits them: 32 keys at d64 x 64 rows
+# 6-17 SGPRs (3.8: none), 32 keys at d128 x 32 rows 4-16, 64 keys at d128 5-80 (3.8: none, at 98-105 SGPRs and
+# up to 260 VGPRs, one wave per SIMD). fp32 d64 streams 16 keys on one stage too (two stages spill 5 SGPRs with a
+# left window; 32 keys spill 15-20 with triton 3.9); d256 and fp32 d128/d256 take NVIDIA's tiles, spill-free here.
 _NVIDIA_TILES = {False: {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
                  True: {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}}
 _TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_TILES),
-          AMD: {False: {64: (32, 4, 1), 128: (64, 4, 1), 256: (32, 4, 2)},
-                True: {64: (32, 4, 1), 128: (16, 4, 2), 256: (16, 4, 2)}}}
+          AMD: {False: {64: (16, 4, 1), 128: (16, 4, 1), 256: (32, 4, 2)},
+                True: {64: (16, 4, 1), 128: (16, 4, 2), 256: (16, 4, 2)}}}
 _MAX_BLOCK_M = {False: {64: 64, 128: 32, 256: 16}, True: {64: 32, 128: 16, 256: 16}}
 INTERPRETER_BLOCK_N = 32
 """Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
