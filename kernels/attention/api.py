@@ -18,7 +18,8 @@ from kernels import _runtime, reference
 from kernels._validate import check_size, check_tensor
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (check_alibi, check_flag, check_mods, check_padding_mask, check_qkv, check_real,
-                                      check_scale, check_sinks, check_window, draw_rng, is_plain_qkv, key_bounds)
+                                      check_scale, check_sinks, check_window, draw_rng, key_bounds,
+                                      plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -203,7 +204,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def check_4d(q, k, v) -> None:
     """TypeError/ValueError naming the argument unless q, k, v are 4-D tensors (of any layout)."""
-    if not is_plain_qkv(q, k, v):
+    if plain_qkv_shapes(q, k, v) is None:
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
 
@@ -211,11 +212,11 @@ def check_4d(q, k, v) -> None:
 def _plain_seq_first(q, k, v) -> bool:
     """Whether q (B, Nq, H, D), k, v (B, Nk, Hkv, D) pass every check of ``check_qkv`` on their (B, H, N, D) views,
     tested on them as they are (the common case: no view to make)."""
-    if not is_plain_qkv(q, k, v):
+    shapes = plain_qkv_shapes(q, k, v)
+    if shapes is None:
         return False
-    batch, _, heads, d = q.shape
-    kv_shape = k.shape
-    return (kv_shape == v.shape and kv_shape[0] == batch and kv_shape[3] == d and 1 <= d <= configs.MAX_HEAD_DIM
+    (batch, _, heads, d), kv_shape, v_shape = shapes
+    return (kv_shape == v_shape and kv_shape[0] == batch and kv_shape[3] == d and 1 <= d <= configs.MAX_HEAD_DIM
             and kv_shape[2] > 0 and heads % kv_shape[2] == 0)
 
 

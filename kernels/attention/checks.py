@@ -16,17 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor, is_dense
+from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor
 from kernels.attention import block_mask as mods, configs
 
 
-def is_plain_qkv(q, k, v) -> bool:
-    """Whether q, k, v are dense 4-D tensors of one supported dtype on one device: the common case, decided
-    without building the checks' arguments (those then name what is wrong in the other cases)."""
-    return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and is_dense(q) and is_dense(k) and is_dense(v) and q.dtype in FLOAT_DTYPES
-            and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
-            and q.device == k.device == v.device)
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+
+
+def plain_qkv_shapes(q, k, v) -> Optional[Tuple[torch.Size, torch.Size, torch.Size]]:
+    """(q's, k's, v's shapes) where q, k, v are dense 4-D tensors of one supported dtype on one device (the common
+    case: each attribute read once, without building the checks' arguments); None where any is not (the checks
+    then name what is wrong)."""
+    if not (isinstance(q, _TENSOR) and isinstance(k, _TENSOR) and isinstance(v, _TENSOR)
+            and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED  # is_dense, inline
+            and not (q.is_nested or k.is_nested or v.is_nested)):
+        return None
+    dtype, shapes = q.dtype, (q.shape, k.shape, v.shape)
+    if (len(shapes[0]) == len(shapes[1]) == len(shapes[2]) == 4 and dtype in FLOAT_DTYPES and k.dtype is dtype
+            and v.dtype is dtype and q.device == k.device == v.device):
+        return shapes
+    return None
 
 
 HEADS_FIRST_LAYOUTS = ("(B, H, Nq, D)", "(B, Hkv, Nk, D)")
@@ -40,15 +49,17 @@ def check_qkv(q, k, v, shown: Optional[Tuple] = None, names: Tuple[str, str, str
     views of its own tensors, (q's, k's, v's shapes, q's layout, k's and v's layout) that the messages show
     instead of the views' (default: the views and :data:`HEADS_FIRST_LAYOUTS`). ``names``: the arguments the
     messages name for q, k, v (a caller that passes views of one packed tensor names it for each it stacks)."""
-    if not is_plain_qkv(q, k, v):
+    shapes = plain_qkv_shapes(q, k, v)
+    if shapes is None:
         named = dict(zip(names, (q, k, v)))  # a name given twice is one packed tensor: checked once
         for name, t in named.items():
             check_tensor(name, t, ndim=4)
         check_same("dtype", **named)
         check_same("device", **named)
-    q_shape, k_shape = q.shape, k.shape
+        shapes = q.shape, k.shape, v.shape
+    q_shape, k_shape, v_shape = shapes
     batch, heads, _, d = q_shape
-    if k_shape != v.shape:
+    if k_shape != v_shape:
         _, k_shown, v_shown, _, kv_layout = _displayed(q_shape, k_shape, v.shape, shown)
         raise ValueError(f"{names[1]} and {names[2]} must have the same shape {kv_layout}, got {k_shown} and "
                          f"{v_shown}")

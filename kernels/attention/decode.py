@@ -37,8 +37,8 @@ from kernels import _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
-                                      check_window, count, enforce, is_plain_qkv, new_verdict, rule_bit, store_verdict,
-                                      unusable_pages)
+                                      check_window, count, enforce, new_verdict, plain_qkv_shapes, rule_bit,
+                                      store_verdict, unusable_pages)
 from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, d_bucket, device_family, grid,
                                        kernel_meta, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
@@ -698,15 +698,16 @@ def _check_int(name: str, value, low: int) -> int:
 
 def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tuple[int, int]:
     """Check q, the cache and the new k/v; return (capacity: key positions per batch row, page size or 0)."""
-    if not is_plain_qkv(q, k_cache, v_cache):
+    shapes = plain_qkv_shapes(q, k_cache, v_cache)  # each Size read once
+    if shapes is None:
         check_tensor("q", q, ndim=4)
         check_tensor("k_cache", k_cache, ndim=4)
         check_tensor("v_cache", v_cache, ndim=4)
         check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
         check_same("device", q=q, k_cache=k_cache, v_cache=v_cache)
-    batch, _, heads, d = q.shape
-    cache_shape = k_cache.shape  # one Size, not one per read
-    if cache_shape != v_cache.shape:
+        shapes = q.shape, k_cache.shape, v_cache.shape
+    (batch, _, heads, d), cache_shape, v_cache_shape = shapes
+    if cache_shape != v_cache_shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     cache_rows, slots, kv_heads, cache_d = cache_shape  # slots: positions per cache row, or the page size
@@ -736,8 +737,9 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                          f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
-    if k is not None and not (is_plain_qkv(q, k, v) and k.shape[0] == batch and k.shape[2] == kv_heads
-                              and k.shape[3] == d and v.shape == k.shape):
+    new_shapes = None if k is None else plain_qkv_shapes(q, k, v)
+    if k is not None and not (new_shapes is not None and new_shapes[1][0] == batch
+                              and new_shapes[1][2:] == (kv_heads, d) and new_shapes[2] == new_shapes[1]):
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
             check_same("dtype", q=q, **{name: t})

@@ -49,6 +49,15 @@ class AttentionVariant:
     mask_mod: int = -1
     score_mod: int = -1
 
+    def __hash__(self) -> int:
+        # the fields' hash, computed once per instance: the plan cache hashes the variant on every launch (a frozen
+        # dataclass's own __hash__ rebuilds the tuple each time), and eager calls share memoised instances
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(self.__dict__.values()))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
 
 class VariantTensors(NamedTuple):
     """A call's tensors besides q, k, v, None where unused: ``kv_bounds`` (B, 2) int32 [first, last + 1) visible
@@ -111,6 +120,9 @@ def _no_tensor():
     return None
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def _capturing(t: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on ``t``'s device: a replay runs only what the capture launched, so
     nothing it needs may come from a memo (a replay's new values would meet a value derived from old ones)."""
@@ -137,15 +149,20 @@ class LastTensor:
         Nones) and ``key`` last time."""
         if type(tensors) is not tuple:
             tensors = (tensors,)
-        if torch.compiler.is_compiling() or _capturing(tensors[0]):  # the graph computes it on every run
+        if _is_compiling() or _capturing(tensors[0]):  # the graph computes it on every run
             return compute(*args)
         refs, versions, last_key, value = self._entry
-        if len(refs) == len(tensors) and last_key == key:
-            for ref, version, tensor in zip(refs, versions, tensors):
-                if ref() is not tensor or (tensor is not None and tensor._version != version):
-                    break
+        if last_key == key and len(refs) == len(tensors):
+            if len(tensors) == 1:  # the common case (one mask, one offsets tensor), without a loop
+                tensor = tensors[0]
+                if refs[0]() is tensor and tensor._version == versions[0]:
+                    return value
             else:
-                return value
+                for ref, version, tensor in zip(refs, versions, tensors):
+                    if ref() is not tensor or (tensor is not None and tensor._version != version):
+                        break
+                else:
+                    return value
         value = compute(*args)
         try:
             versions = tuple(None if t is None else t._version for t in tensors)

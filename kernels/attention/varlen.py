@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_dense
+from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
                                       check_sinks, check_window, count, draw_rng, enforce, new_verdict, rule_bit,
@@ -337,14 +337,15 @@ def _plain_sizes(q, k, v, paged: bool) -> Optional[Tuple[torch.Size, torch.Size,
     """(q's shape, k's shape, q's device) where q, k, v pass every check of :func:`_check_tensors`, tested at once
     for plain tensors (the common case: each size, dtype and device read once); None sends any other input to the
     full checks and their messages."""
-    tensor = torch.Tensor
+    tensor, strided = torch.Tensor, torch.strided
     if not (type(q) is tensor and type(k) is tensor and type(v) is tensor
-            and is_dense(q) and is_dense(k) and is_dense(v)):
+            and q.layout is strided and k.layout is strided and v.layout is strided  # is_dense, inline
+            and not (q.is_nested or k.is_nested or v.is_nested)):
         return None
     q_shape, k_shape = q.shape, k.shape
     dtype, device = q.dtype, q.device
     if not (len(q_shape) == 3 and len(k_shape) == 3 + paged and k_shape == v.shape and dtype in FLOAT_DTYPES
-            and k.dtype is dtype and v.dtype is dtype and k.device == device and v.device == device):
+            and k.dtype is dtype and v.dtype is dtype and k.device == device == v.device):
         return None
     _, heads, d = q_shape
     kv_heads = k_shape[-2]
