@@ -50,6 +50,14 @@ def _generate(model, ids, mask, **compile_options):
     return out.sequences, torch.stack(out.logits)
 
 
+def _left_padded_prompts(device):
+    """Two prompts of PROMPT tokens, the first with 3 slots of left padding: (ids, 2-D mask)."""
+    ids = torch.randint(1, 50, (2, PROMPT), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
 @pytest.mark.parametrize("padded", [False, True])
 def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, padded, device, kernel_only,
@@ -81,6 +89,29 @@ def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, p
     if build is tiny_qwen2:
         window = [c for c in steps if c[2][1] == 3]
         assert len(window) == NEW - 1 and all(c[3] == 3 for c in window)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+def test_a_model_loaded_on_the_registered_kernel_decodes_a_static_cache_on_it(build, device, tmp_path, kernel_only,
+                                                                              attention_calls):
+    """from_pretrained(attn_implementation="fused_triton") after register_hf_attention(), no patch(): generate()
+    builds a static cache's masks ahead with transformers' create_masks_for_generate, whose KernelMask the forward
+    rejected (AttributeError: 'KernelMask' object has no attribute 'ndim'). Now eager's tokens and logits, every
+    step on the decode kernel, Qwen2's dict of two masks (sliding and full) included."""
+    model = build().to(device)
+    ids, mask = _left_padded_prompts(device)
+    with torch.no_grad():
+        expected, expected_logits = _generate(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    hf.register_hf_attention()
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation=hf.ATTENTION_NAME).to(device).eval()
+    with torch.no_grad():
+        got, logits = _generate(loaded, ids, mask)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    steps = [c for c in attention_calls if c[0] == "with_kvcache"]
+    assert len(steps) == model.config.num_hidden_layers * (NEW - 1)
+    assert [c[1][2] for c in attention_calls if c[0] == "attention"] == [PROMPT] * model.config.num_hidden_layers
 
 
 def test_padding_the_decode_kernel_cannot_express_keeps_the_dense_kernel(device, kernel_only, attention_calls):
@@ -133,9 +164,7 @@ def test_compiled_static_cache_steps_run_the_decode_kernel(build, backend, devic
     from kernels.attention import decode
 
     model = build().to(device)
-    ids = torch.randint(1, 50, (2, PROMPT), device=device)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    ids, mask = _left_padded_prompts(device)
     with torch.no_grad():
         expected, expected_logits = _generate(model, ids, mask)
         patch(model)

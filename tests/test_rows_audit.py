@@ -163,22 +163,37 @@ def test_rms_norm_default_eps_is_torch_one(dtype, options, device):
         assert_close(F.rms_norm(x, (24,), weight), want, torch_same_precision)
 
 
-def test_a_patched_hugging_face_model_pickles_deep_copies_and_patches_once(device, tmp_path):
+def _saved_and_loaded_unregistered(model, path, monkeypatch):
+    """torch.load of torch.save(model) with the kernel's name unregistered from transformers' interfaces (as in a
+    fresh process), asserting that loading registered it again."""
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformer import hf
+
+    torch.save(model, path)
+    interfaces = (transformers.AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
+    for mapping in interfaces:
+        monkeypatch.delitem(mapping, hf.ATTENTION_NAME)
+    loaded = torch.load(path, weights_only=False)
+    assert all(hf.ATTENTION_NAME in mapping for mapping in interfaces)
+    return loaded
+
+
+def test_a_patched_hugging_face_model_pickles_deep_copies_and_patches_once(device, tmp_path, monkeypatch):
     """torch.save of a patched model raised PicklingError (closures named as transformers' functions); a deepcopy's
     init_continuous_batching (generate_batch's entry) built its manager on the ORIGINAL model, whose weights it
-    would run; patching again wrapped the wrappers again."""
+    would run; patching again wrapped the wrappers again. Loading registers the kernel with transformers (as in a
+    fresh process)."""
     transformers = pytest.importorskip("transformers")
     from test_hf import tiny_llama
     from transformer import hf, patch
 
     model = patch(patch(tiny_llama().to(device)))
-    assert not isinstance(model.create_masks_for_generate.create, hf.DenseMasksForGenerate)
     assert not isinstance(model.init_continuous_batching.init, hf.ContinuousBatchingOnKernels)
     ids = torch.randint(0, 50, (2, 7), device=device)
     with torch.no_grad():
         want = model(ids).logits
-    torch.save(model, tmp_path / "model.pt")
-    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loaded = _saved_and_loaded_unregistered(model, tmp_path / "model.pt", monkeypatch)
     copied = copy.deepcopy(model)
     for other in (loaded, copied):
         assert other.config._attn_implementation == hf.ATTENTION_NAME
@@ -186,6 +201,24 @@ def test_a_patched_hugging_face_model_pickles_deep_copies_and_patches_once(devic
             torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
         manager = other.init_continuous_batching(transformers.GenerationConfig(max_new_tokens=1, eos_token_id=None))
         assert manager.model is other
+
+
+def test_a_patched_encoder_registers_the_kernel_when_loaded(device, tmp_path, monkeypatch):
+    """A patched model without generate() (BERT) carries no continuous-batching entry, so only its
+    ``_kernel_registration`` registers the kernel when torch.load unpickles it; an object with an empty __dict__
+    was never given __setstate__ by pickle. The loaded model runs, with the saved one's output."""
+    transformers = pytest.importorskip("transformers")
+    from transformer import patch
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    model = patch(transformers.BertModel(config).to(device).eval())
+    ids = torch.randint(0, 50, (2, 7), device=device)
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    loaded = _saved_and_loaded_unregistered(model, tmp_path / "model.pt", monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).last_hidden_state, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rms", [False, True])

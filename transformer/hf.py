@@ -15,7 +15,6 @@ transformers' continuous batching (``generate_batch``) runs the same function un
 
 ``transformers`` is imported only inside these functions: the rest of the package works without it.
 """
-import contextvars
 import copy
 import dataclasses
 import functools
@@ -70,15 +69,16 @@ position order, packed as cu_seq_lens_k says. (Its other block_table mode, which
 kernel, is never chosen for :data:`PAGED_ATTENTION_NAME`.)"""
 
 
-_DENSE_MASKS = contextvars.ContextVar("dense_masks", default=False)
-"""True while :func:`kernel_mask` must return transformers' own tensor masks (see DenseMasksForGenerate)."""
+GENERATE_MASKS = "create_masks_for_generate"
+"""The name of the function (transformers' own or a model's override) with which generate() builds its masks ahead
+of a static cache's forward, which takes only tensor masks there (:func:`_for_generate`)."""
 _KERNEL_MASKS = WeakIdKeyDictionary()
-"""What :func:`kernel_mask` would have returned (a KernelMask or None) for each tensor mask it built inside
-DenseMasksForGenerate, keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
+"""What :func:`kernel_mask` would have returned (a KernelMask or None) for each tensor mask it built for
+generate() (:func:`_for_generate`), keyed by the tensor's identity: :func:`hf_attention` runs the kernel from it rather than
 from the dense mask. A tensor that is not the same object (copied, or traced by torch.compile) is not found: a
 traced one marked with :data:`KEY_RANGES` runs the decode kernel, any other takes the dense mask's path."""
 KEY_RANGES = "_kernel_key_ranges"
-"""The attribute that marks a tensor mask built inside DenseMasksForGenerate whose rows each see one key range
+"""The attribute that marks a tensor mask built for generate() whose rows each see one key range
 (causal or not, a sliding window, left padding at most): its value is (causal, window). A compiled step gets the
 mask as a traced tensor, which :data:`_KERNEL_MASKS` cannot find, but torch.compile reads (and guards on) a
 tensor's attributes: :func:`hf_attention` then finds each row's range on the device (:func:`_key_ranges`)."""
@@ -90,45 +90,33 @@ tiles the query tokens."""
 
 def use_kernel_attention(model: nn.Module) -> None:
     """Register the kernel with transformers and switch the ``PreTrainedModel`` to it, in place (again: a no-op)."""
-    from transformers.masking_utils import create_masks_for_generate
-
     register_hf_attention()
     register_hf_attention(PAGED_ATTENTION_NAME)
     model.set_attn_implementation(ATTENTION_NAME)
-    if not isinstance(vars(model).get("create_masks_for_generate"), DenseMasksForGenerate):
-        model.create_masks_for_generate = DenseMasksForGenerate(
-            getattr(model, "create_masks_for_generate", create_masks_for_generate))
+    if not isinstance(vars(model).get("_kernel_registration"), _OnPatchedModel):
+        model._kernel_registration = _OnPatchedModel()
     if hasattr(model, "init_continuous_batching") and not isinstance(  # generate_batch() and the other entries
             vars(model).get("init_continuous_batching"), ContinuousBatchingOnKernels):
         model.init_continuous_batching = ContinuousBatchingOnKernels(model, model.init_continuous_batching)
 
 
 class _OnPatchedModel:
-    """Base of the callables :func:`use_kernel_attention` puts on a model. Objects, not closures: a patched model
-    pickles (``torch.save``) and deep-copies, a copy's callables holding the copy and its own bound methods (a
-    closure would keep the original's). Unpickling registers the kernel with transformers, which the loaded
-    model's ``_attn_implementation`` names."""
+    """What :func:`use_kernel_attention` puts on a model (as ``_kernel_registration``, and the base of the callables
+    it installs): unpickling one (``torch.load`` of a patched model, or a deep copy) registers the kernel with
+    transformers, which the loaded model's ``_attn_implementation`` names. Objects, not closures: a patched model
+    pickles and deep-copies, a copy's callables holding the copy and its own bound methods (a closure would keep
+    the original's)."""
+
+    names = (ATTENTION_NAME, PAGED_ATTENTION_NAME)
+
+    def __getstate__(self):
+        # never empty: pickle calls __setstate__ only for an object with state
+        return {"names": self.names, **self.__dict__}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        register_hf_attention()
-        register_hf_attention(PAGED_ATTENTION_NAME)
-
-
-class DenseMasksForGenerate(_OnPatchedModel):
-    """``create`` (a model's ``create_masks_for_generate``) building transformers' tensor masks: generate() builds
-    masks ahead with it for compilable (static) caches and passes them back into the model's forward, which
-    accepts only tensors (or flex attention's block masks) there."""
-
-    def __init__(self, create: Callable):
-        self.create = create
-
-    def __call__(self, *args, **kwargs):
-        token = _DENSE_MASKS.set(True)
-        try:
-            return self.create(*args, **kwargs)
-        finally:
-            _DENSE_MASKS.reset(token)
+        for name in self.names:
+            register_hf_attention(name)
 
 
 class ContinuousBatchingOnKernels(_OnPatchedModel):
@@ -394,8 +382,8 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     mask at most) for the other causal, sliding-window, bidirectional and packed patterns, and transformers'
     ``sdpa_mask`` (B, 1, Nq, Nk) bool tensor, never None, for everything else.
 
-    ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. Inside
-    :class:`DenseMasksForGenerate` it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
+    ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. For
+    generate()'s masks built ahead of the forward (:func:`_for_generate`) it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
     what it would have returned otherwise (and marking it with :data:`KEY_RANGES` where that is one key range per
     row). No device sync except, per call, one ``all()`` of the 2-D mask (to
     return None when nothing is padded), one read of it to find left padding and one read of a static cache's
@@ -412,9 +400,8 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     if pattern is None or not isinstance(kv_offset, int):
         return dense()
     mask = _kernel_mask(*pattern, dense, kv_length, q_length, q_offset, kv_offset, attention_mask)
-    # A compiled forward never runs inside DenseMasksForGenerate (generate() builds its masks eagerly, before the
-    # forward), and torch.compile cannot trace ContextVar.get: a fullgraph compile of the model stopped there.
-    if isinstance(mask, torch.Tensor) or torch.compiler.is_compiling() or not _DENSE_MASKS.get():
+    # generate() builds its masks eagerly, before a compiled forward: a traced call is never for it
+    if isinstance(mask, torch.Tensor) or torch.compiler.is_compiling() or not _for_generate():
         return mask
     tensor = dense().contiguous()  # generate() makes its masks contiguous: a copy would not be found
     _KERNEL_MASKS[tensor] = mask
@@ -423,6 +410,20 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     elif mask.cu_seqlens is None and (mask.key_padding is None or mask.leftpad is not None):
         setattr(tensor, KEY_RANGES, (mask.causal, mask.window))
     return tensor
+
+
+def _for_generate(depth: int = 12) -> bool:
+    """Whether generate() is building its masks ahead of the forward: :data:`GENERATE_MASKS` (transformers' function
+    or a model's override) among the ``depth`` frames above :func:`kernel_mask`. The forward takes only tensor masks
+    from it (transformers' mask preparation reads ``.ndim``), and generate() calls it on the model, so a model
+    loaded with ``attn_implementation="fused_triton"`` after :func:`register_hf_attention` has no patched method
+    to mark the call: the stack does (a few frames, once per mask, not per layer)."""
+    frame = sys._getframe(2)
+    while frame is not None and depth > 0:
+        if frame.f_code.co_name == GENERATE_MASKS:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
 
 
 def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, kv_offset, attention_mask):
