@@ -14,7 +14,7 @@ phase's budget is spent is recorded as "skipped" with the reason:
    :data:`ONE_PER_SM`);
 3. ``overhead``: issue #19's GPU goals as pass/fail lines, host µs per call with real launches on tiny inputs for
    every op of ``benchmarks.overhead.cases``, where our calls' host time goes (cProfile), and one attention
-   launch's host time with and without the autotuner's memo (``benchmarks.launch_path``);
+   launch's host time layer by layer: autotuner, its memo, the direct launch (``benchmarks.launch_path``);
 4. ``model``: ``benchmarks.model.run`` (training, prefill, decoding), ours against torch, until its deadline;
 5. ``configs``: every registered build (``kernels.registry.all_builds``) run against the float64 reference by the
    tests' tolerance rule (``tests/tolerance.py``);
@@ -416,9 +416,10 @@ def time_overhead(device: DeviceInfo, budget: Budget, names: Optional[Sequence[s
 
 
 def launch_layers(device: DeviceInfo) -> List[dict]:
-    """``benchmarks.launch_path.measure``: host µs of one attention launch per kernel, without the autotuner's
-    memo, with it, and the kernel's ``run`` alone (real launches on a GPU, a simulated sm_90 path on CPU); one
-    "error" record with the reason if it fails (the phase's other records stand)."""
+    """``benchmarks.launch_path.measure``: host µs of one attention launch per kernel through the autotuner, with
+    its memo, as a direct launch of the compiled kernel, and the kernel's ``run`` alone (real launches on a GPU, a
+    simulated sm_90 path on CPU); one "error" record with the reason if it fails (the phase's other records
+    stand)."""
     from benchmarks import launch_path
 
     try:

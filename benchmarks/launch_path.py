@@ -1,21 +1,25 @@
-"""``python -m benchmarks launch-path``: host µs per attention launch on the GPU path, with and without the memo.
+"""``python -m benchmarks launch-path``: host µs per attention launch on the GPU path, layer by layer.
 
 On a GPU each attention launch (forward, dK/dV, dQ) is autotuned: ``configs.launch`` hands the first launch of a
 key to Triton's autotuner and memoises its pick (``configs._PICKED``), so later launches skip ``Autotuner.run``,
-which rebuilds its key from every argument on each call. For the launches of one small causal fp16 attention
-forward and backward, (1, 2, 16, 64), this times per call:
+which rebuilds its key from every argument on each call; and a launch it has made before, argument for argument,
+goes straight to the compiled kernel (``kernels/_direct.py``), skipping Triton's JIT binder too. For the launches
+of one small causal fp16 attention forward and backward, (1, 2, 16, 64), this times per call:
 
-- ``no_memo``: ``configs.launch`` with a memo that keeps nothing, so every call goes through Triton's autotuner
-  (a cache hit there): the launch as it was before the memo;
-- ``launch``: ``configs.launch`` as it is (its checks, the memo lookup, the kernel's ``run``);
-- ``run``: the kernel's own ``run`` with the picked config (on a GPU Triton's JIT binder, cache lookup and
-  launcher; simulated, only the call);
+- ``autotuner``: ``configs.launch`` with neither memo, so every call goes through Triton's autotuner (a cache hit
+  there) and the kernel's ``run``: the launch before both memos;
+- ``memo``: ``configs.launch`` with the autotuner's memo only, then the kernel's ``run`` (on a GPU Triton's JIT
+  binder, cache lookup and launcher): the launch before the direct launches;
+- ``direct``: ``configs.launch`` as it is (the signature, its lookup, the compiled kernel's launch);
+- ``run``: the kernel's own ``run`` with the picked config;
 - ``binder`` (CPU only): Triton's argument binder for these arguments as built for an sm_90 GPU, the part of
-  ``run`` that scales with the argument count (a GPU adds its cache lookup and C launcher).
+  ``run`` that scales with the argument count, which ``direct`` skips.
 
 On CPU the GPU path is simulated: the launch code runs as on an H100 (not interpreted, family 90), the autotuner's
-timing is stubbed and so is each kernel's ``run``. On a GPU every call launches for real: the time is that of
-back-to-back launches synchronised at the end, host-bound for kernels this small. Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
+timing is stubbed, and so are each kernel's ``run`` (it returns a compiled kernel whose launch does nothing) and the
+driver's stream: ``run`` is only a call there, so a GPU's ``memo`` is about ``memo + binder`` of this table. On a GPU
+every call launches for real: the time is that of back-to-back launches synchronised at the end, host-bound for
+kernels this small. Writes ``launch_path.json`` / ``.csv`` / ``.png`` into ``--out``.
 """
 import argparse
 import contextlib
@@ -26,13 +30,13 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 import kernels
-from kernels import _runtime
+from kernels import _direct, _runtime
 from kernels.attention import configs
 from benchmarks import overhead, plots, records
 from benchmarks.device import DeviceInfo, detect
 
 KERNELS = ("fwd", "dkdv", "dq")
-PATHS = ("no_memo", "launch", "run", "binder")
+PATHS = ("autotuner", "memo", "direct", "run", "binder")
 SIMULATED_FAMILY = 90
 
 
@@ -57,26 +61,57 @@ def _first_fastest(tuner, *args, config, **kwargs):
     return [float(tuner.configs.index(config) + 1)] * 3
 
 
+class StubCompiled:
+    """A compiled kernel as ``JITFunction.run`` returns one, whose launch does nothing: ``calls`` records each
+    launch's arguments as the launcher gets them (grid, stream, function, metadata, hooks, then every argument)."""
+
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.calls = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *launch):
+        self.calls.append(launch)
+
+
+class _StubDriver:
+    """``triton.runtime.driver`` as the direct launches read it: device 0, stream 0."""
+
+    class active:
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 0)
+
+
+def _compiled_stub(self, *args, grid, warmup, **kwargs):
+    return StubCompiled()
+
+
 @contextlib.contextmanager
 def simulated_gpu(bench: Callable = _first_fastest, run: Optional[Callable] = None) -> Iterator[None]:
     """The attention launch code as a GPU of family :data:`SIMULATED_FAMILY` runs it, on CPU tensors (an
     interpreting process only): not interpreted, the family's autotuners (``bench`` times a config:
-    ``Autotuner._bench``'s signature) and each kernel's ``run`` replaced by ``run`` (default: nothing launches).
-    Autotuners and picks made inside are dropped on leaving."""
+    ``Autotuner._bench``'s signature) and each kernel's ``run`` replaced by ``run`` (default: returns a
+    :class:`StubCompiled`, so the direct launches of ``kernels/_direct.py`` take it; nothing launches), the driver
+    by device 0's stream 0. Autotuners, picks and direct launches made inside are dropped on leaving."""
     from triton.runtime.autotuner import Autotuner
 
     if not _runtime.INTERPRETED:
         raise RuntimeError("simulated_gpu: for an interpreting process (CPU); a GPU runs the real path")
     kernel_class = type(configs.KERNELS["fwd"])
-    saved = (_runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED)
+    saved = (_runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED,
+             configs._DIRECT, _direct.driver)
     _runtime.INTERPRETED, configs.device_family, Autotuner._bench = False, lambda device: SIMULATED_FAMILY, bench
-    kernel_class.run = run or (lambda self, *args, grid, warmup, **kwargs: None)
-    configs._PICKED = {}
+    kernel_class.run = run or _compiled_stub
+    configs._PICKED, configs._DIRECT, _direct.driver = {}, {}, _StubDriver
     configs._tuned.cache_clear()
     try:
         yield
     finally:
-        _runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED = saved
+        (_runtime.INTERPRETED, configs.device_family, Autotuner._bench, kernel_class.run, configs._PICKED,
+         configs._DIRECT, _direct.driver) = saved
         configs._tuned.cache_clear()
 
 
@@ -104,12 +139,23 @@ class _Forgetful(dict):
         pass
 
 
-def _without_memo(kernel: str, args: tuple, options: dict) -> object:
-    saved, configs._PICKED = configs._PICKED, _Forgetful()
-    try:
-        return configs.launch(kernel, *args, **options)
-    finally:
-        configs._PICKED = saved
+class _NoDirect(_direct.DirectLaunches):
+    """Direct launches that never match: every launch goes through the kernel's ``run``."""
+
+    def key(self, args, *extra):
+        return None
+
+
+def _launch_with(kernel: str, args: tuple, options: dict, picked: dict, direct: dict) -> Callable[[], object]:
+    """A call of ``configs.launch`` with ``picked`` as the autotuner's memo and ``direct`` as the direct launches."""
+    def call():
+        saved = configs._PICKED, configs._DIRECT
+        configs._PICKED, configs._DIRECT = picked, direct
+        try:
+            return configs.launch(kernel, *args, **options)
+        finally:
+            configs._PICKED, configs._DIRECT = saved
+    return call
 
 
 def _calls(kernel: str, launch: tuple, simulated: bool) -> Dict[str, Callable[[], object]]:
@@ -120,8 +166,10 @@ def _calls(kernel: str, launch: tuple, simulated: bool) -> Dict[str, Callable[[]
     configs.launch(kernel, *args, **options)  # tunes (first sight) and memoises the pick
     picked, = configs._PICKED.values()
     fixed_grid = configs.grid(rows, heads, picked["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])
-    calls = {"no_memo": lambda: _without_memo(kernel, args, options),
-             "launch": lambda: configs.launch(kernel, *args, **options),
+    no_direct = {kernel: _NoDirect(configs.KERNELS[kernel])}
+    calls = {"autotuner": _launch_with(kernel, args, options, _Forgetful(), no_direct),
+             "memo": _launch_with(kernel, args, options, configs._PICKED, no_direct),
+             "direct": lambda: configs.launch(kernel, *args, **options),
              "run": lambda: configs.KERNELS[kernel].run(*runtime_args, grid=fixed_grid, warmup=False, **meta,
                                                         **picked)}
     binder = _binder(kernel, runtime_args, dict(meta, **picked)) if simulated else None
@@ -150,12 +198,13 @@ def measure(device: DeviceInfo, repeats: int = 7, calls: int = 200) -> List[dict
 
 
 def format_table(recs: List[dict]) -> str:
-    """One line per kernel: µs per call of each path, and what the memo saves per launch (no_memo - launch)."""
+    """One line per kernel: µs per call of each path, and what the direct launch saves (memo + binder - direct on
+    CPU, where the simulated ``run`` has no binder; memo - direct on a GPU)."""
     by = {(r["kernel"], r["path"]): r["us_per_call"] for r in recs}
     paths = [p for p in PATHS if any(r["path"] == p for r in recs)]
     lines = [f"{'kernel':8}" + "".join(f"{p + ' µs':>14}" for p in paths) + f"{'saved per launch µs':>22}"]
     for kernel in KERNELS:
-        saved = by[kernel, "no_memo"] - by[kernel, "launch"]
+        saved = by[kernel, "memo"] + by.get((kernel, "binder"), 0.0) - by[kernel, "direct"]
         lines.append(f"{kernel:8}" + "".join(f"{by[kernel, p]:14.1f}" for p in paths) + f"{saved:22.1f}")
     return "\n".join(lines)
 

@@ -101,3 +101,110 @@ def test_the_launch_path_benchmark_times_every_layer(tmp_path):
     assert all(us > 0 for us in by.values())
     assert (tmp_path / "launch_path.csv").exists() and (tmp_path / "launch_path.png").exists()
     assert type(configs.KERNELS["fwd"]).run is run and _runtime.INTERPRETED and configs._PICKED is picked
+
+
+# ------------------------------------------------------------------------------ direct launches (kernels/_direct.py)
+
+
+@pytest.fixture
+def compiled_launches(monkeypatch):
+    """The simulated GPU path with each kernel's ``run`` recording its launches and returning one compiled kernel
+    per JIT function (``launch_path.StubCompiled``): {"run": [kernel names through JITFunction.run], "compiled":
+    {kernel name: StubCompiled}}."""
+    seen = {"run": [], "compiled": {}}
+    names = {id(jit.fn): name for name, jit in configs.KERNELS.items()}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        name = names[id(self.fn)]
+        seen["run"].append(name)
+        return seen["compiled"].setdefault(name, launch_path.StubCompiled())
+    with launch_path.simulated_gpu(run=run):
+        yield seen
+
+
+def _sm90_bound_arguments(kernel: str, args: tuple, kwargs: dict) -> tuple:
+    """Every argument in the order ``JITFunction.run`` hands them to the compiled kernel, by Triton's own binder as
+    built for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = JITFunction(configs.KERNELS[kernel].fn)
+    bind = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    params, _, _ = bind(*args, **kwargs, debug=False, instrumentation_mode="")
+    return tuple(params.values())
+
+
+@pytest.mark.parametrize("case", ["plain", "padded"])
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_a_repeated_launch_goes_straight_to_its_compiled_kernel(compiled_launches, launches, kernel, case):
+    """The first launch autotunes, the second runs the pick through JITFunction.run (whose compiled kernel is
+    kept), the next ones launch that kernel directly: its launcher gets the grid, the stream, the launch hooks and
+    exactly the arguments, in the order, that Triton's binder gives JITFunction.run's own launch."""
+    from triton import knobs
+
+    args, options = launches[case][kernel]
+    for _ in range(4):
+        configs.launch(kernel, *args, **options)
+    assert compiled_launches["run"] == [kernel, kernel]
+    compiled = compiled_launches["compiled"][kernel]
+    assert len(compiled.calls) == 2
+    rows, heads, runtime_args, meta = args[:4]
+    picked, = configs._PICKED.values()
+    block = picked["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]
+    bound = _sm90_bound_arguments(kernel, runtime_args, dict(meta, **picked))
+    expected = ((-(-rows // block) * heads), 1, 1, 0, None, None, None, knobs.runtime.launch_enter_hook,
+                knobs.runtime.launch_exit_hook, *bound)
+    assert all(call == expected for call in compiled.calls)  # == on tensors: identity first, so the same tensors
+
+
+@pytest.fixture(scope="module")
+def shorter_launch(launches):
+    """The "plain" case's forward launch at 24 rows and keys instead of 40 (captured outside the simulation)."""
+    return launch_path.attention_launches(torch.device("cpu"), torch.float32, (1, 2, 24, 64))["fwd"]
+
+
+def test_a_launch_of_another_signature_goes_through_run_again(compiled_launches, launches, shorter_launch):
+    """Another dtype, variant pointer or length each miss the direct launches (once each: then they hit)."""
+    for case in ("plain", "plain", "plain", "fp16", "fp16", "padded", "padded", "plain"):
+        args, options = launches[case]["fwd"]
+        configs.launch("fwd", *args, **options)
+    assert compiled_launches["run"] == ["fwd"] * 6  # autotune + run for each of the three cases
+    for _ in range(3):
+        configs.launch("fwd", *shorter_launch[0], **shorter_launch[1])
+    assert compiled_launches["run"][6:] == ["fwd"]  # the same length bucket: the autotuner's pick, then direct
+
+
+def test_direct_launch_signatures():
+    """What may share a compiled kernel: the same dtypes, ints, bools and Nones, any float value, aligned pointers
+    only; anything else has no signature (None: through run every time)."""
+    from kernels._direct import DirectLaunches
+
+    direct = DirectLaunches(configs.KERNELS["fwd"])
+    n = direct.n_runtime
+    x = torch.zeros(64, dtype=torch.float16)
+
+    def args(first=x, fill=16):
+        return (first,) + (fill,) * (n - 1)
+    assert direct.key(args()) == direct.key(args()) is not None
+    assert direct.key(args(fill=1)) != direct.key(args(fill=16)) != direct.key(args(fill=32))
+    assert direct.key(args(fill=True)) != direct.key(args(fill=1))
+    assert direct.key(args(fill=0.5)) == direct.key(args(fill=3.0)) != direct.key(args(fill=3))
+    assert direct.key(args(x.float()[:32])) != direct.key(args())  # another dtype
+    assert direct.key(args(x[1:])) is None  # 2 bytes past a 16-byte boundary: the binder would specialise it apart
+    assert direct.key(args(torch.nn.Parameter(x))) is None  # a subclass
+    assert direct.key(args(fill=(1, 2))) is None and direct.key(args()[:-1]) is None
+    assert direct.key(args(), "extra") != direct.key(args(), "other")
+
+
+def test_no_direct_launch_where_triton_launches_otherwise(compiled_launches, launches, monkeypatch):
+    """A Triton whose JITFunction.run does not end in the launch the direct path repeats: every launch runs."""
+    from kernels import _direct
+
+    monkeypatch.setattr(_direct, "_supported", False)
+    args, options = launches["plain"]["fwd"]
+    for _ in range(3):
+        configs.launch("fwd", *args, **options)
+    assert compiled_launches["run"] == ["fwd"] * 3 and not compiled_launches["compiled"]["fwd"].calls
+    monkeypatch.setattr(_direct, "_supported", None)
+    assert _direct.supported()  # the installed Triton's run ends in those lines

@@ -332,11 +332,11 @@ def test_overhead_phase_gives_goal_lines_host_times_and_profiles(monkeypatch):
     assert all(len(r["top"]) == gpu_check.OVERHEAD_TOP and "(" in r["top"][0]["function"] for r in profiles)
     launches = [r for r in recs if r["kind"] == "launch"]
     assert {(r["kernel"], r["path"]) for r in launches} == {
-        (kernel, path) for kernel in ("fwd", "dkdv", "dq") for path in ("no_memo", "launch", "run", "binder")}
+        (kernel, path) for kernel in ("fwd", "dkdv", "dq") for path in ("autotuner", "memo", "direct", "run", "binder")}
     assert all(r["status"] == "ok" and r["us_per_call"] > 0 for r in launches)
     text = gpu_check._overhead_section(recs, {})
     assert "| softmax | forward+backward | " in text and ("- MET: " in text or "- MISSED: " in text)
-    assert "| kernel | no_memo | launch | run | binder |" in text and "\n| dkdv | " in text
+    assert "| kernel | autotuner | memo | direct | run | binder |" in text and "\n| dkdv | " in text
     spent = gpu_check.time_overhead(detect(), gpu_check.Budget(0.0), names=["softmax"])
     assert [(r["kind"], r["status"]) for r in spent] == [("goal", "skipped")] * 7 + [
         ("host", "skipped"), ("profile", "skipped"), ("launch", "skipped")]

@@ -1,0 +1,126 @@
+"""Launching a compiled Triton kernel again without ``JITFunction.run``'s argument binder (GPU launches only).
+
+``kernel[grid](*args)`` runs ``JITFunction.run``, which before every launch binds and specialises each argument
+(a tensor's dtype and 16-byte alignment, an int's value class: 1, a multiple of 16, its width), builds the cache key
+from the options' string and looks the compiled kernel up. For attention's ~60 arguments the binder alone is
+~11 µs of host time per launch as built for sm_90 (``python -m benchmarks launch-path``), more than the launch.
+
+A launch whose arguments are the same as an earlier one's in every way the binder looks at (same tensor dtypes,
+every pointer 16-byte aligned, the same ints, the same Nones, floats as floats, the same compile-time arguments
+and options) gets the same specialisation, so the same compiled kernel. :class:`DirectLaunches` keeps, per such
+signature (:meth:`DirectLaunches.key`), the kernel ``JITFunction.run`` returned for it, and launches it again the
+way ``run``'s last two lines do (``launch_metadata``, then the compiled kernel's ``run`` with the grid, the
+current stream, the launch hooks and every argument in the signature's order). Anything the key does not cover
+(a misaligned pointer, a tensor subclass, a tuple or descriptor argument, arguments by keyword) goes through
+``JITFunction.run`` every time, and so does every launch where the installed Triton's ``run`` does not end in
+those two lines (:func:`supported`): a version whose launch differs never reaches the direct path.
+"""
+import inspect
+from typing import NamedTuple, Optional
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+_RUN_ENDS_WITH = (
+    "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,",
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+)
+"""The lines of ``JITFunction.run`` that :meth:`DirectLaunches.launch` repeats (Triton 3.4 to 3.9)."""
+_supported: Optional[bool] = None
+MAX_SIGNATURES = 1024
+"""Signatures kept per kernel; past it the memo starts again (a model repeats a handful)."""
+
+
+def supported() -> bool:
+    """Whether this Triton's ``JITFunction.run`` launches as :meth:`DirectLaunches.launch` does (read once)."""
+    global _supported
+    if _supported is None:
+        try:
+            source = " ".join(inspect.getsource(JITFunction.run).split())
+        except (OSError, TypeError):
+            source = ""
+        _supported = all(" ".join(line.split()) in source for line in _RUN_ENDS_WITH)
+    return _supported
+
+
+class Entry(NamedTuple):
+    """A remembered launch: the compiled kernel, the compile-time arguments' values in the signature's order (they
+    follow the runtime ones), and what the caller keeps with it (its tile, say)."""
+    compiled: object
+    constexprs: tuple
+    payload: object
+
+
+_TENSOR = torch.Tensor
+
+
+class DirectLaunches:
+    """The compiled kernels of one ``@triton.jit`` function by launch signature, launched directly."""
+
+    def __init__(self, jit):
+        self.jit = jit
+        # an interpreting process's kernels (the CPU tests' simulated GPU launches) keep theirs on a JITFunction
+        params = jit.params if isinstance(jit, JITFunction) else JITFunction(jit.fn).params
+        self.n_runtime = sum(not p.is_constexpr for p in params)
+        # run passes every argument in the signature's order; the direct call appends the constexprs to the
+        # runtime arguments, so it needs them last (else this kernel always goes through run)
+        self.constexprs_last = all(p.is_constexpr for p in params[self.n_runtime:])
+        self.constexpr_params = params[self.n_runtime:]
+        self._entries = {}
+
+    def key(self, args: tuple, *extra) -> Optional[tuple]:
+        """The launch signature of positional runtime ``args`` (plus the caller's ``extra``, which must cover the
+        compile-time arguments and options it will pass): the device, each tensor's dtype, each int, bool and None
+        as it is, float for a float. None where the binder could specialise two such launches apart (a pointer not
+        16-byte aligned) or the key cannot tell (any other argument type, a different count)."""
+        if len(args) != self.n_runtime or not self.constexprs_last:
+            return None
+        spec, pointers = [], 0
+        for arg in args:
+            kind = type(arg)
+            if kind is _TENSOR:
+                spec.append(arg.dtype)
+                pointers |= arg.data_ptr()
+            elif kind is int or arg is None:
+                spec.append(arg)
+            elif kind is float:  # the binder does not specialise on a float's value
+                spec.append(float)
+            elif kind is bool:  # True == 1 as a key: kept apart
+                spec.append((bool, arg))
+            else:
+                return None
+        if pointers % 16:
+            return None
+        return (args[0].get_device() if type(args[0]) is _TENSOR else None, tuple(spec), *extra)
+
+    def get(self, key: Optional[tuple]) -> Optional[Entry]:
+        """The launch remembered for ``key`` (None: not seen, or no key)."""
+        return None if key is None else self._entries.get(key)
+
+    def run(self, key: Optional[tuple], args: tuple, grid: tuple, payload: object = None, **kwargs):
+        """``jit.run(*args, grid=grid, warmup=False, **kwargs)``, remembering its compiled kernel for ``key`` (with
+        ``payload``) where there is one and this Triton launches as :meth:`launch` does."""
+        compiled = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
+        if key is not None and compiled is not None and supported():
+            constexprs = tuple(kwargs.get(p.name, p.default) for p in self.constexpr_params)
+            if all(value is not inspect.Parameter.empty for value in constexprs):  # each given, or a default
+                if len(self._entries) >= MAX_SIGNATURES:
+                    self._entries.clear()
+                self._entries[key] = Entry(compiled, constexprs, payload)
+        return compiled
+
+    @staticmethod
+    def launch(entry: Entry, args: tuple, grid: tuple) -> None:
+        """Launch ``entry``'s compiled kernel on ``args`` over ``grid`` (1 to 3 ints) on the current device's
+        current stream, as ``JITFunction.run`` would."""
+        compiled, active = entry.compiled, driver.active
+        stream = active.get_current_stream(active.get_current_device())
+        arguments = (*args, *entry.constexprs)
+        grid_1 = grid[1] if len(grid) > 1 else 1
+        grid_2 = grid[2] if len(grid) > 2 else 1
+        launch_metadata = compiled.launch_metadata(grid, stream, *arguments)
+        compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, launch_metadata,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *arguments)
