@@ -115,16 +115,30 @@ def simulated_gpu(bench: Callable = _first_fastest, run: Optional[Callable] = No
         configs._tuned.cache_clear()
 
 
+def _sm90_binder(jit) -> Callable:
+    """Triton's JIT argument binder of ``jit`` (a JIT or interpreted kernel) as built for sm_90: ``bind(*args,
+    **kwargs, debug=..., instrumentation_mode=...)`` -> (every argument by name in the signature's order, their
+    specialisation, the options). Not public API: it raises where this Triton's internals differ."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    function = JITFunction(jit.fn)
+    return create_function_from_signature(function.signature, function.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def bound_arguments(jit, args: tuple, kwargs: dict) -> tuple:
+    """Every argument of ``jit(*args, **kwargs)`` in the order ``JITFunction.run`` hands them to the compiled kernel
+    on sm_90 (by Triton's own binder)."""
+    params, _, _ = _sm90_binder(jit)(*args, **kwargs, debug=False, instrumentation_mode="")
+    return tuple(params.values())
+
+
 def _binder(kernel: str, args: tuple, kwargs: dict) -> Optional[Callable[[], object]]:
     """A call of Triton's JIT argument binder for ``kernel``'s launch as built for sm_90, or None where this
     Triton's internals differ (the binder is not public API)."""
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler.compiler import make_backend
-        from triton.runtime.jit import JITFunction, create_function_from_signature
-
-        jit = JITFunction(configs.KERNELS[kernel].fn)
-        bind = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+        bind = _sm90_binder(configs.KERNELS[kernel])
         options = dict(kwargs, debug=False, instrumentation_mode="")
         bind(*args, **options)
     except (ImportError, AttributeError, TypeError, ValueError):

@@ -16,12 +16,14 @@ current stream, the launch hooks and every argument in the signature's order). A
 those two lines (:func:`supported`): a version whose launch differs never reaches the direct path.
 """
 import inspect
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+from kernels import _runtime
 
 _RUN_ENDS_WITH = (
     "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
@@ -124,3 +126,27 @@ class DirectLaunches:
         launch_metadata = compiled.launch_metadata(grid, stream, *arguments)
         compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, launch_metadata,
                      knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *arguments)
+
+
+_LAUNCHES: Dict[object, DirectLaunches] = {}
+"""The :class:`DirectLaunches` of each kernel :func:`run` has launched."""
+
+
+def run(jit, args: tuple, grid: tuple, **kwargs) -> None:
+    """``jit.run(*args, grid=grid, warmup=False, **kwargs)`` (the launch ``jit[grid](*args, **kwargs)`` makes, without
+    its wrapper's repacking), or on a GPU, for a launch made before with the same signature and the same ``kwargs``
+    (compile-time arguments and options), a direct launch of its compiled kernel. ``args``: every runtime argument,
+    by position."""
+    if _runtime.INTERPRETED:  # nothing compiled to keep: the interpreter runs the Python function
+        jit.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    direct = _LAUNCHES.get(jit) or _LAUNCHES.setdefault(jit, DirectLaunches(jit))
+    key = direct.key(args, *kwargs.items())
+    try:
+        seen = direct.get(key)
+    except TypeError:  # an unhashable compile-time argument: no signature
+        key = seen = None
+    if seen is not None:
+        direct.launch(seen, args, grid)
+        return
+    direct.run(key, args, grid, **kwargs)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import _direct
 from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride, warps_for)
@@ -605,9 +606,9 @@ def _launch_forward(x, residual, weight, bias, n_cols, eps, rms, offset, casting
                                               weight is not None, bias is not None)
         programs, rows_per_program = _row_split(n_rows, x.device, per_sm) if per_sm else (n_rows, 1)
         with launch_device(x):
-            _norm_fwd.run(x2d, res2d, _vector(weight, x2d), _vector(bias, x2d), y, h if has_res else x2d,
-                          mean if not rms else rstd, rstd, stride_x, stride_res, n_rows, n_cols, rows_per_program,
-                          eps, offset, grid=(programs,), warmup=False, **constants)
+            _direct.run(_norm_fwd, (x2d, res2d, _vector(weight, x2d), _vector(bias, x2d), y, h if has_res else x2d,
+                                    mean if not rms else rstd, rstd, stride_x, stride_res, n_rows, n_cols,
+                                    rows_per_program, eps, offset), (programs,), **constants)
 
 
 def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, dh: Optional[torch.Tensor],
@@ -638,9 +639,9 @@ def _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting
         dy2d, stride_dy = rows_and_stride(dy, n_cols)
         dh2d, stride_dh = rows_and_stride(dh, n_cols) if dh is not None else (dy2d, stride_dy)
         with launch_device(h):
-            _norm_bwd.run(h2d, _vector(weight, h2d), dy2d, dh2d, dx, mean if not rms else rstd, rstd, dw, db, sums,
-                          stride_h, stride_dy, stride_dh, n_rows, n_cols, rows_per_program, offset,
-                          grid=(programs,), warmup=False, **constants)
+            _direct.run(_norm_bwd, (h2d, _vector(weight, h2d), dy2d, dh2d, dx, mean if not rms else rstd, rstd, dw,
+                                    db, sums, stride_h, stride_dy, stride_dh, n_rows, n_cols, rows_per_program,
+                                    offset), (programs,), **constants)
     # the one deterministic reduction of the partial sums
     return dx, (dw.sum(0) if want_dw else None), (db.sum(0) if want_db else None)
 

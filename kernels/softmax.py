@@ -24,7 +24,7 @@ import triton.language as tl
 from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
-from kernels import reference
+from kernels import _direct, reference
 from kernels.attention.checks import check_flag, check_scale
 from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
@@ -184,7 +184,7 @@ def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
         rows, stride = _matrix(t, dim)
         pointers.append(rows)
         strides.append(stride)
-    kernel.run(*pointers, *strides, n_cols, n_q, scale, grid=(out.numel() // n_cols,), warmup=False, **constants)
+    _direct.run(kernel, (*pointers, *strides, n_cols, n_q, scale), (out.numel() // n_cols,), **constants)
 
 
 def _matrix(t: torch.Tensor, dim: int):

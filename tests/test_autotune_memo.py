@@ -122,19 +122,6 @@ def compiled_launches(monkeypatch):
         yield seen
 
 
-def _sm90_bound_arguments(kernel: str, args: tuple, kwargs: dict) -> tuple:
-    """Every argument in the order ``JITFunction.run`` hands them to the compiled kernel, by Triton's own binder as
-    built for sm_90."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    jit = JITFunction(configs.KERNELS[kernel].fn)
-    bind = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
-    params, _, _ = bind(*args, **kwargs, debug=False, instrumentation_mode="")
-    return tuple(params.values())
-
-
 @pytest.mark.parametrize("case", ["plain", "padded"])
 @pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
 def test_a_repeated_launch_goes_straight_to_its_compiled_kernel(compiled_launches, launches, kernel, case):
@@ -152,7 +139,7 @@ def test_a_repeated_launch_goes_straight_to_its_compiled_kernel(compiled_launche
     rows, heads, runtime_args, meta = args[:4]
     picked, = configs._PICKED.values()
     block = picked["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]
-    bound = _sm90_bound_arguments(kernel, runtime_args, dict(meta, **picked))
+    bound = launch_path.bound_arguments(configs.KERNELS[kernel], runtime_args, dict(meta, **picked))
     expected = ((-(-rows // block) * heads), 1, 1, 0, None, None, None, knobs.runtime.launch_enter_hook,
                 knobs.runtime.launch_exit_hook, *bound)
     assert all(call == expected for call in compiled.calls)  # == on tensors: identity first, so the same tensors

@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.runtime import _allocation  # Triton's allocator slot (a ContextVar), which has no public getter
 
-from kernels import _runtime
+from kernels import _direct, _runtime
 from kernels._direct import DirectLaunches
 from kernels.attention import mods
 from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
@@ -460,8 +460,8 @@ def launch_delta(args, rows: int, heads: int, meta: dict) -> None:
     forced = forced_config("attention_bwd_delta") or {}
     block_m = forced.get("BLOCK_M", DELTA_BLOCK_M)
     options = {} if _runtime.INTERPRETED else {"num_warps": forced.get("num_warps", DELTA_WARPS)}
-    _attn_bwd_delta[grid(rows, heads, block_m)](*args, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
-                                                 BLOCK_M=block_m, **options)
+    _direct.run(_attn_bwd_delta, args, grid(rows, heads, block_m), HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+                BLOCK_M=block_m, **options)
 
 
 def launch_dropout_mask(rng_state: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> None:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
+from kernels import _direct, _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
@@ -514,10 +514,11 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     if x.numel() == 0:
         return
     cos_strides = (0, 0) if cos is None else cos.stride()
-    _decode_append.run(
-        x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
-        *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
-        0 if cos is None else 2 * cos.shape[1], grid=grid(n, batch * heads, APPEND_BLOCK_M), warmup=False,
+    _direct.run(
+        _decode_append,
+        (x, dst, cos, sin, seqlens, batch_idx, block_table, 0 if block_table is None else block_table.stride(0),
+         *x.stride(), *dst.stride(), *cos_strides, heads, n, capacity, page_size, dst.shape[0],
+         0 if cos is None else 2 * cos.shape[1]), grid(n, batch * heads, APPEND_BLOCK_M),
         **_append_meta(d, to_cache, interleaved, same_position))
 
 
@@ -602,15 +603,12 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, kv_he
         o_buf, lse_buf = out, lse
     else:  # the partials' out and lse, one buffer (the plan's strides and lse_start lay them out)
         o_buf = lse_buf = torch.empty(plan.partial_size, dtype=torch.float32, device=device)
-    # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
-    _decode_fwd.run(q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
-                    0 if block_table is None else block_table.stride(0),
-                    alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-                    *q.stride(), *k_cache.stride(), *v_cache.stride(), *plan.tail, grid=plan.grid, warmup=False,
-                    **plan.meta)
+    _direct.run(_decode_fwd, (q, k_cache, v_cache, o_buf, lse_buf, seqlens, leftpad, batch_idx, block_table,
+                              alibi_slopes, 0 if block_table is None else block_table.stride(0),
+                              alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+                              *q.stride(), *k_cache.stride(), *v_cache.stride(), *plan.tail), plan.grid, **plan.meta)
     if plan.splits > 1:
-        _decode_combine.run(o_buf, out, lse, *plan.combine_tail, grid=plan.combine_grid, warmup=False,
-                            **plan.combine_meta)
+        _direct.run(_decode_combine, (o_buf, out, lse, *plan.combine_tail), plan.combine_grid, **plan.combine_meta)
     return out, lse
 
 
@@ -865,10 +863,11 @@ def _judge_index_values(first, seqlens, leftpad, batch_idx, block_table, batch: 
     writes_checked = batch_idx is not None or max_blocks > 0  # a table of no pages: capacity 0, nothing written
     n_entries = batch * spans if n_new and writes_checked else 0
     verdict = new_verdict(first.device, reused=True)  # read below, under the launch lock
-    _decode_check.run(seqlens, leftpad, batch_idx, block_table, verdict,
-                      0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new, capacity,
-                      page_size, cache_rows, 2**31 - 1 if rotary_rows is None else rotary_rows - q_positions,
-                      n_entries, spans, grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
+    _direct.run(_decode_check, (seqlens, leftpad, batch_idx, block_table, verdict,
+                                0 if block_table is None else block_table.stride(0), batch, max_blocks, n_new,
+                                capacity, page_size, cache_rows,
+                                2**31 - 1 if rotary_rows is None else rotary_rows - q_positions, n_entries, spans),
+                _ONE_PROGRAM, BLOCK=INDEX_BLOCK, PAIR_BLOCK=PAIR_BLOCK)
     enforce(verdict, _INDEX_SUMMARY, lambda: _index_rules(seqlens, leftpad, batch_idx, block_table, n_new,
                                                           q_positions, capacity, cache_rows, rotary_rows))
 

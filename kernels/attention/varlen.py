@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
+from kernels import _direct, _runtime
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
@@ -131,11 +131,10 @@ def _offsets_verdict(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, blo
     verdict = new_verdict(cu_seqlens_q.device, reused)
     table = None if block_table is None else block_table.contiguous()
     with _runtime.launch_device(cu_seqlens_q):
-        # .run: the launch kernel[grid](...) makes, without its wrapper's repacking of the arguments
-        _varlen_check.run(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), table, verdict,
-                          0 if table is None else table.stride(0), cu_seqlens_q.shape[0] - 1, total_q, total_k,
-                          max_seqlen_q, max_seqlen_k, 0 if table is None else table.shape[1], page_size, num_blocks,
-                          grid=_ONE_PROGRAM, warmup=False, BLOCK=INDEX_BLOCK)
+        _direct.run(_varlen_check, (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), table, verdict,
+                                    0 if table is None else table.stride(0), cu_seqlens_q.shape[0] - 1, total_q,
+                                    total_k, max_seqlen_q, max_seqlen_k, 0 if table is None else table.shape[1],
+                                    page_size, num_blocks), _ONE_PROGRAM, BLOCK=INDEX_BLOCK)
     return verdict
 
 
