@@ -14,6 +14,11 @@ current stream, the launch hooks and every argument in the signature's order). A
 (a misaligned pointer, a tensor subclass, a tuple or descriptor argument, arguments by keyword) goes through
 ``JITFunction.run`` every time, and so does every launch where the installed Triton's ``run`` does not end in
 those two lines (:func:`supported`): a version whose launch differs never reaches the direct path.
+
+:func:`run` is ``jit.run`` with this memo, for every kernel family's launches (attention's autotuned ones use
+:class:`DirectLaunches` in ``attention/configs.py``, which keeps each launch's tile with its kernel). The signature
+also holds ``TRITON_DEBUG`` and a profiler's instrumentation mode, which ``run`` adds to every launch's options.
+Written and checked on CPU against Triton's own binder (``tests/test_direct_launch.py``); not yet run on a GPU.
 """
 import inspect
 from typing import Dict, NamedTuple, Optional
@@ -96,7 +101,9 @@ class DirectLaunches:
                 return None
         if pointers % 16:
             return None
-        return (args[0].get_device() if type(args[0]) is _TENSOR else None, tuple(spec), *extra)
+        # and the two process-wide options run adds to every launch's (TRITON_DEBUG, a profiler's instrumentation)
+        return (args[0].get_device() if type(args[0]) is _TENSOR else None, tuple(spec), knobs.runtime.debug,
+                knobs.compilation.instrumentation_mode, *extra)
 
     def get(self, key: Optional[tuple]) -> Optional[Entry]:
         """The launch remembered for ``key`` (None: not seen, or no key)."""
