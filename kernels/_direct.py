@@ -21,6 +21,7 @@ also holds ``TRITON_DEBUG`` and a profiler's instrumentation mode, which ``run``
 Written and checked on CPU against Triton's own binder (``tests/test_direct_launch.py``); not yet run on a GPU.
 """
 import inspect
+import os
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -41,15 +42,21 @@ MAX_SIGNATURES = 1024
 """Signatures kept per kernel; past it the memo starts again (a model repeats a handful)."""
 
 
+SWITCH = "KERNELS_DIRECT_LAUNCH"
+"""The environment variable that turns direct launches off when "0" (read once, at the first GPU launch)."""
+
+
 def supported() -> bool:
-    """Whether this Triton's ``JITFunction.run`` launches as :meth:`DirectLaunches.launch` does (read once)."""
+    """Whether this Triton's ``JITFunction.run`` launches as :meth:`DirectLaunches.launch` does and :data:`SWITCH`
+    does not turn direct launches off (read once)."""
     global _supported
     if _supported is None:
         try:
             source = " ".join(inspect.getsource(JITFunction.run).split())
         except (OSError, TypeError):
             source = ""
-        _supported = all(" ".join(line.split()) in source for line in _RUN_ENDS_WITH)
+        _supported = (os.environ.get(SWITCH, "1") != "0"
+                      and all(" ".join(line.split()) in source for line in _RUN_ENDS_WITH))
     return _supported
 
 

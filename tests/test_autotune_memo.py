@@ -195,3 +195,6 @@ def test_no_direct_launch_where_triton_launches_otherwise(compiled_launches, lau
     assert compiled_launches["run"] == ["fwd"] * 3 and not compiled_launches["compiled"]["fwd"].calls
     monkeypatch.setattr(_direct, "_supported", None)
     assert _direct.supported()  # the installed Triton's run ends in those lines
+    monkeypatch.setattr(_direct, "_supported", None)
+    monkeypatch.setenv(_direct.SWITCH, "0")
+    assert not _direct.supported()  # the user's switch
