@@ -77,7 +77,7 @@ class StubCompiled:
         self.calls.append(launch)
 
 
-class _StubDriver:
+class StubDriver:
     """``triton.runtime.driver`` as the direct launches read it: device 0, stream 0."""
 
     class active:
@@ -105,7 +105,7 @@ def simulated_gpu(bench: Callable = _first_fastest, run: Optional[Callable] = No
              configs._DIRECT, _direct.driver)
     _runtime.INTERPRETED, configs.device_family, Autotuner._bench = False, lambda device: SIMULATED_FAMILY, bench
     kernel_class.run = run or _compiled_stub
-    configs._PICKED, configs._DIRECT, _direct.driver = {}, {}, _StubDriver
+    configs._PICKED, configs._DIRECT, _direct.driver = {}, {}, StubDriver
     configs._tuned.cache_clear()
     try:
         yield

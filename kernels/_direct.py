@@ -87,8 +87,8 @@ class DirectLaunches:
 
     def key(self, args: tuple, *extra) -> Optional[tuple]:
         """The launch signature of positional runtime ``args`` (plus the caller's ``extra``, which must cover the
-        compile-time arguments and options it will pass): the device, each tensor's dtype, each int, bool and None
-        as it is, float for a float. None where the binder could specialise two such launches apart (a pointer not
+        compile-time arguments and options it will pass): the current device (where run would launch, and whose
+        compiled kernel it would take), each tensor's dtype, each int, bool and None as it is, float for a float. None where the binder could specialise two such launches apart (a pointer not
         16-byte aligned) or the key cannot tell (any other argument type, a different count)."""
         if len(args) != self.n_runtime or not self.constexprs_last:
             return None
@@ -109,7 +109,7 @@ class DirectLaunches:
         if pointers % 16:
             return None
         # and the two process-wide options run adds to every launch's (TRITON_DEBUG, a profiler's instrumentation)
-        return (args[0].get_device() if type(args[0]) is _TENSOR else None, tuple(spec), knobs.runtime.debug,
+        return (driver.active.get_current_device(), tuple(spec), knobs.runtime.debug,
                 knobs.compilation.instrumentation_mode, *extra)
 
     def get(self, key: Optional[tuple]) -> Optional[Entry]:
@@ -129,11 +129,11 @@ class DirectLaunches:
         return compiled
 
     @staticmethod
-    def launch(entry: Entry, args: tuple, grid: tuple) -> None:
-        """Launch ``entry``'s compiled kernel on ``args`` over ``grid`` (1 to 3 ints) on the current device's
-        current stream, as ``JITFunction.run`` would."""
-        compiled, active = entry.compiled, driver.active
-        stream = active.get_current_stream(active.get_current_device())
+    def launch(key: tuple, entry: Entry, args: tuple, grid: tuple) -> None:
+        """Launch ``entry`` (remembered for ``key``) on ``args`` over ``grid`` (1 to 3 ints) on the key's device's
+        (the current one's) current stream, as ``JITFunction.run`` would."""
+        compiled = entry.compiled
+        stream = driver.active.get_current_stream(key[0])
         arguments = (*args, *entry.constexprs)
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
@@ -161,6 +161,6 @@ def run(jit, args: tuple, grid: tuple, **kwargs) -> None:
     except TypeError:  # an unhashable compile-time argument: no signature
         key = seen = None
     if seen is not None:
-        direct.launch(seen, args, grid)
+        direct.launch(key, seen, args, grid)
         return
     direct.run(key, args, grid, **kwargs)

@@ -162,10 +162,13 @@ def test_a_launch_of_another_signature_goes_through_run_again(compiled_launches,
     assert compiled_launches["run"][6:] == ["fwd"]  # the same length bucket: the autotuner's pick, then direct
 
 
-def test_direct_launch_signatures():
+def test_direct_launch_signatures(monkeypatch):
     """What may share a compiled kernel: the same dtypes, ints, bools and Nones, any float value, aligned pointers
     only; anything else has no signature (None: through run every time)."""
+    from kernels import _direct
     from kernels._direct import DirectLaunches
+
+    monkeypatch.setattr(_direct, "driver", launch_path.StubDriver)  # the current device: 0
 
     direct = DirectLaunches(configs.KERNELS["fwd"])
     n = direct.n_runtime

@@ -24,7 +24,7 @@ def simulated(monkeypatch):
         return seen["compiled"]
     monkeypatch.setattr(type(copy_kernel), "run", run)
     monkeypatch.setattr(_runtime, "INTERPRETED", False)
-    monkeypatch.setattr(_direct, "driver", launch_path._StubDriver)
+    monkeypatch.setattr(_direct, "driver", launch_path.StubDriver)
     monkeypatch.setattr(_direct, "_LAUNCHES", {})
     return seen
 
@@ -76,7 +76,7 @@ def direct_calls(monkeypatch):
     return calls
 
 
-def test_every_launch_through_it_has_a_signature(direct_calls):
+def test_every_launch_through_it_has_a_signature(direct_calls, monkeypatch):
     """Each kernel that launches through ``_direct.run`` gets all its runtime arguments by position, plain and
     aligned, with hashable keywords: on a GPU its repeats would launch directly (a signature of None would mean
     JITFunction.run every time)."""
@@ -93,6 +93,7 @@ def test_every_launch_through_it_has_a_signature(direct_calls):
     new = torch.randn(2, 1, 2, 16)
     flash_attn_with_kvcache(torch.randn(2, 1, 2, 16), cache, cache.clone(), new, new,
                             cache_seqlens=torch.tensor([5, 9], dtype=torch.int32), num_splits=2)
+    monkeypatch.setattr(_direct, "driver", launch_path.StubDriver)  # for the signatures' current device
     names = {jit.fn.__name__ for jit, _, _ in direct_calls}
     assert names >= {"_norm_fwd", "_norm_bwd", "_attn_bwd_delta", "_varlen_check", "_decode_append", "_decode_fwd",
                      "_decode_combine", "_decode_check"} and any("softmax" in name for name in names)

@@ -406,7 +406,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         block_size, on_tma = seen.payload
         if on_tma:
             _ensure_scratch_allocator()
-        direct.launch(seen, args, grid(rows, heads, block_size))
+        direct.launch(signature, seen, args, grid(rows, heads, block_size))
         return
     family, fp32 = device_family(args[0].device), args[0].dtype == torch.float32
     on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
