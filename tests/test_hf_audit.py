@@ -75,3 +75,30 @@ def test_autocast_runs_the_kernels_in_autocasts_dtype_as_sdpa_does(device):
     got.loss.backward()
     torch.testing.assert_close(got.logits, expected.logits, rtol=2e-2, atol=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_model_outside_the_attention_interface_keeps_its_attention_and_gets_kernel_norms(device):
+    """Falcon (ALiBi) does not route attention through transformers' AttentionInterface, so patch() cannot switch
+    it (transformers says so): it keeps its own attention and gets the kernels' norms only, with the eager model's
+    logits and generated tokens, as the README says."""
+    import kernels
+
+    config = transformers.FalconConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, pad_token_id=0)
+    model = transformers.FalconForCausalLM(config).to(device).eval()
+    ids = torch.randint(1, 60, (2, 11), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        want, want_tokens = model(ids, attention_mask=mask).logits, model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        implementation = model.config._attn_implementation
+        patch(model)
+        got, tokens = model(ids, attention_mask=mask).logits, model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert model.config._attn_implementation == implementation != hf.ATTENTION_NAME
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, kernels.LayerNorm) for m in norms)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    assert torch.equal(tokens, want_tokens)
