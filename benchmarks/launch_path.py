@@ -115,7 +115,7 @@ def simulated_gpu(bench: Callable = _first_fastest, run: Optional[Callable] = No
         configs._tuned.cache_clear()
 
 
-def _sm90_binder(jit) -> Callable:
+def sm90_binder(jit) -> Callable:
     """Triton's JIT argument binder of ``jit`` (a JIT or interpreted kernel) as built for sm_90: ``bind(*args,
     **kwargs, debug=..., instrumentation_mode=...)`` -> (every argument by name in the signature's order, their
     specialisation, the options). Not public API: it raises where this Triton's internals differ."""
@@ -130,7 +130,7 @@ def _sm90_binder(jit) -> Callable:
 def bound_arguments(jit, args: tuple, kwargs: dict) -> tuple:
     """Every argument of ``jit(*args, **kwargs)`` in the order ``JITFunction.run`` hands them to the compiled kernel
     on sm_90 (by Triton's own binder)."""
-    params, _, _ = _sm90_binder(jit)(*args, **kwargs, debug=False, instrumentation_mode="")
+    params, _, _ = sm90_binder(jit)(*args, **kwargs, debug=False, instrumentation_mode="")
     return tuple(params.values())
 
 
@@ -138,7 +138,7 @@ def _binder(kernel: str, args: tuple, kwargs: dict) -> Optional[Callable[[], obj
     """A call of Triton's JIT argument binder for ``kernel``'s launch as built for sm_90, or None where this
     Triton's internals differ (the binder is not public API)."""
     try:
-        bind = _sm90_binder(configs.KERNELS[kernel])
+        bind = sm90_binder(configs.KERNELS[kernel])
         options = dict(kwargs, debug=False, instrumentation_mode="")
         bind(*args, **options)
     except (ImportError, AttributeError, TypeError, ValueError):

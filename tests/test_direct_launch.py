@@ -4,6 +4,8 @@ launches are ``tests/test_autotune_memo.py``'s). On CPU the GPU path is simulate
 ``run`` returning a compiled kernel whose launch is recorded (``benchmarks.launch_path.StubCompiled``)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels
 from kernels import _direct, _runtime
@@ -101,3 +103,33 @@ def test_every_launch_through_it_has_a_signature(direct_calls, monkeypatch):
         direct = _direct.DirectLaunches(jit)
         assert direct.key(args, *kwargs.items()) is not None, jit.fn.__name__
         hash(direct.key(args, *kwargs.items()))
+
+
+@triton.jit
+def _probe(X, Y, Z, n, m, f, BLOCK: tl.constexpr):
+    """A kernel of every argument kind a signature tells apart (never launched here: only bound)."""
+    offsets = tl.arange(0, BLOCK)
+    tl.store(Y + offsets, tl.load(X + offsets) * f + n + m)
+
+
+def test_launches_of_one_signature_get_one_specialisation(monkeypatch):
+    """The soundness the direct path rests on, against Triton's own sm_90 binder: launches with the same signature
+    get the same specialisation and options (hence the same compiled kernel), over tensors of several dtypes and
+    alignments, ints around 1, 16 and the 32-bit edge, floats and a None pointer."""
+    monkeypatch.setattr(_direct, "driver", launch_path.StubDriver)
+    bind = launch_path.sm90_binder(_probe)
+    direct = _direct.DirectLaunches(_probe)
+    storage = torch.zeros(256)
+    tensors = [storage[:64], storage[4:68], storage[1:65], storage.half()[8:72], storage[16:80]]
+    ints = [0, 1, 2, 15, 16, 17, 32, -16, 2**31 - 1, 2**31, 2**32, 2**63 - 16]
+    launches = [(x, y, z, n, m, f) for x in tensors[:4] for y in tensors[-2:] for z in (None, tensors[0])
+                for n in ints for m in (1, 16) for f in (0.5, 2.0)]
+    by_key = {}
+    for args in launches:
+        key = direct.key(args, ("BLOCK", 16))
+        if key is None:  # a misaligned pointer: every launch through run
+            assert any(t is not None and t.data_ptr() % 16 for t in args[:3])
+            continue
+        _, specialisation, options = bind(*args, BLOCK=16, debug=False, instrumentation_mode="")
+        by_key.setdefault(key, set()).add((str(specialisation), str(options)))
+    assert len(by_key) > 50 and all(len(kinds) == 1 for kinds in by_key.values())
