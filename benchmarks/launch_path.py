@@ -78,11 +78,16 @@ class StubCompiled:
 
 
 class StubDriver:
-    """``triton.runtime.driver`` as the direct launches read it: device 0, stream 0."""
+    """``triton.runtime.driver`` as the direct launches read it: device 0 of an sm_90 GPU, stream 0."""
 
     class active:
         get_current_device = staticmethod(lambda: 0)
         get_current_stream = staticmethod(lambda device: 0)
+        @staticmethod
+        def get_current_target():
+            from triton.backends.compiler import GPUTarget
+
+            return GPUTarget("cuda", SIMULATED_FAMILY, 32)
 
 
 def _compiled_stub(self, *args, grid, warmup, **kwargs):

@@ -13,7 +13,8 @@ way ``run``'s last two lines do (``launch_metadata``, then the compiled kernel's
 current stream, the launch hooks and every argument in the signature's order). Anything the key does not cover
 (a misaligned pointer, a tensor subclass, a tuple or descriptor argument, arguments by keyword) goes through
 ``JITFunction.run`` every time, and so does every launch where the installed Triton's ``run`` does not end in
-those two lines (:func:`supported`): a version whose launch differs never reaches the direct path.
+those two lines, or whose backend specialises on more than the key holds (AMD's, :func:`supported`): a version
+whose launch differs never reaches the direct path.
 
 :func:`run` is ``jit.run`` with this memo, for every kernel family's launches (attention's autotuned ones use
 :class:`DirectLaunches` in ``attention/configs.py``, which keeps each launch's tile with its kernel). The signature
@@ -47,17 +48,33 @@ SWITCH = "KERNELS_DIRECT_LAUNCH"
 
 
 def supported() -> bool:
-    """Whether this Triton's ``JITFunction.run`` launches as :meth:`DirectLaunches.launch` does and :data:`SWITCH`
-    does not turn direct launches off (read once)."""
+    """Whether direct launches are on (read once): this Triton's ``JITFunction.run`` launches as
+    :meth:`DirectLaunches.launch` does, the current GPU's backend specialises as :meth:`DirectLaunches.key` assumes
+    (:func:`_specialises_as_the_key`), and :data:`SWITCH` does not turn them off."""
     global _supported
     if _supported is None:
         try:
             source = " ".join(inspect.getsource(JITFunction.run).split())
         except (OSError, TypeError):
             source = ""
-        _supported = (os.environ.get(SWITCH, "1") != "0"
+        _supported = (os.environ.get(SWITCH, "1") != "0" and _specialises_as_the_key()
                       and all(" ".join(line.split()) in source for line in _RUN_ENDS_WITH))
     return _supported
+
+
+def _specialises_as_the_key() -> bool:
+    """Whether the current target's compiler backend specialises a tensor on its 16-byte alignment alone and an int
+    on its value alone, Triton's defaults, which the key covers. AMD's does not: with buffer ops it also marks
+    tensors whose storage fits in 2 GB (32-bit offsets), which the key does not hold, so it launches through run."""
+    from triton.backends import backends
+    from triton.backends.compiler import BaseBackend
+
+    target = driver.active.get_current_target()
+    compilers = [entry.compiler for entry in backends.values() if entry.compiler.supports_target(target)]
+    return len(compilers) == 1 and all(
+        getattr(compiler, "supports_native_tensor_specialization", False)
+        and compiler.get_tensor_specialization is BaseBackend.get_tensor_specialization
+        and compiler.get_int_specialization is BaseBackend.get_int_specialization for compiler in compilers)
 
 
 class Entry(NamedTuple):

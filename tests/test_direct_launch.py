@@ -133,3 +133,17 @@ def test_launches_of_one_signature_get_one_specialisation(monkeypatch):
         _, specialisation, options = bind(*args, BLOCK=16, debug=False, instrumentation_mode="")
         by_key.setdefault(key, set()).add((str(specialisation), str(options)))
     assert len(by_key) > 50 and all(len(kinds) == 1 for kinds in by_key.values())
+
+
+def test_no_direct_launch_on_a_backend_that_specialises_otherwise(monkeypatch):
+    """AMD's backend also marks tensors whose storage fits in 2 GB (buffer ops), which a signature does not hold:
+    there every launch goes through run. NVIDIA's specialises as the signature assumes."""
+    from triton.backends.compiler import GPUTarget
+
+    class AmdDriver:
+        class active(launch_path.StubDriver.active):
+            get_current_target = staticmethod(lambda: GPUTarget("hip", "gfx942", 64))
+    for driver, expected in ((AmdDriver, False), (launch_path.StubDriver, True)):
+        monkeypatch.setattr(_direct, "driver", driver)
+        monkeypatch.setattr(_direct, "_supported", None)
+        assert _direct.supported() is expected
