@@ -97,7 +97,13 @@ def first_order_only(name: str, backward: Callable) -> Callable:
         if not any(ctx.needs_input_grad):
             return results
         present = [i for i, g in enumerate(results) if isinstance(g, _TENSOR)]
-        aliases = [results[i].detach().requires_grad_() for i in present]
+        # The raising node's inputs depend on every tensor the gradients do (the saved inputs, the incoming grads):
+        # torch.autograd.grad(f(gradients), inputs) only runs nodes on a path to the inputs, so without that link
+        # it found the inputs unused, or silently dropped this part where they were used elsewhere. The link is
+        # an empty slice's sum: exactly 0 whatever the values (0 * x would be NaN for an infinite x).
+        links = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, _TENSOR) and t.requires_grad]
+        zero = sum(t.reshape(-1)[:0].sum() for t in links)
+        aliases = [results[i].detach() + zero if links else results[i].detach().requires_grad_() for i in present]
         raising = _functions.DelayedError(message, len(aliases))(*aliases)
         results = list(results)
         for i, g in zip(present, raising if isinstance(raising, tuple) else (raising,)):

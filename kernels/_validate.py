@@ -6,6 +6,12 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class DimError(ValueError, IndexError):
+    """A ``dim`` argument out of range: a ValueError, this package's error for a bad argument, and an IndexError,
+    torch's ("Dimension out of range"), so code written to catch either catches it (numpy's AxisError does the
+    same)."""
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t`` is an ordinary strided tensor, as the kernels read one (a data pointer and strides): not
     sparse, nested (whose ``.shape`` raises) or of another layout."""

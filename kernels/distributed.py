@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._autograd import first_order_only
-from kernels._validate import check_tensor
+from kernels._validate import DimError, check_tensor
 from kernels.attention.checks import check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
 from kernels.attention.plan import NO_TENSORS, AttentionVariant
@@ -84,7 +84,7 @@ def _check_dim(dim, x: torch.Tensor, name: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"dim must be an int, got {dim!r}")
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be in [-{x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, got {dim}")
+        raise DimError(f"dim must be in [-{x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, got {dim}")
     return int(dim) % x.dim()
 
 

@@ -40,8 +40,12 @@ Differences from flash-attn 2.x, all functions:
   rule; without ``causal`` a row sees its whole chunk). The varlen and kvcache functions do not take it.
 - The dense functions' ``out`` is (B, S, H, D) contiguous, as flash-attn's (so ``out.view(...)`` works): the
   kernels write it in that layout where q is, and it is copied once where q is laid out otherwise.
+- ``window_size`` entries below -1 raise ValueError (flash-attn takes any negative entry as unbounded; write -1).
 - The varlen functions check the values of ``cu_seqlens`` and ``max_seqlen*`` on the device (ValueError at once
-  on CPU, a device assert on a GPU, no host sync; flash-attn does not check them) and then launch each kernel
+  on CPU, a device assert on a GPU, no host sync; flash-attn does not check them): among the rules, each
+  ``cu_seqlens`` ends at its tensor's token count, so packed tensors padded past the last sequence (a fixed
+  token count, as CUDA-graph serving pads them; flash-attn leaves those rows unwritten) raise: pass the
+  sequences' tokens, or add the padding as one more sequence. They then launch each kernel
   once for the whole batch (see ``kernels/attention/varlen.py``). With ``block_table`` the
   keys and values are first gathered from the pages into the packed layout (a copy of up to batch_size *
   max_seqlen_k keys and values, on the device without a sync; flash-attn reads the pages in place), any page

@@ -31,7 +31,7 @@ from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, l
                            rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, functorch_levels, kernel_runs_on, launch_device,
                               vmap_active)
-from kernels._validate import FLOAT_DTYPES, check_tensor, is_integer
+from kernels._validate import FLOAT_DTYPES, DimError, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 16384
@@ -312,7 +312,7 @@ def _check(x, dim, scale, causal, dtype):
         dim = int(dim)  # numpy's integers as torch takes them
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
-        raise ValueError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")
+        raise DimError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")
     scale = check_scale(scale, 1)  # attention's rule (None: its default, here 1/sqrt(1)): NaN or inf is refused
     causal = check_flag("causal", causal)
     dim = dim % ndim

@@ -110,9 +110,9 @@ def test_the_sdpa_drop_in_takes_scale_and_enable_gqa_by_keyword_only_as_torch_do
 
 @pytest.mark.parametrize("entry", ["attention", "flash_attn_func", "attention_varlen"])
 def test_a_second_backward_through_attention_raises_instead_of_being_silently_wrong(entry):
-    """create_graph=True gives the kernels' gradients (the first-order ones equal); differentiating them again
-    raises a clear RuntimeError, as torch's flash SDPA does: they are never constants that drop q's, k's and v's
-    part of a gradient penalty."""
+    """create_graph=True gives the kernels' gradients (the first-order ones equal); differentiating them again, by
+    .backward() or torch.autograd.grad, raises a clear RuntimeError, as torch's flash SDPA does: they are never
+    constants that drop q's, k's and v's part of a gradient penalty."""
     from kernels.flash_attn import flash_attn_func
 
     torch.manual_seed(0)
@@ -123,11 +123,14 @@ def test_a_second_backward_through_attention_raises_instead_of_being_silently_wr
              "attention_varlen": lambda: kernels.attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu,
                                                                   3, 3, causal=True)}
     weight = torch.randn(calls[entry]().shape)
-    dq, = torch.autograd.grad((calls[entry]() * weight).sum(), q, create_graph=True)
     expected, = torch.autograd.grad((calls[entry]() * weight).sum(), q)
-    assert torch.equal(dq.detach(), expected) and dq.requires_grad
-    with pytest.raises(RuntimeError, match="kernels.attention: its backward is not differentiable"):
-        (dq.square().sum() + q.sum()).backward()
+    # .backward() runs every node; torch.autograd.grad only those on a path to q, which found attention's part
+    # unreachable and returned the q.sum() part alone (ones), silently
+    for second in (lambda loss: loss.backward(), lambda loss: torch.autograd.grad(loss, q)):
+        dq, = torch.autograd.grad((calls[entry]() * weight).sum(), q, create_graph=True)
+        assert torch.equal(dq.detach(), expected) and dq.requires_grad
+        with pytest.raises(RuntimeError, match="kernels.attention: its backward is not differentiable"):
+            second(dq.square().sum() + q.sum())
 
 
 def test_torch_func_transforms_of_attention_run_its_torch_reference():

@@ -145,6 +145,26 @@ def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):
     assert not kernel_calls
 
 
+def test_a_mask_made_to_require_grad_after_a_first_call_goes_to_torch(device, kernel_calls):
+    """A 0/-inf mask the kernel ran once, then made a learnable bias (requires_grad_(), which leaves the tensor's
+    version as it was): the shim's memo of its analysis kept running the kernel, so the mask got no gradient
+    (out.requires_grad False with only the mask requiring grad). Now torch's SDPA runs it, with torch's gradient."""
+    q, k, v = (torch.randn(2, 2, 6, 8, device=device) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 6, device=device)
+    mask[0, ..., -2:] = float("-inf")
+    kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert len(kernel_calls) == 1
+    mask.requires_grad_()
+    reference = mask.detach().clone().requires_grad_()
+    out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    expected = sdpa._TORCH_SDPA(q, k, v, attn_mask=reference)
+    assert out.requires_grad and len(kernel_calls) == 1
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(mask.grad, reference.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_an_additive_lowest_value_mask_runs_the_kernel_where_every_row_sees_a_key(device, kernel_calls, dtype):
     """``(1 - mask) * finfo.min``, the additive key mask older code builds: where every row sees a key the kernel

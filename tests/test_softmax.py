@@ -210,6 +210,8 @@ def test_bad_input_raises_before_launch(monkeypatch):
         kernels.log_softmax(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="dim must be in"):
         kernels.softmax(torch.randn(3, 4), dim=2)
+    with pytest.raises(IndexError, match="dim must be in"):  # also what torch raises, for code that catches it
+        kernels.log_softmax(torch.randn(3, 4), dim=-3)
     with pytest.raises(TypeError, match="dim must be an int"):
         kernels.softmax(torch.randn(3, 4), dim=1.0)
     with pytest.raises(TypeError, match="scale must be a finite real number"):

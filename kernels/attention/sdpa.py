@@ -34,8 +34,8 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, heads: int, n_q: int, n_k: i
     torch's mean of v (its scores all equal), not zeros: then None. Every candidate is compared on the device and
     the verdicts come back in one host read (a sync), made once per mask tensor (``LastTensor``)."""
     floating = attn_mask.dtype != torch.bool
-    if floating and (attn_mask.dtype != dtype or attn_mask.requires_grad):
-        return None  # torch takes another dtype's mask or says why not; a mask with a gradient is a bias
+    if floating and attn_mask.dtype != dtype:
+        return None  # torch takes another dtype's mask or says why not
     if not 2 <= attn_mask.dim() <= 4 or attn_mask.device != device:
         return None
     if 0 in (batch, n_q, n_k):
@@ -122,6 +122,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return NO_TENSORS, attention_variant(is_causal, 0, scale)
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
+    if attn_mask.requires_grad:
+        return None  # a bias to differentiate: torch's. Asked before the memo, whose key requires_grad_() keeps
     if torch.compiler.is_compiling():
         # reading the mask is data-dependent: torch.export and fullgraph=True would fail on it and any other compile
         # would break the graph at every layer; torch's SDPA takes the traced mask inside the graph
