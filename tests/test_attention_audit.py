@@ -196,3 +196,20 @@ def test_the_sdpa_drop_in_autocasts_as_torchs(monkeypatch):
             want = F.scaled_dot_product_attention(*inputs, is_causal=True)
         assert got.dtype == want.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_strided_slice_gets_a_dense_output_in_its_dimension_order():
+    """q, k, v sliced out of a packed (B, S, 3, H, D) qkv and viewed as (B, H, S, D) are not dense: the output and
+    the gradients are dense tensors in their (B, S, H, D) order, as torch.empty_like lays them out (the README's
+    rule), with the reference's values."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = kernels.attention(q, k, v, causal=True)
+    grad = torch.randn_like(out)
+    (dq,) = torch.autograd.grad(out, q, grad, retain_graph=True)
+    assert out.stride() == torch.empty_like(q).stride() and out.transpose(1, 2).is_contiguous()
+    assert dq.transpose(1, 2).is_contiguous()
+    expected = kernels.reference.attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(dq, torch.autograd.grad(expected, q, grad)[0])

@@ -325,9 +325,9 @@ def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
 
 
 def rows_empty(t: torch.Tensor, varlen: bool, layout: int = HEADS_FIRST) -> torch.Tensor:
-    """An uninitialised tensor of ``t``'s (B, H, N, D) shape: laid out as ``t`` where ``t`` is dense (a permutation
-    of a contiguous tensor, such as flash-attn's (B, N, H, D) transposed), else contiguous (torch.empty_like's
-    rule); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout),
+    """An uninitialised tensor of ``t``'s (B, H, N, D) shape in ``t``'s dimension order (torch.empty_like's rule:
+    ``t``'s strides where ``t`` is dense, such as flash-attn's (B, N, H, D) transposed, else a dense tensor whose
+    strides follow the order of ``t``'s); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout),
     made as one strided tensor (a contiguous one of a ``PACKED`` ``t``'s shape)."""
     if not varlen:
         return torch.empty_like(t)
