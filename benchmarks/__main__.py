@@ -73,7 +73,11 @@ def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace
         from benchmarks import context_parallel  # spawns processes; imported only when asked for
 
         max_len = args.max_len or scaling.DEFAULT_MAX_LEN[(device.kind, args.quick)]
-        return context_parallel.run(args.context_parallel, device, dims, max_len, args.out,
+        try:
+            points = context_parallel.points(args.context_parallel, dims, max_len)
+        except ValueError as error:  # a usage error, as the other commands' "nothing to measure"
+            parser.error(str(error))
+        return context_parallel.run(args.context_parallel, points, device, args.out,
                                     {**vars(args), **dims, "command": command})
     if command == "suite":
         groups = suite.cases(device.kind, args.quick, args.max_len or sys.maxsize, dims, args.ops)

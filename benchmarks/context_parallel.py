@@ -237,15 +237,21 @@ def _plot(recs: List[dict], path: str) -> List[str]:
     return plots.save(fig, path)
 
 
-def run(world: int, device, dims: Dict, max_len: int, out_dir: str, config: dict) -> int:
-    """The command: every length of ``scaling.lengths(max_len)`` that splits into 2P chunks, both layouts."""
+def points(world: int, dims: Dict, max_len: int) -> List[Dict]:
+    """The points of P = ``world`` ranks: every length of ``scaling.lengths(max_len)`` that splits into 2P chunks,
+    both layouts. ValueError (the command's usage error) when there is none, before any rank is spawned."""
     if world < 1:
         raise ValueError(f"--context-parallel must be a positive number of ranks, got {world}")
     lengths = scaling.lengths(max_len)
-    points = [{"layout": layout, "length": n, **dims} for n in lengths if n % (2 * world) == 0 for layout in LAYOUTS]
-    if not points:
+    found = [{"layout": layout, "length": n, **dims} for n in lengths if n % (2 * world) == 0 for layout in LAYOUTS]
+    if not found:
         raise ValueError(f"--context-parallel {world} needs a length that splits into {2 * world} chunks; scaling's "
                          f"lengths (powers of two from 128 to --max-len {max_len}) are {lengths}")
+    return found
+
+
+def run(world: int, points: List[Dict], device, out_dir: str, config: dict) -> int:
+    """The command: ``points`` (:func:`points`) measured over ``world`` spawned ranks."""
     recs = [_record(ranks) for ranks in _spawn(world, points)]
     print(_table(recs))
     doc = records.document("scaling_context_parallel", device, config, recs, [])

@@ -2,7 +2,7 @@
 import pytest
 
 from benchmarks import context_parallel, roofline
-from benchmarks.__main__ import _parser
+from benchmarks.__main__ import _parser, main as benchmarks_main
 
 
 def _rank(flops_per_step, kv_bytes=1000, grad_bytes=2000):
@@ -48,9 +48,29 @@ def test_scaling_takes_context_parallel():
 
 
 @pytest.mark.parametrize("world,max_len,lengths", [(2, 64, r"\[\]"), (3, 1024, r"\[128, 256, 512, 1024\]")])
-def test_run_without_a_length_that_splits_names_the_lengths(world, max_len, lengths):
+def test_points_without_a_length_that_splits_names_the_lengths(world, max_len, lengths):
     """--max-len 64 said that no length up to 64 splits into 4 chunks (64 does: the lengths start at 128); 3 ranks
     need 6 chunks, which no power of two splits into. Raised before any rank is spawned."""
     with pytest.raises(ValueError, match=rf"--context-parallel {world} needs a length that splits into {2 * world} "
                                          rf"chunks; .* --max-len {max_len}\) are {lengths}"):
-        context_parallel.run(world, None, {}, max_len, "unused", {})
+        context_parallel.points(world, {}, max_len)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--context-parallel", "2", "--max-len", "64"], "--context-parallel 2 needs a length that splits into 4"),
+    (["--context-parallel", "0"], "--context-parallel must be a positive number of ranks, got 0"),
+])
+def test_scaling_command_rejects_a_context_parallel_run_with_a_usage_error(capsys, flags, message):
+    """Was a ValueError traceback (exit 1); now argparse's usage error (exit 2), as the command's other "nothing to
+    measure" errors, before any rank is spawned."""
+    with pytest.raises(SystemExit) as exited:
+        benchmarks_main(["scaling", *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_points_cover_both_layouts_of_every_length_that_splits():
+    found = context_parallel.points(2, {"batch": 1}, 256)
+    assert [(p["layout"], p["length"]) for p in found] == [(layout, n) for n in (128, 256)
+                                                           for layout in context_parallel.LAYOUTS]
+    assert all(p["batch"] == 1 for p in found)
