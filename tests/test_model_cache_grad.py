@@ -37,6 +37,25 @@ def test_a_cached_forward_with_grad_on_the_triton_backend_matches_sdpa(device, s
         torch.testing.assert_close(grad, expected[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_chunks_through_one_cache_with_grad_give_the_uncached_gradients(device, backend):
+    """Two cached forwards with grad (a prompt, then its continuation) and one backward over both: the sdpa and
+    triton backends raised torch's in-place error (the first chunk's attention had saved views of the cache's
+    buffers, which the second chunk's write bumped). Every gradient now equals one uncached forward's over the
+    whole sequence, and the cache still serves a no_grad step after."""
+    model = GPT(tiny_config(n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).to(device).train()
+    idx = tokens(length=6).to(device)
+    whole = copy.deepcopy(model)
+    whole(idx)[0].pow(2).sum().backward()
+    model.set_backend(backend)
+    cache = KVCache(model.config.block_size)
+    (model(idx[:, :4], cache=cache)[0].pow(2).sum() + model(idx[:, 4:], cache=cache)[0].pow(2).sum()).backward()
+    for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        assert model(tokens(length=1).to(device), cache=cache)[0].shape == (2, 1, 50)
+
+
 def test_generate_compiled_without_blocks_gives_the_eager_tokens(device):
     """n_layer=0 (allowed: embeddings into the head) with compile=True raised decode_step's 'needs a cache a
     forward has filled' (the lengths were allocated by the first layer's cache write). Same tokens as eager."""

@@ -143,7 +143,9 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write ``layer``'s new k, v (B, T, Hkv, D) after the cached positions; return the layer's keys and
-        values of all length + T positions (views of the buffers)."""
+        values of all length + T positions: views of the buffers, or copies where they carry a graph (a cached
+        forward with grad), since the attention saves them for its backward and the next forward's write into the
+        buffers would make that backward refuse them (torch's in-place check)."""
         if layer == len(self.keys):
             shape = (k.shape[0], self.capacity, *k.shape[2:])
             self.keys.append(_static(k.new_empty(shape)))
@@ -151,7 +153,8 @@ class KVCache:
         end = self.length + k.shape[1]
         self.keys[layer][:, self.length:end] = k
         self.values[layer][:, self.length:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        keys, values = self.keys[layer][:, :end], self.values[layer][:, :end]
+        return (keys.clone(), values.clone()) if keys.requires_grad or values.requires_grad else (keys, values)
 
     def advance(self, n: int) -> None:
         """Count ``n`` more positions filled in every layer: ``length`` on the host, ``seqlens`` on the device."""
