@@ -223,6 +223,13 @@ def functorch_levels(kind: TransformType) -> int:
     return sum(level.key() == kind for level in retrieve_all_functorch_interpreters())
 
 
+def nested_forward_ad() -> bool:
+    """Whether torch.func.jvp levels nest around this call (a jvp of a jvp): torch gives an autograd.Function's
+    jvp no tangent of its saved tensors at the outer level, so the row ops' second forward-mode derivative would
+    come out zero; they run torch's ops there, which nest. Two flag reads outside forward-mode AD."""
+    return forward_ad_active() and functorch_levels(TransformType.Jvp) > 1
+
+
 def vmap_active() -> bool:
     """Whether an eager torch.vmap level is active (torch.vmap, jacfwd, ...): its batched tensors cannot go to a
     Triton launch."""

@@ -8,7 +8,9 @@ its math in fp32. RMS norm rounds where its ``casting_mode`` says (Liger-Kernel'
 models): "gemma" all in fp32, cast once at the end; "llama" rstd in fp32, xhat = h * rstd rounded to x's dtype
 before the weight; "none" every step rounded to x's dtype (sums accumulate in fp32). mean and rstd are kept in fp32
 for the backward. Where the fp32 statistics overflow (a row holding +-3e38, or inf), the output is what torch's gives
-(NaN for layer norm; RMS norm's h * 0, NaN at infinite entries), and so is the gradient: NaN, not a finite value.
+(NaN for layer norm; RMS norm's h * 0, NaN at infinite entries) and the gradient is NaN over the row, not a finite
+value: torch's is NaN there too, but for an RMS norm row whose only overflow is the sum of squares (say [2e19, 1, 2,
+3]), where torch's gradient is 0.
 
 DTensor inputs (tensor or sequence parallel) normalise each rank's local rows, as torch's own norms on DTensors do.
 
@@ -47,12 +49,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import _direct
+from kernels import _direct, reference
 from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride, warps_for)
-from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device, sm_count,
-                              vmap_active)
+from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device,
+                              nested_forward_ad, sm_count, vmap_active)
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -327,7 +329,8 @@ def _input_grad(xhat, wdy, c1, c2, rstd, DH, dh_off, cols, n_cols, RMS: tl.const
     """rstd * (w*dy - xhat * c1 - c2), c1 = mean(xhat * w*dy), c2 = mean(w*dy) (layer norm only), plus the
     gradient reaching h directly through the returned residual stream. An RMS norm row whose fp32 mean square
     overflowed (rstd = 0: the forward gave torch's zeros) has no finite gradient: NaN, as torch's backward gives
-    there, not a finite 0 (layer norm's rstd is already NaN there)."""
+    where an entry's square overflows (torch's is 0 where only the sum does), not a finite 0 (layer norm's rstd is
+    already NaN there)."""
     dx = wdy - xhat * c1
     if not RMS:
         dx -= c2
@@ -678,6 +681,20 @@ def _save(ctx, x, residual, weight, bias, n_cols, eps, rms, offset, casting, out
 
 def _setup_context(ctx, inputs, output):
     _save(ctx, *inputs, output)
+    _mark_non_differentiable(ctx, output, inputs[1] is not None)
+
+
+def _mark_non_differentiable(ctx, output, has_residual: bool) -> None:
+    """Mark mean and rstd (the statistics the backward reads), and h where neither x nor the residual needs a
+    gradient: h = x + residual has no path to the weight or bias, so it needs grad only as torch's add would (a
+    norm-only fine-tune would otherwise carry a graph down the whole residual stream). Under forward-mode AD h
+    stays differentiable: its tangent is the inputs', which the mark would drop."""
+    _, h, mean, rstd = output
+    stats = (rstd,) if mean is None else (mean, rstd)  # RMS norm's mean is None in eager
+    if has_residual and not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or forward_ad_active()):
+        ctx.mark_non_differentiable(h, *stats)
+    else:
+        ctx.mark_non_differentiable(*stats)
 
 
 def _gradients(backward, ctx, dy, dh):
@@ -725,23 +742,29 @@ def _setup_eager(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     if forward_ad_active():  # a jvp runs only inside a forward-AD level or transform: none, nothing to save
         ctx.save_for_forward(*saved)
-    mean, rstd = output[2:]
-    if mean is None:  # RMS norm
-        ctx.mark_non_differentiable(rstd)
-    else:
-        ctx.mark_non_differentiable(mean, rstd)
+    _mark_non_differentiable(ctx, output, residual is not None)
+
+
+def _statistics(h32: torch.Tensor, rms: bool, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(centred h, rstd (rows, 1)) of fp32 rows ``h32`` in torch ops: the kernels' mean and rstd, recomputed with
+    a graph (the kernels save theirs without one, so a derivative of a gradient or of a tangent would miss every
+    term through them)."""
+    centred = h32 if rms else h32 - h32.mean(-1, keepdim=True)
+    return centred, torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _jvp(ctx, dx, dresidual, dweight, dbias, *_):
     """Tangents of (y, h): with xhat = (h - mean) * rstd and dh = dx + dresidual,
     dy = rstd * (dh' - xhat * mean(xhat * dh')) * (offset + weight) + xhat * dweight + dbias, where
-    dh' = dh - mean(dh) (layer norm) or dh (RMS norm). Plain torch math in fp32 rather than a kernel, so that
-    nested transforms differentiate it in turn; the casting modes' roundings count as identities."""
-    h, weight, mean, rstd = ctx.saved_tensors
+    dh' = dh - mean(dh) (layer norm) or dh (RMS norm). Plain torch math in fp32 rather than a kernel, with the
+    statistics recomputed from h (:func:`_statistics`), so that reverse mode differentiates the tangent in turn
+    (a nested jvp runs torch's ops instead: :func:`kernels._runtime.nested_forward_ad`); the casting modes'
+    roundings count as identities."""
+    h, weight, _, _ = ctx.saved_tensors
     n_cols, rms, offset, _, has_res = ctx.config[:5]
     rows = (-1, n_cols)
-    rstd = rstd[:, None]
-    xhat = (h.reshape(rows).float() - (0.0 if rms else mean[:, None])) * rstd
+    centred, rstd = _statistics(h.reshape(rows).float(), rms, ctx.config[-1])
+    xhat = centred * rstd
     dy = torch.zeros_like(xhat)
     dh = dx if dresidual is None else dresidual if dx is None else dx + dresidual
     if dh is not None:
@@ -767,13 +790,11 @@ def _projected(d: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, rms: boo
 def _differentiable_backward(eps: float):
     """A backward with :func:`_launch_backward`'s arguments and results in plain torch ops in fp32, itself
     differentiable (and fine with torch.func's wrapped tensors): mean and rstd, saved without a graph, are
-    recomputed from h with ``eps``. The casting modes' roundings count as identities but "llama"'s rounding of
+    recomputed from h with ``eps`` (:func:`_statistics`). The casting modes' roundings count as identities but "llama"'s rounding of
     xhat in dweight, as in the kernels."""
     def backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
         rows = (-1, n_cols)
-        h32 = h.reshape(rows).float()
-        centred = h32 if rms else h32 - h32.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        centred, rstd = _statistics(h.reshape(rows).float(), rms, eps)
         xhat = centred * rstd
         dy32 = dy.reshape(rows).float()
         dx = _projected(dy32 if weight is None else dy32 * (offset + weight.reshape(-1).float()), xhat, rstd, rms)
@@ -890,14 +911,23 @@ def torch_rms_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     return y.to(x.dtype)
 
 
-def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode):
+def _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode, nested_jvp=False):
     """torch's own ops for tensors the kernels do not take (float64, meta, another device than this process's
-    kernels run on): ``F.layer_norm``, and :func:`torch_rms_norm`."""
+    kernels run on): ``F.layer_norm``, and :func:`torch_rms_norm`. Layer norm parameters of another dtype than
+    h, which ``F.layer_norm`` refuses (``F.rms_norm`` takes them), are computed in the dtype they promote to
+    (float64 where any is), the output in h's, as the kernels' mixes. With ``nested_jvp`` (a jvp of a jvp)
+    layer norm is written out in torch ops (``kernels.reference``): F.layer_norm's forward-mode formula treats
+    mean and rstd as constants, so its second-order tangent is wrong."""
     h = x if residual is None else x + residual
     if rms:
         y = torch_rms_norm(h, shape, weight, eps, offset=offset, casting_mode=casting_mode)
-    else:
+    elif not nested_jvp and all(p is None or p.dtype == h.dtype for p in (weight, bias)):
         y = F.layer_norm(h, shape, weight, bias, eps)
+    else:
+        wide = functools.reduce(torch.promote_types, [t.dtype for t in (h, weight, bias) if t is not None],
+                                torch.float32)
+        norm = reference.layer_norm if nested_jvp else F.layer_norm
+        y = norm(h.to(wide), shape, *(None if p is None else p.to(wide) for p in (weight, bias)), eps).to(h.dtype)
     return y if residual is None else (y, h)
 
 
@@ -966,6 +996,8 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
     if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or vmap_active():
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
+    if nested_forward_ad():  # a jvp of a jvp, where the Function's jvp would give a zero second-order tangent
+        return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode, nested_jvp=True)
     config = (n_cols, float(eps), rms, float(offset), CASTING_MODES[casting_mode])
     if torch.compiler.is_compiling():
         y, h, _, _ = _forward_op(x, residual, weight, bias, *config)

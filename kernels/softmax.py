@@ -21,15 +21,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch._C._functorch import TransformType
-from torch.autograd import forward_ad
 
 from kernels import _direct, reference
 from kernels.attention.checks import check_flag, check_scale
 from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
-from kernels._runtime import (cast_rne, forward_ad_active, functorch_levels, kernel_runs_on, launch_device,
+from kernels._runtime import (cast_rne, forward_ad_active, kernel_runs_on, launch_device, nested_forward_ad,
                               vmap_active)
 from kernels._validate import FLOAT_DTYPES, DimError, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
@@ -351,12 +349,8 @@ def _apply(x, dim, scale, causal, log, dtype):
         return _apply(x.reshape(1), 0, scale, causal, log, None).reshape(())
     if torch.compiler.is_compiling():
         return _forward_op(x, dim, float(scale), causal, log)
-    if forward_ad_active() and forward_ad.unpack_dual(x).tangent is not None:
-        # torch gives an autograd.Function's jvp no tangent of its saved tensors at an outer forward level, so a
-        # second forward-mode derivative would silently come out zero.
-        if functorch_levels(TransformType.Jvp) > 1:
-            raise NotImplementedError(f"kernels.{'log_softmax' if log else 'softmax'}: nested forward-mode AD "
-                                      "(e.g. jvp of jvp) is not implemented")
+    if nested_forward_ad():  # a jvp of a jvp: torch's ops (the Function's jvp is one level deep)
+        return _torch_ops(x, dim, scale, causal, log)
     return _softmax_function(x, dim, float(scale), causal, log)
 
 
@@ -365,7 +359,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: Optional[float] = 1.0, cau
     """``torch.softmax(x * scale, dim, dtype=dtype)`` fused in one kernel; same shape as ``x``, contiguous (torch's
     layout, whatever x's), in x's dtype or in ``dtype`` when given (x is cast to it first, one copy before the
     kernel, as torch's ``dtype=``, which also takes an integer x; the gradient comes back in x's dtype).
-    Differentiable in reverse mode and (one level deep) in forward mode; ``scale`` any finite real, zero and
+    Differentiable in reverse and forward mode (a jvp of a jvp runs torch's ops, which nest); ``scale`` any finite real, zero and
     negative included (None: 1.0; NaN or inf: TypeError, as attention's ``scale``); ``causal`` a bool
     (or int).
 

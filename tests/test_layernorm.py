@@ -269,6 +269,123 @@ def test_forward_mode_ad_gives_torch_tangents(rms):
     torch.testing.assert_close(tangent, expected)
 
 
+def _written_out_norm(rms: bool, n: int):
+    """(x, residual, weight, bias) -> y of the add_* norms in the written-out torch ops of ``kernels.reference``,
+    which every transform differentiates exactly (torch's F.layer_norm treats mean and rstd as constants when
+    reverse mode differentiates its tangent)."""
+    if rms:
+        return lambda x, r, w, _: reference.rms_norm(x + r, n, 1.0 + w, 1e-6)
+    return lambda x, r, w, b: reference.layer_norm(x + r, n, w, b)
+
+
+def _ours_norm(rms: bool, n: int):
+    if rms:
+        return lambda x, r, w, _: kernels.add_rms_norm(x, r, n, w, 1e-6, offset=1.0)[0]
+    return lambda x, r, w, b: kernels.add_layer_norm(x, r, n, w, b)[0]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_reverse_mode_through_a_tangent_matches_float64(rms):
+    """The gradient of a JVP-based loss sum(c * J v) in x, residual, weight and bias (torch.func.grad of jvp, and
+    .backward() of a forward_ad tangent), against the written-out norm's in float64 within the rule: RMS norm's
+    x gradient was off by up to 2 (its jvp read the saved rstd, which has no graph)."""
+    n = 19
+    primals = (torch.randn(5, n), torch.randn(5, n), torch.randn(n), torch.randn(n))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    c = torch.randn(5, n)
+
+    def grads(fn, dtype):
+        def loss(*ps):
+            return (torch.func.jvp(fn, ps, tuple(t.to(dtype) for t in tangents))[1] * c.to(dtype)).sum()
+        return torch.func.grad(loss, argnums=(0, 1, 2, 3))(*(p.to(dtype) for p in primals))
+
+    got = grads(_ours_norm(rms, n), torch.float32)
+    want = grads(_written_out_norm(rms, n), torch.float64)
+    same = grads(_written_out_norm(rms, n), torch.float32)
+    for name, g, w, t in zip(("x", "residual", "weight", "bias"), got, want, same):
+        if rms and name == "bias":
+            continue
+        assert_close(g, w, t, BACKWARD, name=name)
+    leaf = primals[0].clone().requires_grad_()
+    with forward_ad.dual_level():
+        dual = _ours_norm(rms, n)(forward_ad.make_dual(leaf, tangents[0]), *primals[1:])
+        (forward_ad.unpack_dual(dual).tangent * c).sum().backward()
+    only_x = torch.func.grad(lambda x: (torch.func.jvp(lambda y: _ours_norm(rms, n)(y, *primals[1:]), (x,),
+                                                       tangents[:1])[1] * c).sum())(primals[0])
+    torch.testing.assert_close(leaf.grad, only_x)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_jvp_of_a_jvp_gives_the_second_order_tangent(rms):
+    """jvp(jvp(norm)): the written-out norm's second-order tangent (it came out all zeros: torch gives a Function's
+    jvp no tangent of its saved tensors at the outer level; such calls now run torch's ops)."""
+    n = 11
+    primals = (torch.randn(3, n), torch.randn(3, n), torch.randn(n), torch.randn(n))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def second(fn):
+        def tangent(*ps):
+            return torch.func.jvp(fn, ps, tangents)[1]
+        return torch.func.jvp(tangent, primals, tangents)[1]
+
+    got, want = second(_ours_norm(rms, n)), second(_written_out_norm(rms, n))
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"])
+def test_h_needs_grad_only_where_x_or_the_residual_does(name):
+    """h = x + residual has no path to the weight or bias: with only the weight requiring grad it needs none, as
+    torch's add (it had a FusedNorm grad_fn, so a norm-only fine-tune carried a graph down the residual stream),
+    and it does once x or the residual needs one, with torch's gradients."""
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    if name in ("LayerNorm", "RMSNorm"):
+        module = getattr(kernels, name)(8)
+        call, params = (lambda a, b: module(a, b)), list(module.parameters())
+    else:
+        w = torch.randn(8, requires_grad=True)
+        fn = getattr(kernels, name)
+        call, params = (lambda a, b: fn(a, b, 8, w)), [w]
+    y, h = call(x, r)
+    assert y.requires_grad and not h.requires_grad and h.grad_fn is None
+    y.sum().backward()
+    assert all(p.grad is not None for p in params)
+    for which in (0, 1):
+        leaves = [x.clone(), r.clone()]
+        leaves[which].requires_grad_()
+        y, h = call(*leaves)
+        assert h.requires_grad
+        (y.sum() + (h * h).sum()).backward()
+        expected = 2 * (x + r)  # y's part added below: the kernels' dy through h, compared with torch's
+        y_only = leaves[which].grad - expected
+        check = [t.clone() for t in (x, r)]
+        check[which].requires_grad_()
+        call(*check)[0].sum().backward()
+        torch.testing.assert_close(y_only, check[which].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_float64_parameters_with_a_float32_input_give_the_mixed_result(rms):
+    """A float64 weight or bias with an fp32 input (and an fp32 weight with a float64 input): computed in float64,
+    output in the input's dtype, each gradient in its tensor's dtype. layer_norm raised torch's 'mixed dtype (CPU)'
+    RuntimeError, which named no argument, where rms_norm and the README's promise took them."""
+    fn = kernels.rms_norm if rms else kernels.layer_norm
+    for x_dtype, w_dtype in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        x = torch.randn(4, 8, dtype=x_dtype, requires_grad=True)
+        w = torch.randn(8, dtype=w_dtype, requires_grad=True)
+        params = (w,) if rms else (w, torch.randn(8, dtype=torch.float64, requires_grad=True))
+        y = fn(x, 8, *params)
+        assert y.dtype == x_dtype
+        y.backward(torch.ones_like(y))
+        assert [t.grad.dtype for t in (x, *params)] == [t.dtype for t in (x, *params)]
+        written = reference.rms_norm if rms else reference.layer_norm
+        want = written(x.detach().double(), 8, *(p.detach().double() for p in params))
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    if not rms:
+        module = kernels.LayerNorm(8).double()
+        assert module(torch.randn(3, 8)).dtype == torch.float32
+
+
 def _forbid_kernels(monkeypatch):
     """Both ways into the kernels (the eager Function and the custom op) fail if called."""
     monkeypatch.setattr(norm_module, "_forward_op", None)
