@@ -319,6 +319,39 @@ def test_packed_sequences_give_the_separate_sequences_logits_and_gradients(how, 
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_mistral])
+def test_a_float64_model_runs_torch_ops_with_eager_results(build, device, monkeypatch):
+    """A patched float64 model raised the kernels' dtype TypeError in every layer; float64 attention now runs the
+    package's torch-op reference (as its norms run torch's ops): transformers' SDPA path's logits on the real
+    tokens of a left-padded batch (its eager path gives NaN there in float64: the padded rows' NaN times a zero
+    probability), its loss gradients, and packed sequences' (cu_seq_lens) the separate sequences'."""
+    model = build().to(device).double()
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(kernels, "attention", None)  # no kernel entry point is reached in float64
+    ids = torch.randint(1, 50, (2, 9), device=device)
+    mask = padding(2, 9, "left").to(device)
+    expected = model(ids, attention_mask=mask).logits
+    model(ids, labels=ids).loss.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    patch(model)
+    got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    # eager's RMSNorm computes in fp32 even for a float64 model, the patched norm in float64
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-6, atol=1e-6)
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    lengths = [5, 1, 3]
+    packed, position_ids = _packed_batch(lengths, device)
+    cu = torch.tensor([0, 5, 6, 9], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        got = model(packed, position_ids=position_ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                    max_length_q=5, max_length_k=5).logits[0]
+        separate = torch.cat([model(p[None]).logits[0] for p in packed[0].split(lengths)])
+    torch.testing.assert_close(got, separate, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_packing_anded_with_the_flat_causal_pattern_is_recognised_too(window, device):
     """transformers 5.17 has no remap_positions_for_packed_sequence: it ands the (sliding) causal pattern over the

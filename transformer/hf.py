@@ -29,6 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import kernels
 from kernels._runtime import kernels_can_run
+from kernels._validate import FLOAT_DTYPES
 from kernels.attention.checks import key_bounds
 from kernels.attention import sdpa as sdpa_shim
 from kernels.attention.sdpa import as_autocast_takes
@@ -498,6 +499,47 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def _reference_attention(query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap, s_aux,
+                         cu_seq_lens_q, cu_seq_lens_k) -> torch.Tensor:
+    """What the kernels would compute, by ``kernels.reference.attention`` in torch ops, for inputs of a dtype they
+    do not take (float64): transformers' own mask where there is one (:class:`KernelMask`'s ``dense()``), else
+    causal with the sliding window, or the packed sequences' blocks of ``cu_seq_lens_q/k``, built on the device.
+    Dropout draws its keep-mask from torch's generator. Returns (B, Q, H, D)."""
+    mask = _dense(attention_mask)
+    window = (-1, -1)
+    if mask is None and cu_seq_lens_q is not None:
+        mask = _packed_mask(cu_seq_lens_q, cu_seq_lens_k, query.shape[2], key.shape[2], causal, sliding_window)
+    elif mask is None:
+        window = _window(sliding_window, causal)
+    causal = causal and mask is None
+    keep = None
+    if dropout > 0:
+        scores = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        keep = torch.rand(scores, device=query.device) >= dropout
+    out = kernels.reference.attention(query, key, value, causal, scaling, mask, window_size=window,
+                                      softcap=softcap or 0.0, sinks=s_aux, dropout_mask=keep, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous()
+
+
+def _packed_mask(cu_seq_lens_q, cu_seq_lens_k, n_q: int, n_k: int, causal: bool, sliding_window: Optional[int]):
+    """The (1, 1, n_q, n_k) bool mask of packed sequences (offsets ``cu_seq_lens_q/k``): each query sees its own
+    sequence's keys, bottom-right causal and within transformers' sliding window W where given. No host read."""
+    def sequence_positions(offsets, n):
+        index = torch.arange(n, device=offsets.device)
+        sequence = torch.searchsorted(offsets[1:], index, right=True).clamp_(max=offsets.shape[0] - 2)
+        return sequence, index - offsets[sequence], (offsets[1:] - offsets[:-1])[sequence]
+
+    seq_q, pos_q, len_q = sequence_positions(cu_seq_lens_q, n_q)
+    seq_k, pos_k, len_k = sequence_positions(cu_seq_lens_k, n_k)
+    diagonal = pos_q[:, None] + len_k[None, :] - len_q[:, None]  # each sequence's bottom-right diagonal
+    visible = seq_q[:, None] == seq_k[None, :]
+    if causal:
+        visible &= pos_k[None, :] <= diagonal
+        if sliding_window is not None:
+            visible &= pos_k[None, :] > diagonal - sliding_window
+    return visible[None, None]
+
+
 def _window(sliding_window: Optional[int], causal: bool = True):
     """transformers' causal sliding window W (query i sees keys i - W < j <= i) as the kernel's window_size.
     Without causal masking transformers has two conventions (|i - j| <= W in its masks, < W in its flash-attention
@@ -631,6 +673,10 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         _warn_once(_fallback(eager_only, why, f"{type(module).__module__}'s eager attention"))
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                 sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    if query.dtype not in FLOAT_DTYPES:  # float64: the package's torch-op attention, as the norms run torch's ops
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        return _reference_attention(query, key, value, attention_mask, dropout, scaling, causal, sliding_window,
+                                    softcap, s_aux, cu_seq_lens_q, cu_seq_lens_k), None
     if kwargs.get("output_attentions"):
         _warn_once("hf_attention: output_attentions=True, but the kernel computes no attention weights: they are "
                    "None, as in transformers' SDPA path (attn_implementation='eager' returns them)")
