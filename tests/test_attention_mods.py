@@ -195,6 +195,54 @@ def test_rows_the_mask_hides_give_zeros(kernel_only, device):
     torch.testing.assert_close(lse[0, 0, :6], sinks.expand(6))
 
 
+@triton.jit
+def _minus_inf_before(score, b, h, q_idx, kv_idx, first_key, hidden_rows):
+    return tl.where((kv_idx >= first_key) & (q_idx >= hidden_rows), score, float("-inf"))
+
+
+@triton.jit
+def _minus_inf_before_grad(score, b, h, q_idx, kv_idx, first_key, hidden_rows):
+    return tl.where((kv_idx >= first_key) & (q_idx >= hidden_rows), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("first_key,hidden_rows", [(70, 0), (0, 3)])
+def test_a_score_mod_returning_minus_inf_masks_as_in_flex_attention(kernel_only, device, first_key, hidden_rows):
+    """FlexAttention masks in a score_mod with -inf. Where a row's first key block (which needs no mask) came out
+    all -inf, its running max stayed -inf and exp2(-inf - -inf) made the row NaN (out, lse, dq, dk); keys 70.. of
+    80 hid the first block of every row, and rows the mod hides entirely must give zeros. Now the masked
+    reference's values within the rule."""
+    q, k, v = _qkv(1, 2, 1, 20, 80, 16, torch.float32, device)
+    visible = (torch.arange(80, device=device) >= first_key) & (torch.arange(20, device=device)[:, None] >= hidden_rows)
+    mod = kernels.ScoreMod(_minus_inf_before, _minus_inf_before_grad, first_key, hidden_rows)
+    out, _ = _check(q, k, v, visible, dict(score_mod=mod))
+    assert torch.equal(out[:, :, :hidden_rows], torch.zeros_like(out[:, :, :hidden_rows]))
+
+
+@triton.jit
+def _times_square(score, b, h, q_idx, kv_idx, w):
+    return score + kv_idx * w * w * 1e-12
+
+
+@triton.jit
+def _one(score, b, h, q_idx, kv_idx, w):
+    return score * 0.0 + 1.0
+
+
+def test_a_float_scalar_stays_a_float_after_an_equal_int(kernel_only, device):
+    """Mods are registered by their scalars' values, and 50000 == 50000.0 in Python: a float mod made after the
+    int one ran with the int, whose int32 product kv_idx * w * w overflows. Scalars now key by type and exact
+    value (0.0 and -0.0 too)."""
+    q, k, v = _qkv(1, 1, 1, 8, 8, 16, torch.float32, device)
+    as_int = kernels.ScoreMod(_times_square, _one, 50000)
+    as_float = kernels.ScoreMod(_times_square, _one, 50000.0)
+    assert as_int.key != as_float.key
+    assert kernels.ScoreMod(_times_square, _one, 0.0).key != kernels.ScoreMod(_times_square, _one, -0.0).key
+    assert kernels.ScoreMod(_times_square, _one, 50000.0).key == as_float.key  # equal mods still share a key
+    bias = torch.arange(8, device=device, dtype=torch.float64) * 50000.0 ** 2 * 1e-12
+    want = _REFERENCE(*(t.detach().double() for t in (q, k, v)), mask=bias.expand(8, 8))
+    torch.testing.assert_close(kernels.attention(q, k, v, score_mod=as_float).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_compiles_with_fullgraph(kernel_only, device):
     """torch.compile(fullgraph=True): the mods pass through the custom ops as registry keys and tensor lists."""
     q, k, v = _qkv(1, 2, 1, 30, 140, 16, FP32, device)

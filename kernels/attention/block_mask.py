@@ -53,10 +53,12 @@ _KEYS: Dict[Tuple, int] = {}
 # replay a traced append to the registry only after the graph ran
 @torch.compiler.disable
 def _register(entry: Tuple) -> int:
-    if entry not in _KEYS:
-        _KEYS[entry] = len(_REGISTRY)
+    # scalars compared by type and exact value: 4 == 4.0 and 0.0 == -0.0 in Python, but not in the kernel
+    lookup = (*entry[:-1], tuple(v if v is None or type(v) is int else v.hex() for v in entry[-1]))
+    if lookup not in _KEYS:
+        _KEYS[lookup] = len(_REGISTRY)
         _REGISTRY.append(entry)
-    return _KEYS[entry]
+    return _KEYS[lookup]
 
 
 def _check_jit(name: str, fn, n_args: int, n_extra: int) -> None:

@@ -444,8 +444,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_rows, v_rows, stride_kn, stride_vn, offs_m, o
                 MASK_ARGS, SCORE_ARGS, MASKED, CAUSAL, WINDOW, CHUNKED, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_D, UPCAST,
                 PRECISION, MASK_MOD, SCORE_MOD, None, TMA)
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if MASKED or MASK_MOD is not None:
-                # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN.
+            if MASKED or MASK_MOD is not None or SCORE_MOD is not None:
+                # A row that has seen no key yet still has max -inf: subtract 0 instead so exp2 gives 0, not NaN
+                # (a score mod may return -inf too: FlexAttention's way to mask, also in a block needing no mask)
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_sub = m_new
