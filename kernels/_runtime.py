@@ -121,10 +121,11 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     Interpreted kernels take CPU tensors; compiled kernels take GPU tensors. Anything else (CPU tensors with
     compiled kernels, because ``triton`` was imported before ``kernels`` without a GPU; GPU tensors with the
     interpreter forced on) makes the caller use the reference implementation, with a one-time warning; meta
-    tensors do too, silently.
+    tensors do too, silently, and so does every call under ``torch.jit.trace``, which records torch's ops (a
+    launch's sizes would be traced as tensors).
     """
     if kernels_can_run(*tensors):
-        return True
+        return not torch.jit.is_tracing()  # (torch._C._is_tracing: dynamo cannot trace it)
     if any(t.device.type == "meta" for t in tensors):
         return False  # no data to compute on (shape propagation): nothing is wrong, so nothing to warn about
     reason = (

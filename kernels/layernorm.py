@@ -1058,6 +1058,12 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if torch.jit.is_scripting():  # TorchScript compiles torch's op, not the kernels' Python; residual: eager only
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._fused(input, residual)
+
+    @torch.jit.unused
+    def _fused(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         if residual is None:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -1105,6 +1111,16 @@ class RMSNorm(torch.nn.RMSNorm):
         return f"{super().extra_repr()}, offset={self.offset}, casting_mode={self.casting_mode!r}{promote}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if torch.jit.is_scripting():  # TorchScript compiles torch's op, not the kernels' Python; residual: eager only
+            if self.offset != 0.0 or self.casting_mode != "gemma" or self.promote_output:
+                raise RuntimeError("a scripted kernels.RMSNorm computes torch.nn.RMSNorm's function: offset=0.0, "
+                                   "casting_mode='gemma' and promote_output=False only (use torch.jit.trace, "
+                                   "torch.export or torch.compile)")
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return self._fused(x, residual)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         weight_after = self.promote_output and self._weight_after(x, residual)  # (off: one attribute read)
         weight = None if weight_after else self.weight
         if residual is None:

@@ -169,6 +169,61 @@ def test_rms_norms_are_recognised_by_what_they_compute():
         torch.testing.assert_close(module(x), expected[name], rtol=1e-5, atol=1e-5)
 
 
+class ThreeDimRMSNorm(LlamaLikeRMSNorm):
+    """Llama's math on (B, T, C) inputs only: asserts the rank, as user code does."""
+
+    def forward(self, x):
+        assert x.dim() == 3, "expected (B, T, C)"
+        return super().forward(x)
+
+
+class GatedRMSNorm(LlamaLikeRMSNorm):
+    """Mamba-2's gated norm: Llama's math, times silu(gate) when a gate is given."""
+
+    def forward(self, x, gate=None):
+        y = super().forward(x)
+        return y if gate is None else y * nn.functional.silu(gate)
+
+
+class DropoutRMSNorm(LlamaLikeRMSNorm):
+    """Llama's math, then dropout in training: another function in each mode."""
+
+    def forward(self, x):
+        return nn.functional.dropout(super().forward(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_classes_the_probe_cannot_tell_apart_are_left_alone(training):
+    """An RMS norm asserting a 3-D input made patch() raise its AssertionError (the probe runs 2-D rows); a gated
+    norm was swapped and its gate became the kernels' residual (a tuple came back); a norm with dropout was
+    swapped when patched in eval mode, losing the dropout in training. Each is left alone, and computes as before."""
+    holder = nn.ModuleDict(dict(three_dim=ThreeDimRMSNorm(12), gated=GatedRMSNorm(12), dropout=DropoutRMSNorm(12),
+                                llama=LlamaLikeRMSNorm(12))).train(training)
+    patch(holder)
+    assert {name: type(m) for name, m in holder.items()} == {
+        "three_dim": ThreeDimRMSNorm, "gated": GatedRMSNorm, "dropout": DropoutRMSNorm, "llama": kernels.RMSNorm}
+    x, gate = torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    torch.testing.assert_close(holder["gated"](x, gate), GatedRMSNorm.forward(holder["gated"], x, gate))
+
+
+def test_patched_norms_trace_and_script_as_torchs():
+    """torch.jit.trace of a patched model raised a Triton error (a launch's sizes traced as tensors), torch.jit.script
+    an unsupported annotation: trace now records torch's ops (as the SDPA drop-in's does), and script compiles
+    torch's op in the modules' forward; a scripted RMSNorm with options torch's lacks says so."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.RMSNorm(8))
+    x = torch.randn(4, 8)
+    expected = model(x)
+    patch(model)
+    assert [type(m) for m in model[1:]] == [kernels.LayerNorm, kernels.RMSNorm]
+    for compiled in (torch.jit.trace(model, x), torch.jit.script(model)):
+        torch.testing.assert_close(compiled(x), expected)
+    assert [type(m) for m in model[1:]] == [kernels.LayerNorm, kernels.RMSNorm]  # the model itself is unchanged
+    traced = torch.jit.trace(lambda t: kernels.softmax(t, -1), x)
+    torch.testing.assert_close(traced(x), torch.softmax(x, -1))
+    with pytest.raises(torch.jit.Error, match="a scripted kernels.RMSNorm computes torch.nn.RMSNorm.s function"):
+        torch.jit.script(kernels.RMSNorm(8, offset=1.0))(x)
+
+
 HF_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8)
 HF_MODELS = {  # model class, config class, the offset and casting mode its RMSNorm computes with

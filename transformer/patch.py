@@ -11,6 +11,7 @@
 ``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
 """
 import copy
+import inspect
 import math
 import numbers
 import sys
@@ -71,8 +72,9 @@ PROBE_ROWS = 16
 roundings show (they differ in about a quarter of bf16 outputs), even for a head-dim q/k norm."""
 
 
-PROBE_ERRORS = (AttributeError, RuntimeError, TypeError, ValueError)
-"""What a class's forward raises on a probe it does not take."""
+PROBE_ERRORS = (Exception,)
+"""What a class's forward may raise on a probe it does not take: anything (an assert on the input's rank, an
+IndexError reading a third dim, ...); such a class is left alone."""
 
 
 def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
@@ -91,7 +93,7 @@ def _rms_norm_options(module: nn.Module) -> Optional[Dict[str, object]]:
     weight = getattr(module, "weight", None)
     if (not type(module).__name__.endswith("RMSNorm") or isinstance(eps, bool) or not isinstance(eps, numbers.Real)
             or [name for name, _ in module.named_parameters()] != ["weight"] or weight.dim() != 1
-            or next(module.buffers(), None) is not None):
+            or next(module.buffers(), None) is not None or not _takes_one_input(type(module).forward)):
         return None
     n = weight.numel()
     generator = torch.Generator().manual_seed(0)
@@ -145,13 +147,33 @@ def _mismatch(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, options:
     return (got != want).float().mean().item()
 
 
+def _takes_one_input(forward) -> bool:
+    """Whether ``forward(self, x)`` takes nothing but x: a second argument (a gated norm's gate, Mamba-2's
+    ``forward(x, gate=None)``) would become the kernels' ``residual`` after the swap."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: not a class this can tell apart
+        return False
+    return len(parameters) == 1 and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                           inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _run_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The output of ``module``'s class forward on ``x`` with ``weight`` instead of its own: a shallow copy gets
-    its own parameter dict, so the module itself (its device, its Parameter) is not touched and no hook fires."""
+    its own parameter dict, so the module itself (its device, its Parameter) is not touched and no hook fires.
+    It runs in training and in eval mode, which must agree (a norm with dropout, say, is no RMS norm after the
+    swap in the other mode): ValueError otherwise."""
     probe = copy.copy(module)
     probe._parameters = {"weight": nn.Parameter(weight, requires_grad=False)}
+    outputs = []
     with torch.no_grad():
-        return type(module).forward(probe, x)
+        for training in (True, False):
+            probe.training = training
+            outputs.append(type(module).forward(probe, x))
+    if not (isinstance(outputs[0], torch.Tensor) and isinstance(outputs[1], torch.Tensor)
+            and torch.equal(outputs[0], outputs[1])):
+        raise ValueError("the class computes another function in training and in eval mode")
+    return outputs[0]
 
 
 def _is_hf_model(model: nn.Module) -> bool:
