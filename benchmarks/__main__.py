@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}", description=__doc__)
-    parser.add_argument("--out", default="results", help="folder for the JSON/CSV records and PNG plots")
+    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for the JSON/CSV records and PNG plots")
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
     parser.add_argument("--max-len", type=at_least(1), default=None,
                         help="largest N (scaling default: 1024 on CPU, 16384 on a GPU; suite: no cap)")

@@ -1166,7 +1166,7 @@ def _budget(text: str) -> tuple:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for gpu_check_<gpu>.json/.csv/.md (default "
+    parser.add_argument("--out", type=records.out_dir, default=DEFAULT_OUT, help=f"folder for gpu_check_<gpu>.json/.csv/.md (default "
                                                            f"{os.path.relpath(DEFAULT_OUT, ROOT)})")
     parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
                         help="only these phases (they still run in the order above)")
@@ -1187,12 +1187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if message is not None:
         print(message)
         return 0 if not torch.cuda.is_available() else 2
-    try:  # before the first phase, not after it: a lent GPU's minutes are few
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as error:
-        parser.error(f"--out {args.out}: {error}")
-    if not os.access(args.out, os.W_OK):
-        parser.error(f"--out {args.out}: not writable")
+    os.makedirs(args.out, exist_ok=True)  # judged writable by --out's type, before the first phase
     budgets = {**BUDGETS, **dict(args.budget)}
     started = startup_s()
     config = {"phases": args.phases, "budgets": budgets, "total_s": TOTAL_S, "startup_s": round(started, 1)}

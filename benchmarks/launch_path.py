@@ -248,7 +248,7 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks launch-path", description=__doc__)
-    parser.add_argument("--out", default="results", help="folder for launch_path.json/.csv/.png")
+    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for launch_path.json/.csv/.png")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a CI-sized run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -368,7 +368,7 @@ def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]]
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results", help="folder for model.json/.csv and the PNGs")
+    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for model.json/.csv and the PNGs")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (about two minutes on CPU)")
     parser.add_argument("--only", nargs="+", help="only workloads whose name contains one of these words")
     parser.add_argument("--repeats", type=at_least(1), default=None,

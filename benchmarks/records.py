@@ -1,4 +1,5 @@
 """The files a run leaves behind: one JSON document (device, conventions, records, fits) and a flat CSV."""
+import argparse
 import csv
 import datetime
 import json
@@ -62,6 +63,18 @@ def _flatten(value, prefix=""):
             flat.update(_flatten(inner, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: "x".join(map(str, value)) if isinstance(value, list) else value}
+
+
+def out_dir(path: str) -> str:
+    """argparse type of every command's ``--out``: ``path`` unchanged if it is, or can be made, a writable folder
+    (its nearest existing ancestor is one), else argparse's usage error before anything is measured (not a
+    traceback from :func:`write` once the measuring is done). Nothing is created here."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {path!r}: {probe!r} is not a writable folder")
+    return path
 
 
 def write(out_dir: str, name: str, doc: dict) -> List[str]:

@@ -21,7 +21,9 @@ runs first; a kernel without autotuning may mark several, one per row-width conf
 every group has a default held to the no-spill bar. A default that names its ``Build.families`` is held to it only
 on those families' architectures (:func:`on_family`). ``--quick`` keeps the default fp16 builds at head dim 64
 and 128 (and at no head dim, for the norms/softmax); ``--defaults`` keeps every default (each dtype, head dim and
-specialisation): the set the no-spill bar is about.
+specialisation): the set the no-spill bar is about. Both compile each build only for the architectures of its
+families (an sm_90 TMA build is not compiled for sm_80, nor an AMD wave64 one for NVIDIA); without either, every
+selected build is compiled for every ``--arch``.
 """
 import argparse
 import importlib
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.records import out_dir
 from benchmarks.gpu_build import ARCHS
 from benchmarks.progress import progress_bar
 
@@ -116,6 +119,13 @@ def select(builds: Sequence, kernel: Optional[str] = None, quick: bool = False,
     return [(i, i in defaults) for i in chosen]
 
 
+def pairs(builds: Sequence, selected: Sequence[Tuple[int, bool]], archs: Sequence[str],
+          own_families: bool) -> List[Tuple[int, str]]:
+    """The (build index, arch) pairs to compile: each selected build for every arch, or with ``own_families``
+    (--quick, --defaults) only for the archs whose tile tables hold it (:func:`on_family`): what a GPU runs."""
+    return [(i, arch) for i, _ in selected for arch in archs if not own_families or on_family(builds[i], arch)]
+
+
 def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, kernel: Optional[str] = None,
                quick: bool = False, jobs: int = 2, progress: bool = False,
                defaults_only: bool = False) -> List[Dict[str, object]]:
@@ -130,7 +140,7 @@ def run_report(archs: Sequence[str] = DEFAULT_ARCHS, provider: str = PROVIDER, k
         raise ValueError(f"archs: unknown {unknown}; expected some of {list(ARCHS)}")
     builds = load_builds(provider)
     selected = select(builds, kernel, quick, defaults_only)
-    work = [(i, arch) for i, _ in selected for arch in archs if not defaults_only or on_family(builds[i], arch)]
+    work = pairs(builds, selected, archs, quick or defaults_only)
     results = {}
     with tempfile.TemporaryDirectory(prefix="static-build-") as tmp:
         chunks = [work[k::jobs] for k in range(min(jobs, len(work)))]
@@ -304,7 +314,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "report registers, spills, shared memory, occupancy and SASS.")
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS),
                         help="targets (default: %(default)s; AMD gfx90a/gfx942 on request)")
-    parser.add_argument("--out", default="results/static", help="folder for builds.json, builds.md, defaults.md")
+    parser.add_argument("--out", type=out_dir, default="results/static",
+                        help="folder for builds.json, builds.md, defaults.md")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     parser.add_argument("--quick", action="store_true",
                         help="only the default config of each kernel at fp16, head dim 64/128")
@@ -318,10 +329,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _worker(*args.worker)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    try:
+        builds = load_builds(args.provider)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        parser.error(f"--provider {args.provider!r} (module:function returning the builds): {error}")
+    if args.kernel and not select(builds, args.kernel, args.quick, args.defaults):
+        parser.error(f"--kernel {args.kernel!r}: no registered build's kernel name contains it")
     records = run_report(args.arch, args.provider, args.kernel, args.quick, args.jobs, progress=True,
                          defaults_only=args.defaults)
     if not records:
-        print("no builds registered" + (f" matching --kernel {args.kernel!r}" if args.kernel else ""))
+        print("no builds registered")
         return 0
     import triton
 

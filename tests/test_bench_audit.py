@@ -180,7 +180,45 @@ def test_gpu_check_refuses_an_output_folder_it_cannot_write_before_the_first_pha
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--out", str(not_a_folder / "out"), "--phases", "rows"])
     assert exit_info.value.code == 2 and ran == []
-    assert f"--out {not_a_folder / 'out'}: [Errno 20] Not a directory" in capsys.readouterr().err
+    assert f"argument --out: cannot write into '{not_a_folder / 'out'}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["suite", "scaling", "decode", "varlen", "hf-masks", "overhead", "launch-path",
+                                     "model", "static"])
+def test_every_command_refuses_an_output_folder_it_cannot_write_before_measuring(command, tmp_path, capsys):
+    """--out under a file was a NotADirectoryError traceback once everything was measured (minutes of a scaling or
+    static run); now argparse's usage error naming --out, before anything runs."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmarks_main([command, "--out", str(not_a_folder / "sub")])
+    assert exit_info.value.code == 2
+    assert f"argument --out: cannot write into '{not_a_folder / 'sub'}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--provider", "nosuch:fn"], "--provider 'nosuch:fn' (module:function returning the builds): No module named"),
+    (["--kernel", "nosuch"], "--kernel 'nosuch': no registered build's kernel name contains it"),
+])
+def test_static_refuses_a_provider_or_kernel_it_cannot_use(argv, message, tmp_path, capsys):
+    """A bad --provider was a ModuleNotFoundError traceback; a --kernel matching nothing printed a line, exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmarks_main(["static", "--quick", "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_static_quick_compiles_each_default_only_for_its_families():
+    """--quick compiled every family's defaults for every arch (588 of 945 pairs off-family: AMD wave64 builds for
+    sm_90, sm_90 TMA builds for sm_80, every reported spill among them); now only where the tile tables hold them,
+    and without --quick/--defaults every selected build for every arch, as before."""
+    from benchmarks import static
+    builds = static.load_builds(static.PROVIDER)
+    archs = ("sm_80", "sm_90", "gfx942")
+    selected = static.select(builds, quick=True)
+    quick = static.pairs(builds, selected, archs, own_families=True)
+    assert quick and all(static.on_family(builds[i], arch) for i, arch in quick)
+    assert {arch for _, arch in quick} == set(archs)
+    assert len(static.pairs(builds, selected, archs, own_families=False)) == len(selected) * len(archs) > len(quick)
 
 
 def test_gpu_check_model_phase_keeps_each_point_as_it_is_measured(monkeypatch):
