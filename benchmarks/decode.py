@@ -153,7 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     recs = [_modelled(b, n) for b in BATCHES for n in MODEL_CACHES]
     if not args.no_count and kernels.INTERPRETED:
         recs += [_counted(b, n) for b in BATCHES for n in (COUNTED_CACHES[:1] if args.quick else COUNTED_CACHES)]
-    counted_on = detect().name if any(r["kind"] == "counted" for r in recs) else "(not run)"
+    device = detect()
+    counted_on = device.name if any(r["kind"] == "counted" for r in recs) else "(not run)"
     print(f"model rows: launch shape and bytes of one decode step, timed by a roofline model of "
           f"{' and '.join(SMS)} (computed, not measured); counted rows: bytes counted on {counted_on}", flush=True)
     print(f"{'kind':8}{'B':>3}{'cache':>7}  {'path':24}{'bytes/min':>10}{'programs':>10}{'waves':>7}{'model us':>10}")
@@ -165,9 +166,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{p.get('programs', '-'):>10}{waves:>7}{model_us:>10}")
     os.makedirs(args.out, exist_ok=True)
     json_path, md_path = (os.path.join(args.out, name) for name in ("decode.json", "decode.md"))
+    config = {**vars(args), "command": "decode", "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+              "dtype": "float16"}
+    doc = records.document("decode", device, config, recs, [])
+    doc["conventions"] = {"decode": __doc__}  # the suite's timing conventions do not apply: nothing is timed
     with open(json_path, "w") as f:
-        json.dump({"command": "decode", "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                   "dtype": "float16", "records": recs}, f, indent=1)
+        json.dump(doc, f, indent=1)
     with open(md_path, "w") as f:
         f.write(_markdown(recs))
     written = [json_path, md_path] + _plot(recs, os.path.join(args.out, "decode.png"))

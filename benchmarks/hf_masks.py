@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from benchmarks import records
+from benchmarks.suite import at_least
 from benchmarks.analysis import loglog_slope
 from benchmarks.counting import counting, touched_bytes
 from benchmarks.device import detect
@@ -157,12 +158,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks hf-masks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=records.out_dir, default="results", help="folder for hf_masks.json and hf_masks.csv")
-    parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (default 64 256 on CPU)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny Llama")
+    parser.add_argument("--seq-lens", type=at_least(1), nargs="+",
+                        help="sequence lengths (default 64 256 on CPU; a repeated one is measured once)")
+    parser.add_argument("--layers", type=at_least(1), default=2, help="decoder layers of the tiny Llama")
     args = parser.parse_args(argv)
     device = detect()
     print(f"device: {device.name}  (counted bytes only: nothing here is timed)", flush=True)
-    seq_lens = args.seq_lens or SEQ_LENS[device.kind]
+    seq_lens = sorted(set(args.seq_lens)) if args.seq_lens else SEQ_LENS[device.kind]
     recs = [measure(path, n, device.torch_device, args.layers) for n in seq_lens for path in PATHS]
     print(f"tiny Llama, {args.layers} layers, batch {BATCH} left-padded (row 0 by S/4), float32; bytes counted")
     print(f"{'S':>6}  {'path':7}{'forward MB':>11}{'outside attn MB':>16}{'mask build MB':>14}"

@@ -265,7 +265,8 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__)
     parser.add_argument("--out", type=records.out_dir, default="results", help="folder for overhead.json/.csv/.png")
-    parser.add_argument("--ops", nargs="+", help="only these ops (names as printed)")
+    parser.add_argument("--ops", nargs="+", metavar="OP", choices=list(cases(torch.device("meta"))),
+                        help="only these ops (names as printed, quoted where they hold a space: %(choices)s)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a CI-sized run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny ops: extra threads only add noise on a shared machine

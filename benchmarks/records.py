@@ -62,7 +62,10 @@ def _flatten(value, prefix=""):
         for key, inner in value.items():
             flat.update(_flatten(inner, f"{prefix}{key}."))
         return flat
-    return {prefix[:-1]: "x".join(map(str, value)) if isinstance(value, list) else value}
+    if isinstance(value, list):  # a shape as 2x16x64; a list holding structure as its JSON text, one cell
+        nested = any(isinstance(item, (dict, list)) for item in value)
+        return {prefix[:-1]: json.dumps(value, default=str) if nested else "x".join(map(str, value))}
+    return {prefix[:-1]: value}
 
 
 def out_dir(path: str) -> str:

@@ -2,6 +2,7 @@
 optional package (matplotlib, tqdm, pytest, transformers) missing degrades to a message or an "unavailable" record,
 never a crash or a failure of ours; and ``gpu-check`` keeps what it measured as it goes, within the command's
 time limit counted from the process's start."""
+import csv
 import json
 import os
 import subprocess
@@ -134,7 +135,21 @@ def test_records_json_writes_values_json_has_no_type_for_as_text(tmp_path):
         assert json.load(f)["config"]["dtype"] == "torch.float16"
 
 
+def test_a_csv_cell_holding_a_list_of_records_is_its_json_text(tmp_path):
+    """hf_masks.csv's mask_handed_per_layer was Python dict reprs joined by 'x' (the shape rule): now a shape is
+    still 2x16, and a list holding dicts one JSON cell a reader can parse."""
+    handed = [{"type": "Tensor", "shape": [2, 1, 4, 4]}, {"type": "None"}]
+    doc = records.document("hf-masks", detect(), {}, [{"shape": [2, 16], "handed": handed}], [])
+    [_, csv_path] = records.write(str(tmp_path), "hf_masks", doc)
+    with open(csv_path) as f:
+        [row] = list(csv.DictReader(f))
+    assert row["shape"] == "2x16" and json.loads(row["handed"]) == handed
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["overhead", "--ops", "nosuch"], "argument --ops: invalid choice: 'nosuch'"),
+    (["hf-masks", "--seq-lens", "0"], "argument --seq-lens: expected an integer >= 1, got '0'"),
+    (["hf-masks", "--layers", "-1"], "argument --layers: expected an integer >= 1, got '-1'"),
     (["suite", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     (["suite", "--batch", "-1"], "argument --batch: expected an integer >= 1, got '-1'"),
     (["scaling", "--max-len", "two"], "argument --max-len: expected an integer >= 1, got 'two'"),

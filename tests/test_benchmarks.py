@@ -391,5 +391,7 @@ def test_decode_benchmark_says_its_times_are_a_model(tmp_path, capsys):
     assert "computed, not measured" in first and "H100-SXM5" in first
     doc = json.loads((tmp_path / "decode.json").read_text())
     assert {r["kind"] for r in doc["records"]} == {"model"}
+    # the device, versions and conventions every command's JSON carries (decode's had none)
+    assert doc["device"]["name"] and doc["versions"]["torch"] and "roofline" in doc["conventions"]["decode"]
     assert (tmp_path / "decode.md").read_text().startswith("Model of an H100 SXM")
     assert (tmp_path / "decode.png").stat().st_size > 0
