@@ -30,16 +30,20 @@ _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2
 
 
 def parse_size(text: str) -> int:
-    """'500MB', '2GiB', '1e9' -> bytes."""
+    """'500MB', '2GiB', '1e9' -> bytes (at least one)."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GiB, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < 1:  # a limit of nothing measures nothing
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 B, got {text!r}")
+    return size
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {command}", description=__doc__)
-    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for the JSON/CSV records and PNG plots")
+    parser.add_argument("--out", type=records.out_dir, default="results",
+                        help="folder for the JSON/CSV records and PNG plots")
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
     parser.add_argument("--max-len", type=at_least(1), default=None,
                         help="largest N (scaling default: 1024 on CPU, 16384 on a GPU; suite: no cap)")
@@ -49,8 +53,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="default float16, on CPU too")
     parser.add_argument("--mem-limit", type=parse_size, default=None,
-                        help="memory a point may add, inputs included (e.g. 2GB): CPU caps the memory worker's "
-                             "address space, GPU the allocator's fraction; beyond it the point is recorded 'oom'")
+                        help="memory a point may take, inputs included (e.g. 2GB): beyond it the point is recorded "
+                             "'oom' (CPU: the worker's measured peak plus inputs, its address space capped 256 MiB "
+                             "above as a guard; GPU: the allocator's fraction)")
     parser.add_argument("--threads", type=at_least(1), default=1,
                         help="CPU only: torch threads (default 1: the interpreter is single-threaded, and a shared "
                              "machine makes multi-threaded timings of small ops erratic)")

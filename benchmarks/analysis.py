@@ -4,6 +4,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from benchmarks import memory
 from benchmarks.providers import DOCUMENTS, WINDOW
 
 
@@ -59,11 +60,14 @@ def time_ms(record: dict) -> Optional[float]:
 
 
 def peak_bytes(record: dict) -> Optional[float]:
-    """The measured peak, or None where there is none to compare or fit: not measured, or no growth seen (CPU RSS
-    is page- and counter-granular, so a small point's growth can read 0: below resolution, not free)."""
+    """The measured peak, or None where there is none to compare or fit: not measured, or no growth seen, or a CPU
+    reading up to :data:`memory.CPU_RESOLUTION` (RSS is page- and counter-granular: such a reading, 0 included, is
+    not a size, and fits and ratios of it would be of the granularity)."""
     mem = record.get("memory")
-    ok = mem and mem.get("status") == "ok" and record["status"] == "ok"
-    return mem["peak_bytes"] if ok and mem["peak_bytes"] > 0 else None
+    if not (mem and mem.get("status") == "ok" and record["status"] == "ok"):
+        return None
+    floor = memory.CPU_RESOLUTION if mem.get("method") == memory.CPU_METHOD else 0
+    return mem["peak_bytes"] if mem["peak_bytes"] > floor else None
 
 
 def counted_bytes(record: dict) -> Optional[float]:

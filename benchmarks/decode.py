@@ -146,7 +146,8 @@ def _markdown(recs: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for decode.json, decode.md and decode.png")
+    parser.add_argument("--out", type=records.out_dir, default="results",
+                        help="folder for decode.json, decode.md and decode.png")
     parser.add_argument("--no-count", action="store_true", help="model only: skip the interpreted counted runs")
     parser.add_argument("--quick", action="store_true", help="count the smallest cache only")
     args = parser.parse_args(argv)

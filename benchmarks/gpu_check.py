@@ -1166,8 +1166,8 @@ def _budget(text: str) -> tuple:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=records.out_dir, default=DEFAULT_OUT, help=f"folder for gpu_check_<gpu>.json/.csv/.md (default "
-                                                           f"{os.path.relpath(DEFAULT_OUT, ROOT)})")
+    parser.add_argument("--out", type=records.out_dir, default=DEFAULT_OUT,
+                        help=f"folder for gpu_check_<gpu>.json/.csv/.md (default {os.path.relpath(DEFAULT_OUT, ROOT)})")
     parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
                         help="only these phases (they still run in the order above)")
     parser.add_argument("--budget", type=_budget, action="append", default=[], metavar="PHASE=SECONDS",

@@ -157,7 +157,8 @@ def fits(recs: List[dict]) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks hf-masks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for hf_masks.json and hf_masks.csv")
+    parser.add_argument("--out", type=records.out_dir, default="results",
+                        help="folder for hf_masks.json and hf_masks.csv")
     parser.add_argument("--seq-lens", type=at_least(1), nargs="+",
                         help="sequence lengths (default 64 256 on CPU; a repeated one is measured once)")
     parser.add_argument("--layers", type=at_least(1), default=2, help="decoder layers of the tiny Llama")

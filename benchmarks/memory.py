@@ -6,11 +6,14 @@ resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one step and
 a real measurement of everything the step touched (torch tensors, the interpreter's numpy tiles, the allocator's
 slack), in a process where nothing else runs. glibc is told to serve every block >= 64 KiB with its own mmap so
 freed memory leaves the process and a later point cannot hide in it. ``extra`` subtracts the outputs (result and
-gradients) from the peak. Its resolution is a few 0.1 MB (page granularity, the kernel's batched RSS counters:
-two live 64 KiB tensors read 68 KiB, two 1 MiB ones 1.8 MiB), so a small point can read 0 and ``extra`` below 0;
-``analysis.peak_bytes`` takes a 0 as below resolution, not free. With a memory limit the worker caps its address
-space (``RLIMIT_AS``) to what it held after warm-up plus the limit, so a point beyond it fails the way a real
-out-of-memory does and is recorded "oom".
+gradients) from the peak. Its resolution is :data:`CPU_RESOLUTION` (page granularity, the kernel's batched RSS
+counters: two live 64 KiB tensors read 68 KiB, two 1 MiB ones 1.8 MiB), so a small point can read 0 and ``extra``
+below 0; ``analysis.peak_bytes`` neither fits nor compares a reading up to it. With a memory limit a point whose
+inputs plus peak pass the limit is recorded "oom" (its numbers kept). The worker also caps its address space
+(``RLIMIT_AS``) to what it held after warm-up plus the limit plus :data:`GUARD_HEADROOM`, so a point far beyond
+the limit fails (recorded "oom") instead of taking the machine's memory: address space also counts what is
+reserved but never touched (thread stacks, malloc arenas), so a cap at the limit itself would fail points that
+stay under it, or crash the worker.
 """
 import gc
 import json
@@ -19,7 +22,7 @@ import re
 import resource
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -29,6 +32,10 @@ from benchmarks.providers import Case, Unavailable, make_inputs, provider
 
 CPU_METHOD = "peak RSS growth (VmHWM after reset) in a worker process"
 GPU_METHOD = "torch.cuda.max_memory_allocated"
+CPU_RESOLUTION = 300_000
+"""Bytes: "a few 0.1 MB", what a CPU_METHOD reading is good to; a smaller one is not a measured size."""
+GUARD_HEADROOM = 256 * 2 ** 20
+"""Address space the worker may reserve beyond a memory limit (a new thread's malloc arena alone reserves 64 MiB)."""
 
 
 def _status_bytes(key: str) -> int:
@@ -47,6 +54,13 @@ def _measure_one(step) -> dict:
     return {"status": "ok", "peak_bytes": peak, "extra_bytes": peak - output_bytes, "method": CPU_METHOD}
 
 
+def _measure_case(fn, case: Case) -> Tuple[dict, int]:
+    """(:func:`_measure_one` of ``case``'s step, bytes its inputs hold); the inputs are freed on return."""
+    inputs = make_inputs(case, torch.device("cpu"))
+    tensors = [t for t in inputs.tensors + [inputs.grad_out] if t is not None]
+    return _measure_one(make_step(fn, inputs)), sum(touched_bytes(t) for t in tensors)
+
+
 def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int], threads: int):
     """Yield one result per case (run in the worker process)."""
     torch.set_num_threads(threads)
@@ -56,13 +70,17 @@ def _worker(op: str, name: str, cases: List[dict], mem_limit: Optional[int], thr
     for case in {Case(**{**c, "length": 16}) for c in cases}:  # warm-up: lazy initialisation, code caches
         make_step(fn, make_inputs(case, cpu))()
     if mem_limit is not None:
-        limit = _status_bytes("VmSize") + mem_limit
+        limit = _status_bytes("VmSize") + mem_limit + GUARD_HEADROOM
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     for case in cases:
         try:
             if prov.compiles:  # compiling at this shape is not the step's memory
                 make_step(fn, make_inputs(Case(**case), cpu))()
-            yield _measure_one(make_step(fn, make_inputs(Case(**case), cpu)))
+            result, input_bytes = _measure_case(fn, Case(**case))
+            held = input_bytes + result["peak_bytes"]  # what --mem-limit bounds: the point's memory, inputs included
+            if mem_limit is not None and held > mem_limit:
+                result.update(status="oom", reason=f"beyond --mem-limit {mem_limit} B: inputs + peak {held} B")
+            yield result
         except Exception as error:  # noqa: BLE001  (recorded, and the next point still runs)
             oom = is_oom(error)
             beyond = f"beyond --mem-limit {mem_limit} B: " if oom and mem_limit is not None else ""
@@ -89,6 +107,10 @@ def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] 
         return results
     if proc.returncode == -9:  # the kernel's OOM killer: that point is "oom"; a new worker does the rest
         results.append({"status": "oom", "reason": "worker killed (SIGKILL: out of memory)"})
+        return results + measure_cpu(op, name, cases[len(results):], mem_limit, threads)
+    if proc.returncode < 0 and mem_limit is not None:  # code that cannot take a failed mmap dies by a signal
+        results.append({"status": "oom", "reason": f"beyond --mem-limit {mem_limit} B: worker died by signal "
+                                                   f"{-proc.returncode} under the address-space cap"})
         return results + measure_cpu(op, name, cases[len(results):], mem_limit, threads)
     reason = f"worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"
     return results + [{"status": "error", "reason": reason}] * (len(cases) - len(results))

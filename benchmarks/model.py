@@ -16,7 +16,8 @@ transformers' own attention; ``hf flash_attention_2`` where flash-attn is instal
 Measures: ms per step, tokens/s, model FLOPs utilisation (nanoGPT's 6N + 12 L H Q T per trained token; 2N + 4 L H Q T
 per forward token) and peak memory above the model on a GPU. On CPU the Triton providers run in Triton's
 interpreter: their wall time is the interpreter's, labelled so, never a GPU figure; the CPU records also carry
-the bytes a step reads and writes (``benchmarks/counting.py``).
+the bytes a step reads and writes (``benchmarks/counting.py``; decode: one decoding step, counted generate(2) minus
+generate(1), the prefill cancelling as in the timing).
 
 ``--out DIR`` writes ``model.json`` (records), ``model.csv`` and one PNG per workload.
 """
@@ -236,6 +237,27 @@ def _flops_per_token(workload: Workload) -> float:
     return train if workload.kind == "train" else train / 3
 
 
+def mfu(workload: Workload, tokens_per_s: float, peak: dict) -> float:
+    """Model FLOPs utilisation: :func:`_flops_per_token` x ``tokens_per_s`` over the peak FLOP/s of the dtype a GPU
+    runs the workloads in (bf16; ``peak["flops"]`` is per dtype, ``DeviceInfo.peak``)."""
+    dtype = str(_dtype(torch.device("cuda"))).removeprefix("torch.")
+    return round(_flops_per_token(workload) * tokens_per_s / peak["flops"][dtype], 4)
+
+
+def _counted_bytes(call: Callable[[], object]) -> int:
+    from benchmarks.counting import counting
+
+    with counting() as counts:
+        call()
+    return counts.bytes
+
+
+def _decode_step_bytes(generate: Callable[[int], object]) -> int:
+    """Bytes one decoding step reads and writes: generate(2) - generate(1), the same prefill cancelling (generate(2)
+    alone is the prompt's prefill plus a step)."""
+    return _counted_bytes(lambda: generate(2)) - _counted_bytes(lambda: generate(1))
+
+
 def measure(workload: Workload, provider: str, mode: str, device: DeviceInfo, repeats: int) -> dict:
     """One record: ms per step, tokens/s, MFU and peak bytes (GPU) or counted bytes (CPU)."""
     dev = device.torch_device
@@ -253,21 +275,17 @@ def measure(workload: Workload, provider: str, mode: str, device: DeviceInfo, re
         if workload.kind == "decode":
             n = workload.shape.new_tokens
             seconds = _time_decode(step, n, dev, repeats)
-            per_step, timed = seconds / n, lambda: step(2)
+            per_step = seconds / n
         else:
             per_step = _time(step, dev, repeats)
-            seconds, timed = per_step, step
+            seconds = per_step
         record.update(ms_per_step=float(f"{per_step * 1e3:.4g}"), tokens_per_s=float(f"{tokens / seconds:.4g}"))
         if dev.type == "cuda":
             record["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
             if device.peak:
-                record["mfu"] = round(_flops_per_token(workload) * tokens / seconds / device.peak["flops"], 4)
+                record["mfu"] = mfu(workload, tokens / seconds, device.peak)
         else:
-            from benchmarks.counting import counting
-
-            with counting() as counts:
-                timed()
-            record["counted_bytes"] = counts.bytes
+            record["counted_bytes"] = _decode_step_bytes(step) if workload.kind == "decode" else _counted_bytes(step)
     except Exception as error:  # a provider that cannot run a workload is recorded, not fatal
         record.update(status="error", reason=f"{type(error).__name__}: {error}"[:300])
         traceback.print_exc(limit=2, file=sys.stderr)
@@ -275,6 +293,32 @@ def measure(workload: Workload, provider: str, mode: str, device: DeviceInfo, re
 
 
 # -------------------------------------------------------------------------------------------------- report
+
+
+CONVENTIONS = {
+    "workload": "name of the workload; kind: train (forward, backward, AdamW step), prefill (forward over left-padded "
+                "prompts) or decode (greedy generate() with a dynamic or static cache); model: gpt (the reference "
+                "GPT) or llama (a Hugging Face Llama built from a config); shape: layers, heads, kv_heads, width, "
+                "batch, length (decode: the prompt), vocab, new_tokens (decode: the steps timed).",
+    "provider": "ours: triton (the GPT's triton backend) or triton (patch) (a transformer.patch()ed model); torch's: "
+                "torch sdpa, torch reference (the GPT's backends), hf sdpa, hf eager, hf flash_attention_2 "
+                "(transformers' attention); mode: eager or compile (torch.compile).",
+    "status": "ok, error (reason: the exception), unavailable (reason: a missing dependency) or skipped (--budget "
+              "spent).",
+    "timing": "how ms_per_step was taken: GPU CUDA-synchronised wall time; CPU wall time, the Triton providers in "
+              "Triton's interpreter (not a GPU figure). Medians over the repeats after a warm-up run.",
+    "ms_per_step": "one step: train and prefill a call; decode one token per sequence, (generate(N + 1) - "
+                   "generate(1)) / N, so the prefill cancels. tokens_per_s: the tokens a step processes (train: "
+                   "batch x length; prefill: the unpadded tokens; decode: batch per step) / its time.",
+    "peak_bytes": "GPU only: torch.cuda.max_memory_allocated over the warm-up and timed runs, above what was "
+                  "allocated once the model was built (None on CPU).",
+    "mfu": "GPU only, when the device's peak is known: model FLOPs (nanoGPT's 6N + 12 L H Q T per trained token, a "
+           "third of it per forward token) x tokens/s over the peak bf16 FLOPs.",
+    "counted_bytes": "CPU only: bytes read and written by every aten op and interpreted Triton load/store "
+                     "(benchmarks/counting.py) in one step: train and prefill one call; decode one decoding step, "
+                     "counted generate(2) - generate(1) so the prompt's prefill cancels.",
+}
+"""What ``model.json``'s record fields mean (the suite's ``records.CONVENTIONS`` describe its other records)."""
 
 
 def format_table(recs: List[dict]) -> str:
@@ -368,7 +412,8 @@ def run(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[str]]
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for model.json/.csv and the PNGs")
+    parser.add_argument("--out", type=records.out_dir, default="results",
+                        help="folder for model.json/.csv and the PNGs")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and repeats (about two minutes on CPU)")
     parser.add_argument("--only", nargs="+", help="only workloads whose name contains one of these words")
     parser.add_argument("--repeats", type=at_least(1), default=None,
@@ -386,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     deadline = None if args.budget is None else time.monotonic() + args.budget
     recs = run(device, args.quick, repeats, args.only, deadline)
     records.report(args.out, "model", device, {**vars(args), "command": "model", "repeats": repeats}, recs,
-                   format_table(recs), plot)
+                   format_table(recs), plot, conventions=CONVENTIONS)
     return 0
 
 

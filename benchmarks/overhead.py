@@ -274,7 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     launches = "Triton launches stubbed: host path only" if device.kind == "cpu" else "real launches, wall time"
     print(f"device: {device.name}  ({launches})", flush=True)
     recs = measure(device, args.ops, repeats=3 if args.quick else 7, calls=10 if args.quick else 50)
-    records.report(args.out, "overhead", device, {**vars(args), "command": "overhead", "goal_x_minimal": GOAL_RATIO}, recs, format_table(recs), plot)
+    records.report(args.out, "overhead", device, {**vars(args), "command": "overhead", "goal_x_minimal": GOAL_RATIO},
+                   recs, format_table(recs), plot)
     return 0
 
 

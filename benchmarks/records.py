@@ -5,7 +5,7 @@ import datetime
 import json
 import os
 import platform
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -24,7 +24,8 @@ CONVENTIONS = {
     "memory": "peak_bytes: growth above the inputs during one step, outputs included; extra_bytes: peak minus the "
               "outputs. method says how: GPU torch.cuda.max_memory_allocated; CPU the peak RSS growth of a worker "
               "process (everything the step touched, the interpreter's numpy tiles too; page- and "
-              "counter-granular, a few 0.1 MB, so small points read 0 and extra_bytes can be negative).",
+              "counter-granular, a few 0.1 MB, so small points read 0 and extra_bytes can be negative; readings up "
+              "to 0.3 MB, memory.CPU_RESOLUTION, are neither fitted nor compared).",
     "min_bytes": "the inputs (and grad_out) read once plus the outputs (and gradients) written once.",
     "vs_baseline": "time, peak_memory, counted_bytes, counted_flops over the baseline provider's at the same op, mode "
                    "and length (a speedup is 1 / time); vs_causal: the same over the fused causal kernel's.",
@@ -96,11 +97,15 @@ def write(out_dir: str, name: str, doc: dict) -> List[str]:
 
 
 def report(out_dir: str, name: str, device: DeviceInfo, config: dict, records: List[dict], table: str,
-           plot) -> List[str]:
+           plot, conventions: Optional[dict] = None) -> List[str]:
     """A standalone command's ending: print ``table``, write ``<name>.json``/``.csv`` and ``plot(records, device,
-    out_dir)``'s PNGs into ``out_dir``, print and return their paths."""
+    out_dir)``'s PNGs into ``out_dir``, print and return their paths. ``conventions``: what the records' fields
+    mean, where the suite's :data:`CONVENTIONS` do not describe them."""
     print(table)
-    written = write(out_dir, name, document(name, device, config, records, []))
+    doc = document(name, device, config, records, [])
+    if conventions is not None:
+        doc["conventions"] = conventions
+    written = write(out_dir, name, doc)
     written += plot(records, device, out_dir)
     print("wrote: " + ", ".join(written))
     return written

@@ -70,7 +70,8 @@ def describe(records: List[dict]) -> List[str]:
     return [f"device: {devices}; inputs: {_shapes(records)}",
             f"time ms: median, {_methods(records, 'time')} ((interp): Triton's interpreter on CPU, not GPU speed)",
             f"peak/extra MB: {_methods(records, 'memory')}, above the inputs, outputs included (extra: without "
-            f"them); on CPU page- and counter-granular (a few 0.1 MB; 0 or below is that)",
+            f"them); on CPU page- and counter-granular (a few 0.1 MB: readings up to 0.3 MB are not fitted or "
+            f"compared)",
             "moved MB: counted bytes read + written (not measured traffic); /min: over inputs + outputs once; "
             "*: holds a fused op seen from outside (SDPA, flash-attn): a floor, and SDPA's FLOPs torch's non-causal "
             "formula",

@@ -153,7 +153,8 @@ def summary(recs: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks varlen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=records.out_dir, default="results", help="folder for varlen.json, varlen.csv and the PNGs")
+    parser.add_argument("--out", type=records.out_dir, default="results",
+                        help="folder for varlen.json, varlen.csv and the PNGs")
     parser.add_argument("--max-len", type=suite.at_least(1), nargs="+",
                         help="cap of the drawn lengths, one batch per value (default 256 on CPU, 2k..16k on a GPU)")
     parser.add_argument("--lengths", type=suite.at_least(1), nargs="+",
