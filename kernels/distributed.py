@@ -66,10 +66,14 @@ def chunks_of(layout: str, rank: int, world: int) -> Tuple[int, ...]:
     return (rank,) if layout == "contiguous" else (rank, 2 * world - 1 - rank)
 
 
-def _pieces(length: int, layout: str, world: int, name: str) -> int:
-    """The chunk length of a sequence of ``length`` positions; ValueError naming ``name`` if it does not split."""
+def _pieces(length: int, layout: str, world: int, name: str, local: bool = False) -> int:
+    """The chunk length of a sequence of ``length`` positions; ValueError naming ``name`` if it does not split
+    (``local``: ``name`` holds one rank's length / world positions, and the message speaks of those)."""
     count = world * (1 if layout == "contiguous" else 2)
     if length % count:
+        if local:  # only zigzag can fail here: each rank holds 2 chunks
+            raise ValueError(f"{name}: {length // world} positions per rank do not split into the zigzag layout's "
+                             f"2 equal chunks per rank (N_local must be even; {length} over {world} ranks)")
         raise ValueError(f"{name}: a sequence of length {length} does not split into {count} equal chunks for the "
                          f"{layout} layout over {world} ranks")
     return length // count
@@ -220,7 +224,7 @@ def _unshard_facts(x_local, dim, layout: str, world: int) -> Dict[str, object]:
     if x_local.dim() > _MAX_DIMS:
         raise ValueError(f"x_local: unshard gathers tensors of at most {_MAX_DIMS} dims, got shape "
                          f"{tuple(x_local.shape)}")
-    _pieces(x_local.shape[dim] * world, layout, world, "x_local")
+    _pieces(x_local.shape[dim] * world, layout, world, "x_local", local=True)
     return {"shape": tuple(x_local.shape), "dim": dim, "dtype": x_local.dtype, "device type": x_local.device.type,
             "layout": layout}
 
@@ -234,7 +238,7 @@ def unshard(x_local: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=N
     world = dist.get_world_size(group)
     dim = _agree("unshard", group, _UNSHARD_SCHEMA, lambda: _unshard_facts(x_local, dim, layout, world),
                  x_local)["dim"]
-    size = _pieces(x_local.shape[dim] * world, layout, world, "x_local")
+    size = _pieces(x_local.shape[dim] * world, layout, world, "x_local", local=True)
     x_local = x_local.contiguous()
     gathered = [torch.empty_like(x_local) for _ in range(world)]
     dist.all_gather(gathered, x_local, group=group)
@@ -296,7 +300,7 @@ def plan(q_chunks: Sequence[int], kv_chunks: Sequence[int], size: int, causal: b
 def ring_plans(layout: str, rank: int, world: int, n_local: int, causal: bool) -> List[List[Block]]:
     """The blocks ``rank`` computes at each ring step t = 0 .. P-1, where it holds the K/V shard of rank
     (rank - t) mod P."""
-    size = _pieces(n_local * world, layout, world, "q")
+    size = _pieces(n_local * world, layout, world, "q", local=True)
     mine = chunks_of(layout, rank, world)
     return [plan(mine, chunks_of(layout, (rank - t) % world, world), size, causal) for t in range(world)]
 
@@ -427,7 +431,7 @@ def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]
     if _runtime.in_functorch_transform():  # torch raised a "must override setup_context" error, naming nothing
         raise NotImplementedError("ring_attention: torch.func transforms (grad, vjp, jacrev, vmap, ...) are not "
                                   "supported; take its gradients with torch.autograd (backward, autograd.grad)")
-    _pieces(q.shape[2] * world, layout, world, "q")
+    _pieces(q.shape[2] * world, layout, world, "q", local=True)
     (batch, heads, n_local, d), kv_heads = q.shape, k.shape[1]
     return {"batch": batch, "heads": heads, "kv heads": kv_heads, "positions per rank": n_local, "head dim": d,
             "dtype": q.dtype, "device type": q.device.type, "causal": bool(causal), "layout": layout,

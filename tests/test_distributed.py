@@ -96,8 +96,9 @@ def case_bad_inputs_raise():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="layout"):
         ring_attention(q, q, q, layout="striped")
-    with pytest.raises(ValueError, match="split into"):
-        ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3])  # N_local odd: no zigzag
+    # N_local odd: no zigzag; the message speaks of the local length the caller passed (it gave only the whole's)
+    with pytest.raises(ValueError, match=r"q: 3 positions per rank do not split .* \(N_local must be even"):
+        ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3])
     with pytest.raises(ValueError, match="same 4 positions"):
         ring_attention(q, q[:, :, :2], q[:, :, :2])
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
