@@ -30,6 +30,7 @@ TRAIN_USAGE_ERRORS = [
     (["--text", "/nonexistent/text.txt"], "--text: [Errno 2]"),
     (["--device", "nonsense"], "--device: "),
     (["--context-parallel"], "--context-parallel: run under torchrun"),  # was torch.distributed's ValueError
+    (["--seed", "99999999999999999999"], "--seed: must be in [-2**63, 2**64 - 1]"),  # was torch's overflow
 ]
 
 
@@ -49,12 +50,34 @@ def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, monkeypatch,
     (["hi", "--n-head", "3"], "must be a multiple of n_head (3)"),
     (["hi", "--steps", "-2"], "--steps: must be >= 0, got -2"),
     (["hi", "--n-layer", "0"], "--n-layer: must be >= 1, got 0"),  # was an IndexError: no map to draw
+    (["hi", "--out", "/nonexistent/x.png"], "--out: '/nonexistent/x.png': '/nonexistent' is not an existing"),
+    (["hi", "--seed", "-99999999999999999999"], "--seed: must be in [-2**63, 2**64 - 1]"),
+    (["the cat " * 1000], "sentence: 8000 characters; at most"),  # named --text, a flag visualize lacks
 ])
 def test_visualize_command_rejects_bad_arguments_with_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         visualize.main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_samples_from_a_text_without_the_default_prompts_characters(tmp_path, capsys, monkeypatch):
+    """The sample started at "The ", so a --text without those characters crashed after training; it starts at
+    the text's first non-space character instead."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    text = tmp_path / "ab.txt"
+    text.write_text("ab" * 20)
+    train.main(["--text", str(text), "--steps", "1", "--block-size", "8", "--n-layer", "1", "--n-embd", "16",
+                "--sample", "5"])
+    sample = capsys.readouterr().out.splitlines()[-1]
+    assert sample.startswith("a") and len(sample) == 6 and set(sample) <= {"a", "b"}
+
+
+def test_visualize_writes_the_file_it_names(tmp_path, capsys):
+    """--out without an extension said "wrote v3" where matplotlib wrote v3.png."""
+    visualize.main(["hi", "--steps", "0", "--out", str(tmp_path / "v3")])
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'v3.png'}"
+    assert (tmp_path / "v3.png").stat().st_size > 0
 
 
 def test_patch_switches_a_gpt_inside_another_module_to_the_triton_backend():

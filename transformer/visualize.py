@@ -6,12 +6,13 @@ character i attends to each earlier character (the probabilities of each row sum
 upper triangle empty).
 """
 import argparse
+import os
 from typing import List, Sequence
 
 import torch
 
 from transformer.model import BACKENDS
-from transformer.train import int_at_least, tokenizer_for_flags, train
+from transformer.train import int_at_least, load_text, seed_value, tokenizer_for_flags, train
 
 N_EMBD = 64
 
@@ -44,17 +45,33 @@ def plot_attention(probs: Sequence[torch.Tensor], labels: List[str], out: str, t
     plt.close(fig)
 
 
+def figure_path(text: str) -> str:
+    """An argparse ``type`` for ``--out``: the path matplotlib will write (".png" appended where it has no
+    extension, as savefig does), in an existing writable folder; else argparse's usage error before training
+    (savefig's FileNotFoundError came after it, and "wrote v3" named a file matplotlib had called v3.png)."""
+    path = text if os.path.splitext(text)[1] else text + ".png"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder!r} is not an existing writable folder")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sentence")
-    parser.add_argument("--out", default="attention.png")
+    parser.add_argument("--out", type=figure_path, default="attention.png",
+                        help="the figure's file (.png unless another extension matplotlib knows is given)")
     parser.add_argument("--steps", type=int_at_least(0), default=150, help="training steps first (0: random weights)")
     parser.add_argument("--backend", choices=BACKENDS, default="reference", help="backend used for training")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--n-layer", type=int_at_least(1), default=2, help="layers (at least one: it draws each)")
     parser.add_argument("--n-head", type=int, default=4)
     args = parser.parse_args(argv)
     block_size = max(64, len(args.sentence))
+    shipped = len(load_text())
+    if block_size >= shipped:  # the model's window (the sentence) must fit a window of the training text
+        parser.error(f"sentence: {len(args.sentence)} characters; at most {shipped - 1} (the shipped training text "
+                     f"has {shipped})")
     tokenizer = tokenizer_for_flags(parser, None, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
                                     n_embd=N_EMBD)
     if not args.sentence:
