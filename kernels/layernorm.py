@@ -790,8 +790,8 @@ def _projected(d: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, rms: boo
 def _differentiable_backward(eps: float):
     """A backward with :func:`_launch_backward`'s arguments and results in plain torch ops in fp32, itself
     differentiable (and fine with torch.func's wrapped tensors): mean and rstd, saved without a graph, are
-    recomputed from h with ``eps`` (:func:`_statistics`). The casting modes' roundings count as identities but "llama"'s rounding of
-    xhat in dweight, as in the kernels."""
+    recomputed from h with ``eps`` (:func:`_statistics`). The casting modes' roundings count as identities but
+    "llama"'s rounding of xhat in dweight, as in the kernels."""
     def backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
         rows = (-1, n_cols)
         centred, rstd = _statistics(h.reshape(rows).float(), rms, eps)

@@ -359,8 +359,8 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: Optional[float] = 1.0, cau
     """``torch.softmax(x * scale, dim, dtype=dtype)`` fused in one kernel; same shape as ``x``, contiguous (torch's
     layout, whatever x's), in x's dtype or in ``dtype`` when given (x is cast to it first, one copy before the
     kernel, as torch's ``dtype=``, which also takes an integer x; the gradient comes back in x's dtype).
-    Differentiable in reverse and forward mode (a jvp of a jvp runs torch's ops, which nest); ``scale`` any finite real, zero and
-    negative included (None: 1.0; NaN or inf: TypeError, as attention's ``scale``); ``causal`` a bool
+    Differentiable in reverse and forward mode (a jvp of a jvp runs torch's ops, which nest); ``scale`` any finite
+    real, zero and negative included (None: 1.0; NaN or inf: TypeError, as attention's ``scale``); ``causal`` a bool
     (or int).
 
     x: any shape, fp16/bf16/fp32 (fp32 math inside) or float64 (computed by torch's ops in float64, gradients

@@ -33,7 +33,7 @@ from kernels._validate import FLOAT_DTYPES
 from kernels.attention.checks import key_bounds
 from kernels.attention import sdpa as sdpa_shim
 from kernels.attention.sdpa import as_autocast_takes
-from kernels.attention.varlen import attention_varlen
+from kernels.attention.varlen import attention_varlen, token_sequences
 
 ATTENTION_NAME = "fused_triton"
 """The name the kernel is registered under in transformers' attention and mask interfaces."""
@@ -525,9 +525,8 @@ def _packed_mask(cu_seq_lens_q, cu_seq_lens_k, n_q: int, n_k: int, causal: bool,
     """The (1, 1, n_q, n_k) bool mask of packed sequences (offsets ``cu_seq_lens_q/k``): each query sees its own
     sequence's keys, bottom-right causal and within transformers' sliding window W where given. No host read."""
     def sequence_positions(offsets, n):
-        index = torch.arange(n, device=offsets.device)
-        sequence = torch.searchsorted(offsets[1:], index, right=True).clamp_(max=offsets.shape[0] - 2)
-        return sequence, index - offsets[sequence], (offsets[1:] - offsets[:-1])[sequence]
+        sequence, position = token_sequences(offsets, n)
+        return sequence, position, (offsets[1:] - offsets[:-1]).long()[sequence]
 
     seq_q, pos_q, len_q = sequence_positions(cu_seq_lens_q, n_q)
     seq_k, pos_k, len_k = sequence_positions(cu_seq_lens_k, n_k)

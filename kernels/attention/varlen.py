@@ -299,6 +299,16 @@ def _check_block_table(block_table, k, batch: int, max_seqlen_k: int) -> None:
                          f"{max_seqlen_k} keys, got shape {tuple(block_table.shape)}")
 
 
+def token_sequences(cu_seqlens: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position within it), int64 (n_tokens,) each, of the first ``n_tokens`` packed tokens of
+    the sequences int32 ``cu_seqlens`` (batch + 1,) delimits, on the device without a host sync; tokens at or past
+    the last offset count as the last sequence's."""
+    starts = cu_seqlens.long()
+    tokens = torch.arange(n_tokens, device=cu_seqlens.device)
+    sequence = torch.searchsorted(starts[1:], tokens, right=True).clamp_(max=max(starts.shape[0] - 2, 0))
+    return sequence, tokens - starts[sequence]
+
+
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor,
                  n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` packed keys (or values) of paged sequences, on the device without a host sync:
@@ -310,15 +320,12 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
     Every id is clamped, so none reads out of bounds; :func:`attention_varlen` checks first that those a sequence
     uses are pages of ``pages``."""
     num_blocks, page_size = pages.shape[:2]
-    batch, max_blocks = block_table.shape
+    max_blocks = block_table.shape[1]
     table = block_table.long().clamp(0, num_blocks - 1)
-    tokens = torch.arange(n_tokens, device=pages.device)
-    starts = cu_seqlens_k.long()
-    seq = torch.searchsorted(starts[1:], tokens, right=True).clamp_(max=max(batch - 1, 0))
-    position = tokens - starts[seq]
+    seq, position = token_sequences(cu_seqlens_k, n_tokens)
     page = table[seq, (position // page_size).clamp(0, max_blocks - 1)]
     # filler is zeros, so none of the kernels' (unwritten) gradient rows past the total reaches the pages
-    real = (tokens < starts[-1])[:, None, None]
+    real = (torch.arange(n_tokens, device=pages.device) < cu_seqlens_k[-1])[:, None, None]
     return torch.where(real, pages[page, position % page_size], 0)
 
 
