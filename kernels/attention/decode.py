@@ -735,6 +735,8 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                          f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    if k is not None:
+        _check_writable(k_cache, v_cache)
     new_shapes = None if k is None else plain_qkv_shapes(q, k, v)
     if k is not None and not (new_shapes is not None and new_shapes[1][0] == batch
                               and new_shapes[1][2:] == (kv_heads, d) and new_shapes[2] == new_shapes[1]):
@@ -746,6 +748,20 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx) -> Tup
                 raise ValueError(f"k and v must both have shape (B, Sk_new, Hkv, D) = ({batch}, Sk_new, {kv_heads}, "
                                  f"{d}), got {tuple(k.shape)} and {tuple(v.shape)}")
     return capacity, page_size
+
+
+def _check_writable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """ValueError unless an append can write each of its slots once: two caches, neither expanded (a dim of size
+    > 1 with stride 0, whose batch rows, positions or heads share memory: one row's new key would land in another's
+    slot, as torch's in-place ops refuse). Read-only calls may pass either (a prefix shared by every row)."""
+    if k_cache is v_cache:
+        raise ValueError("k_cache and v_cache must be two tensors when k/v are appended: the new values would "
+                         "overwrite the new keys")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        strides = cache.stride()
+        if 0 in strides and any(stride == 0 and size > 1 for stride, size in zip(strides, cache.shape)):
+            raise ValueError(f"{name} is expanded (stride 0 in a dim of size > 1: shape {tuple(cache.shape)}, "
+                             f"strides {strides}), so the k/v appended in place would share slots: clone() it first")
 
 
 def _check_rotary(rotary_cos, rotary_sin, k, d: int, capacity: int, device) -> None:
@@ -897,8 +913,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q (B, Sq, H, D); k_cache, v_cache (B_cache, S_cache, Hkv, D), or (num_blocks, page_size, Hkv, D) with
     ``block_table`` (B, max_blocks) int32; k, v (B, Sk_new, Hkv, D) or None; fp16/bf16/fp32 (all one dtype), any
-    strides, 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int or (B,) int32, each row's cached length,
-    >= 0 with cache_seqlens + Sk_new <= the cache's positions (None: the whole cache; required with k/v).
+    strides (with k/v, two caches, neither expanded), 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int
+    or (B,) int32, each row's cached length, >= 0 with cache_seqlens + Sk_new <= the cache's positions (None: the
+    whole cache; required with k/v).
     ``cache_batch_idx`` (B,) int32: the cache row of each batch row (contiguous cache only; no row twice with k/v).
     ``cache_leftpad`` (B,) int32: each row's first valid cache position, 0 <= cache_leftpad <= cache_seqlens.
     ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
