@@ -704,10 +704,10 @@ def _gradients(backward, ctx, dy, dh):
     h, weight, mean, rstd = ctx.saved_tensors
     n_cols, rms, offset, casting, has_res, weight_meta, bias_meta = ctx.config[:7]
     dh = dh if has_res else None
-    if dy is None:  # only h's gradient reached here
-        if dh is None:
-            return None, None, None, None
-        dy = torch.zeros_like(dh)
+    if dy is None:  # only h's gradient reached here (or none): x and residual get it as torch's add gives it, and
+        # weight and bias no gradient, as in torch, where they have no path to h (a zero one would be a step for
+        # an optimizer's momentum and weight decay); no launch
+        return dh, dh, None, None
     want_dw, want_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
     dx, dw, db = backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db)
     # x and residual enter h = x + residual alike, so both receive dh (as torch's add gives both its grad)
@@ -982,7 +982,9 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
         # (of same-shape tensors, torch.result_type's answer, which torch.compile(fullgraph=True) cannot trace)
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    if autocasts_to_fp32(x):
+    # CUDA autocast runs torch's layer_norm and rms_norm in fp32; an offset or another casting mode is Liger's and
+    # Hugging Face's norm instead, plain elementwise code that autocast leaves in x's dtype (with its roundings)
+    if (not rms or (offset == 0 and casting_mode == DEFAULT_CASTING_MODE)) and autocasts_to_fp32(x):
         if residual is not None:  # torch adds in the inputs' dtype, then normalises in fp32
             h = x + residual
             return _norm(h.float(), None, shape, weight, bias, eps, rms, offset, casting_mode), h
@@ -1031,7 +1033,9 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     in fp32, cast once at the end, which is exactly ``torch.nn.functional.rms_norm``), "llama" (rstd in fp32,
     x * rstd rounded to x's dtype before the weight, as Hugging Face's LlamaRMSNorm) or "none" (every step in x's
     dtype); they differ only for fp16/bf16. Shapes, dtypes and fallback as :func:`layer_norm` (the fallback of an
-    offset or another mode is that mode's math in torch ops).
+    offset or another mode is that mode's math in torch ops). CUDA autocast takes fp16/bf16 inputs to fp32 only
+    for torch's function (no offset, "gemma"): with an offset or another mode the output is in x's dtype, as
+    Liger-Kernel's and Hugging Face's norms, which autocast does not touch.
     """
     return _norm(input, None, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
