@@ -25,7 +25,8 @@ Differences from flash-attn 2.x, all functions:
   softmax, computed in float64 and rounded once to q's dtype, negated where the element was dropped, and not
   rounded up to multiples of 128: (B, H, seqlen_q, seqlen_k), or for the varlen functions (batch_size, H,
   max_seqlen_q, max_seqlen_k) with sequence b's in [b, :, :len_q, :len_k] and zeros elsewhere (flash-attn's
-  layout).
+  layout). Such a call runs eagerly inside ``torch.compile`` (a graph break, which ``fullgraph=True`` refuses), so
+  that S_dmask is the mask it drew.
 - Argument types, checked before anything runs (TypeError naming the argument): flags (``causal``,
   ``deterministic``, ``return_attn_probs``, ``rotary_interleaved``, ``return_softmax_lse``) are a bool, a numpy
   bool or a 0-d bool tensor (flash-attn's ops also take ints, None and other truthy values: refused here);
@@ -50,7 +51,8 @@ Differences from flash-attn 2.x, all functions:
   keys and values are first gathered from the pages into the packed layout (a copy of up to batch_size *
   max_seqlen_k keys and values, on the device without a sync; flash-attn reads the pages in place), any page
   size; a page id outside the cache that a sequence uses raises (CPU) or fails a device assert (CUDA), and ids
-  are clamped, never read out of bounds.
+  are clamped, never read out of bounds. ``max_seqlen_k`` there must be at most the table's capacity,
+  max_num_blocks_per_seq * page_block_size (ValueError naming block_table; flash-attn takes any, as a bound).
 
 Differences, ``flash_attn_with_kvcache``:
 
@@ -159,7 +161,9 @@ VARLEN_KV_LAYOUT = ("total_k", 2, "nheads_k", "headdim")
 """The packed functions' layouts, flash-attn's names: the int is the stacking dim's size."""
 Q_LAYOUT = ("batch_size", "seqlen_q", "nheads", "headdim")
 VARLEN_Q_LAYOUT = ("total_q", "nheads", "headdim")
-"""q's layouts beside a packed kv, flash-attn's names."""
+"""q's layouts beside a packed kv (and in :func:`flash_attn_func`), flash-attn's names."""
+K_LAYOUT = ("batch_size", "seqlen_k", "nheads_k", "headdim")
+"""k's and v's layout in :func:`flash_attn_func`, flash-attn's names."""
 
 
 def _unpack(name: str, packed, layout: tuple, q=None, q_layout: tuple = ()) -> tuple:
@@ -185,6 +189,31 @@ def _unpack(name: str, packed, layout: tuple, q=None, q_layout: tuple = ()) -> t
 def _layout_text(layout: tuple) -> str:
     """A layout as the messages show it: "(batch_size, seqlen_k, 2, nheads_k, headdim)"."""
     return f"({', '.join(map(str, layout))})"
+
+
+def _seq_first(q, k, v, *options):
+    """:func:`attention_seq_first` of q (B, Sq, H, D), k, v (B, Sk, Hkv, D), whose shape errors show the shapes
+    passed and flash-attn's layouts: its own checks see the (B, H, S, D) views it makes, and their messages would
+    show those. Checked again only once it has raised, so the common call pays nothing."""
+    try:
+        return attention_seq_first(q, k, v, *options)
+    except ValueError:
+        error = _shape_error(q, k, v)
+        if error is None:  # not the shapes' fault (a window, a slope, ...): its message stands
+            raise
+    raise error from None  # in place of the views' message, not chained to it
+
+
+def _shape_error(q, k, v) -> Optional[ValueError]:
+    """The ValueError of :func:`check_qkv` for q (B, Sq, H, D), k, v (B, Sk, Hkv, D) in flash-attn's terms, or None
+    where their shapes are valid."""
+    try:
+        check_4d(q, k, v)
+        check_qkv(*(_heads_first(t) for t in (q, k, v)),
+                  shown=(q.shape, k.shape, v.shape, _layout_text(Q_LAYOUT), _layout_text(K_LAYOUT)))
+    except ValueError as error:
+        return error
+    return None
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
@@ -275,23 +304,32 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         return_probs = _flag("return_attn_probs", return_attn_probs)
     # None: attention_seq_first's default; q, k, v are checked there before anything runs
     scale = None if softmax_scale is None else _softmax_scale(softmax_scale, _head_dim(q, k, v))
-    # only dropout's S_dmask reads the state (and torch.compile cannot trace get_rng_state)
-    rng_state = _rng_state(q.device) if return_probs and dropout_p else None
+    if return_probs and dropout_p:  # (a bad dropout_p raises in the attention call, before any S_dmask)
+        return _dense_with_s_dmask(q, k, v, causal, scale, window_size, attention_chunk, softcap, alibi_slopes,
+                                   dropout_p)
     # out is laid out as q, so (B, S, H, D) contiguous unless q is packed
-    result = attention_seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap,
-                                 alibi_slopes, dropout_p)
+    result = _seq_first(q, k, v, causal, scale, return_probs, window_size, attention_chunk, softcap, alibi_slopes,
+                        dropout_p)
     if not return_probs:
         return result.contiguous()
     out, lse = result
-    s_dmask = None
-    if dropout_p > 0:
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], dropout_p, q.device)
-        chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
-        probs = _probs64(q, k, check_scale(scale, q.shape[-1]), mask=chunks, alibi_slopes=alibi_slopes,
-                         causal=causal, window_size=window_size, softcap=softcap)
-        s_dmask = _s_dmask(probs, keep, q.dtype)
-    return out.contiguous(), _flash_lse(lse), s_dmask
+    return out.contiguous(), _flash_lse(lse), None  # no S_dmask without dropout, as flash-attn
+
+
+@torch.compiler.disable
+def _dense_with_s_dmask(q, k, v, causal, scale, window_size, attention_chunk, softcap, alibi_slopes, dropout_p):
+    """:func:`_dense`'s (out, lse, S_dmask) under dropout. Eager, also inside torch.compile: S_dmask replays the
+    keep-mask from the generator's state before the call, which is the mask the call drew only where the call
+    draws from that generator (compiled, it would draw from inductor's random stream)."""
+    rng_state = _rng_state(q.device)
+    out, lse = _seq_first(q, k, v, causal, scale, True, window_size, attention_chunk, softcap, alibi_slopes,
+                          dropout_p)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    keep = _keep_mask(rng_state, *q.shape[:3], k.shape[2], dropout_p, q.device)
+    chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
+    probs = _probs64(q, k, check_scale(scale, q.shape[-1]), mask=chunks, alibi_slopes=alibi_slopes, causal=causal,
+                     window_size=window_size, softcap=softcap)
+    return out.contiguous(), _flash_lse(lse), _s_dmask(probs, keep, q.dtype)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -340,23 +378,31 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     max_seqlen_q, max_seqlen_k = _host(max_seqlen_q), _host(max_seqlen_k)
     check_tensor("q", q, ndim=3)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    # only dropout's S_dmask reads the state (and torch.compile cannot trace get_rng_state)
-    rng_state = _rng_state(q.device) if return_probs and dropout_p else None
+    if return_probs and dropout_p:  # (a bad dropout_p raises in the attention call, before any S_dmask)
+        return _varlen_with_s_dmask(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                    alibi_slopes, dropout_p, block_table, variants)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
                                 return_lse=True, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                 block_table=block_table, **variants)
-    if not return_probs:
-        return out
-    s_dmask = None
-    if dropout_p > 0:
-        batch = cu_seqlens_q.shape[0] - 1
-        keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, dropout_p, q.device)
-        if block_table is not None:  # as attention_varlen packs them
-            k = gather_pages(k, block_table, cu_seqlens_k, batch * max_seqlen_k)
-        probs = _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                              alibi_slopes=alibi_slopes, **variants)
-        s_dmask = _s_dmask(probs, keep, q.dtype)
-    return out, _flash_lse(lse), s_dmask
+    return (out, _flash_lse(lse), None) if return_probs else out  # no S_dmask without dropout, as flash-attn
+
+
+@torch.compiler.disable
+def _varlen_with_s_dmask(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, alibi_slopes,
+                         dropout_p, block_table, variants: dict):
+    """:func:`_varlen`'s (out, lse, S_dmask) under dropout; eager, also inside torch.compile, as
+    :func:`_dense_with_s_dmask` (why there)."""
+    rng_state = _rng_state(q.device)
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+                                return_lse=True, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                block_table=block_table, **variants)
+    batch = cu_seqlens_q.shape[0] - 1
+    keep = _keep_mask(rng_state, batch, q.shape[1], max_seqlen_q, max_seqlen_k, dropout_p, q.device)
+    if block_table is not None:  # as attention_varlen packs them
+        k = gather_pages(k, block_table, cu_seqlens_k, batch * max_seqlen_k)
+    probs = _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                          alibi_slopes=alibi_slopes, **variants)
+    return out, _flash_lse(lse), _s_dmask(probs, keep, q.dtype)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
