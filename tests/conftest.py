@@ -60,3 +60,19 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def sdpa_kernel_calls(monkeypatch):
+    """A list that gets one entry per call the SDPA drop-in hands to the kernel (``attention_op``): q's shape."""
+    from kernels.attention import sdpa
+
+    calls = []
+    run_kernel = sdpa.attention_op
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return run_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "attention_op", counted)
+    return calls

@@ -291,7 +291,9 @@ def _bad(**changes):
 @pytest.mark.parametrize("args,error,match", [
     (_bad(q=torch.randn(4, 5, 8)), ValueError, "q must be 4-D"),
     (_bad(k=[[1.0]]), TypeError, "k must be a torch.Tensor"),
-    (_bad(v=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "v must have dtype"),
+    (_bad(v=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "q, k, v must share one dtype"),
+    (_bad(v=torch.ones(2, 2, 6, 8, dtype=torch.int32)), TypeError,
+     r"v must have dtype in \(float16, bfloat16, float32, float64\), got int32"),
     (_bad(k=torch.randn(2, 2, 6, 8, dtype=FP16), v=torch.randn(2, 2, 6, 8, dtype=FP16)), TypeError, "dtype"),
     (_bad(k=torch.randn(3, 2, 6, 8), v=torch.randn(3, 2, 6, 8)), ValueError, "batch size 2"),
     (_bad(k=torch.randn(2, 2, 6, 4), v=torch.randn(2, 2, 6, 4)), ValueError, "head dim 8"),

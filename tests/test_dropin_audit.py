@@ -17,20 +17,6 @@ from kernels.attention import sdpa
 FP32 = torch.float32
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """A list that gets one entry per call the shim hands to the kernel (``attention_op``)."""
-    calls = []
-    run_kernel = sdpa.attention_op
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return run_kernel(*args, **kwargs)
-
-    monkeypatch.setattr(sdpa, "attention_op", counted)
-    return calls
-
-
 def _with_each_sdpa(monkeypatch, run):
     """(run() with torch's SDPA, run() with the shim assigned over it), from the same seed."""
     results = []
@@ -47,7 +33,7 @@ def _assert_all_close(got, expected):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_attention_runs_the_kernel_and_matches_torch(monkeypatch, device, kernel_calls, batch_first):
+def test_multihead_attention_runs_the_kernel_and_matches_torch(monkeypatch, device, sdpa_kernel_calls, batch_first):
     """need_weights=False is the path that calls SDPA; cross-attention (Nq != Nk) with kdim/vdim and a bias_kv row."""
     def run():
         mha = nn.MultiheadAttention(16, 2, batch_first=batch_first, kdim=6, vdim=7, add_bias_kv=True, device=device)
@@ -60,11 +46,11 @@ def test_multihead_attention_runs_the_kernel_and_matches_torch(monkeypatch, devi
         return out, query.grad, mha.in_proj_bias.grad, mha.k_proj_weight.grad
 
     expected, got = _with_each_sdpa(monkeypatch, run)
-    assert len(kernel_calls) == 1
+    assert len(sdpa_kernel_calls) == 1
     _assert_all_close(got, expected)
 
 
-def test_multihead_attention_masks_run_the_kernel_as_their_float_masks(monkeypatch, device, kernel_calls):
+def test_multihead_attention_masks_run_the_kernel_as_their_float_masks(monkeypatch, device, sdpa_kernel_calls):
     """nn.MultiheadAttention turns a bool key_padding_mask (and attn_mask) into an additive (B, H, 1 or Nq, Nk)
     float mask of 0 and -inf before SDPA: the same mask as a bool one, so the kernel runs it (it went to torch when
     the shim took bool masks only); with is_causal and an attn_mask but no padding mask it passes is_causal alone.
@@ -78,13 +64,13 @@ def test_multihead_attention_masks_run_the_kernel_as_their_float_masks(monkeypat
         return out, *torch.autograd.grad(out.square().sum(), (x, mha.in_proj_weight))
 
     for padding in (True, False):
-        kernel_calls.clear()
+        sdpa_kernel_calls.clear()
         expected, got = _with_each_sdpa(monkeypatch, lambda: run(padding))
-        assert len(kernel_calls) == 1
+        assert len(sdpa_kernel_calls) == 1
         _assert_all_close(got, expected)
 
 
-def test_encoder_layer_with_a_padding_mask_trains_through_the_kernel(monkeypatch, device, kernel_calls):
+def test_encoder_layer_with_a_padding_mask_trains_through_the_kernel(monkeypatch, device, sdpa_kernel_calls):
     """src_key_padding_mask alone and with a causal src_mask (both float (B, H, ...) masks of 0 and -inf by the time
     they reach SDPA), a row that sees no key included: torch's outputs (zeros there) and gradients."""
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, device=device)
@@ -97,14 +83,14 @@ def test_encoder_layer_with_a_padding_mask_trains_through_the_kernel(monkeypatch
         def train_step():
             out = layer.train()(x, src_mask=causal, src_key_padding_mask=pad)
             return out, *torch.autograd.grad(out.nan_to_num().square().sum(), (x, layer.self_attn.in_proj_weight))
-        kernel_calls.clear()
+        sdpa_kernel_calls.clear()
         expected, got = _with_each_sdpa(monkeypatch, train_step)
-        assert len(kernel_calls) == 1
+        assert len(sdpa_kernel_calls) == 1
         _assert_all_close(got, expected)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_masked_calls_compile_in_one_graph_as_torchs_sdpa(monkeypatch, device, kernel_calls):
+def test_masked_calls_compile_in_one_graph_as_torchs_sdpa(monkeypatch, device, sdpa_kernel_calls):
     """Under torch.compile(fullgraph=True) a masked call cannot read its mask (data-dependent: fullgraph failed on
     it, for a bool mask and, once the shim took them, for nn.MultiheadAttention's float masks): torch's SDPA takes
     the traced mask in the graph, with eager's result."""
@@ -119,13 +105,13 @@ def test_masked_calls_compile_in_one_graph_as_torchs_sdpa(monkeypatch, device, k
                 torch.compile(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m), fullgraph=True,
                               backend="aot_eager")(q, ~pad[:, None, None, :]))
     expected, got = _with_each_sdpa(monkeypatch, run)
-    assert not kernel_calls
+    assert not sdpa_kernel_calls
     _assert_all_close(got, expected)
 
 
 @pytest.mark.parametrize("case", ["additive -10000", "another dtype", "a bias with a gradient", "heads differ",
                                   "nan"])
-def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):
+def test_masks_that_are_not_a_bool_mask_go_to_torch(device, sdpa_kernel_calls, case):
     """Float masks with values other than 0 and -inf (an additive -10000, a bias), of another dtype than q's, that
     require grad (torch gives the mask its gradient), or whose heads differ: torch's SDPA runs them, as before."""
     q, k, v = (torch.randn(2, 2, 5, 8, device=device) for _ in range(3))
@@ -142,10 +128,10 @@ def test_masks_that_are_not_a_bool_mask_go_to_torch(device, kernel_calls, case):
     else:
         torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected,
                                    equal_nan=True)
-    assert not kernel_calls
+    assert not sdpa_kernel_calls
 
 
-def test_a_mask_made_to_require_grad_after_a_first_call_goes_to_torch(device, kernel_calls):
+def test_a_mask_made_to_require_grad_after_a_first_call_goes_to_torch(device, sdpa_kernel_calls):
     """A 0/-inf mask the kernel ran once, then made a learnable bias (requires_grad_(), which leaves the tensor's
     version as it was): the shim's memo of its analysis kept running the kernel, so the mask got no gradient
     (out.requires_grad False with only the mask requiring grad). Now torch's SDPA runs it, with torch's gradient."""
@@ -153,12 +139,12 @@ def test_a_mask_made_to_require_grad_after_a_first_call_goes_to_torch(device, ke
     mask = torch.zeros(2, 1, 1, 6, device=device)
     mask[0, ..., -2:] = float("-inf")
     kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert len(kernel_calls) == 1
+    assert len(sdpa_kernel_calls) == 1
     mask.requires_grad_()
     reference = mask.detach().clone().requires_grad_()
     out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     expected = sdpa._TORCH_SDPA(q, k, v, attn_mask=reference)
-    assert out.requires_grad and len(kernel_calls) == 1
+    assert out.requires_grad and len(sdpa_kernel_calls) == 1
     out.square().sum().backward()
     expected.square().sum().backward()
     torch.testing.assert_close(out, expected)
@@ -166,34 +152,34 @@ def test_a_mask_made_to_require_grad_after_a_first_call_goes_to_torch(device, ke
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_an_additive_lowest_value_mask_runs_the_kernel_where_every_row_sees_a_key(device, kernel_calls, dtype):
+def test_an_additive_lowest_value_mask_runs_the_kernel_where_every_row_sees_a_key(device, sdpa_kernel_calls, dtype):
     """``(1 - mask) * finfo.min``, the additive key mask older code builds: where every row sees a key the kernel
     runs it (torch's result: exp of a score plus the lowest value is 0); a batch row with no key is torch's mean of
     v there, not zeros, so such a mask goes to torch."""
     q, k, v = (torch.randn(2, 2, 5, 8, device=device, dtype=dtype) for _ in range(3))
     keys = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], device=device, dtype=dtype)
     for rows, kernel_runs in ((keys, 1), (torch.stack([keys[0], torch.zeros_like(keys[0])]), 0)):
-        kernel_calls.clear()
+        sdpa_kernel_calls.clear()
         mask = ((1 - rows) * torch.finfo(dtype).min)[:, None, None, :]
         tolerance = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                    sdpa._TORCH_SDPA(q, k, v, attn_mask=mask), **tolerance)
-        assert len(kernel_calls) == kernel_runs
+        assert len(sdpa_kernel_calls) == kernel_runs
 
 
-def test_a_mask_of_equal_heads_runs_the_kernel(device, kernel_calls):
+def test_a_mask_of_equal_heads_runs_the_kernel(device, sdpa_kernel_calls):
     """A (B, H, Nq, Nk) bool or 0/-inf float mask whose heads are all the same key-padding-and-causal mask."""
     q, k, v = (torch.randn(2, 3, 5, 8, device=device) for _ in range(3))
     keep = (torch.rand(2, 1, 1, 5, device=device) > 0.3) & torch.ones(5, 5, dtype=torch.bool, device=device).tril()
     for mask in (keep.expand(2, 3, 5, 5), torch.zeros(2, 3, 5, 5, device=device).masked_fill(~keep, float("-inf"))):
-        kernel_calls.clear()
+        sdpa_kernel_calls.clear()
         torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                    sdpa._TORCH_SDPA(q, k, v, attn_mask=mask), atol=2e-6, rtol=2e-5)
-        assert len(kernel_calls) == 1
+        assert len(sdpa_kernel_calls) == 1
 
 
 def test_encoder_layer_trains_through_the_kernel_and_its_eval_fast_path_bypasses_sdpa(monkeypatch, device,
-                                                                                        kernel_calls):
+                                                                                        sdpa_kernel_calls):
     """Training calls SDPA (the kernel, with dropout 0); eval under no_grad takes torch's fused
     ``_transformer_encoder_layer_fwd``, which never calls ``F.scaled_dot_product_attention``."""
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True, device=device)
@@ -205,12 +191,12 @@ def test_encoder_layer_trains_through_the_kernel_and_its_eval_fast_path_bypasses
         return out, *torch.autograd.grad(out.square().sum(), (x, layer.self_attn.in_proj_weight))
 
     expected, got = _with_each_sdpa(monkeypatch, train_step)
-    assert len(kernel_calls) == 1
+    assert len(sdpa_kernel_calls) == 1
     _assert_all_close(got, expected)
-    kernel_calls.clear()
+    sdpa_kernel_calls.clear()
     with torch.no_grad():
         expected, got = _with_each_sdpa(monkeypatch, lambda: layer.eval()(x))
-    assert not kernel_calls
+    assert not sdpa_kernel_calls
     assert torch.equal(got, expected)
 
 
@@ -231,20 +217,20 @@ class _CausalSelfAttention(nn.Module):
 
 
 def test_nanogpt_attention_eval_and_compiled_runs_the_kernel_training_dropout_is_torchs(monkeypatch, device,
-                                                                                        kernel_calls):
+                                                                                        sdpa_kernel_calls):
     """Eval (dropout_p 0) and torch.compile(model) with the patched global: the kernel; training with dropout:
     torch's own function, so the same RNG draws give the same result."""
     model = _CausalSelfAttention(16, 2, dropout=0.5).to(device)
     x = torch.randn(2, 7, 16, device=device)
     expected, got = _with_each_sdpa(monkeypatch, lambda: model.eval()(x))
-    assert len(kernel_calls) == 1
+    assert len(sdpa_kernel_calls) == 1
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, atol=2e-5, rtol=2e-5)  # F's attribute is the shim still
-    assert len(kernel_calls) == 2
-    kernel_calls.clear()
+    assert len(sdpa_kernel_calls) == 2
+    sdpa_kernel_calls.clear()
     expected, got = _with_each_sdpa(monkeypatch, lambda: model.train()(x))
-    assert not kernel_calls
+    assert not sdpa_kernel_calls
     assert torch.equal(got, expected)
 
 
@@ -407,17 +393,17 @@ def test_forward_mode_ad_gets_torchs_sdpa(device):
     assert torch.equal(tangents[1], tangents[0])
 
 
-def test_sdpa_kernel_math_only_runs_torchs_math_and_fused_backends_run_the_kernel(device, kernel_calls):
+def test_sdpa_kernel_math_only_runs_torchs_math_and_fused_backends_run_the_kernel(device, sdpa_kernel_calls):
     """A user forcing SDPBackend.MATH (a reference, double backward) got the kernel; torch's math runs now, bit for
     bit, and a context leaving a fused backend enabled still runs the kernel."""
     q, k, v = (torch.randn(2, 3, 5, 8, device=device) for _ in range(3))
     with sdpa_kernel(SDPBackend.MATH):
         got = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
         expected = sdpa._TORCH_SDPA(q, k, v, is_causal=True)
-    assert kernel_calls == []
+    assert sdpa_kernel_calls == []
     assert torch.equal(got, expected)
     for backends in ([SDPBackend.FLASH_ATTENTION], [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
                      [SDPBackend.CUDNN_ATTENTION]):
         with sdpa_kernel(backends):
             kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert len(kernel_calls) == 3
+    assert len(sdpa_kernel_calls) == 3

@@ -200,11 +200,12 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if (cache is not None and layer < len(cache.keys) and self.backend == "triton" and probs is None
-                and not (torch.is_grad_enabled() and q.requires_grad)):
+                and q.dtype is not torch.float64 and not (torch.is_grad_enabled() and q.requires_grad)):
             # decoding (this layer's buffers hold earlier positions): the kernel writes k, v into the cache in place
             # at each row's cache.seqlens, then attends to all of it. No host length is read, so a compiled step
             # traces once for every length. The decode kernel has no backward: a step that needs grad appends to
-            # the cache and runs the differentiable kernel on all the cached keys, as the other backends do.
+            # the cache and runs the differentiable kernel on all the cached keys, as the other backends do, and so
+            # does a float64 model (kernels.attention runs torch's ops there; the decode kernel takes no float64).
             y = kernels.attention_with_kvcache(q, cache.keys[layer], cache.values[layer], k, v,
                                                cache_seqlens=cache.seqlens, causal=True, window_size=self.window_size)
         else:

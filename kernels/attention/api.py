@@ -17,9 +17,9 @@ import torch
 from kernels import _runtime, reference
 from kernels._validate import check_size, check_tensor
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.checks import (check_alibi, check_flag, check_mods, check_padding_mask, check_qkv, check_real,
-                                      check_scale, check_sinks, check_window, draw_rng, key_bounds,
-                                      plain_qkv_shapes)
+from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_flag, check_mods, check_padding_mask,
+                                      check_qkv, check_real, check_scale, check_sinks, check_window, draw_rng,
+                                      key_bounds, plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -98,13 +98,23 @@ def chunk_mask(n_q: int, n_k: int, attention_chunk: int, device=None) -> torch.T
 
 
 def _reference_with_lse(q, k, v, causal: bool, scale: float, key_padding_mask, attention_chunk: int, **variants):
-    """The documented fallback: kernels.reference.attention, plus its logsumexp (float32, as the kernel's)."""
+    """The documented fallback and float64's path: kernels.reference.attention, plus its logsumexp (float32 as the
+    kernel's, float64 for float64 inputs)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     if attention_chunk:
         chunks = chunk_mask(q.shape[2], k.shape[2], attention_chunk, q.device)
         mask = chunks if mask is None else mask & chunks
     out, lse = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask, return_lse=True, **variants)
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
+
+
+def _keep_mask(q_shape, n_k: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """float64's dropout keep-mask (B, H, Nq, Nk): the kernels' Philox mask, which a call in another dtype draws
+    (:func:`attention_dropout_mask`); while torch.compile traces, which cannot trace that bare launch, one drawn
+    from torch's generator (the kernels' seed is inductor's random stream there too: not eager's mask)."""
+    if torch.compiler.is_compiling():
+        return torch.rand((*q_shape[:3], n_k), device=device) >= dropout_p
+    return attention_dropout_mask(*q_shape[:3], n_k, dropout_p, device)
 
 
 _NO_WINDOW = (-1, -1)
@@ -131,7 +141,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` with autograd for q, k, v (and sinks).
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H a multiple of Hkv (GQA/MQA without repeating k/v), 1 <= D <= 256,
-    fp16/bf16/fp32, any strides. ``scale`` defaults to 1/sqrt(D). ``causal`` is bottom-right aligned: query i
+    fp16/bf16/fp32, any strides; float64 runs ``kernels.reference.attention`` (torch ops, every variant but the
+    mods, which raise TypeError; dropout draws the kernels' mask, :func:`attention_dropout_mask`'s; lse float64).
+    ``scale`` defaults to 1/sqrt(D). ``causal`` is bottom-right aligned: query i
     sees key j iff j <= i + Nk - Nq. ``key_padding_mask``: optional bool (B, Nk), True = real key (any pattern;
     key blocks outside each row's first..last True are skipped). Rows that see no key give zeros.
     Returns out (B, H, Nq, D) in q's dtype, and with ``return_lse`` also lse (B, H, Nq) float32, the natural-log
@@ -162,9 +174,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     - ``score_mod``: a :class:`kernels.ScoreMod` (``score_mod(score, b, h, q_idx, kv_idx, *extra)`` and its
       derivative in the score) applied to the scaled score before softcap and ALiBi.
 
-    Reverse-mode autograd only: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raises.
+    Reverse-mode autograd only: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) raises, except
+    in float64 (torch ops).
     """
-    q_shape, k_shape = check_qkv(q, k, v)
+    q_shape, k_shape = check_qkv(q, k, v, dtypes=ATTENTION_DTYPES)
     scale = check_scale(scale, q_shape[3])
     causal = check_flag("causal", causal)
     return_lse = check_flag("return_lse", return_lse)
@@ -174,22 +187,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         check_alibi(alibi_slopes, q)
     if sinks is not None:
         check_sinks(sinks, q)
+    float64 = q.dtype is torch.float64  # k's and v's too (check_qkv)
+    if float64 and (mask_mod is not None or score_mod is not None):
+        raise TypeError("kernels.attention: mask_mod and score_mod are Triton functions, which the kernels run on "
+                        "fp16/bf16/fp32 q, k, v only; got float64")
     block_mask = check_mods(mask_mod, score_mod, q, k)
-    _runtime.refuse_forward_ad("kernels.attention", q, k, v)
+    if not float64:  # float64's torch ops have forward-mode derivatives
+        _runtime.refuse_forward_ad("kernels.attention", q, k, v)
     # k and v are on q's device (check_qkv); under a torch.func transform the reference's torch ops run (the
     # kernels' backward cannot read functorch's wrapped gradients)
     kernels_run = _runtime.kernel_runs_on(q) and not _runtime.in_functorch_transform()
-    if key_padding_mask is not None and (not kernels_run or type(key_padding_mask) is not torch.Tensor):
+    if key_padding_mask is not None and (float64 or not kernels_run or type(key_padding_mask) is not torch.Tensor):
         # else checked by its memo (_padding_tensors), which reads a plain tensor's is_cuda and _version
         check_padding_mask(key_padding_mask, q, q_shape[0], k_shape[2])
-    if not kernels_run:
-        if dropout_p > 0 or block_mask is not None or score_mod is not None:
+    if float64 or not kernels_run:
+        if not kernels_run and (dropout_p > 0 or block_mask is not None or score_mod is not None):
             raise RuntimeError("kernels.attention: dropout and mask/score mods need the Triton kernels (Philox "
                                "streams and @triton.jit mods), which cannot run on these inputs in this process "
                                "or under a torch.func transform")
+        keep = _keep_mask(q_shape, k_shape[2], dropout_p, q.device) if dropout_p > 0 else None
         out, lse = _reference_with_lse(q, k, v, causal, scale, key_padding_mask, attention_chunk,
                                        window_size=(window_left, window_right), softcap=softcap,
-                                       alibi_slopes=alibi_slopes, sinks=sinks)
+                                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_mask=keep,
+                                       dropout_p=dropout_p)
     else:
         tensors = _variant_tensors(q, q_shape[0], k_shape[2], key_padding_mask, alibi_slopes, sinks, dropout_p,
                                    block_mask, score_mod)

@@ -22,17 +22,22 @@ from kernels.attention import block_mask as mods, configs
 
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 
+ATTENTION_DTYPES = (*FLOAT_DTYPES, torch.float64)
+"""The dtypes :func:`kernels.attention` takes: the kernels' own, and float64, which runs ``kernels.reference``'s
+torch ops (as softmax and the norms run torch's ops for it); every other attention path takes FLOAT_DTYPES."""
 
-def plain_qkv_shapes(q, k, v) -> Optional[Tuple[torch.Size, torch.Size, torch.Size]]:
-    """(q's, k's, v's shapes) where q, k, v are dense 4-D tensors of one supported dtype on one device (the common
-    case: each attribute read once, without building the checks' arguments); None where any is not (the checks
-    then name what is wrong)."""
+
+def plain_qkv_shapes(q, k, v, dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
+                     ) -> Optional[Tuple[torch.Size, torch.Size, torch.Size]]:
+    """(q's, k's, v's shapes) where q, k, v are dense 4-D tensors of one dtype of ``dtypes`` on one device (the
+    common case: each attribute read once, without building the checks' arguments); None where any is not (the
+    checks then name what is wrong)."""
     if not (isinstance(q, _TENSOR) and isinstance(k, _TENSOR) and isinstance(v, _TENSOR)
             and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED  # is_dense, inline
             and not (q.is_nested or k.is_nested or v.is_nested)):
         return None
     dtype, shapes = q.dtype, (q.shape, k.shape, v.shape)
-    if (len(shapes[0]) == len(shapes[1]) == len(shapes[2]) == 4 and dtype in FLOAT_DTYPES and k.dtype is dtype
+    if (len(shapes[0]) == len(shapes[1]) == len(shapes[2]) == 4 and dtype in dtypes and k.dtype is dtype
             and v.dtype is dtype and q.device == k.device == v.device):
         return shapes
     return None
@@ -42,18 +47,19 @@ HEADS_FIRST_LAYOUTS = ("(B, H, Nq, D)", "(B, Hkv, Nk, D)")
 """The layouts :func:`check_qkv`'s messages name by default: q's, and k's and v's."""
 
 
-def check_qkv(q, k, v, shown: Optional[Tuple] = None, names: Tuple[str, str, str] = ("q", "k", "v")
-              ) -> Tuple[torch.Size, torch.Size]:
+def check_qkv(q, k, v, shown: Optional[Tuple] = None, names: Tuple[str, str, str] = ("q", "k", "v"),
+              dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES) -> Tuple[torch.Size, torch.Size]:
     """Raise TypeError/ValueError naming the argument unless q, k, v are valid attention inputs; return q's and k's
     shapes (read here once: each read of ``.shape`` builds a Size). ``shown``: for a caller that passes (B, H, N, D)
     views of its own tensors, (q's, k's, v's shapes, q's layout, k's and v's layout) that the messages show
     instead of the views' (default: the views and :data:`HEADS_FIRST_LAYOUTS`). ``names``: the arguments the
-    messages name for q, k, v (a caller that passes views of one packed tensor names it for each it stacks)."""
-    shapes = plain_qkv_shapes(q, k, v)
+    messages name for q, k, v (a caller that passes views of one packed tensor names it for each it stacks).
+    ``dtypes``: those the caller takes (:data:`ATTENTION_DTYPES` for :func:`kernels.attention`)."""
+    shapes = plain_qkv_shapes(q, k, v, dtypes)
     if shapes is None:
         named = dict(zip(names, (q, k, v)))  # a name given twice is one packed tensor: checked once
         for name, t in named.items():
-            check_tensor(name, t, ndim=4)
+            check_tensor(name, t, ndim=4, dtypes=dtypes)
         check_same("dtype", **named)
         check_same("device", **named)
         shapes = q.shape, k.shape, v.shape
@@ -183,7 +189,7 @@ def check_alibi(alibi_slopes, q) -> None:
 
 
 def check_sinks(sinks, q) -> None:
-    check_tensor("sinks", sinks)
+    check_tensor("sinks", sinks, dtypes=ATTENTION_DTYPES)  # the kernels take them as float32
     if tuple(sinks.shape) != (q.shape[1],):
         raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), got {tuple(sinks.shape)}")
     check_same("device", q=q, sinks=sinks)

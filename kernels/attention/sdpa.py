@@ -129,8 +129,14 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         # would break the graph at every layer; torch's SDPA takes the traced mask inside the graph
         return None
     batch, heads, n_q, n_k, device = q_shape[0], q_shape[1], q_shape[2], k_shape[2], query.device
-    mask_plan = _mask_plans.get(attn_mask, (batch, heads, n_q, n_k, device, query.dtype), _mask_plan, attn_mask,
-                                batch, heads, n_q, n_k, device, query.dtype)
+    # Under autocast torch adds a float mask cast to q's dtype (nn.MultiheadAttention's float32 masks): 0 and -inf
+    # stay, and the mask's own lowest value becomes -inf or stays at least 65504 below any score (fp16's in bf16),
+    # so the mask is judged in its own dtype, and memoised on itself (not on a cast made per call)
+    device_type = "cuda" if query.is_cuda else "cpu"
+    mask_dtype = (attn_mask.dtype if torch.is_autocast_enabled(device_type) and _autocast_casts(attn_mask, device_type)
+                  else query.dtype)
+    mask_plan = _mask_plans.get(attn_mask, (batch, heads, n_q, n_k, device, mask_dtype), _mask_plan, attn_mask,
+                                batch, heads, n_q, n_k, device, mask_dtype)
     if mask_plan is None:
         return None
     tensors, (causal, shift, window_left, window_right) = mask_plan
@@ -163,14 +169,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     either no mask or a mask that is exactly a per-batch key mask, optionally AND a causal (top-left or
     bottom-right) mask or a band of diagonals (a sliding window, i - w < j <= i style), the same for every head:
     bool, such as Hugging Face's padding and sliding-window masks (B, 1, Nq, Nk) or (B, 1, 1, Nk), or float in
-    q's dtype with only 0 and -inf entries, such as nn.MultiheadAttention's (B, H, 1 or Nq, Nk), or 0 and the
-    dtype's lowest value (``(1 - mask) * finfo.min``) where every row sees a key: checking this reads
-    the mask (one device sync for a new mask, none when a model's next layer passes the same unmodified mask
-    tensor; without a mask there is none). While torch.compile traces, a masked call is torch's SDPA in the graph.
+    q's dtype (or any dtype autocast casts to q's) with only 0 and -inf entries, such as nn.MultiheadAttention's
+    (B, H, 1 or Nq, Nk), or 0 and the dtype's lowest value (``(1 - mask) * finfo.min``) where every row sees a
+    key: checking this reads the mask (one device sync for a new mask, none when a model's next layer passes the
+    same unmodified mask tensor; without a mask there is none). While torch.compile traces, a masked call is
+    torch's SDPA in the graph.
     Everything else (other float masks, a mask requiring grad, other bool masks, dropout_p > 0, other ranks or
     shapes, inputs the kernels cannot run on in this process, tensor subclasses such as DTensor, torch.func
     transforms, forward-mode AD, torch.jit.trace, a mask under torch.compile or torch.export, an ``is_causal`` that
-    is not a bool, ``sdpa_kernel`` leaving only the MATH backend) calls torch's own function
+    is not a bool, ``sdpa_kernel`` leaving only the MATH backend, float64) calls torch's own function
     (``torch._C._nn.scaled_dot_product_attention``, whatever ``F``'s attribute holds); torch.jit.script compiles
     the shim as torch's op. Under autocast, as torch's, floating q, k, v other than float64 run in autocast's
     dtype (the result too).
