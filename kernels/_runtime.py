@@ -15,6 +15,7 @@ import name (see :func:`check_import_name`).
 import contextlib
 import functools
 import importlib.metadata
+import inspect
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._subclasses.fake_tensor import FakeTensor
 
 DISTRIBUTION = "transformer-kernels"
 """This package's distribution (setup.py); ``kernels/__init__.py`` sets it as ``__distribution__`` before it imports
@@ -105,14 +107,26 @@ def cast_rne(x, dtype: tl.constexpr):
 _warned = set()
 
 
+_TENSOR = torch.Tensor
+
+
 def kernels_can_run(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled."""
+    """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled,
+    but no eager fake tensor (:func:`holds_no_data`)."""
     # a loop rather than all(<generator>): this runs on every call of every op, and the generator costs more;
-    # is_cpu/is_cuda rather than device.type, which builds a device and a string per tensor
+    # is_cpu/is_cuda rather than device.type, which builds a device and a string per tensor; a plain tensor's exact
+    # type spares it the fake tensor's test
     for t in tensors:
-        if not t.is_cpu if INTERPRETED else not t.is_cuda:
+        if (not t.is_cpu if INTERPRETED else not t.is_cuda) or type(t) is not _TENSOR and holds_no_data(t):
             return False
     return True
+
+
+def holds_no_data(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a shape but no data: a meta tensor, or a fake tensor of ``FakeTensorMode`` run eagerly (it
+    claims a CPU or GPU device, but a launch on it fails inside torch). A fake tensor while torch.compile or
+    torch.export traces is not: the custom ops take it there (their fake implementations)."""
+    return t.is_meta or isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
 
 
 def kernel_runs_on(*tensors: torch.Tensor) -> bool:
@@ -121,12 +135,13 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     Interpreted kernels take CPU tensors; compiled kernels take GPU tensors. Anything else (CPU tensors with
     compiled kernels, because ``triton`` was imported before ``kernels`` without a GPU; GPU tensors with the
     interpreter forced on) makes the caller use the reference implementation, with a one-time warning; meta
-    tensors do too, silently, and so does every call under ``torch.jit.trace``, which records torch's ops (a
-    launch's sizes would be traced as tensors).
+    and eager fake tensors (:func:`holds_no_data`) do too, silently (the reference's torch ops give the results'
+    shapes), and so does every call under ``torch.jit.trace``, which records torch's ops (a launch's sizes would
+    be traced as tensors).
     """
     if kernels_can_run(*tensors):
         return not torch.jit.is_tracing()  # (torch._C._is_tracing: dynamo cannot trace it)
-    if any(t.device.type == "meta" for t in tensors):
+    if any(holds_no_data(t) for t in tensors):
         return False  # no data to compute on (shape propagation): nothing is wrong, so nothing to warn about
     reason = (
         f"kernels: Triton kernels are {'interpreted' if INTERPRETED else 'compiled for a GPU'} in this process "
@@ -244,5 +259,28 @@ def refuse_forward_ad(op: str, *tensors) -> None:
     if not forward_ad_active():
         return
     if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not "
-                                  "implemented by the fused kernels; use reverse mode, or kernels.reference's op")
+        raise NotImplementedError(f"{called_op(op)}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is "
+                                  "not implemented by the fused kernels; use reverse mode, or kernels.reference's op")
+
+
+def called_op(op: str) -> str:
+    """The public function of this package that the user called, for an error raised inside ``op``: the outermost
+    call on the stack of a function the package or one of its modules exports (``kernels.flash_attn.flash_attn_func``
+    rather than the ``kernels.attention`` it calls); ``op`` where there is none. A stack walk: for errors only."""
+    package = __name__.rpartition(".")[0]
+    top = sys.modules[package]
+    frame = sys._getframe(1)
+    while frame is not None:
+        code, module = frame.f_code, frame.f_globals.get("__name__", "")
+        if module.startswith(package + ".") and module != __name__ and not code.co_name.startswith("_"):
+            if _code(getattr(top, code.co_name, None)) is code:
+                op = f"{package}.{code.co_name}"
+            elif _code(frame.f_globals.get(code.co_name)) is code:
+                op = f"{module}.{code.co_name}"
+        frame = frame.f_back
+    return op
+
+
+def _code(fn):
+    """The code object of ``fn`` under its decorators (``torch.compiler.disable``'s, ``functools.wraps``'), or None."""
+    return getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None

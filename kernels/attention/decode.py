@@ -969,7 +969,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_table = _contiguous(block_table)
     q_same_position = not causal and window == (-1, -1)  # the window as given: flash-attn's docstring's rule
     window = _kernel_window(window, capacity, n_q)
-    if not _runtime.kernels_can_run(*tensors):
+    shapes_only = _runtime.holds_no_data(q)  # meta or eager fake tensors: the op's fake implementation runs
+    if not shapes_only and not _runtime.kernels_can_run(*tensors):
         raise NotImplementedError(f"attention_with_kvcache: the Triton kernels of this process cannot run on "
                                   f"{q.device} tensors, and there is no fallback (it updates the cache in place)")
     if _runtime.in_functorch_transform():
@@ -979,7 +980,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # Eager calls launch directly (a custom op's dispatch would cost more host time than the launches' Python);
     # torch.compile sees one opaque op that declares its in-place append.
     compiling = torch.compiler.is_compiling()
-    out, lse = (_launch_op if compiling else _launch)(
+    out, lse = (_launch_op if compiling or shapes_only else _launch)(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, leftpad, batch_idx, block_table, alibi_slopes,
         rotary_interleaved, q_same_position, window[0], window[1], float(softcap), scale, num_splits,
         compiling or return_lse)  # eager calls allocate no lse nobody asked for

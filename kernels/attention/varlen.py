@@ -447,9 +447,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         offsets = _checked_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged)
     else:  # no check kernel launches on tensors the kernels cannot take: the same checks by torch ops
         _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged, kernels_run=False)
-        if device.type == "meta":
-            raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta tensors, and the "
-                                      "fallback slices each sequence by the offsets' values, which they do not hold")
+        if _runtime.holds_no_data(q):
+            raise NotImplementedError("attention_varlen: the Triton kernels cannot run on meta or fake tensors, and "
+                                      "the fallback slices each sequence by the offsets' values, which they do not "
+                                      "hold")
     # a max_seqlen past its token count (keys from pages: bounded by the block table) sizes the grid by the count
     # instead: no sequence is longer, so the same rows are computed, and a generous one (any up to int32's) does not
     # launch programs that would all exit at once
