@@ -26,7 +26,7 @@ import torch.distributed as dist
 from kernels import _runtime
 from kernels._autograd import first_order_only
 from kernels._validate import DimError, check_tensor
-from kernels.attention.checks import check_qkv, check_scale
+from kernels.attention.checks import check_flag, check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
 from kernels.attention.plan import NO_TENSORS, AttentionVariant
 
@@ -414,11 +414,14 @@ _RING_SCHEMA = (("batch", _INT), ("heads", _INT), ("kv heads", _INT), ("position
                 ("softmax scale", _REAL), ("backward", _FLAG))
 
 
-def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]:
+def _ring_facts(q, k, v, causal, scale, layout, return_lse, world: int) -> Dict[str, object]:
     """This rank's checks of its own ring_attention inputs (TypeError/ValueError/NotImplementedError naming the
     argument), and what every rank must agree on: shapes, dtype, device type, causal, layout, the softmax scale,
-    and whether autograd will run the backward ring (a rank that does waits for the others' K/V otherwise)."""
+    and whether autograd will run the backward ring (a rank that does waits for the others' K/V otherwise).
+    ``return_lse`` is checked here too (a rank raising after the agreement would leave the others in the ring)
+    and returned with the facts, though the ranks need not agree on it."""
     _check_layout(layout)
+    causal = check_flag("causal", causal)  # as kernels.attention: bool("False") would be True, bool(None) False
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
     if k.shape[2] != q.shape[2]:
@@ -434,9 +437,10 @@ def _ring_facts(q, k, v, causal, scale, layout, world: int) -> Dict[str, object]
     _pieces(q.shape[2] * world, layout, world, "q", local=True)
     (batch, heads, n_local, d), kv_heads = q.shape, k.shape[1]
     return {"batch": batch, "heads": heads, "kv heads": kv_heads, "positions per rank": n_local, "head dim": d,
-            "dtype": q.dtype, "device type": q.device.type, "causal": bool(causal), "layout": layout,
+            "dtype": q.dtype, "device type": q.device.type, "causal": causal, "layout": layout,
             "softmax scale": scale,
-            "backward": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))}
+            "backward": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+            "return_lse": check_flag("return_lse", return_lse)}
 
 
 @torch.compiler.disable  # a graph break under torch.compile: the ring's transfers and host checks run eagerly
@@ -446,10 +450,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
     q: (B, H, N_local, D) and k, v: (B, Hkv, N_local, D) are this rank's shards (see :func:`shard`) of sequences
     of N = N_local * P positions in ``layout`` ("zigzag": N_local even; "contiguous"), P = the size of ``group``
-    (the default group for None). Dtypes, head dims and GQA as ``kernels.attention``; causal is over global
-    positions. Every rank of the group must call it with the same shapes, dtype, ``causal``, ``layout`` and
-    ``scale``, and with autograd on or off alike: before any ring step the ranks check that with one small
-    all_gather, and if a rank's inputs fail its own checks or the ranks disagree, every rank raises at once.
+    (the default group for None). Head dims and GQA as ``kernels.attention``, dtypes its kernels' (fp16, bf16, fp32;
+    not float64, which kernels.attention runs in torch ops); causal is over global positions. Every rank of the
+    group must call it with the same shapes, dtype, ``causal``, ``layout`` and ``scale``, and with autograd on or
+    off alike: before any ring step the ranks check that with one small all_gather, and if a rank's inputs fail its
+    own checks or the ranks disagree, every rank raises at once.
     Returns out (B, H, N_local, D) in q's dtype, and with ``return_lse`` the fp32 natural-log logsumexp
     (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
     forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators. Under torch.compile it
@@ -457,9 +462,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     """
     _check_group(group, "ring_attention")
     rank, world = _rank_and_world(group)
-    facts = _agree("ring_attention", group, _RING_SCHEMA, lambda: _ring_facts(q, k, v, causal, scale, layout, world),
-                   q)
-    scale = facts["softmax scale"]
-    plans = ring_plans(layout, rank, world, q.shape[2], bool(causal))
-    out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, scale, _Ring(group))
-    return (out, natural_lse(lse)) if return_lse else out
+    facts = _agree("ring_attention", group, _RING_SCHEMA,
+                   lambda: _ring_facts(q, k, v, causal, scale, layout, return_lse, world), q)
+    plans = ring_plans(layout, rank, world, q.shape[2], facts["causal"])
+    out, lse = _RingAttention.apply(q, k.contiguous(), v.contiguous(), plans, facts["softmax scale"], _Ring(group))
+    return (out, natural_lse(lse)) if facts["return_lse"] else out

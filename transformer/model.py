@@ -277,6 +277,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        self.context_parallel = None  # (layout, group) under set_context_parallel
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual stream
             if name.endswith("c_proj.weight"):
@@ -303,7 +304,7 @@ class GPT(nn.Module):
     def set_context_parallel(self, layout: Optional[str] = "zigzag", group=None) -> "GPT":
         """Make every attention ``kernels.distributed.ring_attention`` over ``group`` (the default process group
         for None; triton backend): each rank then runs :meth:`forward` on its ``layout`` shard of every sequence,
-        passing the shard's ``positions``. ``layout=None`` turns it off. The ring has no sliding window."""
+        its ``positions`` defaulting to the shard's. ``layout=None`` turns it off. The ring has no sliding window."""
         if layout is not None and layout not in distributed.LAYOUTS:
             raise ValueError(f"layout must be one of {distributed.LAYOUTS} or None, got {layout!r}")
         if layout is not None and self.config.window is not None:
@@ -314,7 +315,20 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, CausalSelfAttention):
                 module.context_parallel = attend
+        self.context_parallel = None if layout is None else (layout, group)
         return self
+
+    def _shard_positions(self, n_local: int, device) -> torch.Tensor:
+        """This rank's positions (n_local,) in its shard of a sequence of n_local * P tokens (set_context_parallel's
+        layout and group; local arithmetic, no communication)."""
+        layout, group = self.context_parallel
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        chunks = distributed.chunks_of(layout, rank, world)
+        if n_local % len(chunks):
+            raise ValueError(f"idx: {n_local} positions per rank do not split into the {layout} layout's "
+                             f"{len(chunks)} equal chunks per rank")
+        size = n_local // len(chunks)
+        return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 probs: Optional[list] = None, positions: Optional[torch.Tensor] = None):
@@ -322,8 +336,9 @@ class GPT(nn.Module):
 
         ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a
         :class:`KVCache` of the positions before ``idx``; idx's keys and values are added to it. ``probs``: see
-        :meth:`attention_maps`. ``positions`` (T,) int64: each token's position (default: past .. past + T - 1);
-        under :meth:`set_context_parallel`, those of this rank's shard.
+        :meth:`attention_maps`. ``positions`` (T,) int64: each token's position (default: past .. past + T - 1;
+        under :meth:`set_context_parallel`, where idx is this rank's shard of sequences of T * P tokens, the
+        shard's positions).
 
         Token ids outside [0, vocab_size) and positions outside [0, block_size) fail a device-side assert naming
         idx or positions (on CPU a RuntimeError at once); a cache built for another batch size, a ValueError.
@@ -344,6 +359,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.start(idx.shape[0], idx.device)
         _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
+        if positions is None and self.context_parallel is not None:
+            positions = self._shard_positions(T, idx.device)  # not 0..T-1: those are rank 0's first chunk only
         if positions is not None:
             _assert_in_range("positions", positions, self.config.block_size, "positions")
         pos = torch.arange(past, past + T, device=idx.device) if positions is None else positions
