@@ -10,6 +10,7 @@ the GPU path by layer (``benchmarks/launch_path.py``) and ``model`` whole models
 """
 import argparse
 import importlib
+import math
 import re
 import sys
 from typing import List, Optional
@@ -32,12 +33,15 @@ _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2
 def parse_size(text: str) -> int:
     """'500MB', '2GiB', '1e9' -> bytes (at least one)."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
+    try:
+        size = float(match.group(1)) * _UNITS[match.group(2).upper()] if match else math.nan
+    except (KeyError, ValueError):  # an unknown unit, or digits that are no number ('1.5.5')
+        size = math.nan
+    if not math.isfinite(size):  # '1e400' too: no int for it
         raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GiB, got {text!r}")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if size < 1:  # a limit of nothing measures nothing
         raise argparse.ArgumentTypeError(f"expected a size of at least 1 B, got {text!r}")
-    return size
+    return int(size)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -77,6 +81,9 @@ def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace
     if getattr(args, "context_parallel", None) is not None:
         from benchmarks import context_parallel  # spawns processes; imported only when asked for
 
+        ignored = [flag for flag, value in (("--providers", args.providers), ("--mem-limit", args.mem_limit)) if value]
+        if ignored:  # the ranks measure ring attention alone, with no memory cap: say so rather than drop them
+            parser.error(f"--context-parallel runs ring attention only; it does not take {' or '.join(ignored)}")
         max_len = args.max_len or scaling.DEFAULT_MAX_LEN[(device.kind, args.quick)]
         try:
             points = context_parallel.points(args.context_parallel, dims, max_len)

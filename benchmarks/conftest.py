@@ -22,7 +22,10 @@ def pytest_generate_tests(metafunc):
     device = detect()
     groups = suite.cases(device.kind, metafunc.config.getoption("--quick-cases"), 1 << 30, suite.DIMS[device.kind])
     points = [(case, prov) for op, cases in groups.items() for prov in providers_for(op) for case in cases]
-    metafunc.parametrize("point", points, ids=[f"{c.op}-{c.mode}-{p.name}-N{c.length}" for c, p in points])
+    # pytest-benchmark's table shows the ids alone: an interpreted Triton time says so, as the suite's "(interp)"
+    ids = [f"{c.op}-{c.mode}-{p.name}-N{c.length}" + ("-interp" if device.interpreted and p.triton else "")
+           for c, p in points]
+    metafunc.parametrize("point", points, ids=ids)
 
 
 @pytest.fixture(autouse=True, scope="session")

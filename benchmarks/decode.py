@@ -151,13 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-count", action="store_true", help="model only: skip the interpreted counted runs")
     parser.add_argument("--quick", action="store_true", help="count the smallest cache only")
     args = parser.parse_args(argv)
-    recs = [_modelled(b, n) for b in BATCHES for n in MODEL_CACHES]
-    if not args.no_count and kernels.INTERPRETED:
-        recs += [_counted(b, n) for b in BATCHES for n in (COUNTED_CACHES[:1] if args.quick else COUNTED_CACHES)]
     device = detect()
-    counted_on = device.name if any(r["kind"] == "counted" for r in recs) else "(not run)"
-    print(f"model rows: launch shape and bytes of one decode step, timed by a roofline model of "
-          f"{' and '.join(SMS)} (computed, not measured); counted rows: bytes counted on {counted_on}", flush=True)
+    count = not args.no_count and kernels.INTERPRETED  # counting needs the interpreter's loads and stores
+    counted = (f"bytes counted on {device.name}" if count else
+               "skipped (--no-count)" if args.no_count else "not run (counting needs Triton's interpreter: no GPU)")
+    # Said first, as every command does, and before the counted runs' minutes.
+    print(f"device: {device.name}  (nothing timed: model rows are a roofline model of {' and '.join(SMS)}, "
+          f"computed, not measured; counted rows: {counted})", flush=True)
+    recs = [_modelled(b, n) for b in BATCHES for n in MODEL_CACHES]
+    if count:
+        recs += [_counted(b, n) for b in BATCHES for n in (COUNTED_CACHES[:1] if args.quick else COUNTED_CACHES)]
     print(f"{'kind':8}{'B':>3}{'cache':>7}  {'path':24}{'bytes/min':>10}{'programs':>10}{'waves':>7}{'model us':>10}")
     for r in recs:
         for name, p in r["paths"].items():

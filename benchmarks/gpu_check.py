@@ -1158,8 +1158,10 @@ def startup_s() -> float:
 def _budget(text: str) -> tuple:
     """'configs=300' -> ("configs", 300.0)."""
     name, _, seconds = text.partition("=")
-    if name not in PHASES or not re.fullmatch(r"[0-9.]+", seconds):
+    if name not in PHASES:
         raise argparse.ArgumentTypeError(f"expected PHASE=SECONDS with PHASE one of {list(PHASES)}, got {text!r}")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", seconds):  # a finite float() of it, never negative
+        raise argparse.ArgumentTypeError(f"expected PHASE=SECONDS with SECONDS a number >= 0, got {text!r}")
     return name, float(seconds)
 
 

@@ -325,6 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--provider", default=PROVIDER, help="module:function returning the builds")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.arch = list(dict.fromkeys(args.arch))  # a repeated target is compiled and reported once
     if args.worker:
         return _worker(*args.worker)
     if args.jobs < 1:

@@ -173,11 +173,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
     dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items() if key != "batch"}
     batch = args.batch or BATCH[device.kind]
+    # A repeated --max-len or --modes value is measured once (twice, it doubled the records and broke the fits).
     batches = [args.lengths] if args.lengths else [draw_lengths(batch, n, args.seed)
-                                                   for n in args.max_len or MAX_LENS[device.kind]]
+                                                   for n in dict.fromkeys(args.max_len or MAX_LENS[device.kind])]
+    modes = [mode for mode in MODES if mode in args.modes]
     if device.kind == "cpu":  # as benchmarks.memory's workers: freed blocks leave the process (M_MMAP_THRESHOLD)
         ctypes.CDLL(None).mallopt(-3, 65536)
-    recs = [r for lengths in batches for r in measure(lengths, dims, device, args.time_budget, args.modes)]
+    recs = [r for lengths in batches for r in measure(lengths, dims, device, args.time_budget, modes)]
     analysis.add_ratios(recs)
     print(format_table(recs))
     print(summary(recs))

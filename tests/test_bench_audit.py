@@ -113,8 +113,9 @@ def test_gpu_check_summary_survives_a_section_that_cannot_render():
 
 
 def test_gpu_check_counts_its_total_from_the_process_start(monkeypatch):
-    """Importing torch, triton and the kernels takes seconds of the command's limit too."""
-    assert 0.0 < gpu_check.startup_s() <= gpu_check.STARTUP_TRUSTED_S
+    """Importing torch, triton and the kernels takes seconds of the command's limit too (counted in a fresh process:
+    this one may be older than STARTUP_TRUSTED_S, where startup_s says 0)."""
+    assert 0.0 <= gpu_check.startup_s() <= gpu_check.STARTUP_TRUSTED_S
     started = subprocess.run([sys.executable, "-c", "import time; time.sleep(1.0); from benchmarks import gpu_check;"
                               "print(gpu_check.startup_s())"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert 1.0 <= float(started.stdout) <= gpu_check.STARTUP_TRUSTED_S, started.stderr
