@@ -257,7 +257,8 @@ def _tanh(x, ACCURATE: tl.constexpr = False):
     small |x|, where a softcap of 50 puts most scores; far below fp16/bf16 rounding but up to ~100x torch's fp32
     error. ACCURATE (fp32) takes the odd Taylor series to x^17 (Horner in x^2) below |x| = 0.55 instead: its
     truncation is ~0.05 ulp there and each term is under 1/8 of the one before, so rounding stays ~1 ulp (the exp2
-    formula above 0.55: ~2 ulps). Not for fp16/bf16, whose tightest builds the series would make spill."""
+    formula above 0.55: ~2 ulps). Not for fp16/bf16, whose tightest builds the series would make spill: they take
+    x itself below |x| = 2^-12 (one select), so their error stays ~eps / 2^-12 relative at most."""
     a = tl.abs(x)
     e = tl.math.exp2(a * (-2.0 * LOG2E))
     t = (1.0 - e) / (1.0 + e)
@@ -273,6 +274,9 @@ def _tanh(x, ACCURATE: tl.constexpr = False):
         p = p * x2 + 2.0 / 15.0
         p = p * x2 - 1.0 / 3.0
         t = tl.where(a < 0.55, x + x * x2 * p, t)
+    else:  # tanh(x) = x to fp32 rounding below 2^-12 (x^2 / 3 < 2^-25), where 1 - e keeps few bits and is 0 below
+        # ~2^-26: with a huge cap (1e5 and up, scores far below it) the capped scores were noise, or all 0
+        t = tl.where(a < 2.0**-12, x, t)
     return t
 
 

@@ -64,8 +64,8 @@ def _softcap_grad(score, b, h, q_idx, kv_idx, cap):
 def softcap_score(cap: float) -> ScoreMod:
     """score -> cap * tanh(score / cap), derivative 1 - tanh^2: the built-in ``softcap`` as a score mod. Its tanh is
     the exp2 one in every dtype (the accurate series makes the fp16/bf16 d128 sm_100 forward spill): in fp32, scores
-    far below a large cap carry ~cap * eps absolute error, unlike the built-in ``softcap`` (at cap 1000, ~20-30x
-    torch's fp32 output error)."""
+    far below a large cap (|score| from cap * 2^-12, below which tanh returns its argument, to cap / 2) carry
+    ~cap * eps absolute error, unlike the built-in ``softcap`` (at cap 1000, ~20-30x torch's fp32 output error)."""
     # finite: an infinite cap would compute inf * tanh(0) = NaN, not the uncapped score
     return ScoreMod(_softcap, _softcap_grad, check_real("cap", cap, 0.0, math.inf, high_open=True, low_open=True))
 
