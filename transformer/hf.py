@@ -471,8 +471,10 @@ _WARNED = set()
 
 def _warn_once(message: str) -> None:
     """A UserWarning, at :func:`hf_attention`'s caller, the first time this process meets ``message``: the path is
-    chosen per call, and a model makes the same call in every layer and step."""
-    if message not in _WARNED:
+    chosen per call, and a model makes the same call in every layer and step. Not while torch.compile traces:
+    dynamo cannot trace ``warnings.warn`` (a graph break, which stops ``fullgraph=True``, e.g. generate()'s
+    compiled static-cache steps of a model with attention sinks)."""
+    if message not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
 

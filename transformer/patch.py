@@ -5,17 +5,18 @@
 - any ``torch.nn.Module``: turn its ``nn.LayerNorm`` / ``nn.RMSNorm`` submodules (and Hugging Face's Llama- and
   Gemma-style RMSNorms) into ``kernels.LayerNorm`` / ``kernels.RMSNorm`` in place: the same module objects with
   the same Parameters and hooks, only their class changes.
-- Hugging Face ``transformers`` models: also register the attention kernel and its mask function
-  (``transformer/hf.py``) with transformers and switch the model to them (``hf.use_kernel_attention``).
+- Hugging Face ``transformers`` models, the model itself or any inside it (as for a GPT): also register the
+  attention kernel and its mask function (``transformer/hf.py``) with transformers and switch the model to them
+  (``hf.use_kernel_attention``).
 
-``transformers`` is optional: it is imported only when the model is one of its ``PreTrainedModel``s.
+``transformers`` is optional: it is never imported here (a model holding one of its ``PreTrainedModel``s has).
 """
 import copy
 import inspect
 import math
 import numbers
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,8 @@ def patch(model: nn.Module) -> nn.Module:
         if isinstance(module, GPT):
             module.set_backend("triton")
     _replace_norms(model)
-    if _is_hf_model(model):
-        use_kernel_attention(model)
+    for hf_model in _hf_models(model):  # the model itself, or inside a wrapper as a GPT may be
+        use_kernel_attention(hf_model)
     return model
 
 
@@ -176,6 +177,16 @@ def _run_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     return outputs[0]
 
 
-def _is_hf_model(model: nn.Module) -> bool:
+def _hf_models(model: nn.Module) -> List[nn.Module]:
+    """The outermost transformers ``PreTrainedModel``s in ``model``: itself, or those inside a wrapper
+    (torch.compile's OptimizedModule, DDP, a PEFT model, a user's module holding one). Not the ones nested in
+    another (a composite model's language model): ``set_attn_implementation`` switches its sub-models too."""
     modeling_utils = sys.modules.get("transformers.modeling_utils")
-    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+    if modeling_utils is None:
+        return []
+    outermost = {}  # name -> model; named_modules lists a parent before its children
+    for name, module in model.named_modules():
+        if isinstance(module, modeling_utils.PreTrainedModel) and not any(
+                outer == "" or name.startswith(outer + ".") for outer in outermost):
+            outermost[name] = module
+    return list(outermost.values())
