@@ -10,14 +10,7 @@ import torch.nn as nn
 from transformer import patch
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=1,
-                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=0, eos_token_id=None, pad_token_id=0,
-                                      attn_implementation="eager")
-    return transformers.LlamaForCausalLM(config).eval()
+from test_hf import tiny_llama  # noqa: E402  (after the skip: it imports transformers)
 
 
 class Pair(nn.Module):
