@@ -49,3 +49,29 @@ def test_huge_softcap_score_mod_in_bf16(kernel_only, device):
     q, k, v = (torch.randn(1, 2, n, 24, dtype=BF16, device=device).requires_grad_() for n in (19, 25, 25))
     _check_mods(q, k, v, None, dict(causal=True, score_mod=kernels.softcap_score(1e30)),
                 dict(causal=True, softcap=1e30))
+
+
+def test_a_softcap_past_fp32_raises_naming_it():
+    """The kernels take softcap * log2(e) in fp32: a finite cap above ~2.36e38 overflowed it to inf
+    and gave all-NaN outputs, silently. ValueError naming softcap in every front end (and cap in the score mod);
+    the largest cap allowed runs, and equals no cap."""
+    from kernels.attention.checks import SOFTCAP_MAX
+    from kernels.attention.mods import softcap_score
+    from kernels.flash_attn import flash_attn_func
+
+    q = torch.randn(1, 2, 5, 24)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    calls = {
+        "attention": lambda cap: kernels.attention(q, q, q, softcap=cap),
+        "flash_attn_func": lambda cap: flash_attn_func(*(q.transpose(1, 2),) * 3, softcap=cap),
+        "attention_varlen": lambda cap: kernels.attention_varlen(*(q[0].transpose(0, 1),) * 3, cu, cu, 5, 5,
+                                                                 softcap=cap),
+        "attention_with_kvcache": lambda cap: kernels.attention_with_kvcache(*(q.transpose(1, 2),) * 3, softcap=cap),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"softcap must be in \[0.0, 1\.70"):
+            call(3e38)
+        assert call(SOFTCAP_MAX).isfinite().all(), name
+    torch.testing.assert_close(calls["attention"](SOFTCAP_MAX), calls["attention"](0.0))
+    with pytest.raises(ValueError, match="cap must be in"):
+        softcap_score(3.5e38)

@@ -8,7 +8,6 @@ function -> options -> cached plan (``plan.py``) -> autograd (``ops.py``) -> key
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
 """
-import math
 import numbers
 from typing import Optional, Tuple
 
@@ -18,8 +17,8 @@ from kernels import _runtime, reference
 from kernels._validate import check_size, check_tensor
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_flag, check_mods, check_padding_mask,
-                                      check_qkv, check_real, check_scale, check_sinks, check_window, draw_rng,
-                                      key_bounds, plain_qkv_shapes)
+                                      check_qkv, check_real, check_scale, check_sinks, check_softcap, check_window,
+                                      draw_rng, key_bounds, plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -129,7 +128,7 @@ def _checked_scalars(window_size, attention_chunk, softcap, dropout_p) -> Tuple[
         return _NO_VARIANT_SCALARS
     window_left, window_right = check_window(window_size)
     return (window_left, window_right, check_attention_chunk(attention_chunk),
-            check_real("softcap", softcap, 0.0, math.inf, high_open=True),
+            check_softcap(softcap),
             check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True))
 
 

@@ -179,6 +179,18 @@ def check_real(name: str, value, low: float, high: float = math.inf, high_open: 
     return float(value)
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+SOFTCAP_MAX = 2.0**127
+"""The largest ``softcap`` (~1.7e38): the kernels take it in fp32 as softcap * log2(e), which is inf above
+FP32_MAX / log2(e) ~ 2.36e38 (and every capped score NaN); a power of two, exact in fp32, with margin for that
+product's rounding. A cap near it leaves every finite score as it is."""
+
+
+def check_softcap(softcap) -> float:
+    """``softcap`` as a float in [0, SOFTCAP_MAX] (0: none); TypeError/ValueError naming it otherwise."""
+    return check_real("softcap", softcap, 0.0, SOFTCAP_MAX)
+
+
 def check_alibi(alibi_slopes, q) -> None:
     check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
     batch, heads = q.shape[:2]

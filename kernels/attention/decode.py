@@ -36,9 +36,9 @@ import triton.language as tl
 from kernels import _direct, _runtime
 from kernels._runtime import cast_rne
 from kernels._validate import check_same, check_tensor, is_dense
-from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, check_alibi, check_flag, check_real, check_scale,
-                                      check_window, count, enforce, new_verdict, plain_qkv_shapes, rule_bit,
-                                      store_verdict, unusable_pages)
+from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, SOFTCAP_MAX, check_alibi, check_flag, check_scale,
+                                      check_softcap, check_window, count, enforce, new_verdict, plain_qkv_shapes,
+                                      rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, d_bucket, device_family, grid,
                                        kernel_meta, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
@@ -948,8 +948,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     return_lse = check_flag("return_lse", return_lse)
     window = _check_window(window_size, causal)
-    if type(softcap) is not float or not 0 <= softcap < math.inf:  # else the common case, a checked float
-        softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    if type(softcap) is not float or not 0 <= softcap <= SOFTCAP_MAX:  # else the common case, a checked float
+        softcap = check_softcap(softcap)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, q.transpose(1, 2))  # it reads (B, H) from a (B, H, N, D) q
         alibi_slopes = alibi_slopes.contiguous()

@@ -5,7 +5,6 @@ Masks: :func:`document_mask` (packed sequences: a query sees the keys of its own
 (tanh soft-capping) and :func:`alibi_score` (ALiBi), each with its derivative in the score, as the built-in
 ``softcap``/``alibi_slopes`` compute them.
 """
-import math
 
 import torch
 import triton
@@ -13,7 +12,7 @@ import triton.language as tl
 
 from kernels._validate import check_tensor, is_integer
 from kernels.attention.block_mask import MaskMod, ScoreMod
-from kernels.attention.checks import check_real
+from kernels.attention.checks import FP32_MAX, check_real
 from kernels.attention.kernels import _tanh
 
 
@@ -66,8 +65,8 @@ def softcap_score(cap: float) -> ScoreMod:
     the exp2 one in every dtype (the accurate series makes the fp16/bf16 d128 sm_100 forward spill): in fp32, scores
     far below a large cap (|score| from cap * 2^-12, below which tanh returns its argument, to cap / 2) carry
     ~cap * eps absolute error, unlike the built-in ``softcap`` (at cap 1000, ~20-30x torch's fp32 output error)."""
-    # finite: an infinite cap would compute inf * tanh(0) = NaN, not the uncapped score
-    return ScoreMod(_softcap, _softcap_grad, check_real("cap", cap, 0.0, math.inf, high_open=True, low_open=True))
+    # an fp32 in the kernels: a larger (or infinite) cap would compute inf * tanh(0) = NaN, not the uncapped score
+    return ScoreMod(_softcap, _softcap_grad, check_real("cap", cap, 0.0, FP32_MAX, low_open=True))
 
 
 @triton.jit

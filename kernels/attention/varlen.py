@@ -22,7 +22,6 @@ entries of the table are never checked.
 """
 import dataclasses
 import functools
-import math
 import numbers
 from typing import List, Optional, Tuple
 
@@ -34,8 +33,8 @@ from kernels import _direct, _runtime
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
-                                      check_sinks, check_window, count, draw_rng, enforce, new_verdict, rule_bit,
-                                      store_verdict, unusable_pages)
+                                      check_sinks, check_softcap, check_window, count, draw_rng, enforce, new_verdict,
+                                      rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
 from kernels.attention.plan import AttentionVariant, LastTensor, VariantTensors, attention_variant
@@ -250,7 +249,7 @@ def _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim: i
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
-    softcap = check_real("softcap", softcap, 0.0, math.inf, high_open=True)
+    softcap = check_softcap(softcap)
     dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     causal = check_flag("causal", causal)
     return attention_variant(causal, 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
