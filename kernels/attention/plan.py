@@ -62,9 +62,9 @@ class AttentionVariant:
 class VariantTensors(NamedTuple):
     """A call's tensors besides q, k, v, None where unused: ``kv_bounds`` (B, 2) int32 [first, last + 1) visible
     key per batch row and ``pad`` (B, Nk) uint8 (nonzero = visible, unit key stride) of a key padding mask;
-    ``alibi_slopes`` float32 (H,) or (B, H), contiguous; ``sinks`` float32 (H,); ``rng_state`` the int64 (seed,
-    offset) of dropout; ``cu_seqlens_q/k`` int32 (batch + 1,) of packed sequences; the mask mod's (B, H, L) int32
-    ``block_mask`` summary and each mod's extra tensors (``mask_args``, ``score_args``)."""
+    ``alibi_slopes`` float32 (H,) or (B, H), contiguous; ``sinks`` float32 (H,), any stride; ``rng_state`` the
+    int64 (seed, offset) of dropout; ``cu_seqlens_q/k`` int32 (batch + 1,) of packed sequences; the mask mod's
+    (B, H, L) int32 ``block_mask`` summary and each mod's extra tensors (``mask_args``, ``score_args``)."""
 
     kv_bounds: Optional[torch.Tensor] = None
     pad: Optional[torch.Tensor] = None
@@ -310,8 +310,10 @@ def _variant_args(tensors: VariantTensors, variant: AttentionVariant, lse_stride
     alibi, pad = tensors.alibi_slopes, tensors.pad
     summary = tensors.block_mask if variant.mask_mod >= 0 else None
     seed = tensors.rng_state if variant.dropout_p > 0 else None
-    pointers = (tensors.kv_bounds, pad, alibi, tensors.sinks, seed) if forward else (tensors.kv_bounds, pad, alibi,
-                                                                                     seed)
+    # the forward kernel reads sink h at SINKS + h: a strided or expanded (H,) view (sinks[::2], s.expand(H)) must
+    # not reach it as is (.float() keeps a float32 view's strides); .contiguous() is free for a dense one
+    sinks = None if tensors.sinks is None else tensors.sinks.contiguous()
+    pointers = (tensors.kv_bounds, pad, alibi, sinks, seed) if forward else (tensors.kv_bounds, pad, alibi, seed)
     return (*pointers, tensors.cu_seqlens_q, tensors.cu_seqlens_k, summary,
             None if summary is None else mods.kernel_extra(variant.mask_mod, tensors.mask_args),
             mods.kernel_extra(variant.score_mod, tensors.score_args) if variant.score_mod >= 0 else None,
