@@ -322,13 +322,9 @@ class GPT(nn.Module):
         """This rank's positions (n_local,) in its shard of a sequence of n_local * P tokens (set_context_parallel's
         layout and group; local arithmetic, no communication)."""
         layout, group = self.context_parallel
-        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-        chunks = distributed.chunks_of(layout, rank, world)
-        if n_local % len(chunks):
-            raise ValueError(f"idx: {n_local} positions per rank do not split into the {layout} layout's "
-                             f"{len(chunks)} equal chunks per rank")
-        size = n_local // len(chunks)
-        return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
+        world = torch.distributed.get_world_size(group)
+        distributed._pieces(n_local * world, layout, world, "idx", local=True)  # the error names idx, not shard's x
+        return distributed.shard(torch.arange(n_local * world, device=device), 0, layout, group)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 probs: Optional[list] = None, positions: Optional[torch.Tensor] = None):
