@@ -43,11 +43,11 @@ def _check_number(name: str, value, kind, low, high=math.inf) -> None:
         raise ValueError(f"{name} must be {bounds if integral else 'finite and ' + bounds}, got {value}")
 
 
-def _assert_in_range(name: str, t: torch.Tensor, bound: int, what: str) -> None:
-    """Every value of the int tensor ``t`` in [0, bound), asserted on its device: no host sync on CUDA (an
+def _assert_in_range(name: str, t: torch.Tensor, bound: int, what: str, low: int = 0) -> None:
+    """Every value of the int tensor ``t`` in [low, bound), asserted on its device: no host sync on CUDA (an
     asynchronous device assert), a RuntimeError naming ``name`` at once on CPU; an embedding lookup outside its
     table is never launched on CPU."""
-    torch._assert_async(((t >= 0) & (t < bound)).all(), f"{name}: {what} must be in [0, {bound})")
+    torch._assert_async(((t >= low) & (t < bound)).all(), f"{name}: {what} must be in [{low}, {bound})")
 
 
 @dataclass
@@ -126,6 +126,7 @@ class KVCache:
     ``mode="reduce-overhead"`` step's CUDA graph updates them in place rather than copying them in and out."""
 
     def __init__(self, capacity: int):
+        _check_number("capacity", capacity, numbers.Integral, 1)
         self.capacity, self.length = capacity, 0
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
@@ -161,6 +162,12 @@ class KVCache:
         self.length += n
         if self.seqlens is not None:
             self.seqlens += n
+
+
+def _check_cache(cache) -> None:
+    """TypeError unless ``cache`` is None or a :class:`KVCache`."""
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:
@@ -336,12 +343,19 @@ class GPT(nn.Module):
         under :meth:`set_context_parallel`, where idx is this rank's shard of sequences of T * P tokens, the
         shard's positions).
 
-        Token ids outside [0, vocab_size) and positions outside [0, block_size) fail a device-side assert naming
-        idx or positions (on CPU a RuntimeError at once); a cache built for another batch size, a ValueError.
+        Token ids outside [0, vocab_size), targets outside [-1, vocab_size) and positions outside [0, block_size)
+        fail a device-side assert naming idx, targets or positions (on CPU a RuntimeError at once); targets that are
+        not an int64 tensor of idx's shape, a TypeError or ValueError (a (T, B) one would otherwise flatten to
+        wrong pairs silently); a cache built for another batch size, a ValueError.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, T) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
                             f"of shape {tuple(getattr(idx, 'shape', ()))}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.dtype != torch.long):
+            raise TypeError(f"targets must be an int64 tensor, got {getattr(targets, 'dtype', type(targets))}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        _check_cache(cache)
         past = 0 if cache is None else cache.length
         T = idx.shape[1]
         if past + T > self.config.block_size:
@@ -355,6 +369,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.start(idx.shape[0], idx.device)
         _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
+        if targets is not None:
+            _assert_in_range("targets", targets, self.config.vocab_size, "next-token ids (-1: ignored)", low=-1)
         if positions is None and self.context_parallel is not None:
             positions = self._shard_positions(T, idx.device)  # not 0..T-1: those are rank 0's first chunk only
         if positions is not None:
@@ -388,7 +404,8 @@ class GPT(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] != 1 or idx.dtype != torch.long:
             raise TypeError(f"idx must be a (B, 1) int64 tensor, got {getattr(idx, 'dtype', type(idx))} "
                             f"of shape {tuple(getattr(idx, 'shape', ()))}")
-        if cache.seqlens is None or len(cache.keys) != self.config.n_layer:
+        _check_cache(cache)
+        if cache is None or cache.seqlens is None or len(cache.keys) != self.config.n_layer:
             raise ValueError("decode_step needs a cache a forward has filled (the prompt's keys and values)")
         cache.start(idx.shape[0], idx.device)
         _assert_in_range("idx", idx, self.config.vocab_size, "token ids")
@@ -429,8 +446,9 @@ class GPT(nn.Module):
         _check_number("temperature", temperature, numbers.Real, 0.0)  # 0: greedy
         if top_k is not None:
             _check_number("top_k", top_k, numbers.Integral, 1)
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        for name, flag in (("use_cache", use_cache), ("compile", compile)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         compiled_step = self._compiled_step(use_cache) if compile else None
         cache = None
         for _ in range(max_new_tokens):

@@ -15,27 +15,33 @@ from transformer.model import BACKENDS
 from transformer.train import int_at_least, load_text, seed_value, tokenizer_for_flags, train
 
 N_EMBD = 64
+MAX_PANEL_INCHES = 12.0  # a heatmap's side: a long sentence gets smaller cells, not a figure of 10^8+ pixels
+MAX_TICKS = 48  # labels a side: 7-point characters need about 0.25 inch each
 
 
 def plot_attention(probs: Sequence[torch.Tensor], labels: List[str], out: str, title: str = "") -> None:
-    """Write a PNG grid of heatmaps, one row per layer and one column per head. probs: per layer (H, T, T)."""
+    """Write a PNG grid of heatmaps, one row per layer and one column per head. probs: per layer (H, T, T).
+
+    A heatmap is 0.25 inch a character up to MAX_PANEL_INCHES a side, with every character labelled up to
+    MAX_TICKS of them (every k-th beyond), so a long sentence still gives a PNG of bounded size."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     n_layer, n_head = len(probs), probs[0].shape[0]
-    size = 0.25 * len(labels) + 1.5
+    size = min(0.25 * len(labels), MAX_PANEL_INCHES) + 1.5
     fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1, size * n_layer + 0.5), squeeze=False,
                              layout="constrained")
     shown = [repr(c)[1:-1] if c != " " else "␣" for c in labels]
+    ticks = range(0, len(labels), max(1, -(-len(labels) // MAX_TICKS)))
     for layer, layer_probs in enumerate(probs):
         for head in range(n_head):
             ax = axes[layer][head]
             image = ax.imshow(layer_probs[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {layer} head {head}", fontsize=9)
-            ax.set_xticks(range(len(labels)), shown, fontsize=7)
-            ax.set_yticks(range(len(labels)), shown, fontsize=7)
+            ax.set_xticks(ticks, [shown[i] for i in ticks], fontsize=7)
+            ax.set_yticks(ticks, [shown[i] for i in ticks], fontsize=7)
             ax.set_xlabel("key", fontsize=8)
             ax.set_ylabel("query", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
