@@ -36,7 +36,8 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
     methods = {"backward": staticmethod(backward)}
     if jvp is not None:
         methods["jvp"] = staticmethod(jvp)
-    classic = type(name, (torch.autograd.Function,), {"forward": staticmethod(classic_forward), **methods})
+    classic = type(name, (torch.autograd.Function,), {**methods, "forward": staticmethod(classic_forward),
+                                                      "backward": staticmethod(per_sample_backward(backward))})
     for_transforms = type(f"{name}ForTransforms", (torch.autograd.Function,),
                           {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
                            "generate_vmap_rule": True, **methods})
@@ -77,6 +78,66 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 def _without_dead_wrappers(args: tuple) -> tuple:
     """``args`` with every dead functorch wrapper unwrapped, as ``Function.apply`` does outside transforms."""
     return tuple(_unwrap_if_dead(a) if isinstance(a, _TENSOR) else a for a in args)
+
+
+_is_batched = torch._C._functorch.is_batchedtensor
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_level = torch._C._functorch.maybe_get_level
+_unwrap_batched = torch._C._functorch._unwrap_batched
+_add_batch_dim = torch._C._functorch._add_batch_dim
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _legacy_vmap_level() -> int:
+    """The innermost level of torch's legacy vmap (``torch._vmap_internals``), which has no getter."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return level - 1
+
+
+def _unbatched(grads: tuple):
+    """(grads with the outermost batched level's dim moved out, as (tensor, its batch dim or None) pairs, and a
+    function batching a stacked result again at that level), or None when no gradient is batched. torch.vmap's
+    batched tensors (``torch.func.vmap`` over ``torch.autograd.grad``) and the legacy vmap's
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``, which leaves no functorch transform active)."""
+    if any(isinstance(g, _TENSOR) and _is_legacy_batched(g) for g in grads):
+        level = _legacy_vmap_level()
+        # batch_size only sizes an expansion of a tensor without the level: every legacy-batched gradient has
+        # it (one level per vmap of autograd.grad)
+        return ([(torch._remove_batch_dim(g, level, 0, 0), 0) if isinstance(g, _TENSOR) and _is_legacy_batched(g)
+                 else (g, None) for g in grads], lambda t: torch._add_batch_dim(t, 0, level))
+    if not _transforms_active():
+        return None
+    levels = [_level(g) for g in grads if isinstance(g, _TENSOR) and _is_batched(g)]
+    if not levels:
+        return None
+    level = max(levels)
+    return ([_unwrap_batched(g, level) if isinstance(g, _TENSOR) and _level(g) == level else (g, None)
+             for g in grads], lambda t: _add_batch_dim(t, 0, level))
+
+
+def per_sample_backward(backward: Callable) -> Callable:
+    """``backward(ctx, *grads)`` that also takes incoming gradients batched by a vmap: ``torch.autograd.grad(...,
+    is_grads_batched=True)``, ``torch.autograd.functional.jacobian(..., vectorize=True)`` and ``torch.func.vmap``
+    over ``torch.autograd.grad`` run the classic Function's backward on batched gradients, which a Triton launch
+    cannot read (torch's 'Cannot access storage of BatchedTensorImpl'). It runs ``backward`` once per sample and
+    batches the gradients again. Under a microsecond when no gradient is batched."""
+    def batched_backward(ctx, *grads):
+        for g in grads:  # a loop and exact types: this runs in every backward
+            if type(g) is _TENSOR and _is_legacy_batched(g):
+                break
+        else:
+            if not _transforms_active():
+                return backward(ctx, *grads)
+        unbatched = _unbatched(grads)
+        if unbatched is None:
+            return backward(ctx, *grads)
+        pairs, batch = unbatched
+        size = next(t.shape[dim] for t, dim in pairs if dim is not None)
+        samples = [batched_backward(ctx, *(t if dim is None else t.select(dim, i) for t, dim in pairs))
+                   for i in range(size)]
+        return tuple(None if results[0] is None else batch(torch.stack(results)) for results in zip(*samples))
+    return batched_backward
 
 
 def first_order_only(name: str, backward: Callable) -> Callable:

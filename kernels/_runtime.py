@@ -228,10 +228,11 @@ def forward_ad_active() -> bool:
 
 
 def in_functorch_transform() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, jacfwd, vmap, ...) runs this eager call: its tensors are
-    functorch wrappers, which a Triton launch cannot read (torch.compile's tracing is not one). One flag read
-    outside transforms."""
-    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+    """Whether a torch.func transform (grad, vjp, jacrev, jacfwd, vmap, ...) runs this call: its tensors are
+    functorch wrappers, which a Triton launch cannot read, and neither can the custom ops' autograd while
+    torch.compile traces a transform (torch's 'must override the setup_context' error); torch.compile's own
+    tracing activates none. One flag read outside transforms."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def functorch_levels(kind: TransformType) -> int:

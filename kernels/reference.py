@@ -71,6 +71,7 @@ def attention(
     the sink), with ``return_lse`` also the (B, H, Nq) natural-log logsumexp of the masked scores, the sink
     included (-inf for rows that see no key and no sink), in that order.
     """
+    _check_attention(q, k, v, mask, window_size, softcap, alibi_slopes, sinks)
     n_q, n_k = q.shape[-2], k.shape[-2]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -87,8 +88,8 @@ def attention(
     visible = window_mask(n_q, n_k, (window_size[0], 0 if causal else window_size[1]), q.device)
     if mask is not None and mask.dtype == torch.bool:
         visible = visible & mask
-    elif mask is not None:
-        scores = scores + mask
+    elif mask is not None:  # in the scores' dtype, as torch's SDPA adds it (a float32 mask to fp16 scores too)
+        scores = scores + mask.to(scores.dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
     # amax refuses an empty dim: with no key at all every row's max is -inf (zeros out, as any row that sees none)
     row_max = scores.amax(dim=-1, keepdim=True) if n_k else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
@@ -108,6 +109,34 @@ def attention(
     return (out, *extra) if extra else out
 
 
+def _check_attention(q, k, v, mask, window_size, softcap, alibi_slopes, sinks) -> None:
+    """TypeError/ValueError naming the argument unless :func:`attention` takes it: shapes that broadcast or a
+    group size of zero would otherwise give an output of another shape, and an integer mask would be added to
+    the scores."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (batch, heads, _, d), (kv_batch, kv_heads, n_k, kv_d) = q.shape, k.shape
+    if kv_batch != batch or kv_d != d or tuple(v.shape[:3]) != (batch, kv_heads, n_k) or not kv_heads \
+            or heads % kv_heads:
+        raise ValueError(f"attention: q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with H a multiple of "
+                         f"Hkv, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attention: mask must be bool (True = may attend) or float (added), got {mask.dtype}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"attention: window_size must be a pair (left, right), got {window_size!r}")
+    if not softcap >= 0:
+        raise ValueError(f"attention: softcap must be >= 0 (0: off), got {softcap}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"attention: alibi_slopes must have shape (H,) = ({heads},) or (B, H) = ({batch}, {heads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (heads,):
+        raise ValueError(f"attention: sinks must have shape (H,) = ({heads},), got {tuple(sinks.shape)}")
+
+
 def softmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
     """Naive softmax of ``x * scale`` along ``dim``: max, subtract, exp, sum and divide as separate ops.
 
@@ -118,14 +147,17 @@ def softmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = F
     x = x * scale
     if not causal:
         return _naive_softmax(x, dim)
+    if x.dim() < 2:
+        raise ValueError(f"softmax: causal=True needs x of at least 2 dims (..., Nq, Nk), got shape {tuple(x.shape)}")
     if dim not in (-1, x.dim() - 1):
         raise ValueError(f"softmax: causal=True needs dim=-1 (the key axis), got dim={dim}")
     return causal_softmax(x, _naive_softmax)
 
 
 def _naive_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """softmax of x along ``dim`` as separate ops; rows of no column give an empty result."""
-    if not x.shape[dim]:  # amax refuses an empty dim: there is nothing to normalise
+    """softmax of x along ``dim`` as separate ops; rows of no column give an empty result, a 0-d x (one element,
+    as torch takes it) one."""
+    if x.dim() and not x.shape[dim]:  # amax refuses an empty dim: there is nothing to normalise
         return torch.empty_like(x)
     row_max = x.amax(dim=dim, keepdim=True)
     exp = torch.exp(x - row_max)
@@ -141,16 +173,22 @@ def causal_softmax(x: torch.Tensor, softmax: Callable[[torch.Tensor], torch.Tens
     return y.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
-def _normalized_dims(x: torch.Tensor, normalized_shape: Union[int, Sequence[int]]):
+def _normalized_dims(x: torch.Tensor, normalized_shape: Union[int, Sequence[int]], **params):
+    """The trailing dims ``normalized_shape`` names; ValueError unless x ends in it (at least one dim: mean over
+    () would reduce every dim) and each parameter given in ``params`` has exactly that shape (as torch's norms
+    require: one that broadcasts would change the output's shape or values)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != shape:
+    if not shape or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input {tuple(x.shape)}")
+    for name, p in params.items():
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape normalized_shape {shape}, got {tuple(p.shape)}")
     return tuple(range(-len(shape), 0))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the trailing ``normalized_shape`` dims (biased var)."""
-    dims = _normalized_dims(x, normalized_shape)
+    dims = _normalized_dims(x, normalized_shape, weight=weight, bias=bias)
     mean = x.mean(dim=dims, keepdim=True)
     centered = x - mean
     var = (centered * centered).mean(dim=dims, keepdim=True)
@@ -165,7 +203,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
 def rms_norm(x, normalized_shape, weight=None, eps: Optional[float] = None):
     """``x / sqrt(mean(x^2) + eps) * weight``; ``eps`` defaults to the machine epsilon of the dtype torch computes
     in (float32's for fp16/bf16 x, x's own otherwise), as torch's ``F.rms_norm`` does."""
-    dims = _normalized_dims(x, normalized_shape)
+    dims = _normalized_dims(x, normalized_shape, weight=weight)
     eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps
     y = x / torch.sqrt((x * x).mean(dim=dims, keepdim=True) + eps)
     return y * weight if weight is not None else y

@@ -6,12 +6,14 @@ A kernel module declares its builds once, with :func:`declare` inside a function
 checked everywhere without being listed twice.
 
 :func:`use_config` is the one seam through which a caller outside the launchers (tests, benchmarks, the GPU check)
-chooses the configuration of a launch: every launcher asks :func:`forced_config` before it autotunes (on a GPU) or
-takes its interpreter default (on CPU).
+chooses the configuration of a launch: every launcher that autotunes or has a tile table (attention's and
+decoding's, :data:`FORCEABLE`) asks :func:`forced_config` before it autotunes (on a GPU) or takes its interpreter
+default (on CPU).
 """
 import contextlib
 import contextvars
 import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -114,6 +116,40 @@ def all_builds() -> List[Build]:
 # ----------------------------------------------------------------------------------- the launch-config seam
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("forced_configs", default={})
 
+_TILE = ("BLOCK_M", "BLOCK_N")
+FORCEABLE: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "attention_fwd": (_TILE, ("TMA", "num_warps", "num_stages")),
+    "attention_dkdv": (_TILE, ("TMA", "num_warps", "num_stages")),
+    "attention_dq": (_TILE, ("TMA", "num_warps", "num_stages")),
+    "attention_bwd_delta": ((), ("BLOCK_M", "num_warps")),
+    "attention_decode": ((), ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
+}
+"""{kernel: (the keys a forced config must give, the keys it may give)} of every kernel whose launcher asks
+:func:`forced_config`; the other builds (softmax, the norms: their config follows from the row width) take none."""
+
+
+def _check_config(kernel: str, config: Dict[str, object]) -> None:
+    """ValueError/TypeError naming the kernel or key unless ``config`` is one the launcher of ``kernel`` takes:
+    a launch would otherwise fail deep inside Triton (a missing or misspelt tile size, a block that is no power of
+    two), or a misspelt kernel be ignored without a word."""
+    if kernel not in FORCEABLE:
+        raise ValueError(f"use_config: kernel must be one of {sorted(FORCEABLE)} (the launchers that take a forced "
+                         f"config), got {kernel!r}")
+    required, optional = FORCEABLE[kernel]
+    unknown = sorted(set(config) - set(required) - set(optional))
+    missing = [key for key in required if key not in config]
+    if unknown or missing:
+        raise ValueError(f"use_config({kernel!r}): takes {', '.join(required + optional)} "
+                         f"({', '.join(required)} required), got {', '.join(map(repr, config)) or 'nothing'}")
+    for key, value in config.items():
+        if key == "TMA":
+            if not isinstance(value, bool):
+                raise TypeError(f"use_config({kernel!r}): TMA must be a bool, got {value!r}")
+        elif (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+              or (key != "num_stages" and value & (value - 1))):
+            raise ValueError(f"use_config({kernel!r}): {key} must be a positive int"
+                             f"{'' if key == 'num_stages' else ' power of two'}, got {value!r}")
+
 
 @contextlib.contextmanager
 def use_config(kernel: str, **config) -> Iterator[None]:
@@ -121,9 +157,11 @@ def use_config(kernel: str, **config) -> Iterator[None]:
     bypassing the autotuner on a GPU and the interpreter's default tile on CPU.
 
     ``config`` holds the kernel's tile meta-parameters (e.g. ``BLOCK_M=64, BLOCK_N=32``) and optionally
-    ``num_warps``/``num_stages`` (ignored by the interpreter). Blocks nest; the innermost wins per kernel.
+    ``num_warps``/``num_stages`` (ignored by the interpreter); :data:`FORCEABLE` lists the kernels and keys
+    (ValueError/TypeError for others, before anything launches). Blocks nest; the innermost wins per kernel.
     Meant for tests, benchmarks and the GPU check; the launchers never need it.
     """
+    _check_config(kernel, config)
     forced = dict(_FORCED.get())
     forced[kernel] = dict(config)
     token = _FORCED.set(forced)
@@ -134,5 +172,6 @@ def use_config(kernel: str, **config) -> Iterator[None]:
 
 
 def forced_config(kernel: str) -> Optional[Dict[str, object]]:
-    """The config :func:`use_config` forces on ``kernel`` here, or None (the launcher decides)."""
+    """The config :func:`use_config` forces on ``kernel`` (one of :data:`FORCEABLE`) here, or None (the launcher
+    decides)."""
     return _FORCED.get().get(kernel)
