@@ -112,14 +112,28 @@ _TENSOR = torch.Tensor
 
 def kernels_can_run(*tensors: torch.Tensor) -> bool:
     """Whether the kernels of this process take these tensors: CPU tensors when interpreted, GPU ones when compiled,
-    but no eager fake tensor (:func:`holds_no_data`)."""
+    but no eager fake tensor (:func:`holds_no_data`), and no call that make_fx records (:func:`traced_by_make_fx`)."""
     # a loop rather than all(<generator>): this runs on every call of every op, and the generator costs more;
     # is_cpu/is_cuda rather than device.type, which builds a device and a string per tensor; a plain tensor's exact
     # type spares it the fake tensor's test
     for t in tensors:
         if (not t.is_cpu if INTERPRETED else not t.is_cuda) or type(t) is not _TENSOR and holds_no_data(t):
             return False
-    return True
+    return not traced_by_make_fx()
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+
+
+# dynamo cannot trace the dispatch-stack reads, and while it traces no make_fx records (under torch.compile the
+# custom ops' fake implementations meet make_fx instead): a constant there
+@torch.compiler.assume_constant_result
+def traced_by_make_fx() -> bool:
+    """Whether make_fx's proxy mode records this eager call (``torch.func.linearize``, ``make_fx`` of a function
+    calling the ops): it records torch's ops but cannot see into a Triton launch, which would fail on its tensors.
+    About 0.1 µs (one read of the dispatch-mode stack) where no mode is active."""
+    return _dispatch_modes() > 0 and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
 
 
 def holds_no_data(t: torch.Tensor) -> bool:
@@ -141,8 +155,8 @@ def kernel_runs_on(*tensors: torch.Tensor) -> bool:
     """
     if kernels_can_run(*tensors):
         return not torch.jit.is_tracing()  # (torch._C._is_tracing: dynamo cannot trace it)
-    if any(holds_no_data(t) for t in tensors):
-        return False  # no data to compute on (shape propagation): nothing is wrong, so nothing to warn about
+    if any(holds_no_data(t) for t in tensors) or traced_by_make_fx():
+        return False  # no data to compute on (shape propagation), or a trace: nothing is wrong, nothing to warn about
     reason = (
         f"kernels: Triton kernels are {'interpreted' if INTERPRETED else 'compiled for a GPU'} in this process "
         f"but the inputs are on {tensors[0].device}; using the plain-PyTorch reference instead. "

@@ -3,9 +3,11 @@ ops under torch.func / torch.compile: regressions for what it found."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import kernels
 from kernels import reference
+from kernels.flash_attn import flash_attn_func
 from kernels.registry import forced_config, use_config
 
 
@@ -170,3 +172,31 @@ def test_plain_compile_still_runs_the_kernels_custom_op():
     compiled = torch.compile(lambda q: kernels.attention(q, k, v, causal=True), backend=backend, fullgraph=True)
     torch.testing.assert_close(compiled(q), reference.attention(q, k, v, causal=True), atol=1e-5, rtol=1e-4)
     assert any("flash_attention_forward" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------------- make_fx
+
+
+@pytest.mark.parametrize("op", [
+    lambda x: kernels.attention(x, x, x, causal=True),
+    lambda x: flash_attn_func(x, x, x, causal=True),
+    lambda x: kernels.softmax(x),
+    lambda x: kernels.rms_norm(x, 8),
+], ids=["attention", "flash_attn_func", "softmax", "rms_norm"])
+def test_make_fx_records_torchs_ops_where_a_launch_cannot_be_traced(op):
+    """make_fx's proxy mode cannot see into a Triton launch (it failed on 'argument of type UntypedStorage'): the
+    ops record their torch-op fallback, and the graph replays eager's result."""
+    x = torch.randn(1, 3, 5, 8)
+    graph = make_fx(op)(x)
+    torch.testing.assert_close(graph(x), op(x), atol=1e-5, rtol=1e-5)
+    y = torch.randn(1, 3, 5, 8)
+    torch.testing.assert_close(graph(y), op(y), atol=1e-5, rtol=1e-5)  # recorded ops, not the traced values
+
+
+@pytest.mark.parametrize("op", [kernels.softmax, lambda x: kernels.layer_norm(x, (5,))],
+                         ids=["softmax", "layer_norm"])
+def test_linearize_matches_float64_jvp(op):
+    x, t = torch.randn(3, 5), torch.randn(3, 5)
+    _, jvp = torch.func.linearize(op, x)
+    expected = torch.func.jvp(op, (x.double(),), (t.double(),))[1]
+    torch.testing.assert_close(jvp(t).double(), expected, atol=1e-5, rtol=1e-5)
