@@ -91,6 +91,8 @@ tiles the query tokens."""
 
 def use_kernel_attention(model: nn.Module) -> None:
     """Register the kernel with transformers and switch the ``PreTrainedModel`` to it, in place (again: a no-op)."""
+    if not callable(getattr(model, "set_attn_implementation", None)):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     register_hf_attention()
     register_hf_attention(PAGED_ATTENTION_NAME)
     model.set_attn_implementation(ATTENTION_NAME)
@@ -383,12 +385,13 @@ def kernel_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     mask at most) for the other causal, sliding-window, bidirectional and packed patterns, and transformers'
     ``sdpa_mask`` (B, 1, Nq, Nk) bool tensor, never None, for everything else.
 
-    ``attention_mask`` is the (B, past + Nq) 2-D mask; key slot j holds position ``kv_offset + j``. For
-    generate()'s masks built ahead of the forward (:func:`_for_generate`) it always returns transformers' mask, recording in :data:`_KERNEL_MASKS`
-    what it would have returned otherwise (and marking it with :data:`KEY_RANGES` where that is one key range per
-    row). No device sync except, per call, one ``all()`` of the 2-D mask (to
-    return None when nothing is padded), one read of it to find left padding and one read of a static cache's
-    length (all skipped while tracing), and one read of the sequence starts for packed batches.
+    ``attention_mask`` is the (B, past + Nq) 2-D mask (the encoder's (B, Nk) for cross-attention, whose pattern is
+    bidirectional); key slot j holds position ``kv_offset + j``. For generate()'s masks built ahead of the forward
+    (:func:`_for_generate`) it always returns transformers' mask, recording in :data:`_KERNEL_MASKS` what it would
+    have returned otherwise (and marking it with :data:`KEY_RANGES` where that is one key range per row). No device
+    sync except, per call, one ``all()`` of the 2-D mask (to return None when nothing is padded), one read of it to
+    find left padding and one read of a static cache's length (all skipped while tracing), and one read of the
+    sequence starts for packed batches.
     """
     from transformers.masking_utils import sdpa_mask
 
@@ -436,7 +439,11 @@ def _kernel_mask(causal, window, packed, dense, kv_length, q_length, q_offset, k
         return KernelMask(causal, kv_length, dense, window=window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if isinstance(q_offset, torch.Tensor) and not is_tracing(q_offset):
         q_offset = int(q_offset)  # a static cache keeps its length on the device; the key count must be an int
-    if attention_mask is not None:
+    if not causal:
+        # every key slot the 2-D mask covers (sdpa_mask pads it with False), all kv_length without one: the queries'
+        # positions do not matter, and cross-attention's keys (the encoder's) outnumber the decoder's queries
+        end = kv_offset + kv_length if attention_mask is None else attention_mask.shape[-1]
+    elif attention_mask is not None:
         end = attention_mask.shape[-1]  # one past the last real key's position
         if isinstance(q_offset, int) and end != q_offset + q_length:
             return dense()  # a 2-D mask not of the documented (B, past + Nq) size
@@ -476,7 +483,7 @@ def _warn_once(message: str) -> None:
     compiled static-cache steps of a model with attention sinks)."""
     if message not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)  # above _warn_once, hf_attention and _one_head_dim's wrapper
 
 
 def _fallback(keywords: list, why: str, path: str) -> str:
