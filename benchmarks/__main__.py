@@ -99,9 +99,21 @@ def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace
     variants = command == "scaling"  # the sliding-window and document cases profile scaling, not the suite
     total = sum(len(cases) * len(runner.providers_for(op, args.providers, variants))
                 for op, cases in groups.items())
-    if total == 0:
-        parser.error(f"nothing to measure: no point of {', '.join(groups)} has a length within --max-len and one of "
-                     f"the chosen --providers")
+    if total == 0:  # say which option emptied the run: the lengths, or the providers
+        if not any(groups.values()):
+            uncapped = (suite.cases(device.kind, args.quick, sys.maxsize, dims, args.ops) if command == "suite" else
+                        scaling.cases(sys.maxsize, dims))
+            smallest = min(case.length for cases in uncapped.values() for case in cases)
+            parser.error(f"nothing to measure: no point of {', '.join(groups)} has a length within --max-len "
+                         f"{args.max_len} ({command}'s smallest is {smallest})")
+        ops = [op for op, cases in groups.items() if cases]  # those with a length within --max-len
+        parser.error(f"nothing to measure: no point of {', '.join(ops)} runs on --providers "
+                     f"{' '.join(args.providers)} (choose from: "
+                     + ", ".join(sorted({p.name for p in PROVIDERS if p.op in ops})) + ")")
+    left_out = [f"{op} ({'no length within --max-len' if not cases else 'none of --providers runs it'})"
+                for op, cases in groups.items() if not cases or not runner.providers_for(op, args.providers, variants)]
+    if left_out:  # an --ops choice the other options exclude: said, not dropped in silence
+        print("not measured: " + ", ".join(left_out), flush=True)
     with progress_bar(total, command, "point") as bar:
         recs = runner.run(groups, device, mem_limit=args.mem_limit, time_budget_s=0.3 if args.quick else 1.0,
                           threads=args.threads, providers=args.providers, variants=variants, progress=bar)
@@ -122,6 +134,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command in STANDALONE:  # another module's command, imported only when asked for
         return importlib.import_module(STANDALONE[command]).main(argv)
     parser = _parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    misplaced = [word for word in unknown if word in COMMANDS]
+    if misplaced:  # `--quick scaling`: argparse alone says only "unrecognized arguments: scaling"
+        parser.error(f"{misplaced[0]!r} is a command: one command, given first (python -m benchmarks "
+                     f"{misplaced[0]} [options])")
     return _run(command, parser, parser.parse_args(argv))
 
 

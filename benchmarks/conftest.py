@@ -5,10 +5,9 @@ CI-sized lengths of ``python -m benchmarks --quick``.
 """
 import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
 import pytest
-import torch
 
 from benchmarks import suite
-from benchmarks.device import detect
+from benchmarks.device import cpu_threads, detect
 from benchmarks.providers import providers_for
 
 
@@ -32,10 +31,5 @@ def pytest_generate_tests(metafunc):
 def one_cpu_thread():
     """On CPU, one torch thread, as ``python -m benchmarks`` (its ``--threads`` default): on a shared machine a small
     op waiting for a second, busy thread takes milliseconds instead of microseconds."""
-    if detect().kind != "cpu":
+    with cpu_threads(detect(), 1):
         yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -35,6 +35,19 @@ LINKS = {  # name -> (GPU spec the link is paired with, bytes/s one way)
     "H100 + InfiniBand 400 Gb/s": ("H100-SXM5", 50e9),
 }
 TIMEOUT_S = 1800
+CONVENTIONS = {
+    "layout": "zigzag or contiguous: how the sequence is split over the ranks; length: N, the whole sequence; world: "
+              "P ranks; batch, heads, head_dim, dtype: the attention inputs (B, H, N, D).",
+    "peak_bytes_per_rank": "measured, one entry per rank: peak memory of one forward and backward of its shard "
+                           "(CPU peak-RSS growth, GPU max_memory_allocated).",
+    "sent_bytes_per_rank_per_layer": "counted: bytes a rank hands to batch_isend_irecv in one layer's forward and "
+                                     "backward, the largest over the ranks.",
+    "counted_flops_per_rank": "counted (interpreted kernels only; absent on a GPU): each rank's attention FLOPs over "
+                              "the forward and backward; flops_max_over_mean: the balance, 1.0 even.",
+    "model": "a MODEL, not a measurement, per link: compute_ms (the ring steps' kernels at the roofline), ring_ms "
+             "(steps overlapped with their transfers) and communication_hidden (no transfer outlasts its step).",
+}
+"""What ``scaling_context_parallel.json``'s record fields mean (the module docstring has the method)."""
 
 
 class _Log:
@@ -255,7 +268,7 @@ def run(world: int, points: List[Dict], device, out_dir: str, config: dict) -> i
     recs = [_record(ranks) for ranks in _spawn(world, points)]
     print(_table(recs))
     doc = records.document("scaling_context_parallel", device, config, recs, [])
-    doc["conventions"] = {**doc["conventions"], "context_parallel": __doc__}
+    doc["conventions"] = {**CONVENTIONS, "context_parallel": __doc__}
     written = records.write(out_dir, "scaling_context_parallel", doc)
     written += _plot(recs, os.path.join(out_dir, "scaling_context_parallel.png"))
     print("wrote: " + ", ".join(written))

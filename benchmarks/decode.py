@@ -40,6 +40,17 @@ TABLE_CACHES = (1024, 4096, 32768)
 SMS = {"A100-SXM4-80GB": 108, "H100-SXM5": 132}
 PATHS = ("decode", "training", "baseline")
 GPU_BLOCK_N = 64  # the fp16 d128 key block a GPU launches (decode._TILES)
+CONVENTIONS = {
+    "kind": "model (bytes and programs by construction, roofline times: computed, not measured) or counted (bytes "
+            "and FLOPs counted by benchmarks.counting while the three paths run interpreted on CPU); batch: B rows "
+            "of one new token each; cache: the keys each row attends to (H=32, Hkv=8, D=128, fp16).",
+    "minimum_bytes": "the cache read once plus q read and out written; flops (model): 4 B H cache D, q.k and p.v.",
+    "paths": "model: per path@GPU, bytes (bytes_vs_minimum over minimum_bytes), programs of its grid, splits (the "
+             "decode kernel's split-KV), sms, waves (programs / sms) and roofline (time_ms, bound, label 'model'); "
+             "counted: per path (decode, training, baseline), the counts (bytes_read, bytes_written, bytes, flops, "
+             "...) and bytes_vs_minimum.",
+}
+"""What ``decode.json``'s record fields mean (the module docstring, also there, has the method)."""
 
 
 def _modelled(batch: int, cache: int) -> dict:
@@ -173,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = {**vars(args), "command": "decode", "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
               "dtype": "float16"}
     doc = records.document("decode", device, config, recs, [])
-    doc["conventions"] = {"decode": __doc__}  # the suite's timing conventions do not apply: nothing is timed
+    doc["conventions"] = {**CONVENTIONS, "decode": __doc__}  # not the suite's: nothing is timed
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
     with open(md_path, "w") as f:

@@ -1,6 +1,7 @@
 """Which device this run measures on, said once and stamped on every record."""
+import contextlib
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -36,3 +37,17 @@ def detect() -> DeviceInfo:
         return DeviceInfo(name, "cuda", False, "triton.testing.do_bench (median, 20/80 percentiles)", peak)
     return DeviceInfo("CPU (Triton interpreter)", "cpu", True,
                       "wall-clock; Triton providers run interpreted ('interpreter'), not GPU speed", None)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: DeviceInfo, threads: int) -> Iterator[None]:
+    """On CPU, torch's ``threads`` threads inside the block (on a shared machine a small op waiting for a busy
+    second thread takes milliseconds instead of microseconds), and the caller's count again after it: a command's
+    main may run inside a longer process (the tests). A GPU run is left as it is."""
+    previous = torch.get_num_threads()
+    if device.kind == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

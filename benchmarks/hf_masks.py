@@ -38,6 +38,23 @@ from benchmarks.device import detect
 SEQ_LENS = {"cpu": [64, 256], "cuda": [1024, 4096]}
 BATCH = 2
 PATHS = ("sdpa", "kernel")  # transformers' own masks and SDPA; transformer.hf's mask function and kernel
+CONVENTIONS = {
+    "path": "sdpa (transformers' own masks and SDPA attention) or kernel (transformer.hf's mask function and "
+            "kernel, through use_kernel_attention); attn_implementation: the model config's; seq_len, batch, "
+            "layers: the left-padded (batch, seq_len) input and the tiny Llama's decoder layers.",
+    "forward": "counts of one whole forward (bytes_read, bytes_written, bytes, flops, ...): bytes read and written "
+               "by every aten op and interpreted Triton load/store (benchmarks/counting.py); nothing is timed. "
+               "attention_bytes: those of its attention-interface calls; outside_attention_bytes: forward.bytes "
+               "minus attention_bytes.",
+    "mask_build": "the model's create_causal_mask call, once per forward: its counts, and the largest tensor it "
+                  "allocates (largest_tensor_bytes, largest_tensor_shape).",
+    "mask_handed_per_layer": "per attention call, what it was given as its mask: type (Tensor, KernelMask or "
+                             "NoneType), shape and bytes (a KernelMask: its (batch, keys) padding).",
+    "fits": "per path, slopes: p of bytes ~ seq_len^p (log-log least squares) of mask_build_bytes, "
+            "largest_mask_tensor_bytes and outside_attention_bytes. config.differences: per seq_len, sdpa minus "
+            "kernel outside-attention bytes per layer and mask-construction bytes per forward.",
+}
+"""What ``hf_masks.json``'s fields mean."""
 
 
 def tiny_llama(layers: int = 2, max_len: int = 4096):
@@ -186,7 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"growth over S (bytes ~ S^p), {fit['path']}: " + ", ".join(
             f"{name} p={'-' if p is None else f'{p:.2f}'}" for name, p in fit["slopes"].items()))
     config = {**vars(args), "seq_lens": seq_lens, "batch": BATCH, "command": "hf-masks", "differences": diffs}
-    written = records.write(args.out, "hf_masks", records.document("hf-masks", device, config, recs, growth))
+    doc = records.document("hf-masks", device, config, recs, growth)
+    doc["conventions"] = CONVENTIONS
+    written = records.write(args.out, "hf_masks", doc)
     print("wrote: " + ", ".join(written))
     return 0
 

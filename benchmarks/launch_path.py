@@ -33,11 +33,20 @@ import kernels
 from kernels import _direct, _runtime
 from kernels.attention import configs
 from benchmarks import overhead, plots, records
-from benchmarks.device import DeviceInfo, detect
+from benchmarks.device import DeviceInfo, cpu_threads, detect
 
 KERNELS = ("fwd", "dkdv", "dq")
 PATHS = ("autotuner", "memo", "direct", "run", "binder")
 SIMULATED_FAMILY = 90
+CONVENTIONS = {
+    "kernel": "the attention launch: fwd (forward), dkdv and dq (the backward's two kernels) of a causal fp16 "
+              "(1, 2, 16, 64) attention; path: autotuner, memo, direct, run or binder, as the module docstring "
+              "(python -m benchmarks launch-path --help) describes each.",
+    "us_per_call": "host microseconds per launch: the minimum over interleaved rounds of a round's mean. how: "
+                   "simulated (CPU: the sm_90 launch code with the kernel's run, the autotuner's timing and the "
+                   "driver's stream stubbed) or real launches back to back, synchronised at the end (a GPU).",
+}
+"""What ``launch_path.json``'s record fields mean."""
 
 
 def attention_launches(device: torch.device, dtype: torch.dtype = torch.float16, shape=(1, 2, 16, 64),
@@ -247,16 +256,17 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks launch-path", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks launch-path", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=records.out_dir, default="results", help="folder for launch_path.json/.csv/.png")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a CI-sized run)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     device = detect()
-    recs = measure(device, repeats=2 if args.quick else 7, calls=10 if args.quick else 200)
+    with cpu_threads(device, 1):  # host time of tiny launches: extra threads only add noise on a shared machine
+        recs = measure(device, repeats=2 if args.quick else 7, calls=10 if args.quick else 200)
     print(f"device: {device.name}  ({recs[0]['how']})", flush=True)
     records.report(args.out, "launch_path", device, {**vars(args), "command": "launch-path"}, recs,
-                   format_table(recs), plot)
+                   format_table(recs), plot, conventions=CONVENTIONS)
     return 0
 
 

@@ -14,10 +14,10 @@ transformers' own attention; ``hf flash_attention_2`` where flash-attn is instal
 ``torch.compile`` where it applies (decode: transformers compiles a static cache's step itself on a GPU).
 
 Measures: ms per step, tokens/s, model FLOPs utilisation (nanoGPT's 6N + 12 L H Q T per trained token; 2N + 4 L H Q T
-per forward token) and peak memory above the model on a GPU. On CPU the Triton providers run in Triton's
-interpreter: their wall time is the interpreter's, labelled so, never a GPU figure; the CPU records also carry
-the bytes a step reads and writes (``benchmarks/counting.py``; decode: one decoding step, counted generate(2) minus
-generate(1), the prefill cancelling as in the timing).
+per forward token) and peak memory above the model on a GPU. On CPU (``--threads`` torch threads, default 1) the
+Triton providers run in Triton's interpreter: their wall time is the interpreter's, labelled so, never a GPU
+figure; the CPU records also carry the bytes a step reads and writes (``benchmarks/counting.py``; decode: one
+decoding step, counted generate(2) minus generate(1), the prefill cancelling as in the timing).
 
 ``--out DIR`` writes ``model.json`` (records), ``model.csv`` and one PNG per workload.
 """
@@ -35,7 +35,7 @@ import torch
 
 import kernels  # noqa: F401  (first: the interpreter on a machine without a GPU)
 from benchmarks import plots, records
-from benchmarks.device import DeviceInfo, detect
+from benchmarks.device import DeviceInfo, cpu_threads, detect
 from benchmarks.suite import at_least
 from transformer.model import GPT, GPTConfig
 from transformer.patch import patch
@@ -420,6 +420,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="timed runs per point (default 5 GPU, 2 CPU, 1 CPU with --quick)")
     parser.add_argument("--budget", type=at_least(0.0, float), default=None,
                         help="seconds; later points are recorded skipped")
+    parser.add_argument("--threads", type=at_least(1), default=1,
+                        help="CPU only: torch threads (default 1, as the suite: on a shared machine a step waiting "
+                             "for a busy second thread can take 100x longer)")
     args = parser.parse_args(argv)
     device = detect()
     if not selected(device.kind, args.quick, args.only):
@@ -429,7 +432,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           flush=True)
     repeats = args.repeats or (5 if device.kind == "cuda" else (1 if args.quick else 2))
     deadline = None if args.budget is None else time.monotonic() + args.budget
-    recs = run(device, args.quick, repeats, args.only, deadline)
+    with cpu_threads(device, args.threads):
+        recs = run(device, args.quick, repeats, args.only, deadline)
     records.report(args.out, "model", device, {**vars(args), "command": "model", "repeats": repeats}, recs,
                    format_table(recs), plot, conventions=CONVENTIONS)
     return 0

@@ -11,7 +11,7 @@ interleaved in one run (min over repeats: the machine is shared and noisy):
 
 On CPU every Triton launch is stubbed out (``InterpretedFunction.run`` becomes a no-op, so the interpreter's own
 argument handling, which is not ours, is skipped too): outputs are garbage and only our Python path is timed.
-On a GPU the kernels run for real on tiny inputs and each call is synchronised, so the figure is wall time.
+On a GPU the kernels run for real on tiny inputs, each round of calls synchronised at its end: wall time.
 
 Writes ``overhead.json`` / ``overhead.csv`` and ``overhead.png`` (ratio to the minimal op) into ``--out``.
 """
@@ -28,10 +28,21 @@ import torch.nn.functional as F
 import kernels
 from kernels import flash_attn
 from benchmarks import plots, records
-from benchmarks.device import DeviceInfo, detect
+from benchmarks.device import DeviceInfo, cpu_threads, detect
 
 GOAL_RATIO = 3.0
 """Issue #19's bar on CPU with launches stubbed: every op within 3x the minimal op, forward and forward+backward."""
+CONVENTIONS = {
+    "op": "the public op timed, named as --ops takes it; provider: ours (the package's function), torch (torch's own "
+          "op on the same inputs) or minimal (a Python autograd.Function that only allocates its outputs: the floor "
+          "any Python op pays); pass: forward (inputs requiring grad), forward+backward, or inference (the forward "
+          "under torch.no_grad()); an op with no backward has its forward only.",
+    "us_per_call": "host microseconds per call: the minimum over interleaved rounds of a round's mean. launches: "
+                   "stubbed (CPU: every Triton launch a no-op, only the Python path timed) or real (a GPU, tiny "
+                   "inputs, each round synchronised at its end: wall time).",
+    "x_minimal": "us_per_call over the minimal op's in the same pass; config.goal_x_minimal is the goal (issue #19).",
+}
+"""What ``overhead.json``'s record fields mean."""
 
 
 class _Minimal(torch.autograd.Function):
@@ -263,19 +274,20 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=records.out_dir, default="results", help="folder for overhead.json/.csv/.png")
     parser.add_argument("--ops", nargs="+", metavar="OP", choices=list(cases(torch.device("meta"))),
                         help="only these ops (names as printed, quoted where they hold a space: %(choices)s)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a CI-sized run)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # tiny ops: extra threads only add noise on a shared machine
     device = detect()
     launches = "Triton launches stubbed: host path only" if device.kind == "cpu" else "real launches, wall time"
     print(f"device: {device.name}  ({launches})", flush=True)
-    recs = measure(device, args.ops, repeats=3 if args.quick else 7, calls=10 if args.quick else 50)
+    with cpu_threads(device, 1):  # tiny ops: extra threads only add noise on a shared machine
+        recs = measure(device, args.ops, repeats=3 if args.quick else 7, calls=10 if args.quick else 50)
     records.report(args.out, "overhead", device, {**vars(args), "command": "overhead", "goal_x_minimal": GOAL_RATIO},
-                   recs, format_table(recs), plot)
+                   recs, format_table(recs), plot, conventions=CONVENTIONS)
     return 0
 
 

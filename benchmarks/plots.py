@@ -119,10 +119,25 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
         ax.set_yscale("log")  # the ratio panels too: a 2x speed-up and a 2x slow-down lie as far from 1
         if ax.lines:
             ax.legend(fontsize=7)
-    for ax in axes.flat:  # e.g. no FLOPs counted for a norm, no ratio to a causal kernel
-        ax.set_visible(bool(ax.lines))
     for ax in (s_ax, r_ax, c_ax):
-        ax.axhline(1.0, color="grey", linewidth=0.8)
+        if ax.lines:
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+    shown = [ax for ax in axes.flat if ax.lines]
+    for ax in axes.flat:  # e.g. no FLOPs counted for a norm, no ratio to a causal kernel: removed, not a hole
+        if not ax.lines:
+            fig.delaxes(ax)
+    if shown:  # the panels left, in order, on a grid just big enough for them
+        cols = min(4, len(shown))
+        rows_needed = -(-len(shown) // cols)
+        grid = fig.add_gridspec(rows_needed, cols)
+        for index, ax in enumerate(shown):
+            ax.set_subplotspec(grid[index])
+        fig.set_size_inches(5.5 * cols, 4.75 * rows_needed)
+    else:  # every point failed or was unavailable: say so rather than write a blank page
+        statuses = sorted({r["status"] for r in records if r["op"] == op and r["mode"] == mode})
+        fig.text(0.5, 0.5, f"no point measured (status: {', '.join(statuses)}; reasons in the records)",
+                 ha="center", va="center")
+        fig.set_size_inches(9, 2.5)
     shape = f"shape {shape_with_n(rows[0])}  {rows[0]['dtype']}" if rows else ""
     fig.suptitle(f"{op} {mode}  {shape}  on {device.name}")
     fig.tight_layout()

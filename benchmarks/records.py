@@ -89,8 +89,11 @@ def write(out_dir: str, name: str, doc: dict) -> List[str]:
         json.dump(doc, f, indent=1, default=str)  # a value JSON has no type for (a dtype, a path) as its text
     rows = [_flatten(r) for r in doc["records"]]
     columns = list(dict.fromkeys(key for row in rows for key in row))
+    # A failed point's None where the others have a dict ("time" beside "time.median_ms"): no empty column for it
+    columns = [c for c in columns if not (any(other.startswith(c + ".") for other in columns)
+                                          and all(row.get(c) is None for row in rows))]
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return [json_path, csv_path]

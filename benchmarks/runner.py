@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import memory
 from benchmarks.counting import counting, touched_bytes
-from benchmarks.device import DeviceInfo
+from benchmarks.device import DeviceInfo, cpu_threads
 from benchmarks.measure import is_oom, make_step, time_cpu, time_gpu
 from benchmarks.providers import Case, Provider, Unavailable, make_inputs, providers_for
 from benchmarks.roofline import MODELLED, model_time, spec_by_name
@@ -154,12 +154,7 @@ def run(groups: Dict[str, List[Case]], device: DeviceInfo, *, mem_limit: Optiona
     if mem_limit is not None and device.kind == "cuda":  # a real CUDA OOM beyond the limit
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, mem_limit / total))
-    previous_threads = torch.get_num_threads()
-    if device.kind == "cpu":
-        torch.set_num_threads(threads)
-    try:
+    with cpu_threads(device, threads):
         return [record for op, cases in groups.items() for prov in providers_for(op, providers, variants)
                 for record in _measure_provider(prov, cases, device, mem_limit, time_budget_s, threads,
                                                 progress)]
-    finally:
-        torch.set_num_threads(previous_threads)

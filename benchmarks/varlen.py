@@ -12,11 +12,12 @@ computed three ways on the same right-padded (B, H, N, D) inputs, N the longest 
 
 Each point goes through ``benchmarks.runner.measure_point``: counted bytes and FLOPs (``benchmarks.counting``,
 the interpreted attention kernels forced to the sm_90 default tiles exactly as the other commands count them),
-roofline model times (a model, not a measurement), time (CPU wall-clock, Triton interpreted; ``do_bench`` on a
-GPU) and, on a GPU, peak memory. On CPU peak memory is the peak-RSS growth of one step measured in this process
-(``benchmarks.memory``'s method, glibc set to the worker's 64 KiB mmap threshold). Also printed: the ideal FLOPs
-(4 H D sum L(L+1)/2 forward, x3.5 forward+backward by FlashAttention's convention), the forward FLOPs the
-kernels' tiles imply (every tile a program visits, no skipping inside a tile), and padded / varlen ratios.
+roofline model times (a model, not a measurement), time (CPU wall-clock on ``--threads`` torch threads, Triton
+interpreted; ``do_bench`` on a GPU) and, on a GPU, peak memory. On CPU peak memory is the peak-RSS growth of one
+step measured in this process (``benchmarks.memory``'s method, glibc set to the worker's 64 KiB mmap threshold).
+Also printed: the ideal FLOPs (4 H D sum L(L+1)/2 forward, x3.5 forward+backward by FlashAttention's convention),
+the forward FLOPs the kernels' tiles imply (every tile a program visits, no skipping inside a tile), and padded /
+varlen ratios.
 
 Writes ``varlen.json``, ``varlen.csv`` and one PNG per mode (x axis: the padded length N) under ``--out``.
 """
@@ -31,7 +32,7 @@ import torch
 
 import kernels
 from benchmarks import analysis, memory, plots, records, runner, suite
-from benchmarks.device import DeviceInfo, detect
+from benchmarks.device import DeviceInfo, cpu_threads, detect
 from benchmarks.measure import make_step
 from benchmarks.providers import MODES, Case, Provider, make_inputs
 from benchmarks.table import format_table
@@ -44,6 +45,19 @@ MAX_LENS = {"cpu": [256], "cuda": [2048, 4096, 8192, 16384]}
 SIGMA = 0.75  # log-normal spread of the drawn lengths: a long tail towards max_len
 CPU_MEMORY_METHOD = "peak RSS growth (VmHWM after reset) in this process, glibc mmap threshold 64 KiB"
 FWD_PROVIDERS = ("varlen", "padded")  # the fused kernels, whose forward FLOPs the tile model predicts
+CONVENTIONS = {
+    **records.CONVENTIONS,
+    "provider": "varlen (unpadded: gather, attention_varlen, scatter, all counted and timed), padded "
+                "(kernels.attention with key_padding_mask) or baseline (kernels.reference.attention with a bool "
+                "mask); length and shape: the padded batch (B, H, N, D), N the longest of lengths.",
+    "memory": "GPU: torch.cuda.max_memory_allocated; CPU: peak RSS growth of one step in this process (method), "
+              "glibc's mmap threshold at 64 KiB as the suite's workers; page-granular, a few 0.1 MB.",
+    "lengths": "the batch's sequence lengths (drawn, or --lengths); tokens: their sum; ideal_flops: causal "
+               "attention over the real tokens, 4 H D sum L(L+1)/2, x3.5 forward+backward; tile_model_flops: CPU "
+               "forward of the fused kernels only, the FLOPs their (BLOCK_M, BLOCK_N) tiles imply (None otherwise).",
+    "tflops": "GPU only: ideal_flops / median time (the real tokens' work, not the padded batch's).",
+}
+"""What ``varlen.json``'s fields mean: the suite's, with varlen's own."""
 
 
 def draw_lengths(batch: int, max_len: int, seed: int) -> List[int]:
@@ -168,7 +182,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="only these modes")
     parser.add_argument("--time-budget", type=suite.at_least(0.0, float), default=1.0,
                         help="seconds of repeats per timed point")
+    parser.add_argument("--threads", type=suite.at_least(1), default=1,
+                        help="CPU only: torch threads (default 1, as the suite: on a shared machine a small op "
+                             "waiting for a busy second thread takes milliseconds instead of microseconds)")
     args = parser.parse_args(argv)
+    if args.lengths:  # the drawing options would be dropped without a word
+        drawn = [flag for flag, value in (("--max-len", args.max_len), ("--batch", args.batch)) if value]
+        if drawn:
+            parser.error(f"--lengths gives the batch itself; it does not take {' or '.join(drawn)}")
     device = detect()
     print(f"device: {device.name}  (timing: {device.timing})", flush=True)
     dims = {key: getattr(args, key) or default for key, default in suite.DIMS[device.kind].items() if key != "batch"}
@@ -179,12 +200,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     modes = [mode for mode in MODES if mode in args.modes]
     if device.kind == "cpu":  # as benchmarks.memory's workers: freed blocks leave the process (M_MMAP_THRESHOLD)
         ctypes.CDLL(None).mallopt(-3, 65536)
-    recs = [r for lengths in batches for r in measure(lengths, dims, device, args.time_budget, modes)]
+    with cpu_threads(device, args.threads):
+        recs = [r for lengths in batches for r in measure(lengths, dims, device, args.time_budget, modes)]
     analysis.add_ratios(recs)
     print(format_table(recs))
     print(summary(recs))
     config = {**vars(args), **dims, "batches": batches, "command": "varlen"}
-    written = records.write(args.out, "varlen", records.document("varlen", device, config, recs, []))
+    doc = records.document("varlen", device, config, recs, [])
+    doc["conventions"] = CONVENTIONS
+    written = records.write(args.out, "varlen", doc)
     written += plots.plot_all(recs, device, args.out, "varlen")
     print("wrote: " + ", ".join(written))
     return 0
