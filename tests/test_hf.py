@@ -15,8 +15,8 @@ from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
 
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+def tiny_llama(layers: int = 2):
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=layers,
                                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
                                       bos_token_id=0, eos_token_id=None, pad_token_id=0,
                                       attn_implementation="eager")

@@ -329,10 +329,10 @@ def test_a_patched_hugging_face_model_compiles_in_one_graph(device, fresh_dynamo
     from test_hf import tiny_llama
     from transformer import patch
 
-    model = patch(tiny_llama().to(device).train())
+    model = patch(tiny_llama(layers=1).to(device).train())  # compiling dominates: one layer shows the path
     ids = torch.randint(1, 50, (2, 9), device=device)
     losses, grads = [], []
-    for run in (model, torch.compile(model, fullgraph=True)):
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):  # dynamo's refusal, not inductor
         model.zero_grad()
         loss = run(ids, labels=ids).loss
         loss.backward()
