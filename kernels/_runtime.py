@@ -261,10 +261,14 @@ def nested_forward_ad() -> bool:
     return forward_ad_active() and functorch_levels(TransformType.Jvp) > 1
 
 
-def vmap_active() -> bool:
-    """Whether an eager torch.vmap level is active (torch.vmap, jacfwd, ...): its batched tensors cannot go to a
-    Triton launch."""
-    return in_functorch_transform() and functorch_levels(TransformType.Vmap) > 0
+def transform_needs_torch_ops() -> bool:
+    """Whether a torch.func transform around this call needs torch's ops rather than the row kernels: an eager
+    torch.vmap level (torch.vmap, jacfwd, ...), whose batched tensors cannot go to a Triton launch, or any transform
+    while torch.compile traces (the custom ops' autograd does not take one: 'must override the setup_context'; and
+    dynamo cannot read the transform stack)."""
+    if not in_functorch_transform():
+        return False
+    return torch.compiler.is_compiling() or functorch_levels(TransformType.Vmap) > 0
 
 
 def refuse_forward_ad(op: str, *tensors) -> None:

@@ -54,7 +54,7 @@ from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride, warps_for)
 from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device,
-                              nested_forward_ad, sm_count, vmap_active)
+                              nested_forward_ad, sm_count, transform_needs_torch_ops)
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -996,7 +996,7 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors);
     # eps = inf (rstd 0 in every row, an output of zeros or the bias): torch's ops too, whose gradients are 0
     # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
-    if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or vmap_active():
+    if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or transform_needs_torch_ops():
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
     if nested_forward_ad():  # a jvp of a jvp, where the Function's jvp would give a zero second-order tangent
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode, nested_jvp=True)

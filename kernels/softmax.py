@@ -28,7 +28,7 @@ from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
                            rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, kernel_runs_on, launch_device, nested_forward_ad,
-                              vmap_active)
+                              transform_needs_torch_ops)
 from kernels._validate import FLOAT_DTYPES, DimError, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -42,6 +42,9 @@ ONLINE_PER_THREAD = 8
 """Elements of an online-path chunk per thread: at 16 (a 4096 chunk on 8 warps) ptxas spills 24 B in the fp16
 forward on sm_100; 8 (16 warps) is spill-free on sm_80, sm_90, sm_100 and gfx942 (``python -m benchmarks static
 --kernel _softmax --defaults``)."""
+MAX_ROWS = 2**31 - 1
+"""Rows (programs) one launch takes: CUDA's limit on a grid's first axis. A softmax over more rows (a narrow one,
+such as a router's over its experts) launches once per run of at most this many."""
 
 @triton.jit
 def _visible_cols(row, n_cols, n_q, CAUSAL: tl.constexpr):
@@ -174,7 +177,8 @@ def _launch_constants(n_cols: int, lanes: int, limits, causal: bool, log: bool) 
 
 
 def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
-    """One program per row along ``dim`` of ``out``, reading the same-shape ``ins`` (rows unit-strided)."""
+    """One program per row along ``dim`` of ``out``, reading the same-shape ``ins`` (rows unit-strided); rows past
+    MAX_ROWS go in several launches."""
     n_cols = out.shape[dim]
     constants = _launch_constants(n_cols, lanes_of(out.device), (MAX_BLOCK, LONG_BLOCK), causal, log)
     pointers, strides = [], []
@@ -182,7 +186,18 @@ def _launch(kernel, out, ins, dim, n_q, scale, causal, log):
         rows, stride = _matrix(t, dim)
         pointers.append(rows)
         strides.append(stride)
-    _direct.run(kernel, (*pointers, *strides, n_cols, n_q, scale), (out.numel() // n_cols,), **constants)
+    n_rows = out.numel() // n_cols
+    if n_rows <= MAX_ROWS:
+        _direct.run(kernel, (*pointers, *strides, n_cols, n_q, scale), (n_rows,), **constants)
+        return
+    # runs of whole (n_q, n_cols) matrices: a program's row index modulo n_q stays its causal row
+    step = MAX_ROWS // n_q * n_q
+    if not step:
+        raise ValueError(f"softmax: causal over {n_q} query rows, more than one launch's grid holds ({MAX_ROWS})")
+    matrices = [p.view(-1, n_cols) for p in pointers]  # (rows, n_cols) views of the same memory
+    for start in range(0, n_rows, step):
+        run = [m[start:start + step] for m in matrices]
+        _direct.run(kernel, (*run, *strides, n_cols, n_q, scale), (run[0].shape[0],), **constants)
 
 
 def _matrix(t: torch.Tensor, dim: int):
@@ -387,7 +402,7 @@ def log_softmax(x: torch.Tensor, dim: int = -1, *, scale: Optional[float] = 1.0,
 def _softmax_or_log(x, dim, scale, causal, log, dtype):
     """The kernels, or torch's ops where they do not run: float64, a device this process's kernels cannot run on
     (:func:`kernel_runs_on` warns once), torch.vmap (which batches torch's ops; a launch cannot read its tensors)."""
-    if (x.dtype if dtype is None else dtype) == torch.float64 or not kernel_runs_on(x) or vmap_active():
+    if (x.dtype if dtype is None else dtype) == torch.float64 or not kernel_runs_on(x) or transform_needs_torch_ops():
         return _torch_ops(x if dtype is None else x.to(dtype), dim, scale, causal, log)
     return _apply(x, dim, scale, causal, log, dtype)
 

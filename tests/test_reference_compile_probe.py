@@ -200,3 +200,15 @@ def test_linearize_matches_float64_jvp(op):
     _, jvp = torch.func.linearize(op, x)
     expected = torch.func.jvp(op, (x.double(),), (t.double(),))[1]
     torch.testing.assert_close(jvp(t).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", [kernels.softmax, kernels.log_softmax, lambda x: kernels.layer_norm(x, (5,)),
+                                lambda x: kernels.rms_norm(x, (5,))],
+                         ids=["softmax", "log_softmax", "layer_norm", "rms_norm"])
+def test_compiled_torch_func_grad_of_the_row_ops(op):
+    """torch.compile around torch.func.grad: the custom op's autograd raised 'must override the setup_context'
+    inside the transform; torch's ops run there, with torch's gradient."""
+    x = torch.randn(3, 5)
+    grad = torch.func.grad(lambda t: op(t).square().sum())
+    compiled = torch.compile(grad, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), grad(x.double()).float(), atol=1e-5, rtol=1e-5)

@@ -126,7 +126,7 @@ def _decode_append(X, DST, COS, SIN, SEQLENS, BATCH_IDX, BLOCK_TABLE, stride_tb,
         rotated = row_ok[:, None] & (offs_d < rotary_dim)[None, :] & in_cache[:, None]
         x_partner = tl.load(_tile_ptrs(X, b, head, rows, partner, stride_xb, stride_xh, stride_xn, stride_xd),
                             mask=rotated, other=0.0).to(tl.float32)
-        cs_offs = _row_offset(pos, stride_cn)[:, None] + freq[None, :] * stride_cd
+        cs_offs = _row_offset(pos, stride_cn)[:, None] + _row_offset(freq, stride_cd)[None, :]
         cos = tl.load(COS + cs_offs, mask=rotated, other=1.0).to(tl.float32)
         sin = tl.load(SIN + cs_offs, mask=rotated, other=0.0).to(tl.float32)
         x = x * cos + sign[None, :] * x_partner * sin
@@ -246,8 +246,8 @@ def _decode_combine(PARTIALS, O, LSE,
     """One program per block of the B * H * Sq rows (in LSE's (B, H, Sq) order): out = sum_s w_s out_s / sum_s w_s
     with w_s = exp(lse_s), lse = log sum_s w_s, over the splits' partials: one fp32 buffer PARTIALS holding their
     out (splits, B, Sq, H, D) then their lse (splits, B, H, Sq), both contiguous, into O (B, Sq, H, D) and LSE
-    (B, H, Sq) (None: not stored)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    (B, H, Sq) (None: not stored). Rows in 64 bits: B * H * Sq may pass 2^31 where the grid's programs do not."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     b = rows // (heads * n_q)
     h = rows // n_q % heads

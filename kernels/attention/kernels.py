@@ -72,9 +72,11 @@ at multiples of their size) lies in one cell."""
 
 @triton.jit
 def _tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_h, stride_n, stride_d):
-    """Pointers to the (rows, BLOCK_D) tile at rows ``rows`` of head ``h`` of batch ``b`` (64-bit offsets)."""
+    """Pointers to the (rows, BLOCK_D) tile at rows ``rows`` of head ``h`` of batch ``b`` (64-bit offsets, the head
+    dim's too: a head-dim-outer layout has stride_d past 2^31 / BLOCK_D; with stride_d 1, which Triton specialises,
+    the cast is the sign extension a pointer offset takes anyway)."""
     return (X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-            + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d)
+            + rows.to(tl.int64)[:, None] * stride_n + offs_d.to(tl.int64)[None, :] * stride_d)
 
 
 @triton.jit
