@@ -184,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"device: {device.name}  (counted bytes only: nothing here is timed)", flush=True)
     seq_lens = sorted(set(args.seq_lens)) if args.seq_lens else SEQ_LENS[device.kind]
     recs = [measure(path, n, device.torch_device, args.layers) for n in seq_lens for path in PATHS]
-    print(f"tiny Llama, {args.layers} layers, batch {BATCH} left-padded (row 0 by S/4), float32; bytes counted")
+    layers = f"{args.layers} layer{'' if args.layers == 1 else 's'}"
+    print(f"tiny Llama, {layers}, batch {BATCH} left-padded (row 0 by S/4), float32; bytes counted")
     print(f"{'S':>6}  {'path':7}{'forward MB':>11}{'outside attn MB':>16}{'mask build MB':>14}"
           f"  {'largest mask tensor':28}{'mask handed per layer':>24}")
     for r in recs:
