@@ -76,6 +76,25 @@ def test_export_with_a_dynamic_sequence_length(device):
         _exact(program.module()(x, kv), model(x, kv))
 
 
+class _Packed(torch.nn.Module):
+    def forward(self, q, k, v, cu_seqlens):
+        return kernels.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, 16, 16, causal=True)
+
+
+def test_export_of_varlen_with_a_dynamic_token_count(device):
+    """torch.export with a dynamic token count: clamping max_seqlen (16) to the count guarded the count to below
+    16 ('Constraints violated'); while compiling the grid takes max_seqlen as given, as flash-attn's does."""
+    q, k, v = (torch.randn(11, 2, 8, device=device) for _ in range(3))
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32, device=device)
+    tokens = torch.export.Dim("tokens", min=2, max=1024)
+    program = torch.export.export(_Packed(), (q, k, v, cu), dynamic_shapes={
+        "q": {0: tokens}, "k": {0: tokens}, "v": {0: tokens}, "cu_seqlens": None})
+    for total in (11, 14, 30):  # 30: past max_seqlen, as two sequences of 15
+        q, k, v = (torch.randn(total, 2, 8, device=device) for _ in range(3))
+        cu = torch.tensor([0, total // 2, total], dtype=torch.int32, device=device)
+        _exact(program.module()(q, k, v, cu), _Packed()(q, k, v, cu))
+
+
 def test_flash_attn_return_attn_probs_without_dropout_compiles_fullgraph(device):
     """return_attn_probs=True without dropout (for softmax_lse) read the generator's state on the host first,
     which dynamo cannot trace (a graph break: fullgraph failed); only dropout's S_dmask needs it."""

@@ -452,9 +452,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                       "hold")
     # a max_seqlen past its token count (keys from pages: bounded by the block table) sizes the grid by the count
     # instead: no sequence is longer, so the same rows are computed, and a generous one (any up to int32's) does not
-    # launch programs that would all exit at once
+    # launch programs that would all exit at once. Not while compiling: the token counts may be symbolic there, and
+    # comparing them would guard a dynamic count to below max_seqlen (flash-attn's grid takes max_seqlen as given)
     bounded_k = variant.max_seqlen_k if paged else min(variant.max_seqlen_k, k_shape[0])
-    if variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k:
+    if not torch.compiler.is_compiling() and (variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k):
         variant = dataclasses.replace(variant, max_seqlen_q=min(variant.max_seqlen_q, total_q), max_seqlen_k=bounded_k)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
