@@ -425,10 +425,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q_shape, k_shape, device = _check_tensors(q, k, v, paged)
     total_q, _, head_dim = q_shape
     return_lse = check_flag("return_lse", return_lse)
+    compiling = torch.compiler.is_compiling()
     if (type(causal) is bool and (scale is None or type(scale) is float) and type(window_size) is tuple
             and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
             and type(softcap) is float and type(dropout_p) is float and type(max_seqlen_q) is int
-            and type(max_seqlen_k) is int and not torch.compiler.is_compiling()):  # dynamo warns past a cache
+            and type(max_seqlen_k) is int and not compiling):  # dynamo warns past a cache
         variant = _plain_variant(causal, scale, window_size, softcap, dropout_p, head_dim, max_seqlen_q,
                                  max_seqlen_k)
     else:
@@ -455,7 +456,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     # launch programs that would all exit at once. Not while compiling: the token counts may be symbolic there, and
     # comparing them would guard a dynamic count to below max_seqlen (flash-attn's grid takes max_seqlen as given)
     bounded_k = variant.max_seqlen_k if paged else min(variant.max_seqlen_k, k_shape[0])
-    if not torch.compiler.is_compiling() and (variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k):
+    if not compiling and (variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k):
         variant = dataclasses.replace(variant, max_seqlen_q=min(variant.max_seqlen_q, total_q), max_seqlen_k=bounded_k)
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
@@ -475,7 +476,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         tensors = offsets._replace(alibi_slopes=None if alibi_slopes is None else alibi_slopes.contiguous(),
                                    sinks=None if sinks is None else sinks.float(),
                                    rng_state=draw_rng(q.device) if variant.dropout_p > 0 else None)
-    if torch.compiler.is_compiling():  # the custom ops, on the kernels' views
+    if compiling:  # the custom ops, on the kernels' views
         out, lse = attention_op(_as_batch(q), _as_batch(k), _as_batch(v), tensors, variant)
         out = _as_packed(out)
     else:  # launched on the packed tensors themselves
