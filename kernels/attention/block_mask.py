@@ -9,9 +9,11 @@ positions (a (BLOCK_M, 1) column and a (1, BLOCK_N) row, transposed in the dK/dV
 elementwise), clamped into [0, Nq) x [0, Nk) so they may index per-position tensors without masks; ``score`` is
 the fp32 scaled score ``scale * q . k`` (the score mod runs before softcap and ALiBi). ``extra`` are the tensors
 and int/float scalars given to :class:`MaskMod`/:class:`ScoreMod`; gradients w.r.t. extra tensors are not
-computed. Their ``index_dims={"param": dims}`` declares what indexes each dim of an extra tensor (``"b"``,
-``"h"``, ``"q_idx"``, ``"kv_idx"``, a tuple of them, or None), so that every call checks the tensor is long enough
-(ValueError naming it) before the kernels could read past its end: the shipped mods (mods.py) all declare theirs.
+computed (a score mod's extra tensor that requires grad is a ValueError while grad mode is on). Their
+``index_dims={"param": dims}`` declares what indexes each dim of an extra tensor (``"b"``, ``"h"``, ``"q_idx"``,
+``"kv_idx"``, a tuple of them, or None), so that every call checks the tensor is long enough (ValueError naming it)
+before the kernels could read past its end: the shipped mods (mods.py) all declare theirs. A Python ``if``,
+``and``, ``or`` or ``not`` on a tile in a mod's body is a TypeError (Triton's interpreter takes any tile as True).
 
 :func:`create_block_mask` summarises a mask mod per MASK_BLOCK x MASK_BLOCK cell (128 x 128; every kernel tile
 lies in one cell) as empty, partial or full with one Triton launch. The attention kernels skip empty cells (K/V
@@ -23,7 +25,11 @@ into :data:`_REGISTRY` (its functions and scalars: equal mods share a key, so a 
 neither grows the registry nor recompiles) plus its extra tensors as a ``Tensor[]``. Values that change from call
 to call belong in tensors: each distinct scalar value is a registry entry and a kernel specialisation.
 """
+import ast
+import functools
+import inspect
 import numbers
+import textwrap
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -62,13 +68,63 @@ def _register(entry: Tuple) -> int:
 
 
 def _check_jit(name: str, fn, n_args: int, n_extra: int) -> None:
-    """TypeError naming ``name`` unless ``fn`` is a @triton.jit function of ``n_args`` + ``n_extra`` parameters."""
+    """TypeError naming ``name`` unless ``fn`` is a @triton.jit function of ``n_args`` + ``n_extra`` parameters
+    that applies no Python truth test to a tile (:func:`_truth_test_of_a_tile`)."""
     if not isinstance(fn, JIT_TYPES):
-        raise TypeError(f"{name} must be a @triton.jit function, got {fn!r}")
+        hint = " (Python mods, as torch's FlexAttention takes, cannot run in the kernels)" if callable(fn) else ""
+        raise TypeError(f"{name} must be a @triton.jit function{hint}, got {fn!r}")
     params = list(fn.arg_names)
     if len(params) != n_args + n_extra:
         raise TypeError(f"{name}: {fn.__name__}{tuple(params)} must take {n_args} index/score arguments and the "
                         f"{n_extra} extra argument(s) given, {n_args + n_extra} in all")
+    test = _truth_test_of_a_tile(fn, (2, 3) if n_args == 4 else (0, 3, 4))
+    if test is not None:
+        raise TypeError(f"{name} {fn.__name__}: `{test}` is a Python if/and/or/not on a tile, which Triton's "
+                        f"interpreter takes as True whatever its values (silently wrong on CPU) and a GPU "
+                        f"build refuses for `if`: use &, |, ~ and tl.where, which act elementwise")
+
+
+@torch.compiler.disable  # source reading, not traceable (a mod built under torch.compile is a graph break anyway)
+@functools.lru_cache(maxsize=None)
+def _truth_test_of_a_tile(fn, tile_args: Tuple[int, ...]) -> Optional[str]:
+    """The source of the first ``if``/``while`` test, conditional expression, ``and``/``or`` or ``not`` in ``fn``'s
+    body that reads a tile: a parameter at ``tile_args`` (q_idx, kv_idx, score) or a name assigned from one.
+    None if there is none, or no function source to read. A check of the mod's own body, not of the helpers it
+    calls."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn.fn))
+        func = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(func, ast.FunctionDef):  # triton.jit(lambda ...): getsource gives the line around it
+        return None
+    params = [arg.arg for arg in func.args.args]
+    tiles = {params[i] for i in tile_args if i < len(params)}
+
+    def reads_a_tile(node) -> bool:
+        return any(isinstance(n, ast.Name) and n.id in tiles for n in ast.walk(node))
+
+    grew = True
+    while grew:  # names assigned from tiles are tiles, in any statement order (loops)
+        grew = False
+        for node in ast.walk(func):
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None \
+                    and reads_a_tile(node.value):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for n in ast.walk(target):
+                        if isinstance(n, ast.Name) and n.id not in tiles:
+                            tiles.add(n.id)
+                            grew = True
+    for node in ast.walk(func):
+        if isinstance(node, (ast.If, ast.While, ast.IfExp)):
+            test = node.test
+        elif isinstance(node, ast.BoolOp) or isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            test = node
+        else:
+            continue
+        if reads_a_tile(test):
+            return ast.get_source_segment(source, test)
+    return None
 
 
 def _layout(name: str, extra) -> Tuple:
@@ -116,6 +172,7 @@ class _Mod:
         self.kind, self.fn = kind, fn
         self.tensors = [t for t in extra if isinstance(t, torch.Tensor)]
         params = dict(zip(list(fn.arg_names)[n_args:], extra))
+        self.tensor_names = [name for name, value in params.items() if isinstance(value, torch.Tensor)]
         if index_dims is not None and not isinstance(index_dims, dict):
             raise TypeError(f"{kind} {fn.__name__}: index_dims must be a dict {{extra tensor parameter: dims}} or "
                             f"None, got {index_dims!r}")
@@ -176,8 +233,17 @@ class ScoreMod(_Mod):
         self.key = _register(("score", fn, grad_fn, _layout("score_mod", extra)))
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """ValueError naming score_mod unless its extra tensors suit q (B, H, Nq, D), k (B, Hkv, Nk, D)."""
+        """ValueError naming score_mod unless its extra tensors suit q (B, H, Nq, D), k (B, Hkv, Nk, D) and, with
+        grad mode on, none requires grad: their gradients are not computed (FlexAttention's are), so a learned
+        bias read by the mod would silently get none."""
         self.check_call(q.device, _call_sizes(q, k))
+        if torch.is_grad_enabled():
+            for name, t in zip(self.tensor_names, self.tensors):
+                if t.requires_grad:
+                    raise ValueError(f"score_mod {self.fn.__name__}: its extra tensor {name} requires grad, but "
+                                     f"gradients with respect to a mod's extra tensors are not computed (a bias to "
+                                     f"learn needs another attention, e.g. torch's flex_attention); pass "
+                                     f"{name}.detach() to use it as a constant")
 
 
 def _call_sizes(q: torch.Tensor, k: torch.Tensor) -> Dict[str, int]:
@@ -303,12 +369,16 @@ def _(tensors, key, batch, heads, Nq, Nk, device):
 
 
 def _one_for_all(states: torch.Tensor, dim: int, probed: bool, mod: MaskMod, size: str) -> torch.Tensor:
-    """``states`` at index 0 of ``dim``; if index 1 was ``probed`` too, ValueError unless it is the same."""
+    """``states`` at index 0 of ``dim``; if index 1 was ``probed`` too, ValueError unless it is the same (while
+    torch.compile traces, a device assert with that message)."""
     if probed:
-        if not torch.equal(states.select(dim, 0), states.select(dim, 1)):  # one host sync, at creation only
-            index = "b" if size == "B" else "h"
-            raise ValueError(f"create_block_mask: {size}=None means one mask for every {index}, but mask_mod "
-                             f"{mod.fn.__name__}'s cells differ between {index} = 0 and {index} = 1; pass {size}")
+        index = "b" if size == "B" else "h"
+        message = (f"create_block_mask: {size}=None means one mask for every {index}, but mask_mod "
+                   f"{mod.fn.__name__}'s cells differ between {index} = 0 and {index} = 1; pass {size}")
+        if torch.compiler.is_compiling():  # dynamo cannot read a value: a device assert (torch._assert_async)
+            torch._assert_async((states.select(dim, 0) == states.select(dim, 1)).all(), message)
+        elif not torch.equal(states.select(dim, 0), states.select(dim, 1)):  # one host sync, at creation only
+            raise ValueError(message)
         states = states.narrow(dim, 0, 1)
     return states
 
@@ -320,9 +390,10 @@ def create_block_mask(mask_mod, B: Optional[int], H: Optional[int], Nq: int, Nk:
     sync when B and H are given.
 
     B=None (H=None) also evaluates the cells at b = 1 (h = 1) in the same launch and raises ValueError if they
-    differ from b = 0's (one host sync) - where the mod can be read there: it has no extra tensors, or all of
-    them declare ``index_dims`` and those indexed by b (h) have length >= 2. A mod whose cells first differ at a
-    later b (h), or with undeclared extra tensors, is not checked: give B (H) for a mod that depends on it."""
+    differ from b = 0's (one host sync; while torch.compile traces, a device assert) - where the mod can be read
+    there: it has no extra tensors, or all of them declare ``index_dims`` and those indexed by b (h) have length
+    >= 2. A mod whose cells first differ at a later b (h), or with undeclared extra tensors, is not checked: give
+    B (H) for a mod that depends on it."""
     mod = as_mask_mod(mask_mod)
     _check_sizes(B, H, Nq, Nk)
     device = _kernel_device(device, mod)

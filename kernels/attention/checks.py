@@ -220,8 +220,12 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
         # create_block_mask checks the mod's extra tensors are on q's device before its launch
         block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     else:
-        raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function, got "
-                        f"{mask_mod!r}")
+        # torch's BlockMask and Python mods hold Python code, which the kernels cannot run: say so, without a
+        # BlockMask's many-line repr
+        kind = type(mask_mod)
+        raise TypeError(f"mask_mod must be a kernels.BlockMask, a kernels.MaskMod or a @triton.jit function (the "
+                        f"kernels run Triton mods, not FlexAttention's Python ones: kernels.create_block_mask of a "
+                        f"@triton.jit mask_mod), got a {kind.__module__}.{kind.__qualname__}")
     if block_mask is not None:
         block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
     return block_mask
