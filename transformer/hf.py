@@ -511,12 +511,17 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
 def _reference_attention(query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap, s_aux,
                          cu_seq_lens_q, cu_seq_lens_k) -> torch.Tensor:
     """What the kernels would compute, by ``kernels.reference.attention`` in torch ops, for inputs of a dtype they
-    do not take (float64): transformers' own mask where there is one (:class:`KernelMask`'s ``dense()``), else
-    causal with the sliding window, or the packed sequences' blocks of ``cu_seq_lens_q/k``, built on the device.
-    Dropout draws its keep-mask from torch's generator. Returns (B, Q, H, D)."""
+    do not take (float64): the packed sequences' blocks of ``cu_seq_lens_q/k`` (built on the device) where they are
+    given, with the sliding window (a traced mask: transformers' own, as the kernels' path), else transformers' own
+    mask where there is one (:class:`KernelMask`'s ``dense()``), else causal with the sliding window. Dropout draws
+    its keep-mask from torch's generator. Returns (B, Q, H, D)."""
+    from transformers.utils.import_utils import is_tracing
+
     mask = _dense(attention_mask)
     window = (-1, -1)
-    if mask is None and cu_seq_lens_q is not None:
+    # a sliding-window KernelMask (use_cache's plain pattern) beside them: its dense mask spans the sequences
+    if cu_seq_lens_q is not None and not (isinstance(attention_mask, torch.Tensor) and is_tracing(attention_mask)):
+        _check_packed_mask(attention_mask)
         mask = _packed_mask(cu_seq_lens_q, cu_seq_lens_k, query.shape[2], key.shape[2], causal, sliding_window)
     elif mask is None:
         window = _window(sliding_window, causal)
@@ -528,6 +533,16 @@ def _reference_attention(query, key, value, attention_mask, dropout, scaling, ca
     out = kernels.reference.attention(query, key, value, causal, scaling, mask, window_size=window,
                                       softcap=softcap or 0.0, sinks=s_aux, dropout_mask=keep, dropout_p=dropout)
     return out.transpose(1, 2).contiguous()
+
+
+def _check_packed_mask(attention_mask) -> None:
+    """ValueError unless the cu_seq_lens keywords (packed sequences) can run beside ``attention_mask``: none, or a
+    :class:`KernelMask` of packed sequences or of the plain (sliding) causal pattern without padding. transformers
+    finds packing itself only without a cache: with one (use_cache's default) the mask is that plain pattern, and
+    the keywords alone say where sequences start."""
+    if attention_mask is not None and not (isinstance(attention_mask, KernelMask) and (
+            attention_mask.cu_seqlens is not None or attention_mask.key_padding is None)):
+        raise ValueError("hf_attention: cu_seq_lens_q (packed sequences) together with a padding mask")
 
 
 def _packed_mask(cu_seq_lens_q, cu_seq_lens_k, n_q: int, n_k: int, causal: bool, sliding_window: Optional[int]):
@@ -701,11 +716,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     # check (position_ids, no cache) and may hold more (padding, chunks) that no probe can read there; it runs as
     # any traced mask below (torch's SDPA, transformers' SDPA path's result)
     if cu_seq_lens_q is not None and not traced_mask:
-        # transformers finds packing itself only without a cache: with one (use_cache's default) the mask is the
-        # plain (sliding) causal pattern, no padding, and the cu_seq_lens keywords alone say where sequences start
-        if attention_mask is not None and not (isinstance(attention_mask, KernelMask) and (
-                attention_mask.cu_seqlens is not None or attention_mask.key_padding is None)):
-            raise ValueError("hf_attention: cu_seq_lens_q (packed sequences) together with a padding mask")
+        _check_packed_mask(attention_mask)
         window = _window(sliding_window, causal)
         if (max_length_q == 1 and query.shape[2] == cu_seq_lens_q.shape[0] - 1
                 and _decode_kernel_takes(query, key, value, dropout, s_aux)):  # one query per sequence
