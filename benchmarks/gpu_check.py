@@ -260,15 +260,17 @@ def time_points(device: DeviceInfo, budget: Budget, phase: str, items: Sequence[
         if (op, prov.name) not in loaded:
             try:
                 loaded[(op, prov.name)] = prov.resolve()
-            except Unavailable as error:
+            except Exception as error:  # noqa: BLE001  (a package that fails to import, not only a missing one)
                 loaded[(op, prov.name)] = error
         return loaded[(op, prov.name)]
 
     def run_one(item):
         case, prov = item
         fn = load(case.op, prov)
-        if isinstance(fn, Unavailable):
-            return {**_point(phase, case, prov), "status": "unavailable", "reason": str(fn)}
+        if isinstance(fn, Exception):  # every point of the provider says why; the others are still timed
+            unavailable = isinstance(fn, Unavailable)
+            return {**_point(phase, case, prov), "status": "unavailable" if unavailable else "error",
+                    "reason": str(fn) if unavailable else f"{type(fn).__name__}: {fn}"[:300]}
         with PROVIDER_CONTEXTS.get(prov.name, contextlib.nullcontext)():
             return {**runner.measure_point(case, prov, fn, device, None, 0.0), "phase": phase}
 

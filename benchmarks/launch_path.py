@@ -190,7 +190,10 @@ def _calls(kernel: str, launch: tuple, simulated: bool) -> Dict[str, Callable[[]
     """{path: a zero-argument call} of one kernel's launch (after it was tuned and memoised)."""
     args, options = launch
     rows, heads, runtime_args, meta = args[:4]
-    configs._PICKED.clear()  # (a GPU's autotuner keeps its own cache: the next launches take their picks again)
+    # (a GPU's autotuner keeps its own cache: the next launches take their picks again), and no direct launch of
+    # this signature from earlier in the process (the overhead table runs this very shape), which would skip the pick
+    configs._PICKED.clear()
+    configs._DIRECT.pop(kernel, None)
     configs.launch(kernel, *args, **options)  # tunes (first sight) and memoises the pick
     picked, = configs._PICKED.values()
     fixed_grid = configs.grid(rows, heads, picked["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])

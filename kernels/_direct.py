@@ -11,10 +11,10 @@ and options) gets the same specialisation, so the same compiled kernel. :class:`
 signature (:meth:`DirectLaunches.key`), the kernel ``JITFunction.run`` returned for it, and launches it again the
 way ``run``'s last two lines do (``launch_metadata``, then the compiled kernel's ``run`` with the grid, the
 current stream, the launch hooks and every argument in the signature's order). Anything the key does not cover
-(a misaligned pointer, a tensor subclass, a tuple or descriptor argument, arguments by keyword) goes through
-``JITFunction.run`` every time, and so does every launch where the installed Triton's ``run`` does not end in
-those two lines, or whose backend specialises on more than the key holds (AMD's, :func:`supported`): a version
-whose launch differs never reaches the direct path.
+(a misaligned pointer, a tensor subclass other than ``nn.Parameter``, a tuple or descriptor argument, arguments by
+keyword, a kernel with pre-run hooks) goes through ``JITFunction.run`` every time, and so does every launch where
+the installed Triton's ``run`` does not end in those two lines, or whose backend specialises on more than the key
+holds (AMD's, :func:`supported`): a version whose launch differs never reaches the direct path.
 
 :func:`run` is ``jit.run`` with this memo, for every kernel family's launches (attention's autotuned ones use
 :class:`DirectLaunches` in ``attention/configs.py``, which keeps each launch's tile with its kernel). The signature
@@ -85,7 +85,7 @@ class Entry(NamedTuple):
     payload: object
 
 
-_TENSOR = torch.Tensor
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 
 
 class DirectLaunches:
@@ -105,14 +105,17 @@ class DirectLaunches:
     def key(self, args: tuple, *extra) -> Optional[tuple]:
         """The launch signature of positional runtime ``args`` (plus the caller's ``extra``, which must cover the
         compile-time arguments and options it will pass): the current device (where run would launch, and whose
-        compiled kernel it would take), each tensor's dtype, each int, bool and None as it is, float for a float. None where the binder could specialise two such launches apart (a pointer not
-        16-byte aligned) or the key cannot tell (any other argument type, a different count)."""
-        if len(args) != self.n_runtime or not self.constexprs_last:
-            return None
+        compiled kernel it would take), each tensor's (or Parameter's) dtype, each int, bool and None as it is,
+        float for a float. None where the binder could specialise two such launches apart (a pointer not 16-byte
+        aligned) or the key cannot tell (any other argument type, a different count), and while ``run`` does more
+        than the direct launch repeats: the kernel has pre-run hooks, or a stages-inspection hook is set."""
+        if len(args) != self.n_runtime or not self.constexprs_last or self.jit.pre_run_hooks or getattr(
+                knobs.runtime, "add_stages_inspection_hook", None) is not None:
+            return None  # run calls the kernel's pre-run hooks, and keys its cache on the stages hook's hash
         spec, pointers = [], 0
         for arg in args:
             kind = type(arg)
-            if kind is _TENSOR:
+            if kind is _TENSOR or kind is _PARAMETER:  # the binder takes a Parameter as the tensor it is
                 spec.append(arg.dtype)
                 pointers |= arg.data_ptr()
             elif kind is int or arg is None:

@@ -162,6 +162,10 @@ def test_a_launch_of_another_signature_goes_through_run_again(compiled_launches,
     assert compiled_launches["run"][6:] == ["fwd"]  # the same length bucket: the autotuner's pick, then direct
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass the binder may treat otherwise (a Parameter it takes as a tensor)."""
+
+
 def test_direct_launch_signatures(monkeypatch):
     """What may share a compiled kernel: the same dtypes, ints, bools and Nones, any float value, aligned pointers
     only; anything else has no signature (None: through run every time)."""
@@ -182,7 +186,8 @@ def test_direct_launch_signatures(monkeypatch):
     assert direct.key(args(fill=0.5)) == direct.key(args(fill=3.0)) != direct.key(args(fill=3))
     assert direct.key(args(x.float()[:32])) != direct.key(args())  # another dtype
     assert direct.key(args(x[1:])) is None  # 2 bytes past a 16-byte boundary: the binder would specialise it apart
-    assert direct.key(args(torch.nn.Parameter(x))) is None  # a subclass
+    assert direct.key(args(torch.nn.Parameter(x))) == direct.key(args())  # the binder takes it as the tensor it is
+    assert direct.key(args(x.as_subclass(_Subclass))) is None  # any other subclass
     assert direct.key(args(fill=(1, 2))) is None and direct.key(args()[:-1]) is None
     assert direct.key(args(), "extra") != direct.key(args(), "other")
 
