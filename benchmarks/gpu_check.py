@@ -1127,7 +1127,7 @@ def write(out_dir: str, doc: dict) -> List[str]:
     name = f"gpu_check_{gpu_slug(doc['device']['name'])}"
     written = records.write(out_dir, name, doc)
     md_path = os.path.join(out_dir, f"{name}.md")
-    with open(md_path, "w") as f:
+    with records.replaced(md_path) as f:
         f.write(markdown(doc))
     return written + [md_path]
 

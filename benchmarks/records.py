@@ -1,11 +1,12 @@
 """The files a run leaves behind: one JSON document (device, conventions, records, fits) and a flat CSV."""
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import os
 import platform
-from typing import List, Optional
+from typing import Iterator, List, Optional, TextIO
 
 import torch
 import triton
@@ -81,18 +82,29 @@ def out_dir(path: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def replaced(path: str, newline: Optional[str] = None) -> Iterator[TextIO]:
+    """A UTF-8 text file (units such as µs whatever the locale) written beside ``path`` and renamed onto it when
+    complete: a run killed mid-write (the GPU check's partial saves under a time limit) leaves the previous file
+    whole, never a truncated one."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8", newline=newline) as f:
+        yield f
+    os.replace(partial, path)
+
+
 def write(out_dir: str, name: str, doc: dict) -> List[str]:
     """Write ``<name>.json`` and ``<name>.csv`` (one row per record) into ``out_dir``; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.csv")
-    with open(json_path, "w") as f:
+    with replaced(json_path) as f:
         json.dump(doc, f, indent=1, default=str)  # a value JSON has no type for (a dtype, a path) as its text
     rows = [_flatten(r) for r in doc["records"]]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     # A failed point's None where the others have a dict ("time" beside "time.median_ms"): no empty column for it
     columns = [c for c in columns if not (any(other.startswith(c + ".") for other in columns)
                                           and all(row.get(c) is None for row in rows))]
-    with open(csv_path, "w", newline="") as f:
+    with replaced(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -220,3 +220,20 @@ def test_a_competitor_that_fails_to_import_is_recorded_and_the_phase_goes_on():
                                                             ("missing", "unavailable")]
     assert recs[0]["reason"] == "RuntimeError: liger_kernel needs triton>=9" and recs[1]["time"]["median_ms"] > 0
     assert gpu_check.is_failure(recs[0]) is False  # a competitor's failure is not ours
+
+
+def test_records_are_utf8_and_replace_the_previous_file_whole(tmp_path, monkeypatch):
+    """The GPU check saves partial results every 20 s under a time limit: a kill mid-write left a truncated JSON;
+    units (µs) in a non-UTF-8 locale raised UnicodeEncodeError."""
+    from benchmarks import records
+    doc = {"records": [{"time_µs": 1.5}]}
+    records.write(str(tmp_path), "r", doc)
+    before = (tmp_path / "r.json").read_text(encoding="utf-8")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(records.json, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        records.write(str(tmp_path), "r", {"records": []})
+    assert (tmp_path / "r.json").read_text(encoding="utf-8") == before  # the previous file, whole
+    assert "time_µs" in (tmp_path / "r.csv").read_text(encoding="utf-8")
