@@ -91,8 +91,9 @@ from kernels.attention.varlen import attention_varlen, gather_pages
 
 
 def _flash_lse(lse: torch.Tensor) -> torch.Tensor:
-    """flash-attn's softmax_lse: +inf (not -inf) for a row that sees no key."""
-    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+    """flash-attn's softmax_lse: +inf (not -inf) for a row that sees no key, and (flash-attn's ``sum != sum``
+    test) for a row whose sum is NaN, where the kernels' lse is NaN."""
+    return torch.where(lse > float("-inf"), lse, float("inf"))
 
 
 _PLAIN = frozenset((bool, int, float, type(None)))

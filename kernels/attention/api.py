@@ -146,7 +146,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     sees key j iff j <= i + Nk - Nq. ``key_padding_mask``: optional bool (B, Nk), True = real key (any pattern;
     key blocks outside each row's first..last True are skipped). Rows that see no key give zeros.
     Returns out (B, H, Nq, D) in q's dtype, and with ``return_lse`` also lse (B, H, Nq) float32, the natural-log
-    logsumexp of the scaled, masked scores (-inf for rows that see no key).
+    logsumexp of the scaled, masked scores (-inf for rows that see no key; NaN, as out and torch's math, for a row
+    whose scores hold NaN: NaN or inf in its query or a key it sees).
 
     Variants, with flash-attn 2.x's semantics (shift = Nk - Nq; positions are indices into the padded tensors,
     also under ``key_padding_mask``):

@@ -544,10 +544,12 @@ def _attn_fwd(Q, K, V, O, LSE, KV_BOUNDS, PAD, ALIBI, SINKS, SEED, CU_SEQLENS_Q,
                                        SEED is not None, HEAD_DIM,
                                        BLOCK_D, BLOCK_N, UPCAST, PRECISION, MASK_MOD, SCORE_MOD, TMA)
 
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # empty where the sum is 0: a NaN sum (NaN or inf in q or a visible key) leaves lse NaN, as torch's math has
+    # it, not -inf, which would say that the row saw no key and make the backward drop it
+    empty = l_i == 0
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     out = cast_rne(out, O.dtype.element_ty)
     if TMA:
         _head_rows(O, b, h, N_Q, stride_ob, stride_oh, stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D,
