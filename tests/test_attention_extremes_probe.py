@@ -314,3 +314,20 @@ def test_dropout_near_one_stays_finite():
         out = kernels.attention(*leaves, dropout_p=p)
         out.sum().backward()
         assert out.isfinite().all() and all(t.grad.isfinite().all() for t in leaves)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decoding_a_nan_query_row_gives_lse_nan_as_the_dense_kernel(num_splits):
+    """attention_with_kvcache's `l_i > 0` read a NaN row as one that sees no key: lse -inf where the dense kernel
+    (and torch's math) give NaN; the other rows are untouched, split or not."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 2, 8)
+    q[0, 0, 0, 0] = float("nan")
+    k_cache, v_cache = torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8)
+    out, lse = kernels.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([5], dtype=torch.int32),
+                                              num_splits=num_splits, return_lse=True)
+    dense_out, dense_lse = kernels.attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                             return_lse=True)
+    assert torch.isnan(lse[0, 0, 0]) and torch.isnan(out[0, 0, 0]).all()
+    torch.testing.assert_close(lse, dense_lse, equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense_out.transpose(1, 2), equal_nan=True, atol=1e-5, rtol=1e-5)

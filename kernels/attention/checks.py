@@ -313,7 +313,7 @@ def unusable_pages(BLOCK_TABLE, stride_tb, batch, max_blocks, page_size, num_pag
             end = tl.load(ENDS + row, mask=in_table, other=0) + n_new
             if STARTS is not None:
                 end -= tl.load(STARTS + row, mask=in_table, other=0)
-        used = in_table & (block * page_size < end)
+        used = in_table & (block.to(tl.int64) * page_size < end)  # a table's capacity may pass 2^31 positions
         page = tl.load(BLOCK_TABLE + row * stride_tb + block, mask=used, other=0)
         bad += count(used & ((page < 0) | (page >= num_pages)))
     return bad

@@ -226,9 +226,9 @@ def _decode_fwd(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    empty = l_i == 0  # not l_i > 0: a NaN sum (NaN or inf in q or a key) keeps lse NaN, as the dense kernel's
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = _tile_ptrs(O + _row_offset(split, stride_os), b, h[:, None], tok, offs_d,
                         stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
@@ -268,12 +268,12 @@ def _decode_combine(PARTIALS, O, LSE,
         l_i = l_i * alpha + weight
         acc = acc * alpha[:, None] + weight[:, None] * out
         m_i = m_new
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
+    empty = l_i == 0  # a split's NaN lse (a NaN row) makes its weight, so the sum, NaN: lse NaN, not -inf
+    l_safe = tl.where(empty, 1.0, l_i)
     _store_tile(_tile_ptrs(O, b[:, None], h[:, None], tok, offs_d, stride_ob, stride_oh, stride_on, stride_od),
                 cast_rne(acc / l_safe[:, None], O.dtype.element_ty), row_ok, offs_d, HEAD_DIM)
     if LSE is not None:  # None: a call that returns no lse
-        tl.store(LSE + rows, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+        tl.store(LSE + rows, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=row_ok)
 
 
 @triton.jit
@@ -834,7 +834,8 @@ def _index_rules(seqlens, leftpad, batch_idx, block_table, n_new: int, q_positio
         (f"block_table's pages must index k_cache's {cache_rows} pages: 0 <= block_table[b, p] < {cache_rows} for "
          f"every page p holding a position below cache_seqlens[b] + Sk_new", "block_table", block_table),
         ("block_table maps the new keys of two batch rows to the same cache slot (a page shared where both "
-         "append): each new key needs a slot of its own", "block_table", block_table),
+         "append), or two new keys of one batch row (a page repeated in its row of the table): each new key needs "
+         "a slot of its own", "block_table", block_table),
         (f"rotary_cos/rotary_sin need a row for each rotated query's position (cache_seqlens + i, i < Sq, when causal "
          f"or windowed, else cache_seqlens alone): cache_seqlens + {q_positions} <= S_ro = {rotary_rows}",
          "cache_seqlens", seqlens),
@@ -916,6 +917,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     strides (with k/v, two caches, neither expanded), 1 <= D <= 256, H a multiple of Hkv. ``cache_seqlens``: int
     or (B,) int32, each row's cached length, >= 0 with cache_seqlens + Sk_new <= the cache's positions (None: the
     whole cache; required with k/v).
+    ``block_table``: pages in any order, rows may share pages (prefix caching: every append lands before any row
+    attends, so a row sees the keys others append to a page it maps; no two new keys may land on one slot), and
+    entries past a row's last used page (cache_seqlens + Sk_new) are never read: any value.
     ``cache_batch_idx`` (B,) int32: the cache row of each batch row (contiguous cache only; no row twice with k/v).
     ``cache_leftpad`` (B,) int32: each row's first valid cache position, 0 <= cache_leftpad <= cache_seqlens.
     ``rotary_cos``/``rotary_sin`` (S_ro >= cache positions, rotary_dim / 2), with k/v only: q and the new keys are
