@@ -133,8 +133,14 @@ class DirectLaunches:
                 knobs.compilation.instrumentation_mode, *extra)
 
     def get(self, key: Optional[tuple]) -> Optional[Entry]:
-        """The launch remembered for ``key`` (None: not seen, or no key)."""
-        return None if key is None else self._entries.get(key)
+        """The launch remembered for ``key`` (None: not seen, no key, or one holding an unhashable compile-time
+        argument, which has no signature)."""
+        if key is None:
+            return None
+        try:
+            return self._entries.get(key)
+        except TypeError:
+            return None
 
     def run(self, key: Optional[tuple], args: tuple, grid: tuple, payload: object = None, **kwargs):
         """``jit.run(*args, grid=grid, warmup=False, **kwargs)``, remembering its compiled kernel for ``key`` (with
@@ -145,7 +151,10 @@ class DirectLaunches:
             if all(value is not inspect.Parameter.empty for value in constexprs):  # each given, or a default
                 if len(self._entries) >= MAX_SIGNATURES:
                     self._entries.clear()
-                self._entries[key] = Entry(compiled, constexprs, payload)
+                try:
+                    self._entries[key] = Entry(compiled, constexprs, payload)
+                except TypeError:  # an unhashable compile-time argument: no signature, launched through run
+                    pass
         return compiled
 
     @staticmethod
@@ -176,10 +185,7 @@ def run(jit, args: tuple, grid: tuple, **kwargs) -> None:
         return
     direct = _LAUNCHES.get(jit) or _LAUNCHES.setdefault(jit, DirectLaunches(jit))
     key = direct.key(args, *kwargs.items())
-    try:
-        seen = direct.get(key)
-    except TypeError:  # an unhashable compile-time argument: no signature
-        key = seen = None
+    seen = direct.get(key)
     if seen is not None:
         direct.launch(key, seen, args, grid)
         return

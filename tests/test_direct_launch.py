@@ -58,6 +58,13 @@ def test_no_signature_for_an_unhashable_compile_time_argument(simulated):
     for _ in range(2):
         _direct.run(copy_kernel, (x, y, 64), (4,), BLOCK=16, extra=[1])
     assert simulated["run"] == ["copy_kernel"] * 2
+    # the same through DirectLaunches itself, as attention's launcher calls it (with its tile as the payload)
+    direct = _direct.DirectLaunches(copy_kernel)
+    key = direct.key((x, y, 64), ("extra", [1]))
+    for _ in range(2):
+        assert direct.get(key) is None
+        direct.run(key, (x, y, 64), (4,), "payload", BLOCK=16)
+    assert simulated["run"] == ["copy_kernel"] * 4
 
 
 def test_interpreted_launches_run_the_kernel_and_keep_nothing():
