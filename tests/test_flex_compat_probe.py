@@ -237,3 +237,4 @@ def test_a_torch_block_mask_passed_to_attention_names_its_type_and_the_way_out()
     with pytest.raises(TypeError, match=r"not FlexAttention's Python ones: kernels.create_block_mask .* got a "
                                         r"torch.nn.attention.flex_attention.BlockMask$"):
         kernels.attention(q, q, q, mask_mod=torch_mask)
+

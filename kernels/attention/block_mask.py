@@ -326,7 +326,7 @@ def _kernel_device(device, mod: MaskMod) -> torch.device:
                                   "create_block_mask")
 
 
-def _causes(error: BaseException):
+def causes(error: BaseException):
     """``error`` and the errors it was raised from (a compile error in a nested @triton.jit call is wrapped at
     each call site, the message only in the innermost)."""
     while error is not None:
@@ -353,7 +353,7 @@ def _launch_cells(tensors: List[torch.Tensor], key: int, batch: int, heads: int,
                 _block_mask_cells[(states.shape[2] * batch * heads,)](
                     states, kernel_extra(key, tensors), heads, Nq, Nk, MASK_MOD=fn, CHUNK=CHUNK)
         except TritonError as error:  # the kernels' compile-time check of the result's dtype (_mask_mod_shows)
-            if not any("mask_mod must return a bool or int tile" in str(e) for e in _causes(error)):
+            if not any("mask_mod must return a bool or int tile" in str(e) for e in causes(error)):
                 raise
             raise TypeError(f"mask_mod {fn.__name__} must return a bool or int tile (nonzero = the query sees "
                             f"the key), not floats") from error

@@ -14,11 +14,13 @@ from typing import Dict, List, Tuple, Union
 
 import torch
 import triton
+from triton.errors import TritonError
 from triton.runtime import _allocation  # Triton's allocator slot (a ContextVar), which has no public getter
 
 from kernels import _direct, _runtime
 from kernels._direct import DirectLaunches
 from kernels.attention import mods
+from kernels.attention.block_mask import causes
 from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
                                       _dropout_mask)
 from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
@@ -371,6 +373,10 @@ _INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
 """An interpreted launch's config unless one is forced: the interpreter's tile on pointers."""
 
 
+SCORE_MOD_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
+"""The build-time check of a score mod's result (``tl.static_assert`` in kernels.py), turned into a TypeError."""
+
+
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
            tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
@@ -379,52 +385,59 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
     :func:`specialisation` (``dropout``: whether the launch passes a SEED). ``tma``: the tensors the kernel
     streams, judged by :func:`tma_legal` only where a TMA config could run (``seq_first``: they are (B, N, H, D)).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
-    block = _GRID_BLOCK[kernel]
-    forced = forced_config(_REGISTRY_NAMES[kernel])
-    if forced is None and _runtime.INTERPRETED:  # the common interpreted launch: nothing to decide
-        KERNELS[kernel].run(*args, grid=grid(rows, heads, _INTERPRETED_CONFIG[block]), warmup=False, **meta,
-                            **_INTERPRETED_CONFIG)
-        return
-    if forced is not None:
-        if meta.get("MASK_MOD") is not None:
-            _check_mask_tile(kernel, forced)
-        config = dict(forced)
-        config["TMA"] = bool(config.get("TMA")) and tma_legal(*tma, seq_first=seq_first)
-        if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
-            config.pop("num_warps", None)
-            config.pop("num_stages", None)
-        elif config["TMA"]:
-            _ensure_scratch_allocator()
-        KERNELS[kernel].run(*args, grid=grid(rows, heads, config[block]), warmup=False, **meta, **config)
-        return
-    direct = _DIRECT.get(kernel) or _DIRECT.setdefault(kernel, DirectLaunches(KERNELS[kernel]))
-    # everything the tile's choice reads besides the arguments (the tensors' sizes enter through their strides and
-    # the scalars): a launch seen before goes straight to its compiled kernel, skipping Triton's binder too
-    signature = direct.key(args, rows, heads, lengths, dropout, seq_first, *meta.values())
-    seen = direct.get(signature)
-    if seen is not None:
-        block_size, on_tma = seen.payload
+    try:  # (free unless it raises)
+        block = _GRID_BLOCK[kernel]
+        forced = forced_config(_REGISTRY_NAMES[kernel])
+        if forced is None and _runtime.INTERPRETED:  # the common interpreted launch: nothing to decide
+            KERNELS[kernel].run(*args, grid=grid(rows, heads, _INTERPRETED_CONFIG[block]), warmup=False, **meta,
+                                **_INTERPRETED_CONFIG)
+            return
+        if forced is not None:
+            if meta.get("MASK_MOD") is not None:
+                _check_mask_tile(kernel, forced)
+            config = dict(forced)
+            config["TMA"] = bool(config.get("TMA")) and tma_legal(*tma, seq_first=seq_first)
+            if _runtime.INTERPRETED:  # the interpreter has no warps or pipeline stages
+                config.pop("num_warps", None)
+                config.pop("num_stages", None)
+            elif config["TMA"]:
+                _ensure_scratch_allocator()
+            KERNELS[kernel].run(*args, grid=grid(rows, heads, config[block]), warmup=False, **meta, **config)
+            return
+        direct = _DIRECT.get(kernel) or _DIRECT.setdefault(kernel, DirectLaunches(KERNELS[kernel]))
+        # everything the tile's choice reads besides the arguments (the tensors' sizes enter through their strides and
+        # the scalars): a launch seen before goes straight to its compiled kernel, skipping Triton's binder too
+        signature = direct.key(args, rows, heads, lengths, dropout, seq_first, *meta.values())
+        seen = direct.get(signature)
+        if seen is not None:
+            block_size, on_tma = seen.payload
+            if on_tma:
+                _ensure_scratch_allocator()
+            direct.launch(signature, seen, args, grid(rows, heads, block_size))
+            return
+        family, fp32 = device_family(args[0].device), args[0].dtype == torch.float32
+        on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
         if on_tma:
             _ensure_scratch_allocator()
-        direct.launch(signature, seen, args, grid(rows, heads, block_size))
-        return
-    family, fp32 = device_family(args[0].device), args[0].dtype == torch.float32
-    on_tma = uses_tma(family, fp32) and tma_legal(*tma, seq_first=seq_first)
-    if on_tma:
-        _ensure_scratch_allocator()
-    grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
-    buckets = (_length_bucket(lengths[0]), _length_bucket(lengths[1]))
-    # what selects the autotuner (the head dim and specialisation are in meta), then what it keys on
-    key = (kernel, family, on_tma, dropout, buckets, args[0].dtype, args[3].dtype, tuple(map(type, args)),
-           *meta.values())
-    picked = _PICKED.get(key)
-    if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
-        tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout), buckets,
-                       on_tma)
-        tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
-        _PICKED[key] = tuned.best_config.all_kwargs()
-        return
-    direct.run(signature, args, grid(rows, heads, picked[block]), (picked[block], picked["TMA"]), **meta, **picked)
+        grid(rows, heads, 16)  # the smallest block of any table: check before the autotuner launches anything
+        buckets = (_length_bucket(lengths[0]), _length_bucket(lengths[1]))
+        # what selects the autotuner (the head dim and specialisation are in meta), then what it keys on
+        key = (kernel, family, on_tma, dropout, buckets, args[0].dtype, args[3].dtype, tuple(map(type, args)),
+               *meta.values())
+        picked = _PICKED.get(key)
+        if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
+            tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout), buckets,
+                           on_tma)
+            tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
+            _PICKED[key] = tuned.best_config.all_kwargs()
+            return
+        direct.run(signature, args, grid(rows, heads, picked[block]), (picked[block], picked["TMA"]), **meta,
+                   **picked)
+    except TritonError as error:  # a score mod whose result is no float tile, caught where the kernel is built
+        if not any(SCORE_MOD_DTYPE in str(e) for e in causes(error)):
+            raise
+        raise TypeError(f"score_mod {meta['SCORE_MOD'].__name__} (or its grad_fn) must return a floating-point "
+                        f"tile: the modified score (grad_fn: its derivative in the score)") from error
 
 
 _DIRECT: Dict[str, DirectLaunches] = {}
