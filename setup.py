@@ -7,7 +7,7 @@ setup(
     "transformer, equivalence tests and a benchmark suite",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "transformer", "transformer.*",
                                     "benchmarks", "benchmarks.*"]),
     package_data={"transformer": ["data/*.txt"]},
