@@ -116,16 +116,17 @@ def all_builds() -> List[Build]:
 # ----------------------------------------------------------------------------------- the launch-config seam
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("forced_configs", default={})
 
-_TILE = ("BLOCK_M", "BLOCK_N")
-FORCEABLE: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
-    "attention_fwd": (_TILE, ("TMA", "num_warps", "num_stages")),
-    "attention_dkdv": (_TILE, ("TMA", "num_warps", "num_stages")),
-    "attention_dq": (_TILE, ("TMA", "num_warps", "num_stages")),
-    "attention_bwd_delta": ((), ("BLOCK_M", "num_warps")),
-    "attention_decode": ((), ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
-}
+FORCEABLE: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
 """{kernel: (the keys a forced config must give, the keys it may give)} of every kernel whose launcher asks
-:func:`forced_config`; the other builds (softmax, the norms: their config follows from the row width) take none."""
+:func:`forced_config`, as each launcher's module declares them (:func:`forceable`); the other builds (softmax, the
+norms: their config follows from the row width) take none."""
+
+
+def forceable(kernel: str, required: Tuple[str, ...] = (), optional: Tuple[str, ...] = ()) -> str:
+    """Declare, beside its launcher, that ``kernel`` takes a forced config (:func:`use_config`) giving every key of
+    ``required`` and any of ``optional``; returns ``kernel``."""
+    FORCEABLE[kernel] = (tuple(required), tuple(optional))
+    return kernel
 
 
 def _check_config(kernel: str, config: Dict[str, object]) -> None:

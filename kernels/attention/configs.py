@@ -23,7 +23,7 @@ from kernels.attention import mods
 from kernels.attention.block_mask import causes
 from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
                                       _dropout_mask)
-from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
+from kernels.registry import TRITON_DTYPES, Build, declare, forceable, forced_config, register_builds
 
 Family = Union[int, str]
 """A GPU family: compute capability x 10 (80, 90, 100) or an AMD target name ("gfx942")."""
@@ -368,7 +368,8 @@ def grid(rows: int, heads: int, block: int) -> Tuple[int]:
     return (programs,)
 
 
-_REGISTRY_NAMES = {kernel: f"attention_{kernel}" for kernel in KERNELS}
+_REGISTRY_NAMES = {kernel: forceable(f"attention_{kernel}", ("BLOCK_M", "BLOCK_N"),
+                                     ("TMA", "num_warps", "num_stages")) for kernel in KERNELS}
 _INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
 """An interpreted launch's config unless one is forced: the interpreter's tile on pointers."""
 
@@ -468,9 +469,12 @@ def _check_mask_tile(kernel: str, config: dict) -> None:
                              f"{MASK_BLOCK.value}")
 
 
+_DELTA_NAME = forceable("attention_bwd_delta", optional=("BLOCK_M", "num_warps"))
+
+
 def launch_delta(args, rows: int, heads: int, meta: dict) -> None:
     """Launch the backward's delta pre-pass (one fixed config, nothing to tune)."""
-    forced = forced_config("attention_bwd_delta") or {}
+    forced = forced_config(_DELTA_NAME) or {}
     block_m = forced.get("BLOCK_M", DELTA_BLOCK_M)
     options = {} if _runtime.INTERPRETED else {"num_warps": forced.get("num_warps", DELTA_WARPS)}
     _direct.run(_attn_bwd_delta, args, grid(rows, heads, block_m), HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],

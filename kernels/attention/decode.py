@@ -44,7 +44,7 @@ from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Fami
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
 from kernels.attention.plan import LastTensor
-from kernels.registry import TRITON_DTYPES, Build, declare, forced_config, register_builds
+from kernels.registry import TRITON_DTYPES, Build, declare, forceable, forced_config, register_builds
 
 # ------------------------------------------------------------------------------------------------------ kernels
 
@@ -379,6 +379,7 @@ _TILES = {**dict.fromkeys(NVIDIA, _NVIDIA_TILES),
           AMD: {False: {64: (16, 4, 1), 128: (16, 4, 1), 256: (32, 4, 2)},
                 True: {64: (16, 4, 1), 128: (16, 4, 2), 256: (16, 4, 2)}}}
 _MAX_BLOCK_M = {False: {64: 64, 128: 32, 256: 16}, True: {64: 32, 128: 16, 256: 16}}
+_FORCED_NAME = forceable("attention_decode", optional=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
 INTERPRETER_BLOCK_N = 32
 """Interpreted launches' key block: small, so that short test caches still span several blocks and splits."""
 APPEND_BLOCK_M = COMBINE_BLOCK_M = 16
@@ -402,7 +403,7 @@ def tile(dtype: torch.dtype, head_dim: int, rows: int, family: Family) -> Tuple[
     block_n, warps, stages = _TILES[family][fp32][d_bucket(head_dim)]
     config = dict(BLOCK_M=min(_MAX_BLOCK_M[fp32][d_bucket(head_dim)], max(16, _runtime.next_power_of_2(rows))),
                   BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    forced = forced_config("attention_decode") or {}
+    forced = forced_config(_FORCED_NAME) or {}
     config.update(forced)
     gpu_block_n = config["BLOCK_N"]
     if _runtime.INTERPRETED:
@@ -595,7 +596,7 @@ def _attend(q, k_cache, v_cache, seqlens, leftpad, batch_idx, block_table, kv_he
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=device) if need_lse else None
     if out.numel() == 0:
         return out, lse
-    forced = forced_config("attention_decode")
+    forced = forced_config(_FORCED_NAME)
     plan = _attend_plan(shape, q.dtype, device, kv_heads, capacity, page_size, cache_rows, n_new, window,
                         softcap, scale, num_splits, uses_tf32(q.dtype),
                         None if forced is None else tuple(sorted(forced.items())))
