@@ -993,7 +993,8 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
         eps = _MACHINE_EPS[x.dtype]
     n_cols = shape[0] if len(shape) == 1 else math.prod(shape)
     # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
-    # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors);
+    # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors;
+    # so under any torch.func transform while torch.compile traces: transform_needs_torch_ops);
     # eps = inf (rstd 0 in every row, an output of zeros or the bias): torch's ops too, whose gradients are 0
     # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
     if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or transform_needs_torch_ops():
