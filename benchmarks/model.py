@@ -332,9 +332,11 @@ def format_table(recs: List[dict]) -> str:
             lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['status']}: {r.get('reason', '')}")
             continue
         ratio = r["tokens_per_s"] / best_torch[r["workload"]] if best_torch.get(r["workload"]) else float("nan")
+        # Two significant digits below 0.1: an interpreted kernel is often ~0.001x, which ".2f" showed as 0.00x.
+        ratio_text = f"{ratio:.2g}" if ratio < 0.1 else f"{ratio:.2f}"
         interpreted = "interpreter" in r["timing"] and "triton" in r["provider"]
         lines.append(f"{r['workload']:34} {r['provider']:22} {r['mode']:8} {r['ms_per_step']:10.2f} "
-                     f"{r['tokens_per_s']:11.1f} {ratio:12.2f}x" + "  (interpreted: not GPU speed)" * interpreted)
+                     f"{r['tokens_per_s']:11.1f} {ratio_text:>12}x" + "  (interpreted: not GPU speed)" * interpreted)
     return "\n".join(lines)
 
 

@@ -183,7 +183,14 @@ def test_model_table_marks_interpreted_times_as_not_gpu_speed():
     recs = [{"workload": "w", "provider": p, "mode": "eager", "status": "ok", "ms_per_step": ms,
              "tokens_per_s": 1000 / ms, "timing": timing} for p, ms in (("triton (patch)", 60.0), ("hf sdpa", 0.5))]
     ours, theirs = model.format_table(recs).splitlines()[1:]
-    assert ours.endswith("0.01x  (interpreted: not GPU speed)") and theirs.endswith("1.00x")
+    assert ours.endswith(" 0.0083x  (interpreted: not GPU speed)") and theirs.endswith(" 1.00x")
+
+
+def test_model_table_shows_small_ratios_with_significant_digits():
+    """".2f" printed an interpreted kernel's 0.001x as 0.00x: the table hid how far behind it was."""
+    recs = [{"workload": "w", "provider": p, "mode": "eager", "status": "ok", "ms_per_step": ms,
+             "tokens_per_s": 1000 / ms, "timing": "CPU wall time"} for p, ms in (("triton", 800.0), ("sdpa", 1.0))]
+    assert model.format_table(recs).splitlines()[1].endswith(" 0.0013x")
 
 
 def test_gpu_check_refuses_an_output_folder_it_cannot_write_before_the_first_phase(tmp_path, monkeypatch, capsys):
