@@ -360,6 +360,7 @@ def plot(recs: List[dict], device: DeviceInfo, out: str) -> List[str]:
         ax.set_title(f"{name} on {device.name}")
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         written += plots.save(fig, os.path.join(out, f"model_{slug}.png"), dpi=100)
+    plots.drop_stale(out, "model_*.png", written)
     return written
 
 

@@ -7,6 +7,7 @@ GPU (TFLOPS / GB/s) or, without one, the roofline model time on an H100 (labelle
 counted FLOPs over the fused causal kernel's (where the sliding-window and document providers show their
 savings). A panel with nothing to show is left out.
 """
+import glob
 import os
 import sys
 from typing import List
@@ -14,6 +15,7 @@ from typing import List
 from benchmarks.analysis import (CAUSAL, METRICS, counted_bytes, counted_flops, loglog_slope, model_ms, peak_bytes,
                                  shape_with_n, slope_note, time_ms)
 from benchmarks.device import DeviceInfo
+from benchmarks.providers import MODES
 
 try:
     import matplotlib
@@ -37,6 +39,16 @@ def save(fig, path: str, dpi: int = 110) -> List[str]:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return [path]
+
+
+def drop_stale(out_dir: str, pattern: str, written: List[str]) -> None:
+    """Remove the PNGs in ``out_dir`` matching ``pattern`` (a glob of one command's figure names) that this run did
+    not write: a rerun into the same folder with fewer ops or workloads left the last run's figures beside a JSON
+    that no longer has their records."""
+    keep = {os.path.abspath(path) for path in written}
+    for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+        if os.path.abspath(path) not in keep:
+            os.remove(path)
 
 
 def _series(rows: List[dict], metric):
@@ -152,5 +164,8 @@ def plot_all(records: List[dict], device: DeviceInfo, out_dir: str, prefix: str)
     keys = list(dict.fromkeys((r["op"], r["mode"]) for r in records))
     if not have_pyplot():
         return []
-    return [plot_op(records, op, mode, device, os.path.join(out_dir, f"{prefix}_{op}_{mode.replace('+', '_')}.png"))
-            for op, mode in keys]
+    written = [plot_op(records, op, mode, device,
+                       os.path.join(out_dir, f"{prefix}_{op}_{mode.replace('+', '_')}.png")) for op, mode in keys]
+    for mode in MODES:  # the modes' file endings, so another command's "<prefix>_*.png" is left alone
+        drop_stale(out_dir, f"{glob.escape(prefix)}_*_{mode.replace('+', '_')}.png", written)
+    return written

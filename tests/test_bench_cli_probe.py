@@ -2,6 +2,7 @@
 lists, timings on the thread count the suite uses, and plots without empty holes. Measurement is stubbed."""
 import csv
 import json
+import os
 import re
 import types
 
@@ -282,3 +283,24 @@ def test_csv_has_no_empty_column_for_a_failed_points_missing_dict(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["provider", "status", "time.median_ms", "reason"]
     assert [(r["time.median_ms"], r["reason"]) for r in rows] == [("1.5", ""), ("", "beyond --mem-limit")]
+
+
+def test_a_rerun_into_the_same_folder_drops_the_figures_it_no_longer_makes(tmp_path):
+    """A second run with fewer ops left the first run's PNGs beside a JSON without their records; another
+    command's figures with the same prefix (scaling_context_parallel.png beside scaling_*) stay."""
+    first = [_softmax_record("triton", n, ms=1.0, nbytes=n) for n in (256, 1024)]
+    second = [{**r, "op": "rms_norm"} for r in first]
+    other = tmp_path / "suite_context_parallel.png"
+    other.write_bytes(b"x")
+    assert [os.path.basename(p) for p in plots.plot_all(first, detect(), str(tmp_path), "suite")] == \
+        ["suite_softmax_fwd.png"]
+    plots.plot_all(second, detect(), str(tmp_path), "suite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite_context_parallel.png", "suite_rms_norm_fwd.png"]
+
+
+def test_the_model_benchmark_drops_the_figures_of_workloads_it_no_longer_runs(tmp_path):
+    recs = [{"workload": name, "provider": "triton", "mode": "eager", "status": "ok", "tokens_per_s": 1.0}
+            for name in ("gpt train", "llama prefill")]
+    model.plot(recs, detect(), str(tmp_path))
+    model.plot(recs[1:], detect(), str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["model_llama_prefill.png"]
