@@ -2,13 +2,15 @@
 
 It recognises the masks Hugging Face, nn.MultiheadAttention and most code build for padded batches (a per-batch
 key mask, AND optionally a top-left or bottom-right causal mask or a sliding window; bool, or the float mask of 0
-and -inf or of 0 and the dtype's lowest value that equals it) and hands everything else to torch's own function.
+and -inf or of 0 and the dtype's lowest value that equals it) and torch's ``CausalBias`` masks, and hands everything
+else to torch's own function.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from kernels import _runtime
 from kernels.attention.checks import check_qkv, check_scale, key_bounds
@@ -81,7 +83,8 @@ _mask_plans = LastTensor()
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 """Tensor types a launch (or torch.compile's and torch.export's tracing of it) takes. Other subclasses go to torch's
 SDPA, which hands them the call: DTensor (tensor parallelism, torch's context_parallel; a launch cannot read its
-data), jagged nested tensors, ``CausalBias`` masks, any ``__torch_function__`` subclass."""
+data), jagged nested tensors, any ``__torch_function__`` subclass. ``CausalBias`` masks are read here (see
+:func:`_causal_bias_shift`)."""
 
 
 def _plain(t) -> bool:
@@ -101,7 +104,9 @@ def fused_backend_enabled() -> bool:
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """How the kernel runs this SDPA call, as ``attention_op``'s (tensors, variant) after q, k, v, or None for
     torch's fallback (which then accepts, or rejects with its own error, what the kernel does not take)."""
-    if not (_plain(query) and _plain(key) and _plain(value) and _plain(attn_mask)) or torch.jit.is_tracing():
+    causal_bias = isinstance(attn_mask, CausalBias)
+    if (not (_plain(query) and _plain(key) and _plain(value) and (causal_bias or _plain(attn_mask)))
+            or torch.jit.is_tracing()):
         return None  # torch.jit.trace records torch's op (the shim's Python would trace shapes as tensors)
     try:
         q_shape, k_shape = check_qkv(query, key, value)
@@ -120,6 +125,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None
     if attn_mask is None:  # torch's is_causal is top-left aligned: shift 0
         return NO_TENSORS, attention_variant(is_causal, 0, scale)
+    if causal_bias:
+        shift = _causal_bias_shift(attn_mask, is_causal, q_shape[2], k_shape[2])
+        return None if shift is None else (NO_TENSORS, attention_variant(True, shift, scale))
     if is_causal or not isinstance(attn_mask, torch.Tensor):
         return None  # torch rejects a mask together with is_causal; let it say so
     if attn_mask.requires_grad:
@@ -141,6 +149,18 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None
     tensors, (causal, shift, window_left, window_right) = mask_plan
     return tensors, attention_variant(causal, shift, scale, window_left, window_right)
+
+
+def _causal_bias_shift(bias: CausalBias, is_causal: bool, n_q: int, n_k: int) -> Optional[int]:
+    """The causal shift torch's ``CausalBias._dispatch`` gives ``bias`` (``causal_upper_left``/``causal_lower_right``)
+    for q of length ``n_q`` and k of ``n_k``, or None where it does something else (raises with is_causal, or
+    materialises a lower-right bias of other lengths than q's and k's). It runs an upper-left bias, or a square one,
+    as ``is_causal=True`` whatever q's and k's lengths."""
+    if is_causal:
+        return None
+    if bias.variant == CausalVariant.UPPER_LEFT or bias.seq_len_q == bias.seq_len_kv:
+        return 0
+    return n_k - n_q if (bias.seq_len_q, bias.seq_len_kv) == (n_q, n_k) else None
 
 
 def as_autocast_takes(query: torch.Tensor, key, value):
@@ -172,8 +192,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q's dtype (or any dtype autocast casts to q's) with only 0 and -inf entries, such as nn.MultiheadAttention's
     (B, H, 1 or Nq, Nk), or 0 and the dtype's lowest value (``(1 - mask) * finfo.min``) where every row sees a
     key: checking this reads the mask (one device sync for a new mask, none when a model's next layer passes the
-    same unmodified mask tensor; without a mask there is none). While torch.compile traces, a masked call is
-    torch's SDPA in the graph.
+    same unmodified mask tensor; without a mask there is none). While torch.compile traces, a call with such a
+    mask is torch's SDPA in the graph. torch's ``causal_upper_left``/``causal_lower_right`` biases run the kernel
+    without a read, compiled too (a lower-right one of other lengths than q's and k's, or with ``is_causal``,
+    goes to torch's ``CausalBias`` dispatch).
     Everything else (other float masks, a mask requiring grad, other bool masks, dropout_p > 0, other ranks or
     shapes, inputs the kernels cannot run on in this process, tensor subclasses such as DTensor, torch.func
     transforms, forward-mode AD, torch.jit.trace, a mask under torch.compile or torch.export, an ``is_causal`` that
@@ -185,6 +207,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if isinstance(query, torch.Tensor):
         query, key, value = as_autocast_takes(query, key, value)
     plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if plan is None and isinstance(attn_mask, CausalBias):
+        # torch's CausalBias takes the call only from F's attribute (its __torch_function__ compares the function
+        # with it): with the shim assigned, the builtin ran on the bias's own storage (an uninitialised (variant,
+        # L, S) tensor) as a float mask and returned a CausalBias
+        return CausalBias._dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                    enable_gqa=enable_gqa)
     if plan is None:
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
