@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._autograd import first_order_only
+from kernels._rows import DTENSOR
 from kernels._validate import DimError, check_tensor
 from kernels.attention.checks import check_flag, check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
@@ -81,6 +82,15 @@ def _pieces(length: int, layout: str, world: int, name: str, local: bool = False
 
 def _rank_and_world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _refuse_dtensor(name: str, t, instead: str) -> None:
+    """TypeError naming ``name`` for a DTensor, which holds a global value: these functions take plain
+    per-rank tensors (the kernels and transfers read the local memory; shard and unshard would return a DTensor
+    whose value differs per rank, or fail inside a collective). ``instead``: what to pass."""
+    if DTENSOR is not None and isinstance(t, DTENSOR):
+        raise TypeError(f"{name} must be a plain torch.Tensor, got a DTensor (placements {tuple(t.placements)}): "
+                        f"pass {instead}")
 
 
 def _check_dim(dim, x: torch.Tensor, name: str) -> int:
@@ -207,6 +217,7 @@ def shard(x: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> 
     _check_group(group, "shard")
     _check_layout(layout)
     check_tensor("x", x, dtypes=None)
+    _refuse_dtensor("x", x, "the whole tensor, x.full_tensor()")
     dim = _check_dim(dim, x, "x")
     rank, world = _rank_and_world(group)
     size = _pieces(x.shape[dim], layout, world, "x")
@@ -220,6 +231,7 @@ def _unshard_facts(x_local, dim, layout: str, world: int) -> Dict[str, object]:
     """What every rank's unshard must agree on; TypeError/ValueError naming the argument if its own are bad."""
     _check_layout(layout)
     check_tensor("x_local", x_local, dtypes=None)
+    _refuse_dtensor("x_local", x_local, "this rank's shard, x_local.to_local()")
     dim = _check_dim(dim, x_local, "x_local")
     if x_local.dim() > _MAX_DIMS:
         raise ValueError(f"x_local: unshard gathers tensors of at most {_MAX_DIMS} dims, got shape "
@@ -423,6 +435,9 @@ def _ring_facts(q, k, v, causal, scale, layout, return_lse, world: int) -> Dict[
     _check_layout(layout)
     causal = check_flag("causal", causal)  # as kernels.attention: bool("False") would be True, bool(None) False
     check_qkv(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):  # a DTensor placed Shard(2) holds the contiguous layout's shard
+        _refuse_dtensor(name, t, f"this rank's shard, shard({name}.full_tensor(), 2, layout), or {name}.to_local() "
+                                 "of a Shard(2) DTensor with layout=\"contiguous\"")
     scale = check_scale(scale, q.shape[-1])
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k, v must hold the same {q.shape[2]} positions as q (this rank's shard of one sequence), "
@@ -459,6 +474,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     (B, H, N_local), -inf for rows that see no key. Only the Hkv heads of K/V travel: P - 1 hops of K and V
     forward; backward, P - 1 hops of K/V and P hops of their fp32 gradient accumulators. Under torch.compile it
     is a graph break (it runs eagerly; fullgraph=True refuses it); torch.func transforms raise NotImplementedError.
+    A DTensor q, k or v is a TypeError (on every rank, as any failed check): pass this rank's plain shard.
     """
     _check_group(group, "ring_attention")
     rank, world = _rank_and_world(group)
