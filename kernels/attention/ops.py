@@ -33,9 +33,15 @@ def _on_device(launches):
 
 attention_forward = _on_device(plan.forward)
 """(out, log2-unit lse) of ``plan.forward(q, k, v, tensors, variant)``, no autograd."""
-attention_backward = _on_device(plan.backward)
-"""(dq, dk, dv) of ``plan.backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)``, no autograd: any
-(out, lse) the rows were normalised with (ring attention passes the global ones)."""
+
+
+def attention_backward(grad_out, q, k, v, out, lse, *args):
+    """(dq, dk, dv) of ``plan.backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)``, no autograd: any
+    (out, lse) the rows were normalised with (ring attention passes the global ones)."""
+    if lse.stride(-1) != 1:  # the kernels read lse's rows (and delta's, made like it) at unit stride, and a
+        lse = lse.contiguous()  # saved-tensors hook may hand it back in another layout (the rest go by strides)
+    with _runtime.launch_device(grad_out):
+        return plan.backward(grad_out, q, k, v, out, lse, *args)
 
 
 def natural_lse(lse: torch.Tensor) -> torch.Tensor:
