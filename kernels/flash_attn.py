@@ -11,8 +11,9 @@ Triton kernels of ``kernels/attention/``: code written for ``flash_attn`` can im
 
 Differences from flash-attn 2.x, all functions:
 
-- Wider inputs: fp32 as well as fp16/bf16 (fp32 dots are IEEE on a GPU unless
-  ``torch.backends.cuda.matmul.allow_tf32``), any strides, any head dim from 1 to 256.
+- Wider inputs: fp32 as well as fp16/bf16 (fp32 dots are IEEE on a GPU unless torch allows TF32 for matmuls:
+  ``allow_tf32``, ``set_float32_matmul_precision("high")`` or ``fp32_precision = "tf32"``), any strides, any head
+  dim from 1 to 256.
 - ``deterministic`` is accepted and changes nothing: the backward never uses atomics, so it is always
   deterministic.
 - Bad shapes and dtypes raise TypeError/ValueError naming the argument, before anything runs, rather than a CUDA

@@ -114,7 +114,9 @@ def all_builds() -> List[Build]:
 
 
 # ----------------------------------------------------------------------------------- the launch-config seam
-_FORCED: contextvars.ContextVar = contextvars.ContextVar("forced_configs", default={})
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("forced_configs")
+_ever_forced = False  # whether use_config has been entered in this process: else no launch looks further
+_is_key_in_tls = getattr(torch._C, "_is_key_in_tls", None)
 
 FORCEABLE: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
 """{kernel: (the keys a forced config must give, the keys it may give)} of every kernel whose launcher asks
@@ -162,8 +164,10 @@ def use_config(kernel: str, **config) -> Iterator[None]:
     (ValueError/TypeError for others, before anything launches). Blocks nest; the innermost wins per kernel.
     Meant for tests, benchmarks and the GPU check; the launchers never need it.
     """
+    global _ever_forced
     _check_config(kernel, config)
-    forced = dict(_FORCED.get())
+    _ever_forced = True
+    forced = dict(_FORCED.get({}))
     forced[kernel] = dict(config)
     token = _FORCED.set(forced)
     try:
@@ -174,5 +178,13 @@ def use_config(kernel: str, **config) -> Iterator[None]:
 
 def forced_config(kernel: str) -> Optional[Dict[str, object]]:
     """The config :func:`use_config` forces on ``kernel`` (one of :data:`FORCEABLE`) here, or None (the launcher
-    decides)."""
-    return _FORCED.get().get(kernel)
+    decides). Also inside the backward of a graph on a GPU, which the autograd engine runs on its device threads:
+    their contexts are empty, so the configs come from the context ``backward()`` was called in, which torch
+    hands those threads (stashed for AOTAutograd's compiled backward)."""
+    forced = _FORCED.get(None)
+    if forced is None:
+        if not _ever_forced or _is_key_in_tls is None or not _is_key_in_tls("context"):
+            return None
+        launched = torch._C._get_obj_in_tls("context")
+        forced = {} if launched is None else launched.get(_FORCED, {})
+    return forced.get(kernel)

@@ -489,10 +489,20 @@ def launch_dropout_mask(rng_state: torch.Tensor, mask: torch.Tensor, dropout_p: 
                                                      BLOCK_N=block_n)
 
 
+_FP32_PRECISION = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+"""Whether torch has the ``fp32_precision`` API (2.9 and later), whose "tf32" makes reading the legacy
+``allow_tf32`` raise (torch refuses to read a mix of the two APIs); it reflects the legacy flag's setting too."""
+
+
 def uses_tf32(dtype: torch.dtype) -> bool:
     """Whether fp32 dots run in TF32 here: on a GPU, when torch allows it for matmuls (a flag that can change
-    between calls, so cached plans key on this value)."""
-    return dtype == torch.float32 and not _runtime.INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    between calls, so cached plans key on this value), set by either API (``allow_tf32``,
+    ``set_float32_matmul_precision`` or ``fp32_precision``, the matmul one or the global one it inherits)."""
+    if dtype != torch.float32 or _runtime.INTERPRETED:
+        return False
+    if _FP32_PRECISION:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
 
 
 def kernel_meta(head_dim: int, dtype: torch.dtype, tf32: bool, causal: bool, window: bool = False,
