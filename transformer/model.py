@@ -236,11 +236,13 @@ class CausalSelfAttention(nn.Module):
             return kernels.attention(q, k, v, causal=True, window_size=self.window_size)
         if self.backend == "sdpa":
             n_q, n_k = q.shape[2], k.shape[2]
-            # torch's is_causal is top-left aligned (bottom-right only when Nq == Nk) and has no window: a bool
-            # mask says the rest.
-            plain = self.window_size[0] < 0 and n_q in (1, n_k)
+            # torch's is_causal is top-left aligned (bottom-right only when Nq == Nk; one query sees every key) and
+            # has no window: a bool mask says the rest. bool(): under torch.export the lengths are symbolic, and
+            # is_causal takes no SymBool (Nq and Nk of one forward without a cache are one symbol: no guard).
+            causal = bool(n_q == n_k)
+            plain = self.window_size[0] < 0 and (causal or n_q == 1)
             mask = None if plain else reference.window_mask(n_q, n_k, self.window_size, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and n_q > 1,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and causal,
                                                   enable_gqa=True)
         return reference.attention(q, k, v, causal=True, window_size=self.window_size)
 
@@ -285,11 +287,37 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
         self.context_parallel = None  # (layout, group) under set_context_parallel
+        self.register_load_state_dict_post_hook(GPT._retie_after_load)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual stream
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_backend(config.backend)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply, keeping lm_head tied to wte: a conversion that makes new Parameters rather than
+        setting ``.data`` (``to_empty`` after a meta-device init, meta to any device) makes one for each module's
+        reference, which would untie them silently (two tensors trained and saved apart)."""
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        super()._apply(fn, recurse)
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # runs before the children load, which under load_state_dict(assign=True) give wte and lm_head a Parameter
+        # each: note which one to keep, lm_head's (loaded last, its values are the ones a load into the tied model
+        # keeps) unless the state_dict has only wte's (a checkpoint that dropped the tied copy, strict=False)
+        if self.lm_head.weight is self.transformer.wte.weight:
+            self._tie_to_lm_head = prefix + "lm_head.weight" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _retie_after_load(self, incompatible_keys) -> None:
+        """Tie lm_head and wte again after a load that untied them (``assign=True``)."""
+        to_lm_head = self.__dict__.pop("_tie_to_lm_head", None)
+        if to_lm_head is not None:
+            keep = self.lm_head.weight if to_lm_head else self.transformer.wte.weight
+            self.lm_head.weight = self.transformer.wte.weight = keep
 
     @staticmethod
     def _init_weights(module):
