@@ -158,3 +158,29 @@ def test_patched_module_pickles_copies_loads_and_exports():
                                       strict=strict).run_decompositions()
         longer = torch.randn(2, 9, 16)
         torch.testing.assert_close(program.module()(longer), model(longer), rtol=0, atol=0)
+
+
+def test_patched_hf_model_exports_with_a_dynamic_length_and_a_padding_mask():
+    """hf_attention compared the symbolic length with the decode kernel's 8 queries: export pinned T to <= 8."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = patch(transformers.LlamaForCausalLM(config).eval())
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    length = torch.export.Dim("length", min=2, max=64)
+    example = (torch.randint(0, 50, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    exported = torch.export.export(Logits(), example, dynamic_shapes={"ids": {1: length}, "mask": {1: length}})
+    assert any("kernels" in str(node.target) and "attention" in str(node.target) for node in exported.graph.nodes)
+    for n in (3, 13):
+        ids, mask = torch.randint(0, 50, (2, n)), torch.ones(2, n, dtype=torch.long)
+        mask[0, :n // 2] = 0
+        torch.testing.assert_close(exported.module()(ids, mask), Logits()(ids, mask), atol=1e-5, rtol=1e-5)

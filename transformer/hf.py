@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
 import kernels
@@ -649,6 +650,13 @@ def _one_head_dim(attention):
     return run
 
 
+def _few_queries(query: torch.Tensor) -> bool:
+    """Whether query's (B, H, Nq, D) Nq is at most :data:`DECODE_MAX_QUERIES` (the decode kernel's case). A symbolic
+    Nq (torch.export with a dynamic length) whose bound is unknown is not: comparing it would pin the exported
+    length to <= 8 or > 8, and the general kernel takes any length."""
+    return statically_known_true(query.shape[2] <= DECODE_MAX_QUERIES)
+
+
 @_one_head_dim
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                  dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -726,7 +734,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                       window_size=window, **variants)
         return out, None
     ranges = getattr(attention_mask, KEY_RANGES, None) if isinstance(attention_mask, torch.Tensor) else None
-    if (ranges is not None and query.shape[2] <= DECODE_MAX_QUERIES and attention_mask.shape[-1] == key.shape[2]
+    if (ranges is not None and _few_queries(query) and attention_mask.shape[-1] == key.shape[2]
             and _decode_kernel_takes(query, key, value, dropout, s_aux)):
         # a traced step of a compiled generate(): each row's key range is read off the mask on the device
         seqlens, leftpad = _key_ranges(attention_mask, query.shape[0])
@@ -756,7 +764,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         padding, leftpad = attention_mask.key_padding, attention_mask.leftpad
         if key.shape[2] < n_keys:
             raise ValueError(f"hf_attention: the mask covers {n_keys} key slots but key has {key.shape[2]}")
-    if (query.shape[2] <= DECODE_MAX_QUERIES and (padding is None or leftpad is not None)
+    if (_few_queries(query) and (padding is None or leftpad is not None)
             and _decode_kernel_takes(query, key, value, dropout, s_aux)):
         return _decode(query, key, value, n_keys, leftpad, causal, scaling, window, softcap), None
     out = kernels.attention(query, key[:, :, :n_keys], value[:, :, :n_keys], causal, scaling, key_padding_mask=padding,
