@@ -314,7 +314,8 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     asked = []
     launch = configs.launch
     monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append(
-        (args[0], configs.specialisation(args[4], kwargs["dropout"]))) or launch(*args, **kwargs))
+        (args[0], configs.specialisation(args[4], kwargs["dropout"], kwargs.get("varlen", False)))) or
+        launch(*args, **kwargs))
     q = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2], dtype=torch.int32, device=device)
     kernels.attention(q, q, q, dropout_p=0.5).sum().backward()
@@ -322,8 +323,13 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     kernels.attention(q, q, q, mask_mod=kernels.document_mask(doc)).sum().backward()
     kernels.attention(q, q, q, score_mod=kernels.softcap_score(5.0)).sum().backward()
     kernels.attention(q, q, q, softcap=5.0).sum().backward()
-    assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod", "softcap")
-                     for kernel in ("fwd", "dkdv", "dq")]
+    # varlen's and chunk's firsts were certified by the build report but never tried first (their specialisation
+    # was not asked for)
+    packed, offsets = q[0].transpose(0, 1), torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    kernels.attention_varlen(packed, packed, packed, offsets, offsets, 5, 5, softcap=5.0).sum().backward()
+    kernels.attention(q, q, q, causal=True, attention_chunk=4, softcap=5.0).sum().backward()
+    assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod", "softcap", "varlen",
+                                                       "chunk") for kernel in ("fwd", "dkdv", "dq")]
 
 
 def test_a_forced_tile_larger_than_a_block_mask_cell_is_refused(device):

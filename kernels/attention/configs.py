@@ -221,14 +221,17 @@ def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str =
     return table if first is None else [first] + [t for t in table if t != first]
 
 
-def specialisation(meta: dict, dropout: bool) -> str:
+def specialisation(meta: dict, dropout: bool, varlen: bool = False) -> str:
     """The specialisation whose first entry (:func:`tiles`) a launch with compile-time parameters ``meta`` tries
-    first: "dropout", else "mask_mod", else "score_mod", else "softcap" (the one with the largest register
+    first (``dropout``, ``varlen``: whether it passes a SEED, packed sequences' offsets): "dropout", else
+    "mask_mod", else "score_mod", else "varlen", else "chunk", else "softcap" (the one with the largest register
     footprint when several are on), else "" (the table's own)."""
     if dropout:
         return "dropout"
     mod = next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
-    return mod or ("softcap" if meta.get("SOFTCAP") else "")
+    if mod or varlen:
+        return mod or "varlen"
+    return "chunk" if meta.get("CHUNKED") else "softcap" if meta.get("SOFTCAP") else ""
 
 
 def uses_tma(family: Family, fp32: bool) -> bool:
@@ -379,11 +382,13 @@ SCORE_MOD_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
 
 
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
-           tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False) -> None:
+           tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False,
+           varlen: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
     (by keyword) over cdiv(rows, block) blocks for each of ``heads`` (by ``run(..., grid=...)``, which
     ``kernel[grid](...)`` would call after repacking every argument), autotuned over :func:`tiles` of the launch's
-    :func:`specialisation` (``dropout``: whether the launch passes a SEED). ``tma``: the tensors the kernel
+    :func:`specialisation` (``dropout``, ``varlen``: whether the launch passes a SEED, packed sequences'
+    offsets). ``tma``: the tensors the kernel
     streams, judged by :func:`tma_legal` only where a TMA config could run (``seq_first``: they are (B, N, H, D)).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     try:  # (free unless it raises)
@@ -427,8 +432,8 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
                *meta.values())
         picked = _PICKED.get(key)
         if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
-            tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, specialisation(meta, dropout), buckets,
-                           on_tma)
+            variant = specialisation(meta, dropout, varlen)
+            tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, variant, buckets, on_tma)
             tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
             _PICKED[key] = tuned.best_config.all_kwargs()
             return

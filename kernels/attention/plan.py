@@ -366,7 +366,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
             *_strides(q, varlen, layout), *_strides(k, varlen, layout), *_strides(v, varlen, layout),
             *_strides(out, varlen, layout), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * plan.rows[1], args, plan.meta, (plan.n_q, plan.n_k),
-                   dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST)
+                   dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST,
+                   varlen=varlen)
     return out, lse
 
 
@@ -394,10 +395,10 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # stride-0 expand, which only the pointers take), dQ K and V
     configs.launch("dkdv", plan.n_k, plan.batch * k.shape[_HEADS_DIM[layout]],
                    (*head, dk, dv, *shared, *_strides(dk, varlen, layout), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST)
+                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST, varlen=varlen)
     configs.launch("dq", plan.n_q, plan.batch * plan.rows[1],
                    (*head, dq, *shared, *_strides(dq, varlen, layout), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=layout == SEQ_FIRST)
+                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=layout == SEQ_FIRST, varlen=varlen)
     return dq, dk, dv
 
 
