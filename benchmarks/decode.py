@@ -185,9 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "dtype": "float16"}
     doc = records.document("decode", device, config, recs, [])
     doc["conventions"] = {**CONVENTIONS, "decode": __doc__}  # not the suite's: nothing is timed
-    with open(json_path, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(md_path, "w") as f:
+    with records.replaced(json_path) as f:  # atomic and UTF-8, as every command's records
+        json.dump(doc, f, indent=1, default=str)
+    with records.replaced(md_path) as f:
         f.write(_markdown(recs))
     written = [json_path, md_path] + _plot(recs, os.path.join(args.out, "decode.png"))
     print("wrote: " + ", ".join(written))

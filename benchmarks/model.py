@@ -180,7 +180,7 @@ def build(workload: Workload, provider: str, mode: str, device: torch.device) ->
     return generate, shape.batch * shape.new_tokens
 
 
-def modes(workload: Workload, provider: str, device: torch.device, quick: bool) -> List[str]:
+def modes(workload: Workload, device: torch.device, quick: bool) -> List[str]:
     """eager always; compile where it applies: training and prefill everywhere (on CPU, the GPT's training step
     only, and not in a quick run), decoding with a static cache on a GPU (transformers compiles its step)."""
     if workload.kind == "decode":
@@ -395,7 +395,7 @@ def points(device: DeviceInfo, quick: bool, repeats: int, only: Optional[List[st
         providers = GPT_PROVIDERS if workload.model == "gpt" else hf_providers()
         missing = missing_dependency(workload)
         for provider in providers:
-            for mode in modes(workload, provider, device.torch_device, quick):
+            for mode in modes(workload, device.torch_device, quick):
                 if missing is not None:
                     yield _not_run(workload, provider, mode, device, "unavailable", missing)
                 elif deadline is not None and time.monotonic() > deadline:

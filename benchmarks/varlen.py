@@ -204,13 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         recs = [r for lengths in batches for r in measure(lengths, dims, device, args.time_budget, modes)]
     analysis.add_ratios(recs)
     print(format_table(recs))
-    print(summary(recs))
     config = {**vars(args), **dims, "batches": batches, "command": "varlen"}
-    doc = records.document("varlen", device, config, recs, [])
-    doc["conventions"] = CONVENTIONS
-    written = records.write(args.out, "varlen", doc)
-    written += plots.plot_all(recs, device, args.out, "varlen")
-    print("wrote: " + ", ".join(written))
+    records.report(args.out, "varlen", device, config, recs, summary(recs),
+                   lambda recs, device, out: plots.plot_all(recs, device, out, "varlen"), CONVENTIONS)
     return 0
 
 

@@ -19,7 +19,7 @@ def is_dense(t: torch.Tensor) -> bool:
     return t.layout is torch.strided and not t.is_nested
 
 
-def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES) -> None:
+def check_tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:
     """Raise TypeError/ValueError naming ``name`` unless ``t`` is a dense tensor of a supported dtype and rank."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -31,8 +31,6 @@ def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if min_ndim is not None and t.dim() < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
 
 
 def is_integer(value) -> bool:

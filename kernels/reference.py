@@ -55,7 +55,7 @@ def attention(
 ):
     """Quadratic attention: ``softmax(q @ k^T * scale + mask) @ v``, materialising the scores.
 
-    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (grouped-query attention: each k/v head
+    q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) with H a multiple of Hkv (grouped-query attention: each k/v head
     serves H // Hkv consecutive query heads, repeated here in memory). ``scale`` defaults to 1/sqrt(D).
     ``causal`` masks bottom-right (see :func:`causal_mask`). ``mask``, broadcastable to (B, H, Nq, Nk), is a
     bool "may attend" mask or a float mask added to the scores. Rows that see no key give zeros, not NaN.

@@ -250,7 +250,7 @@ def test_attention_varlen_matches_float64_per_sequence_with_gradients(device, dt
 
 
 def test_varlen_wrappers_are_attention_varlen_on_their_layouts(device):
-    cu, lengths = _cu([4, 0, 6]), [4, 0, 6]
+    cu = _cu([4, 0, 6])
     qkv = torch.randn(10, 3, 2, 8, device=device, requires_grad=True)
     out = flash_attn.flash_attn_varlen_qkvpacked_func(qkv, cu.to(device), 6, causal=True)
     expected, lse = attention_varlen(*qkv.unbind(1), cu.to(device), cu.to(device), 6, 6, causal=True, return_lse=True)

@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from kernels import _runtime, reference
-from kernels.attention import configs, plan
+from kernels.attention import configs
 from kernels.registry import forced_config, use_config
 
 

@@ -13,9 +13,10 @@ Backends (``GPTConfig.backend``, switchable after construction with :meth:`GPT.s
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``torch.nn.functional.layer_norm``.
 
 The parameters and state_dict keys do not depend on the backend, so weights move between them with
-``load_state_dict``. ``GPTConfig.window`` makes every backend's attention a sliding window (Mistral's). The
-attention probabilities get no dropout in any backend (the fused kernel has none), so the backends compute the
-same function in training too; dropout applies to the embeddings and residual branches.
+``load_state_dict``. ``GPTConfig.window`` makes every backend's attention a sliding window (Mistral's). The GPT
+passes no attention dropout to any backend (``kernels.attention`` takes ``dropout_p``, but each backend would draw
+its own mask), so the backends compute the same function in training too; dropout applies to the embeddings and
+residual branches.
 """
 import functools
 import math

@@ -7,7 +7,7 @@ power of two >= 16 with masked loads; fp16, bf16 or fp32, any strides. Every add
 
 Math: out = softmax(s) @ v, block by block with an online softmax in base 2 (scale * log2(e) folded into one
 multiply), never materialising the (Nq, Nk) scores; the logsumexp ``lse`` float32 (element b * stride_lb +
-h * stride_lh + i: (B, H, Nq), or (H, total_q) for packed sequences) is kept for the backward in the kernels' base:
+h * stride_lh + i: (B, H, Nq), or (1, H, total_q) for packed sequences) is kept for the backward in the kernels' base:
 lse = log2(sum_j 2^(s_ij * log2 e)), the natural one times log2(e), so that the backward's p = 2^(s * log2 e - lse)
 is exactly 1 where a row sees one key (a natural-log lse, rounded on the way out and back, was 1 +- 1e-5 at
 logits ~100). The public functions return the natural-log lse (``api.natural_lse``). The score of query i and key j is, in FlashAttention's order,

@@ -1,4 +1,6 @@
-"""Attention's autograd: one entry, :func:`attention_op`, for every attention path (dense, varlen, the SDPA shim).
+"""Attention's autograd: :func:`attention_op` for every attention path (dense, varlen, the SDPA shim) while
+torch.compile traces, and in eager too but for flash-attn's (B, S, H, D) layout and varlen's packed one, which
+have their own eager entries (:func:`attention_seq_first_op`, :func:`attention_packed_op`).
 
 In eager it is a plain autograd.Function over ``plan.py``'s launches (``kernels/_autograd.py``); while
 torch.compile traces, the same launches go through the ``torch.library`` custom ops ``_forward_op`` /

@@ -4,7 +4,8 @@ A call is its tensors (q, k, v and :class:`VariantTensors`: masks, slopes, sinks
 offsets, the mods' tensors) and an :class:`AttentionVariant`: causal, window, softcap, scale, dropout, the mods'
 registry keys, the packed lengths. The plan of a launch (the kernels' compile-time parameters, the scalar
 arguments, the grid's rows and heads) depends only on the variant and the shapes, so it is built once per input
-signature and cached (:func:`_plan`); each call then adds its pointers and strides and launches by keyword.
+signature and cached (:func:`_plan`); each call then adds its pointers and strides and launches: runtime
+arguments by position, compile-time ones by keyword.
 
 :func:`forward` and :func:`backward` are the launches, with no autograd: ``ops.py`` wraps them (a plain
 autograd.Function in eager, ``torch.library`` ops under torch.compile). lse is in the kernels' log2 units.
