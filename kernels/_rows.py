@@ -12,6 +12,10 @@ import torch
 
 from kernels._runtime import next_power_of_2
 
+PLAN_CACHE_SIZE = 4096
+"""Entries each row kernel's launch-plan cache keeps (least recently used dropped): far more widths than a
+process's models use, a bound for one that sees a new width per call (attention's plan cache has the same)."""
+
 NVIDIA_FAMILIES = (80, 90, 100)
 """``Build.families`` of the NVIDIA table: the build report (``--defaults``) holds its defaults to the bar on
 sm_80, sm_90 and sm_100."""
@@ -28,12 +32,13 @@ def lanes_of(device: torch.device) -> int:
     return 64 if device.type == "cuda" and torch.version.hip else 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def row_config(n_cols: int, max_block: int, long_block: int, per_thread: int, lanes: int = 32):
     """(BLOCK, SINGLE, num_warps) for one program per row of ``n_cols`` elements: a power-of-two block covering
     the row when it has at most ``max_block`` elements, else ``long_block``-wide chunks looped over; 128 to 512
     threads in warps of ``lanes``, about ``per_thread`` elements of a block per thread (fewer where the kernel keeps
-    more values per element). Cached: a launch plan is computed once per width, set of limits and family."""
+    more values per element). Cached: a launch plan is computed once per width, set of limits and family (the
+    most recent PLAN_CACHE_SIZE of them: a stream of distinct widths does not grow the cache without bound)."""
     single = n_cols <= max_block
     block = next_power_of_2(n_cols) if single else long_block
     return block, single, warps_for(block, per_thread, lanes)

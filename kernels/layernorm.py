@@ -51,8 +51,8 @@ import triton.language as tl
 
 from kernels import _direct, reference
 from kernels._autograd import autograd_function
-from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
-                           rows_and_stride, warps_for)
+from kernels._rows import (DTENSOR, LANES, PLAN_CACHE_SIZE, autocasts_to_fp32, empty_rows_like, lanes_of,
+                           row_config, rows_and_stride, warps_for)
 from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device,
                               nested_forward_ad, sm_count, transform_needs_torch_ops)
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
@@ -473,7 +473,7 @@ def _plan(n_cols: int, backward: bool, lanes: int):
     return _launch_plan(n_cols, backward, lanes, *_limits())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _launch_plan(n_cols, backward, lanes, max_block, backward_max_block, multi_row_max_block, long_block):
     """:func:`_plan` for the given limits. Aligned rows (VECTOR_ALIGNMENT) hold up to ``max_block`` in one block
     both ways and share weight and bias across a program's rows at every one-block width; unaligned ones stop at
@@ -563,7 +563,7 @@ def _forward_outputs(x, residual, n_cols, rms, absent_empty=True):
             x.new_empty(n_rows, dtype=torch.float32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _launch_constants(backward, n_cols, lanes, limits, rms, casting, *flags):
     """(programs per SM, or 0 for one program a row; the kernel's constexpr keyword arguments and num_warps) of a
     forward (flags: HAS_RES, HAS_W, HAS_B) or backward (flags: HAS_W, HAS_DH, WANT_DW, WANT_DB) launch: computed
@@ -626,6 +626,9 @@ def _backward(h: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor,
 def _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting, want_dw, want_db):
     """(dh total, fp32 dweight or None, fp32 dbias or None): as :func:`_backward`, with no tensor for a gradient
     nobody asked for (the eager path's)."""
+    # the kernel reads the statistics at MEAN + row: a saved-tensors hook may hand them back in another layout
+    rstd = rstd.contiguous()
+    mean = rstd if rms else mean.contiguous()
     dx = empty_rows_like(h)
     n_rows = rstd.shape[0]
     per_sm, constants = _launch_constants(True, n_cols, lanes_of(h.device), _limits(), rms, casting,
@@ -642,9 +645,9 @@ def _launch_backward(h, weight, dy, dh, mean, rstd, n_cols, rms, offset, casting
         dy2d, stride_dy = rows_and_stride(dy, n_cols)
         dh2d, stride_dh = rows_and_stride(dh, n_cols) if dh is not None else (dy2d, stride_dy)
         with launch_device(h):
-            _direct.run(_norm_bwd, (h2d, _vector(weight, h2d), dy2d, dh2d, dx, mean if not rms else rstd, rstd, dw,
-                                    db, sums, stride_h, stride_dy, stride_dh, n_rows, n_cols, rows_per_program,
-                                    offset), (programs,), **constants)
+            _direct.run(_norm_bwd, (h2d, _vector(weight, h2d), dy2d, dh2d, dx, mean, rstd, dw, db, sums, stride_h,
+                                    stride_dy, stride_dh, n_rows, n_cols, rows_per_program, offset), (programs,),
+                        **constants)
     # the one deterministic reduction of the partial sums
     return dx, (dw.sum(0) if want_dw else None), (db.sum(0) if want_db else None)
 
@@ -939,9 +942,14 @@ def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_m
     rank's rows add their share); plain weight and bias tensors are this rank's own. Collectives only, no host
     sync."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-    if not isinstance(x, DTensor) or (residual is not None and not isinstance(residual, DTensor)):
-        raise TypeError(f"x and residual must both be DTensors when any input is one, got x: {type(x).__name__}, "
-                        f"residual: {type(residual).__name__}")
+    x_name = "input" if residual is None else "x"  # as the function names it (:func:`_check`)
+    named = [(x_name, x), ("residual", residual), ("weight", weight), ("bias", bias)]
+    plain = [name for name, t in named[:2] if t is not None and not isinstance(t, DTensor)]
+    if plain:  # (a DTensor weight beside a plain x: say, a module FSDP2 sharded, called without its hooks)
+        dtensors = [name for name, t in named if isinstance(t, DTensor)]
+        raise TypeError(f"{' and '.join(plain)} must be {'a DTensor' if len(plain) == 1 else 'DTensors'} when "
+                        f"{' and '.join(dtensors)} {'is one' if len(dtensors) == 1 else 'are'}, got "
+                        + ", ".join(f"{name}: {type(t).__name__}" for name, t in named if t is not None))
     mesh, n_row_dims = x.device_mesh, x.dim() - len(shape)
     placements = [p if isinstance(p, Shard) and p.dim % x.dim() < n_row_dims else Replicate() for p in x.placements]
     param_grads = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]

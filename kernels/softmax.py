@@ -25,8 +25,8 @@ import triton.language as tl
 from kernels import _direct, reference
 from kernels.attention.checks import check_flag, check_scale
 from kernels._autograd import autograd_function
-from kernels._rows import (DTENSOR, LANES, autocasts_to_fp32, empty_rows_like, lanes_of, row_config,
-                           rows_and_stride)
+from kernels._rows import (DTENSOR, LANES, PLAN_CACHE_SIZE, autocasts_to_fp32, empty_rows_like, lanes_of,
+                           row_config, rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, kernel_runs_on, launch_device, nested_forward_ad,
                               transform_needs_torch_ops)
 from kernels._validate import FLOAT_DTYPES, DimError, check_tensor, is_integer
@@ -168,7 +168,7 @@ def _config(n_cols: int, lanes: int = 32):
     return row_config(n_cols, MAX_BLOCK, LONG_BLOCK, per_thread, lanes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _launch_constants(n_cols: int, lanes: int, limits, causal: bool, log: bool) -> dict:
     """The constexpr keyword arguments and num_warps of a launch: built once per width, family, limits (the
     module's, which tests lower) and flags, so a call builds no plan of its own."""
