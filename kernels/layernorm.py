@@ -24,10 +24,11 @@ Forward:
   so that rows of large mean/std keep fp32 accuracy as chunks merge) and writes h; pass 2 re-reads
   h (x without a residual) and writes y, chunk-major over the program's run of rows (weight and bias read once).
 
-Backward, a persistent grid of programs (one 16-warp program per SM) each owning a run of consecutive rows, one
-block a row up to ``MAX_BLOCK`` (unaligned rows: ``BACKWARD_MAX_BLOCK``; narrow rows ``BACKWARD_TILE // BLOCK`` at
-a time) and two passes over chunks beyond, in fp32 whatever the casting mode (as Liger-Kernel; the roundings of
-the forward count as identities):
+Backward, a persistent grid of programs (one 16-warp program per SM for one-block rows, ``BACKWARD_PROGRAMS_PER_SM``
+8-warp ones for two-pass rows; fewer where the partial sums would pass ``PARTIAL_SHARE`` of the traffic) each
+owning a run of consecutive rows, one block a row up to ``MAX_BLOCK`` (unaligned rows: ``BACKWARD_MAX_BLOCK``;
+narrow rows ``BACKWARD_TILE // BLOCK`` at a time) and two passes over chunks beyond, in fp32 whatever the casting
+mode (as Liger-Kernel; the roundings of the forward count as identities):
     dh = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy))   (RMS norm drops the last term, w = offset + weight)
 plus the new residual's own incoming gradient. dweight = sum over rows of dy * xhat ("llama": xhat rounded to x's
 dtype, what the forward multiplied) and dbias = sum of dy are accumulated per program in fp32 registers (two-pass
