@@ -14,16 +14,16 @@ from typing import Optional, Tuple
 import torch
 
 from kernels import _runtime, reference
-from kernels._validate import check_size, check_tensor
+from kernels._validate import check_size
 from kernels.attention import block_mask as mods, configs
 from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_flag, check_mods, check_padding_mask,
-                                      check_qkv, check_real, check_scale, check_sinks, check_softcap, check_window,
-                                      draw_rng, key_bounds, plain_qkv_shapes)
+                                      check_qkv, check_real, check_scale, check_sinks, check_softcap, check_tensor,
+                                      check_window, draw_rng, key_bounds, plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
 _padding = LastTensor()
-"""A key padding mask's checks, key range and uint8 view, run once while a model's layers pass the same mask for
+"""A key padding mask's checks, key range and uint8 copy, run once while a model's layers pass the same mask for
 the same (batch, Nk, q's device)."""
 
 
@@ -31,11 +31,14 @@ the same (batch, Nk, q's device)."""
 
 
 def _padding_tensors(key_padding_mask: torch.Tensor, q: torch.Tensor, batch: int, n_k: int) -> VariantTensors:
-    """A key padding mask's tensors as the kernels take them, its key range and its uint8 view, once it passes
-    ``check_padding_mask`` for q's (``batch``, ``n_k``) and device (the memo's key: the checks depend on nothing
-    else, and no op changes the mask's dtype, shape or device without bumping its version)."""
+    """A key padding mask's tensors as the kernels take them, its key range and a contiguous uint8 copy, once it
+    passes ``check_padding_mask`` for q's (``batch``, ``n_k``) and device (the memo's key: the checks depend on
+    nothing else, and no op changes the mask's dtype, shape or device without bumping its version). A copy, not a
+    view: the memo keeps them until a call with another mask, and a view would keep the caller's mask's memory
+    alive until then (a copy of B * Nk bytes per new mask, where a view costs host time on every call)."""
     check_padding_mask(key_padding_mask, q, batch, n_k)
-    return VariantTensors(key_bounds(key_padding_mask), key_padding_mask.contiguous().view(torch.uint8))
+    return VariantTensors(key_bounds(key_padding_mask),
+                          key_padding_mask.to(torch.uint8, memory_format=torch.contiguous_format))
 
 
 def _variant_tensors(q, batch: int, n_k: int, key_padding_mask, alibi_slopes, sinks, dropout_p: float,

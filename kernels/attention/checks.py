@@ -1,6 +1,7 @@
 """Attention's argument checks, shared by every attention path (dense, varlen, decoding, the SDPA shim, ring
 attention, flash-attn's functions): each raises TypeError/ValueError naming the argument before anything launches,
-and reads no tensor value on the host.
+and reads no tensor value on the host. A DTensor is refused by name (:func:`check_tensor`): the kernels read one
+tensor's memory.
 
 Index tensors' values (varlen's offsets, decoding's lengths, rows and pages) are checked on the device by one small
 Triton program per call that reads them once and stores an int32 verdict (:func:`new_verdict`), then
@@ -16,11 +17,40 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same, check_tensor
+from kernels import _validate
+from kernels._rows import DTENSOR
+from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same
 from kernels.attention import block_mask as mods, configs
 
 
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
+_DTENSOR = () if DTENSOR is None else DTENSOR  # (isinstance(t, ()) is False)
+
+
+def refuse_dtensor(name: str, t) -> None:
+    """TypeError naming ``name`` for a DTensor, before anything runs on it: a launch reads a tensor's own memory,
+    which a DTensor (a global value, each rank holding a local shard) has none of, and torch's ops mixing it with
+    the call's plain tensors fail."""
+    if isinstance(t, _DTENSOR):
+        raise TypeError(f"{name} must be a plain torch.Tensor, got a DTensor (placements {tuple(t.placements)}): "
+                        f"pass {name}.to_local() (this rank's shard: its heads or batch rows) or {name}.full_tensor() "
+                        f"(the whole tensor); for a sequence sharded across ranks, kernels.distributed.ring_attention "
+                        f"of the local shards")
+
+
+def check_tensor(name: str, t, **kwargs) -> None:
+    """``kernels._validate.check_tensor`` (TypeError/ValueError naming ``name`` unless ``t`` is a dense tensor of
+    ``dtypes`` and the rank asked), and TypeError for a DTensor (:func:`refuse_dtensor`): every attention path's
+    full check of a tensor argument."""
+    refuse_dtensor(name, t)
+    _validate.check_tensor(name, t, **kwargs)
+
+
+def _taken_subclass(t) -> bool:
+    """Whether ``t``, not a plain torch.Tensor, is a tensor subclass the fast checks pass (a Parameter,
+    torch.compile's fake and functional tensors): any but a DTensor, which the full checks refuse."""
+    return isinstance(t, _TENSOR) and not isinstance(t, _DTENSOR)
+
 
 ATTENTION_DTYPES = (*FLOAT_DTYPES, torch.float64)
 """The dtypes :func:`kernels.attention` takes: the kernels' own, and float64, which runs ``kernels.reference``'s
@@ -32,7 +62,8 @@ def plain_qkv_shapes(q, k, v, dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     """(q's, k's, v's shapes) where q, k, v are dense 4-D tensors of one dtype of ``dtypes`` on one device (the
     common case: each attribute read once, without building the checks' arguments); None where any is not (the
     checks then name what is wrong)."""
-    if not (isinstance(q, _TENSOR) and isinstance(k, _TENSOR) and isinstance(v, _TENSOR)
+    if not ((type(q) is _TENSOR or _taken_subclass(q)) and (type(k) is _TENSOR or _taken_subclass(k))
+            and (type(v) is _TENSOR or _taken_subclass(v))
             and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED  # is_dense, inline
             and not (q.is_nested or k.is_nested or v.is_nested)):
         return None
@@ -213,10 +244,13 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if score_mod is not None:
         if not isinstance(score_mod, mods.ScoreMod):
             raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
+        _refuse_dtensor_extras("score_mod", score_mod)
         score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
     elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
+        if isinstance(mask_mod, mods.MaskMod):
+            _refuse_dtensor_extras("mask_mod", mask_mod)
         # create_block_mask checks the mod's extra tensors are on q's device before its launch
         block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     else:
@@ -229,6 +263,13 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if block_mask is not None:
         block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
     return block_mask
+
+
+def _refuse_dtensor_extras(kind: str, mod) -> None:
+    """TypeError naming the parameter for a DTensor among a mask or score mod's extra tensors, which its
+    ``@triton.jit`` function reads inside the kernels (:func:`refuse_dtensor`)."""
+    for name, t in zip(mod.tensor_names, mod.tensors):
+        refuse_dtensor(f"{kind}'s {name}", t)
 
 
 def draw_rng(device: torch.device) -> torch.Tensor:

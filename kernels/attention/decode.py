@@ -35,10 +35,10 @@ import triton.language as tl
 
 from kernels import _direct, _runtime
 from kernels._runtime import cast_rne
-from kernels._validate import check_same, check_tensor, is_dense
+from kernels._validate import check_same, is_dense
 from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, SOFTCAP_MAX, check_alibi, check_flag, check_scale,
-                                      check_softcap, check_window, count, enforce, new_verdict, plain_qkv_shapes,
-                                      rule_bit, store_verdict, unusable_pages)
+                                      check_softcap, check_tensor, check_window, count, enforce, new_verdict,
+                                      plain_qkv_shapes, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, d_bucket, device_family, grid,
                                        kernel_meta, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,

@@ -30,11 +30,11 @@ import triton
 import triton.language as tl
 
 from kernels import _direct, _runtime
-from kernels._validate import FLOAT_DTYPES, check_same, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_same
 from kernels.attention.api import attention
 from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
-                                      check_sinks, check_softcap, check_window, count, draw_rng, enforce, new_verdict,
-                                      rule_bit, store_verdict, unusable_pages)
+                                      check_sinks, check_softcap, check_tensor, check_window, count, draw_rng, enforce,
+                                      new_verdict, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
 from kernels.attention.ops import attention_op, attention_packed_op, natural_lse
 from kernels.attention.plan import AttentionVariant, LastTensor, VariantTensors, attention_variant
@@ -147,19 +147,19 @@ def _(cu_seqlens_q, *args):
 
 
 _offsets_passed = LastTensor()
-"""The offsets (and block table) whose checks passed last, and their :func:`_offsets_tensors`: a model's layers
-pass the same tensors."""
+"""The offsets (and block table) whose checks passed last, and what :func:`_judge_offsets` returned for them: a
+model's layers pass the same tensors."""
 
 
 def _checked_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, block_table,
                      judged: tuple) -> VariantTensors:
-    """The offsets as the kernels take them (:func:`_offsets_tensors`), once checked against ``judged``: (q's
-    device, total_q, total_k (-1: keys from pages), max_seqlen_q, max_seqlen_k, num_blocks, page_size).
-    TypeError/ValueError naming the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on q's device
-    (:func:`_check_offsets_tensors`) and ``block_table`` (None: keys not paged) a table of that batch for k's pages
-    (:func:`_check_block_table`); then ValueError naming the argument (on CPU at once; on a GPU a device assert,
-    with no host sync: ``checks.enforce``) unless each cu_seqlens starts at 0, never decreases and ends at its
-    token count (total_k -1: anywhere, for keys gathered from pages), each max_seqlen is at least its longest
+    """The offsets as the kernels take them (contiguous, as a :class:`VariantTensors`), once checked against
+    ``judged``: (q's device, total_q, total_k (-1: keys from pages), max_seqlen_q, max_seqlen_k, num_blocks,
+    page_size). TypeError/ValueError naming the argument unless cu_seqlens_q/k are 1-D int32 offsets of one batch on
+    q's device (:func:`_check_offsets_tensors`) and ``block_table`` (None: keys not paged) a table of that batch for
+    k's pages (:func:`_check_block_table`); then ValueError naming the argument (on CPU at once; on a GPU a device
+    assert, with no host sync: ``checks.enforce``) unless each cu_seqlens starts at 0, never decreases and ends at
+    its token count (total_k -1: anywhere, for keys gathered from pages), each max_seqlen is at least its longest
     sequence (the grid is sized by it, so a smaller value would silently drop rows), and the ``block_table`` ids
     that a sequence's keys use are pages of [0, num_blocks). Run before any launch: the kernels read only the rows
     the offsets name. One ``_varlen_check`` launch and one assert for all of it.
@@ -175,13 +175,12 @@ def _checked_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_
         tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
     else:  # self-attention passes one offsets tensor for both: compared once (a memo of one tensor is another)
         tensors = cu_seqlens_q if cu_seqlens_k is cu_seqlens_q else (cu_seqlens_q, cu_seqlens_k)
-    return _offsets_passed.get(tensors, judged, _judge_offsets, q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged)
-
-
-def _offsets_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> VariantTensors:
-    """The :class:`VariantTensors` of the offsets alone (contiguous, as the kernels read them)."""
+    copies = _offsets_passed.get(tensors, judged, _judge_offsets, q, k, cu_seqlens_q, cu_seqlens_k, block_table,
+                                 judged)
+    if copies is not None:
+        return copies
     # by position (kv_bounds, pad, alibi_slopes, sinks, rng_state, cu_seqlens_q/k): keywords cost more
-    return VariantTensors(None, None, None, None, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    return VariantTensors(None, None, None, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
 def _offsets_verdict_by_torch(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -203,9 +202,12 @@ def _offsets_verdict_by_torch(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Te
 
 
 def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple,
-                   kernels_run: bool = True) -> VariantTensors:
+                   kernels_run: bool = True) -> Optional[VariantTensors]:
     """:func:`_checked_offsets`'s checks, launch and verdict, every call; without ``kernels_run`` (tensors the
-    kernels cannot take) the verdict is computed by torch ops instead of the check kernel."""
+    kernels cannot take) the verdict is computed by torch ops instead of the check kernel. Returns None where both
+    offsets are contiguous (the kernels read them as they are), else the :class:`VariantTensors` of contiguous
+    copies of both: what the memo keeps holds no tensor of the caller's, which it would keep alive (with any buffer
+    it views) until a call with other offsets."""
     _, total_q, total_k, max_seqlen_q, max_seqlen_k, num_blocks, page_size = judged
     _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
@@ -221,7 +223,10 @@ def _judge_offsets(q, k, cu_seqlens_q, cu_seqlens_k, block_table, judged: tuple,
     enforce(verdict, _OFFSETS_RULE, lambda: _offsets_rules(cu_seqlens_q, cu_seqlens_k, total_q,
                                                            None if total_k < 0 else total_k, max_seqlen_q,
                                                            max_seqlen_k, block_table, num_blocks))
-    return _offsets_tensors(cu_seqlens_q, cu_seqlens_k)
+    if cu_seqlens_q.is_contiguous() and cu_seqlens_k.is_contiguous():
+        return None
+    return VariantTensors(None, None, None, None, None, cu_seqlens_q.clone(memory_format=torch.contiguous_format),
+                          cu_seqlens_k.clone(memory_format=torch.contiguous_format))
 
 
 MAX_SEQLEN = 2**31 - 1
@@ -437,6 +442,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                    max_seqlen_k)
     if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:  # before the memo, which
         _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)  # reads .is_cuda, _version: TypeError for a non-tensor
+    if alibi_slopes is not None:  # before the offsets' check launches; against their batch: (H,) or (batch, H)
+        _check_offsets_tensors(q, cu_seqlens_q, cu_seqlens_k)
+        check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))
+    if sinks is not None:
+        check_sinks(sinks, _as_batch(q))
     num_blocks, page_size = k_shape[:2] if paged else (0, 0)
     judged = (device, total_q, -1 if paged else k_shape[0], variant.max_seqlen_q, variant.max_seqlen_k, num_blocks,
               page_size)
@@ -458,10 +468,6 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     bounded_k = variant.max_seqlen_k if paged else min(variant.max_seqlen_k, k_shape[0])
     if not compiling and (variant.max_seqlen_q > total_q or bounded_k < variant.max_seqlen_k):
         variant = dataclasses.replace(variant, max_seqlen_q=min(variant.max_seqlen_q, total_q), max_seqlen_k=bounded_k)
-    if alibi_slopes is not None:
-        check_alibi(alibi_slopes, _as_batch(q).expand(cu_seqlens_q.shape[0] - 1, -1, -1, -1))  # (H,), (batch, H)
-    if sinks is not None:
-        check_sinks(sinks, _as_batch(q))
     _runtime.refuse_forward_ad("kernels.attention_varlen", q, k, v)
     if paged:
         n_keys = (cu_seqlens_q.shape[0] - 1) * variant.max_seqlen_k  # batch * max_seqlen_k: a bound of total_k
