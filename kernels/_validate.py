@@ -4,7 +4,11 @@ import numbers
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from kernels._rows import DTENSOR
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTENSOR_TYPES = () if DTENSOR is None else (DTENSOR,)
+"""isinstance's second argument for a DTensor: empty where torch has none (isinstance(t, ()) is False)."""
 
 
 class DimError(ValueError, IndexError):
@@ -17,6 +21,16 @@ def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t`` is an ordinary strided tensor, as the kernels read one (a data pointer and strides): not
     sparse, nested (whose ``.shape`` raises) or of another layout."""
     return t.layout is torch.strided and not t.is_nested
+
+
+def refuse_dtensor(name: str, t, instead: str = "") -> None:
+    """TypeError naming ``name`` for a DTensor, before anything runs on it: a launch reads a tensor's own memory,
+    which a DTensor (a global value, each rank holding a local shard) has none of. The message says to pass
+    ``instead`` (default: this rank's shard, ``.to_local()``, or the whole tensor, ``.full_tensor()``)."""
+    if isinstance(t, DTENSOR_TYPES):
+        instead = instead or f"{name}.to_local() (this rank's shard) or {name}.full_tensor() (the whole tensor)"
+        raise TypeError(f"{name} must be a plain torch.Tensor, got a DTensor (placements {tuple(t.placements)}): "
+                        f"pass {instead}")
 
 
 def check_tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:

@@ -25,8 +25,7 @@ import torch.distributed as dist
 
 from kernels import _runtime
 from kernels._autograd import first_order_only
-from kernels._rows import DTENSOR
-from kernels._validate import DimError, check_tensor
+from kernels._validate import DimError, check_tensor, refuse_dtensor
 from kernels.attention.checks import check_flag, check_qkv, check_scale
 from kernels.attention.ops import attention_backward, attention_forward, natural_lse
 from kernels.attention.plan import NO_TENSORS, AttentionVariant
@@ -82,15 +81,6 @@ def _pieces(length: int, layout: str, world: int, name: str, local: bool = False
 
 def _rank_and_world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _refuse_dtensor(name: str, t, instead: str) -> None:
-    """TypeError naming ``name`` for a DTensor, which holds a global value: these functions take plain
-    per-rank tensors (the kernels and transfers read the local memory; shard and unshard would return a DTensor
-    whose value differs per rank, or fail inside a collective). ``instead``: what to pass."""
-    if DTENSOR is not None and isinstance(t, DTENSOR):
-        raise TypeError(f"{name} must be a plain torch.Tensor, got a DTensor (placements {tuple(t.placements)}): "
-                        f"pass {instead}")
 
 
 def _check_dim(dim, x: torch.Tensor, name: str) -> int:
@@ -217,7 +207,7 @@ def shard(x: torch.Tensor, dim: int = 2, layout: str = "zigzag", group=None) -> 
     _check_group(group, "shard")
     _check_layout(layout)
     check_tensor("x", x, dtypes=None)
-    _refuse_dtensor("x", x, "the whole tensor, x.full_tensor()")
+    refuse_dtensor("x", x, "the whole tensor, x.full_tensor()")
     dim = _check_dim(dim, x, "x")
     rank, world = _rank_and_world(group)
     size = _pieces(x.shape[dim], layout, world, "x")
@@ -231,7 +221,7 @@ def _unshard_facts(x_local, dim, layout: str, world: int) -> Dict[str, object]:
     """What every rank's unshard must agree on; TypeError/ValueError naming the argument if its own are bad."""
     _check_layout(layout)
     check_tensor("x_local", x_local, dtypes=None)
-    _refuse_dtensor("x_local", x_local, "this rank's shard, x_local.to_local()")
+    refuse_dtensor("x_local", x_local, "this rank's shard, x_local.to_local()")
     dim = _check_dim(dim, x_local, "x_local")
     if x_local.dim() > _MAX_DIMS:
         raise ValueError(f"x_local: unshard gathers tensors of at most {_MAX_DIMS} dims, got shape "
@@ -436,7 +426,7 @@ def _ring_facts(q, k, v, causal, scale, layout, return_lse, world: int) -> Dict[
     causal = check_flag("causal", causal)  # as kernels.attention: bool("False") would be True, bool(None) False
     check_qkv(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):  # a DTensor placed Shard(2) holds the contiguous layout's shard
-        _refuse_dtensor(name, t, f"this rank's shard, shard({name}.full_tensor(), 2, layout), or {name}.to_local() "
+        refuse_dtensor(name, t, f"this rank's shard, shard({name}.full_tensor(), 2, layout), or {name}.to_local() "
                                  "of a Shard(2) DTensor with layout=\"contiguous\"")
     scale = check_scale(scale, q.shape[-1])
     if k.shape[2] != q.shape[2]:

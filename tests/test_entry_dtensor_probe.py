@@ -174,17 +174,17 @@ def _head_bias_grad(score, b, h, q_idx, kv_idx, BIAS):
 
 @pytest.mark.parametrize("mod", ["mask_mod", "score_mod"])
 def test_a_dtensor_extra_tensor_of_a_mod_is_refused_by_its_parameter(mesh, launches, mod):
-    """A mod's DTensor extra tensor crashed in the interpreter as q's did; kernels.attention names it now."""
+    """A mod's DTensor extra tensor crashed in the interpreter as q's did (also in create_block_mask); the mod
+    refuses it by its parameter when built."""
     from torch.distributed.tensor import Replicate, distribute_tensor
-    q = torch.randn(1, 2, 8, 16)
     if mod == "mask_mod":
-        name, kwargs = "DOC", dict(mask_mod=kernels.MaskMod(_same_document, distribute_tensor(
-            torch.zeros(8, dtype=torch.int32), mesh, [Replicate()])))
+        name, extra = "_same_document's DOC", distribute_tensor(torch.zeros(8, dtype=torch.int32), mesh, [Replicate()])
+        with pytest.raises(TypeError, match=f"^mask_mod {name} must be a plain torch.Tensor, got a DTensor"):
+            kernels.MaskMod(_same_document, extra)
     else:
-        name, kwargs = "BIAS", dict(score_mod=kernels.ScoreMod(_head_bias, _head_bias_grad, distribute_tensor(
-            torch.zeros(2), mesh, [Replicate()])))
-    with pytest.raises(TypeError, match=f"^{mod}'s {name} must be a plain torch.Tensor, got a DTensor"):
-        kernels.attention(q, q, q, **kwargs)
+        name, extra = "_head_bias's BIAS", distribute_tensor(torch.zeros(2), mesh, [Replicate()])
+        with pytest.raises(TypeError, match=f"^score_mod {name} must be a plain torch.Tensor, got a DTensor"):
+            kernels.ScoreMod(_head_bias, _head_bias_grad, extra)
     assert launches == []
 
 

@@ -37,7 +37,7 @@ import triton
 
 from kernels import _runtime
 from kernels._runtime import cdiv
-from kernels._validate import check_size
+from kernels._validate import check_size, refuse_dtensor
 from kernels.attention.kernels import MASK_BLOCK, _block_mask_cells
 from triton.errors import TritonError
 from triton.runtime.interpreter import InterpretedFunction
@@ -173,6 +173,8 @@ class _Mod:
         self.tensors = [t for t in extra if isinstance(t, torch.Tensor)]
         params = dict(zip(list(fn.arg_names)[n_args:], extra))
         self.tensor_names = [name for name, value in params.items() if isinstance(value, torch.Tensor)]
+        for name, t in zip(self.tensor_names, self.tensors):  # the @triton.jit function reads its own memory
+            refuse_dtensor(f"{kind} {fn.__name__}'s {name}", t)
         if index_dims is not None and not isinstance(index_dims, dict):
             raise TypeError(f"{kind} {fn.__name__}: index_dims must be a dict {{extra tensor parameter: dims}} or "
                             f"None, got {index_dims!r}")

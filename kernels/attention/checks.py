@@ -18,24 +18,20 @@ import triton
 import triton.language as tl
 
 from kernels import _validate
-from kernels._rows import DTENSOR
-from kernels._validate import FLOAT_DTYPES, assert_on_device, check_same
+from kernels._validate import DTENSOR_TYPES, FLOAT_DTYPES, assert_on_device, check_same
 from kernels.attention import block_mask as mods, configs
 
 
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
-_DTENSOR = () if DTENSOR is None else DTENSOR  # (isinstance(t, ()) is False)
 
 
 def refuse_dtensor(name: str, t) -> None:
-    """TypeError naming ``name`` for a DTensor, before anything runs on it: a launch reads a tensor's own memory,
-    which a DTensor (a global value, each rank holding a local shard) has none of, and torch's ops mixing it with
-    the call's plain tensors fail."""
-    if isinstance(t, _DTENSOR):
-        raise TypeError(f"{name} must be a plain torch.Tensor, got a DTensor (placements {tuple(t.placements)}): "
-                        f"pass {name}.to_local() (this rank's shard: its heads or batch rows) or {name}.full_tensor() "
-                        f"(the whole tensor); for a sequence sharded across ranks, kernels.distributed.ring_attention "
-                        f"of the local shards")
+    """TypeError naming ``name`` for a DTensor (``_validate.refuse_dtensor``), saying what an attention path
+    takes instead."""
+    if isinstance(t, DTENSOR_TYPES):
+        _validate.refuse_dtensor(name, t, f"{name}.to_local() (this rank's shard: its heads or batch rows) or "
+                                          f"{name}.full_tensor() (the whole tensor); for a sequence sharded across "
+                                          "ranks, kernels.distributed.ring_attention of the local shards")
 
 
 def check_tensor(name: str, t, **kwargs) -> None:
@@ -49,7 +45,7 @@ def check_tensor(name: str, t, **kwargs) -> None:
 def _taken_subclass(t) -> bool:
     """Whether ``t``, not a plain torch.Tensor, is a tensor subclass the fast checks pass (a Parameter,
     torch.compile's fake and functional tensors): any but a DTensor, which the full checks refuse."""
-    return isinstance(t, _TENSOR) and not isinstance(t, _DTENSOR)
+    return isinstance(t, _TENSOR) and not isinstance(t, DTENSOR_TYPES)
 
 
 ATTENTION_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -244,13 +240,10 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if score_mod is not None:
         if not isinstance(score_mod, mods.ScoreMod):
             raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
-        _refuse_dtensor_extras("score_mod", score_mod)
         score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
     elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
-        if isinstance(mask_mod, mods.MaskMod):
-            _refuse_dtensor_extras("mask_mod", mask_mod)
         # create_block_mask checks the mod's extra tensors are on q's device before its launch
         block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     else:
@@ -263,13 +256,6 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if block_mask is not None:
         block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
     return block_mask
-
-
-def _refuse_dtensor_extras(kind: str, mod) -> None:
-    """TypeError naming the parameter for a DTensor among a mask or score mod's extra tensors, which its
-    ``@triton.jit`` function reads inside the kernels (:func:`refuse_dtensor`)."""
-    for name, t in zip(mod.tensor_names, mod.tensors):
-        refuse_dtensor(f"{kind}'s {name}", t)
 
 
 def draw_rng(device: torch.device) -> torch.Tensor:
