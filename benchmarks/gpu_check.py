@@ -36,14 +36,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from kernels.registry import TRITON_DTYPES, Build, all_builds, use_config
+from kernels._rows import lanes_of
+from kernels.attention import mods
+from kernels.registry import FORCEABLE, TRITON_DTYPES, Build, all_builds, use_config
 from benchmarks import overhead, records, runner
 from benchmarks.device import DeviceInfo, detect
 from benchmarks.measure import make_step
@@ -501,30 +503,36 @@ def row_builds(builds: Sequence[Build]) -> List[Build]:
 
 
 def forced_config(build: Build) -> Dict[str, int]:
-    """The ``use_config`` arguments that launch ``build``'s tile (with its TMA switch), warps and stages."""
-    tile = {k: build.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "TMA") if k in build.constexprs}
-    return dict(tile, num_warps=build.num_warps, num_stages=build.num_stages)
+    """The ``use_config`` arguments that launch ``build``'s tile (with its TMA switch), warps and stages, those its
+    launcher takes (``kernels.registry.FORCEABLE``: the backward's delta pre-pass, loop-free, takes no stages)."""
+    required, optional = FORCEABLE[build.kernel]
+    config = dict({k: build.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "TMA") if k in build.constexprs},
+                  num_warps=build.num_warps, num_stages=build.num_stages)
+    return {k: v for k, v in config.items() if k in required + optional}
 
 
-def row_width(build: Build) -> int:
+def row_width(build: Build, lanes: int = 32) -> int:
     """A row width whose launch config is exactly ``build``'s (BLOCK, SINGLE, num_warps), as the module's own
-    ``_config`` chooses it: an odd width inside the block, or past the module's one-block limit for the looped
-    path; a multiple of 16 where the build declares ``n_cols`` divisible by 16 (Triton's specialisation of such
-    widths: the norms' aligned rows). LookupError if neither selects it."""
+    ``_config`` chooses it on a GPU with warps of ``lanes`` threads (``kernels._rows.lanes_of``): an odd width inside
+    the block, or past the module's one-block limit for the looped path; a multiple of 16 where the build declares
+    ``n_cols`` divisible by 16 (Triton's specialisation of such widths: the norms' aligned rows). LookupError if
+    neither selects it."""
     module = sys.modules[_python_fn(build).__module__]
     block, single = build.constexprs["BLOCK"], build.constexprs["SINGLE"]
     past = 16 if "n_cols" in build.divisible_by_16 else 1
     for width in (block // 2 + past, module.MAX_BLOCK + block // 2 + past):
-        if row_config(build, width) == (block, single, build.num_warps):
+        if row_config(build, width, lanes) == (block, single, build.num_warps):
             return width
     raise LookupError(f"no row width selects {build.kernel} {build.label}")
 
 
-def row_config(build: Build, width: int) -> tuple:
-    """(BLOCK, SINGLE, num_warps) that ``build``'s module launches at ``width`` (the norms' backward has a plan of
-    its own; softmax's backward runs the forward's)."""
+def row_config(build: Build, width: int, lanes: int = 32) -> tuple:
+    """(BLOCK, SINGLE, num_warps) that ``build``'s module launches at ``width`` on a GPU with warps of ``lanes``
+    threads (the norms' backward has a plan of its own; softmax's backward runs the forward's)."""
     module = sys.modules[_python_fn(build).__module__]
-    return module._config(width, backward=True) if build.kernel == "_norm_bwd" else module._config(width)
+    if build.kernel == "_norm_bwd":
+        return module._config(width, backward=True, lanes=lanes)
+    return module._config(width, lanes=lanes)
 
 
 @dataclass
@@ -601,21 +609,41 @@ def check(problem: Problem, base: Baselines) -> List[dict]:
 
 
 DROPOUT_P, DROPOUT_SEED = 0.2, 1234
+CHUNKS, DOCUMENTS, SCORE_CAP = 3, 3, 2.0
+"""The chunk and mask-mod checks split the length into this many chunks (``attention_chunk``) or packed documents
+(``document_mask``); the score-mod check caps scores at ``SCORE_CAP`` (``softcap_score``)."""
 
 
-def variant_arguments(name: str, shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> dict:
-    """``kernels.attention`` keywords that launch the ``name`` specialisation at ``shape``."""
+def variant_arguments(name: str, shape: AttentionShape, dtype: torch.dtype,
+                      device: torch.device) -> Tuple[dict, dict]:
+    """(``kernels.attention`` keywords that launch the ``name`` specialisation at ``shape``, ``reference.attention``
+    keywords of the same attention): a chunk or a document mask mod is the reference's bool mask, the softcap
+    score mod its ``softcap``."""
+    n = shape.length
+    position = torch.arange(n, device=device)
+    if name == "chunk":
+        chunk = -(-n // CHUNKS)
+        block = position // chunk
+        return dict(attention_chunk=chunk), dict(mask=block[:, None] == block[None, :])
+    if name == "mask_mod":
+        doc_ids = (position * DOCUMENTS // n).to(torch.int32)
+        block_mask = kernels.create_block_mask(mods.document_mask(doc_ids), None, None, n, n, device=device)
+        return dict(mask_mod=block_mask), dict(mask=doc_ids[:, None] == doc_ids[None, :])
+    if name == "score_mod":
+        return dict(score_mod=mods.softcap_score(SCORE_CAP)), dict(softcap=SCORE_CAP)
     if name == "window":
-        return dict(window_size=(shape.length // 3, 7))
-    if name == "softcap":
-        return dict(softcap=2.0)
-    if name == "alibi":
-        return dict(alibi_slopes=torch.linspace(0.05, 0.5, shape.heads, device=device))
-    if name == "sinks":
-        return dict(sinks=torch.linspace(-1.0, 2.0, shape.heads, device=device, dtype=dtype))
-    if name == "dropout":
-        return dict(dropout_p=DROPOUT_P)
-    return {}
+        options = dict(window_size=(n // 3, 7))
+    elif name == "softcap":
+        options = dict(softcap=2.0)
+    elif name == "alibi":
+        options = dict(alibi_slopes=torch.linspace(0.05, 0.5, shape.heads, device=device))
+    elif name == "sinks":
+        options = dict(sinks=torch.linspace(-1.0, 2.0, shape.heads, device=device, dtype=dtype))
+    elif name == "dropout":
+        options = dict(dropout_p=DROPOUT_P)
+    else:
+        options = {}
+    return options, dict(options)
 
 
 def attention_problem(dtype: torch.dtype, head_dim: int, causal: bool, shape: AttentionShape,
@@ -627,8 +655,7 @@ def attention_problem(dtype: torch.dtype, head_dim: int, causal: bool, shape: At
     q = torch.randn(shape.batch, shape.heads, shape.length, head_dim, dtype=dtype, device=device)
     k, v = (torch.randn(shape.batch, shape.kv_heads, shape.length, head_dim, dtype=dtype, device=device)
             for _ in range(2))
-    options = variant_arguments(variant_name, shape, dtype, device)
-    same_options = dict(options)
+    options, same_options = variant_arguments(variant_name, shape, dtype, device)
     if options.get("dropout_p"):
         torch.manual_seed(DROPOUT_SEED)
         same_options["dropout_mask"] = kernels.attention_dropout_mask(shape.batch, shape.heads, shape.length,
@@ -677,7 +704,7 @@ def row_problem(build: Build, rows: int, device: torch.device) -> Problem:
     """The softmax or norm call that launches ``build``: its flags, at :func:`row_width`; a backward build is
     checked forward and backward."""
     torch.manual_seed(0)
-    flags, width, dtype = build.constexprs, row_width(build), build_dtype(build)
+    flags, width, dtype = build.constexprs, row_width(build, lanes_of(device)), build_dtype(build)
     backward = build.kernel.endswith("_bwd")
     x = torch.randn(rows, width, dtype=dtype, device=device)
     if build.kernel.startswith("_softmax"):
@@ -747,7 +774,7 @@ def check_configs(device: DeviceInfo, budget: Budget, shape: AttentionShape = At
         build, causal = item
         if causal is None and id(build) in row:
             try:
-                width = row_width(build)
+                width = row_width(build, lanes_of(device.torch_device))
             except LookupError as error:  # a build for another GPU family (its warps differ): not launched here
                 return dict(_describe(build), status="skipped", reason=f"{error} on this GPU")
             return _checked(dict(_describe(build), width=width, rows=rows),

@@ -142,8 +142,9 @@ def _check_config(kernel: str, config: Dict[str, object]) -> None:
     unknown = sorted(set(config) - set(required) - set(optional))
     missing = [key for key in required if key not in config]
     if unknown or missing:
-        raise ValueError(f"use_config({kernel!r}): takes {', '.join(required + optional)} "
-                         f"({', '.join(required)} required), got {', '.join(map(repr, config)) or 'nothing'}")
+        needed = f" ({', '.join(required)} required)" if required else ""
+        raise ValueError(f"use_config({kernel!r}): takes {', '.join(required + optional)}{needed}, got "
+                         f"{', '.join(map(repr, config)) or 'nothing'}")
     for key, value in config.items():
         if key == "TMA":
             if not isinstance(value, bool):

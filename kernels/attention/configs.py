@@ -10,6 +10,7 @@ and the autotuner picks; the default is the table's first tile on TMA. A launch 
 found its tensors legal for it (:func:`tma_legal`); a forced ``TMA=True`` (``use_config``) is dropped otherwise.
 """
 import functools
+import threading
 from typing import Dict, List, Tuple, Union
 
 import torch
@@ -432,11 +433,14 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
                *meta.values())
         picked = _PICKED.get(key)
         if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
-            variant = specialisation(meta, dropout, varlen)
-            tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, variant, buckets, on_tma)
-            tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
-            _PICKED[key] = tuned.best_config.all_kwargs()
-            return
+            with _TUNING:
+                if key not in _PICKED:  # (another thread may have tuned it while this one waited)
+                    variant = specialisation(meta, dropout, varlen)
+                    tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, variant, buckets, on_tma)
+                    tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
+                    _PICKED[key] = tuned.best_config.all_kwargs()
+                    return
+                picked = _PICKED[key]
         direct.run(signature, args, grid(rows, heads, picked[block]), (picked[block], picked["TMA"]), **meta,
                    **picked)
     except TritonError as error:  # a score mod whose result is no float tile, caught where the kernel is built
@@ -459,9 +463,13 @@ straight to the kernel. Why: Triton's ``Autotuner.run`` rebuilds its key from ev
 ~60 names, a list search per name, each tensor's dtype as a string), ~25-30 us of host time per cache hit on CPU
 with Triton 3.8 (``python -m benchmarks launch-path``), more than the rest of our host path. The key is at least as
 fine as the autotuner's (its tuning key plus every tensor's dtype: k, v and the outputs take q's, the others' are
-fixed by the checks), so a launch runs the config the autotuner would give it; and any config of the autotuner is a
-legal launch (each holds one specialisation's list, TMA only where the tensors allow it), so even a
-``best_config`` raced by another thread would only cost speed."""
+fixed by the checks), so a launch runs the config the autotuner would give it (:data:`_TUNING` keeps threads from
+tuning at once)."""
+_TUNING = threading.Lock()
+"""Held while an autotuner runs a launch's first sight: Triton's ``Autotuner.run`` keeps the call's arguments on
+the autotuner (``nargs``, set to None when a call ends) and its pick in ``best_config``, so two threads tuning at
+once (``nn.DataParallel``'s replicas, the autograd engine's thread per GPU) broke each other's timing (a TypeError
+from the None) or memoised the other's pick."""
 
 
 def _check_mask_tile(kernel: str, config: dict) -> None:
