@@ -144,3 +144,24 @@ def test_use_config_names_no_required_keys_for_a_kernel_without_any():
         with use_config("attention_bwd_delta", num_stages=1):
             pass
     assert str(error.value) == "use_config('attention_bwd_delta'): takes BLOCK_M, num_warps, got 'num_stages'"
+
+
+def test_another_familys_tile_that_does_not_fit_this_gpu_is_skipped_not_failed(monkeypatch):
+    """The configs phase runs every family's tiles; one that needs more shared memory than this GPU has (an sm_90
+    tile on an A100) is never autotuned here: an OutOfResources there is no failure. A tile of this GPU's own
+    family that does not fit stays an error."""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(232448, 166912, "shared memory")
+
+    monkeypatch.setattr(gpu_check, "attention_problem", no_room)
+    builds = [b for b in all_builds() if b.kernel == "attention_fwd" and b.dtype == "fp16" and b.head_dim == 128]
+    ampere = next(b for b in builds if not configs.tiles("fwd", 80, 128, False).count(
+        (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages)) and not b.variant)
+    own = next(b for b in builds if not b.variant and not b.constexprs["TMA"] and configs.tiles(
+        "fwd", 80, 128, False)[0] == (b.constexprs["BLOCK_M"], b.constexprs["BLOCK_N"], b.num_warps, b.num_stages))
+    monkeypatch.setattr(configs, "device_family", lambda device: 80)
+    recs = gpu_check.check_configs(detect(), gpu_check.Budget(1e9), shape=TINY, builds=[ampere, own])
+    assert [r["status"] for r in recs] == ["error", "error", "skipped", "skipped"], recs  # own (a default) first
+    assert all("OutOfResources" in r["reason"] for r in recs)
