@@ -16,9 +16,9 @@ import torch
 from kernels import _runtime, reference
 from kernels._validate import check_size
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_flag, check_mods, check_padding_mask,
-                                      check_qkv, check_real, check_scale, check_sinks, check_softcap, check_tensor,
-                                      check_window, draw_rng, key_bounds, plain_qkv_shapes)
+from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_dropout, check_flag, check_mods,
+                                      check_padding_mask, check_qkv, check_scale, check_sinks, check_softcap,
+                                      check_tensor, check_window, draw_rng, key_bounds, plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -68,7 +68,7 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
     ``device``: where the kernels of this process run (the default); ValueError naming device elsewhere."""
     for name, size in (("batch", batch), ("heads", heads), ("n_q", n_q), ("n_k", n_k)):
         check_size("attention_dropout_mask", name, size)
-    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    dropout_p = check_dropout(dropout_p)
     device = _runtime.kernel_device(device, "attention_dropout_mask")
     if dropout_p == 0:  # attention draws nothing from the generator without dropout, and keeps every element
         return torch.ones((batch, heads, n_q, n_k), dtype=torch.bool, device=device)
@@ -131,8 +131,7 @@ def _checked_scalars(window_size, attention_chunk, softcap, dropout_p) -> Tuple[
         return _NO_VARIANT_SCALARS
     window_left, window_right = check_window(window_size)
     return (window_left, window_right, check_attention_chunk(attention_chunk),
-            check_softcap(softcap),
-            check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True))
+            check_softcap(softcap), check_dropout(dropout_p))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: Optional[float] = None,

@@ -218,6 +218,11 @@ def check_softcap(softcap) -> float:
     return check_real("softcap", softcap, 0.0, SOFTCAP_MAX)
 
 
+def check_dropout(dropout_p) -> float:
+    """``dropout_p`` as a float in [0, 1) (0: none); TypeError/ValueError naming it otherwise."""
+    return check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+
+
 def check_alibi(alibi_slopes, q) -> None:
     check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
     batch, heads = q.shape[:2]

@@ -32,7 +32,7 @@ import triton.language as tl
 from kernels import _direct, _runtime
 from kernels._validate import FLOAT_DTYPES, check_same
 from kernels.attention.api import attention
-from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_flag, check_qkv, check_real, check_scale,
+from kernels.attention.checks import (INDEX_BLOCK, check_alibi, check_dropout, check_flag, check_qkv, check_scale,
                                       check_sinks, check_softcap, check_tensor, check_window, count, draw_rng, enforce,
                                       new_verdict, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import MAX_HEAD_DIM
@@ -255,7 +255,7 @@ def _checked_variant(causal, scale, window_size, softcap, dropout_p, head_dim: i
     scale = check_scale(scale, head_dim)
     window_left, window_right = check_window(window_size)
     softcap = check_softcap(softcap)
-    dropout_p = check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    dropout_p = check_dropout(dropout_p)
     causal = check_flag("causal", causal)
     return attention_variant(causal, 0, scale, window_left, window_right, 0, softcap, dropout_p, -1, -1,
                              max_seqlen_q, max_seqlen_k)
