@@ -294,9 +294,14 @@ def flavoured(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: s
     return [(tile, True) for tile in tiles(kernel, family, d_bucket, fp32, variant, tma=True)] + pointers
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D of a head dim: the power of two >= 16 the kernels' tiles span (masked loads fill the rest)."""
+    return max(16, _runtime.next_power_of_2(head_dim))
+
+
 def d_bucket(head_dim: int) -> int:
     """The table key of a head dim: its padded width, with every width up to 64 sharing the 64 table."""
-    block_d = max(16, _runtime.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     return 64 if block_d <= 64 else block_d
 
 
@@ -523,7 +528,7 @@ def kernel_meta(head_dim: int, dtype: torch.dtype, tf32: bool, causal: bool, win
     """Compile-time parameters shared by the kernels: head dim and its padded width, the mask's upper (causal)
     and lower (window) bounds, softcap, dot precision (``tf32``: :func:`uses_tf32`), and whether bf16 dots must be
     computed in fp32 (the interpreter only; see kernels.py)."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _runtime.next_power_of_2(head_dim)), CAUSAL=causal,
+    return dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), CAUSAL=causal,
                 WINDOW=window, SOFTCAP=softcap, UPCAST=_runtime.INTERPRETED and dtype == torch.bfloat16,
                 PRECISION="tf32" if tf32 else "ieee")
 

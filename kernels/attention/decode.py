@@ -40,7 +40,7 @@ from kernels.attention.checks import (INDEX_BLOCK, PAIR_BLOCK, SOFTCAP_MAX, chec
                                       check_softcap, check_tensor, check_window, count, enforce, new_verdict,
                                       plain_qkv_shapes, rule_bit, store_verdict, unusable_pages)
 from kernels.attention.configs import (AMD, FAMILIES, MAX_HEAD_DIM, NVIDIA, Family, d_bucket, device_family, grid,
-                                       kernel_meta, uses_tf32)
+                                       kernel_meta, padded_head_dim, uses_tf32)
 from kernels.attention.kernels import (LN2, LOG2E, _alibi_slope, _load_tile, _program_block, _row_offset, _scores,
                                       _store_tile, _tile_ptrs)
 from kernels.attention.plan import LastTensor
@@ -504,7 +504,7 @@ def _builds() -> List[Build]:
 def _append_meta(d: int, to_cache: bool, interleaved: bool, same_position: bool) -> dict:
     """``_decode_append``'s compile-time keywords and launch options (the interpreter takes no warps)."""
     options = {} if _runtime.INTERPRETED else {"num_warps": APPEND_WARPS[d_bucket(d)]}
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, _runtime.next_power_of_2(d)), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
+    return dict(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=APPEND_BLOCK_M, TO_CACHE=to_cache,
                 INTERLEAVED=interleaved, SAME_POSITION=same_position, **options)
 
 
