@@ -9,6 +9,8 @@ Triton kernels of ``kernels/attention/``: code written for ``flash_attn`` can im
 - :func:`flash_attn_with_kvcache`: decoding against a (paged) KV cache, over
   :func:`kernels.attention.decode.attention_with_kvcache`.
 
+flash-attn 3's functions (``flash_attn_interface``'s) are :mod:`kernels.flash_attn_interface`, over these.
+
 Differences from flash-attn 2.x, all functions:
 
 - Wider inputs: fp32 as well as fp16/bf16 (fp32 dots are IEEE on a GPU unless torch allows TF32 for matmuls:
@@ -177,7 +179,14 @@ def _unpack(name: str, packed, layout: tuple, q=None, q_layout: tuple = ()) -> t
     shape = packed.shape
     if shape[dim] != layout[dim]:
         raise ValueError(f"{name} must be {_layout_text(layout)}, got shape {tuple(shape)}")
-    unpacked = packed.unbind(dim)
+    return checked_unpacked(name, packed.unbind(dim), shape, layout, q, q_layout)
+
+
+def checked_unpacked(name: str, unpacked: tuple, shape: torch.Size, layout: tuple, q=None,
+                     q_layout: tuple = ()) -> tuple:
+    """``unpacked``, the tensors (views) stacked in a packed argument ``name`` of ``shape`` and ``layout``, once
+    they pass every check the unpacked tensors would meet (:func:`_unpack`'s; also flash-attn 3's qkv split along
+    the heads)."""
     if q is None:
         q, q_shape, q_layout, names = unpacked[0], shape, layout, (name,) * 3
     else:
