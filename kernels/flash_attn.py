@@ -86,9 +86,8 @@ import torch
 
 from kernels import reference
 from kernels._validate import FLOAT_DTYPES
-from kernels.attention.api import (attention_dropout_mask, attention_seq_first, check_4d, check_attention_chunk,
-                                   chunk_mask)
-from kernels.attention.checks import check_qkv, check_scale, check_tensor
+from kernels.attention.api import attention_dropout_mask, attention_seq_first, check_4d, chunk_mask
+from kernels.attention.checks import check_attention_chunk, check_qkv, check_scale, check_tensor
 from kernels.attention.decode import attention_with_kvcache
 from kernels.attention.varlen import attention_varlen, gather_pages
 

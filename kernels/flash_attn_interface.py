@@ -51,8 +51,7 @@ from typing import Optional, Union
 import torch
 
 from kernels import flash_attn
-from kernels.attention.api import check_attention_chunk
-from kernels.attention.checks import check_tensor
+from kernels.attention.checks import check_attention_chunk, check_tensor
 from kernels.attention.decode import _check_int
 from kernels.flash_attn import QKV_LAYOUT, _flag, _host, _layout_text, _unpack, checked_unpacked
 

@@ -8,7 +8,6 @@ function -> options -> cached plan (``plan.py``) -> autograd (``ops.py``) -> key
 Fallback (documented, never silent about the math): if the Triton kernels cannot run on the inputs in this
 process (see ``kernels._runtime.kernel_runs_on``) :func:`attention` uses ``kernels.reference.attention``.
 """
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -16,9 +15,10 @@ import torch
 from kernels import _runtime, reference
 from kernels._validate import check_size
 from kernels.attention import block_mask as mods, configs
-from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_dropout, check_flag, check_mods,
-                                      check_padding_mask, check_qkv, check_scale, check_sinks, check_softcap,
-                                      check_tensor, check_window, draw_rng, key_bounds, plain_qkv_shapes)
+from kernels.attention.checks import (ATTENTION_DTYPES, check_alibi, check_attention_chunk, check_dropout,
+                                      check_flag, check_mods, check_padding_mask, check_qkv, check_scale,
+                                      check_sinks, check_softcap, check_tensor, check_window, draw_rng, key_bounds,
+                                      plain_qkv_shapes)
 from kernels.attention.ops import attention_op, attention_seq_first_op, natural_lse
 from kernels.attention.plan import NO_TENSORS, LastTensor, VariantTensors, attention_variant
 
@@ -78,16 +78,6 @@ def attention_dropout_mask(batch: int, heads: int, n_q: int, n_k: int, dropout_p
         with _runtime.launch_device(rng_state):
             configs.launch_dropout_mask(rng_state, mask, dropout_p)
     return mask.view(torch.bool)
-
-
-def check_attention_chunk(attention_chunk) -> int:
-    """``attention_chunk`` as an int; TypeError unless an int, ValueError if negative (0: off)."""
-    if type(attention_chunk) is not int and (isinstance(attention_chunk, bool)
-                                             or not isinstance(attention_chunk, numbers.Integral)):
-        raise TypeError(f"attention_chunk must be an int (0 = off), got {attention_chunk!r}")
-    if attention_chunk < 0:
-        raise ValueError(f"attention_chunk must be >= 0 (0 = off), got {attention_chunk}")
-    return int(attention_chunk)
 
 
 def chunk_mask(n_q: int, n_k: int, attention_chunk: int, device=None) -> torch.Tensor:

@@ -218,6 +218,16 @@ def check_softcap(softcap) -> float:
     return check_real("softcap", softcap, 0.0, SOFTCAP_MAX)
 
 
+def check_attention_chunk(attention_chunk) -> int:
+    """``attention_chunk`` as an int; TypeError unless an int, ValueError if negative (0: off)."""
+    if type(attention_chunk) is not int and (isinstance(attention_chunk, bool)
+                                             or not isinstance(attention_chunk, numbers.Integral)):
+        raise TypeError(f"attention_chunk must be an int (0 = off), got {attention_chunk!r}")
+    if attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be >= 0 (0 = off), got {attention_chunk}")
+    return int(attention_chunk)
+
+
 def check_dropout(dropout_p) -> float:
     """``dropout_p`` as a float in [0, 1) (0: none); TypeError/ValueError naming it otherwise."""
     return check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
