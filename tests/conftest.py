@@ -1,5 +1,8 @@
 """Shared test set-up: the interpreter on CPU, a seeded RNG per test, the --runslow option and ``worker_id`` with or
-without pytest-xdist."""
+without pytest-xdist; the fixtures several test files share (fallbacks made to raise, process groups)."""
+import socket
+from datetime import timedelta
+
 import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
 import pytest
 import torch
@@ -76,3 +79,73 @@ def sdpa_kernel_calls(monkeypatch):
 
     monkeypatch.setattr(sdpa, "attention_op", counted)
     return calls
+
+
+def _forbidden(what):
+    def raise_(*args, **kwargs):
+        raise AssertionError(f"{what} ran where the Triton kernels should have")
+    return raise_
+
+
+@pytest.fixture
+def attention_kernel_only(monkeypatch):
+    """Make the attention fallbacks raise (``kernels.reference.attention``, which ``kernels.attention`` and
+    ``attention_varlen`` run where the kernels cannot, and torch's SDPA behind the drop-in), so a passing test
+    proves the Triton kernels ran. Tests compare with the reference captured before it (``_REFERENCE``)."""
+    from kernels import reference
+    from kernels.attention import sdpa
+
+    monkeypatch.setattr(reference, "attention", _forbidden("kernels.reference.attention (the fallback)"))
+    monkeypatch.setattr(sdpa, "_TORCH_SDPA", _forbidden("torch's SDPA (the drop-in's fallback)"))
+
+
+@pytest.fixture
+def hf_kernel_only(attention_kernel_only, monkeypatch):
+    """``attention_kernel_only``, and the Hugging Face integration's fallback to a model's eager attention raises
+    too: a patched model's every attention call ran the kernels. Not for float64 models (their attention runs
+    the reference by design)."""
+    from transformer import hf
+
+    monkeypatch.setattr(hf, "_eager_attention", _forbidden("the model's eager attention (transformer.hf's fallback)"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of asking, for a gloo group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, torn down after the module's tests."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def groups():
+    """groups(world) -> a running gloo group of that many rank processes (test_distributed's ``_Group``), started
+    once per module (again if one died), closed after the module's tests."""
+    from test_distributed import _Group
+
+    started = {}
+
+    def get(world: int) -> _Group:
+        if world not in started or not started[world].alive():
+            if world in started:  # a rank died: stop the survivors before starting a fresh group
+                started[world].close()
+            started[world] = _Group(world)
+        return started[world]
+
+    yield get
+    for group in started.values():
+        group.close()

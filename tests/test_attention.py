@@ -2,7 +2,9 @@
 
 Forward errors may be 2x, gradient errors 3x what PyTorch itself makes in the same precision (tests/tolerance.py).
 """
+import contextlib
 import inspect
+import itertools
 import math
 import threading
 
@@ -18,17 +20,7 @@ from kernels.registry import use_config
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
-
-
-@pytest.fixture
-def kernel_only(monkeypatch):
-    """Make every fallback raise, so a passing test proves the Triton kernels ran."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("fallback used where the kernel should run")
-
-    monkeypatch.setattr(reference, "attention", forbidden)
-    monkeypatch.setattr(sdpa, "_TORCH_SDPA", forbidden)
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 
 
 def _inputs(b, h, h_kv, n_q, n_k, d, dtype, device, requires_grad=False):
@@ -70,7 +62,7 @@ FORWARD_CASES = [  # (dtype, causal, B, H, Hkv, Nq, Nk, D): odd lengths, non-pow
 
 
 @pytest.mark.parametrize("dtype,causal,b,h,h_kv,n_q,n_k,d", FORWARD_CASES)
-def test_forward_and_lse_match_float64(kernel_only, device, dtype, causal, b, h, h_kv, n_q, n_k, d):
+def test_forward_and_lse_match_float64(attention_kernel_only, device, dtype, causal, b, h, h_kv, n_q, n_k, d):
     q, k, v = _inputs(b, h, h_kv, n_q, n_k, d, dtype, device)
     out, lse = kernels.attention(q, k, v, causal=causal, return_lse=True)
     assert out.dtype == dtype and out.shape == q.shape and lse.dtype == FP32 and lse.shape == (b, h, n_q)
@@ -88,8 +80,9 @@ def test_forward_and_gradients_long_sequence(device, causal):
     _check_gradients(q, k, v, causal)
 
 
-def _check_gradients(q, k, v, causal, key_padding_mask=None):
-    """Forward and q/k/v gradients of the kernel against float64, with the low-precision reference as the noise."""
+def _gradient_references(q, k, v, causal, key_padding_mask=None):
+    """(grad_out, low, exact): a random output gradient, and the reference's (out, dq, dk, dv) for it in q's dtype
+    (the noise) and in float64."""
     grad_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     results = []
@@ -97,7 +90,15 @@ def _check_gradients(q, k, v, causal, key_padding_mask=None):
         leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
         out = _REFERENCE(*leaves, causal=causal, mask=mask)
         results.append((out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))))
-    low, exact = results
+    return grad_out, *results
+
+
+def _check_gradients(q, k, v, causal, key_padding_mask=None, references=None):
+    """Forward and q/k/v gradients of the kernel against float64, with the low-precision reference as the noise
+    (``references``: :func:`_gradient_references` of the same arguments, computed here if not given)."""
+    if references is None:
+        references = _gradient_references(q, k, v, causal, key_padding_mask)
+    grad_out, low, exact = references
     out = kernels.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     assert_close(out, exact[0], low[0], FORWARD)
@@ -117,7 +118,7 @@ GRADIENT_CASES = [  # (dtype, causal, H, Hkv, Nq, Nk, D)
 
 
 @pytest.mark.parametrize("dtype,causal,h,h_kv,n_q,n_k,d", GRADIENT_CASES)
-def test_gradients_match_float64(device, dtype, causal, h, h_kv, n_q, n_k, d):
+def test_gradients_match_float64(attention_kernel_only, device, dtype, causal, h, h_kv, n_q, n_k, d):
     q, k, v = _inputs(1, h, h_kv, n_q, n_k, d, dtype, device, requires_grad=True)
     _check_gradients(q, k, v, causal)
 
@@ -134,15 +135,45 @@ def _every_config(dtype, d):
     return seen
 
 
+def _config_rounds(dtype, d):
+    """Lists of (kernel, config) to force together, which between them force every config of
+    :func:`_every_config`: on a GPU one config per list; under the interpreter, which ignores num_warps and
+    num_stages, each kernel's distinct tiles, the i-th tile of every kernel in the i-th list (one forward and
+    backward runs all three kernels)."""
+    every = _every_config(dtype, d)
+    if not kernels.INTERPRETED:
+        return [[entry] for entry in every]
+    tiles = {}
+    for kernel, config in every:
+        tile = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
+        if tile not in tiles.setdefault(kernel, []):
+            tiles[kernel].append(tile)
+    return [[(kernel, tile) for kernel, tile in zip(tiles, column) if tile is not None]
+            for column in itertools.zip_longest(*tiles.values())]
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="on a GPU each config is forced on its own")
+def test_config_rounds_force_every_tile_of_every_kernel_once():
+    for dtype, d in [(FP16, 64), (FP32, 256)]:
+        rounds = _config_rounds(dtype, d)
+        forced = [(kernel, c["BLOCK_M"], c["BLOCK_N"]) for round_ in rounds for kernel, c in round_]
+        tiles = {(kernel, c["BLOCK_M"], c["BLOCK_N"]) for kernel, c in _every_config(dtype, d)}
+        assert sorted(forced) == sorted(tiles)
+        assert all(len({kernel for kernel, _ in round_}) == len(round_) for round_ in rounds)  # one tile a kernel
+
+
 @pytest.mark.parametrize("dtype,d", [(FP16, 64), (FP16, 80), (BF16, 256), (FP32, 48), (FP32, 128), (FP32, 256)])
-def test_every_autotune_config_gives_float64_results(device, dtype, d):
+def test_every_autotune_config_gives_float64_results(attention_kernel_only, device, dtype, d):
     """Each config a GPU may pick (forced through ``use_config``, which bypasses the autotuner and the
     interpreter's default tile), at an awkward shape: partial query and key blocks, causal, GQA, a padded head
     dim; forward and gradients obey the float64 rule."""
     q, k, v = _inputs(1, 2, 1, 70, 75, d, dtype, device, requires_grad=True)
-    for kernel, config in _every_config(dtype, d):
-        with use_config(kernel, **config):
-            _check_gradients(q, k, v, causal=True)
+    references = _gradient_references(q, k, v, causal=True)
+    for forced in _config_rounds(dtype, d):
+        with contextlib.ExitStack() as stack:
+            for kernel, config in forced:
+                stack.enter_context(use_config(kernel, **config))
+            _check_gradients(q, k, v, causal=True, references=references)
 
 
 def test_use_config_is_what_runs(monkeypatch, device):
@@ -177,7 +208,7 @@ def test_default_configs_are_each_tables_first_entry():
         configs.default_configs(75, FP16, 64)
 
 
-def test_worked_example_i_love_coding(kernel_only, device):
+def test_worked_example_i_love_coding(attention_kernel_only, device):
     """Seed 001: three tokens, 3-d head, unscaled non-causal attention; the output row for "love"."""
     x = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=FP32)
     w_q = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=FP32)
@@ -191,7 +222,7 @@ def test_worked_example_i_love_coding(kernel_only, device):
     torch.testing.assert_close(kernels.attention(q, k, v, scale=1), out)
 
 
-def test_non_contiguous_inputs_give_the_same_results(kernel_only, device):
+def test_non_contiguous_inputs_give_the_same_results(attention_kernel_only, device):
     """Hugging Face passes (B, N, H, D) projections transposed to (B, H, N, D): strides, not copies."""
     q_bnhd = torch.randn(1, 19, 3, 24, device=device)
     kv_bnhd = torch.randn(1, 23, 2, 1, 24, device=device)
@@ -237,7 +268,7 @@ def test_empty_inputs_launch_nothing(monkeypatch, device, shape_q, shape_kv):
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and all((g == 0).all() for g in grads)
 
 
-def test_rows_with_no_visible_key_are_zero_with_finite_gradients(kernel_only, device):
+def test_rows_with_no_visible_key_are_zero_with_finite_gradients(attention_kernel_only, device):
     """Causal with Nq > Nk (bottom-right): the first Nq - Nk queries see nothing; so does a fully padded batch row."""
     q, k, v = _inputs(2, 2, 1, 40, 9, 16, FP32, device, requires_grad=True)
     padding = torch.ones(2, 9, dtype=torch.bool, device=device)
@@ -379,10 +410,13 @@ def test_sdpa_dropout_falls_back_to_torch(monkeypatch, device):
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
 
 
-def test_sdpa_gradients_flow_through_the_kernel(monkeypatch, device):
+def test_sdpa_gradients_flow_through_the_kernel(attention_kernel_only, sdpa_kernel_calls, device):
+    """The shim's gradients are torch's, and came from the kernel: its fallbacks (torch's SDPA, the reference)
+    raise, and the shim handed the call to the kernel."""
     q, k, v = _inputs(1, 2, 1, 9, 9, 8, FP32, device, requires_grad=True)
     grads = [torch.autograd.grad(f(q, k, v, is_causal=True, enable_gqa=True).sum(), (q, k, v))
              for f in (kernels.scaled_dot_product_attention, F.scaled_dot_product_attention)]
+    assert sdpa_kernel_calls == [q.shape]
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -454,7 +488,7 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent(device):
 
 # --------------------------------------------------------------------------------------------- torch.compile
 
-def test_torch_compile_fullgraph_forward_and_backward(kernel_only, device):
+def test_torch_compile_fullgraph_forward_and_backward(attention_kernel_only, device):
     torch._dynamo.reset()
 
     def f(q, k, v):
@@ -470,7 +504,7 @@ def test_torch_compile_fullgraph_forward_and_backward(kernel_only, device):
         torch.testing.assert_close(got, want)
 
 
-def test_torch_compile_fullgraph_with_a_key_padding_mask(kernel_only, device):
+def test_torch_compile_fullgraph_with_a_key_padding_mask(attention_kernel_only, device):
     """The padding mask's key ranges are derived on the device: no host sync, no graph break."""
     torch._dynamo.reset()
 
@@ -508,61 +542,6 @@ def test_every_config_is_registered_for_fp16_bf16_fp32_and_head_dims():
         params = list(inspect.signature(b.fn.fn).parameters)
         assert list(b.signature) == params
         assert {n for n, t in b.signature.items() if t == "constexpr"} == set(b.constexprs)
-
-
-_COMPILE_CHECK = r"""
-import os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-import kernels
-from kernels.registry import all_builds
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-seen = set()
-for b in all_builds():
-    # the first fp16 d128 tile of each attention kernel: the tensor-core path the no-spill rule is about
-    if b.kernel not in ("attention_fwd", "attention_dkdv", "attention_dq") or (b.dtype, b.head_dim) != ("fp16", 128) \
-            or b.kernel in seen:
-        continue
-    seen.add(b.kernel)
-    names = list(b.signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in b.divisible_by_16}
-    for arch in (80, 90):
-        src = triton.compiler.ASTSource(fn=b.fn, signature=b.signature, constexprs=b.constexprs, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": b.num_warps, "num_stages": b.num_stages})
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-            open(ptx, "w").write(k.asm["ptx"])
-            open(cubin, "wb").write(k.asm["cubin"])
-            arch_flag = f"-arch=sm_{arch}" + ("a" if arch == 90 else "")
-            log = subprocess.run([os.path.join(BIN, "ptxas"), arch_flag, "-v", ptx, "-o", os.devnull],
-                                 capture_output=True, text=True).stderr
-            sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
-        mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
-        print(b.kernel, b.label, f"sm_{arch}", "spill", *spills, mma)
-"""
-
-
-@pytest.mark.slow
-def test_gpu_builds_compile_without_spills_and_use_tensor_cores():
-    """Ahead-of-time compile (no GPU needed) of one fp16 d128 build per kernel for sm_80 and sm_90."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"  # real JITFunctions: kernels/_runtime.py must not turn the interpreter on
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.splitlines()
-    assert len(lines) == 6, run.stdout  # fwd, dkdv, dq x sm_80, sm_90
-    for line in lines:
-        arch, stores, loads, mma = line.split()[-5], *line.split()[-3:]
-        assert (stores, loads) == ("0", "0"), line
-        assert mma == ("HGMMA" if arch == "sm_90" else "HMMA"), line
 
 
 @pytest.mark.parametrize("dtype", [FP32, torch.bfloat16])

@@ -104,7 +104,7 @@ def test_the_sdpa_drop_in_takes_scale_and_enable_gqa_by_keyword_only_as_torch_do
     assert list(params) == ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     assert [p.name for p in params.values() if p.kind is p.KEYWORD_ONLY] == ["scale", "enable_gqa"]
     q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"takes from 3 to 6 positional arguments but 7 were given"):
         kernels.scaled_dot_product_attention(q, q, q, None, 0.0, False, 0.5)
 
 

@@ -14,11 +14,10 @@ from benchmarks.counting import counting
 from kernels import flash_attn, reference
 from kernels.attention import configs, plan
 from kernels.registry import use_config
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, FP32 = torch.float16, torch.float32
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 
 
 def _visible(n_q, n_k, chunk, causal=False, window=(-1, -1), padding=None):
@@ -81,11 +80,11 @@ CASES = [  # (dtype, B, H, Hkv, Nq, Nk, D, chunk, causal, window): odd lengths a
 
 
 @pytest.mark.parametrize("dtype,b,h,h_kv,n_q,n_k,d,chunk,causal,window", CASES)
-def test_chunk_matches_float64(kernel_only, device, dtype, b, h, h_kv, n_q, n_k, d, chunk, causal, window):
+def test_chunk_matches_float64(attention_kernel_only, device, dtype, b, h, h_kv, n_q, n_k, d, chunk, causal, window):
     _check(device, dtype, b, h, h_kv, n_q, n_k, d, chunk, causal, window)
 
 
-def test_chunk_with_a_key_padding_mask_and_rows_that_see_nothing(kernel_only, device):
+def test_chunk_with_a_key_padding_mask_and_rows_that_see_nothing(attention_kernel_only, device):
     """Batch row 0 hides keys 16..31, all of the chunk that 16 of its rows sit in: those rows are zeros (lse
     -inf), as are the rows before key 0 (Nq > Nk); row 1 has a hole and right padding."""
     padding = torch.ones(2, 45, dtype=torch.bool, device=device)
@@ -97,7 +96,7 @@ def test_chunk_with_a_key_padding_mask_and_rows_that_see_nothing(kernel_only, de
 
 
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=16)])
-def test_chunk_with_other_tiles(kernel_only, device, config):
+def test_chunk_with_other_tiles(attention_kernel_only, device, config):
     """Tiles wider and narrower than the chunk: the block ranges of every kernel, both chunk edges."""
     with use_config("attention_fwd", **config), use_config("attention_dkdv", **config), \
             use_config("attention_dq", **config):
@@ -132,7 +131,7 @@ def test_chunk_reads_grow_with_n_times_chunk_not_n_squared(device):
     assert chunked < 2.3 and full > 3.9, (chunked, full)
 
 
-def test_compiles_with_fullgraph(kernel_only, device):
+def test_compiles_with_fullgraph(attention_kernel_only, device):
     """torch.compile(fullgraph=True): attention_chunk reaches the custom ops (their signatures are generated from
     AttentionVariant's fields)."""
     q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
@@ -148,7 +147,7 @@ def test_compiles_with_fullgraph(kernel_only, device):
         torch.testing.assert_close(got, want)
 
 
-def test_flash_attn_functions_take_attention_chunk(kernel_only, device):
+def test_flash_attn_functions_take_attention_chunk(attention_kernel_only, device):
     """flash-attn 3's keyword on the dense functions, (B, S, H, D) layouts: the same result as kernels.attention,
     gradients into the packed tensors."""
     qkv = torch.randn(2, 37, 3, 2, 40, dtype=FP16, device=device, requires_grad=True)
@@ -173,7 +172,7 @@ def test_flash_attn_s_dmask_is_zero_outside_the_chunks(device):
 
 @pytest.mark.parametrize("chunk,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("16", TypeError),
                                          (None, TypeError)])
-def test_bad_attention_chunk_raises_before_launch(kernel_only, monkeypatch, device, chunk, error):
+def test_bad_attention_chunk_raises_before_launch(attention_kernel_only, monkeypatch, device, chunk, error):
     monkeypatch.setattr(configs, "launch", None)  # a launch would fail otherwise
     q = torch.randn(1, 2, 5, 8, device=device)
     with pytest.raises(error, match="attention_chunk"):
@@ -184,5 +183,5 @@ def test_bad_attention_chunk_raises_before_launch(kernel_only, monkeypatch, devi
 
 def test_attention_chunk_is_keyword_only_where_flash_attn_2_has_positions(device):
     q = torch.randn(1, 5, 2, 8, device=device)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"takes from 3 to 11 positional arguments but 12 were given"):
         flash_attn.flash_attn_func(q, q, q, 0.0, None, False, (-1, -1), 0.0, None, False, False, 4)

@@ -11,11 +11,10 @@ import triton.language as tl
 import kernels
 from kernels import reference
 from kernels.attention import block_mask, configs, ops
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 
 
 @triton.jit
@@ -67,7 +66,7 @@ def _documents(lengths, device):
                                    torch.tensor(lengths)).to(device)
 
 
-def test_document_mask_with_causal_gqa_matches_float64(kernel_only, device):
+def test_document_mask_with_causal_gqa_matches_float64(attention_kernel_only, device):
     """fp16, GQA, D = 40, three documents over two 128-cells (empty, partial and full cells), causal."""
     doc = _documents([100, 120, 50], device)
     q, k, v = _qkv(1, 2, 1, 270, 270, 40, FP16, device)
@@ -75,7 +74,7 @@ def test_document_mask_with_causal_gqa_matches_float64(kernel_only, device):
     _check(q, k, v, dense, dict(causal=True, mask_mod=kernels.document_mask(doc)))
 
 
-def test_prefix_lm_per_batch_matches_float64(kernel_only, device):
+def test_prefix_lm_per_batch_matches_float64(attention_kernel_only, device):
     """bf16, B = 2 with prefixes 140 and 7 (the mod reads a per-batch tensor), D = 24."""
     prefix = torch.tensor([140, 7], dtype=torch.int32, device=device)
     q, k, v = _qkv(2, 1, 1, 150, 150, 24, BF16, device)
@@ -84,7 +83,7 @@ def test_prefix_lm_per_batch_matches_float64(kernel_only, device):
     _check(q, k, v, dense, dict(mask_mod=kernels.prefix_lm_mask(prefix)))
 
 
-def test_mods_compose_with_every_variant(kernel_only, device):
+def test_mods_compose_with_every_variant(attention_kernel_only, device):
     """fp32, Nq != Nk, GQA: a mask mod and a score mod (softcap) with a window, ALiBi, sinks-free padding."""
     q, k, v = _qkv(2, 2, 1, 140, 300, 9, FP32, device)
     padding = torch.ones(2, 300, dtype=torch.bool, device=device)
@@ -104,7 +103,7 @@ def test_mods_compose_with_every_variant(kernel_only, device):
     (dict(alibi_slopes=torch.tensor([0.3, 0.05])),
      lambda n_q, n_k: dict(score_mod=kernels.alibi_score(torch.tensor([0.3, 0.05]), n_k - n_q))),
 ])
-def test_builtin_variants_equal_the_same_written_as_mods(kernel_only, device, builtin, as_mod):
+def test_builtin_variants_equal_the_same_written_as_mods(attention_kernel_only, device, builtin, as_mod):
     """Same output and gradients (to fp32 rounding) from the built-in variant and the mod computing it."""
     q, k, v = _qkv(1, 2, 2, 131, 150, 16, FP32, device)
     builtin = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in builtin.items()}
@@ -116,7 +115,7 @@ def test_builtin_variants_equal_the_same_written_as_mods(kernel_only, device, bu
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-def test_document_mask_equals_varlen(kernel_only, device):
+def test_document_mask_equals_varlen(attention_kernel_only, device):
     """Packed documents under a document mask are attention_varlen of the same tokens (causal per document)."""
     lengths = [60, 130, 3, 40]
     doc = _documents(lengths, device)
@@ -127,7 +126,7 @@ def test_document_mask_equals_varlen(kernel_only, device):
     torch.testing.assert_close(masked[0].transpose(0, 1), packed, atol=2e-3, rtol=2e-3)
 
 
-def test_block_mask_is_built_once_and_reused_by_the_backward(kernel_only, monkeypatch, device):
+def test_block_mask_is_built_once_and_reused_by_the_backward(attention_kernel_only, monkeypatch, device):
     """A BlockMask is summarised once (create_block_mask); calls given it never evaluate the summary again, and
     the backward reads the forward's summary tensor; a bare mod is summarised once per call, not in backward."""
     builds, summaries = [], []
@@ -163,7 +162,7 @@ def test_block_mask_states(device):
     assert doc.states().tolist() == [[[[2, 0], [0, 2]]]]
 
 
-def test_empty_cells_are_never_read(kernel_only, device):
+def test_empty_cells_are_never_read(attention_kernel_only, device):
     """K/V rows of cells the mask hides entirely are NaN: nothing propagates, as if they were not there (they
     would poison every output and gradient if loaded), and their dK/dV are zeros."""
     q, k, v = _qkv(1, 2, 1, 70, 300, 16, FP32, device)
@@ -181,7 +180,7 @@ def test_empty_cells_are_never_read(kernel_only, device):
     assert torch.equal(dk[:, :, 128:], torch.zeros_like(dk[:, :, 128:])) and torch.equal(dv[:, :, 128:], dk[:, :, 128:])
 
 
-def test_rows_the_mask_hides_give_zeros(kernel_only, device):
+def test_rows_the_mask_hides_give_zeros(attention_kernel_only, device):
     """Queries that see no key: zeros, lse -inf, zero gradients, never NaN (also with a sink: lse = sink)."""
     q, k, v = _qkv(1, 1, 1, 20, 40, 8, FP16, device)
     out, lse = kernels.attention(q, k, v, return_lse=True, mask_mod=kernels.MaskMod(_hide_first_rows, 6))
@@ -205,7 +204,7 @@ def _minus_inf_before_grad(score, b, h, q_idx, kv_idx, first_key, hidden_rows):
 
 
 @pytest.mark.parametrize("first_key,hidden_rows", [(70, 0), (0, 3)])
-def test_a_score_mod_returning_minus_inf_masks_as_in_flex_attention(kernel_only, device, first_key, hidden_rows):
+def test_a_score_mod_returning_minus_inf_masks_as_in_flex_attention(attention_kernel_only, device, first_key, hidden_rows):
     """FlexAttention masks in a score_mod with -inf. Where a row's first key block (which needs no mask) came out
     all -inf, its running max stayed -inf and exp2(-inf - -inf) made the row NaN (out, lse, dq, dk); keys 70.. of
     80 hid the first block of every row, and rows the mod hides entirely must give zeros. Now the masked
@@ -227,7 +226,7 @@ def _one(score, b, h, q_idx, kv_idx, w):
     return score * 0.0 + 1.0
 
 
-def test_a_float_scalar_stays_a_float_after_an_equal_int(kernel_only, device):
+def test_a_float_scalar_stays_a_float_after_an_equal_int(attention_kernel_only, device):
     """Mods are registered by their scalars' values, and 50000 == 50000.0 in Python: a float mod made after the
     int one ran with the int, whose int32 product kv_idx * w * w overflows. Scalars now key by type and exact
     value (0.0 and -0.0 too)."""
@@ -242,7 +241,7 @@ def test_a_float_scalar_stays_a_float_after_an_equal_int(kernel_only, device):
     torch.testing.assert_close(kernels.attention(q, k, v, score_mod=as_float).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_compiles_with_fullgraph(kernel_only, device):
+def test_compiles_with_fullgraph(attention_kernel_only, device):
     """torch.compile(fullgraph=True): the mods pass through the custom ops as registry keys and tensor lists."""
     q, k, v = _qkv(1, 2, 1, 30, 140, 16, FP32, device)
     doc = _documents([70, 70], device)
@@ -279,7 +278,7 @@ def _bad_cases(device):
     ]
 
 
-def test_bad_mod_arguments_raise_before_launch(kernel_only, monkeypatch, device):
+def test_bad_mod_arguments_raise_before_launch(attention_kernel_only, monkeypatch, device):
     cases = _bad_cases(device)
     monkeypatch.setattr(configs, "launch", None)  # a launch would fail otherwise
     q = torch.randn(1, 2, 5, 8, device=device)
@@ -330,7 +329,7 @@ def _first_head_sees_all(b, h, q_idx, kv_idx):
     return (h == 0) | (kv_idx <= q_idx)
 
 
-def test_int_mask_mod_results_mean_nonzero_is_visible(kernel_only, device):
+def test_int_mask_mod_results_mean_nonzero_is_visible(attention_kernel_only, device):
     """A mod returning 0/2 masks as the same mod returning bools, in the block mask and in the kernels, and
     matches float64 (its cells were all empty, so zeros, when the summary combined the ints bitwise)."""
     q, k, v = _qkv(1, 2, 1, 20, 300, 8, FP32, device)
@@ -345,14 +344,14 @@ def test_int_mask_mod_results_mean_nonzero_is_visible(kernel_only, device):
     assert torch.equal(out, want) and out[:, :, 3:].abs().amax() > 0
 
 
-def test_a_mask_mod_returning_a_constant_shows_everything(kernel_only, device):
+def test_a_mask_mod_returning_a_constant_shows_everything(attention_kernel_only, device):
     """A constant result (a Python bool, not a tile) is one: every cell full, the plain attention's output."""
     q, k, v = _qkv(1, 2, 1, 20, 30, 8, FP32, device)
     assert (kernels.create_block_mask(_always, 1, 2, 20, 30).states() == 2).all()
     _check(q, k, v, torch.ones(20, 30, dtype=torch.bool, device=device), dict(mask_mod=_always))
 
 
-def test_float_mask_mod_is_a_type_error_naming_it(kernel_only, device):
+def test_float_mask_mod_is_a_type_error_naming_it(attention_kernel_only, device):
     q = torch.randn(1, 1, 9, 8, device=device)
     with pytest.raises(TypeError, match="mask_mod _float_mask must return a bool or int"):
         kernels.create_block_mask(_float_mask, None, None, 9, 9)
@@ -360,7 +359,7 @@ def test_float_mask_mod_is_a_type_error_naming_it(kernel_only, device):
         kernels.attention(q, q, q, mask_mod=_float_mask)
 
 
-def test_score_mod_results_must_be_float_and_broadcast(kernel_only, device):
+def test_score_mod_results_must_be_float_and_broadcast(attention_kernel_only, device):
     """An int score is a TypeError naming the score mod (the kernels' build-time check; it surfaced as nested
     InterpreterErrors); a per-row score broadcasts to every key (uniform attention here, as the float64 reference
     with scale 0)."""
@@ -370,7 +369,7 @@ def test_score_mod_results_must_be_float_and_broadcast(kernel_only, device):
     _check(q, k, v, None, dict(score_mod=kernels.ScoreMod(_row_zero, _row_zero)), dict(scale=0.0))
 
 
-def test_extra_tensors_shorter_than_the_call_raise(kernel_only, monkeypatch, device):
+def test_extra_tensors_shorter_than_the_call_raise(attention_kernel_only, monkeypatch, device):
     """doc_ids shorter than Nq/Nk (or than B), prefix_lengths shorter than B, slopes shorter than H: ValueError
     naming the tensor and the length needed, before any launch (the kernels would read past their ends)."""
     q = torch.randn(2, 3, 9, 8, device=device)

@@ -20,7 +20,7 @@ from benchmarks.counting import counting
 from kernels.attention import configs
 from kernels.attention.varlen import attention_varlen
 from kernels.registry import use_config
-from test_attention import _REFERENCE, kernel_only  # noqa: F401  (kernel_only: fallbacks raise)
+from test_attention import _REFERENCE
 from test_attention_mods import _check as _check_masked, _documents, _qkv
 from test_attention_chunk import _check as _check_chunked
 from test_attention_variants import H_SLOPES, _check, _padding_mask
@@ -88,7 +88,7 @@ CASES = [  # (dtype, causal, B, H, Hkv, Nq, Nk, D, padded, variants): head dims 
 
 
 @pytest.mark.parametrize("dtype,causal,b,h,h_kv,n_q,n_k,d,padded,variants", CASES)
-def test_variants_on_tma_match_float64(kernel_only, on_tma, device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded,
+def test_variants_on_tma_match_float64(attention_kernel_only, on_tma, device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded,
                                        variants):
     """Plain, causal, window, softcap, ALiBi, sinks, key padding (left padding, holes, right padding) and dropout:
     forward, lse and gradients on descriptors obey the float64 rule."""
@@ -96,14 +96,14 @@ def test_variants_on_tma_match_float64(kernel_only, on_tma, device, dtype, causa
     assert {name for name, _ in on_tma} == {"fwd", "dkdv", "dq"}
 
 
-def test_chunked_attention_on_tma_matches_float64(kernel_only, on_tma, device):
+def test_chunked_attention_on_tma_matches_float64(attention_kernel_only, on_tma, device):
     """flash-attn 3's attention_chunk (its rule written out in test_attention_chunk.py) with causal, key padding
     and GQA, D = 72."""
     _check_chunked(device, FP16, 2, 2, 1, 45, 53, 72, 17, causal=True, padding=_padding_mask(2, 53, device))
 
 
 @pytest.mark.parametrize("family, d", [(90, 72), (100, 40)])
-def test_tma_families_default_configs_give_float64_results(kernel_only, tma_spy, device, family, d):
+def test_tma_families_default_configs_give_float64_results(attention_kernel_only, tma_spy, device, family, d):
     """sm_90's and sm_100's first configs as a GPU launches them (their tiles, on TMA), at an awkward shape:
     partial blocks, causal, GQA, a padded head dim."""
     defaults = configs.default_configs(family, FP16, d)
@@ -114,7 +114,7 @@ def test_tma_families_default_configs_give_float64_results(kernel_only, tma_spy,
         _check(device, FP16, True, 1, 2, 1, 70, 75, d)
 
 
-def test_varlen_on_tma_matches_float64_per_sequence(kernel_only, on_tma, device):
+def test_varlen_on_tma_matches_float64_per_sequence(attention_kernel_only, on_tma, device):
     """Packed sequences (lengths 0 and 1, Lq != Lk, GQA): a descriptor has its own sequence's rows, so the keys past
     a sequence's end, real values of the next one in the packed tensor, read as zeros."""
     lens_q, lens_k, h, h_kv, d = [1, 0, 37, 5], [3, 0, 30, 40], 4, 2, 40
@@ -135,7 +135,7 @@ def test_varlen_on_tma_matches_float64_per_sequence(kernel_only, on_tma, device)
         assert_close(grad.cpu(), grad_exact, grad_low, BACKWARD, name=name)
 
 
-def test_mask_and_score_mods_on_tma_match_float64(kernel_only, on_tma, device):
+def test_mask_and_score_mods_on_tma_match_float64(attention_kernel_only, on_tma, device):
     """A document mask (empty, partial and full cells) with a softcap score mod, causal, GQA, D = 40."""
     doc = _documents([20, 50, 9], device)
     q, k, v = _qkv(1, 2, 1, 79, 79, 40, FP16, device)
@@ -262,7 +262,7 @@ def test_counted_traffic_on_tma_is_the_pointer_paths(variants):
     assert counted[0] == counted[1] and counted[0][0] > 0
 
 
-def test_keys_past_the_visible_range_are_never_read_on_tma(kernel_only, on_tma, device):
+def test_keys_past_the_visible_range_are_never_read_on_tma(attention_kernel_only, on_tma, device):
     """NaN in K and V past a padding mask's last visible key (a cache's unwritten slots) stays out of the result
     and the gradients: the descriptors end at the block's key bound, as the pointer path's masks do, so those rows
     read as zeros rather than as NaN that a zero probability would still turn into NaN."""

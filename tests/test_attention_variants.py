@@ -14,11 +14,10 @@ from benchmarks.counting import counting
 from kernels import reference
 from kernels.attention import configs, sdpa
 from kernels.registry import use_config
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 _TORCH_SDPA = sdpa._TORCH_SDPA
 
 
@@ -104,26 +103,26 @@ CASES = [  # (dtype, causal, B, H, Hkv, Nq, Nk, D, padded, variants): odd length
 
 
 @pytest.mark.parametrize("dtype,causal,b,h,h_kv,n_q,n_k,d,padded,variants", CASES)
-def test_variants_match_float64(kernel_only, device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded, variants):
+def test_variants_match_float64(attention_kernel_only, device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded, variants):
     _check(device, dtype, causal, b, h, h_kv, n_q, n_k, d, padded, **variants)
 
 
 @pytest.mark.parametrize("softcap", [50.0, 1000.0])
-def test_large_softcap_in_fp32(kernel_only, device, softcap):
+def test_large_softcap_in_fp32(attention_kernel_only, device, softcap):
     """Gemma 2's softcap of 50 (and larger) puts the capped scores at |s / cap| < 1/8, where tanh from
     (1 - e^-2x) / (1 + e^-2x) cancels: fp32 errors were 2-100x torch's before the small-argument series."""
     _check(device, FP32, True, 1, 2, 1, 23, 30, 24, False, softcap=softcap)
 
 
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=16)])
-def test_window_with_other_tiles(kernel_only, device, config):
+def test_window_with_other_tiles(attention_kernel_only, device, config):
     """Tiles wider or narrower than the window: the block-range arithmetic of every kernel, both edges."""
     with use_config("attention_fwd", **config), use_config("attention_dkdv", **config), \
             use_config("attention_dq", **config):
         _check(device, FP32, False, 1, 2, 1, 90, 100, 16, True, window_size=(20, 7), alibi_slopes=H_SLOPES[:2])
 
 
-def test_flash_attn_semantics_on_hand_computed_cases(kernel_only, device):
+def test_flash_attn_semantics_on_hand_computed_cases(attention_kernel_only, device):
     """Window edges bottom-right aligned; softcap before ALiBi; ALiBi distance from the shifted diagonal;
     a sink in the denominator and in lse."""
     values = torch.arange(4.0, device=device).reshape(1, 1, 4, 1)
@@ -150,7 +149,7 @@ def test_flash_attn_semantics_on_hand_computed_cases(kernel_only, device):
     torch.testing.assert_close(lse.flatten(), torch.tensor([math.log(4.0)], device=device))
 
 
-def test_rows_outside_every_window_give_zeros_and_the_sink(kernel_only, device):
+def test_rows_outside_every_window_give_zeros_and_the_sink(attention_kernel_only, device):
     """Nq > Nk with window (0, 0): the first Nq - Nk queries see no key: zeros, lse -inf, or lse = sink."""
     q, k, v = torch.randn(1, 2, 9, 16, device=device), torch.randn(1, 1, 4, 16, device=device), \
         torch.randn(1, 1, 4, 16, device=device)
@@ -204,7 +203,7 @@ def test_window_reads_grow_with_n_times_window_not_n_squared(device):
     assert windowed < 2.3 and full > 3.3, (windowed, full)
 
 
-def test_compiles_with_fullgraph(kernel_only, device):
+def test_compiles_with_fullgraph(attention_kernel_only, device):
     """torch.compile(fullgraph=True): the variants' arguments reach the custom ops and their fake impls."""
     q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
     sinks = torch.zeros(2, device=device, requires_grad=True)
@@ -226,7 +225,7 @@ def test_compiles_with_fullgraph(kernel_only, device):
     assert dropped.shape == q.shape and torch.isfinite(dropped).all()
 
 
-def test_sdpa_runs_the_kernel_for_sliding_window_masks(kernel_only, device):
+def test_sdpa_runs_the_kernel_for_sliding_window_masks(attention_kernel_only, device):
     """Hugging Face's sliding-window mask (padding AND causal AND i - j < w) runs the kernel, matching torch."""
     b, h, n, d, w = 2, 2, 45, 16, 7
     q, k, v = (torch.randn(b, h, n, d, device=device) for _ in range(3))
@@ -271,7 +270,7 @@ def test_sdpa_falls_back_for_masks_that_are_not_windows(monkeypatch, device):
     (dict(sinks=torch.ones(3)), ValueError, "sinks"),
     (dict(sinks=torch.ones(2, dtype=torch.int64)), TypeError, "sinks"),
 ])
-def test_bad_variant_arguments_raise_before_launch(kernel_only, monkeypatch, device, kwargs, error, match):
+def test_bad_variant_arguments_raise_before_launch(attention_kernel_only, monkeypatch, device, kwargs, error, match):
     monkeypatch.setattr(configs, "launch", None)  # a launch would fail otherwise
     q = torch.randn(1, 2, 5, 8, device=device)
     kwargs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}

@@ -33,13 +33,29 @@ def test_every_family_has_a_tile_for_each_dtype_and_head_dim():
         assert {fp32: set(by_dim) for fp32, by_dim in table.items()} == {False: {64, 128, 256}, True: {64, 128, 256}}
 
 
+NVIDIA_TILES = {  # (BLOCK_N, num_warps, num_stages) by head dim: 16-bit, then fp32 (smaller: operands in registers)
+    "16-bit": {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
+    "fp32": {64: (32, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)},
+}
+GFX942_ONE_STAGE = {("16-bit", 64), ("16-bit", 128), ("fp32", 64)}  # 16 keys on one stage; the rest NVIDIA's
+MAX_BLOCK_M = {"16-bit": {64: 64, 128: 32, 256: 16}, "fp32": {64: 32, 128: 16, 256: 16}}
+
+
 @pytest.mark.parametrize("family", configs.FAMILIES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [40, 128, 200])
-def test_tile_takes_its_familys_entry(on_a_gpu, family, dtype, head_dim):
-    block_n, warps, stages = decode._TILES[family][dtype == torch.float32][configs.d_bucket(head_dim)]
-    assert decode.tile(dtype, head_dim, 5, family) == (dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=warps,
-                                                            num_stages=stages), block_n)
+def test_each_familys_tile_for_every_dtype_and_head_dim(on_a_gpu, family):
+    """The NVIDIA families share one table; gfx942 streams 16 keys on one stage at 16-bit d64/d128 and fp32 d64,
+    and takes NVIDIA's tiles elsewhere. bf16 takes fp16's tile; a head dim takes its padded bucket's (40: d64, 200:
+    d256); BLOCK_M is the smallest power of two >= 16 that holds the rows (5: 16, 20: 32), capped per bucket."""
+    for dtype in DTYPES:
+        kind = "fp32" if dtype == torch.float32 else "16-bit"
+        for head_dim, bucket in ((40, 64), (128, 128), (200, 256)):
+            one_stage = family == configs.AMD and (kind, bucket) in GFX942_ONE_STAGE
+            block_n, warps, stages = (16, 4, 1) if one_stage else NVIDIA_TILES[kind][bucket]
+            for rows, block_m in ((5, 16), (20, 32)):
+                block_m = min(block_m, MAX_BLOCK_M[kind][bucket])
+                assert decode.tile(dtype, head_dim, rows, family) == (
+                    dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages), block_n), \
+                    (dtype, head_dim, rows)
 
 
 def test_gfx942_takes_one_stage_where_nvidias_tiles_spill_sgprs(on_a_gpu):

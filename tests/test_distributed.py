@@ -9,7 +9,6 @@ import math
 import multiprocessing
 import os
 import queue
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import torch.distributed as dist
 import kernels
 from kernels import distributed, reference
 from kernels.distributed import Block, plan, ring_attention, ring_plans, shard, unshard
+from conftest import free_port
 from tolerance import BACKWARD, FORWARD, assert_close
 from transformer.train import train
 
@@ -238,12 +238,6 @@ def _serve(rank, world, port, tasks, results):
 # ------------------------------------------------------------------------------------ the process group
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Group:
     """``world`` spawned gloo processes on 127.0.0.1, serving cases until closed."""
 
@@ -251,7 +245,7 @@ class _Group:
         context = multiprocessing.get_context("spawn")
         self.world, self.results = world, context.Queue()
         self.tasks = [context.Queue() for _ in range(world)]
-        port = _free_port()
+        port = free_port()
         self.processes = [context.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results),
                                           daemon=True) for r in range(world)]
         for p in self.processes:
@@ -288,23 +282,6 @@ class _Group:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def groups():
-    """groups(world) -> a running _Group of that size, started once per module (again if one died)."""
-    started = {}
-
-    def get(world: int) -> _Group:
-        if world not in started or not started[world].alive():
-            if world in started:  # a rank died: stop the survivors before starting a fresh group
-                started[world].close()
-            started[world] = _Group(world)
-        return started[world]
-
-    yield get
-    for group in started.values():
-        group.close()
 
 
 # -------------------------------------------------------------------------------------------- the tests
@@ -387,7 +364,7 @@ def test_train_command_under_torchrun():
     """``torchrun --nproc-per-node 2 -m transformer.train --context-parallel`` on CPU: gloo, one loss line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "transformer.train", "--context-parallel", "--steps", "2",
+               "--master-port", str(free_port()), "-m", "transformer.train", "--context-parallel", "--steps", "2",
                "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--sample", "0", "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
                           timeout=240)

@@ -11,8 +11,7 @@ import torch.utils.checkpoint
 
 from kernels import distributed
 from kernels.distributed import ring_attention, shard, unshard
-from test_distributed import (CASE_TIMEOUT_S, _single_process, case_matches_single_process,  # noqa: F401
-                              groups)  # groups: the fixture
+from test_distributed import CASE_TIMEOUT_S, _single_process, case_matches_single_process
 from tolerance import BACKWARD, assert_close
 
 
@@ -44,7 +43,7 @@ def case_compiled_model_runs_ring_attention_eagerly():
     assert all(torch.equal(c, e) for c, e in zip(compiled[1], eager[1]))
 
 
-def test_ring_attention_under_torch_compile(groups):  # noqa: F811
+def test_ring_attention_under_torch_compile(groups):
     groups(2).run(case_compiled_model_runs_ring_attention_eagerly, timeout=2 * CASE_TIMEOUT_S)
 
 
@@ -82,7 +81,7 @@ def case_gradients_as_training_code_takes_them(layout, inputs, expected):
         torch.func.grad(lambda x: ring(x, k, v)[0].sum())(q)
 
 
-def test_gradients_as_training_code_takes_them(groups):  # noqa: F811
+def test_gradients_as_training_code_takes_them(groups):
     q = torch.randn(1, 2, 8, 24)
     k, v = (torch.randn(1, 1, 8, 24) for _ in range(2))
     inputs = (q, k, v, torch.randn(q.shape), torch.randn(1, 2, 8))
@@ -108,7 +107,7 @@ def _inputs(b, h, h_kv, n, d):
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_three_ranks(groups, layout):  # noqa: F811  (the fixture)
+def test_three_ranks(groups, layout):
     """An odd ring (3 ranks, zigzag chunks of odd length), GQA, batch 2, then a subgroup of the last two ranks."""
     inputs = _inputs(2, 4, 2, 18, 24)
     groups(3).run(case_matches_single_process, layout=layout, causal=True, scale=None, inputs=inputs,

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.distributed import ring_attention, shard, unshard
-from test_distributed import AGREEMENT_TIMEOUT_S, CASE_TIMEOUT_S, groups  # noqa: F401  (groups: the fixture)
+from test_distributed import AGREEMENT_TIMEOUT_S, CASE_TIMEOUT_S
 from tolerance import BACKWARD, FORWARD, assert_close
 from transformer import GPT, GPTConfig
 
@@ -49,7 +49,7 @@ def case_dtensor_inputs_are_a_type_error():
                                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
 
 
-def test_dtensor_inputs_are_a_type_error_on_every_rank(groups):  # noqa: F811  (the fixture)
+def test_dtensor_inputs_are_a_type_error_on_every_rank(groups):
     groups(2).run(case_dtensor_inputs_are_a_type_error, timeout=AGREEMENT_TIMEOUT_S)
 
 
@@ -71,7 +71,7 @@ def case_torch_context_parallel_shards_as_zigzag():
     torch.testing.assert_close(unshard(out), expected)
 
 
-def test_torch_context_parallel_shards_as_zigzag(groups):  # noqa: F811  (the fixture)
+def test_torch_context_parallel_shards_as_zigzag(groups):
     groups(2).run(case_torch_context_parallel_shards_as_zigzag)
 
 
@@ -108,7 +108,7 @@ def case_fsdp2_with_ring_attention(layout, state, idx, targets, exact, low):
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_fsdp2_with_ring_attention_matches_single_process(groups, layout):  # noqa: F811  (the fixture)
+def test_fsdp2_with_ring_attention_matches_single_process(groups, layout):
     torch.manual_seed(0)
     base = GPT(GPTConfig(**CONFIG, backend="reference"))
     idx, targets = torch.randint(0, 29, (2, 16)), torch.randint(0, 29, (2, 16))

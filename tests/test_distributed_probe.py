@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
 from kernels.distributed import ring_attention, shard
-from test_distributed import AGREEMENT_TIMEOUT_S, groups  # noqa: F401  (groups: the fixture)
+from test_distributed import AGREEMENT_TIMEOUT_S
 from transformer.model import GPT, GPTConfig
 
 
@@ -43,7 +43,7 @@ def case_forward_ad_error_names_ring_attention():
 
 @pytest.mark.parametrize("case", [case_flags_are_checked_like_kernels_attention,
                                   case_forward_ad_error_names_ring_attention])
-def test_bad_inputs_raise_on_every_rank(groups, case):  # noqa: F811  (the fixture)
+def test_bad_inputs_raise_on_every_rank(groups, case):
     groups(2).run(case, timeout=AGREEMENT_TIMEOUT_S)
 
 
@@ -68,5 +68,5 @@ def case_gpt_defaults_to_its_shards_positions(layout):
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_context_parallel_gpt_defaults_to_its_shards_positions(groups, layout):  # noqa: F811  (the fixture)
+def test_context_parallel_gpt_defaults_to_its_shards_positions(groups, layout):
     groups(2).run(case_gpt_defaults_to_its_shards_positions, timeout=AGREEMENT_TIMEOUT_S, layout=layout)

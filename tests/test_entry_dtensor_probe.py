@@ -15,7 +15,6 @@ from triton.runtime.interpreter import InterpretedFunction
 import kernels
 from kernels import flash_attn
 from kernels.attention.checks import plain_qkv_shapes
-from test_layernorm import mesh  # noqa: F401  (a 1-rank gloo process group and its CPU mesh)
 
 
 @pytest.fixture

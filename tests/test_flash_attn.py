@@ -389,8 +389,10 @@ FLAGS = [  # every flash-attn function's bool arguments, each given a value flas
      "return_softmax_lse"),
 ]
 BAD_CALLS = [
-    (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 8)), ValueError, "qkv"),
-    (lambda: flash_attn.flash_attn_kvpacked_func(DENSE[0], torch.randn(1, 4, 2, 8)), ValueError, "kv"),
+    (lambda: flash_attn.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 8)), ValueError,
+     r"^qkv must be \(batch_size, seqlen, 3, nheads, headdim\), got shape \(1, 4, 2, 2, 8\)"),
+    (lambda: flash_attn.flash_attn_kvpacked_func(DENSE[0], torch.randn(1, 4, 2, 8)), ValueError,
+     r"^kv must be 5-D, got shape \(1, 4, 2, 8\)"),
     *((call, TypeError, f"{name} must be a bool") for call, name in FLAGS),
     (lambda: flash_attn.flash_attn_func(*DENSE, softmax_scale="0.1"), TypeError, "softmax_scale"),
     (lambda: flash_attn.flash_attn_func(*DENSE, softmax_scale=torch.ones(1)), TypeError, "softmax_scale"),
@@ -402,7 +404,7 @@ BAD_CALLS = [
     (lambda: flash_attn.flash_attn_varlen_func(*PACKED[:5], 4, torch.tensor(4.0)), TypeError, "max_seqlen_k"),
     (lambda: flash_attn.flash_attn_with_kvcache(*CACHE, cache_seqlens=3, window_size=(1,)), TypeError,
      "window_size"),
-    (lambda: flash_attn.flash_attn_func(DENSE[0][0], *DENSE[1:]), ValueError, "q"),
+    (lambda: flash_attn.flash_attn_func(DENSE[0][0], *DENSE[1:]), ValueError, r"^q must be 4-D, got shape \(4, 2, 8\)"),
     (lambda: flash_attn.flash_attn_func(*DENSE, window_size=(-2, 0)), ValueError, "window_size"),
     (lambda: flash_attn.flash_attn_func(*DENSE, dropout_p=1.0), ValueError, "dropout_p"),
     (lambda: flash_attn.flash_attn_varlen_func(*PACKED, block_table=torch.zeros(2, 1, dtype=torch.int32)),

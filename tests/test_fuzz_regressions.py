@@ -378,11 +378,15 @@ def _floor(case: Case, exact_inputs, magnitude: float) -> float:
     return 4 * FP32_EPS * (1 + LOG2E * logits) * magnitude
 
 
-CANCELLATION_FLOOR = 1e-4
+CANCELLATION_ULPS = 64
 """dq and dk cancel to (nearly) 0 where each row's softmax is (nearly) one key's (p = 1: one visible key, or peaked
 logits): the kernels' fp32 dp - delta, summed in another order than torch's, leaves a rounding residue that the
-rule, scaled to those tiny gradients, does not allow. Any gradient may be off by this fraction of the case's
-largest one (far below fp16's rounding of it)."""
+rule, scaled to those tiny gradients, does not allow. dq and dk may be off by this many fp32 roundings (the
+kernels' accumulation, whatever the inputs' dtype; fp16's rounding of O is :func:`_delta_floor`'s) of the case's
+largest gradient. Measured: rows of one key (Nk = 1, d 8-96, Nq 1-64, inputs of std 1 and 4) leave up to 17 of
+them, up to 4x :func:`_delta_floor`. No seed of this file's or test_fuzz_mods_regressions.py's sample needs any
+(_floor and _delta_floor cover them), nor do this driver's seeds 100-449; its seeds 450-649 and the mods driver's
+12-71 pass with it."""
 
 
 def _delta_floor(case: Case, exact_inputs, out: torch.Tensor, grad_out: torch.Tensor) -> float:
@@ -451,7 +455,8 @@ def failures_of(seed: int, device, draw_case: Callable = None) -> List[str]:
         if name == "dsinks":  # from delta over O in q's dtype, whatever the sinks' dtype: two of its roundings
             floor += 2 * torch.finfo(case.inputs[0].dtype).eps * _magnitude([e])
         _compare(case, name, actual, e, lo, BACKWARD,
-                 floor + CANCELLATION_FLOOR * magnitude + (delta if name in ("dq", "dk") else 0.0), failures)
+                 floor + (delta + CANCELLATION_ULPS * FP32_EPS * magnitude if name in ("dq", "dk") else 0.0),
+                 failures)
     return failures
 
 

@@ -14,6 +14,7 @@ from kernels.attention import sdpa
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
+_REFERENCE = kernels.reference.attention  # captured at import: hf_kernel_only replaces reference.attention
 
 def tiny_llama(layers: int = 2):
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=layers,
@@ -49,16 +50,6 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture
-def kernel_only(monkeypatch):
-    """Fail the test if any attention call falls back to torch's SDPA or the model's eager attention."""
-    def no_fallback(*args, **kwargs):
-        raise AssertionError("attention fell back to torch's SDPA or the eager attention")
-
-    monkeypatch.setattr(sdpa, "_TORCH_SDPA", no_fallback)
-    monkeypatch.setattr(hf, "_eager_attention", no_fallback)
-
-
 def padding(batch, length, side):
     mask = torch.ones(batch, length, dtype=torch.long)
     if side == "left":
@@ -70,7 +61,7 @@ def padding(batch, length, side):
 
 @pytest.mark.parametrize("build,side", [(tiny_llama, "left"), (tiny_gpt2, "right"), (tiny_mistral, "right"),
                                         (tiny_qwen2, "left")])
-def test_patched_hugging_face_model_gives_the_eager_logits_padded_or_not(build, side, device, kernel_only):
+def test_patched_hugging_face_model_gives_the_eager_logits_padded_or_not(build, side, device, hf_kernel_only):
     model = build().to(device)
     ids = torch.randint(1, 50, (2, 11), device=device)
     mask = padding(2, 11, side).to(device)
@@ -90,7 +81,7 @@ def test_patched_hugging_face_model_gives_the_eager_logits_padded_or_not(build, 
 
 @pytest.mark.parametrize("build,cache", [(tiny_llama, "dynamic"), (tiny_gpt2, "dynamic"), (tiny_mistral, "dynamic"),
                                          (tiny_qwen2, "dynamic"), (tiny_llama, "static"), (tiny_mistral, "static")])
-def test_patched_hugging_face_model_generates_the_eager_tokens_with_a_cache(build, cache, device, kernel_only):
+def test_patched_hugging_face_model_generates_the_eager_tokens_with_a_cache(build, cache, device, hf_kernel_only):
     """Decoding past the sliding windows; a static cache holds more key slots than tokens (causal alignment)."""
     model = build().to(device)
     ids = torch.randint(1, 50, (2, 7), device=device)
@@ -105,7 +96,7 @@ def test_patched_hugging_face_model_generates_the_eager_tokens_with_a_cache(buil
     assert torch.equal(got, expected)
 
 
-def test_hugging_face_training_backward_matches_eager(device, kernel_only):
+def test_hugging_face_training_backward_matches_eager(device, hf_kernel_only):
     model = tiny_llama().to(device)
     ids = torch.randint(1, 50, (2, 9), device=device)
     mask = padding(2, 9, "left").to(device)
@@ -134,7 +125,7 @@ def tiny_deepseek_v3():
     return transformers.DeepseekV3ForCausalLM(config).eval()
 
 
-def test_latent_attention_with_a_narrower_value_runs_the_kernel_like_eager(device, kernel_only):
+def test_latent_attention_with_a_narrower_value_runs_the_kernel_like_eager(device, hf_kernel_only):
     """DeepSeek V3's MLA: v's head dim (12) is below q's and k's (16); logits, cached tokens and gradients are
     eager's, every call on the kernels (each forward raised in check_qkv before: k's and v's shapes differ)."""
     model = tiny_deepseek_v3().to(device)
@@ -163,7 +154,7 @@ def test_latent_attention_with_a_narrower_value_runs_the_kernel_like_eager(devic
 
 
 @pytest.mark.parametrize("value_dim", [5, 12])
-def test_a_value_head_dim_other_than_qs_runs_with_zeros_appended(value_dim, device, kernel_only):
+def test_a_value_head_dim_other_than_qs_runs_with_zeros_appended(value_dim, device, hf_kernel_only):
     """v narrower (5) or wider (12) than q and k (8), scale left to its default (q's 1/sqrt(8)): torch's SDPA."""
     module = nn.Module()
     module.is_causal = True
@@ -186,7 +177,7 @@ def test_masks_the_kernel_cannot_take_fall_back_to_torch_and_stay_correct(device
     mask = torch.rand(2, 1, 6, 6, device=device) > 0.4
     mask[..., 0] = True
     out, weights = hf_attention(module, q, k, v, mask, scaling=0.3)
-    expected = kernels.reference.attention(q, k, v, scale=0.3, mask=mask)
+    expected = _REFERENCE(q, k, v, scale=0.3, mask=mask)
     assert weights is None and out.shape == (2, 6, 4, 8)
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
@@ -205,11 +196,11 @@ def test_softcap_with_a_mask_the_kernel_cannot_take_runs_eager_attention_and_say
     monkeypatch.setattr(hf, "_WARNED", set())
     with pytest.warns(UserWarning, match=r"\['softcap'\] \(with transformers' dense mask.*modeling_gemma2's eager"):
         out, _ = hf.hf_attention(module, q, k, v, mask, scaling=0.3, softcap=0.5)
-    expected = kernels.reference.attention(q, k, v, scale=0.3, mask=mask, softcap=0.5)
+    expected = _REFERENCE(q, k, v, scale=0.3, mask=mask, softcap=0.5)
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
-def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(device, kernel_only):
+def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_transformers(device, hf_kernel_only):
     """As transformers' own SDPA path: an ``is_causal`` argument wins over ``module.is_causal``; a relative
     ``position_bias`` (T5-style) is added to the scores by transformers' function, not dropped."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -219,7 +210,7 @@ def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_trans
     module.is_causal = True
     q, k, v = (torch.randn(1, 2, 5, 8, device=device) for _ in range(3))
     out, _ = hf_attention(module, q, k, v, None, scaling=0.5, is_causal=False)
-    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5).transpose(1, 2))
+    torch.testing.assert_close(out, _REFERENCE(q, k, v, scale=0.5).transpose(1, 2))
 
     bias = torch.randn(1, 2, 5, 5, device=device)
     with pytest.MonkeyPatch.context() as m:  # transformers' path calls torch's SDPA itself: allow it here
@@ -229,11 +220,11 @@ def test_is_causal_argument_overrides_the_module_and_position_bias_goes_to_trans
             out, _ = hf_attention(module, q, k, v, None, scaling=0.5, position_bias=bias)
     expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.5, position_bias=bias)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, scale=0.5, mask=bias,
+    torch.testing.assert_close(out, _REFERENCE(q, k, v, scale=0.5, mask=bias,
                                                                 causal=True).transpose(1, 2))
 
 
-def test_gemma2_softcap_and_sliding_window_run_the_kernel_after_patch(device, kernel_only):
+def test_gemma2_softcap_and_sliding_window_run_the_kernel_after_patch(device, hf_kernel_only):
     """Gemma 2 passes ``softcap`` (logit softcapping) and alternates sliding and full layers: eager's logits."""
     config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
@@ -267,7 +258,7 @@ class LargestAttentionShape(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_mistral])
-def test_no_quadratic_mask_is_built_for_a_padded_batch(build, device, kernel_only):
+def test_no_quadratic_mask_is_built_for_a_padded_batch(build, device, hf_kernel_only):
     """Eager attention (the control) makes (B, 1, S, S)-shaped tensors; the patched model makes none."""
     model = build().to(device)
     n = 23  # no other size of the tiny models is 23
@@ -290,7 +281,7 @@ def _packed_batch(lengths, device):
 
 
 @pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
-def test_packed_sequences_give_the_separate_sequences_logits_and_gradients(how, device, kernel_only, monkeypatch):
+def test_packed_sequences_give_the_separate_sequences_logits_and_gradients(how, device, hf_kernel_only, monkeypatch):
     """Packed as DataCollatorWithFlattening packs them (position_ids restarting at 0, optionally with the
     cu_seq_lens/max_length keywords); attention_varlen runs, and the loss and every gradient equal those of
     running each sequence on its own."""
@@ -366,7 +357,7 @@ def test_packing_anded_with_the_flat_causal_pattern_is_recognised_too(window, de
     assert mask.cu_seqlens.tolist() == [0, 5, 6, 13] and mask.cu_seqlens.device == sequence_ids.device
 
 
-def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(device, kernel_only):
+def test_attention_sinks_run_the_kernel_like_gpt_oss_eager(device, hf_kernel_only):
     """GPT-OSS passes ``s_aux`` (a per-head sink logit): the kernel's sinks give its eager attention's output."""
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
     module = nn.Module()
@@ -405,7 +396,7 @@ def test_unknown_keywords_run_the_models_eager_attention_never_dropped(keyword, 
         hf.hf_attention(module, q, q[:, :2], q[:, :2], None, scaling=0.5, **{keyword: torch.ones(1)})
 
 
-def test_keywords_that_leave_the_math_alone_run_the_kernel(device, kernel_only, monkeypatch):
+def test_keywords_that_leave_the_math_alone_run_the_kernel(device, hf_kernel_only, monkeypatch):
     """The keywords models pass along with their forward's (MoE router flags, output flags, loss scaling, Mamba's
     seq_idx) do not send a call off the kernel; ``output_attentions=True`` warns that no weights come back, as
     transformers' SDPA path does."""
@@ -413,7 +404,7 @@ def test_keywords_that_leave_the_math_alone_run_the_kernel(device, kernel_only, 
     module.is_causal = True
     q = torch.randn(1, 4, 6, 8, device=device)
     k, v = torch.randn(1, 2, 6, 8, device=device), torch.randn(1, 2, 6, 8, device=device)
-    expected = kernels.reference.attention(q, k, v, scale=0.3, causal=True).transpose(1, 2)
+    expected = _REFERENCE(q, k, v, scale=0.3, causal=True).transpose(1, 2)
     passed_along = dict(output_router_logits=True, output_hidden_states=True, num_items_in_batch=torch.tensor(5),
                         seq_idx=torch.zeros(1, 6, dtype=torch.int32, device=device), use_cache=False,
                         position_ids=torch.arange(6, device=device)[None])

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from test_hf import kernel_only, tiny_llama, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import tiny_llama, tiny_qwen2
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -60,7 +60,7 @@ def _left_padded_prompts(device):
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
 @pytest.mark.parametrize("padded", [False, True])
-def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, padded, device, kernel_only,
+def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, padded, device, hf_kernel_only,
                                                                         attention_calls):
     """Qwen2's second layer is full attention (a static cache of PROMPT + NEW - 1 slots), its first a sliding
     window of 3 (a 3-slot rolling cache): the full layer's steps see cache_seqlens PROMPT + 1, + 2, + 3 and row 0's
@@ -92,7 +92,7 @@ def test_static_cache_decoding_steps_run_the_decode_kernel_on_the_cache(build, p
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
-def test_a_model_loaded_on_the_registered_kernel_decodes_a_static_cache_on_it(build, device, tmp_path, kernel_only,
+def test_a_model_loaded_on_the_registered_kernel_decodes_a_static_cache_on_it(build, device, tmp_path, hf_kernel_only,
                                                                               attention_calls):
     """from_pretrained(attn_implementation="fused_triton") after register_hf_attention(), no patch(): generate()
     builds a static cache's masks ahead with transformers' create_masks_for_generate, whose KernelMask the forward
@@ -114,7 +114,7 @@ def test_a_model_loaded_on_the_registered_kernel_decodes_a_static_cache_on_it(bu
     assert [c[1][2] for c in attention_calls if c[0] == "attention"] == [PROMPT] * model.config.num_hidden_layers
 
 
-def test_padding_the_decode_kernel_cannot_express_keeps_the_dense_kernel(device, kernel_only, attention_calls):
+def test_padding_the_decode_kernel_cannot_express_keeps_the_dense_kernel(device, hf_kernel_only, attention_calls):
     """A hole in the 2-D mask (not left padding): every step runs kernels.attention with the key mask, eager's
     tokens."""
     model = tiny_llama().to(device)
@@ -152,7 +152,7 @@ def test_a_decoding_step_that_needs_grad_runs_the_differentiable_kernel(device, 
 
 @pytest.mark.parametrize("build,backend", [(tiny_llama, "inductor"), (tiny_llama, "aot_eager"),
                                            (tiny_qwen2, "aot_eager")])
-def test_compiled_static_cache_steps_run_the_decode_kernel(build, backend, device, kernel_only, monkeypatch):
+def test_compiled_static_cache_steps_run_the_decode_kernel(build, backend, device, hf_kernel_only, monkeypatch):
     """generate() compiling the static cache's decoding steps (transformers' default on a GPU: inductor,
     mode="reduce-overhead", here fullgraph): every step's layers launch the decode kernel (counted where the
     eager path and the custom op both call it) with the lengths and left padding read off the traced mask on the

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from test_hf import kernel_only  # noqa: F401  (kernel_only: fallbacks raise)
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -46,7 +45,7 @@ def _cross(masks):
     return [mask for q_length, kv_length, mask in masks if (q_length, kv_length) == (DECODER, ENCODER)]
 
 
-def test_cross_attention_without_an_encoder_mask_sees_every_encoder_key(device, kernel_only, masks):
+def test_cross_attention_without_an_encoder_mask_sees_every_encoder_key(device, hf_kernel_only, masks):
     """The bidirectional pattern has no query alignment: its keys were cut to the decoder's length (Nq < Nk),
     silently attending to the first Nq encoder tokens only."""
     reference = tiny_bart().to(device)
@@ -65,7 +64,7 @@ def test_cross_attention_without_an_encoder_mask_sees_every_encoder_key(device, 
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_a_padded_encoder_reaches_cross_attention_as_a_key_mask(side, device, kernel_only, masks):
+def test_a_padded_encoder_reaches_cross_attention_as_a_key_mask(side, device, hf_kernel_only, masks):
     """The encoder's (B, Nk) padding mask is a key mask for the decoder's queries too: no (B, 1, Nq, Nk) tensor."""
     reference = tiny_bart().to(device)
     model = patch(copy.deepcopy(reference))
@@ -101,7 +100,7 @@ def test_use_kernel_attention_on_a_non_transformers_model_is_a_type_error(model)
         hf.use_kernel_attention(model)
 
 
-def test_training_through_cross_attention_gives_eagers_gradients(device, kernel_only):
+def test_training_through_cross_attention_gives_eagers_gradients(device, hf_kernel_only):
     """Encoder-decoder training without an encoder mask: every encoder key gets its share of the gradient."""
     reference = tiny_bart().to(device).train()
     model = patch(copy.deepcopy(reference))

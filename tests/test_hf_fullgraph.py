@@ -4,7 +4,7 @@ cannot do (fullgraph raised Unsupported at ``__closure__``)."""
 import pytest
 import torch
 
-from test_hf import _packed_batch, kernel_only, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import _packed_batch, tiny_llama, tiny_mistral, tiny_qwen2
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -23,7 +23,7 @@ def tiny_gemma2():
 
 
 @pytest.mark.parametrize("build", [tiny_mistral, tiny_qwen2, tiny_gemma2])
-def test_a_sliding_window_model_compiles_in_one_graph_with_the_eager_logits(build, device, kernel_only):
+def test_a_sliding_window_model_compiles_in_one_graph_with_the_eager_logits(build, device, hf_kernel_only):
     """Mistral (window 4 on every layer), Qwen2 (a window-3 layer and a full one: two masks per forward) and
     Gemma 2 (softcap too), a prompt longer than the windows: the compiled patched model gives eager's logits."""
     model = build().to(device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from test_hf import kernel_only, tiny_mistral  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import tiny_mistral
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -62,7 +62,7 @@ def _left_padded(batch, length, pads, device):
 
 
 @pytest.mark.parametrize("build,cache", [(tiny_gemma2, "dynamic"), (tiny_gemma2, "static"), (tiny_phi3, "static")])
-def test_left_padded_generation_decodes_on_the_kernel(build, cache, device, kernel_only, calls):
+def test_left_padded_generation_decodes_on_the_kernel(build, cache, device, hf_kernel_only, calls):
     """Prompts of 10 tokens (a dense prefill) with 0, 2 and 9 slots of left padding (more than the windows), 6 new
     tokens (past the windows): eager's tokens and scores, 5 decoding steps per layer on the decode kernel; the
     dynamic cache builds no dense mask."""
@@ -80,7 +80,7 @@ def test_left_padded_generation_decodes_on_the_kernel(build, cache, device, kern
     assert cache == "static" or "dense" not in calls
 
 
-def test_beam_search_reorders_the_cache_the_kernel_reads(device, kernel_only, calls):
+def test_beam_search_reorders_the_cache_the_kernel_reads(device, hf_kernel_only, calls):
     """num_beams=2 on Gemma 2: the cache rows are reordered between steps; short prompts (7 tokens) are prefilled
     on the decode kernel too."""
     model = tiny_gemma2().to(device)
@@ -93,7 +93,7 @@ def test_beam_search_reorders_the_cache_the_kernel_reads(device, kernel_only, ca
     assert set(calls) == {"decode"}
 
 
-def test_a_second_generate_continues_the_first_ones_cache(device, kernel_only):
+def test_a_second_generate_continues_the_first_ones_cache(device, hf_kernel_only):
     """Multi-turn: generate() again on the first call's sequences plus 3 new tokens, reusing its past_key_values
     (Mistral, window 4, well past it): eager's tokens and scores in both turns."""
     model = tiny_mistral().to(device)
@@ -111,7 +111,7 @@ def test_a_second_generate_continues_the_first_ones_cache(device, kernel_only):
     torch.testing.assert_close(scores, expected_scores, rtol=1e-4, atol=1e-5)
 
 
-def test_continuous_batching_requests_finishing_at_different_steps(device, kernel_only):
+def test_continuous_batching_requests_finishing_at_different_steps(device, hf_kernel_only):
     """Gemma 2 through the continuous-batching manager: prompts of 1 to 13 tokens asking 1 to 7 new tokens (the
     batch shrinks as they finish; 4-token pages, at most 6 tokens per batch: chunked prefills mixed with decoding)
     give each prompt's own greedy generate() tokens, and the model is back on the kernel afterwards."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from test_hf import kernel_only, padding  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import padding
 from transformer import patch
 
 transformers = pytest.importorskip("transformers")
@@ -58,7 +58,7 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen3_moe, tiny_gpt_oss])
-def test_patched_moe_model_runs_the_kernel_with_eager_logits_and_tokens(build, device, kernel_only, kernel_calls):
+def test_patched_moe_model_runs_the_kernel_with_eager_logits_and_tokens(build, device, hf_kernel_only, kernel_calls):
     model = build().to(device)
     layers = model.config.num_hidden_layers
     ids = torch.randint(1, 50, (2, PROMPT), device=device)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from test_hf import kernel_only, tiny_llama, tiny_qwen2  # noqa: F401  (kernel_only: fallbacks raise)
+from test_hf import tiny_llama, tiny_qwen2
 from transformer import hf, patch
 
 transformers = pytest.importorskip("transformers")
@@ -36,7 +36,7 @@ def _generate_batch(model, prompts, max_batch_tokens=32):
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
-def test_generate_batch_runs_the_kernels_and_gives_the_paged_sdpa_tokens(build, device, kernel_only, kernel_calls):
+def test_generate_batch_runs_the_kernels_and_gives_the_paged_sdpa_tokens(build, device, hf_kernel_only, kernel_calls):
     """The three prompts are prefilled together (one packed batch per layer) and decoded together: NEW - 1
     decoding steps, one query per sequence. Qwen2's sliding layer (window 3) reads its rolling paged cache."""
     model = build().to(device)
@@ -51,7 +51,7 @@ def test_generate_batch_runs_the_kernels_and_gives_the_paged_sdpa_tokens(build, 
     assert model.config._attn_implementation == hf.ATTENTION_NAME
 
 
-def test_chunked_prefills_mixed_with_decoding_steps_give_the_paged_sdpa_tokens(device, kernel_only, kernel_calls):
+def test_chunked_prefills_mixed_with_decoding_steps_give_the_paged_sdpa_tokens(device, hf_kernel_only, kernel_calls):
     """At most 8 tokens per batch: the 9-token prompt is prefilled in chunks (queries against keys already in the
     paged cache, bottom-right causal) while the other requests decode in the same packed batches."""
     model = tiny_llama().to(device)

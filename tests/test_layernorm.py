@@ -4,7 +4,7 @@ wide rows, the fused residual, RMS norm's offset and casting modes, state_dict r
 and autocast, torch's own ops for what the kernels do not take, forward-mode AD, and that the kernels really run."""
 import importlib
 import multiprocessing
-import socket
+import types
 import warnings
 from datetime import timedelta
 
@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 
 import kernels
 from kernels import _rows as rows_module, reference
+from conftest import free_port
 from tolerance import BACKWARD, assert_close, max_error
 
 norm_module = importlib.import_module("kernels.layernorm")
@@ -576,11 +577,17 @@ def test_bad_input_raises_before_launch(monkeypatch):
 
 
 def test_kernel_path_is_taken(monkeypatch, device):
+    """Both forwards and both backwards launch the Triton kernels, none falls back to torch's ops."""
+    launches = []
+    real_run = norm_module._direct.run
+    recorder = types.SimpleNamespace(run=lambda jit, *a, **k: launches.append(jit) or real_run(jit, *a, **k))
+    monkeypatch.setattr(norm_module, "_direct", recorder)
     monkeypatch.setattr(norm_module, "_torch_norm", lambda *a: pytest.fail("fell back to torch's ops"))
     x = torch.randn(4, 16, device=device, requires_grad=True)
     w = torch.randn(16, device=device, requires_grad=True)
     y, h = kernels.add_layer_norm(x, x, 16, w)
     (y.sum() + kernels.rms_norm(h, 16, w).sum()).backward()
+    assert launches == [norm_module._norm_fwd] * 2 + [norm_module._norm_bwd] * 2
     assert x.grad is not None and w.grad is not None
 
 
@@ -694,29 +701,6 @@ def test_overflowing_statistics_give_what_torch_gives(monkeypatch, rms, path):
     torch.testing.assert_close(dx[1::2], want_dx[1::2])
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 free at the time of asking, for a gloo group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, torn down after the module's tests."""
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    port = _free_port()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=60))
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("x_dim", [0, 1, 2, None])  # rows sharded (data/sequence parallel), hidden (tensor), replicated
 def test_dtensor_inputs_normalise_local_rows_as_torch_places_them(mesh, rms, x_dim):
@@ -780,7 +764,7 @@ def test_dtensor_norm_on_two_gloo_ranks():
     """Two processes on 127.0.0.1: each rank's rows (Partial parameter gradients summed over the ranks) and a
     gathered hidden dim give torch's values on the full tensors; bounded by a timeout, processes always reaped."""
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     results = context.Queue()
     ranks = [context.Process(target=_two_rank_dtensor_case, args=(rank, port, results)) for rank in range(2)]
     for process in ranks:

@@ -51,15 +51,16 @@ def test_patched_hf_norms_keep_their_output_dtype_with_a_weight_of_another_dtype
     got, want = ours(x), theirs(x)
     assert got.dtype == want.dtype
     offset = ours.offset
-    x64, w64 = x.detach().double(), theirs.weight.detach().double()
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, theirs.weight))
     exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + ours.eps) * (offset + w64)
     assert_close(got, exact, want)
     dy = torch.randn_like(want)
     got_grads = torch.autograd.grad(got, (x, ours.weight), dy)
     want_grads = torch.autograd.grad(want, (x, theirs.weight), dy)
-    for g, w in zip(got_grads, want_grads):
+    exact_grads = torch.autograd.grad(exact, (x64, w64), dy.double())
+    for name, g, w, e in zip(("dx", "dweight"), got_grads, want_grads, exact_grads):
         assert g.dtype == w.dtype
-        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+        assert_close(g, e, w, BACKWARD, name=name)
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, on its CPU op
@@ -228,9 +229,11 @@ def test_promoted_output_with_a_residual_and_its_gradients():
     h_want = x + residual
     wide = h_want.float()
     y_want = norm.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h_want.dtype)
+    h64 = h_want.detach().double()
+    y_exact = norm.weight.detach().double() * h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert y.dtype == torch.float32 and h.dtype == torch.bfloat16
-    torch.testing.assert_close(h, h_want)
-    torch.testing.assert_close(y, y_want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h, h_want, rtol=0, atol=0)
+    assert_close(y, y_exact, y_want)
     dy, dh = torch.randn_like(y), torch.randn_like(h)
     got = torch.autograd.grad((y, h), (x, residual, norm.weight), (dy, dh))
     want = torch.autograd.grad((y_want, h_want), (x, residual, norm.weight), (dy, dh))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import kernels
 from kernels import _rows as rows_module, reference
 from kernels.layernorm import torch_rms_norm
-from test_layernorm import mesh  # noqa: F401  (a 1-rank gloo process group and its CPU mesh)
 from tolerance import BACKWARD, assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")

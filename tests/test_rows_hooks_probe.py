@@ -1,9 +1,7 @@
 """Row ops (softmax, log_softmax, the norms) as a demanding user drives them: saved tensors a hook hands back in
 another layout, DTensor parameters beside a plain input, launch-plan caches under many widths, and torch's
 argument semantics and module conventions."""
-import socket
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -54,27 +52,6 @@ def test_saved_statistics_in_another_layout_give_the_same_gradients(name, compil
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, torn down after the module's tests."""
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=60))
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_dtensor_weight_beside_a_plain_input_names_both(mesh):

@@ -12,7 +12,6 @@ import triton.language as tl
 
 import kernels
 from kernels.attention.kernels import _tanh
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from test_attention_mods import _check as _check_mods
 from test_attention_variants import _check as _check_variants
 
@@ -75,7 +74,7 @@ def test_accurate_tanh_within_two_ulps():
     assert ulps[worst] <= 2.0, f"{ulps[worst]:.2f} ulps at x = {x[worst]!r}"
 
 
-def test_builtin_softcap_fp32_where_tanh_cancels(kernel_only, device):
+def test_builtin_softcap_fp32_where_tanh_cancels(attention_kernel_only, device):
     """fp32, default scale (scaled scores ~ N(0, 1)), cap 3: |s / cap| is mostly in [1/8, 0.55]."""
     torch.manual_seed(0)
     _check_variants(device, FP32, False, 1, 2, 1, 37, 70, 32, softcap=3.0)
@@ -83,7 +82,7 @@ def test_builtin_softcap_fp32_where_tanh_cancels(kernel_only, device):
 
 @pytest.mark.parametrize("cap", [50.0, pytest.param(1000.0, marks=pytest.mark.xfail(
     strict=True, reason="the score mod's tanh is the exp2 formula (the series spills fp16/bf16 score_mod builds)"))])
-def test_softcap_score_mod_fp32_large_cap(kernel_only, device, cap):
+def test_softcap_score_mod_fp32_large_cap(attention_kernel_only, device, cap):
     """fp32 softcap score mod with a large cap: scores far below it, where the exp2 formula alone loses ~eps / |x|
     relative in tanh, ~cap * eps in the score (at 1000, 8-15x the output's bound)."""
     torch.manual_seed(0)

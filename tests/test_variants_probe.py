@@ -6,13 +6,12 @@ import torch
 
 import kernels
 from kernels import reference
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from test_attention_mods import _check as _check_mods
 from test_softcap_tanh import _run_tanh
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16 = torch.float16, torch.bfloat16
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 
 
 def test_fast_tanh_is_x_for_tiny_arguments():
@@ -24,7 +23,7 @@ def test_fast_tanh_is_x_for_tiny_arguments():
 
 
 @pytest.mark.parametrize("cap", [1e6, 1e30])
-def test_huge_softcap_in_fp16(kernel_only, device, cap):
+def test_huge_softcap_in_fp16(attention_kernel_only, device, cap):
     """A cap far above the scores is no cap: at 1e6 the scores were noise (output error 18x torch's), at 1e30 all
     0. The noise is torch's fp16 attention without a cap (with it, torch's fp16 backward overflows)."""
     torch.manual_seed(0)
@@ -43,7 +42,7 @@ def test_huge_softcap_in_fp16(kernel_only, device, cap):
         assert_close(grad, grad_exact, grad_low, BACKWARD, name=name)
 
 
-def test_huge_softcap_score_mod_in_bf16(kernel_only, device):
+def test_huge_softcap_score_mod_in_bf16(attention_kernel_only, device):
     """The softcap score mod shares the tanh."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 24, dtype=BF16, device=device).requires_grad_() for n in (19, 25, 25))

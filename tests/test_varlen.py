@@ -12,11 +12,10 @@ from benchmarks.counting import counting
 from kernels import reference
 from kernels.attention.varlen import attention_varlen, gather_pages
 from kernels.registry import use_config
-from test_attention import kernel_only  # noqa: F401  (the fixture: fallbacks raise, so the kernels ran)
 from tolerance import BACKWARD, FORWARD, assert_close
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-_REFERENCE = reference.attention  # captured at import: kernel_only replaces reference.attention
+_REFERENCE = reference.attention  # captured at import: attention_kernel_only replaces reference.attention
 
 
 def _cu(lengths, device):
@@ -69,7 +68,7 @@ CASES = [  # (dtype, q lengths, k lengths, H, Hkv, D, variants): lengths 0 and 1
 
 
 @pytest.mark.parametrize("dtype,lens_q,lens_k,h,h_kv,d,variants", CASES)
-def test_varlen_matches_float64_per_sequence_with_gradients(kernel_only, device, dtype, lens_q, lens_k, h, h_kv, d,
+def test_varlen_matches_float64_per_sequence_with_gradients(attention_kernel_only, device, dtype, lens_q, lens_k, h, h_kv, d,
                                                              variants):
     variants = dict(variants)
     alibi = torch.rand(len(lens_q), h) if variants.pop("alibi", False) else None
@@ -105,7 +104,7 @@ def test_varlen_matches_float64_per_sequence_with_gradients(kernel_only, device,
         assert_close(grad.cpu(), grad_exact, grad_low, BACKWARD, name=name)
 
 
-def test_varlen_block_table_is_the_packed_keys_with_gradients_into_the_pages(kernel_only, device):
+def test_varlen_block_table_is_the_packed_keys_with_gradients_into_the_pages(attention_kernel_only, device):
     """Paged keys (pages of 3, shuffled, sequences of 0..9 keys, out-of-range ids in unused table entries) give
     the packed keys' output, lse and dq bit for bit, and dk/dv land in the pages the keys came from."""
     lens_q, lens_k, page_size = [3, 1, 0, 6], [5, 9, 4, 0], 3
@@ -143,7 +142,7 @@ def test_varlen_block_table_page_ids_outside_the_pool_raise_naming_it():
             attention_varlen(q, k_pages, v_pages, _cu(lens, "cpu"), _cu(lens, "cpu"), 4, 4, block_table=bad)
 
 
-def test_varlen_dropout_is_the_dense_masks_corner_of_each_sequence(kernel_only, device):
+def test_varlen_dropout_is_the_dense_masks_corner_of_each_sequence(attention_kernel_only, device):
     """Sequence b's keep-mask is attention_dropout_mask(batch, H, max_q, max_k)[b, :, :len_q, :len_k]."""
     lens_q, lens_k, h, d, p = [5, 19, 0, 12], [8, 19, 3, 1], 2, 16, 0.3
     q = torch.randn(sum(lens_q), h, d, dtype=torch.float64).float()
