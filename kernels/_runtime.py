@@ -99,9 +99,10 @@ def cast_rne(x, dtype: tl.constexpr):
     round the fp32 bits to the nearest even bf16 first, so the conversion that follows is exact.
     """
     if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN's carry could make it inf or +-0
     return x.to(dtype)
 
 _warned = set()

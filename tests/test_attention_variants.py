@@ -313,7 +313,7 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     asked = []
     launch = configs.launch
     monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append(
-        (args[0], configs.specialisation(args[4], kwargs["dropout"], kwargs.get("varlen", False)))) or
+        (args[0], configs.specialisation(args[4], kwargs["dropout"], kwargs["varlen"], kwargs["alibi"]))) or
         launch(*args, **kwargs))
     q = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2], dtype=torch.int32, device=device)
@@ -327,8 +327,9 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     packed, offsets = q[0].transpose(0, 1), torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     kernels.attention_varlen(packed, packed, packed, offsets, offsets, 5, 5, softcap=5.0).sum().backward()
     kernels.attention(q, q, q, causal=True, attention_chunk=4, softcap=5.0).sum().backward()
+    kernels.attention(q, q, q, alibi_slopes=torch.ones(1, device=device)).sum().backward()
     assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod", "softcap", "varlen",
-                                                       "chunk") for kernel in ("fwd", "dkdv", "dq")]
+                                                       "chunk", "alibi") for kernel in ("fwd", "dkdv", "dq")]
 
 
 def test_a_forced_tile_larger_than_a_block_mask_cell_is_refused(device):

@@ -164,8 +164,10 @@ _FIRST = {
     ("score_mod", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
     ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
     ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
+    ("score_mod", "dkdv", 128): {(FP32, 100): (16, 32, 8, 1)},
     ("softcap", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
     ("chunk", "fwd", 128): {(FP32, AMD): (32, 16, 4, 1)},
+    ("alibi", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
 }
 TMA_FAMILIES = (90, 100)
 """The families whose fp16/bf16 tables run each tile on tensor descriptors first (TMA needs compute capability 9.0
@@ -188,6 +190,7 @@ _TMA_FIRST = {
     ("dropout", "fwd", 256): {90: (64, 32, 8, 2)},
     ("dropout", "dq", 64): {100: (64, 32, 4, 2)},
     ("chunk", "dq", 64): {100: (64, 32, 4, 2)},
+    ("softcap", "dq", 64): {100: (64, 32, 4, 2)},
     ("dropout", "dq", 128): {90: (64, 32, 4, 2)},
     ("varlen", "dq", 128): {100: (64, 64, 4, 2)},
     ("mask_mod", "dkdv", 256): {90: (32, 16, 8, 1), 100: (32, 16, 8, 1)},
@@ -222,17 +225,20 @@ def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str =
     return table if first is None else [first] + [t for t in table if t != first]
 
 
-def specialisation(meta: dict, dropout: bool, varlen: bool = False) -> str:
+def specialisation(meta: dict, dropout: bool, varlen: bool = False, alibi: bool = False) -> str:
     """The specialisation whose first entry (:func:`tiles`) a launch with compile-time parameters ``meta`` tries
-    first (``dropout``, ``varlen``: whether it passes a SEED, packed sequences' offsets): "dropout", else
-    "mask_mod", else "score_mod", else "varlen", else "chunk", else "softcap" (the one with the largest register
-    footprint when several are on), else "" (the table's own)."""
+    first (``dropout``, ``varlen``, ``alibi``: whether it passes a SEED, packed sequences' offsets, ALiBi slopes):
+    "dropout", else
+    "mask_mod", else "score_mod", else "varlen", else "chunk", else "softcap", else "alibi" (the one with the
+    largest register footprint when several are on), else "" (the table's own)."""
     if dropout:
         return "dropout"
     mod = next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
     if mod or varlen:
         return mod or "varlen"
-    return "chunk" if meta.get("CHUNKED") else "softcap" if meta.get("SOFTCAP") else ""
+    if meta.get("CHUNKED"):
+        return "chunk"
+    return "softcap" if meta.get("SOFTCAP") else "alibi" if alibi else ""
 
 
 def uses_tma(family: Family, fp32: bool) -> bool:
@@ -389,12 +395,12 @@ SCORE_MOD_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
 
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
            tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False,
-           varlen: bool = False) -> None:
+           varlen: bool = False, alibi: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
     (by keyword) over cdiv(rows, block) blocks for each of ``heads`` (by ``run(..., grid=...)``, which
     ``kernel[grid](...)`` would call after repacking every argument), autotuned over :func:`tiles` of the launch's
-    :func:`specialisation` (``dropout``, ``varlen``: whether the launch passes a SEED, packed sequences'
-    offsets). ``tma``: the tensors the kernel
+    :func:`specialisation` (``dropout``, ``varlen``, ``alibi``: whether the launch passes a SEED, packed
+    sequences' offsets, ALiBi slopes). ``tma``: the tensors the kernel
     streams, judged by :func:`tma_legal` only where a TMA config could run (``seq_first``: they are (B, N, H, D)).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     try:  # (free unless it raises)
@@ -440,7 +446,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
             with _TUNING:
                 if key not in _PICKED:  # (another thread may have tuned it while this one waited)
-                    variant = specialisation(meta, dropout, varlen)
+                    variant = specialisation(meta, dropout, varlen, alibi)
                     tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, variant, buckets, on_tma)
                     tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
                     _PICKED[key] = tuned.best_config.all_kwargs()

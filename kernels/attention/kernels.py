@@ -308,6 +308,9 @@ def _scores(qk, rows, cols, visible, qk_scale, cap_log2, slope_log2, CAUSAL_SHIF
             chunk = _chunk_start(rows + ALIBI_SHIFT, CHUNK_SIZE)
             visible = visible & (cols >= chunk) & (cols < chunk + CHUNK_SIZE)
         s = tl.where(visible, s, float("-inf"))
+        if SOFTCAP:  # a hidden score's p is 0: so is its dS, unless 1 - t^2 is NaN (0 * inf: a padding row or
+            # column, read as zeros, against an infinite key or query), which tanh's saturation makes finite in torch
+            t = tl.where(visible, t, 0.0)
     return s, t
 
 

@@ -368,7 +368,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
             *_strides(out, varlen, layout), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * plan.rows[1], args, plan.meta, (plan.n_q, plan.n_k),
                    dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST,
-                   varlen=varlen)
+                   varlen=varlen, alibi=tensors.alibi_slopes is not None)
     return out, lse
 
 
@@ -391,15 +391,17 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     shared = (*_variant_args(tensors, variant, lse.stride(), varlen, forward=False), *_strides(q, varlen, layout),
               *_strides(k, varlen, layout), *_strides(v, varlen, layout),
               *_strides(grad_out, varlen, layout))
-    dropout, lengths = _dropout(tensors, variant), (plan.n_q, plan.n_k)
+    dropout, lengths, alibi = _dropout(tensors, variant), (plan.n_q, plan.n_k), tensors.alibi_slopes is not None
     # TMA per kernel, by the tensors it streams through descriptors: dK/dV Q and dO (a loss.sum()'s dO is a
     # stride-0 expand, which only the pointers take), dQ K and V
     configs.launch("dkdv", plan.n_k, plan.batch * k.shape[_HEADS_DIM[layout]],
                    (*head, dk, dv, *shared, *_strides(dk, varlen, layout), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST, varlen=varlen)
+                   plan.meta, lengths, dropout=dropout, tma=(q, grad_out), seq_first=layout == SEQ_FIRST, varlen=varlen,
+                   alibi=alibi)
     configs.launch("dq", plan.n_q, plan.batch * plan.rows[1],
                    (*head, dq, *shared, *_strides(dq, varlen, layout), *plan.scalars),
-                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=layout == SEQ_FIRST, varlen=varlen)
+                   plan.meta, lengths, dropout=dropout, tma=(k, v), seq_first=layout == SEQ_FIRST, varlen=varlen,
+                   alibi=alibi)
     return dq, dk, dv
 
 
