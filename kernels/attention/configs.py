@@ -145,6 +145,8 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [
 # d256 96 B) or a score mod (dQ d128 8 B); the entries for (FP32, 100) below do not. fp32 softcap's tanh series
 # (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not
 # with triton 3.8 but does with 3.9 (8 B), where 16x32 w8 s2 takes 72-74 registers with either, a score mod too.
+# On sm_100 (triton 3.8, at 75788c3) the shared fp32 firsts spilled with a score mod (dK/dV d128 16x32 w4 s1: 16 B)
+# and ALiBi (dQ d128 32x16 w8 s2: 24 B); 16x32 w8 s1 and 16x32 w8 s2 do not.
 # sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
 # gfx942 family off its bar. Triton 3.9 spills where 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4
@@ -181,7 +183,8 @@ TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the la
 # spills 20-40 B (plain, softcap, ALiBi, sinks, varlen, score mod); 64x64 w8 s2 takes 134 and spills none. sm_90's
 # d256 dropout forward on its 32x32 w4 (HMMA) spills 336 B; 64x32 w8 s2 none, on wgmma. dQ with dropout: sm_90 d128
 # 64x64 w8 s2 spills 68 B (64x32 w4 s2 none), sm_100 d64 8 B (64x32 w4 s2 none); with a chunk sm_100 d64 32 B
-# (64x32 w4 s2 none). Every other TMA default compiles spill-free on its table's first tile. Triton 3.9 adds two:
+# (64x32 w4 s2 none); with a softcap (its hidden scores' tanh zeroed, 75788c3) sm_100 d64 8 B (64x32 w4 s2 none).
+# Every other TMA default compiles spill-free on its table's first tile. Triton 3.9 adds two:
 # sm_100's dQ d128 varlen on 64x64 w8 s2 spills 12 B (on 4 warps none), and dK/dV d256 with a mask mod on 16x32
 # w8 s1 spills 52 B on sm_90 and sm_100 (32x16 w8 s1: 252 / 198 registers with 3.9, 172 / 160 with 3.8); every
 # entry here is spill-free with both.
