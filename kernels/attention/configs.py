@@ -146,7 +146,9 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [
 # (kernels._tanh) makes sm_80's fp32 dQ d64 on 32x32 w8 s2 (held to 64 registers) spill 8 B; 16x32 w4 s2 does not
 # with triton 3.8 but does with 3.9 (8 B), where 16x32 w8 s2 takes 72-74 registers with either, a score mod too.
 # On sm_100 (triton 3.8, at 75788c3) the shared fp32 firsts spilled with a score mod (dK/dV d128 16x32 w4 s1: 16 B)
-# and ALiBi (dQ d128 32x16 w8 s2: 24 B); 16x32 w8 s1 and 16x32 w8 s2 do not.
+# and ALiBi (dQ d128 32x16 w8 s2: 24 B); 16x32 w8 s1 and 16x32 w8 s2 do not. On sm_80 (triton 3.8) fp32 dQ spilled
+# with a softcap (d64 16x32 w8 s2: 24 B) and a score mod (d128 32x16 w8 s2: 8 B); 16x16 w4 s2 and 16x32 w8 s2
+# do not.
 # sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
 # gfx942 family off its bar. Triton 3.9 spills where 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4
@@ -164,10 +166,10 @@ _FIRST = {
     ("varlen", "dkdv", 64): {(FP32, 100): (32, 32, 8, 2)},
     ("varlen", "dkdv", 256): {(FP32, 90): (16, 16, 8, 1), (FP32, 100): (16, 16, 8, 1)},
     ("score_mod", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
-    ("score_mod", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
+    ("score_mod", "dq", 128): {(FP32, 80): (16, 32, 8, 2), (FP32, 100): (16, 32, 8, 2)},
     ("score_mod", "dkdv", 64): {100: (32, 128, 8, 2)},
     ("score_mod", "dkdv", 128): {(FP32, 100): (16, 32, 8, 1)},
-    ("softcap", "dq", 64): {(FP32, 80): (16, 32, 8, 2)},
+    ("softcap", "dq", 64): {(FP32, 80): (16, 16, 4, 2)},
     ("chunk", "fwd", 128): {(FP32, AMD): (32, 16, 4, 1)},
     ("alibi", "dq", 128): {(FP32, 100): (16, 32, 8, 2)},
 }
