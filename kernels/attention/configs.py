@@ -148,7 +148,8 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [
 # On sm_100 (triton 3.8, at 75788c3) the shared fp32 firsts spilled with a score mod (dK/dV d128 16x32 w4 s1: 16 B)
 # and ALiBi (dQ d128 32x16 w8 s2: 24 B); 16x32 w8 s1 and 16x32 w8 s2 do not. On sm_80 (triton 3.8) fp32 dQ spilled
 # with a softcap (d64 16x32 w8 s2: 24 B) and a score mod (d128 32x16 w8 s2: 8 B); 16x16 w4 s2 and 16x32 w8 s2
-# do not.
+# do not. fp32 dK/dV d256 with dropout on sm_80: 16x16 w4 s1 128 B, w8 16 B, 32x16 w8 s1 none; d64 with dropout
+# still spills 8 B on its 32x32 w8 s2 (16x32 w8 s2: 40 B, 32x16 w4 s1: 8 B, 32x16 w8 s1: 16 B).
 # sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
 # VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
 # gfx942 family off its bar. Triton 3.9 spills where 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4
@@ -158,6 +159,7 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [
 _FIRST = {
     ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2)},
     ("dropout", "dkdv", 128): {FP32: (32, 16, 4, 1)},
+    ("dropout", "dkdv", 256): {(FP32, 80): (32, 16, 8, 1)},
     ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3), (FP32, 100): (16, 32, 4, 2)},
     ("mask_mod", "dkdv", 64): {80: (16, 128, 8, 2), FP32: (16, 32, 4, 1)},
     ("mask_mod", "dkdv", 128): {(FP32, 80): (16, 32, 8, 1), (FP32, 100): (16, 32, 8, 1)},
