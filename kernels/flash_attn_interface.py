@@ -38,8 +38,10 @@ checked on the device; ``window_size`` entries below -1 raise; ...). Differences
   ``return_softmax_lse`` it returns flash-attn 3's 4-tuple (out, softmax_lse, out_accum, softmax_lse_accum), whose
   last two (flash-attn 3's split partials) are always empty float32 tensors here: the partials are merged inside.
   The cache needs no unit last stride (flash-attn 3 asserts it), any page size is taken, and inputs that require
-  grad raise while grad mode is on (flash-attn 3 returns a result without a graph). :mod:`kernels.flash_attn`'s
-  kvcache differences hold (any even rotary_dim, and so on); errors about the pages name ``page_table``.
+  grad raise while grad mode is on (flash-attn 3 documents no backward for it, yet its op records one, which reads
+  k_cache and v_cache whole, ignoring cache_seqlens and the pages). :mod:`kernels.flash_attn`'s kvcache
+  differences hold (any even rotary_dim, and so on); errors about the pages name ``page_table`` (in eager: under
+  torch.compile the index values are checked inside the op, whose message names 2.x's ``block_table``).
 - ``return_attn_probs`` returns (out, softmax_lse), as flash-attn 3's code (its docstrings still mention 2.x's
   S_dmask; there is no dropout).
 - ``get_scheduler_metadata`` and ``flash_attn_combine`` are not provided (there is no scheduler to plan, and the
