@@ -514,6 +514,8 @@ def _append(x, dst, cos, sin, seqlens, batch_idx, block_table, capacity: int, pa
     batch, n, heads, d = x.shape
     if x.numel() == 0:
         return
+    if cos is not None and sin.stride() != cos.stride():  # the kernel indexes both tables with cos's strides
+        cos, sin = cos.contiguous(), sin.contiguous()
     cos_strides = (0, 0) if cos is None else cos.stride()
     _direct.run(
         _decode_append,

@@ -40,8 +40,8 @@ attention_forward = _on_device(plan.forward)
 def attention_backward(grad_out, q, k, v, out, lse, *args):
     """(dq, dk, dv) of ``plan.backward(grad_out, q, k, v, out, lse, grad_lse, tensors, variant)``, no autograd: any
     (out, lse) the rows were normalised with (ring attention passes the global ones)."""
-    if lse.stride(-1) != 1:  # the kernels read lse's rows (and delta's, made like it) at unit stride, and a
-        lse = lse.contiguous()  # saved-tensors hook may hand it back in another layout (the rest go by strides)
+    if not lse.is_contiguous():  # the kernels read lse and delta (made like it, written densely) by lse's strides,
+        lse = lse.contiguous()  # and a saved-tensors hook may hand it back in another layout (the rest go by strides)
     with _runtime.launch_device(grad_out):
         return plan.backward(grad_out, q, k, v, out, lse, *args)
 

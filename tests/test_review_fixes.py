@@ -1,0 +1,51 @@
+"""Regressions found by code review: layouts a kernel assumed without checking."""
+import torch
+
+import kernels
+
+
+def test_backward_takes_a_saved_lse_handed_back_as_a_padded_view():
+    """A saved-tensors hook may unpack lse as a view with unit last stride that is not dense (``buf[..., :N]``):
+    delta is written densely and read with lse's strides, so the backward must make lse contiguous first."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 2, 8, 16)
+
+    def unpack(x):
+        if x.dtype == torch.float32 and x.dim() == 3:  # lse (B, H, N): padded rows, the padding poisoned
+            buf = torch.full((*x.shape[:-1], x.shape[-1] + 5), 7.0)
+            buf[..., :x.shape[-1]] = x
+            return buf[..., :x.shape[-1]]
+        return x
+
+    expected = torch.autograd.grad((kernels.attention(q, k, v, causal=True) * g).sum(), (q, k, v))
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x, unpack):
+        out = kernels.attention(q, k, v, causal=True)
+    for got, want in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_rotary_tables_with_different_strides_rotate_as_contiguous_ones():
+    """rotary_sin laid out unlike rotary_cos (transposed, or a slice of a larger buffer whose other rows are NaN)
+    rotates q and the new keys exactly as contiguous tables do, and reads nothing outside rotary_sin."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 1, 16)
+    v = torch.randn_like(k)
+    angles = torch.rand(8, 4) * 6
+    seqlens = torch.tensor([5], dtype=torch.int32)
+
+    def run(cos, sin):
+        k_cache, v_cache = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 1, 16)
+        out = kernels.attention_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                             cache_seqlens=seqlens, causal=True)
+        return out, k_cache
+
+    want_out, want_cache = run(angles.cos(), angles.sin())
+    transposed = angles.sin().t().contiguous().t()  # strides (1, 8)
+    poisoned = torch.full((16, 4), float("nan"))
+    poisoned[:8] = angles.sin()
+    wide_cos = torch.cat([angles.cos(), torch.zeros(8, 4)], 1)[:, :4]  # strides (8, 1)
+    for cos, sin in ((angles.cos(), transposed), (wide_cos, poisoned[:8])):
+        out, cache = run(cos, sin)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(cache, want_cache, rtol=0, atol=0)
