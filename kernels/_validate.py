@@ -1,5 +1,6 @@
 """Input checks shared by the launchers: bad input raises a clear error before any kernel launches."""
 import numbers
+from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -47,10 +48,29 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def is_integer(value) -> bool:
+def is_integer(value, tensor: bool = False) -> bool:
     """Whether ``value`` is an integer as torch takes one for a dim or a size: an int or an integer scalar (numpy's
-    included), not a bool."""
+    included), not a bool; with ``tensor`` also a 0-d tensor of an integer dtype (not bool), which torch reads on
+    the host for a ``dim`` or an entry of a shape."""
+    if isinstance(value, torch.Tensor):
+        return (tensor and value.dim() == 0 and value.dtype is not torch.bool and not value.is_floating_point()
+                and not value.is_complex())
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def check_int(name: str, value, low: Optional[int] = None, *, what: str = "an int", bound: Optional[str] = None,
+              tensor: bool = False) -> int:
+    """``value`` as a Python int: the one check of an integer argument. TypeError "``name`` must be ``what``, got
+    value" unless ``value`` is an int (:func:`is_integer`: numpy's integers too, never a bool; with ``tensor``
+    also a 0-d integer tensor, as torch takes one for a ``dim``); ValueError "``name`` must be ``bound`` (default
+    ">= low"), got value" if it is below ``low``."""
+    if type(value) is not int:  # (a plain int is judged without the numbers ABCs)
+        if not is_integer(value, tensor):
+            raise TypeError(f"{name} must be {what}, got {value!r}")
+        value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be {f'>= {low}' if bound is None else bound}, got {value!r}")
+    return value
 
 
 def check_size(owner: str, name: str, size, optional: bool = False) -> None:
@@ -58,9 +78,8 @@ def check_size(owner: str, name: str, size, optional: bool = False) -> None:
     ``optional``), ValueError if negative: torch's rule for a size (``torch.empty(2.0)`` is a TypeError)."""
     if optional and size is None:
         return
-    if not is_integer(size) or size < 0:
-        raise (ValueError if is_integer(size) else TypeError)(
-            f"{owner}: {name} must be a non-negative int{' or None' if optional else ''}, got {size!r}")
+    what = f"a non-negative int{' or None' if optional else ''}"
+    check_int(f"{owner}: {name}", size, 0, what=what, bound=what)
 
 
 def check_same(what: str, **tensors) -> None:

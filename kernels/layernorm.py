@@ -54,8 +54,8 @@ from kernels import _direct, reference
 from kernels._autograd import autograd_function
 from kernels._rows import (DTENSOR, LANES, PLAN_CACHE_SIZE, autocasts_to_fp32, empty_rows_like, lanes_of,
                            row_config, rows_and_stride, warps_for)
-from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, kernel_runs_on, launch_device,
-                              nested_forward_ad, sm_count, transform_needs_torch_ops)
+from kernels._runtime import (INTERPRETED, cast_rne, cdiv, forward_ad_active, holds_no_data, kernel_runs_on,
+                              launch_device, nested_forward_ad, sm_count, transform_needs_torch_ops)
 from kernels._validate import FLOAT_DTYPES, check_same, check_tensor, is_integer
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
@@ -851,9 +851,10 @@ def _as_shape(normalized_shape) -> tuple:
         return normalized_shape
     if is_integer(normalized_shape):
         normalized_shape = (normalized_shape,)
-    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(map(is_integer, normalized_shape)):
+    if (not isinstance(normalized_shape, (tuple, list, torch.Size))
+            or not all(is_integer(size, tensor=True) for size in normalized_shape)):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    return tuple(map(int, normalized_shape))  # numpy's integers as torch takes them
+    return tuple(map(int, normalized_shape))  # numpy's integers and 0-d integer tensors as torch takes them
 
 
 def _check(x, normalized_shape, residual, weight, bias, eps, rms: bool, offset, casting_mode) -> tuple:
@@ -974,12 +975,18 @@ def _on_local_rows(x, residual, shape, weight, bias, eps, rms, offset, casting_m
     return outputs[0] if residual is None else tuple(outputs)
 
 
-def _kernels_take(x, weight, bias) -> bool:
-    """Whether the kernels run on x and the parameters (None: absent; a residual has x's dtype by now): all of
-    the kernels' dtypes, on the device this process's kernels run on (else :func:`kernel_runs_on`'s one-time
-    warning). :func:`_check` put them all on x's device, so x's device answers for them."""
+def _kernel_dtypes(x, weight, bias) -> bool:
+    """Whether x and the parameters (None: absent; a residual has x's dtype by now) are all of the kernels'
+    dtypes."""
     return (x.dtype in FLOAT_DTYPES and (weight is None or weight.dtype in FLOAT_DTYPES)
-            and (bias is None or bias.dtype in FLOAT_DTYPES) and kernel_runs_on(x))
+            and (bias is None or bias.dtype in FLOAT_DTYPES))
+
+
+def _kernels_take(x, weight, bias) -> bool:
+    """Whether the kernels run on x and the parameters: :func:`_kernel_dtypes`, on the device this process's
+    kernels run on (else :func:`kernel_runs_on`'s one-time warning). :func:`_check` put them all on x's device,
+    so x's device answers for them."""
+    return _kernel_dtypes(x, weight, bias) and kernel_runs_on(x)
 
 
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
@@ -1007,7 +1014,12 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     # eps = inf (rstd 0 in every row, an output of zeros or the bias): torch's ops too, whose gradients are 0
     # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
     if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or transform_needs_torch_ops():
-        return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
+        out = _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
+        if n_cols and eps != math.inf and holds_no_data(x) and _kernel_dtypes(x, weight, bias):
+            # shapes only (meta, an eager fake tensor): laid out as the kernels lay out a real call's y and h,
+            # contiguous, where torch's rms_norm and add keep a channels_last or permuted x's layout
+            out = out.contiguous() if residual is None else tuple(t.contiguous() for t in out)
+        return out
     if nested_forward_ad():  # a jvp of a jvp, where the Function's jvp would give a zero second-order tangent
         return _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode, nested_jvp=True)
     config = (n_cols, float(eps), rms, float(offset), CASTING_MODES[casting_mode])

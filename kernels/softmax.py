@@ -29,7 +29,7 @@ from kernels._rows import (DTENSOR, LANES, PLAN_CACHE_SIZE, autocasts_to_fp32, e
                            row_config, rows_and_stride)
 from kernels._runtime import (cast_rne, forward_ad_active, kernel_runs_on, launch_device, nested_forward_ad,
                               transform_needs_torch_ops)
-from kernels._validate import FLOAT_DTYPES, DimError, check_tensor, is_integer
+from kernels._validate import FLOAT_DTYPES, DimError, check_int, check_tensor
 from kernels.registry import TRITON_DTYPES, declare, register_builds
 
 MAX_BLOCK = 16384
@@ -319,10 +319,7 @@ def _check(x, dim, scale, causal, dtype):
     if dtype is not None and dtype not in _TORCH_FLOATS:
         names = ", ".join(str(d).replace("torch.", "") for d in _TORCH_FLOATS)
         raise TypeError(f"dtype must be None or one of ({names}), got {dtype!r}")
-    if type(dim) is not int:
-        if not is_integer(dim):
-            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-        dim = int(dim)  # numpy's integers as torch takes them
+    dim = check_int("dim", dim, tensor=True)  # numpy's integers and 0-d integer tensors as torch takes them
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise DimError(f"dim must be in [{-ndim}, {ndim}) for x of shape {tuple(x.shape)}, got {dim}")

@@ -17,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _validate
+from kernels import _runtime, _validate
 from kernels._validate import DTENSOR_TYPES, FLOAT_DTYPES, assert_on_device, check_same
 from kernels.attention import block_mask as mods, configs
+from kernels.attention.kernels import _mask_mod_shows, _score_mod_result
+from triton.errors import TritonError
 
 
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
@@ -187,7 +189,7 @@ def check_window(window_size) -> Tuple[int, int]:
             raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {window_size}")
         return left, right
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+            or not all(map(_validate.is_integer, window_size))):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
     if min(window_size) < -1:
         raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
@@ -220,12 +222,7 @@ def check_softcap(softcap) -> float:
 
 def check_attention_chunk(attention_chunk) -> int:
     """``attention_chunk`` as an int; TypeError unless an int, ValueError if negative (0: off)."""
-    if type(attention_chunk) is not int and (isinstance(attention_chunk, bool)
-                                             or not isinstance(attention_chunk, numbers.Integral)):
-        raise TypeError(f"attention_chunk must be an int (0 = off), got {attention_chunk!r}")
-    if attention_chunk < 0:
-        raise ValueError(f"attention_chunk must be >= 0 (0 = off), got {attention_chunk}")
-    return int(attention_chunk)
+    return _validate.check_int("attention_chunk", attention_chunk, 0, what="an int (0 = off)", bound=">= 0 (0 = off)")
 
 
 def check_dropout(dropout_p) -> float:
@@ -251,14 +248,24 @@ def check_sinks(sinks, q) -> None:
 
 def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     """The :class:`BlockMask` of ``mask_mod`` for q, k (built here from a mask mod), or None; TypeError/ValueError
-    naming the argument for anything else, a mask built for other shapes or device, or extra tensors elsewhere."""
+    naming the argument for anything else, a mask built for other shapes or device, extra tensors elsewhere, or a
+    mod the kernels cannot evaluate (:func:`probe_mod`)."""
     if score_mod is not None:
         if not isinstance(score_mod, mods.ScoreMod):
             raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
         score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
+        if score_mod.key not in _PROBED:
+            probe_mod(score_mod, q, k)
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
+        if block_mask is not None and block_mask.mask_mod.key not in _PROBED:
+            block_mask.check(q, k)  # (again below) the probe reads its mod's tensors: long enough, on q's device
+            probe_mod(block_mask.mask_mod, q, k)
     elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
+        mask_mod = mods.as_mask_mod(mask_mod)
+        if mask_mod.key not in _PROBED:  # before the block mask's launch, whose errors would not name the mod
+            mask_mod.check_call(q.device, mods._call_sizes(q, k))
+            probe_mod(mask_mod, q, k)
         # create_block_mask checks the mod's extra tensors are on q's device before its launch
         block_mask = mods.create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     else:
@@ -271,6 +278,76 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
     if block_mask is not None:
         block_mask.check(q, k)  # its device is q's, and its mod's tensors were checked against it when built
     return block_mask
+
+
+PROBE_TILE = 16
+"""Side of the tile :func:`probe_mod` evaluates a mod on (the smallest of the kernels' tiles)."""
+_PROBED = set()
+"""Registry keys (a mod's functions and scalars) of the mods :func:`probe_mod` passed in this process."""
+
+
+@triton.jit
+def _probed_tile(q_idx, kv_idx, b, h, MASK_ARGS, SCORE_ARGS, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                 SCORE_GRAD: tl.constexpr):
+    """The sum of the given mods' results on one tile of indices, each through the kernels' own check of it."""
+    score = (q_idx - kv_idx).to(tl.float32)  # a score tile of the orientation's shape
+    total = score
+    if MASK_MOD is not None:
+        total += _mask_mod_shows(MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS), kv_idx).to(tl.float32)
+    if SCORE_MOD is not None:
+        total += _score_mod_result(SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
+        total += _score_mod_result(SCORE_GRAD(score, b, h, q_idx, kv_idx, *SCORE_ARGS), score)
+    return tl.sum(tl.sum(total, 1), 0)
+
+
+@triton.jit
+def _probe_mods(OUT, MASK_ARGS, SCORE_ARGS, N_Q, N_K, MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+                SCORE_GRAD: tl.constexpr, TILE: tl.constexpr):
+    """OUT[0] = the given mods evaluated at b = h = 0 on a TILE x TILE tile of indices clamped into [0, N_Q) x
+    [0, N_K), as the kernels evaluate them: q_idx a column and kv_idx a row (forward, dQ, block mask cells), then
+    transposed (dK/dV)."""
+    b = tl.program_id(0)  # 0, a scalar tile as the kernels' b and h
+    h = b
+    rows = tl.minimum(tl.arange(0, TILE), N_Q - 1)
+    cols = tl.minimum(tl.arange(0, TILE), N_K - 1)
+    total = _probed_tile(rows[:, None], cols[None, :], b, h, MASK_ARGS, SCORE_ARGS, MASK_MOD, SCORE_MOD, SCORE_GRAD)
+    total += _probed_tile(rows[None, :], cols[:, None], b, h, MASK_ARGS, SCORE_ARGS, MASK_MOD, SCORE_MOD,
+                          SCORE_GRAD)
+    tl.store(OUT, total)
+
+
+def probe_mod(mod, q, k) -> None:
+    """TypeError naming ``mod`` (a :class:`MaskMod` or :class:`ScoreMod` whose extra tensors were checked against
+    q, k) unless the kernels can evaluate it: one small launch evaluates it on a tile of each orientation the
+    kernels use, so a mod that calls a torch or Python function on tiles, returns a tile of another shape or a
+    result of the wrong kind fails here, not as a Triton traceback from inside attention's kernels. Once per mod
+    (its functions and scalars) and process; not while torch.compile traces (dynamo cannot trace a launch) nor
+    where the kernels cannot run on q (they will not evaluate the mod either), nor for an empty call."""
+    if (torch.compiler.is_compiling() or not (q.numel() and k.numel())
+            or not _runtime.kernels_can_run(q, *mod.tensors)):
+        return
+    score = isinstance(mod, mods.ScoreMod)
+    extra = mods.kernel_extra(mod.key, mod.tensors)
+    out = torch.empty(1, dtype=torch.float32, device=q.device)
+    try:
+        with _runtime.launch_device(out):
+            _probe_mods[(1,)](out, () if score else extra, extra if score else (), q.shape[2], k.shape[2],
+                              MASK_MOD=None if score else mod.fn, SCORE_MOD=mod.fn if score else None,
+                              SCORE_GRAD=mod.grad_fn if score else None, TILE=PROBE_TILE)
+    except TritonError as error:
+        reason = str(list(mods.causes(error))[-1]).strip() or type(error).__name__
+        if "mask_mod must return a bool or int tile" in reason:
+            raise TypeError(f"mask_mod {mod.fn.__name__} must return a bool or int tile (nonzero = the query sees "
+                            f"the key), not floats") from error
+        if configs.SCORE_MOD_DTYPE in reason:
+            raise TypeError(f"score_mod {mod.fn.__name__} (or its grad_fn) must return a floating-point tile: the "
+                            f"modified score (grad_fn: its derivative in the score)") from error
+        what = f"{mod.kind} {mod.fn.__name__}" + (f" or its grad_fn {mod.grad_fn.__name__}" if score else "")
+        raise TypeError(f"{what} cannot be evaluated on tiles as the kernels evaluate it (q_idx a column and "
+                        f"kv_idx a row, and transposed): a mod is @triton.jit code, tl.* operations elementwise on "
+                        f"the tiles (no torch or Python function of a tile), returning a tile that broadcasts to the "
+                        f"scores'; Triton: {reason}") from error
+    _PROBED.add(mod.key)
 
 
 def draw_rng(device: torch.device) -> torch.Tensor:

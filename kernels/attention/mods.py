@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_tensor, is_integer
+from kernels._validate import check_int, check_tensor
 from kernels.attention.block_mask import MaskMod, ScoreMod
 from kernels.attention.checks import FP32_MAX, check_real
 from kernels.attention.kernels import _tanh
@@ -84,6 +84,5 @@ def alibi_score(slopes: torch.Tensor, shift: int = 0) -> ScoreMod:
     as a score mod (H >= the calls' query heads: checked); ``shift`` = Nk - Nq gives the built-in's bottom-right
     diagonal."""
     check_tensor("slopes", slopes, ndim=1, dtypes=(torch.float32,))
-    if not is_integer(shift):  # int() would truncate a float and parse a string
-        raise TypeError(f"shift must be an int, got {shift!r}")
-    return ScoreMod(_alibi, _alibi_grad, slopes.contiguous(), int(shift), index_dims={"slopes": ("h",)})
+    shift = check_int("shift", shift)  # (int() would truncate a float and parse a string)
+    return ScoreMod(_alibi, _alibi_grad, slopes.contiguous(), shift, index_dims={"slopes": ("h",)})
