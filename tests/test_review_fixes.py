@@ -49,3 +49,20 @@ def test_rotary_tables_with_different_strides_rotate_as_contiguous_ones():
         out, cache = run(cos, sin)
         torch.testing.assert_close(out, want_out, rtol=0, atol=0)
         torch.testing.assert_close(cache, want_cache, rtol=0, atol=0)
+
+
+def test_shape_only_attention_lays_out_its_output_as_a_real_call():
+    """On meta tensors or under an eager FakeTensorMode the reference's ops run (nothing can launch): the output
+    still has the strides a real call's has (q's, where q is dense, such as flash-attn's transposed layout)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def qkv(device):
+        q = torch.randn(1, 6, 2, 8, device=device).transpose(1, 2)  # (B, H, N, D) with (B, N, H, D) strides
+        kv = torch.randn(1, 6, 1, 8, device=device).transpose(1, 2)
+        return q, kv, kv
+
+    real = kernels.attention(*qkv("cpu"), causal=True)
+    assert real.stride() == (96, 8, 16, 1)
+    assert kernels.attention(*qkv("meta"), causal=True).stride() == real.stride()
+    with FakeTensorMode():
+        assert kernels.attention(*qkv("cpu"), causal=True).stride() == real.stride()
