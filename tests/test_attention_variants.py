@@ -313,7 +313,8 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     asked = []
     launch = configs.launch
     monkeypatch.setattr(configs, "launch", lambda *args, **kwargs: asked.append(
-        (args[0], configs.specialisation(args[4], kwargs["dropout"], kwargs["varlen"], kwargs["alibi"]))) or
+        (args[0], configs.specialisation(args[4], kwargs["dropout"], kwargs["varlen"], kwargs["alibi"],
+                                         kwargs.get("sinks", False)))) or
         launch(*args, **kwargs))
     q = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2], dtype=torch.int32, device=device)
@@ -328,8 +329,11 @@ def test_each_specialisations_default_build_is_the_config_its_launch_tries_first
     kernels.attention_varlen(packed, packed, packed, offsets, offsets, 5, 5, softcap=5.0).sum().backward()
     kernels.attention(q, q, q, causal=True, attention_chunk=4, softcap=5.0).sum().backward()
     kernels.attention(q, q, q, alibi_slopes=torch.ones(1, device=device)).sum().backward()
+    kernels.attention(q, q, q, window_size=(3, 0)).sum().backward()
+    kernels.attention(q, q, q, sinks=torch.zeros(1, device=device)).sum().backward()  # the backward has no sinks
     assert asked == [(kernel, variant) for variant in ("dropout", "", "mask_mod", "score_mod", "softcap", "varlen",
-                                                       "chunk", "alibi") for kernel in ("fwd", "dkdv", "dq")]
+                                                       "chunk", "alibi", "window") for kernel in ("fwd", "dkdv", "dq")
+                     ] + [("fwd", "sinks"), ("dkdv", ""), ("dq", "")]
 
 
 def test_a_forced_tile_larger_than_a_block_mask_cell_is_refused(device):

@@ -149,15 +149,28 @@ _DROPOUT_FWD_TILES = {80: _NVIDIA_DROPOUT_FWD, 90: {**_NVIDIA_DROPOUT_FWD, 64: [
 # and ALiBi (dQ d128 32x16 w8 s2: 24 B); 16x32 w8 s1 and 16x32 w8 s2 do not. On sm_80 (triton 3.8) fp32 dQ spilled
 # with a softcap (d64 16x32 w8 s2: 24 B) and a score mod (d128 32x16 w8 s2: 8 B); 16x16 w4 s2 and 16x32 w8 s2
 # do not. fp32 dK/dV d256 with dropout on sm_80: 16x16 w4 s1 128 B, w8 16 B, 32x16 w8 s1 none; d64 with dropout
-# still spills 8 B on its 32x32 w8 s2 (16x32 w8 s2: 40 B, 32x16 w4 s1: 8 B, 32x16 w8 s1: 16 B).
-# sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 with a mask mod spills 2 SGPRs (into
-# VGPR lanes, no scratch) on 16x16 w4 s1, and every other tile tried more (w8: 123 VGPRs): the one default of the
-# gfx942 family off its bar. Triton 3.9 spills where 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4
-# s1: 160 B; w8: 172 registers, none), fp32 dK/dV d256 varlen on sm_90 (16x16 w4 s1: 112 B; w8: 106 registers) and
-# the fp32 d128 forward with a chunk on gfx942 (16x32 w8 s2: 13 SGPRs; 32x16 w4 s1: none). Every first above is
-# spill-free with both.
+# 32x32 w8 s2 8 B (16x32 w8 s2: 40 B, 32x16 w4 s1: 8 B, 32x16 w8 s1: 16 B), on one stage none (107 registers).
+# On sm_90 (triton 3.8, at 7692700) the shared fp32 forward firsts spilled with a window, ALiBi or dropout at d128
+# (16x32 w8 s2: 8 / 12 / 24 B; 32x16 w8 s2: 75-79 registers, none, and half the key loads of 16x16 w4 s2, also
+# clean), sinks at d256 (16x16 w4 s2: 8 B; on 8 warps 80 registers) and a score mod at d64 (32x32 w8 s2: 28 B;
+# 16x64 w8 s2: 79 registers); its dQ d128 with a mask mod on 32x16 w8 s2 (16 B; 16x32 w8 s2: 93 registers).
+# sm_100's dK/dV d64 with a score mod spills 100 B on one stage, none on two. On gfx942 fp32 dK/dV d256 spills
+# SGPRs (into VGPR lanes, no scratch) on 16x16 w4 s1 with a mask mod (2 at 75788c3, 19 at 7692700), a window (4),
+# chunk (12), softcap (4) or dropout (16), where the plain kernel takes 100 of the 106 a wave may hold (its
+# arguments' addresses and strides are scalars); every other tile tried spills more (w8 and 16x32 / 32x16: 95-124
+# VGPRs into scratch, w2 and two stages 39-200): the gfx942 family's defaults off its bar. Triton 3.9 spills where
+# 3.8 did not: fp32 dK/dV d128 with a mask mod on sm_80 (16x32 w4 s1: 160 B; w8: 172 registers, none), fp32 dK/dV
+# d256 varlen on sm_90 (16x16 w4 s1: 112 B; w8: 106 registers) and the fp32 d128 forward with a chunk on gfx942
+# (16x32 w8 s2: 13 SGPRs; 32x16 w4 s1: none). Every first above but the sm_90 ones measured at 7692700 and sm_80's
+# dropout d64 (triton 3.8 only) is spill-free with both.
 _FIRST = {
-    ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2)},
+    ("dropout", "dkdv", 64): {FP32: (32, 32, 8, 2), (FP32, 80): (32, 32, 8, 1)},
+    ("dropout", "fwd", 128): {(FP32, 90): (32, 16, 8, 2)},
+    ("window", "fwd", 128): {(FP32, 90): (32, 16, 8, 2)},
+    ("alibi", "fwd", 128): {(FP32, 90): (32, 16, 8, 2)},
+    ("sinks", "fwd", 256): {(FP32, 90): (16, 16, 8, 2)},
+    ("score_mod", "fwd", 64): {(FP32, 90): (16, 64, 8, 2)},
+    ("mask_mod", "dq", 128): {(FP32, 90): (16, 32, 8, 2)},
     ("dropout", "dkdv", 128): {FP32: (32, 16, 4, 1)},
     ("dropout", "dkdv", 256): {(FP32, 80): (32, 16, 8, 1)},
     ("mask_mod", "fwd", 64): {90: (128, 64, 8, 3), (FP32, 100): (16, 32, 4, 2)},
@@ -232,12 +245,12 @@ def tiles(kernel: str, family: Family, d_bucket: int, fp32: bool, variant: str =
     return table if first is None else [first] + [t for t in table if t != first]
 
 
-def specialisation(meta: dict, dropout: bool, varlen: bool = False, alibi: bool = False) -> str:
+def specialisation(meta: dict, dropout: bool, varlen: bool = False, alibi: bool = False, sinks: bool = False) -> str:
     """The specialisation whose first entry (:func:`tiles`) a launch with compile-time parameters ``meta`` tries
-    first (``dropout``, ``varlen``, ``alibi``: whether it passes a SEED, packed sequences' offsets, ALiBi slopes):
-    "dropout", else
-    "mask_mod", else "score_mod", else "varlen", else "chunk", else "softcap", else "alibi" (the one with the
-    largest register footprint when several are on), else "" (the table's own)."""
+    first (``dropout``, ``varlen``, ``alibi``, ``sinks``: whether it passes a SEED, packed sequences' offsets, ALiBi
+    slopes, sink logits): "dropout", else "mask_mod", else "score_mod", else "varlen", else "chunk", else "softcap",
+    else "alibi", else "window", else "sinks" (the one with the largest register footprint when several are on),
+    else "" (the table's own)."""
     if dropout:
         return "dropout"
     mod = next((name for name in ("mask_mod", "score_mod") if meta.get(name.upper()) is not None), "")
@@ -245,7 +258,9 @@ def specialisation(meta: dict, dropout: bool, varlen: bool = False, alibi: bool 
         return mod or "varlen"
     if meta.get("CHUNKED"):
         return "chunk"
-    return "softcap" if meta.get("SOFTCAP") else "alibi" if alibi else ""
+    if meta.get("SOFTCAP") or alibi:
+        return "softcap" if meta.get("SOFTCAP") else "alibi"
+    return "window" if meta.get("WINDOW") else "sinks" if sinks else ""
 
 
 def uses_tma(family: Family, fp32: bool) -> bool:
@@ -402,12 +417,12 @@ SCORE_MOD_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
 
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
            tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False,
-           varlen: bool = False, alibi: bool = False) -> None:
+           varlen: bool = False, alibi: bool = False, sinks: bool = False) -> None:
     """Launch ``kernel`` ("fwd", "dkdv", "dq") with its runtime ``args`` (by position) and compile-time ``meta``
     (by keyword) over cdiv(rows, block) blocks for each of ``heads`` (by ``run(..., grid=...)``, which
     ``kernel[grid](...)`` would call after repacking every argument), autotuned over :func:`tiles` of the launch's
-    :func:`specialisation` (``dropout``, ``varlen``, ``alibi``: whether the launch passes a SEED, packed
-    sequences' offsets, ALiBi slopes). ``tma``: the tensors the kernel
+    :func:`specialisation` (``dropout``, ``varlen``, ``alibi``, ``sinks``: whether the launch passes a SEED, packed
+    sequences' offsets, ALiBi slopes, sink logits). ``tma``: the tensors the kernel
     streams, judged by :func:`tma_legal` only where a TMA config could run (``seq_first``: they are (B, N, H, D)).
     ValueError, before anything launches, for a forced tile larger than a block mask's cells."""
     try:  # (free unless it raises)
@@ -453,7 +468,7 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         if picked is None:  # this launch's first sight: the autotuner times its configs (once per its own key)
             with _TUNING:
                 if key not in _PICKED:  # (another thread may have tuned it while this one waited)
-                    variant = specialisation(meta, dropout, varlen, alibi)
+                    variant = specialisation(meta, dropout, varlen, alibi, sinks)
                     tuned = _tuned(kernel, family, d_bucket(meta["HEAD_DIM"]), fp32, variant, buckets, on_tma)
                     tuned.run(*args, grid=lambda m: grid(rows, heads, m[block]), warmup=False, **meta)
                     _PICKED[key] = tuned.best_config.all_kwargs()

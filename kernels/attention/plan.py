@@ -330,8 +330,8 @@ def _dropout(tensors: VariantTensors, variant: AttentionVariant) -> bool:
 def rows_empty(t: torch.Tensor, varlen: bool, layout: int = HEADS_FIRST) -> torch.Tensor:
     """An uninitialised tensor of ``t``'s (B, H, N, D) shape in ``t``'s dimension order (torch.empty_like's rule:
     ``t``'s strides where ``t`` is dense, such as flash-attn's (B, N, H, D) transposed, else a dense tensor whose
-    strides follow the order of ``t``'s); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D) tensor (the varlen layout),
-    made as one strided tensor (a contiguous one of a ``PACKED`` ``t``'s shape)."""
+    strides follow the order of ``t``'s); for packed sequences a (1, H, total, D) view of a contiguous (total, H, D)
+    tensor (the varlen layout), made as one strided tensor (a contiguous one of a ``PACKED`` ``t``'s shape)."""
     if not varlen:
         return torch.empty_like(t)
     if layout == PACKED:  # empty_like: about half the host time of new_empty(t.shape)
@@ -368,7 +368,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: VariantT
             *_strides(out, varlen, layout), *plan.scalars)
     configs.launch("fwd", plan.n_q, plan.batch * plan.rows[1], args, plan.meta, (plan.n_q, plan.n_k),
                    dropout=_dropout(tensors, variant), tma=(q, k, v, out), seq_first=layout == SEQ_FIRST,
-                   varlen=varlen, alibi=tensors.alibi_slopes is not None)
+                   varlen=varlen, alibi=tensors.alibi_slopes is not None, sinks=tensors.sinks is not None)
     return out, lse
 
 
