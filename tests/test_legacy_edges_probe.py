@@ -162,3 +162,11 @@ def test_a_good_mod_is_probed_once(monkeypatch, device):
     assert mask.mask_mod.key in checks._PROBED
     monkeypatch.setattr(checks, "_probe_mods", None)  # a second probe would fail
     torch.testing.assert_close(kernels.attention(q, q, q, mask_mod=mask), want)
+
+
+@pytest.mark.parametrize("mod", [_torch_in_mask, kernels.MaskMod(_wrong_shape_mask)])
+def test_create_block_mask_names_a_mod_the_kernels_cannot_evaluate(mod, device):
+    """create_block_mask called directly (no attention call to probe the mod first) names it too."""
+    name = getattr(mod, "fn", mod).__name__
+    with pytest.raises(TypeError, match=f"^mask_mod {name} cannot be evaluated on tiles as the kernels evaluate it"):
+        kernels.create_block_mask(mod, 1, 1, 8, 8, device=device)

@@ -336,6 +336,16 @@ def causes(error: BaseException):
         error = error.__cause__
 
 
+def unevaluable(what: str, error: TritonError) -> TypeError:
+    """The TypeError for a mod (``what``: "mask_mod NAME", ...) the kernels could not compile or run, with Triton's
+    innermost reason."""
+    reason = str(list(causes(error))[-1]).strip() or type(error).__name__
+    return TypeError(f"{what} cannot be evaluated on tiles as the kernels evaluate it (q_idx a column and kv_idx a "
+                     f"row, and transposed): a mod is @triton.jit code, tl.* operations elementwise on the tiles (no "
+                     f"torch or Python function of a tile), returning a tile that broadcasts to the scores'; Triton: "
+                     f"{reason}")
+
+
 def _cell_states(mod: MaskMod, batch: int, heads: int, Nq: int, Nk: int, device: torch.device) -> torch.Tensor:
     """The (batch, heads, QC, KC) int32 cell states of ``mod`` (one launch, the custom op's while torch.compile
     traces: dynamo cannot trace a launch); TypeError naming the mod if it returns neither bools nor ints."""
@@ -356,7 +366,7 @@ def _launch_cells(tensors: List[torch.Tensor], key: int, batch: int, heads: int,
                     states, kernel_extra(key, tensors), heads, Nq, Nk, MASK_MOD=fn, CHUNK=CHUNK)
         except TritonError as error:  # the kernels' compile-time check of the result's dtype (_mask_mod_shows)
             if not any("mask_mod must return a bool or int tile" in str(e) for e in causes(error)):
-                raise
+                raise unevaluable(f"mask_mod {fn.__name__}", error) from error
             raise TypeError(f"mask_mod {fn.__name__} must return a bool or int tile (nonzero = the query sees "
                             f"the key), not floats") from error
     return states

@@ -343,10 +343,7 @@ def probe_mod(mod, q, k) -> None:
             raise TypeError(f"score_mod {mod.fn.__name__} (or its grad_fn) must return a floating-point tile: the "
                             f"modified score (grad_fn: its derivative in the score)") from error
         what = f"{mod.kind} {mod.fn.__name__}" + (f" or its grad_fn {mod.grad_fn.__name__}" if score else "")
-        raise TypeError(f"{what} cannot be evaluated on tiles as the kernels evaluate it (q_idx a column and "
-                        f"kv_idx a row, and transposed): a mod is @triton.jit code, tl.* operations elementwise on "
-                        f"the tiles (no torch or Python function of a tile), returning a tile that broadcasts to the "
-                        f"scores'; Triton: {reason}") from error
+        raise mods.unevaluable(what, error) from error
     _PROBED.add(mod.key)
 
 
