@@ -419,7 +419,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     generator state.
 
     ``block_table``: int32 (batch, max_num_blocks); k, v are then page pools (num_blocks, page_size, Hkv, D) and
-    sequence b's keys are its first len_k pages' slots in table order (see the module docstring).
+    sequence b's keys are its first len_k pages' slots in table order (see the module docstring); max_seqlen_k is
+    then at most max_num_blocks * page_size (ValueError naming block_table: the gather is sized by it).
 
     Returns out (total_q, H, D) in q's dtype, contiguous, and with ``return_lse`` lse (H, total_q) float32
     (flash-attn's varlen layout; -inf for rows that see no key). Differentiable in q, k, v (and sinks). One
