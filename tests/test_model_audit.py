@@ -29,6 +29,7 @@ TRAIN_USAGE_ERRORS = [
     (["--block-size", "100000000"], "a training window takes block_size + 1"),  # was a 25 GB allocation
     (["--text", "/nonexistent/text.txt"], "--text: [Errno 2]"),
     (["--device", "nonsense"], "--device: "),
+    (["--device", "meta"], "--device meta: tensors there hold no data"),  # was .item()'s error after building
     (["--context-parallel"], "--context-parallel: run under torchrun"),  # was torch.distributed's ValueError
     (["--seed", "99999999999999999999"], "--seed: must be in [-2**63, 2**64 - 1]"),  # was torch's overflow
 ]
@@ -51,6 +52,9 @@ def test_train_command_rejects_bad_flags_with_a_usage_error(capsys, monkeypatch,
     (["hi", "--steps", "-2"], "--steps: must be >= 0, got -2"),
     (["hi", "--n-layer", "0"], "--n-layer: must be >= 1, got 0"),  # was an IndexError: no map to draw
     (["hi", "--out", "/nonexistent/x.png"], "--out: '/nonexistent/x.png': '/nonexistent' is not an existing"),
+    (["hi", "--out", "run.v2"], "--out: 'run.v2': matplotlib cannot write .v2 files (it writes"),  # after training
+    (["hi", "--out", "b."], "--out: 'b.': give a file name"),  # "wrote b." where matplotlib wrote b.png
+    (["hi", "--out", "results/"], "--out: 'results/': give a file name"),  # a hidden results/.png
     (["hi", "--seed", "-99999999999999999999"], "--seed: must be in [-2**63, 2**64 - 1]"),
     (["the cat " * 1000], "sentence: 8000 characters; at most"),  # named --text, a flag visualize lacks
 ])

@@ -364,7 +364,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 probs: Optional[list] = None, positions: Optional[torch.Tensor] = None):
-        """idx (B, T) int64 token ids -> (logits (B, T, vocab) , loss or None).
+        """idx (B, T) int64 token ids -> (logits (B, T, vocab), loss or None).
 
         ``targets`` (B, T): next-token ids (-1 = ignore) for the mean cross-entropy loss. ``cache``: a
         :class:`KVCache` of the positions before ``idx``; idx's keys and values are added to it. ``probs``: see
@@ -460,8 +460,9 @@ class GPT(nn.Module):
 
         With ``use_cache`` each step feeds only the newest token and attends to the cached keys/values (one
         query against a :class:`KVCache`; on the triton backend through ``kernels.attention_with_kvcache``).
-        Once the context would outgrow ``block_size``, the learned positions shift, so the cache is rebuilt from
-        the last ``block_size`` tokens: exactly what the uncached path computes.
+        Once the context would outgrow ``block_size``, the learned positions shift, so from then on every step
+        rebuilds the cache from the last ``block_size`` tokens (a full prefill: the cache saves nothing there),
+        exactly what the uncached path computes.
         ``top_k`` (None: no limit) keeps the k most likely tokens before sampling. ``compile`` (triton backend,
         with the cache) runs the steps after each prefill through ``torch.compile(self.decode_step,
         mode="reduce-overhead", fullgraph=True)``: one graph for every step, CUDA graphs on a GPU.

@@ -112,11 +112,14 @@ def _sum_over_ranks(model: GPT, loss: torch.Tensor) -> torch.Tensor:
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
-    """A usage error for a --device torch cannot parse, or a CUDA one on a machine without CUDA."""
+    """A usage error for a --device torch cannot parse, one that holds no data (meta), or a CUDA one on a machine
+    without CUDA."""
     try:
         device_type = torch.device(device).type
     except RuntimeError as error:
         parser.error(f"--device: {error}")
+    if device_type == "meta":  # (training read the loss of a tensor without data after building the model)
+        parser.error("--device meta: tensors there hold no data to train on")
     if device_type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: torch sees no CUDA device (torch.cuda.is_available() is False)")
 

@@ -53,9 +53,20 @@ def plot_attention(probs: Sequence[torch.Tensor], labels: List[str], out: str, t
 
 def figure_path(text: str) -> str:
     """An argparse ``type`` for ``--out``: the path matplotlib will write (".png" appended where it has no
-    extension, as savefig does), in an existing writable folder; else argparse's usage error before training
-    (savefig's FileNotFoundError came after it, and "wrote v3" named a file matplotlib had called v3.png)."""
-    path = text if os.path.splitext(text)[1] else text + ".png"
+    extension, as savefig does), in an existing writable folder, with an extension matplotlib can write; else
+    argparse's usage error before training (savefig's FileNotFoundError or unknown format came after it, and
+    "wrote v3" named a file matplotlib had called v3.png). A name ending in "." or a folder is refused (savefig
+    would write b.png for "b." and a hidden ".png" in the folder)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if text.endswith((".", "/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a file name, such as attention.png")
+    extension = os.path.splitext(text)[1][1:]
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension.lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: matplotlib cannot write .{extension} files (it writes "
+                                         f"{', '.join(sorted(formats))})")
+    path = text if extension else text + ".png"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: {folder!r} is not an existing writable folder")
