@@ -307,10 +307,11 @@ def _row_stats(MEAN, RSTD, row, live, RMS: tl.constexpr):
 
 @triton.jit
 def _load_grad(H, DY, w, h_off, dy_off, cols, n_cols, mean, rstd, HAS_W: tl.constexpr):
-    """(xhat, dy, w * dy) in fp32 for one block of a row, w = offset + weight; lanes past the row read dy = 0, so
-    they add nothing."""
+    """(xhat, dy, w * dy) in fp32 for one block of a row, w = offset + weight; lanes past the row read 0, so they
+    add nothing."""
     mask = cols < n_cols
-    xhat = (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    # (lanes past the row masked: (0 - mean) * rstd may overflow, and inf * dy = 0 * inf is a NaN in the row's sums)
+    xhat = tl.where(mask, (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
     dy = tl.load(DY + dy_off + cols, mask=mask, other=0.0).to(tl.float32)
     wdy = dy * w if HAS_W else dy
     return xhat, dy, wdy
@@ -989,6 +990,11 @@ def _kernels_take(x, weight, bias) -> bool:
     return _kernel_dtypes(x, weight, bias) and kernel_runs_on(x)
 
 
+_OVERFLOW = {torch.float32: float.fromhex("0x1.ffffffp127"), torch.bfloat16: float.fromhex("0x1.ffp127"),
+             torch.float16: 65520.0}
+"""The smallest value each dtype rounds to inf: its largest finite value plus half an ulp."""
+
+
 def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, casting_mode=DEFAULT_CASTING_MODE):
     shape = _check(x, normalized_shape, residual, weight, bias, eps, rms, offset, casting_mode)
     if DTENSOR is not None and (isinstance(x, DTENSOR) or isinstance(residual, DTENSOR)
@@ -1011,11 +1017,12 @@ def _norm(x, residual, normalized_shape, weight, bias, eps, rms, offset=0.0, cas
     # rows of no element (normalized_shape (0,)): torch's ops give the empty result and its gradients
     # (under torch.vmap and jacfwd, torch's ops: vmap batches them, and a launch cannot read its batched tensors;
     # so under any torch.func transform while torch.compile traces: transform_needs_torch_ops);
-    # eps = inf (rstd 0 in every row, an output of zeros or the bias): torch's ops too, whose gradients are 0
-    # where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
-    if not n_cols or eps == math.inf or not _kernels_take(x, weight, bias) or transform_needs_torch_ops():
+    # eps = inf in the dtype rstd is computed in (rstd 0 in every row, an output of zeros or the bias): torch's ops
+    # too, whose gradients are 0 where the kernels' backward reads rstd 0 as an overflowed row and gives NaN
+    eps_overflows = eps >= _OVERFLOW.get(x.dtype if rms and casting_mode == "none" else torch.float32, math.inf)
+    if not n_cols or eps_overflows or not _kernels_take(x, weight, bias) or transform_needs_torch_ops():
         out = _torch_norm(x, residual, shape, weight, bias, eps, rms, offset, casting_mode)
-        if n_cols and eps != math.inf and holds_no_data(x) and _kernel_dtypes(x, weight, bias):
+        if n_cols and not eps_overflows and holds_no_data(x) and _kernel_dtypes(x, weight, bias):
             # shapes only (meta, an eager fake tensor): laid out as the kernels lay out a real call's y and h,
             # contiguous, where torch's rms_norm and add keep a channels_last or permuted x's layout
             out = out.contiguous() if residual is None else tuple(t.contiguous() for t in out)
@@ -1062,10 +1069,18 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     return _norm(input, None, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
 
+def _check_residual(residual, function: str) -> None:
+    """TypeError unless the residual the add_* functions need (and return (y, h) for) was given."""
+    if residual is None:
+        raise TypeError(f"{function}: residual must be a tensor of x's shape, got None (the norm alone is "
+                        f"{function.removeprefix('add_')})")
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeArg,
                    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5):
     """Pre-norm block step in one kernel: ``h = x + residual``, returns ``(layer_norm(h, ...), h)``; x and
     residual (same shape) are each read once. Of different dtypes, both go to the one torch's add promotes to."""
+    _check_residual(residual, "add_layer_norm")
     return _norm(x, residual, normalized_shape, weight, bias, eps, rms=False)
 
 
@@ -1073,6 +1088,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Shap
                  weight: Optional[torch.Tensor] = None, eps: Optional[float] = None, *, offset: float = 0.0,
                  casting_mode: str = DEFAULT_CASTING_MODE):
     """``h = x + residual``; returns ``(rms_norm(h, ...), h)`` from one kernel, as :func:`add_layer_norm`."""
+    _check_residual(residual, "add_rms_norm")
     return _norm(x, residual, normalized_shape, weight, None, eps, True, offset, casting_mode)
 
 

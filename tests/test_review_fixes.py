@@ -1,4 +1,5 @@
-"""Regressions found by code review: layouts a kernel assumed without checking."""
+"""Regressions found by code review: layouts a kernel assumed without checking, overflow at the edges, arguments."""
+import pytest
 import torch
 
 import kernels
@@ -66,3 +67,32 @@ def test_shape_only_attention_lays_out_its_output_as_a_real_call():
     assert kernels.attention(*qkv("meta"), causal=True).stride() == real.stride()
     with FakeTensorMode():
         assert kernels.attention(*qkv("cpu"), causal=True).stride() == real.stride()
+
+
+def test_an_eps_that_overflows_the_statistics_dtype_gives_torchs_zero_gradients():
+    """eps finite in float64 but inf in fp32 (1e39; or in fp16 past 65504 under casting mode "none") made rstd 0,
+    which the kernels' backward reads as an overflowed row: NaN dx where torch's rms_norm gives 0."""
+    for dtype, eps, mode in ((torch.float32, 1e39, "llama"), (torch.float16, 7e4, "none")):
+        x = torch.randn(2, 8, dtype=dtype, requires_grad=True)
+        y = kernels.rms_norm(x, 8, None, eps, casting_mode=mode)
+        y.float().sum().backward()
+        assert (y == 0).all() and (x.grad == 0).all(), (dtype, x.grad)
+
+
+def test_layer_norm_backward_of_a_partial_block_ignores_the_padding_lanes():
+    """Lanes past the row loaded 0, whose xhat (0 - mean) * rstd overflows for a near-constant row of huge values:
+    inf * dy(0) made the whole row's dx NaN at widths that do not fill the block; float64 is finite."""
+    for n in (5, 8):
+        x32 = torch.full((1, n), 1e33, requires_grad=True)  # constant: rstd = 1/sqrt(eps), padding xhat -1e39
+        dy = torch.arange(n, dtype=torch.float32)[None]
+        kernels.layer_norm(x32, (n,), None, None, 1e-12).backward(dy)
+        x64 = x32.detach().double().requires_grad_()
+        torch.nn.functional.layer_norm(x64, (n,), None, None, 1e-12).backward(dy.double())
+        torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("function", [kernels.add_layer_norm, kernels.add_rms_norm])
+def test_add_norms_refuse_a_missing_residual(function):
+    """residual=None returned y alone, which `y, h = ...` silently unpacked row by row."""
+    with pytest.raises(TypeError, match=f"{function.__name__}: residual must be a tensor"):
+        function(torch.randn(2, 8), None, 8)
