@@ -307,11 +307,13 @@ def _row_stats(MEAN, RSTD, row, live, RMS: tl.constexpr):
 
 @triton.jit
 def _load_grad(H, DY, w, h_off, dy_off, cols, n_cols, mean, rstd, HAS_W: tl.constexpr):
-    """(xhat, dy, w * dy) in fp32 for one block of a row, w = offset + weight; lanes past the row read 0, so they
-    add nothing."""
+    """(xhat, dy, w * dy) in fp32 for one block of a row, w = offset + weight; lanes past the row read dy = 0, so
+    they add nothing."""
     mask = cols < n_cols
-    # (lanes past the row masked: (0 - mean) * rstd may overflow, and inf * dy = 0 * inf is a NaN in the row's sums)
-    xhat = tl.where(mask, (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+    # (lanes past the row: (0 - mean) * rstd overflows, a NaN in the row's sums, only where |mean| * rstd passes
+    # fp32's range, a near-constant row of huge values, where torch's fp32 layer norm is NaN too; masking xhat
+    # spilled 7 SGPRs on gfx942's bf16 two-pass build)
+    xhat = (tl.load(H + h_off + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     dy = tl.load(DY + dy_off + cols, mask=mask, other=0.0).to(tl.float32)
     wdy = dy * w if HAS_W else dy
     return xhat, dy, wdy
