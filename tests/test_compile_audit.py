@@ -10,7 +10,7 @@ import triton.language as tl  # noqa: F401  (a @triton.jit function needs it in 
 
 import kernels
 from kernels import flash_attn
-from kernels.attention import block_mask, ops
+from kernels.attention import block_mask, checks, ops
 from kernels.attention.plan import VariantTensors, attention_variant
 
 
@@ -233,6 +233,7 @@ def test_a_mask_mod_made_inside_the_compiled_function(device, monkeypatch):
     Registering is a graph break (fullgraph needs the mod made outside); the results equal eager ones."""
     monkeypatch.setattr(block_mask, "_REGISTRY", [])  # a fresh registry: the mod is new to it
     monkeypatch.setattr(block_mask, "_KEYS", {})
+    monkeypatch.setattr(checks, "_PROBED", set())  # (keyed by registry index: the fresh registry's own)
     torch._dynamo.reset()
 
     def fn(q, k, v, doc_ids):

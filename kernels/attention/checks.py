@@ -254,16 +254,16 @@ def check_mods(mask_mod, score_mod, q, k) -> Optional[mods.BlockMask]:
         if not isinstance(score_mod, mods.ScoreMod):
             raise TypeError(f"score_mod must be a kernels.ScoreMod(fn, grad_fn, *extra), got {score_mod!r}")
         score_mod.check(q, k)  # its extra tensors: device, and long enough for q, k
-        if score_mod.key not in _PROBED:
+        if _unprobed(score_mod):
             probe_mod(score_mod, q, k)
     if mask_mod is None or isinstance(mask_mod, mods.BlockMask):
         block_mask = mask_mod
-        if block_mask is not None and block_mask.mask_mod.key not in _PROBED:
+        if block_mask is not None and _unprobed(block_mask.mask_mod):
             block_mask.check(q, k)  # (again below) the probe reads its mod's tensors: long enough, on q's device
             probe_mod(block_mask.mask_mod, q, k)
     elif isinstance(mask_mod, (mods.MaskMod, *mods.JIT_TYPES)):
         mask_mod = mods.as_mask_mod(mask_mod)
-        if mask_mod.key not in _PROBED:  # before the block mask's launch, whose errors would not name the mod
+        if _unprobed(mask_mod):  # before the block mask's launch, whose errors would not name the mod
             mask_mod.check_call(q.device, mods._call_sizes(q, k))
             probe_mod(mask_mod, q, k)
         # create_block_mask checks the mod's extra tensors are on q's device before its launch
@@ -284,6 +284,12 @@ PROBE_TILE = 16
 """Side of the tile :func:`probe_mod` evaluates a mod on (the smallest of the kernels' tiles)."""
 _PROBED = set()
 """Registry keys (a mod's functions and scalars) of the mods :func:`probe_mod` passed in this process."""
+
+
+def _unprobed(mod) -> bool:
+    """Whether :func:`probe_mod` should evaluate ``mod``: not yet in this process, and not while torch.compile
+    traces (which does not probe, and would otherwise guard on ``_PROBED``: a recompile once eager probed it)."""
+    return not torch.compiler.is_compiling() and mod.key not in _PROBED
 
 
 @triton.jit
