@@ -1,6 +1,7 @@
 """Shared test set-up: the interpreter on CPU, a seeded RNG per test, the --runslow option and ``worker_id`` with or
 without pytest-xdist; the fixtures several test files share (fallbacks made to raise, process groups)."""
 import socket
+import sys
 from datetime import timedelta
 
 import kernels  # noqa: F401  (first: turns on Triton's interpreter when there is no GPU)
@@ -88,6 +89,25 @@ def _forbidden(what):
 
 
 @pytest.fixture
+def torch_ops_allowed():
+    """Opts a test out of :func:`rows_kernel_only`: for the tests about the row ops' torch path (float64, meta,
+    an empty normalized shape, a jvp of a jvp, eps = inf, the fallback where the kernels cannot run)."""
+
+
+@pytest.fixture
+def rows_kernel_only(request, monkeypatch):
+    """softmax's and the norms' torch ops paths (``_torch_ops``, ``_torch_norm``: taken where the kernels do not
+    run) raise unless the test asks for ``torch_ops_allowed``, so a passing test proves the kernels ran: with the
+    kernels stubbed out by those paths almost every row numerics test passed all the same. Files apply it with
+    ``pytestmark = pytest.mark.usefixtures("rows_kernel_only")`` and take their truth from torch or float64."""
+    if "torch_ops_allowed" not in request.fixturenames:
+        monkeypatch.setattr(sys.modules["kernels.softmax"], "_torch_ops",
+                            _forbidden("torch's ops (softmax's fallback)"))
+        monkeypatch.setattr(sys.modules["kernels.layernorm"], "_torch_norm",
+                            _forbidden("torch's ops (the norms' fallback)"))
+
+
+@pytest.fixture
 def attention_kernel_only(monkeypatch):
     """Make the attention fallbacks raise (``kernels.reference.attention``, which ``kernels.attention`` and
     ``attention_varlen`` run where the kernels cannot, and torch's SDPA behind the drop-in), so a passing test
@@ -131,10 +151,11 @@ def mesh():
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def groups():
     """groups(world) -> a running gloo group of that many rank processes (test_distributed's ``_Group``), started
-    once per module (again if one died), closed after the module's tests."""
+    once per session (again if one died: a case that timed out closes its group), closed at the session's end.
+    Every test module's cases share it, so a case sets up what it needs (seed, subgroups) in the ranks itself."""
     from test_distributed import _Group
 
     started = {}

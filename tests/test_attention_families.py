@@ -11,6 +11,7 @@ from benchmarks.counting import counting
 from benchmarks.providers import Case
 from kernels import _runtime
 from kernels.attention import configs
+from test_attention import _check_gradients, _inputs  # (at import: its _REFERENCE is the real one, not a fixture's)
 
 
 @pytest.fixture
@@ -113,19 +114,33 @@ def test_counts_run_each_familys_default_tiles(monkeypatch, family):
 
 @pytest.mark.parametrize("family", [100, "gfx942"])
 @pytest.mark.parametrize("n", [70, 1100])
-def test_new_familys_default_tiles_obey_the_float64_rule(device, family, n):
+def test_new_familys_default_tiles_obey_the_float64_rule(attention_kernel_only, monkeypatch, device, family, n):
     """sm_100's and gfx942's first tiles for a short (pruned) and a long launch, forced on the interpreted kernels,
     at an awkward shape (partial blocks, GQA, padded head dim 80, a key padding mask): forward and gradients
-    against float64. The long case runs a few rows against 1100 keys, so dK/dV's grid is long too."""
+    against float64, each kernel launched with its forced tile. The long case runs a few rows against 1100 keys,
+    so dK/dV's grid is long too."""
     from kernels.registry import use_config
-    from tests.test_attention import _check_gradients, _inputs
 
     n_q = 70 if n == 70 else 40
     q, k, v = _inputs(1, 2, 1, n_q, n, 80, torch.bfloat16, device, requires_grad=True)
     key_padding_mask = torch.arange(n, device=device)[None, :] < n - 9
+    tiles = {kernel: configs.prune(kernel, configs.tiles(kernel, family, 128, False), (n_q, n))[0]
+             for kernel in configs.KERNELS}
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel, self.real = kernel, configs.KERNELS[kernel]
+
+        def run(self, *args, **kwargs):
+            launched.append((self.kernel, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return self.real.run(*args, **kwargs)
+
+    for kernel in configs.KERNELS:
+        monkeypatch.setitem(configs.KERNELS, kernel, Spy(kernel))
     with contextlib.ExitStack() as stack:
-        for kernel in configs.KERNELS:
-            bm, bn, warps, stages = configs.prune(kernel, configs.tiles(kernel, family, 128, False), (n_q, n))[0]
+        for kernel, (bm, bn, warps, stages) in tiles.items():
             stack.enter_context(use_config(f"attention_{kernel}", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                            num_stages=stages))
         _check_gradients(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+    assert sorted(launched) == sorted((kernel, bm, bn) for kernel, (bm, bn, _, _) in tiles.items())

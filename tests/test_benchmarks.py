@@ -200,10 +200,20 @@ def test_roofline_model():
     assert parse_size("500MB") == 500_000_000 and parse_size("2GiB") == 2 ** 31
 
 
-def test_records_carry_device_method_and_counts(tmp_path):
+def test_records_carry_device_method_and_counts(tmp_path, monkeypatch):
+    """The CPU memory worker is stubbed (test_memory_limit_gives_oom_and_the_worker_goes_on runs it): each record
+    carries its own point's result of one worker per provider."""
     device = detect()
     cases = [Case("softmax", mode, 48, rows=5) for mode in ("fwd", "fwd+bwd")]
-    recs = runner.run({"softmax": cases}, device, time_budget_s=0.01, providers=["naive", "torch"])
+    workers = []
+
+    def worker(op, name, points, mem_limit=None, threads=1):
+        workers.append((op, name, [c.mode for c in points], mem_limit, threads))
+        return [{"status": "ok", "peak_bytes": 1000 * len(workers) + i, "method": memory.CPU_METHOD}
+                for i in range(len(points))]
+
+    monkeypatch.setattr(memory, "measure_cpu", worker)
+    recs = runner.run({"softmax": cases}, device, time_budget_s=0.01, providers=["naive", "torch"], threads=2)
     analysis.add_ratios(recs)
     assert [(r["provider"], r["mode"], r["status"]) for r in recs] == [
         ("naive", "fwd", "ok"), ("naive", "fwd+bwd", "ok"), ("torch", "fwd", "ok"), ("torch", "fwd+bwd", "ok")]
@@ -212,8 +222,10 @@ def test_records_carry_device_method_and_counts(tmp_path):
     assert fwd["min_bytes"] == 2 * 5 * 48 * 4  # read x once, write y once
     assert fwd["counted"]["bytes"] >= fwd["min_bytes"] and fwd["counted"]["vs_min"] >= 1
     assert set(fwd["model"]) == {"A100-SXM4-80GB", "H100-SXM5"} and fwd["model"]["H100-SXM5"]["label"] == "model"
-    assert fwd["memory"]["status"] == "ok" and fwd["memory"]["peak_bytes"] >= 0
+    assert fwd["memory"]["status"] == "ok" and fwd["memory"]["method"] in (memory.CPU_METHOD, memory.GPU_METHOD)
     if device.kind == "cpu":
+        assert workers == [("softmax", name, ["fwd", "fwd+bwd"], None, 2) for name in ("naive", "torch")]
+        assert [r["memory"]["peak_bytes"] for r in recs] == [1000, 1001, 2000, 2001]
         assert device.name == "CPU (Triton interpreter)"
         assert fwd["time"]["method"] == "CPU wall-clock" and fwd["tflops"] is None
     paths = records.write(str(tmp_path), "suite", records.document("suite", device, {}, recs, []))

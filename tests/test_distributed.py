@@ -1,8 +1,9 @@
-"""Ring attention (kernels/distributed.py) on 2 and 4 gloo processes on CPU, against single-process attention.
+"""Ring attention (kernels/distributed.py) on 2 (4 with --runslow) gloo processes on CPU, against one process.
 
 Every rank builds the same full sequence, computes the float64 reference, PyTorch's same-precision result and the
 single-process kernel on it, then shards them; its ring_attention shard must obey the tolerance rule against the
-float64 shard (forward, lse, dq/dk/dv). The processes are spawned once per world size and serve every case.
+float64 shard (forward, lse, dq/dk/dv). The processes are spawned once per world size and test session
+(conftest's ``groups``) and serve every case.
 """
 import importlib
 import math
@@ -226,6 +227,7 @@ def _serve(rank, world, port, tasks, results):
         ring_attention(x, x, x, causal=True).sum().backward()
         results.put((rank, "ready"))
         for module, name, kwargs in iter(tasks.get, None):
+            torch.manual_seed(0)  # as in a fresh process: a case's numbers do not depend on the cases run before
             try:
                 getattr(importlib.import_module(module), name)(**kwargs)
                 results.put((rank, None))
@@ -292,9 +294,9 @@ CASES = [  # (world, layout, causal, dtype, B, H, Hkv, N, D): odd head dims, GQA
     (2, "zigzag", False, FP32, 1, 2, 2, 12, 33),
     (2, "contiguous", False, FP32, 1, 3, 3, 10, 16),
     (2, "zigzag", True, FP16, 1, 2, 1, 20, 24),
-    (4, "zigzag", True, FP32, 1, 2, 1, 24, 20),
 ]
-SLOW_CASES = [
+SLOW_CASES = [  # the default run's ring of more than two ranks is test_distributed_audit's three
+    (4, "zigzag", True, FP32, 1, 2, 1, 24, 20),
     (4, "contiguous", True, FP32, 1, 2, 1, 12, 20),
     (4, "zigzag", False, FP16, 2, 4, 1, 40, 48),
     (4, "contiguous", True, FP16, 1, 3, 1, 36, 80),
@@ -313,7 +315,7 @@ def test_ring_attention_matches_single_process(groups, world, layout, causal, dt
                       expected=_single_process(causal, scale, *inputs), repeat=causal and layout == "zigzag")
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 3: test_distributed_audit
 def test_shard_unshard_round_trip(groups, world):
     groups(world).run(case_shard_round_trip)
 

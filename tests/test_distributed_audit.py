@@ -1,7 +1,7 @@
 """Ring attention as a context-parallel training script uses it: under torch.compile, activation checkpointing,
 gradients of some inputs or of lse only, three ranks and a subgroup whose ranks are not the global ones.
 
-The gloo process groups are test_distributed's (spawned once per module, every case bounded in time)."""
+The gloo process groups are test_distributed's (spawned once per session, every case bounded in time)."""
 from unittest import mock
 
 import pytest
@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 
 from kernels import distributed
 from kernels.distributed import ring_attention, shard, unshard
-from test_distributed import CASE_TIMEOUT_S, _single_process, case_matches_single_process
+from test_distributed import CASE_TIMEOUT_S, _single_process, case_matches_single_process, case_shard_round_trip
 from tolerance import BACKWARD, assert_close
 
 
@@ -108,13 +108,19 @@ def _inputs(b, h, h_kv, n, d):
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_three_ranks(groups, layout):
-    """An odd ring (3 ranks, zigzag chunks of odd length), GQA, batch 2, then a subgroup of the last two ranks."""
+    """An odd ring (3 ranks, zigzag chunks of odd length), GQA, batch 2, zigzag run twice bit for bit (the ring of
+    more than two ranks the default run has), then a subgroup of the last two ranks."""
     inputs = _inputs(2, 4, 2, 18, 24)
     groups(3).run(case_matches_single_process, layout=layout, causal=True, scale=None, inputs=inputs,
-                  expected=_single_process(True, None, *inputs), repeat=False)
+                  expected=_single_process(True, None, *inputs), repeat=layout == "zigzag")
     inputs = _inputs(1, 2, 1, 8, 40)
     groups(3).run(case_subgroup_of_later_ranks, layout=layout, inputs=inputs,
                   expected=_single_process(True, None, *inputs))
+
+
+def test_shard_unshard_round_trip_on_three_ranks(groups):
+    """A middle rank's zigzag chunks (1 and 4) are neither end's: what test_distributed's 2 ranks cannot show."""
+    groups(3).run(case_shard_round_trip)
 
 
 @pytest.mark.parametrize("backend,on_cuda,expected", [("nccl", True, "cuda:1"), ("nccl", False, "cuda:0"),

@@ -2,7 +2,7 @@
 (a clear TypeError on every rank), torch's ``context_parallel`` sharding against ours, and FSDP2 (``fully_shard``)
 over the same ranks as the ring, on a GPT running the kernels.
 
-The gloo process groups are test_distributed's (spawned once per module, every case bounded in time)."""
+The gloo process groups are test_distributed's (spawned once per session, every case bounded in time)."""
 import copy
 
 import pytest

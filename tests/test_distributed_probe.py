@@ -1,7 +1,7 @@
 """Ring attention's bad inputs raise as ``kernels.attention``'s do (the flags checked, the function named), on
 every rank together; a context-parallel GPT's default positions.
 
-The gloo process groups are test_distributed's (spawned once per module, every case bounded in time)."""
+The gloo process groups are test_distributed's (spawned once per session, every case bounded in time)."""
 import numpy as np
 import pytest
 import torch

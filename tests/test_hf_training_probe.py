@@ -54,15 +54,15 @@ def weights(model):
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def train_like_trainer(model, batches, accumulate=2):
+def train_like_trainer(model, batches, accumulate=2, steps=2):
     """Trainer's loop (Trainer itself needs accelerate): train mode, summed token losses over
     ``num_items_in_batch`` across an accumulation of micro-batches, clipping, an optimizer step (SGD: Adam's step
-    magnifies the last bits of near-zero gradients)."""
+    magnifies the last bits of near-zero gradients); ``steps`` times."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     items = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
     losses = []
-    for _ in range(2):
+    for _ in range(steps):
         for batch in batches[:accumulate]:
             loss = model(**batch, num_items_in_batch=items).loss
             loss.backward()
@@ -75,13 +75,13 @@ def train_like_trainer(model, batches, accumulate=2):
 
 def test_trainer_style_steps_match_the_unpatched_model():
     """Padding, -100 labels, gradient accumulation and num_items_in_batch (which Trainer passes down to every
-    attention call): the same losses and weights as the unpatched model's."""
+    attention call): the same losses and, after an optimizer step, weights as the unpatched model's."""
     full = padded_batch()
     batches = [{name: t[i:i + 1] for name, t in full.items()} for i in range(2)]
     reference = tiny_llama()
-    expected_losses = train_like_trainer(reference, batches)
+    expected_losses = train_like_trainer(reference, batches, steps=1)
     model = patch(tiny_llama())
-    losses = train_like_trainer(model, batches)
+    losses = train_like_trainer(model, batches, steps=1)
     assert model.config._attn_implementation == "fused_triton"
     torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
     expected = weights(reference)

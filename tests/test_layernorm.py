@@ -15,11 +15,14 @@ from torch.autograd import forward_ad
 
 import kernels
 from kernels import _rows as rows_module, reference
-from conftest import free_port
+from conftest import _forbidden, free_port
 from tolerance import BACKWARD, assert_close, max_error
 
 norm_module = importlib.import_module("kernels.layernorm")
+_TORCH_NORM = norm_module._torch_norm  # captured at import: rows_kernel_only makes it raise
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+pytestmark = pytest.mark.usefixtures("rows_kernel_only")
 
 
 def _reference(rms, h, shape, weight, bias, eps, offset=0.0, casting_mode=None):
@@ -221,6 +224,7 @@ def test_each_casting_mode_rounds_where_its_model_does(monkeypatch, dtype):
         got = {m: kernels.rms_norm(x, 157, w, 1e-6, offset=offset, casting_mode=m) for m in MODES}
         with monkeypatch.context() as m:
             m.setattr(norm_module, "kernel_runs_on", lambda *tensors: False)
+            m.setattr(norm_module, "_torch_norm", _TORCH_NORM)
             fallback = {m: kernels.rms_norm(x, 157, w, 1e-6, offset=offset, casting_mode=m) for m in MODES}
         for mode in MODES:
             mismatch = {m: (got[mode] != _in_mode(x, (157,), w, 1e-6, offset, m)).float().mean().item() for m in MODES}
@@ -317,7 +321,7 @@ def test_reverse_mode_through_a_tangent_matches_float64(rms):
 
 
 @pytest.mark.parametrize("rms", [False, True])
-def test_a_jvp_of_a_jvp_gives_the_second_order_tangent(rms):
+def test_a_jvp_of_a_jvp_gives_the_second_order_tangent(torch_ops_allowed, rms):
     """jvp(jvp(norm)): the written-out norm's second-order tangent (it came out all zeros: torch gives a Function's
     jvp no tangent of its saved tensors at the outer level; such calls now run torch's ops)."""
     n = 11
@@ -366,7 +370,7 @@ def test_h_needs_grad_only_where_x_or_the_residual_does(name):
 
 
 @pytest.mark.parametrize("rms", [False, True])
-def test_float64_parameters_with_a_float32_input_give_the_mixed_result(rms):
+def test_float64_parameters_with_a_float32_input_give_the_mixed_result(torch_ops_allowed, rms):
     """A float64 weight or bias with an fp32 input (and an fp32 weight with a float64 input): computed in float64,
     output in the input's dtype, each gradient in its tensor's dtype. layer_norm raised torch's 'mixed dtype (CPU)'
     RuntimeError, which named no argument, where rms_norm and the README's promise took them."""
@@ -393,7 +397,7 @@ def _forbid_kernels(monkeypatch):
     monkeypatch.setattr(norm_module, "_norm_function", None)
 
 
-def test_float64_and_meta_tensors_run_torch_own_ops_silently(monkeypatch):
+def test_float64_and_meta_tensors_run_torch_own_ops_silently(torch_ops_allowed, monkeypatch):
     _forbid_kernels(monkeypatch)
     x, r = torch.randn(3, 9, dtype=torch.float64, requires_grad=True), torch.randn(3, 9, dtype=torch.float64)
     w, b = torch.randn(9, dtype=torch.float64, requires_grad=True), torch.randn(9, dtype=torch.float64)
@@ -582,7 +586,6 @@ def test_kernel_path_is_taken(monkeypatch, device):
     real_run = norm_module._direct.run
     recorder = types.SimpleNamespace(run=lambda jit, *a, **k: launches.append(jit) or real_run(jit, *a, **k))
     monkeypatch.setattr(norm_module, "_direct", recorder)
-    monkeypatch.setattr(norm_module, "_torch_norm", lambda *a: pytest.fail("fell back to torch's ops"))
     x = torch.randn(4, 16, device=device, requires_grad=True)
     w = torch.randn(16, device=device, requires_grad=True)
     y, h = kernels.add_layer_norm(x, x, 16, w)
@@ -591,7 +594,7 @@ def test_kernel_path_is_taken(monkeypatch, device):
     assert x.grad is not None and w.grad is not None
 
 
-def test_fallback_when_the_kernels_cannot_run(monkeypatch):
+def test_fallback_when_the_kernels_cannot_run(torch_ops_allowed, monkeypatch):
     monkeypatch.setattr(norm_module, "kernel_runs_on", lambda *tensors: False)
     _forbid_kernels(monkeypatch)
     x, r, w, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)
@@ -657,7 +660,7 @@ def _empty_case(name, x):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"])
-def test_an_empty_normalized_shape_gives_torch_empty_result(monkeypatch, name):
+def test_an_empty_normalized_shape_gives_torch_empty_result(torch_ops_allowed, monkeypatch, name):
     """normalized_shape (0,): an empty output of x's shape and empty gradients, as torch's; no kernel launches."""
     _forbid_kernels(monkeypatch)
     x = torch.randn(4, 0, requires_grad=True)
@@ -737,6 +740,7 @@ def _two_rank_dtensor_case(rank, port, results):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    norm_module._torch_norm = _forbidden("torch's ops (the norms' fallback)")  # (a spawned process: no fixture)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=60))

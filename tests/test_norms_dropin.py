@@ -2,6 +2,7 @@
 names, output dtypes of mixed-dtype weights, patched models' outputs, gradients of awkward shapes against a float64
 reference (tests/tolerance.py's rule)."""
 import copy
+import importlib
 import inspect
 import io
 
@@ -14,12 +15,15 @@ from tolerance import BACKWARD, assert_close
 from transformer import patch
 
 transformers = pytest.importorskip("transformers")
+norm_module = importlib.import_module("kernels.layernorm")
 
 HF_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8)
 LLAMA_STYLE = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
                "mistral": ("MistralForCausalLM", "MistralConfig")}
 HF_MODELS = dict(LLAMA_STYLE, gemma=("GemmaForCausalLM", "GemmaConfig"))
+
+pytestmark = pytest.mark.usefixtures("rows_kernel_only")
 
 
 def _hf_model(name: str) -> torch.nn.Module:
@@ -76,7 +80,7 @@ def test_patched_torch_rms_norm_keeps_x_dtype():
 
 
 @pytest.mark.parametrize("name", HF_MODELS)
-def test_patched_hf_models_keep_their_logits_and_weights(name):
+def test_patched_hf_models_keep_their_logits_and_weights(hf_kernel_only, name):
     """A whole patched model (its norms and attention on the kernels): the same state_dict, bit for bit, the
     logits of the unpatched model in float32, and in bfloat16 within the tolerance rule against a float64 copy."""
     model = _hf_model(name)
@@ -229,17 +233,19 @@ def test_promoted_output_with_a_residual_and_its_gradients():
     h_want = x + residual
     wide = h_want.float()
     y_want = norm.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h_want.dtype)
-    h64 = h_want.detach().double()
-    y_exact = norm.weight.detach().double() * h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    h64, w64 = (t.detach().double().requires_grad_() for t in (h_want, norm.weight))
+    y_exact = w64 * h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert y.dtype == torch.float32 and h.dtype == torch.bfloat16
     torch.testing.assert_close(h, h_want, rtol=0, atol=0)
     assert_close(y, y_exact, y_want)
     dy, dh = torch.randn_like(y), torch.randn_like(h)
     got = torch.autograd.grad((y, h), (x, residual, norm.weight), (dy, dh))
     want = torch.autograd.grad((y_want, h_want), (x, residual, norm.weight), (dy, dh))
-    for g, w in zip(got, want):
+    dh_exact, dw_exact = torch.autograd.grad(y_exact, (h64, w64), dy.double())
+    exact = (dh_exact + dh.double(), dh_exact + dh.double(), dw_exact)  # h = x + residual passes dh on to both
+    for name, g, w, e in zip(("dx", "dresidual", "dweight"), got, want, exact):
         assert g.dtype == w.dtype
-        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+        assert_close(g, e, w, BACKWARD, name=name)
 
 
 def test_rms_norm_module_keeps_its_options_through_copies_and_dtype_moves():

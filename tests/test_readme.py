@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -253,16 +254,25 @@ def _pytest_help(folder: str) -> str:
                           capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+def _tests_help(config) -> str:
+    """``pytest tests --help``'s options without a second process: this run's parser, which has tests/conftest.py's
+    and, unless a plugin was left out (``-p no:xdist``: then that process), every installed plugin's."""
+    if all(config.pluginmanager.get_plugin(plugin.name) for plugin in entry_points(group="pytest11")):
+        return config._parser.optparser.format_help()  # the argparse parser of pytest 8 (after parsing) and 9
+    return _pytest_help("tests")
+
+
 def _pytest_words(command: str):
     words = shlex.split(command)
     return words[3:] if words[0] == "python" else words[1:]
 
 
-def options(command: str, monkeypatch, capsys) -> str:
+def options(command: str, monkeypatch, capsys, config) -> str:
     """The options ``command`` accepts, as its --help text. A ``python -m`` command is parsed with its own
     arguments on the way (an argparse error fails the test); a pytest one gets its folder's help."""
     if re.match(r"(python -m )?pytest ", command):
-        return _pytest_help(next(w for w in _pytest_words(command) if not w.startswith("-") and (ROOT / w).is_dir()))
+        folder = next(w for w in _pytest_words(command) if not w.startswith("-") and (ROOT / w).is_dir())
+        return _tests_help(config) if (ROOT / folder).resolve() == ROOT / "tests" else _pytest_help(folder)
     return parse(command, monkeypatch, capsys).format_help()
 
 
@@ -270,24 +280,24 @@ def _accepts(help_text: str, flag: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
 
 
-def test_readme_commands_parse(monkeypatch, capsys):
+def test_readme_commands_parse(monkeypatch, capsys, pytestconfig):
     """Every command line: a python -m one parses its arguments; a pytest one's options are all known."""
     commands = readme_commands()
     assert any("transformer.train" in c for c in commands) and any(c.startswith("pytest") for c in commands)
     for command in commands:
-        help_text = options(command, monkeypatch, capsys)
+        help_text = options(command, monkeypatch, capsys, pytestconfig)
         if "pytest" in command:
             unknown = [w for w in _pytest_words(command) if w.startswith("-") and not _accepts(help_text, w)]
             assert not unknown, f"README command {command!r}: pytest does not know {unknown}"
 
 
-def test_readme_flags_belong_to_their_commands(monkeypatch, capsys):
+def test_readme_flags_belong_to_their_commands(monkeypatch, capsys, pytestconfig):
     flags = readme_flags()
     assert ("python -m benchmarks static", "--kernel") in flags
     helps = {}
     for command, flag in flags:
         if command not in helps:
-            helps[command] = options(command, monkeypatch, capsys)
+            helps[command] = options(command, monkeypatch, capsys, pytestconfig)
         assert _accepts(helps[command], flag), f"README: {command!r} has no {flag}"
 
 

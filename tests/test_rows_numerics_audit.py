@@ -14,7 +14,8 @@ from test_softmax import check_against_reference
 from tolerance import BACKWARD, assert_close
 
 # numpy's notes on the NaN/inf arithmetic the interpreter does for the rows below
-pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("rows_kernel_only")]
 softmax_module = importlib.import_module("kernels.softmax")
 norm_module = importlib.import_module("kernels.layernorm")
 INF, NAN = float("inf"), float("nan")
@@ -65,7 +66,7 @@ def test_softmax_dtype_wins_over_cuda_autocast_as_torch(monkeypatch, device, log
 
 
 @pytest.mark.parametrize("log", [False, True])
-def test_softmax_dtype_on_the_fallback_path(monkeypatch, log):
+def test_softmax_dtype_on_the_fallback_path(torch_ops_allowed, monkeypatch, log):
     """Where the kernels cannot run (torch ops), ``dtype=`` still casts x first."""
     monkeypatch.setattr(softmax_module, "kernel_runs_on", lambda *tensors: False)
     monkeypatch.setattr(softmax_module, "_launch", lambda *a, **k: pytest.fail("kernel launched"))
@@ -204,7 +205,7 @@ def test_norm_parameter_gradients_are_bitwise_deterministic(monkeypatch, device,
 
 
 @pytest.mark.parametrize("rms", [False, True])
-def test_norm_with_infinite_eps_gives_torch_zeros_and_zero_gradients(device, rms):
+def test_norm_with_infinite_eps_gives_torch_zeros_and_zero_gradients(torch_ops_allowed, device, rms):
     """eps = inf makes rstd 0: y is zeros (RMS norm) or the bias, and every gradient of x is 0, as torch's; not
     the NaN the kernels' backward gives a row whose mean square overflowed."""
     x = torch.randn(3, 9, device=device)

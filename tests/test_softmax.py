@@ -12,7 +12,8 @@ from kernels import reference
 from tolerance import BACKWARD, assert_close
 
 # numpy's notes on the NaN/inf arithmetic the interpreter does for -inf, fully masked and overflowing rows
-pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("rows_kernel_only")]
 softmax_module = importlib.import_module("kernels.softmax")  # `kernels.softmax` itself is the function
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -173,7 +174,7 @@ def test_forward_mode_derivative_matches_torch(dtype, causal, log):
         torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, jvp, rtol=0, atol=0)
 
 
-def test_jacfwd_and_a_jvp_of_a_jvp_give_torch_derivatives(device):
+def test_jacfwd_and_a_jvp_of_a_jvp_give_torch_derivatives(torch_ops_allowed, device):
     """jacfwd (vmap over jvp: torch's ops, as under any vmap) works, nested too; a jvp of a jvp gives the
     second-order tangent of the written-out softmax (it raised NotImplementedError: the kernel's jvp is one level
     deep, so such calls run torch's ops)."""
@@ -235,7 +236,7 @@ def test_kernel_path_is_taken(monkeypatch, device):
     assert launches == [softmax_module._softmax_fwd, softmax_module._softmax_bwd] * 2
 
 
-def test_fallback_when_the_kernels_cannot_run(monkeypatch):
+def test_fallback_when_the_kernels_cannot_run(torch_ops_allowed, monkeypatch):
     monkeypatch.setattr(softmax_module, "kernel_runs_on", lambda *tensors: False)
     monkeypatch.setattr(softmax_module, "_launch", lambda *a, **k: pytest.fail("kernel launched"))
     x = torch.randn(5, 7)

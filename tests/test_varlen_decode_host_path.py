@@ -12,6 +12,7 @@ import kernels
 from aten_ops import AtenOps
 from kernels.attention import decode, varlen
 from kernels.attention.varlen import attention_varlen
+from tolerance import FORWARD, assert_close
 
 
 def _int32(values, device="cpu"):
@@ -253,13 +254,15 @@ def test_varlen_launches_on_the_packed_tensors_with_their_views_strides(device, 
     kernel_grads = launched["dq"]["DQ"], launched["dkdv"]["DK"], launched["dkdv"]["DV"]
     for kernel_grad, t in zip(kernel_grads, (q, k, v)):
         assert kernel_grad.is_contiguous() and kernel_grad.shape == t.shape and kernel_grad.equal(t.grad)
-    for b, rows in enumerate((slice(0, 4), slice(4, 9))):
-        q_b, k_b, v_b = (t.detach()[rows].double().transpose(0, 1)[None] for t in (q, k, v))
-        expected, expected_lse = kernels.reference.attention(q_b, k_b.repeat_interleave(2, 1),
-                                                             v_b.repeat_interleave(2, 1), causal=True,
-                                                             return_lse=True)
-        torch.testing.assert_close(out.detach()[rows].double(), expected[0].transpose(0, 1), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(lse.detach()[:, rows].double(), expected_lse[0], rtol=1e-4, atol=1e-4)
+    for rows in (slice(0, 4), slice(4, 9)):
+        references = []  # (out, lse) in float64 and in fp32
+        for dtype in (torch.float64, torch.float32):
+            q_b, k_b, v_b = (t.detach()[rows].to(dtype).transpose(0, 1)[None] for t in (q, k, v))
+            references.append(kernels.reference.attention(q_b, k_b.repeat_interleave(2, 1), v_b.repeat_interleave(2, 1),
+                                                          causal=True, return_lse=True))
+        (expected, expected_lse), (low, low_lse) = references
+        assert_close(out.detach()[rows], expected[0].transpose(0, 1), low[0].transpose(0, 1), FORWARD)
+        assert_close(lse.detach()[:, rows], expected_lse[0], low_lse[0], FORWARD, name="lse")
 
 
 @pytest.mark.parametrize("strides, legal", [
