@@ -131,10 +131,12 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 class LastTensor:
-    """A one-entry memo of a value derived from tensors: returned again while the same tensor objects (and Nones)
-    come back unmodified with the same ``key``. A model hands every layer the same mask (offsets, block table), so
-    what is derived from it (a padding mask's key range, the SDPA shim's mask analysis, varlen's offsets verdict)
-    is computed at the first layer.
+    """A memo of a value derived from tensors, for the last ``size`` (default one) sets of them: returned again
+    while the same tensor objects (and Nones) come back unmodified with the same ``key``. A model hands every layer
+    the same mask (offsets, block table), so what is derived from it (a padding mask's key range, the SDPA shim's
+    mask analysis, varlen's offsets verdict) is computed at the first layer; hybrid models alternate two masks
+    (a sliding-window one and a full one; an encoder-decoder's causal and cross-attention masks), which a memo of
+    a few entries keeps apart.
 
     Unmodified means the same ``_version``, which every in-place torch op bumps (those that change the shape or
     strides too: ``resize_``, ``set_``, ``unsqueeze_``, ...). Writes that bypass torch's version counter (through
@@ -142,34 +144,37 @@ class LastTensor:
     one derived from an inference tensor (made under ``torch.inference_mode``: it keeps no version counter).
     While torch.compile traces or a CUDA graph is captured, ``compute`` runs every time (the graph computes it)."""
 
-    def __init__(self):
-        self._entry = ((), (), None, None)  # (weak references, versions, key, value): replaced as one
+    def __init__(self, size: int = 1):
+        self._size = size
+        self._entries = ()  # ((weak references, versions, key, value), ...), newest first: replaced as one
 
     def get(self, tensors, key, compute, *args):
         """``compute(*args)``, or the value it gave for these ``tensors`` (one tensor, or a tuple of tensors and
-        Nones) and ``key`` last time."""
+        Nones) and ``key`` while they were as they are now."""
         if type(tensors) is not tuple:
             tensors = (tensors,)
         if _is_compiling() or _capturing(tensors[0]):  # the graph computes it on every run
             return compute(*args)
-        refs, versions, last_key, value = self._entry
-        if last_key == key and len(refs) == len(tensors):
-            if len(tensors) == 1:  # the common case (one mask, one offsets tensor), without a loop
-                tensor = tensors[0]
-                if refs[0]() is tensor and tensor._version == versions[0]:
-                    return value
-            else:
-                for ref, version, tensor in zip(refs, versions, tensors):
-                    if ref() is not tensor or (tensor is not None and tensor._version != version):
-                        break
+        for refs, versions, last_key, value in self._entries:
+            if last_key == key and len(refs) == len(tensors):
+                if len(tensors) == 1:  # the common case (one mask, one offsets tensor), without a loop
+                    tensor = tensors[0]
+                    if refs[0]() is tensor and tensor._version == versions[0]:
+                        return value
                 else:
-                    return value
+                    for ref, version, tensor in zip(refs, versions, tensors):
+                        if ref() is not tensor or (tensor is not None and tensor._version != version):
+                            break
+                    else:
+                        return value
         value = compute(*args)
         try:
             versions = tuple(None if t is None else t._version for t in tensors)
         except RuntimeError:  # an inference tensor (torch.inference_mode's) has no version counter: no memo
             return value
-        self._entry = (tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors), versions, key, value)
+        kept = tuple(entry for entry in self._entries[:self._size - 1] if entry[0][0]() is not None)
+        self._entries = ((tuple(_no_tensor if t is None else weakref.ref(t) for t in tensors), versions, key,
+                          value),) + kept
         return value
 
 

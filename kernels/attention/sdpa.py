@@ -77,7 +77,7 @@ def _mask_plan(attn_mask: torch.Tensor, batch: int, heads: int, n_q: int, n_k: i
     return None
 
 
-_mask_plans = LastTensor()
+_mask_plans = LastTensor(4)  # hybrid models alternate masks from layer to layer: each is read once
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
