@@ -62,11 +62,12 @@ def time_ms(record: dict) -> Optional[float]:
 def peak_bytes(record: dict) -> Optional[float]:
     """The measured peak, or None where there is none to compare or fit: not measured, or no growth seen, or a CPU
     reading up to :data:`memory.CPU_RESOLUTION` (RSS is page- and counter-granular: such a reading, 0 included, is
-    not a size, and fits and ratios of it would be of the granularity)."""
+    not a size, and fits and ratios of it would be of the granularity). Any RSS method is: the worker's
+    (:data:`memory.CPU_METHOD`) and ``varlen``'s in-process one alike; the CUDA allocator's counter is exact."""
     mem = record.get("memory")
     if not (mem and mem.get("status") == "ok" and record["status"] == "ok"):
         return None
-    floor = memory.CPU_RESOLUTION if mem.get("method") == memory.CPU_METHOD else 0
+    floor = memory.CPU_RESOLUTION if "RSS" in (mem.get("method") or "") else 0
     return mem["peak_bytes"] if mem["peak_bytes"] > floor else None
 
 

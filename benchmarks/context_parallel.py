@@ -102,7 +102,11 @@ def _per_step(calls: List[dict], plans, phase: str) -> List[dict]:
     return steps
 
 
-def _peak(step) -> int:
+def _peak(step, leaves: List[torch.Tensor]) -> int:
+    """Peak memory growth of ``step``, its ``leaves``' gradients dropped first (else a previous step's would be in
+    the base, and this one's accumulate into them unseen)."""
+    for leaf in leaves:
+        leaf.grad = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -131,7 +135,7 @@ def _rank(rank: int, world: int, port: int, points: List[dict], out_dir: str) ->
                 out.backward(torch.ones_like(out))
                 return out
             step()  # warm-up: lazy imports and the interpreter's first launches
-            record = {**p, "rank": rank, "world": world, "peak_bytes": _peak(step)}
+            record = {**p, "rank": rank, "world": world, "peak_bytes": _peak(step, [q, k, v])}
             log.record(step)  # on a GPU the kernels are not counted (the counter reads the interpreter): zeros
             plans = distributed.ring_plans(p["layout"], rank, world, n_local, True)
             record["steps"] = {phase: _per_step(log.calls, plans, phase) if log.calls else None

@@ -116,8 +116,11 @@ def measure_cpu(op: str, name: str, cases: List[Case], mem_limit: Optional[int] 
     return results + [{"status": "error", "reason": reason}] * (len(cases) - len(results))
 
 
-def measure_gpu(step) -> dict:
-    """Peak CUDA memory allocated during one step, beyond what was allocated before it."""
+def measure_gpu(step, inputs: List[torch.Tensor]) -> dict:
+    """Peak CUDA memory allocated during one step, beyond what was allocated before it. ``inputs``' gradients are
+    dropped first: a previous step's, still held, would be in the base and the step's own would not count."""
+    for t in inputs:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

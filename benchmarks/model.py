@@ -22,6 +22,7 @@ decoding step, counted generate(2) minus generate(1), the prefill cancelling as 
 ``--out DIR`` writes ``model.json`` (records), ``model.csv`` and one PNG per workload.
 """
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -227,13 +228,26 @@ def _time_decode(generate: Callable[[int], object], new_tokens: int, device: tor
     return seconds
 
 
+@functools.lru_cache(maxsize=None)
+def _num_params(model: str, shape: Shape) -> int:
+    """Parameters of the workload's model (built on the meta device: no memory, no initialisation) by nanoGPT's
+    ``get_num_params`` convention: all but the input embeddings (token and position), the LM head counted once
+    whether or not it is tied to the token embedding."""
+    meta = torch.device("meta")
+    with meta:
+        module = _gpt(shape, "reference", meta) if model == "gpt" else _llama(shape, "eager", meta)
+    head = module.lm_head.weight
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)} - {id(head)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in embeddings)
+
+
 def _flops_per_token(workload: Workload) -> float:
-    """nanoGPT's estimate: 6N + 12 L H Q T per trained token, a third of it per forward token (T = the context a
-    token attends over; N the parameters outside the embeddings, approximated by 12 L width^2)."""
+    """nanoGPT's estimate: 6N + 12 L width T per trained token, a third of it per forward token (T = the context a
+    token attends over; N = :func:`_num_params`, the model's own count: the attention, MLP (Llama's SwiGLU) with
+    grouped K/V projections as built, the norms and the LM head; not the input embeddings)."""
     s = workload.shape
-    params = 12 * s.layers * s.width ** 2
     context = s.length + s.new_tokens // 2 if workload.kind == "decode" else s.length
-    train = 6 * params + 12 * s.layers * s.width * context
+    train = 6 * _num_params(workload.model, s) + 12 * s.layers * s.width * context
     return train if workload.kind == "train" else train / 3
 
 

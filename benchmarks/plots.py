@@ -79,6 +79,16 @@ def _ratio(metric, base_by_length):
     return ratio
 
 
+OPAQUE_MARK = "*"
+OPAQUE_NOTE = "* holds opaque fused ops, counted from outside: a floor"
+"""As the table's "*": a provider whose counts hold an opaque op (``Counts.opaque_ops``) is marked in the legend of
+every panel drawn from counts."""
+
+
+def _opaque(record: dict) -> bool:
+    return bool(record.get("counted") and record["counted"].get("opaque_ops"))
+
+
 def _flops_vs_causal(record: dict):
     return (record.get("vs_causal") or {}).get("counted_flops")
 
@@ -100,22 +110,24 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
               (b_ax, "bytes moved, counted"), (f_ax, "FLOPs, counted"), (s_ax, speedup),
               (r_ax, "baseline memory / provider memory (x)"),
               (c_ax, f"counted FLOPs / {CAUSAL} (causal) counted FLOPs (x)")]
+    opaque = {name for name, prov_rows in by_provider.items() if any(_opaque(r) for r in prov_rows)}
     for index, (name, prov_rows) in enumerate(by_provider.items()):
         color = f"C{index}"  # one colour per provider in every panel
+        counted = f"{name}{OPAQUE_MARK}" if name in opaque else name  # in the panels drawn from counts
         _line(t_ax, prov_rows, time_ms, name, slope=True, color=color)
         _line(m_ax, prov_rows, peak_bytes, name, slope=True, color=color)
-        _line(b_ax, prov_rows, counted_bytes, name, slope=True, color=color)
-        _line(f_ax, prov_rows, counted_flops, name, slope=True, color=color)
-        _line(c_ax, prov_rows, _flops_vs_causal, name, color=color)
+        _line(b_ax, prov_rows, counted_bytes, counted, slope=True, color=color)
+        _line(f_ax, prov_rows, counted_flops, counted, slope=True, color=color)
+        _line(c_ax, prov_rows, _flops_vs_causal, counted, color=color)
         _line(s_ax, prov_rows, _ratio(time_ms, base), f"{name} (measured)", color=color)
         if device.interpreted:
-            _line(s_ax, prov_rows, _ratio(lambda r: model_ms(r, "H100-SXM5"), base), f"{name} (H100 model)",
+            _line(s_ax, prov_rows, _ratio(lambda r: model_ms(r, "H100-SXM5"), base), f"{counted} (H100 model)",
                   linestyle=":", color=color)
         _line(r_ax, prov_rows, _ratio(peak_bytes, base), name, color=color)
         if device.kind == "cuda":
             _line(x_ax, prov_rows, lambda r: r["tflops"] if op == "attention" else r["gbps"], name, color=color)
         else:
-            _line(x_ax, prov_rows, lambda r: model_ms(r, "H100-SXM5"), name, slope=True, color=color)
+            _line(x_ax, prov_rows, lambda r: model_ms(r, "H100-SXM5"), counted, slope=True, color=color)
     minimum = sorted({r["length"]: r["min_bytes"] for r in rows if r["min_bytes"]}.items())
     if minimum:  # the same inputs and outputs for every provider at one length
         b_ax.plot(*zip(*minimum), "k--", label="minimum (inputs + outputs once)")
@@ -123,6 +135,8 @@ def plot_op(records: List[dict], op: str, mode: str, device: DeviceInfo, path: s
         titles.append((x_ax, "TFLOPS" if op == "attention" else "effective GB/s"))
     else:
         titles.append((x_ax, "roofline MODEL time on H100-SXM5 (ms), from counted FLOPs/bytes"))
+    if opaque:  # the mark explained on the counts' own panels
+        titles = [(ax, f"{title}\n{OPAQUE_NOTE}" if ax in (b_ax, f_ax) else title) for ax, title in titles]
     for ax, title in titles:
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log", base=2)

@@ -119,6 +119,7 @@ class Provider:
     baseline: bool = False  # the reference every ratio is taken against
     variant: bool = False  # a masking variant of another provider's kernel: the scaling profile's, not the suite's
     compiles: bool = False  # its first call at each input shape compiles: run once there before time and memory
+    attention_kernels: bool = False  # launches the fused attention kernels (semi-fused launches softmax only)
     visible_pairs: Optional[Callable[[int], int]] = None
     """For a mask sparser than causal: the (query, key) pairs it keeps at length N, which its TFLOPS count."""
 
@@ -224,10 +225,12 @@ PROVIDERS = (
     Provider("baseline", "attention",
              lambda: lambda q, k, v, causal: reference.attention(q, k, v, causal=causal), baseline=True),
     Provider("semi-fused", "attention", _semi_fused, triton=True),
-    Provider("triton", "attention", _fused, triton=True),
-    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True, variant=True,
+    Provider("triton", "attention", _fused, triton=True, attention_kernels=True),
+    Provider(f"triton-window{WINDOW}", "attention", _fused_window, triton=True, attention_kernels=True,
+             variant=True,
              visible_pairs=_window_pairs),
-    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True, variant=True,
+    Provider(f"triton-{DOCUMENTS}docs", "attention", _fused_documents, triton=True, attention_kernels=True,
+             variant=True,
              visible_pairs=_document_pairs),
     Provider("torch-sdpa", "attention",
              lambda: lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),

@@ -45,12 +45,12 @@ def spec_by_name(name: str) -> GPUSpec:
 
 def match_device(device_name: str) -> Optional[GPUSpec]:
     """The known spec for a ``torch.cuda.get_device_name()`` string, or None for any other model, however close
-    its name: an A100 40GB is not the 80GB, an H100 NVL (3.9 TB/s) is neither SXM5 nor PCIe, a GH200's GPU is no
-    H200 SXM (its memory differs)."""
+    its name: an A100 40GB is not the 80GB, nor is an A100 80GB PCIe (1.94 TB/s) the SXM4, an H100 NVL (3.9 TB/s)
+    is neither SXM5 nor PCIe, a GH200's GPU is no H200 SXM (its memory differs)."""
     name = device_name.upper()
     if "NVL" in name or "GH200" in name:
         return None
-    if "A100" in name and "80GB" in name:
+    if "A100" in name and "80GB" in name and "PCIE" not in name:
         return spec_by_name("A100-SXM4-80GB")
     if "H100" in name:
         return spec_by_name("H100-PCIe" if "PCIE" in name else "H100-SXM5")

@@ -81,8 +81,9 @@ def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, recor
     inputs = make_inputs(case, device.torch_device)
     step = make_step(fn, inputs)
     countable = device.interpreted or not prov.triton  # compiled Triton kernels cannot be intercepted
-    # only interpreted kernels are counted; compiled ones autotune as usual
-    count_tiles, tiles = _count_tiles(case) if device.interpreted and prov.triton else (contextlib.nullcontext(), {})
+    # only interpreted attention kernels take a GPU's tiles; compiled ones autotune as usual
+    count_tiles, tiles = (_count_tiles(case) if device.interpreted and prov.attention_kernels
+                          else (contextlib.nullcontext(), {}))
     with (counting() if countable else contextlib.nullcontext()) as counts, count_tiles:
         outputs = step()  # also the warm-up run
     extra_inputs = [] if inputs.grad_out is None else [inputs.grad_out]
@@ -97,7 +98,7 @@ def _measure(case: Case, prov: Provider, fn: Callable, device: DeviceInfo, recor
         record["model"] = {name: model_time(spec_by_name(name), counts.flops, counts.bytes, case.dtype)
                            for name in MODELLED}
     if device.kind == "cuda":
-        record["memory"] = memory.measure_gpu(step)
+        record["memory"] = memory.measure_gpu(step, inputs.tensors)
         record["time"] = time_gpu(step, [t for t in inputs.tensors if t.requires_grad]).as_record()
         _throughput(record, case, prov, device)
     else:
