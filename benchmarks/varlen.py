@@ -104,8 +104,8 @@ def _providers(lengths: List[int], padded_len: int, device: torch.device) -> Dic
         return reference.attention(q, k, v, causal=causal, mask=real[:, None, None, :])
 
     return {Provider("baseline", "attention", lambda: baseline, baseline=True): baseline,
-            Provider("padded", "attention", lambda: padded, triton=True): padded,
-            Provider("varlen", "attention", lambda: varlen, triton=True): varlen}
+            Provider("padded", "attention", lambda: padded, triton=True, attention_kernels=True): padded,
+            Provider("varlen", "attention", lambda: varlen, triton=True, attention_kernels=True): varlen}
 
 
 def _cpu_memory(fn, case: Case) -> dict:
