@@ -336,6 +336,25 @@ def causes(error: BaseException):
         error = error.__cause__
 
 
+_MASK_DTYPE = "mask_mod must return a bool or int tile"
+_SCORE_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
+"""The build-time checks of a mod's result (``tl.static_assert`` in kernels.py), found in a Triton error."""
+
+
+def result_kind_error(error: TritonError, mask_fn=None, score_fn=None) -> Optional[TypeError]:
+    """The TypeError naming the mask mod ``mask_fn`` or score mod ``score_fn`` whose result the kernels' build-time
+    check refused in ``error`` (floats from a mask mod, anything but floats from a score mod or its grad_fn), or
+    None if the error is another one."""
+    messages = [str(e) for e in causes(error)]
+    if mask_fn is not None and any(_MASK_DTYPE in m for m in messages):
+        return TypeError(f"mask_mod {mask_fn.__name__} must return a bool or int tile (nonzero = the query sees the "
+                         f"key), not floats")
+    if score_fn is not None and any(_SCORE_DTYPE in m for m in messages):
+        return TypeError(f"score_mod {score_fn.__name__} (or its grad_fn) must return a floating-point tile: the "
+                         f"modified score (grad_fn: its derivative in the score)")
+    return None
+
+
 def unevaluable(what: str, error: TritonError) -> TypeError:
     """The TypeError for a mod (``what``: "mask_mod NAME", ...) the kernels could not compile or run, with Triton's
     innermost reason."""
@@ -364,11 +383,8 @@ def _launch_cells(tensors: List[torch.Tensor], key: int, batch: int, heads: int,
             with _runtime.launch_device(states):
                 _block_mask_cells[(states.shape[2] * batch * heads,)](
                     states, kernel_extra(key, tensors), heads, Nq, Nk, MASK_MOD=fn, CHUNK=CHUNK)
-        except TritonError as error:  # the kernels' compile-time check of the result's dtype (_mask_mod_shows)
-            if not any("mask_mod must return a bool or int tile" in str(e) for e in causes(error)):
-                raise unevaluable(f"mask_mod {fn.__name__}", error) from error
-            raise TypeError(f"mask_mod {fn.__name__} must return a bool or int tile (nonzero = the query sees "
-                            f"the key), not floats") from error
+        except TritonError as error:  # the result's dtype (_mask_mod_shows), or a mod the kernels cannot build
+            raise result_kind_error(error, mask_fn=fn) or unevaluable(f"mask_mod {fn.__name__}", error) from error
     return states
 
 

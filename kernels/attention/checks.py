@@ -327,10 +327,9 @@ def probe_mod(mod, q, k) -> None:
     q, k) unless the kernels can evaluate it: one small launch evaluates it on a tile of each orientation the
     kernels use, so a mod that calls a torch or Python function on tiles, returns a tile of another shape or a
     result of the wrong kind fails here, not as a Triton traceback from inside attention's kernels. Once per mod
-    (its functions and scalars) and process; not while torch.compile traces (dynamo cannot trace a launch) nor
-    where the kernels cannot run on q (they will not evaluate the mod either), nor for an empty call."""
-    if (torch.compiler.is_compiling() or not (q.numel() and k.numel())
-            or not _runtime.kernels_can_run(q, *mod.tensors)):
+    (its functions and scalars) and process, called where :func:`_unprobed` (never while torch.compile traces:
+    dynamo cannot trace a launch); not where the kernels cannot run on q (they will not evaluate the mod either), nor for an empty call."""
+    if not (q.numel() and k.numel()) or not _runtime.kernels_can_run(q, *mod.tensors):
         return
     score = isinstance(mod, mods.ScoreMod)
     extra = mods.kernel_extra(mod.key, mod.tensors)
@@ -341,15 +340,9 @@ def probe_mod(mod, q, k) -> None:
                               MASK_MOD=None if score else mod.fn, SCORE_MOD=mod.fn if score else None,
                               SCORE_GRAD=mod.grad_fn if score else None, TILE=PROBE_TILE)
     except TritonError as error:
-        reason = str(list(mods.causes(error))[-1]).strip() or type(error).__name__
-        if "mask_mod must return a bool or int tile" in reason:
-            raise TypeError(f"mask_mod {mod.fn.__name__} must return a bool or int tile (nonzero = the query sees "
-                            f"the key), not floats") from error
-        if configs.SCORE_MOD_DTYPE in reason:
-            raise TypeError(f"score_mod {mod.fn.__name__} (or its grad_fn) must return a floating-point tile: the "
-                            f"modified score (grad_fn: its derivative in the score)") from error
         what = f"{mod.kind} {mod.fn.__name__}" + (f" or its grad_fn {mod.grad_fn.__name__}" if score else "")
-        raise mods.unevaluable(what, error) from error
+        wrong_kind = mods.result_kind_error(error, **{"score_fn" if score else "mask_fn": mod.fn})
+        raise wrong_kind or mods.unevaluable(what, error) from error
     _PROBED.add(mod.key)
 
 

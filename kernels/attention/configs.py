@@ -21,7 +21,7 @@ from triton.runtime import _allocation  # Triton's allocator slot (a ContextVar)
 from kernels import _direct, _runtime
 from kernels._direct import DirectLaunches
 from kernels.attention import mods
-from kernels.attention.block_mask import causes
+from kernels.attention.block_mask import result_kind_error
 from kernels.attention.kernels import (MASK_BLOCK, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd,
                                       _dropout_mask)
 from kernels.registry import TRITON_DTYPES, Build, declare, forceable, forced_config, register_builds
@@ -411,9 +411,6 @@ _INTERPRETED_CONFIG = dict(INTERPRETER_TILE, TMA=False)
 """An interpreted launch's config unless one is forced: the interpreter's tile on pointers."""
 
 
-SCORE_MOD_DTYPE = "score_mod and its grad_fn must return a floating-point tile"
-"""The build-time check of a score mod's result (``tl.static_assert`` in kernels.py), turned into a TypeError."""
-
 
 def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths: Tuple[int, int],
            tma: Tuple[torch.Tensor, ...], dropout: bool = False, seq_first: bool = False,
@@ -477,10 +474,10 @@ def launch(kernel: str, rows: int, heads: int, args: tuple, meta: dict, lengths:
         direct.run(signature, args, grid(rows, heads, picked[block]), (picked[block], picked["TMA"]), **meta,
                    **picked)
     except TritonError as error:  # a score mod whose result is no float tile, caught where the kernel is built
-        if not any(SCORE_MOD_DTYPE in str(e) for e in causes(error)):
+        wrong_kind = result_kind_error(error, score_fn=meta.get("SCORE_MOD"))
+        if wrong_kind is None:
             raise
-        raise TypeError(f"score_mod {meta['SCORE_MOD'].__name__} (or its grad_fn) must return a floating-point "
-                        f"tile: the modified score (grad_fn: its derivative in the score)") from error
+        raise wrong_kind from error
 
 
 _DIRECT: Dict[str, DirectLaunches] = {}
